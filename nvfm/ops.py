@@ -1,0 +1,84 @@
+"""Operator registry: which implementation each custom operator runs on.
+
+Pattern (every kernel in csrc/ follows it; see csrc/README.md):
+  (a) a plain PyTorch reference in nvfm/ (the specification, used in tests and as fallback),
+  (b) a C++ CPU kernel and (c) a CUDA kernel in csrc/, both registered with `torch.library`
+      (`TORCH_LIBRARY_FRAGMENT(nvfm, m)` + `TORCH_LIBRARY_IMPL(nvfm, CPU|CUDA, m)`), so they
+      appear as `torch.ops.nvfm.<name>` and PyTorch dispatches on the device of the inputs.
+The .cu files include no torch headers: they take raw pointers, sizes and a cudaStream_t;
+tensor checks and allocation live in the .cpp file that registers the op.
+
+`backend(name, device)` answers "cuda", "cpp" or "reference". The environment variable
+NVFM_OPS=reference forces the references everywhere (debugging, bisecting a kernel bug).
+"""
+import os
+import sys
+import warnings
+
+import torch
+
+OPS = ("patchify", "unpatchify")  # later kernels append their names here via register()
+
+_C = None
+_EXT_ERROR = None
+if os.environ.get("NVFM_OPS", "") != "reference":
+    try:
+        from nvfm import _C  # noqa: F401  (loading the library registers torch.ops.nvfm.*)
+    except Exception as e:  # not built, or built against another torch: fall back, loudly
+        _EXT_ERROR = e
+
+
+def register(name):
+    """Declare an operator name so it appears in the backend report."""
+    global OPS
+    if name not in OPS:
+        OPS = OPS + (name,)
+
+
+def extension_loaded():
+    return _C is not None
+
+
+def cuda_compiled():
+    return _C is not None and bool(_C.cuda_compiled())
+
+
+def has_kernel(name, device_type):
+    """True when the compiled extension has a kernel of op `name` for device_type ('cpu'/'cuda')."""
+    if _C is None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nvfm::{name}", key)
+    except RuntimeError:
+        return False
+
+
+def backend(name, device="cpu"):
+    device_type = torch.device(device).type
+    if has_kernel(name, device_type):
+        return "cuda" if device_type == "cuda" else "cpp"
+    return "reference"
+
+
+def report():
+    """One line per operator: its CPU and CUDA backends."""
+    lines = []
+    for name in OPS:
+        cuda = backend(name, "cuda") if cuda_compiled() else "reference (CUDA not compiled)"
+        lines.append(f"  {name:<22} cpu: {backend(name, 'cpu'):<10} cuda: {cuda}")
+    return "\n".join(lines)
+
+
+def _announce():
+    if _EXT_ERROR is not None:
+        warnings.warn(f"nvfm: compiled extension nvfm._C not available ({_EXT_ERROR}); "
+                      "every operator uses its PyTorch reference (slow). Build it with "
+                      "`pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=3)
+    if os.environ.get("NVFM_QUIET", "") not in ("", "0"):
+        return
+    state = "loaded" if _C is not None else "not loaded"
+    print(f"nvfm: extension {state}; operator backends:\n{report()}", file=sys.stderr)
+
+
+_announce()

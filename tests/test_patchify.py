@@ -1,0 +1,132 @@
+"""The 3D patch tokenizer: C++ CPU kernel (and CUDA when present) vs the PyTorch reference."""
+import os
+
+import pytest
+import torch
+
+from nvfm import ops
+from nvfm import tokenize as T
+
+needs_ext = pytest.mark.skipif(not ops.extension_loaded() and os.environ.get("NVFM_REQUIRE_EXT") != "1",
+                               reason="compiled extension not built")
+
+
+def random_batch(gen, shapes, fg_prob):
+    vols = [torch.randint(0, 256, s, dtype=torch.uint8, generator=gen) for s in shapes]
+    masks = [(torch.rand(s, generator=gen) < fg_prob).to(torch.uint8) for s in shapes]
+    return vols, masks
+
+
+def test_extension_required_in_ci():
+    if os.environ.get("NVFM_REQUIRE_EXT") == "1":
+        assert ops.extension_loaded(), "CI requires the compiled extension"
+        assert ops.backend("patchify", "cpu") == "cpp"
+
+
+def test_reference_hand_example():
+    vol = torch.arange(8 * 16 * 16, dtype=torch.int64).remainder(251).to(torch.uint8).reshape(8, 16, 16)
+    mask = torch.zeros(8, 16, 16, dtype=torch.uint8)
+    mask[4:] = 1  # second patch along z fully foreground, first empty
+    tokens, coords, cu = T.patchify_reference([vol], [mask], 0.5)
+    assert coords.tolist() == [[1, 0, 0]] and cu.tolist() == [0, 1]
+    assert torch.equal(tokens[0], vol[4:8].reshape(-1))
+
+
+def test_padding_counts_as_background():
+    # a 5x17x17 all-foreground volume: 2x2x2 grid; corner patch holds 1*1*1 real voxel of 1024
+    vol = torch.full((5, 17, 17), 7, dtype=torch.uint8)
+    mask = torch.ones_like(vol)
+    counts = T.token_fg_count_reference(mask)
+    assert counts.shape == (2, 2, 2)
+    assert counts[0, 0, 0] == 1024 and counts[1, 1, 1] == 1 and counts[0, 1, 1] == 4
+    tokens, coords, _ = T.patchify_reference([vol], [mask], 0.0)
+    assert len(coords) == 8
+    last = tokens[(coords == torch.tensor([1, 1, 1], dtype=torch.int32)).all(1)][0].reshape(4, 16, 16)
+    assert last[0, 0, 0] == 7 and last.sum() == 7  # padded voxels are zero
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 1.0])
+def test_threshold_rule(threshold):
+    gen = torch.Generator().manual_seed(1)
+    vols, masks = random_batch(gen, [(8, 32, 32)], 0.5)
+    counts = T.token_fg_count_reference(masks[0])
+    _, coords, _ = T.patchify_reference(vols, masks, threshold)
+    need = T.min_fg_voxels(threshold)
+    assert len(coords) == int((counts >= need).sum())
+
+
+def test_min_fg_fraction_validated():
+    with pytest.raises(ValueError, match="min_fg_fraction"):
+        T.min_fg_voxels(1.5)
+
+
+@needs_ext
+@pytest.mark.parametrize("trial", range(6))
+def test_cpu_kernel_matches_reference(trial):
+    gen = torch.Generator().manual_seed(1000 + trial)
+    n = int(torch.randint(1, 5, (1,), generator=gen))
+    shapes = [tuple(int(torch.randint(1, hi, (1,), generator=gen)) for hi in (23, 70, 70)) for _ in range(n)]
+    fg = float(torch.rand(1, generator=gen))
+    thr = float(torch.rand(1, generator=gen))
+    vols, masks = random_batch(gen, shapes, fg)
+    got = T.patchify(vols, masks, thr, impl="kernel")
+    ref = T.patchify_reference(vols, masks, thr)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@needs_ext
+def test_cpu_kernel_other_patch_size_and_roundtrip():
+    gen = torch.Generator().manual_seed(7)
+    vols, masks = random_batch(gen, [(10, 13, 27)], 0.7)
+    patch = (3, 5, 4)
+    got = T.patchify(vols, masks, 0.0, patch=patch, impl="kernel")
+    ref = T.patchify_reference(vols, masks, 0.0, patch=patch)
+    assert all(torch.equal(g, r) for g, r in zip(got, ref))
+    tokens, coords, _ = got
+    back = T.unpatchify(tokens, coords, vols[0].shape, patch=patch, impl="kernel")
+    assert torch.equal(back, vols[0])  # threshold 0 keeps every patch: exact inverse
+    assert torch.equal(back, T.unpatchify_reference(tokens, coords, vols[0].shape, patch=patch))
+
+
+@needs_ext
+def test_unpatchify_zeroes_dropped_tokens():
+    gen = torch.Generator().manual_seed(3)
+    vols, masks = random_batch(gen, [(9, 40, 33)], 0.5)
+    tokens, coords, _ = T.patchify(vols, masks, 0.6, impl="kernel")
+    got = T.unpatchify(tokens, coords, vols[0].shape, impl="kernel")
+    assert torch.equal(got, T.unpatchify_reference(tokens, coords, vols[0].shape))
+    keep = torch.zeros(T.token_grid(vols[0].shape), dtype=torch.bool)
+    keep[tuple(coords.long().T)] = True
+    expanded = keep.repeat_interleave(4, 0).repeat_interleave(16, 1).repeat_interleave(16, 2)[:9, :40, :33]
+    assert torch.equal(got, torch.where(expanded, vols[0], torch.zeros_like(vols[0])))
+
+
+@needs_ext
+def test_kernel_rejects_bad_input():
+    with pytest.raises(RuntimeError, match="differ"):
+        torch.ops.nvfm.patchify([torch.zeros(4, 16, 16, dtype=torch.uint8)],
+                                [torch.zeros(4, 16, 15, dtype=torch.uint8)], 1, [4, 16, 16])
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.nvfm.patchify([torch.zeros(4, 16, 16)], [torch.zeros(4, 16, 16, dtype=torch.uint8)], 1, [4, 16, 16])
+
+
+def test_empty_batch_and_empty_volume():
+    tokens, coords, cu = T.patchify_reference([torch.zeros(4, 16, 16, dtype=torch.uint8)],
+                                              [torch.zeros(4, 16, 16, dtype=torch.uint8)], 0.5)
+    assert tokens.shape == (0, 1024) and coords.shape == (0, 3) and cu.tolist() == [0, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_kernel_matches_reference():
+    if ops.backend("patchify", "cuda") != "cuda":
+        pytest.skip("CUDA kernels not compiled")
+    for trial in range(5):
+        gen = torch.Generator().manual_seed(trial)
+        vols, masks = random_batch(gen, [(9, 40, 70), (4, 16, 16), (1, 3, 5), (23, 65, 31)], 0.6)
+        got = T.patchify([v.cuda() for v in vols], [m.cuda() for m in masks], 0.5, impl="kernel")
+        ref = T.patchify_reference(vols, masks, 0.5)
+        assert all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+        back = T.unpatchify(got[0][: int(ref[2][1])], got[1][: int(ref[2][1])], vols[0].shape, impl="kernel")
+        assert torch.equal(back.cpu(), T.unpatchify_reference(ref[0][: int(ref[2][1])], ref[1][: int(ref[2][1])],
+                                                              vols[0].shape))
