@@ -3,27 +3,45 @@
 q: (total_q, heads, head_dim), k, v: (total_k, heads, head_dim); cu_seqlens_q/k int32 (B+1);
 sequence b attends only within itself: queries cu_q[b]:cu_q[b+1] to keys cu_k[b]:cu_k[b+1].
 Non-causal (a volume's tokens all see each other). Returns (total_q, heads, head_dim).
+A query whose sequence has no keys gets a zero output row. The predictor packs queries and
+keys differently (cu_seqlens_q != cu_seqlens_k); the encoder passes the same offsets twice.
 
-impl: "reference" (plain PyTorch, the specification), "sdpa" (pad to the longest sequence and
-call scaled_dot_product_attention with a key-padding mask), "ours" (the csrc kernel, when
-built), "torch_varlen" (torch.nn.attention.varlen when this torch has it), "auto".
+impl:
+  "reference"     plain PyTorch loop over sequences (the specification; float64 in -> float64)
+  "sdpa"          pad to the longest sequence, scaled_dot_product_attention with a key mask
+  "ours"          the csrc kernels via torch.ops.nvfm.varlen_attn_fwd/bwd (CPU: fp32 compute,
+                  any float dtype; CUDA: fp16/bf16, head_dim 64/128), differentiable
+  "torch_varlen"  torch.nn.attention.varlen.varlen_attn (CUDA only, torch >= 2.10)
+  "auto"          "ours" when its kernel exists for these inputs, else "sdpa"
+Training code can always pick "sdpa" or "reference", so an unverified kernel never blocks it.
+
+Ops (see nvfm/ops.py for the pattern):
+  varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> (out, lse (heads, total_q) fp32)
+  varlen_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale) -> (dq, dk, dv)
 """
 import torch
 import torch.nn.functional as F
 
+from nvfm import ops
+
 IMPLS = ("auto", "ours", "sdpa", "torch_varlen", "reference")
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None):
-    """Per-sequence softmax(q k^T * scale) v, computed in float32; the specification."""
+    """Per-sequence softmax(q k^T * scale) v; computed in float64 for float64 inputs, else in
+    float32. Differentiable (the tests take its float64 gradients as ground truth)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.empty_like(q)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         qs, ks, vs = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
-        s = torch.einsum("qhd,khd->hqk", qs.float(), ks.float()) * scale
-        p = torch.softmax(s, dim=-1) if ks.shape[0] > 0 else torch.zeros_like(s)
-        out[cq[b]:cq[b + 1]] = torch.einsum("hqk,khd->qhd", p, vs.float()).to(q.dtype)
+        if qs.shape[0] == 0 or ks.shape[0] == 0:
+            continue  # no keys: the output rows stay 0
+        s = torch.einsum("qhd,khd->hqk", qs.to(ct), ks.to(ct)) * scale
+        out[cq[b]:cq[b + 1]] = torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vs.to(ct)).to(q.dtype)
     return out
 
 
@@ -46,14 +64,108 @@ def attention_sdpa_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     vp, _ = _pad(v, cu_seqlens_k, max_seqlen_k)
     mask = vk[:, None, None, :]  # (B, 1, 1, Lk): True = attend
     o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
-    return o.transpose(1, 2)[vq]
+    o = o.transpose(1, 2)[vq]
+    empty_k = (cu_seqlens_k[1:] == cu_seqlens_k[:-1]).repeat_interleave(
+        (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(), output_size=q.shape[0])
+    return o.masked_fill(empty_k[:, None, None], 0.0)  # an all-masked row is NaN in SDPA; spec says 0
+
+
+# ---- the csrc kernels: fake (meta) implementations and autograd -------------------------------
+
+def _ops_defined():
+    try:
+        torch.ops.nvfm.varlen_attn_fwd  # noqa: B018
+        torch.ops.nvfm.varlen_attn_bwd  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+if _ops_defined():
+    ops.register("varlen_attn_fwd")
+    ops.register("varlen_attn_bwd")
+
+    @torch.library.register_fake("nvfm::varlen_attn_fwd")
+    def _fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("nvfm::varlen_attn_bwd")
+    def _bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, scale)
+
+    def _backward(ctx, dout, dlse):
+        # lse is an auxiliary output: gradients flowing into it are not supported (none do here)
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale = ctx.args
+        dq, dk, dv = torch.ops.nvfm.varlen_attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                                    max_q, max_k, scale)
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd("nvfm::varlen_attn_fwd", _backward, setup_context=_setup_context)
+
+
+def ours_available(q, head_dim=None):
+    """True when the compiled kernel can run these inputs (device, dtype, head dim)."""
+    if not _ops_defined() or not ops.has_kernel("varlen_attn_fwd", q.device.type):
+        return False
+    if q.device.type == "cuda":
+        return q.dtype in CUDA_DTYPES and (head_dim or q.shape[-1]) in CUDA_HEAD_DIMS
+    return True
+
+
+def attention_ours(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None):
+    """The csrc kernel; differentiable with respect to q, k, v."""
+    if not ours_available(q):
+        why = ("the compiled extension nvfm._C is not loaded" if not _ops_defined() else
+               f"no kernel for device {q.device}, dtype {q.dtype}, head_dim {q.shape[-1]} "
+               f"(CUDA needs {CUDA_DTYPES} and head_dim in {CUDA_HEAD_DIMS})")
+        raise RuntimeError(f"varlen attention impl='ours' unavailable: {why}; use impl='sdpa'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.device.type == "cuda":  # the CPU kernel reads strided rows in place (e.g. views of a QKV GEMM)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out, _ = torch.ops.nvfm.varlen_attn_fwd(q, k, v,
+                                            cu_seqlens_q.to(torch.int32).contiguous(),
+                                            cu_seqlens_k.to(torch.int32).contiguous(),
+                                            int(max_seqlen_q), int(max_seqlen_k), scale)
+    return out
+
+
+def attention_torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None):
+    """torch.nn.attention.varlen.varlen_attn (PyTorch's FlashAttention varlen, CUDA only)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        raise RuntimeError(f"impl='torch_varlen' needs torch.nn.attention.varlen (torch >= 2.10); "
+                           f"this torch {torch.__version__} lacks it ({e}); use impl='sdpa'") from e
+    if q.device.type != "cuda":
+        raise RuntimeError(f"impl='torch_varlen' runs on CUDA only (got {q.device}); use impl='ours' or 'sdpa'")
+    return varlen_attn(q, k, v, cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32),
+                       int(max_seqlen_q), int(max_seqlen_k), scale=scale)
+
+
+def resolve_impl(impl, q):
+    """The implementation "auto" (or an explicit impl) resolves to for tensors like q."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "ours" if ours_available(q) else "sdpa"
+    return impl
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, impl="auto", scale=None):
-    if impl not in IMPLS:
-        raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
+    """Attention within each packed sequence; see the module docstring for shapes and impls."""
+    impl = resolve_impl(impl, q)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k)
     if impl == "reference":
-        return attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale)
-    if impl in ("sdpa", "auto"):
-        return attention_sdpa_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-    raise NotImplementedError(f"attention impl {impl!r} is not available yet")
+        return attention_reference(*args, scale)
+    if impl == "ours":
+        return attention_ours(*args, max_seqlen_q, max_seqlen_k, scale)
+    if impl == "torch_varlen":
+        return attention_torch_varlen(*args, max_seqlen_q, max_seqlen_k, scale)
+    return attention_sdpa_padded(*args, max_seqlen_q, max_seqlen_k, scale)

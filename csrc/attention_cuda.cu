@@ -1,0 +1,371 @@
+// CUDA kernels of varlen attention (FlashAttention-2 structure, fp32 accumulation).
+// Plain CUDA: no torch headers (see attention.h).
+//
+// Every kernel has the same skeleton: a block of 4 warps owns a tile of kRows = 32 rows of
+// one (sequence, head) (query rows in the forward and dQ kernels, key rows in the dK/dV
+// kernel), 8 rows per warp, and streams tiles of 32 rows of the other side through shared
+// memory (fp32, rows padded to D + 1 floats so that lane-per-row reads are bank-conflict
+// free). Scores use "lane j owns column j" (a D-long dot product per lane); accumulation uses
+// "lane owns head dims lane, lane + 32, ..." with the probabilities broadcast by shuffles.
+// Online softmax (running max and sum) keeps the forward's memory linear in the sequence
+// length; the backward recomputes probabilities from the saved log-sum-exp, dQ in its own
+// pass (no atomics, deterministic) and dK/dV in another.
+// This is a plain-FMA kernel (no tensor cores): the correctness-first version. Inputs are
+// fp16 or bf16 (fp32 inputs take the SDPA path in nvfm/attention.py); head dim 64 or 128.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "attention.h"
+
+namespace nvfm {
+namespace {
+
+constexpr int kRows = 32;      // rows owned per block
+constexpr int kCols = 32;      // rows of the streamed tile (one per lane)
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kRowsPerWarp = kRows / kWarps;
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
+  return x;
+}
+
+// Copy rows [r0, r0 + n) of one head of a packed (total, H, D) tensor into a padded fp32
+// tile (kCols x (D + 1)); rows past n are zero. All threads of the block take part.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(float* tile, const T* __restrict__ x, int64_t row0, int n, int H, int h) {
+  constexpr int LD = D + 1;
+  for (int e = threadIdx.x; e < kCols * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    tile[r * LD + d] = r < n ? to_f(x[(row0 + r) * (int64_t)H * D + (int64_t)h * D + d]) : 0.0f;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ float dot_rows(const float* a, const float* b) {
+  float s = 0.0f;
+#pragma unroll
+  for (int d = 0; d < D; ++d) s = fmaf(a[d], b[d], s);
+  return s;
+}
+
+// grid (ceil(max_q / kRows), H, B): out and lse of 32 query rows of one (sequence, head).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(VarlenAttnArgs a, T* __restrict__ out,
+                                                            float* __restrict__ lse) {
+  constexpr int LD = D + 1, DPL = D / 32;
+  extern __shared__ float smem[];
+  float* sQ = smem;
+  float* sK = sQ + kRows * LD;
+  float* sV = sK + kCols * LD;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * kRows;
+  const int q0 = a.cu_q[b], lq = a.cu_q[b + 1] - q0, k0 = a.cu_k[b], lk = a.cu_k[b + 1] - k0;
+  if (r0 >= lq || lk == 0) return;  // out is pre-zeroed and lse pre-filled with -inf
+  const int nr = min(kRows, lq - r0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_tile<T, D>(sQ, q, q0 + r0, nr, a.H, h);
+  float o[kRowsPerWarp][DPL], m[kRowsPerWarp], l[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) o[i][t] = 0.0f;
+  }
+  for (int c0 = 0; c0 < lk; c0 += kCols) {
+    const int nc = min(kCols, lk - c0);
+    __syncthreads();  // the previous K/V tile is consumed
+    load_tile<T, D>(sK, k, k0 + c0, nc, a.H, h);
+    load_tile<T, D>(sV, v, k0 + c0, nc, a.H, h);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp * kRowsPerWarp + i;
+      if (r >= nr) continue;  // warp-uniform
+      const float s = lane < nc ? dot_rows<D>(sQ + r * LD, sK + lane * LD) * a.scale : -INFINITY;
+      const float mnew = fmaxf(m[i], warp_max(s));
+      const float p = lane < nc ? __expf(s - mnew) : 0.0f;
+      const float alpha = m[i] == -INFINITY ? 0.0f : __expf(m[i] - mnew);
+      l[i] = l[i] * alpha + warp_sum(p);
+      m[i] = mnew;
+#pragma unroll
+      for (int t = 0; t < DPL; ++t) o[i][t] *= alpha;
+      for (int j = 0; j < nc; ++j) {
+        const float pj = __shfl_sync(kFull, p, j);
+#pragma unroll
+        for (int t = 0; t < DPL; ++t) o[i][t] = fmaf(pj, sV[j * LD + lane + 32 * t], o[i][t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp * kRowsPerWarp + i;
+    if (r >= nr) continue;
+    const float inv = 1.0f / l[i];
+    const int64_t row = (int64_t)(q0 + r0 + r) * a.H * D + (int64_t)h * D;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) out[row + lane + 32 * t] = from_f<T>(o[i][t] * inv);
+    if (lane == 0) lse[(int64_t)h * a.total_q + q0 + r0 + r] = m[i] + logf(l[i]);
+  }
+}
+
+// dvec[h, i] = sum_d dout[i, h, d] * out[i, h, d]; one warp per (row, head).
+template <typename T, int D>
+__global__ void attn_bwd_dvec_kernel(VarlenAttnArgs a, const T* __restrict__ dout, const T* __restrict__ out,
+                                     float* __restrict__ dvec) {
+  const int64_t n = a.total_q * a.H;
+  const int lane = threadIdx.x % 32;
+  for (int64_t w = (blockIdx.x * (int64_t)blockDim.x + threadIdx.x) / 32; w < n;
+       w += (int64_t)gridDim.x * blockDim.x / 32) {
+    const int64_t i = w / a.H;
+    const int h = (int)(w % a.H);
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) {
+      const int64_t e = w * D + d;  // (i, h, d) row-major
+      s = fmaf(to_f(dout[e]), to_f(out[e]), s);
+    }
+    s = warp_sum(s);
+    if (lane == 0) dvec[(int64_t)h * a.total_q + i] = s;
+  }
+}
+
+// grid (ceil(max_q / kRows), H, B): dq of 32 query rows, streaming K/V tiles.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(VarlenAttnArgs a, const T* __restrict__ dout,
+                                                               const float* __restrict__ lse,
+                                                               const float* __restrict__ dvec, T* __restrict__ dq) {
+  constexpr int LD = D + 1, DPL = D / 32;
+  extern __shared__ float smem[];
+  float* sQ = smem;
+  float* sdO = sQ + kRows * LD;
+  float* sK = sdO + kRows * LD;
+  float* sV = sK + kCols * LD;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * kRows;
+  const int q0 = a.cu_q[b], lq = a.cu_q[b + 1] - q0, k0 = a.cu_k[b], lk = a.cu_k[b + 1] - k0;
+  if (r0 >= lq || lk == 0) return;  // dq is pre-zeroed
+  const int nr = min(kRows, lq - r0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_tile<T, D>(sQ, q, q0 + r0, nr, a.H, h);
+  load_tile<T, D>(sdO, dout, q0 + r0, nr, a.H, h);
+  float acc[kRowsPerWarp][DPL], lrow[kRowsPerWarp], drow[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = min(warp * kRowsPerWarp + i, nr - 1);
+    lrow[i] = lse[(int64_t)h * a.total_q + q0 + r0 + r];
+    drow[i] = dvec[(int64_t)h * a.total_q + q0 + r0 + r];
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) acc[i][t] = 0.0f;
+  }
+  for (int c0 = 0; c0 < lk; c0 += kCols) {
+    const int nc = min(kCols, lk - c0);
+    __syncthreads();
+    load_tile<T, D>(sK, k, k0 + c0, nc, a.H, h);
+    load_tile<T, D>(sV, v, k0 + c0, nc, a.H, h);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp * kRowsPerWarp + i;
+      if (r >= nr) continue;
+      float ds = 0.0f;
+      if (lane < nc) {
+        const float p = __expf(dot_rows<D>(sQ + r * LD, sK + lane * LD) * a.scale - lrow[i]);
+        const float dp = dot_rows<D>(sdO + r * LD, sV + lane * LD);
+        ds = p * (dp - drow[i]);
+      }
+      for (int j = 0; j < nc; ++j) {
+        const float dsj = __shfl_sync(kFull, ds, j);
+#pragma unroll
+        for (int t = 0; t < DPL; ++t) acc[i][t] = fmaf(dsj, sK[j * LD + lane + 32 * t], acc[i][t]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp * kRowsPerWarp + i;
+    if (r >= nr) continue;
+    const int64_t row = (int64_t)(q0 + r0 + r) * a.H * D + (int64_t)h * D;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) dq[row + lane + 32 * t] = from_f<T>(acc[i][t] * a.scale);
+  }
+}
+
+// grid (ceil(max_k / kRows), H, B): dk, dv of 32 key rows, streaming Q/dO tiles.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(VarlenAttnArgs a, const T* __restrict__ dout,
+                                                                 const float* __restrict__ lse,
+                                                                 const float* __restrict__ dvec, T* __restrict__ dk,
+                                                                 T* __restrict__ dv) {
+  constexpr int LD = D + 1, DPL = D / 32;
+  extern __shared__ float smem[];
+  float* sK = smem;
+  float* sV = sK + kRows * LD;
+  float* sQ = sV + kRows * LD;
+  float* sdO = sQ + kCols * LD;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * kRows;
+  const int q0 = a.cu_q[b], lq = a.cu_q[b + 1] - q0, k0 = a.cu_k[b], lk = a.cu_k[b + 1] - k0;
+  if (r0 >= lk || lq == 0) return;  // dk, dv are pre-zeroed
+  const int nr = min(kRows, lk - r0);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  load_tile<T, D>(sK, k, k0 + r0, nr, a.H, h);
+  load_tile<T, D>(sV, v, k0 + r0, nr, a.H, h);
+  float gk[kRowsPerWarp][DPL], gv[kRowsPerWarp][DPL];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) gk[i][t] = gv[i][t] = 0.0f;
+  for (int c0 = 0; c0 < lq; c0 += kCols) {
+    const int nc = min(kCols, lq - c0);
+    __syncthreads();
+    load_tile<T, D>(sQ, q, q0 + c0, nc, a.H, h);
+    load_tile<T, D>(sdO, dout, q0 + c0, nc, a.H, h);
+    __syncthreads();
+    // lane owns query c0 + lane of this tile
+    const float lse_l = lane < nc ? lse[(int64_t)h * a.total_q + q0 + c0 + lane] : 0.0f;
+    const float dvec_l = lane < nc ? dvec[(int64_t)h * a.total_q + q0 + c0 + lane] : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp * kRowsPerWarp + i;
+      if (r >= nr) continue;
+      float p = 0.0f, ds = 0.0f;
+      if (lane < nc) {
+        p = __expf(dot_rows<D>(sQ + lane * LD, sK + r * LD) * a.scale - lse_l);
+        const float dp = dot_rows<D>(sdO + lane * LD, sV + r * LD);
+        ds = p * (dp - dvec_l);
+      }
+      for (int j = 0; j < nc; ++j) {
+        const float pj = __shfl_sync(kFull, p, j), dsj = __shfl_sync(kFull, ds, j);
+#pragma unroll
+        for (int t = 0; t < DPL; ++t) {
+          gv[i][t] = fmaf(pj, sdO[j * LD + lane + 32 * t], gv[i][t]);
+          gk[i][t] = fmaf(dsj, sQ[j * LD + lane + 32 * t], gk[i][t]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp * kRowsPerWarp + i;
+    if (r >= nr) continue;
+    const int64_t row = (int64_t)(k0 + r0 + r) * a.H * D + (int64_t)h * D;
+#pragma unroll
+    for (int t = 0; t < DPL; ++t) {
+      dk[row + lane + 32 * t] = from_f<T>(gk[i][t] * a.scale);
+      dv[row + lane + 32 * t] = from_f<T>(gv[i][t]);
+    }
+  }
+}
+
+template <int D>
+constexpr size_t tile_bytes(int tiles) {
+  return (size_t)tiles * kRows * (D + 1) * sizeof(float);
+}
+
+template <typename T, int D>
+cudaError_t fwd(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream) {
+  if (a.B == 0 || a.max_q == 0 || a.total_q == 0) return cudaSuccess;
+  const size_t smem = tile_bytes<D>(3);
+  cudaError_t err = cudaFuncSetAttribute(attn_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((a.max_q + kRows - 1) / kRows, a.H, a.B);
+  attn_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(a, static_cast<T*>(out), lse);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec, void* dq,
+                void* dk, void* dv, cudaStream_t stream) {
+  if (a.B == 0 || a.total_q == 0 || a.total_k == 0) return cudaSuccess;
+  const T* dO = static_cast<const T*>(dout);
+  const int64_t warps = a.total_q * a.H;
+  int64_t blocks = (warps * 32 + 255) / 256;
+  if (blocks > 65535 * 8) blocks = 65535 * 8;
+  attn_bwd_dvec_kernel<T, D><<<(unsigned)blocks, 256, 0, stream>>>(a, dO, static_cast<const T*>(out), dvec);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const size_t smem = tile_bytes<D>(4);
+  err = cudaFuncSetAttribute(attn_bwd_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(attn_bwd_dkdv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  if (a.max_q > 0) {
+    const dim3 grid((a.max_q + kRows - 1) / kRows, a.H, a.B);
+    attn_bwd_dq_kernel<T, D><<<grid, kThreads, smem, stream>>>(a, dO, lse, dvec, static_cast<T*>(dq));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (a.max_k > 0) {
+    const dim3 grid((a.max_k + kRows - 1) / kRows, a.H, a.B);
+    attn_bwd_dkdv_kernel<T, D><<<grid, kThreads, smem, stream>>>(a, dO, lse, dvec, static_cast<T*>(dk),
+                                                                 static_cast<T*>(dv));
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
+// Dispatch on (dtype, head dim) at run time to the templates.
+template <template <typename, int> class F, typename... Args>
+cudaError_t dispatch(const VarlenAttnArgs& a, Args... args) {
+#define NVFM_ATTN_HEAD(T)                                   \
+  switch (a.D) {                                            \
+    case 64: return F<T, 64>::run(a, args...);              \
+    case 128: return F<T, 128>::run(a, args...);            \
+    default: return cudaErrorInvalidValue;                  \
+  }
+  switch (a.dtype) {
+    case AttnDtype::kFloat32: return cudaErrorInvalidValue;  // fp16/bf16 only: keeps the build small
+    case AttnDtype::kFloat16: NVFM_ATTN_HEAD(__half)
+    case AttnDtype::kBFloat16: NVFM_ATTN_HEAD(__nv_bfloat16)
+  }
+#undef NVFM_ATTN_HEAD
+  return cudaErrorInvalidValue;
+}
+
+template <typename T, int D>
+struct Fwd {
+  static cudaError_t run(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t s) { return fwd<T, D>(a, out, lse, s); }
+};
+template <typename T, int D>
+struct Bwd {
+  static cudaError_t run(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
+                         void* dq, void* dk, void* dv, cudaStream_t s) {
+    return bwd<T, D>(a, dout, out, lse, dvec, dq, dk, dv, s);
+  }
+};
+
+}  // namespace
+
+bool varlen_attn_cuda_supports_head_dim(int D) { return D == 64 || D == 128; }
+
+cudaError_t launch_varlen_attn_fwd(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream) {
+  return dispatch<Fwd>(a, out, lse, stream);
+}
+
+cudaError_t launch_varlen_attn_bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,
+                                   float* dvec, void* dq, void* dk, void* dv, cudaStream_t stream) {
+  return dispatch<Bwd>(a, dout, out, lse, dvec, dq, dk, dv, stream);
+}
+
+}  // namespace nvfm

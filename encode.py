@@ -1,0 +1,91 @@
+"""Folder of studies -> embeddings: encode preprocessed shards with a frozen encoder into a
+feature cache (nvfm/features.py), once, for every probe run.
+
+    python encode.py --shards=out/shards --encoder=out/jepa/encoder.safetensors --out=out/features
+    python encode.py --shards=out/shards --encoder=random:tiny --out=out/features_random   # baseline
+
+Every token of every volume of a study is encoded whole (no crop); CT volumes are encoded
+once per window (brain, blood, bone). Resumable: studies already in the cache are skipped,
+so a killed run continues where it stopped. The cache records the encoder's hash; pointing
+--out at a cache made by another encoder is an error (use --overwrite=True to redo it).
+A study that fails to encode is reported (by its study_key) and skipped.
+"""
+import os
+import time
+from collections import OrderedDict
+
+import torch
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+shards = ""            # preprocessed shard directory (preprocess.py --out)
+encoder = ""           # encoder .safetensors, or "random:<size>" for a random-initialised encoder
+out = ""               # feature cache directory
+split = "all"          # "all" or comma-separated splits, e.g. "train,val"
+modality = "all"       # "all", "CT" or "MR"
+device = "cuda" if torch.cuda.is_available() else "cpu"
+seed = 0               # random-init encoder seed
+max_tokens = 32768     # tokens per encoder forward
+min_fg_fraction = 0.5  # token foreground rule, as in pretraining (nvfm/tokenize.py)
+overwrite = False
+# -----------------------------------------------------------------------------
+from nvfm.configurator import configure  # noqa: E402
+configure(globals())
+
+from nvfm import features, model  # noqa: E402
+from nvfm.data import ShardReader  # noqa: E402
+
+
+def open_encoder(spec, dev, seed=0):
+    """-> (Encoder in eval mode, hash string)."""
+    if spec.startswith("random:"):
+        size = spec.split(":", 1)[1]
+        torch.manual_seed(seed)
+        enc = model.Encoder(model.EncoderConfig.preset(size)).to(dev).eval()
+        return enc, f"random:{size}:seed{seed}"
+    if not os.path.exists(spec):
+        raise SystemExit(f"encode.py: encoder file not found: {spec}")
+    return model.load_encoder(spec, dev), features.file_hash(spec)
+
+
+def main():
+    if not shards or not encoder or not out:
+        raise SystemExit("encode.py: --shards, --encoder and --out are required")
+    if not os.path.exists(os.path.join(shards, "manifest.json")):
+        raise SystemExit(f"encode.py: {shards}: no manifest.json (run preprocess.py first)")
+    reader = ShardReader(shards)
+    splits = None if split == "all" else set(split.split(","))
+    studies = OrderedDict()
+    for i, v in enumerate(reader.volumes):
+        if splits is not None and v["split"] not in splits:
+            continue
+        if modality != "all" and v["modality"] != modality:
+            continue
+        studies.setdefault(v["study_key"], []).append(i)
+    enc, enc_hash = open_encoder(encoder, device, seed)
+    print(f"encode: {len(studies)} studies ({sum(map(len, studies.values()))} volumes) with encoder "
+          f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}")
+    failed = 0
+    t0 = time.time()
+    n_tokens = 0
+    spec = encoder if encoder.startswith("random:") else os.path.abspath(encoder)  # for the flip test
+    with features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite) as w:
+        todo = [k for k in studies if k not in w]
+        if len(todo) < len(studies):
+            print(f"encode: resuming, {len(studies) - len(todo)} studies already in {out}")
+        for key in tqdm(todo, desc="encode", unit="study"):
+            try:
+                entries = model.encode_study(enc, reader, studies[key], device=device,
+                                             min_fg_fraction=min_fg_fraction, max_tokens=max_tokens)
+                w.add(key, entries)
+                n_tokens += sum(len(e["emb"]) for e in entries)
+            except Exception as e:  # a bad study is logged and skipped, never a crashed job
+                failed += 1
+                tqdm.write(f"encode: study {key} failed and was skipped: {type(e).__name__}: {e}")
+    dt = time.time() - t0
+    print(f"encode: wrote {len(todo) - failed} studies, {n_tokens} tokens in {dt:.1f} s "
+          f"({n_tokens / max(dt, 1e-9):.0f} tokens/s); {failed} failed; cache {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Anatomy probes of frozen dense embeddings (SPEC section 4), no training involved.
+
+Patch matching: two volumes of one study lie in one world frame (same patient, same
+session). For every token of volume A, its cosine nearest neighbour among the tokens of
+volume B is found; the error is the world distance (mm) between the two token centres
+(token centre = canonical voxel box centre mapped with the record's affine). Reported: median
+error and the fraction within 16 mm (one token), next to chance (a random token of B).
+Across sequences (T1 vs FLAIR) this asks whether the embedding encodes *where* in the head a
+patch is, not only what it looks like.
+
+K-means: k = 3 clusters of one volume's token embeddings; the cluster that best overlaps the
+brain (token-level IoU, brain = parenchyma + ventricles from the demo cohort's template
+anatomy mapped to the subject's world frame) is compared with the brain mask; chance = the
+IoU of "every token" with the brain.
+"""
+import json
+import os
+
+import numpy as np
+
+from nvfm.grounding import PATCH, to_world, token_box_points
+
+
+def token_centers(coords, affine, patch=PATCH):
+    """(n, 3) grid coords -> (n, 3) world mm of the token box centres."""
+    c = np.asarray(coords, np.float64) * np.asarray(patch) + (np.asarray(patch) - 1) / 2.0
+    return to_world(c, affine)
+
+
+def patch_matching(emb_a, coords_a, affine_a, emb_b, coords_b, affine_b, tol_mm=16.0, seed=0):
+    """Cosine nearest-neighbour matching of A's tokens into B. Returns dict(median_mm,
+    within_tol, chance_median_mm, chance_within_tol, n)."""
+    a = np.asarray(emb_a, np.float32)
+    b = np.asarray(emb_b, np.float32)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-8)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-8)
+    nn = np.empty(len(a), np.int64)
+    for s in range(0, len(a), 4096):   # bounded memory for big volumes
+        nn[s:s + 4096] = np.argmax(a[s:s + 4096] @ b.T, 1)
+    ca, cb = token_centers(coords_a, affine_a), token_centers(coords_b, affine_b)
+    err = np.linalg.norm(ca - cb[nn], axis=1)
+    rnd = np.random.default_rng(seed).integers(0, len(b), len(a))
+    chance = np.linalg.norm(ca - cb[rnd], axis=1)
+    return {"median_mm": float(np.median(err)), "within_tol": float((err <= tol_mm).mean()),
+            "chance_median_mm": float(np.median(chance)), "chance_within_tol": float((chance <= tol_mm).mean()),
+            "n": int(len(a))}
+
+
+def kmeans_iou(emb, brain, k=3, seed=0):
+    """k-means of token embeddings (n, D); brain (n,) bool. Returns dict(iou (best cluster),
+    chance_iou (all tokens), cluster_sizes)."""
+    from sklearn.cluster import KMeans
+    x = np.asarray(emb, np.float32)
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    lab = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+    brain = np.asarray(brain, bool)
+    ious = []
+    for c in range(k):
+        m = lab == c
+        union = (m | brain).sum()
+        ious.append((m & brain).sum() / union if union else 0.0)
+    return {"iou": float(max(ious)), "chance_iou": float(brain.mean()), "cluster_sizes": np.bincount(lab, minlength=k).tolist()}
+
+
+def brain_tokens(coords, affine, world_from_template, anat=None, min_fraction=0.5):
+    """(n,) bool: tokens whose box is mostly brain (GM, WM, ventricles) in the demo cohort's
+    template anatomy placed with the subject's world_from_template (4x4, template mm -> world)."""
+    from nvfm import phantom_anatomy as pa
+    anat = anat or pa.load_anatomy()
+    pts = to_world(token_box_points(coords, per_axis=(2, 3, 3)), affine)            # (n, m, 3) world
+    tmm = to_world(pts, np.linalg.inv(np.asarray(world_from_template, np.float64)))   # template mm
+    ijk = np.rint(to_world(tmm, np.linalg.inv(anat.affine))).astype(np.int64)
+    ok = np.all((ijk >= 0) & (ijk < np.asarray(anat.tissue.shape)), -1)
+    t = np.zeros(ijk.shape[:-1], np.uint8)
+    t[ok] = anat.tissue[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]]
+    return np.isin(t, (pa.GM, pa.WM, pa.VENT)).mean(1) >= min_fraction
+
+
+def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed=0):
+    """Patch matching (first two volumes of each multi-volume study, first window each) and
+    k-means brain IoU (every volume, first window) on up to max_studies studies.
+    names_by_key: study_key -> demo study name (for gt/<study>/subject.json)."""
+    vol_index = {v["volume_id"]: i for i, v in enumerate(reader.volumes)}
+    match, km = [], []
+    for key in keys[:max_studies]:
+        ents, seen = [], set()
+        for e in cache.study(key):
+            if e["volume_id"] not in seen and len(e["emb"]) >= 8:
+                seen.add(e["volume_id"])
+                ents.append(e)
+        if len(ents) >= 2:
+            ra, rb = (reader.volumes[vol_index[e["volume_id"]]] for e in ents[:2])
+            m = patch_matching(ents[0]["emb"], ents[0]["coords"], ra["affine"], ents[1]["emb"], ents[1]["coords"],
+                               rb["affine"], seed=seed)
+            m["pair"] = f"{ents[0]['family']}->{ents[1]['family']}"
+            match.append(m)
+        sj = os.path.join(cohort, "gt", names_by_key.get(key, ""), "subject.json")
+        if cohort and os.path.exists(sj):
+            with open(sj) as f:
+                wft = json.load(f)["world_from_template"]
+            for e in ents:
+                rec = reader.volumes[vol_index[e["volume_id"]]]
+                brain = brain_tokens(e["coords"], rec["affine"], wft)
+                if 0 < brain.sum() < len(brain):
+                    r = kmeans_iou(e["emb"], brain, seed=seed)
+                    r["family"] = e["family"]
+                    km.append(r)
+
+    def mean(lst, f):
+        return float(np.mean([x[f] for x in lst])) if lst else None
+    return {"patch_matching": {"n_pairs": len(match), "median_mm": mean(match, "median_mm"),
+                               "within_16mm": mean(match, "within_tol"),
+                               "chance_median_mm": mean(match, "chance_median_mm"),
+                               "chance_within_16mm": mean(match, "chance_within_tol")},
+            "kmeans_brain": {"n_volumes": len(km), "iou": mean(km, "iou"), "chance_iou": mean(km, "chance_iou")}}

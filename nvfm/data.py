@@ -1,0 +1,301 @@
+"""Memory-mapped volume shards: writer (resumable parts + deterministic merge) and reader.
+
+Layout of a shard set (DESIGN.md section 2):
+    SHARDS/manifest.json     {"version", "salt_id", "volumes": [...], "failures": [...], "summary": {...}}
+    SHARDS/<split>_<k>.bin   uint8, volumes back to back (k = 0, 1, ...; a new file starts
+                             after `shard_bytes`), each volume starts at a multiple of 64 bytes
+    SHARDS/labels.csv, SHARDS/findings.jsonl   re-keyed copies (study_uid -> study_key)
+One volume at `offset`: `channels x D x H x W` uint8 (MR: 1 channel; CT: [brain W80/L40,
+blood << 4 | bone]), then the voxel foreground mask `D x H x W` uint8 0/1; `nbytes` is both.
+
+Volume record keys: volume_id, study_key, series_key, split, modality ("CT"|"MR"), family,
+shard, offset, nbytes, shape [D, H, W], channels, spacing [4, 1, 1] (mm, D H W), affine
+(4x4 canonical voxel -> RAS mm), orientation (e.g. "IPR"), original_orientation (axis
+codes of the native slice/row/column axes), original_spacing (slice gap, row, column mm),
+tilt_deg, token_grid [gz, gy, gx], n_tokens, token_mask (base64 of
+numpy.packbits(mask.ravel()) of the (gz, gy, gx) bool token mask, raster order z, y, x).
+Refinements of DESIGN.md (additions only; nothing in section 2 changed):
+  - volume records also carry `nbytes`, `n_tokens`, `tilt_deg` (gantry tilt removed by
+    resampling, degrees), `duplicates_dropped`, and the token mask as above;
+    `volume_id` = "<study_key>-<series_key>" (+ ".<part>" when a series was split by
+    orientation/size/echo/b-value), `series_key` = salted hash of SeriesInstanceUID (NIfTI:
+    of "nifti:" + relative path);
+  - failures are {"kind": "file"|"series", "status": "failed"|"skipped", "reason",
+    "study_key"?, "series_key"?, "file_key"?}; file_key is a salted hash of the path
+    relative to the input root (folder names can hold patient names, so no path is stored);
+  - the manifest also has "shards" {name: bytes}, "patch", "min_fg_fraction" and
+    "study_events" (per study, its failures: the done-list a later run resumes from);
+  - summary = {studies_input, studies_done, studies_with_volumes, series_kept,
+    series_skipped {reason: n}, series_failed {reason: n}, files_failed {reason: n},
+    volumes, volumes_by_family, volumes_by_split, tokens, gigabytes}.
+
+Writing (resumable). Each worker appends finished studies to its own part
+(`SHARDS/parts/<tag>.bin` + `<tag>.jsonl`): first the bytes (flushed, fsync'ed), then one
+JSON line per study (the commit record). A killed run leaves at most a half-written tail
+that no JSON line points to; a restart reads the committed lines, skips those studies and
+writes new parts. `merge()` then copies every volume, sorted by (split, study_key,
+volume_id), into the final shards and writes the manifest atomically, so the output is
+byte-identical however the work was scheduled or interrupted. Parts are deleted after the
+manifest is committed; the manifest then serves as the done-list for later runs.
+
+Reading. `ShardReader(SHARDS)` memory-maps shards lazily; `.volume(i)` returns zero-copy
+views; `.window(i, name)` gives one window as (D, H, W) uint8 (4-bit windows expanded to
+0..255 by v * 17); `.slab(i, start, stop)` is the zero-copy D-slab holding a range of
+foreground tokens; `.tokens(i, name, start, stop)` the packed (n, 1024) tokens + coords.
+"""
+import base64
+import glob
+import json
+import os
+
+import numpy as np
+
+VERSION = 1
+ALIGN = 64
+PATCH = (4, 16, 16)
+
+
+def pack_mask(m):
+    return base64.b64encode(np.packbits(np.asarray(m, bool).ravel())).decode()
+
+
+def unpack_mask(s, grid):
+    n = int(np.prod(grid))
+    return np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8), count=n).astype(bool).reshape(grid)
+
+
+def _write_atomic(path, text_or_bytes):
+    tmp = path + ".tmp"
+    mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
+    with open(tmp, mode) as f:
+        f.write(text_or_bytes)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class PartWriter:
+    """Appends studies (volume bytes + one JSON commit line) to SHARDS/parts/<tag>.*"""
+
+    def __init__(self, out_dir, tag, fsync=True):
+        self.dir = os.path.join(out_dir, "parts")
+        os.makedirs(self.dir, exist_ok=True)
+        self.tag = tag
+        self.bin = open(os.path.join(self.dir, tag + ".bin"), "ab")
+        self.log = open(os.path.join(self.dir, tag + ".jsonl"), "a")
+        self.fsync = fsync
+        self.pos = self.bin.seek(0, os.SEEK_END)
+
+    def add_study(self, study_key, volumes, events):
+        """volumes: list of (record dict, data (C,D,H,W) uint8, mask (D,H,W) uint8)."""
+        recs = []
+        for rec, data, mask in volumes:
+            pad = (-self.pos) % ALIGN
+            if pad:
+                self.bin.write(b"\0" * pad)
+                self.pos += pad
+            self.bin.write(np.ascontiguousarray(data, np.uint8).tobytes())
+            self.bin.write(np.ascontiguousarray(mask, np.uint8).tobytes())
+            n = data.nbytes + mask.nbytes
+            recs.append(dict(rec, source=os.path.join("parts", self.tag + ".bin"), source_offset=self.pos, nbytes=n))
+            self.pos += n
+        self.bin.flush()
+        if self.fsync:
+            os.fsync(self.bin.fileno())
+        self.log.write(json.dumps({"study_key": study_key, "volumes": recs, "events": events}) + "\n")
+        self.log.flush()
+        if self.fsync:
+            os.fsync(self.log.fileno())
+
+    def close(self):
+        self.bin.close()
+        self.log.close()
+
+
+def read_done(out_dir):
+    """Committed studies: {study_key: {"volumes": [...], "events": [...]}} from the manifest
+    (merged earlier) and the parts (newer). Uncommitted tails are ignored."""
+    done = {}
+    man = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(man):
+        with open(man) as f:
+            m = json.load(f)
+        for v in m["volumes"]:
+            e = done.setdefault(v["study_key"], {"volumes": [], "events": []})
+            e["volumes"].append(dict(v, source=v["shard"], source_offset=v["offset"]))
+        for ev in m.get("study_events", []):
+            done.setdefault(ev["study_key"], {"volumes": [], "events": []})["events"] = ev["events"]
+    for path in sorted(glob.glob(os.path.join(out_dir, "parts", "*.jsonl"))):
+        size = os.path.getsize(path[:-6] + ".bin") if os.path.exists(path[:-6] + ".bin") else -1
+        with open(path) as f:
+            for line in f:
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line: not committed
+                if all(v["source_offset"] + v["nbytes"] <= size for v in e["volumes"]):
+                    done[e["study_key"]] = {"volumes": e["volumes"], "events": e["events"]}
+    return done
+
+
+def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30):
+    """Write final shards (sorted, deterministic) and the manifest from `done` entries.
+
+    manifest_extra: dict merged into the manifest (salt_id, summary, failures, ...).
+    Returns the manifest dict.
+    """
+    vols = [v for e in done.values() for v in e["volumes"]]
+    vols.sort(key=lambda v: (v["split"], v["study_key"], v["volume_id"]))
+    out_vols, writers, sizes = [], {}, {}
+    srcs = {}
+    try:
+        for v in vols:
+            split = v["split"]
+            k, size = sizes.get(split, (0, 0))
+            if size > 0 and size + v["nbytes"] > shard_bytes:
+                k, size = k + 1, 0
+                writers.pop(split).close()
+            name = f"{split}_{k}.bin"
+            if split not in writers:
+                writers[split] = open(os.path.join(out_dir, name + ".tmp"), "wb")
+            w = writers[split]
+            pad = (-size) % ALIGN
+            w.write(b"\0" * pad)
+            size += pad
+            src = v["source"]
+            if src not in srcs:
+                srcs[src] = np.memmap(os.path.join(out_dir, src), np.uint8, mode="r")
+            w.write(srcs[src][v["source_offset"]:v["source_offset"] + v["nbytes"]].tobytes())
+            rec = {key: val for key, val in v.items() if key not in ("source", "source_offset")}
+            rec.update(shard=name, offset=size)
+            out_vols.append(rec)
+            sizes[split] = (k, size + v["nbytes"])
+        for w in writers.values():
+            w.flush()
+            os.fsync(w.fileno())
+            w.close()
+    finally:
+        for w in writers.values():
+            w.close()
+        srcs.clear()
+    names = sorted({v["shard"] for v in out_vols})
+    for name in names:
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    for stale in glob.glob(os.path.join(out_dir, "*_*.bin")):
+        if os.path.basename(stale) not in names:
+            os.remove(stale)
+    manifest = {"version": VERSION}
+    manifest.update(manifest_extra)
+    manifest["volumes"] = out_vols
+    manifest["shards"] = {n: os.path.getsize(os.path.join(out_dir, n)) for n in names}
+    _write_atomic(os.path.join(out_dir, "manifest.json"), dump_manifest(manifest))
+    return manifest
+
+
+def dump_manifest(m):
+    """JSON text of a manifest: small fields indented, one line per volume / failure."""
+    lists = [k for k in ("failures", "study_events", "volumes") if k in m]
+    head = json.dumps({k: v for k, v in m.items() if k not in lists}, indent=1)
+    body = "".join(f',\n "{k}": [\n' + ",\n".join("  " + json.dumps(x) for x in m[k]) + "\n ]" for k in lists)
+    return head[:-2] + body + "\n}\n"
+
+
+def remove_parts(out_dir):
+    for p in sorted(glob.glob(os.path.join(out_dir, "parts", "*"))):
+        os.remove(p)
+    try:
+        os.rmdir(os.path.join(out_dir, "parts"))
+    except OSError:
+        pass
+
+
+class ShardReader:
+    """Random access to a shard set. `volumes` is the list of volume records."""
+
+    def __init__(self, root):
+        self.root = root
+        with open(os.path.join(root, "manifest.json")) as f:
+            self.manifest = json.load(f)
+        self.volumes = self.manifest["volumes"]
+        self._maps = {}
+        self._tmask = {}
+
+    def __len__(self):
+        return len(self.volumes)
+
+    def _map(self, name):
+        m = self._maps.get(name)
+        if m is None:
+            m = self._maps[name] = np.memmap(os.path.join(self.root, name), np.uint8, mode="r")
+        return m
+
+    def volume(self, i):
+        """-> (data (C, D, H, W) uint8 view, mask (D, H, W) uint8 view), zero-copy."""
+        v = self.volumes[i]
+        C, (D, H, W) = v["channels"], v["shape"]
+        buf = self._map(v["shard"])
+        n = C * D * H * W
+        data = buf[v["offset"]:v["offset"] + n].reshape(C, D, H, W)
+        mask = buf[v["offset"] + n:v["offset"] + n + D * H * W].reshape(D, H, W)
+        return data, mask
+
+    def window(self, i, name):
+        """One window as (D, H, W) uint8: "mr" and "brain" are views; "blood"/"bone" are the
+        4-bit nibbles expanded to 0..255 (v * 17)."""
+        data, _ = self.volume(i)
+        return expand_window(data, self.volumes[i]["modality"], name)
+
+    def token_mask(self, i):
+        """(gz, gy, gx) bool token foreground of volume i."""
+        m = self._tmask.get(i)
+        if m is None:
+            v = self.volumes[i]
+            m = self._tmask[i] = unpack_mask(v["token_mask"], tuple(v["token_grid"]))
+        return m
+
+    def token_coords(self, i):
+        """(n, 3) int32 grid coords (z, y, x) of the foreground tokens, raster order."""
+        return np.argwhere(self.token_mask(i)).astype(np.int32)
+
+    def slab(self, i, start=0, stop=None):
+        """Zero-copy D-slab for foreground tokens [start, stop) of volume i.
+
+        -> (data (C, dz, H, W) view, mask (dz, H, W) view, coords (n, 3) int32, z0 voxel offset)
+        """
+        coords = self.token_coords(i)[start:stop]
+        data, mask = self.volume(i)
+        if len(coords) == 0:
+            return data[:, :0], mask[:0], coords, 0
+        z0, z1 = int(coords[0, 0]) * PATCH[0], (int(coords[-1, 0]) + 1) * PATCH[0]
+        return data[:, z0:z1], mask[z0:z1], coords, z0
+
+    def tokens(self, i, name, start=0, stop=None):
+        """Foreground tokens [start, stop) of one window -> (tokens (n, 1024) uint8, coords (n, 3) int32)."""
+        data, _, coords, z0 = self.slab(i, start, stop)
+        if len(coords) == 0:
+            return np.zeros((0, int(np.prod(PATCH))), np.uint8), coords
+        x = expand_window(data, self.volumes[i]["modality"], name)
+        pd, ph, pw = PATCH
+        gz = x.shape[0] // pd + (x.shape[0] % pd > 0)
+        gy, gx = self.volumes[i]["token_grid"][1:]
+        pad = np.zeros((gz * pd, gy * ph, gx * pw), np.uint8)
+        pad[:x.shape[0], :x.shape[1], :x.shape[2]] = x
+        blocks = pad.reshape(gz, pd, gy, ph, gx, pw)
+        zz = coords[:, 0] - z0 // pd
+        toks = blocks[zz, :, coords[:, 1], :, coords[:, 2], :]  # (n, pd, ph, pw)
+        return toks.reshape(len(coords), -1), coords
+
+
+def expand_window(data, modality, name):
+    """(C, D, H, W) uint8 volume -> (D, H, W) uint8 window."""
+    if modality == "MR":
+        if name != "mr":
+            raise ValueError(f"MR volumes have only the 'mr' window, not {name!r}")
+        return data[0]
+    if name == "brain":
+        return data[0]
+    if name == "blood":
+        return (data[1] >> 4) * np.uint8(17)
+    if name == "bone":
+        return (data[1] & np.uint8(15)) * np.uint8(17)
+    raise ValueError(f"CT windows are brain, blood, bone; not {name!r}")

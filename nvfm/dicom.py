@@ -1,0 +1,726 @@
+"""DICOM/NIfTI ingestion: header scan, series grouping, and slice stacks with exact geometry.
+
+Pipeline (used by preprocess.py):
+  1. `find_inputs(root)` lists files (sorted, deterministic). `.nii`/`.nii.gz` are NIfTI,
+     everything else is tried as DICOM.
+  2. `scan_dicom(root, rel)` reads the header only (`stop_before_pixels=True`) and returns a
+     small picklable dict: study/series UIDs, SOP class, modality, description, and one
+     geometry record per frame (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+     RescaleSlope/Intercept; for enhanced multi-frame objects from the shared and
+     per-frame functional groups).
+  3. `group_series(headers)` groups frames by StudyInstanceUID + SeriesInstanceUID, then
+     splits a series that mixes orientations, matrix sizes, pixel spacings, echoes,
+     b-values or temporal positions into sub-volumes, and applies the skip rules
+     (`skip_reason`): non-image SOP classes (SR, PR, SC, PDF, RT, SEG, waveforms),
+     modalities other than CT/MR, image SOP classes we do not read, localizers/scouts
+     (ImageType LOCALIZER or SeriesDescription SCOUT/LOCALIZER/SURVEY/TOPOGRAM/...),
+     derived maps (ImageType DERIVED with MIP/MinIP/projection/volume rendering/
+     subtraction/perfusion or FA maps), colour images. Kept: derived ADC and TRACE
+     diffusion images, and MPR/REFORMATTED series (CT coronal/sagittal reformats are
+     ordinary volumes a radiologist reads).
+  4. `SliceStack` holds one sub-volume: the frames sorted by their position along the slice
+     normal n = row_cosine x column_cosine (never by InstanceNumber or file name), and loads
+     pixels one slice at a time (float32, RescaleSlope/Intercept applied per slice). Pixels
+     of uncompressed little-endian single-frame files are read straight from the offset the
+     header scan found (numpy, no second parse; unused high bits masked as pydicom does);
+     everything else goes through pydicom's pixel handlers (pylibjpeg for JPEG, JPEG-LS,
+     JPEG 2000, RLE), and a missing handler fails that series with a clear reason.
+     MONOCHROME1 is inverted for MR in nvfm/volume.py; CT is left alone because Hounsfield
+     units are defined by the rescale alone.
+
+Geometry conventions. Internally positions are DICOM patient coordinates (LPS, mm). A
+stack has in-plane unit vectors r (along a row, i.e. increasing column index j) and c
+(along a column, increasing row index i), normal n = r x c, and per slice k its origin
+o_k (the centre of pixel (0, 0)). Pixel (k, i, j) sits at o_k + i*ps_row*c + j*ps_col*r.
+Slice positions along n are d_k = n.o_k - n.o_0 (ascending). The in-plane part of o_k - o_0
+is the gantry-tilt shear (zero for ordinary series); it is kept per slice and removed
+exactly during resampling (nvfm/volume.py), never ignored.
+
+Checks (each a logged, counted rejection of that series only): fewer than `min_slices`
+slices; two slices at one position with different pixels ("conflicting slices"; identical
+duplicates are dropped); a gap between neighbouring slices larger than
+max(2.5 x median gap, 10 mm) ("missing slices": interpolating across it would invent
+anatomy); smaller gaps and non-uniform spacing are resampled from the true positions;
+absurd spacings (pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or extents
+(> 2048 pixels, > 2000 slices); gantry tilt above 45 degrees; missing geometry tags.
+
+NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
+go to the axis closest to I/S); the affine is used as given (sform, else qform). A NIfTI
+has no study UID: all NIfTI files in one folder form one study whose key is the salted
+hash of the folder path relative to the input root (a trailing BIDS datatype folder
+anat/dwi/func/perf/fmap is stripped, so one BIDS session = one study). Modality (a NIfTI has no
+Modality tag): "CT" when the data look like Hounsfield units (minimum <= -900 and 1st
+percentile < -500), else "MR"; never from the file name.
+
+Privacy: nothing here returns names, IDs, dates or UIDs except the UIDs needed for
+grouping, which preprocess.py hashes (salted sha256) before anything is written. Reasons
+are fixed phrases plus numbers; file paths appear only as salted hashes (`file_key`) in
+outputs.
+"""
+import hashlib
+import math
+import os
+import re
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+# Image storage SOP classes we can turn into volumes.
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image",
+}
+# SOP classes that are never volumes: SR, presentation states, secondary captures, PDF/CDA,
+# RT objects, segmentations/raw data, waveforms, DICOMDIR
+NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.11.", "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.104.", "1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.1.1.66",
+    "1.2.840.10008.5.1.4.1.1.9.", "1.2.840.10008.1.3.10")
+LOCALIZER_RE = re.compile(r"scout|locali[sz]er|\bsurvey|topogram|scanogram|\bloc\b|3[ -]?pl(ane)?\b|tri-?pilot|"
+                          r"\bpilot\b|\baahead|\bplan\b", re.I)
+# derived images that are not a plain view of the anatomy; MPR/REFORMATTED series (coronal and
+# sagittal CT reformats) are kept: they are ordinary volumes a radiologist reads
+DERIVED_SKIP = ("MIP", "MINIP", "PROJECTION IMAGE", "CURVED", "VOLUME RENDER", "VR", "SUBTRACTION", "SUB",
+                "FA", "CBF", "CBV", "MTT", "TTP", "TMAX", "PERFUSION", "COLLAPSE", "MOCO")
+NIFTI_EXT = (".nii", ".nii.gz")
+BIDS_DATATYPES = {"anat", "dwi", "func", "perf", "fmap"}
+
+MIN_PIXEL_MM, MAX_PIXEL_MM = 0.05, 20.0
+MIN_GAP_MM, MAX_GAP_MM = 0.05, 40.0
+MAX_MATRIX, MAX_SLICES = 2048, 2000
+MAX_TILT_DEG = 45.0
+
+
+class SeriesError(Exception):
+    """A series (or file) that cannot become a volume; str() is a PHI-free reason."""
+
+
+def salted_hash(text, salt, n=16):
+    """Hex sha256 of salt + text, truncated to n hex chars (64 bits at n=16)."""
+    return hashlib.sha256((salt + "\x00" + str(text)).encode()).hexdigest()[:n]
+
+
+def find_inputs(root):
+    """Sorted relative paths of all regular files under root (hidden files included: they
+    are reported, not silently ignored)."""
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in files:
+            out.append(os.path.relpath(os.path.join(d, f), root))
+    return sorted(out)
+
+
+def is_nifti(rel):
+    return rel.lower().endswith(NIFTI_EXT)
+
+
+# ---------------------------------------------------------------------------------------------
+# header scan
+
+
+def _floats(v, n):
+    if v is None:
+        return None
+    try:
+        out = tuple(float(x) for x in v)
+    except (TypeError, ValueError):
+        return None
+    if len(out) != n or not all(math.isfinite(x) for x in out):
+        return None
+    return out
+
+
+def _num(v, default=None):
+    try:
+        if v is None or v == "":
+            return default
+        x = float(v[0] if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else v)
+        return x if math.isfinite(x) else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _first(seq_owner, seq_name, attr):
+    seq = getattr(seq_owner, seq_name, None) if seq_owner is not None else None
+    if not seq:
+        return None
+    return getattr(seq[0], attr, None)
+
+
+def _fg(item, shared, seq_name, attr):
+    """An attribute from a functional group: per-frame item first, then shared."""
+    v = _first(item, seq_name, attr)
+    return v if v is not None else _first(shared, seq_name, attr)
+
+
+def read_dataset(path, stop_before_pixels):
+    """dcmread (path or binary file) that accepts files without the 128-byte preamble but
+    rejects non-DICOM files."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        if hasattr(path, "seek"):
+            path.seek(0)
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    except Exception as e:  # garbage parsed as tags
+        raise SeriesError("not a DICOM file") from e
+    if "SOPClassUID" not in ds and "StudyInstanceUID" not in ds:
+        raise SeriesError("not a DICOM file")
+    return ds
+
+
+def scan_dicom(root, rel, salt=""):
+    """Header-only scan of one file -> dict (see module docstring); never raises.
+
+    On failure returns {"path", "file_key", "error": reason}.
+    """
+    info = {"path": rel, "file_key": salted_hash(rel, salt)}
+    try:
+        if os.path.getsize(os.path.join(root, rel)) == 0:
+            raise SeriesError("empty file")
+        with open(os.path.join(root, rel), "rb") as fp:
+            ds = read_dataset(fp, stop_before_pixels=True)
+            pixel_pos = fp.tell()  # pydicom stops at the (7FE0,0010) tag
+            pixel_hdr = fp.read(12)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+            raise SeriesError("DICOMDIR index file (not an image)")
+        info = _header_info(ds, info)
+        info["raw_pixels"] = _raw_pixel_location(ds, info, pixel_pos, pixel_hdr)
+        return info
+    except SeriesError as e:
+        info["error"] = str(e)
+    except Exception as e:  # truncated or malformed header
+        info["error"] = f"unreadable DICOM header ({type(e).__name__})"
+    return info
+
+
+NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
+PIXEL_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _raw_pixel_location(ds, info, pos, hdr):
+    """(offset, dtype, bits_allocated, bits_stored) of uncompressed single-frame pixels that
+    can be read with numpy directly (no second pydicom parse), else None."""
+    g = _fast_getter(ds)
+    try:
+        bits_alloc, bits_stored = int(g("BitsAllocated", 0) or 0), int(g("BitsStored", 0) or 0)
+        pr = int(g("PixelRepresentation", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if (info["transfer_syntax"] not in NATIVE_LE or len(hdr) < 12 or hdr[:4] != PIXEL_TAG
+            or info["samples"] != 1 or len(info["frames"]) != 1 or info["frames"][0]["frame"] is not None
+            or info.get("legacy_multiframe") or bits_alloc not in (8, 16) or not 0 < bits_stored <= bits_alloc):
+        return None
+    if hdr[4:6] in (b"OW", b"OB"):  # explicit VR: tag, VR, 2 reserved, 4-byte length
+        length, offset = int.from_bytes(hdr[8:12], "little"), pos + 12
+    elif info["transfer_syntax"] == NATIVE_LE[0]:  # implicit VR: tag, 4-byte length
+        length, offset = int.from_bytes(hdr[4:8], "little"), pos + 8
+    else:
+        return None
+    need = info["rows"] * info["cols"] * bits_alloc // 8
+    if length == 0xFFFFFFFF or length < need:
+        return None
+    dtype = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2"}[(bits_alloc, 1 if pr else 0)]
+    return (offset, dtype, bits_alloc, bits_stored)
+
+
+_TEXT_VRS = {"UI", "CS", "DS", "IS", "LO", "SH"}
+_FAST_TAGS = {kw: pydicom.datadict.tag_for_keyword(kw) for kw in (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInstanceUID", "Modality", "ImageType",
+    "SeriesDescription", "ProtocolName", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+    "EchoTime", "RepetitionTime", "InversionTime", "ContrastBolusAgent", "ScanningSequence", "NumberOfFrames",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
+    "EchoNumbers", "TemporalPositionIdentifier", "BitsAllocated", "BitsStored", "PixelRepresentation")}
+
+
+def _fast_getter(ds):
+    """ds.get(keyword, default) that decodes common explicit-VR text and US elements from
+    the raw bytes (pydicom's element conversion is half the cost of a header scan); anything
+    else, including implicit-VR files, goes through ds.get. Values are str, a list of str
+    for multi-valued text (like pydicom's MultiValue), or int for US."""
+    def get(keyword, default=None):
+        tag = _FAST_TAGS.get(keyword)
+        if tag is None:
+            return ds.get(keyword, default)
+        try:
+            raw = ds.get_item(tag)
+        except KeyError:
+            return default
+        if raw is None:
+            return default
+        vr, val = getattr(raw, "VR", None), getattr(raw, "value", None)
+        if not isinstance(val, bytes) or vr not in _TEXT_VRS and vr != "US":
+            return ds.get(keyword, default)
+        if vr == "US":
+            if len(val) != 2:
+                return ds.get(keyword, default)
+            return int.from_bytes(val, "little" if raw.is_little_endian else "big")
+        text = val.decode("latin-1").strip(" \x00")
+        if text == "":
+            return default
+        parts = [x.strip(" \x00") for x in text.split("\\")]
+        return parts if len(parts) > 1 else parts[0]
+    return get
+
+
+def _header_info(ds, info):
+    g = _fast_getter(ds)
+    meta = getattr(ds, "file_meta", None)
+    info.update(
+        study_uid=str(g("StudyInstanceUID", "") or ""),
+        series_uid=str(g("SeriesInstanceUID", "") or ""),
+        sop_class=str(g("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else "")),
+        sop_uid=str(g("SOPInstanceUID", "") or ""),
+        modality=str(g("Modality", "") or "").upper(),
+        image_type=[str(x).upper() for x in (g("ImageType", None) or [])],
+        description=str(g("SeriesDescription", "") or ""),
+        protocol=str(g("ProtocolName", "") or ""),
+        rows=int(g("Rows", 0) or 0), cols=int(g("Columns", 0) or 0),
+        samples=int(g("SamplesPerPixel", 1) or 1),
+        photometric=str(g("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper(),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
+        te=_num(g("EchoTime", None)), tr=_num(g("RepetitionTime", None)), ti=_num(g("InversionTime", None)),
+        contrast=bool(str(g("ContrastBolusAgent", "") or "").strip()),
+        scanning_sequence=" ".join(str(x) for x in (g("ScanningSequence", None) or [])),
+    )
+    if isinstance(g("ImageType", None), str):
+        info["image_type"] = [x.upper() for x in str(g("ImageType")).split("\\")]
+    if isinstance(g("ScanningSequence", None), str):
+        info["scanning_sequence"] = str(g("ScanningSequence"))
+    nframes = int(_num(g("NumberOfFrames", 1), 1) or 1)
+    frames = []
+    pffg = g("PerFrameFunctionalGroupsSequence", None)
+    shared = g("SharedFunctionalGroupsSequence", None)
+    shared = shared[0] if shared else None
+    if pffg is not None or shared is not None:  # enhanced multi-frame
+        items = list(pffg) if pffg is not None else [None] * nframes
+        for f, item in enumerate(items):
+            if info["te"] is None:
+                info["te"] = _num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime"))
+            frames.append(dict(
+                frame=f,
+                ipp=_floats(_fg(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                iop=_floats(_fg(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                ps=_floats(_fg(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                slope=_num(_fg(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1.0),
+                intercept=_num(_fg(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+                echo=_num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime")),
+                bvalue=_num(_fg(item, shared, "MRDiffusionSequence", "DiffusionBValue")),
+                temporal=_num(_fg(item, shared, "FrameContentSequence", "TemporalPositionIndex")),
+            ))
+    else:
+        bval = _num(g("DiffusionBValue", None))
+        if bval is None:  # GE and Siemens private b-value tags
+            for tag in ((0x0043, 0x1039), (0x0019, 0x100C)):
+                if tag in ds:
+                    bval = _num(ds[tag].value if not isinstance(ds[tag].value, bytes) else None)
+                    break
+        base = dict(
+            ipp=_floats(g("ImagePositionPatient", None), 3),
+            iop=_floats(g("ImageOrientationPatient", None), 6),
+            ps=_floats(g("PixelSpacing", None), 2),
+            slope=_num(g("RescaleSlope", None), 1.0), intercept=_num(g("RescaleIntercept", None), 0.0),
+            echo=_num(g("EchoNumbers", None)), bvalue=bval,
+            temporal=_num(g("TemporalPositionIdentifier", None)),
+        )
+        if nframes == 1:
+            frames.append(dict(base, frame=None))
+        else:  # legacy multi-frame without functional groups: no per-frame geometry
+            info["legacy_multiframe"] = nframes
+            frames.append(dict(base, frame=None))
+    info["frames"] = frames
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# grouping and skip rules
+
+
+def skip_reason(h):
+    """Why a (file's) series is not an image volume we ingest, or None to keep it."""
+    sop = h.get("sop_class", "")
+    if sop.startswith(NON_IMAGE_SOP_PREFIXES):
+        return "non-image SOP class"
+    if h.get("modality") not in ("CT", "MR"):
+        return f"unsupported modality {re.sub(r'[^A-Z0-9]', '', h.get('modality', ''))[:8] or 'none'}"
+    if sop and sop not in IMAGE_SOP_CLASSES:
+        return "unsupported SOP class"
+    it = h.get("image_type", [])
+    if "LOCALIZER" in it or LOCALIZER_RE.search(h.get("description", "")):
+        return "localizer/scout"
+    if it and it[0] == "DERIVED":
+        kinds = [t for t in it[2:] if t in DERIVED_SKIP]
+        if kinds and not any(t in ("ADC", "TRACEW", "TRACE", "EADC") for t in it):
+            return f"derived map ({kinds[0]})"
+    if h.get("samples", 1) != 1:
+        return "colour image"
+    if h.get("legacy_multiframe"):
+        return "multi-frame object without per-frame geometry"
+    return None
+
+
+def _frame_key(h, fr):
+    return (h["rows"], h["cols"], fr["ps"], fr["iop"], fr["echo"], fr["bvalue"], fr["temporal"])
+
+
+def _same_key(a, b):
+    if a[0:2] != b[0:2] or a[4:] != b[4:]:
+        return False
+    if a[2] is None or b[2] is None or a[3] is None or b[3] is None:
+        return a[2] == b[2] and a[3] == b[3]
+    return np.allclose(a[2], b[2], atol=1e-3) and np.allclose(a[3], b[3], atol=1e-3)
+
+
+def group_series(headers):
+    """Group header dicts of one study into candidate volumes.
+
+    Returns (groups, skipped): groups is a list of dicts {series_uid, part, headers info of
+    the first file as `info`, frames: list of (path, frame record)} in a deterministic order;
+    skipped is a list of (series_uid, n_files, reason).
+    """
+    by_series = {}
+    for h in headers:
+        by_series.setdefault(h["series_uid"], []).append(h)
+    groups, skipped = [], []
+    for suid in sorted(by_series):
+        hs = sorted(by_series[suid], key=lambda h: h["path"])
+        # one skip decision per series, from the majority of files (a stray SR in an image
+        # series is skipped on its own below)
+        reasons = [skip_reason(h) for h in hs]
+        keep = [h for h, r in zip(hs, reasons) if r is None]
+        for h, r in zip(hs, reasons):
+            if r is not None and keep:
+                skipped.append((suid, 1, r))
+        if not keep:
+            skipped.append((suid, len(hs), reasons[0]))
+            continue
+        clusters = []  # [key, frames]
+        for h in keep:
+            for fr in h["frames"]:
+                k = _frame_key(h, fr)
+                for c in clusters:
+                    if _same_key(c[0], k):
+                        c[1].append((h, fr))
+                        break
+                else:
+                    clusters.append([k, [(h, fr)]])
+        clusters.sort(key=lambda c: -len(c[1]))  # largest first: part 0 is the main volume
+        for part, (_, frames) in enumerate(clusters):
+            groups.append(dict(series_uid=suid, part=part, n_parts=len(clusters), info=frames[0][0], frames=frames))
+    return groups, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# slice stacks
+
+
+class SliceStack:
+    """One sub-volume as a stack of parallel slices sorted along the normal.
+
+    Attributes (LPS mm): r, c, n (unit vectors), ps (row spacing along c, column spacing
+    along r), shape (K, R, C), d (K,) slice positions along n relative to slice 0,
+    shear (K, 2) in-plane offsets of each slice origin along (c, r) (gantry tilt), o0 origin
+    of slice 0, modality, photometric, tilt_deg. `slice(k)` -> float32 (R, C).
+    """
+
+    def __init__(self, origins, r, c, ps, shape_rc, loader, modality, photometric="MONOCHROME2"):
+        r = np.asarray(r, float)
+        c = np.asarray(c, float)
+        if abs(np.linalg.norm(r) - 1) > 1e-2 or abs(np.linalg.norm(c) - 1) > 1e-2 or abs(r @ c) > 1e-2:
+            raise SeriesError("invalid ImageOrientationPatient (not orthonormal)")
+        r /= np.linalg.norm(r)
+        c = c - (c @ r) * r
+        c /= np.linalg.norm(c)
+        self.r, self.c, self.n = r, c, np.cross(r, c)
+        self.ps = (float(ps[0]), float(ps[1]))
+        if not all(MIN_PIXEL_MM <= p <= MAX_PIXEL_MM for p in self.ps):
+            raise SeriesError(f"absurd pixel spacing ({self.ps[0]:.3g} x {self.ps[1]:.3g} mm)")
+        R, C = shape_rc
+        if not (1 <= R <= MAX_MATRIX and 1 <= C <= MAX_MATRIX):
+            raise SeriesError(f"absurd matrix size ({R} x {C})")
+        origins = np.asarray(origins, float)
+        order = np.argsort(origins @ self.n, kind="stable")
+        self.order = order  # sorted index -> loader index
+        self.origins = origins[order]
+        self.o0 = self.origins[0]
+        rel = self.origins - self.o0
+        self.d = rel @ self.n
+        self.shear = np.stack([rel @ self.c, rel @ self.r], axis=1)
+        self.loader = loader
+        self.modality = modality
+        self.photometric = photometric
+        self.shape = (len(order), R, C)
+        self.tilt_deg = 0.0
+        self.dropped_duplicates = 0
+
+    def slice(self, k):
+        return self.loader(int(self.order[k]))
+
+    def check(self, min_slices=3):
+        """Validate slice positions; drops identical duplicates, raises SeriesError."""
+        K = len(self.d)
+        if K < min_slices:
+            raise SeriesError("single-slice series" if K == 1 else f"too few slices ({K})")
+        gaps = np.diff(self.d)
+        dup = np.nonzero(gaps < MIN_GAP_MM)[0]
+        if len(dup):
+            drop = []
+            for k in dup:  # identical pixels at one position: a copied file; else a conflict
+                if np.array_equal(self.slice(k), self.slice(k + 1)):
+                    drop.append(k + 1)
+                else:
+                    raise SeriesError("conflicting slices at the same position (4D, multi-echo or duplicate series)")
+            keep = np.setdiff1d(np.arange(K), drop)
+            self.order, self.origins = self.order[keep], self.origins[keep]
+            self.d, self.shear = self.d[keep], self.shear[keep]
+            self.shape = (len(keep),) + self.shape[1:]
+            self.dropped_duplicates = len(drop)
+            if len(keep) < min_slices:
+                raise SeriesError(f"too few slices ({len(keep)}) after removing duplicates")
+            gaps = np.diff(self.d)
+        if self.shape[0] > MAX_SLICES:
+            raise SeriesError(f"absurd slice count ({self.shape[0]})")
+        med = float(np.median(gaps))
+        if med > MAX_GAP_MM:
+            raise SeriesError(f"absurd slice spacing ({med:.3g} mm)")
+        limit = max(2.5 * med, 10.0)
+        if gaps.max() > limit:
+            raise SeriesError(f"missing slices (gap {gaps.max():.1f} mm > {limit:.1f} mm)")
+        # gantry tilt: slice origins drift in-plane linearly with position
+        if K > 1 and self.d[-1] > 0:
+            drift = np.linalg.norm(self.shear[-1]) / self.d[-1]
+            self.tilt_deg = float(np.degrees(np.arctan(drift)))
+            if self.tilt_deg > MAX_TILT_DEG:
+                raise SeriesError(f"gantry tilt too large ({self.tilt_deg:.0f} deg)")
+        return self
+
+    @property
+    def spacing(self):
+        """(slice gap median, row spacing, column spacing) mm."""
+        g = np.diff(self.d)
+        return (float(np.median(g)) if len(g) else 0.0, self.ps[0], self.ps[1])
+
+    @property
+    def uniform(self):
+        g = np.diff(self.d)
+        return bool(len(g) == 0 or np.ptp(g) <= 1e-3 * max(1.0, g.mean()))
+
+    def native_affine(self):
+        """4x4 native voxel (k, i, j) -> RAS world mm (exact for uniform spacing; for a tilted
+        stack column 0 is the sheared slice step, as dcm2niix writes before tilt correction)."""
+        K = self.shape[0]
+        step = (self.origins[-1] - self.o0) / (K - 1) if K > 1 else self.n
+        A = np.eye(4)
+        A[:3, 0] = step
+        A[:3, 1] = self.c * self.ps[0]
+        A[:3, 2] = self.r * self.ps[1]
+        A[:3, 3] = self.o0
+        return LPS_TO_RAS @ A
+
+    def assemble(self):
+        """(K, R, C) float32 native volume, slice order as sorted."""
+        return np.stack([self.slice(k) for k in range(self.shape[0])])
+
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def _decode_error(e, tsuid):
+    msg = str(e).lower()
+    name = pydicom.uid.UID(tsuid).name if tsuid else "unknown"
+    if ("plugin" in msg or ("missing" in msg and "depend" in msg) or "no available" in msg
+            or "unable to decompress" in msg or isinstance(e, NotImplementedError) or "is not supported" in msg):
+        return SeriesError(f"cannot decode pixel data: no pixel-data plugin for transfer syntax '{name}'")
+    return SeriesError(f"pixel decode error ({type(e).__name__}, transfer syntax '{name}')")
+
+
+def dicom_stack(root, group):
+    """SliceStack for a group from group_series; pixels are read lazily, one file at a time."""
+    info, frames = group["info"], group["frames"]
+    for h, fr in frames:
+        if fr["ipp"] is None or fr["iop"] is None or fr["ps"] is None:
+            missing = [t for t, k in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"),
+                                      ("PixelSpacing", "ps")) if fr[k] is None]
+            raise SeriesError(f"missing geometry ({', '.join(missing)})")
+    iop = frames[0][1]["iop"]
+    rows, cols = info["rows"], info["cols"]
+    if rows < 1 or cols < 1:
+        raise SeriesError("missing Rows/Columns")
+    modality = info["modality"]
+    photometric = info["photometric"]
+    cache = {}
+
+    def load(idx):
+        h, fr = frames[idx]
+        path = h["path"]
+        raw = h.get("raw_pixels")
+        if raw is not None and path not in cache:  # uncompressed: numpy reads the bytes directly
+            offset, dtype, bits_alloc, bits_stored = raw
+            try:
+                arr = np.fromfile(os.path.join(root, path), dtype, count=rows * cols, offset=offset)
+            except (OSError, ValueError) as e:
+                raise SeriesError(f"unreadable DICOM file ({type(e).__name__})") from e
+            if arr.size != rows * cols:
+                raise SeriesError("pixel data shorter than Rows x Columns (truncated file)")
+            if bits_stored < bits_alloc:  # ignore unused high bits, as pydicom does
+                shift = bits_alloc - bits_stored
+                arr = np.right_shift(np.left_shift(arr, shift), shift)
+            cache.clear()
+            cache[path] = arr.reshape(rows, cols)
+        if path not in cache:
+            cache.clear()  # one file at a time: bounded memory
+            try:
+                ds = read_dataset(os.path.join(root, path), stop_before_pixels=False)
+            except SeriesError:
+                raise
+            except Exception as e:
+                raise SeriesError(f"unreadable DICOM file ({type(e).__name__})") from e
+            if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+                raise SeriesError("missing pixel data")
+            if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
+                raise SeriesError("inconsistent Rows/Columns")
+            try:
+                arr = ds.pixel_array
+            except Exception as e:
+                raise _decode_error(e, h.get("transfer_syntax", "")) from e
+            cache[path] = arr
+        arr = cache[path]
+        if fr["frame"] is not None:
+            if arr.ndim != 3 or fr["frame"] >= arr.shape[0]:
+                raise SeriesError("pixel data has fewer frames than the header says")
+            arr = arr[fr["frame"]]
+        if arr.shape != (rows, cols):
+            raise SeriesError("pixel data shape does not match Rows/Columns")
+        out = arr.astype(np.float32)
+        if fr["slope"] != 1.0 or fr["intercept"] != 0.0:
+            out = out * np.float32(fr["slope"]) + np.float32(fr["intercept"])
+        return out
+
+    origins = [fr["ipp"] for _, fr in frames]
+    st = SliceStack(origins, iop[:3], iop[3:], frames[0][1]["ps"], (rows, cols), load, modality, photometric)
+    return st
+
+
+def nifti_study_folder(rel):
+    """The study folder of a NIfTI file (its parent, minus a trailing BIDS datatype folder)."""
+    parts = rel.replace(os.sep, "/").split("/")[:-1]
+    if parts and parts[-1].lower() in BIDS_DATATYPES:
+        parts = parts[:-1]
+    return "/".join(parts) or "."
+
+
+def nifti_stack(root, rel):
+    """SliceStack for a 3D NIfTI file (4D with one volume is accepted)."""
+    import nibabel as nib
+    path = os.path.join(root, rel)
+    try:
+        if os.path.getsize(path) == 0:
+            raise SeriesError("empty file")
+        img = nib.load(path)
+        shape = img.shape
+    except SeriesError:
+        raise
+    except Exception as e:
+        raise SeriesError(f"unreadable NIfTI ({type(e).__name__})") from e
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise SeriesError(f"{len(shape)}D NIfTI (need one 3D volume)")
+    if min(shape) < 1:
+        raise SeriesError("zero-sized NIfTI")
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except Exception as e:
+        raise SeriesError(f"unreadable NIfTI data ({type(e).__name__})") from e
+    if not np.isfinite(data).all():
+        bad = float(np.mean(~np.isfinite(data)))
+        if bad > 0.01:
+            raise SeriesError(f"non-finite voxels ({100 * bad:.0f}%)")
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    A = np.asarray(img.affine, float)
+    if not np.isfinite(A).all() or abs(np.linalg.det(A[:3, :3])) < 1e-9:
+        raise SeriesError("invalid NIfTI affine")
+    A = LPS_TO_RAS @ A  # RAS -> LPS (the matrix is its own inverse)
+    vox = np.linalg.norm(A[:3, :3], axis=0)
+    mx = vox.max()
+    cand = [a for a in range(3) if vox[a] >= 0.99 * mx]
+    acq = max(cand, key=lambda a: abs(A[2, a]) / vox[a])
+    i_ax, j_ax = [a for a in range(3) if a != acq]
+    if data.shape[acq] < 1:
+        raise SeriesError("zero-sized NIfTI")
+    vol = np.moveaxis(data, acq, 0)  # (K, I, J)
+    c_vec, r_vec = A[:3, i_ax] / vox[i_ax], A[:3, j_ax] / vox[j_ax]
+    if abs(c_vec @ r_vec) > 1e-3:
+        raise SeriesError("non-orthogonal NIfTI axes")
+    origins = [A[:3, 3] + k * A[:3, acq] for k in range(vol.shape[0])]
+    looks_hu = data.min() <= -900 and np.percentile(data[::2, ::2, ::2], 1) < -500
+    modality = "CT" if looks_hu else "MR"  # from the data, never from the file name
+    st = SliceStack(origins, r_vec, c_vec, (vox[i_ax], vox[j_ax]), vol.shape[1:],
+                    lambda k: np.array(vol[k], np.float32), modality)  # a copy: callers modify it
+    return st
+
+
+# ---------------------------------------------------------------------------------------------
+# MR sequence family
+
+FAMILIES = ("T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "OTHER")
+_KW = [  # (family, regex on SeriesDescription + ProtocolName), first match wins
+    ("ADC", r"\badc\b|apparent diff|\beadc\b"),
+    ("DWI", r"\bdwi\b|diffusion|\bdiff\b|\btrace\b|\bb ?1000\b|\bdti\b|ep2d_diff|resolve"),
+    ("SWI", r"\bswi|\bswan\b|suscept|\bt2\s?\*|t2star|\bhemo|\bsw[ _]?ip\b|\bmip[ _]swi"),
+    ("FLAIR", r"flair|dark[ -_]?fluid|\btirm\b"),
+    ("T1", r"\bt1|mprage|mp-rage|mp2rage|spgr|bravo|\btfe\b|\bvibe\b|\bse[ _-]?t1|\bt1w"),
+    ("T2", r"\bt2|\btse\b|\bfse\b|\bhaste\b|\bciss\b|\bfiesta\b|\bspace\b"),
+]
+_CONTRAST = re.compile(r"\+ ?c\b|\bc\+|\bpost\b|\bgad|\bgd\b|\+ ?gd|contrast|\bce\b", re.I)
+_T1_FLAIR = re.compile(r"t1.*flair|flair.*t1", re.I)
+
+
+def mr_family(info):
+    """MR sequence family from SeriesDescription/ProtocolName keywords, then the data.
+
+    Keyword rules (case-insensitive, first match wins): ADC (adc, apparent diffusion);
+    DWI (dwi, diffusion, trace, b1000, dti); SWI (swi, swan, susceptibility, t2*, hemo);
+    FLAIR (flair, dark fluid, tirm; "T1 FLAIR" counts as T1); T1 (t1, mprage, spgr, bravo,
+    tfe, vibe); T2 (t2, tse, fse, haste, ciss, fiesta, space). T1 becomes T1C when the
+    description says post/gad/contrast/+C or ContrastBolusAgent is set. Without a keyword,
+    the header decides: ImageType ADC -> ADC, DIFFUSION/TRACEW or b-value > 0 -> DWI,
+    TI > 1500 ms and TE > 70 ms -> FLAIR, TE >= 70 ms and TR >= 1500 ms -> T2,
+    TR < 1000 ms and TE < 30 ms -> T1 (T1C with contrast agent), else OTHER.
+    """
+    text = f"{info.get('description', '')} {info.get('protocol', '')}".lower().replace("_", " ")
+    it = info.get("image_type", [])
+    fam = None
+    if _T1_FLAIR.search(text):
+        fam = "T1"
+    else:
+        for f, pat in _KW:
+            if re.search(pat, text):
+                fam = f
+                break
+    if fam is None:
+        te, tr, ti = info.get("te"), info.get("tr"), info.get("ti")
+        bval = max([fr.get("bvalue") or 0 for fr in info.get("frames", [])] or [0])
+        if "ADC" in it:
+            fam = "ADC"
+        elif "DIFFUSION" in it or "TRACEW" in it or bval > 0:
+            fam = "DWI"
+        elif ti and te and ti > 1500 and te > 70:
+            fam = "FLAIR"
+        elif te and tr and te >= 70 and tr >= 1500:
+            fam = "T2"
+        elif te is not None and tr and tr < 1000 and te < 30:
+            fam = "T1"
+        else:
+            fam = "OTHER"
+    if fam == "T1" and (_CONTRAST.search(text) or info.get("contrast")):
+        fam = "T1C"
+    return fam

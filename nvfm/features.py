@@ -1,0 +1,213 @@
+"""On-disk cache of frozen-encoder token embeddings, one entry per study (DESIGN.md section 6).
+
+Layout of a cache directory:
+    DIR/index.json    {"version", "encoder_hash", "encoder", "dim", "rows", "studies":
+                       {study_key: [{volume_id, family, window, modality, row, n}, ...]}}
+    DIR/emb.f16       float16 (rows, dim), C order: the embeddings of every entry back to back
+    DIR/coords.i32    int32 (rows, 3): token grid coords (z, y, x) of the same rows
+A (volume, window) entry owns rows [row, row + n). Studies are keyed by `study_key` (the
+salted hash from the shards), never by a patient identifier.
+
+Resumable writes: a study's rows are appended to both files first, the index is rewritten
+atomically (temp file + rename) afterwards, every `flush_every` studies and at close. A
+killed run leaves rows past index["rows"] that nothing points to: reopening for writing
+truncates the files back to index["rows"], and studies already in the index are skipped.
+
+Staleness: `encoder_hash` identifies the encoder (sha256 of the checkpoint file, or
+"random:<size>:seed<k>" for a random-initialised encoder). Opening a cache for writing
+with another hash raises `StaleCacheError` (pass overwrite=True to start afresh), and a
+probe trained on one cache refuses to run on a cache with another hash.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+
+VERSION = 1
+
+
+class StaleCacheError(RuntimeError):
+    pass
+
+
+def file_hash(path, chunk=1 << 22):
+    """sha256 hex of a file (the encoder checkpoint), prefixed with 'sha256:'."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return "sha256:" + h.hexdigest()
+
+
+def _write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    """Read access: `.study_keys()`, `.study(key)`, `.encoder_hash`, `.dim`, `len()`.
+
+    `.study(key)` -> list of dict(volume_id, family, window, modality, coords (n, 3) int32,
+    emb (n, dim) float16), both memmap views (read-only; copy before changing them).
+    """
+
+    def __init__(self, path, expect_hash=None):
+        self.path = path
+        index = os.path.join(path, "index.json")
+        if not os.path.exists(index):
+            raise FileNotFoundError(f"{path}: not a feature cache (no index.json); run encode.py first")
+        with open(index) as f:
+            self.index = json.load(f)
+        if self.index.get("version") != VERSION:
+            raise ValueError(f"{index}: cache version {self.index.get('version')} != {VERSION}")
+        self.encoder_hash = self.index["encoder_hash"]
+        self.dim = int(self.index["dim"])
+        if expect_hash is not None and expect_hash != self.encoder_hash:
+            raise StaleCacheError(f"{path}: features were made by encoder {self.encoder_hash}, "
+                                  f"expected {expect_hash}; re-run encode.py with the right encoder")
+        self._emb = self._coords = None
+
+    def _maps(self):
+        rows = int(self.index["rows"])
+        if self._emb is None or self._emb.shape[0] != rows:
+            if rows == 0:
+                self._emb = np.zeros((0, self.dim), np.float16)
+                self._coords = np.zeros((0, 3), np.int32)
+            else:
+                self._emb = np.memmap(os.path.join(self.path, "emb.f16"), np.float16, "r", shape=(rows, self.dim))
+                self._coords = np.memmap(os.path.join(self.path, "coords.i32"), np.int32, "r", shape=(rows, 3))
+        return self._emb, self._coords
+
+    def __len__(self):
+        return len(self.index["studies"])
+
+    def __contains__(self, key):
+        return key in self.index["studies"]
+
+    def study_keys(self):
+        return list(self.index["studies"])
+
+    def study(self, key):
+        if key not in self.index["studies"]:
+            raise KeyError(f"{self.path}: study {key} is not in the feature cache (encode it first, "
+                           f"or check that the cache was made from the same shards)")
+        emb, coords = self._maps()
+        out = []
+        for e in self.index["studies"][key]:
+            r, n = e["row"], e["n"]
+            out.append(dict(volume_id=e["volume_id"], family=e["family"], window=e["window"],
+                            modality=e["modality"], coords=coords[r:r + n], emb=emb[r:r + n]))
+        return out
+
+    def study_tokens(self, key, windows=None):
+        """All tokens of a study as one bag: (emb (n, dim) float16 ndarray, entries) where
+        entries lists (entry dict, start, stop) rows of the bag. windows: keep only these."""
+        ents = [e for e in self.study(key) if windows is None or e["window"] in windows]
+        if not ents:
+            return np.zeros((0, self.dim), np.float16), []
+        spans, start = [], 0
+        for e in ents:
+            spans.append((e, start, start + len(e["emb"])))
+            start += len(e["emb"])
+        return np.concatenate([e["emb"] for e in ents]), spans
+
+
+class FeatureWriter:
+    """Append studies to a cache directory; resumable (see module docstring).
+
+    with FeatureWriter(dir, encoder_hash, dim, encoder_name) as w:
+        for key in keys:
+            if key in w: continue
+            w.add(key, entries)   # entries: encode_study() output (+ modality)
+    """
+
+    def __init__(self, path, encoder_hash, dim, encoder_name="", overwrite=False, flush_every=16):
+        self.path = path
+        self.flush_every = flush_every
+        os.makedirs(path, exist_ok=True)
+        index = os.path.join(path, "index.json")
+        emb_path, co_path = os.path.join(path, "emb.f16"), os.path.join(path, "coords.i32")
+        if os.path.exists(index) and not overwrite:
+            with open(index) as f:
+                self.index = json.load(f)
+            if self.index.get("encoder_hash") != encoder_hash:
+                raise StaleCacheError(
+                    f"{path}: cache was made by encoder {self.index.get('encoder_hash')}, not {encoder_hash}; "
+                    f"use another output directory or --overwrite=True")
+            if int(self.index["dim"]) != dim:
+                raise StaleCacheError(f"{path}: cache dim {self.index['dim']} != encoder dim {dim}")
+        else:
+            self.index = {"version": VERSION, "encoder_hash": encoder_hash, "encoder": encoder_name,
+                          "dim": int(dim), "rows": 0, "studies": {}}
+            for p in (emb_path, co_path):
+                if os.path.exists(p):
+                    os.unlink(p)
+        rows = int(self.index["rows"])
+        self._emb = open(emb_path, "ab")
+        self._co = open(co_path, "ab")
+        # drop any half-written tail of a killed run: nothing in the index points there
+        self._emb.truncate(rows * dim * 2)
+        self._co.truncate(rows * 3 * 4)
+        self._emb.seek(0, os.SEEK_END)
+        self._co.seek(0, os.SEEK_END)
+        self.dim = int(dim)
+        self._pending = 0
+        _write_json_atomic(index, self.index)
+
+    def __contains__(self, key):
+        return key in self.index["studies"]
+
+    def add(self, key, entries):
+        """entries: list of dict(volume_id, family, window, modality, coords (n,3), emb (n,dim))."""
+        rows = int(self.index["rows"])
+        arrays = []
+        for e in entries:   # validate everything before writing anything: rows stay consistent
+            with np.errstate(over="ignore"):
+                emb = np.ascontiguousarray(np.asarray(e["emb"], dtype=np.float32).astype(np.float16))
+            co = np.ascontiguousarray(np.asarray(e["coords"], dtype=np.int32))
+            if emb.ndim != 2 or emb.shape[1] != self.dim or co.shape != (len(emb), 3):
+                raise ValueError(f"study {key}, volume {e.get('volume_id')}: emb {emb.shape} / coords "
+                                 f"{co.shape} do not match dim {self.dim}")
+            if not np.isfinite(emb).all():
+                raise ValueError(f"study {key}, volume {e.get('volume_id')}: non-finite embeddings "
+                                 f"(float16 overflow or a broken encoder)")
+            arrays.append((e, emb, co))
+        recs = []
+        for e, emb, co in arrays:
+            self._emb.write(emb.tobytes())
+            self._co.write(co.tobytes())
+            recs.append(dict(volume_id=e["volume_id"], family=e.get("family"), window=e["window"],
+                             modality=e["modality"], row=rows, n=len(emb)))
+            rows += len(emb)
+        self.index["studies"][key] = recs
+        self.index["rows"] = rows
+        self._pending += 1
+        if self._pending >= self.flush_every:
+            self.flush()
+
+    def flush(self):
+        for f in (self._emb, self._co):
+            f.flush()
+            os.fsync(f.fileno())
+        _write_json_atomic(os.path.join(self.path, "index.json"), self.index)
+        self._pending = 0
+
+    def close(self):
+        if not self._emb.closed:
+            self.flush()
+            self._emb.close()
+            self._co.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,281 @@
+"""Grounding of study-level probes: token maps back to voxels in world space, NIfTI
+overlays, the pointing game, and the left/right flip test (SPEC section 4).
+
+Geometry. A token at grid (z, y, x) of a volume covers canonical voxels
+[4z, 4z+4) x [16y, 16y+16) x [16x, 16x+16) (nvfm/tokenize.py); the volume record's
+`affine` maps canonical voxel indices (D, H, W order) to RAS world mm (DESIGN.md section 2).
+So a token map becomes a voxel map on the canonical grid (`token_map_to_volume`), which is
+already in world space (written with that affine, any viewer overlays it on the original
+series), and can be resampled into the grid of any reference NIfTI
+(`resample_to_reference`: reference voxel -> world -> canonical voxel, trilinear).
+
+Pointing game: for a test study positive for class k with a lesion of that diagnosis, the
+token with the highest class-k attention over all tokens of all volumes (and windows) of the
+study is a hit when its 16 mm box overlaps the lesion mask (the token is the map's
+resolution). Chance level = the fraction of the study's tokens whose box overlaps the mask.
+
+Flip test: volumes are mirrored along their left-right axis (read from the record's
+`orientation` codes), re-encoded with the probe's frozen encoder, and the probe's
+lesion_left / lesion_right logits compared: dL = logit_L(flipped) - logit_L, likewise dR.
+For a left-sided lesion dL should fall and dR rise; AUROC of (dR - dL) for "the lesion is on
+the left", over test studies with lesions on one side only.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+
+from nvfm import metrics
+from nvfm import probe as P
+
+PATCH = (4, 16, 16)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def token_map_to_volume(values, coords, shape, patch=PATCH):
+    """values (n,) per token, coords (n, 3) grid (z, y, x), shape (D, H, W) -> (D, H, W)
+    float32 map, each token's value on its voxels, 0 elsewhere; padding cropped."""
+    gz, gy, gx = (-(-s // p) for s, p in zip(shape, patch))
+    grid = np.zeros((gz, gy, gx), np.float32)
+    c = np.asarray(coords, np.int64)
+    grid[c[:, 0], c[:, 1], c[:, 2]] = np.asarray(values, np.float32)
+    vol = grid.repeat(patch[0], 0).repeat(patch[1], 1).repeat(patch[2], 2)
+    return np.ascontiguousarray(vol[:shape[0], :shape[1], :shape[2]])
+
+
+def resample_to_reference(vol, affine, ref_shape, ref_affine, order=1):
+    """Resample vol (D, H, W) with affine (voxel -> world mm) into a reference grid
+    (ref_shape, ref_affine). Outside vol -> 0. Returns float32 ref_shape."""
+    from scipy.ndimage import map_coordinates
+    M = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(ref_affine, np.float64)
+    ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in ref_shape], indexing="ij"), 0)
+    src = np.tensordot(M[:3, :3], ijk, axes=1) + M[:3, 3][:, None, None, None]
+    return map_coordinates(np.asarray(vol, np.float32), src, order=order, mode="constant", cval=0.0).astype(np.float32)
+
+
+def write_nifti(path, vol, affine):
+    import nibabel as nib
+    img = nib.Nifti1Image(np.asarray(vol, np.float32), np.asarray(affine, np.float64))
+    img.header.set_xyzt_units("mm")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    nib.save(img, path)
+
+
+def token_box_points(coords, patch=PATCH, per_axis=(4, 4, 4)):
+    """Sample points inside each token's voxel box: (n, m, 3) canonical voxel coordinates."""
+    offs = [np.linspace(0.0, p - 1.0, k) for p, k in zip(patch, per_axis)]
+    o = np.stack(np.meshgrid(*offs, indexing="ij"), -1).reshape(-1, 3)
+    base = np.asarray(coords, np.float64) * np.asarray(patch, np.float64)
+    return base[:, None, :] + o[None]
+
+
+def to_world(points, affine):
+    A = np.asarray(affine, np.float64)
+    return points @ A[:3, :3].T + A[:3, 3]
+
+
+def mask_lookup(world, mask, mask_affine):
+    """world (..., 3) mm -> bool (...): inside the nonzero region of a mask volume (nearest voxel)."""
+    A = np.linalg.inv(np.asarray(mask_affine, np.float64))
+    ijk = np.rint(world @ A[:3, :3].T + A[:3, 3]).astype(np.int64)
+    ok = np.all((ijk >= 0) & (ijk < np.asarray(mask.shape)), -1)
+    out = np.zeros(ijk.shape[:-1], bool)
+    out[ok] = mask[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]] != 0
+    return out
+
+
+# ----------------------------------------------------------------------------- pointing game
+
+
+def _study_names(labels_rows):
+    return {r["study_key"]: r.get("study") or r["study_key"][:12] for r in labels_rows}
+
+
+def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overlay_dir=None, n_overlays=3):
+    """Pointing game of the first evaluated probe (evaluate.py's `data` dict) against the
+    demo cohort's lesion masks; writes NIfTI overlays for the first `n_overlays` lesions.
+
+    Returns dict(accuracy, chance, n, per_class {name: [hits, n]}, misses_outside, overlays).
+    """
+    import nibabel as nib
+    keys, names = data["keys"], data["ck"]["label_names"]
+    lesions = {}
+    with open(findings_path) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                lesions[r.get("study_key")] = (r.get("study"), r.get("lesions", []))
+    vol_index = {v["volume_id"]: i for i, v in enumerate(reader.volumes)}
+    cache, wins = data["cache"], data["wins"]
+    todo = []   # (study index, class index, lesion)
+    for i, key in enumerate(keys):
+        for les in lesions.get(key, (None, []))[1]:
+            cand = [les.get("diagnosis")] + list(les.get("labels", []))
+            k = next((names.index(c) for c in cand if c in names), None)
+            if k is not None and data["y"][i, k] > 0 and les.get("mask"):
+                todo.append((i, k, les))
+    res = {"n": 0, "hits": 0, "accuracy": None, "chance": None, "per_class": {}, "overlays": []}
+    if not todo:
+        res["note"] = "no test lesion with a mask matches a probe class"
+        return res
+    study_ids = sorted({i for i, _, _ in todo})
+    sub = [keys[i] for i in study_ids]
+
+    def get_bag(key):
+        return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
+
+    _, maps = P.predict(data["models"], get_bag, sub, device, return_maps=True)
+    maps = dict(zip(study_ids, maps))
+    chances = []
+    for i, k, les in todo:
+        alpha, contrib = maps[i]
+        _, spans = cache.study_tokens(keys[i], wins)
+        mpath = os.path.join(cohort, les["mask"])
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"lesion mask not found: {mpath} (is --cohort the demo cohort root?)")
+        mimg = nib.load(mpath)
+        mask = np.asarray(mimg.dataobj)
+        hit_tok = np.zeros(len(alpha), bool)
+        for e, s0, s1 in spans:
+            rec = reader.volumes[vol_index[e["volume_id"]]]
+            pts = to_world(token_box_points(e["coords"]), rec["affine"])
+            hit_tok[s0:s1] = mask_lookup(pts, mask, mimg.affine).any(1)
+        if not len(alpha):
+            continue
+        top = int(np.argmax(alpha[:, k]))
+        hit = bool(hit_tok[top])
+        res["n"] += 1
+        res["hits"] += hit
+        chances.append(hit_tok.mean())
+        pc = res["per_class"].setdefault(names[k], [0, 0])
+        pc[0] += hit
+        pc[1] += 1
+        if overlay_dir and len(res["overlays"]) < n_overlays:
+            res["overlays"] += write_overlays(overlay_dir, lesions[keys[i]][0] or f"study{i}", names[k], spans,
+                                              alpha[:, k], contrib[:, k], reader, vol_index, mask, mimg.affine)
+    if res["n"]:
+        res["accuracy"] = res["hits"] / res["n"]
+        res["chance"] = float(np.mean(chances))
+    return res
+
+
+def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reader, vol_index,
+                   lesion_mask=None, lesion_affine=None):
+    """Per volume of a study: the image, the class attention map, the signed contribution map
+    (and the lesion mask, if given) as NIfTI on the volume's canonical grid with its world
+    affine; windows of one CT volume are combined (attention and contributions summed).
+    File names use the non-identifying study name. Returns the written paths."""
+    written = []
+    by_vol = {}
+    for e, s0, s1 in spans:
+        by_vol.setdefault(e["volume_id"], []).append((e, s0, s1))
+    for vid, parts in by_vol.items():
+        i = vol_index[vid]
+        rec = reader.volumes[i]
+        shape, aff = tuple(rec["shape"]), rec["affine"]
+        att = sum(token_map_to_volume(alpha[s0:s1], e["coords"], shape) for e, s0, s1 in parts)
+        con = sum(token_map_to_volume(contrib[s0:s1], e["coords"], shape) for e, s0, s1 in parts)
+        stem = os.path.join(out_dir, f"{study_name}_{rec.get('family', 'vol')}_{vid[:8]}")
+        data, _ = reader.volume(i)
+        write_nifti(stem + "_image.nii.gz", data[0].astype(np.float32), aff)
+        write_nifti(stem + f"_attention_{class_name}.nii.gz", att, aff)
+        write_nifti(stem + f"_contribution_{class_name}.nii.gz", con, aff)
+        written += [stem + "_image.nii.gz", stem + f"_attention_{class_name}.nii.gz"]
+        if lesion_mask is not None:
+            m = resample_to_reference(lesion_mask.astype(np.float32), lesion_affine, shape, aff, order=0)
+            write_nifti(stem + "_lesion.nii.gz", m, aff)
+    return written
+
+
+# ----------------------------------------------------------------------------- flip test
+
+
+def lr_axis(record):
+    """Index (0, 1, 2 of D, H, W) of the left-right axis from the record's orientation codes,
+    e.g. "IPR" -> 2; falls back to the affine (the axis with the largest |x| component)."""
+    o = record.get("orientation")
+    if isinstance(o, str) and len(o) == 3:
+        for a, ch in enumerate(o.upper()):
+            if ch in "LR":
+                return a
+    A = np.asarray(record["affine"], np.float64)
+    return int(np.argmax(np.abs(A[0, :3])))
+
+
+class FlippedReader:
+    """A ShardReader view whose volumes are mirrored along their left-right axis."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.volumes = reader.volumes
+
+    def volume(self, i):
+        data, mask = self.reader.volume(i)
+        a = lr_axis(self.volumes[i])
+        return np.ascontiguousarray(np.flip(data, a + 1)), np.ascontiguousarray(np.flip(mask, a))
+
+    def window(self, i, name):
+        from nvfm.data import expand_window
+        data, _ = self.volume(i)
+        return expand_window(data, self.volumes[i]["modality"], name)
+
+
+def open_encoder_from_hash(spec, enc_hash, device):
+    """The frozen encoder that made a cache: a file (hash checked) or random:<size>:seed<k>."""
+    from nvfm import model
+    from nvfm.features import file_hash
+    if enc_hash.startswith("random:"):   # random:<size>:seed<k> re-creates the same weights
+        _, size, s = enc_hash.split(":")[:3]
+        torch.manual_seed(int(s.replace("seed", "")))
+        return model.Encoder(model.EncoderConfig.preset(size)).to(device).eval()
+    if not spec or not os.path.exists(spec):
+        raise FileNotFoundError(f"flip test: encoder file {spec!r} not found (pass --encoder=PATH)")
+    h = file_hash(spec)
+    if h != enc_hash:
+        raise RuntimeError(f"flip test: {spec} has hash {h}, but the probe's features came from {enc_hash}")
+    return model.load_encoder(spec, device)
+
+
+def flip_test_eval(data, reader, sides, encoder_spec="", device="cpu"):
+    """Flip test of the first evaluated probe. Returns dict(auroc, auroc_dL, auroc_dR, n,
+    n_flagged, auroc_flagged, mean_dL_left, mean_dL_right)."""
+    from nvfm import model
+    names = data["ck"]["label_names"]
+    if not all(c in names for c in P.SIDE_CLASSES):
+        return {"auroc": None, "n": 0, "note": "probe has no lesion_left / lesion_right classes (--side_classes)"}
+    kl, kr = names.index("lesion_left"), names.index("lesion_right")
+    cache = data["cache"]
+    spec = encoder_spec or cache.index.get("encoder", "")
+    enc = open_encoder_from_hash(spec, data["ck"]["encoder_hash"], device)
+    studies = {}
+    for i, v in enumerate(reader.volumes):
+        studies.setdefault(v["study_key"], []).append(i)
+    sel = [(i, k) for i, k in enumerate(data["keys"]) if len(sides.get(k, ())) == 1 and k in studies]
+    if not sel:
+        return {"auroc": None, "n": 0, "note": "no test study with lesions on one side only"}
+    flipped = FlippedReader(reader)
+    wins = data["wins"]
+    bags = {}
+    from tqdm import tqdm
+    for i, k in tqdm(sel, desc="flip test", unit="study"):
+        ents = model.encode_study(enc, flipped, studies[k], device=device)
+        ents = [e for e in ents if wins is None or e["window"] in wins]
+        bags[k] = torch.cat([e["emb"].half().float() for e in ents])  # as cached (float16) if ents else torch.zeros(0, cache.dim)
+    keys = [k for _, k in sel]
+    lf = P.predict(data["models"], lambda k: bags[k], keys, device)
+    lo = data["logits"][[i for i, _ in sel]]
+    dL, dR = lf[:, kl] - lo[:, kl], lf[:, kr] - lo[:, kr]
+    left = np.array([1 if "left" in sides[k] else 0 for k in keys])
+    thr = np.array(data["ck"]["thresholds"])
+    flagged = (lo[:, kl] >= thr[kl]) | (lo[:, kr] >= thr[kr])
+
+    def au(score, y):
+        return metrics.auroc(y, score)[0] if 0 < y.sum() < len(y) else None
+    return {"auroc": au(dR - dL, left), "auroc_dL": au(-dL, left), "auroc_dR": au(dR, left),
+            "n": int(len(keys)), "n_left": int(left.sum()), "n_flagged": int(flagged.sum()),
+            "auroc_flagged": au((dR - dL)[flagged], left[flagged]) if flagged.any() else None,
+            "mean_dL_left": float(dL[left == 1].mean()) if left.any() else None,
+            "mean_dL_right": float(dL[left == 0].mean()) if (left == 0).any() else None}

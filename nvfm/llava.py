@@ -1,0 +1,357 @@
+"""NeuroVFM-LLaVA: frozen-encoder features -> per-series perceiver -> MLP -> a Hugging Face causal LM.
+
+A study is a list of series, each a variable-length set of frozen encoder tokens (n_i, enc_dim)
+(an MR series gives one set; a CT volume gives one set per window: brain, blood, bone). The
+perceiver resampler compresses every set independently to `n_latents` (64) latents; all sets of
+a batch are packed back to back and attended with `varlen_attention` (cu_seqlens_q = 64 per set,
+cu_seqlens_k = the set's token count), so nothing is padded. The latents of a study are
+concatenated in series order, mapped by a 2-layer MLP into the LM embedding space and spliced
+into the chat prompt at placeholder positions (one run of 64 positions per series, preceded by
+the series name as text). The loss is next-token cross-entropy on the assistant reply only.
+
+The LM is used through the generic HF interface only (get_input_embeddings, base_model,
+get_output_embeddings, generate(inputs_embeds=...)), so any local causal LM works.
+"""
+import json
+import math
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nvfm.attention import varlen_attention
+
+REPORT_PROMPT = "Generate a concise report of the key positive findings for this study."
+STAGE1_PROMPT = "Describe the key findings of this study."
+IMAGE_MARKER = "<nvfm-image>"  # split out of the rendered chat text; never tokenized
+# series names the latents are told apart by (MR families, CT windows); unknown -> OTHER
+SERIES_TYPES = ["T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "OTHER", "CT-brain", "CT-blood", "CT-bone"]
+IGNORE = -100
+
+
+def series_name(entry):
+    """Display/type name of one feature-cache entry: MR family ("FLAIR") or CT window ("CT-blood")."""
+    if entry.get("modality") == "CT" or entry.get("family") == "CT":
+        return f"CT-{entry.get('window') or 'brain'}"
+    fam = entry.get("family") or "OTHER"
+    return fam if fam in SERIES_TYPES else "OTHER"
+
+
+# ----------------------------------------------------------------------------- connector
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-LN: latents += CrossAttn(LN(latents), LN(tokens)); latents += FF(LN(latents)) (4x GELU)."""
+
+    def __init__(self, dim, heads, ff_mult=4):
+        super().__init__()
+        self.heads = heads
+        self.norm_q, self.norm_kv, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_mult * dim), nn.GELU(), nn.Linear(ff_mult * dim, dim))
+
+    def forward(self, lat, tok, cu_q, cu_k, max_q, max_k, impl):
+        """lat (S*L, dim), tok (N, dim) packed; returns (S*L, dim)."""
+        h, d = self.heads, lat.shape[-1] // self.heads
+        q = self.q(self.norm_q(lat)).view(-1, h, d)
+        k, v = self.kv(self.norm_kv(tok)).view(-1, 2, h, d).unbind(1)
+        o = varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, impl=impl)
+        lat = lat + self.proj(o.reshape(lat.shape))
+        return lat + self.ff(self.norm_ff(lat))
+
+
+class PerceiverResampler(nn.Module):
+    """Per-series perceiver: packed tokens of S series -> S x n_latents latents.
+
+    forward(tokens (N, in_dim), cu_seqlens int32 (S+1), max_seqlen, series_type int64 (S,))
+    -> (S * n_latents, dim). Series s reads only tokens cu_seqlens[s]:cu_seqlens[s+1].
+    """
+
+    def __init__(self, in_dim, dim=768, depth=6, heads=8, n_latents=64, ff_mult=4, attn_impl="auto"):
+        super().__init__()
+        self.n_latents, self.attn_impl, self.grad_ckpt = n_latents, attn_impl, False
+        self.inp = nn.Linear(in_dim, dim)
+        self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)
+        self.type_emb = nn.Embedding(len(SERIES_TYPES), dim)  # tells the LM which series a set came from
+        nn.init.normal_(self.type_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList([CrossAttentionBlock(dim, heads, ff_mult) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens, cu_seqlens, max_seqlen, series_type):
+        S, L = cu_seqlens.numel() - 1, self.n_latents
+        tok = self.inp(tokens)
+        lat = (self.latents[None] + self.type_emb(series_type)[:, None]).reshape(S * L, -1)
+        cu_q = torch.arange(S + 1, device=tokens.device, dtype=torch.int32) * L
+        for blk in self.blocks:
+            if self.grad_ckpt and self.training:
+                lat = checkpoint(blk, lat, tok, cu_q, cu_seqlens, L, max_seqlen, self.attn_impl, use_reentrant=False)
+            else:
+                lat = blk(lat, tok, cu_q, cu_seqlens, L, max_seqlen, self.attn_impl)
+        return self.norm(lat)
+
+
+class Connector(nn.Module):
+    """Perceiver resampler + 2-layer MLP (dim -> llm_hidden -> llm_hidden) into the LM embedding space."""
+
+    def __init__(self, in_dim, llm_hidden, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto"):
+        super().__init__()
+        self.perceiver = PerceiverResampler(in_dim, dim, depth, heads, n_latents, attn_impl=attn_impl)
+        self.mlp = nn.Sequential(nn.Linear(dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
+        self.n_latents = n_latents
+
+    def forward(self, tokens, cu_seqlens, max_seqlen, series_type):
+        """-> (S * n_latents, llm_hidden), series in packed order."""
+        return self.mlp(self.perceiver(tokens, cu_seqlens, max_seqlen, series_type))
+
+
+def pack_series(studies, device="cpu", dtype=torch.float32):
+    """Pack the series of a batch of studies for the perceiver.
+
+    studies: list (B) of lists of dicts with "emb" (n, enc_dim) array/tensor and family/window
+    names (feature-cache entries). Sets with zero tokens are dropped (nothing to attend).
+    Returns tokens (N, enc_dim), cu_seqlens int32 (S+1), max_seqlen, series_type int64 (S,),
+    and per study the list of series names kept (so the prompt can name them in the same order).
+    """
+    embs, lens, types, names = [], [], [], []
+    for study in studies:
+        kept = []
+        for e in study:
+            x = torch.as_tensor(e["emb"])
+            if x.ndim != 2 or x.shape[0] == 0:
+                continue
+            embs.append(x)
+            lens.append(x.shape[0])
+            n = series_name(e)
+            types.append(SERIES_TYPES.index(n) if n in SERIES_TYPES else SERIES_TYPES.index("OTHER"))
+            kept.append(n)
+        names.append(kept)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    if lens:
+        cu[1:] = torch.cumsum(torch.tensor(lens), 0)
+        tokens = torch.cat(embs).to(device=device, dtype=dtype)
+    else:
+        tokens = torch.zeros(0, 1, device=device, dtype=dtype)
+    return (tokens, cu.to(device), max(lens, default=0), torch.tensor(types, dtype=torch.long, device=device),
+            names)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def user_message(series_names, indication, stage):
+    """The first user turn: one named image placeholder per series, then indication and prompt."""
+    parts = [f"{n}: {IMAGE_MARKER}" for n in series_names]
+    if stage == 1:
+        parts.append(STAGE1_PROMPT)
+    else:
+        if indication:
+            parts.append(f"Indication: {indication}")
+        parts.append(REPORT_PROMPT)
+    return "\n".join(parts)
+
+
+def target_text(findings, stage):
+    """Stage 1: findings concatenated into one string; stage 2: a JSON list (relevance order kept)."""
+    return " ".join(findings) if stage == 1 else json.dumps(list(findings))
+
+
+class PromptBuilder:
+    """Token ids for (prompt [+ answer]) with runs of placeholder positions where images go."""
+
+    def __init__(self, tok, n_latents):
+        from nvfm.llm import end_of_turn_token
+        self.tok, self.n_latents = tok, n_latents
+        vocab = tok.get_vocab()
+        self.placeholder_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.eot = end_of_turn_token(tok)
+        self.eot_id = vocab[self.eot]
+        # wrap each image run in the model's own vision delimiters when it has them (Qwen)
+        self.v_start = [vocab["<|vision_start|>"]] if "<|vision_start|>" in vocab else []
+        self.v_end = [vocab["<|vision_end|>"]] if "<|vision_end|>" in vocab else []
+
+    def _encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def build(self, series_names, indication, findings=None, stage=2):
+        """-> dict(ids list[int], vision list[bool], labels list[int]); labels IGNORE except the answer."""
+        msgs = [{"role": "user", "content": user_message(series_names, indication, stage)}]
+        text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        pieces = text.split(IMAGE_MARKER)
+        if len(pieces) != len(series_names) + 1:
+            raise ValueError("chat template changed the number of image placeholders")
+        ids, vis = [], []
+        for i, p in enumerate(pieces):
+            t = self._encode(p)
+            ids += t
+            vis += [False] * len(t)
+            if i < len(series_names):
+                run = self.v_start + [self.placeholder_id] * self.n_latents + self.v_end
+                ids += run
+                vis += [False] * len(self.v_start) + [True] * self.n_latents + [False] * len(self.v_end)
+        labels = [IGNORE] * len(ids)
+        if findings is not None:
+            ans = self._encode(target_text(findings, stage)) + [self.eot_id]
+            ids += ans
+            vis += [False] * len(ans)
+            labels += ans
+        return {"ids": ids, "vision": vis, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- model
+
+class ReportGenerator(nn.Module):
+    """Connector + LM. `studies` are lists of feature-cache entries (see pack_series)."""
+
+    def __init__(self, llm, tok, enc_dim, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto"):
+        super().__init__()
+        self.llm, self.tok = llm, tok
+        hidden = llm.get_input_embeddings().weight.shape[1]
+        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl)
+        self.prompts = PromptBuilder(tok, n_latents)
+
+    @property
+    def device(self):
+        return self.llm.get_input_embeddings().weight.device
+
+    def _embed(self, examples, visual, pad_left):
+        """Right/left-padded inputs_embeds (B, T, H), attention mask (B, T), labels (B, T)."""
+        emb_layer = self.llm.get_input_embeddings()
+        B, T = len(examples), max(len(e["ids"]) for e in examples)
+        pad = self.prompts.placeholder_id
+        ids = torch.full((B, T), pad, dtype=torch.long)
+        vis = torch.zeros(B, T, dtype=torch.bool)
+        lab = torch.full((B, T), IGNORE, dtype=torch.long)
+        att = torch.zeros(B, T, dtype=torch.long)
+        for b, e in enumerate(examples):
+            n = len(e["ids"])
+            sl = slice(T - n, T) if pad_left else slice(0, n)
+            ids[b, sl] = torch.tensor(e["ids"])
+            vis[b, sl] = torch.tensor(e["vision"])
+            lab[b, sl] = torch.tensor(e["labels"])
+            att[b, sl] = 1
+        dev = self.device
+        ids, vis, lab, att = ids.to(dev), vis.to(dev), lab.to(dev), att.to(dev)
+        x = emb_layer(ids)
+        if visual is not None and visual.shape[0]:
+            if int(vis.sum()) != visual.shape[0]:
+                raise RuntimeError(f"{int(vis.sum())} placeholder positions but {visual.shape[0]} visual latents")
+            x = x.masked_scatter(vis[..., None], visual.to(x.dtype))  # row-major = study, series order
+        return x, att, lab
+
+    def _visual(self, studies):
+        tokens, cu, max_len, types, names = pack_series(
+            studies, device=self.device, dtype=next(self.connector.parameters()).dtype)
+        if cu.numel() == 1:
+            return None, names
+        return self.connector(tokens, cu, max_len, types), names
+
+    def forward(self, studies, indications, findings, stage=2):
+        """Mean next-token cross-entropy over the answer tokens of the batch (scalar)."""
+        visual, names = self._visual(studies)
+        ex = [self.prompts.build(n, ind, f, stage) for n, ind, f in zip(names, indications, findings)]
+        x, att, lab = self._embed(ex, visual, pad_left=False)
+        hidden = self.llm.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state
+        tgt = lab[:, 1:]
+        keep = tgt != IGNORE
+        # logits only where there is a target: the 151k-row LM head on prompt tokens is wasted work
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), tgt[keep])
+
+    @torch.no_grad()
+    def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
+                 no_repeat_ngram_size=0, skip_special_tokens=True, **generate_kwargs):
+        """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings.
+        generate_kwargs go to the LM's generate (e.g. min_new_tokens for fixed-length timing)."""
+        visual, names = self._visual(studies)
+        ex = [self.prompts.build(n, ind, None, stage) for n, ind in zip(names, indications)]
+        x, att, _ = self._embed(ex, visual, pad_left=True)
+        eos = sorted({self.prompts.eot_id} | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()))
+        out = self.llm.generate(inputs_embeds=x, attention_mask=att, max_new_tokens=max_new_tokens,
+                                do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
+                                no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos,
+                                pad_token_id=self.prompts.placeholder_id, temperature=None, top_p=None, top_k=None,
+                                **generate_kwargs)
+        return [self.tok.decode(o, skip_special_tokens=skip_special_tokens).strip() for o in out]
+
+
+# ----------------------------------------------------------------------------- output parsing
+
+_STRING = re.compile(r'"((?:[^"\\]|\\.)*)("|$)', re.S)
+
+
+def parse_findings(text):
+    """Parse a generated reply as a JSON list of finding strings; never raises.
+
+    Returns (findings list[str], status) with status "ok" (valid JSON list of strings),
+    "repaired" (recovered from malformed JSON: unterminated list/string, trailing text,
+    non-string items, or plain sentences) or "empty" (nothing usable).
+    """
+    s = (text or "").strip()
+    start = s.find("[")
+    if start >= 0:
+        end = s.rfind("]")
+        if end > start:
+            try:
+                val = json.loads(s[start:end + 1])
+                if isinstance(val, list):
+                    clean = [v.strip() for v in val if isinstance(v, str) and v.strip()]
+                    if len(clean) == len(val):
+                        return clean, "ok"
+                    return clean or [str(v) for v in val if v not in (None, "")], "repaired"
+            except json.JSONDecodeError:
+                pass
+        items = []
+        for m in _STRING.finditer(s[start:]):
+            try:
+                items.append(json.loads('"' + m.group(1) + '"'))
+            except json.JSONDecodeError:
+                items.append(m.group(1))
+        items = [i.strip() for i in items if i.strip()]
+        if items:
+            return items, "repaired"
+    # no list at all: fall back to sentences / lines
+    items = [p.strip(" -*\t\"'[]") for p in re.split(r"[\n;]|(?<=\.)\s+", s)]
+    items = [p for p in items if p]
+    return items, ("repaired" if items else "empty")
+
+
+# ----------------------------------------------------------------------------- probe cross-check
+
+def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=True):
+    """Reconcile a report with the diagnostic probe.
+
+    findings: list[str]; probe_scores: {diagnosis: probability}; thresholds: {diagnosis: t} or a
+    float. A diagnosis the probe calls positive (score >= threshold), urgent (when urgent_only), and
+    that the report does not mention is "missed". mode "append" adds a finding naming it and
+    marked as probe-detected; "flag" leaves the text alone; "off" does nothing.
+    Returns (findings, missed list[str]).
+    """
+    from nvfm.ontology import DIAGNOSES
+    from nvfm.report_metrics import diagnosis_phrase, extract_diagnoses
+
+    if mode == "off" or not probe_scores:
+        return list(findings), []
+    mentioned = {d for f in findings for d, _ in extract_diagnoses(f)}
+    missed = []
+    for name, p in sorted(probe_scores.items(), key=lambda kv: -kv[1]):
+        if name not in DIAGNOSES:
+            continue
+        t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(name, 0.5)
+        if p >= t and name not in mentioned and (not urgent_only or DIAGNOSES[name].urgency == "urgent"):
+            missed.append(name)
+    if mode == "append":
+        findings = list(findings) + [f"{diagnosis_phrase(n).capitalize()} (detected by image probe)" for n in missed]
+    elif mode != "flag":
+        raise ValueError(f"cross-check mode must be append, flag or off, got {mode!r}")
+    return list(findings), missed
+
+
+def connector_flops(n_tokens, n_series, in_dim, dim, depth, n_latents, llm_hidden, ff_mult=4):
+    """Forward FLOPs of the connector for a packed batch (matmuls only, 2 per MAC)."""
+    L = n_series * n_latents
+    f = 2 * n_tokens * in_dim * dim
+    per = 2 * L * dim * dim * 2 + 2 * n_tokens * dim * 2 * dim + 4 * n_latents * n_tokens * dim  # q,o; kv; QK^T,PV
+    per += 2 * L * dim * ff_mult * dim * 2
+    f += depth * per
+    f += 2 * L * (dim * llm_hidden + llm_hidden * llm_hidden)
+    return f

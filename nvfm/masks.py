@@ -1,0 +1,218 @@
+"""Vol-JEPA masking: crop, augment and split one volume's foreground tokens into context and
+target; pack a batch. Runs in data-loader workers (nvfm/loader.py), on numpy, < 1 ms/volume.
+
+Per volume (paper, Methods "Vol-JEPA"; where the authors' public code differs we follow the
+paper, see SPEC.md section 2):
+  1. window: MR -> "mr"; CT -> brain / blood / bone with probability 0.7 / 0.15 / 0.15.
+  2. crop: at most `max_patches` = 20 tokens per axis; the crop window is placed uniformly
+     among positions that stay inside the foreground's bounding box.
+  3. augmentation, shared by student and teacher (they see the same tokens): a random axis
+     permutation of the token grid and a random flip of each axis. A flip also mirrors the
+     voxels inside each patch. A permutation permutes the grid coordinates (patches are
+     16 mm cubes, so the grid is isotropic); inside a patch the 4 x 16 x 16 voxel layout is
+     kept (it cannot become 16 x 4 x 16 and stay one 1024-vector layout), except that the
+     two in-plane patch axes are swapped when the permutation reverses their order.
+  4. masks, on the foreground tokens of the crop only (n tokens), n_ctx = round(ratio * n),
+     ratio 0.25 MR / 0.20 CT:
+       config "multi" (A): K = 2..4 large blocks; target = their union, context = the rest;
+       config "single" (B): one small block is the context, the complement is the target.
+     A block is an axis-aligned box around a random foreground token with a random aspect
+     (each axis side scaled by a log-uniform factor in [1/2, 2]). All blocks grow together
+     until the union holds exactly n - n_ctx (A) or n_ctx (B) foreground tokens: token i
+     gets the distance d_i = min_k max_a |c_ia - centre_ka| / aspect_ka (a box norm) and the
+     tokens with the smallest d are taken. So the ratios hold exactly for every volume and
+     any grid size, with no rejection loop.
+  5. context dropout: a random `drop` = 20% of the context tokens move to the target.
+     Expected visible fraction 0.8 x 0.25 = 20% (MR), 16% (CT); the paper observed medians
+     18.8% / 15.1%. About 80-84% of tokens are targets.
+Each batch mixes configs A and B equally: the config follows the parity of the sample's
+slot in the global batch.
+"""
+import numpy as np
+import torch
+
+from nvfm.tokenize import PATCH
+
+WINDOW_INDEX = {"mr": 0, "brain": 1, "blood": 2, "bone": 3}  # = nvfm.model.WINDOWS order
+CT_WINDOW_NAMES = ("brain", "blood", "bone")
+
+
+class MaskConfig:
+    """Masking hyper-parameters (defaults = the paper)."""
+
+    def __init__(self, ratio_mr=0.25, ratio_ct=0.20, drop=0.20, max_patches=20, ct_window_probs=(0.7, 0.15, 0.15),
+                 n_blocks=(2, 4), aspect=2.0, permute=True, flip=True, min_tokens=8):
+        self.ratio_mr, self.ratio_ct, self.drop, self.max_patches = ratio_mr, ratio_ct, drop, max_patches
+        self.ct_window_probs = tuple(ct_window_probs)
+        self.n_blocks, self.aspect, self.permute, self.flip = tuple(n_blocks), aspect, permute, flip
+        self.min_tokens = min_tokens
+        if abs(sum(self.ct_window_probs) - 1) > 1e-6:
+            raise ValueError(f"ct_window_probs must sum to 1, got {ct_window_probs}")
+
+
+def token_mask_of(reader, i):
+    """(gz, gy, gx) bool token foreground of volume i (precomputed in the shard manifest)."""
+    if hasattr(reader, "token_mask"):
+        return reader.token_mask(i)
+    from nvfm.tokenize import token_foreground
+    return token_foreground(torch.from_numpy(np.ascontiguousarray(reader.volume(i)[1]))).numpy()
+
+
+def crop_box(tmask, max_patches, rng):
+    """Crop start/stop per axis (token units): <= max_patches per axis, inside the foreground
+    bounding box, position uniform. tmask (gz, gy, gx) bool -> (lo (3,), hi (3,))."""
+    lo, hi = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for a in range(3):
+        nz = np.flatnonzero(tmask.any(axis=tuple(b for b in range(3) if b != a)))
+        f0, f1 = int(nz[0]), int(nz[-1]) + 1
+        if f1 - f0 <= max_patches:
+            lo[a] = f0
+            hi[a] = f0 + min(max_patches, f1 - f0)
+        else:
+            lo[a] = f0 + int(rng.integers(0, f1 - f0 - max_patches + 1))
+            hi[a] = lo[a] + max_patches
+    return lo, hi
+
+
+def crop_tokens(data, modality, window, lo, hi, coords, flips, swap_inplane):
+    """Gather the foreground patches of a crop, flipped, in one copy.
+
+    data (C, D, H, W) uint8 shard channels; lo, hi (3,) crop in token units; coords (n, 3)
+    crop-relative token coords; flips (3,) bool: mirror the crop along z, y, x (the token
+    grid and the voxels inside each patch); swap_inplane: transpose each patch's 16 x 16
+    plane. -> tokens (n, 1024) uint8, coords (n, 3) int32 in the flipped crop grid.
+    The window is expanded on the crop only (4-bit CT windows cost a pass over the voxels)."""
+    from nvfm.data import expand_window
+    pd, ph, pw = PATCH
+    v0, v1 = lo * np.array(PATCH), hi * np.array(PATCH)
+    crop = expand_window(data[:, v0[0]:v1[0], v0[1]:v1[1], v0[2]:v1[2]], modality, window)
+    want = tuple(int(x) for x in (hi - lo) * np.array(PATCH))
+    if crop.shape != want:  # partial patches at the far end: zero padding (background)
+        padded = np.zeros(want, np.uint8)
+        padded[:crop.shape[0], :crop.shape[1], :crop.shape[2]] = crop
+        crop = padded
+    extent = hi - lo
+    coords = coords.copy()
+    for a in range(3):
+        if flips[a]:  # mirroring the whole patch-aligned crop mirrors grid and patch together
+            coords[:, a] = extent[a] - 1 - coords[:, a]
+    crop = crop[::-1 if flips[0] else 1, ::-1 if flips[1] else 1, ::-1 if flips[2] else 1]
+    gz, gy, gx = extent.tolist()
+    blocks = crop.reshape(gz, pd, gy, ph, gx, pw)
+    if swap_inplane:
+        blocks = blocks.swapaxes(3, 5)
+    tokens = blocks[coords[:, 0], :, coords[:, 1], :, coords[:, 2], :]  # (n, pd, ph|pw, pw|ph)
+    return tokens.reshape(len(coords), -1), coords
+
+
+def sample_augmentation(rng, permute=True, flip=True):
+    """Random axis permutation perm (new axis k = old axis perm[k]), flips (3,) bool of the
+    old axes, and whether the patch plane must be transposed (the in-plane axes y, x swap
+    order under perm)."""
+    flips = rng.integers(0, 2, 3).astype(bool) if flip else np.zeros(3, bool)
+    perm = rng.permutation(3) if permute else np.arange(3)
+    swap = bool(np.argmax(perm == 1) > np.argmax(perm == 2))
+    return perm, flips, swap
+
+
+def block_distance(coords, centres, aspects):
+    """Box-norm distance of every token to the nearest block: coords (n, 3), centres (K, 3),
+    aspects (K, 3) -> (n,) float32 = min_k max_a |c_a - centre_ka| / aspect_ka."""
+    d = np.abs(coords[None, :, :].astype(np.float32) - centres[:, None, :].astype(np.float32))
+    return (d / aspects[:, None, :]).max(-1).min(0)
+
+
+def split_context_target(coords, ratio, config_multi, rng, cfg):
+    """Indices (ctx, tgt) into coords (n, 3): see the module docstring, steps 4 and 5."""
+    n = len(coords)
+    n_ctx = min(max(int(round(ratio * n)), 1), n - 1)
+    K = int(rng.integers(cfg.n_blocks[0], cfg.n_blocks[1] + 1)) if config_multi else 1
+    centres = coords[rng.integers(0, n, K)]
+    aspects = np.exp(rng.uniform(-np.log(cfg.aspect), np.log(cfg.aspect), (K, 3))).astype(np.float32)
+    d = block_distance(coords, centres, aspects) + rng.uniform(0, 1e-3, n).astype(np.float32)  # random ties
+    if config_multi:  # the blocks are the target, the rest is context
+        order = np.argpartition(d, n - n_ctx - 1)
+        ctx, tgt = order[n - n_ctx:], order[:n - n_ctx]
+    else:  # the block is the context
+        order = np.argpartition(d, n_ctx - 1)
+        ctx, tgt = order[:n_ctx], order[n_ctx:]
+    n_drop = int(round(cfg.drop * len(ctx)))
+    n_drop = min(n_drop, len(ctx) - 1)
+    if n_drop > 0:
+        shuffled = rng.permutation(ctx)
+        ctx, tgt = shuffled[n_drop:], np.concatenate([tgt, shuffled[:n_drop]])
+    return np.sort(ctx), np.sort(tgt)
+
+
+def choose_window(modality, rng, cfg):
+    """Training window: MR -> "mr"; CT -> brain / blood / bone with cfg.ct_window_probs."""
+    if modality == "CT":
+        u, p = rng.random(), cfg.ct_window_probs
+        return "brain" if u < p[0] else "blood" if u < p[0] + p[1] else "bone"
+    if modality == "MR":
+        return "mr"
+    raise ValueError(f"unknown modality {modality!r}")
+
+
+def sample_volume(reader, i, rng, cfg, config_multi):
+    """One training sample of volume i. Returns dict(tokens (n, 1024) uint8, coords (n, 3)
+    int32 (augmented, crop-relative), ctx (n_ctx,) int64, tgt (n_tgt,) int64 indices into
+    tokens, window int (WINDOW_INDEX), volume int, and for inspection config ("multi" |
+    "single"), crop (lo, hi) in tokens, perm, flips)."""
+    rec = reader.volumes[i]
+    modality = rec["modality"]
+    window = choose_window(modality, rng, cfg)
+    ratio = cfg.ratio_ct if modality == "CT" else cfg.ratio_mr
+    tmask = token_mask_of(reader, i)
+    if tmask.sum() < 2:
+        raise ValueError(f"volume {rec.get('volume_id')}: fewer than 2 foreground tokens, cannot mask")
+    for _ in range(8):  # a crop of an oddly shaped foreground can catch < 2 tokens: place it again
+        lo, hi = crop_box(tmask, cfg.max_patches, rng)
+        coords = np.argwhere(tmask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).astype(np.int32)
+        if len(coords) >= 2:
+            break
+    else:
+        raise ValueError(f"volume {rec.get('volume_id')}: no crop with >= 2 foreground tokens")
+    data, _ = reader.volume(i)
+    perm, flips, swap = sample_augmentation(rng, cfg.permute, cfg.flip)
+    tokens, coords = crop_tokens(data, modality, window, lo, hi, coords, flips, swap)
+    coords = np.ascontiguousarray(coords[:, perm])
+    ctx, tgt = split_context_target(coords, ratio, config_multi, rng, cfg)
+    return dict(tokens=tokens, coords=coords, ctx=ctx, tgt=tgt, window=WINDOW_INDEX[window], volume=i,
+                config="multi" if config_multi else "single", crop=(lo, hi), perm=perm, flips=flips)
+
+
+def collate(samples):
+    """Pack samples into one batch of torch tensors (CPU):
+      tokens (N, 1024) uint8, coords (N, 3) int32, cu_seqlens (B+1,) int32, max_seqlen int,
+      window (N,) int64 (per token, for normalisation),
+      ctx_index (Nc,) int64 / tgt_index (Nt,) int64 into the packed tokens,
+      cu_ctx, cu_tgt (B+1,) int32, max_ctx, max_tgt,
+      pred_ctx_pos, pred_tgt_pos, pred_cu, pred_max: the predictor's layout (see
+      nvfm.model.predictor_layout), volumes (B,) int64.
+    The student encodes tokens[ctx_index], the teacher all tokens; targets are
+    teacher_out[tgt_index]."""
+    lens = np.array([len(s["tokens"]) for s in samples], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    ctx_index = np.concatenate([s["ctx"] + o for s, o in zip(samples, starts)])
+    tgt_index = np.concatenate([s["tgt"] + o for s, o in zip(samples, starts)])
+    n_ctx = np.array([len(s["ctx"]) for s in samples], np.int64)
+    n_tgt = np.array([len(s["tgt"]) for s in samples], np.int64)
+    cu_pred = np.concatenate([[0], np.cumsum(n_ctx + n_tgt)])
+    b_ctx, b_tgt = np.repeat(np.arange(len(samples)), n_ctx), np.repeat(np.arange(len(samples)), n_tgt)
+    cu_ctx, cu_tgt = np.concatenate([[0], np.cumsum(n_ctx)]), np.concatenate([[0], np.cumsum(n_tgt)])
+    pred_ctx_pos = cu_pred[b_ctx] + np.arange(len(b_ctx)) - cu_ctx[b_ctx]
+    pred_tgt_pos = cu_pred[b_tgt] + n_ctx[b_tgt] + np.arange(len(b_tgt)) - cu_tgt[b_tgt]
+    t = torch.from_numpy
+    return dict(
+        tokens=t(np.concatenate([s["tokens"] for s in samples])),
+        coords=t(np.concatenate([s["coords"] for s in samples])),
+        cu_seqlens=t(starts.astype(np.int32)), max_seqlen=int(lens.max()),
+        window=t(np.repeat(np.array([s["window"] for s in samples], np.int64), lens)),
+        ctx_index=t(ctx_index.astype(np.int64)), tgt_index=t(tgt_index.astype(np.int64)),
+        cu_ctx=t(cu_ctx.astype(np.int32)), cu_tgt=t(cu_tgt.astype(np.int32)),
+        max_ctx=int(n_ctx.max()), max_tgt=int(n_tgt.max()),
+        pred_ctx_pos=t(pred_ctx_pos.astype(np.int64)), pred_tgt_pos=t(pred_tgt_pos.astype(np.int64)),
+        pred_cu=t(cu_pred.astype(np.int32)), pred_max=int((n_ctx + n_tgt).max()),
+        volumes=t(np.array([s["volume"] for s in samples], np.int64)),
+    )

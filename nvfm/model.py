@@ -1,0 +1,373 @@
+"""Vol-JEPA networks: a 3D ViT encoder over packed variable-length token sequences, and the
+predictor. Also the encoder's file format (safetensors + json config) and `encode_study`.
+
+Batch format (see nvfm/tokenize.py): x (N, 1024) float tokens of 4 x 16 x 16 voxels, packed
+volume after volume; coords (N, 3) int32 token-grid positions (z, y, x); cu_seqlens int32
+(B + 1,); max_seqlen = the longest volume in tokens. One attention sequence per volume,
+no padding, no truncation, no CLS or register tokens.
+
+Position code (fixed, not learned). Each token gets `pos_dim` = 30 values: for each of the
+three grid axes, sin and cos of the integer grid index at 5 frequencies whose wavelengths
+run geometrically from 3 to 96 patches (48 mm to 1.5 m). Why this choice:
+  - the same frequencies on every axis: a 4 x 16 x 16 voxel patch is a 16 mm cube, so the
+    token grid is isotropic and an axis permutation of the volume (a training augmentation,
+    and what a differently oriented acquisition looks like) is just a permutation of the
+    three 10-value blocks of the code, never a change of scale;
+  - absolute integer positions with fixed frequencies, not positions normalised by the
+    volume size and not a learned table: the code is defined for any grid size, so whole
+    volumes of any extent are encoded at inference without interpolation, and a given
+    position means the same thing in a 10-patch and a 30-patch volume;
+  - the longest wavelength (96 patches) exceeds any head, so positions stay distinct.
+The patch embedding is a linear map 1024 -> dim - pos_dim concatenated with the code
+(so ViT-B: 738 + 30 = 768), as in the reference implementation.
+
+Intensity normalisation (done before the encoder, see `normalize_tokens`): uint8 / 255, then
+(x - mean) / std with the train-set statistics of the window, order [MR, CT-brain,
+CT-blood, CT-bone].
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nvfm.attention import varlen_attention
+
+PATCH_DIM = 4 * 16 * 16
+WINDOWS = ("mr", "brain", "blood", "bone")  # index = normalisation slot
+WINDOW_MEAN = (0.3141, 0.4139, 0.3184, 0.2719)
+WINDOW_STD = (0.2623, 0.4059, 0.3605, 0.1875)
+CT_WINDOWS = ("brain", "blood", "bone")
+
+# Encoder presets. Predictor presets: `predictor_dim`/`predictor_depth` default to the
+# encoder's (the reference predictor is as large as its encoder); tiny is for CPU demos.
+SIZES = {
+    "tiny": dict(dim=96, depth=4, heads=3),
+    "vits": dict(dim=384, depth=12, heads=6),
+    "vitm": dict(dim=512, depth=12, heads=8),
+    "vitb": dict(dim=768, depth=12, heads=12),
+    "vitl": dict(dim=1024, depth=24, heads=16),
+}
+
+
+@dataclass
+class EncoderConfig:
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_dim: int = 30
+    patch_dim: int = PATCH_DIM
+
+    @classmethod
+    def preset(cls, size, **overrides):
+        if size not in SIZES:
+            raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+        return cls(**{**SIZES[size], **overrides})
+
+
+def position_code(coords, pos_dim=30):
+    """Fixed 3D sinusoidal code: coords (N, 3) int grid (z, y, x) -> (N, pos_dim) float32.
+
+    Layout: [sin z (F), cos z (F), sin y, cos y, sin x, cos x] with F = pos_dim // 6 and the
+    same frequencies on every axis (see the module docstring)."""
+    if pos_dim % 6 != 0:
+        raise ValueError(f"pos_dim must be a multiple of 6 (3 axes x sin/cos), got {pos_dim}")
+    nf = pos_dim // 6
+    wavelength = 3.0 * 32.0 ** (torch.arange(nf, dtype=torch.float32, device=coords.device) / max(nf - 1, 1))
+    ang = coords.to(torch.float32)[:, :, None] * (2 * math.pi / wavelength)  # (N, 3, F)
+    return torch.cat([ang.sin(), ang.cos()], dim=-1).reshape(coords.shape[0], pos_dim)
+
+
+def normalize_tokens(tokens, window_index):
+    """uint8 tokens (N, 1024) -> float32 normalised; window_index (N,) or int in 0..3 (WINDOWS)."""
+    mean = torch.tensor(WINDOW_MEAN, device=tokens.device)[window_index]
+    std = torch.tensor(WINDOW_STD, device=tokens.device)[window_index]
+    if mean.dim() == 1:
+        mean, std = mean[:, None], std[:, None]
+    return (tokens.to(torch.float32) / 255.0 - mean) / std
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block over packed sequences: x + Attn(LN x); x + MLP(LN x)."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0):
+        super().__init__()
+        if dim % heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.attn_impl = "auto"
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(N, 3, self.heads, C // self.heads).unbind(1)
+        a = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, impl=self.attn_impl)
+        x = x + self.proj(a.reshape(N, C))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Transformer(nn.Module):
+    """A stack of Blocks with a final LayerNorm; optional activation checkpointing."""
+
+    def __init__(self, dim, depth, heads, mlp_ratio):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.grad_checkpointing = False
+
+    def forward(self, x, cu_seqlens, max_seqlen):
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = blk(x, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+
+def _init_weights(module, depth):
+    """trunc-normal(0.02) linears, zero biases; residual projections scaled by 1/sqrt(2 layer)
+    (as in I-JEPA) so the residual stream does not grow with depth at init."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for i, blk in enumerate(module.blocks.blocks, start=1):
+        blk.proj.weight.data.div_(math.sqrt(2.0 * i))
+        blk.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+
+class Encoder(nn.Module):
+    """3D ViT: forward(x (N,1024) float, coords (N,3) int, cu_seqlens int32 (B+1), max_seqlen)
+    -> (N, dim). Each volume's tokens attend only to each other."""
+
+    def __init__(self, config: EncoderConfig):
+        super().__init__()
+        self.config = config
+        if not 0 < config.pos_dim < config.dim:
+            raise ValueError(f"pos_dim {config.pos_dim} must be in (0, dim={config.dim})")
+        self.patch_embed = nn.Linear(config.patch_dim, config.dim - config.pos_dim)
+        self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio)
+        _init_weights(self, config.depth)
+
+    @property
+    def dim(self):
+        return self.config.dim
+
+    def set_attention(self, impl):
+        for blk in self.blocks.blocks:
+            blk.attn_impl = impl
+
+    def forward(self, x, coords, cu_seqlens, max_seqlen):
+        if x.shape[-1] != self.config.patch_dim or x.shape[0] != coords.shape[0]:
+            raise ValueError(f"Encoder: x {tuple(x.shape)} and coords {tuple(coords.shape)} do not match "
+                             f"(N, {self.config.patch_dim}) / (N, 3)")
+        h = torch.cat([self.patch_embed(x), position_code(coords, self.config.pos_dim).to(x.dtype)], dim=-1)
+        return self.blocks(h, cu_seqlens, int(max_seqlen))
+
+
+@dataclass
+class PredictorConfig:
+    enc_dim: int = 768
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_dim: int = 30
+
+
+def predictor_layout(cu_ctx, cu_tgt):
+    """Where context and target tokens sit in the predictor's packed sequences.
+
+    Volume b's predictor sequence is [its context tokens, its target (mask) tokens].
+    cu_ctx, cu_tgt: int (B+1,) CPU tensors. Returns (ctx_pos (Nc,), tgt_pos (Nt,)) int64 and
+    cu (B+1,) int32, max_seqlen int."""
+    cu_ctx, cu_tgt = cu_ctx.long().cpu(), cu_tgt.long().cpu()
+    n_ctx, n_tgt = cu_ctx.diff(), cu_tgt.diff()
+    lens = n_ctx + n_tgt
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    b_ctx = torch.repeat_interleave(torch.arange(len(lens)), n_ctx)
+    b_tgt = torch.repeat_interleave(torch.arange(len(lens)), n_tgt)
+    ctx_pos = cu[b_ctx] + torch.arange(int(cu_ctx[-1])) - cu_ctx[b_ctx]
+    tgt_pos = cu[b_tgt] + n_ctx[b_tgt] + torch.arange(int(cu_tgt[-1])) - cu_tgt[b_tgt]
+    return ctx_pos, tgt_pos, cu.to(torch.int32), int(lens.max()) if len(lens) else 0
+
+
+class Predictor(nn.Module):
+    """Context latents + mask tokens at the target positions -> predicted target latents.
+
+    Context latents are mapped enc_dim -> dim - pos_dim, mask tokens are one learned vector
+    (dim - pos_dim); both get the fixed position code of their grid position concatenated.
+    Each volume's context + mask tokens form one attention sequence."""
+
+    def __init__(self, config: PredictorConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Linear(config.enc_dim, config.dim - config.pos_dim)
+        self.mask_token = nn.Parameter(torch.zeros(config.dim - config.pos_dim))
+        self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio)
+        self.head = nn.Linear(config.dim, config.enc_dim)
+        _init_weights(self, config.depth)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def set_attention(self, impl):
+        for blk in self.blocks.blocks:
+            blk.attn_impl = impl
+
+    def forward(self, ctx, ctx_coords, tgt_coords, layout):
+        """ctx (Nc, enc_dim), ctx_coords (Nc, 3), tgt_coords (Nt, 3), layout from
+        `predictor_layout` (positions on ctx's device) -> (Nt, enc_dim)."""
+        ctx_pos, tgt_pos, cu, max_seqlen = layout
+        p = self.config.pos_dim
+        h_ctx = torch.cat([self.embed(ctx), position_code(ctx_coords, p).to(ctx.dtype)], dim=-1)
+        m = self.mask_token.to(h_ctx.dtype).expand(tgt_coords.shape[0], -1)
+        h_tgt = torch.cat([m, position_code(tgt_coords, p).to(h_ctx.dtype)], dim=-1)
+        h = h_ctx.new_empty(ctx_pos.numel() + tgt_pos.numel(), self.config.dim)
+        h = h.index_copy(0, ctx_pos, h_ctx).index_copy(0, tgt_pos, h_tgt)
+        h = self.blocks(h, cu, max_seqlen)
+        return self.head(h.index_select(0, tgt_pos))
+
+
+def transformer_flops(n_tokens, seqlens, dim, depth, mlp_ratio=4.0):
+    """Forward FLOPs of `depth` blocks over packed sequences with the given real lengths:
+    matmuls 2 * (4 d^2 + 2 * mlp d^2) per token per layer, attention 4 * L * d per token
+    (Q K^T and P V), summed over sequences with sum(L^2)."""
+    dense = 2 * (4 + 2 * mlp_ratio) * dim * dim * n_tokens
+    attn = 4 * dim * sum(int(L) ** 2 for L in seqlens)
+    return depth * (dense + attn)
+
+
+# ---------------------------------------------------------------------------------------
+# the released encoder file: <name>.safetensors (weights + config in the metadata) and a
+# <name>.json beside it with the same config, for people and for tools without safetensors.
+
+def save_encoder(encoder, path):
+    """Write the encoder weights to `path` (.safetensors) and its config to path's .json."""
+    from safetensors.torch import save_file
+    path = os.fspath(path)
+    cfg = asdict(encoder.config)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": "nvfm-encoder-v1"})
+    os.replace(tmp, path)
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+        json.dump({"format": "nvfm-encoder-v1", "config": cfg}, f, indent=1)
+
+
+def load_encoder(path, device="cpu"):
+    """Read an encoder written by save_encoder; every key and shape must match (strict)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"encoder file not found: {path}")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "nvfm_encoder_config" in meta:
+        cfg = json.loads(meta["nvfm_encoder_config"])
+    else:
+        side = os.path.splitext(path)[0] + ".json"
+        if not os.path.exists(side):
+            raise ValueError(f"{path}: no encoder config in the file metadata and no {side}")
+        with open(side) as f:
+            cfg = json.load(f)["config"]
+    try:
+        encoder = Encoder(EncoderConfig(**cfg))
+    except TypeError as e:
+        raise ValueError(f"{path}: bad encoder config {cfg}: {e}") from None
+    state = load_file(path)
+    own = encoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
+    if missing or unexpected or bad:
+        raise RuntimeError(f"{path}: weights do not match the encoder config: missing {missing[:8]}, "
+                           f"unexpected {unexpected[:8]}, wrong shape {bad[:8]}")
+    encoder.load_state_dict(state, strict=True)
+    return encoder.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------
+# inference: whole volumes, every window
+
+def volume_windows(record):
+    """The windows a volume is encoded with at inference: MR -> ["mr"], CT -> brain, blood, bone."""
+    if record["modality"] == "CT":
+        return list(CT_WINDOWS)
+    if record["modality"] == "MR":
+        return ["mr"]
+    raise ValueError(f"volume {record.get('volume_id')}: unknown modality {record['modality']!r}")
+
+
+@torch.no_grad()
+def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=None, max_tokens=32768,
+                 amp_dtype=torch.bfloat16):
+    """Encode whole volumes (no crop, no truncation) with a frozen encoder.
+
+    reader: nvfm.data.ShardReader; volume_indices: indices into reader.volumes.
+    Returns a list with one dict per (volume, window): volume_id, family, modality, window,
+    coords (n, 3) int32 CPU, emb (n, dim) float32 CPU, in the order of volume_indices (CT
+    windows brain, blood, bone). Windows are packed together up to max_tokens per forward.
+    bf16 autocast on CUDA; float32 on CPU.
+    """
+    from nvfm.tokenize import DEFAULT_MIN_FG_FRACTION, patchify
+    min_fg = DEFAULT_MIN_FG_FRACTION if min_fg_fraction is None else min_fg_fraction
+    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    items = []  # (meta, tokens uint8, coords)
+    for i in volume_indices:
+        rec = reader.volumes[i]
+        _, mask = reader.volume(i)
+        for w in volume_windows(rec):
+            vol = torch.from_numpy(_as_array(reader.window(i, w)))
+            tokens, coords, _ = patchify([vol], [torch.from_numpy(_as_array(mask))], min_fg)
+            meta = dict(volume_id=rec["volume_id"], family=rec.get("family"), modality=rec["modality"], window=w)
+            items.append((meta, tokens, coords))
+    out = [None] * len(items)
+    groups, cur, cur_n = [], [], 0
+    for j, (_, t, _) in enumerate(items):  # pack windows/volumes into forwards of <= max_tokens
+        if cur and cur_n + len(t) > max_tokens:
+            groups.append(cur)
+            cur, cur_n = [], 0
+        cur.append(j)
+        cur_n += len(t)
+    if cur:
+        groups.append(cur)
+    use_amp = device.type == "cuda" and amp_dtype is not None
+    for g in groups:
+        lens = [len(items[j][1]) for j in g]
+        if sum(lens) > 0:
+            x = torch.cat([normalize_tokens(items[j][1], WINDOWS.index(items[j][0]["window"])) for j in g]).to(device)
+            c = torch.cat([items[j][2] for j in g]).to(device)
+            cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                emb = encoder(x, c, cu, max(lens)).float().cpu()
+        start = 0
+        for j, n in zip(g, lens):
+            meta, _, coords = items[j]
+            e = emb[start:start + n] if n else torch.zeros(0, encoder.config.dim)
+            out[j] = dict(meta, coords=coords.to(torch.int32), emb=e)
+            start += n
+    encoder.train(was_training)
+    return out
+
+
+def _as_array(a):
+    """A C-contiguous writable numpy array for torch.from_numpy (shard memmaps are read-only)."""
+    import numpy as np
+    a = np.asarray(a)
+    return a if a.flags.writeable and a.flags.c_contiguous else np.array(a, order="C", copy=True)

@@ -1,0 +1,296 @@
+"""Study-level probes on frozen token embeddings (SPEC section 3).
+
+A study is one bag: every token of every volume (and, for CT, every window) of the study.
+Bags are packed like the encoder's batches: x (N, D) instance embeddings back to back and
+int32 cu_seqlens (B + 1,) with bag b = x[cu_seqlens[b]:cu_seqlens[b + 1]]. Every per-bag
+reduction is a scatter/index op over a bag id vector (N,): no Python loop over bags.
+
+Probes (all start with a LayerNorm of the frozen features; out = K classes, or 1 for
+regression):
+  AttentiveMIL   classify-then-aggregate (the paper's probe): instance logits
+                 psi_p(x_i) (N, K) from an MLP, class-specific attention scores psi_m(x_i)
+                 (N, K) from a second MLP, softmax over the instances of each bag per class
+                 (alpha, sums to 1 per bag and class), bag logit_k = sum_i alpha_ik psi_p(x_i)_k.
+                 alpha is the per-class attention map; alpha * psi_p is the signed
+                 contribution of each token (they sum to the bag logit): the grounding maps.
+  ABMIL          aggregate-then-classify gated attention MIL (Ilse et al. 2018): one
+                 attention per token shared by all classes, pooled embedding -> linear.
+  MeanPool       mean of the bag's embeddings -> linear (the simplest baseline).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def bag_ids(cu_seqlens, n=None):
+    """int32/int64 cu_seqlens (B+1,) -> (N,) int64 bag index of every instance."""
+    cu = cu_seqlens.long()
+    lens = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(len(lens), device=cu.device), lens,
+                                   output_size=int(cu[-1]) if n is None else n)
+
+
+def segment_softmax(scores, seg, n_bags):
+    """Softmax over the instances of each bag, separately per column.
+
+    scores (N, K) float, seg (N,) int64 bag ids in [0, n_bags). Returns (N, K); for every bag
+    with instances and every column, the entries of that bag sum to 1. Max-subtracted per
+    bag and column for stability.
+    """
+    K = scores.shape[1]
+    mx = torch.full((n_bags, K), float("-inf"), dtype=scores.dtype, device=scores.device)
+    mx = mx.scatter_reduce(0, seg[:, None].expand(-1, K), scores.detach(), "amax")
+    e = torch.exp(scores - mx[seg])
+    den = torch.zeros(n_bags, K, dtype=scores.dtype, device=scores.device).index_add(0, seg, e)
+    return e / den[seg]
+
+
+def segment_sum(x, seg, n_bags):
+    return torch.zeros(n_bags, *x.shape[1:], dtype=x.dtype, device=x.device).index_add(0, seg, x)
+
+
+def segment_mean(x, seg, n_bags):
+    cnt = torch.zeros(n_bags, dtype=x.dtype, device=x.device).index_add(0, seg, torch.ones_like(x[:, 0]))
+    return segment_sum(x, seg, n_bags) / cnt.clamp_min(1)[:, None]
+
+
+def mlp(d_in, hidden, d_out, dropout):
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_out))
+
+
+class AttentiveMIL(nn.Module):
+    """Classify-then-aggregate attentive MIL. forward(x (N, D), cu_seqlens) -> (B, K) logits;
+    with return_maps=True also alpha (N, K) and instance logits (N, K)."""
+
+    def __init__(self, dim, n_out, hidden=256, dropout=0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.instance = mlp(dim, hidden, n_out, dropout)   # psi_p
+        self.attention = mlp(dim, hidden, n_out, dropout)  # psi_m
+
+    def forward(self, x, cu_seqlens, return_maps=False):
+        B = len(cu_seqlens) - 1
+        seg = bag_ids(cu_seqlens, x.shape[0])
+        h = self.norm(x)
+        inst = self.instance(h)                              # (N, K)
+        alpha = segment_softmax(self.attention(h), seg, B)   # (N, K)
+        logits = segment_sum(alpha * inst, seg, B)
+        if return_maps:
+            return logits, alpha, inst
+        return logits
+
+
+class ABMIL(nn.Module):
+    """Aggregate-then-classify gated attention MIL; one attention map shared by all classes."""
+
+    def __init__(self, dim, n_out, hidden=256, dropout=0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.v = nn.Linear(dim, hidden)
+        self.u = nn.Linear(dim, hidden)
+        self.w = nn.Linear(hidden, 1)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(dim, n_out)
+
+    def forward(self, x, cu_seqlens, return_maps=False):
+        B = len(cu_seqlens) - 1
+        seg = bag_ids(cu_seqlens, x.shape[0])
+        h = self.norm(x)
+        a = self.w(self.drop(torch.tanh(self.v(h)) * torch.sigmoid(self.u(h))))  # (N, 1)
+        alpha = segment_softmax(a, seg, B)
+        logits = self.head(segment_sum(alpha * h, seg, B))
+        if return_maps:
+            inst = self.head(h)                              # what each token alone would say
+            return logits, alpha.expand(-1, logits.shape[1]), inst
+        return logits
+
+
+class MeanPool(nn.Module):
+    """Mean of the bag's instance embeddings -> linear."""
+
+    def __init__(self, dim, n_out, hidden=0, dropout=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, n_out)
+
+    def forward(self, x, cu_seqlens, return_maps=False):
+        B = len(cu_seqlens) - 1
+        seg = bag_ids(cu_seqlens, x.shape[0])
+        h = self.norm(x)
+        logits = self.head(segment_mean(h, seg, B))
+        if return_maps:
+            cnt = torch.bincount(seg, minlength=B).clamp_min(1).to(x.dtype)
+            alpha = (1.0 / cnt)[seg][:, None].expand(-1, logits.shape[1])
+            return logits, alpha, self.head(h)
+        return logits
+
+
+PROBES = {"attentive_mil": AttentiveMIL, "abmil": ABMIL, "mean_pool": MeanPool}
+
+
+def make_probe(kind, dim, n_out, hidden=256, dropout=0.1):
+    if kind not in PROBES:
+        raise ValueError(f"unknown probe {kind!r}; choose one of {sorted(PROBES)}")
+    return PROBES[kind](dim, n_out, hidden, dropout)
+
+
+def class_weights(y, max_weight=100.0):
+    """Positive-class weights n_neg / n_pos per class from training labels y (n, K), clipped
+    to max_weight, and a (K,) mask of classes that have positives and negatives (others are
+    left out of the loss: nothing to learn)."""
+    y = torch.as_tensor(y, dtype=torch.float32)
+    npos = y.sum(0)
+    nneg = y.shape[0] - npos
+    usable = (npos > 0) & (nneg > 0)
+    pw = torch.where(usable, nneg / npos.clamp_min(1), torch.ones_like(npos)).clamp(max=max_weight)
+    return pw, usable
+
+
+def bce_loss(logits, y, pos_weight, class_mask):
+    """Class-weighted multi-label BCE, mean over bags and usable classes. logits, y (B, K)."""
+    per = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight, reduction="none")
+    m = class_mask.to(per.dtype)
+    return (per * m).sum() / (m.sum() * logits.shape[0]).clamp_min(1)
+
+
+def pack_bags(bags, device="cpu", dtype=torch.float32):
+    """List of (n_b, D) arrays/tensors -> x (N, D), cu_seqlens int32 (B + 1,)."""
+    xs = [torch.as_tensor(b) for b in bags]
+    lens = torch.tensor([0] + [len(b) for b in xs], dtype=torch.int64)
+    x = torch.cat(xs).to(device=device, dtype=dtype)
+    return x, lens.cumsum(0).to(torch.int32).to(device)
+
+
+# ----------------------------------------------------------------------------- data plumbing
+
+META_COLUMNS = ("study_key", "study_uid", "study", "modality", "split", "age", "sex")
+SIDE_CLASSES = ("lesion_left", "lesion_right")
+
+
+def load_labels(path):
+    """SHARDS/labels.csv -> (rows: list of dict with study_key, modality, split, age (float or
+    None), y: dict name -> 0/1), label column names in file order)."""
+    import csv
+    import os
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"labels file not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        if "study_key" not in cols:
+            raise ValueError(f"{path}: no study_key column (use the re-keyed copy written by preprocess.py)")
+        names = [c for c in cols if c not in META_COLUMNS]
+        rows = []
+        for ln, r in enumerate(reader, start=2):
+            y = {}
+            for n in names:
+                v = (r[n] or "").strip()
+                if v not in ("0", "1"):
+                    raise ValueError(f"{path}:{ln}: column {n!r} must be 0 or 1, got {v!r}")
+                y[n] = int(v)
+            age = r.get("age", "")
+            rows.append(dict(study_key=r["study_key"], study=r.get("study", ""), modality=r.get("modality", ""),
+                             split=r.get("split", ""),
+                             age=float(age) if age not in ("", None) else None, y=y))
+    return rows, names
+
+
+def load_sides(findings_path):
+    """findings.jsonl (re-keyed) -> {study_key: set of sides in {"left", "right"}} of its lesions
+    ("bilateral" counts as both). Studies without lateral lesions map to an empty set."""
+    import json
+    out = {}
+    with open(findings_path) as f:
+        for ln, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{findings_path}:{ln}: bad JSON ({e})") from None
+            s = set()
+            for les in r.get("lesions", []):
+                side = les.get("side")
+                if side in ("left", "right"):
+                    s.add(side)
+                elif side == "bilateral":
+                    s |= {"left", "right"}
+            out[r.get("study_key", r.get("study_uid"))] = s
+    return out
+
+
+def iterative_stratification(y, proportions, seed=0):
+    """Multi-label iterative stratification (Sechidis et al. 2011).
+
+    y (n, K) 0/1; proportions: list of fractions summing to 1. Returns (n,) int fold index.
+    Rarest labels are distributed first, each positive study going to the fold that most
+    lacks that label (ties: the fold that most lacks studies, then random); studies without
+    any positive fill the folds' remaining quotas.
+    """
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y, dtype=bool)
+    n, K = y.shape
+    r = np.asarray(proportions, dtype=np.float64)
+    r = r / r.sum()
+    need = n * r                                   # studies each fold still wants
+    need_l = y.sum(0)[None, :] * r[:, None]        # (F, K) positives each fold still wants
+    fold = np.full(n, -1)
+    left = y.copy()
+    remaining = np.ones(n, dtype=bool)
+    while remaining.any():
+        counts = left[remaining].sum(0)
+        if counts.max() == 0:
+            break
+        counts = np.where(counts > 0, counts, np.iinfo(np.int64).max)
+        lab = int(np.argmin(counts))
+        idx = np.nonzero(remaining & y[:, lab])[0]
+        for i in rng.permutation(idx):
+            d = need_l[:, lab]
+            cand = np.nonzero(d == d.max())[0]
+            if len(cand) > 1:
+                cand = cand[need[cand] == need[cand].max()]
+            f = int(rng.choice(cand))
+            fold[i] = f
+            remaining[i] = False
+            need[f] -= 1
+            need_l[f] -= y[i]
+    for i in rng.permutation(np.nonzero(remaining)[0]):
+        f = int(np.argmax(need + rng.random(len(need)) * 1e-9))
+        fold[i] = f
+        need[f] -= 1
+    return fold
+
+
+@torch.no_grad()
+def predict(models, get_bag, keys, device="cpu", batch=16, return_maps=False):
+    """Logits of a probe (or the mean logits of an ensemble: a list of models) on studies.
+
+    get_bag(key) -> (n, D) float tensor. Returns (len(keys), K) float32 numpy; with
+    return_maps, also per study a list of (alpha (n, K), contributions (n, K)) numpy arrays
+    averaged over the ensemble.
+    """
+    import numpy as np
+    models = models if isinstance(models, (list, tuple)) else [models]
+    for m in models:
+        m.eval()
+    out, maps = [], []
+    for i in range(0, len(keys), batch):
+        bags = [get_bag(k) for k in keys[i:i + batch]]
+        x, cu = pack_bags(bags, device)
+        acc, acc_a, acc_c = 0, 0, 0
+        for m in models:
+            if return_maps:
+                lg, a, inst = m(x, cu, return_maps=True)
+                acc_a = acc_a + a
+                acc_c = acc_c + a * inst
+            else:
+                lg = m(x, cu)
+            acc = acc + lg
+        out.append((acc / len(models)).float().cpu().numpy())
+        if return_maps:
+            a, c = (acc_a / len(models)).cpu().numpy(), (acc_c / len(models)).cpu().numpy()
+            cuc = cu.cpu().numpy()
+            maps += [(a[cuc[b]:cuc[b + 1]], c[cuc[b]:cuc[b + 1]]) for b in range(len(bags))]
+    res = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    return (res, maps) if return_maps else res

@@ -1,0 +1,343 @@
+"""Report metrics: text overlap, clinical correctness against the structured ground truth, triage.
+
+Implementations (all offline):
+  BLEU-2   sacrebleu `BLEU(max_ngram_order=2)` corpus score (13a tokenizer, exp smoothing), / 100
+  ROUGE-L  rouge-score `RougeScorer(["rougeL"], use_stemmer=True)` F-measure, mean over studies
+  METEOR   NLTK `meteor_score` (exact + Porter stem + WordNet synonym matching, alpha 0.9, beta 3,
+           gamma 0.5), mean over studies. NLTK's METEOR is not the METEOR 1.5 jar (no paraphrase
+           table), so numbers are not comparable with papers that used the jar. WordNet 3.0 is read
+           from the Debian `wordnet-base` + `wordnet-sense-index` files (/usr/share/wordnet): an
+           NLTK-readable `corpora/wordnet` folder (a copy, ~30 MB) plus the `lexnames` table is built in
+           a cache dir at first use; nothing is downloaded.
+A report is the list of finding strings; for the text metrics it is joined with spaces, and an
+empty list (no positive finding) is rendered as "No positive findings." on both sides.
+
+Clinical metrics use the diagnosis names of nvfm.ontology found in the finding text
+(`extract_diagnoses`: longest phrase first, side from left/right/bilateral words):
+  hallucination_rate      mentioned (study, diagnosis) pairs that are not positive / all mentioned
+  omission_rate           positive (study, diagnosis) pairs not mentioned / all positive
+  urgent_omission_rate    the same for urgent positives (what probe cross-checking targets)
+  laterality_error_rate   mentioned true positives with a one-sided ground truth whose stated
+                          side is wrong / those that state a side
+  triage_accuracy         judge(generated findings, indication) == ground-truth triage
+Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
+the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
+vLLM or Ollama server), asked to answer with one word.
+"""
+import json
+import os
+import re
+import shutil
+import urllib.request
+
+from nvfm.ontology import DIAGNOSES
+
+EMPTY_REPORT = "No positive findings."
+TRIAGE_CLASSES = ("unremarkable", "routine", "urgent")
+WORDNET_SRC = "/usr/share/wordnet"
+_LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body "
+             "noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location "
+             "noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process "
+             "noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change "
+             "verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation "
+             "verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather "
+             "adj.ppl").split()
+_POS_NUM = {"adj": 3, "adv": 4, "noun": 1, "verb": 2}
+
+# ----------------------------------------------------------------------------- diagnosis mentions
+
+# extra surface forms (normalised text) for ontology names whose words are not how a report says it
+_SYNONYMS = {
+    "subacute_chronic_subdural_hematoma": ["subacute chronic subdural hematoma", "chronic subdural hematoma",
+                                           "subacute subdural hematoma"],
+    "cavernous_malformation_cavernoma": ["cavernous malformation", "cavernoma"],
+    "rathkes_cleft_cyst": ["rathke s cleft cyst", "rathke cleft cyst"],
+    "intracranial_epidermoid_dermoid_cyst": ["epidermoid cyst", "dermoid cyst"],
+    "cerebral_arteriovenous_malformation": ["arteriovenous malformation"],
+    "brain_midline_shift": ["midline shift"],
+    "craniotomy_craniectomy": ["craniotomy", "craniectomy"],
+    "aneurysmal_subarachnoid_hemorrhage": ["aneurysmal subarachnoid hemorrhage"],
+    "encephalomalacia_gliosis": ["encephalomalacia", "gliosis"],
+    "chordoma_chondrosarcoma": ["chordoma", "chondrosarcoma"],
+    "pachygyria_lissencephaly": ["pachygyria", "lissencephaly"],
+    "scalp_hemorrhage_hematoma": ["scalp hematoma", "scalp hemorrhage"],
+    "subdural_hygroma_effusions": ["subdural hygroma", "subdural effusion", "subdural effusions"],
+}
+# report wording -> ontology name, tried before the literal names (normalised text: lower case,
+# non-alphanumerics as spaces); order matters, each match is blanked before the next rule
+_PATTERNS = [
+    (r"chronic( \w+){0,3} subdural hematoma", "subacute_chronic_subdural_hematoma"),
+    (r"acute( \w+){0,3} subdural hematoma", "acute_subdural_hematoma"),
+    (r"intraparenchymal (hemorrhage|hematoma)", "intraparenchymal_hemorrhage"),
+    (r"(acute( \w+){0,4} )?infarct(ion)?", "acute_ischemic_stroke"),
+    (r"metastas[ie]s", "brain_metastasis"),
+    (r"(vasogenic|surrounding|perilesional) edema", "cerebral_edema"),
+    (r"non displaced( \w+){0,2} fracture", "nondisplaced_skull_fracture"),
+    (r"displaced( \w+){0,2} fracture", "displaced_skull_fracture"),
+    (r"(generali[sz]ed|diffuse) (cerebral )?volume loss", "cerebral_atrophy"),
+    (r"mass effect", "brain_mass_effect"),
+]
+_NEGATION = re.compile(r"\b(no|without|negative for|absence of|free of|resolved)\b")
+
+
+def _norm(text):
+    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower().replace("haemorrh", "hemorrh").replace("haemat", "hemat")).strip() + " "
+
+
+def diagnosis_phrase(name):
+    """Readable phrase of an ontology name: 'acute_subdural_hematoma' -> 'acute subdural hematoma'."""
+    return _SYNONYMS.get(name, [name.replace("_", " ")])[0]
+
+
+def _rule_table():
+    """[(compiled regex, name)]: the wording patterns, then every ontology name and synonym as a
+    literal phrase, longest first (so "subdural hematoma" never steals "acute subdural hematoma")."""
+    lit = []
+    for name in DIAGNOSES:
+        for form in {name.replace("_", " ")} | set(_SYNONYMS.get(name, [])):
+            lit.append((form, name))
+    lit.sort(key=lambda t: -len(t[0]))
+    rules = [(re.compile(rf"(?<= ){p}(?= )"), n) for p, n in _PATTERNS]
+    return rules + [(re.compile(rf"(?<= ){re.escape(f)}(?= )"), n) for f, n in lit]
+
+
+_RULES = _rule_table()
+_SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?= )")
+
+
+def extract_diagnoses(finding):
+    """Diagnoses named in one finding string -> list of (name, side) with side in
+    {"left", "right", "bilateral", None}, in order of mention. Each sentence is read on its own:
+    a negated mention ("no midline shift") is skipped, and a lateral diagnosis takes the nearest
+    side word of its sentence."""
+    out, seen = [], set()
+    for sentence in re.split(r"[;\n]|\.(?!\d)", finding):  # not at decimal points (3.4 x 3.3 cm)
+        text = _norm(sentence)
+        sides = [(m.start(), m.end(), "bilateral" if m.group(1) == "both" else m.group(1))
+                 for m in _SIDE.finditer(text)]
+        found = []
+        for rx, name in _RULES:
+            for m in list(rx.finditer(text)):
+                a, b = m.span()
+                if not _NEGATION.search(text[max(0, a - 30):a]):
+                    found.append((a, b, name))
+            text = rx.sub(lambda m: "#" * len(m.group(0)), text)
+        for a, b, name in sorted(found):
+            if name in seen:
+                continue
+            seen.add(name)
+            side = None
+            if DIAGNOSES[name].lateral and sides:
+                side = min(sides, key=lambda s: max(a - s[1], s[0] - b, 0))[2]
+            out.append((name, side))
+    return out
+
+
+def report_diagnoses(findings):
+    """{name: side} over a list of finding strings (a side stated anywhere wins over None;
+    two different sides make 'bilateral')."""
+    out = {}
+    for f in findings:
+        for name, side in extract_diagnoses(f):
+            prev = out.get(name)
+            if prev is None:
+                out[name] = side
+            elif side is not None and side != prev:
+                out[name] = "bilateral"
+    return out
+
+
+def truth_diagnoses(record):
+    """{name: side or None} for a findings.jsonl record: lesions' diagnosis/side plus any diagnosis
+    named in its reference findings (e.g. ones without a lesion mask such as atrophy)."""
+    out = report_diagnoses(record.get("findings") or [])
+    for les in record.get("lesions") or []:
+        name, side = les.get("diagnosis"), les.get("side")
+        side = side if side in ("left", "right", "bilateral") else None
+        if name not in DIAGNOSES:
+            continue
+        prev = out.get(name)
+        if prev is None or prev == side:
+            out[name] = side
+        elif side is not None and prev is not None and prev != side:
+            out[name] = "bilateral"
+    return out
+
+
+# ----------------------------------------------------------------------------- text metrics
+
+def _wordnet():
+    """NLTK WordNetCorpusReader over the Debian WordNet 3.0 files (no download)."""
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    src = os.environ.get("NVFM_WORDNET_DIR", WORDNET_SRC)
+    need = [f for f in WordNetCorpusReader._FILES if f != "lexnames"]
+    missing = [f for f in need if not os.path.exists(os.path.join(src, f))]
+    if missing:
+        raise RuntimeError(f"{src}: WordNet files {missing} missing; METEOR needs the Debian packages "
+                           "wordnet-base and wordnet-sense-index (apt-get install wordnet-base wordnet-sense-index)")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nvfm",
+                         "nltk_data", "corpora", "wordnet")
+    os.makedirs(cache, exist_ok=True)
+    for f in need:
+        dst = os.path.join(cache, f)
+        if not os.path.exists(dst) or os.path.getsize(dst) != os.path.getsize(os.path.join(src, f)):
+            # copies, not symlinks: NLTK refuses to open files that resolve outside its corpus root
+            shutil.copyfile(os.path.join(src, f), dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
+    lex = os.path.join(cache, "lexnames")
+    if not os.path.exists(lex):
+        tmp = lex + f".tmp{os.getpid()}"
+        with open(tmp, "w") as fh:
+            for i, n in enumerate(_LEXNAMES):
+                fh.write(f"{i:02d}\t{n}\t{_POS_NUM[n.split('.')[0]]}\n")
+        os.replace(tmp, lex)
+    import warnings
+    import nltk
+    # NLTK only opens files under a folder of its data path
+    root = os.path.dirname(os.path.dirname(cache))
+    if root not in nltk.data.path:
+        nltk.data.path.append(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions not available": we need English only
+        return WordNetCorpusReader(cache, None)
+
+
+_WN = None
+
+
+def _join(findings):
+    return " ".join(f.strip() for f in findings if f.strip()) or EMPTY_REPORT
+
+
+def text_metrics(hyps, refs):
+    """hyps, refs: lists (studies) of finding lists -> {bleu2, rougeL, meteor} in [0, 1]."""
+    global _WN
+    import sacrebleu
+    from nltk.translate.meteor_score import meteor_score
+    from rouge_score import rouge_scorer
+
+    if _WN is None:
+        _WN = _wordnet()
+    h = [_join(x) for x in hyps]
+    r = [_join(x) for x in refs]
+    bleu = sacrebleu.metrics.BLEU(max_ngram_order=2, effective_order=False).corpus_score(h, [r]).score / 100
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = sum(scorer.score(rr, hh)["rougeL"].fmeasure for hh, rr in zip(h, r)) / max(len(h), 1)
+    tokenize = lambda s: re.findall(r"[a-z0-9]+|[^\sa-z0-9]", s.lower())
+    meteor = sum(meteor_score([tokenize(rr)], tokenize(hh), wordnet=_WN) for hh, rr in zip(h, r)) / max(len(h), 1)
+    return {"bleu2": bleu, "rougeL": rouge, "meteor": meteor}
+
+
+# ----------------------------------------------------------------------------- triage judges
+
+def judge_rules(findings, indication=None):
+    """Triage from the diagnoses named in the findings (nvfm.ontology.triage); indication unused."""
+    from nvfm.ontology import triage
+    return triage(list(report_diagnoses(findings)))
+
+
+JUDGE_SYSTEM = ("You triage brain imaging reports. Answer with exactly one word: unremarkable (no positive "
+                "finding), routine (positive findings, none needing same-day action) or urgent (a finding "
+                "needing same-day action such as acute hemorrhage, acute infarct, herniation or mass effect, "
+                "obstructive hydrocephalus, infection or an unstable fracture).")
+
+
+def judge_http(findings, indication=None, url="http://127.0.0.1:8080/v1", model="local", timeout=60, api_key=None):
+    """Triage by an OpenAI-compatible chat endpoint (POST {url}/chat/completions); raises on errors."""
+    body = {"model": model, "temperature": 0, "max_tokens": 8, "messages": [
+        {"role": "system", "content": JUDGE_SYSTEM},
+        {"role": "user", "content": f"Indication: {indication or 'not given'}\nFindings: {json.dumps(list(findings))}"}]}
+    req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        reply = json.load(resp)["choices"][0]["message"]["content"].lower()
+    hits = [c for c in TRIAGE_CLASSES if c in reply]
+    if len(hits) != 1:
+        raise ValueError(f"judge at {url} answered {reply!r}: expected exactly one of {TRIAGE_CLASSES}")
+    return hits[0]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def _read_jsonl(path, what):
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}) in the {what} file") from None
+    return rows
+
+
+def _key(row, path):
+    for k in ("study_key", "study", "study_uid"):
+        if k in row:
+            return row[k]
+    raise ValueError(f"{path}: a row has no study_key")
+
+
+def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_url=None, judge_model="local"):
+    """hyps: list of finding lists; truths: the matching findings.jsonl records -> metrics dict."""
+    n = len(hyps)
+    out = {"n_studies": n}
+    out.update(text_metrics(hyps, [t.get("findings") or [] for t in truths]))
+    mentioned = hall = pos = omit = upos = uomit = lat_n = lat_err = 0
+    correct, confusion = 0, {a: {b: 0 for b in TRIAGE_CLASSES} for a in TRIAGE_CLASSES}
+    for i, (h, t) in enumerate(zip(hyps, truths)):
+        gen, gt = report_diagnoses(h), truth_diagnoses(t)
+        mentioned += len(gen)
+        hall += sum(d not in gt for d in gen)
+        pos += len(gt)
+        omit += sum(d not in gen for d in gt)
+        urgent = [d for d in gt if DIAGNOSES[d].urgency == "urgent"]
+        upos += len(urgent)
+        uomit += sum(d not in gen for d in urgent)
+        for d, side in gen.items():
+            if d in gt and gt[d] in ("left", "right") and side is not None:
+                lat_n += 1
+                lat_err += side != gt[d]
+        ind = (indications[i] if indications else None) or t.get("indication")
+        pred = judge_rules(h, ind) if judge == "rules" else judge_http(h, ind, url=judge_url, model=judge_model)
+        true = t.get("triage") or judge_rules(t.get("findings") or [])
+        confusion[true][pred] += 1
+        correct += pred == true
+    rate = lambda a, b: a / b if b else float("nan")
+    out.update(triage_accuracy=rate(correct, n), triage_confusion=confusion, judge=judge,
+               hallucination_rate=rate(hall, mentioned), omission_rate=rate(omit, pos),
+               urgent_omission_rate=rate(uomit, upos), laterality_error_rate=rate(lat_err, lat_n),
+               n_mentioned=mentioned, n_positive=pos, n_urgent_positive=upos, n_sided=lat_n)
+    return out
+
+
+def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=None, judge_model="local"):
+    """Score generated reports against the reference findings.
+
+    reports_jsonl: one {"study_key", "findings": [str, ...]} per line (train_llava.py writes these,
+    plus "raw" text and "parse" status, counted into parse_ok_rate). findings_jsonl: the
+    SHARDS/findings.jsonl ground truth. Studies without a report are errors; extra ground-truth
+    studies are ignored. Returns the metrics dict (see the module docstring).
+    """
+    reps = _read_jsonl(reports_jsonl, "reports")
+    truth = {_key(r, findings_jsonl): r for r in _read_jsonl(findings_jsonl, "findings")}
+    hyps, truths = [], []
+    for r in reps:
+        k = _key(r, reports_jsonl)
+        if k not in truth:
+            raise ValueError(f"{reports_jsonl}: study {k!r} is not in {findings_jsonl}")
+        f = r.get("findings")
+        if not isinstance(f, list):
+            raise ValueError(f"{reports_jsonl}: study {k!r}: 'findings' must be a list of strings")
+        hyps.append([str(x) for x in f])
+        truths.append(truth[k])
+    if not reps:
+        raise ValueError(f"{reports_jsonl}: no reports")
+    out = evaluate_report_lists(hyps, truths, judge=judge, judge_url=judge_url, judge_model=judge_model)
+    status = [r.get("parse") for r in reps if "parse" in r]
+    if status:
+        out["parse_ok_rate"] = sum(s == "ok" for s in status) / len(status)
+    return out

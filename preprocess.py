@@ -1,0 +1,420 @@
+"""DICOM/NIfTI export -> memory-mapped 1 x 1 x 4 mm uint8 volume shards (DESIGN.md section 2).
+
+    python preprocess.py --input=demo/dicom --output=shards [--labels=demo/labels.csv]
+        [--findings=demo/findings.jsonl] [--workers=2] [--shard=0/1] [--salt=...]
+
+Steps: list files -> header scan (pydicom stop_before_pixels, parallel) -> group studies and
+series (nvfm/dicom.py) -> per study, in worker processes: assemble each series, resample
+to the canonical 1 x 1 x 4 mm grid, window/quantize, foreground + token masks
+(nvfm/volume.py) -> append to this worker's part (nvfm/data.py) -> merge into
+`<split>_<k>.bin` shards + manifest.json, sorted, byte-identical for the same input.
+
+Resume: a killed run restarted with the same command skips every committed study (see
+nvfm/data.py) and the final output is byte-identical to an uninterrupted run; a rerun of a
+complete output does nothing. Studies already done are not re-read, so edits to their
+files are not picked up (write to a new --output). Headers are re-scanned on every start.
+Cluster array jobs: `--shard=i/N` processes the studies whose key hash is i mod N (every
+job scans all headers, which is cheap next to pixel decoding, and keeps only its own);
+each job writes parts/done_i_of_N.json when finished, and the job that finds all N done
+merges (under OUTPUT/merge.lock; remove it by hand if a merging job was killed).
+
+Bad input never stops the run: unreadable/non-DICOM files, skipped series (rules in
+nvfm/dicom.py) and failed series are counted by reason in the manifest summary, listed in
+manifest["failures"] with hashed keys, and logged; everything else is written.
+
+Privacy: study keys are sha256(salt, StudyInstanceUID)[:16]; series keys and file keys
+likewise hash the SeriesInstanceUID and the relative path. The salt comes from --salt, else
+the environment variable NVFM_SALT, else DEFAULT_SALT. Trade-off: with the public default
+salt anyone holding the original UIDs can recompute the keys (fine for demos, and it keeps
+keys stable across sites and runs); for real data set a secret salt and keep it, because
+re-running with another salt gives other keys (labels must be re-keyed with the same salt).
+The manifest stores only salt_id = sha256 of the salt, never the salt. Nothing under
+--output holds a path, name, ID, date or UID. The console log names offending files by
+their relative path (the operator needs it; set --log_paths=False to print hashed keys
+only); the copy of the log in OUTPUT/preprocess.log always uses hashed keys. Users must
+not rely on folder names being hidden anywhere but in the output directory.
+
+Splits: from the `split` column of --labels when given (train/val/test), else a
+deterministic hash of the study key: 80% train, 10% val, 10% test.
+"""
+import csv
+import glob
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+from tqdm import tqdm
+
+from nvfm import data as shards
+from nvfm import dicom
+from nvfm.volume import process_stack
+
+# -----------------------------------------------------------------------------
+input = ""  # input root (PACS export: folders of DICOM files and/or NIfTI files)
+output = ""  # output directory (shards, manifest, re-keyed labels)
+labels = ""  # optional labels.csv keyed by study_uid
+findings = ""  # optional findings.jsonl keyed by study_uid
+workers = 2  # worker processes (0 or 1: run in this process)
+shard = "0/1"  # i/N: this array job's share of the studies
+salt = ""  # "" -> $NVFM_SALT -> DEFAULT_SALT
+min_slices = 3  # series with fewer slices are rejected
+min_fg_fraction = 0.5  # token foreground rule (nvfm/tokenize.py)
+shard_gb = 4.0  # start a new <split>_<k>.bin after this many GB
+fsync = True  # fsync each committed study (crash safety; off only for benchmarks)
+log_paths = True  # console log shows relative paths of bad files (the output never does)
+progress = True  # tqdm progress bars
+# -----------------------------------------------------------------------------
+DEFAULT_SALT = "nvfm-public-default-salt-v1"
+SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
+
+
+def resolve_salt(s):
+    return s or os.environ.get("NVFM_SALT", "") or DEFAULT_SALT
+
+
+def hash_split(study_key):
+    h = int(hashlib.sha256(("split:" + study_key).encode()).hexdigest(), 16) % 10
+    for name, n in SPLIT_BINS:
+        if h < n:
+            return name
+        h -= n
+    return "train"
+
+
+def _clean_split(s):
+    s = "".join(ch for ch in str(s).lower() if ch.isalnum())
+    return s or "train"
+
+
+class Log:
+    """stderr (paths allowed when log_paths) + OUTPUT/preprocess.log (hashed keys only)."""
+
+    def __init__(self, out_dir, show_paths):
+        self.f = open(os.path.join(out_dir, "preprocess.log"), "a")
+        self.show_paths = show_paths
+
+    def __call__(self, msg, path=None, key=None, console_only=False):
+        where = f" [{key}]" if key else ""
+        if not console_only:
+            self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}{where}\n")
+            self.f.flush()
+        shown = f" {path}" if (path and self.show_paths) else where
+        tqdm.write(f"preprocess: {msg}{shown}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------ labels
+
+
+def rekey_labels(labels_path, findings_path, out_dir, salt):
+    """Copy labels.csv / findings.jsonl with study_uid replaced by study_key.
+    Returns {study_key: split} from the labels (or findings) split column."""
+    splits = {}
+    if labels_path:
+        with open(labels_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            fields = list(rows[0].keys()) if rows else []
+        if "study_uid" not in fields:
+            raise SystemExit(f"preprocess: {labels_path}: no study_uid column")
+        out_fields = ["study_key" if k == "study_uid" else k for k in fields]
+        tmp = os.path.join(out_dir, "labels.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, out_fields)
+            w.writeheader()
+            for r in rows:
+                key = dicom.salted_hash(r["study_uid"], salt)
+                if r.get("split"):
+                    splits[key] = _clean_split(r["split"])
+                w.writerow({("study_key" if k == "study_uid" else k): (key if k == "study_uid" else v)
+                            for k, v in r.items()})
+        os.replace(tmp, os.path.join(out_dir, "labels.csv"))
+    if findings_path:
+        tmp = os.path.join(out_dir, "findings.jsonl.tmp")
+        with open(findings_path) as f, open(tmp, "w") as g:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise SystemExit(f"preprocess: {findings_path}:{n}: not JSON")
+                out = {}
+                for k, v in rec.items():
+                    if k == "study_uid":
+                        out["study_key"] = dicom.salted_hash(v, salt)
+                        if rec.get("split") and out["study_key"] not in splits:
+                            splits[out["study_key"]] = _clean_split(rec["split"])
+                    else:
+                        out[k] = v
+                g.write(json.dumps(out) + "\n")
+        os.replace(tmp, os.path.join(out_dir, "findings.jsonl"))
+    return splits
+
+
+# ------------------------------------------------------------------ workers
+
+_W = {}  # per-process state: root, cfg, writer
+
+
+def _scan(args):
+    root, rel, s = args
+    return dicom.scan_dicom(root, rel, s)
+
+
+def _init_worker(root, out_dir, cfg, tag_prefix, counter, one_thread=True):
+    with counter.get_lock():
+        counter.value += 1
+        k = counter.value
+    _W.update(root=root, cfg=cfg, writer=shards.PartWriter(out_dir, f"{tag_prefix}_w{k}", cfg["fsync"]))
+    if one_thread:  # worker processes: one core each
+        import torch
+        torch.set_num_threads(1)
+
+
+def _event(kind, status, reason, **keys):
+    e = {"kind": kind, "status": status, "reason": reason}
+    e.update({k: v for k, v in keys.items() if v})
+    return e
+
+
+def process_study(task):
+    """Worker: one study -> its volumes and events committed to this worker's part.
+    Returns (study_key, number of volumes, console lines (msg, path, key, console_only))."""
+    root, cfg = _W["root"], _W["cfg"]
+    key, split, kind, items = task["key"], task["split"], task["kind"], task["items"]
+    salt = cfg["salt"]
+    volumes, events, console = [], [], []
+
+    def fail(reason, status="failed", series_key=None, file_key=None, path=None):
+        events.append(_event("series", status, reason, study_key=key, series_key=series_key, file_key=file_key))
+        console.append((f"{status} series: {reason}", path, series_key or file_key, False))
+
+    jobs = []  # (series_key, volume_id, make_stack, meta)
+    if kind == "nifti":
+        for rel in items:
+            sk = dicom.salted_hash("nifti:" + rel, salt)
+            jobs.append((sk, sk, (lambda rel=rel: dicom.nifti_stack(root, rel)), {"path": rel, "nifti": True}))
+    else:
+        groups, skipped = dicom.group_series(items)
+        for suid, n, reason in skipped:
+            fail(reason, "skipped", series_key=dicom.salted_hash(suid, salt))
+        for g in groups:
+            sk = dicom.salted_hash(g["series_uid"], salt)
+            vid = sk if g["n_parts"] == 1 else f"{sk}.{g['part']}"
+            jobs.append((sk, vid, (lambda g=g: dicom.dicom_stack(root, g)),
+                         {"path": g["info"]["path"], "info": g["info"]}))
+    for sk, vid, make, meta in jobs:
+        try:
+            st = make().check(cfg["min_slices"])
+            out = process_stack(st, cfg["min_fg_fraction"])
+        except dicom.SeriesError as e:
+            fail(str(e), series_key=vid, path=meta["path"])
+            continue
+        except MemoryError:
+            fail("out of memory", series_key=vid, path=meta["path"])
+            continue
+        except Exception as e:  # a bug or an unforeseen file: this series only
+            fail(f"error ({type(e).__name__})", series_key=vid, path=meta["path"])
+            # the raw message may quote header values: console only, never the log file
+            console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", meta["path"], vid, True))
+            continue
+        modality = st.modality
+        family = "CT" if modality == "CT" else (dicom.mr_family(meta["info"]) if "info" in meta else
+                                                dicom.mr_family({"description": os.path.basename(meta["path"])}))
+        tm = out["token_mask"]
+        rec = dict(volume_id=f"{key}-{vid}", study_key=key, series_key=sk, split=split, modality=modality,
+                   family=family, shape=list(out["data"].shape[1:]), channels=out["channels"],
+                   spacing=out["spacing"], affine=np.round(out["affine"], 5).tolist(),
+                   orientation=out["orientation"], original_orientation=out["original_orientation"],
+                   original_spacing=out["original_spacing"], tilt_deg=out["tilt_deg"],
+                   duplicates_dropped=st.dropped_duplicates, token_grid=list(tm.shape),
+                   n_tokens=int(tm.sum()), token_mask=shards.pack_mask(tm))
+        volumes.append((rec, out["data"], out["mask"]))
+    _W["writer"].add_study(key, volumes, events)
+    return key, len(volumes), console
+
+
+# ------------------------------------------------------------------ main
+
+
+def summarize(done, file_failures, n_studies_input):
+    vols = [v for e in done.values() for v in e["volumes"]]
+    events = [ev for e in done.values() for ev in e["events"]]
+    s = {
+        "studies_input": n_studies_input,
+        "studies_done": len(done),
+        "studies_with_volumes": sum(1 for e in done.values() if e["volumes"]),
+        "series_kept": len(vols),
+        "series_skipped": dict(sorted(Counter(e["reason"] for e in events if e["status"] == "skipped").items())),
+        "series_failed": dict(sorted(Counter(e["reason"] for e in events if e["status"] == "failed").items())),
+        "files_failed": dict(sorted(Counter(e["reason"] for e in file_failures).items())),
+        "volumes": len(vols),
+        "volumes_by_family": dict(sorted(Counter(f"{v['modality']}/{v['family']}" for v in vols).items())),
+        "volumes_by_split": dict(sorted(Counter(v["split"] for v in vols).items())),
+        "tokens": int(sum(v["n_tokens"] for v in vols)),
+        "gigabytes": round(sum(v["nbytes"] for v in vols) / 1e9, 4),
+    }
+    return s, events
+
+
+def print_summary(s):
+    lines = [f"studies {s['studies_done']}/{s['studies_input']} ({s['studies_with_volumes']} with volumes), "
+             f"volumes {s['volumes']}, tokens {s['tokens']:,}, {s['gigabytes']:.3f} GB",
+             f"by family: {s['volumes_by_family']}", f"by split: {s['volumes_by_split']}"]
+    for title, d in (("series skipped", s["series_skipped"]), ("series failed", s["series_failed"]),
+                     ("files failed", s["files_failed"])):
+        if d:
+            lines.append(f"{title} ({sum(d.values())}):")
+            lines += [f"  {n:5d}  {r}" for r, n in d.items()]
+    print("\n".join(lines))
+
+
+def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, shard_spec="0/1", salt_value="",
+        cfg_min_slices=3, cfg_min_fg=0.5, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True):
+    """The whole stage; returns the manifest dict (or None when other array jobs are pending)."""
+    if not input_dir or not os.path.isdir(input_dir):
+        raise SystemExit(f"preprocess: --input must be a directory, got {input_dir!r}")
+    if not output_dir:
+        raise SystemExit("preprocess: --output is required")
+    try:
+        si, sn = (int(x) for x in shard_spec.split("/"))
+        assert 0 <= si < sn
+    except Exception:
+        raise SystemExit(f"preprocess: --shard must be i/N with 0 <= i < N, got {shard_spec!r}")
+    os.makedirs(output_dir, exist_ok=True)
+    s = resolve_salt(salt_value)
+    salt_id = hashlib.sha256(s.encode()).hexdigest()[:16]
+    log = Log(output_dir, cfg_log_paths)
+    man_path = os.path.join(output_dir, "manifest.json")
+    if os.path.exists(man_path):
+        with open(man_path) as f:
+            old = json.load(f)
+        if old.get("salt_id") != salt_id:
+            raise SystemExit(f"preprocess: {output_dir} was written with another salt; "
+                             "use the same salt or a new --output")
+    splits = rekey_labels(labels_path, findings_path, output_dir, s)
+
+    # 1. list files, scan headers, group files into studies as the headers come in
+    files = dicom.find_inputs(input_dir)
+    inside = os.path.relpath(os.path.abspath(output_dir), os.path.abspath(input_dir))
+    if not inside.startswith(".."):  # the output lives inside the input: never ingest it
+        files = [f for f in files if not (f + os.sep).startswith(inside.rstrip(os.sep) + os.sep)]
+    nifti = [f for f in files if dicom.is_nifti(f)]
+    dcm = [f for f in files if not dicom.is_nifti(f)]
+    # (headers stream in; only this array job's studies are kept, so memory is ~1/N)
+    pool = mp.Pool(n_workers) if n_workers > 1 else None
+    studies, all_keys, file_failures = {}, set(), []
+    try:
+        it = (pool.imap(_scan, [(input_dir, f, s) for f in dcm], chunksize=16) if pool
+              else map(_scan, [(input_dir, f, s) for f in dcm]))
+        for h in tqdm(it, total=len(dcm), desc="headers", unit="file", disable=not cfg_progress):
+            if "error" not in h and not h.get("study_uid"):
+                h["error"] = "missing StudyInstanceUID"
+            if "error" not in h and not h.get("series_uid"):
+                h["error"] = "missing SeriesInstanceUID"
+            if "error" in h:
+                if int(h["file_key"], 16) % sn == si:
+                    file_failures.append(_event("file", "failed", h["error"], file_key=h["file_key"]))
+                    log(f"failed file: {h['error']}", h["path"], h["file_key"])
+                continue
+            key = dicom.salted_hash(h["study_uid"], s)
+            all_keys.add(key)
+            if int(key, 16) % sn == si:
+                studies.setdefault(key, ("dicom", []))[1].append(h)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    for rel in nifti:
+        key = dicom.salted_hash("nifti:" + dicom.nifti_study_folder(rel), s)
+        all_keys.add(key)
+        if int(key, 16) % sn == si:
+            studies.setdefault(key, ("nifti", []))[1].append(rel)
+    mine = sorted(studies)
+    done = shards.read_done(output_dir)
+    todo = [k for k in mine if k not in done]
+    log(f"{len(files)} files, {len(all_keys)} studies ({len(mine)} in shard {si}/{sn}), "
+        f"{len(mine) - len(todo)} already done, {len(todo)} to process")
+
+    # 2. process studies
+    cfg = dict(salt=s, min_slices=cfg_min_slices, min_fg_fraction=cfg_min_fg, fsync=cfg_fsync)
+    run_id = len([p for p in os.listdir(os.path.join(output_dir, "parts"))]) if os.path.isdir(
+        os.path.join(output_dir, "parts")) else 0
+    tag = f"s{si}of{sn}_r{run_id:04d}_{os.getpid()}"
+    tasks = [dict(key=k, split=splits.get(k) or hash_split(k), kind=studies[k][0], items=studies[k][1]) for k in todo]
+    counter = mp.Value("i", 0)
+    if todo:
+        if n_workers > 1:
+            pool = mp.Pool(n_workers, initializer=_init_worker, initargs=(input_dir, output_dir, cfg, tag, counter))
+            it = pool.imap_unordered(process_study, tasks, chunksize=1)
+        else:
+            pool = None
+            _init_worker(input_dir, output_dir, cfg, tag, counter, one_thread=False)
+            it = map(process_study, tasks)
+        try:
+            for key, nv, console in tqdm(it, total=len(tasks), desc="studies", unit="study", disable=not cfg_progress):
+                for msg, path, k, console_only in console:
+                    log(msg, path, k, console_only)
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+            if "writer" in _W:
+                _W.pop("writer").close()
+
+    # 3. this job is done; merge when every array job is
+    if not todo and os.path.exists(man_path) and not glob.glob(os.path.join(output_dir, "parts", "*.jsonl")):
+        with open(man_path) as f:
+            manifest = json.load(f)
+        log("nothing new to process: the output is complete")
+        print_summary(manifest["summary"])
+        return manifest
+    parts = os.path.join(output_dir, "parts")
+    os.makedirs(parts, exist_ok=True)
+    shards._write_atomic(os.path.join(parts, f"done_{si}_of_{sn}.json"),
+                         json.dumps({"studies": mine, "file_failures": file_failures}))
+    done_files = [os.path.join(parts, f"done_{i}_of_{sn}.json") for i in range(sn)]
+    if not all(os.path.exists(p) for p in done_files):
+        log(f"shard {si}/{sn} finished; waiting for the other array jobs before merging")
+        return None
+    lock = os.path.join(output_dir, "merge.lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.close(fd)
+    except FileExistsError:
+        log("another job is merging (remove merge.lock if it crashed)")
+        return None
+    try:
+        all_file_failures = []
+        for p in done_files:
+            with open(p) as f:
+                all_file_failures += json.load(f)["file_failures"]
+        if os.path.exists(man_path):  # earlier merged runs' file failures are recomputed above
+            pass
+        done = shards.read_done(output_dir)
+        all_file_failures.sort(key=lambda e: (e["file_key"], e["reason"]))
+        summary, events = summarize(done, all_file_failures, len(all_keys))
+        events.sort(key=lambda e: (e.get("study_key", ""), e.get("series_key", ""), e["reason"]))
+        extra = {"salt_id": salt_id, "summary": summary, "failures": all_file_failures + events,
+                 "study_events": [{"study_key": k, "events": done[k]["events"]} for k in sorted(done)],
+                 "patch": list(shards.PATCH), "min_fg_fraction": cfg_min_fg}
+        manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9))
+        shards.remove_parts(output_dir)
+    finally:
+        os.remove(lock)
+    log(f"wrote {len(manifest['volumes'])} volumes to {len(manifest['shards'])} shard file(s)")
+    print_summary(summary)
+    return manifest
+
+
+if __name__ == "__main__":
+    from nvfm.configurator import configure
+    configure(globals())
+    t0 = time.time()
+    run(input, output, labels, findings, workers, shard, salt, min_slices, min_fg_fraction, shard_gb, fsync,
+        log_paths, progress)
+    print(f"preprocess: done in {time.time() - t0:.1f} s")

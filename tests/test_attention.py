@@ -1,0 +1,181 @@
+"""Varlen attention: the csrc kernels ("ours") and the SDPA path against the float64 reference.
+
+Ground truth = attention_reference in float64 and its autograd gradients. CPU kernel: fp32
+compute, so errors must be at fp32 level. GPU (skipped without CUDA): FlashAttention's rule,
+error of the bf16/fp16 kernel <= a small multiple of PyTorch's own error in that dtype.
+"""
+import pytest
+import torch
+
+from nvfm.attention import (attention_reference, ours_available, resolve_impl, varlen_attention)
+
+HAS_OURS_CPU = ours_available(torch.empty(1, 1, 64))
+HAS_CUDA = torch.cuda.is_available()
+needs_ours = pytest.mark.skipif(not HAS_OURS_CPU, reason="nvfm._C attention kernel not built")
+
+# (query lengths, key lengths, heads, head_dim): length 0 and 1, non-multiples of the CPU tiles
+# (64 queries x 256 keys) and the CUDA tiles (32 x 32), a 100x length spread, cu_q != cu_k.
+CASES = [
+    ([1], [1], 1, 32),
+    ([5, 1, 7], [5, 1, 7], 2, 64),
+    ([3, 300], [3, 300], 2, 32),                 # 100x spread
+    ([257, 65, 2], [257, 65, 2], 3, 64),
+    ([17, 0, 40], [60, 9, 1], 2, 128),           # cu_q != cu_k, an empty query sequence
+    ([4, 12], [0, 33], 1, 64),                   # a sequence with queries but no keys
+    ([700], [520], 1, 64),                       # several key tiles
+]
+
+
+def make_inputs(lens_q, lens_k, H, D, dtype=torch.float64, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([0] + lens_q).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu_q[-1]), H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(int(cu_k[-1]), H, D, generator=g, dtype=torch.float64)
+    v = torch.randn(int(cu_k[-1]), H, D, generator=g, dtype=torch.float64)
+    do = torch.randn(int(cu_q[-1]), H, D, generator=g, dtype=torch.float64)
+    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return move(q), move(k), move(v), move(do), cu_q.to(device), cu_k.to(device)
+
+
+def reference_with_grads(q, k, v, do, cu_q, cu_k):
+    q, k, v = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    out = attention_reference(q, k, v, cu_q.cpu(), cu_k.cpu())
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do.double().cpu())
+    return out.detach(), dq, dk, dv
+
+
+def run_impl(impl, q, k, v, do, cu_q, cu_k, lens_q, lens_k):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), impl=impl)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return out, dq, dk, dv
+
+
+def test_reference_matches_dense_softmax():
+    q, k, v, _, cu_q, cu_k = make_inputs([6], [9], 2, 32)
+    dense = torch.softmax(torch.einsum("qhd,khd->hqk", q, k) * 32 ** -0.5, -1)
+    assert torch.allclose(attention_reference(q, k, v, cu_q, cu_k), torch.einsum("hqk,khd->qhd", dense, v))
+
+
+@needs_ours
+@pytest.mark.parametrize("lens_q,lens_k,H,D", CASES)
+def test_ours_cpu_forward_backward_fp32(lens_q, lens_k, H, D):
+    q, k, v, do, cu_q, cu_k = make_inputs(lens_q, lens_k, H, D, dtype=torch.float32, seed=len(lens_q) + D)
+    ref = reference_with_grads(q, k, v, do, cu_q, cu_k)
+    got = run_impl("ours", q, k, v, do, cu_q, cu_k, lens_q, lens_k)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert g.dtype == torch.float32 and g.shape == r.shape
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - r).abs().max().item() if r.numel() else 0.0
+        assert err < 2e-5 * max(1.0, r.abs().max().item()), f"{name}: max error {err:.2e}"
+
+
+@needs_ours
+def test_ours_cpu_lse_and_empty_rows():
+    lens_q, lens_k = [3, 2], [4, 0]
+    q, k, v, _, cu_q, cu_k = make_inputs(lens_q, lens_k, 2, 64, dtype=torch.float32)
+    out, lse = torch.ops.nvfm.varlen_attn_fwd(q, k, v, cu_q, cu_k, 3, 4, 0.125)
+    s = torch.einsum("qhd,khd->hqk", q[:3].double(), k[:4].double()) * 0.125
+    assert torch.allclose(lse[:, :3].double(), torch.logsumexp(s, -1), atol=1e-5)
+    assert torch.isneginf(lse[:, 3:]).all() and (out[3:] == 0).all()
+
+
+@needs_ours
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ours_cpu_low_precision_inputs(dtype):
+    """bf16/fp16 inputs are computed in fp32: error <= PyTorch's own error in that dtype."""
+    lens = [37, 130, 1]
+    q, k, v, do, cu_q, cu_k = make_inputs(lens, lens, 2, 64, dtype=dtype, seed=3)
+    ref = reference_with_grads(q, k, v, do, cu_q, cu_k)
+    got = run_impl("ours", q, k, v, do, cu_q, cu_k, lens, lens)
+    pt = run_impl("sdpa", q, k, v, do, cu_q, cu_k, lens, lens)  # PyTorch in the same dtype
+    for name, g, p, r in zip(("out", "dq", "dk", "dv"), got, pt, ref):
+        assert g.dtype == dtype
+        err, pt_err = (g.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-3, f"{name}: ours {err:.2e} vs pytorch {pt_err:.2e}"
+
+
+@pytest.mark.parametrize("lens_q,lens_k,H,D", CASES[:5])
+def test_sdpa_path_matches_reference(lens_q, lens_k, H, D):
+    q, k, v, do, cu_q, cu_k = make_inputs(lens_q, lens_k, H, D)
+    ref = reference_with_grads(q, k, v, do, cu_q, cu_k)
+    got = run_impl("sdpa", q, k, v, do, cu_q, cu_k, lens_q, lens_k)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert torch.allclose(g, r, atol=1e-10), name
+
+
+def test_sdpa_path_zero_for_sequences_without_keys():
+    q, k, v, do, cu_q, cu_k = make_inputs([4, 12], [0, 33], 1, 64)
+    out, dq, _, _ = run_impl("sdpa", q, k, v, do, cu_q, cu_k, [4, 12], [0, 33])
+    assert (out[:4] == 0).all() and torch.isfinite(out).all() and torch.isfinite(dq).all()
+
+
+@needs_ours
+def test_opcheck_registration():
+    """Schema, fake (meta) kernel and autograd registration are consistent (torch.compile needs them)."""
+    q, k, v, _, cu_q, cu_k = make_inputs([5, 9], [7, 3], 2, 32, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.nvfm.varlen_attn_fwd.default, (q, k, v, cu_q, cu_k, 9, 7, 0.2),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nvfm.varlen_attn_bwd.default,
+                          (q.detach(), q.detach(), k.detach(), v.detach(), q.detach(),
+                           torch.zeros(2, 14), cu_q, cu_k, 9, 7, 0.2),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ours
+def test_strided_views_read_in_place():
+    """q, k, v as views of one fused QKV output (row stride 3 * H * D) give the same result."""
+    lens = [9, 30]
+    cu = torch.tensor([0, 9, 39], dtype=torch.int32)
+    qkv = torch.randn(39, 3, 2, 64)
+    q, k, v = qkv.unbind(1)
+    assert not q.is_contiguous()
+    got = varlen_attention(q, k, v, cu, cu, 30, 30, impl="ours")
+    want = varlen_attention(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 30, 30, impl="reference")
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@needs_ours
+def test_ours_cpu_rejects_bad_input():
+    q, k, v, _, cu_q, cu_k = make_inputs([5, 9], [7, 3], 2, 32, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="max_seqlen"):
+        torch.ops.nvfm.varlen_attn_fwd(q, k, v, cu_q, cu_k, 5, 7, 0.2)  # true max_q is 9
+    with pytest.raises(RuntimeError, match="cu_seqlens_q ends"):
+        torch.ops.nvfm.varlen_attn_fwd(q[:-1], k, v, cu_q, cu_k, 9, 7, 0.2)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.nvfm.varlen_attn_fwd(q, k, v[:-1], cu_q, cu_k, 9, 7, 0.2)
+
+
+def test_impl_selection():
+    q = torch.zeros(3, 1, 64)
+    assert resolve_impl("auto", q) == ("ours" if HAS_OURS_CPU else "sdpa")
+    assert resolve_impl("sdpa", q) == "sdpa"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resolve_impl("flash", q)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="torch_varlen"):
+        varlen_attention(q, q, q, cu, cu, 3, 3, impl="torch_varlen")  # CPU tensors: a clear error
+
+
+# ---- GPU (skipped without CUDA) -----------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lens_q,lens_k,H,D", [
+    ([1], [1], 1, 64), ([5, 1, 7], [5, 1, 7], 2, 64), ([3, 300], [3, 300], 2, 128),
+    ([257, 65, 2], [257, 65, 2], 3, 64), ([17, 0, 40], [60, 9, 1], 2, 128), ([4, 12], [0, 33], 1, 64),
+    ([1000, 30, 2048], [1000, 30, 2048], 4, 64)])
+def test_ours_cuda_flash_accuracy_rule(lens_q, lens_k, H, D, dtype):
+    if not ours_available(torch.empty(1, 1, D, device="cuda", dtype=dtype)):
+        pytest.skip("nvfm._C was built without CUDA kernels")
+    q, k, v, do, cu_q, cu_k = make_inputs(lens_q, lens_k, H, D, dtype=dtype, device="cuda", seed=D)
+    ref = reference_with_grads(q, k, v, do, cu_q, cu_k)
+    got = run_impl("ours", q, k, v, do, cu_q, cu_k, lens_q, lens_k)
+    pt = run_impl("sdpa", q, k, v, do, cu_q, cu_k, lens_q, lens_k)
+    for name, g, p, r in zip(("out", "dq", "dk", "dv"), got, pt, ref):
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        err = (g.double().cpu() - r).abs().max().item()
+        pt_err = (p.double().cpu() - r).abs().max().item()
+        assert err <= 2 * pt_err + 1e-3, f"{name}: ours {err:.2e} vs pytorch {dtype} {pt_err:.2e}"

@@ -1,0 +1,148 @@
+"""nvfm.data: part writer commit protocol, deterministic merge, zero-copy reader, tokens."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nvfm import data as shards
+from nvfm.tokenize import patchify_reference, token_foreground
+
+
+def _volume(rng, modality, shape):
+    D, H, W = shape
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, s) for s in shape), indexing="ij")
+    mask = ((z / 0.9) ** 2 + (y / 0.8) ** 2 + (x / 0.7) ** 2 < 1).astype(np.uint8)
+    C = 2 if modality == "CT" else 1
+    data = rng.integers(0, 256, (C,) + shape, dtype=np.uint8)
+    tm = token_foreground(torch.from_numpy(mask)).numpy()
+    return data, mask, tm
+
+
+def _write_set(out, rng, n_studies=4, order=None):
+    """A shard set written by two part writers, studies in `order`."""
+    studies = []
+    for s in range(n_studies):
+        vols = []
+        for j, (mod, shape) in enumerate([("CT", (10, 61, 75)), ("MR", (16, 96, 90))]):
+            data, mask, tm = _volume(rng, mod, shape)
+            rec = dict(volume_id=f"k{s:02d}-v{j}", study_key=f"k{s:02d}", series_key=f"v{j}",
+                       split=["train", "val"][s % 2], modality=mod, family="CT" if mod == "CT" else "T2",
+                       shape=list(shape), channels=data.shape[0], spacing=[4.0, 1.0, 1.0],
+                       token_grid=list(tm.shape), n_tokens=int(tm.sum()), token_mask=shards.pack_mask(tm))
+            vols.append((rec, data, mask))
+        studies.append((f"k{s:02d}", vols))
+    order = order or list(range(n_studies))
+    writers = [shards.PartWriter(out, "a", fsync=False), shards.PartWriter(out, "b", fsync=False)]
+    for n, s in enumerate(order):
+        writers[n % 2].add_study(studies[s][0], studies[s][1], [])
+    for w in writers:
+        w.close()
+    return studies
+
+
+@pytest.fixture()
+def shard_set(tmp_path):
+    rng = np.random.default_rng(0)
+    studies = _write_set(str(tmp_path), rng)
+    shards.merge(str(tmp_path), shards.read_done(str(tmp_path)), {"salt_id": "x"})
+    return str(tmp_path), studies
+
+
+def test_reader_roundtrip_and_zero_copy(shard_set):
+    out, studies = shard_set
+    r = shards.ShardReader(out)
+    expected = {rec["volume_id"]: (data, mask) for _, vols in studies for rec, data, mask in vols}
+    assert len(r) == len(expected)
+    for i, v in enumerate(r.volumes):
+        data, mask = r.volume(i)
+        assert np.array_equal(data, expected[v["volume_id"]][0]) and np.array_equal(mask, expected[v["volume_id"]][1])
+        buf = r._map(v["shard"])
+        assert np.shares_memory(data, buf) and np.shares_memory(mask, buf)  # views, no copy
+        assert v["offset"] % shards.ALIGN == 0
+        assert v["shard"].startswith(v["split"] + "_")
+        if v["modality"] == "CT":
+            assert np.shares_memory(r.window(i, "brain"), buf)
+            assert np.array_equal(r.window(i, "blood"), (data[1] >> 4) * 17)
+            assert np.array_equal(r.window(i, "bone"), (data[1] & 15) * 17)
+            assert r.window(i, "bone").max() <= 255
+            with pytest.raises(ValueError):
+                r.window(i, "mr")
+        else:
+            assert np.shares_memory(r.window(i, "mr"), buf)
+        assert np.array_equal(r.token_mask(i), token_foreground(torch.from_numpy(np.array(mask))).numpy())
+
+
+def test_tokens_match_patchify_and_ranges_concatenate(shard_set):
+    out, _ = shard_set
+    r = shards.ShardReader(out)
+    slabs = 0
+    for i, v in enumerate(r.volumes):
+        name = "bone" if v["modality"] == "CT" else "mr"
+        vol = torch.from_numpy(np.array(r.window(i, name)))
+        ref_tok, ref_coords, _ = patchify_reference([vol], [torch.from_numpy(np.array(r.volume(i)[1]))])
+        tok, coords = r.tokens(i, name)
+        assert np.array_equal(tok, ref_tok.numpy()) and np.array_equal(coords, ref_coords.numpy())
+        n = len(tok)
+        parts = [r.tokens(i, name, a, min(a + 5, n)) for a in range(0, n, 5)]
+        assert np.array_equal(np.concatenate([p[0] for p in parts]), tok)
+        if n >= 9:
+            data, mask, c, z0 = r.slab(i, 3, 9)
+            assert np.shares_memory(data, r._map(v["shard"])) and z0 % 4 == 0
+            assert np.array_equal(c, coords[3:9]) and data.shape[1] == (c[-1, 0] - c[0, 0] + 1) * 4
+            slabs += 1
+    assert slabs > 0
+
+
+def test_merge_is_deterministic_regardless_of_write_order(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _write_set(a, np.random.default_rng(1), order=[0, 1, 2, 3])
+    _write_set(b, np.random.default_rng(1), order=[3, 1, 0, 2])
+    for d in (a, b):
+        shards.merge(d, shards.read_done(d), {"salt_id": "x"})
+    for name in ("manifest.json", "train_0.bin", "val_0.bin"):
+        with open(os.path.join(a, name), "rb") as f, open(os.path.join(b, name), "rb") as g:
+            assert f.read() == g.read(), name
+
+
+def test_uncommitted_tail_is_ignored(tmp_path):
+    out = str(tmp_path)
+    rng = np.random.default_rng(2)
+    w = shards.PartWriter(out, "w", fsync=False)
+    data, mask, tm = _volume(rng, "MR", (8, 32, 32))
+    rec = dict(volume_id="s1-v", study_key="s1", split="train", modality="MR", shape=[8, 32, 32], channels=1)
+    w.add_study("s1", [(rec, data, mask)], [])
+    w.add_study("s2", [(dict(rec, volume_id="s2-v", study_key="s2"), data, mask)], [])
+    w.close()
+    bin_path = os.path.join(out, "parts", "w.bin")
+    with open(bin_path, "r+b") as f:  # killed while writing s2's bytes...
+        f.truncate(os.path.getsize(bin_path) - 100)
+    with open(os.path.join(out, "parts", "w.jsonl"), "a") as f:  # ...and a torn commit line
+        f.write('{"study_key": "s3", "volu')
+    done = shards.read_done(out)
+    assert set(done) == {"s1"}
+
+
+def test_shard_size_limit_starts_new_files(tmp_path):
+    out = str(tmp_path)
+    _write_set(out, np.random.default_rng(3), n_studies=6)
+    man = shards.merge(out, shards.read_done(out), {}, shard_bytes=300_000)
+    names = sorted(man["shards"])
+    assert len(names) > 2 and "train_1.bin" in names
+    per_shard = {n: [v for v in man["volumes"] if v["shard"] == n] for n in names}
+    for n, size in man["shards"].items():  # a shard exceeds the limit only when it holds one volume
+        assert size <= 300_000 or len(per_shard[n]) == 1
+    r = shards.ShardReader(out)
+    for i in range(len(r)):
+        data, mask = r.volume(i)
+        assert mask.max() == 1
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["version"] == shards.VERSION
+
+
+def test_pack_mask_roundtrip():
+    rng = np.random.default_rng(4)
+    for grid in [(1, 1, 1), (3, 5, 7), (10, 14, 14)]:
+        m = rng.random(grid) < 0.4
+        assert np.array_equal(shards.unpack_mask(shards.pack_mask(m), grid), m)

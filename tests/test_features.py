@@ -1,0 +1,90 @@
+"""Feature cache: round trip, resume after a killed write, stale-encoder detection."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from nvfm import features
+
+
+def _entries(rng, key_seed, dim=8):
+    out = []
+    for w in ("brain", "blood"):
+        n = int(rng.integers(0, 6))
+        out.append(dict(volume_id=f"v{key_seed}", family="CT", window=w, modality="CT",
+                        coords=rng.integers(0, 9, (n, 3)), emb=rng.normal(size=(n, dim))))
+    return out
+
+
+def test_round_trip_and_float16(tmp_path):
+    rng = np.random.default_rng(0)
+    data = {f"s{i}": _entries(rng, i) for i in range(5)}
+    with features.FeatureWriter(str(tmp_path), "sha256:abc", 8, flush_every=2) as w:
+        for k, e in data.items():
+            w.add(k, e)
+    c = features.FeatureCache(str(tmp_path), expect_hash="sha256:abc")
+    assert c.study_keys() == list(data) and len(c) == 5 and c.encoder_hash == "sha256:abc"
+    for k, ents in data.items():
+        got = c.study(k)
+        assert [g["window"] for g in got] == ["brain", "blood"]
+        for g, e in zip(got, ents):
+            assert g["emb"].dtype == np.float16 and g["coords"].dtype == np.int32
+            np.testing.assert_allclose(g["emb"], e["emb"], rtol=1e-3, atol=1e-3)
+            np.testing.assert_array_equal(g["coords"], e["coords"])
+        bag, spans = c.study_tokens(k)
+        assert len(bag) == sum(len(e["emb"]) for e in ents)
+    with pytest.raises(KeyError, match="not in the feature cache"):
+        c.study("nope")
+
+
+def test_resume_after_killed_write_truncates_tail(tmp_path):
+    rng = np.random.default_rng(1)
+    w = features.FeatureWriter(str(tmp_path), "h1", 8, flush_every=1)
+    w.add("a", _entries(rng, 0))
+    w.add("b", _entries(rng, 1))
+    w.flush()
+    # a study half-written when the job died: bytes on disk, no index entry
+    w._emb.write(b"\x00" * 8 * 2 * 3)
+    w._co.write(b"\x00" * 12 * 3)
+    w._emb.flush()
+    w._co.flush()
+    rows = json.load(open(tmp_path / "index.json"))["rows"]
+    # (no close: simulate the kill)
+    w2 = features.FeatureWriter(str(tmp_path), "h1", 8)
+    assert "a" in w2 and "b" in w2 and "c" not in w2
+    assert os.path.getsize(tmp_path / "emb.f16") == rows * 8 * 2
+    e = _entries(rng, 2)
+    w2.add("c", e)
+    w2.close()
+    c = features.FeatureCache(str(tmp_path))
+    assert len(c) == 3
+    np.testing.assert_allclose(c.study("c")[0]["emb"], e[0]["emb"], rtol=1e-3, atol=1e-3)
+
+
+def test_stale_cache_and_bad_input(tmp_path):
+    with features.FeatureWriter(str(tmp_path), "h1", 8) as w:
+        w.add("a", _entries(np.random.default_rng(2), 0))
+    with pytest.raises(features.StaleCacheError, match="h1"):
+        features.FeatureWriter(str(tmp_path), "h2", 8)
+    with pytest.raises(features.StaleCacheError):
+        features.FeatureCache(str(tmp_path), expect_hash="h2")
+    with features.FeatureWriter(str(tmp_path), "h2", 8, overwrite=True) as w:
+        assert "a" not in w
+    with pytest.raises(FileNotFoundError, match="encode.py"):
+        features.FeatureCache(str(tmp_path / "missing"))
+    with features.FeatureWriter(str(tmp_path), "h2", 8) as w:
+        bad = [dict(volume_id="v", family="T1", window="mr", modality="MR", coords=np.zeros((2, 3)),
+                    emb=np.zeros((2, 5)))]
+        with pytest.raises(ValueError, match="dim 8"):
+            w.add("x", bad)
+        bad[0]["emb"] = np.full((2, 8), 1e6)   # overflows float16
+        with pytest.raises(ValueError, match="non-finite"):
+            w.add("x", bad)
+        assert "x" not in w
+
+
+def test_file_hash(tmp_path):
+    p = tmp_path / "enc.bin"
+    p.write_bytes(b"abc")
+    assert features.file_hash(str(p)) == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"

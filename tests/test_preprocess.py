@@ -1,0 +1,319 @@
+"""preprocess.py end to end: bad-input corpus, privacy, resume after kill, determinism,
+array-job sharding, label re-keying, NIfTI input."""
+import csv
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+from dicom_synth import FAKE_PHI, head_phantom, write_enhanced, write_series  # noqa: E402
+
+import preprocess  # noqa: E402
+from nvfm.data import ShardReader  # noqa: E402
+
+SHAPE = (8, 48, 40)
+
+
+def _ct(seed=0):
+    return head_phantom(SHAPE, seed)
+
+
+def _mr(seed=0):
+    return np.clip(head_phantom(SHAPE, seed) + 1000, 0, None)
+
+
+def _mutate(d, fn):
+    """Apply fn(ds, index) to every file of a written series (sorted names) and save."""
+    for i, f in enumerate(sorted(os.listdir(d))):
+        p = os.path.join(d, f)
+        ds = pydicom.dcmread(p)
+        fn(ds, i)
+        ds.save_as(p)
+
+
+def build_corpus(root):
+    """Good studies plus >= 20 kinds of bad input. Returns (uids, expected reasons)."""
+    uids = []
+    pt = "Zzyzxington_Quillfeather"  # a patient name in a folder name: must not leak
+
+    def series(path, vol, **kw):
+        st, se, paths = write_series(os.path.join(root, path), vol, **kw)
+        uids.extend([st, se] + [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths])
+        return st, se, paths
+
+    # --- good: CT study; MR study with a localizer, an SR, a duplicate and a stray slice
+    series(f"{pt}/ct1/axial", _ct(), ps=(0.9, 0.8))
+    st, _, paths = series(f"{pt}/mr1/t2", _mr(), modality="MR", intercept=0.0, desc="AX T2 TSE")
+    shutil.copy(paths[3], os.path.join(os.path.dirname(paths[3]), "copy_of_slice.dcm"))  # duplicate slice
+    ds = pydicom.dcmread(paths[0])  # a stray slice of another size in the same series
+    ds.Rows, ds.Columns = 24, 20
+    ds.PixelData = np.zeros((24, 20), np.int16).tobytes()
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(os.path.join(os.path.dirname(paths[0]), "stray.dcm"))
+    uids.append(str(ds.SOPInstanceUID))
+    s2, se2 = write_enhanced(os.path.join(root, f"{pt}/mr1/flair/mf.dcm"), _mr(1), study_uid=st, ps=(1.0, 1.0))
+    uids += [se2]
+    series(f"{pt}/mr1/loc", _mr()[:3], modality="MR", intercept=0.0, study_uid=st, desc="3pl loc",
+           image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    series(f"{pt}/mr1/scout", _mr()[:3], modality="MR", intercept=0.0, study_uid=st, desc="SCOUT")
+    sr = pydicom.dcmread(get_testdata_file("reportsi.dcm"))
+    sr.StudyInstanceUID = st
+    sr.save_as(os.path.join(root, f"{pt}/mr1/report.dcm"))
+    series(f"{pt}/mr1/mip", _mr(), modality="MR", intercept=0.0, study_uid=st, desc="MIP COR",
+           image_type=("DERIVED", "SECONDARY", "MIP"))
+    # --- bad inputs, one study each
+    bad = os.path.join(root, "bad")
+    os.makedirs(bad, exist_ok=True)
+    _, _, p = series("bad/trunc_header", _ct()[:3])
+    with open(p[0], "r+b") as f:
+        f.truncate(300)
+    _, _, p = series("bad/trunc_pixels", _ct())
+    with open(p[4], "r+b") as f:
+        f.truncate(os.path.getsize(p[4]) - 1000)
+    with open(os.path.join(bad, "notes.txt"), "w") as f:
+        f.write("not a dicom file\n")
+    open(os.path.join(bad, "empty.dcm"), "wb").close()
+    with open(os.path.join(bad, "random.bin"), "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    _, _, p = series("bad/no_pixels", _ct())
+    _mutate(os.path.join(root, "bad/no_pixels"), lambda ds, i: ds.__delattr__("PixelData"))
+
+    def conflict(ds, i):
+        if i == 1:
+            ds.ImagePositionPatient = list(pydicom.dcmread(p0[0]).ImagePositionPatient)
+    _, _, p0 = series("bad/conflict", _ct())
+    p0 = sorted(p0)
+    _mutate(os.path.join(root, "bad/conflict"), conflict)
+    series("bad/single", _ct()[:1])
+    series("bad/two", _ct()[:2])
+    series("bad/no_ipp", _ct())
+    _mutate(os.path.join(root, "bad/no_ipp"), lambda ds, i: ds.__delattr__("ImagePositionPatient"))
+    series("bad/no_spacing", _ct())
+    _mutate(os.path.join(root, "bad/no_spacing"), lambda ds, i: ds.__delattr__("PixelSpacing"))
+    series("bad/absurd_spacing", _ct(), ps=(50.0, 50.0))
+    _, _, p = series("bad/gap", _ct())
+    for q in sorted(p, key=lambda q: float(pydicom.dcmread(q).ImagePositionPatient[2]))[3:5]:
+        os.remove(q)  # two missing slices in the middle: a 15 mm gap
+    series("bad/tilt60", _ct(), step=(0, 5 * np.tan(np.radians(60)), 5.0))
+    series("bad/not_orthonormal", _ct(), r=(1, 0, 0), c=(0.5, 1, 0))  # writer normalises; fix below
+    _mutate(os.path.join(root, "bad/not_orthonormal"),
+            lambda ds, i: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0.5, 0.8, 0]))
+    series("bad/constant", np.zeros(SHAPE), modality="MR", intercept=0.0)
+    series("bad/mpeg2", _ct())
+
+    def mpeg(ds, i):
+        ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    _mutate(os.path.join(root, "bad/mpeg2"), mpeg)
+    series("bad/no_study_uid", _ct()[:3])
+    _mutate(os.path.join(root, "bad/no_study_uid"), lambda ds, i: ds.__delattr__("StudyInstanceUID"))
+    shutil.copy(get_testdata_file("US1_UNCR.dcm"), os.path.join(bad, "us.dcm"))
+    shutil.copy(get_testdata_file("SC_rgb.dcm"), os.path.join(bad, "sc_rgb.dcm"))
+    shutil.copy(get_testdata_file("emri_small.dcm"), os.path.join(bad, "emri_no_geometry.dcm"))
+    shutil.copy(get_testdata_file("DICOMDIR"), os.path.join(bad, "DICOMDIR"))
+    shutil.copy(get_testdata_file("CT_small.dcm"), os.path.join(bad, "ct_small_single.dcm"))
+    # --- NIfTI: one good, and bad ones
+    nd = os.path.join(root, "nifti", "sub-01", "anat")
+    os.makedirs(nd)
+    aff = np.diag([1.0, 1.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(_mr().transpose(2, 1, 0).astype(np.float32), aff), os.path.join(nd, "sub-01_T1w.nii.gz"))
+    nb = os.path.join(root, "nifti", "bad")
+    os.makedirs(nb)
+    nib.save(nib.Nifti1Image(np.zeros((0, 10, 10), np.float32), aff), os.path.join(nb, "zero.nii.gz"))
+    nib.save(nib.Nifti1Image(np.full((10, 10, 10), np.nan, np.float32), aff), os.path.join(nb, "nan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 10, 3), np.float32), aff), os.path.join(nb, "four_d.nii.gz"))
+    with open(os.path.join(nb, "garbage.nii.gz"), "wb") as f:
+        f.write(b"\x1f\x8b" + b"garbage" * 20)
+    nib.save(nib.Nifti1Image(_mr()[:2].astype(np.float32), np.diag([1.0, 1, 900, 1])),
+             os.path.join(nb, "absurd.nii.gz"))
+    return uids
+
+
+EXPECTED = {  # reason substring -> where it is counted
+    "series_skipped": ["localizer/scout", "non-image SOP class", "derived map (MIP)", "unsupported modality US",
+                       "multi-frame object without per-frame geometry"],
+    "series_failed": ["missing pixel data", "conflicting slices", "single-slice series", "too few slices (2)",
+                      "missing geometry (ImagePositionPatient)", "missing geometry (PixelSpacing)",
+                      "absurd pixel spacing", "missing slices", "gantry tilt too large",
+                      "invalid ImageOrientationPatient", "constant image", "cannot decode pixel data",
+                      "zero-sized NIfTI", "non-finite voxels", "4D NIfTI", "unreadable NIfTI", "absurd slice spacing",
+                      "pixel"],
+    "files_failed": ["not a DICOM file", "empty file", "missing StudyInstanceUID", "DICOMDIR"],
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    uids = build_corpus(str(root / "in"))
+    out = str(root / "out")
+    man = preprocess.run(str(root / "in"), out, n_workers=1, cfg_progress=False, cfg_log_paths=False)
+    return dict(root=root, inp=str(root / "in"), out=out, manifest=man, uids=uids)
+
+
+def test_bad_inputs_are_counted_and_good_ones_written(corpus):
+    s = corpus["manifest"]["summary"]
+    kinds = 0
+    for where, reasons in EXPECTED.items():
+        got = " | ".join(s[where])
+        for r in reasons:
+            assert r in got, f"{r!r} missing from {where}: {got}"
+        kinds += len(reasons)
+    assert kinds >= 20
+    # truncated header and truncated pixels are both caught somewhere, not crashes
+    assert sum(s["files_failed"].values()) >= 6
+    fams = s["volumes_by_family"]
+    assert fams == {"CT/CT": 1, "MR/FLAIR": 1, "MR/T1": 1, "MR/T2": 1}, fams
+    r = ShardReader(corpus["out"])
+    t2 = [v for v in r.volumes if v["family"] == "T2"][0]
+    assert t2["duplicates_dropped"] == 1
+    for i, v in enumerate(r.volumes):
+        data, mask = r.volume(i)
+        assert data.shape == (v["channels"], *v["shape"]) and mask.max() == 1 and v["n_tokens"] > 0
+    # every failure record is PHI-free by construction: fixed keys only
+    for f in corpus["manifest"]["failures"]:
+        assert set(f) <= {"kind", "status", "reason", "study_key", "series_key", "file_key"}
+
+
+def test_no_phi_in_any_output_byte(corpus):
+    needles = [v.encode() for v in FAKE_PHI.values()] + [u.encode() for u in corpus["uids"]]
+    needles += [b"Zzyzxington", b"Quillfeather", b"19230417", b"STUDYID-4411"]
+    files = [p for p in glob.glob(os.path.join(corpus["out"], "**", "*"), recursive=True) if os.path.isfile(p)]
+    assert any(p.endswith(".bin") for p in files) and any(p.endswith("preprocess.log") for p in files)
+    for p in files:
+        with open(p, "rb") as f:
+            blob = f.read()
+        for n in needles:
+            assert n not in blob, f"{n!r} found in {os.path.relpath(p, corpus['out'])}"
+
+
+def _run_cli(inp, out, *extra, wait=True):
+    cmd = [sys.executable, os.path.join(ROOT, "preprocess.py"), f"--input={inp}", f"--output={out}",
+           "--progress=False", *extra]
+    env = dict(os.environ, NVFM_QUIET="1", PYTHONPATH=ROOT)
+    if wait:
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _outputs(out):
+    res = {}
+    for p in sorted(glob.glob(os.path.join(out, "*"))):
+        if os.path.basename(p) != "preprocess.log" and os.path.isfile(p):
+            with open(p, "rb") as f:
+                res[os.path.basename(p)] = f.read()
+    return res
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """8 small studies + labels/findings keyed by study_uid."""
+    root = tmp_path_factory.mktemp("cohort")
+    rows, finds = [], []
+    for s in range(8):
+        st, _, _ = write_series(str(root / "in" / f"s{s:02d}" / "ct"), head_phantom((16, 96, 80), s), seed=s,
+                                ps=(0.7, 0.7), phi=True)
+        write_series(str(root / "in" / f"s{s:02d}" / "t1"), np.clip(head_phantom((12, 64, 64), s) + 1000, 0, None),
+                     study_uid=st, modality="MR", intercept=0.0, desc="T1 MPRAGE", seed=s)
+        split = ["train", "train", "val", "test"][s % 4]
+        rows.append({"study_uid": st, "study": f"demo-{s:04d}", "modality": "CT", "split": split, "age": 40 + s})
+        finds.append({"study_uid": st, "study": f"demo-{s:04d}", "findings": ["none"], "split": split})
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(root / "findings.jsonl", "w") as f:
+        for r in finds:
+            f.write(json.dumps(r) + "\n")
+    ref = str(root / "ref")
+    preprocess.run(str(root / "in"), ref, str(root / "labels.csv"), str(root / "findings.jsonl"), n_workers=1,
+                   cfg_progress=False)
+    return dict(root=root, inp=str(root / "in"), ref=ref, rows=rows)
+
+
+def test_labels_rekeyed_and_splits_followed(cohort):
+    out = cohort["ref"]
+    with open(os.path.join(out, "labels.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert "study_uid" not in rows[0] and len(rows) == 8
+    r = ShardReader(out)
+    keys = {v["study_key"]: v["split"] for v in r.volumes}
+    for row in rows:
+        assert keys[row["study_key"]] == row["split"]
+    assert {v["shard"] for v in r.volumes} == {"train_0.bin", "val_0.bin", "test_0.bin"}
+    with open(os.path.join(out, "findings.jsonl")) as f:
+        fl = [json.loads(x) for x in f]
+    assert all("study_uid" not in x and x["study_key"] in keys for x in fl)
+    uid_text = "".join(row["study_uid"] for row in cohort["rows"])
+    for name, blob in _outputs(out).items():
+        for row in cohort["rows"]:
+            assert row["study_uid"].encode() not in blob, name
+    assert uid_text
+
+
+def test_kill_and_resume_is_byte_identical(cohort, tmp_path):
+    out = str(tmp_path / "out")
+    proc = _run_cli(cohort["inp"], out, "--workers=2", wait=False)
+    t0 = time.time()
+    committed = 0
+    while time.time() - t0 < 120 and proc.poll() is None:
+        committed = sum(len(open(p).read().splitlines()) for p in glob.glob(os.path.join(out, "parts", "*.jsonl")))
+        if committed >= 2:
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert committed >= 2 and not os.path.exists(os.path.join(out, "manifest.json")), "run was not killed midway"
+    res = _run_cli(cohort["inp"], out, "--workers=2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "already done" in res.stderr
+    done_before = int(res.stderr.split(" already done")[0].split(", ")[-1])
+    assert done_before >= 2
+    got = _outputs(out)
+    assert json.loads(got["manifest.json"])["summary"]["volumes"] == 16
+    # same input -> same bytes, whatever the worker count and the interruption (no labels
+    # given here, so the reference is an uninterrupted single-process run without labels)
+    ref2 = str(tmp_path / "ref2")
+    preprocess.run(cohort["inp"], ref2, n_workers=1, cfg_progress=False)
+    assert _outputs(ref2) == got
+    # a rerun of a finished output is a no-op with the same result
+    res = _run_cli(cohort["inp"], out, "--workers=1")
+    assert res.returncode == 0 and "0 to process" in res.stderr
+    assert _outputs(out) == got
+
+
+def test_array_job_shards_merge_to_the_same_output(cohort, tmp_path):
+    out = str(tmp_path / "out")
+    assert preprocess.run(cohort["inp"], out, n_workers=1, shard_spec="1/3", cfg_progress=False) is None
+    assert preprocess.run(cohort["inp"], out, n_workers=1, shard_spec="0/3", cfg_progress=False) is None
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    man = preprocess.run(cohort["inp"], out, n_workers=1, shard_spec="2/3", cfg_progress=False)
+    assert man is not None
+    ref2 = str(tmp_path / "ref")
+    preprocess.run(cohort["inp"], ref2, n_workers=1, cfg_progress=False)
+    assert _outputs(ref2) == _outputs(out)
+
+
+def test_other_salt_refused_and_keys_change(cohort, tmp_path):
+    with pytest.raises(SystemExit, match="another salt"):
+        preprocess.run(cohort["inp"], cohort["ref"], n_workers=1, salt_value="secret", cfg_progress=False)
+    out = str(tmp_path / "o")
+    man = preprocess.run(cohort["inp"], out, n_workers=1, salt_value="secret", cfg_progress=False)
+    ref = ShardReader(cohort["ref"])
+    assert not ({v["study_key"] for v in man["volumes"]} & {v["study_key"] for v in ref.volumes})
+    assert man["salt_id"] != ref.manifest["salt_id"] and "secret" not in json.dumps(man)

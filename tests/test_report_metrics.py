@@ -1,0 +1,145 @@
+"""Report metrics: diagnosis extraction, BLEU-2/ROUGE-L/METEOR, clinical rates, rule and HTTP judges."""
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from nvfm import report_metrics as rm
+
+SDH = "Acute hyperdense left convexity subdural hematoma measuring up to 9 mm in thickness."
+SHIFT = "Mass effect with 6 mm rightward midline shift."
+MENINGIOMA = "Hyperdense extra-axial mass along the right frontal convexity measuring 3.1 x 2.5 cm, likely meningioma."
+MEN_MR = ("Homogeneously enhancing dural-based extra-axial mass along the right frontal convexity measuring "
+          "3.4 x 3.3 cm, compatible with meningioma.")
+ATROPHY = "Mild generalized cerebral volume loss with prominent sulci and ventricles."
+
+
+def test_extract_diagnoses_wording_and_sides():
+    assert rm.extract_diagnoses(SDH) == [("acute_subdural_hematoma", "left")]
+    assert rm.extract_diagnoses("Chronic hypodense right convexity subdural hematoma.") == [
+        ("subacute_chronic_subdural_hematoma", "right")]
+    assert rm.extract_diagnoses("Left convexity subdural hematoma.") == [("subdural_hematoma", "left")]
+    # nearest side word wins, even after the phrase
+    assert rm.extract_diagnoses("Left subdural hematoma with midline shift to the right.") == [
+        ("subdural_hematoma", "left"), ("midline_shift", "right")]
+    # negation is scoped to its sentence
+    assert rm.extract_diagnoses("No midline shift. Right frontal meningioma.") == [("meningioma", "right")]
+    # non-lateral diagnoses get no side
+    assert rm.extract_diagnoses("Left-sided catheter; obstructive hydrocephalus.") == [
+        ("catheter", "left"), ("obstructive_hydrocephalus", None)]
+    assert rm.extract_diagnoses(ATROPHY) == [("cerebral_atrophy", None)]
+    assert rm.extract_diagnoses("Non-displaced linear fracture of the left parietal bone.") == [
+        ("nondisplaced_skull_fracture", "left")]
+    assert rm.extract_diagnoses("No acute intracranial abnormality.") == []
+    assert rm.extract_diagnoses(MEN_MR) == [("meningioma", "right")]  # decimals do not split the sentence
+
+
+def test_text_metrics_bounds():
+    same = rm.text_metrics([[SDH, SHIFT], []], [[SDH, SHIFT], []])
+    assert same["bleu2"] == pytest.approx(1.0) and same["rougeL"] == pytest.approx(1.0)
+    assert same["meteor"] > 0.99
+    diff = rm.text_metrics([["zebra giraffe okapi"]], [[SDH]])
+    assert diff["bleu2"] < 0.05 and diff["rougeL"] == 0 and diff["meteor"] < 0.05
+
+
+def test_meteor_uses_wordnet_synonyms():
+    wn = rm._wordnet()
+    assert "hemorrhage" in {l.name() for s in wn.synsets("bleeding") for l in s.lemmas()}
+    # NLTK matches synonyms after Porter stemming, so pick a pair whose stems are the words
+    syn = rm.text_metrics([["large tumor in the brain"]], [["large neoplasm in the brain"]])["meteor"]
+    other = rm.text_metrics([["large zebra in the brain"]], [["large neoplasm in the brain"]])["meteor"]
+    assert syn > other + 0.1
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+TRUTH = [
+    {"study_key": "a", "indication": "fall", "findings": [SDH, SHIFT], "triage": "urgent",
+     "lesions": [{"diagnosis": "acute_subdural_hematoma", "side": "left", "region": "x", "mask": "m"}]},
+    {"study_key": "b", "indication": "headache", "findings": [MENINGIOMA], "triage": "routine", "lesions": []},
+    {"study_key": "c", "indication": "dizziness", "findings": [], "triage": "unremarkable", "lesions": []},
+]
+
+
+def test_evaluate_reports_perfect_and_wrong(tmp_path):
+    truth = _write(tmp_path / "findings.jsonl", TRUTH)
+    perfect = _write(tmp_path / "perfect.jsonl", [{"study_key": t["study_key"], "findings": t["findings"], "parse": "ok"}
+                                                  for t in TRUTH])
+    m = rm.evaluate_reports(perfect, truth)
+    assert m["n_studies"] == 3 and m["triage_accuracy"] == 1.0 and m["parse_ok_rate"] == 1.0
+    assert m["hallucination_rate"] == 0 and m["omission_rate"] == 0 and m["laterality_error_rate"] == 0
+    assert m["bleu2"] == pytest.approx(1.0)
+
+    wrong = _write(tmp_path / "wrong.jsonl", [
+        {"study_key": "a", "findings": ["Acute right convexity subdural hematoma."]},  # wrong side, shift omitted
+        {"study_key": "b", "findings": [MENINGIOMA, "Left epidural hematoma."]},      # hallucinated urgent finding
+        {"study_key": "c", "findings": []}])
+    m = rm.evaluate_reports(wrong, truth)
+    assert m["laterality_error_rate"] == 0.5          # SDH on the wrong side, meningioma on the right one
+    assert m["hallucination_rate"] == pytest.approx(1 / 3)   # epidural of 3 mentions
+    assert m["urgent_omission_rate"] == pytest.approx(2 / 3)  # shift + mass effect of 3 urgent positives
+    assert m["triage_accuracy"] == pytest.approx(2 / 3)      # b judged urgent
+    assert m["triage_confusion"]["routine"]["urgent"] == 1
+    assert "parse_ok_rate" not in m
+
+
+def test_evaluate_reports_bad_input_names_file(tmp_path):
+    truth = _write(tmp_path / "findings.jsonl", TRUTH)
+    with pytest.raises(ValueError, match="missing.jsonl.*'zz'"):
+        rm.evaluate_reports(_write(tmp_path / "missing.jsonl", [{"study_key": "zz", "findings": []}]), truth)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"study_key": "a", "findings": []}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        rm.evaluate_reports(str(bad), truth)
+    with pytest.raises(ValueError, match="must be a list"):
+        rm.evaluate_reports(_write(tmp_path / "str.jsonl", [{"study_key": "a", "findings": "text"}]), truth)
+
+
+class _Judge(BaseHTTPRequestHandler):
+    seen = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Judge.seen.append((self.path, body))
+        text = body["messages"][-1]["content"].lower()
+        word = "urgent" if "hematoma" in text else "routine" if "meningioma" in text else "Unremarkable."
+        out = json.dumps({"choices": [{"message": {"role": "assistant", "content": word}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_http_judge_against_local_server(tmp_path):
+    srv = HTTPServer(("127.0.0.1", 0), _Judge)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        truth = _write(tmp_path / "findings.jsonl", TRUTH)
+        reps = _write(tmp_path / "r.jsonl", [{"study_key": t["study_key"], "findings": t["findings"]} for t in TRUTH])
+        m = rm.evaluate_reports(reps, truth, judge="http", judge_url=url, judge_model="judge-7b")
+        assert m["triage_accuracy"] == 1.0 and m["judge"] == "http"
+        assert len(_Judge.seen) == 3
+        path, body = _Judge.seen[0]
+        assert path == "/v1/chat/completions" and body["model"] == "judge-7b" and body["temperature"] == 0
+        assert "fall" in body["messages"][-1]["content"]  # the indication goes to the judge
+    finally:
+        srv.shutdown()
+
+
+def test_rule_judge_and_nan_rates():
+    assert rm.judge_rules([]) == "unremarkable"
+    assert rm.judge_rules([MENINGIOMA, ATROPHY]) == "routine"
+    assert rm.judge_rules([MENINGIOMA, SHIFT]) == "urgent"
+    m = rm.evaluate_report_lists([[]], [TRUTH[2]])
+    assert m["triage_accuracy"] == 1.0 and math.isnan(m["laterality_error_rate"])

@@ -1,0 +1,97 @@
+"""train_jepa.py end to end on CPU with a tiny model and small synthetic shards:
+the loss goes down, the teacher changes only through the EMA, resume is bit-for-bit, and a
+2-process gloo DDP run equals 1 process with the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nvfm.checkpoint import load_checkpoint
+from nvfm.loader import write_synthetic_shards
+from nvfm.model import load_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 16
+ARGS = ["config/jepa_tiny.py", "--global_batch=4", f"--max_steps={STEPS}", "--num_workers=0", "--log_interval=4",
+        "--ckpt_interval=1000", "--predictor_depth=1", "--lr_peak=0.002"]
+
+
+def run(args, out_dir, shards, nproc=1):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = launcher + ["train_jepa.py"] + ARGS + [f"--shards={shards}", f"--out_dir={out_dir}"] + args
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_synthetic_shards(str(tmp_path_factory.mktemp("shards")), n=6, seed=0, shape=(16, 80, 80))
+
+
+@pytest.fixture(scope="module")
+def full_run(shards, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("full"))
+    run([], out, shards)
+    return out
+
+
+def weights(path):
+    ck = load_checkpoint(path)
+    return {f"{part}.{k}": v for part in ("student", "predictor", "teacher") for k, v in ck[part].items()}
+
+
+def test_loss_goes_down_and_outputs(full_run):
+    log = [json.loads(line) for line in open(os.path.join(full_run, "log.jsonl"))]
+    assert [r["step"] for r in log] == list(range(4, STEPS + 1, 4))
+    losses = [r["loss"] for r in log]  # each the mean over its 4 steps
+    assert sum(losses[-2:]) / 2 < 0.85 * losses[0], losses
+    for r in log:
+        assert r["tokens_per_s"] > 0 and r["volumes_per_s"] > 0 and r["target_std"] > 0 and r["pred_std"] > 0
+        assert r["mfu"] is None  # no peak FLOP/s on CPU
+    assert log[0]["momentum"] < log[-1]["momentum"] <= 1.0
+    enc = load_encoder(os.path.join(full_run, "encoder.safetensors"))
+    ck = load_checkpoint(os.path.join(full_run, "ckpt.pt"))
+    assert ck["step"] == STEPS and ck["config"]["model_size"] == "tiny"
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, ck["student"][k])
+
+
+def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_path):
+    out = str(tmp_path)
+    half = STEPS // 2
+    run([f"--stop_at_step={half}"], out, shards)
+    before = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert before["step"] == half
+    run(["--init_from=resume", f"--stop_at_step={half + 1}"], out, shards)
+    after = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    # teacher_{s+1} = lerp(teacher_s, student_{s+1}, 1 - m_s): its only update is the EMA
+    m = 0.994 + (1.0 - 0.994) * half / STEPS
+    for k, t0 in before["teacher"].items():
+        expect = t0 + (1 - m) * (after["student"][k] - t0)
+        torch.testing.assert_close(after["teacher"][k], expect, atol=1e-7, rtol=1e-6)
+    assert any(not torch.equal(before["teacher"][k], after["teacher"][k]) for k in before["teacher"])
+    # the optimizer holds student + predictor parameters only
+    n_trained = len(before["student"]) + len(before["predictor"])
+    assert len(after["optimizer"]["state"]) == n_trained
+    run(["--init_from=resume"], out, shards)
+    a, b = weights(os.path.join(full_run, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+
+
+def test_ddp_two_processes_equal_one(full_run, shards, tmp_path):
+    out = str(tmp_path)
+    stdout = run([], out, shards, nproc=2)
+    assert f"step {STEPS}:" in stdout
+    a, b = weights(os.path.join(full_run, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    la = [json.loads(x)["loss"] for x in open(os.path.join(full_run, "log.jsonl"))]
+    lb = [json.loads(x)["loss"] for x in open(os.path.join(out, "log.jsonl"))]
+    assert la == pytest.approx(lb, rel=1e-4)

@@ -1,0 +1,292 @@
+"""Vol-JEPA pretraining of the 3D ViT encoder (SPEC.md section 2), nanoGPT style.
+
+A student encoder sees the context tokens of each volume; the predictor takes its latents
+plus mask tokens at the target positions and predicts the target latents; the teacher, an
+EMA of the student, encodes all tokens, its output passes a parameter-free LayerNorm and
+gives the targets. Loss: smooth L1 (beta 1). Only student and predictor get gradients.
+
+    python train_jepa.py config/jepa_tiny.py --shards=SHARDS --out_dir=out/jepa_tiny
+    torchrun --standalone --nproc_per_node=8 train_jepa.py config/jepa_vitb.py --shards=SHARDS
+Resume after a stop (SIGTERM/SIGINT also write a checkpoint): add --init_from=resume.
+Outputs in out_dir: ckpt.pt (full training state), encoder.safetensors (+ .json), log.jsonl.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nvfm.checkpoint import load_checkpoint, load_state_strict, save_atomic
+from nvfm.configurator import config_dict, configure
+from nvfm.data import ShardReader
+from nvfm.loader import JepaBatches, make_loader, train_indices
+from nvfm.masks import MaskConfig
+from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
+
+# ----------------------------------------------------------------------------- config
+shards = "/tmp/nvfm/demo_shards"   # a shard set written by preprocess.py
+split = "train"
+out_dir = "out/jepa"
+init_from = "scratch"              # "scratch" | "resume" (out_dir/ckpt.pt)
+model_size = "vitb"                # tiny | vits | vitm | vitb | vitl (nvfm.model.SIZES)
+predictor_dim = 0                  # 0: same as the encoder (the reference predictor)
+predictor_depth = 0
+predictor_heads = 0
+global_batch = 768                 # volumes per step over all ranks
+max_steps = 510_000
+lr_start, lr_peak, lr_final = 1e-4, 3.75e-4, 1e-6
+warmup_frac = 0.1                  # linear warm-up, then cosine to lr_final
+wd_start, wd_end = 0.05, 0.05      # weight decay, cosine from start to end
+beta1, beta2 = 0.9, 0.999
+ema_start, ema_end = 0.994, 1.0    # teacher momentum, linear
+grad_clip = 1.0
+context_ratio_mr, context_ratio_ct, context_drop = 0.25, 0.20, 0.20
+max_patches = 20                   # training crop, tokens per axis
+min_tokens = 8                     # skip volumes with fewer foreground tokens
+attention = "auto"                 # nvfm.attention impl: auto | ours | sdpa | torch_varlen | reference
+amp_dtype = "bfloat16"             # autocast dtype on GPU (CPU runs in float32)
+grad_checkpointing = False
+compile = False
+num_workers = 4
+seed = 0
+log_interval = 10
+ckpt_interval = 1000
+stop_at_step = 0                   # > 0: checkpoint and exit after this step (a time-limited job slot)
+device = "auto"                    # auto | cpu | cuda
+configure(globals())
+config = config_dict(globals())
+
+# ----------------------------------------------------------------------------- distributed set-up
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if ddp:
+    dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+master = rank == 0
+dev = torch.device(device)
+if global_batch % world_size:
+    raise SystemExit(f"global_batch {global_batch} must be divisible by the {world_size} ranks")
+torch.manual_seed(seed)  # same init on every rank (DDP also broadcasts it)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+use_amp = dev.type == "cuda"
+ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[amp_dtype]
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+
+# ----------------------------------------------------------------------------- data
+reader = ShardReader(shards)
+indices = train_indices(reader, split, min_tokens)
+if not indices:
+    raise SystemExit(f"{shards}: no '{split}' volumes with >= {min_tokens} foreground tokens")
+mask_config = MaskConfig(ratio_mr=context_ratio_mr, ratio_ct=context_ratio_ct, drop=context_drop,
+                         max_patches=max_patches)
+dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
+
+# ----------------------------------------------------------------------------- model
+enc_cfg = EncoderConfig.preset(model_size)
+pred_cfg = PredictorConfig(enc_dim=enc_cfg.dim, dim=predictor_dim or enc_cfg.dim, depth=predictor_depth or enc_cfg.depth,
+                           heads=predictor_heads or enc_cfg.heads, mlp_ratio=enc_cfg.mlp_ratio, pos_dim=enc_cfg.pos_dim)
+
+
+class VolJEPA(nn.Module):
+    """The trained part (student + predictor), one module so DDP syncs both."""
+
+    def __init__(self):
+        super().__init__()
+        self.student = Encoder(enc_cfg)
+        self.predictor = Predictor(pred_cfg)
+
+    def forward(self, x, coords, b):
+        ctx, tgt = b["ctx_index"], b["tgt_index"]
+        z = self.student(x[ctx], coords[ctx], b["cu_ctx"], b["max_ctx"])
+        layout = (b["pred_ctx_pos"], b["pred_tgt_pos"], b["pred_cu"], b["pred_max"])
+        return self.predictor(z, coords[ctx], coords[tgt], layout)
+
+
+model = VolJEPA().to(dev)
+teacher = Encoder(enc_cfg).to(dev)
+teacher.load_state_dict(model.student.state_dict())
+teacher.requires_grad_(False)
+for m in (model.student, model.predictor, teacher):
+    m.set_attention(attention)
+model.student.blocks.grad_checkpointing = grad_checkpointing
+model.predictor.blocks.grad_checkpointing = grad_checkpointing
+
+# no weight decay on biases, norms and the mask token (1-d parameters)
+decay = [p for p in model.parameters() if p.dim() >= 2]
+no_decay = [p for p in model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "wd": True}, {"params": no_decay, "wd": False, "weight_decay": 0.0}],
+                              lr=lr_start, betas=(beta1, beta2), weight_decay=wd_start, fused=dev.type == "cuda")
+scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and ptdtype == torch.float16)
+
+step = 0
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "resume":
+    ck = load_checkpoint(ckpt_path)
+    load_state_strict(model.student, ck["student"], "student")
+    load_state_strict(model.predictor, ck["predictor"], "predictor")
+    load_state_strict(teacher, ck["teacher"], "teacher")
+    optimizer.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    step = ck["step"]
+    torch.set_rng_state(ck["rng"]["torch"])  # data randomness is a function of (seed, step, slot): nothing else to restore
+    if master:
+        print(f"resumed from {ckpt_path} at step {step}")
+elif init_from != "scratch":
+    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+
+raw_model = model
+if compile:
+    model = torch.compile(model, dynamic=True)
+if ddp:
+    model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- schedules
+def lr_at(s):
+    """Linear warm-up lr_start -> lr_peak over warmup_frac of the run, then cosine to lr_final."""
+    warm = max(1, int(warmup_frac * max_steps))
+    if s < warm:
+        return lr_start + (lr_peak - lr_start) * s / warm
+    t = (s - warm) / max(1, max_steps - warm)
+    return lr_final + 0.5 * (lr_peak - lr_final) * (1 + math.cos(math.pi * t))
+
+
+def wd_at(s):
+    return wd_end + 0.5 * (wd_start - wd_end) * (1 + math.cos(math.pi * s / max_steps))
+
+
+def momentum_at(s):
+    return ema_start + (ema_end - ema_start) * s / max_steps
+
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def step_flops(b):
+    """Training FLOPs of one local batch on its real packed lengths: student and predictor
+    forward + backward (3x forward), teacher forward (1x); patch embedding and predictor
+    head included."""
+    lens = (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist()
+    lc = b["cu_ctx"].diff().tolist()
+    lp = b["pred_cu"].diff().tolist()
+    d, pd = enc_cfg.dim, pred_cfg.dim
+    enc = lambda L: transformer_flops(sum(L), L, d, enc_cfg.depth, enc_cfg.mlp_ratio) + 2 * 1024 * d * sum(L)
+    pred = transformer_flops(sum(lp), lp, pd, pred_cfg.depth, pred_cfg.mlp_ratio) + 2 * d * pd * (sum(lc) + sum(lp))
+    return 3 * (enc(lc) + pred) + enc(lens)
+
+
+def peak_flops():
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ----------------------------------------------------------------------------- checkpoint and stop signals
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+
+
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+
+def save_checkpoint(next_step):
+    if not master:
+        return
+    save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
+                 "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": next_step, "config": config, "encoder_config": vars(enc_cfg),
+                 "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
+
+
+# ----------------------------------------------------------------------------- training loop
+loader = make_loader(dataset, step, max_steps, num_workers, pin_memory=dev.type == "cuda")
+log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+t_log, tok_log, vol_log, flops_log, loss_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0
+for b in loader:
+    lr, wd, mom = lr_at(step), wd_at(step), momentum_at(step)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+        if g["wd"]:
+            g["weight_decay"] = wd
+    b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+    x = normalize_tokens(b["tokens"], b["window"])
+    coords = b["coords"]
+    n_tgt = torch.tensor(float(b["tgt_index"].numel()), device=dev)
+    if ddp:  # the loss is a mean over the global batch's target tokens, whatever the split across ranks
+        dist.all_reduce(n_tgt)
+    with torch.autocast(dev.type, dtype=ptdtype, enabled=use_amp):
+        with torch.no_grad():
+            h = teacher(x, coords, b["cu_seqlens"], b["max_seqlen"])
+            target = F.layer_norm(h.float(), (h.shape[-1],))[b["tgt_index"]]
+        pred = model(x, coords, b)
+        loss_sum = F.smooth_l1_loss(pred.float(), target, reduction="sum", beta=1.0) / target.shape[-1]
+    loss = loss_sum * world_size / n_tgt  # DDP averages gradients over ranks
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # teacher = EMA of the student, its only update
+        t_params, s_params = list(teacher.parameters()), list(raw_model.student.parameters())
+        torch._foreach_lerp_(t_params, s_params, 1.0 - mom)
+    step += 1
+
+    tok_log += int(b["cu_seqlens"][-1]) * world_size
+    vol_log += global_batch
+    flops_log += step_flops(b) * world_size
+    loss_log, n_log = loss_log + loss.detach(), n_log + 1  # no host sync until the log line
+    if step % log_interval == 0 or step == max_steps:
+        stats = torch.stack([loss_log / (n_log * world_size), pred.detach().float().std(0).mean(), target.std(0).mean()])
+        if ddp:
+            dist.all_reduce(stats)
+            stats[1:] /= world_size
+        dt = time.time() - t_log
+        peak = peak_flops()
+        rec = dict(step=step, loss=stats[0].item(), lr=lr, wd=wd, momentum=mom, grad_norm=float(grad_norm),
+                   tokens_per_s=tok_log / dt, volumes_per_s=vol_log / dt, tflops=flops_log / dt / 1e12,
+                   mfu=flops_log / dt / (peak * world_size) if peak else None,
+                   pred_std=stats[1].item(), target_std=stats[2].item())
+        if master:
+            mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
+            print(f"step {step}: loss {rec['loss']:.4f} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "
+                  f"{rec['volumes_per_s']:.1f} vol/s {rec['tflops']:.3f} TFLOP/s{mfu} | std pred "
+                  f"{rec['pred_std']:.3f} target {rec['target_std']:.3f}", flush=True)
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+        t_log, tok_log, vol_log, flops_log, loss_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0
+    if stop_at_step and step >= stop_at_step:
+        stop_requested = True
+    if step % ckpt_interval == 0 or step == max_steps or stop_requested:
+        save_checkpoint(step)
+        if master:
+            save_encoder(raw_model.student, os.path.join(out_dir, "encoder.safetensors"))
+    if stop_requested:
+        if master:
+            print(f"stop requested: checkpoint at step {step} in {ckpt_path}; resume with --init_from=resume")
+        break
+
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()

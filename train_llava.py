@@ -1,0 +1,411 @@
+"""Train the report generator (NeuroVFM-LLaVA) on frozen encoder features, then write and score reports.
+
+    python train_llava.py config/llava_tiny.py --features=out/features --findings=out/shards/findings.jsonl
+
+Stage 1 (--stage=1): only the connector (per-series perceiver + MLP) trains; the LM is frozen; the
+target is the findings joined into one string. Stage 2 (--stage=2): connector + LM train with the
+fixed prompt, the clinical indication as text, and the findings as a JSON list ordered by relevance
+(start it from stage 1 with --init_connector=OUT1/ckpt.pt). --text_only=True trains the same LM on
+the indication alone (the baseline the images must beat).
+
+Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
+(unremarkable studies count as one more label). bf16 autocast on CUDA, gradient checkpointing,
+atomic checkpoints every ckpt_interval iterations, --init_from=resume continues a run.
+Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
+with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.
+
+At the end the eval split is decoded (batched, greedy or beam: deterministic), each reply parsed
+as a JSON list (repaired or reported, never a crash), optionally cross-checked against the
+diagnostic probe's scores (--probe_scores=..., urgent diagnoses the probe calls positive but the
+report omits are appended), and scored with nvfm.report_metrics (OUT/reports*.jsonl, OUT/metrics.json).
+"""
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+
+import torch
+
+# ----------------------------------------------------------------------------- config
+features = "out/features"          # FeatureCache directory (encode.py)
+findings = "out/shards/findings.jsonl"  # ground truth keyed by study_key (labels.csv next to it is optional)
+llm = ""                           # local HF causal LM dir or .gguf; "" = the cached tiny random Qwen3
+out_dir = "out/llava"
+init_from = "scratch"              # scratch | resume
+init_connector = ""                # a stage-1 ckpt.pt to start the connector from
+stage = 2                          # 1: connector only, findings as one string; 2: connector + LM, JSON list
+text_only = False                  # baseline: no images, the indication only
+# connector (SPEC: dim 768, 6 layers, 8 heads, 64 latents)
+perceiver_dim = 768
+perceiver_depth = 6
+perceiver_heads = 8
+n_latents = 64
+attn_impl = "auto"
+# optimisation
+max_iters = 300
+batch_size = 8
+lr = 1e-4                          # connector learning rate
+llm_lr = 2e-5                      # LM learning rate (stage 2)
+warmup_frac = 0.03
+weight_decay = 0.01
+grad_clip = 1.0
+resample = True                    # inverse-prevalence resampling of the training studies
+grad_ckpt = True
+dtype = "bfloat16"                 # autocast dtype on CUDA (CPU runs float32)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+fsdp = False                       # with torchrun: FSDP over the LM decoder layers + connector
+seed = 0
+log_interval = 10
+ckpt_interval = 100
+# generation and evaluation
+eval_split = "test"
+eval_only = False
+max_eval = 0                       # 0 = every study of the eval split
+gen_batch_size = 8
+max_new_tokens = 160
+num_beams = 1                      # SPEC reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
+repetition_penalty = 1.0
+no_repeat_ngram_size = 0
+probe = ""                         # comma-separated train_probe.py outputs (probe.pt) for the cross-check
+probe_scores = ""                  # or a JSONL {study_key, scores: {diagnosis: p}, thresholds: {diagnosis: t}}
+probe_threshold = 0.5              # used where a row has no thresholds
+cross_check = "append"             # append | flag | off (both with and without are always scored)
+judge = "rules"                    # rules | http (OpenAI-compatible endpoint at judge_url)
+judge_url = "http://127.0.0.1:8080/v1"
+judge_model = "local"
+
+from nvfm.configurator import config_dict, configure  # noqa: E402
+configure(globals())
+config = config_dict(globals())
+
+from nvfm import llava  # noqa: E402
+from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
+from nvfm.features import FeatureCache  # noqa: E402
+from nvfm.llm import load_llm, tiny_qwen3_cached  # noqa: E402
+from nvfm.ontology import DIAGNOSES  # noqa: E402
+from nvfm.report_metrics import evaluate_reports, report_diagnoses  # noqa: E402
+
+# ----------------------------------------------------------------------------- distributed
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    import torch.distributed as dist
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+torch.manual_seed(seed + rank)
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_type == "cuda"
+            else contextlib.nullcontext())
+# ----------------------------------------------------------------------------- data
+
+
+def read_findings(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--findings={path}: no such file (SHARDS/findings.jsonl from preprocess.py)")
+    recs = {}
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                if "study_key" not in r:
+                    raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
+                recs[r["study_key"]] = r
+    return recs
+
+
+def study_labels(recs, path):
+    """{study_key: set of positive diagnoses}: labels.csv beside findings.jsonl, else the findings text."""
+    csv_path = os.path.join(os.path.dirname(path), "labels.csv")
+    out = {k: set(report_diagnoses(r.get("findings") or [])) for k, r in recs.items()}
+    if os.path.exists(csv_path):
+        with open(csv_path) as f:
+            for row in csv.DictReader(f):
+                if row.get("study_key") in out:
+                    out[row["study_key"]] = {c for c in DIAGNOSES if row.get(c) == "1"}
+    return out
+
+
+def sampling_weights(keys, labels):
+    """1 / prevalence of each study's rarest label (no label = the 'unremarkable' pseudo-label)."""
+    sets = [labels[k] or {"<unremarkable>"} for k in keys]
+    count = {}
+    for s in sets:
+        for l in s:
+            count[l] = count.get(l, 0) + 1
+    return torch.tensor([1.0 / min(count[l] / len(keys) for l in s) for s in sets], dtype=torch.float64)
+
+
+recs = read_findings(findings)
+cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
+keys_with_features = set(cache.study_keys()) if cache is not None else set(recs)
+missing = [k for k in recs if k not in keys_with_features]
+if missing and master:
+    print(f"note: {len(missing)} studies of {findings} have no features in {features}; they are skipped")
+train_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") == "train")
+eval_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") == eval_split)
+if max_eval:
+    eval_keys = eval_keys[:max_eval]
+if not train_keys and not eval_only:
+    raise SystemExit(f"no training studies: {findings} has no split=train study with features in {features}")
+labels = study_labels(recs, findings)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+weights = sampling_weights(train_keys, labels) if train_keys else None
+
+
+def study_series(key):
+    """Feature-cache entries of a study, embeddings as float32 tensors ([] for the text-only baseline)."""
+    if text_only:
+        return []
+    return [dict(e, emb=torch.from_numpy(e["emb"].astype("float32"))) for e in cache.study(key)]
+
+
+def get_batch(gen):
+    if resample:
+        idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen).tolist()
+    else:
+        idx = torch.randint(len(train_keys), (batch_size,), generator=gen).tolist()
+    ks = [train_keys[i] for i in idx]
+    return ([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
+            [recs[k].get("findings") or [] for k in ks])
+
+
+# ----------------------------------------------------------------------------- model
+llm_path = llm or tiny_qwen3_cached()
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+llm_saved = os.path.join(out_dir, "llm")
+if init_from == "resume" and os.path.exists(os.path.join(llm_saved, "config.json")):
+    llm_path = llm_saved  # the fine-tuned LM of this run
+lm, tok = load_llm(llm_path)
+enc_dim = cache.dim if cache is not None else 1
+model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl)
+iter_num, ckpt = 0, None
+if init_from == "resume":
+    ckpt = load_checkpoint(ckpt_path)
+    model.connector.load_state_dict(ckpt["connector"])
+    iter_num = ckpt["iter_num"]
+    if master:
+        print(f"resumed from {ckpt_path} at iteration {iter_num}")
+elif init_connector:
+    model.connector.load_state_dict(load_checkpoint(init_connector)["connector"])
+elif init_from != "scratch":
+    raise SystemExit(f"--init_from must be scratch or resume, got {init_from!r}")
+if cache is not None and ckpt is not None and ckpt.get("encoder_hash") not in (None, cache.encoder_hash):
+    raise SystemExit(f"{ckpt_path} was trained on features of encoder {ckpt['encoder_hash']}, "
+                     f"{features} has {cache.encoder_hash}")
+model.to(device)
+train_llm = stage == 2
+lm.requires_grad_(train_llm)
+if grad_ckpt:
+    model.connector.perceiver.grad_ckpt = True
+    if train_llm:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+n_conn = sum(p.numel() for p in model.connector.parameters())
+n_lm = sum(p.numel() for p in lm.parameters())
+if master:
+    print(f"LM {type(lm).__name__} from {llm_path}: {n_lm / 1e6:.1f}M params ({'trained' if train_llm else 'frozen'}); "
+          f"connector {n_conn / 1e6:.2f}M; {len(train_keys)} train / {len(eval_keys)} {eval_split} studies; "
+          f"stage {stage}{' TEXT-ONLY baseline' if text_only else ''}")
+
+train_model = model
+if ddp and fsdp:
+    # FSDP2 (fully_shard): one unit per LM decoder layer and perceiver block, then the rest; works
+    # on CPU with gloo too (how the test runs it)
+    from torch.distributed.fsdp import fully_shard
+    for m in list(model.modules()):
+        if type(m).__name__.endswith("DecoderLayer") or isinstance(m, llava.CrossAttentionBlock):
+            fully_shard(m)
+    fully_shard(model)
+elif ddp:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
+                      find_unused_parameters=text_only)
+
+groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
+if train_llm:
+    groups.append({"params": [p for p in lm.parameters() if p.requires_grad], "lr": llm_lr, "base_lr": llm_lr})
+optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.95))
+if ckpt is not None and "optimizer" in ckpt and ckpt.get("stage") == stage:
+    optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def lr_scale(it):
+    """Linear warm-up over warmup_frac of the run, then cosine decay to 10%."""
+    warm = max(1, int(warmup_frac * max_iters))
+    if it < warm:
+        return (it + 1) / warm
+    t = (it - warm) / max(1, max_iters - warm)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def full_state():
+    """(connector state, LM state) as plain CPU tensors; a collective under FSDP (every rank calls it)."""
+    if ddp and fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = model.state_dict()
+    conn = {k[len("connector."):]: v for k, v in sd.items() if k.startswith("connector.")}
+    lm_sd = {k[len("llm."):]: v for k, v in sd.items() if k.startswith("llm.")}
+    return conn, lm_sd
+
+
+def save(it):
+    """Connector + optimizer in ckpt.pt; a trained LM as an HF directory (loadable by --llm)."""
+    conn, lm_sd = full_state()
+    if not master:
+        return
+    if train_llm:
+        import shutil
+        tmp = llm_saved + ".tmp"
+        lm.save_pretrained(tmp, state_dict=lm_sd)
+        tok.save_pretrained(tmp)
+        if os.path.exists(llm_saved):
+            os.replace(llm_saved, llm_saved + ".old")
+        os.replace(tmp, llm_saved)
+        if os.path.exists(llm_saved + ".old"):
+            shutil.rmtree(llm_saved + ".old")
+    state = {"connector": conn, "iter_num": it, "stage": stage, "config": config,
+             "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": llm_path,
+             "enc_dim": enc_dim}
+    if not (ddp and fsdp):
+        state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
+    save_atomic(state, ckpt_path)
+
+
+# ----------------------------------------------------------------------------- train
+if not eval_only and iter_num < max_iters:
+    from tqdm import tqdm
+    gen = torch.Generator().manual_seed(seed * 1000 + rank * 7919 + iter_num)
+    train_model.train()
+    t0, tokens_seen = time.time(), 0
+    bar = tqdm(range(iter_num, max_iters), initial=iter_num, total=max_iters, disable=not master, desc=f"stage {stage}")
+    for it in bar:
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale(it)
+        studies, inds, fnds = get_batch(gen)
+        with autocast:
+            loss = train_model(studies, inds, fnds, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], grad_clip)
+        optimizer.step()
+        if master and (it % log_interval == 0 or it == max_iters - 1):
+            dt = time.time() - t0
+            bar.write(f"iter {it}: loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
+                      f"{(it + 1 - iter_num) / max(dt, 1e-9):.2f} it/s")
+        if (it + 1) % ckpt_interval == 0 or it == max_iters - 1:
+            save(it + 1)
+    iter_num = max_iters
+
+# ----------------------------------------------------------------------------- generate + evaluate
+
+
+def read_probe_scores(path):
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--probe_scores={path}: no such file")
+    out = {}
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                r = json.loads(line)
+                if "study_key" not in r or "scores" not in r:
+                    raise ValueError(f"{path}:{i}: expected {{study_key, scores, thresholds}}")
+                out[r["study_key"]] = (r["scores"], r.get("thresholds") or probe_threshold)
+    return out
+
+
+def run_probes(paths, keys):
+    """{study_key: ({diagnosis: logit}, {diagnosis: Youden threshold})} from train_probe.py checkpoints;
+    a probe scores the studies of its own modality."""
+    import numpy as np
+    from nvfm import probe as P
+    from nvfm.checkpoint import load_state_strict
+    out = {}
+    for path in [p for p in paths.split(",") if p]:
+        ck = load_checkpoint(path)
+        if ck.get("task") != "classify":
+            continue
+        if ck.get("encoder_hash") != cache.encoder_hash:
+            raise SystemExit(f"--probe={path} was trained on features of encoder {ck.get('encoder_hash')}, "
+                             f"{features} has {cache.encoder_hash}")
+        models = [load_state_strict(P.make_probe(**ck["probe_args"]), st, f"{path} model {i}").eval()
+                  for i, st in enumerate(ck["models"])]
+        mod = ck.get("eval_modality") or ck.get("modality") or "all"
+        ks = [k for k in keys if mod == "all" or recs[k].get("modality") == mod]
+        wins = set(ck["windows"].split(",")) if ck.get("windows") else None
+        get_bag = lambda k: torch.from_numpy(np.asarray(cache.study_tokens(k, wins)[0], dtype=np.float32))
+        logits = P.predict(models, get_bag, ks) if ks else []
+        names, thr = ck["label_names"], ck["thresholds"]
+        for k, lg in zip(ks, logits):
+            sc, th = out.setdefault(k, ({}, {}))
+            for n, v, t in zip(names, lg, thr):
+                if n in DIAGNOSES:
+                    sc[n], th[n] = float(v), float(t)
+    return out
+
+
+if master and eval_keys and stage == 2 and ddp and fsdp:
+    # the trained model is sharded across ranks: rank 0 decodes with an unsharded copy from disk
+    lm, tok = load_llm(llm_saved if train_llm else llm_path, device=device)
+    model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents,
+                                  attn_impl).to(device)
+    model.connector.load_state_dict(load_checkpoint(ckpt_path)["connector"])
+if master and eval_keys and stage == 2:
+    model.eval()
+    lm.config.use_cache = True
+    probes = read_probe_scores(probe_scores)
+    if probe and not text_only:
+        probes.update(run_probes(probe, eval_keys))
+    rows, t0 = [], time.time()
+    from tqdm import tqdm
+    for b in tqdm(range(0, len(eval_keys), gen_batch_size), desc="generate"):
+        ks = eval_keys[b:b + gen_batch_size]
+        with torch.no_grad(), autocast:
+            texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
+                                   stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size)
+        for k, t in zip(ks, texts):
+            found, status = llava.parse_findings(t)
+            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found})
+    sec_per_study = (time.time() - t0) / len(eval_keys)
+    variants = {"reports.jsonl": rows}
+    if probes:
+        checked = []
+        for r in rows:
+            sc, th = probes.get(r["study_key"], ({}, probe_threshold))
+            f, missed = llava.cross_check(r["findings"], sc, th, mode=cross_check)
+            checked.append(dict(r, findings=f, probe_missed=missed))
+        variants["reports_probe.jsonl"] = checked
+    metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(eval_keys)}
+    for name, rs in variants.items():
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w") as f:
+            for r in rs:
+                f.write(json.dumps(r) + "\n")
+        os.replace(path + ".tmp", path)
+        m = evaluate_reports(path, findings, judge=judge, judge_url=judge_url, judge_model=judge_model)
+        metrics[name.replace(".jsonl", "")] = m
+        print(f"{name}: BLEU-2 {m['bleu2']:.3f}  ROUGE-L {m['rougeL']:.3f}  METEOR {m['meteor']:.3f}  "
+              f"triage acc {m['triage_accuracy']:.3f}  laterality err {m['laterality_error_rate']:.3f}  "
+              f"hallucination {m['hallucination_rate']:.3f}  urgent omission {m['urgent_omission_rate']:.3f}  "
+              f"JSON ok {m.get('parse_ok_rate', float('nan')):.2f}")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1, default=str)
+    print(f"generation: {sec_per_study:.3f} s/study on {device}; wrote {out_dir}/metrics.json")
+
+if ddp:
+    dist.destroy_process_group()

@@ -1,0 +1,252 @@
+"""Train a study-level diagnostic probe on frozen features (SPEC section 3).
+
+    python train_probe.py --features=out/features --labels=out/shards/labels.csv --modality=CT --out=out/probe_ct
+    python train_probe.py ... --probe=mean_pool                    # baseline
+    python train_probe.py ... --modality=CT --transfer_to=MR       # cross-modal transfer
+    python train_probe.py ... --cv_folds=8                         # external-benchmark protocol
+    python train_probe.py ... --task=age                           # brain age regression (MAE)
+
+Split protocol (default): train on split == "train", choose the checkpoint (best validation
+macro AUROC, or MAE for age) and the per-class thresholds (Youden's J) and the Platt
+calibration on split == "val" only; the test split is never seen here (evaluate.py).
+With cv_folds = k > 0: the paper's external-benchmark protocol on all studies of the
+modality: a `test_fraction` iterative-stratified held-out test set, k-fold iterative
+stratified CV on the rest (each fold's model selected on its held-out fold), thresholds and
+calibration from the out-of-fold logits; evaluate.py averages the k models' logits on the
+held-out test set.
+
+Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
+`label_names`). With side_classes, two more classes lesion_left / lesion_right come from the
+lesions' sides in findings.jsonl (for the flip test). Classes with no positives (or no
+negatives) in training are kept in the outputs, left out of the loss, and reported undefined.
+
+Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
+names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV),
+config; out/log.txt.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+features = ""            # feature cache (encode.py --out)
+labels = ""              # SHARDS/labels.csv
+findings = ""            # SHARDS/findings.jsonl ("" -> beside labels); for side classes
+out = "out/probe"
+probe = "attentive_mil"  # attentive_mil | abmil | mean_pool
+task = "classify"        # classify | age
+modality = "CT"          # CT | MR | all
+transfer_to = ""         # "" or the other modality: train on `modality`, evaluate on this one
+label_names = ""         # comma-separated subset of labels.csv columns ("" = the modality's ontology)
+side_classes = True      # add lesion_left / lesion_right (from findings.jsonl) for the flip test
+windows = ""             # comma-separated windows to use ("" = all: mr, brain, blood, bone)
+hidden = 256
+dropout = 0.1
+lr = 1e-3
+weight_decay = 1e-2
+steps = 300
+warmup = 20
+batch_studies = 16
+eval_interval = 20
+max_pos_weight = 100.0
+cv_folds = 0
+test_fraction = 0.2
+allow_missing = False    # studies missing from the cache: error (False) or skip with a warning
+seed = 0
+device = "cuda" if torch.cuda.is_available() else "cpu"
+threads = 0            # CPU threads (0 = PyTorch default; 1-2 is fastest for small probes)
+# -----------------------------------------------------------------------------
+from nvfm.configurator import config_dict, configure  # noqa: E402
+configure(globals())
+if threads > 0:
+    torch.set_num_threads(threads)
+config = config_dict(globals())
+
+from nvfm import metrics, ontology  # noqa: E402
+from nvfm import probe as P  # noqa: E402
+from nvfm.checkpoint import save_atomic  # noqa: E402
+from nvfm.features import FeatureCache  # noqa: E402
+
+
+def log(msg):
+    print(msg, flush=True)
+    with open(os.path.join(out, "log.txt"), "a") as f:
+        f.write(msg + "\n")
+
+
+def choose_labels(columns):
+    """The class names: explicit list (validated), or the modality's ontology names present."""
+    if label_names:
+        names = [n.strip() for n in label_names.split(",") if n.strip()]
+        unknown = [n for n in names if n not in columns and n not in P.SIDE_CLASSES]
+        if unknown:
+            raise SystemExit(f"train_probe.py: unknown label names {unknown} (not columns of {labels}); "
+                             f"available: {', '.join(columns[:10])}{' ...' if len(columns) > 10 else ''}")
+        return names
+    mods = [m for m in (modality, transfer_to) if m and m != "all"]
+    names = [c for c in columns if c in ontology.DIAGNOSES and all(
+        m in ontology.DIAGNOSES[c].modalities for m in mods)] if mods else [c for c in columns if c in ontology.DIAGNOSES]
+    extra = [c for c in columns if c not in ontology.DIAGNOSES]
+    if extra:
+        print(f"train_probe.py: ignoring label columns not in the ontology: {extra[:8]}")
+    if side_classes:
+        names += list(P.SIDE_CLASSES)
+    return names
+
+
+def main():
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(seed)
+    if not features or not labels:
+        raise SystemExit("train_probe.py: --features and --labels are required")
+    if task not in ("classify", "age"):
+        raise SystemExit(f"train_probe.py: task must be classify or age, not {task!r}")
+    cache = FeatureCache(features)
+    rows, columns = P.load_labels(labels)
+    names = choose_labels(columns) if task == "classify" else ["age"]
+    sides = {}
+    if task == "classify" and any(n in P.SIDE_CLASSES for n in names):
+        fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
+        if not os.path.exists(fpath):
+            raise SystemExit(f"train_probe.py: side classes need {fpath} (or --side_classes=False)")
+        sides = P.load_sides(fpath)
+    wins = set(windows.split(",")) if windows else None
+
+    def target(r):
+        if task == "age":
+            return [r["age"]]
+        return [(int(n.split("_")[1] in sides.get(r["study_key"], ())) if n in P.SIDE_CLASSES else r["y"][n])
+                for n in names]
+
+    rows = [r for r in rows if modality == "all" or r["modality"] == modality]
+    if task == "age":
+        rows = [r for r in rows if r["age"] is not None]
+    missing = [r["study_key"] for r in rows if r["study_key"] not in cache]
+    if missing:
+        msg = (f"{len(missing)} of {len(rows)} {modality} studies in {labels} are not in the feature cache "
+               f"{features} (first: {missing[:3]})")
+        if not allow_missing:
+            raise SystemExit(f"train_probe.py: {msg}; run encode.py on them or pass --allow_missing=True")
+        log(f"warning: {msg}; skipped")
+        rows = [r for r in rows if r["study_key"] in cache]
+    if not rows:
+        raise SystemExit(f"train_probe.py: no {modality} studies with labels and features")
+    Y = {r["study_key"]: np.asarray(target(r), np.float32) for r in rows}
+
+    def get_bag(key):
+        return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
+
+    probe_args = dict(kind=probe, dim=cache.dim, n_out=len(names), hidden=hidden, dropout=dropout)
+
+    def train_one(train_keys, val_keys, tag, norm=(0.0, 1.0)):
+        g = torch.Generator().manual_seed(seed)
+        mu, sd = norm   # age: the probe predicts standardised age; the L1 loss is in years / sd
+        m = P.make_probe(**probe_args).to(device)
+        ytr = torch.from_numpy(np.stack([Y[k] for k in train_keys]))
+        pw, usable = P.class_weights(ytr, max_pos_weight)
+        pw, usable = pw.to(device), usable.to(device)
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)
+        yval = np.stack([Y[k] for k in val_keys]) if val_keys else None
+        best, best_state, t0 = None, None, time.time()
+        for step in range(steps + 1):
+            if step % eval_interval == 0 or step == steps:
+                if val_keys:
+                    lv = P.predict(m, get_bag, val_keys, device)
+                    if task == "age":
+                        score = -metrics.mae(yval[:, 0], lv[:, 0] * sd + mu)
+                        desc = f"val MAE {-score:.2f}"
+                    else:
+                        au, nd = metrics.macro(metrics.auroc(yval, lv))
+                        vl = float(F.binary_cross_entropy_with_logits(torch.from_numpy(lv), torch.from_numpy(yval)))
+                        score = (au if au is not None else 0.0) - 1e-3 * vl  # AUROC, loss breaks ties
+                        desc = f"val macro AUROC {au if au is None else round(au, 4)} ({nd} classes), loss {vl:.4f}"
+                else:
+                    score, desc = step, "no validation set: keeping the last step"
+                if best is None or score > best:
+                    best, best_state = score, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
+                    desc += " *"
+                log(f"[{tag}] step {step}: {desc} ({time.time() - t0:.1f} s)")
+            if step == steps:
+                break
+            m.train()
+            idx = torch.randint(len(train_keys), (min(batch_studies, len(train_keys)),), generator=g)
+            x, cu = P.pack_bags([get_bag(train_keys[i]) for i in idx], device)
+            yb = ytr[idx].to(device)
+            for grp in opt.param_groups:   # linear warmup, cosine decay
+                grp["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + np.cos(np.pi * step / steps))
+            logits = m(x, cu)
+            if task == "age":
+                loss = F.l1_loss(logits[:, 0], (yb[:, 0] - mu) / sd)
+            else:
+                loss = P.bce_loss(logits, yb, pw, usable)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        m.load_state_dict(best_state)
+        return m, best_state
+
+    def age_norm(keys):
+        a = np.array([Y[k][0] for k in keys], np.float64)
+        return (float(a.mean()), float(max(a.std(), 1.0))) if task == "age" else (0.0, 1.0)
+
+    eval_mod = transfer_to or modality
+    ckpt = dict(probe_args=probe_args, task=task, label_names=names, modality=modality, eval_modality=eval_mod,
+                encoder_hash=cache.encoder_hash, features=os.path.abspath(features), windows=windows,
+                side_classes=bool(side_classes), config=config)
+    if cv_folds > 0:
+        keys = [r["study_key"] for r in rows]
+        ys = np.stack([Y[k] for k in keys]) if task == "classify" else np.zeros((len(keys), 1))
+        part = P.iterative_stratification(ys, [test_fraction, 1 - test_fraction], seed)
+        test_keys = [k for k, p in zip(keys, part) if p == 0]
+        rest = [k for k, p in zip(keys, part) if p == 1]
+        folds = P.iterative_stratification(np.stack([ys[keys.index(k)] for k in rest]), [1] * cv_folds, seed + 1)
+        log(f"cv: {len(test_keys)} held-out test studies, {cv_folds} folds over {len(rest)} studies")
+        states, oof = [], np.zeros((len(rest), len(names)), np.float32)
+        norm = age_norm(rest)
+        for f in range(cv_folds):
+            tr = [k for k, ff in zip(rest, folds) if ff != f]
+            va = [k for k, ff in zip(rest, folds) if ff == f]
+            m, st = train_one(tr, va, f"fold {f}", norm)
+            states.append(st)
+            oof[folds == f] = P.predict(m, get_bag, va, device)
+        sel_keys, sel_logits = rest, oof
+        ckpt.update(test_keys=test_keys, protocol=f"{cv_folds}-fold CV")
+        train_pos = np.stack([Y[k] for k in rest]).sum(0)
+    else:
+        tr = [r["study_key"] for r in rows if r["split"] == "train"]
+        va = [r["study_key"] for r in rows if r["split"] == "val"]
+        if not tr:
+            raise SystemExit(f"train_probe.py: no {modality} studies with split == 'train' in {labels}")
+        if not va:
+            log("warning: no validation studies: last step kept, thresholds default to 0 (logit)")
+        norm = age_norm(tr)
+        m, st = train_one(tr, va, "probe", norm)
+        states = [st]
+        sel_keys, sel_logits = va, (P.predict(m, get_bag, va, device) if va else None)
+        ckpt.update(protocol="train/val/test splits")
+        train_pos = np.stack([Y[k] for k in tr]).sum(0)
+    ckpt.update(models=states, n_train_pos=[float(v) for v in train_pos], age_mu=norm[0], age_sd=norm[1])
+    if task == "classify":
+        if sel_keys:
+            ysel = np.stack([Y[k] for k in sel_keys])
+            thr = metrics.youden_thresholds(ysel, sel_logits)
+            a, b = metrics.platt_fit(sel_logits, ysel)
+            au, nd = metrics.macro(metrics.auroc(ysel, sel_logits))
+            log(f"selection set ({len(sel_keys)} studies): macro AUROC {au} over {nd} defined classes")
+        else:
+            thr, a, b = np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names))
+        ckpt.update(thresholds=[float(t) for t in thr], platt_a=[float(v) for v in a], platt_b=[float(v) for v in b])
+        undefined = [n for n, p in zip(names, train_pos) if p == 0]
+        if undefined:
+            log(f"{len(undefined)} classes have no training positives (left out of the loss, reported "
+                f"undefined): {undefined[:6]}{' ...' if len(undefined) > 6 else ''}")
+    path = os.path.join(out, "probe.pt")
+    save_atomic(ckpt, path)
+    log(f"saved {path}: {probe} probe, {len(names)} classes, {len(states)} model(s), encoder {cache.encoder_hash[:23]}")
+
+
+if __name__ == "__main__":
+    main()
