@@ -36,6 +36,7 @@ seed = 0
 shards = ""            # SHARDS directory: needed for grounding overlays and the flip test
 cohort = ""            # demo cohort root (lesion masks gt/...): pointing game
 flip_test = False      # re-encode flipped test volumes (needs shards and the encoder)
+flip_split = ""        # splits for the flip test, e.g. "val,test" ("" = the evaluated studies)
 anatomy = False        # patch matching + k-means brain IoU of the first probe's features (needs shards, cohort)
 encoder = ""           # encoder for the flip test ("" = the one recorded in the feature cache)
 overlays = 3           # write NIfTI attention overlays for this many positive test studies
@@ -223,7 +224,12 @@ def main():
             print(f"pointing game ({first['display']}): {fmt(g['accuracy'])} over {g['n']} lesions "
                   f"(chance {fmt(g['chance'])}); overlays in {os.path.join(out, 'grounding')}")
         if flip_test:
-            f = grounding.flip_test_eval(first, reader, sides, encoder_spec=encoder, device=device)
+            fk = None
+            if flip_split:
+                mod = first["ck"]["eval_modality"]
+                fk = [k for k, r in rows_by_key.items() if r["split"] in flip_split.split(",")
+                      and (mod == "all" or r["modality"] == mod)]
+            f = grounding.flip_test_eval(first, reader, sides, keys=fk, encoder_spec=encoder, device=device)
             summary["flip_test_auroc"] = f["auroc"]
             results[first["display"]]["flip_test"] = f
             if "note" in f:

@@ -145,6 +145,9 @@ def sampling_weights(keys, labels):
     return torch.tensor([1.0 / min(count[l] / len(keys) for l in s) for s in sets], dtype=torch.float64)
 
 
+for _p in [p for p in probe.split(",") if p] + ([probe_scores] if probe_scores else []):
+    if not os.path.exists(_p):  # fail now, not after the training run
+        raise FileNotFoundError(f"probe output {_p}: no such file (train_probe.py --out=... writes probe.pt)")
 recs = read_findings(findings)
 cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
 keys_with_features = set(cache.study_keys()) if cache is not None else set(recs)

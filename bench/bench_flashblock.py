@@ -92,5 +92,5 @@ if __name__ == "__main__":
                     res[variant] = measure(variant, mode, dev)
             (pu, tu), (pf, tf) = res["unfused"], res["flash"]
             print(f"{dev} {mode:>9}: unfused {pu / 2**20:7.1f} MiB {tu * 1e3:7.1f} ms | flash {pf / 2**20:7.1f} MiB "
-                  f"{tf * 1e3:7.1f} ms | peak memory {100 * (1 - pf / max(pu, 1)):+.0f}% lower, "
+                  f"{tf * 1e3:7.1f} ms | peak memory {100 * (1 - pf / max(pu, 1)):.0f}% lower, "
                   f"speed-up {tu / tf:.2f}x")

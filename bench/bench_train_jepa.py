@@ -5,6 +5,7 @@ implementation, on real packed batches; peak GPU memory per batch size on CUDA.
     python bench/bench_train_jepa.py                                   # CPU: tiny, demo-like volumes
     python bench/bench_train_jepa.py --size=vitb --batch=32,64 --attn=ours,sdpa   # GPU
     python bench/bench_train_jepa.py --shards=SHARDS                   # real shards instead of synthetic
+    python bench/bench_train_jepa.py --mask_only                       # (1) only: numpy vs rows vs compiled gather
 
 Synthetic volumes (nvfm.loader.synthetic_volume, 40 x 224 x 224 voxels, ~550 foreground
 tokens each) stand in when no shards are given. The step is the one of train_jepa.py
@@ -34,18 +35,35 @@ def get_reader(args):
     return ArrayReader([synthetic_volume(rng, "MR" if i % 2 == 0 else "CT", (40, 224, 224), f"v{i}") for i in range(16)])
 
 
-def bench_masks(reader, n=200):
+def bench_masks(reader, n=200, gathers=("numpy", "rows", "compiled"), repeats=3):
+    """CPU time per volume of mask sampling + collate in one loader worker (1 torch thread),
+    for each patch-gather implementation of nvfm.masks (GATHER), interleaved, best of `repeats`."""
+    from nvfm import masks as M
+    from nvfm.ops import backend
     idx = train_indices(reader, "train")
     ds = JepaBatches(reader, idx, global_batch=1, seed=0)
     for i in idx:  # decode the token masks once (a worker caches them)
         reader.token_mask(i)
-    ds[0]
-    t = time.perf_counter()
-    toks = 0
-    for s in range(n):
-        toks += len(ds[s]["tokens"])
-    dt = time.perf_counter() - t
-    print(f"mask sampling + collate: {1e3 * dt / n:.2f} ms/volume, {toks / n:.0f} tokens/volume (1 thread)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # DataLoader workers run single-threaded torch
+    gathers = [g for g in gathers if g != "compiled" or backend("gather_tokens", "cpu") == "cpp"]
+    best = {g: (float("inf"), 0.0) for g in gathers}
+    for _ in range(repeats):
+        for g in gathers:
+            M.GATHER = g
+            ds[0]
+            t, c = time.perf_counter(), time.process_time()
+            toks = 0
+            for s in range(n):
+                toks += len(ds[s]["tokens"])
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            best[g] = min(best[g], (1e3 * dc / n, 1e3 * dt / n))
+    M.GATHER = "rows"
+    torch.set_num_threads(threads)
+    for g, (c, w) in best.items():
+        ratio = f", {best['numpy'][0] / c:.2f}x vs numpy" if "numpy" in best else ""
+        print(f"mask sampling + collate [gather={g:<8}]: {c:.2f} ms/volume CPU time ({w:.2f} ms wall){ratio}, "
+              f"{toks / n:.0f} tokens/volume (one loader worker)")
 
 
 def bench_step(reader, size, batch, attn, steps, device):
@@ -120,11 +138,15 @@ def main():
     ap.add_argument("--steps", type=int, default=20 if cuda else 5)
     ap.add_argument("--shards", default="")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
+    ap.add_argument("--gather", default="numpy,rows,compiled", help="patch gathers to time (nvfm.masks.GATHER)")
+    ap.add_argument("--mask_only", action="store_true", help="only the mask-sampling benchmark")
     args = ap.parse_args()
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} CPU threads'}), "
           f"torch {torch.__version__}")
     reader = get_reader(args)
-    bench_masks(reader)
+    bench_masks(reader, gathers=args.gather.split(","))
+    if args.mask_only:
+        return
     for batch in [int(b) for b in args.batch.split(",")]:
         rates = {}
         for attn in args.attn.split(","):

@@ -239,9 +239,10 @@ def open_encoder_from_hash(spec, enc_hash, device):
     return model.load_encoder(spec, device)
 
 
-def flip_test_eval(data, reader, sides, encoder_spec="", device="cpu"):
-    """Flip test of the first evaluated probe. Returns dict(auroc, auroc_dL, auroc_dR, n,
-    n_flagged, auroc_flagged, mean_dL_left, mean_dL_right)."""
+def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"):
+    """Flip test of the first evaluated probe on `keys` (default: its evaluated studies).
+    Returns dict(auroc, auroc_dL, auroc_dR, n, n_left, n_flagged, auroc_flagged,
+    mean_dL_left, mean_dL_right)."""
     from nvfm import model
     names = data["ck"]["label_names"]
     if not all(c in names for c in P.SIDE_CLASSES):
@@ -253,20 +254,22 @@ def flip_test_eval(data, reader, sides, encoder_spec="", device="cpu"):
     studies = {}
     for i, v in enumerate(reader.volumes):
         studies.setdefault(v["study_key"], []).append(i)
-    sel = [(i, k) for i, k in enumerate(data["keys"]) if len(sides.get(k, ())) == 1 and k in studies]
+    keys = data["keys"] if keys is None else keys
+    sel = [k for k in keys if len(sides.get(k, ())) == 1 and k in studies]
     if not sel:
         return {"auroc": None, "n": 0, "note": "no test study with lesions on one side only"}
     flipped = FlippedReader(reader)
     wins = data["wins"]
     bags = {}
     from tqdm import tqdm
-    for i, k in tqdm(sel, desc="flip test", unit="study"):
+    for k in tqdm(sel, desc="flip test", unit="study"):
         ents = model.encode_study(enc, flipped, studies[k], device=device)
         ents = [e for e in ents if wins is None or e["window"] in wins]
         bags[k] = torch.cat([e["emb"].half().float() for e in ents])  # as cached (float16) if ents else torch.zeros(0, cache.dim)
-    keys = [k for _, k in sel]
+    keys = sel
     lf = P.predict(data["models"], lambda k: bags[k], keys, device)
-    lo = data["logits"][[i for i, _ in sel]]
+    lo = P.predict(data["models"], lambda k: torch.from_numpy(np.asarray(cache.study_tokens(k, wins)[0], np.float32)),
+                   keys, device)
     dL, dR = lf[:, kl] - lo[:, kl], lf[:, kr] - lo[:, kr]
     left = np.array([1 if "left" in sides[k] else 0 for k in keys])
     thr = np.array(data["ck"]["thresholds"])

@@ -147,7 +147,6 @@ def fake_phi(seed, index):
     strings that never occur by chance, so later stages can grep their outputs for leaks)."""
     r = _rng(seed, index, 7)
     h = hashlib.sha256(f"nvfm-phi|{seed}|{index}".encode()).hexdigest().upper()
-    age = None  # birth date is tied to the planned age in plan_study
     year = 2010 + int(r.integers(0, 13))
     month, day = int(r.integers(1, 13)), int(r.integers(1, 29))
     return {
@@ -163,8 +162,7 @@ def fake_phi(seed, index):
         "StudyDate": f"{year:04d}{month:02d}{day:02d}",
         "StudyTime": f"{int(r.integers(0, 24)):02d}{int(r.integers(0, 60)):02d}{int(r.integers(0, 60)):02d}",
         "StudyInstanceUID": str(pd.make_uid("study", seed, index)),
-        "_age": age,
-    }
+    }  # PatientBirthDate / PatientAge / PatientSex are added by plan_study (tied to the age)
 
 
 INDICATIONS = {
@@ -327,7 +325,6 @@ def plan_study(seed, index, profile="demo", modality=None, kinds=None, large=Non
     phi["PatientBirthDate"] = f"{by:04d}{phi['StudyDate'][4:]}"
     phi["PatientAge"] = f"{age:03d}Y"
     phi["PatientSex"] = sex
-    del phi["_age"]
     return dict(index=index, study=f"demo-{index:04d}", seed=seed, profile=profile, modality=modality, split="train",
                 age=age, sex=sex, kinds=kinds, labels=sorted(labels), indication=indication,
                 triage=ontology.triage(labels), has_contrast=has_contrast, series=series,
@@ -653,7 +650,6 @@ def paint_kind(subj, r, item, modality):
         n = int(r.integers(2, 6))
         cands = anat.voxels("gw_junction", lambda a: (a.tissue == pa.WM) & (a.depth_brain > 1) & (a.depth_brain < 3)
                             & (np.abs(_xworld(a))[:, None, None] > 8))
-        sizes = []
         for i in range(n):
             c = _pick(r, cands)
             s = "left" if _xworld(anat)[int(c[0])] < 0 else "right"
@@ -668,7 +664,6 @@ def paint_kind(subj, r, item, modality):
             t[tum] = TUMOR
             if rr > 5:
                 t[core & tum] = NECROSIS
-            sizes.append(rr)
             _add_lesion(subj, kind, s, sl, tum, dict(size=_extent_cm(sl, tum, scale), count=n))
         return None
     if kind == "hydrocephalus":
@@ -677,7 +672,6 @@ def paint_kind(subj, r, item, modality):
         subj.tissue[m] = pa.VENT
         halo = (anat.dist_vent > v) & (anat.dist_vent <= v + 2.5) & (subj.tissue == pa.WM)
         subj.tissue[halo] = WMH
-        full = (slice(None),) * 3
         vent = subj.tissue == pa.VENT
         _add_lesion(subj, kind, "bilateral", _tight(vent)[0], _tight(vent)[1], dict(dilation_mm=v),
                     region="Lateral_Ventricles")
@@ -1377,7 +1371,10 @@ def _generate_study(plan, out_dir, anat=None):
 
 
 def _plan_hash(plan):
-    return hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Identity of a rendered study; the split is left out (it depends on the cohort size and
+    is rewritten on resume, so growing a cohort re-renders nothing)."""
+    p = {k: v for k, v in plan.items() if k != "split"}
+    return hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -1409,6 +1406,7 @@ def generate_cohort(out_dir, n_studies, seed=0, profile="demo", workers=None, so
             with open(path) as f:
                 rec = json.load(f)
             if rec.get("plan_hash") == _plan_hash(p) and rec.get("anatomy") == anat.source:
+                rec["split"] = p["split"]
                 records[p["index"]] = rec
                 continue
         except (OSError, ValueError):

@@ -196,8 +196,9 @@ def load_labels(path):
 
 
 def load_sides(findings_path):
-    """findings.jsonl (re-keyed) -> {study_key: set of sides in {"left", "right"}} of its lesions
-    ("bilateral" counts as both). Studies without lateral lesions map to an empty set."""
+    """findings.jsonl (re-keyed) -> {study_key: set of sides in {"left", "right"}} of its focal
+    lesions. Bilateral, midline and diffuse lesions have no side and are ignored, so a left
+    haematoma next to diffuse atrophy is a left-sided study. No lateral lesion: empty set."""
     import json
     out = {}
     with open(findings_path) as f:
@@ -213,8 +214,6 @@ def load_sides(findings_path):
                 side = les.get("side")
                 if side in ("left", "right"):
                     s.add(side)
-                elif side == "bilateral":
-                    s |= {"left", "right"}
             out[r.get("study_key", r.get("study_uid"))] = s
     return out
 

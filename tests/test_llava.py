@@ -174,6 +174,20 @@ def test_cross_check_modes():
         llava.cross_check(report, scores, 0.5, mode="bogus")
 
 
+def _run(cmd, env, timeout):
+    """subprocess.run in its own process group, killed whole on timeout (no orphaned ranks)."""
+    import signal
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def _synthetic_cohort(d, n=12, dim=16):
     """Features that carry the finding (mean +1 for a left SDH, -1 for a right one, 0 none)."""
     from nvfm.features import FeatureWriter
@@ -200,18 +214,18 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
     probe.write_text("".join(json.dumps({"study_key": f"k{i:03d}", "scores": {"epidural_hematoma": 0.9}}) + "\n"
                              for i in range(12)))
     base = [sys.executable, os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
-            f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--ckpt_interval=4",
+            f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--ckpt_interval=2",
             "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1"]
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
-    r = subprocess.run(base + ["--max_iters=4", "--eval_split=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(base + ["--max_iters=2", "--eval_split=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ck["iter_num"] == 4 and ck["encoder_hash"] == "random:test"
+    assert ck["iter_num"] == 2 and ck["encoder_hash"] == "random:test"
     assert os.path.exists(os.path.join(out, "llm", "config.json"))  # stage 2 saves the fine-tuned LM
-    r = subprocess.run(base + ["--max_iters=6", "--init_from=resume"], cwd=ROOT, env=env, capture_output=True,
+    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "iter 4:" in r.stdout + r.stderr and "iter 3:" not in r.stdout + r.stderr
+    assert "resumed from" in r.stdout and "iter 2:" in r.stdout + r.stderr and "iter 1:" not in r.stdout + r.stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["n_eval"] == 3 and 0 <= m["reports"]["bleu2"] <= 1
     probe_rows = [json.loads(l) for l in open(os.path.join(out, "reports_probe.jsonl"))]
@@ -226,17 +240,19 @@ def test_train_llava_bad_findings_path(tmp_path):
     assert r.returncode != 0 and "nope.jsonl" in r.stderr and not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.skipif(os.environ.get("NVFM_SLOW_TESTS") != "1",
+                    reason="two torchrun ranks take ~40 s of CPU; set NVFM_SLOW_TESTS=1 to run")
 def test_train_llava_fsdp_two_ranks_on_cpu(tmp_path, lm_dir):
     """torchrun --nproc_per_node=2 with FSDP2 (fully_shard) over gloo: trains, saves an unsharded LM and
     connector that load back, and rank 0 decodes the eval split."""
     fnd, feat = _synthetic_cohort(str(tmp_path))
     out = str(tmp_path / "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
            f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=2", "--max_iters=3",
            "--fsdp=True", "--max_new_tokens=8", "--log_interval=1"]
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = _run(cmd, env, timeout=300)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 3 and "optimizer" not in ck

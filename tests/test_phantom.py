@@ -160,6 +160,10 @@ def test_resume(cohort, tmp_path):
     ph.generate_cohort(out, 3, seed=SEED, profile="tiny", workers=1, progress=False)
     assert os.path.exists(rec)
     assert os.path.getmtime(os.path.join(out, "gt", "demo-0000", "subject.json")) == before
+    # growing the cohort renders only the new study
+    ph.generate_cohort(out, 4, seed=SEED, profile="tiny", workers=1, progress=False)
+    assert os.path.getmtime(os.path.join(out, "gt", "demo-0000", "subject.json")) == before
+    assert len(open(os.path.join(out, "labels.csv")).read().splitlines()) == 5
 
 
 def check_geometry(out, recs):

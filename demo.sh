@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The whole pipeline on the embedded demo cohort, on CPU, in a few minutes:
+#   synthetic DICOM export -> shards -> Vol-JEPA (tiny) -> features -> probes -> reports -> metrics.
+# Usage: bash demo.sh [OUT_DIR] (default demo_out). Every stage resumes: re-running skips finished work.
+set -euo pipefail
+OUT=${1:-demo_out}
+STUDIES=${DEMO_STUDIES:-24}
+export NVFM_QUIET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p "$OUT"
+step() { echo; echo "=== $* ==="; }
+
+step "1/7 demo cohort: $STUDIES synthetic CT/MRI studies as DICOM"
+python -m nvfm.phantom "$OUT/cohort" --studies "$STUDIES" --seed 0
+
+step "2/7 preprocess: DICOM -> 1x1x4 mm uint8 shards"
+python preprocess.py --input="$OUT/cohort/dicom" --output="$OUT/shards" \
+    --labels="$OUT/cohort/labels.csv" --findings="$OUT/cohort/findings.jsonl" --workers=2
+
+step "3/7 Vol-JEPA pretraining (tiny encoder)"
+python train_jepa.py config/jepa_tiny.py --shards="$OUT/shards" --out_dir="$OUT/jepa_tiny"
+
+step "4/7 frozen features: pretrained and random-init encoders"
+python encode.py --shards="$OUT/shards" --encoder="$OUT/jepa_tiny/encoder.safetensors" --out="$OUT/features"
+python encode.py --shards="$OUT/shards" --encoder=random:tiny --out="$OUT/features_random"
+
+step "5/7 diagnostic probes: attentive (pretrained), attentive (random init), mean-pool baseline"
+P="--labels=$OUT/shards/labels.csv --modality=all --steps=100 --hidden=64 --batch_studies=8 --eval_interval=25"
+python train_probe.py --features="$OUT/features" $P --out="$OUT/probe"
+python train_probe.py --features="$OUT/features_random" $P --out="$OUT/probe_random"
+python train_probe.py --features="$OUT/features" $P --probe=mean_pool --out="$OUT/probe_mean"
+
+step "6/7 report generator: tiny Qwen3 + perceiver connector, with probe cross-check; text-only baseline"
+python train_llava.py config/llava_tiny.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
+    --out_dir="$OUT/llava" --probe="$OUT/probe/probe.pt"
+python train_llava.py config/llava_tiny.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
+    --out_dir="$OUT/llava_text" --text_only=True
+
+step "7/7 evaluate: probes (AUROC with bootstrap CIs, grounding, flip test, anatomy) and reports"
+python evaluate.py --probes="$OUT/probe/probe.pt,$OUT/probe_random/probe.pt,$OUT/probe_mean/probe.pt" \
+    --names=pretrained,random_init,mean_pool --labels="$OUT/shards/labels.csv" --shards="$OUT/shards" \
+    --cohort="$OUT/cohort" --flip_test=True --flip_split=val,test --anatomy=True \
+    --reports="$OUT/llava/reports.jsonl" --out="$OUT/eval"
+python - "$OUT" <<'PY'
+import json, sys
+out = sys.argv[1]
+print("\nreports (test split)        BLEU-2  ROUGE-L  METEOR  triage  laterality-err")
+for name, path in [("image model", "llava/metrics.json"), ("text-only baseline", "llava_text/metrics.json")]:
+    m = json.load(open(f"{out}/{path}"))
+    for key, r in m.items():
+        if not isinstance(r, dict) or "bleu2" not in r:
+            continue
+        def f(x):
+            return "  n/a " if x is None else f"{x:6.3f}"
+        print(f"{name + ' ' + key:<28}{f(r.get('bleu2'))}  {f(r.get('rougeL'))}  {f(r.get('meteor'))}  "
+              f"{f(r.get('triage_accuracy'))}  {f(r.get('laterality_error_rate'))}")
+PY
+echo; echo "demo finished: results in $OUT/eval (metrics.json, table.txt, PNGs) and $OUT/llava*/metrics.json"
