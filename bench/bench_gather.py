@@ -10,9 +10,9 @@ same number of output bytes (CPU: memcpy; GPU: device-to-device copy, the issue'
 >= 60% of it).
 """
 import random
-import time
 
 import torch
+from timing import timeit
 
 from nvfm import ops
 from nvfm.gather import WINDOWS, GatherSpec, gather_tokens, gather_tokens_reference
@@ -49,15 +49,7 @@ def make_batch(device):
 
 
 def timed(fn, device):
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
+    return timeit(fn, repeats, device)
 
 
 def run(device, dtype):

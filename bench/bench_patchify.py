@@ -7,9 +7,9 @@ Volumes are realistic preprocessed sizes (D x H x W at 4 x 1 x 1 mm: 36-48 x 200
 bytes read per second) for each path and the speed-up.
 """
 import argparse
-import time
 
 import torch
+from timing import timeit
 
 from nvfm import ops
 from nvfm import tokenize as T
@@ -25,18 +25,6 @@ def head_volumes(n, gen, device):
         masks.append(((z ** 2 + y ** 2 + x ** 2) < 1).to(torch.uint8).to(device))
         vols.append(torch.randint(0, 256, (D, H, W), dtype=torch.uint8, generator=gen).to(device))
     return vols, masks
-
-
-def timeit(fn, repeats, device):
-    fn()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / repeats
 
 
 def main():
