@@ -17,27 +17,18 @@ UnfusedBlock is the plain reference (separate ops, padded SDPA attention) used b
 and the benchmark.
 """
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from nvfm.attention import varlen_attention
+from nvfm.model import Block
 
 
-class UnfusedBlock(nn.Module):
+class UnfusedBlock(Block):
     """The textbook block: every operator separate, attention via padded SDPA."""
 
     def __init__(self, dim, heads, mlp_ratio=4.0, attn_impl="sdpa"):
-        super().__init__()
-        if dim % heads != 0:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.attn_impl = heads, attn_impl
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        super().__init__(dim, heads, mlp_ratio)  # the parameters are nvfm.model.Block's, by construction
+        self.attn_impl = attn_impl
 
     def forward(self, x, cu_seqlens, max_seqlen):
         N, C = x.shape
