@@ -81,7 +81,9 @@ def _ops_defined():
         return False
 
 
-if _ops_defined():
+_OPS_DEFINED = _ops_defined()  # a constant, so torch.compile does not break the graph on it
+
+if _OPS_DEFINED:
     ops.register("varlen_attn_fwd")
     ops.register("varlen_attn_bwd")
 
@@ -112,7 +114,7 @@ if _ops_defined():
 
 def ours_available(q, head_dim=None):
     """True when the compiled kernel can run these inputs (device, dtype, head dim)."""
-    if not _ops_defined() or not ops.has_kernel("varlen_attn_fwd", q.device.type):
+    if not _OPS_DEFINED or not ops.has_kernel("varlen_attn_fwd", q.device.type):
         return False
     if q.device.type == "cuda":
         return q.dtype in CUDA_DTYPES and (head_dim or q.shape[-1]) in CUDA_HEAD_DIMS
@@ -122,7 +124,7 @@ def ours_available(q, head_dim=None):
 def attention_ours(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None):
     """The csrc kernel; differentiable with respect to q, k, v."""
     if not ours_available(q):
-        why = ("the compiled extension nvfm._C is not loaded" if not _ops_defined() else
+        why = ("the compiled extension nvfm._C is not loaded" if not _OPS_DEFINED else
                f"no kernel for device {q.device}, dtype {q.dtype}, head_dim {q.shape[-1]} "
                f"(CUDA needs {CUDA_DTYPES} and head_dim in {CUDA_HEAD_DIMS})")
         raise RuntimeError(f"varlen attention impl='ours' unavailable: {why}; use impl='sdpa'")

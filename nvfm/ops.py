@@ -33,6 +33,8 @@ def register(name):
     global OPS
     if name not in OPS:
         OPS = OPS + (name,)
+    for device_type in ("cpu", "cuda"):
+        has_kernel(name, device_type)
 
 
 def extension_loaded():
@@ -43,15 +45,29 @@ def cuda_compiled():
     return _C is not None and bool(_C.cuda_compiled())
 
 
-def has_kernel(name, device_type):
-    """True when the compiled extension has a kernel of op `name` for device_type ('cpu'/'cuda')."""
+_HAS_KERNEL = {}  # (name, device_type) -> bool; filled eagerly so torch.compile sees constants
+
+
+def _query_kernel(name, device_type):
     if _C is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nvfm::{name}", key)
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"nvfm::{name}", key))
     except RuntimeError:
         return False
+
+
+def has_kernel(name, device_type):
+    """True when the compiled extension has a kernel of op `name` for device_type ('cpu'/'cuda').
+
+    Memoized (the registrations never change after import), and for every name in OPS
+    computed at import: inside a torch.compile'd model the answer is then a plain dict lookup,
+    not a call into the dispatcher that would break the graph."""
+    k = (name, device_type)
+    if k not in _HAS_KERNEL:
+        _HAS_KERNEL[k] = _query_kernel(name, device_type)
+    return _HAS_KERNEL[k]
 
 
 def backend(name, device="cpu"):
@@ -68,6 +84,11 @@ def report():
         cuda = backend(name, "cuda") if cuda_compiled() else "reference (CUDA not compiled)"
         lines.append(f"  {name:<22} cpu: {backend(name, 'cpu'):<10} cuda: {cuda}")
     return "\n".join(lines)
+
+
+for _name in OPS:
+    for _dt in ("cpu", "cuda"):
+        has_kernel(_name, _dt)
 
 
 def _announce():
