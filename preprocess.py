@@ -205,7 +205,7 @@ def process_study(task):
         for g in groups:
             sk = dicom.salted_hash(g["series_uid"], salt)
             vid = sk if g["n_parts"] == 1 else f"{sk}.{g['part']}"
-            jobs.append((sk, vid, (lambda g=g: dicom.dicom_stack(root, g)),
+            jobs.append((sk, vid, (lambda g=g: dicom.dicom_stack(root, g, reduce=dicom.J2K_REDUCE)),
                          {"path": g["info"]["path"], "info": g["info"]}))
     for sk, vid, make, meta in jobs:
         try:
@@ -222,6 +222,8 @@ def process_study(task):
             # the raw message may quote header values: console only, never the log file
             console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", meta["path"], vid, True))
             continue
+        for note in getattr(st, "notes", ()):  # e.g. how JPEG 2000 was decoded (nvfm/dicom.py dicom_stack)
+            console.append((f"note: {note}", meta["path"], vid, False))
         modality = st.modality
         family = "CT" if modality == "CT" else (dicom.mr_family(meta["info"]) if "info" in meta else
                                                 dicom.mr_family({"description": os.path.basename(meta["path"])}))
@@ -402,7 +404,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         extra = {"salt_id": salt_id, "summary": summary, "failures": all_file_failures + events,
                  "study_events": [{"study_key": k, "events": done[k]["events"]} for k in sorted(done)],
                  "patch": list(shards.PATCH), "min_fg_fraction": cfg_min_fg}
-        manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9))
+        manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9), cfg_fsync)
         shards.remove_parts(output_dir)
     finally:
         os.remove(lock)

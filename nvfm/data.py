@@ -138,10 +138,12 @@ def read_done(out_dir):
     return done
 
 
-def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30):
+def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30, fsync=True):
     """Write final shards (sorted, deterministic) and the manifest from `done` entries.
 
     manifest_extra: dict merged into the manifest (salt_id, summary, failures, ...).
+    fsync: flush the shard bytes to disk before the manifest names them (crash safety; off
+    only in benchmarks, like preprocess.py's `fsync`).
     Returns the manifest dict.
     """
     vols = [v for e in done.values() for v in e["volumes"]]
@@ -172,7 +174,8 @@ def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30):
             sizes[split] = (k, size + v["nbytes"])
         for w in writers.values():
             w.flush()
-            os.fsync(w.fileno())
+            if fsync:
+                os.fsync(w.fileno())
             w.close()
     finally:
         for w in writers.values():

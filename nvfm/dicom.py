@@ -3,7 +3,9 @@
 Pipeline (used by preprocess.py):
   1. `find_inputs(root)` lists files (sorted, deterministic). `.nii`/`.nii.gz` are NIfTI,
      everything else is tried as DICOM.
-  2. `scan_dicom(root, rel)` reads the header only (`stop_before_pixels=True`) and returns a
+  2. `scan_dicom(root, rel)` reads the header only (a struct parser for the common explicit-VR
+     little-endian file, identical results to pydicom's `stop_before_pixels=True` read, which
+     handles everything else) and returns a
      small picklable dict: study/series UIDs, SOP class, modality, description, and one
      geometry record per frame (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
      RescaleSlope/Intercept; for enhanced multi-frame objects from the shared and
@@ -23,6 +25,8 @@ Pipeline (used by preprocess.py):
      pixels one slice at a time (float32, RescaleSlope/Intercept applied per slice). Pixels
      of uncompressed little-endian single-frame files are read straight from the offset the
      header scan found (numpy, no second parse; unused high bits masked as pydicom does);
+     single-frame JPEG 2000 codestreams are read from the offset the scan found and decoded by
+     openjpeg directly (at half resolution when the pixels are <= 0.5 mm: see dicom_stack);
      everything else goes through pydicom's pixel handlers (pylibjpeg for JPEG, JPEG-LS,
      JPEG 2000, RLE), and a missing handler fails that series with a clear reason.
      MONOCHROME1 is inverted for MR in nvfm/volume.py; CT is left alone because Hounsfield
@@ -61,6 +65,7 @@ import hashlib
 import math
 import os
 import re
+import struct
 
 import numpy as np
 import pydicom
@@ -94,6 +99,11 @@ MIN_PIXEL_MM, MAX_PIXEL_MM = 0.05, 20.0
 MIN_GAP_MM, MAX_GAP_MM = 0.05, 40.0
 MAX_MATRIX, MAX_SLICES = 2048, 2000
 MAX_TILT_DEG = 45.0
+# JPEG 2000 (see dicom_stack): decode codestreams directly, and at half resolution when the
+# pixels are at most half the 1 mm output spacing (module switches for tests and benchmarks)
+J2K_DIRECT = True
+J2K_REDUCE = True  # what preprocess.py asks dicom_stack for (its default is a full decode)
+J2K_REDUCE_MAX_PIXEL_MM = 0.5
 
 
 class SeriesError(Exception):
@@ -185,6 +195,11 @@ def scan_dicom(root, rel, salt=""):
     try:
         if os.path.getsize(os.path.join(root, rel)) == 0:
             raise SeriesError("empty file")
+        if FAST_SCAN:
+            try:
+                return _scan_quick(os.path.join(root, rel), dict(info))
+            except _NotQuick:  # anything unusual: pydicom below
+                pass
         with open(os.path.join(root, rel), "rb") as fp:
             ds = read_dataset(fp, stop_before_pixels=True)
             pixel_pos = fp.tell()  # pydicom stops at the (7FE0,0010) tag
@@ -194,6 +209,7 @@ def scan_dicom(root, rel, salt=""):
             raise SeriesError("DICOMDIR index file (not an image)")
         info = _header_info(ds, info)
         info["raw_pixels"] = _raw_pixel_location(ds, info, pixel_pos, pixel_hdr)
+        info["j2k_pixels"] = _j2k_pixel_location(ds, info, pixel_pos, pixel_hdr)
         return info
     except SeriesError as e:
         info["error"] = str(e)
@@ -202,7 +218,162 @@ def scan_dicom(root, rel, salt=""):
     return info
 
 
+# ---------------------------------------------------------------------------------------------
+# quick header parser: the common case (Part 10 file, explicit VR little endian, no
+# functional-group sequences) read with struct instead of pydicom, which is most of the
+# cost of a header scan. It hands _header_info the same raw element bytes pydicom would
+# (RawDataElement-like VR/value), so the result is identical (tests/test_j2k.py compares both
+# parsers on every pydicom test file); anything else raises _NotQuick -> pydicom.
+
+FAST_SCAN = True
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_STOP_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}  # where pydicom's stop_before_pixels stops
+# present -> pydicom (sequences and binary values _fast_getter does not decode)
+_QUICK_BAIL = {0x52009229, 0x52009230, 0x00189087, 0x00431039, 0x0019100C}
+_QUICK_READ = 1 << 16
+_ELEM_HEAD = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length (explicit VR LE)
+
+
+class _NotQuick(Exception):
+    pass
+
+
+class _Raw:
+    __slots__ = ("VR", "value")
+    is_little_endian = True
+
+    def __init__(self, vr, value):
+        self.VR, self.value = vr, value
+
+
+class _QuickDS:
+    """The part of a pydicom Dataset that _header_info and the pixel locators use."""
+
+    def __init__(self, elems, meta):
+        self.elems, self.file_meta = elems, meta
+
+    def get_item(self, tag):
+        return self.elems[tag if isinstance(tag, int) else int(pydicom.tag.Tag(tag))]
+
+    def get(self, keyword, default=None):  # only reached for values _fast_getter cannot decode
+        tag = pydicom.datadict.tag_for_keyword(keyword)
+        if tag is None or tag in self.elems:
+            raise _NotQuick
+        return default
+
+    def __contains__(self, tag):
+        return int(pydicom.tag.Tag(tag)) in self.elems
+
+
+class _QuickMeta(dict):
+    pass
+
+
+def _quick_elements(buf, i, end_tag_stop):
+    """Parse explicit VR little-endian elements from buf[i:]; -> ({tag: _Raw}, stop offset).
+    Stops at group change (meta) or a pixel-data tag; sequences are skipped."""
+    elems = {}
+    n = len(buf)
+    unpack = _ELEM_HEAD.unpack_from
+    while i + 8 <= n:
+        grp, el, vr, short = unpack(buf, i)
+        tag = (grp << 16) | el
+        if end_tag_stop(tag):
+            return elems, i
+        if vr in _LONG_VRS:
+            if i + 12 > n:
+                raise _NotQuick
+            length, j = int.from_bytes(buf[i + 8:i + 12], "little"), i + 12
+        else:
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise _NotQuick  # not explicit VR
+            length, j = short, i + 8
+        if tag in _QUICK_BAIL:
+            raise _NotQuick
+        if length == 0xFFFFFFFF:
+            if vr != b"SQ":
+                raise _NotQuick
+            j = _skip_undefined_sq(buf, j)
+            elems[tag] = None  # present (a sequence), value not needed
+            i = j
+            continue
+        if j + length > n:
+            raise _NotQuick
+        elems[tag] = None if vr == b"SQ" else _Raw(vr.decode("ascii"), buf[j:j + length])
+        i = j + length
+    raise _NotQuick  # ran off the buffer before the pixel data
+
+
+def _skip_undefined_sq(buf, i, depth=0):
+    """Offset just past an undefined-length sequence starting at its first item."""
+    if depth > 8:
+        raise _NotQuick
+    n = len(buf)
+    while i + 8 <= n:
+        tag, length = buf[i:i + 4], int.from_bytes(buf[i + 4:i + 8], "little")
+        i += 8
+        if tag == SEQ_DELIM_TAG:
+            return i
+        if tag != ITEM_TAG:
+            raise _NotQuick
+        if length != 0xFFFFFFFF:
+            i += length
+            continue
+        while True:  # undefined-length item: elements until the item delimiter
+            if i + 8 > n:
+                raise _NotQuick
+            if buf[i:i + 4] == b"\xfe\xff\x0d\xe0":
+                i += 8
+                break
+            vr = buf[i + 4:i + 6]
+            if vr in _LONG_VRS:
+                ln, j = int.from_bytes(buf[i + 8:i + 12], "little"), i + 12
+            elif 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90:
+                ln, j = int.from_bytes(buf[i + 6:i + 8], "little"), i + 8
+            else:
+                raise _NotQuick
+            if ln == 0xFFFFFFFF:
+                if vr != b"SQ":
+                    raise _NotQuick
+                i = _skip_undefined_sq(buf, j, depth + 1)
+            else:
+                i = j + ln
+    raise _NotQuick
+
+
+def _explicit_le(ts):
+    return ts == "1.2.840.10008.1.2.1" or ts == "1.2.840.10008.1.2.5" or (
+        ts.startswith("1.2.840.10008.1.2.4.") and ts != "1.2.840.10008.1.2.4.95")
+
+
+def _scan_quick(path, info):
+    with open(path, "rb") as fp:
+        buf = fp.read(_QUICK_READ)
+    if len(buf) < 144 or buf[128:132] != b"DICM":
+        raise _NotQuick
+    meta_elems, i = _quick_elements(buf, 132, lambda t: (t >> 16) != 0x0002)
+    meta = _QuickMeta()
+    for kw, tag in (("TransferSyntaxUID", 0x00020010), ("MediaStorageSOPClassUID", 0x00020002)):
+        e = meta_elems.get(tag)
+        if e is not None:
+            meta[kw] = e.value.decode("latin-1").strip(" \x00")
+    if not _explicit_le(meta.get("TransferSyntaxUID", "")):
+        raise _NotQuick
+    if meta.get("MediaStorageSOPClassUID", "") == "1.2.840.10008.1.3.10":
+        raise SeriesError("DICOMDIR index file (not an image)")
+    elems, pos = _quick_elements(buf, i, lambda t: t in _STOP_TAGS)
+    if 0x00080016 not in elems and 0x0020000D not in elems:
+        raise _NotQuick  # pydicom decides what this is
+    ds = _QuickDS(elems, meta)
+    info = _header_info(ds, info)
+    hdr = buf[pos:pos + 12]
+    info["raw_pixels"] = _raw_pixel_location(ds, info, pos, hdr)
+    info["j2k_pixels"] = _j2k_pixel_location(ds, info, pos, hdr)
+    return info
+
+
 NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
+J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")  # JPEG 2000 lossless / lossy
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
 
 
@@ -230,6 +401,25 @@ def _raw_pixel_location(ds, info, pos, hdr):
         return None
     dtype = {(8, 0): "u1", (8, 1): "i1", (16, 0): "<u2", (16, 1): "<i2"}[(bits_alloc, 1 if pr else 0)]
     return (offset, dtype, bits_alloc, bits_stored)
+
+
+def _j2k_pixel_location(ds, info, pos, hdr):
+    """(offset of the first item, bits_stored, pixel_representation) of single-frame
+    encapsulated JPEG 2000 pixels that `read_j2k_codestream` can read straight from the file,
+    else None."""
+    if (info["transfer_syntax"] not in J2K_SYNTAXES or len(hdr) < 12 or hdr[:4] != PIXEL_TAG
+            or hdr[4:6] not in (b"OB", b"OW") or hdr[8:12] != b"\xff\xff\xff\xff" or info["samples"] != 1
+            or len(info["frames"]) != 1 or info["frames"][0]["frame"] is not None or info.get("legacy_multiframe")
+            or not info["photometric"].startswith("MONOCHROME")):
+        return None
+    g = _fast_getter(ds)
+    try:
+        bits_stored, pr = int(g("BitsStored", 0) or 0), int(g("PixelRepresentation", 0) or 0)
+    except (TypeError, ValueError):
+        return None
+    if not 1 <= bits_stored <= 16:
+        return None
+    return (pos + 12, bits_stored, pr)
 
 
 _TEXT_VRS = {"UI", "CS", "DS", "IS", "LO", "SH"}
@@ -431,7 +621,8 @@ class SliceStack:
     of slice 0, modality, photometric, tilt_deg. `slice(k)` -> float32 (R, C).
     """
 
-    def __init__(self, origins, r, c, ps, shape_rc, loader, modality, photometric="MONOCHROME2"):
+    def __init__(self, origins, r, c, ps, shape_rc, loader, modality, photometric="MONOCHROME2", extent=None,
+                 native_ps=None):
         r = np.asarray(r, float)
         c = np.asarray(c, float)
         if abs(np.linalg.norm(r) - 1) > 1e-2 or abs(np.linalg.norm(c) - 1) > 1e-2 or abs(r @ c) > 1e-2:
@@ -460,6 +651,14 @@ class SliceStack:
         self.shape = (len(order), R, C)
         self.tilt_deg = 0.0
         self.dropped_duplicates = 0
+        # in-plane extent (mm along c, r) of the acquired image, and its pixel spacing: for a
+        # reduced-resolution decode the samples cover a little less than the acquired image
+        # (pixel 2i of the full image is sample i), and the output grid uses the acquired one
+        self.extent = tuple(float(x) for x in extent) if extent is not None else ((R - 1) * self.ps[0],
+                                                                                  (C - 1) * self.ps[1])
+        self.native_ps = tuple(float(x) for x in native_ps) if native_ps is not None else self.ps
+        self.notes = []
+        self.reduced = False
 
     def slice(self, k):
         return self.loader(int(self.order[k]))
@@ -504,9 +703,9 @@ class SliceStack:
 
     @property
     def spacing(self):
-        """(slice gap median, row spacing, column spacing) mm."""
+        """(slice gap median, row spacing, column spacing) mm, as acquired."""
         g = np.diff(self.d)
-        return (float(np.median(g)) if len(g) else 0.0, self.ps[0], self.ps[1])
+        return (float(np.median(g)) if len(g) else 0.0, self.native_ps[0], self.native_ps[1])
 
     @property
     def uniform(self):
@@ -520,7 +719,7 @@ class SliceStack:
         step = (self.origins[-1] - self.o0) / (K - 1) if K > 1 else self.n
         A = np.eye(4)
         A[:3, 0] = step
-        A[:3, 1] = self.c * self.ps[0]
+        A[:3, 1] = self.c * self.ps[0]  # of the samples held (twice native for a reduced decode)
         A[:3, 2] = self.r * self.ps[1]
         A[:3, 3] = self.o0
         return LPS_TO_RAS @ A
@@ -542,8 +741,193 @@ def _decode_error(e, tsuid):
     return SeriesError(f"pixel decode error ({type(e).__name__}, transfer syntax '{name}')")
 
 
-def dicom_stack(root, group):
-    """SliceStack for a group from group_series; pixels are read lazily, one file at a time."""
+# ---------------------------------------------------------------------------------------------
+# JPEG 2000: direct and reduced-resolution decoding
+
+
+class J2KError(ValueError):
+    """A JPEG 2000 file the direct or reduced decoder does not handle; str() is a fixed,
+    PHI-free phrase."""
+
+
+ITEM_TAG, SEQ_DELIM_TAG = b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0"
+
+
+def read_j2k_codestream(path, offset):
+    """The JPEG 2000 codestream of a single-frame encapsulated Pixel Data element whose items
+    start at `offset` (from the header scan): Basic Offset Table item, fragment items,
+    sequence delimiter (DICOM PS3.5 A.4). Fragments are concatenated. Raises J2KError when
+    the encapsulation is malformed or truncated."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        buf = f.read()
+    if buf[:4] != ITEM_TAG or len(buf) < 8:
+        raise J2KError("no Basic Offset Table item")
+    i = 8 + int.from_bytes(buf[4:8], "little")
+    frags = []
+    while True:
+        if i + 8 > len(buf):
+            raise J2KError("encapsulated pixel data truncated")
+        tag, n = buf[i:i + 4], int.from_bytes(buf[i + 4:i + 8], "little")
+        i += 8
+        if tag == SEQ_DELIM_TAG:
+            break
+        if tag != ITEM_TAG or i + n > len(buf):
+            raise J2KError("malformed or truncated fragment item")
+        frags.append(buf[i:i + n])
+        i += n
+    if not frags:
+        raise J2KError("no fragments")
+    return frags[0] if len(frags) == 1 else b"".join(frags)
+
+
+def j2k_header(cs):
+    """Main-header facts of a JPEG 2000 codestream (ISO 15444-1 A.5.1 SIZ, A.6.1 COD):
+    dict(width, height, x0, y0, ncomp, precision, signed, xr, yr (component 0 subsampling),
+    levels (decomposition levels, main-header COD))."""
+    if cs[:4] != b"\xff\x4f\xff\x51":
+        raise J2KError("not a JPEG 2000 codestream (no SOC + SIZ)")
+    be = lambda a, b: int.from_bytes(cs[a:b], "big")  # noqa: E731
+    lsiz = be(4, 6)
+    xsiz, ysiz, x0, y0 = be(8, 12), be(12, 16), be(16, 20), be(20, 24)
+    ncomp = be(40, 42)
+    if ncomp < 1 or len(cs) < 45:
+        raise J2KError("bad SIZ marker")
+    ssiz = cs[42]
+    out = dict(width=xsiz - x0, height=ysiz - y0, x0=x0, y0=y0, ncomp=ncomp, precision=(ssiz & 0x7F) + 1,
+               signed=bool(ssiz & 0x80), xr=cs[43], yr=cs[44], levels=None)
+    i = 4 + lsiz
+    while i + 4 <= len(cs):  # main-header marker segments up to the first tile-part (SOT)
+        marker, n = be(i, i + 2), be(i + 2, i + 4)
+        if marker == 0xFF90:
+            break
+        if marker == 0xFF52 and n >= 12:
+            out["levels"] = cs[i + 9]  # Lcod(2) Scod(1) SGcod(4) then SPcod: levels first
+        i += 2 + n
+    if out["levels"] is None:
+        raise J2KError("no COD marker in the main header")
+    return out
+
+
+_OPENJPEG = []  # cached pylibjpeg-openjpeg module (or None)
+
+
+def decode_j2k_full(cs, bits_stored, signed):
+    """Full-resolution decode of a one-component codestream whose signedness matches the
+    DICOM header and whose precision is at most BitsStored -> int32 (R, C) (pylibjpeg-openjpeg, the decoder pydicom uses,
+    without pydicom's dataset parse). Raises J2KError when it does not apply."""
+    if not _OPENJPEG:
+        try:
+            import openjpeg
+        except Exception:
+            openjpeg = None
+        _OPENJPEG.append(openjpeg)
+    if _OPENJPEG[0] is None:
+        raise J2KError("pylibjpeg-openjpeg not installed")
+    h = j2k_header(cs)
+    if h["ncomp"] != 1 or h["precision"] > bits_stored or h["signed"] != bool(signed):
+        raise J2KError("codestream precision/sign differ from the header")
+    return _OPENJPEG[0].decode(cs, j2k_format=0), h
+
+
+def decode_j2k_reduced(cs, bits_stored, signed):
+    """Half-resolution decode: the codestream is decoded without its finest wavelet level
+    (Pillow's OpenJPEG plugin with `reduce = 1`, i.e. opj_set_decoded_resolution_factor 1),
+    which skips tier-1 decoding of the three finest subbands. -> int32 (ceil(R/2), ceil(C/2)).
+
+    The result is the LL band of the first decomposition: the image filtered by the 5/3
+    (lossless) or 9/7 (lossy) low-pass analysis filter, DC gain 1 (same units), sampled at
+    the EVEN reference-grid positions (ISO 15444-1 F.4.8: the low-pass output of the 1D
+    transform sits at 2n), so with an even image offset reduced pixel (i, j) is centred on
+    full-resolution pixel (2i, 2j): the spacing doubles and the origin does not move (a box
+    average of 2 x 2 pixels would be centred half a pixel further; JPEG 2000's is not).
+    Pillow returns (x + 2^(p-1) if signed) << (16 - p) for precision p; this is undone.
+    Raises J2KError when it does not apply or fails."""
+    h = j2k_header(cs)
+    if h["ncomp"] != 1 or h["precision"] > bits_stored or h["signed"] != bool(signed):
+        raise J2KError("codestream precision/sign differ from the header")
+    if h["levels"] < 1:
+        raise J2KError("no wavelet decomposition to drop")
+    if h["x0"] % 2 or h["y0"] % 2 or h["xr"] != 1 or h["yr"] != 1:
+        raise J2KError("odd image offset or subsampled component")
+    if not _pillow_j2k():
+        raise J2KError("Pillow with OpenJPEG (JPEG 2000) support is not installed")
+    import io
+    from PIL import Image
+    try:
+        im = Image.open(io.BytesIO(cs), formats=["JPEG2000"])
+        im.reduce = 1
+        im.load()
+    except Exception as e:
+        raise J2KError(f"Pillow JPEG 2000 decode failed ({type(e).__name__})") from e
+    p = h["precision"]
+    if im.mode in ("I;16", "I;16L"):
+        shift = 16 - p
+    elif im.mode == "L" and p <= 8:
+        shift = 8 - p
+    else:
+        raise J2KError(f"unexpected Pillow mode {im.mode}")
+    a = np.asarray(im).astype(np.int32)
+    if shift:
+        a >>= shift
+    if h["signed"]:
+        a -= 1 << (p - 1)
+    want = ((h["height"] + 1) // 2, (h["width"] + 1) // 2)
+    if a.shape != want:
+        raise J2KError(f"reduced image is {a.shape}, expected {want}")
+    return a, h
+
+
+_PILLOW_J2K = []
+
+
+def _pillow_j2k():
+    """Whether Pillow can decode JPEG 2000 (it links OpenJPEG); cached."""
+    if not _PILLOW_J2K:
+        try:
+            from PIL import features
+            _PILLOW_J2K.append(bool(features.check("jpg_2000")))
+        except Exception:
+            _PILLOW_J2K.append(False)
+    return _PILLOW_J2K[0]
+
+
+LOWPASS_53 = np.array([-1.0, 2.0, 6.0, 2.0, -1.0]) / 8.0  # JPEG 2000 5/3 analysis low-pass
+
+
+def lowpass_half(x):
+    """(R, C) -> (ceil(R/2), ceil(C/2)) float32: the 5/3 low-pass analysis filter along both
+    axes with whole-sample symmetric extension, sampled at even indices: the LL band that
+    `decode_j2k_reduced` returns, up to the lifting's integer rounding (and the decoder's
+    clamp to the sample range). Used for files the reduced decoder cannot read."""
+    y = np.asarray(x, np.float64)
+    for ax in (0, 1):
+        n = y.shape[ax]
+        if n < 3:  # too short for the 5-tap filter: plain even samples
+            y = np.take(y, np.arange(0, n, 2), axis=ax)
+            continue
+        pad = [(0, 0), (0, 0)]
+        pad[ax] = (2, 2)
+        yp = np.pad(y, pad, mode="reflect")  # whole-sample symmetric: x[-1] = x[1]
+        idx = np.arange(0, n, 2)
+        y = sum(w * np.take(yp, idx + t, axis=ax) for t, w in enumerate(LOWPASS_53))
+    return y.astype(np.float32)
+
+
+def dicom_stack(root, group, reduce=False):
+    """SliceStack for a group from group_series; pixels are read lazily, one file at a time.
+
+    JPEG 2000 single-frame files are decoded from the codestream the header scan located
+    (no second pydicom parse). With `reduce` (preprocess.py passes J2K_REDUCE), every file of
+    the series is such a file and both pixel spacings are <= J2K_REDUCE_MAX_PIXEL_MM (half the 1 mm output grid),
+    the series is decoded at half resolution (`decode_j2k_reduced`): the stack then has
+    ceil(R/2) x ceil(C/2) pixels at twice the spacing, the same origin, and `extent` = the
+    full-resolution in-plane extent, so the output grid and affine are those of the full
+    decode. The first file is a probe: if the reduced decoder is missing or fails there, the
+    whole series is decoded at full resolution; a later file that fails is decoded in full
+    and reduced with the same 5/3 low-pass filter (`lowpass_half`). Both are recorded in
+    `stack.notes` (preprocess.py logs them per series).
+    """
     info, frames = group["info"], group["frames"]
     for h, fr in frames:
         if fr["ipp"] is None or fr["iop"] is None or fr["ps"] is None:
@@ -557,12 +941,13 @@ def dicom_stack(root, group):
     modality = info["modality"]
     photometric = info["photometric"]
     cache = {}
+    notes = []
 
-    def load(idx):
-        h, fr = frames[idx]
+    def read_full(h):
+        """Stored pixel values of one file at full resolution (all frames)."""
         path = h["path"]
         raw = h.get("raw_pixels")
-        if raw is not None and path not in cache:  # uncompressed: numpy reads the bytes directly
+        if raw is not None:  # uncompressed: numpy reads the bytes directly
             offset, dtype, bits_alloc, bits_stored = raw
             try:
                 arr = np.fromfile(os.path.join(root, path), dtype, count=rows * cols, offset=offset)
@@ -573,25 +958,41 @@ def dicom_stack(root, group):
             if bits_stored < bits_alloc:  # ignore unused high bits, as pydicom does
                 shift = bits_alloc - bits_stored
                 arr = np.right_shift(np.left_shift(arr, shift), shift)
-            cache.clear()
-            cache[path] = arr.reshape(rows, cols)
+            return arr.reshape(rows, cols)
+        j2k = h.get("j2k_pixels")
+        if j2k is not None and J2K_DIRECT:  # JPEG 2000: decode the codestream directly
+            try:
+                arr, jh = decode_j2k_full(read_j2k_codestream(os.path.join(root, path), j2k[0]), j2k[1], j2k[2])
+                if arr.shape == (rows, cols):
+                    return arr
+            except Exception:  # anything unusual: pydicom's route below gives the precise error
+                pass
+        try:
+            ds = read_dataset(os.path.join(root, path), stop_before_pixels=False)
+        except SeriesError:
+            raise
+        except Exception as e:
+            raise SeriesError(f"unreadable DICOM file ({type(e).__name__})") from e
+        if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+            raise SeriesError("missing pixel data")
+        if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
+            raise SeriesError("inconsistent Rows/Columns")
+        try:
+            return ds.pixel_array
+        except Exception as e:
+            raise _decode_error(e, h.get("transfer_syntax", "")) from e
+
+    def read_reduced(h):
+        j2k = h["j2k_pixels"]
+        arr, _ = decode_j2k_reduced(read_j2k_codestream(os.path.join(root, h["path"]), j2k[0]), j2k[1], j2k[2])
+        return arr
+
+    def load_full(idx):
+        h, fr = frames[idx]
+        path = h["path"]
         if path not in cache:
             cache.clear()  # one file at a time: bounded memory
-            try:
-                ds = read_dataset(os.path.join(root, path), stop_before_pixels=False)
-            except SeriesError:
-                raise
-            except Exception as e:
-                raise SeriesError(f"unreadable DICOM file ({type(e).__name__})") from e
-            if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-                raise SeriesError("missing pixel data")
-            if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
-                raise SeriesError("inconsistent Rows/Columns")
-            try:
-                arr = ds.pixel_array
-            except Exception as e:
-                raise _decode_error(e, h.get("transfer_syntax", "")) from e
-            cache[path] = arr
+            cache[path] = read_full(h)
         arr = cache[path]
         if fr["frame"] is not None:
             if arr.ndim != 3 or fr["frame"] >= arr.shape[0]:
@@ -599,13 +1000,50 @@ def dicom_stack(root, group):
             arr = arr[fr["frame"]]
         if arr.shape != (rows, cols):
             raise SeriesError("pixel data shape does not match Rows/Columns")
+        return rescale(arr, fr)
+
+    def rescale(arr, fr):
         out = arr.astype(np.float32)
         if fr["slope"] != 1.0 or fr["intercept"] != 0.0:
             out = out * np.float32(fr["slope"]) + np.float32(fr["intercept"])
         return out
 
+    def load_reduced(idx):
+        h, fr = frames[idx]
+        path = h["path"]
+        if path not in cache:
+            cache.clear()
+            try:
+                cache[path] = read_reduced(h)
+            except Exception as e:  # this file only: full decode, then the same low-pass filter
+                cache[path] = lowpass_half(read_full(h))
+                fails.append(type(e).__name__)
+                if len(fails) == 1:
+                    notes.append("JPEG 2000 reduced-resolution decode failed on a file "
+                                 f"({type(e).__name__}): decoded in full and low-pass filtered instead")
+        return rescale(cache[path], fr)
+
+    fails = []
+    ps = frames[0][1]["ps"]
+    reduce = (reduce and max(ps) <= J2K_REDUCE_MAX_PIXEL_MM + 1e-6 and min(ps) >= 2 * MIN_PIXEL_MM
+              and all(h.get("j2k_pixels") is not None for h, _ in frames))
+    if reduce:  # probe the first file: a missing or failing decoder -> full decode for this series
+        h0 = frames[0][0]
+        try:
+            cache[h0["path"]] = read_reduced(h0)
+        except Exception as e:
+            reduce = False
+            why = str(e) if isinstance(e, J2KError) else type(e).__name__
+            notes.append(f"JPEG 2000 reduced-resolution decode not used ({why[:120]}): full-resolution decode")
     origins = [fr["ipp"] for _, fr in frames]
-    st = SliceStack(origins, iop[:3], iop[3:], frames[0][1]["ps"], (rows, cols), load, modality, photometric)
+    if reduce:
+        st = SliceStack(origins, iop[:3], iop[3:], (2 * ps[0], 2 * ps[1]), ((rows + 1) // 2, (cols + 1) // 2),
+                        load_reduced, modality, photometric, extent=((rows - 1) * ps[0], (cols - 1) * ps[1]),
+                        native_ps=ps)
+    else:
+        st = SliceStack(origins, iop[:3], iop[3:], ps, (rows, cols), load_full, modality, photometric)
+    st.notes = notes
+    st.reduced = bool(reduce)
     return st
 
 
