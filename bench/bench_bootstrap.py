@@ -1,11 +1,17 @@
 """Benchmark: study-level bootstrap of per-class AUROC + threshold statistics.
 
     python bench/bench_bootstrap.py                       # 156 classes x 50k studies x 10k replicates
-    python bench/bench_bootstrap.py --n=5000 --n_boot=1000 --device=cuda
+    python bench/bench_bootstrap.py --n=5000 --n_boot=1000 --ref_boot=1000
+    python bench/bench_bootstrap.py --device=cuda         # the torch reference on a GPU (no C++ kernel there)
 
-Reference: the usual loop, one sklearn.metrics.roc_auc_score per (replicate, class) on the
-resampled cohort, timed on `ref_reps` replicates and extrapolated linearly to n_boot.
-Prints seconds for ours and the reference, and their ratio.
+Ours: nvfm.metrics.bootstrap with the backend it picks (the C++ kernel csrc/bootstrap.cpp on
+CPU when built), all n_boot replicates, wall and CPU seconds (CPU = this process, all threads).
+References, same run, same data, timed on fewer replicates and extrapolated linearly to n_boot:
+  - the plain-PyTorch path (backend="reference"), ref_boot replicates; its intervals at
+    ref_boot replicates are also compared with ours at the same replicates (same seed = same
+    resamples, so they must agree up to the reference's float32 rounding);
+  - the usual loop, one sklearn.metrics.roc_auc_score per (replicate, class), sk_reps replicates
+    (AUROC only).
 """
 import os
 import sys
@@ -15,13 +21,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nvfm import metrics  # noqa: E402
+from nvfm import metrics, ops  # noqa: E402
 
 n = 50000
 K = 156
 n_boot = 10000
 device = "cpu"
-ref_reps = 3
+ref_boot = 300          # replicates for the torch reference (0 skips it)
+sk_reps = 3             # replicates for the sklearn loop (0 skips it)
 seed = 0
 from nvfm.configurator import configure  # noqa: E402
 configure(globals())
@@ -30,25 +37,47 @@ rng = np.random.default_rng(seed)
 y = (rng.random((n, K)) < rng.uniform(0.005, 0.2, K)).astype(np.int64)
 s = (y * rng.uniform(0.2, 2.0, K) + rng.normal(size=(n, K))).astype(np.float32).astype(np.float64)
 thr = np.zeros(K)
+backend = ops.backend("bootstrap_stats", device)
 print(f"bootstrap: n={n} studies, K={K} classes, {n_boot} replicates, device={device}, "
-      f"threads={torch.get_num_threads()}")
+      f"threads={torch.get_num_threads()}, backend={backend}, mean prevalence {y.mean():.3f}")
 
-if device == "cuda":
-    torch.cuda.synchronize()
-t0 = time.perf_counter()
-ci = metrics.bootstrap(y, s, thr, n_boot=n_boot, seed=seed, device=device, progress=True)
-if device == "cuda":
-    torch.cuda.synchronize()
-ours = time.perf_counter() - t0
-print(f"ours: {ours:.1f} s  (AUROC + sens/spec/bacc, {n_boot * K / ours / 1e3:.1f}k class-replicates/s); "
+
+def timed(fn):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+ci, ours, ours_cpu = timed(lambda: metrics.bootstrap(y, s, thr, n_boot=n_boot, seed=seed, device=device, progress=True))
+print(f"ours ({backend}): {ours:.2f} s wall, {ours_cpu:.2f} s CPU (AUROC + sens/spec/bacc, "
+      f"{n_boot * K / ours / 1e6:.2f}M class-replicates/s); "
       f"macro AUROC CI {ci['auroc']['macro_low']:.4f}..{ci['auroc']['macro_high']:.4f}")
 
-from sklearn.metrics import roc_auc_score  # noqa: E402
-t0 = time.perf_counter()
-for r in range(ref_reps):
-    idx = rng.integers(0, n, n)
-    for k in range(K):
-        roc_auc_score(y[idx, k], s[idx, k])
-ref = (time.perf_counter() - t0) / ref_reps * n_boot
-print(f"reference (sklearn loop, AUROC only, extrapolated from {ref_reps} replicates): {ref:.0f} s")
-print(f"speedup: {ref / ours:.0f}x")
+if ref_boot and backend != "reference":
+    a, t_small, _ = timed(lambda: metrics.bootstrap(y, s, thr, n_boot=ref_boot, seed=seed, device=device))
+    b, t_ref, t_ref_cpu = timed(lambda: metrics.bootstrap(y, s, thr, n_boot=ref_boot, seed=seed, device=device,
+                                                          backend="reference"))
+    diff = max(np.nanmax(np.abs(a[m][e] - b[m][e])) for m in a for e in ("low", "high"))
+    same_valid = all(np.array_equal(a[m]["n_valid"], b[m]["n_valid"]) for m in a)
+    ref, ref_cpu = t_ref / ref_boot * n_boot, t_ref_cpu / ref_boot * n_boot
+    print(f"reference (torch, {ref_boot} replicates took {t_ref:.1f} s wall, {t_ref_cpu:.1f} s CPU; extrapolated "
+          f"linearly to {n_boot}): {ref:.0f} s wall, {ref_cpu:.0f} s CPU -> ours is {ref / ours:.0f}x faster "
+          f"(wall), {ref_cpu / ours_cpu:.0f}x (CPU)")
+    print(f"  same {ref_boot} replicates: ours {t_small:.2f} s; CI bounds differ by at most {diff:.1e} "
+          f"(reference float32), n_valid identical: {same_valid}")
+
+if sk_reps:
+    from sklearn.metrics import roc_auc_score  # noqa: E402
+    w = metrics.bootstrap_counts(n, sk_reps, seed=seed).long().numpy()
+    t0 = time.perf_counter()
+    for r in range(sk_reps):
+        idx = np.repeat(np.arange(n), w[:, r])
+        for k in range(K):
+            roc_auc_score(y[idx, k], s[idx, k])
+    sk = (time.perf_counter() - t0) / sk_reps * n_boot
+    print(f"reference (sklearn loop, AUROC only, extrapolated from {sk_reps} replicates): {sk:.0f} s "
+          f"-> ours is {sk / ours:.0f}x faster (wall)")

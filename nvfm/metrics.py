@@ -13,17 +13,30 @@ Conventions
 
 Speed: one bootstrap replicate is a vector of multinomial counts w (n,) over studies, and
 every statistic is a weighted statistic of the original data under w. AUROC under weights
-w is sum_{i pos} w_i * (negative weight ranked below i, ties counting half) / (W+ W-):
-positives are sorted once per class; each negative's weight is binned by how many positives
-it beats (all classes at once: one sparse (bins, n) @ dense (n, B) product), and a cumsum
-over the few positive bins gives all B replicates at once. Threshold statistics are one (B, n) @ (n, 4K) matmul. No Python loop
-over replicates or studies.
+w is sum_{i pos} w_i * (negative weight ranked below i, ties counting half) / (W+ W-).
+Two implementations (`bootstrap(..., backend=)`), same numbers for the same seed:
+- "cpp" (CPU, default when nvfm._C is built): csrc/bootstrap.cpp walks each class's studies
+  in score order once per chunk of 64 replicates, keeping all 64 running negative weights;
+  exact integer arithmetic; threshold counts from the same walk (score >= t is a suffix).
+- "reference" (plain PyTorch, any device; NVFM_OPS=reference or no build): each negative's
+  weight is binned by how many positives it beats (all classes at once: one sparse
+  (bins, n) @ dense (n, B) product), a cumsum over the positive bins gives all B replicates
+  at once; threshold statistics are one (B, n) @ (n, 4K) matmul (float32).
+Bootstrap counts come from a counter-based generator (`bootstrap_counts`; SplitMix64 hash
+of (seed, replicate, draw), spelled out in csrc/bootstrap.cpp), so a seed gives the same
+replicates on either backend and whatever the thread count or chunking. (Before the C++
+kernel, the counts came from torch.randint: the same seed now gives different, equally
+valid, intervals than those older runs.)
 """
 import math
 import warnings
 
 import numpy as np
 import torch
+
+from nvfm import ops
+
+ops.register("bootstrap_stats")
 
 # ----------------------------------------------------------------------------- point metrics
 
@@ -278,16 +291,113 @@ def label_efficiency_fit(n_pos, f1_values):
 # ----------------------------------------------------------------------------- bootstrap
 
 
-def bootstrap_counts(n, b, generator, device="cpu"):
-    """(n, b) float32 multinomial counts: b resamples of n studies with replacement
-    (column r = how often each study is drawn in replicate r; columns sum to n)."""
-    idx = torch.randint(n, (n, b), generator=generator, device=device)
-    c = torch.zeros(n, b, dtype=torch.float32, device=device)
-    return c.scatter_add_(0, idx, torch.ones(n, b, dtype=torch.float32, device=device))
+# Counter-based generator of csrc/bootstrap.cpp, in torch int64 (wrap-around multiplication,
+# logical right shifts by masking): replicate r's key is mix64(seed + (r + 1) * G_REP); its
+# draws 2p, 2p + 1 are the high and low 32 bits u of mix64(key + (p + 1) * G_DRAW), mapped to
+# study (u * n) >> 32.
+def _s64(x):
+    """Python int -> the int64 with the same low 64 bits."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_MIX1, _MIX2 = _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+_G_REP, _G_DRAW = _s64(0x9E3779B97F4A7C15), _s64(0xD1B54A32D192ED03)
+
+
+def _mix64(z):
+    """SplitMix64 finalizer on int64 tensors read as uint64."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * _MIX1
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * _MIX2
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def _bootstrap_counts_reference(n, r0, b, seed, device="cpu"):
+    """(n, b) float32 counts of replicates r0 .. r0 + b - 1 (plain torch, any device)."""
+    r = torch.arange(r0, r0 + b, dtype=torch.int64, device=device)
+    key = _mix64((r + 1) * _G_REP + _s64(seed))                                  # (b,)
+    p = torch.arange((n + 1) // 2, dtype=torch.int64, device=device)
+    u = _mix64(key[None, :] + ((p + 1) * _G_DRAW)[:, None])                      # (ceil(n/2), b)
+    u = torch.stack([(u >> 32) & 0xFFFFFFFF, u & 0xFFFFFFFF], 1).reshape(-1, b)[:n]  # draw 2p, 2p + 1
+    idx = (u * n) >> 32
+    return torch.zeros(n, b, dtype=torch.float32, device=device).scatter_add_(
+        0, idx, torch.ones(n, b, dtype=torch.float32, device=device))
+
+
+def _resolve_backend(backend, device):
+    if backend is None:
+        return ops.backend("bootstrap_stats", device)
+    if backend not in ("cpp", "reference"):
+        raise ValueError(f"bootstrap backend must be 'cpp', 'reference' or None, got {backend!r}")
+    if backend == "cpp" and ops.backend("bootstrap_stats", device) != "cpp":
+        raise ValueError(f"bootstrap backend 'cpp' needs the compiled nvfm._C and device cpu (got {device})")
+    return backend
+
+
+def bootstrap_counts(n, n_boot, seed=0, r0=0, device="cpu", backend=None):
+    """(n, n_boot) float32 multinomial counts of replicates r0 .. r0 + n_boot - 1: each column
+    resamples n studies with replacement (counts per study; columns sum to n). The replicates
+    `bootstrap` uses for this seed, whichever backend computes them."""
+    if _resolve_backend(backend, device) == "cpp":
+        return torch.ops.nvfm.bootstrap_counts(n, r0, n_boot, _s64(seed)).float()
+    return _bootstrap_counts_reference(n, r0, n_boot, seed, device)
+
+
+def _replicates_cpp(y, s, thr, n_boot, seed, defined):
+    """Per-replicate metrics from the C++ kernel: dict metric -> (n_boot, K) float32."""
+    n, K = y.shape
+    cols = np.nonzero(defined)[0]
+    out = {m: np.full((n_boot, K), np.nan, dtype=np.float32)
+           for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy")}
+    if len(cols) == 0:
+        return out
+    st = torch.ops.nvfm.bootstrap_stats(
+        torch.from_numpy(np.ascontiguousarray(y[:, cols], dtype=np.uint8)),
+        torch.from_numpy(np.ascontiguousarray(s[:, cols], dtype=np.float64)),
+        torch.from_numpy(np.ascontiguousarray(thr[cols], dtype=np.float64)), 0, n_boot, _s64(seed)).numpy()
+    num, P, N, TP, TN = np.moveaxis(st, 2, 0)                            # (n_boot, len(cols)) each
+    with np.errstate(invalid="ignore", divide="ignore"):
+        au = np.where(P * N > 0, num / (P * N), np.nan)
+        sens = np.where(P > 0, TP / P, np.nan)
+        spec = np.where(N > 0, TN / N, np.nan)
+    for m, v in [("auroc", au), ("sensitivity", sens), ("specificity", spec), ("balanced_accuracy", 0.5 * (sens + spec))]:
+        out[m][:, cols] = v
+    return out
+
+
+def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress):
+    """Per-replicate metrics in plain torch (any device): dict metric -> (n_boot, K) float32."""
+    n, K = y.shape
+    dev = torch.device(device)
+    batch = _AurocBatch({k: _auroc_plan(y[:, k], s[:, k]) for k in np.nonzero(defined)[0]}, n, dev)
+    pred, pos = s >= thr, y > 0
+    # columns: TP, positives, TN, negatives -> one matmul per chunk for all classes
+    M = torch.from_numpy(np.concatenate([pred & pos, pos, ~pred & ~pos, ~pos], 1).astype(np.float32)).to(dev)
+    reps = {m: np.full((n_boot, K), np.nan, dtype=np.float32)
+            for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy")}
+    b = max(1, min(n_boot, chunk_elems // max(n, 1)))
+    starts = range(0, n_boot, b)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="bootstrap", unit="chunk")
+    for r0 in starts:
+        bb = min(b, n_boot - r0)
+        w = _bootstrap_counts_reference(n, r0, bb, seed, dev)
+        for k, v in batch(w, w.sum(0)).items():
+            reps["auroc"][r0:r0 + bb, k] = v.cpu().numpy()
+        c = (w.T @ M).double()
+        tp, p, tn, ng = c[:, :K], c[:, K:2 * K], c[:, 2 * K:3 * K], c[:, 3 * K:]
+        nan = torch.tensor(float("nan"), dtype=c.dtype, device=dev)
+        sens = torch.where(p > 0, tp / p.clamp_min(1), nan)
+        spec = torch.where(ng > 0, tn / ng.clamp_min(1), nan)
+        reps["sensitivity"][r0:r0 + bb] = sens.cpu().numpy()
+        reps["specificity"][r0:r0 + bb] = spec.cpu().numpy()
+        reps["balanced_accuracy"][r0:r0 + bb] = (0.5 * (sens + spec)).cpu().numpy()
+    return reps
 
 
 def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, device="cpu",
-              chunk_elems=1 << 24, progress=False):
+              chunk_elems=1 << 24, progress=False, backend=None):
     """Study-level bootstrap CIs of per-class and macro AUROC (and, given thresholds,
     sensitivity, specificity, balanced accuracy).
 
@@ -296,40 +406,22 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     Per-class intervals are percentile intervals; NaN where a class is undefined in the data
     or defined in fewer than 100 replicates. Macro replicates average the classes defined in
     the full data that are defined in that replicate.
+    backend: None picks `ops.backend("bootstrap_stats", device)` (the C++ kernel on CPU when
+    built, else the torch reference); "cpp" or "reference" forces one. Both draw the same
+    replicates for a seed (`bootstrap_counts`), so their intervals agree (up to the
+    reference's float32 rounding). chunk_elems and progress (a tqdm bar) concern the
+    reference only; the C++ kernel takes seconds.
     """
     y, s = _check(y, scores)
     n, K = y.shape
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev).manual_seed(seed)
     defined = defined_classes(y)
-    batch = _AurocBatch({k: _auroc_plan(y[:, k], s[:, k]) for k in np.nonzero(defined)[0]}, n, dev)
-    names = ["auroc"]
-    if thresholds is not None:
-        thr = np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
-        pred, pos = s >= thr, y > 0
-        # columns: TP, positives, TN, negatives -> one matmul per chunk for all classes
-        M = torch.from_numpy(np.concatenate([pred & pos, pos, ~pred & ~pos, ~pos], 1).astype(np.float32)).to(dev)
-        names += ["sensitivity", "specificity", "balanced_accuracy"]
-    reps = {m: np.full((n_boot, K), np.nan, dtype=np.float32) for m in names}
-    b = max(1, min(n_boot, chunk_elems // max(n, 1)))
-    starts = range(0, n_boot, b)
-    if progress:
-        from tqdm import tqdm
-        starts = tqdm(starts, desc="bootstrap", unit="chunk")
-    for r0 in starts:
-        bb = min(b, n_boot - r0)
-        w = bootstrap_counts(n, bb, gen, dev)
-        for k, v in batch(w, w.sum(0)).items():
-            reps["auroc"][r0:r0 + bb, k] = v.cpu().numpy()
-        if thresholds is not None:
-            c = (w.T @ M).double()
-            tp, p, tn, ng = c[:, :K], c[:, K:2 * K], c[:, 2 * K:3 * K], c[:, 3 * K:]
-            nan = torch.tensor(float("nan"), dtype=c.dtype, device=dev)
-            sens = torch.where(p > 0, tp / p.clamp_min(1), nan)
-            spec = torch.where(ng > 0, tn / ng.clamp_min(1), nan)
-            reps["sensitivity"][r0:r0 + bb] = sens.cpu().numpy()
-            reps["specificity"][r0:r0 + bb] = spec.cpu().numpy()
-            reps["balanced_accuracy"][r0:r0 + bb] = (0.5 * (sens + spec)).cpu().numpy()
+    thr = np.zeros(K) if thresholds is None else np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
+    if _resolve_backend(backend, device) == "cpp":
+        reps = _replicates_cpp(y, s, thr, n_boot, seed, defined)
+    else:
+        reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress)
+    if thresholds is None:
+        reps = {"auroc": reps["auroc"]}
     out = {}
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     for m, r in reps.items():

@@ -5,7 +5,10 @@ import scipy.stats
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from nvfm import metrics
+from nvfm import metrics, ops
+
+needs_cpp = pytest.mark.skipif(ops.backend("bootstrap_stats", "cpu") != "cpp",
+                               reason="compiled nvfm._C bootstrap kernel not built")
 
 
 def _data(n=300, K=6, seed=0, ties=False):
@@ -44,8 +47,7 @@ def test_undefined_class_is_nan_and_skipped_by_macro():
 
 def test_bootstrap_replicate_equals_sklearn_on_resampled_data():
     y, s = _data(n=200, ties=True)
-    gen = torch.Generator().manual_seed(3)
-    w = metrics.bootstrap_counts(len(y), 5, gen).double()
+    w = metrics.bootstrap_counts(len(y), 5, seed=3, backend="reference").double()
     for k in range(y.shape[1]):
         ours = metrics._weighted_auroc(w, *metrics._plan_tensors(y, s, k))
         for r in range(5):
@@ -58,7 +60,7 @@ def test_bootstrap_replicate_equals_sklearn_on_resampled_data():
 def test_batched_sparse_auroc_equals_per_class():
     y, s = _data(n=150, K=5, ties=True)
     s[:, 1] = np.round(s[:, 1])                     # heavy ties in one class, none after rounding elsewhere
-    w = metrics.bootstrap_counts(len(y), 7, torch.Generator().manual_seed(0))
+    w = metrics.bootstrap_counts(len(y), 7, seed=0, backend="reference")
     plans = {k: metrics._auroc_plan(y[:, k], s[:, k]) for k in range(5)}
     got = metrics._AurocBatch(plans, len(y), "cpu")(w, w.sum(0))
     for k in range(5):
@@ -66,10 +68,11 @@ def test_batched_sparse_auroc_equals_per_class():
         torch.testing.assert_close(got[k].double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_bootstrap_ci_covers_and_threshold_stats_match_resampling():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_bootstrap_ci_covers_and_threshold_stats_match_resampling(backend):
     y, s = _data(n=400, K=3)
     thr = metrics.youden_thresholds(y, s)
-    ci = metrics.bootstrap(y, s, thr, n_boot=1000, seed=1)
+    ci = metrics.bootstrap(y, s, thr, n_boot=1000, seed=1, backend=backend)
     au = metrics.auroc(y, s)
     st = metrics.threshold_stats(y, s, thr)
     assert (ci["auroc"]["low"] < au).all() and (au < ci["auroc"]["high"]).all()
@@ -77,8 +80,138 @@ def test_bootstrap_ci_covers_and_threshold_stats_match_resampling():
         assert (ci[m]["low"] <= st[m] + 1e-9).all() and (st[m] <= ci[m]["high"] + 1e-9).all()
     # width shrinks roughly like 1/sqrt(n): a 4x larger cohort gives a clearly narrower CI
     y4, s4 = _data(n=1600, K=3, seed=0)
-    ci4 = metrics.bootstrap(y4, s4, None, n_boot=1000, seed=1)
+    ci4 = metrics.bootstrap(y4, s4, None, n_boot=1000, seed=1, backend=backend)
+    assert set(ci4) == {"auroc"}
     assert ((ci4["auroc"]["high"] - ci4["auroc"]["low"]) < 0.75 * (ci["auroc"]["high"] - ci["auroc"]["low"])).all()
+
+
+# ----------------------------------------------------------------------------- C++ bootstrap kernel
+# csrc/bootstrap.cpp against the torch reference on the same replicates (the generator is
+# shared), and against sklearn on the resampled cohorts.
+
+
+def test_counts_generator_columns_are_resamples():
+    w = metrics.bootstrap_counts(57, 300, seed=5, backend="reference")
+    assert w.shape == (57, 300) and (w.sum(0) == 57).all() and (w >= 0).all()
+    assert (w == w.round()).all()
+    # multinomial(n, 1/n): mean count 1, variance 1 - 1/n; every study drawn sometimes
+    assert abs(w.mean().item() - 1) < 1e-6 and abs(w.var().item() - (1 - 1 / 57)) < 0.05
+    assert (w.sum(1) > 0).all()
+    assert not torch.equal(w[:, :150], w[:, 150:])
+    # a replicate depends only on (seed, replicate index): slices agree, seeds differ
+    torch.testing.assert_close(metrics.bootstrap_counts(57, 10, seed=5, r0=290, backend="reference"), w[:, 290:])
+    assert not torch.equal(metrics.bootstrap_counts(57, 300, seed=6, backend="reference"), w)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,r0,b,seed", [(1, 0, 3, 0), (2, 7, 5, 1), (3, 0, 64, -5), (100, 1000, 65, 2**63 + 17),
+                                         (257, 3, 130, 12345), (1000, 0, 7, 2**64 - 1)])
+def test_counts_generator_cpp_equals_reference(n, r0, b, seed):
+    ref = metrics.bootstrap_counts(n, b, seed=seed, r0=r0, backend="reference")
+    got = metrics.bootstrap_counts(n, b, seed=seed, r0=r0, backend="cpp")
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+    assert (got.sum(0) == n).all()
+
+
+def _kernel_case(n, K, seed, ties):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, K)) < rng.uniform(0.02, 0.9, K)).astype(np.uint8)
+    s = y * rng.uniform(0, 2.0, K) + rng.normal(size=(n, K))
+    if ties:
+        s = np.round(s * rng.uniform(0.5, 3, K)) / 2            # few distinct scores: big mixed tie groups
+    if K > 2:
+        y[:, 0] = 0                                              # no positives
+        y[:, 1] = 1                                              # no negatives
+    thr = s[rng.integers(0, n, K), np.arange(K)]                 # thresholds on exact score values
+    thr[-1] = s[:, -1].max() + 1                                 # nothing predicted positive
+    return y, s, thr
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,K,B,ties", [(1, 3, 5, False), (2, 4, 64, True), (5, 3, 1, False), (37, 5, 63, True),
+                                        (128, 6, 65, False), (300, 4, 130, True), (300, 3, 200, False)])
+def test_kernel_equals_reference_per_replicate(n, K, B, ties):
+    y, s, thr = _kernel_case(n, K, seed=n * 7 + B, ties=ties)
+    seed, r0 = n + B, 3
+    st = torch.ops.nvfm.bootstrap_stats(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr), r0, B, seed)
+    assert st.shape == (B, K, 5) and st.dtype == torch.float64
+    num, P, N, TP, TN = st.unbind(2)
+    w = metrics.bootstrap_counts(n, B, seed=seed, r0=r0, backend="reference").double()   # (n, B)
+    yt, pred = torch.from_numpy(y).double(), torch.from_numpy((s >= thr).astype(np.float64))
+    assert torch.equal(P, w.T @ yt) and torch.equal(N, w.T @ (1 - yt))                  # exact integer counts
+    assert torch.equal(TP, w.T @ (yt * pred)) and torch.equal(TN, w.T @ ((1 - yt) * (1 - pred)))
+    au = torch.where(P * N > 0, num / (P * N), torch.full_like(num, float("nan")))
+    for k in range(K):
+        ref = metrics._weighted_auroc(w, *metrics._plan_tensors(y.astype(np.float64), s, k))
+        torch.testing.assert_close(au[:, k], ref, rtol=0, atol=1e-12, equal_nan=True)
+        assert ((2 * num[:, k]) == (2 * num[:, k]).round()).all()                       # half-integers: exact
+
+
+@needs_cpp
+def test_kernel_replicates_equal_sklearn_on_resampled_cohorts():
+    y, s, thr = _kernel_case(150, 5, seed=1, ties=True)
+    B, seed = 6, 9
+    st = torch.ops.nvfm.bootstrap_stats(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr), 0, B, seed)
+    w = metrics.bootstrap_counts(150, B, seed=seed, backend="cpp").long().numpy()
+    for r in range(B):
+        idx = np.repeat(np.arange(150), w[:, r])                       # the resampled cohort
+        for k in range(2, 5):
+            num, P, N = st[r, k, :3].tolist()
+            assert P == y[idx, k].sum() and N == len(idx) - P
+            if P and N:
+                assert num / (P * N) == pytest.approx(roc_auc_score(y[idx, k], s[idx, k]), abs=1e-12)
+
+
+@needs_cpp
+def test_kernel_deterministic_across_threads_and_slices():
+    y, s, thr = _kernel_case(200, 4, seed=3, ties=False)
+    args = (torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr))
+    full = torch.ops.nvfm.bootstrap_stats(*args, 0, 150, 4)
+    nt = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.nvfm.bootstrap_stats(*args, 0, 150, 4)
+    finally:
+        torch.set_num_threads(nt)
+    assert torch.equal(full, one)
+    parts = torch.cat([torch.ops.nvfm.bootstrap_stats(*args, 0, 70, 4), torch.ops.nvfm.bootstrap_stats(*args, 70, 80, 4)])
+    assert torch.equal(full, parts)
+    assert not torch.equal(full, torch.ops.nvfm.bootstrap_stats(*args, 0, 150, 5))
+
+
+@needs_cpp
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_cpp_equals_reference(ties):
+    y, s = _data(n=250, K=5, seed=2, ties=ties)
+    y[:, 3] = 0                                                  # undefined class
+    thr = metrics.youden_thresholds(y, s)
+    a = metrics.bootstrap(y, s, thr, n_boot=300, seed=7, backend="cpp")
+    b = metrics.bootstrap(y, s, thr, n_boot=300, seed=7, backend="reference", chunk_elems=250 * 64)
+    assert set(a) == set(b) == {"auroc", "sensitivity", "specificity", "balanced_accuracy"}
+    for m in a:
+        np.testing.assert_array_equal(a[m]["n_valid"], b[m]["n_valid"])
+        np.testing.assert_allclose(a[m]["low"], b[m]["low"], rtol=0, atol=1e-6, equal_nan=True)
+        np.testing.assert_allclose(a[m]["high"], b[m]["high"], rtol=0, atol=1e-6, equal_nan=True)
+        assert a[m]["macro_low"] == pytest.approx(b[m]["macro_low"], abs=1e-6)
+        assert a[m]["macro_high"] == pytest.approx(b[m]["macro_high"], abs=1e-6)
+        assert np.isnan(a[m]["low"][3]) and a[m]["n_valid"][3] == 0
+    # the default backend on CPU is the kernel
+    c = metrics.bootstrap(y, s, thr, n_boot=300, seed=7)
+    np.testing.assert_array_equal(c["auroc"]["low"], a["auroc"]["low"])
+
+
+@needs_cpp
+def test_kernel_bad_input():
+    y, s, thr = _kernel_case(10, 2, seed=0, ties=False)
+    Y, S, T = torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr)
+    with pytest.raises(RuntimeError, match="NaN or inf"):
+        torch.ops.nvfm.bootstrap_stats(Y, torch.full_like(S, float("nan")), T, 0, 4, 0)
+    with pytest.raises(RuntimeError, match="float64"):
+        torch.ops.nvfm.bootstrap_stats(Y, S.float(), T, 0, 4, 0)
+    with pytest.raises(RuntimeError, match="uint8"):
+        torch.ops.nvfm.bootstrap_stats(Y.long(), S, T, 0, 4, 0)
+    with pytest.raises(ValueError, match="backend"):
+        metrics.bootstrap(y, s, n_boot=10, backend="fast")
 
 
 def test_threshold_stats_and_youden_vs_sklearn():
