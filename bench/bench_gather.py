@@ -7,7 +7,7 @@ up to 20 tokens per axis, random axis permutations, flips and windows, 25% of th
 tokens gathered (a JEPA context). Reports ms per batch of the kernel and of the PyTorch
 reference, and the kernel's bandwidth (bytes read + written) against a plain copy of the
 same number of output bytes (CPU: memcpy; GPU: device-to-device copy, the issue's target is
->= 60% of it).
+>= 60% of it). Output float32 / bfloat16 (normalised) and uint8 (window levels, the loader's).
 """
 import random
 
@@ -76,5 +76,7 @@ def run(device, dtype):
 
 if __name__ == "__main__":
     run("cpu", torch.float32)
+    run("cpu", torch.uint8)  # window levels, the JEPA loader's format (nvfm/masks.py)
     if torch.cuda.is_available():
         run("cuda", torch.bfloat16)
+        run("cuda", torch.uint8)

@@ -5,7 +5,7 @@ implementation, on real packed batches; peak GPU memory per batch size on CUDA.
     python bench/bench_train_jepa.py                                   # CPU: tiny, demo-like volumes
     python bench/bench_train_jepa.py --size=vitb --batch=32,64 --attn=ours,sdpa   # GPU
     python bench/bench_train_jepa.py --shards=SHARDS                   # real shards instead of synthetic
-    python bench/bench_train_jepa.py --mask_only                       # (1) only: numpy vs rows vs compiled gather
+    python bench/bench_train_jepa.py --mask_only                       # (1) only: python path vs ops path
 
 Synthetic volumes (nvfm.loader.synthetic_volume, 40 x 224 x 224 voxels, ~550 foreground
 tokens each) stand in when no shards are given. The step is the one of train_jepa.py
@@ -35,9 +35,38 @@ def get_reader(args):
     return ArrayReader([synthetic_volume(rng, "MR" if i % 2 == 0 else "CT", (40, 224, 224), f"v{i}") for i in range(16)])
 
 
-def bench_masks(reader, n=200, gathers=("numpy", "rows", "compiled"), repeats=3):
+def split_context_target_numpy(coords, ratio, config_multi, rng, cfg):
+    """The previous all-numpy split of nvfm.masks (before the block_masks operator), kept here
+    as the speed baseline: same distributions, its own draws (so different masks)."""
+    from nvfm.masks import block_distance
+    n = len(coords)
+    n_ctx = min(max(int(round(ratio * n)), 1), n - 1)
+    K = int(rng.integers(cfg.n_blocks[0], cfg.n_blocks[1] + 1)) if config_multi else 1
+    centres = coords[rng.integers(0, n, K)]
+    aspects = np.exp(rng.uniform(-np.log(cfg.aspect), np.log(cfg.aspect), (K, 3))).astype(np.float32)
+    d = block_distance(coords, centres, aspects) + rng.uniform(0, 1e-3, n).astype(np.float32)  # random ties
+    if config_multi:
+        order = np.argpartition(d, n - n_ctx - 1)
+        ctx, tgt = order[n - n_ctx:], order[:n - n_ctx]
+    else:
+        order = np.argpartition(d, n_ctx - 1)
+        ctx, tgt = order[:n_ctx], order[n_ctx:]
+    n_drop = min(int(round(cfg.drop * len(ctx))), len(ctx) - 1)
+    if n_drop > 0:
+        shuffled = rng.permutation(ctx)
+        ctx, tgt = shuffled[n_drop:], np.concatenate([tgt, shuffled[:n_drop]])
+    return np.sort(ctx), np.sort(tgt)
+
+
+# mask paths: (patch gather nvfm.masks.GATHER, context/target split)
+MASK_PATHS = {"numpy": ("numpy", "numpy"),      # plain strided gather + numpy split
+              "python": ("rows", "numpy"),      # the previous default: row gather + numpy split
+              "ops": ("compiled", "op")}        # uint8 gather kernel + block_masks operator (default now)
+
+
+def bench_masks(reader, n=200, paths=("python", "ops"), repeats=3):
     """CPU time per volume of mask sampling + collate in one loader worker (1 torch thread),
-    for each patch-gather implementation of nvfm.masks (GATHER), interleaved, best of `repeats`."""
+    for each path of MASK_PATHS, interleaved, best of `repeats`; ratios vs "python"."""
     from nvfm import masks as M
     from nvfm.ops import backend
     idx = train_indices(reader, "train")
@@ -46,24 +75,26 @@ def bench_masks(reader, n=200, gathers=("numpy", "rows", "compiled"), repeats=3)
         reader.token_mask(i)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # DataLoader workers run single-threaded torch
-    gathers = [g for g in gathers if g != "compiled" or backend("gather_tokens", "cpu") == "cpp"]
-    best = {g: (float("inf"), 0.0) for g in gathers}
+    split_op = M.split_context_target
+    print(f"backends: gather_tokens {backend('gather_tokens', 'cpu')}, block_masks {backend('block_masks', 'cpu')}")
+    best = {p: (float("inf"), 0.0) for p in paths}
     for _ in range(repeats):
-        for g in gathers:
-            M.GATHER = g
+        for p in paths:
+            M.GATHER, split = MASK_PATHS[p]
+            M.split_context_target = split_op if split == "op" else split_context_target_numpy
             ds[0]
             t, c = time.perf_counter(), time.process_time()
             toks = 0
             for s in range(n):
                 toks += len(ds[s]["tokens"])
             dt, dc = time.perf_counter() - t, time.process_time() - c
-            best[g] = min(best[g], (1e3 * dc / n, 1e3 * dt / n))
-    M.GATHER = "rows"
+            best[p] = min(best[p], (1e3 * dc / n, 1e3 * dt / n))
+    M.GATHER, M.split_context_target = "compiled", split_op
     torch.set_num_threads(threads)
-    for g, (c, w) in best.items():
-        ratio = f", {best['numpy'][0] / c:.2f}x vs numpy" if "numpy" in best else ""
-        print(f"mask sampling + collate [gather={g:<8}]: {c:.2f} ms/volume CPU time ({w:.2f} ms wall){ratio}, "
-              f"{toks / n:.0f} tokens/volume (one loader worker)")
+    for p, (c, w) in best.items():
+        ratio = f", {best['python'][0] / c:.2f}x vs python" if "python" in best else ""
+        print(f"mask sampling + collate [{p:<6}: gather {MASK_PATHS[p][0]:<8} split {MASK_PATHS[p][1]:<5}]: "
+              f"{c:.2f} ms/volume CPU time ({w:.2f} ms wall){ratio}, {toks / n:.0f} tokens/volume (one loader worker)")
 
 
 def bench_step(reader, size, batch, attn, steps, device):
@@ -138,13 +169,13 @@ def main():
     ap.add_argument("--steps", type=int, default=20 if cuda else 5)
     ap.add_argument("--shards", default="")
     ap.add_argument("--device", default="cuda" if cuda else "cpu")
-    ap.add_argument("--gather", default="numpy,rows,compiled", help="patch gathers to time (nvfm.masks.GATHER)")
+    ap.add_argument("--mask_paths", default="python,ops", help="mask paths to time: " + ",".join(MASK_PATHS))
     ap.add_argument("--mask_only", action="store_true", help="only the mask-sampling benchmark")
     args = ap.parse_args()
     print(f"device {args.device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} CPU threads'}), "
           f"torch {torch.__version__}")
     reader = get_reader(args)
-    bench_masks(reader, gathers=args.gather.split(","))
+    bench_masks(reader, paths=args.mask_paths.split(","))
     if args.mask_only:
         return
     for batch in [int(b) for b in args.batch.split(",")]:

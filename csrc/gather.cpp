@@ -4,6 +4,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <vector>
 
 #include "gather.h"
@@ -22,15 +26,16 @@ void check_args(at::TensorList volumes, const at::Tensor& coords, const at::Tens
                 const at::Tensor& table, at::IntArrayRef patch, at::ScalarType dtype) {
   const int64_t B = volumes.size();
   TORCH_CHECK(patch.size() == 3 && patch[0] > 0 && patch[1] > 0 && patch[2] > 0, "patch must be 3 positive sizes");
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "gather_tokens writes float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kByte,
+              "gather_tokens writes float32, float16, bfloat16 or uint8, got ", dtype);
   TORCH_CHECK(coords.scalar_type() == at::kInt && coords.dim() == 2 && coords.size(1) == 3 && coords.is_contiguous(),
               "coords must be contiguous (N, 3) int32");
   TORCH_CHECK(cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.size(0) == B + 1, "cu_seqlens must be int32 (B + 1)");
   TORCH_CHECK(params.scalar_type() == at::kInt && params.dim() == 2 && params.size(0) == B &&
               params.size(1) == kGatherParams && params.is_contiguous(), "params must be contiguous (B, 16) int32");
-  TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(0) == 4 && table.size(1) == 256 &&
-              table.is_contiguous(), "table must be contiguous (4, 256) float32");
+  if (dtype != at::kByte)  // uint8 output writes window levels: no table
+    TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(0) == 4 &&
+                table.size(1) == 256 && table.is_contiguous(), "table must be contiguous (4, 256) float32");
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor& v = volumes[b];
     TORCH_CHECK(v.scalar_type() == at::kByte && v.dim() == 4 && v.is_contiguous(),
@@ -101,6 +106,171 @@ void gather_cpu(at::TensorList volumes, const int32_t* coords, const int32_t* cu
   });
 }
 
+// uint8 output: the window level of each voxel (nvfm.data.expand_window), the JEPA loader's
+// format. mr / brain: the stored byte; CT blood: high nibble x 17; bone: low nibble x 17.
+template <int W>
+inline uint8_t level(uint8_t b) {
+  if constexpr (W == 2) return static_cast<uint8_t>((b >> 4) * 17);
+  else if constexpr (W == 3) return static_cast<uint8_t>((b & 15) * 17);
+  else return b;
+}
+
+// n levels of a voxel row, mirrored when FLIP; plain loops the compiler vectorises.
+template <int W, bool FLIP>
+inline void copy_row(const uint8_t* row, int64_t n, uint8_t* dst) {
+  if constexpr (FLIP) {
+    for (int64_t e = 0; e < n; ++e) dst[e] = level<W>(row[n - 1 - e]);
+  } else {
+    for (int64_t e = 0; e < n; ++e) dst[e] = level<W>(row[e]);
+  }
+}
+
+// out[c][r] = in[r][c] for a 16 x 16 byte tile (rows of 16 bytes). SSE2 (every x86-64): four
+// rounds of unpacks interleave 8-, 16-, 32- then 64-bit pieces of row pairs; else scalar.
+inline void transpose16x16(const uint8_t* in, uint8_t* out) {
+#if defined(__SSE2__)
+  __m128i a[16], b[16];
+  for (int r = 0; r < 16; ++r) a[r] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 16 * r));
+  for (int k = 0; k < 8; ++k) {  // b[2k], b[2k+1]: columns 0-7, 8-15 of rows 2k, 2k+1 interleaved
+    b[2 * k] = _mm_unpacklo_epi8(a[2 * k], a[2 * k + 1]);
+    b[2 * k + 1] = _mm_unpackhi_epi8(a[2 * k], a[2 * k + 1]);
+  }
+  for (int m = 0; m < 4; ++m)  // a[4m + 2j + h]: 4 columns x rows 4m..4m+3
+    for (int j = 0; j < 2; ++j) {
+      a[4 * m + 2 * j] = _mm_unpacklo_epi16(b[4 * m + j], b[4 * m + 2 + j]);
+      a[4 * m + 2 * j + 1] = _mm_unpackhi_epi16(b[4 * m + j], b[4 * m + 2 + j]);
+    }
+  for (int q = 0; q < 2; ++q)  // b[8q + 2i + h]: 2 columns x rows 8q..8q+7
+    for (int i = 0; i < 4; ++i) {
+      b[8 * q + 2 * i] = _mm_unpacklo_epi32(a[8 * q + i], a[8 * q + 4 + i]);
+      b[8 * q + 2 * i + 1] = _mm_unpackhi_epi32(a[8 * q + i], a[8 * q + 4 + i]);
+    }
+  for (int j = 0; j < 8; ++j) {  // column 2j and 2j+1, all 16 rows
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * j), _mm_unpacklo_epi64(b[j], b[8 + j]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 32 * j + 16), _mm_unpackhi_epi64(b[j], b[8 + j]));
+  }
+#else
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) out[16 * c + r] = in[16 * r + c];
+#endif
+}
+
+// One token in two steps: (1) its voxel block in the flipped voxel frame, x-rows copied whole
+// (straight into the output when patch_perm is the identity); (2) patch_perm applied from the
+// 1-2 KB scratch block, which sits in L1. Padding beyond the volume is level 0.
+template <int W>
+void gather_token_u8(const uint8_t* src, const int64_t dims[3], const int64_t tok[3], const bool flipped[3],
+                     const int32_t* pp, at::IntArrayRef patch, uint8_t* tmp, uint8_t* out) {
+  const int64_t pz = patch[0], py = patch[1], px = patch[2];
+  const bool identity = pp[0] == 0 && pp[1] == 1 && pp[2] == 2;
+  uint8_t* blk = identity ? out : tmp;
+  const int64_t x0 = tok[2] * px;
+  const bool full_x = x0 + px <= dims[2];
+  if (full_x && px == 16 && (tok[0] + 1) * pz <= dims[0] && (tok[1] + 1) * py <= dims[1]) {
+    // interior token (the common case): 16-byte rows at fixed strides, no bounds checks
+    const int64_t sz = dims[1] * dims[2], sy = dims[2];
+    const uint8_t* first = src + (tok[0] * pz + (flipped[0] ? pz - 1 : 0)) * sz +
+                           (tok[1] * py + (flipped[1] ? py - 1 : 0)) * sy + x0;
+    const int64_t dz = flipped[0] ? -sz : sz, dy = flipped[1] ? -sy : sy;
+    uint8_t* d = blk;
+    for (int64_t ez = 0; ez < pz; ++ez) {
+      const uint8_t* row = first + ez * dz;
+      if (flipped[2]) {
+        for (int64_t ey = 0; ey < py; ++ey, row += dy, d += 16) copy_row<W, true>(row, 16, d);
+      } else {
+        for (int64_t ey = 0; ey < py; ++ey, row += dy, d += 16) copy_row<W, false>(row, 16, d);
+      }
+    }
+  } else {  // edge token: rows past the volume are padding (level 0)
+    for (int64_t ez = 0; ez < pz; ++ez) {
+      const int64_t vz = tok[0] * pz + (flipped[0] ? pz - 1 - ez : ez);
+      for (int64_t ey = 0; ey < py; ++ey) {
+        const int64_t vy = tok[1] * py + (flipped[1] ? py - 1 - ey : ey);
+        uint8_t* d = blk + (ez * py + ey) * px;
+        if (vz >= dims[0] || vy >= dims[1]) {
+          std::memset(d, 0, px);
+          continue;
+        }
+        const uint8_t* row = src + (vz * dims[1] + vy) * dims[2] + x0;
+        if (full_x && px == 16) {  // the patch width: a fixed-size loop, unrolled and vectorised
+          if (flipped[2]) copy_row<W, true>(row, 16, d);
+          else copy_row<W, false>(row, 16, d);
+        } else if (full_x) {
+          if (flipped[2]) copy_row<W, true>(row, px, d);
+          else copy_row<W, false>(row, px, d);
+        } else {
+          for (int64_t ex = 0; ex < px; ++ex) {
+            const int64_t vx = flipped[2] ? px - 1 - ex : ex;
+            d[ex] = x0 + vx < dims[2] ? level<W>(row[vx]) : 0;
+          }
+        }
+      }
+    }
+  }
+  if (identity) return;
+  if (pp[0] == 0 && pp[1] == 2 && pp[2] == 1 && py == 16 && px == 16) {  // the JEPA loader's in-plane swap
+    for (int64_t ez = 0; ez < pz; ++ez) transpose16x16(tmp + 256 * ez, out + 256 * ez);
+    return;
+  }
+  const int64_t vstride[3] = {py * px, px, 1};  // scratch strides per voxel axis
+  const int64_t n0 = patch[pp[0]], n1 = patch[pp[1]], n2 = patch[pp[2]];
+  const int64_t s0 = vstride[pp[0]], s1 = vstride[pp[1]], s2 = vstride[pp[2]];
+  for (int64_t i0 = 0; i0 < n0; ++i0)
+    for (int64_t i1 = 0; i1 < n1; ++i1) {
+      const uint8_t* r = tmp + i0 * s0 + i1 * s1;
+      for (int64_t i2 = 0; i2 < n2; ++i2) *out++ = r[i2 * s2];
+    }
+}
+
+// Where token t reads: its volume b, channel data, dims and original token coords.
+struct TokenSource {
+  const int32_t* p;
+  const uint8_t* src;
+  int64_t dims[3], tok[3];
+  bool flipped[3];
+};
+
+inline TokenSource locate(at::TensorList volumes, const int32_t* coords, const int32_t* cu, const int32_t* params,
+                          int64_t B, int64_t t) {
+  TokenSource s;
+  const int64_t b = std::upper_bound(cu, cu + B + 1, (int32_t)t) - cu - 1;
+  s.p = params + b * kGatherParams;
+  const at::Tensor& vol = volumes[b];
+  for (int a = 0; a < 3; ++a) s.dims[a] = vol.size(1 + a);
+  s.src = vol.data_ptr<uint8_t>() + kWindowChannel[s.p[12]] * s.dims[0] * s.dims[1] * s.dims[2];
+  for (int k = 0; k < 3; ++k) {  // original token; a flip of output axis k mirrors crop axis perm[k]
+    const int a = s.p[6 + k];
+    s.flipped[a] = s.p[9 + k] != 0;
+    s.tok[a] = s.p[a] + (s.flipped[a] ? s.p[3 + a] - 1 - coords[3 * t + k] : coords[3 * t + k]);
+  }
+  return s;
+}
+
+void gather_cpu_u8(at::TensorList volumes, const int32_t* coords, const int32_t* cu, const int32_t* params,
+                   at::IntArrayRef patch, int64_t B, uint8_t* out) {
+  const int64_t n = cu[B], P = patch[0] * patch[1] * patch[2];
+  at::parallel_for(0, n, 16, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> tmp(P);
+    constexpr int64_t kAhead = 2;  // prefetch the rows of token t + kAhead: a cold volume is latency-bound
+    for (int64_t t = t0; t < t1; ++t) {
+      if (t + kAhead < t1) {
+        const TokenSource f = locate(volumes, coords, cu, params, B, t + kAhead);
+        const int64_t z0 = f.tok[0] * patch[0], y0 = f.tok[1] * patch[1], x0 = f.tok[2] * patch[2];
+        for (int64_t z = z0; z < std::min(z0 + patch[0], f.dims[0]); ++z)
+          for (int64_t y = y0; y < std::min(y0 + patch[1], f.dims[1]); ++y)
+            if (x0 < f.dims[2]) __builtin_prefetch(f.src + (z * f.dims[1] + y) * f.dims[2] + x0);
+      }
+      const TokenSource s = locate(volumes, coords, cu, params, B, t);
+      uint8_t* dst = out + t * P;
+      switch (s.p[12]) {
+        case 2: gather_token_u8<2>(s.src, s.dims, s.tok, s.flipped, s.p + 13, patch, tmp.data(), dst); break;
+        case 3: gather_token_u8<3>(s.src, s.dims, s.tok, s.flipped, s.p + 13, patch, tmp.data(), dst); break;
+        default: gather_token_u8<0>(s.src, s.dims, s.tok, s.flipped, s.p + 13, patch, tmp.data(), dst);
+      }
+    }
+  });
+}
+
 at::Tensor gather_tokens_cpu(at::TensorList volumes, const at::Tensor& coords, const at::Tensor& cu,
                              const at::Tensor& params, const at::Tensor& table, at::IntArrayRef patch,
                              at::ScalarType dtype) {
@@ -119,6 +289,10 @@ at::Tensor gather_tokens_cpu(at::TensorList volumes, const at::Tensor& coords, c
                     "volume ", b, ": token ", t, " coordinate outside the output grid");
   }
   at::Tensor out = at::empty({coords.size(0), P}, coords.options().dtype(dtype));
+  if (dtype == at::kByte) {
+    gather_cpu_u8(volumes, xyz, c, p, patch, B, out.data_ptr<uint8_t>());
+    return out;
+  }
   const float* lut = table.data_ptr<float>();
   if (dtype == at::kFloat) gather_cpu(volumes, xyz, c, p, lut, patch, B, out.data_ptr<float>());
   else if (dtype == at::kHalf) gather_cpu(volumes, xyz, c, p, lut, patch, B, out.data_ptr<at::Half>());
@@ -146,10 +320,11 @@ at::Tensor gather_tokens_cuda(at::TensorList volumes, const at::Tensor& coords, 
   const int64_t n = coords.size(0);
   at::Tensor out = at::empty({n, P}, coords.options().dtype(dtype));
   const GatherOut ot = dtype == at::kFloat ? GatherOut::kFloat32 : dtype == at::kHalf ? GatherOut::kFloat16
-                                                                                      : GatherOut::kBFloat16;
+                      : dtype == at::kByte ? GatherOut::kUInt8 : GatherOut::kBFloat16;
+  const float* lut = dtype == at::kByte ? nullptr : table.data_ptr<float>();
   C10_CUDA_CHECK(launch_gather_tokens(reinterpret_cast<const GatherVolume*>(vols.data_ptr<uint8_t>()),
                                       params.data_ptr<int32_t>(), cu.data_ptr<int32_t>(), (int)B,
-                                      coords.data_ptr<int32_t>(), n, table.data_ptr<float>(), (int)patch[0],
+                                      coords.data_ptr<int32_t>(), n, lut, (int)patch[0],
                                       (int)patch[1], (int)patch[2], out.data_ptr(), ot,
                                       at::cuda::getCurrentCUDAStream()));
   return out;

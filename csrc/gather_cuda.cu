@@ -13,6 +13,11 @@ __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 
+// Window level of a stored byte (nvfm.data.expand_window): uint8 output, no table.
+__device__ __forceinline__ uint8_t level(int window, uint8_t b) {
+  return window == 2 ? (uint8_t)((b >> 4) * 17) : window == 3 ? (uint8_t)((b & 15) * 17) : b;
+}
+
 template <typename T>
 __global__ void gather_tokens_kernel(const GatherVolume* __restrict__ vols, const int32_t* __restrict__ params,
                                      const int32_t* __restrict__ cu, int B, const int32_t* __restrict__ coords,
@@ -54,7 +59,8 @@ __global__ void gather_tokens_kernel(const GatherVolume* __restrict__ vols, cons
       off += (int64_t)vox * strides[a];
     }
     const uint8_t byte = inside ? v.data[off] : 0;
-    store(out + i, table[256 * p[12] + byte]);
+    if constexpr (sizeof(T) == 1) out[i] = level(p[12], byte);  // uint8: levels (padding: level 0)
+    else store(out + i, table[256 * p[12] + byte]);
   }
 }
 
@@ -79,6 +85,10 @@ cudaError_t launch_gather_tokens(const GatherVolume* vols, const int32_t* params
     case GatherOut::kBFloat16:
       gather_tokens_kernel<__nv_bfloat16><<<(unsigned)blocks, 256, 0, stream>>>(
           vols, params, cu, B, coords, n, table, pd, ph, pw, static_cast<__nv_bfloat16*>(out));
+      break;
+    case GatherOut::kUInt8:
+      gather_tokens_kernel<uint8_t><<<(unsigned)blocks, 256, 0, stream>>>(vols, params, cu, B, coords, n, table, pd,
+                                                                          ph, pw, static_cast<uint8_t*>(out));
       break;
   }
   return cudaGetLastError();

@@ -32,6 +32,10 @@ tests check the gather against crop_tokens bit for bit.
 Padding beyond the volume (far end of each original axis) is voxel value 0 before
 normalisation, as in tokenize.py.
 
+Output dtype uint8 (the JEPA loader's format, nvfm/masks.py): the window level of each voxel,
+nvfm.data.expand_window (mr / brain: the stored byte; CT blood / bone: the high / low nibble
+x 17), padding 0; no normalisation table.
+
 Normalisation: value = (u8 / 255 - mean[w]) / std[w] in float32 (nvfm.model.normalize_tokens),
 order [MR, CT-brain, CT-blood, CT-bone]; implemented with a 256-entry table per window built
 here and passed to the kernels, so every backend gives bit-identical float32 (bfloat16 output
@@ -83,6 +87,12 @@ def normalization_table():
     return (torch.arange(256, dtype=torch.float32)[None, :] / 255.0 - mean) / std
 
 
+def level_table():
+    """(4, 256) uint8: window level of each stored channel byte (nvfm.data.expand_window)."""
+    byte = torch.arange(256)
+    return torch.stack([byte, byte, (byte >> 4) * 17, (byte & 15) * 17]).to(torch.uint8)
+
+
 def channel_table():
     """(4, 256) float32: normalised value indexed by the stored channel byte (nibbles expanded)."""
     byte = torch.arange(256)
@@ -113,8 +123,9 @@ def check_spec(volume, spec, coords, patch=PATCH, where=""):
 
 def gather_tokens_reference(volumes, specs, coords, dtype=torch.float32, patch=PATCH):
     """The specification. volumes: list of uint8 (C, D, H, W); specs: list of GatherSpec;
-    coords: list of (n_b, 3) int tensors (output frame). Returns (sum n_b, prod(patch)) dtype."""
-    table = channel_table()
+    coords: list of (n_b, 3) int tensors (output frame). Returns (sum n_b, prod(patch)) dtype:
+    normalised values, or window levels when dtype is torch.uint8."""
+    table = level_table() if dtype == torch.uint8 else channel_table()
     out = []
     for b, (vol, spec, c) in enumerate(zip(volumes, specs, coords, strict=True)):
         c = torch.as_tensor(c).long().cpu()
@@ -136,7 +147,7 @@ def gather_tokens_reference(volumes, specs, coords, dtype=torch.float32, patch=P
         tb = tb.flip(flip_voxel_axes) if flip_voxel_axes else tb
         tb = tb.permute(0, *(1 + a for a in spec.within())).reshape(len(c), math.prod(patch))
         out.append(table[w][tb.long()])
-    res = torch.cat(out) if out else torch.empty(0, math.prod(patch))
+    res = torch.cat(out) if out else torch.empty(0, math.prod(patch), dtype=table.dtype)
     return res.to(dtype)
 
 
@@ -150,7 +161,8 @@ def _params(volumes, specs):
 def gather_tokens(volumes, specs, coords, dtype=None, patch=PATCH, impl="auto", device=None):
     """Same contract as gather_tokens_reference, with the compiled kernel when built.
 
-    dtype defaults to bfloat16 on CUDA and float32 on CPU. On CUDA the volumes must already be
+    dtype defaults to bfloat16 on CUDA and float32 on CPU; torch.uint8 gives window levels (the
+    loader's format: 4x fewer bytes than float32, normalised later on the device). On CUDA the volumes must already be
     on the device (copying uint8 there is half the bytes of the bf16 tokens). impl: "auto",
     "kernel" (error if not built) or "reference".
     """

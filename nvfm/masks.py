@@ -1,5 +1,5 @@
 """Vol-JEPA masking: crop, augment and split one volume's foreground tokens into context and
-target; pack a batch. Runs in data-loader workers (nvfm/loader.py), on numpy, < 1 ms/volume.
+target; pack a batch. Runs in data-loader workers (nvfm/loader.py): numpy draws + compiled ops.
 
 Per volume (paper, Methods "Vol-JEPA"; where the authors' public code differs we follow the
 paper, see SPEC.md section 2):
@@ -20,11 +20,15 @@ paper, see SPEC.md section 2):
      (each axis side scaled by a log-uniform factor in [1/2, 2]). All blocks grow together
      until the union holds exactly n - n_ctx (A) or n_ctx (B) foreground tokens: token i
      gets the distance d_i = min_k max_a |c_ia - centre_ka| / aspect_ka (a box norm) and the
-     tokens with the smallest d are taken. So the ratios hold exactly for every volume and
-     any grid size, with no rejection loop.
-  5. context dropout: a random `drop` = 20% of the context tokens move to the target.
+     tokens with the smallest d are taken (ties by a random key). So the ratios hold exactly
+     for every volume and any grid size, with no rejection loop.
+  5. context dropout: a random `drop` = 20% of the context tokens (those with the smallest
+     random keys) move to the target.
      Expected visible fraction 0.8 x 0.25 = 20% (MR), 16% (CT); the paper observed medians
      18.8% / 15.1%. About 80-84% of tokens are targets.
+  Steps 4-5 are the operator nvfm.blocks.block_masks (C++ / CUDA kernels, PyTorch reference);
+  the random draws come from the worker's Generator (nvfm.blocks.draw_blocks). The token
+  gather of step 2-3 is the compiled nvfm.gather kernel writing uint8 (see GATHER).
 Each batch mixes configs A and B equally: the config follows the parity of the sample's
 slot in the global batch.
 """
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 
 from nvfm import ops
+from nvfm.blocks import block_masks, draw_blocks
 from nvfm.tokenize import PATCH
 
 WINDOW_INDEX = {"mr": 0, "brain": 1, "blood": 2, "bone": 3}  # = nvfm.model.WINDOWS order
@@ -152,29 +157,25 @@ def crop_tokens_rows(data, modality, window, lo, hi, coords, flips, swap_inplane
     return tokens, coords
 
 
-# Patch gather of sample_volume, all bit-identical: "rows" (crop_tokens_rows, default: fastest
-# on CPU), "numpy" (crop_tokens, the plain strided gather; the reference), "compiled" (the C++
-# kernel torch.ops.nvfm.gather_tokens; falls back to "rows" when nvfm._C is not built). On a
-# 2-core CPU the compiled kernel (float output + cast to uint8) is slower than "rows".
-GATHER = os.environ.get("NVFM_MASK_GATHER", "rows")
-_LEVELS = None
+# Patch gather of sample_volume, all bit-identical: "compiled" (default: the C++ kernel
+# torch.ops.nvfm.gather_tokens writing uint8 window levels in one pass; falls back to "rows"
+# when nvfm._C is not built), "rows" (crop_tokens_rows, the fastest numpy path), "numpy"
+# (crop_tokens, the plain strided gather; the reference).
+GATHER = os.environ.get("NVFM_MASK_GATHER", "compiled")
+_NO_TABLE = torch.empty(0)  # the uint8 gather needs no normalisation table
+_WINDOW_SLOT = {"mr": 0, "brain": 1, "blood": 2, "bone": 3}  # = nvfm.gather.WINDOWS order
 
 
-def _level_table():
-    """(4, 256) float32: the uint8 level (0..255, exact in float) of each stored channel byte per
-    window [mr, brain, blood, bone], i.e. nvfm.data.expand_window as a lookup table; fed to the
-    compiled gather in place of its normalisation table, so it returns raw window levels."""
-    global _LEVELS
-    if _LEVELS is None:
-        byte = torch.arange(256)
-        _LEVELS = torch.stack([byte, byte, (byte >> 4) * 17, (byte & 15) * 17]).float().contiguous()
-    return _LEVELS
+_COMPILED = []
 
 
 def use_compiled_gather():
     """True when crop_tokens_compiled can run (nvfm._C built with the CPU gather kernel).
-    NVFM_OPS=reference forces the numpy path (see nvfm/ops.py)."""
-    return ops.backend("gather_tokens", "cpu") == "cpp"
+    NVFM_OPS=reference forces the numpy path (see nvfm/ops.py). Cached: the dispatcher
+    query costs ~60 us and runs per volume."""
+    if not _COMPILED:
+        _COMPILED.append(ops.backend("gather_tokens", "cpu") == "cpp")
+    return _COMPILED[0]
 
 
 def crop_tokens_compiled(data, window, lo, hi, coords, flips, perm):
@@ -183,30 +184,24 @@ def crop_tokens_compiled(data, window, lo, hi, coords, flips, perm):
     Same arguments as crop_tokens (modality is implied by the window) plus perm (3,);
     returns tokens (n, 1024) uint8 (bit-identical to crop_tokens) and coords (n, 3) int32 in
     the augmented (flipped, then permuted) crop grid. lo, hi must lie in the token grid."""
-    from nvfm.gather import WINDOWS
-    extent = hi - lo
-    coords = coords.copy()
-    for a in range(3):
-        if flips[a]:
-            coords[:, a] = extent[a] - 1 - coords[:, a]
-    coords = np.ascontiguousarray(coords[:, perm], dtype=np.int32)
-    p = [int(x) for x in perm]
-    patch_perm = [0, 2, 1] if p.index(1) > p.index(2) else [0, 1, 2]  # = gather.masks_patch_perm
+    extent = (hi - lo).astype(np.int32)
+    perm = np.asarray(perm)
+    coords = coords[:, perm].astype(np.int32)  # flip then permute = permute then flip the permuted axes
+    flip_out = np.asarray(flips, bool)[perm]
+    coords = np.ascontiguousarray(np.where(flip_out, extent[perm] - 1 - coords, coords), np.int32)
+    patch_perm = (0, 2, 1) if int(np.argmax(perm == 1)) > int(np.argmax(perm == 2)) else (0, 1, 2)  # masks_patch_perm
     # GatherSpec row: crop_start 3, crop_size 3, perm 3, flip per output axis 3, window, patch_perm 3
-    params = torch.tensor([[int(lo[0]), int(lo[1]), int(lo[2]), int(extent[0]), int(extent[1]), int(extent[2])] + p +
-                           [int(bool(flips[a])) for a in p] + [WINDOWS.index(window)] + patch_perm], dtype=torch.int32)
-    data = np.ascontiguousarray(data)
+    params = np.concatenate([lo, extent, perm, flip_out, [_WINDOW_SLOT[window]], patch_perm]).astype(np.int32)[None]
     if data.flags.writeable:
         vol = torch.from_numpy(data)
     else:  # read-only shard memmap: the kernel only reads it
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             vol = torch.from_numpy(data)
-    c = torch.from_numpy(coords)
-    cu = torch.tensor([0, len(coords)], dtype=torch.int32)
-    # float32 holds 0..255 exactly (float16 would halve the bytes but its kernel is 3x slower)
-    out = torch.ops.nvfm.gather_tokens([vol], c, cu, params, _level_table(), list(PATCH), torch.float32)
-    return out.to(torch.uint8).numpy(), coords
+    c, cu = torch.from_numpy(coords), torch.from_numpy(np.array([0, len(coords)], np.int32))
+    out = torch.ops.nvfm.gather_tokens([vol.contiguous()], c, cu, torch.from_numpy(params), _NO_TABLE, list(PATCH),
+                                       torch.uint8)
+    return out.numpy(), coords
 
 
 def sample_augmentation(rng, permute=True, flip=True):
@@ -227,25 +222,17 @@ def block_distance(coords, centres, aspects):
 
 
 def split_context_target(coords, ratio, config_multi, rng, cfg):
-    """Indices (ctx, tgt) into coords (n, 3): see the module docstring, steps 4 and 5."""
+    """Indices (ctx, tgt) into coords (n, 3), each ascending int64: see the module docstring,
+    steps 4 and 5. The draws come from rng (nvfm.blocks.draw_blocks); the split is the
+    operator nvfm.blocks.block_masks (C++ kernel when built, identical PyTorch reference else)."""
     n = len(coords)
-    n_ctx = min(max(int(round(ratio * n)), 1), n - 1)
-    K = int(rng.integers(cfg.n_blocks[0], cfg.n_blocks[1] + 1)) if config_multi else 1
-    centres = coords[rng.integers(0, n, K)]
-    aspects = np.exp(rng.uniform(-np.log(cfg.aspect), np.log(cfg.aspect), (K, 3))).astype(np.float32)
-    d = block_distance(coords, centres, aspects) + rng.uniform(0, 1e-3, n).astype(np.float32)  # random ties
-    if config_multi:  # the blocks are the target, the rest is context
-        order = np.argpartition(d, n - n_ctx - 1)
-        ctx, tgt = order[n - n_ctx:], order[:n - n_ctx]
-    else:  # the block is the context
-        order = np.argpartition(d, n_ctx - 1)
-        ctx, tgt = order[:n_ctx], order[n_ctx:]
-    n_drop = int(round(cfg.drop * len(ctx)))
-    n_drop = min(n_drop, len(ctx) - 1)
-    if n_drop > 0:
-        shuffled = rng.permutation(ctx)
-        ctx, tgt = shuffled[n_drop:], np.concatenate([tgt, shuffled[:n_drop]])
-    return np.sort(ctx), np.sort(tgt)
+    draw = draw_blocks(rng, n, ratio, config_multi, cfg.n_blocks, cfg.aspect, cfg.drop)
+    c = np.ascontiguousarray(coords, np.int32)
+    t = torch.from_numpy
+    ctx, _, tgt, _ = block_masks(t(c), t(np.array([0, n], np.int32)), t(c[draw["centre_index"]]),
+                                 t(np.array([0, len(draw["centre_index"])], np.int32)), t(draw["aspects"]),
+                                 t(draw["keys"]), t(draw["counts"][None]), check=False)  # the kernel checks
+    return ctx.numpy(), tgt.numpy()
 
 
 def choose_window(modality, rng, cfg):

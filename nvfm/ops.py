@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-OPS = ("patchify", "unpatchify", "varlen_attn_fwd", "varlen_attn_bwd", "gather_tokens", "bootstrap_stats")  # later kernels append their names here via register()
+OPS = ("patchify", "unpatchify", "varlen_attn_fwd", "varlen_attn_bwd", "gather_tokens", "block_masks", "bootstrap_stats")  # later kernels append their names here via register()
 
 _C = None
 _EXT_ERROR = None

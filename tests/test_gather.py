@@ -132,6 +132,39 @@ def test_cpp_matches_reference_bit_exact(seed):
     assert got.shape == ref.shape and torch.equal(got, ref)
     got16 = gather_tokens(vols, specs, coords, dtype=torch.bfloat16, impl="kernel")
     assert torch.equal(got16, ref.to(torch.bfloat16))
+    ref8 = gather_tokens_reference(vols, specs, coords, dtype=torch.uint8)
+    got8 = gather_tokens(vols, specs, coords, dtype=torch.uint8, impl="kernel")
+    assert got8.dtype == torch.uint8 and torch.equal(got8, ref8)
+
+
+def test_uint8_output_is_the_window_level():
+    """dtype=uint8 gives the window levels that the normalisation table maps to the float output."""
+    rng, g = random.Random(11), torch.Generator().manual_seed(11)
+    for _ in range(4):
+        vol, spec, c = random_case(rng, g)
+        lev = gather_tokens_reference([vol], [spec], [c], dtype=torch.uint8)
+        flt = gather_tokens_reference([vol], [spec], [c])
+        assert lev.dtype == torch.uint8
+        assert torch.equal(normalization_table()[WINDOWS.index(spec.window)][lev.long()], flt)
+        if spec.window in ("blood", "bone"):
+            assert bool((lev % 17 == 0).all())
+
+
+@needs_cpp
+def test_cpp_uint8_interior_and_edge_tokens():
+    """The uint8 kernel's fast paths (interior tokens, 16 x 16 plane transpose) and its edge path
+    (padding) against the reference, on a volume with tokens on every border, all flips and perms."""
+    g = torch.Generator().manual_seed(3)
+    vol = random_volume(g, (10, 50, 45), 2)  # grid (3, 4, 3): last token of every axis is partial
+    grid = token_grid(vol.shape[1:])
+    allc = torch.stack(torch.meshgrid(*[torch.arange(n) for n in grid], indexing="ij"), -1).reshape(-1, 3)
+    import itertools
+    for perm in itertools.permutations(range(3)):
+        for flip in itertools.product([False, True], repeat=3):
+            spec = GatherSpec((0, 0, 0), grid, perm, flip, "bone", masks_patch_perm(perm))
+            c = allc[:, list(perm)].to(torch.int32).contiguous()
+            ref = gather_tokens_reference([vol], [spec], [c], dtype=torch.uint8)
+            assert torch.equal(gather_tokens([vol], [spec], [c], dtype=torch.uint8, impl="kernel"), ref), (perm, flip)
 
 
 @needs_cpp
@@ -157,3 +190,5 @@ def test_cuda_matches_reference_bit_exact():
     assert torch.equal(got.cpu(), ref)
     got16 = gather_tokens(vols_gpu, specs, coords, dtype=torch.bfloat16, impl="kernel")
     assert torch.equal(got16.cpu(), ref.to(torch.bfloat16))
+    got8 = gather_tokens(vols_gpu, specs, coords, dtype=torch.uint8, impl="kernel")
+    assert torch.equal(got8.cpu(), gather_tokens_reference(vols, specs, coords, dtype=torch.uint8))
