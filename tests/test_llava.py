@@ -258,8 +258,86 @@ def test_train_llava_fsdp_two_ranks_on_cpu(tmp_path, lm_dir):
     assert ck["iter_num"] == 3 and "optimizer" not in ck
     assert all(not hasattr(v, "placements") for v in ck["connector"].values())  # plain tensors, not DTensors
     model, tok = load_llm(os.path.join(out, "llm"))
-    gen = llava.ReportGenerator(model, tok, 16, 64, 2, 4, 16)
+    gen = llava.ReportGenerator(model, tok, 16, 64, 2, 4, ck["config"]["n_latents"])
     gen.connector.load_state_dict(ck["connector"])
     base, _ = load_llm(lm_dir)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
     assert json.load(open(os.path.join(out, "metrics.json")))["n_eval"] == 3
+
+
+def test_probe_diagnosis_scores_drops_untrained_classes():
+    """Classes without training positives (left out of the probe's loss) never reach the cross-check."""
+    names = ["acute_subdural_hematoma", "epidural_hematoma", "lesion_left", "meningioma"]
+    sc, th = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0.0, 0.0, 0.5], [4, 0, 3, 2])
+    assert sc == {"acute_subdural_hematoma": 2.0, "meningioma": -1.0}  # untrained + non-diagnosis dropped
+    assert th == {"acute_subdural_hematoma": 0.1, "meningioma": 0.5}
+    f, missed = llava.cross_check([], sc, th)
+    assert missed == ["acute_subdural_hematoma"]  # the untrained epidural logit 3.0 >= 0 is not appended
+    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0, 0, 0, 0])  # old checkpoints
+    assert set(sc) == {"acute_subdural_hematoma", "epidural_hematoma", "meningioma"}
+    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0, 0, 0.5], [4, 0, 3, 2],
+                                         fitted=[False, True, True, True])
+    assert sc == {"meningioma": -1.0}  # threshold not fitted on the selection split: not used
+    with pytest.raises(ValueError, match="3 logits"):
+        llava.probe_diagnosis_scores(names, [1, 2, 3], [0] * 4)
+
+
+def test_train_llava_stage1_phase_then_stage2(tmp_path, lm_dir):
+    """--stage1_iters: connector-only iterations with the LM frozen (saved LM == the base LM), then
+    stage 2 trains the LM on resume; val-split losses go to log.jsonl; --eval_split takes a list."""
+    from safetensors.torch import load_file
+    fnd, feat = _synthetic_cohort(str(tmp_path))
+    rows = [json.loads(l) for l in open(fnd)]
+    for r in rows[:2]:
+        r["split"] = "val"
+    with open(fnd, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    out = str(tmp_path / "run")
+    base = [sys.executable, os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
+            f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--stage1_iters=2",
+            "--eval_interval=2", "--max_new_tokens=8", "--log_interval=1", "--eval_split=val,test"]
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
+    r = subprocess.run(base + ["--max_iters=0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "after 2 stage-1 iterations" in r.stdout
+    w0 = load_file(os.path.join(lm_dir, "model.safetensors"))
+    w1 = load_file(os.path.join(out, "llm", "model.safetensors"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # frozen in the stage-1 phase
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ck["iter_num"] == 2 and ck["stage1_iters"] == 2
+    assert json.load(open(os.path.join(out, "metrics.json")))["n_eval"] == 5  # 2 val + 3 test
+    r = subprocess.run(base + ["--max_iters=2", "--init_from=resume"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    assert [x["stage"] for x in log if "loss" in x] == [1, 1, 2, 2]
+    vals = [x for x in log if "val_loss" in x]
+    assert [x["iter"] for x in vals] == [1, 3] and all(np.isfinite(x["val_loss"]) for x in vals)
+    w2 = load_file(os.path.join(out, "llm", "model.safetensors"))
+    assert not all(torch.equal(w0[k], w2[k]) for k in w0)  # stage 2 trains the LM
+
+
+def test_zero_init_connector_starts_text_only_then_learns(lm):
+    """zero_init: visual embeddings are exactly 0 at step 0 (the loss ignores the images), the last
+    projector layer still gets a gradient, and after one step the images change the loss."""
+    model, tok = lm
+    torch.manual_seed(3)
+    gen = llava.ReportGenerator(model, tok, enc_dim=16, dim=32, depth=1, heads=4, n_latents=4, zero_init=True)
+    studies, inds, fnds = _studies(), ["headache", "fall"], [[SDH], []]
+    visual, _ = gen._visual(studies)
+    assert visual.shape == (5 * 4, model.config.hidden_size) and visual.abs().max() == 0
+    flipped = _studies()
+    flipped[0][0]["emb"] = flipped[0][0]["emb"] * -1
+    loss = gen(studies, inds, fnds)
+    assert torch.equal(loss, gen(flipped, inds, fnds))
+    loss.backward()
+    assert gen.connector.mlp[2].weight.grad.abs().sum() > 0
+    assert gen.connector.perceiver.latents.grad is None or gen.connector.perceiver.latents.grad.abs().sum() == 0
+    with torch.no_grad():
+        for p in gen.connector.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    v1, v2 = gen._visual(studies)[0], gen._visual(flipped)[0]
+    assert v1.abs().max() > 0 and not torch.allclose(v1[:4], v2[:4])  # the flipped series now differs
+    torch.testing.assert_close(v1[4:], v2[4:])  # the others do not
+    model.zero_grad(set_to_none=True)

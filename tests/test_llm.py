@@ -107,3 +107,18 @@ def test_smollm2_gguf_ships_and_parses():
                                                    add_generation_prompt=True, return_tensors="pt",
                                                    return_dict=True), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0])
+
+
+def test_resolve_llm_names(tmp_path, monkeypatch):
+    """"" -> the cached tiny Qwen3; "smollm2" -> the cached conversion (not rebuilt when present);
+    any other value passes through to load_llm's checks."""
+    monkeypatch.setenv("NVFM_CACHE", str(tmp_path))
+    fake = tmp_path / "llm" / "smollm2-135m-instruct-q4_1"
+    fake.mkdir(parents=True)
+    (fake / "config.json").write_text("{}")
+    assert llm.resolve_llm("smollm2") == str(fake)
+    assert llm.resolve_llm("/some/dir") == "/some/dir"
+    tiny = tmp_path / "llm" / "tiny-qwen3-v1"
+    tiny.mkdir()
+    (tiny / "model.safetensors").write_bytes(b"")
+    assert llm.resolve_llm("") == str(tiny)
