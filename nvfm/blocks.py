@@ -58,16 +58,6 @@ def draw_blocks(rng, n, ratio, multi, n_blocks=(2, 4), aspect=2.0, drop=0.2):
     return dict(centre_index=centre_index, aspects=aspects, keys=keys, counts=counts)
 
 
-_BACKEND = {}
-
-
-def _backend(device_type):
-    """ops.backend, cached: the dispatcher query costs ~60 us, a loader worker calls this per volume."""
-    if device_type not in _BACKEND:
-        _BACKEND[device_type] = ops.backend("block_masks", device_type)
-    return _BACKEND[device_type]
-
-
 def check_inputs(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts):
     """Validate shapes, dtypes and counts; raises ValueError naming the volume and the reason."""
     def need(t, name, dtype, shape):
@@ -147,7 +137,7 @@ def block_masks(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts, i
     when built. impl: "auto", "kernel" (error if not built) or "reference". check=False skips
     the Python-side validation (the C++ kernel validates again; the CUDA kernel does not check
     coordinates or aspects)."""
-    have = _backend(coords.device.type) != "reference"
+    have = ops.backend("block_masks", coords.device.type) != "reference"
     if impl == "kernel" and not have:
         raise RuntimeError(f"block_masks: no compiled kernel for device {coords.device}")
     if impl == "reference" or not have:

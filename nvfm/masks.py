@@ -163,19 +163,13 @@ def crop_tokens_rows(data, modality, window, lo, hi, coords, flips, swap_inplane
 # (crop_tokens, the plain strided gather; the reference).
 GATHER = os.environ.get("NVFM_MASK_GATHER", "compiled")
 _NO_TABLE = torch.empty(0)  # the uint8 gather needs no normalisation table
-_WINDOW_SLOT = {"mr": 0, "brain": 1, "blood": 2, "bone": 3}  # = nvfm.gather.WINDOWS order
-
-
-_COMPILED = []
 
 
 def use_compiled_gather():
     """True when crop_tokens_compiled can run (nvfm._C built with the CPU gather kernel).
-    NVFM_OPS=reference forces the numpy path (see nvfm/ops.py). Cached: the dispatcher
-    query costs ~60 us and runs per volume."""
-    if not _COMPILED:
-        _COMPILED.append(ops.backend("gather_tokens", "cpu") == "cpp")
-    return _COMPILED[0]
+    NVFM_OPS=reference forces the numpy path (see nvfm/ops.py; its kernel lookup is memoized,
+    ~1 us per call)."""
+    return ops.backend("gather_tokens", "cpu") == "cpp"
 
 
 def crop_tokens_compiled(data, window, lo, hi, coords, flips, perm):
@@ -191,7 +185,7 @@ def crop_tokens_compiled(data, window, lo, hi, coords, flips, perm):
     coords = np.ascontiguousarray(np.where(flip_out, extent[perm] - 1 - coords, coords), np.int32)
     patch_perm = (0, 2, 1) if int(np.argmax(perm == 1)) > int(np.argmax(perm == 2)) else (0, 1, 2)  # masks_patch_perm
     # GatherSpec row: crop_start 3, crop_size 3, perm 3, flip per output axis 3, window, patch_perm 3
-    params = np.concatenate([lo, extent, perm, flip_out, [_WINDOW_SLOT[window]], patch_perm]).astype(np.int32)[None]
+    params = np.concatenate([lo, extent, perm, flip_out, [WINDOW_INDEX[window]], patch_perm]).astype(np.int32)[None]
     if data.flags.writeable:
         vol = torch.from_numpy(data)
     else:  # read-only shard memmap: the kernel only reads it
