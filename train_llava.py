@@ -91,7 +91,7 @@ from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
 from nvfm.ontology import DIAGNOSES  # noqa: E402
-from nvfm.report_metrics import evaluate_reports, report_diagnoses  # noqa: E402
+from nvfm.report_metrics import evaluate_reports, iter_jsonl, report_diagnoses  # noqa: E402
 
 # ----------------------------------------------------------------------------- distributed
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -116,16 +116,10 @@ def read_findings(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--findings={path}: no such file (SHARDS/findings.jsonl from preprocess.py)")
     recs = {}
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-                if "study_key" not in r:
-                    raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
-                recs[r["study_key"]] = r
+    for i, r in iter_jsonl(path, "findings"):
+        if "study_key" not in r:
+            raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
+        recs[r["study_key"]] = r
     return recs
 
 
@@ -383,13 +377,10 @@ def read_probe_scores(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--probe_scores={path}: no such file")
     out = {}
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "study_key" not in r or "scores" not in r:
-                    raise ValueError(f"{path}:{i}: expected {{study_key, scores, thresholds}}")
-                out[r["study_key"]] = (r["scores"], r.get("thresholds") or probe_threshold)
+    for i, r in iter_jsonl(path, "probe scores"):
+        if "study_key" not in r or "scores" not in r:
+            raise ValueError(f"{path}:{i}: expected {{study_key, scores, thresholds}}")
+        out[r["study_key"]] = (r["scores"], r.get("thresholds") or probe_threshold)
     return out
 
 
@@ -442,8 +433,7 @@ if master and eval_keys and stage == 2:
     if reuse_reports:
         if not os.path.exists(old):
             raise SystemExit(f"--reuse_reports: {old} does not exist (run the evaluation once first)")
-        with open(old) as f:
-            rows = [json.loads(l) for l in f if l.strip()]
+        rows = [r for _, r in iter_jsonl(old, "reports")]
         if sorted(r["study_key"] for r in rows) != eval_keys:
             raise SystemExit(f"--reuse_reports: {old} does not hold exactly the {eval_split} studies")
         rows.sort(key=lambda r: r["study_key"])

@@ -199,22 +199,15 @@ def load_sides(findings_path):
     """findings.jsonl (re-keyed) -> {study_key: set of sides in {"left", "right"}} of its focal
     lesions. Bilateral, midline and diffuse lesions have no side and are ignored, so a left
     haematoma next to diffuse atrophy is a left-sided study. No lateral lesion: empty set."""
-    import json
+    from nvfm.report_metrics import iter_jsonl
     out = {}
-    with open(findings_path) as f:
-        for ln, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{findings_path}:{ln}: bad JSON ({e})") from None
-            s = set()
-            for les in r.get("lesions", []):
-                side = les.get("side")
-                if side in ("left", "right"):
-                    s.add(side)
-            out[r.get("study_key", r.get("study_uid"))] = s
+    for _, r in iter_jsonl(findings_path, "findings"):
+        s = set()
+        for les in r.get("lesions", []):
+            side = les.get("side")
+            if side in ("left", "right"):
+                s.add(side)
+        out[r.get("study_key", r.get("study_uid"))] = s
     return out
 
 

@@ -261,17 +261,18 @@ def judge_http(findings, indication=None, url="http://127.0.0.1:8080/v1", model=
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _read_jsonl(path, what):
-    rows = []
+def iter_jsonl(path, what):
+    """(line number, record) for every non-blank line of a JSONL file; a line that is not JSON
+    is a ValueError naming the file, the line and what the file is (`what`)."""
     with open(path) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}) in the {what} file") from None
-    return rows
+            yield i, row
 
 
 def _key(row, path):
@@ -322,8 +323,8 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
     SHARDS/findings.jsonl ground truth. Studies without a report are errors; extra ground-truth
     studies are ignored. Returns the metrics dict (see the module docstring).
     """
-    reps = _read_jsonl(reports_jsonl, "reports")
-    truth = {_key(r, findings_jsonl): r for r in _read_jsonl(findings_jsonl, "findings")}
+    reps = [r for _, r in iter_jsonl(reports_jsonl, "reports")]
+    truth = {_key(r, findings_jsonl): r for _, r in iter_jsonl(findings_jsonl, "findings")}
     hyps, truths = [], []
     for r in reps:
         k = _key(r, reports_jsonl)
