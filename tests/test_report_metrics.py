@@ -143,3 +143,14 @@ def test_rule_judge_and_nan_rates():
     assert rm.judge_rules([MENINGIOMA, SHIFT]) == "urgent"
     m = rm.evaluate_report_lists([[]], [TRUTH[2]])
     assert m["triage_accuracy"] == 1.0 and math.isnan(m["laterality_error_rate"])
+
+
+def test_iter_jsonl_names_file_and_line_of_bad_json(tmp_path):
+    from nvfm.report_metrics import iter_jsonl
+    p = tmp_path / "findings.jsonl"
+    p.write_text('{"study_key": "a"}\n\n{"study_key": "b"}\n{"study_key": \n')
+    rows = iter_jsonl(str(p), "findings")
+    assert next(rows) == (1, {"study_key": "a"})
+    assert next(rows) == (3, {"study_key": "b"})   # blank line skipped, numbering kept
+    with pytest.raises(ValueError, match=r"findings\.jsonl:4: not valid JSON .* in the findings file"):
+        next(rows)
