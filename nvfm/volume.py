@@ -113,6 +113,26 @@ def tent_matrix(p_in, q_out, s_out, edge=0.0):
     return sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(len(q), n_in))
 
 
+try:  # scipy's CSR x dense kernel, called directly: the `W @ x` operator's dispatch costs more
+    from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs  # than the product here
+except ImportError:  # pragma: no cover (a scipy without it: the public operator)
+    _csr_matvecs = None
+
+
+def csr_dot(W, x):
+    """W (n_out, n_in) CSR float32 @ x (n_in, m) float32 -> (n_out, m) float32, C-contiguous.
+    The same kernel and summation order (increasing input index per output row) as
+    `W @ x` and `(x.T @ W.T).T`, so the result is bit-identical to either."""
+    x = np.ascontiguousarray(x, np.float32)
+    if _csr_matvecs is None or W.dtype != np.float32 or W.indices.dtype != np.int32 or W.indptr.dtype != np.int32:
+        return np.ascontiguousarray(W @ x, np.float32)
+    if not W.has_sorted_indices:
+        W.sort_indices()
+    y = np.zeros((W.shape[0], x.shape[1]), np.float32)
+    _csr_matvecs(W.shape[0], W.shape[1], x.shape[1], W.indptr, W.indices, W.data, x.ravel(), y.ravel())
+    return y
+
+
 def resample_grid(stack, spacing=SPACING):
     """Output grid of a stack: positions q_n, q_c, q_r (mm, stack frame) and the affine
     output voxel (n, c, r) -> RAS mm."""
@@ -151,13 +171,15 @@ def iter_resampled(stack, spacing=SPACING, fill=None):
     e_c, e_r = max(ext[0] - pr[-1], 0.0), max(ext[1] - pc[-1], 0.0)  # > 0 only for a reduced decode
     if not tilted:
         Wc0 = tent_matrix(pr, q_c, spacing[1], e_c)
-        WrT0 = tent_matrix(pc, q_r, spacing[2], e_r).T.tocsr()
+        Wr0 = tent_matrix(pc, q_r, spacing[2], e_r)
 
     def inplane(k):
         x = stack.slice(k)
         if x.shape != (R, C):
             raise SeriesError("pixel data shape does not match Rows/Columns")
-        if not np.isfinite(x.sum(dtype=np.float64)):  # NaN/inf propagate; float32 cannot overflow it
+        # NaN/inf propagate into the sum (float32 cannot overflow float64); a DICOM stack's
+        # loader already guarantees finite values (SliceStack.finite)
+        if not getattr(stack, "finite", False) and not np.isfinite(x.sum(dtype=np.float64)):
             raise SeriesError("non-finite pixel values")
         if ct:
             np.clip(x, HU_RANGE[0], HU_RANGE[1], out=x)
@@ -165,14 +187,16 @@ def iter_resampled(stack, spacing=SPACING, fill=None):
             x -= fill  # resample (x - fill): rows/columns without support come out as fill
         if tilted:  # each slice shifted in-plane by its shear: its own weights
             Wc = tent_matrix(pr + su[k], q_c, spacing[1], e_c)
-            WrT = tent_matrix(pc + sv[k], q_r, spacing[2], e_r).T.tocsr()
-            cover = np.outer(np.asarray(Wc.sum(1)).ravel(), np.asarray(WrT.sum(0)).ravel()).astype(np.float32)
+            Wr = tent_matrix(pc + sv[k], q_r, spacing[2], e_r)
+            cover = np.outer(np.asarray(Wc.sum(1)).ravel(),
+                             np.asarray(Wr.T.tocsr().sum(0)).ravel()).astype(np.float32)
         else:
-            Wc, WrT, cover = Wc0, WrT0, None
-        y = np.asarray(Wc @ x, np.float32)  # (H, C)
-        return np.asarray(y @ WrT, np.float32), cover  # (H, W)
+            Wc, Wr, cover = Wc0, Wr0, None
+        y = csr_dot(Wc, x)  # (H, C): along c
+        return np.ascontiguousarray(csr_dot(Wr, y.T).T), cover  # (H, W): then along r
 
     Wn = tent_matrix(stack.d, q_n, spacing[0])
+    tmp = np.empty((len(q_c), len(q_r)), np.float32)
     held = {}
     k_next = 0
     for j in range(len(q_n)):
@@ -187,9 +211,9 @@ def iter_resampled(stack, spacing=SPACING, fill=None):
         out = np.zeros((len(q_c), len(q_r)), np.float32)
         cov = np.zeros_like(out) if tilted else None
         for k, w in zip(cols, ws):
-            out += np.float32(w) * held[k][0]
+            out += np.multiply(held[k][0], np.float32(w), out=tmp)  # = w * slice, into scratch
             if tilted:
-                cov += np.float32(w) * held[k][1]
+                cov += np.multiply(held[k][1], np.float32(w), out=tmp)
         if fill:
             out += fill
         if tilted:  # voxels whose kernel reaches a sheared-away (uncovered) pixel become fill
@@ -242,6 +266,19 @@ def window(hu, width, level, levels):
     lo = level - width / 2.0
     x = np.clip((hu - np.float32(lo)) * np.float32((levels - 1) / width), 0, levels - 1)
     return np.floor(x + np.float32(0.5)).astype(np.uint8)
+
+
+def window_into(hu, width, level, levels, out, tmp):
+    """`window` of a slice written into uint8 `out`, with float32 scratch `tmp` (hu's shape):
+    the same float32 operations in the same order, no temporaries; the float -> uint8 cast
+    truncates, which is the floor here (x + 0.5 is in [0.5, levels - 0.5])."""
+    lo = level - width / 2.0
+    np.subtract(hu, np.float32(lo), out=tmp)
+    np.multiply(tmp, np.float32((levels - 1) / width), out=tmp)
+    np.clip(tmp, 0, levels - 1, out=tmp)
+    np.add(tmp, np.float32(0.5), out=tmp)
+    np.copyto(out, tmp, casting="unsafe")
+    return out
 
 
 def ct_channels(hu):
@@ -322,21 +359,29 @@ def foreground(data_u8, hu=None):
 
 def token_mask(mask, min_fg_fraction=0.5):
     """(D, H, W) mask -> (gz, gy, gx) bool token foreground, the rule of
-    nvfm.tokenize.token_foreground (zero padding at the far ends), computed a slab of 4
-    slices at a time so no int32 copy of the volume is made."""
+    nvfm.tokenize.token_foreground (zero padding at the far ends). Two token rows at a
+    time: the 4 slices of each patch are added into a zero-padded uint16 buffer (the size
+    of 4 slices), then its 16 x 16 pixel blocks are summed, rows first (contiguous adds);
+    no int32 or full-volume copy is made."""
     from nvfm.tokenize import PATCH, min_fg_voxels, token_grid
     need = min_fg_voxels(min_fg_fraction)
     pd, ph, pw = PATCH
     D, H, W = mask.shape
     gz, gy, gx = token_grid(mask.shape)
+    binary = mask.dtype == bool or (mask.dtype == np.uint8 and (mask.size == 0 or mask.max() <= 1))
     out = np.zeros((gz, gy, gx), bool)
-    slab = np.zeros((pd, gy * ph, gx * pw), np.uint8)
-    for z in range(gz):
-        slab[:] = 0
-        part = mask[z * pd:(z + 1) * pd]
-        slab[:len(part), :H, :W] = part != 0
-        cnt = slab.reshape(pd, gy, ph, gx, pw).sum(axis=(0, 2, 4), dtype=np.int32)
-        out[z] = cnt >= need
+    blk = 2  # token rows per pass: a uint16 buffer the size of 4 uint8 slices
+    zc = np.zeros((min(blk, gz), gy * ph, gx * pw), np.uint16)  # zero padding at the far ends
+    for z0 in range(0, gz, blk):
+        zc[:] = 0
+        nz = min(blk, gz - z0)
+        slab = mask[z0 * pd:(z0 + nz) * pd]
+        for k in range(pd):  # slice k of every patch in the slab
+            part = slab[k::pd]
+            zc[:len(part), :H, :W] += part if binary else (part != 0)
+        cnt = zc[:nz].reshape(nz, gy, ph, gx * pw).sum(axis=2, dtype=np.uint16)  # rows of each patch
+        cnt = cnt.reshape(nz, gy, gx, pw).sum(axis=3, dtype=np.uint16)  # then columns: <= 1024
+        out[z0:z0 + nz] = cnt >= need
     return out
 
 
@@ -439,11 +484,15 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
     mask = np.empty((D, H, W), np.uint8)
     if stack.modality == "CT":
         data = np.empty((2, D, H, W), np.uint8)
+        tmp = np.empty((H, W), np.float32)
+        u8 = np.empty((H, W), np.uint8)
         for j, sl in iter_resampled(stack, spacing):
-            hu, d = place(sl), dpos(j)
-            data[0, d] = window(hu, *CT_WINDOWS["brain"])
-            data[1, d] = (window(hu, *CT_WINDOWS["blood"]) << 4) | window(hu, *CT_WINDOWS["bone"])
-            mask[d] = hu > CT_AIR_HU
+            hu, d = np.ascontiguousarray(place(sl)), dpos(j)  # canonical layout: fast elementwise passes
+            window_into(hu, *CT_WINDOWS["brain"], data[0, d], tmp)
+            window_into(hu, *CT_WINDOWS["blood"], data[1, d], tmp)
+            np.left_shift(data[1, d], 4, out=data[1, d])
+            np.bitwise_or(data[1, d], window_into(hu, *CT_WINDOWS["bone"], u8, tmp), out=data[1, d])
+            np.greater(hu, CT_AIR_HU, out=mask[d])
     else:
         buf = np.empty((D, H, W), np.float16)
         h16 = np.empty((len(q_c), len(q_r)), np.float16)  # one slice, float16, stack axes

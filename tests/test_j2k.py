@@ -327,3 +327,89 @@ def test_f16_percentiles_and_lut_match_numpy():
     ref = np.floor(np.clip((v - np.float32(lo)) * np.float32(255.0 / (hi - lo)), 0, 255) + np.float32(0.5))
     ref_canonical = volume.to_canonical(ref.astype(np.uint8), volume.resample_grid(st)[3])[0]
     assert np.array_equal(out["data"][0], ref_canonical)
+
+
+def test_quick_parser_reads_diffusion_bvalue(tmp_path):
+    """A DWI file with DiffusionBValue (FD) takes the quick path and scans exactly as with
+    pydicom (it used to be handed to pydicom)."""
+    vol = np.clip(_smooth_head((3, 20, 18)) + 1000, 0, None)
+    _, _, paths = write_series(str(tmp_path / "dwi"), vol, modality="MR", intercept=0.0,
+                               extra={"DiffusionBValue": 1000.0})
+    for p in paths:
+        root, f = os.path.dirname(p), os.path.basename(p)
+        quick = dicom._scan_quick(p, {"path": f, "file_key": dicom.salted_hash(f, "")})  # no _NotQuick
+        dicom.FAST_SCAN = False
+        try:
+            ref = dicom.scan_dicom(root, f)
+        finally:
+            dicom.FAST_SCAN = True
+        assert quick == ref == dicom.scan_dicom(root, f)
+        assert ref["frames"][0]["bvalue"] == 1000.0
+
+
+def test_csr_dot_and_window_into_bit_identical():
+    """The direct CSR kernel call == scipy's `W @ x` and `(x.T @ W.T).T` (the in-plane
+    resampling's old form), bit for bit; window_into == window."""
+    rng = np.random.default_rng(3)
+    for t in range(30):
+        n_in, m = int(rng.integers(3, 60)), int(rng.integers(1, 40))
+        p = np.cumsum(rng.uniform(0.2, 1.5, n_in))
+        q = volume.out_grid(p[0], p[-1], float(rng.choice([0.5, 1.0, 4.0])))
+        W = volume.tent_matrix(p, q, float(q[1] - q[0]) if len(q) > 1 else 1.0)
+        x = (rng.normal(size=(n_in, m)) * 1000).astype(np.float32)
+        y = volume.csr_dot(W, x)
+        assert y.flags.c_contiguous and y.dtype == np.float32
+        assert np.array_equal(y, np.asarray(W @ x, np.float32))
+        xt = np.ascontiguousarray(x.T)
+        assert np.array_equal(y, np.asarray(xt @ W.T.tocsr(), np.float32).T)
+    hu = (rng.normal(size=(33, 29)) * 800 + 100).astype(np.float32)
+    hu.flat[:6] = [-1024, 3071, 0, 40, 80, -500]
+    for w in volume.CT_WINDOWS.values():
+        got = volume.window_into(hu, *w, np.empty(hu.shape, np.uint8), np.empty(hu.shape, np.float32))
+        assert np.array_equal(got, volume.window(hu, *w))
+
+
+def test_token_mask_matches_tokenize_on_odd_shapes():
+    import torch
+    from nvfm.tokenize import token_foreground
+    rng = np.random.default_rng(4)
+    for t in range(60):
+        shape = tuple(int(s) for s in rng.integers(1, 45, 3))
+        m = (rng.random(shape) < rng.random()).astype(np.uint8)
+        for mm, frac in ((m, 0.5), (m.astype(bool), 1.0), (m * 7, 0.25)):
+            ref = token_foreground(torch.from_numpy(np.ascontiguousarray(mm)), frac).numpy()
+            assert np.array_equal(volume.token_mask(mm, frac), ref), (t, shape)
+
+
+def test_dicom_stack_rejects_non_finite_float_pixels(tmp_path, monkeypatch):
+    """The stack's loader checks float pixel data itself (volume.py trusts `stack.finite`)."""
+    vol = np.clip(_smooth_head((3, 12, 10)) + 1000, 0, None)
+    write_series(str(tmp_path / "mr"), vol, modality="MR", intercept=0.0)
+    hs = [dicom.scan_dicom(str(tmp_path), f) for f in dicom.find_inputs(str(tmp_path))]
+    g = dicom.group_series(hs)[0][0]
+    st = dicom.dicom_stack(str(tmp_path), g).check()
+    assert st.finite and np.isfinite(st.slice(0)).all()
+    real = dicom.read_dataset  # the pydicom route returning float pixels with a NaN
+
+    class FloatDS:
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __contains__(self, k):
+            return k in self.ds
+
+        def get(self, *a):
+            return self.ds.get(*a)
+
+        @property
+        def pixel_array(self):
+            a = self.ds.pixel_array.astype(np.float32)
+            a[0, 0] = np.nan
+            return a
+    for h in hs:
+        h["raw_pixels"] = None  # force the pydicom route
+    g = dicom.group_series(hs)[0][0]
+    monkeypatch.setattr(dicom, "read_dataset", lambda p, stop_before_pixels: FloatDS(real(p, stop_before_pixels)))
+    st = dicom.dicom_stack(str(tmp_path), g).check()
+    with pytest.raises(dicom.SeriesError, match="non-finite"):
+        volume.process_stack(st)
