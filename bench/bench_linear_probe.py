@@ -1,43 +1,170 @@
-"""Quality check of frozen features (issue: Vol-JEPA quality check): a logistic-regression probe on
-per-window mean and std pooled tokens, per class, trained on `train`, macro AUROC on val and test.
+"""Quality check of frozen features (Vol-JEPA issue): is a pretrained encoder better than the same
+encoder at random initialization? Three linear probes, each on every feature cache given:
 
     python bench/bench_linear_probe.py DEMO_OUT features features_random [more caches ...]
 
-DEMO_OUT is a demo.sh output folder (shards/labels.csv + feature caches written by encode.py).
-Classes with no positives or no negatives in train or in the scored split are skipped.
+DEMO_OUT is a demo.sh output folder (cohort/, shards/ and the feature caches written by
+encode.py; a cache may also be given as an absolute path).
+
+1. lesion tokens (the most statistical power on a small cohort): every token of every series
+   is labelled from the demo cohort's lesion masks (cohort/gt/<study>/lesion_<i>.nii.gz):
+   positive if >= half of the token's 4x16x16 voxel box lies inside a lesion, negative if none
+   of it does (tokens in between are left out; negatives subsampled 1 in 10, seeded). A
+   logistic regression on the token embedding (+ a one-hot of the window) is fit on the
+   train-split studies and scored on the val + test studies: token AUROC, with a 95%
+   study-level bootstrap interval (studies resampled, 1000 replicates).
+2. study level, split: per-window mean and std of the tokens, one logistic regression per class,
+   fit on train, macro AUROC on val and on test (classes with positives and negatives in both).
+3. study level, cross-validated: the same features, 5-fold stratified CV over all studies,
+   repeated with 3 shuffles, classes with >= 5 positives and >= 5 negatives: macro AUROC. Fold
+   splits are the same for every cache. (Pretraining never sees labels, so using every study
+   here is the usual transductive self-supervised setting.)
+Features are standardized with the training part's mean/std. C (inverse L2 strength) is fixed
+(token probe 1.0, study probes 0.1), never tuned on the scored studies.
 """
-import sys, numpy as np, csv
+import csv
+import json
+import os
+import sys
+import zlib
+
+import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from nvfm.features import FeatureCache
-d = sys.argv[1]
-rows = list(csv.DictReader(open(f"{d}/shards/labels.csv")))
-classes = [c for c in rows[0] if c not in ("study_key", "study", "modality", "split", "age")]
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nvfm.data import ShardReader  # noqa: E402
+from nvfm.features import FeatureCache  # noqa: E402
+from nvfm.grounding import mask_lookup, to_world, token_box_points  # noqa: E402
+
 WIN = ["mr", "brain", "blood", "bone"]
-def feats(cache, key):
+NEG_KEEP = 0.1
+
+
+def standardize(tr, *others):
+    mu, sd = tr.mean(0), tr.std(0) + 1e-6
+    return [(x - mu) / sd for x in (tr,) + others]
+
+
+def lesion_token_labels(d, reader, rows, cache):
+    """{(study_key, volume_id): int8 labels per token of the cache's entry (1 lesion, 0 clear,
+    -1 partial)} from the lesion masks; the token grid positions are the cache's coords."""
+    import nibabel as nib
+    vol = {v["volume_id"]: v for v in reader.volumes}
+    out = {}
+    for r in rows:
+        if r["study_key"] not in cache:
+            continue
+        masks = [nib.load(os.path.join(d, "cohort", les["mask"])) for les in r.get("lesions", []) if les.get("mask")]
+        masks = [(np.asarray(m.dataobj), m.affine) for m in masks]
+        for e in cache.study(r["study_key"]):
+            if (r["study_key"], e["volume_id"]) in out:
+                continue
+            pts = to_world(token_box_points(e["coords"]), vol[e["volume_id"]]["affine"])
+            frac = np.zeros(len(pts))
+            for m, aff in masks:
+                frac = np.maximum(frac, mask_lookup(pts, m, aff).mean(1))
+            out[r["study_key"], e["volume_id"]] = np.where(frac >= 0.5, 1, np.where(frac == 0, 0, -1)).astype(np.int8)
+    return out
+
+
+def lesion_token_probe(cache, labels, split_of, seed=0):
+    """-> (AUROC, (lo, hi) study-bootstrap 95% CI, n eval tokens, n eval positives)."""
+    X, Y, S, part = [], [], [], []
+    for key in cache.study_keys():
+        for e in cache.study(key):
+            y = labels.get((key, e["volume_id"]))
+            if y is None or len(y) != len(e["emb"]):
+                continue
+            rng = np.random.default_rng(zlib.crc32(f"{key}/{e['volume_id']}/{e['window']}/{seed}".encode()))
+            keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < NEG_KEEP))
+            oh = np.zeros((int(keep.sum()), len(WIN)), np.float32)
+            oh[:, WIN.index(e["window"])] = 1
+            X.append(np.concatenate([e["emb"][keep].astype(np.float32), oh], 1))
+            Y.append(y[keep])
+            S.append(np.full(int(keep.sum()), zlib.crc32(key.encode())))
+            part.append(np.full(int(keep.sum()), split_of[key] == "train"))
+    X, Y, S, part = map(np.concatenate, (X, Y, S, part))
+    Xtr, Xev = standardize(X[part], X[~part])
+    m = LogisticRegression(C=1.0, max_iter=3000).fit(Xtr, Y[part])
+    score, yev, sev = m.decision_function(Xev), Y[~part], S[~part]
+    auc = roc_auc_score(yev, score)
+    studies = np.unique(sev)
+    idx = {s: np.nonzero(sev == s)[0] for s in studies}
+    rng, boots = np.random.default_rng(seed), []
+    for _ in range(1000):
+        pick = np.concatenate([idx[s] for s in rng.choice(studies, len(studies))])
+        if 0 < yev[pick].sum() < len(pick):
+            boots.append(roc_auc_score(yev[pick], score[pick]))
+    return auc, tuple(np.percentile(boots, [2.5, 97.5])), len(yev), int(yev.sum())
+
+
+def pooled(cache, key):
     out = []
     ents = cache.study(key)
     for w in WIN:
         es = [e["emb"].astype(np.float32) for e in ents if e["window"] == w]
-        out.append(np.concatenate(es).mean(0) if es else np.zeros(cache.dim, np.float32))
-        out.append(np.concatenate(es).std(0) if es else np.zeros(cache.dim, np.float32))
+        a = np.concatenate(es) if es else np.zeros((1, cache.dim), np.float32)
+        out += [a.mean(0), a.std(0)]
     return np.concatenate(out)
-for name in sys.argv[2:]:
-    c = FeatureCache(f"{d}/{name}")
-    X = {s: [] for s in ("train", "val", "test")}; Y = {s: [] for s in X}
-    for r in rows:
-        if r["study_key"] in c and r["split"] in X:
-            X[r["split"]].append(feats(c, r["study_key"])); Y[r["split"]].append([int(r[k]) for k in classes])
-    X = {k: np.array(v) for k, v in X.items()}; Y = {k: np.array(v) for k, v in Y.items()}
-    mu, sd = X["train"].mean(0), X["train"].std(0) + 1e-6
+
+
+def study_probes(cache, rows, classes):
+    """-> ({split: (macro AUROC, n classes)}, (cv macro AUROC, n classes))."""
+    keep = [r for r in rows if r["study_key"] in cache]
+    X = np.array([pooled(cache, r["study_key"]) for r in keep])
+    Y = np.array([[int(r[c]) for c in classes] for r in keep])
+    sp = np.array([r["split"] for r in keep])
     res = {}
     for ev in ("val", "test"):
         aucs = []
-        for j, cl in enumerate(classes):
-            ytr, yev = Y["train"][:, j], Y[ev][:, j]
+        Xtr, Xev = standardize(X[sp == "train"], X[sp == ev])
+        for j in range(len(classes)):
+            ytr, yev = Y[sp == "train", j], Y[sp == ev, j]
             if ytr.min() == ytr.max() or yev.min() == yev.max():
                 continue
-            m = LogisticRegression(C=0.1, max_iter=2000).fit((X["train"] - mu) / sd, ytr)
-            aucs.append(roc_auc_score(yev, m.decision_function((X[ev] - mu) / sd)))
-        res[ev] = (np.mean(aucs), len(aucs))
-    print(name, {k: (round(v[0], 3), v[1]) for k, v in res.items()}, "n", {k: len(v) for k, v in X.items()})
+            m = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, ytr)
+            aucs.append(roc_auc_score(yev, m.decision_function(Xev)))
+        res[ev] = (float(np.mean(aucs)) if aucs else float("nan"), len(aucs))
+    cv = []
+    for j in range(len(classes)):
+        y = Y[:, j]
+        if y.sum() < 5 or len(y) - y.sum() < 5:
+            continue
+        reps = []
+        for rep in range(3):
+            s = np.zeros(len(y))
+            for tr, te in StratifiedKFold(5, shuffle=True, random_state=rep).split(X, y):
+                Xtr, Xte = standardize(X[tr], X[te])
+                s[te] = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, y[tr]).decision_function(Xte)
+            reps.append(roc_auc_score(y, s))
+        cv.append(np.mean(reps))
+    return res, (float(np.mean(cv)) if cv else float("nan"), len(cv))
+
+
+def main(d, names):
+    rows = list(csv.DictReader(open(f"{d}/shards/labels.csv")))
+    classes = [c for c in rows[0] if c not in ("study_key", "study", "modality", "split", "age")]
+    split_of = {r["study_key"]: r["split"] for r in rows}
+    findings = [json.loads(line) for line in open(f"{d}/shards/findings.jsonl") if line.strip()]
+    reader = ShardReader(f"{d}/shards")
+    caches = [FeatureCache(n if os.path.isabs(n) else f"{d}/{n}") for n in names]
+    labels = lesion_token_labels(d, reader, findings, caches[0]) if os.path.isdir(f"{d}/cohort/gt") else {}
+    print(f"{len(rows)} studies ({sum(v == 'train' for v in split_of.values())} train), "
+          f"{sum(int((y == 1).sum()) for y in labels.values())} lesion tokens")
+    for name, cache in zip(names, caches):
+        line = f"{name}:"
+        if labels:
+            auc, (lo, hi), n, npos = lesion_token_probe(cache, labels, split_of)
+            line += f" lesion-token AUROC {auc:.3f} [{lo:.3f}, {hi:.3f}] ({n} val+test tokens, {npos} lesion) |"
+        split, (cv, ncv) = study_probes(cache, rows, classes)
+        line += (f" study macro AUROC val {split['val'][0]:.3f} ({split['val'][1]}) test {split['test'][0]:.3f} "
+                 f"({split['test'][1]}) | 5-fold CV {cv:.3f} ({ncv} classes)")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2:])
