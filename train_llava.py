@@ -55,6 +55,8 @@ warmup_frac = 0.03                 # of each stage's iterations
 weight_decay = 0.01
 grad_clip = 1.0
 resample = True                    # inverse-prevalence resampling of the training studies
+image_dropout = 0.0                # P(a training example loses all its images: the indication alone); keeps
+                                   # a small model from memorising studies through their visual tokens
 grad_ckpt = True
 dtype = "bfloat16"                 # autocast dtype on CUDA (CPU runs float32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,7 +183,8 @@ def get_batch(gen):
     else:
         idx = torch.randint(len(train_keys), (batch_size,), generator=gen).tolist()
     ks = [train_keys[i] for i in idx]
-    return ([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
+    drop = (torch.rand(len(ks), generator=gen) < image_dropout).tolist() if image_dropout > 0 else [False] * len(ks)
+    return ([[] if d else study_series(k) for k, d in zip(ks, drop)], [recs[k].get("indication") or "" for k in ks],
             [recs[k].get("findings") or [] for k in ks])
 
 
@@ -249,7 +252,7 @@ if ddp and fsdp:
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                      find_unused_parameters=text_only)
+                      find_unused_parameters=text_only or image_dropout > 0)
 
 groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
 if train_llm:

@@ -215,7 +215,7 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
                              for i in range(12)))
     base = [sys.executable, os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
             f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--ckpt_interval=2",
-            "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1"]
+            "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1", "--image_dropout=0.5"]
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
     r = subprocess.run(base + ["--max_iters=2", "--eval_split=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -341,3 +341,22 @@ def test_zero_init_connector_starts_text_only_then_learns(lm):
     assert v1.abs().max() > 0 and not torch.allclose(v1[:4], v2[:4])  # the flipped series now differs
     torch.testing.assert_close(v1[4:], v2[4:])  # the others do not
     model.zero_grad(set_to_none=True)
+
+
+def test_batch_mixing_studies_with_and_without_images(lm):
+    """image_dropout (train_llava.py) trains batches where some studies have no images: the batch
+    loss is the token-weighted mean of the per-study losses, so each study's images only reach
+    its own answer, and a study without images scores like the text-only prompt."""
+    model, tok = lm
+    torch.manual_seed(5)
+    gen = llava.ReportGenerator(model, tok, enc_dim=16, dim=32, depth=1, heads=4, n_latents=4).eval()
+    s = _studies()
+    inds, fnds = ["headache", "fall"], [[SDH], ["Mild generalized cerebral volume loss."]]
+    with torch.no_grad():
+        mixed = gen([s[0], []], inds, fnds)
+        l0, l1 = gen([s[0]], inds[:1], fnds[:1]), gen([[]], inds[1:], fnds[1:])
+        n = [sum(t != llava.IGNORE for t in gen.prompts.build([], i, f)["labels"]) for i, f in zip(inds, fnds)]
+        torch.testing.assert_close(mixed, (l0 * n[0] + l1 * n[1]) / sum(n), rtol=1e-4, atol=1e-5)
+        flipped = _studies()
+        flipped[0][0]["emb"] = flipped[0][0]["emb"] * -1
+        assert not torch.equal(gen([flipped[0], []], inds, fnds), mixed)  # the images are used
