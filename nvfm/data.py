@@ -94,8 +94,8 @@ class PartWriter:
             if pad:
                 self.bin.write(b"\0" * pad)
                 self.pos += pad
-            self.bin.write(np.ascontiguousarray(data, np.uint8).tobytes())
-            self.bin.write(np.ascontiguousarray(mask, np.uint8).tobytes())
+            for a in (data, mask):  # straight from the array's buffer (no bytes copy of a whole volume)
+                self.bin.write(np.ascontiguousarray(a, np.uint8).reshape(-1))
             n = data.nbytes + mask.nbytes
             recs.append(dict(rec, source=os.path.join("parts", self.tag + ".bin"), source_offset=self.pos, nbytes=n))
             self.pos += n
