@@ -263,15 +263,15 @@ def to_canonical(vol, affine):
 
 def window(hu, width, level, levels):
     """Hounsfield units -> integer levels 0..levels-1 (uint8), round half up."""
-    lo = level - width / 2.0
-    x = np.clip((hu - np.float32(lo)) * np.float32((levels - 1) / width), 0, levels - 1)
-    return np.floor(x + np.float32(0.5)).astype(np.uint8)
+    hu = np.asarray(hu)
+    return window_into(hu, width, level, levels, np.empty(hu.shape, np.uint8),
+                       np.empty(hu.shape, np.result_type(hu, np.float32)))
 
 
 def window_into(hu, width, level, levels, out, tmp):
-    """`window` of a slice written into uint8 `out`, with float32 scratch `tmp` (hu's shape):
-    the same float32 operations in the same order, no temporaries; the float -> uint8 cast
-    truncates, which is the floor here (x + 0.5 is in [0.5, levels - 0.5])."""
+    """`window` written into uint8 `out`, with float scratch `tmp` (hu's shape): clip((hu - lo)
+    * (levels - 1) / width, 0, levels - 1) + 0.5, then the float -> uint8 cast, which
+    truncates, i.e. floors here (x + 0.5 is in [0.5, levels - 0.5]): round half up."""
     lo = level - width / 2.0
     np.subtract(hu, np.float32(lo), out=tmp)
     np.multiply(tmp, np.float32((levels - 1) / width), out=tmp)
@@ -283,9 +283,17 @@ def window_into(hu, width, level, levels, out, tmp):
 
 def ct_channels(hu):
     """(D, H, W) HU -> (2, D, H, W) uint8: [brain W80/L40, blood<<4 | bone]."""
-    out = np.empty((2,) + hu.shape, np.uint8)
-    out[0] = window(hu, *CT_WINDOWS["brain"])
-    out[1] = (window(hu, *CT_WINDOWS["blood"]) << 4) | window(hu, *CT_WINDOWS["bone"])
+    hu = np.asarray(hu)
+    return ct_channels_into(hu, np.empty((2,) + hu.shape, np.uint8), np.empty(hu.shape, np.uint8),
+                            np.empty(hu.shape, np.result_type(hu, np.float32)))
+
+
+def ct_channels_into(hu, out, u8, tmp):
+    """`ct_channels` written into out (2, *hu.shape) uint8, with uint8 / float scratch of hu's shape."""
+    window_into(hu, *CT_WINDOWS["brain"], out[0], tmp)
+    window_into(hu, *CT_WINDOWS["blood"], out[1], tmp)
+    np.left_shift(out[1], 4, out=out[1])
+    np.bitwise_or(out[1], window_into(hu, *CT_WINDOWS["bone"], u8, tmp), out=out[1])
     return out
 
 
@@ -488,10 +496,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
         u8 = np.empty((H, W), np.uint8)
         for j, sl in iter_resampled(stack, spacing):
             hu, d = np.ascontiguousarray(place(sl)), dpos(j)  # canonical layout: fast elementwise passes
-            window_into(hu, *CT_WINDOWS["brain"], data[0, d], tmp)
-            window_into(hu, *CT_WINDOWS["blood"], data[1, d], tmp)
-            np.left_shift(data[1, d], 4, out=data[1, d])
-            np.bitwise_or(data[1, d], window_into(hu, *CT_WINDOWS["bone"], u8, tmp), out=data[1, d])
+            ct_channels_into(hu, data[:, d], u8, tmp)
             np.greater(hu, CT_AIR_HU, out=mask[d])
     else:
         buf = np.empty((D, H, W), np.float16)

@@ -349,7 +349,7 @@ def test_quick_parser_reads_diffusion_bvalue(tmp_path):
 
 def test_csr_dot_and_window_into_bit_identical():
     """The direct CSR kernel call == scipy's `W @ x` and `(x.T @ W.T).T` (the in-plane
-    resampling's old form), bit for bit; window_into == window."""
+    resampling's old form), bit for bit; window_into == window == the plain formula."""
     rng = np.random.default_rng(3)
     for t in range(30):
         n_in, m = int(rng.integers(3, 60)), int(rng.integers(1, 40))
@@ -366,6 +366,9 @@ def test_csr_dot_and_window_into_bit_identical():
     hu.flat[:6] = [-1024, 3071, 0, 40, 80, -500]
     for w in volume.CT_WINDOWS.values():
         got = volume.window_into(hu, *w, np.empty(hu.shape, np.uint8), np.empty(hu.shape, np.float32))
+        width, level, levels = w  # the plain formula: float32 ops, floor(x + 0.5)
+        x = np.clip((hu - np.float32(level - width / 2.0)) * np.float32((levels - 1) / width), 0, levels - 1)
+        assert np.array_equal(got, np.floor(x + np.float32(0.5)).astype(np.uint8))
         assert np.array_equal(got, volume.window(hu, *w))
 
 
