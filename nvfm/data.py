@@ -167,7 +167,7 @@ def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30, fsync=True):
             src = v["source"]
             if src not in srcs:
                 srcs[src] = np.memmap(os.path.join(out_dir, src), np.uint8, mode="r")
-            w.write(srcs[src][v["source_offset"]:v["source_offset"] + v["nbytes"]].tobytes())
+            w.write(srcs[src][v["source_offset"]:v["source_offset"] + v["nbytes"]])  # the mapped bytes, no copy
             rec = {key: val for key, val in v.items() if key not in ("source", "source_offset")}
             rec.update(shard=name, offset=size)
             out_vols.append(rec)

@@ -47,8 +47,13 @@ sinuses, dark CSF stays foreground). Token mask: nvfm.tokenize.token_foreground 
 import numpy as np
 import scipy.ndimage as ndi
 import scipy.sparse as sp
+import torch
 
+from nvfm import ops
 from nvfm.dicom import SeriesError, LPS_TO_RAS
+
+ops.register("fill_holes_slices")  # C++ kernels of this module: csrc/volume.cpp
+ops.register("u16_histogram")
 
 SPACING = (4.0, 1.0, 1.0)  # mm along (D, H, W)
 CT_WINDOWS = {"brain": (80.0, 40.0, 256), "blood": (200.0, 80.0, 16), "bone": (2800.0, 600.0, 16)}
@@ -331,9 +336,10 @@ _SLICE_CROSS = np.zeros((3, 3, 3), bool)
 _SLICE_CROSS[1] = ndi.generate_binary_structure(2, 1)  # 4-connected within a slice, never across
 
 
-def fill_holes_slices(mask, chunk=4):
+def fill_holes_slices_reference(mask, chunk=4):
     """binary_fill_holes slice by slice of a (D, H, W) mask, in place when uint8/bool;
-    one labelling per chunk of slices (the structure never connects slices)."""
+    one labelling per chunk of slices (the structure never connects slices). The
+    specification of the C++ kernel `fill_holes_slices` (csrc/volume.cpp)."""
     out = mask if mask.dtype in (np.uint8, bool) else mask.astype(np.uint8)
     H, W = mask.shape[1:]
     for d0 in range(0, mask.shape[0], chunk):
@@ -357,6 +363,17 @@ def fill_holes_slices(mask, chunk=4):
         outside[0] = False
         out[d0:d0 + chunk, r0:r1, c0:c1] = ~outside[lab]
     return out
+
+
+def fill_holes_slices(mask, chunk=4):
+    """binary_fill_holes slice by slice (4-connected background) of a (D, H, W) mask -> uint8
+    or bool 0/1, in place when the mask is a C-contiguous uint8/bool array. The C++ kernel
+    (one border flood fill per slice, csrc/volume.cpp) when built, else the reference."""
+    if (mask.dtype in (np.uint8, bool) and mask.flags.c_contiguous and mask.ndim == 3
+            and ops.backend("fill_holes_slices", "cpu") == "cpp"):
+        torch.ops.nvfm.fill_holes_slices(torch.from_numpy(mask))
+        return mask
+    return fill_holes_slices_reference(mask, chunk)
 
 
 def foreground(data_u8, hu=None):
@@ -422,13 +439,23 @@ def _key_to_f16(k):
 _F16_ALL = np.arange(65536, dtype=np.uint16)  # every float16 bit pattern
 
 
-def f16_raw_hist(buf, chunk=8):
+def f16_raw_hist_reference(buf, chunk=8):
     """65536-bin histogram of a float16 volume's bit patterns, `chunk` slices at a time
-    (bincount copies its input to int64: bounded memory; one 65536-bin pass per chunk)."""
+    (bincount copies its input to int64: bounded memory; one 65536-bin pass per chunk).
+    The specification of the C++ kernel `u16_histogram` (csrc/volume.cpp)."""
     raw = np.zeros(65536, np.int64)
     for d in range(0, buf.shape[0], chunk):
         raw += np.bincount(buf[d:d + chunk].view(np.uint16).ravel(), minlength=65536)
     return raw
+
+
+def f16_raw_hist(buf, chunk=8):
+    """65536-bin int64 histogram of the bit patterns of a float16 (or 16-bit integer) array:
+    the C++ kernel `u16_histogram` (counts in place, no int64 copy) when built, else the
+    reference."""
+    if buf.dtype.itemsize == 2 and buf.flags.c_contiguous and ops.backend("u16_histogram", "cpu") == "cpp":
+        return torch.ops.nvfm.u16_histogram(torch.from_numpy(buf.view(np.int16))).numpy()
+    return f16_raw_hist_reference(buf, chunk)
 
 
 def percentiles_f16(buf, qs, raw=None):
@@ -456,9 +483,8 @@ def _to_f16(src, dst):
     """float32 -> float16 (round to nearest even, as numpy) of a C-contiguous slice into dst;
     torch's vectorised cast when available (numpy's is ~30x slower), bit-identical."""
     try:
-        import torch
         torch.from_numpy(dst).copy_(torch.from_numpy(src))
-    except (ImportError, TypeError, ValueError, RuntimeError):
+    except (TypeError, ValueError, RuntimeError):
         dst[...] = src
 
 
