@@ -14,6 +14,9 @@
 // float16 tensor (nvfm/volume.py reads float16 percentiles from it). numpy's bincount first
 // widens every value to int64; this counts in place, four partial histograms to break the
 // store-to-load dependency on repeated values.
+//
+// u16_lookup(x, lut, out): out = lut[x] with x's 16-bit patterns as indices (the MR float16 ->
+// uint8 table of nvfm/volume.py; reference `u16_lookup_reference`, numpy take).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -116,16 +119,35 @@ at::Tensor u16_histogram_cpu(const at::Tensor& x) {
   return out;
 }
 
+// out[i] = lut[x[i]] for 16-bit x (bit patterns as indices) and a 65536-entry uint8 table, into
+// a caller-owned uint8 tensor of x's shape. numpy's take first widens the indices to int64.
+void u16_lookup_cpu(const at::Tensor& x, const at::Tensor& lut, at::Tensor out) {
+  TORCH_CHECK(x.device().is_cpu() && lut.device().is_cpu() && out.device().is_cpu(), "u16_lookup: CPU tensors only");
+  TORCH_CHECK(x.element_size() == 2, "u16_lookup: x must have 16-bit elements, got ", x.scalar_type());
+  TORCH_CHECK(lut.scalar_type() == at::kByte && lut.numel() == 65536 && lut.is_contiguous(),
+              "u16_lookup: lut must be a contiguous uint8 tensor of 65536 entries");
+  TORCH_CHECK(out.scalar_type() == at::kByte && out.is_contiguous() && out.numel() == x.numel(),
+              "u16_lookup: out must be a contiguous uint8 tensor with x's number of elements");
+  const at::Tensor c = x.contiguous();
+  const uint16_t* v = reinterpret_cast<const uint16_t*>(c.data_ptr());
+  const uint8_t* t = lut.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  const int64_t n = c.numel();
+  for (int64_t i = 0; i < n; ++i) o[i] = t[v[i]];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nvfm, m) {
   m.def("fill_holes_slices(Tensor(a!) mask) -> ()");
   m.def("u16_histogram(Tensor x) -> Tensor");
+  m.def("u16_lookup(Tensor x, Tensor lut, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nvfm, CPU, m) {
   m.impl("fill_holes_slices", &fill_holes_slices_cpu);
   m.impl("u16_histogram", &u16_histogram_cpu);
+  m.impl("u16_lookup", &u16_lookup_cpu);
 }
 
 }  // namespace nvfm

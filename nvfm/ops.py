@@ -18,7 +18,7 @@ import warnings
 import torch
 
 OPS = ("patchify", "unpatchify", "varlen_attn_fwd", "varlen_attn_bwd", "gather_tokens", "block_masks", "bootstrap_stats",
-       "fill_holes_slices", "u16_histogram")  # later kernels append their names here via register()
+       "fill_holes_slices", "u16_histogram", "u16_lookup")  # later kernels append their names here via register()
 
 _C = None
 _EXT_ERROR = None

@@ -54,6 +54,7 @@ from nvfm.dicom import SeriesError, LPS_TO_RAS
 
 ops.register("fill_holes_slices")  # C++ kernels of this module: csrc/volume.cpp
 ops.register("u16_histogram")
+ops.register("u16_lookup")
 
 SPACING = (4.0, 1.0, 1.0)  # mm along (D, H, W)
 CT_WINDOWS = {"brain": (80.0, 40.0, 256), "blood": (200.0, 80.0, 16), "bone": (2800.0, 600.0, 16)}
@@ -458,6 +459,23 @@ def f16_raw_hist(buf, chunk=8):
     return f16_raw_hist_reference(buf, chunk)
 
 
+def u16_lookup_reference(x, lut, out):
+    """out[...] = lut[x] with the 16-bit patterns of x (float16 or 16-bit integers) as
+    indices into a 65536-entry uint8 table. The specification of the C++ kernel `u16_lookup`."""
+    np.take(lut, x.view(np.uint16), out=out)
+    return out
+
+
+def u16_lookup(x, lut, out):
+    """out[...] = lut[x] (see u16_lookup_reference); the C++ kernel when built (numpy's take
+    first widens the indices to int64)."""
+    if (x.dtype.itemsize == 2 and x.flags.c_contiguous and out.flags.c_contiguous and out.dtype == np.uint8
+            and lut.dtype == np.uint8 and lut.size == 65536 and ops.backend("u16_lookup", "cpu") == "cpp"):
+        torch.ops.nvfm.u16_lookup(torch.from_numpy(x.view(np.int16)), torch.from_numpy(lut), torch.from_numpy(out))
+        return out
+    return u16_lookup_reference(x, lut, out)
+
+
 def percentiles_f16(buf, qs, raw=None):
     """np.percentile(buf, qs) (linear method) of a float16 volume, exactly, from a 65536-bin
     histogram accumulated slice by slice (no copy of the volume); `raw` = f16_raw_hist(buf)
@@ -552,8 +570,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
         if raw is not None:  # float16: the same formula tabulated for all 65536 bit patterns
             with np.errstate(invalid="ignore"):
                 lut = to_u8(_F16_ALL.view(np.float16)).astype(np.uint8)
-            for d in range(D):
-                np.take(lut, buf[d].view(np.uint16), out=data[0, d])
+            u16_lookup(buf, lut, data[0])
             hist = np.bincount(lut, weights=raw, minlength=256).astype(np.int64)
         else:
             hist = np.zeros(256, np.int64)

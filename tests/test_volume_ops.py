@@ -81,6 +81,25 @@ def test_u16_histogram_matches_reference():
         torch.ops.nvfm.u16_histogram(torch.zeros(4))
 
 
+@needs_cpp
+def test_u16_lookup_matches_reference():
+    rng = np.random.default_rng()
+    lut = rng.integers(0, 256, 65536).astype(np.uint8)
+    for t in range(10):
+        shape = tuple(int(x) for x in rng.integers(1, 30, 3))
+        x = (rng.standard_normal(shape) * 10 ** rng.uniform(-3, 4)).astype(np.float16)
+        want = volume.u16_lookup_reference(x, lut, np.empty(shape, np.uint8))
+        assert np.array_equal(want, lut[x.view(np.uint16)])
+        out = np.zeros(shape, np.uint8)
+        torch.ops.nvfm.u16_lookup(torch.from_numpy(x.view(np.int16)), torch.from_numpy(lut), torch.from_numpy(out))
+        assert np.array_equal(out, want), t
+        out2 = np.zeros(shape, np.uint8)
+        assert volume.u16_lookup(x, lut, out2) is out2 and np.array_equal(out2, want)
+    with pytest.raises(RuntimeError, match="65536"):
+        torch.ops.nvfm.u16_lookup(torch.zeros(4, dtype=torch.int16), torch.zeros(10, dtype=torch.uint8),
+                                  torch.zeros(4, dtype=torch.uint8))
+
+
 def test_percentiles_from_histogram_match_numpy():
     rng = np.random.default_rng()
     x = (rng.standard_normal((7, 20, 20)) * 300).astype(np.float16)
