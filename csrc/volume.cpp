@@ -1,7 +1,7 @@
 // Preprocessing kernels of nvfm/volume.py: the C++ CPU kernels and their torch.library
 // registration. References (the specification): nvfm/volume.py `fill_holes_slices_reference`
-// (scipy.ndimage labelling) and `f16_raw_hist_reference` (numpy bincount). No CUDA kernels:
-// preprocessing runs in CPU worker processes.
+// (scipy.ndimage labelling), `f16_raw_hist_reference` (numpy bincount) and `u16_lookup_reference`
+// (numpy take). No CUDA kernels: preprocessing runs in CPU worker processes.
 //
 // fill_holes_slices(mask): per 2D slice of a (D, H, W) uint8/bool mask, in place, the result of
 // scipy.ndimage.binary_fill_holes with 4-connected background: a pixel is 1 unless it is
@@ -16,7 +16,7 @@
 // store-to-load dependency on repeated values.
 //
 // u16_lookup(x, lut, out): out = lut[x] with x's 16-bit patterns as indices (the MR float16 ->
-// uint8 table of nvfm/volume.py; reference `u16_lookup_reference`, numpy take).
+// uint8 table of nvfm/volume.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 

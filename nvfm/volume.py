@@ -369,7 +369,8 @@ def fill_holes_slices_reference(mask, chunk=4):
 def fill_holes_slices(mask, chunk=4):
     """binary_fill_holes slice by slice (4-connected background) of a (D, H, W) mask -> uint8
     or bool 0/1, in place when the mask is a C-contiguous uint8/bool array. The C++ kernel
-    (one border flood fill per slice, csrc/volume.cpp) when built, else the reference."""
+    (per slice: each row's background beyond its outermost foreground, then a flood fill;
+    csrc/volume.cpp) when built, else the reference."""
     if (mask.dtype in (np.uint8, bool) and mask.flags.c_contiguous and mask.ndim == 3
             and ops.backend("fill_holes_slices", "cpu") == "cpp"):
         torch.ops.nvfm.fill_holes_slices(torch.from_numpy(mask))
