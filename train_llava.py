@@ -76,6 +76,8 @@ max_new_tokens = 160
 num_beams = 1                      # SPEC reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
 repetition_penalty = 1.0
 no_repeat_ngram_size = 0
+image_guidance = 0.0               # >0 (greedy): classifier-free guidance on the images against the same LM's
+                                   # text-only prompt (nvfm/llava.py; meant for models trained with image_dropout)
 probe = ""                         # comma-separated train_probe.py outputs (probe.pt) for the cross-check
 probe_scores = ""                  # or a JSONL {study_key, scores: {diagnosis: p}, thresholds: {diagnosis: t}}
 probe_threshold = 0.5              # used where a row has no thresholds
@@ -447,7 +449,8 @@ if master and eval_keys and stage == 2:
         ks = eval_keys[b:b + gen_batch_size]
         with torch.no_grad(), autocast:
             texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
-                                   stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size)
+                                   stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
+                                   image_guidance=0.0 if text_only else image_guidance)
         for k, t in zip(ks, texts):
             found, status = llava.parse_findings(t)
             rows.append({"study_key": k, "raw": t, "parse": status, "findings": found})

@@ -270,19 +270,52 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, skip_special_tokens=True, **generate_kwargs):
+                 no_repeat_ngram_size=0, skip_special_tokens=True, image_guidance=0.0, **generate_kwargs):
         """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings.
+        image_guidance w > 0 (greedy only): classifier-free guidance on the images, next-token
+        log-probabilities lp_img + w (lp_img - lp_text), lp_text from the same LM on the same prompt
+        without its visual tokens (a trained input when the model was trained with image dropout).
         generate_kwargs go to the LM's generate (e.g. min_new_tokens for fixed-length timing)."""
         visual, names = self._visual(studies)
         ex = [self.prompts.build(n, ind, None, stage) for n, ind in zip(names, indications)]
         x, att, _ = self._embed(ex, visual, pad_left=True)
         eos = sorted({self.prompts.eot_id} | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()))
+        if image_guidance:
+            if num_beams != 1:
+                raise ValueError("image_guidance needs greedy decoding (num_beams=1)")
+            text = [self.prompts.build([], ind, None, stage) for ind in indications]
+            x_text, att_text, _ = self._embed(text, None, pad_left=True)
+            generate_kwargs["logits_processor"] = [ImageGuidance(self.llm, x_text, att_text, image_guidance)]
         out = self.llm.generate(inputs_embeds=x, attention_mask=att, max_new_tokens=max_new_tokens,
                                 do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
                                 no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos,
                                 pad_token_id=self.prompts.placeholder_id, temperature=None, top_p=None, top_k=None,
                                 **generate_kwargs)
         return [self.tok.decode(o, skip_special_tokens=skip_special_tokens).strip() for o in out]
+
+
+class ImageGuidance:
+    """A transformers logits processor for ReportGenerator.generate(image_guidance=w): runs the
+    text-only prompts (left-padded embeddings x_text, mask att_text) through the same LM beside
+    the image-conditioned decoding, feeding it the same generated tokens (own KV cache), and
+    returns log_softmax(scores) + w * (log_softmax(scores) - log_softmax(text-only logits))."""
+
+    def __init__(self, llm, x_text, att_text, w):
+        self.llm, self.x, self.att, self.w, self.past = llm, x_text, att_text, float(w), None
+
+    def __call__(self, input_ids, scores):
+        if self.past is None:  # first step: the whole text-only prompt (generated tokens: none yet)
+            pos = (self.att.cumsum(-1) - 1).clamp(min=0)
+            out = self.llm(inputs_embeds=self.x, attention_mask=self.att, position_ids=pos, use_cache=True)
+        else:  # then the token just generated
+            self.att = torch.cat([self.att, self.att.new_ones(self.att.shape[0], 1)], 1)
+            pos = self.att.sum(-1, keepdim=True) - 1
+            out = self.llm(input_ids=input_ids[:, -1:], attention_mask=self.att, position_ids=pos,
+                           past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        lp_text = out.logits[:, -1].float().log_softmax(-1)
+        lp = scores.float().log_softmax(-1)
+        return (lp + self.w * (lp - lp_text)).to(scores.dtype)
 
 
 # ----------------------------------------------------------------------------- output parsing

@@ -222,12 +222,12 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 2 and ck["encoder_hash"] == "random:test"
     assert os.path.exists(os.path.join(out, "llm", "config.json"))  # stage 2 saves the fine-tuned LM
-    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume"], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume", "--image_guidance=1.0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "iter 2:" in r.stdout + r.stderr and "iter 1:" not in r.stdout + r.stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert m["n_eval"] == 3 and 0 <= m["reports"]["bleu2"] <= 1
+    assert m["n_eval"] == 3 and 0 <= m["reports"]["bleu2"] <= 1 and m["config"]["image_guidance"] == 1.0
     probe_rows = [json.loads(l) for l in open(os.path.join(out, "reports_probe.jsonl"))]
     assert all("Epidural hematoma" in " ".join(r["findings"]) for r in probe_rows)  # urgent probe finding appended
     assert all(r["parse"] in ("ok", "repaired", "empty") for r in probe_rows)
@@ -360,3 +360,64 @@ def test_batch_mixing_studies_with_and_without_images(lm):
         flipped = _studies()
         flipped[0][0]["emb"] = flipped[0][0]["emb"] * -1
         assert not torch.equal(gen([flipped[0], []], inds, fnds), mixed)  # the images are used
+
+
+def _guided_reference(gen, study, ind, w, n_new, min_new):
+    """Greedy image-guided decoding of one study by full recomputation (no cache, no padding)."""
+    model = gen.llm
+    emb = model.get_input_embeddings()
+    visual, names = gen._visual([study])
+    x_img, _, _ = gen._embed([gen.prompts.build(names[0], ind, None, 2)], visual, pad_left=True)
+    x_txt, _, _ = gen._embed([gen.prompts.build([], ind, None, 2)], None, pad_left=True)
+    eos = sorted({gen.prompts.eot_id} | ({gen.tok.eos_token_id} if gen.tok.eos_token_id is not None else set()))
+    ids = []
+    for step in range(n_new):
+        new = emb(torch.tensor([ids], dtype=torch.long)) if ids else x_img[:, :0]
+        lg = model(inputs_embeds=torch.cat([x_img, new], 1)).logits[0, -1].float()
+        if step < min_new:
+            lg[eos] = -float("inf")
+        lt = model(inputs_embeds=torch.cat([x_txt, new], 1)).logits[0, -1].float()
+        lp = lg.log_softmax(-1)
+        nxt = int((lp + w * (lp - lt.log_softmax(-1)) if w else lp).argmax())
+        ids.append(nxt)
+        if nxt in eos:
+            break
+    return gen.tok.decode(ids, skip_special_tokens=False).strip()
+
+
+def test_image_guidance_equals_recomputed_reference(lm):
+    gen = _gen(lm, seed=3).eval()
+    studies, inds = _studies(1), ["a long clinical indication so that the two prompts differ in length", "fall"]
+    with torch.no_grad():
+        for w in (0.0, 1.5, 5.0):
+            got = gen.generate(studies, inds, max_new_tokens=10, min_new_tokens=6, image_guidance=w,
+                               skip_special_tokens=False)
+            want = [_guided_reference(gen, s, i, w, 10, 6) for s, i in zip(studies, inds)]
+            assert got == want, w
+    with pytest.raises(ValueError, match="greedy"):
+        gen.generate(studies, inds, max_new_tokens=2, num_beams=2, image_guidance=1.0)
+
+
+def test_image_guidance_processor_tracks_the_text_only_branch(lm):
+    """Over several steps, with left-padded prompts of different lengths, the processor's
+    text-only log-probabilities equal a full recomputation of each row without padding."""
+    model, tok = lm
+    gen = _gen(lm, seed=3).eval()
+    inds = ["a long clinical indication so that the two prompts differ in length", "fall"]
+    text = [gen.prompts.build([], ind, None, 2) for ind in inds]
+    x_text, att_text, _ = gen._embed(text, None, pad_left=True)
+    proc = llava.ImageGuidance(model, x_text, att_text, 2.0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    emb = model.get_input_embeddings()
+    with torch.no_grad():
+        for step in range(4):
+            scores = torch.randn(2, emb.weight.shape[0], generator=g)
+            out = proc(ids, scores)
+            for b in range(2):
+                xb, _, _ = gen._embed([text[b]], None, pad_left=True)
+                full = torch.cat([xb, emb(ids[b:b + 1])], 1)
+                lp_text = model(inputs_embeds=full).logits[0, -1].float().log_softmax(-1)
+                lp = scores[b].log_softmax(-1)
+                assert torch.allclose(out[b], lp + 2.0 * (lp - lp_text), atol=1e-4), (step, b)
+            ids = torch.cat([ids, torch.randint(0, 1000, (2, 1), generator=g)], 1)
