@@ -32,9 +32,8 @@ namespace {
 // (all of a row without foreground) touches the border along the row: marked outside with
 // memsets. Step 2: the rest of the background lies between foreground pixels of its row; any
 // such pixel in the top or bottom row, or under or over an outside pixel, is a seed, and a
-// pixel flood fill over the
-// remaining background from the seeds finishes the job (for a head that is the concavities
-// and holes only, a small part of the slice). Step 3: every pixel not outside becomes 1.
+// pixel flood fill over the remaining background from the seeds finishes the job (for a head
+// that is the concavities and holes only, a small part of the slice). Step 3: every pixel not outside becomes 1.
 void fill_slice(uint8_t* __restrict m, int64_t H, int64_t W, std::vector<uint8_t>& seen,
                 std::vector<int64_t>& lr, std::vector<int64_t>& stack) {
   seen.resize((size_t)(H * W));
