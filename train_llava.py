@@ -57,6 +57,8 @@ grad_clip = 1.0
 resample = True                    # inverse-prevalence resampling of the training studies
 image_dropout = 0.0                # P(a training example loses all its images: the indication alone); keeps
                                    # a small model from memorising studies through their visual tokens
+aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head on the connector's latents (study
+                                   # labels: diagnoses with training positives, any-abnormality, lesion side)
 grad_ckpt = True
 dtype = "bfloat16"                 # autocast dtype on CUDA (CPU runs float32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,6 +174,25 @@ if master:
 weights = sampling_weights(train_keys, labels) if train_keys else None
 
 
+def aux_label_names(keys):
+    """Classes of the connector's diagnosis head: diagnoses with a positive among `keys`, then
+    'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
+    seen = set().union(*(labels[k] for k in keys)) if keys else set()
+    return [d for d in DIAGNOSES if d in seen] + ["abnormal", "lesion_left", "lesion_right"]
+
+
+def aux_targets(keys):
+    rows = []
+    for k in keys:
+        sides = {l.get("side") for l in recs[k].get("lesions") or []}
+        have = labels[k] | ({"abnormal"} if labels[k] else set()) | {f"lesion_{s}" for s in sides & {"left", "right"}}
+        rows.append([float(n in have) for n in aux_names])
+    return torch.tensor(rows)
+
+
+aux_names = aux_label_names(train_keys) if aux_weight > 0 and not text_only else []
+
+
 def study_series(key):
     """Feature-cache entries of a study, embeddings as float32 tensors ([] for the text-only baseline)."""
     if text_only:
@@ -187,7 +208,7 @@ def get_batch(gen):
     ks = [train_keys[i] for i in idx]
     drop = (torch.rand(len(ks), generator=gen) < image_dropout).tolist() if image_dropout > 0 else [False] * len(ks)
     return ([[] if d else study_series(k) for k, d in zip(ks, drop)], [recs[k].get("indication") or "" for k in ks],
-            [recs[k].get("findings") or [] for k in ks])
+            [recs[k].get("findings") or [] for k in ks], ks)
 
 
 # ----------------------------------------------------------------------------- model
@@ -198,11 +219,13 @@ if init_from == "resume" and os.path.exists(os.path.join(llm_saved, "config.json
     llm_path = llm_saved  # the fine-tuned LM of this run
 lm, tok = load_llm(llm_path)
 enc_dim = cache.dim if cache is not None else 1
-model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
-                              zero_init=connector_zero_init)
 iter_num, ckpt = 0, None
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
+    aux_names = ckpt.get("aux_names", [])  # the head's classes as trained (eval_only may see other splits)
+model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
+                              zero_init=connector_zero_init, n_aux=len(aux_names))
+if init_from == "resume":
     model.connector.load_state_dict(ckpt["connector"])
     iter_num = ckpt["iter_num"]
     if master:
@@ -254,7 +277,7 @@ if ddp and fsdp:
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                      find_unused_parameters=text_only or image_dropout > 0)
+                      find_unused_parameters=text_only or image_dropout > 0 or bool(aux_names))
 
 groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
 if train_llm:
@@ -304,7 +327,7 @@ def save(it):
             shutil.rmtree(llm_saved + ".old")
     state = {"connector": conn, "iter_num": it, "stage": stage, "stage1_iters": stage1_iters, "config": config,
              "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": llm_path,
-             "enc_dim": enc_dim}
+             "enc_dim": enc_dim, "aux_names": aux_names}
     if not (ddp and fsdp):
         state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
     save_atomic(state, ckpt_path)
@@ -347,9 +370,13 @@ if not eval_only and iter_num < total_iters:
             bar.set_description("stage 2")
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(it)
-        studies, inds, fnds = get_batch(gen)
+        studies, inds, fnds, ks = get_batch(gen)
         with autocast:
-            loss = train_model(studies, inds, fnds, st)
+            if aux_names:
+                loss, aux = train_model(studies, inds, fnds, st, aux_targets=aux_targets(ks))
+                lm_loss, loss = loss, loss + aux_weight * aux
+            else:
+                loss = train_model(studies, inds, fnds, st)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -358,9 +385,11 @@ if not eval_only and iter_num < total_iters:
         last = it == total_iters - 1
         if master and (it % log_interval == 0 or last):
             dt = time.time() - t0
+            extra = {"lm_loss": lm_loss.item(), "aux_loss": aux.item()} if aux_names else {}
             bar.write(f"iter {it}: stage {st} loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
-                      f"{(it + 1 - iter_num) / max(dt, 1e-9):.2f} it/s")
-            log_row({"iter": it, "stage": st, "loss": loss.item(), "time_s": round(dt, 2)})
+                      f"{(it + 1 - iter_num) / max(dt, 1e-9):.2f} it/s"
+                      + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
+            log_row({"iter": it, "stage": st, "loss": loss.item(), **extra, "time_s": round(dt, 2)})
         if val_keys and ((it + 1) % eval_interval == 0 or last):
             vl = val_loss(st)  # every rank runs it (a collective under FSDP)
             if master:
@@ -425,7 +454,7 @@ if master and eval_keys and stage == 2 and ddp and fsdp:
     # the trained model is sharded across ranks: rank 0 decodes with an unsharded copy from disk
     lm, tok = load_llm(llm_saved if train_llm else llm_path, device=device)
     model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents,
-                                  attn_impl).to(device)
+                                  attn_impl, n_aux=len(aux_names)).to(device)
     model.connector.load_state_dict(load_checkpoint(ckpt_path)["connector"])
 if master and eval_keys and stage == 2:
     model.eval()

@@ -36,7 +36,7 @@ from sklearn.model_selection import StratifiedKFold
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nvfm.data import ShardReader  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
-from nvfm.grounding import mask_lookup, to_world, token_box_points  # noqa: E402
+from nvfm.grounding import lesion_token_cover  # noqa: E402
 
 WIN = ["mr", "brain", "blood", "bone"]
 NEG_KEEP = 0.1
@@ -50,23 +50,8 @@ def standardize(tr, *others):
 def lesion_token_labels(d, reader, rows, cache):
     """{(study_key, volume_id): int8 labels per token of the cache's entry (1 lesion, 0 clear,
     -1 partial)} from the lesion masks; the token grid positions are the cache's coords."""
-    import nibabel as nib
-    vol = {v["volume_id"]: v for v in reader.volumes}
-    out = {}
-    for r in rows:
-        if r["study_key"] not in cache:
-            continue
-        masks = [nib.load(os.path.join(d, "cohort", les["mask"])) for les in r.get("lesions", []) if les.get("mask")]
-        masks = [(np.asarray(m.dataobj), m.affine) for m in masks]
-        for e in cache.study(r["study_key"]):
-            if (r["study_key"], e["volume_id"]) in out:
-                continue
-            pts = to_world(token_box_points(e["coords"]), vol[e["volume_id"]]["affine"])
-            frac = np.zeros(len(pts))
-            for m, aff in masks:
-                frac = np.maximum(frac, mask_lookup(pts, m, aff).mean(1))
-            out[r["study_key"], e["volume_id"]] = np.where(frac >= 0.5, 1, np.where(frac == 0, 0, -1)).astype(np.int8)
-    return out
+    cover = lesion_token_cover(os.path.join(d, "cohort"), reader, rows, cache)
+    return {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8) for k, (f, _) in cover.items()}
 
 
 def lesion_token_probe(cache, labels, split_of, seed=0):

@@ -87,6 +87,38 @@ def mask_lookup(world, mask, mask_affine):
     return out
 
 
+def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
+    """How much of each cached token lies inside a lesion of the demo cohort's ground truth.
+
+    findings_rows: the shards' findings.jsonl records (study_key, lesions [{diagnosis, mask}]);
+    masks are read from cohort_dir/<mask> (world-frame NIfTI). For every (study_key, volume_id)
+    entry of `cache` -> (frac (n,) float in [0, 1]: share of the token's 4x16x16 box inside a
+    lesion, the largest over lesions; lesion (n,) int: index into that study's lesions, -1 where
+    frac == 0). Token positions are the cache's coords, mapped by the volume record's affine."""
+    import nibabel as nib
+    vol = {v["volume_id"]: v for v in reader.volumes}
+    out = {}
+    for r in findings_rows:
+        if r["study_key"] not in cache:
+            continue
+        masks = []
+        for les in r.get("lesions", []):
+            if les.get("mask"):
+                m = nib.load(os.path.join(cohort_dir, les["mask"]))
+                masks.append((np.asarray(m.dataobj), m.affine))
+        for e in cache.study(r["study_key"]):
+            if (r["study_key"], e["volume_id"]) in out:
+                continue
+            pts = to_world(token_box_points(e["coords"]), vol[e["volume_id"]]["affine"])
+            frac, which = np.zeros(len(pts)), np.full(len(pts), -1, np.int64)
+            for i, (m, aff) in enumerate(masks):
+                f = mask_lookup(pts, m, aff).mean(1)
+                better = f > frac
+                frac[better], which[better] = f[better], i
+            out[r["study_key"], e["volume_id"]] = (frac, which)
+    return out
+
+
 # ----------------------------------------------------------------------------- pointing game
 
 

@@ -98,21 +98,34 @@ class Connector(nn.Module):
     and the LM sees the prompt as a text-only model would; the images enter as the layer learns
     (its weight gradient is nonzero from the start). Keeps a small LM from being swamped by random
     visual vectors early in training (the tiny demo LM learned the task much more slowly without it).
+
+    n_aux > 0 adds a linear diagnosis head on the study's mean latent (`aux_logits`), trained beside
+    the LM loss with study labels (ReportGenerator.forward(aux_targets=...)): the perceiver gets a
+    direct signal for what is in the image, not only through the LM's next-token loss.
     """
 
     def __init__(self, in_dim, llm_hidden, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
-                 zero_init=False):
+                 zero_init=False, n_aux=0):
         super().__init__()
         self.perceiver = PerceiverResampler(in_dim, dim, depth, heads, n_latents, attn_impl=attn_impl)
         self.mlp = nn.Sequential(nn.Linear(dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
         if zero_init:
             nn.init.zeros_(self.mlp[2].weight)
             nn.init.zeros_(self.mlp[2].bias)
+        self.aux = nn.Linear(dim, n_aux) if n_aux else None
         self.n_latents = n_latents
 
-    def forward(self, tokens, cu_seqlens, max_seqlen, series_type):
-        """-> (S * n_latents, llm_hidden), series in packed order."""
-        return self.mlp(self.perceiver(tokens, cu_seqlens, max_seqlen, series_type))
+    def forward(self, tokens, cu_seqlens, max_seqlen, series_type, return_latents=False):
+        """-> (S * n_latents, llm_hidden), series in packed order (and the latents (S * n_latents, dim))."""
+        lat = self.perceiver(tokens, cu_seqlens, max_seqlen, series_type)
+        return (self.mlp(lat), lat) if return_latents else self.mlp(lat)
+
+    def aux_logits(self, latents, series_per_study):
+        """latents (S * n_latents, dim) of studies with series_per_study[b] series each (0 allowed)
+        -> (B', n_aux) logits of the B' studies that have any series (mean over their latents)."""
+        per = latents.view(-1, self.n_latents, latents.shape[-1]).mean(1)  # (S, dim)
+        counts = [n for n in series_per_study if n]
+        return self.aux(torch.stack([g.mean(0) for g in per.split(counts)]))
 
 
 def pack_series(studies, device="cpu", dtype=torch.float32):
@@ -213,11 +226,11 @@ class ReportGenerator(nn.Module):
     """Connector + LM. `studies` are lists of feature-cache entries (see pack_series)."""
 
     def __init__(self, llm, tok, enc_dim, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
-                 zero_init=False):
+                 zero_init=False, n_aux=0):
         super().__init__()
         self.llm, self.tok = llm, tok
         hidden = llm.get_input_embeddings().weight.shape[1]
-        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, zero_init)
+        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, zero_init, n_aux)
         self.prompts = PromptBuilder(tok, n_latents)
 
     @property
@@ -249,16 +262,22 @@ class ReportGenerator(nn.Module):
             x = x.masked_scatter(vis[..., None], visual.to(x.dtype))  # row-major = study, series order
         return x, att, lab
 
-    def _visual(self, studies):
+    def _visual(self, studies, return_latents=False):
         tokens, cu, max_len, types, names = pack_series(
             studies, device=self.device, dtype=next(self.connector.parameters()).dtype)
         if cu.numel() == 1:
-            return None, names
-        return self.connector(tokens, cu, max_len, types), names
+            return (None, None, names) if return_latents else (None, names)
+        out = self.connector(tokens, cu, max_len, types, return_latents=return_latents)
+        return (*out, names) if return_latents else (out, names)
 
-    def forward(self, studies, indications, findings, stage=2):
-        """Mean next-token cross-entropy over the answer tokens of the batch (scalar)."""
-        visual, names = self._visual(studies)
+    def forward(self, studies, indications, findings, stage=2, aux_targets=None):
+        """Mean next-token cross-entropy over the answer tokens of the batch (scalar).
+        aux_targets (B, n_aux) 0/1 (needs n_aux): returns (that loss, the diagnosis head's mean
+        binary cross-entropy over the studies that have images; 0 when none has)."""
+        want_aux = aux_targets is not None
+        if want_aux and self.connector.aux is None:
+            raise ValueError("aux_targets given but the connector has no diagnosis head (n_aux=0)")
+        visual, lat, names = self._visual(studies, return_latents=True)
         ex = [self.prompts.build(n, ind, f, stage) for n, ind, f in zip(names, indications, findings)]
         x, att, lab = self._embed(ex, visual, pad_left=False)
         hidden = self.llm.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state
@@ -266,7 +285,15 @@ class ReportGenerator(nn.Module):
         keep = tgt != IGNORE
         # logits only where there is a target: the 151k-row LM head on prompt tokens is wasted work
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), tgt[keep])
+        loss = F.cross_entropy(logits.float(), tgt[keep])
+        if not want_aux:
+            return loss
+        has = [bool(n) for n in names]
+        if lat is None:
+            return loss, loss.new_zeros(())
+        y = torch.as_tensor(aux_targets, dtype=torch.float32, device=lat.device)[torch.tensor(has)]
+        aux = F.binary_cross_entropy_with_logits(self.connector.aux_logits(lat, [len(n) for n in names]).float(), y)
+        return loss, aux
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,

@@ -215,12 +215,16 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
                              for i in range(12)))
     base = [sys.executable, os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
             f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--ckpt_interval=2",
-            "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1", "--image_dropout=0.5"]
+            "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1", "--image_dropout=0.5",
+            "--aux_weight=0.5"]
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
     r = subprocess.run(base + ["--max_iters=2", "--eval_split=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 2 and ck["encoder_hash"] == "random:test"
+    assert ck["aux_names"] == ["acute_subdural_hematoma", "abnormal", "lesion_left", "lesion_right"]
+    assert ck["connector"]["aux.weight"].shape[0] == 4
+    assert all("aux_loss" in json.loads(l) for l in open(os.path.join(out, "log.jsonl")))
     assert os.path.exists(os.path.join(out, "llm", "config.json"))  # stage 2 saves the fine-tuned LM
     r = subprocess.run(base + ["--max_iters=3", "--init_from=resume", "--image_guidance=1.0"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -421,3 +425,30 @@ def test_image_guidance_processor_tracks_the_text_only_branch(lm):
                 lp = scores[b].log_softmax(-1)
                 assert torch.allclose(out[b], lp + 2.0 * (lp - lp_text), atol=1e-4), (step, b)
             ids = torch.cat([ids, torch.randint(0, 1000, (2, 1), generator=g)], 1)
+
+
+def test_aux_diagnosis_head_is_bce_on_each_studys_mean_latent(lm):
+    """aux_targets: the LM loss is unchanged, the head's loss is BCE on the mean latent of each study
+    that has images (a study without images is left out), and it alone trains the perceiver."""
+    model, tok = lm
+    torch.manual_seed(6)
+    gen = llava.ReportGenerator(model, tok, enc_dim=16, dim=32, depth=1, heads=4, n_latents=4, n_aux=3)
+    s = _studies()
+    studies, inds, fnds = [s[0], [], s[1]], ["headache", "fall", "fall"], [[SDH], [], [MEN]]
+    y = torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 1]])
+    loss, aux = gen(studies, inds, fnds, aux_targets=y)
+    torch.testing.assert_close(loss, gen(studies, inds, fnds))
+    ref = []
+    for st in (s[0], s[1]):  # each study alone through the perceiver, mean over all its latents
+        tokens, cu, mx, types, _ = llava.pack_series([st])
+        ref.append(gen.connector.aux(gen.connector.perceiver(tokens, cu, mx, types).mean(0)))
+    want = torch.nn.functional.binary_cross_entropy_with_logits(torch.stack(ref), y[[0, 2]])
+    torch.testing.assert_close(aux, want, atol=1e-5, rtol=1e-5)
+    gen.zero_grad(set_to_none=True)
+    aux.backward()
+    assert gen.connector.perceiver.latents.grad.abs().sum() > 0 and gen.connector.mlp[0].weight.grad is None
+    _, none = gen([[]], ["fall"], [[]], aux_targets=y[:1])
+    assert float(none) == 0.0
+    with pytest.raises(ValueError, match="n_aux"):
+        _gen(lm)(studies, inds, fnds, aux_targets=y)
+    model.zero_grad(set_to_none=True)
