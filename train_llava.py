@@ -59,6 +59,9 @@ image_dropout = 0.0                # P(a training example loses all its images: 
                                    # a small model from memorising studies through their visual tokens
 aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head on the connector's latents (study
                                    # labels: diagnoses with training positives, any-abnormality, lesion side)
+image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
+                                   # linear tagger on the frozen features (nvfm.llava.ImageTagger)
+tag_C = 0.1                        # the tagger's inverse L2 strength
 grad_ckpt = True
 dtype = "bfloat16"                 # autocast dtype on CUDA (CPU runs float32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,23 +177,44 @@ if master:
 weights = sampling_weights(train_keys, labels) if train_keys else None
 
 
-def aux_label_names(keys):
-    """Classes of the connector's diagnosis head: diagnoses with a positive among `keys`, then
-    'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
+def study_class_names(keys):
+    """Study-level classes (diagnosis head, image tagger): diagnoses with a positive among `keys`,
+    then 'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
     seen = set().union(*(labels[k] for k in keys)) if keys else set()
     return [d for d in DIAGNOSES if d in seen] + ["abnormal", "lesion_left", "lesion_right"]
 
 
-def aux_targets(keys):
+def study_targets(keys, names):
+    """(len(keys), len(names)) 0/1 float tensor of those classes."""
     rows = []
     for k in keys:
         sides = {l.get("side") for l in recs[k].get("lesions") or []}
         have = labels[k] | ({"abnormal"} if labels[k] else set()) | {f"lesion_{s}" for s in sides & {"left", "right"}}
-        rows.append([float(n in have) for n in aux_names])
-    return torch.tensor(rows)
+        rows.append([float(n in have) for n in names])
+    return torch.tensor(rows).reshape(len(keys), len(names))
 
 
-aux_names = aux_label_names(train_keys) if aux_weight > 0 and not text_only else []
+aux_names = study_class_names(train_keys) if aux_weight > 0 and not text_only else []
+tags, tagger = {}, None  # study_key -> tag phrases for the prompt (image_tags)
+if image_tags and not text_only and train_keys:
+    import numpy as np
+    tagger = llava.ImageTagger(study_class_names(train_keys), C=tag_C, seed=seed)
+    vectors = lambda ks: np.stack([llava.study_vector(cache.study(k), cache.dim) for k in ks])
+    tags.update(zip(train_keys, tagger.fit(vectors(train_keys), study_targets(train_keys, tagger.names).numpy())))
+    others = sorted((set(eval_keys) | set(val_keys)) - set(train_keys))
+    if others:
+        tags.update(zip(others, tagger.predict(vectors(others))))
+    if master:
+        auc = tagger.oof_auroc
+        print(f"image tagger: {len(auc)} classes fitted, out-of-fold AUROC mean {np.mean(list(auc.values())):.3f} "
+              f"({', '.join(f'{n} {a:.2f}' for n, a in auc.items())})" if auc else "image tagger: no class fitted")
+
+
+def tag_lists(ks, dropped=None):
+    """Prompt tags of studies ks (None: no tag line; an image-dropped example gets none)."""
+    if not tags:
+        return None
+    return [None if dropped and dropped[i] else tags.get(k, []) for i, k in enumerate(ks)]
 
 
 def study_series(key):
@@ -208,7 +232,7 @@ def get_batch(gen):
     ks = [train_keys[i] for i in idx]
     drop = (torch.rand(len(ks), generator=gen) < image_dropout).tolist() if image_dropout > 0 else [False] * len(ks)
     return ([[] if d else study_series(k) for k, d in zip(ks, drop)], [recs[k].get("indication") or "" for k in ks],
-            [recs[k].get("findings") or [] for k in ks], ks)
+            [recs[k].get("findings") or [] for k in ks], ks, tag_lists(ks, drop))
 
 
 # ----------------------------------------------------------------------------- model
@@ -345,7 +369,7 @@ def val_loss(st):
         ks = val_keys[b:b + batch_size]
         with autocast:
             tot += train_model([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
-                               [recs[k].get("findings") or [] for k in ks], st).item() * len(ks)
+                               [recs[k].get("findings") or [] for k in ks], st, tags=tag_lists(ks)).item() * len(ks)
     train_model.train()
     return tot / len(val_keys)
 
@@ -370,13 +394,13 @@ if not eval_only and iter_num < total_iters:
             bar.set_description("stage 2")
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(it)
-        studies, inds, fnds, ks = get_batch(gen)
+        studies, inds, fnds, ks, tg = get_batch(gen)
         with autocast:
             if aux_names:
-                loss, aux = train_model(studies, inds, fnds, st, aux_targets=aux_targets(ks))
+                loss, aux = train_model(studies, inds, fnds, st, aux_targets=study_targets(ks, aux_names), tags=tg)
                 lm_loss, loss = loss, loss + aux_weight * aux
             else:
-                loss = train_model(studies, inds, fnds, st)
+                loss = train_model(studies, inds, fnds, st, tags=tg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -479,10 +503,11 @@ if master and eval_keys and stage == 2:
         with torch.no_grad(), autocast:
             texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
                                    stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
-                                   image_guidance=0.0 if text_only else image_guidance)
+                                   image_guidance=0.0 if text_only else image_guidance, tags=tag_lists(ks))
         for k, t in zip(ks, texts):
             found, status = llava.parse_findings(t)
-            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found})
+            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found}
+                        | ({"tags": tags.get(k, [])} if tags else {}))
     sec_per_study = sec_prev if reuse_reports else (time.time() - t0) / len(eval_keys)
     variants = {"reports.jsonl": rows}
     if probes:
@@ -497,6 +522,8 @@ if master and eval_keys and stage == 2:
         train_s = json.load(open(prev)).get("train_s")
     metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(eval_keys),
                "eval_splits": sorted(eval_splits), "train_s": train_s, "iter_num": iter_num}
+    if tagger is not None:
+        metrics["image_tagger_oof_auroc"] = tagger.oof_auroc
     for name, rs in variants.items():
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w") as f:

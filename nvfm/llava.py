@@ -16,6 +16,7 @@ import json
 import math
 import re
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ IMAGE_MARKER = "<nvfm-image>"  # split out of the rendered chat text; never toke
 # series names the latents are told apart by (MR families, CT windows); unknown -> OTHER
 SERIES_TYPES = ["T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "OTHER", "CT-brain", "CT-blood", "CT-bone"]
 IGNORE = -100
+TAGS_PREFIX = "Image tags (automatic):"
 
 
 def series_name(entry):
@@ -161,9 +163,12 @@ def pack_series(studies, device="cpu", dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- prompts
 
-def user_message(series_names, indication, stage):
-    """The first user turn: one named image placeholder per series, then indication and prompt."""
+def user_message(series_names, indication, stage, tags=None):
+    """The first user turn: one named image placeholder per series, the image tagger's tags (a
+    list of phrases, [] = "none"; None = no tag line), then indication and prompt."""
     parts = [f"{n}: {IMAGE_MARKER}" for n in series_names]
+    if tags is not None:
+        parts.append(f"{TAGS_PREFIX} {'; '.join(tags) if tags else 'none'}.")
     if stage == 1:
         parts.append(STAGE1_PROMPT)
     else:
@@ -195,9 +200,9 @@ class PromptBuilder:
     def _encode(self, text):
         return self.tok.encode(text, add_special_tokens=False)
 
-    def build(self, series_names, indication, findings=None, stage=2):
+    def build(self, series_names, indication, findings=None, stage=2, tags=None):
         """-> dict(ids list[int], vision list[bool], labels list[int]); labels IGNORE except the answer."""
-        msgs = [{"role": "user", "content": user_message(series_names, indication, stage)}]
+        msgs = [{"role": "user", "content": user_message(series_names, indication, stage, tags)}]
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
         pieces = text.split(IMAGE_MARKER)
         if len(pieces) != len(series_names) + 1:
@@ -270,15 +275,17 @@ class ReportGenerator(nn.Module):
         out = self.connector(tokens, cu, max_len, types, return_latents=return_latents)
         return (*out, names) if return_latents else (out, names)
 
-    def forward(self, studies, indications, findings, stage=2, aux_targets=None):
+    def forward(self, studies, indications, findings, stage=2, aux_targets=None, tags=None):
         """Mean next-token cross-entropy over the answer tokens of the batch (scalar).
         aux_targets (B, n_aux) 0/1 (needs n_aux): returns (that loss, the diagnosis head's mean
-        binary cross-entropy over the studies that have images; 0 when none has)."""
+        binary cross-entropy over the studies that have images; 0 when none has).
+        tags: per study a list of tag phrases (ImageTagger) or None (no tag line)."""
         want_aux = aux_targets is not None
         if want_aux and self.connector.aux is None:
             raise ValueError("aux_targets given but the connector has no diagnosis head (n_aux=0)")
         visual, lat, names = self._visual(studies, return_latents=True)
-        ex = [self.prompts.build(n, ind, f, stage) for n, ind, f in zip(names, indications, findings)]
+        tags = tags if tags is not None else [None] * len(names)
+        ex = [self.prompts.build(n, ind, f, stage, t) for n, ind, f, t in zip(names, indications, findings, tags)]
         x, att, lab = self._embed(ex, visual, pad_left=False)
         hidden = self.llm.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state
         tgt = lab[:, 1:]
@@ -297,14 +304,16 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, skip_special_tokens=True, image_guidance=0.0, **generate_kwargs):
+                 no_repeat_ngram_size=0, skip_special_tokens=True, image_guidance=0.0, tags=None, **generate_kwargs):
         """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings.
         image_guidance w > 0 (greedy only): classifier-free guidance on the images, next-token
         log-probabilities lp_img + w (lp_img - lp_text), lp_text from the same LM on the same prompt
         without its visual tokens (a trained input when the model was trained with image dropout).
+        tags: per study tag phrases or None, as in forward (the text-only branch of image_guidance has none).
         generate_kwargs go to the LM's generate (e.g. min_new_tokens for fixed-length timing)."""
         visual, names = self._visual(studies)
-        ex = [self.prompts.build(n, ind, None, stage) for n, ind in zip(names, indications)]
+        tags = tags if tags is not None else [None] * len(names)
+        ex = [self.prompts.build(n, ind, None, stage, t) for n, ind, t in zip(names, indications, tags)]
         x, att, _ = self._embed(ex, visual, pad_left=True)
         eos = sorted({self.prompts.eot_id} | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()))
         if image_guidance:
@@ -343,6 +352,96 @@ class ImageGuidance:
         lp_text = out.logits[:, -1].float().log_softmax(-1)
         lp = scores.float().log_softmax(-1)
         return (lp + self.w * (lp - lp_text)).to(scores.dtype)
+
+
+# ----------------------------------------------------------------------------- image tags
+
+POOL_WINDOWS = ("mr", "brain", "blood", "bone")
+
+
+def study_vector(entries, dim):
+    """A study's frozen tokens -> one vector: per window group (MR, CT brain / blood / bone) the
+    mean and the max over all its tokens, (8 * dim,) float32, zeros for a group the study lacks.
+    The max keeps what a few tokens (a small lesion) carry, which the mean washes out."""
+    out = []
+    for w in POOL_WINDOWS:
+        es = [np.asarray(e["emb"], np.float32) for e in entries if (e.get("window") or "mr") == w and len(e["emb"])]
+        a = np.concatenate(es) if es else np.zeros((1, dim), np.float32)
+        out += [a.mean(0), a.max(0)]
+    return np.concatenate(out)
+
+
+def tag_phrase(name):
+    """Text of a tag class: ontology phrase, or the lesion-side classes' wording."""
+    if name in ("lesion_left", "lesion_right"):
+        return f"{name.split('_')[1]}-sided lesion"
+    from nvfm.report_metrics import diagnosis_phrase
+    return diagnosis_phrase(name)
+
+
+class ImageTagger:
+    """Study-level tags from the images for the report prompt (SPEC: reports "guided by the probe").
+
+    One L2-regularised logistic regression per class (scikit-learn, standardised features) on
+    `study_vector`s of the training studies. The LM must learn how far to trust the tags, so during
+    training it sees tags the tagger would give a study it has not seen: training studies get
+    out-of-fold tags (`folds`-fold cross-fitting); other studies get the full fit's tags. Each
+    class's threshold maximises Youden's J on the out-of-fold scores; classes with fewer than
+    `min_pos` training positives (or negatives) are never tagged. A study's tags are its positive
+    classes, highest margin first, at most `max_tags`.
+    fit(X (n, f), Y (n, k) 0/1) -> out-of-fold tag lists of the training rows; predict(X) -> tag lists.
+    `oof_auroc` (class -> AUROC of the out-of-fold scores, kept in `oof_scores`) says how
+    informative each class is."""
+
+    def __init__(self, names, C=0.1, folds=5, seed=0, min_pos=3, max_tags=4):
+        self.names, self.C, self.folds, self.seed = list(names), C, folds, seed
+        self.min_pos, self.max_tags = min_pos, max_tags
+        self.models, self.thresholds, self.oof_auroc = {}, {}, {}
+
+    def _fit_one(self, X, y):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=2000)).fit(X, y)
+
+    def fit(self, X, Y):
+        from sklearn.metrics import roc_auc_score, roc_curve
+        from sklearn.model_selection import StratifiedKFold
+        X, Y = np.asarray(X, np.float64), np.asarray(Y, int)
+        oof = np.full(Y.shape, -np.inf)
+        for j, name in enumerate(self.names):
+            y = Y[:, j]
+            if min(y.sum(), len(y) - y.sum()) < self.min_pos:
+                continue
+            k = min(self.folds, int(y.sum()), int(len(y) - y.sum()))
+            for tr, te in StratifiedKFold(k, shuffle=True, random_state=self.seed).split(X, y):
+                oof[te, j] = self._fit_one(X[tr], y[tr]).decision_function(X[te])
+            fpr, tpr, thr = roc_curve(y, oof[:, j])
+            self.thresholds[name] = float(thr[int(np.argmax(tpr - fpr))])
+            self.oof_auroc[name] = float(roc_auc_score(y, oof[:, j]))
+            self.models[name] = self._fit_one(X, y)
+        self.oof_scores = oof
+        return self._tags(oof)
+
+    def scores(self, X):
+        X = np.asarray(X, np.float64)
+        out = np.full((len(X), len(self.names)), -np.inf)
+        for j, name in enumerate(self.names):
+            if name in self.models:
+                out[:, j] = self.models[name].decision_function(X)
+        return out
+
+    def predict(self, X):
+        return self._tags(self.scores(X))
+
+    def _tags(self, S):
+        th = np.array([self.thresholds.get(n, np.inf) for n in self.names])
+        out = []
+        for row in S:
+            margin = row - th
+            pos = [j for j in np.argsort(-margin) if margin[j] >= 0 and np.isfinite(row[j])]
+            out.append([tag_phrase(self.names[j]) for j in pos[:self.max_tags]])
+        return out
 
 
 # ----------------------------------------------------------------------------- output parsing

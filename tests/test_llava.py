@@ -452,3 +452,40 @@ def test_aux_diagnosis_head_is_bce_on_each_studys_mean_latent(lm):
     with pytest.raises(ValueError, match="n_aux"):
         _gen(lm)(studies, inds, fnds, aux_targets=y)
     model.zero_grad(set_to_none=True)
+
+
+def test_image_tagger_cross_fits_training_tags():
+    """Training studies get out-of-fold tags: on pure-noise features the full fit tags its own
+    training rows almost perfectly (memorised), the out-of-fold tags only at chance; a separable
+    class is found on new studies; a class with too few positives is never tagged."""
+    rng = np.random.default_rng(0)
+    n, f = 60, 40  # f < n < 2f: random labels are still linearly separable (memorised)
+    X = rng.standard_normal((n, f))
+    Y = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5, np.arange(n) < 2], 1).astype(int)
+    X[:, 0] += 4 * (2 * Y[:, 0] - 1)  # class 0 lives on feature 0
+    tg = llava.ImageTagger(["meningioma", "cerebral_atrophy", "glioma"], C=10.0, seed=0)
+    oof = tg.fit(X, Y)
+    assert set(tg.models) == {"meningioma", "cerebral_atrophy"} and "glioma" not in tg.thresholds
+    assert tg.oof_auroc["meningioma"] > 0.85 and abs(tg.oof_auroc["cerebral_atrophy"] - 0.5) < 0.25
+    from sklearn.metrics import roc_auc_score
+    assert roc_auc_score(Y[:, 1], tg.scores(X)[:, 1]) > 0.95  # the full fit memorises the noise class
+    assert roc_auc_score(Y[:, 1], tg.oof_scores[:, 1]) < 0.75  # its out-of-fold scores do not
+    assert oof == tg._tags(tg.oof_scores)  # and the training tags come from those
+    new, y_new = rng.standard_normal((40, f)), rng.random(40) < 0.5
+    new[:, 0] += 4 * (2 * y_new - 1)
+    got = [("meningioma" in t) for t in tg.predict(new)]
+    assert np.mean(np.array(got) == y_new) > 0.8
+    assert all(len(t) <= tg.max_tags and "glioma" not in t for t in oof)
+    e = [{"window": "mr", "emb": np.array([[0.0, 2.0], [4.0, -2.0]])}, {"window": "blood", "emb": np.ones((3, 2))}]
+    v = llava.study_vector(e, 2)  # per window group mean then max; groups missing -> zeros
+    assert v.tolist() == [2.0, 0.0, 4.0, 2.0] + [0.0] * 4 + [1.0] * 4 + [0.0] * 4
+    assert llava.tag_phrase("lesion_left") == "left-sided lesion"
+
+
+def test_prompt_tag_line(lm):
+    model, tok = lm
+    pb = llava.PromptBuilder(tok, n_latents=2)
+    text = lambda tags: tok.decode(pb.build(["T1"], "fall", None, 2, tags)["ids"])
+    assert f"{llava.TAGS_PREFIX} meningioma; left-sided lesion.\nIndication: fall" in text(["meningioma", "left-sided lesion"])
+    assert f"{llava.TAGS_PREFIX} none.\n" in text([])
+    assert llava.TAGS_PREFIX not in text(None)
