@@ -206,8 +206,9 @@ if image_tags and not text_only and train_keys:
         tags.update(zip(others, tagger.predict(vectors(others))))
     if master:
         auc = tagger.oof_auroc
-        print(f"image tagger: {len(auc)} classes fitted, out-of-fold AUROC mean {np.mean(list(auc.values())):.3f} "
-              f"({', '.join(f'{n} {a:.2f}' for n, a in auc.items())})" if auc else "image tagger: no class fitted")
+        print(f"image tagger: {len(tagger.models)} of {len(auc)} classes taggable (out-of-fold AUROC >= "
+              f"{tagger.min_auroc}): {', '.join(f'{n} {a:.2f}' for n, a in auc.items())}" if auc
+              else "image tagger: no class has enough training positives")
 
 
 def tag_lists(ks, dropped=None):

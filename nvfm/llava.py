@@ -387,15 +387,16 @@ class ImageTagger:
     training it sees tags the tagger would give a study it has not seen: training studies get
     out-of-fold tags (`folds`-fold cross-fitting); other studies get the full fit's tags. Each
     class's threshold maximises Youden's J on the out-of-fold scores; classes with fewer than
-    `min_pos` training positives (or negatives) are never tagged. A study's tags are its positive
+    `min_pos` training positives (or negatives), or whose out-of-fold AUROC is below `min_auroc`
+    (the tagger cannot see them), are never tagged. A study's tags are its positive
     classes, highest margin first, at most `max_tags`.
     fit(X (n, f), Y (n, k) 0/1) -> out-of-fold tag lists of the training rows; predict(X) -> tag lists.
     `oof_auroc` (class -> AUROC of the out-of-fold scores, kept in `oof_scores`) says how
     informative each class is."""
 
-    def __init__(self, names, C=0.1, folds=5, seed=0, min_pos=3, max_tags=4):
+    def __init__(self, names, C=0.1, folds=5, seed=0, min_pos=3, max_tags=4, min_auroc=0.7):
         self.names, self.C, self.folds, self.seed = list(names), C, folds, seed
-        self.min_pos, self.max_tags = min_pos, max_tags
+        self.min_pos, self.max_tags, self.min_auroc = min_pos, max_tags, min_auroc
         self.models, self.thresholds, self.oof_auroc = {}, {}, {}
 
     def _fit_one(self, X, y):
@@ -416,9 +417,11 @@ class ImageTagger:
             k = min(self.folds, int(y.sum()), int(len(y) - y.sum()))
             for tr, te in StratifiedKFold(k, shuffle=True, random_state=self.seed).split(X, y):
                 oof[te, j] = self._fit_one(X[tr], y[tr]).decision_function(X[te])
+            self.oof_auroc[name] = float(roc_auc_score(y, oof[:, j]))
+            if self.oof_auroc[name] < self.min_auroc:
+                continue
             fpr, tpr, thr = roc_curve(y, oof[:, j])
             self.thresholds[name] = float(thr[int(np.argmax(tpr - fpr))])
-            self.oof_auroc[name] = float(roc_auc_score(y, oof[:, j]))
             self.models[name] = self._fit_one(X, y)
         self.oof_scores = oof
         return self._tags(oof)

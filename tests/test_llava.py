@@ -463,7 +463,7 @@ def test_image_tagger_cross_fits_training_tags():
     X = rng.standard_normal((n, f))
     Y = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.5, np.arange(n) < 2], 1).astype(int)
     X[:, 0] += 4 * (2 * Y[:, 0] - 1)  # class 0 lives on feature 0
-    tg = llava.ImageTagger(["meningioma", "cerebral_atrophy", "glioma"], C=10.0, seed=0)
+    tg = llava.ImageTagger(["meningioma", "cerebral_atrophy", "glioma"], C=10.0, seed=0, min_auroc=0.0)
     oof = tg.fit(X, Y)
     assert set(tg.models) == {"meningioma", "cerebral_atrophy"} and "glioma" not in tg.thresholds
     assert tg.oof_auroc["meningioma"] > 0.85 and abs(tg.oof_auroc["cerebral_atrophy"] - 0.5) < 0.25
@@ -471,6 +471,8 @@ def test_image_tagger_cross_fits_training_tags():
     assert roc_auc_score(Y[:, 1], tg.scores(X)[:, 1]) > 0.95  # the full fit memorises the noise class
     assert roc_auc_score(Y[:, 1], tg.oof_scores[:, 1]) < 0.75  # its out-of-fold scores do not
     assert oof == tg._tags(tg.oof_scores)  # and the training tags come from those
+    strict = llava.ImageTagger(tg.names, C=10.0, seed=0)  # default min_auroc 0.7: the noise class is dropped
+    assert all("cerebral atrophy" not in t for t in strict.fit(X, Y)) and set(strict.models) == {"meningioma"}
     new, y_new = rng.standard_normal((40, f)), rng.random(40) < 0.5
     new[:, 0] += 4 * (2 * y_new - 1)
     got = [("meningioma" in t) for t in tg.predict(new)]
