@@ -537,7 +537,11 @@ def _add_lesion(subj, kind, side, sl, mask, facts, region=None):
 
 
 def _extent_cm(sl, mask, scale):
+    """The two largest extents (cm) of a lesion mask; (0, 0) for an empty one (a lesion clipped
+    away entirely by the tissue it must lie in; _add_lesion then drops it)."""
     idx = np.argwhere(mask)
+    if not len(idx):
+        return 0.0, 0.0
     ext = (idx.max(0) - idx.min(0) + 1) * scale
     ext = np.sort(ext)[::-1]
     return round(float(ext[0]) / 10, 1), round(float(ext[1]) / 10, 1)

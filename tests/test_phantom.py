@@ -361,3 +361,13 @@ def test_nilearn_fallback_anatomy(tmp_path):
     assert rec["anatomy"] == anat.source and rec["lesions"][0]["region"].split("_")[0] in ("Frontal", "Temporal",
                                                                                           "Parietal", "Occipital")
     assert check_geometry(str(tmp_path), [rec]) >= 3
+
+
+def test_extent_of_an_empty_lesion_mask_is_zero():
+    """A metastasis clipped away entirely by the tissue it must lie in (seen at --studies 400) used
+    to crash the cohort: its extent is (0, 0) and the empty lesion is dropped."""
+    from nvfm import phantom as ph
+    assert ph._extent_cm(None, np.zeros((4, 5, 6), bool), 1.0) == (0.0, 0.0)
+    m = np.zeros((4, 30, 6), bool)
+    m[1:3, 2:27, 1:4] = True
+    assert ph._extent_cm(None, m, 1.0) == (2.5, 0.3)
