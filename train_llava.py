@@ -62,6 +62,8 @@ aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head 
 image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
                                    # linear tagger on the frozen features (nvfm.llava.ImageTagger)
 tag_C = 0.1                        # the tagger's inverse L2 strength
+oracle_tags = False                # positive control only: the tags are each study's true classes (what a perfect
+                                   # tagger would say; the upper bound of the tag route), never for real reports
 grad_ckpt = True
 dtype = "bfloat16"                 # autocast dtype on CUDA (CPU runs float32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,7 +198,12 @@ def study_targets(keys, names):
 
 aux_names = study_class_names(train_keys) if aux_weight > 0 and not text_only else []
 tags, tagger = {}, None  # study_key -> tag phrases for the prompt (image_tags)
-if image_tags and not text_only and train_keys:
+if oracle_tags and not text_only:
+    _names = study_class_names(train_keys)
+    for _k in set(train_keys) | set(eval_keys) | set(val_keys):
+        _y = study_targets([_k], _names)[0]
+        tags[_k] = [llava.tag_phrase(n) for n, v in zip(_names, _y) if v][:4]
+elif image_tags and not text_only and train_keys:
     import numpy as np
     tagger = llava.ImageTagger(study_class_names(train_keys), C=tag_C, seed=seed)
     vectors = lambda ks: np.stack([llava.study_vector(cache.study(k), cache.dim) for k in ks])

@@ -386,7 +386,8 @@ class ImageTagger:
     `study_vector`s of the training studies. The LM must learn how far to trust the tags, so during
     training it sees tags the tagger would give a study it has not seen: training studies get
     out-of-fold tags (`folds`-fold cross-fitting); other studies get the full fit's tags. Each
-    class's threshold maximises Youden's J on the out-of-fold scores; classes with fewer than
+    class's threshold maximises F1 on the out-of-fold scores (not Youden's J: for a rare class that
+    admits many false tags, which taught the LM to ignore them); classes with fewer than
     `min_pos` training positives (or negatives), or whose out-of-fold AUROC is below `min_auroc`
     (the tagger cannot see them), are never tagged. A study's tags are its positive
     classes, highest margin first, at most `max_tags`.
@@ -406,7 +407,7 @@ class ImageTagger:
         return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=2000)).fit(X, y)
 
     def fit(self, X, Y):
-        from sklearn.metrics import roc_auc_score, roc_curve
+        from sklearn.metrics import precision_recall_curve, roc_auc_score
         from sklearn.model_selection import StratifiedKFold
         X, Y = np.asarray(X, np.float64), np.asarray(Y, int)
         oof = np.full(Y.shape, -np.inf)
@@ -420,8 +421,9 @@ class ImageTagger:
             self.oof_auroc[name] = float(roc_auc_score(y, oof[:, j]))
             if self.oof_auroc[name] < self.min_auroc:
                 continue
-            fpr, tpr, thr = roc_curve(y, oof[:, j])
-            self.thresholds[name] = float(thr[int(np.argmax(tpr - fpr))])
+            prec, rec, thr = precision_recall_curve(y, oof[:, j])
+            f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+            self.thresholds[name] = float(thr[int(np.argmax(f1))])
             self.models[name] = self._fit_one(X, y)
         self.oof_scores = oof
         return self._tags(oof)
