@@ -8,6 +8,11 @@ fixed prompt, the clinical indication as text, and the findings as a JSON list o
 (start it from stage 1 with --init_connector=OUT1/ckpt.pt). --text_only=True trains the same LM on
 the indication alone (the baseline the images must beat).
 
+Optional ways in for the images (off by default; BENCHMARKS.md, session 5): --aux_weight=W trains a
+diagnosis head on the connector's latents beside the LM loss; --image_tags=True adds the tags of a
+cross-fitted linear tagger on the frozen features to the prompt (--oracle_tags: the true classes, a
+positive control).
+
 Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
 (unremarkable studies count as one more label). bf16 autocast on CUDA, gradient checkpointing,
 atomic checkpoints every ckpt_interval iterations, --init_from=resume continues a run.
@@ -199,10 +204,9 @@ def study_targets(keys, names):
 aux_names = study_class_names(train_keys) if aux_weight > 0 and not text_only else []
 tags, tagger = {}, None  # study_key -> tag phrases for the prompt (image_tags)
 if oracle_tags and not text_only:
-    _names = study_class_names(train_keys)
-    for _k in set(train_keys) | set(eval_keys) | set(val_keys):
-        _y = study_targets([_k], _names)[0]
-        tags[_k] = [llava.tag_phrase(n) for n, v in zip(_names, _y) if v][:4]
+    _names, _keys = study_class_names(train_keys), sorted(set(train_keys) | set(eval_keys) | set(val_keys))
+    tags = {k: [llava.tag_phrase(n) for n, v in zip(_names, y) if v][:4]
+            for k, y in zip(_keys, study_targets(_keys, _names).tolist())}
 elif image_tags and not text_only and train_keys:
     import numpy as np
     tagger = llava.ImageTagger(study_class_names(train_keys), C=tag_C, seed=seed)
