@@ -298,7 +298,7 @@ class ReportGenerator(nn.Module):
         has = [bool(n) for n in names]
         if lat is None:
             return loss, loss.new_zeros(())
-        y = torch.as_tensor(aux_targets, dtype=torch.float32, device=lat.device)[torch.tensor(has)]
+        y = torch.as_tensor(aux_targets, dtype=torch.float32)[torch.tensor(has)].to(lat.device)
         aux = F.binary_cross_entropy_with_logits(self.connector.aux_logits(lat, [len(n) for n in names]).float(), y)
         return loss, aux
 
