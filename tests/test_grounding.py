@@ -142,3 +142,33 @@ def test_patch_matching_and_kmeans():
     emb[~brain & (rng.random(300) < 0.5), 1] += 3.0
     k = anatomy.kmeans_iou(emb, brain)
     assert k["iou"] == pytest.approx(1.0) and k["chance_iou"] == pytest.approx(brain.mean())
+
+
+def test_lesion_token_cover_fraction_and_lesion_index(tmp_path):
+    """Share of each token box inside the lesion masks (largest over lesions) and which lesion."""
+    import nibabel as nib
+    from nvfm.grounding import lesion_token_cover
+    m0 = np.zeros((4, 32, 32), np.uint8)
+    m0[:, :16, :8] = 1               # half of token (0, 0, 0) along x
+    m1 = np.zeros((4, 32, 32), np.uint8)
+    m1[:, 16:, :16] = 1              # all of token (0, 1, 0)
+    for i, m in enumerate((m0, m1)):
+        nib.save(nib.Nifti1Image(m, np.eye(4)), str(tmp_path / f"lesion_{i}.nii.gz"))
+
+    class Cache:
+        def __contains__(self, k):
+            return k == "s"
+
+        def study(self, k):
+            return [{"volume_id": 7, "coords": np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0]])}]
+
+    class Reader:
+        volumes = [{"volume_id": 7, "affine": np.eye(4).tolist()}]
+
+    rows = [{"study_key": "s", "lesions": [{"mask": "lesion_0.nii.gz"}, {"mask": "lesion_1.nii.gz"}]},
+            {"study_key": "not-cached", "lesions": []}]
+    cover = lesion_token_cover(str(tmp_path), Reader(), rows, Cache())
+    assert list(cover) == [("s", 7)]
+    frac, which = cover["s", 7]
+    np.testing.assert_allclose(frac, [0.5, 0.0, 1.0])
+    assert which.tolist() == [0, -1, 1]
