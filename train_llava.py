@@ -107,6 +107,7 @@ from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
 from nvfm.ontology import DIAGNOSES  # noqa: E402
+from nvfm.probe import SIDE_CLASSES  # noqa: E402
 from nvfm.report_metrics import evaluate_reports, iter_jsonl, report_diagnoses  # noqa: E402
 
 # ----------------------------------------------------------------------------- distributed
@@ -188,7 +189,7 @@ def study_class_names(keys):
     """Study-level classes (diagnosis head, image tagger): diagnoses with a positive among `keys`,
     then 'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
     seen = set().union(*(labels[k] for k in keys)) if keys else set()
-    return [d for d in DIAGNOSES if d in seen] + ["abnormal", "lesion_left", "lesion_right"]
+    return [d for d in DIAGNOSES if d in seen] + ["abnormal", *SIDE_CLASSES]
 
 
 def study_targets(keys, names):
@@ -205,7 +206,7 @@ aux_names = study_class_names(train_keys) if aux_weight > 0 and not text_only el
 tags, tagger = {}, None  # study_key -> tag phrases for the prompt (image_tags)
 if oracle_tags and not text_only:
     _names, _keys = study_class_names(train_keys), sorted(set(train_keys) | set(eval_keys) | set(val_keys))
-    tags = {k: [llava.tag_phrase(n) for n, v in zip(_names, y) if v][:4]
+    tags = {k: [llava.tag_phrase(n) for n, v in zip(_names, y) if v][:llava.MAX_TAGS]
             for k, y in zip(_keys, study_targets(_keys, _names).tolist())}
 elif image_tags and not text_only and train_keys:
     import numpy as np

@@ -31,6 +31,7 @@ IMAGE_MARKER = "<nvfm-image>"  # split out of the rendered chat text; never toke
 SERIES_TYPES = ["T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "OTHER", "CT-brain", "CT-blood", "CT-bone"]
 IGNORE = -100
 TAGS_PREFIX = "Image tags (automatic):"
+MAX_TAGS = 4  # tags per study in the prompt (ImageTagger, and train_llava's oracle tags)
 
 
 def series_name(entry):
@@ -295,10 +296,10 @@ class ReportGenerator(nn.Module):
         loss = F.cross_entropy(logits.float(), tgt[keep])
         if not want_aux:
             return loss
-        has = [bool(n) for n in names]
         if lat is None:
             return loss, loss.new_zeros(())
-        y = torch.as_tensor(aux_targets, dtype=torch.float32)[torch.tensor(has)].to(lat.device)
+        has = torch.tensor([bool(n) for n in names])
+        y = torch.as_tensor(aux_targets, dtype=torch.float32)[has].to(lat.device)
         aux = F.binary_cross_entropy_with_logits(self.connector.aux_logits(lat, [len(n) for n in names]).float(), y)
         return loss, aux
 
@@ -373,7 +374,8 @@ def study_vector(entries, dim):
 
 def tag_phrase(name):
     """Text of a tag class: ontology phrase, or the lesion-side classes' wording."""
-    if name in ("lesion_left", "lesion_right"):
+    from nvfm.probe import SIDE_CLASSES
+    if name in SIDE_CLASSES:
         return f"{name.split('_')[1]}-sided lesion"
     from nvfm.report_metrics import diagnosis_phrase
     return diagnosis_phrase(name)
@@ -395,7 +397,7 @@ class ImageTagger:
     `oof_auroc` (class -> AUROC of the out-of-fold scores, kept in `oof_scores`) says how
     informative each class is."""
 
-    def __init__(self, names, C=0.1, folds=5, seed=0, min_pos=3, max_tags=4, min_auroc=0.7):
+    def __init__(self, names, C=0.1, folds=5, seed=0, min_pos=3, max_tags=MAX_TAGS, min_auroc=0.7):
         self.names, self.C, self.folds, self.seed = list(names), C, folds, seed
         self.min_pos, self.max_tags, self.min_auroc = min_pos, max_tags, min_auroc
         self.models, self.thresholds, self.oof_auroc = {}, {}, {}
