@@ -25,7 +25,6 @@ diagnostic probe's scores (--probe_scores=..., urgent diagnoses the probe calls 
 report omits are appended), and scored with nvfm.report_metrics (OUT/reports*.jsonl, OUT/metrics.json).
 """
 import contextlib
-import csv
 import json
 import math
 import os
@@ -66,6 +65,7 @@ aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head 
                                    # labels: diagnoses with training positives, any-abnormality, lesion side)
 image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
                                    # linear tagger on the frozen features (nvfm.llava.ImageTagger)
+tag_asymmetry = True               # the tagger also reads left-right token differences (sees side; llava.study_vector)
 tag_C = 0.1                        # the tagger's inverse L2 strength
 oracle_tags = False                # positive control only: the tags are each study's true classes (what a perfect
                                    # tagger would say; the upper bound of the tag route), never for real reports
@@ -106,9 +106,7 @@ from nvfm import llava  # noqa: E402
 from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
-from nvfm.ontology import DIAGNOSES  # noqa: E402
-from nvfm.probe import SIDE_CLASSES  # noqa: E402
-from nvfm.report_metrics import evaluate_reports, iter_jsonl, report_diagnoses  # noqa: E402
+from nvfm.report_metrics import evaluate_reports, iter_jsonl  # noqa: E402
 
 # ----------------------------------------------------------------------------- distributed
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -129,29 +127,6 @@ autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_t
 # ----------------------------------------------------------------------------- data
 
 
-def read_findings(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--findings={path}: no such file (SHARDS/findings.jsonl from preprocess.py)")
-    recs = {}
-    for i, r in iter_jsonl(path, "findings"):
-        if "study_key" not in r:
-            raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
-        recs[r["study_key"]] = r
-    return recs
-
-
-def study_labels(recs, path):
-    """{study_key: set of positive diagnoses}: labels.csv beside findings.jsonl, else the findings text."""
-    csv_path = os.path.join(os.path.dirname(path), "labels.csv")
-    out = {k: set(report_diagnoses(r.get("findings") or [])) for k, r in recs.items()}
-    if os.path.exists(csv_path):
-        with open(csv_path) as f:
-            for row in csv.DictReader(f):
-                if row.get("study_key") in out:
-                    out[row["study_key"]] = {c for c in DIAGNOSES if row.get(c) == "1"}
-    return out
-
-
 def sampling_weights(keys, labels):
     """1 / prevalence of each study's rarest label (no label = the 'unremarkable' pseudo-label)."""
     sets = [labels[k] or {"<unremarkable>"} for k in keys]
@@ -165,7 +140,7 @@ def sampling_weights(keys, labels):
 for _p in [p for p in probe.split(",") if p] + ([probe_scores] if probe_scores else []):
     if not os.path.exists(_p):  # fail now, not after the training run
         raise FileNotFoundError(f"probe output {_p}: no such file (train_probe.py --out=... writes probe.pt)")
-recs = read_findings(findings)
+recs = llava.read_findings(findings)
 cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
 keys_with_features = set(cache.study_keys()) if cache is not None else set(recs)
 missing = [k for k in recs if k not in keys_with_features]
@@ -179,27 +154,18 @@ if max_eval:
     eval_keys = eval_keys[:max_eval]
 if not train_keys and not eval_only:
     raise SystemExit(f"no training studies: {findings} has no split=train study with features in {features}")
-labels = study_labels(recs, findings)
+labels = llava.study_labels(recs, findings)
 if master:
     os.makedirs(out_dir, exist_ok=True)
 weights = sampling_weights(train_keys, labels) if train_keys else None
 
 
 def study_class_names(keys):
-    """Study-level classes (diagnosis head, image tagger): diagnoses with a positive among `keys`,
-    then 'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
-    seen = set().union(*(labels[k] for k in keys)) if keys else set()
-    return [d for d in DIAGNOSES if d in seen] + ["abnormal", *SIDE_CLASSES]
+    return llava.study_class_names(keys, labels)
 
 
 def study_targets(keys, names):
-    """(len(keys), len(names)) 0/1 float tensor of those classes."""
-    rows = []
-    for k in keys:
-        sides = {l.get("side") for l in recs[k].get("lesions") or []}
-        have = labels[k] | ({"abnormal"} if labels[k] else set()) | {f"lesion_{s}" for s in sides & {"left", "right"}}
-        rows.append([float(n in have) for n in names])
-    return torch.tensor(rows).reshape(len(keys), len(names))
+    return llava.study_targets(keys, names, recs, labels)
 
 
 aux_names = study_class_names(train_keys) if aux_weight > 0 and not text_only else []
@@ -211,7 +177,11 @@ if oracle_tags and not text_only:
 elif image_tags and not text_only and train_keys:
     import numpy as np
     tagger = llava.ImageTagger(study_class_names(train_keys), C=tag_C, seed=seed)
-    vectors = lambda ks: np.stack([llava.study_vector(cache.study(k), cache.dim) for k in ks])
+    lr_axes = llava.volume_lr_axes(os.path.dirname(findings)) if tag_asymmetry else {}
+
+    def vectors(ks):
+        return np.stack([llava.study_vector([dict(e, lr_axis=lr_axes.get(e["volume_id"], 2)) for e in cache.study(k)],
+                                            cache.dim, asymmetry=tag_asymmetry) for k in ks])
     tags.update(zip(train_keys, tagger.fit(vectors(train_keys), study_targets(train_keys, tagger.names).numpy())))
     others = sorted((set(eval_keys) | set(val_keys)) - set(train_keys))
     if others:

@@ -14,6 +14,7 @@ get_output_embeddings, generate(inputs_embeds=...)), so any local causal LM work
 """
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -355,20 +356,119 @@ class ImageGuidance:
         return (lp + self.w * (lp - lp_text)).to(scores.dtype)
 
 
+# ----------------------------------------------------------------------------- study records
+
+def read_findings(path):
+    """{study_key: record} of a shards folder's findings.jsonl (preprocess.py's re-keyed copy)."""
+    from nvfm.report_metrics import iter_jsonl
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--findings={path}: no such file (SHARDS/findings.jsonl from preprocess.py)")
+    recs = {}
+    for i, r in iter_jsonl(path, "findings"):
+        if "study_key" not in r:
+            raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
+        recs[r["study_key"]] = r
+    return recs
+
+
+def study_labels(recs, path):
+    """{study_key: set of positive diagnoses}: labels.csv beside findings.jsonl, else the findings text."""
+    import csv
+    from nvfm.ontology import DIAGNOSES
+    from nvfm.report_metrics import report_diagnoses
+    csv_path = os.path.join(os.path.dirname(path), "labels.csv")
+    out = {k: set(report_diagnoses(r.get("findings") or [])) for k, r in recs.items()}
+    if os.path.exists(csv_path):
+        with open(csv_path) as f:
+            for row in csv.DictReader(f):
+                if row.get("study_key") in out:
+                    out[row["study_key"]] = {c for c in DIAGNOSES if row.get(c) == "1"}
+    return out
+
+
+def study_class_names(keys, labels):
+    """Study-level classes (diagnosis head, image tagger): diagnoses with a positive among `keys`,
+    then 'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
+    from nvfm.ontology import DIAGNOSES
+    from nvfm.probe import SIDE_CLASSES
+    seen = set().union(*(labels[k] for k in keys)) if keys else set()
+    return [d for d in DIAGNOSES if d in seen] + ["abnormal", *SIDE_CLASSES]
+
+
+def study_targets(keys, names, recs, labels):
+    """(len(keys), len(names)) 0/1 float tensor of those classes (recs: findings records, labels:
+    study_labels)."""
+    rows = []
+    for k in keys:
+        sides = {l.get("side") for l in recs[k].get("lesions") or []}
+        have = labels[k] | ({"abnormal"} if labels[k] else set()) | {f"lesion_{s}" for s in sides & {"left", "right"}}
+        rows.append([float(n in have) for n in names])
+    return torch.tensor(rows).reshape(len(keys), len(names))
+
+
 # ----------------------------------------------------------------------------- image tags
 
 POOL_WINDOWS = ("mr", "brain", "blood", "bone")
 
 
-def study_vector(entries, dim):
+def mirror_differences(coords, emb, lr_axis=2):
+    """Left-right asymmetry of one volume's tokens: D(t) = emb(t) - emb(mirror of t) for every
+    token t right of the midline whose mirror token is also kept. The midline is the tokens' mean
+    position on the left-right grid axis (canonical shards count that axis towards the patient's
+    right, nvfm.grounding.lr_axis); mirror of grid position x is round(2 * mean) - x. Shared
+    anatomy cancels in D, a one-sided lesion does not, and D's sign says its side.
+    coords (n, 3) int grid, emb (n, dim) -> (m, dim) float32 (m = 0 when no pair exists)."""
+    coords, emb = np.asarray(coords, np.int64), np.asarray(emb, np.float32)
+    if len(coords) == 0:
+        return np.zeros((0, emb.shape[-1]), np.float32)
+    x = coords[:, lr_axis]
+    s = int(round(2 * float(x.mean())))
+    span = coords.max(0) - np.minimum(coords.min(0), 0) + 1
+    span[lr_axis] = max(int(span[lr_axis]), s + 1, int(x.max()) + 1)
+
+    def flat(c):
+        return (c[:, 0] * span[1] + c[:, 1]) * span[2] + c[:, 2]
+
+    keys = flat(coords)
+    order = np.argsort(keys)
+    mirrored = coords.copy()
+    mirrored[:, lr_axis] = s - x
+    ok = (2 * x > s) & (mirrored[:, lr_axis] >= 0)
+    mk = flat(mirrored[ok])
+    pos = np.clip(np.searchsorted(keys[order], mk), 0, len(keys) - 1)
+    hit = keys[order][pos] == mk
+    right = np.nonzero(ok)[0][hit]
+    return emb[right] - emb[order[pos[hit]]]
+
+
+def volume_lr_axes(shards_dir):
+    """{volume_id: left-right grid axis (0, 1, 2)} from a shards folder's manifest ({} without one)."""
+    from nvfm.grounding import lr_axis
+    path = os.path.join(shards_dir, "manifest.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {v["volume_id"]: lr_axis(v) for v in json.load(f)["volumes"]}
+
+
+def study_vector(entries, dim, asymmetry=False):
     """A study's frozen tokens -> one vector: per window group (MR, CT brain / blood / bone) the
-    mean and the max over all its tokens, (8 * dim,) float32, zeros for a group the study lacks.
-    The max keeps what a few tokens (a small lesion) carry, which the mean washes out."""
+    mean and the max over all its tokens, zeros for a group the study lacks: (8 * dim,) float32.
+    The max keeps what a few tokens (a small lesion) carry, which the mean washes out.
+    asymmetry: per group also the mean, max and min of the volumes' `mirror_differences`
+    ((20 * dim,) in all); an entry's "lr_axis" (default 2, the W axis of axial and coronal shards)
+    names its left-right grid axis. Mean and max pooling cannot tell left from right; these can,
+    and they cancel the anatomy every head shares."""
     out = []
     for w in POOL_WINDOWS:
-        es = [np.asarray(e["emb"], np.float32) for e in entries if (e.get("window") or "mr") == w and len(e["emb"])]
-        a = np.concatenate(es) if es else np.zeros((1, dim), np.float32)
+        group = [e for e in entries if (e.get("window") or "mr") == w and len(e["emb"])]
+        a = np.concatenate([np.asarray(e["emb"], np.float32) for e in group]) if group else np.zeros((1, dim), np.float32)
         out += [a.mean(0), a.max(0)]
+        if asymmetry:
+            d = [mirror_differences(e["coords"], e["emb"], e.get("lr_axis", 2)) for e in group]
+            d = np.concatenate(d) if d else np.zeros((0, dim), np.float32)
+            d = d if len(d) else np.zeros((1, dim), np.float32)
+            out += [d.mean(0), d.max(0), d.min(0)]
     return np.concatenate(out)
 
 

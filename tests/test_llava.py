@@ -484,6 +484,39 @@ def test_image_tagger_cross_fits_training_tags():
     assert llava.tag_phrase("lesion_left") == "left-sided lesion"
 
 
+@pytest.mark.parametrize("lr_axis", [2, 0])
+def test_mirror_differences_cancel_symmetric_anatomy(lr_axis):
+    """A head whose tokens are mirror-symmetric except one lesion token: D is zero for every
+    pair but the lesion's, and its sign says the side; study_vector(asymmetry=True) carries it."""
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(np.arange(2), np.arange(3), np.arange(7), indexing="ij"), -1).reshape(-1, 3)
+    grid = grid[:, [2, 1, 0]] if lr_axis == 0 else grid  # the left-right axis holds 7 positions, 0..6
+    x = grid[:, lr_axis]
+    keep = ~((x == 0) & (grid[:, 1] == 0))  # an unmatched corner: its mirror (x = 6) gets no partner
+    grid, x = grid[keep], x[keep]
+    base = {}
+    emb = np.zeros((len(grid), 4), np.float32)
+    for i, c in enumerate(grid):
+        m = tuple(np.where(np.arange(3) == lr_axis, 6 - c, c))
+        key = min(tuple(c), m)
+        emb[i] = base.setdefault(key, rng.standard_normal(4))
+    lesion = np.nonzero((x == 5) & (grid[:, 1] == 2))[0][0]  # right of the midline (x = 3)
+    emb[lesion, 1] += 3.0
+    d = llava.mirror_differences(grid, emb, lr_axis)
+    n_right_pairs = int(((x > 3) & ~((x == 6) & (grid[:, 1] == 0))).sum())
+    assert d.shape == (n_right_pairs, 4)
+    nz = np.abs(d).sum(1) > 1e-6
+    assert nz.sum() == 1 and np.allclose(d[nz][0], [0, 3.0, 0, 0])
+    left = emb.copy()
+    left[lesion, 1] -= 3.0
+    left[np.nonzero((x == 1) & (grid[:, 1] == 2))[0][0], 1] += 3.0  # the same lesion on the left
+    assert np.allclose(llava.mirror_differences(grid, left, lr_axis)[nz][0], [0, -3.0, 0, 0])
+    e = [{"window": "mr", "emb": emb, "coords": grid, "lr_axis": lr_axis}]
+    v = llava.study_vector(e, 4, asymmetry=True).reshape(4, 5, 4)  # groups x (mean, max, D mean, max, min)
+    assert np.allclose(v[0, 3], [0, 3.0, 0, 0]) and np.allclose(v[0, 4], 0) and np.allclose(v[1:], 0)
+    assert llava.mirror_differences(grid[:0], emb[:0]).shape == (0, 4)
+
+
 def test_prompt_tag_line(lm):
     model, tok = lm
     pb = llava.PromptBuilder(tok, n_latents=2)
