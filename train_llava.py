@@ -65,7 +65,8 @@ aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head 
                                    # labels: diagnoses with training positives, any-abnormality, lesion side)
 image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
                                    # linear tagger on the frozen features (nvfm.llava.ImageTagger)
-tag_asymmetry = True               # the tagger also reads left-right token differences (sees side; llava.study_vector)
+tag_asymmetry = False              # the tagger also reads left-right token differences (llava.study_vector; no gain
+                                   # with the demo encoder, BENCHMARKS.md session 6)
 tag_C = 0.1                        # the tagger's inverse L2 strength
 oracle_tags = False                # positive control only: the tags are each study's true classes (what a perfect
                                    # tagger would say; the upper bound of the tag route), never for real reports

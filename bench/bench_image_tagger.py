@@ -6,7 +6,7 @@ with and without the left-right asymmetry features of nvfm.llava.study_vector:
 For each study class (diagnoses with training positives, "abnormal", lesion side) it prints the
 tagger's out-of-fold AUROC on the training split (what decides whether a class is tagged) and the
 full fit's AUROC on the held-out splits (val,test), for both study vectors, then the macro means
-and the tags' precision / recall on the held-out studies. The AUROCs are rank statistics of the
+and the held-out tags' precision (sure and "possible" tags). The AUROCs are rank statistics of the
 tagger's decision scores; nothing here trains the report generator.
 """
 import argparse
@@ -25,14 +25,16 @@ def held_out_auroc(y, s):
     return float(roc_auc_score(y, s)) if 0 < y.sum() < len(y) and np.isfinite(s).all() else float("nan")
 
 
-def tag_precision_recall(tagger, tags, Y):
-    """Micro precision / recall of tag lists against the 0/1 targets Y (columns = tagger.names)."""
+def tag_precision(tagger, tags, Y):
+    """Share of true tags among sure tags ("X") and among "possible X" tags, tags per study."""
     phrase = {llava.tag_phrase(n): j for j, n in enumerate(tagger.names)}
-    tp = sum(Y[i, phrase[t]] for i, ts in enumerate(tags) for t in ts)
-    n_tags = sum(len(ts) for ts in tags)
-    taggable = [j for j, n in enumerate(tagger.names) if n in tagger.models]
-    n_pos = Y[:, taggable].sum()
-    return (tp / n_tags if n_tags else float("nan")), (tp / n_pos if n_pos else float("nan")), n_tags / len(tags)
+    hits = {True: [], False: []}
+    for i, ts in enumerate(tags):
+        for t in ts:
+            maybe = t.startswith("possible ")
+            hits[not maybe].append(Y[i, phrase[t[len("possible "):] if maybe else t]])
+    prec = {k: (float(np.mean(v)) if v else float("nan"), len(v) / len(tags)) for k, v in hits.items()}
+    return prec[True], prec[False]
 
 
 def main():
@@ -67,7 +69,7 @@ def main():
             if n in tg.oof_auroc:
                 m = tg.models.get(n) or tg._fit_one(X_tr, Y_tr[:, j].astype(int))
                 ho[n] = held_out_auroc(Y_ho[:, j], full[:, j] if n in tg.models else m.decision_function(X_ho))
-        res[asym] = (tg, ho, tag_precision_recall(tg, tg.predict(X_ho), Y_ho), X_tr.shape[1])
+        res[asym] = (tg, ho, tag_precision(tg, tg.predict(X_ho), Y_ho), X_tr.shape[1])
     print(f"{a.features}: {len(train)} train / {len(held)} {a.held_out} studies, dim {cache.dim}, C {a.C}")
     print(f"{'class':28s} {'pos tr/ho':>9s} | {'pooled oof':>10s} {'held-out':>8s} | {'+asym oof':>9s} {'held-out':>8s}")
     for j, n in enumerate(names):
@@ -77,12 +79,12 @@ def main():
         print(f"{n:28s} {int(Y_tr[:, j].sum()):>4d}/{int(Y_ho[:, j].sum()):<4d} | {cells[0]:>10s} "
               f"{res[False][1][n]:8.3f} | {cells[1]:>9s} {res[True][1][n]:8.3f}")
     for s in (False, True):
-        tg, ho, (p, r, per), f = res[s]
+        tg, ho, ((p, n), (pp, npos)), f = res[s]
         oof = np.mean(list(tg.oof_auroc.values()))
         hm = np.nanmean(list(ho.values()))
         print(f"{'pooled + asymmetry' if s else 'pooled':20s} ({f} features): macro oof AUROC {oof:.3f}, held-out "
-              f"{hm:.3f}; {len(tg.models)} classes tagged (* above); held-out tags precision {p:.3f} recall "
-              f"{r:.3f}, {per:.2f} tags/study")
+              f"{hm:.3f}; {len(tg.models)} classes taggable (* above); held-out tags: sure {n:.2f}/study at "
+              f"precision {p:.3f}, possible {npos:.2f}/study at precision {pp:.3f}")
 
 
 if __name__ == "__main__":

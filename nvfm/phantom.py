@@ -36,7 +36,7 @@ from nvfm import ontology
 from nvfm import phantom_anatomy as pa
 from nvfm import phantom_dicom as pd
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: infarct indications name the weak side ({contra} was left unfilled)
 
 # -----------------------------------------------------------------------------
 # configuration: acquisition profiles and pathology rates
@@ -840,6 +840,18 @@ def _bone_name(anat, c):
     return {"frontal": "frontal", "temporal": "temporal", "parietal": "parietal", "occipital": "occipital"}.get(lobe, "parietal")
 
 
+def fill_indication(template, lesions):
+    """The indication text with "{contra}" (the infarct indications: the weak side) filled in:
+    the side opposite the study's first infarct. Without a placed infarct (none survived the
+    brain mask) the deficit is left unsided: "{contra}-sided weakness" -> "unilateral weakness"."""
+    if "{contra}" not in template:
+        return template
+    side = next((l["side"] for l in lesions if l["kind"] == "infarct" and l["side"] in ("left", "right")), None)
+    if side is None:
+        return template.replace("{contra}-sided", "unilateral").replace("{contra} ", "")
+    return template.replace("{contra}", "right" if side == "left" else "left")
+
+
 def build_subject(plan, anat):
     """Subject with the plan's pathology painted in (deterministic from the plan)."""
     r = np.random.default_rng([plan["lesion_seed"]])
@@ -1210,6 +1222,7 @@ def _generate_study(plan, out_dir, anat=None):
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
     subj = build_subject(plan, anat)
+    indication = fill_indication(plan["indication"], subj.lesions)
     study_tags = _study_tags(plan)
     frame_uid = str(pd.make_uid("frame", plan["seed"], plan["index"]))
     uid_seed = f"{plan['seed']}|{plan['index']}"
@@ -1347,7 +1360,7 @@ def _generate_study(plan, out_dir, anat=None):
             tags["Modality"] = "DOC"
             lines = [f"Patient: {plan['phi']['PatientName']}", f"MRN: {plan['phi']['PatientID']}",
                      f"DOB: {plan['phi']['PatientBirthDate']}", f"Accession: {plan['phi']['AccessionNumber']}",
-                     f"Indication: {plan['indication']}"]
+                     f"Indication: {indication}"]
             os.makedirs(os.path.join(ddir, f"{number:02d}_DOC"))
             pd.write_encapsulated_pdf(os.path.join(ddir, f"{number:02d}_DOC", "DOC0001.dcm"), study_tags, tags,
                                       "Imaging Requisition", lines, uid_seed=uid_seed)
@@ -1363,7 +1376,7 @@ def _generate_study(plan, out_dir, anat=None):
         lesions.append(dict(diagnosis=labs[0], kind=l["kind"], labels=labs, side=l["side"], region=l["region"],
                             mask=os.path.relpath(path, out_dir), voxels=n_vox))
     record = dict(study_uid=plan["phi"]["StudyInstanceUID"], study=study, modality=plan["modality"],
-                  split=plan["split"], age=plan["age"], sex=plan["sex"], indication=plan["indication"],
+                  split=plan["split"], age=plan["age"], sex=plan["sex"], indication=indication,
                   findings=findings, triage=plan["triage"], labels=plan["labels"], lesions=lesions,
                   series=series_out, world_from_template=subj.world_from_template().round(6).tolist(),
                   anatomy=anat.source, generator_version=GENERATOR_VERSION, plan_hash=_plan_hash(plan))
@@ -1409,7 +1422,8 @@ def generate_cohort(out_dir, n_studies, seed=0, profile="demo", workers=None, so
         try:
             with open(path) as f:
                 rec = json.load(f)
-            if rec.get("plan_hash") == _plan_hash(p) and rec.get("anatomy") == anat.source:
+            if (rec.get("plan_hash") == _plan_hash(p) and rec.get("anatomy") == anat.source
+                    and rec.get("generator_version") == GENERATOR_VERSION):  # an older generator's study is redone
                 rec["split"] = p["split"]
                 records[p["index"]] = rec
                 continue

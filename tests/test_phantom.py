@@ -248,6 +248,7 @@ def test_lesions_present_and_lateralized(forced, anat):
                 assert les["side"] == "bilateral"
     assert kinds == {"iph", "sdh", "fracture", "catheter", "sah", "edh", "infarct", "hydrocephalus", "craniotomy",
                      "arachnoid_cyst", "glioma", "metastases", "ms", "atrophy", "svd", "meningioma"}
+    assert all("{" not in rec["indication"] for rec in recs)  # every template filled
     # mass effect of the large lesions is reported
     assert any("midline shift" in f for f in recs[0]["findings"])
     assert "brain_mass_effect" in recs[0]["labels"] and "midline_shift" in recs[0]["labels"]
@@ -371,3 +372,18 @@ def test_extent_of_an_empty_lesion_mask_is_zero():
     m = np.zeros((4, 30, 6), bool)
     m[1:3, 2:27, 1:4] = True
     assert ph._extent_cm(None, m, 1.0) == (2.5, 0.3)
+
+
+def test_infarct_indication_names_the_weak_side():
+    """The infarct indications say which side is weak: the side opposite the infarct."""
+    t1, t2 = ph.INDICATIONS["infarct"]
+    les = [dict(kind="sdh", side="left"), dict(kind="infarct", side="left")]
+    assert ph.fill_indication(t1, les).startswith("Acute onset right-sided weakness")
+    assert ph.fill_indication(t2, [dict(kind="infarct", side="right")]) == "Code stroke: aphasia and left hemiparesis."
+    assert ph.fill_indication(t1, []).startswith("Acute onset unilateral weakness")
+    assert ph.fill_indication(t2, []) == "Code stroke: aphasia and hemiparesis."
+    assert ph.fill_indication("Headache.", les) == "Headache."
+    for texts in ph.INDICATIONS.values():
+        for t in texts:
+            for lesions in ([], les):
+                assert "{" not in ph.fill_indication(t, lesions)
