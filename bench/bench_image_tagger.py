@@ -63,12 +63,11 @@ def main():
         X_tr, X_ho = np.stack([vec(k) for k in train]), np.stack([vec(k) for k in held])
         tg = llava.ImageTagger(names, C=a.C, seed=a.seed)
         tg.fit(X_tr, Y_tr)
-        full = tg.scores(X_ho)
         ho = {}
         for j, n in enumerate(names):  # held-out AUROC of a full fit for every class (tagged or not)
             if n in tg.oof_auroc:
-                m = tg.models.get(n) or tg._fit_one(X_tr, Y_tr[:, j].astype(int))
-                ho[n] = held_out_auroc(Y_ho[:, j], full[:, j] if n in tg.models else m.decision_function(X_ho))
+                m = tg.models[n] if n in tg.models else tg._fit_one(X_tr, Y_tr[:, j].astype(int))
+                ho[n] = held_out_auroc(Y_ho[:, j], m.decision_function(X_ho))
         res[asym] = (tg, ho, tag_precision(tg, tg.predict(X_ho), Y_ho), X_tr.shape[1])
     print(f"{a.features}: {len(train)} train / {len(held)} {a.held_out} studies, dim {cache.dim}, C {a.C}")
     print(f"{'class':28s} {'pos tr/ho':>9s} | {'pooled oof':>10s} {'held-out':>8s} | {'+asym oof':>9s} {'held-out':>8s}")

@@ -423,20 +423,20 @@ def mirror_differences(coords, emb, lr_axis=2):
         return np.zeros((0, emb.shape[-1]), np.float32)
     x = coords[:, lr_axis]
     s = int(round(2 * float(x.mean())))
-    span = coords.max(0) - np.minimum(coords.min(0), 0) + 1
-    span[lr_axis] = max(int(span[lr_axis]), s + 1, int(x.max()) + 1)
+    span = coords.max(0) + 1  # grid coords are >= 0; a mirror of a right-side token lies in [0, s / 2)
 
     def flat(c):
         return (c[:, 0] * span[1] + c[:, 1]) * span[2] + c[:, 2]
 
     keys = flat(coords)
     order = np.argsort(keys)
+    sorted_keys = keys[order]
     mirrored = coords.copy()
     mirrored[:, lr_axis] = s - x
     ok = (2 * x > s) & (mirrored[:, lr_axis] >= 0)
     mk = flat(mirrored[ok])
-    pos = np.clip(np.searchsorted(keys[order], mk), 0, len(keys) - 1)
-    hit = keys[order][pos] == mk
+    pos = np.clip(np.searchsorted(sorted_keys, mk), 0, len(keys) - 1)
+    hit = sorted_keys[pos] == mk
     right = np.nonzero(ok)[0][hit]
     return emb[right] - emb[order[pos[hit]]]
 
