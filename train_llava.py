@@ -87,6 +87,8 @@ max_eval = 0                       # 0 = every study of the eval split
 gen_batch_size = 8
 max_new_tokens = 160
 num_beams = 1                      # SPEC reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
+length_penalty = 1.0               # beams: score = log P(reply) / length**length_penalty (HF); 0 = the most
+                                   # probable whole reply, so "[]" (no finding) competes fairly with long lists
 repetition_penalty = 1.0
 no_repeat_ngram_size = 0
 image_guidance = 0.0               # >0 (greedy): classifier-free guidance on the images against the same LM's
@@ -487,7 +489,8 @@ if master and eval_keys and stage == 2:
         with torch.no_grad(), autocast:
             texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
                                    stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
-                                   image_guidance=0.0 if text_only else image_guidance, tags=tag_lists(ks))
+                                   image_guidance=0.0 if text_only else image_guidance, tags=tag_lists(ks),
+                                   **({"length_penalty": length_penalty} if num_beams > 1 else {}))
         for k, t in zip(ks, texts):
             found, status = llava.parse_findings(t)
             rows.append({"study_key": k, "raw": t, "parse": status, "findings": found}

@@ -5,10 +5,17 @@
 
 Reads each RUN_DIR/metrics.json (written after decoding the eval split) and prints, per run and
 per variant (reports = model output, reports_probe = with the probe cross-check), BLEU-2, ROUGE-L,
-METEOR, triage accuracy, laterality error, hallucination and urgent-omission rates, the number
+METEOR, triage accuracy, diagnosis F1 (per-study F1 of the named diagnosis sets), laterality
+error, hallucination and urgent-omission rates, the number
 of studies and splits scored, the training wall time of the last invocation and the generation
 time per study. Runs scored on different splits are flagged: only compare rows on the same split.
-With --split=S --findings=F the saved reports*.jsonl are re-scored on the studies of split S only.
+With --findings=F the saved reports*.jsonl are re-scored with the current metrics (with --split=S
+too: on the studies of split S only). --lookup=True (needs --findings) adds a non-learned reference
+row, "indication lookup": each scored study gets the findings of a training study with the same
+indication and modality, one whose diagnosis set is the most common among those (ties and the
+pick: the first study key in sorted order; a study whose indication is not in the training split
+gets the most common set of its modality). A learned model that scores below it has not even
+learned what the indication implies.
 """
 import json
 import os
@@ -16,7 +23,7 @@ import sys
 
 
 def rescore(m, run_dir, split, findings):
-    """Replace m's report metrics by those of the reports*.jsonl rows of one split."""
+    """Replace m's report metrics by those of the reports*.jsonl rows of one split (None: all rows)."""
     import tempfile
     from nvfm.report_metrics import evaluate_reports
     truth = {}
@@ -27,7 +34,7 @@ def rescore(m, run_dir, split, findings):
                 truth[r["study_key"]] = r.get("split")
     for key in [k for k, v in m.items() if isinstance(v, dict) and "bleu2" in v]:
         rows_ = [json.loads(l) for l in open(os.path.join(run_dir, key + ".jsonl")) if l.strip()]
-        rows_ = [r for r in rows_ if truth.get(r["study_key"]) == split]
+        rows_ = [r for r in rows_ if split is None or truth.get(r["study_key"]) == split]
         if not rows_:
             del m[key]
             continue
@@ -35,7 +42,8 @@ def rescore(m, run_dir, split, findings):
             f.writelines(json.dumps(r) + "\n" for r in rows_)
         m[key] = evaluate_reports(f.name, findings)
         os.remove(f.name)
-    m["eval_splits"] = [split]
+    if split is not None:
+        m["eval_splits"] = [split]
     return m
 
 
@@ -44,7 +52,7 @@ def rows(name, run_dir, split=None, findings=None):
     if not os.path.exists(path):
         raise SystemExit(f"{path}: no such file (train_llava.py writes it after decoding the eval split)")
     m = json.load(open(path))
-    if split:
+    if findings:
         m = rescore(m, run_dir, split, findings)
     splits = ",".join(sorted(m.get("eval_splits") or m.get("config", {}).get("eval_split", "?").split(",")))
     for key, r in m.items():
@@ -52,12 +60,50 @@ def rows(name, run_dir, split=None, findings=None):
             yield (f"{name} {key.replace('reports_probe', '+probe').replace('reports', '')}".strip(), r, m, splits)
 
 
+def lookup_reports(keys, findings):
+    """The indication-lookup reference: study key -> findings list (see the module docstring)."""
+    from collections import Counter, defaultdict
+    from nvfm.report_metrics import truth_diagnoses
+    recs = {}
+    with open(findings) as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                recs[r["study_key"]] = r
+    train = [recs[k] for k in sorted(recs) if recs[k].get("split") == "train"]
+    dx = lambda r: tuple(sorted(truth_diagnoses(r)))
+    groups = defaultdict(list)
+    for r in train:
+        groups[(r.get("indication"), r.get("modality"))].append(r)
+        groups[(None, r.get("modality"))].append(r)
+
+    def pick(rs):
+        top = Counter(dx(r) for r in rs).most_common(1)[0][0]
+        return next(r for r in rs if dx(r) == top).get("findings") or []
+
+    out = {}
+    for k in keys:
+        r = recs[k]
+        rs = groups.get((r.get("indication"), r.get("modality"))) or groups.get((None, r.get("modality"))) or train
+        out[k] = pick(rs)
+    return out, recs
+
+
+def lookup_row(run_dir, findings, split):
+    """Metrics of the indication lookup on the studies run_dir scored (optionally one split)."""
+    from nvfm.report_metrics import evaluate_report_lists
+    keys = [json.loads(l)["study_key"] for l in open(os.path.join(run_dir, "reports.jsonl")) if l.strip()]
+    hyp, recs = lookup_reports(keys, findings)
+    keys = [k for k in keys if split is None or recs[k].get("split") == split]
+    return evaluate_report_lists([hyp[k] for k in keys], [recs[k] for k in keys])
+
+
 def main(argv):
     if not argv:
         print(__doc__)
         raise SystemExit(2)
     f = lambda x: "   n/a" if x is None or x != x else f"{x:6.3f}"
-    print(f"{'run':<24}{'BLEU-2':>7}{'ROUGE-L':>8}{'METEOR':>7}{'triage':>7}{'lat-err':>8}{'halluc':>7}"
+    print(f"{'run':<24}{'BLEU-2':>7}{'ROUGE-L':>8}{'METEOR':>7}{'triage':>7}{'dx-F1':>7}{'lat-err':>8}{'halluc':>7}"
           f"{'urg-om':>7}{'n':>4}  {'splits':<9}{'train s':>8}{'gen s/st':>9}")
     opts = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--")}
     if "split" in opts and "findings" not in opts:
@@ -69,9 +115,17 @@ def main(argv):
             seen.add(splits)
             ts = m.get("train_s")
             print(f"{label:<24}{f(r['bleu2']):>7}{f(r['rougeL']):>8}{f(r['meteor']):>7}{f(r['triage_accuracy']):>7}"
-                  f"{f(r.get('laterality_error_rate')):>8}{f(r.get('hallucination_rate')):>7}"
+                  f"{f(r.get('diagnosis_f1')):>7}{f(r.get('laterality_error_rate')):>8}{f(r.get('hallucination_rate')):>7}"
                   f"{f(r.get('urgent_omission_rate')):>7}{r['n_studies']:>4}  {splits:<9}"
                   f"{'-' if ts is None else f'{ts:.0f}':>8}{m.get('sec_per_study_generate', float('nan')):>9.2f}")
+    if opts.get("lookup", "False").lower() in ("1", "true"):
+        if "findings" not in opts:
+            raise SystemExit("--lookup needs --findings=SHARDS/findings.jsonl")
+        first = [a for a in argv if not a.startswith("--")][0]
+        r = lookup_row(first.partition("=")[2] or first, opts["findings"], opts.get("split"))
+        print(f"{'indication lookup':<24}{f(r['bleu2']):>7}{f(r['rougeL']):>8}{f(r['meteor']):>7}"
+              f"{f(r['triage_accuracy']):>7}{f(r['diagnosis_f1']):>7}{f(r['laterality_error_rate']):>8}"
+              f"{f(r['hallucination_rate']):>7}{f(r['urgent_omission_rate']):>7}{r['n_studies']:>4}")
     if len(seen) > 1:
         print(f"warning: runs were scored on different splits ({sorted(seen)}): not comparable")
 

@@ -19,6 +19,8 @@ Clinical metrics use the diagnosis names of nvfm.ontology found in the finding t
   urgent_omission_rate    the same for urgent positives (what probe cross-checking targets)
   laterality_error_rate   mentioned true positives with a one-sided ground truth whose stated
                           side is wrong / those that state a side
+  diagnosis_set_accuracy  studies whose set of named diagnoses equals the ground truth's (sides ignored)
+  diagnosis_f1            mean per-study F1 of those sets (1 when both are empty)
   triage_accuracy         judge(generated findings, indication) == ground-truth triage
 Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
@@ -289,8 +291,11 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
     out.update(text_metrics(hyps, [t.get("findings") or [] for t in truths]))
     mentioned = hall = pos = omit = upos = uomit = lat_n = lat_err = 0
     correct, confusion = 0, {a: {b: 0 for b in TRIAGE_CLASSES} for a in TRIAGE_CLASSES}
+    dx_exact = dx_f1 = 0.0
     for i, (h, t) in enumerate(zip(hyps, truths)):
         gen, gt = report_diagnoses(h), truth_diagnoses(t)
+        dx_exact += set(gen) == set(gt)
+        dx_f1 += 2 * len(set(gen) & set(gt)) / (len(gen) + len(gt)) if gen or gt else 1.0
         mentioned += len(gen)
         hall += sum(d not in gt for d in gen)
         pos += len(gt)
@@ -311,6 +316,7 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
     out.update(triage_accuracy=rate(correct, n), triage_confusion=confusion, judge=judge,
                hallucination_rate=rate(hall, mentioned), omission_rate=rate(omit, pos),
                urgent_omission_rate=rate(uomit, upos), laterality_error_rate=rate(lat_err, lat_n),
+               diagnosis_set_accuracy=rate(dx_exact, n), diagnosis_f1=rate(dx_f1, n),
                n_mentioned=mentioned, n_positive=pos, n_urgent_positive=upos, n_sided=lat_n)
     return out
 

@@ -74,6 +74,7 @@ def test_evaluate_reports_perfect_and_wrong(tmp_path):
     assert m["n_studies"] == 3 and m["triage_accuracy"] == 1.0 and m["parse_ok_rate"] == 1.0
     assert m["hallucination_rate"] == 0 and m["omission_rate"] == 0 and m["laterality_error_rate"] == 0
     assert m["bleu2"] == pytest.approx(1.0)
+    assert m["diagnosis_set_accuracy"] == 1.0 and m["diagnosis_f1"] == 1.0
 
     wrong = _write(tmp_path / "wrong.jsonl", [
         {"study_key": "a", "findings": ["Acute right convexity subdural hematoma."]},  # wrong side, shift omitted
@@ -85,6 +86,8 @@ def test_evaluate_reports_perfect_and_wrong(tmp_path):
     assert m["urgent_omission_rate"] == pytest.approx(2 / 3)  # shift + mass effect of 3 urgent positives
     assert m["triage_accuracy"] == pytest.approx(2 / 3)      # b judged urgent
     assert m["triage_confusion"]["routine"]["urgent"] == 1
+    assert m["diagnosis_set_accuracy"] == pytest.approx(1 / 3)  # only c (both empty) matches
+    assert m["diagnosis_f1"] == pytest.approx((2 / 4 + 2 / 3 + 1) / 3)  # a: 1 of 3 named, b: 1 extra, c: empty = 1
     assert "parse_ok_rate" not in m
 
 
