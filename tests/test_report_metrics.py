@@ -157,3 +157,28 @@ def test_iter_jsonl_names_file_and_line_of_bad_json(tmp_path):
     assert next(rows) == (3, {"study_key": "b"})   # blank line skipped, numbering kept
     with pytest.raises(ValueError, match=r"findings\.jsonl:4: not valid JSON .* in the findings file"):
         next(rows)
+
+
+def test_indication_lookup_reference(tmp_path):
+    """bench_llava_compare's non-learned reference: the findings of a training study with the same
+    indication and modality and the most common diagnosis set; other modality -> its own mode."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "bench_llava_compare", os.path.join(os.path.dirname(__file__), "..", "bench", "bench_llava_compare.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rec = lambda k, split, ind, mod, f: {"study_key": k, "split": split, "indication": ind, "modality": mod,
+                                         "findings": f, "lesions": []}
+    recs = [rec("t1", "train", "Fall.", "CT", [SDH]), rec("t2", "train", "Fall.", "CT", []),
+            rec("t3", "train", "Fall.", "CT", []), rec("t4", "train", "Memory loss.", "MR", [ATROPHY]),
+            rec("v1", "val", "Fall.", "CT", [SDH]), rec("v2", "test", "Headache.", "MR", [])]
+    truth = _write(tmp_path / "findings.jsonl", recs)
+    hyp, _ = bench.lookup_reports(["v1", "v2"], truth)
+    assert hyp == {"v1": [], "v2": [ATROPHY]}  # 2 of 3 "Fall." CT studies have no finding; MR's only set
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run / "reports.jsonl", [{"study_key": "v1", "findings": []}, {"study_key": "v2", "findings": []}])
+    m = bench.lookup_row(str(run), truth, None)
+    assert m["n_studies"] == 2 and m["diagnosis_set_accuracy"] == 0.0  # v1 misses the SDH, v2 adds atrophy
+    assert bench.lookup_row(str(run), truth, "test")["n_studies"] == 1
