@@ -59,6 +59,9 @@ warmup_frac = 0.03                 # of each stage's iterations
 weight_decay = 0.01
 grad_clip = 1.0
 resample = True                    # inverse-prevalence resampling of the training studies
+resample_power = 1.0               # weight = (1 / prevalence of the rarest label) ** power: 1 = SPEC; 1 leaves
+                                   # unremarkable studies 5% of the draws on the 400-study phantom (35% of the
+                                   # studies), 0.5 leaves them 15%; 0 = natural frequencies (llava.sampling_weights)
 image_dropout = 0.0                # P(a training example loses all its images: the indication alone); keeps
                                    # a small model from memorising studies through their visual tokens
 aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head on the connector's latents (study
@@ -130,16 +133,6 @@ autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_t
 # ----------------------------------------------------------------------------- data
 
 
-def sampling_weights(keys, labels):
-    """1 / prevalence of each study's rarest label (no label = the 'unremarkable' pseudo-label)."""
-    sets = [labels[k] or {"<unremarkable>"} for k in keys]
-    count = {}
-    for s in sets:
-        for l in s:
-            count[l] = count.get(l, 0) + 1
-    return torch.tensor([1.0 / min(count[l] / len(keys) for l in s) for s in sets], dtype=torch.float64)
-
-
 for _p in [p for p in probe.split(",") if p] + ([probe_scores] if probe_scores else []):
     if not os.path.exists(_p):  # fail now, not after the training run
         raise FileNotFoundError(f"probe output {_p}: no such file (train_probe.py --out=... writes probe.pt)")
@@ -160,7 +153,7 @@ if not train_keys and not eval_only:
 labels = llava.study_labels(recs, findings)
 if master:
     os.makedirs(out_dir, exist_ok=True)
-weights = sampling_weights(train_keys, labels) if train_keys else None
+weights = llava.sampling_weights([labels[k] for k in train_keys], resample_power) if train_keys else None
 
 
 def study_class_names(keys):

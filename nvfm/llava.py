@@ -358,6 +358,24 @@ class ImageGuidance:
 
 # ----------------------------------------------------------------------------- study records
 
+def sampling_weights(label_sets, power=1.0):
+    """Training-study draw weights: (1 / prevalence of the study's rarest label) ** power, float64.
+
+    label_sets: per study its set of labels; an empty set counts as the pseudo-label
+    "unremarkable". power 1 (SPEC) balances the labels: every label's studies together get about
+    the same share of the draws, so unremarkable studies, one label among many, become rare (5% of
+    the draws on the 400-study phantom cohort, where they are 35% of the studies) and a model
+    trained that way reports a finding for every study. power 0.5 softens this (15% there) and
+    power 0 draws studies uniformly."""
+    sets = [s or {"<unremarkable>"} for s in label_sets]
+    count = {}
+    for s in sets:
+        for lab in s:
+            count[lab] = count.get(lab, 0) + 1
+    n = len(sets)
+    return torch.tensor([(n / min(count[lab] for lab in s)) ** power for s in sets], dtype=torch.float64)
+
+
 def read_findings(path):
     """{study_key: record} of a shards folder's findings.jsonl (preprocess.py's re-keyed copy)."""
     from nvfm.report_metrics import iter_jsonl

@@ -635,3 +635,12 @@ def test_demo_recipe_reads_a_planted_class_out_of_the_images():
     out = gen.generate([s for s, _ in new], ["Headache."] * len(new), max_new_tokens=48)
     correct = sum(llava.parse_findings(o)[0] == answers[c] for o, (_, c) in zip(out, new))
     assert correct >= 0.8 * len(new), (correct, out[:3])
+
+
+def test_sampling_weights_inverse_prevalence_of_the_rarest_label():
+    sets = [{"a"}, {"a"}, {"a", "b"}, {"b", "c"}, set(), set(), set(), set()]  # a 3, b 2, c 1, unremarkable 4
+    w = llava.sampling_weights(sets)
+    torch.testing.assert_close(w, torch.tensor([8 / 3, 8 / 3, 8 / 2, 8 / 1, 2, 2, 2, 2], dtype=torch.float64))
+    assert w[4:].sum() == 8  # the unremarkable pseudo-label gets one label's share (n), not its half of the studies
+    torch.testing.assert_close(llava.sampling_weights(sets, 0.5), w.sqrt())
+    assert llava.sampling_weights(sets, 0.0).tolist() == [1.0] * 8
