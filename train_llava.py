@@ -14,7 +14,9 @@ cross-fitted linear tagger on the frozen features to the prompt (--oracle_tags: 
 positive control).
 
 Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
-(unremarkable studies count as one more label). bf16 autocast on CUDA, gradient checkpointing,
+(unremarkable studies count as one more label; SPEC), raised to --resample_power; --resample=False
+draws them uniformly, as config/llava_tiny.py does: the SPEC weights starve the phantom cohorts'
+unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md, session 7). bf16 autocast on CUDA, gradient checkpointing,
 atomic checkpoints every ckpt_interval iterations, --init_from=resume continues a run.
 Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
 with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.

@@ -14,6 +14,7 @@ max_iters = 12
 lr = 3e-4                # connector (random init); 3e-4 reads a planted class (bench/bench_llava_read.py)
 llm_lr = 2e-4            # pretrained LM: small rate (few steps)
 warmup_frac = 0.1
+resample = False         # natural frequencies, as config/llava_tiny.py (why: there)
 grad_ckpt = False
 log_interval = 1
 ckpt_interval = 1000     # the fine-tuned LM is saved at the end (540 MB float32)
