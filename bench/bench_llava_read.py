@@ -11,7 +11,7 @@ For each run it prints exact-answer accuracy on 60 new studies, and how separabl
 are in the connector's output (nearest-centroid accuracy and between/within-class variance ratio
 of the projected visual embeddings: a connector that keeps the signal but an LM that does not read
 it shows high separability at chance accuracy). tests/test_llava.py runs a small version of this
-with the config's rates.
+with the config's rates, through run().
 """
 import argparse
 import os
@@ -50,10 +50,11 @@ def separability(gen, train, new):
     return acc, cent.pow(2).sum(-1).mean().item() / within
 
 
-def run(cfg, lr, dropout, iters, seed, n_tok, dim=32):
+def run(cfg, lr, dropout, iters, seed, n_tok, dim=32, n_new=60):
+    """Train the config's recipe on planted studies -> (accuracy on n_new new studies, NC acc, B/W, seconds)."""
     g = torch.Generator().manual_seed(seed)
     u = torch.nn.functional.normalize(torch.randn(3, dim, generator=g), dim=1)
-    train, new = planted(200, u, n_tok, g), planted(60, u, n_tok, g)
+    train, new = planted(200, u, n_tok, g), planted(n_new, u, n_tok, g)
     lm, tok = load_llm(resolve_llm(cfg.get("llm", "")))
     torch.manual_seed(seed)
     gen = llava.ReportGenerator(lm, tok, dim, cfg["perceiver_dim"], cfg["perceiver_depth"], cfg["perceiver_heads"],
