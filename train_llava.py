@@ -16,8 +16,9 @@ positive control).
 Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
 (unremarkable studies count as one more label; SPEC), raised to --resample_power; --resample=False
 draws them uniformly, as config/llava_tiny.py does: the SPEC weights starve the phantom cohorts'
-unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md, session 7). bf16 autocast on CUDA, gradient checkpointing,
-atomic checkpoints every ckpt_interval iterations, --init_from=resume continues a run.
+unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md,
+session 7). bf16 autocast on CUDA, gradient checkpointing, atomic checkpoints every
+ckpt_interval iterations, --init_from=resume continues a run.
 Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
 with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.
 
@@ -94,6 +95,7 @@ max_new_tokens = 160
 num_beams = 1                      # SPEC reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
 length_penalty = 1.0               # beams: score = log P(reply) / length**length_penalty (HF); 0 = the most
                                    # probable whole reply, so "[]" (no finding) competes fairly with long lists
+                                   # (on the phantom cohort it then omits urgent findings: BENCHMARKS.md session 7)
 repetition_penalty = 1.0
 no_repeat_ngram_size = 0
 image_guidance = 0.0               # >0 (greedy): classifier-free guidance on the images against the same LM's

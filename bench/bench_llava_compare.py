@@ -63,13 +63,9 @@ def rows(name, run_dir, split=None, findings=None):
 def lookup_reports(keys, findings):
     """The indication-lookup reference: study key -> findings list (see the module docstring)."""
     from collections import Counter, defaultdict
+    from nvfm.llava import read_findings
     from nvfm.report_metrics import truth_diagnoses
-    recs = {}
-    with open(findings) as f:
-        for line in f:
-            if line.strip():
-                r = json.loads(line)
-                recs[r["study_key"]] = r
+    recs = read_findings(findings)
     train = [recs[k] for k in sorted(recs) if recs[k].get("split") == "train"]
     dx = lambda r: tuple(sorted(truth_diagnoses(r)))
     groups = defaultdict(list)
