@@ -74,14 +74,16 @@ def lookup_reports(keys, findings):
         groups[(None, r.get("modality"))].append(r)
 
     def pick(rs):
-        top = Counter(dx(r) for r in rs).most_common(1)[0][0]
-        return next(r for r in rs if dx(r) == top).get("findings") or []
+        sets = [dx(r) for r in rs]
+        top = Counter(sets).most_common(1)[0][0]
+        return rs[sets.index(top)].get("findings") or []
 
+    chosen = {g: pick(rs) for g, rs in groups.items()}  # once per group, not per scored study
     out = {}
     for k in keys:
-        r = recs[k]
-        rs = groups.get((r.get("indication"), r.get("modality"))) or groups.get((None, r.get("modality"))) or train
-        out[k] = pick(rs)
+        g = (recs[k].get("indication"), recs[k].get("modality"))
+        g = g if g in chosen else (None, g[1])
+        out[k] = chosen[g] if g in chosen else pick(train)
     return out, recs
 
 

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from nvfm import llava  # noqa: E402
+from nvfm.configurator import read_config_file  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
 
 ANSWERS = [["Left subdural hematoma."], ["Generalized volume loss."], []]
@@ -88,9 +89,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=None, help="override the config's batch size")
     ap.add_argument("--llm_lr", type=float, default=None, help="override the config's LM rate")
     a = ap.parse_args()
-    cfg = {}
-    with open(a.config) as f:
-        exec(f.read(), {}, cfg)
+    cfg = read_config_file(a.config)[1]
     for k in ("llm", "batch_size", "llm_lr"):
         if getattr(a, k) is not None:
             cfg[k] = getattr(a, k)

@@ -61,6 +61,17 @@ def _config_file(arg):
     raise ConfigError(f"config file not found: {arg}")
 
 
+def read_config_file(arg):
+    """(path, {key: value}) of a config file's top-level assignments (private names, modules and
+    callables left out); arg is a path or a name looked up in config/."""
+    path = _config_file(arg)
+    scope = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    return path, {k: v for k, v in scope.items()
+                  if not k.startswith("_") and type(v).__name__ != "module" and not callable(v)}
+
+
 def configure(g, argv=None, verbose=True):
     """Apply config files and --key=value overrides in argv (default sys.argv[1:]) to dict g.
 
@@ -73,13 +84,8 @@ def configure(g, argv=None, verbose=True):
     changed = {}
     for arg in argv:
         if not arg.startswith("--"):
-            path = _config_file(arg)
-            scope = {}
-            with open(path) as f:
-                exec(compile(f.read(), path, "exec"), scope)
-            for key, value in scope.items():
-                if key.startswith("_") or type(value).__name__ == "module" or callable(value):
-                    continue
+            path, values = read_config_file(arg)
+            for key, value in values.items():
                 if key not in settable:
                     raise ConfigError(f"{path}: unknown config key {key!r}")
                 g[key] = changed[key] = _coerce(key, value, g[key])

@@ -3,3 +3,13 @@ import os
 os.environ.setdefault("NVFM_QUIET", "1")  # the backend table once per test session is noise
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_bench(name):
+    """Import bench/NAME.py as a module (tests that exercise a bench script's functions)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

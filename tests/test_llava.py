@@ -588,14 +588,6 @@ def test_train_llava_tags_reach_the_reports(tmp_path, lm_dir, flag):
         assert json.load(open(os.path.join(out, "metrics.json")))["image_tagger_oof_auroc"]
 
 
-def _config(path):
-    """The globals of a train_*.py config file (plain Python assignments)."""
-    cfg = {}
-    with open(path) as f:
-        exec(f.read(), {}, cfg)
-    return cfg
-
-
 def test_demo_recipe_reads_a_planted_class_out_of_the_images():
     """Positive control of the connector with the demo recipe (config/llava_tiny.py: connector
     size, learning rates, batch size, the tiny LM), through bench/bench_llava_read.py's run():
@@ -605,11 +597,10 @@ def test_demo_recipe_reads_a_planted_class_out_of_the_images():
     cannot do (chance = 1/3). The connector learning rate of sessions 1-6 (3e-3) fails this at
     chance: the connector's output stays class-separable but drifts faster than the LM learns to
     read it (BENCHMARKS.md, session 7)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_llava_read", os.path.join(ROOT, "bench", "bench_llava_read.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    cfg = _config(os.path.join(ROOT, "config", "llava_tiny.py"))
+    from conftest import load_bench
+    from nvfm.configurator import read_config_file
+    cfg = read_config_file(os.path.join(ROOT, "config", "llava_tiny.py"))[1]
+    bench = load_bench("bench_llava_read")
     acc, nc_acc, _, _ = bench.run(cfg, cfg["lr"], 0.0, iters=120, seed=0, n_tok=200, n_new=30)
     assert nc_acc >= 0.9  # the connector keeps the classes apart ...
     assert acc >= 0.8, acc  # ... and the LM reads them

@@ -162,12 +162,8 @@ def test_iter_jsonl_names_file_and_line_of_bad_json(tmp_path):
 def test_indication_lookup_reference(tmp_path):
     """bench_llava_compare's non-learned reference: the findings of a training study with the same
     indication and modality and the most common diagnosis set; other modality -> its own mode."""
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "bench_llava_compare", os.path.join(os.path.dirname(__file__), "..", "bench", "bench_llava_compare.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_bench
+    bench = load_bench("bench_llava_compare")
     rec = lambda k, split, ind, mod, f: {"study_key": k, "split": split, "indication": ind, "modality": mod,
                                          "findings": f, "lesions": []}
     recs = [rec("t1", "train", "Fall.", "CT", [SDH]), rec("t2", "train", "Fall.", "CT", []),
