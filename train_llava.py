@@ -52,6 +52,10 @@ perceiver_depth = 6
 perceiver_heads = 8
 n_latents = 64
 attn_impl = "auto"
+pos_freqs = 0                      # >0: the perceiver also reads each token's anatomical position (right, anterior,
+                                   # superior from the shards manifest next to `findings`) as pos_freqs Fourier octaves
+hemispheres = False                # half of each series' latents read its left tokens, half its right ones (same
+                                   # manifest; llava.PerceiverResampler): the side of a finding becomes a content read
 connector_zero_init = False        # zero-init the projector's last layer: training starts text-only-equivalent
 # optimisation
 max_iters = 300
@@ -67,12 +71,15 @@ resample_power = 1.0               # weight = (1 / prevalence of the rarest labe
                                    # studies), 0.5 leaves them 15%; 0 = natural frequencies (llava.sampling_weights)
 image_dropout = 0.0                # P(a training example loses all its images: the indication alone); keeps
                                    # a small model from memorising studies through their visual tokens
+token_keep = 1.0                   # <1: each training series keeps a fresh random subset of this fraction of its
+                                   # tokens per draw (augmentation against memorising studies; eval sees all)
 aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head on the connector's latents (study
                                    # labels: diagnoses with training positives, any-abnormality, lesion side)
 image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
                                    # linear tagger on the frozen features (nvfm.llava.ImageTagger)
 tag_asymmetry = False              # the tagger also reads left-right token differences (llava.study_vector; no gain
                                    # with the demo encoder, BENCHMARKS.md session 6)
+visual_tokens = True               # False (with image_tags): the images reach the LM only as the tag line
 tag_C = 0.1                        # the tagger's inverse L2 strength
 oracle_tags = False                # positive control only: the tags are each study's true classes (what a perfect
                                    # tagger would say; the upper bound of the tag route), never for real reports
@@ -200,11 +207,17 @@ def tag_lists(ks, dropped=None):
     return [None if dropped and dropped[i] else tags.get(k, []) for i, k in enumerate(ks)]
 
 
+orientations = llava.volume_orientations(os.path.dirname(findings)) if pos_freqs or hemispheres else {}
+if (pos_freqs or hemispheres) and master and not orientations:
+    print(f"warning: no shards manifest next to {findings}: token positions use the grid axes as stored")
+
+
 def study_series(key):
     """Feature-cache entries of a study, embeddings as float32 tensors ([] for the text-only baseline)."""
-    if text_only:
+    if text_only or not visual_tokens:
         return []
-    return [dict(e, emb=torch.from_numpy(e["emb"].astype("float32"))) for e in cache.study(key)]
+    return [dict(e, emb=torch.from_numpy(e["emb"].astype("float32")), orientation=orientations.get(e["volume_id"]))
+            for e in cache.study(key)]
 
 
 def get_batch(gen):
@@ -214,7 +227,10 @@ def get_batch(gen):
         idx = torch.randint(len(train_keys), (batch_size,), generator=gen).tolist()
     ks = [train_keys[i] for i in idx]
     drop = (torch.rand(len(ks), generator=gen) < image_dropout).tolist() if image_dropout > 0 else [False] * len(ks)
-    return ([[] if d else study_series(k) for k, d in zip(ks, drop)], [recs[k].get("indication") or "" for k in ks],
+    series = [[] if d else study_series(k) for k, d in zip(ks, drop)]
+    if token_keep < 1:
+        series = [[llava.keep_tokens(e, token_keep, gen) for e in s] for s in series]
+    return (series, [recs[k].get("indication") or "" for k in ks],
             [recs[k].get("findings") or [] for k in ks], ks, tag_lists(ks, drop))
 
 
@@ -231,7 +247,8 @@ if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
     aux_names = ckpt.get("aux_names", [])  # the head's classes as trained (eval_only may see other splits)
 model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
-                              zero_init=connector_zero_init, n_aux=len(aux_names))
+                              zero_init=connector_zero_init, n_aux=len(aux_names), pos_freqs=pos_freqs,
+                              hemispheres=hemispheres)
 if init_from == "resume":
     model.connector.load_state_dict(ckpt["connector"])
     iter_num = ckpt["iter_num"]
@@ -284,7 +301,7 @@ if ddp and fsdp:
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                      find_unused_parameters=text_only or image_dropout > 0 or bool(aux_names))
+                      find_unused_parameters=text_only or not visual_tokens or image_dropout > 0 or bool(aux_names))
 
 groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
 if train_llm:
@@ -461,7 +478,8 @@ if master and eval_keys and stage == 2 and ddp and fsdp:
     # the trained model is sharded across ranks: rank 0 decodes with an unsharded copy from disk
     lm, tok = load_llm(llm_saved if train_llm else llm_path, device=device)
     model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents,
-                                  attn_impl, n_aux=len(aux_names)).to(device)
+                                  attn_impl, n_aux=len(aux_names), pos_freqs=pos_freqs,
+                                  hemispheres=hemispheres).to(device)
     model.connector.load_state_dict(load_checkpoint(ckpt_path)["connector"])
 if master and eval_keys and stage == 2:
     model.eval()

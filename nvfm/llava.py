@@ -65,27 +65,104 @@ class CrossAttentionBlock(nn.Module):
         return lat + self.ff(self.norm_ff(lat))
 
 
+def fourier_features(pos, n_freqs):
+    """(N, 3) positions in [-1, 1] -> (N, 6 * n_freqs): sin and cos of pi * 2**k * pos, k < n_freqs."""
+    f = math.pi * 2.0 ** torch.arange(n_freqs, device=pos.device, dtype=pos.dtype)
+    x = (pos[..., None] * f).flatten(-2)
+    return torch.cat([x.sin(), x.cos()], -1)
+
+
+def anatomical_positions(coords, orientation=None):
+    """Token grid coords (n, 3) of one series -> (n, 3) float32 positions toward (right, anterior,
+    superior), each in [-1, 1] across the series' tokens (0 = the middle of their bounding box: for a
+    head cropped to its foreground, about the midline).
+
+    orientation: the shard's axis codes (manifest "orientation", e.g. "IPR": grid axis 0 runs
+    inferior, 1 posterior, 2 right), so an axial and a sagittal series agree on which side is right.
+    None or unreadable: the grid axes are used as they are (D, H, W), which is only consistent
+    between series stored alike."""
+    c = np.asarray(coords, np.float32).reshape(-1, 3)
+    out = np.zeros_like(c)
+    if len(c) == 0:
+        return out
+    lo, hi = c.min(0), c.max(0)
+    norm = (c - (lo + hi) / 2) / np.maximum((hi - lo) / 2, 1.0)
+    plan = [(a, 1.0) for a in range(3)]  # anatomical axis j <- (grid axis, sign)
+    if isinstance(orientation, str) and len(orientation) == 3:
+        want = ["RL", "AP", "SI"]
+        found = [next(((a, 1.0 if ch == w[0] else -1.0) for a, ch in enumerate(orientation.upper()) if ch in w), None)
+                 for w in want]
+        if all(f is not None for f in found) and len({f[0] for f in found}) == 3:
+            plan = found
+    for j, (a, sign) in enumerate(plan):
+        out[:, j] = sign * norm[:, a]
+    return out
+
+
+def hemisphere_split(tok, cu_seqlens, right):
+    """Packed tokens of S series -> 2S packed sets (left, right per series): tokens with right < 0,
+    then > 0 (0, the midline, in both); an empty side takes all of its series' tokens.
+    -> (tokens (N', d), cu_seqlens int32 (2S + 1), max_seqlen)."""
+    idx, lens = [], []
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        r = right[a:b]
+        for side in (r <= 0, r >= 0):
+            i = torch.nonzero(side).flatten() + a
+            if i.numel() == 0:
+                i = torch.arange(a, b, device=tok.device)
+            idx.append(i)
+            lens.append(i.numel())
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device=tok.device)
+    cu[1:] = torch.cumsum(torch.tensor(lens, device=tok.device), 0)
+    return tok[torch.cat(idx)], cu, max(lens)
+
+
 class PerceiverResampler(nn.Module):
     """Per-series perceiver: packed tokens of S series -> S x n_latents latents.
 
-    forward(tokens (N, in_dim), cu_seqlens int32 (S+1), max_seqlen, series_type int64 (S,))
+    forward(tokens (N, in_dim), cu_seqlens int32 (S+1), max_seqlen, series_type int64 (S,), pos=None)
     -> (S * n_latents, dim). Series s reads only tokens cu_seqlens[s]:cu_seqlens[s+1].
+
+    pos_freqs > 0: each token's anatomical position pos (N, 3) in [-1, 1] (`anatomical_positions`:
+    right, anterior, superior) enters as Fourier features (pos_freqs octaves, sin and cos) through a
+    linear map added to the token's projection. Without it the perceiver sees a bag of tokens and
+    cannot tell where a token lies (a left from a right lesion) unless the encoder's embedding says so.
+
+    hemispheres: the first n_latents / 2 latents of a series read only its left tokens (pos right < 0),
+    the other half only its right tokens (> 0; midline tokens go to both; a series with no token on
+    one side lets that half read all its tokens). Which side a finding is on then comes down to which
+    latents saw it, the same content read that finds the finding at all, instead of an interaction
+    of content and position that the perceiver has to learn (bench/bench_llava_read.py --task=side).
     """
 
-    def __init__(self, in_dim, dim=768, depth=6, heads=8, n_latents=64, ff_mult=4, attn_impl="auto"):
+    def __init__(self, in_dim, dim=768, depth=6, heads=8, n_latents=64, ff_mult=4, attn_impl="auto", pos_freqs=0,
+                 hemispheres=False):
         super().__init__()
+        if hemispheres and n_latents % 2:
+            raise ValueError(f"hemispheres needs an even n_latents (half per side), got {n_latents}")
+        self.hemispheres = hemispheres
         self.n_latents, self.attn_impl, self.grad_ckpt = n_latents, attn_impl, False
         self.inp = nn.Linear(in_dim, dim)
+        self.pos_freqs = pos_freqs
+        self.pos = nn.Linear(3 * 2 * pos_freqs, dim) if pos_freqs else None
         self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)
         self.type_emb = nn.Embedding(len(SERIES_TYPES), dim)  # tells the LM which series a set came from
         nn.init.normal_(self.type_emb.weight, std=0.02)
         self.blocks = nn.ModuleList([CrossAttentionBlock(dim, heads, ff_mult) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, tokens, cu_seqlens, max_seqlen, series_type):
+    def forward(self, tokens, cu_seqlens, max_seqlen, series_type, pos=None):
         S, L = cu_seqlens.numel() - 1, self.n_latents
+        if (self.pos is not None or self.hemispheres) and pos is None:
+            raise ValueError("this perceiver reads token positions (pos_freqs > 0 or hemispheres): pass pos (N, 3)")
         tok = self.inp(tokens)
+        if self.pos is not None:
+            tok = tok + self.pos(fourier_features(pos.to(tok.dtype), self.pos_freqs))
         lat = (self.latents[None] + self.type_emb(series_type)[:, None]).reshape(S * L, -1)
+        if self.hemispheres:  # 2S query sets of L / 2 latents: series s left, s right, s+1 left, ...
+            tok, cu_seqlens, max_seqlen = hemisphere_split(tok, cu_seqlens, pos[:, 0])
+            S, L = 2 * S, L // 2
         cu_q = torch.arange(S + 1, device=tokens.device, dtype=torch.int32) * L
         for blk in self.blocks:
             if self.grad_ckpt and self.training:
@@ -109,9 +186,10 @@ class Connector(nn.Module):
     """
 
     def __init__(self, in_dim, llm_hidden, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
-                 zero_init=False, n_aux=0):
+                 zero_init=False, n_aux=0, pos_freqs=0, hemispheres=False):
         super().__init__()
-        self.perceiver = PerceiverResampler(in_dim, dim, depth, heads, n_latents, attn_impl=attn_impl)
+        self.perceiver = PerceiverResampler(in_dim, dim, depth, heads, n_latents, attn_impl=attn_impl,
+                                            pos_freqs=pos_freqs, hemispheres=hemispheres)
         self.mlp = nn.Sequential(nn.Linear(dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
         if zero_init:
             nn.init.zeros_(self.mlp[2].weight)
@@ -119,9 +197,9 @@ class Connector(nn.Module):
         self.aux = nn.Linear(dim, n_aux) if n_aux else None
         self.n_latents = n_latents
 
-    def forward(self, tokens, cu_seqlens, max_seqlen, series_type, return_latents=False):
+    def forward(self, tokens, cu_seqlens, max_seqlen, series_type, return_latents=False, pos=None):
         """-> (S * n_latents, llm_hidden), series in packed order (and the latents (S * n_latents, dim))."""
-        lat = self.perceiver(tokens, cu_seqlens, max_seqlen, series_type)
+        lat = self.perceiver(tokens, cu_seqlens, max_seqlen, series_type, pos)
         return (self.mlp(lat), lat) if return_latents else self.mlp(lat)
 
     def aux_logits(self, latents, series_per_study):
@@ -132,15 +210,17 @@ class Connector(nn.Module):
         return self.aux(torch.stack([g.mean(0) for g in per.split(counts)]))
 
 
-def pack_series(studies, device="cpu", dtype=torch.float32):
+def pack_series(studies, device="cpu", dtype=torch.float32, with_pos=False):
     """Pack the series of a batch of studies for the perceiver.
 
     studies: list (B) of lists of dicts with "emb" (n, enc_dim) array/tensor and family/window
     names (feature-cache entries). Sets with zero tokens are dropped (nothing to attend).
     Returns tokens (N, enc_dim), cu_seqlens int32 (S+1), max_seqlen, series_type int64 (S,),
     and per study the list of series names kept (so the prompt can name them in the same order).
+    with_pos: also (last) the tokens' anatomical positions (N, 3), from each entry's "coords" and
+    "orientation" (`anatomical_positions`); an entry without coords raises.
     """
-    embs, lens, types, names = [], [], [], []
+    embs, lens, types, names, pos = [], [], [], [], []
     for study in studies:
         kept = []
         for e in study:
@@ -149,6 +229,10 @@ def pack_series(studies, device="cpu", dtype=torch.float32):
                 continue
             embs.append(x)
             lens.append(x.shape[0])
+            if with_pos:
+                if "coords" not in e:
+                    raise ValueError(f"series {series_name(e)} has no token coords: the connector encodes positions")
+                pos.append(torch.from_numpy(anatomical_positions(e["coords"], e.get("orientation"))))
             n = series_name(e)
             types.append(SERIES_TYPES.index(n) if n in SERIES_TYPES else SERIES_TYPES.index("OTHER"))
             kept.append(n)
@@ -159,8 +243,10 @@ def pack_series(studies, device="cpu", dtype=torch.float32):
         tokens = torch.cat(embs).to(device=device, dtype=dtype)
     else:
         tokens = torch.zeros(0, 1, device=device, dtype=dtype)
-    return (tokens, cu.to(device), max(lens, default=0), torch.tensor(types, dtype=torch.long, device=device),
-            names)
+    out = (tokens, cu.to(device), max(lens, default=0), torch.tensor(types, dtype=torch.long, device=device), names)
+    if with_pos:
+        out += ((torch.cat(pos) if pos else torch.zeros(0, 3)).to(device=device, dtype=dtype),)
+    return out
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -233,11 +319,12 @@ class ReportGenerator(nn.Module):
     """Connector + LM. `studies` are lists of feature-cache entries (see pack_series)."""
 
     def __init__(self, llm, tok, enc_dim, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
-                 zero_init=False, n_aux=0):
+                 zero_init=False, n_aux=0, pos_freqs=0, hemispheres=False):
         super().__init__()
         self.llm, self.tok = llm, tok
         hidden = llm.get_input_embeddings().weight.shape[1]
-        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, zero_init, n_aux)
+        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, zero_init, n_aux,
+                                   pos_freqs, hemispheres)
         self.prompts = PromptBuilder(tok, n_latents)
 
     @property
@@ -270,11 +357,12 @@ class ReportGenerator(nn.Module):
         return x, att, lab
 
     def _visual(self, studies, return_latents=False):
-        tokens, cu, max_len, types, names = pack_series(
-            studies, device=self.device, dtype=next(self.connector.parameters()).dtype)
+        with_pos = self.connector.perceiver.pos is not None or self.connector.perceiver.hemispheres
+        tokens, cu, max_len, types, names, *pos = pack_series(
+            studies, device=self.device, dtype=next(self.connector.parameters()).dtype, with_pos=with_pos)
         if cu.numel() == 1:
             return (None, None, names) if return_latents else (None, names)
-        out = self.connector(tokens, cu, max_len, types, return_latents=return_latents)
+        out = self.connector(tokens, cu, max_len, types, return_latents=return_latents, pos=pos[0] if pos else None)
         return (*out, names) if return_latents else (out, names)
 
     def forward(self, studies, indications, findings, stage=2, aux_targets=None, tags=None):
@@ -429,6 +517,20 @@ def study_targets(keys, names, recs, labels):
 POOL_WINDOWS = ("mr", "brain", "blood", "bone")
 
 
+def keep_tokens(entry, frac, gen=None):
+    """A feature-cache entry with a random subset of round(frac * n) of its tokens (at least 1), in their
+    original order: train_llava's token_keep augmentation. coords, when present, follow the tokens."""
+    n = len(entry["emb"])
+    m = min(n, max(1, round(frac * n)))
+    if m == n:
+        return entry
+    idx = torch.randperm(n, generator=gen)[:m].sort().values
+    out = dict(entry, emb=entry["emb"][idx])
+    if "coords" in entry:
+        out["coords"] = entry["coords"][idx.numpy()]
+    return out
+
+
 def mirror_differences(coords, emb, lr_axis=2):
     """Left-right asymmetry of one volume's tokens: D(t) = emb(t) - emb(mirror of t) for every
     token t right of the midline whose mirror token is also kept. The midline is the tokens' mean
@@ -459,14 +561,24 @@ def mirror_differences(coords, emb, lr_axis=2):
     return emb[right] - emb[order[pos[hit]]]
 
 
+def manifest_volumes(shards_dir):
+    """The volume records of a shards folder's manifest.json ([] without one)."""
+    path = os.path.join(shards_dir, "manifest.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["volumes"]
+
+
 def volume_lr_axes(shards_dir):
     """{volume_id: left-right grid axis (0, 1, 2)} from a shards folder's manifest ({} without one)."""
     from nvfm.grounding import lr_axis
-    path = os.path.join(shards_dir, "manifest.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return {v["volume_id"]: lr_axis(v) for v in json.load(f)["volumes"]}
+    return {v["volume_id"]: lr_axis(v) for v in manifest_volumes(shards_dir)}
+
+
+def volume_orientations(shards_dir):
+    """{volume_id: axis codes of its stored grid, e.g. "IPR"} from a shards folder's manifest."""
+    return {v["volume_id"]: v["orientation"] for v in manifest_volumes(shards_dir) if v.get("orientation")}
 
 
 def study_vector(entries, dim, asymmetry=False):

@@ -613,3 +613,84 @@ def test_sampling_weights_inverse_prevalence_of_the_rarest_label():
     assert w[4:].sum() == 8  # the unremarkable pseudo-label gets one label's share (n), not its half of the studies
     torch.testing.assert_close(llava.sampling_weights(sets, 0.5), w.sqrt())
     assert llava.sampling_weights(sets, 0.0).tolist() == [1.0] * 8
+
+
+def test_keep_tokens_is_a_fresh_ordered_subset_with_its_coords():
+    g = torch.Generator().manual_seed(0)
+    n = 50
+    e = dict(emb=torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 4),
+             coords=np.stack([np.arange(n)] * 3, 1), family="T1", window="mr")
+    a, b = llava.keep_tokens(e, 0.3, g), llava.keep_tokens(e, 0.3, g)
+    assert len(a["emb"]) == len(a["coords"]) == 15 and a["family"] == "T1"
+    rows = a["emb"][:, 0].long().numpy()
+    assert (np.diff(rows) > 0).all() and (a["coords"][:, 0] == rows).all()  # tokens keep their coords and order
+    assert not torch.equal(a["emb"], b["emb"])  # a new subset each draw
+    assert len(llava.keep_tokens(e, 0.001, g)["emb"]) == 1 and llava.keep_tokens(e, 1.0, g) is e
+
+
+def test_anatomical_positions_agree_across_stored_orientations():
+    """The same physical tokens stored axially ("IPR") and sagittally ("RIP") get the same
+    (right, anterior, superior) positions; with no orientation the grid axes are used as stored."""
+    rng = np.random.default_rng(0)
+    ras = rng.integers(0, 9, (40, 3))  # physical (r, a, s) cells; bounding box forced to the full 0..8
+    ras[0], ras[1] = 0, 8
+    r, a, s = ras.T
+    ipr = np.stack([8 - s, 8 - a, r], 1)  # axis 0 toward inferior, 1 posterior, 2 right
+    rip = np.stack([r, 8 - s, 8 - a], 1)
+    p1, p2 = llava.anatomical_positions(ipr, "IPR"), llava.anatomical_positions(rip, "RIP")
+    np.testing.assert_allclose(p1, p2)
+    np.testing.assert_allclose(p1, (ras - 4) / 4.0)  # [-1, 1], 0 at the middle of the box
+    np.testing.assert_allclose(llava.anatomical_positions(ipr, None), (ipr - 4) / 4.0)
+
+
+def test_position_encoding_lets_the_perceiver_tell_left_from_right():
+    """Without positions the perceiver is a function of the bag of tokens: mirroring the tokens'
+    positions changes nothing. With pos_freqs it changes the latents, and packing passes each
+    series' own positions (packed == one series at a time)."""
+    torch.manual_seed(0)
+    tok = torch.randn(30, 16)
+    coords = np.stack(np.meshgrid(np.arange(3), np.arange(2), np.arange(5), indexing="ij"), -1).reshape(-1, 3)
+    mirrored = coords * [1, 1, -1] + [0, 0, 4]
+    cu = torch.tensor([0, 30], dtype=torch.int32)
+    st = torch.zeros(1, dtype=torch.long)
+    pos = lambda c: torch.from_numpy(llava.anatomical_positions(c, "IPR"))
+    plain = llava.PerceiverResampler(16, 32, 1, 4, n_latents=2)
+    torch.testing.assert_close(plain(tok, cu, 30, st), plain(tok.flip(0), cu, 30, st))
+    with_pos = llava.PerceiverResampler(16, 32, 1, 4, n_latents=2, pos_freqs=3)
+    a, b = with_pos(tok, cu, 30, st, pos(coords)), with_pos(tok, cu, 30, st, pos(mirrored))
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="pos"):
+        with_pos(tok, cu, 30, st)
+    studies = [[dict(family="T1", emb=tok, coords=coords, orientation="IPR")],
+               [dict(family="T2", emb=tok[:12], coords=mirrored[:12], orientation="IPR")]]
+    t, cu2, mx, ty, _, p = llava.pack_series(studies, with_pos=True)
+    packed = with_pos(t, cu2, mx, ty, p)
+    one = [with_pos(*llava.pack_series([s], with_pos=True)[:4], llava.pack_series([s], with_pos=True)[5])
+           for s in studies]
+    torch.testing.assert_close(packed, torch.cat(one), atol=1e-5, rtol=1e-4)
+
+
+def test_hemisphere_latents_read_only_their_side():
+    """hemispheres: the first half of a series' latents depends only on its left tokens (and
+    midline ones), the second half only on its right ones; packed == one series at a time."""
+    torch.manual_seed(0)
+    p = llava.PerceiverResampler(8, 16, 2, 2, n_latents=4, hemispheres=True)
+    tok = torch.randn(12, 8)
+    right = torch.tensor([-1, -.5, 0, .5, 1, 1, -1, -1, .2, .3, -.3, .4])
+    pos = torch.stack([right, torch.zeros(12), torch.zeros(12)], 1)
+    cu, st = torch.tensor([0, 6, 12], dtype=torch.int32), torch.zeros(2, dtype=torch.long)
+    base = p(tok, cu, 6, st, pos).view(2, 2, 2, -1)  # series, side, latent, dim
+    bumped = tok.clone()
+    bumped[0] += 5  # a left token of series 0
+    out = p(bumped, cu, 6, st, pos).view(2, 2, 2, -1)
+    assert (out[0, 0] - base[0, 0]).abs().max() > 1e-3
+    torch.testing.assert_close(out[0, 1], base[0, 1])  # right latents and series 1 untouched
+    torch.testing.assert_close(out[1], base[1])
+    one = p(tok[6:], torch.tensor([0, 6], dtype=torch.int32), 6, st[:1], pos[6:]).view(2, 2, -1)
+    torch.testing.assert_close(one, base[1], atol=1e-5, rtol=1e-4)
+    midline = bumped.clone()
+    midline[2] += 5  # right == 0: both sides see it
+    out2 = p(midline, cu, 6, st, pos).view(2, 2, 2, -1)
+    assert (out2[0, 0] - out[0, 0]).abs().max() > 1e-3 and (out2[0, 1] - out[0, 1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="even"):
+        llava.PerceiverResampler(8, 16, 1, 2, n_latents=3, hemispheres=True)
