@@ -11,6 +11,9 @@ batch_size = 8
 # still at loss ~5 after 150 iterations (greedy output "with with with ..."); at 1e-2 it fits the
 # training reports in ~50 iterations; the val loss is flat from ~60 (both chosen on the val split).
 max_iters = 60
+# On a 400-study cohort (279 training studies) use 600 (demo.sh does for 200+ studies): the image
+# model learns the text more slowly than the text-only baseline and loses to it at 240 iterations,
+# but beats it at 600 in every seed (BENCHMARKS.md, session 8); the text-only model overfits by then.
 # Half of the training examples lose their images (text-only prompt): on the 96-study cohort the
 # image model otherwise memorises studies through their visual tokens (val answer loss 0.78 vs 0.63
 # with it; BLEU-2 0.282 -> 0.329, ROUGE-L 0.424 -> 0.501 on val+test; BENCHMARKS.md).

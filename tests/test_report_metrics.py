@@ -178,3 +178,23 @@ def test_indication_lookup_reference(tmp_path):
     m = bench.lookup_row(str(run), truth, None)
     assert m["n_studies"] == 2 and m["diagnosis_set_accuracy"] == 0.0  # v1 misses the SDH, v2 adds atrophy
     assert bench.lookup_row(str(run), truth, "test")["n_studies"] == 1
+
+
+def test_paired_rouge_bootstrap(tmp_path):
+    """bench_llava_paired: per-study ROUGE-L of a minus b, averaged over seed pairs; a better arm's
+    interval lies above 0, an arm against itself gives 0."""
+    from conftest import load_bench
+    from rouge_score import rouge_scorer
+    bench = load_bench("bench_llava_paired")
+    recs = {f"s{i}": {"study_key": f"s{i}", "findings": [SDH if i % 2 else ATROPHY]} for i in range(20)}
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d, right in ((good, True), (bad, False)):
+        d.mkdir()
+        _write(d / "reports.jsonl", [{"study_key": k, "findings": r["findings"] if right or int(k[1:]) < 5 else []}
+                                     for k, r in recs.items()])
+    sg, sb = bench.per_study_rouge(str(good), recs, scorer), bench.per_study_rouge(str(bad), recs, scorer)
+    assert sg["s9"] == pytest.approx(1.0) and sb["s9"] < 0.5 and sb["s1"] == pytest.approx(1.0)
+    m, lo, hi, p = bench.paired_bootstrap([sg[k] - sb[k] for k in recs])
+    assert 0 < lo <= m <= hi and p == 0.0
+    assert bench.paired_bootstrap([sg[k] - sg[k] for k in recs])[:3] == (0.0, 0.0, 0.0)
