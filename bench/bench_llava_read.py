@@ -1,7 +1,7 @@
 """Can the connector carry an image-only signal to the LM? A synthetic read-the-images check.
 
     python bench/bench_llava_read.py --lr=3e-4,1e-3,3e-3 --image_dropout=0,0.5 --iters=240
-    python bench/bench_llava_read.py --task=side --pos_freqs=0,4     # can it tell left from right?
+    python bench/bench_llava_read.py --task=side --pos_freqs=0,4 --hemispheres=0,1   # left from right?
 
 Every study has the same indication ("Headache.") and one of three answers; the answer is planted
 only in the images: one T1 series of n_tok random tokens (enc dim 32), of which 10% are shifted by
@@ -18,7 +18,8 @@ with the config's rates, through run().
 stored as "IPR" (grid axis 2 runs toward the right); a left or a right lesion is 10% of the tokens,
 all in that half, shifted along one direction shared by both sides; the third answer has no
 lesion. A connector that sees a bag of tokens can tell lesion from none but not its side (at most
-2/3); with --pos_freqs > 0 the perceiver reads the tokens' positions and can reach 1.
+2/3). --hemispheres=1 gives each side its own latents and can reach 1; additive position features
+(--pos_freqs > 0) did not in 600 iterations (BENCHMARKS.md, session 8).
 """
 import argparse
 import os

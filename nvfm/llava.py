@@ -87,15 +87,17 @@ def anatomical_positions(coords, orientation=None):
         return out
     lo, hi = c.min(0), c.max(0)
     norm = (c - (lo + hi) / 2) / np.maximum((hi - lo) / 2, 1.0)
-    plan = [(a, 1.0) for a in range(3)]  # anatomical axis j <- (grid axis, sign)
+    ornt = np.array([[a, 1.0] for a in range(3)])  # grid axis i -> (R, A, S axis, direction)
     if isinstance(orientation, str) and len(orientation) == 3:
-        want = ["RL", "AP", "SI"]
-        found = [next(((a, 1.0 if ch == w[0] else -1.0) for a, ch in enumerate(orientation.upper()) if ch in w), None)
-                 for w in want]
-        if all(f is not None for f in found) and len({f[0] for f in found}) == 3:
-            plan = found
-    for j, (a, sign) in enumerate(plan):
-        out[:, j] = sign * norm[:, a]
+        from nibabel.orientations import axcodes2ornt
+        try:
+            o = axcodes2ornt(tuple(orientation.upper()))
+            if not np.isnan(o).any() and len(set(o[:, 0])) == 3:
+                ornt = o
+        except ValueError:  # repeated or unknown codes: keep the grid axes
+            pass
+    for i, (j, sign) in enumerate(ornt):
+        out[:, int(j)] = sign * norm[:, i]
     return out
 
 

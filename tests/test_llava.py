@@ -641,6 +641,7 @@ def test_anatomical_positions_agree_across_stored_orientations():
     np.testing.assert_allclose(p1, p2)
     np.testing.assert_allclose(p1, (ras - 4) / 4.0)  # [-1, 1], 0 at the middle of the box
     np.testing.assert_allclose(llava.anatomical_positions(ipr, None), (ipr - 4) / 4.0)
+    np.testing.assert_allclose(llava.anatomical_positions(ipr, "RRP"), (ipr - 4) / 4.0)  # unreadable codes
 
 
 def test_position_encoding_lets_the_perceiver_tell_left_from_right():
