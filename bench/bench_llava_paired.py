@@ -5,35 +5,36 @@
 
 --a and --b are run directories (train_llava.py --out_dir), one per seed, paired in order. Per study
 it takes ROUGE-L F (rouge-score, as evaluate.py) of a's and b's report, averages a - b over the seed
-pairs, and bootstraps the mean over studies (10,000 resamples, seed 0): the printed interval says
+pairs, and bootstraps the mean over studies (10,000 resamples, seed 0, nvfm.metrics.bootstrap_counts): the printed interval says
 how much the difference depends on which studies were drawn. It does not cover seed-to-seed spread
 beyond the seeds given; run bench_llava_compare.py for the per-seed tables.
 """
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nvfm.llava import read_findings  # noqa: E402
-from nvfm.report_metrics import _join  # noqa: E402
+from nvfm.metrics import bootstrap_counts  # noqa: E402
+from nvfm.report_metrics import _join, iter_jsonl  # noqa: E402
 
 
 def per_study_rouge(run_dir, recs, scorer):
-    with open(os.path.join(run_dir, "reports.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for _, r in iter_jsonl(os.path.join(run_dir, "reports.jsonl"), "reports")]
     return {r["study_key"]: scorer.score(_join(recs[r["study_key"]].get("findings") or []),
                                          _join(r["findings"]))["rougeL"].fmeasure for r in rows}
 
 
 def paired_bootstrap(diffs, n_boot=10000, seed=0):
-    """Mean of per-study differences, its 95% percentile interval and the share of resamples <= 0."""
-    d = np.asarray(diffs, np.float64)
-    rng = np.random.default_rng(seed)
-    boot = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-    return d.mean(), np.percentile(boot, 2.5), np.percentile(boot, 97.5), float((boot <= 0).mean())
+    """Mean of per-study differences, its 95% percentile interval and the share of resamples <= 0.
+    Study resamples are nvfm.metrics.bootstrap_counts, the replicates of the probes' AUROC CIs."""
+    d = torch.as_tensor(np.asarray(diffs, np.float64))
+    w = bootstrap_counts(len(d), n_boot, seed).double()  # (n, n_boot) multinomial counts
+    boot = (d @ w / len(d)).numpy()
+    return float(d.mean()), np.percentile(boot, 2.5), np.percentile(boot, 97.5), float((boot <= 0).mean())
 
 
 def main():

@@ -154,9 +154,14 @@ class PerceiverResampler(nn.Module):
         self.blocks = nn.ModuleList([CrossAttentionBlock(dim, heads, ff_mult) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
 
+    @property
+    def reads_positions(self):
+        """Whether forward needs the tokens' positions (pos_freqs > 0 or hemispheres)."""
+        return self.pos is not None or self.hemispheres
+
     def forward(self, tokens, cu_seqlens, max_seqlen, series_type, pos=None):
         S, L = cu_seqlens.numel() - 1, self.n_latents
-        if (self.pos is not None or self.hemispheres) and pos is None:
+        if self.reads_positions and pos is None:
             raise ValueError("this perceiver reads token positions (pos_freqs > 0 or hemispheres): pass pos (N, 3)")
         tok = self.inp(tokens)
         if self.pos is not None:
@@ -359,7 +364,7 @@ class ReportGenerator(nn.Module):
         return x, att, lab
 
     def _visual(self, studies, return_latents=False):
-        with_pos = self.connector.perceiver.pos is not None or self.connector.perceiver.hemispheres
+        with_pos = self.connector.perceiver.reads_positions
         tokens, cu, max_len, types, names, *pos = pack_series(
             studies, device=self.device, dtype=next(self.connector.parameters()).dtype, with_pos=with_pos)
         if cu.numel() == 1:

@@ -666,8 +666,10 @@ def test_position_encoding_lets_the_perceiver_tell_left_from_right():
                [dict(family="T2", emb=tok[:12], coords=mirrored[:12], orientation="IPR")]]
     t, cu2, mx, ty, _, p = llava.pack_series(studies, with_pos=True)
     packed = with_pos(t, cu2, mx, ty, p)
-    one = [with_pos(*llava.pack_series([s], with_pos=True)[:4], llava.pack_series([s], with_pos=True)[5])
-           for s in studies]
+    one = []
+    for s in studies:
+        t1, c1, m1, y1, _, p1 = llava.pack_series([s], with_pos=True)
+        one.append(with_pos(t1, c1, m1, y1, p1))
     torch.testing.assert_close(packed, torch.cat(one), atol=1e-5, rtol=1e-4)
 
 
