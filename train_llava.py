@@ -110,6 +110,14 @@ image_guidance = 0.0               # >0 (greedy): classifier-free guidance on th
 probe = ""                         # comma-separated train_probe.py outputs (probe.pt) for the cross-check
 probe_scores = ""                  # or a JSONL {study_key, scores: {diagnosis: p}, thresholds: {diagnosis: t}}
 probe_threshold = 0.5              # used where a row has no thresholds
+probe_rule = "reports"             # the cross-check's operating point, per urgent diagnosis: reports (fitted on the
+                                   # evaluated reports, cross-fitted over probe_folds folds of the studies: the lowest
+                                   # probe score whose calls among reports that omit it are right probe_precision of
+                                   # the time) | precision (the same rule on the probe's own selection split, ignoring
+                                   # the reports) | youden (the probe's Youden thresholds). A diagnosis that never
+                                   # reaches probe_precision is never appended. BENCHMARKS.md, session 9.
+probe_precision = 0.5
+probe_folds = 5
 cross_check = "append"             # append | flag | off (both with and without are always scored)
 judge = "rules"                    # rules | http (OpenAI-compatible endpoint at judge_url)
 judge_url = "http://127.0.0.1:8080/v1"
@@ -147,6 +155,9 @@ autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_t
 for _p in [p for p in probe.split(",") if p] + ([probe_scores] if probe_scores else []):
     if not os.path.exists(_p):  # fail now, not after the training run
         raise FileNotFoundError(f"probe output {_p}: no such file (train_probe.py --out=... writes probe.pt)")
+if probe_rule not in ("reports", "precision", "youden") or not 0.0 < probe_precision <= 1.0 or probe_folds < 2:
+    raise SystemExit(f"--probe_rule must be reports, precision or youden (got {probe_rule!r}), --probe_precision "
+                     f"in (0, 1] (got {probe_precision}) and --probe_folds >= 2 (got {probe_folds})")
 recs = llava.read_findings(findings)
 cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
 keys_with_features = set(cache.study_keys()) if cache is not None else set(recs)
@@ -448,6 +459,7 @@ def run_probes(paths, keys):
     import numpy as np
     from nvfm import probe as P
     from nvfm.checkpoint import load_state_strict
+    from nvfm.metrics import precision_thresholds
     out = {}
     for path in [p for p in paths.split(",") if p]:
         ck = load_checkpoint(path)
@@ -463,12 +475,27 @@ def run_probes(paths, keys):
         wins = set(ck["windows"].split(",")) if ck.get("windows") else None
         get_bag = lambda k: torch.from_numpy(np.asarray(cache.study_tokens(k, wins)[0], dtype=np.float32))
         logits = P.predict(models, get_bag, ks) if ks else []
-        # a class without positives or negatives on the probe's selection split gets threshold 0 and
-        # Platt slope a = 0 (score uninformative, p = the prior): its call is not grounded, not used
-        thr = ck["thresholds"]
-        fitted = [not (t == 0.0 and a == 0.0) for t, a in zip(thr, ck.get("platt_a") or [1.0] * len(thr))]
+        if probe_rule == "reports":  # thresholds are fitted on the reports later
+            thr, fitted = ck["thresholds"], [True] * len(ck["thresholds"])
+        elif probe_rule == "youden":
+            # a class without positives or negatives on the probe's selection split gets threshold 0 and
+            # Platt slope a = 0 (score uninformative, p = the prior): its call is not grounded, not used
+            thr = ck["thresholds"]
+            fitted = [not (t == 0.0 and a == 0.0) for t, a in zip(thr, ck.get("platt_a") or [1.0] * len(thr))]
+        else:  # precision
+            if "sel_logits" not in ck:
+                raise SystemExit(f"--probe={path} holds no selection-split scores (trained before they were saved): "
+                                 f"retrain it with train_probe.py or use --probe_rule=youden")
+            thr = [float(t) for t in precision_thresholds(ck["sel_labels"].numpy(),
+                                                          ck["sel_logits"].numpy().astype(np.float64),
+                                                          probe_precision)]
+            fitted = [bool(np.isfinite(t)) for t in thr]
+            if master:
+                named = [n for n, f in zip(ck["label_names"], fitted) if f]
+                print(f"probe {path}: {len(named)} classes reach precision {probe_precision} on its selection split"
+                      f"{': ' + ', '.join(named[:8]) if named else ''}{' ...' if len(named) > 8 else ''}")
         for k, lg in zip(ks, logits):
-            sc, th = llava.probe_diagnosis_scores(ck["label_names"], lg, ck["thresholds"], ck.get("n_train_pos"), fitted)
+            sc, th = llava.probe_diagnosis_scores(ck["label_names"], lg, thr, ck.get("n_train_pos"), fitted)
             out.setdefault(k, ({}, {}))[0].update(sc)
             out[k][1].update(th)
     return out
@@ -513,9 +540,24 @@ if master and eval_keys and stage == 2:
     sec_per_study = sec_prev if reuse_reports else (time.time() - t0) / len(eval_keys)
     variants = {"reports.jsonl": rows}
     if probes:
+        scored = [probes.get(r["study_key"], ({}, probe_threshold)) for r in rows]
+        if probe_rule == "reports":
+            # cross-fitted: a study's thresholds come from the other folds' reports and ground truth
+            def fit(idx):
+                return llava.fit_cross_check_thresholds([rows[i]["findings"] for i in idx], [scored[i][0] for i in idx],
+                                                        [recs[rows[i]["study_key"]] for i in idx], probe_precision)
+            folds = [i % probe_folds for i in range(len(rows))]
+            for f in range(probe_folds):
+                th = fit([i for i, g in enumerate(folds) if g != f])
+                for i in [i for i, g in enumerate(folds) if g == f]:
+                    scored[i] = (scored[i][0], {n: th.get(n, math.inf) for n in scored[i][0]})
+            fitted_all = fit(range(len(rows)))  # what a deployment would use: fitted on every evaluated study
+            probe_fit = {n: t for n, t in fitted_all.items() if math.isfinite(t)}
+            print(f"probe cross-check: {len(probe_fit)} urgent diagnoses reach precision {probe_precision} among "
+                  f"the reports that omit them{': ' + ', '.join(sorted(probe_fit)) if probe_fit else ''} "
+                  f"({probe_folds}-fold cross-fitted over the {len(rows)} evaluated studies)")
         checked = []
-        for r in rows:
-            sc, th = probes.get(r["study_key"], ({}, probe_threshold))
+        for r, (sc, th) in zip(rows, scored):
             f, missed = llava.cross_check(r["findings"], sc, th, mode=cross_check)
             checked.append(dict(r, findings=f, probe_missed=missed))
         variants["reports_probe.jsonl"] = checked
@@ -526,6 +568,8 @@ if master and eval_keys and stage == 2:
                "eval_splits": sorted(eval_splits), "train_s": train_s, "iter_num": iter_num}
     if tagger is not None:
         metrics["image_tagger_oof_auroc"] = tagger.oof_auroc
+    if probes and probe_rule == "reports":
+        metrics["probe_cross_check_thresholds"] = probe_fit
     for name, rs in variants.items():
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w") as f:

@@ -22,7 +22,8 @@ negatives) in training are kept in the outputs, left out of the loss, and report
 
 Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
 names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV),
-config; out/log.txt.
+the selection split's labels and logits (sel_labels, sel_logits: no keys, so a consumer such
+as train_llava.py's probe cross-check can fit its own operating point), config; out/log.txt.
 """
 import os
 import time
@@ -239,6 +240,9 @@ def main():
         else:
             thr, a, b = np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names))
         ckpt.update(thresholds=[float(t) for t in thr], platt_a=[float(v) for v in a], platt_b=[float(v) for v in b])
+        if sel_keys:  # the selection split's scores, so a consumer can pick its own operating point
+            ckpt.update(sel_labels=torch.from_numpy(ysel.astype(np.uint8)),
+                        sel_logits=torch.from_numpy(np.asarray(sel_logits, np.float32)))
         undefined = [n for n, p in zip(names, train_pos) if p == 0]
         if undefined:
             log(f"{len(undefined)} classes have no training positives (left out of the loss, reported "

@@ -800,6 +800,44 @@ def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=T
     return list(findings), missed
 
 
+def fit_cross_check_thresholds(reports, probe_scores, truths, target=0.5, min_tp=2, urgent_only=True):
+    """Per-diagnosis cross-check thresholds fitted on held-out reports, so that what the cross-check
+    appends is right `target` of the time.
+
+    The probe's own precision (metrics.precision_thresholds on its selection split) is not the
+    precision of the appended findings: the cross-check only appends a diagnosis the report omits,
+    and the report already names most of the positives the probe finds (a mass and its mass
+    effect alike), so among omitted ones the probe's positives are mostly false. Here each
+    diagnosis is fitted on the studies whose report omits it: the lowest probe score whose calls
+    among them are true positives at least `target` of the time (with >= min_tp of them).
+
+    reports: list[list[str]] (findings of each study); probe_scores: list[{diagnosis: score}];
+    truths: list[findings.jsonl record] (ground truth), all of the same studies (the fit split,
+    e.g. val; then score the cross-check on other studies only). Returns {diagnosis: threshold},
+    +inf for a diagnosis that never reaches the target (never appended).
+    """
+    from nvfm.metrics import precision_thresholds
+    from nvfm.ontology import DIAGNOSES
+    from nvfm.report_metrics import report_diagnoses, truth_diagnoses
+
+    if not len(reports) == len(probe_scores) == len(truths):
+        raise ValueError(f"{len(reports)} reports, {len(probe_scores)} probe score sets, {len(truths)} truths")
+    said = [set(report_diagnoses(f)) for f in reports]
+    true = [set(truth_diagnoses(t)) for t in truths]
+    names = sorted({n for sc in probe_scores for n in sc if n in DIAGNOSES
+                    and (not urgent_only or DIAGNOSES[n].urgency == "urgent")})
+    out = {}
+    for n in names:
+        idx = [i for i, sc in enumerate(probe_scores) if n in sc and n not in said[i]]
+        if not idx:
+            out[n] = float("inf")
+            continue
+        y = np.array([[n in true[i]] for i in idx], np.int64)
+        s = np.array([[probe_scores[i][n]] for i in idx], np.float64)
+        out[n] = float(precision_thresholds(y, s, target, min_tp)[0])
+    return out
+
+
 def connector_flops(n_tokens, n_series, in_dim, dim, depth, n_latents, llm_hidden, ff_mult=4):
     """Forward FLOPs of the connector for a packed batch (matmuls only, 2 per MAC)."""
     L = n_series * n_latents

@@ -202,6 +202,33 @@ def youden_thresholds(y, scores):
     return out
 
 
+def precision_thresholds(y, scores, target=0.5, min_tp=2):
+    """Per-class threshold for a precision-first operating point, fitted on the given split
+    (use validation only): the lowest cut whose precision (positive predictive value) on that
+    split is at least `target` with at least `min_tp` true positives above it, so the most
+    sensitive cut that is still right `target` of the time. A class with no such cut (or
+    undefined: no positives or no negatives) gets +inf: never called positive.
+
+    Youden's J (youden_thresholds) weighs a missed positive and a false alarm alike, which for a
+    rare class puts the cut low and calls many false positives; appending such calls to a
+    report is a hallucination, so the probe cross-check uses this rule instead.
+    Returns (K,) float64; predict positive when score >= threshold."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"precision target must be in (0, 1], got {target}")
+    y, s = _check(y, scores)
+    out = np.full(y.shape[1], np.inf)
+    for k in np.nonzero(defined_classes(y))[0]:
+        order = np.argsort(-s[:, k], kind="stable")
+        ss, yy = s[order, k], y[order, k]
+        tp = np.cumsum(yy)
+        n = np.arange(1, len(yy) + 1)
+        last = np.r_[ss[1:] != ss[:-1], True]                         # cut only between distinct scores
+        ok = last & (tp >= min_tp) & (tp >= target * n - 1e-12)
+        if ok.any():
+            out[k] = ss[np.nonzero(ok)[0][-1]]
+    return out
+
+
 def f1(y, pred):
     """Per-class F1 (K,) of 0/1 predictions; NaN when there are no positives and no predicted
     positives (F1 undefined)."""

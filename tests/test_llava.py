@@ -226,7 +226,8 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
     assert ck["connector"]["aux.weight"].shape[0] == 4
     assert all("aux_loss" in json.loads(l) for l in open(os.path.join(out, "log.jsonl")))
     assert os.path.exists(os.path.join(out, "llm", "config.json"))  # stage 2 saves the fine-tuned LM
-    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume", "--image_guidance=1.0"], cwd=ROOT, env=env,
+    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume", "--image_guidance=1.0", "--probe_rule=youden"],
+                       cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "iter 2:" in r.stdout + r.stderr and "iter 1:" not in r.stdout + r.stderr
@@ -235,6 +236,63 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
     probe_rows = [json.loads(l) for l in open(os.path.join(out, "reports_probe.jsonl"))]
     assert all("Epidural hematoma" in " ".join(r["findings"]) for r in probe_rows)  # urgent probe finding appended
     assert all(r["parse"] in ("ok", "repaired", "empty") for r in probe_rows)
+    _check_probe_operating_points(tmp_path, [c for c in base if not c.startswith("--probe_scores")], env)
+
+
+def _check_probe_operating_points(tmp_path, base, env):
+    """--probe=probe.pt re-scored on the saved reports (--reuse_reports): the precision rule fits its
+    cuts on the probe's selection-split scores, the youden rule uses the probe's stored thresholds,
+    the reports rule fits them on the evaluated reports, cross-fitted over folds."""
+    from nvfm import probe as P
+    from nvfm.report_metrics import extract_diagnoses
+    names = ["acute_subdural_hematoma", "epidural_hematoma"]
+    sd = P.make_probe("attentive_mil", 16, 2, 8, 0.0).state_dict()
+    sd["instance.3.weight"].zero_()
+    sd["instance.3.bias"].copy_(torch.tensor([1.0, 2.0]))  # every study: SDH logit 1, EDH logit 2
+    ck = dict(probe_args=dict(kind="attentive_mil", dim=16, n_out=2, hidden=8, dropout=0.0), task="classify",
+              label_names=names, modality="all", encoder_hash="random:test", windows=None,
+              models=[sd], n_train_pos=[3.0, 3.0],
+              thresholds=[100.0, -100.0], platt_a=[1.0, 1.0], platt_b=[0.0, 0.0],
+              # SDH: both positives above both negatives -> precision 1 at cut -100 (every study flagged);
+              # EDH: positives below all three negatives -> precision at most 0.4 (never flagged)
+              sel_labels=torch.tensor([[1, 0], [1, 0], [0, 0], [0, 1], [0, 1]], dtype=torch.uint8),
+              sel_logits=torch.tensor([[-99.0, 5], [-100, 4], [-200, 3], [-300, -1], [-300, -2]]))
+    torch.save(ck, tmp_path / "probe.pt")
+    common = base + ["--max_iters=3", "--init_from=resume", "--eval_only=True", "--reuse_reports=True",
+                     f"--probe={tmp_path / 'probe.pt'}"]
+    flagged = {}
+    for rule in ("precision", "youden"):
+        r = subprocess.run(common + [f"--probe_rule={rule}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [json.loads(l) for l in open(tmp_path / "run" / "reports_probe.jsonl")]
+        assert len(rows) == 3
+        flagged[rule] = [{d for f in r["findings"] for d, _ in extract_diagnoses(f)} for r in rows]
+        if rule == "precision":
+            assert "1 classes reach precision 0.5" in r.stdout and "acute_subdural_hematoma" in r.stdout
+            assert all("epidural_hematoma" not in x["probe_missed"] for x in rows)
+    assert all("acute_subdural_hematoma" in f for f in flagged["precision"])
+    assert all("epidural_hematoma" in f for f in flagged["youden"])
+    r = subprocess.run(common + ["--probe_rule=best"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--probe_rule must be reports, precision or youden" in r.stderr
+    # reports rule on reports that name nothing: SDH is true in 2 of the 3 studies (k009, k010), so on
+    # all three the cut at logit 1 is right 2/3 >= 0.5 of the time; cross-fitted, no study's other two
+    # hold both a positive and a negative (k011's hold only positives), so nothing is appended
+    path = tmp_path / "run" / "reports.jsonl"
+    rows = [dict(json.loads(l), findings=[]) for l in open(path)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    for target, fit in ((0.5, {"acute_subdural_hematoma": 1.0}), (0.7, {})):
+        r = subprocess.run(common + ["--probe_rule=reports", f"--probe_precision={target}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"probe cross-check: {len(fit)} urgent diagnoses reach precision {target}" in r.stdout
+        assert json.load(open(tmp_path / "run" / "metrics.json"))["probe_cross_check_thresholds"] == fit
+        assert all(x["probe_missed"] == [] for x in map(json.loads, open(tmp_path / "run" / "reports_probe.jsonl")))
+    del ck["sel_logits"]
+    torch.save(ck, tmp_path / "probe.pt")
+    r = subprocess.run(common + ["--probe_rule=precision"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "holds no selection-split scores" in r.stderr
 
 
 def test_train_llava_bad_findings_path(tmp_path):
@@ -284,6 +342,67 @@ def test_probe_diagnosis_scores_drops_untrained_classes():
     assert sc == {"meningioma": -1.0}  # threshold not fitted on the selection split: not used
     with pytest.raises(ValueError, match="3 logits"):
         llava.probe_diagnosis_scores(names, [1, 2, 3], [0] * 4)
+
+
+def test_fit_cross_check_thresholds_is_precision_among_omitting_reports():
+    """The cut is fitted on the studies whose report omits the diagnosis (what the cross-check can
+    append), not on all of them: the reported true positives would make the probe look precise."""
+    from nvfm import metrics
+    EDH = "Biconvex extra-axial hematoma along the left temporal convexity, consistent with epidural hematoma."
+    omit = [(0.9, 1), (0.8, 0), (0.7, 1), (0.6, 0), (0.5, 0), (0.4, 1)]  # (SDH score, SDH true) omitted
+    reports = [[MEN]] * 6 + [[SDH, EDH]] * 3                           # 3 more that name SDH and EDH
+    scores = [{"acute_subdural_hematoma": s, "meningioma": s, "epidural_hematoma": s} for s, _ in omit]
+    scores += [{"acute_subdural_hematoma": 0.95, "meningioma": 0.1, "epidural_hematoma": 0.95}] * 3
+    truths = [{"findings": [SDH] if y else []} for _, y in omit] + [{"findings": [SDH, EDH]}] * 3
+    th = llava.fit_cross_check_thresholds(reports, scores, truths, target=0.6)
+    assert set(th) == {"acute_subdural_hematoma", "epidural_hematoma"}  # urgent only
+    assert th["acute_subdural_hematoma"] == 0.7                           # 2 of the 3 omitted calls >= 0.7 true
+    assert th["epidural_hematoma"] == float("inf")                        # never omitted: nothing to fit
+    # on all studies (the probe's own precision) the same target admits every study, down to 0.4
+    y = np.array([[y] for _, y in omit] + [[1]] * 3)
+    s = np.array([[sc["acute_subdural_hematoma"]] for sc in scores])
+    assert metrics.precision_thresholds(y, s, 0.6)[0] == 0.4
+    assert llava.fit_cross_check_thresholds(reports, scores, truths, target=0.5)["acute_subdural_hematoma"] == 0.4
+    assert llava.fit_cross_check_thresholds(reports, scores, truths, target=0.9)["acute_subdural_hematoma"] == np.inf
+    th = llava.fit_cross_check_thresholds(reports, scores, truths, target=0.6, urgent_only=False)
+    assert th["meningioma"] == np.inf                                     # routine, kept; no study has it true
+    f, missed = llava.cross_check([MEN], {"acute_subdural_hematoma": 0.75}, {"acute_subdural_hematoma": 0.7})
+    assert missed == ["acute_subdural_hematoma"]
+    with pytest.raises(ValueError, match="8 truths"):
+        llava.fit_cross_check_thresholds(reports, scores, truths[:8])
+
+
+@pytest.mark.parametrize("auroc", [0.6, 0.999])
+def test_bench_cross_check_rules_on_a_simulated_probe(auroc):
+    """bench_cross_check on reports that omit every SDH: a near-perfect simulated probe lets the
+    reports rule restore the omitted SDHs, false ones within its precision target; with a weak one
+    Youden's cut appends more than twice as many findings, more of them false."""
+    from conftest import load_bench
+    from nvfm.report_metrics import evaluate_report_lists
+    bench = load_bench("bench_cross_check")
+    recs = {}
+    for i in range(160):
+        fnd = ["Acute left convexity subdural hematoma."] if i % 2 else []
+        recs[f"k{i:03d}"] = {"study_key": f"k{i:03d}", "split": "train" if i < 40 else "test", "modality": "CT",
+                             "findings": fnd, "lesions": [], "triage": "urgent" if fnd else "unremarkable"}
+    assert bench.probe_classes(recs) == {"CT": ["acute_subdural_hematoma"]}
+    rows = [{"study_key": k, "findings": []} for k, r in recs.items() if r["split"] == "test"]
+    truths = [recs[r["study_key"]] for r in rows]
+    scores = bench.simulate_scores(rows, recs, bench.probe_classes(recs), auroc, seed=0)
+    folds = [i % 5 for i in range(len(rows))]
+    res = {}
+    for rule in ("youden", "reports"):
+        hyps, added = bench.cross_checked(rule, rows, recs, scores, folds, 0.8)
+        res[rule] = evaluate_report_lists(hyps, truths), added
+    off = evaluate_report_lists([r["findings"] for r in rows], truths)
+    assert off["urgent_omission_rate"] == 1.0
+    if auroc > 0.9:
+        m, added = res["reports"]
+        # every omitted SDH restored; the cut is the most sensitive one still right 0.8 of the time
+        assert m["urgent_omission_rate"] < 0.05 and 0.1 < m["hallucination_rate"] <= 0.25 and 60 <= added <= 80
+    else:
+        (my, ay), (mr, ar) = res["youden"], res["reports"]
+        assert ay > 2 * ar and my["hallucination_rate"] > mr["hallucination_rate"]
 
 
 def test_train_llava_stage1_phase_then_stage2(tmp_path, lm_dir):

@@ -228,6 +228,29 @@ def test_threshold_stats_and_youden_vs_sklearn():
         assert (st["sensitivity"][k] - (1 - st["specificity"][k])) == pytest.approx(np.max(tpr - fpr))
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_precision_thresholds_brute_force(ties):
+    from sklearn.metrics import precision_score
+    y, s = _data(n=120, K=6, seed=3, ties=ties)
+    y[:, 5] = 0                                                  # undefined class: never called
+    for target in (0.3, 0.6, 0.9):
+        thr = metrics.precision_thresholds(y, s, target, min_tp=2)
+        assert thr[5] == np.inf
+        for k in range(5):
+            # every distinct score is a candidate cut; keep those meeting the rule, take the lowest
+            cuts = [c for c in np.unique(s[:, k])
+                    if (y[s[:, k] >= c, k].sum() >= 2)
+                    and precision_score(y[:, k], s[:, k] >= c, zero_division=0) >= target]
+            assert thr[k] == (min(cuts) if cuts else np.inf)
+    # a perfect score reaches precision 1 down to its lowest positive; a useless one never does
+    yy = np.r_[np.ones(5), np.zeros(20)].astype(np.int64)
+    ss = np.stack([np.r_[np.linspace(2, 1, 5), np.linspace(0, -1, 20)], -np.arange(25.0)], 1)
+    thr = metrics.precision_thresholds(np.stack([yy, yy[::-1]], 1), ss, 0.99)
+    assert thr[0] == 1.0 and thr[1] == np.inf
+    with pytest.raises(ValueError, match="precision target"):
+        metrics.precision_thresholds(y, s, 0.0)
+
+
 def test_f1_platt_and_calibrated_f1():
     from sklearn.calibration import _sigmoid_calibration
     y, s = _data(n=500)

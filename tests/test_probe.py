@@ -1,12 +1,13 @@
 """Probes on synthetic bags: segment softmax, packing invariance, learning a sparse signal;
 iterative stratification; train_probe.py + evaluate.py end to end on a synthetic cache."""
+import csv
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from nvfm import probe
+from nvfm import metrics, probe
 from nvfm.metrics import auroc
 
 
@@ -204,6 +205,11 @@ def test_train_probe_and_evaluate_scripts(tmp_path):
     r = _run(["train_probe.py", *common, f"--out={tmp_path / 'p'}", "--steps=80", "--eval_interval=20", "--lr=3e-3"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "no training positives" in r.stdout and "pineal_tumor" in r.stdout
+    ck = torch.load(tmp_path / "p" / "probe.pt", weights_only=True)
+    ysel, ssel = ck["sel_labels"].numpy(), ck["sel_logits"].numpy().astype(np.float64)
+    assert ysel.shape == ssel.shape == (sum(r["split"] == "val" for r in csv.DictReader(open(tmp_path / "labels.csv"))),
+                                        len(ck["label_names"]))
+    np.testing.assert_allclose(metrics.youden_thresholds(ysel, ssel), ck["thresholds"], rtol=1e-6)  # same scores
     r = _run(["evaluate.py", f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={tmp_path / 'labels.csv'}",
               f"--out={tmp_path / 'ev'}", "--n_boot=300", "--threads=1"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
