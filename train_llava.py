@@ -24,8 +24,14 @@ with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints an
 
 At the end the eval split is decoded (batched, greedy or beam: deterministic), each reply parsed
 as a JSON list (repaired or reported, never a crash), optionally cross-checked against the
-diagnostic probe's scores (--probe_scores=..., urgent diagnoses the probe calls positive but the
-report omits are appended), and scored with nvfm.report_metrics (OUT/reports*.jsonl, OUT/metrics.json).
+diagnostic probe's scores (--probe=probe.pt or --probe_scores=...: urgent diagnoses the probe calls
+positive but the report omits are appended), and scored with nvfm.report_metrics
+(OUT/reports*.jsonl, OUT/metrics.json). Where the probe "calls positive" is --probe_rule: by
+default each urgent diagnosis gets the lowest probe score whose appended calls are right
+--probe_precision of the time among reports that omit it, fitted on the evaluated studies'
+reports and ground truth with cross-fitting (a study's cut comes from the other folds), so what
+is appended is a finding the report missed, not a repeat of what it already says (BENCHMARKS.md,
+session 9: the probes' own Youden cuts append false urgent findings to most studies).
 """
 import contextlib
 import json
@@ -115,7 +121,8 @@ probe_rule = "reports"             # the cross-check's operating point, per urge
                                    # probe score whose calls among reports that omit it are right probe_precision of
                                    # the time) | precision (the same rule on the probe's own selection split, ignoring
                                    # the reports) | youden (the probe's Youden thresholds). A diagnosis that never
-                                   # reaches probe_precision is never appended. BENCHMARKS.md, session 9.
+                                   # reaches probe_precision is never appended. Under youden and precision a
+                                   # --probe_scores JSONL's own thresholds are used. BENCHMARKS.md, session 9.
 probe_precision = 0.5
 probe_folds = 5
 cross_check = "append"             # append | flag | off (both with and without are always scored)
