@@ -6,18 +6,22 @@ volume after volume; coords (N, 3) int32 token-grid positions (z, y, x); cu_seql
 (B + 1,); max_seqlen = the longest volume in tokens. One attention sequence per volume,
 no padding, no truncation, no CLS or register tokens.
 
-Position code (fixed, not learned). Each token gets `pos_dim` = 30 values: for each of the
-three grid axes, sin and cos of the integer grid index at 5 frequencies whose wavelengths
-run geometrically from 3 to 96 patches (48 mm to 1.5 m). Why this choice:
-  - the same frequencies on every axis: a 4 x 16 x 16 voxel patch is a 16 mm cube, so the
-    token grid is isotropic and an axis permutation of the volume (a training augmentation,
-    and what a differently oriented acquisition looks like) is just a permutation of the
-    three 10-value blocks of the code, never a change of scale;
-  - absolute integer positions with fixed frequencies, not positions normalised by the
-    volume size and not a learned table: the code is defined for any grid size, so whole
-    volumes of any extent are encoded at inference without interpolation, and a given
-    position means the same thing in a 10-patch and a 30-patch volume;
-  - the longest wavelength (96 patches) exceeds any head, so positions stay distinct.
+Architecture options (EncoderConfig / PredictorConfig). The defaults are the authors' released
+NeuroVFM encoder's choices, so a new nvfm encoder and the released one are interchangeable
+(nvfm/official.py converts between the file layouts):
+  pos_code "official": the `positional-encodings` PositionalEncoding3D(pos_dim) table read at the
+      integer token-grid index: per axis 2 * ceil(pos_dim / 6) channels, inverse frequencies
+      10000^(-k / channels) for k = 0, 2, 4, ..., sin and cos interleaved, axis blocks [z | y | x],
+      truncated to pos_dim (30 -> exactly 10 per axis);
+  gelu_approximate "tanh": tanh-approximate GELU in the MLP (flash-attn FusedMLP's default);
+  ln_eps 1e-6; proj_bias False (the attention output projection has no bias).
+The choices of nvfm's first encoders (files saved before these options existed carry none of
+these fields and load with them, see LEGACY_ARCH): pos_code "nvfm-v1" (sin and cos of the integer
+grid index at 5 frequencies per axis whose wavelengths run geometrically from 3 to 96 patches,
+layout [sin z (5), cos z (5), sin y, cos y, sin x, cos x]), exact GELU, ln_eps 1e-5, proj bias.
+Both codes are fixed (not learned), use the same frequencies on every axis (the 16 mm token grid
+is isotropic, so an axis permutation of the volume permutes the three blocks of the code) and
+use absolute integer positions (defined for any grid size, no interpolation at inference).
 The patch embedding is a linear map 1024 -> dim - pos_dim concatenated with the code
 (so ViT-B: 738 + 30 = 768), as in the reference implementation.
 
@@ -53,6 +57,20 @@ SIZES = {
 }
 
 
+POS_CODES = ("official", "nvfm-v1")
+GELU_APPROXIMATE = ("tanh", "none")  # F.gelu's `approximate`
+# What a config saved before the architecture options existed means (nvfm-encoder-v1 files,
+# train_jepa checkpoints): fields missing from such a config take these values, not the defaults.
+LEGACY_ARCH = dict(pos_code="nvfm-v1", gelu_approximate="none", ln_eps=1e-5, proj_bias=True)
+
+
+def _check_arch(cfg):
+    if cfg.pos_code not in POS_CODES:
+        raise ValueError(f"pos_code {cfg.pos_code!r}: choose one of {POS_CODES}")
+    if cfg.gelu_approximate not in GELU_APPROXIMATE:
+        raise ValueError(f"gelu_approximate {cfg.gelu_approximate!r}: choose one of {GELU_APPROXIMATE}")
+
+
 @dataclass
 class EncoderConfig:
     dim: int = 768
@@ -61,6 +79,19 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     pos_dim: int = 30
     patch_dim: int = PATCH_DIM
+    pos_code: str = "official"        # see the module docstring; LEGACY_ARCH for old files
+    gelu_approximate: str = "tanh"
+    ln_eps: float = 1e-6
+    proj_bias: bool = False
+
+    def __post_init__(self):
+        _check_arch(self)
+
+    @classmethod
+    def from_dict(cls, cfg):
+        """A config read from a file: fields of LEGACY_ARCH it lacks take the legacy values
+        (it was written before the options existed); unknown fields are an error (TypeError)."""
+        return cls(**{**LEGACY_ARCH, **cfg})
 
     @classmethod
     def preset(cls, size, **overrides):
@@ -69,11 +100,23 @@ class EncoderConfig:
         return cls(**{**SIZES[size], **overrides})
 
 
-def position_code(coords, pos_dim=30):
+def position_code(coords, pos_dim=30, layout="official"):
     """Fixed 3D sinusoidal code: coords (N, 3) int grid (z, y, x) -> (N, pos_dim) float32.
 
-    Layout: [sin z (F), cos z (F), sin y, cos y, sin x, cos x] with F = pos_dim // 6 and the
-    same frequencies on every axis (see the module docstring)."""
+    layout "official": positional-encodings' PositionalEncoding3D(pos_dim) at the integer
+    positions, closed form (same float32 ops, so bit-equal to the package's table): per axis
+    C = 2 * ceil(pos_dim / 6) channels [sin f0, cos f0, sin f1, ...] with f_j = 10000^(-2j / C),
+    axis blocks [z | y | x], the first pos_dim values kept.
+    layout "nvfm-v1": [sin z (F), cos z (F), sin y, cos y, sin x, cos x], F = pos_dim // 6,
+    wavelengths 3 .. 96 patches (see the module docstring)."""
+    if layout == "official":
+        ch = 2 * math.ceil(pos_dim / 6)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, ch, 2, device=coords.device).float() / ch))
+        ang = coords.to(torch.float32)[:, :, None] * inv_freq  # (N, 3, C/2)
+        code = torch.stack([ang.sin(), ang.cos()], dim=-1).reshape(coords.shape[0], 3 * ch)
+        return code[:, :pos_dim]
+    if layout != "nvfm-v1":
+        raise ValueError(f"position code layout {layout!r}: choose one of {POS_CODES}")
     if pos_dim % 6 != 0:
         raise ValueError(f"pos_dim must be a multiple of 6 (3 axes x sin/cos), got {pos_dim}")
     nf = pos_dim // 6
@@ -94,15 +137,18 @@ def normalize_tokens(tokens, window_index):
 class Block(nn.Module):
     """Pre-norm transformer block over packed sequences: x + Attn(LN x); x + MLP(LN x)."""
 
-    def __init__(self, dim, heads, mlp_ratio=4.0):
+    def __init__(self, dim, heads, mlp_ratio=4.0, gelu_approximate="tanh", ln_eps=1e-6, proj_bias=False):
         super().__init__()
         if dim % heads != 0:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        if gelu_approximate not in GELU_APPROXIMATE:
+            raise ValueError(f"gelu_approximate {gelu_approximate!r}: choose one of {GELU_APPROXIMATE}")
         self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
+        self.gelu_approximate = gelu_approximate
+        self.norm1 = nn.LayerNorm(dim, eps=ln_eps)
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         hidden = int(dim * mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -113,16 +159,17 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).view(N, 3, self.heads, C // self.heads).unbind(1)
         a = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, impl=self.attn_impl)
         x = x + self.proj(a.reshape(N, C))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate=self.gelu_approximate))
 
 
 class Transformer(nn.Module):
     """A stack of Blocks with a final LayerNorm; optional activation checkpointing."""
 
-    def __init__(self, dim, depth, heads, mlp_ratio):
+    def __init__(self, dim, depth, heads, mlp_ratio, gelu_approximate="tanh", ln_eps=1e-6, proj_bias=False):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, gelu_approximate, ln_eps, proj_bias)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=ln_eps)
         self.grad_checkpointing = False
 
     def forward(self, x, cu_seqlens, max_seqlen):
@@ -160,7 +207,8 @@ class Encoder(nn.Module):
         if not 0 < config.pos_dim < config.dim:
             raise ValueError(f"pos_dim {config.pos_dim} must be in (0, dim={config.dim})")
         self.patch_embed = nn.Linear(config.patch_dim, config.dim - config.pos_dim)
-        self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio)
+        self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio,
+                                  config.gelu_approximate, config.ln_eps, config.proj_bias)
         _init_weights(self, config.depth)
 
     @property
@@ -175,7 +223,8 @@ class Encoder(nn.Module):
         if x.shape[-1] != self.config.patch_dim or x.shape[0] != coords.shape[0]:
             raise ValueError(f"Encoder: x {tuple(x.shape)} and coords {tuple(coords.shape)} do not match "
                              f"(N, {self.config.patch_dim}) / (N, 3)")
-        h = torch.cat([self.patch_embed(x), position_code(coords, self.config.pos_dim).to(x.dtype)], dim=-1)
+        code = position_code(coords, self.config.pos_dim, self.config.pos_code)
+        h = torch.cat([self.patch_embed(x), code.to(x.dtype)], dim=-1)
         return self.blocks(h, cu_seqlens, int(max_seqlen))
 
 
@@ -187,6 +236,18 @@ class PredictorConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     pos_dim: int = 30
+    pos_code: str = "official"        # the same options as EncoderConfig
+    gelu_approximate: str = "tanh"
+    ln_eps: float = 1e-6
+    proj_bias: bool = False
+
+    def __post_init__(self):
+        _check_arch(self)
+
+    @classmethod
+    def from_dict(cls, cfg):
+        """As EncoderConfig.from_dict: missing architecture fields take the legacy values."""
+        return cls(**{**LEGACY_ARCH, **cfg})
 
 
 def predictor_layout(cu_ctx, cu_tgt):
@@ -218,7 +279,8 @@ class Predictor(nn.Module):
         self.config = config
         self.embed = nn.Linear(config.enc_dim, config.dim - config.pos_dim)
         self.mask_token = nn.Parameter(torch.zeros(config.dim - config.pos_dim))
-        self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio)
+        self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio,
+                                  config.gelu_approximate, config.ln_eps, config.proj_bias)
         self.head = nn.Linear(config.dim, config.enc_dim)
         _init_weights(self, config.depth)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -231,10 +293,10 @@ class Predictor(nn.Module):
         """ctx (Nc, enc_dim), ctx_coords (Nc, 3), tgt_coords (Nt, 3), layout from
         `predictor_layout` (positions on ctx's device) -> (Nt, enc_dim)."""
         ctx_pos, tgt_pos, cu, max_seqlen = layout
-        p = self.config.pos_dim
-        h_ctx = torch.cat([self.embed(ctx), position_code(ctx_coords, p).to(ctx.dtype)], dim=-1)
+        p, layout_ = self.config.pos_dim, self.config.pos_code
+        h_ctx = torch.cat([self.embed(ctx), position_code(ctx_coords, p, layout_).to(ctx.dtype)], dim=-1)
         m = self.mask_token.to(h_ctx.dtype).expand(tgt_coords.shape[0], -1)
-        h_tgt = torch.cat([m, position_code(tgt_coords, p).to(h_ctx.dtype)], dim=-1)
+        h_tgt = torch.cat([m, position_code(tgt_coords, p, layout_).to(h_ctx.dtype)], dim=-1)
         h = h_ctx.new_empty(ctx_pos.numel() + tgt_pos.numel(), self.config.dim)
         h = h.index_copy(0, ctx_pos, h_ctx).index_copy(0, tgt_pos, h_tgt)
         h = self.blocks(h, cu, max_seqlen)
@@ -254,6 +316,10 @@ def transformer_flops(n_tokens, seqlens, dim, depth, mlp_ratio=4.0):
 # the released encoder file: <name>.safetensors (weights + config in the metadata) and a
 # <name>.json beside it with the same config, for people and for tools without safetensors.
 
+# v2: the config carries the architecture options; a v1 config (none of them) means LEGACY_ARCH.
+ENCODER_FORMAT = "nvfm-encoder-v2"
+
+
 def save_encoder(encoder, path):
     """Write the encoder weights to `path` (.safetensors) and its config to path's .json."""
     from safetensors.torch import save_file
@@ -262,14 +328,15 @@ def save_encoder(encoder, path):
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".tmp"
-    save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": "nvfm-encoder-v1"})
+    save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": ENCODER_FORMAT})
     os.replace(tmp, path)
     with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"format": "nvfm-encoder-v1", "config": cfg}, f, indent=1)
+        json.dump({"format": ENCODER_FORMAT, "config": cfg}, f, indent=1)
 
 
 def load_encoder(path, device="cpu"):
-    """Read an encoder written by save_encoder; every key and shape must match (strict)."""
+    """Read an encoder written by save_encoder; every key and shape must match (strict).
+    A config without the architecture options (nvfm-encoder-v1) loads with LEGACY_ARCH."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = os.fspath(path)
@@ -286,8 +353,8 @@ def load_encoder(path, device="cpu"):
         with open(side) as f:
             cfg = json.load(f)["config"]
     try:
-        encoder = Encoder(EncoderConfig(**cfg))
-    except TypeError as e:
+        encoder = Encoder(EncoderConfig.from_dict(cfg))
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad encoder config {cfg}: {e}") from None
     state = load_file(path)
     own = encoder.state_dict()

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nvfm import model as Mdl
 from nvfm.loader import ArrayReader, synthetic_reader, synthetic_volume
@@ -56,22 +57,120 @@ def test_packing_equals_separate_sequences():
     torch.testing.assert_close(enc(x, c, cu, max(lens)), packed, atol=2e-5, rtol=1e-4)
 
 
-def test_position_code_axis_permutation_and_any_size():
+@pytest.mark.parametrize("layout", ["official", "nvfm-v1"])
+def test_position_code_axis_permutation_and_any_size(layout):
     coords = torch.tensor([[0, 0, 0], [3, 7, 11], [40, 2, 95], [200, 150, 5]], dtype=torch.int32)
-    p = Mdl.position_code(coords)
+    p = Mdl.position_code(coords, layout=layout)
     assert p.shape == (4, 30) and torch.isfinite(p).all()
     blocks = p.reshape(4, 3, 10)
     perm = [2, 0, 1]
     # permuting the grid axes permutes the per-axis blocks of the code: same scale on every axis
-    torch.testing.assert_close(Mdl.position_code(coords[:, perm]).reshape(4, 3, 10), blocks[:, perm])
+    torch.testing.assert_close(Mdl.position_code(coords[:, perm], layout=layout).reshape(4, 3, 10), blocks[:, perm])
     # distinct positions within a large grid get distinct codes
     grid = torch.stack(torch.meshgrid(*(torch.arange(48),) * 3, indexing="ij"), -1).reshape(-1, 3)
-    codes = Mdl.position_code(grid.to(torch.int32))
+    codes = Mdl.position_code(grid.to(torch.int32), layout=layout)
     d = torch.cdist(codes[:2000], codes[:2000])
     d.fill_diagonal_(1.0)
     assert d.min() > 1e-3
-    with pytest.raises(ValueError):
-        Mdl.position_code(coords, pos_dim=32)
+    if layout == "nvfm-v1":
+        with pytest.raises(ValueError):
+            Mdl.position_code(coords, pos_dim=32, layout=layout)
+    with pytest.raises(ValueError, match="layout"):
+        Mdl.position_code(coords, layout="rope")
+
+
+def _pe3d_table(channels, shape):
+    """positional-encodings 6.0.3 PositionalEncoding3D, transcribed as written there: a dense
+    (X, Y, Z, channels) table (the authors' encoder indexes it at the token-grid positions)."""
+    ch = int(np.ceil(channels / 6) * 2)
+    if ch % 2:
+        ch += 1
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, ch, 2).float() / ch))
+    X, Y, Z = shape
+
+    def get_emb(sin_inp):
+        return torch.flatten(torch.stack((sin_inp.sin(), sin_inp.cos()), dim=-1), -2, -1)
+
+    ex = get_emb(torch.einsum("i,j->ij", torch.arange(X, dtype=inv_freq.dtype), inv_freq))[:, None, None, :]
+    ey = get_emb(torch.einsum("i,j->ij", torch.arange(Y, dtype=inv_freq.dtype), inv_freq))[:, None, :]
+    ez = get_emb(torch.einsum("i,j->ij", torch.arange(Z, dtype=inv_freq.dtype), inv_freq))
+    emb = torch.zeros((X, Y, Z, ch * 3))
+    emb[:, :, :, :ch] = ex
+    emb[:, :, :, ch:2 * ch] = ey
+    emb[:, :, :, 2 * ch:] = ez
+    return emb[..., :channels]
+
+
+@pytest.mark.parametrize("pos_dim", [30, 24, 20])
+def test_official_position_code_equals_the_package_table(pos_dim):
+    """The closed form is bit-equal to PositionalEncoding3D's table read at the grid index."""
+    table = _pe3d_table(pos_dim, (9, 40, 33))
+    g = torch.Generator().manual_seed(0)
+    coords = torch.stack([torch.randint(0, n, (500,), generator=g) for n in (9, 40, 33)], 1).to(torch.int32)
+    want = table[coords[:, 0].long(), coords[:, 1].long(), coords[:, 2].long()]
+    torch.testing.assert_close(Mdl.position_code(coords, pos_dim), want, atol=0, rtol=0)
+
+
+def test_architecture_options_defaults_and_legacy():
+    cfg = Mdl.EncoderConfig()
+    assert (cfg.pos_code, cfg.gelu_approximate, cfg.ln_eps, cfg.proj_bias) == ("official", "tanh", 1e-6, False)
+    pcfg = Mdl.PredictorConfig()
+    assert (pcfg.pos_code, pcfg.gelu_approximate, pcfg.ln_eps, pcfg.proj_bias) == ("official", "tanh", 1e-6, False)
+    enc = tiny_encoder()
+    blk = enc.blocks.blocks[0]
+    assert blk.proj.bias is None and blk.norm1.eps == 1e-6 and enc.blocks.norm.eps == 1e-6
+    # a config written before the options existed means the old architecture
+    old = Mdl.EncoderConfig.from_dict(dict(dim=96, depth=4, heads=3, mlp_ratio=4.0, pos_dim=30, patch_dim=1024))
+    assert (old.pos_code, old.gelu_approximate, old.ln_eps, old.proj_bias) == ("nvfm-v1", "none", 1e-5, True)
+    eo = Mdl.Encoder(old)
+    assert eo.blocks.blocks[0].proj.bias is not None and eo.blocks.blocks[0].norm2.eps == 1e-5
+    assert Mdl.PredictorConfig.from_dict(dict(enc_dim=96, dim=64, depth=1, heads=2)).pos_code == "nvfm-v1"
+    with pytest.raises(ValueError, match="pos_code"):
+        Mdl.EncoderConfig(pos_code="learned")
+    with pytest.raises(ValueError, match="gelu_approximate"):
+        Mdl.EncoderConfig(gelu_approximate="erf")
+
+
+def _legacy_forward(enc, x, coords, cu, max_seqlen):
+    """The first nvfm encoder's forward written out with its constants (exact GELU, eps 1e-5,
+    proj bias, the nvfm-v1 code), independent of the options plumbing."""
+    from nvfm.attention import varlen_attention
+    h = torch.cat([enc.patch_embed(x), Mdl.position_code(coords, 30, "nvfm-v1")], -1)
+    N, C = h.shape
+    for b in enc.blocks.blocks:
+        ln = lambda t, m: F.layer_norm(t, (C,), m.weight, m.bias, 1e-5)  # noqa: E731
+        q, k, v = F.linear(ln(h, b.norm1), b.qkv.weight, b.qkv.bias).view(N, 3, b.heads, -1).unbind(1)
+        a = varlen_attention(q, k, v, cu, cu, max_seqlen, max_seqlen, impl="reference").reshape(N, C)
+        h = h + F.linear(a, b.proj.weight, b.proj.bias)
+        h = h + F.linear(F.gelu(F.linear(ln(h, b.norm2), b.fc1.weight, b.fc1.bias)), b.fc2.weight, b.fc2.bias)
+    n = enc.blocks.norm
+    return F.layer_norm(h, (C,), n.weight, n.bias, 1e-5)
+
+
+def test_legacy_v1_file_loads_with_the_old_architecture(tmp_path):
+    """An encoder file saved before the options existed (config without them) loads strictly and
+    computes what the old code computed."""
+    from safetensors.torch import save_file
+    torch.manual_seed(5)
+    old_cfg = dict(dim=96, depth=2, heads=3, mlp_ratio=4.0, pos_dim=30, patch_dim=1024)
+    enc = Mdl.Encoder(Mdl.EncoderConfig.from_dict(old_cfg)).eval()
+    for p in enc.parameters():  # non-trivial LayerNorm / bias values
+        p.data.add_(0.05 * torch.randn_like(p))
+    state = {k: v.contiguous() for k, v in enc.state_dict().items()}
+    assert "blocks.blocks.0.proj.bias" in state
+    path = tmp_path / "old.safetensors"
+    save_file(state, path, metadata={"nvfm_encoder_config": json.dumps(old_cfg), "format": "nvfm-encoder-v1"})
+    loaded = Mdl.load_encoder(path)
+    assert loaded.config.pos_code == "nvfm-v1" and loaded.config.proj_bias
+    g = torch.Generator().manual_seed(6)
+    x, c, cu = random_packed(g, [11, 6])
+    loaded.set_attention("reference")
+    torch.testing.assert_close(loaded(x, c, cu, 11), _legacy_forward(enc, x, c, cu, 11), atol=1e-6, rtol=1e-5)
+    # the same weights read as a new-style config are refused (the proj bias is unexpected)
+    save_file(state, tmp_path / "mislabelled.safetensors",
+              metadata={"nvfm_encoder_config": json.dumps(Mdl.asdict(Mdl.EncoderConfig(**old_cfg)))})
+    with pytest.raises(RuntimeError, match="unexpected.*proj.bias"):
+        Mdl.load_encoder(tmp_path / "mislabelled.safetensors")
 
 
 def test_predictor_layout_and_packing():
@@ -153,3 +252,26 @@ def test_synthetic_reader_windows():
     assert r.window(1, "blood").max() <= 255 and r.window(1, "bone").dtype == np.uint8
     with pytest.raises(ValueError):
         r.window(0, "brain")
+
+
+@pytest.mark.parametrize("opts", [dict(gelu_approximate="tanh", ln_eps=1e-6, proj_bias=False),
+                                  dict(gelu_approximate="none", ln_eps=1e-5, proj_bias=True)])
+def test_flashblock_follows_the_architecture_options(opts):
+    from nvfm.flashblock import FlashBlock
+    torch.manual_seed(0)
+    blk = Mdl.Block(48, 3, **opts)
+    for p in blk.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    fused = FlashBlock(48, 3, mlp_chunk=5, **opts)
+    fused.load_state_dict(blk.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 48, generator=g)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    want = blk(x, cu, 13)
+    torch.testing.assert_close(fused(x, cu, 13), want, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x.clone(), cu, 13), want, atol=2e-5, rtol=1e-4)
+    # the option matters: the other GELU gives a different block
+    other = Mdl.Block(48, 3, **{**opts, "gelu_approximate": "none" if opts["gelu_approximate"] == "tanh" else "tanh"})
+    other.load_state_dict(blk.state_dict())
+    assert not torch.allclose(other(x, cu, 13), want, atol=1e-6)
