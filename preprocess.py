@@ -200,8 +200,8 @@ def process_study(task):
             jobs.append((sk, sk, (lambda rel=rel: dicom.nifti_stack(root, rel)), {"path": rel, "nifti": True}))
     else:
         groups, skipped = dicom.group_series(items)
-        for suid, n, reason in skipped:
-            fail(reason, "skipped", series_key=dicom.salted_hash(suid, salt))
+        for suid, n, reason, path in skipped:
+            fail(reason, "skipped", series_key=dicom.salted_hash(suid, salt), path=path)
         for g in groups:
             sk = dicom.salted_hash(g["series_uid"], salt)
             vid = sk if g["n_parts"] == 1 else f"{sk}.{g['part']}"
@@ -211,16 +211,17 @@ def process_study(task):
         try:
             st = make().check(cfg["min_slices"])
             out = process_stack(st, cfg["min_fg_fraction"])
-        except dicom.SeriesError as e:
-            fail(str(e), series_key=vid, path=meta["path"])
+        except dicom.SeriesError as e:  # named by the offending file when known, else the series' first
+            fail(str(e), series_key=vid, path=e.path or meta["path"])
             continue
         except MemoryError:
             fail("out of memory", series_key=vid, path=meta["path"])
             continue
         except Exception as e:  # a bug or an unforeseen file: this series only
-            fail(f"error ({type(e).__name__})", series_key=vid, path=meta["path"])
+            path = getattr(e, "nvfm_path", None) or meta["path"]
+            fail(f"error ({type(e).__name__})", series_key=vid, path=path)
             # the raw message may quote header values: console only, never the log file
-            console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", meta["path"], vid, True))
+            console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", path, vid, True))
             continue
         for note in getattr(st, "notes", ()):  # e.g. how JPEG 2000 was decoded (nvfm/dicom.py dicom_stack)
             console.append((f"note: {note}", meta["path"], vid, False))

@@ -107,7 +107,15 @@ J2K_REDUCE_MAX_PIXEL_MM = 0.5
 
 
 class SeriesError(Exception):
-    """A series (or file) that cannot become a volume; str() is a PHI-free reason."""
+    """A series (or file) that cannot become a volume; str() is a PHI-free reason. `path`
+    (optional second argument): the relative path of the offending file, for the console log."""
+
+    def __init__(self, reason, path=None):
+        super().__init__(reason)
+        self.path = path
+
+    def __str__(self):
+        return str(self.args[0])
 
 
 def salted_hash(text, salt, n=16):
@@ -208,6 +216,7 @@ def scan_dicom(root, rel, salt=""):
         if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
             raise SeriesError("DICOMDIR index file (not an image)")
         info = _header_info(ds, info)
+        _note_pixel_error(ds, info, pixel_pos, pixel_hdr, os.path.getsize(os.path.join(root, rel)))
         info["raw_pixels"] = _raw_pixel_location(ds, info, pixel_pos, pixel_hdr)
         info["j2k_pixels"] = _j2k_pixel_location(ds, info, pixel_pos, pixel_hdr)
         return info
@@ -370,6 +379,7 @@ def _scan_quick(path, info):
     ds = _QuickDS(elems, meta)
     info = _header_info(ds, info)
     hdr = buf[pos:pos + 12]
+    _note_pixel_error(ds, info, pos, hdr, os.path.getsize(path))
     info["raw_pixels"] = _raw_pixel_location(ds, info, pos, hdr)
     info["j2k_pixels"] = _j2k_pixel_location(ds, info, pos, hdr)
     return info
@@ -378,6 +388,52 @@ def _scan_quick(path, info):
 NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")  # implicit / explicit VR little endian
 J2K_SYNTAXES = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91")  # JPEG 2000 lossless / lossy
 PIXEL_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _pixel_bytes(rows, cols, frames, samples, bits_alloc):
+    """Bytes of native (uncompressed) pixel data, without the even-length pad byte."""
+    return (rows * cols * frames * samples * bits_alloc + 7) // 8
+
+
+def _check_pixel_length(ds, info, pos, hdr, file_size):
+    """Native pixel data must hold exactly Rows x Columns x frames x samples x BitsAllocated
+    (plus one pad byte to an even length): a wrong Columns would read as a sheared, striped
+    image and a wrong Rows as a cropped one. Raises SeriesError (a per-file failure)."""
+    if info["transfer_syntax"] not in NATIVE_LE or len(hdr) < 8 or hdr[:4] != PIXEL_TAG:
+        return
+    if hdr[4:6] in (b"OW", b"OB"):
+        if len(hdr) < 12:
+            return
+        length, start = int.from_bytes(hdr[8:12], "little"), pos + 12
+    elif info["transfer_syntax"] == NATIVE_LE[0]:
+        length, start = int.from_bytes(hdr[4:8], "little"), pos + 8
+    else:
+        return
+    if length == 0xFFFFFFFF:  # encapsulated in a native syntax: pydicom's decode decides
+        return
+    if start + length > file_size:
+        raise SeriesError("truncated file (pixel data cut short)")
+    g = _fast_getter(ds)
+    try:
+        bits_alloc = int(g("BitsAllocated", 0) or 0)
+    except (TypeError, ValueError):
+        return
+    rows, cols = info["rows"], info["cols"]
+    if rows < 1 or cols < 1 or bits_alloc < 1:
+        return  # reported as missing Rows/Columns when the series is read
+    frames = info.get("legacy_multiframe") or len(info["frames"])
+    need = _pixel_bytes(rows, cols, frames, info["samples"], bits_alloc)
+    if length != need + (need % 2) and length != need:
+        raise SeriesError("pixel data length does not match Rows x Columns x frames x samples x bits")
+
+
+def _note_pixel_error(ds, info, pos, hdr, file_size):
+    """info["pixel_error"] = the reason the pixel data cannot be this header's image; the
+    file keeps its place in its series, which fails with that reason when assembled."""
+    try:
+        _check_pixel_length(ds, info, pos, hdr, file_size)
+    except SeriesError as e:
+        info["pixel_error"] = str(e)
 
 
 def _raw_pixel_location(ds, info, pos, hdr):
@@ -608,7 +664,7 @@ def group_series(headers):
 
     Returns (groups, skipped): groups is a list of dicts {series_uid, part, headers info of
     the first file as `info`, frames: list of (path, frame record)} in a deterministic order;
-    skipped is a list of (series_uid, n_files, reason).
+    skipped is a list of (series_uid, n_files, reason, path of the (first) skipped file).
     """
     by_series = {}
     for h in headers:
@@ -622,9 +678,9 @@ def group_series(headers):
         keep = [h for h, r in zip(hs, reasons) if r is None]
         for h, r in zip(hs, reasons):
             if r is not None and keep:
-                skipped.append((suid, 1, r))
+                skipped.append((suid, 1, r, h["path"]))
         if not keep:
-            skipped.append((suid, len(hs), reasons[0]))
+            skipped.append((suid, len(hs), reasons[0], hs[0]["path"]))
             continue
         clusters = []  # [key, frames]
         for h in keep:
@@ -692,11 +748,17 @@ class SliceStack:
                                                                                   (C - 1) * self.ps[1])
         self.native_ps = tuple(float(x) for x in native_ps) if native_ps is not None else self.ps
         self.notes = []
+        self.warnings = []  # PHI-free phrases: written to the volume record and logged
+        self.paths = None
         self.reduced = False
         self.finite = False  # True: the loader guarantees finite values (volume.py skips its check)
 
     def slice(self, k):
         return self.loader(int(self.order[k]))
+
+    def path_of(self, k):
+        """Relative path of the file holding sorted slice k (None when not from files)."""
+        return self.paths[int(self.order[k])] if self.paths else None
 
     def check(self, min_slices=3):
         """Validate slice positions; drops identical duplicates, raises SeriesError."""
@@ -711,7 +773,8 @@ class SliceStack:
                 if np.array_equal(self.slice(k), self.slice(k + 1)):
                     drop.append(k + 1)
                 else:
-                    raise SeriesError("conflicting slices at the same position (4D, multi-echo or duplicate series)")
+                    raise SeriesError("conflicting slices at the same position (4D, multi-echo or duplicate series)",
+                                      self.path_of(k + 1))
             keep = np.setdiff1d(np.arange(K), drop)
             self.order, self.origins = self.order[keep], self.origins[keep]
             self.d, self.shear = self.d[keep], self.shear[keep]
@@ -727,7 +790,8 @@ class SliceStack:
             raise SeriesError(f"absurd slice spacing ({med:.3g} mm)")
         limit = max(2.5 * med, 10.0)
         if gaps.max() > limit:
-            raise SeriesError(f"missing slices (gap {gaps.max():.1f} mm > {limit:.1f} mm)")
+            raise SeriesError(f"missing slices (gap {gaps.max():.1f} mm > {limit:.1f} mm)",
+                              self.path_of(int(np.argmax(gaps)) + 1))
         # gantry tilt: slice origins drift in-plane linearly with position
         if K > 1 and self.d[-1] > 0:
             drift = np.linalg.norm(self.shear[-1]) / self.d[-1]
@@ -967,6 +1031,9 @@ def dicom_stack(root, group, reduce=False):
     `stack.notes` (preprocess.py logs them per series).
     """
     info, frames = group["info"], group["frames"]
+    for h, fr in frames:  # a file whose pixel data cannot be its header's image fails the series
+        if h.get("pixel_error"):
+            raise SeriesError(h["pixel_error"], h["path"])
     for h, fr in frames:
         if fr["ipp"] is None or fr["iop"] is None or fr["ps"] is None:
             missing = [t for t, k in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"),
@@ -1015,6 +1082,12 @@ def dicom_stack(root, group, reduce=False):
             raise SeriesError("missing pixel data")
         if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
             raise SeriesError("inconsistent Rows/Columns")
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if getattr(ds, "file_meta", None) else ""
+        if "PixelData" in ds and (ts in NATIVE_LE or ts == "1.2.840.10008.1.2.2"):  # pydicom crops or pads
+            need = _pixel_bytes(rows, cols, int(_num(ds.get("NumberOfFrames", 1), 1) or 1),
+                                int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 0) or 0))
+            if len(ds.PixelData) not in (need, need + need % 2):
+                raise SeriesError("pixel data length does not match Rows x Columns x frames x samples x bits")
         try:
             return ds.pixel_array
         except Exception as e:
@@ -1025,6 +1098,21 @@ def dicom_stack(root, group, reduce=False):
         arr, _ = decode_j2k_reduced(read_j2k_codestream(os.path.join(root, h["path"]), j2k[0]), j2k[1], j2k[2])
         return arr
 
+    def named(load):
+        """Errors raised while loading a slice name its file (SeriesError.path, else
+        exception.nvfm_path): the console log points at the offending file."""
+        def f(idx):
+            try:
+                return load(idx)
+            except SeriesError as e:
+                e.path = e.path or frames[idx][0]["path"]
+                raise
+            except Exception as e:
+                e.nvfm_path = frames[idx][0]["path"]
+                raise
+        return f
+
+    @named
     def load_full(idx):
         h, fr = frames[idx]
         path = h["path"]
@@ -1053,6 +1141,7 @@ def dicom_stack(root, group, reduce=False):
             raise SeriesError("non-finite pixel values")
         return out
 
+    @named
     def load_reduced(idx):
         h, fr = frames[idx]
         path = h["path"]
@@ -1088,6 +1177,7 @@ def dicom_stack(root, group, reduce=False):
     else:
         st = SliceStack(origins, iop[:3], iop[3:], ps, (rows, cols), load_full, modality, photometric)
     st.notes = notes
+    st.paths = [h["path"] for h, _ in frames]  # loader index -> file, for error messages
     st.reduced = bool(reduce)
     st.finite = True  # rescale() checks what is not finite by construction
     return st

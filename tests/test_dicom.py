@@ -299,7 +299,7 @@ def test_real_localizer_series_skipped():
     d = os.path.join(os.path.dirname(get_testdata_file("MR_small.dcm")), "dicomdirtests", "98892003", "MR2")
     hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
     groups, skipped = dicom.group_series(hs)
-    assert groups == [] and {r for _, _, r in skipped} == {"localizer/scout"}
+    assert groups == [] and {r for _, _, r, _ in skipped} == {"localizer/scout"}
 
 
 def test_mr_family_rules():
@@ -336,7 +336,7 @@ def test_nifti_matches_dicom_geometry(tmp_path):
     assert np.abs(a["data"].astype(int) - b["data"]).max() <= 1
 
 
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm"])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm"])
 def test_raw_pixel_fast_path_equals_pydicom(tmp_path, name):
     """The direct numpy read of uncompressed pixels gives pydicom's pixel_array exactly."""
     shutil.copy(get_testdata_file(name), tmp_path / "a.dcm")
@@ -347,6 +347,16 @@ def test_raw_pixel_fast_path_equals_pydicom(tmp_path, name):
     g = {"info": h, "frames": [(h, h["frames"][0])]}
     st = dicom.dicom_stack(str(tmp_path), g)
     assert np.array_equal(st.slice(0), ref)
+
+
+def test_excess_pixel_data_is_rejected_not_cropped(tmp_path):
+    """pydicom's MR_small_padded.dcm holds one row more than Rows x Columns: by length alone
+    that is also a file whose Rows is one short (pydicom would crop it), so it is refused."""
+    shutil.copy(get_testdata_file("MR_small_padded.dcm"), tmp_path / "a.dcm")
+    h = dicom.scan_dicom(str(tmp_path), "a.dcm")
+    assert h["pixel_error"].startswith("pixel data length does not match")
+    with pytest.raises(dicom.SeriesError, match="pixel data length does not match"):
+        dicom.dicom_stack(str(tmp_path), {"info": h, "frames": [(h, h["frames"][0])]})
 
 
 def test_raw_pixel_fast_path_masks_unused_bits(tmp_path):

@@ -1,0 +1,92 @@
+"""Inputs that used to pass unnoticed or kill a run (issue 22, items 9 to 17): each must be
+processed, or failed/skipped/warned with a one-line reason naming the file, and accounted
+for in the manifest."""
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+from dicom_synth import head_phantom, write_series  # noqa: E402
+
+import preprocess  # noqa: E402
+from nvfm import dicom  # noqa: E402
+
+SHAPE = (8, 48, 40)
+RUN = dict(n_workers=1, cfg_progress=False)
+
+
+def _mutate(d, fn):
+    for i, f in enumerate(sorted(os.listdir(d))):
+        p = os.path.join(d, f)
+        ds = pydicom.dcmread(p)
+        fn(ds, i)
+        ds.save_as(p)
+
+
+def _outcomes(d, fast=True):
+    """[(reason or "ok", offending path)] for every candidate volume of the series under d."""
+    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
+    try:
+        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+    finally:
+        dicom.FAST_SCAN = old
+    out = [(h["error"], h["path"]) for h in hs if "error" in h]
+    groups, _ = dicom.group_series([h for h in hs if "error" not in h])
+    for g in groups:
+        try:
+            st = dicom.dicom_stack(d, g).check(3)
+            st.assemble()
+            out.append(("ok", None))
+        except dicom.SeriesError as e:
+            out.append((str(e), e.path))
+    return out
+
+
+# ----------------------------------------------------------------------------- item 10
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("tag,delta", [("Columns", -1), ("Rows", -1), ("Columns", 1), ("Rows", -3)])
+def test_pixel_geometry_mismatch_fails_the_series(tmp_path, tag, delta, fast):
+    d = str(tmp_path / "s")
+    write_series(d, head_phantom(SHAPE), shuffle=False)
+    _mutate(d, lambda ds, i: setattr(ds, tag, getattr(ds, tag) + delta))
+    got = _outcomes(d, fast)
+    assert got and all(r.startswith("pixel data length does not match") for r, _ in got), got
+
+
+def test_pixel_geometry_mismatch_names_the_offending_file(tmp_path):
+    d = str(tmp_path / "s")
+    write_series(d, head_phantom(SHAPE), shuffle=False)
+    bad = sorted(os.listdir(d))[0]  # an end slice: the rest stays a valid series
+
+    def shear(ds, i):
+        if i == 0:
+            ds.Columns = ds.Columns - 1
+    _mutate(d, shear)
+    got = sorted(_outcomes(d))
+    assert ("ok", None) in got
+    assert ("pixel data length does not match Rows x Columns x frames x samples x bits", bad) in got, got
+
+
+def test_pixel_geometry_mismatch_in_preprocess(tmp_path):
+    inp = tmp_path / "in"
+    write_series(str(inp / "good"), head_phantom(SHAPE))
+    write_series(str(inp / "sheared"), head_phantom(SHAPE, 1), shuffle=False)
+    _mutate(str(inp / "sheared"), lambda ds, i: setattr(ds, "Columns", ds.Columns - 1))
+    man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
+    assert man["summary"]["volumes"] == 1
+    assert any(r.startswith("pixel data length does not match") for r in man["summary"]["series_failed"])
