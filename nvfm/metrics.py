@@ -50,6 +50,8 @@ def _check(y, scores):
     y, s = _as2d(y), _as2d(scores)
     if y.shape != s.shape:
         raise ValueError(f"labels {y.shape} and scores {s.shape} must have the same shape (n, K)")
+    if y.shape[0] == 0:
+        raise ValueError("no studies (n = 0): the metrics are undefined")
     if not np.isin(y, (0, 1)).all():
         raise ValueError("labels must be 0/1 (use a mask to drop unknown labels first)")
     if not np.isfinite(s).all():
@@ -131,11 +133,13 @@ class _AurocBatch:
         crow[1:] = torch.cumsum(torch.bincount(r, minlength=off), 0)
         with warnings.catch_warnings():   # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
-            self.S = torch.sparse_csr_tensor(crow, cols[order], torch.ones(len(r), dtype=torch.float32),
+            self.S = torch.sparse_csr_tensor(crow, cols[order], torch.ones(len(r), dtype=torch.float64),
                                              size=(off, n)).to(device)
 
     def __call__(self, w, total):
-        """w (n, B) float32 -> dict k -> (B,) AUROC (NaN where undefined in a replicate)."""
+        """w (n, B) float64 -> dict k -> (B,) AUROC (NaN where undefined in a replicate)."""
+        w = w.to(torch.float64)
+        total = total.to(torch.float64)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             H_all = torch.sparse.mm(self.S, w) if self.S.shape[0] else None
@@ -170,7 +174,8 @@ def auroc(y, scores):
 
 def threshold_stats(y, scores, thresholds):
     """Sensitivity, specificity, balanced accuracy at per-class thresholds (predict positive
-    when score >= threshold). Returns dict of (K,) float64, NaN where undefined."""
+    when score >= threshold). Returns dict of (K,) float64, NaN for undefined classes (all three,
+    even the specificity of a class with negatives but no positives)."""
     y, s = _check(y, scores)
     thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (s.shape[1],))
     pred = s >= thr
@@ -178,9 +183,12 @@ def threshold_stats(y, scores, thresholds):
     with np.errstate(invalid="ignore", divide="ignore"):
         sens = (pred & pos).sum(0) / pos.sum(0)
         spec = (~pred & neg).sum(0) / neg.sum(0)
-    sens = np.where(pos.sum(0) > 0, sens, np.nan)
-    spec = np.where(neg.sum(0) > 0, spec, np.nan)
-    bacc = np.where(defined_classes(y), 0.5 * (sens + spec), np.nan)
+    # an undefined class (no positives or no negatives) is NaN in all three, as in `bootstrap`,
+    # so a macro average and its CI cover the same classes
+    ok = defined_classes(y)
+    sens = np.where(ok, sens, np.nan)
+    spec = np.where(ok, spec, np.nan)
+    bacc = np.where(ok, 0.5 * (sens + spec), np.nan)
     return {"sensitivity": sens, "specificity": spec, "balanced_accuracy": bacc}
 
 
@@ -229,14 +237,33 @@ def precision_thresholds(y, scores, target=0.5, min_tp=2):
     return out
 
 
+def _check01(a, what):
+    a = _as2d(a)
+    if a.shape[0] == 0:
+        raise ValueError(f"no studies (n = 0): {what} undefined")
+    if not np.isin(a, (0, 1)).all():
+        raise ValueError(f"{what}: labels and predictions must be 0/1 (got values {np.unique(a)[:5].tolist()})")
+    return a > 0
+
+
 def f1(y, pred):
-    """Per-class F1 (K,) of 0/1 predictions; NaN when there are no positives and no predicted
-    positives (F1 undefined)."""
-    y, p = _as2d(y) > 0, _as2d(pred) > 0
+    """Per-class F1 (K,) of 0/1 predictions (as sklearn's f1_score with zero_division=nan); NaN
+    when there are no positives and no predicted positives (F1 undefined)."""
+    y, p = _check01(y, "F1"), _check01(pred, "F1")
+    if y.shape != p.shape:
+        raise ValueError(f"labels {y.shape} and predictions {p.shape} must have the same shape (n, K)")
     tp = (y & p).sum(0)
     denom = 2 * tp + (p & ~y).sum(0) + (y & ~p).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, 2 * tp / denom, np.nan)
+
+
+def f1_defined(y, pred):
+    """Per-class F1 (K,), NaN for classes with no positives in y: there F1 is 0 after a single
+    false positive and 1 or undefined otherwise, which says nothing about the classifier, so
+    such classes stay out of macro averages (like the undefined classes of AUROC)."""
+    out = f1(y, pred)
+    return np.where(_as2d(y).sum(0) > 0, out, np.nan)
 
 
 def macro(values):
@@ -246,12 +273,21 @@ def macro(values):
     return (float(v[ok].mean()) if ok.any() else None), int(ok.sum())
 
 
+def _residuals(y, pred):
+    y, p = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    if y.shape != p.shape:
+        raise ValueError(f"targets {y.shape} and predictions {p.shape} must have the same shape")
+    if y.size == 0:
+        raise ValueError("no studies (n = 0): the error is undefined")
+    return y - p
+
+
 def mae(y, pred):
-    return float(np.mean(np.abs(np.asarray(y, np.float64) - np.asarray(pred, np.float64))))
+    return float(np.mean(np.abs(_residuals(y, pred))))
 
 
 def rmse(y, pred):
-    return float(np.sqrt(np.mean((np.asarray(y, np.float64) - np.asarray(pred, np.float64)) ** 2)))
+    return float(np.sqrt(np.mean(_residuals(y, pred) ** 2)))
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -291,9 +327,24 @@ def platt_apply(scores, a, b):
 
 
 def calibrated_f1(val_scores, val_y, test_scores, test_y):
-    """Platt-calibrate on validation, predict positive on test when p >= 0.5, F1 per class."""
+    """Platt-calibrate on validation, predict positive on test when p >= 0.5, F1 per class
+    (NaN for classes with no test positives, `f1_defined`)."""
     a, b = platt_fit(val_scores, val_y)
-    return f1(test_y, platt_apply(test_scores, a, b) >= 0.5)
+    return f1_defined(test_y, platt_apply(test_scores, a, b) >= 0.5)
+
+
+def add_calibrated_f1(report, y, prob, n_train_pos):
+    """Add Platt-calibrated F1 (predict positive when prob >= 0.5) to a `classification_report`:
+    per class (null without test positives), its macro mean over the classes that have test
+    positives, and the label-efficiency fit over those classes. y, prob (n, K); n_train_pos (K,).
+    Returns report (modified in place, JSON-ready)."""
+    cf1 = f1_defined(y, _as2d(prob) >= 0.5)
+    for k, name in enumerate(report["per_class"]):
+        report["per_class"][name]["calibrated_f1"] = jsonable(cf1[k])
+        report["per_class"][name]["n_train_pos"] = int(n_train_pos[k])
+    report["macro"]["calibrated_f1"] = dict(zip(("mean", "n_classes"), macro(cf1)))
+    report["label_efficiency"] = jsonable(label_efficiency_fit(n_train_pos, cf1))
+    return report
 
 
 def label_efficiency_fit(n_pos, f1_values):
@@ -371,10 +422,10 @@ def bootstrap_counts(n, n_boot, seed=0, r0=0, device="cpu", backend=None):
 
 
 def _replicates_cpp(y, s, thr, n_boot, seed, defined):
-    """Per-replicate metrics from the C++ kernel: dict metric -> (n_boot, K) float32."""
+    """Per-replicate metrics from the C++ kernel: dict metric -> (n_boot, K) float64."""
     n, K = y.shape
     cols = np.nonzero(defined)[0]
-    out = {m: np.full((n_boot, K), np.nan, dtype=np.float32)
+    out = {m: np.full((n_boot, K), np.nan)
            for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy")}
     if len(cols) == 0:
         return out
@@ -393,14 +444,15 @@ def _replicates_cpp(y, s, thr, n_boot, seed, defined):
 
 
 def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress):
-    """Per-replicate metrics in plain torch (any device): dict metric -> (n_boot, K) float32."""
+    """Per-replicate metrics in plain torch (any device): dict metric -> (n_boot, K) float64
+    (float64 throughout: integer counts stay exact, so a CI end is a plain ratio, not 0.8000000119)."""
     n, K = y.shape
     dev = torch.device(device)
     batch = _AurocBatch({k: _auroc_plan(y[:, k], s[:, k]) for k in np.nonzero(defined)[0]}, n, dev)
     pred, pos = s >= thr, y > 0
     # columns: TP, positives, TN, negatives -> one matmul per chunk for all classes
-    M = torch.from_numpy(np.concatenate([pred & pos, pos, ~pred & ~pos, ~pos], 1).astype(np.float32)).to(dev)
-    reps = {m: np.full((n_boot, K), np.nan, dtype=np.float32)
+    M = torch.from_numpy(np.concatenate([pred & pos, pos, ~pred & ~pos, ~pos], 1).astype(np.float64)).to(dev)
+    reps = {m: np.full((n_boot, K), np.nan)
             for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy")}
     b = max(1, min(n_boot, chunk_elems // max(n, 1)))
     starts = range(0, n_boot, b)
@@ -409,10 +461,10 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
         starts = tqdm(starts, desc="bootstrap", unit="chunk")
     for r0 in starts:
         bb = min(b, n_boot - r0)
-        w = _bootstrap_counts_reference(n, r0, bb, seed, dev)
+        w = _bootstrap_counts_reference(n, r0, bb, seed, dev).double()
         for k, v in batch(w, w.sum(0)).items():
             reps["auroc"][r0:r0 + bb, k] = v.cpu().numpy()
-        c = (w.T @ M).double()
+        c = w.T @ M
         tp, p, tn, ng = c[:, :K], c[:, K:2 * K], c[:, 2 * K:3 * K], c[:, 3 * K:]
         nan = torch.tensor(float("nan"), dtype=c.dtype, device=dev)
         sens = torch.where(p > 0, tp / p.clamp_min(1), nan)
@@ -423,6 +475,9 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
     return reps
 
 
+MIN_BOOT = 100   # fewest defined replicates for a percentile interval
+
+
 def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, device="cpu",
               chunk_elems=1 << 24, progress=False, backend=None):
     """Study-level bootstrap CIs of per-class and macro AUROC (and, given thresholds,
@@ -431,19 +486,24 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     y, scores (n, K); thresholds (K,) or None. Returns dict metric -> dict(
       low (K,), high (K,), macro_low, macro_high, n_valid (K,) replicates where defined).
     Per-class intervals are percentile intervals; NaN where a class is undefined in the data
-    or defined in fewer than 100 replicates. Macro replicates average the classes defined in
+    or defined in fewer than 100 replicates (n_boot must be 0 < 100 <= n_boot: fewer replicates
+    would make every interval undefined). Macro replicates average the classes defined in
     the full data that are defined in that replicate.
     backend: None picks `ops.backend("bootstrap_stats", device)` (the C++ kernel on CPU when
     built, else the torch reference); "cpp" or "reference" forces one. Both draw the same
     replicates for a seed (`bootstrap_counts`), so their intervals agree (up to the
-    reference's float32 rounding). chunk_elems and progress (a tqdm bar) concern the
+    reference's summation order, ~1e-15). chunk_elems and progress (a tqdm bar) concern the
     reference only; the C++ kernel takes seconds.
     """
     y, s = _check(y, scores)
     n, K = y.shape
+    be = _resolve_backend(backend, device)
+    if int(n_boot) < MIN_BOOT:
+        raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates "
+                         "(10,000 recommended; n_boot=0 in evaluate.py skips the CIs)")
     defined = defined_classes(y)
     thr = np.zeros(K) if thresholds is None else np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
-    if _resolve_backend(backend, device) == "cpp":
+    if be == "cpp":
         reps = _replicates_cpp(y, s, thr, n_boot, seed, defined)
     else:
         reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress)
@@ -456,15 +516,16 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
         nvalid = np.isfinite(r).sum(0)
         low = np.full(K, np.nan)
         high = np.full(K, np.nan)
-        ok = nvalid >= 100
+        ok = nvalid >= MIN_BOOT
         if ok.any():
             low[ok], high[ok] = np.nanpercentile(r[:, ok], q, axis=0)
-        entry = {"low": low, "high": high, "n_valid": nvalid, "macro_low": None, "macro_high": None}
+        entry = {"low": low, "high": high, "n_valid": nvalid, "macro_low": None, "macro_high": None, "macro_n_valid": 0}
         if defined.any():
             with np.errstate(invalid="ignore"):
                 cnt = np.isfinite(r[:, defined]).sum(1)
                 mac = np.where(cnt > 0, np.nansum(r[:, defined], 1) / np.maximum(cnt, 1), np.nan)
-            if np.isfinite(mac).sum() >= 100:
+            entry["macro_n_valid"] = int(np.isfinite(mac).sum())
+            if np.isfinite(mac).sum() >= MIN_BOOT:
                 lo, hi = np.nanpercentile(mac, q)
                 entry["macro_low"], entry["macro_high"] = float(lo), float(hi)
         out[m] = entry
@@ -508,6 +569,8 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
             row[m] = v[k]
             if ci is not None:
                 row[m + "_ci"] = [ci[m]["low"][k], ci[m]["high"][k]]
+        if ci is not None:   # replicates where the class was defined (the CI is null below MIN_BOOT)
+            row["ci_n_valid"] = {m: int(ci[m]["n_valid"][k]) for m in ci}
         per[name] = row
     mac = {}
     for m, v in [("auroc", au), *st.items()]:
@@ -515,6 +578,7 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
         mac[m] = {"mean": mean, "n_classes": nd}
         if ci is not None:
             mac[m]["ci"] = [ci[m]["macro_low"], ci[m]["macro_high"]]
+            mac[m]["ci_n_valid"] = ci[m]["macro_n_valid"]
     undefined = [nm for nm, r in per.items() if not r["defined"]]
     return jsonable({"per_class": per, "macro": mac, "undefined_classes": undefined,
                      "n_studies": int(y.shape[0]), "n_boot": int(n_boot)})

@@ -68,21 +68,153 @@ def test_batched_sparse_auroc_equals_per_class():
         torch.testing.assert_close(got[k].double(), ref, rtol=1e-5, atol=1e-6)
 
 
+def _brute_force_replicates(y, s, thr, counts):
+    """Per-replicate AUROC (sklearn) / sensitivity / specificity / balanced accuracy (numpy) on
+    the explicitly resampled cohorts: dict metric -> (B, K) float64, NaN where undefined."""
+    B, K = counts.shape[1], y.shape[1]
+    out = {m: np.full((B, K), np.nan) for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy")}
+    for r in range(B):
+        idx = np.repeat(np.arange(len(y)), counts[:, r])               # the resampled cohort
+        for k in range(K):
+            yy, ss = y[idx, k], s[idx, k]
+            if 0 < yy.sum() < len(yy):
+                pred = ss >= thr[k]
+                out["auroc"][r, k] = roc_auc_score(yy, ss)
+                out["sensitivity"][r, k] = (pred & (yy == 1)).sum() / (yy == 1).sum()
+                out["specificity"][r, k] = (~pred & (yy == 0)).sum() / (yy == 0).sum()
+                out["balanced_accuracy"][r, k] = 0.5 * (out["sensitivity"][r, k] + out["specificity"][r, k])
+    return out
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
-def test_bootstrap_ci_covers_and_threshold_stats_match_resampling(backend):
+def test_bootstrap_ci_equals_percentiles_of_resampled_cohorts(backend):
+    """Every CI end, per class and macro, and every n_valid equal the percentiles of the statistics
+    recomputed on the resampled cohorts themselves, in float64 (no 0.800000011920929)."""
+    y, s = _data(n=80, K=4, seed=5)
+    y[:, 2] = 0                                                  # undefined class
+    thr = np.array([0.0, 0.5, 0.0, 1.0])
+    B, seed = 200, 1
+    ci = metrics.bootstrap(y, s, thr, n_boot=B, seed=seed, backend=backend)
+    ref = _brute_force_replicates(y, s, thr, metrics.bootstrap_counts(len(y), B, seed=seed).long().numpy())
+    ok = np.array([True, True, False, True])
+    for m, r in ref.items():
+        r[:, ~ok] = np.nan
+        nvalid = np.isfinite(r).sum(0)
+        np.testing.assert_array_equal(ci[m]["n_valid"], nvalid)
+        for k in np.nonzero(ok)[0]:
+            assert nvalid[k] >= 100
+            lo, hi = np.percentile(r[np.isfinite(r[:, k]), k], [2.5, 97.5])
+            assert ci[m]["low"][k] == pytest.approx(lo, abs=1e-12) and ci[m]["high"][k] == pytest.approx(hi, abs=1e-12)
+        assert np.isnan(ci[m]["low"][2]) and ci[m]["n_valid"][2] == 0
+        mac = np.array([np.mean(row[np.isfinite(row)]) if np.isfinite(row).any() else np.nan for row in r[:, ok]])
+        lo, hi = np.percentile(mac[np.isfinite(mac)], [2.5, 97.5])
+        assert ci[m]["macro_low"] == pytest.approx(lo, abs=1e-12) and ci[m]["macro_high"] == pytest.approx(hi, abs=1e-12)
+        assert ci[m]["macro_n_valid"] == np.isfinite(mac).sum()
+    # sensitivity replicates are ratios of integers: the CI ends are those float64 ratios exactly
+    sens = ref["sensitivity"][:, 0]
+    assert ci["sensitivity"]["low"][0] == np.percentile(sens[np.isfinite(sens)], 2.5)
+    # the JSON report records the replicates behind each interval
+    rep = metrics.classification_report(y, s, thr, ["a", "b", "c", "d"], n_boot=B, seed=seed)
+    for m in ref:
+        assert rep["per_class"]["a"]["ci_n_valid"][m] == ci[m]["n_valid"][0]
+        assert rep["per_class"]["c"]["ci_n_valid"][m] == 0 and rep["per_class"]["c"][m + "_ci"] == [None, None]
+        assert rep["macro"][m]["ci_n_valid"] == ci[m]["macro_n_valid"]
+        assert rep["per_class"]["b"][m + "_ci"] == [ci[m]["low"][1], ci[m]["high"][1]]
+
+
+def test_bootstrap_ci_width_shrinks_with_cohort_size():
     y, s = _data(n=400, K=3)
-    thr = metrics.youden_thresholds(y, s)
-    ci = metrics.bootstrap(y, s, thr, n_boot=1000, seed=1, backend=backend)
+    ci = metrics.bootstrap(y, s, None, n_boot=1000, seed=1)
     au = metrics.auroc(y, s)
-    st = metrics.threshold_stats(y, s, thr)
     assert (ci["auroc"]["low"] < au).all() and (au < ci["auroc"]["high"]).all()
-    for m in ("sensitivity", "specificity", "balanced_accuracy"):
-        assert (ci[m]["low"] <= st[m] + 1e-9).all() and (st[m] <= ci[m]["high"] + 1e-9).all()
     # width shrinks roughly like 1/sqrt(n): a 4x larger cohort gives a clearly narrower CI
     y4, s4 = _data(n=1600, K=3, seed=0)
-    ci4 = metrics.bootstrap(y4, s4, None, n_boot=1000, seed=1, backend=backend)
+    ci4 = metrics.bootstrap(y4, s4, None, n_boot=1000, seed=1)
     assert set(ci4) == {"auroc"}
     assert ((ci4["auroc"]["high"] - ci4["auroc"]["low"]) < 0.75 * (ci["auroc"]["high"] - ci["auroc"]["low"])).all()
+
+
+def test_macro_threshold_stats_skip_undefined_classes_and_lie_in_their_ci():
+    """A class with negatives but no positives has a specificity, but it is undefined like its
+    AUROC: the macro specificity averages the same classes as its CI (issue: mean 0.694 outside
+    CI [0.490, 0.589])."""
+    from sklearn.metrics import balanced_accuracy_score, recall_score
+    y, s = _data(n=300, K=5, seed=4)
+    y[:, 1] = 0                       # no positives; every study below the cut: specificity 1
+    s[:, 1] = -5.0
+    y[:, 3] = 1                       # no negatives; every study above the cut: sensitivity 1
+    s[:, 3] = 5.0
+    thr = np.zeros(5)
+    rep = metrics.classification_report(y, s, thr, [f"c{k}" for k in range(5)], n_boot=400)
+    pred = s >= thr
+    ref = {"sensitivity": [recall_score(y[:, k], pred[:, k]) for k in (0, 2, 4)],
+           "specificity": [recall_score(1 - y[:, k], ~pred[:, k]) for k in (0, 2, 4)],
+           "balanced_accuracy": [balanced_accuracy_score(y[:, k], pred[:, k]) for k in (0, 2, 4)]}
+    for m, v in ref.items():
+        mac = rep["macro"][m]
+        assert mac["n_classes"] == 3 and mac["mean"] == pytest.approx(np.mean(v), abs=1e-12)
+        assert mac["ci"][0] <= mac["mean"] <= mac["ci"][1]
+        assert rep["per_class"]["c1"][m] is None and rep["per_class"]["c3"][m] is None
+    st = metrics.threshold_stats(y, s, thr)
+    assert np.isnan(st["specificity"][1]) and np.isnan(st["sensitivity"][3])
+
+
+def test_calibrated_f1_and_label_efficiency_skip_classes_without_test_positives():
+    from sklearn.metrics import f1_score
+    rng = np.random.default_rng(2)
+    y = (rng.random((120, 5)) < 0.3).astype(np.int64)
+    y[:, 2] = 0                                               # no test positives ...
+    prob = np.clip(0.35 * y + rng.random((120, 5)) * 0.7, 0, 1)
+    assert (prob[:, 2] >= 0.5).any()                          # ... but false positives: F1 would be 0
+    n_train = np.array([10, 300, 50, 2000, 40])
+    rep = metrics.classification_report(y, prob, np.full(5, 0.5), [f"c{k}" for k in range(5)], n_boot=0)
+    metrics.add_calibrated_f1(rep, y, prob, n_train)
+    keep = [0, 1, 3, 4]
+    ref = np.array([f1_score(y[:, k], prob[:, k] >= 0.5) for k in keep])
+    assert rep["per_class"]["c2"]["calibrated_f1"] is None
+    assert [rep["per_class"][f"c{k}"]["calibrated_f1"] for k in keep] == pytest.approx(ref, abs=1e-12)
+    assert rep["macro"]["calibrated_f1"] == {"mean": pytest.approx(ref.mean(), abs=1e-12), "n_classes": 4}
+    fit = scipy.stats.linregress(np.log10(n_train[keep]), ref)
+    le = rep["label_efficiency"]
+    assert le["n"] == 4 and le["slope"] == pytest.approx(fit.slope) and le["r2"] == pytest.approx(fit.rvalue ** 2)
+    # the same rule in calibrated_f1 (Platt on validation, F1 on test)
+    cf1 = metrics.calibrated_f1(prob, y, prob, y)
+    assert np.isnan(cf1[2]) and np.isfinite(cf1[keep]).all()
+
+
+def test_small_n_boot_is_an_error_not_undefined_intervals():
+    y, s = _data(n=100, K=2)
+    with pytest.raises(ValueError, match="n_boot=50.*at least 100"):
+        metrics.bootstrap(y, s, n_boot=50)
+    with pytest.raises(ValueError, match="n_boot=99"):
+        metrics.classification_report(y, s, np.zeros(2), ["a", "b"], n_boot=99)
+    assert metrics.classification_report(y, s, np.zeros(2), ["a", "b"], n_boot=0)["macro"]["auroc"]["n_classes"] == 2
+
+
+def test_empty_and_non_binary_inputs_raise_like_sklearn():
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, roc_auc_score as sk_auroc
+    e = np.zeros((0, 1))
+    for ours, theirs in [(lambda: metrics.auroc(e, e), lambda: sk_auroc(e[:, 0], e[:, 0])),
+                         (lambda: metrics.f1(e, e), lambda: f1_score(e[:, 0], e[:, 0])),
+                         (lambda: metrics.mae([], []), lambda: mean_absolute_error([], [])),
+                         (lambda: metrics.rmse([], []), lambda: mean_squared_error([], []))]:
+        with pytest.raises(ValueError):
+            theirs()
+        with pytest.raises(ValueError, match="n = 0"):
+            ours()
+    with pytest.raises(ValueError, match="n = 0"):
+        metrics.threshold_stats(e, e, [0.0])
+    # labels {-1, 2} are not 0/1: sklearn refuses them (pos_label=1 absent), so do we
+    y, p = np.array([-1, 2, 2, -1]), np.array([2, 2, -1, -1])
+    with pytest.raises(ValueError):
+        f1_score(y, p)
+    with pytest.raises(ValueError, match="0/1"):
+        metrics.f1(y, p)
+    with pytest.raises(ValueError, match="0/1"):
+        metrics.f1([0, 1, 1], [0, 1, 2])
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.mae([1.0, 2.0], [1.0])
+    assert metrics.f1([0, 1, 1, 0], [True, True, False, False])[0] == pytest.approx(f1_score([0, 1, 1, 0], [1, 1, 0, 0]))
 
 
 # ----------------------------------------------------------------------------- C++ bootstrap kernel
@@ -211,7 +343,7 @@ def test_kernel_bad_input():
     with pytest.raises(RuntimeError, match="uint8"):
         torch.ops.nvfm.bootstrap_stats(Y.long(), S, T, 0, 4, 0)
     with pytest.raises(ValueError, match="backend"):
-        metrics.bootstrap(y, s, n_boot=10, backend="fast")
+        metrics.bootstrap(y, s, n_boot=100, backend="fast")
 
 
 def test_threshold_stats_and_youden_vs_sklearn():
