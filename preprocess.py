@@ -67,6 +67,7 @@ min_fg_fraction = 0.5  # token foreground rule (nvfm/tokenize.py)
 shard_gb = 4.0  # start a new <split>_<k>.bin after this many GB
 fsync = True  # fsync each committed study (crash safety; off only for benchmarks)
 log_paths = True  # console log shows relative paths of bad files (the output never does)
+label_columns = ""  # extra labels.csv columns / findings.jsonl keys to keep, comma-separated (others dropped)
 progress = True  # tqdm progress bars
 # -----------------------------------------------------------------------------
 DEFAULT_SALT = "nvfm-public-default-salt-v1"
@@ -110,29 +111,56 @@ class Log:
 # ------------------------------------------------------------------ labels
 
 
-def rekey_labels(labels_path, findings_path, out_dir, salt):
-    """Copy labels.csv / findings.jsonl with study_uid replaced by study_key.
-    Returns {study_key: split} from the labels (or findings) split column."""
-    splits = {}
+# Columns copied to SHARDS/labels.csv and keys copied to SHARDS/findings.jsonl besides the
+# ontology's diagnosis columns and --label_columns: everything else (MRN, accession, names,
+# dates, free-text notes) is dropped with a warning, so identifiers never reach the shards.
+# `indication` and `findings` are free text the report generator trains on: export them
+# de-identified. `study` is a non-identifying study name (the demo's demo-0007).
+LABEL_META_COLUMNS = ("study", "modality", "split", "age", "sex")
+FINDINGS_KEYS = ("study", "modality", "split", "indication", "findings", "triage", "lesions")
+
+
+def _dropped_warning(log, path, what, dropped):
+    if dropped and log:
+        log(f"warning: {os.path.basename(path)}: dropped {len(dropped)} {what} that are neither ontology "
+            "labels nor declared in --label_columns (identifiers and free text never reach the shards)")
+        log(f"  dropped {what}: {', '.join(sorted(dropped))[:300]}", console_only=True)
+
+
+def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), log=None):
+    """Copy labels.csv / findings.jsonl with study_uid replaced by study_key, keeping only
+    the known columns: ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and
+    `extra_columns`; the rest are dropped with a warning.
+    Returns ({study_key: split} from the labels (or findings) split column, set of all keys)."""
+    from nvfm.ontology import ALL_DIAGNOSES
+    extra = {c.strip() for c in extra_columns if c.strip()}
+    splits, keys = {}, set()
     if labels_path:
         with open(labels_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-            fields = list(rows[0].keys()) if rows else []
+            rd = csv.DictReader(f)
+            fields = list(rd.fieldnames or [])
+            rows = list(rd)
         if "study_uid" not in fields:
             raise SystemExit(f"preprocess: {labels_path}: no study_uid column")
-        out_fields = ["study_key" if k == "study_uid" else k for k in fields]
+        known = set(LABEL_META_COLUMNS) | set(ALL_DIAGNOSES) | extra
+        kept = [k for k in fields if k == "study_uid" or k in known]
+        _dropped_warning(log, labels_path, "column(s)", [k for k in fields if k not in kept])
+        out_fields = ["study_key" if k == "study_uid" else k for k in kept]
         tmp = os.path.join(out_dir, "labels.csv.tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, out_fields)
             w.writeheader()
             for r in rows:
                 key = dicom.salted_hash(r["study_uid"], salt)
+                keys.add(key)
                 if r.get("split"):
                     splits[key] = _clean_split(r["split"])
-                w.writerow({("study_key" if k == "study_uid" else k): (key if k == "study_uid" else v)
-                            for k, v in r.items()})
+                w.writerow({("study_key" if k == "study_uid" else k): (key if k == "study_uid" else r.get(k))
+                            for k in kept})
         os.replace(tmp, os.path.join(out_dir, "labels.csv"))
     if findings_path:
+        known = set(FINDINGS_KEYS) | extra
+        dropped = set()
         tmp = os.path.join(out_dir, "findings.jsonl.tmp")
         with open(findings_path) as f, open(tmp, "w") as g:
             for n, line in enumerate(f, 1):
@@ -142,17 +170,23 @@ def rekey_labels(labels_path, findings_path, out_dir, salt):
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     raise SystemExit(f"preprocess: {findings_path}:{n}: not JSON")
+                if not isinstance(rec, dict) or "study_uid" not in rec:
+                    raise SystemExit(f"preprocess: {findings_path}:{n}: no study_uid")
                 out = {}
                 for k, v in rec.items():
                     if k == "study_uid":
                         out["study_key"] = dicom.salted_hash(v, salt)
+                        keys.add(out["study_key"])
                         if rec.get("split") and out["study_key"] not in splits:
                             splits[out["study_key"]] = _clean_split(rec["split"])
-                    else:
+                    elif k in known:
                         out[k] = v
+                    else:
+                        dropped.add(str(k))
                 g.write(json.dumps(out) + "\n")
+        _dropped_warning(log, findings_path, "key(s)", dropped)
         os.replace(tmp, os.path.join(out_dir, "findings.jsonl"))
-    return splits
+    return splits, keys
 
 
 # ------------------------------------------------------------------ workers
@@ -277,7 +311,8 @@ def print_summary(s):
 
 
 def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, shard_spec="0/1", salt_value="",
-        cfg_min_slices=3, cfg_min_fg=0.5, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True):
+        cfg_min_slices=3, cfg_min_fg=0.5, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True,
+        cfg_label_columns=""):
     """The whole stage; returns the manifest dict (or None when other array jobs are pending)."""
     if not input_dir or not os.path.isdir(input_dir):
         raise SystemExit(f"preprocess: --input must be a directory, got {input_dir!r}")
@@ -299,7 +334,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         if old.get("salt_id") != salt_id:
             raise SystemExit(f"preprocess: {output_dir} was written with another salt; "
                              "use the same salt or a new --output")
-    splits = rekey_labels(labels_path, findings_path, output_dir, s)
+    splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log)
 
     # 1. list files, scan headers, group files into studies as the headers come in
     files = dicom.find_inputs(input_dir)
@@ -419,5 +454,5 @@ if __name__ == "__main__":
     configure(globals())
     t0 = time.time()
     run(input, output, labels, findings, workers, shard, salt, min_slices, min_fg_fraction, shard_gb, fsync,
-        log_paths, progress)
+        log_paths, progress, label_columns)
     print(f"preprocess: done in {time.time() - t0:.1f} s")

@@ -90,3 +90,38 @@ def test_pixel_geometry_mismatch_in_preprocess(tmp_path):
     man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
     assert man["summary"]["volumes"] == 1
     assert any(r.startswith("pixel data length does not match") for r in man["summary"]["series_failed"])
+
+
+# ----------------------------------------------------------------------------- item 17
+
+
+def test_identifier_columns_never_reach_the_shards(tmp_path, capsys):
+    inp = tmp_path / "in"
+    st, _, _ = write_series(str(inp / "a"), head_phantom(SHAPE))
+    phi = {"MRN": "MRN-99887766", "AccessionNumber": "ACC-31415926", "PatientName": "Quuxley^Bartholomew",
+           "notes": "seen by Dr Plumtree on 2024-03-05"}
+    row = {"study_uid": st, "study": "demo-0001", "modality": "CT", "split": "train", "age": "57",
+           "acute_subdural_hematoma": "1", "my_score": "0", **phi}
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(row))
+        w.writeheader()
+        w.writerow(row)
+    with open(tmp_path / "findings.jsonl", "w") as f:
+        f.write(json.dumps({"study_uid": st, "study": "demo-0001", "findings": ["Normal."], "triage": "unremarkable",
+                            "patient_name": phi["PatientName"], "report_date": "20240305",
+                            "radiologist": "Plumtree"}) + "\n")
+    out = tmp_path / "out"
+    preprocess.run(str(inp), str(out), str(tmp_path / "labels.csv"), str(tmp_path / "findings.jsonl"),
+                   cfg_label_columns="my_score", **RUN)
+    err = capsys.readouterr().err
+    assert "dropped 4 column(s)" in err and "dropped 3 key(s)" in err
+    with open(out / "labels.csv") as f:
+        cols = next(csv.reader(f))
+    assert cols == ["study_key", "study", "modality", "split", "age", "acute_subdural_hematoma", "my_score"]
+    with open(out / "findings.jsonl") as f:
+        assert set(json.loads(f.readline())) == {"study_key", "study", "findings", "triage"}
+    for p in out.rglob("*"):
+        if p.is_file():
+            blob = p.read_bytes()
+            for v in list(phi.values()) + ["Plumtree", "20240305", "Quuxley"]:
+                assert v.encode() not in blob, (v, p.name)
