@@ -316,6 +316,11 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     """The whole stage; returns the manifest dict (or None when other array jobs are pending)."""
     if not input_dir or not os.path.isdir(input_dir):
         raise SystemExit(f"preprocess: --input must be a directory, got {input_dir!r}")
+    if all(os.path.isdir(os.path.join(input_dir, d)) for d in ("dicom", "gt")) and any(
+            os.path.exists(os.path.join(input_dir, f)) for f in ("labels.csv", "cohort.json")):
+        # a demo cohort root: gt/ holds ground-truth NIfTIs that would become extra studies
+        raise SystemExit(f"preprocess: {input_dir} is a demo cohort root (dicom/, gt/, labels.csv): "
+                         f"use --input={os.path.join(input_dir, 'dicom')} (gt/ is ground truth, not studies)")
     if not output_dir:
         raise SystemExit("preprocess: --output is required")
     try:
@@ -337,15 +342,23 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log)
 
     # 1. list files, scan headers, group files into studies as the headers come in
-    files = dicom.find_inputs(input_dir)
+    files, unreadable_dirs = dicom.walk_inputs(input_dir)
     inside = os.path.relpath(os.path.abspath(output_dir), os.path.abspath(input_dir))
     if not inside.startswith(".."):  # the output lives inside the input: never ingest it
         files = [f for f in files if not (f + os.sep).startswith(inside.rstrip(os.sep) + os.sep)]
+    if not files:
+        raise SystemExit(f"preprocess: no files under --input={input_dir}"
+                         + (f" ({len(unreadable_dirs)} unreadable directories)" if unreadable_dirs else ""))
     nifti = [f for f in files if dicom.is_nifti(f)]
     dcm = [f for f in files if not dicom.is_nifti(f)]
     # (headers stream in; only this array job's studies are kept, so memory is ~1/N)
     pool = mp.Pool(n_workers) if n_workers > 1 else None
     studies, all_keys, file_failures = {}, set(), []
+    for rel in unreadable_dirs:  # counted like a failed file (its contents are unknown)
+        fk = dicom.salted_hash(rel, s)
+        if int(fk, 16) % sn == si:
+            file_failures.append(_event("file", "failed", "unreadable directory", file_key=fk))
+            log("failed directory: unreadable directory (permissions?)", rel, fk)
     try:
         it = (pool.imap(_scan, [(input_dir, f, s) for f in dcm], chunksize=16) if pool
               else map(_scan, [(input_dir, f, s) for f in dcm]))
@@ -372,6 +385,13 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         all_keys.add(key)
         if int(key, 16) % sn == si:
             studies.setdefault(key, ("nifti", []))[1].append(rel)
+    if label_keys:
+        matched = len(label_keys & all_keys)
+        if not matched:
+            raise SystemExit(f"preprocess: none of the {len(label_keys)} studies in --labels/--findings matches a "
+                             f"study under --input ({len(all_keys)} studies): labels must be keyed by the "
+                             "StudyInstanceUID of the DICOM files (study_uid column)")
+        log(f"labels: {matched} of {len(label_keys)} labelled studies found under --input")
     mine = sorted(studies)
     done = shards.read_done(output_dir)
     todo = [k for k in mine if k not in done]
@@ -410,6 +430,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             manifest = json.load(f)
         log("nothing new to process: the output is complete")
         print_summary(manifest["summary"])
+        _require_volumes(manifest)
         return manifest
     parts = os.path.join(output_dir, "parts")
     os.makedirs(parts, exist_ok=True)
@@ -446,7 +467,15 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         os.remove(lock)
     log(f"wrote {len(manifest['volumes'])} volumes to {len(manifest['shards'])} shard file(s)")
     print_summary(summary)
+    _require_volumes(manifest)
     return manifest
+
+
+def _require_volumes(manifest):
+    """A run that wrote no volume is an error (exit status 1), with the manifest on disk."""
+    if not manifest["volumes"]:
+        raise SystemExit("preprocess: no volume was written: every input file failed or was skipped "
+                         "(reasons above and in manifest.json)")
 
 
 if __name__ == "__main__":

@@ -125,13 +125,35 @@ def salted_hash(text, salt, n=16):
 
 def find_inputs(root):
     """Sorted relative paths of all regular files under root (hidden files included: they
-    are reported, not silently ignored)."""
-    out = []
-    for d, dirs, files in os.walk(root):
+    are reported, not silently ignored). See walk_inputs."""
+    return walk_inputs(root)[0]
+
+
+def walk_inputs(root):
+    """-> (sorted relative paths of all files under root, sorted relative paths of the
+    directories that could not be listed). Directory symlinks are followed (a PACS export
+    often links study folders); a directory reached twice (a symlink loop, or two links to
+    one folder) is walked once, at its first path in sorted order."""
+    out, unreadable, seen = [], [], set()
+
+    def onerror(e):
+        unreadable.append(os.path.relpath(e.filename, root) if e.filename else ".")
+
+    for d, dirs, files in os.walk(root, followlinks=True, onerror=onerror):
+        try:
+            st = os.stat(d)
+        except OSError:
+            unreadable.append(os.path.relpath(d, root))
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs.sort()
         for f in files:
             out.append(os.path.relpath(os.path.join(d, f), root))
-    return sorted(out)
+    return sorted(out), sorted(set(unreadable))
 
 
 def is_nifti(rel):
@@ -201,6 +223,8 @@ def scan_dicom(root, rel, salt=""):
     """
     info = {"path": rel, "file_key": salted_hash(rel, salt)}
     try:
+        if os.path.islink(os.path.join(root, rel)) and not os.path.exists(os.path.join(root, rel)):
+            raise SeriesError("broken symbolic link")
         if os.path.getsize(os.path.join(root, rel)) == 0:
             raise SeriesError("empty file")
         if FAST_SCAN:

@@ -125,3 +125,73 @@ def test_identifier_columns_never_reach_the_shards(tmp_path, capsys):
             blob = p.read_bytes()
             for v in list(phi.values()) + ["Plumtree", "20240305", "Quuxley"]:
                 assert v.encode() not in blob, (v, p.name)
+
+
+# ----------------------------------------------------------------------------- item 15
+
+
+def test_symlinked_study_folder_is_followed_once(tmp_path):
+    inp, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    write_series(str(inp / "a"), head_phantom(SHAPE))
+    write_series(str(elsewhere / "b" / "ct"), head_phantom(SHAPE, 1))
+    os.symlink(elsewhere / "b", inp / "b")             # a linked study folder
+    os.symlink(inp, inp / "b" / "loop")                # a loop back to the root (inside the link)
+    os.symlink(elsewhere / "b", inp / "c")             # a second link to the same folder
+    files, bad = dicom.walk_inputs(str(inp))
+    assert len(files) == 16 and not bad
+    man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
+    assert man["summary"]["volumes"] == 2 and man["summary"]["studies_input"] == 2
+
+
+def test_unreadable_directory_is_counted(tmp_path, monkeypatch, capsys):
+    inp = tmp_path / "in"
+    write_series(str(inp / "a"), head_phantom(SHAPE))
+    os.makedirs(inp / "locked" / "x")
+    real = os.scandir
+
+    def scandir(p="."):
+        if os.fspath(p).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real(p)
+    monkeypatch.setattr(os, "scandir", scandir)
+    man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
+    assert man["summary"]["files_failed"] == {"unreadable directory": 1}
+    assert "failed directory: unreadable directory (permissions?) locked" in capsys.readouterr().err
+
+
+def _cli(*args, timeout=120):
+    env = dict(os.environ, NVFM_QUIET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "preprocess.py"), "--progress=False", *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_empty_input_exits_nonzero(tmp_path):
+    os.makedirs(tmp_path / "in" / "sub")
+    res = _cli(f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}")
+    assert res.returncode != 0 and "no files under --input" in res.stderr
+
+
+def test_nothing_written_exits_nonzero(tmp_path):
+    os.makedirs(tmp_path / "in")
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM\n")
+    res = _cli(f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}")
+    assert res.returncode != 0 and "no volume was written" in res.stderr
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["summary"]["files_failed"] == {"not a DICOM file": 1}  # still accounted for
+
+
+def test_labels_matching_no_study_exit_nonzero(tmp_path):
+    write_series(str(tmp_path / "in" / "a"), head_phantom(SHAPE))
+    with open(tmp_path / "labels.csv", "w") as f:
+        f.write("study_uid,split\n1.2.3.4,train\n")
+    with pytest.raises(SystemExit, match="none of the 1 studies in --labels"):
+        preprocess.run(str(tmp_path / "in"), str(tmp_path / "out"), str(tmp_path / "labels.csv"), **RUN)
+
+
+def test_demo_cohort_root_is_refused_with_the_right_folder(tmp_path):
+    write_series(str(tmp_path / "cohort" / "dicom" / "a"), head_phantom(SHAPE))
+    os.makedirs(tmp_path / "cohort" / "gt" / "a")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / "cohort/gt/a/s.nii.gz"))
+    (tmp_path / "cohort" / "labels.csv").write_text("study_uid\n")
+    with pytest.raises(SystemExit, match=f"use --input={tmp_path / 'cohort' / 'dicom'}"):
+        preprocess.run(str(tmp_path / "cohort"), str(tmp_path / "out"), **RUN)
