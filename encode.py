@@ -3,6 +3,13 @@ feature cache (nvfm/features.py), once, for every probe run.
 
     python encode.py --shards=out/shards --encoder=out/jepa/encoder.safetensors --out=out/features
     python encode.py --shards=out/shards --encoder=random:tiny --out=out/features_random   # baseline
+    python encode.py --shards=out/shards --encoder=neurovfm-encoder/ --preset=neurovfm --out=out/features_nvfm
+
+--encoder takes an nvfm .safetensors file or the authors' released files (a directory with
+config.json + pytorch_model.bin, or a .bin/.pt state dict; converted on the fly, strictly, see
+nvfm/official.py). --preset=neurovfm applies the authors' token rules for their weights: only
+all-foreground tokens (min_fg_fraction 1.0) and a centred crop of each volume to whole patches
+(instead of nvfm's zero padding); --preset=nvfm (default) is nvfm's rules.
 
 Every token of every volume of a study is encoded whole (no crop); CT volumes are encoded
 once per window (brain, blood, bone). Resumable: studies already in the cache are skipped,
@@ -26,18 +33,23 @@ modality = "all"       # "all", "CT" or "MR"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0               # random-init encoder seed
 max_tokens = 32768     # tokens per encoder forward
-min_fg_fraction = 0.5  # token foreground rule, as in pretraining (nvfm/tokenize.py)
+preset = "nvfm"        # token rules: "nvfm" (ours) or "neurovfm" (the authors', for their released weights)
+min_fg_fraction = -1.0 # token foreground rule (nvfm/tokenize.py); -1: the preset's (nvfm 0.5, neurovfm 1.0)
+heads = 0              # head count of an official state dict that comes without config.json (0: dim // 64)
 overwrite = False
 # -----------------------------------------------------------------------------
 from nvfm.configurator import configure  # noqa: E402
 configure(globals())
 
-from nvfm import features, model  # noqa: E402
+from nvfm import features, model, official  # noqa: E402
 from nvfm.data import ShardReader  # noqa: E402
 
+PRESETS = {"nvfm": dict(min_fg_fraction=0.5, crop="pad"), "neurovfm": dict(min_fg_fraction=1.0, crop="centre")}
 
-def open_encoder(spec, dev, seed=0):
-    """-> (Encoder in eval mode, hash string)."""
+
+def open_encoder(spec, dev, seed=0, heads=None):
+    """-> (Encoder in eval mode, hash string). spec: "random:<size>", an nvfm .safetensors
+    file, or the authors' files (directory / .bin / .pt; the hash is that of the weights file)."""
     if spec.startswith("random:"):
         size = spec.split(":", 1)[1]
         torch.manual_seed(seed)
@@ -45,7 +57,13 @@ def open_encoder(spec, dev, seed=0):
         return enc, f"random:{size}:seed{seed}"
     if not os.path.exists(spec):
         raise SystemExit(f"encode.py: encoder file not found: {spec}")
-    return model.load_encoder(spec, dev), features.file_hash(spec)
+    if official.is_nvfm_file(spec):
+        return model.load_encoder(spec, dev), features.file_hash(spec)
+    try:
+        enc = official.load_official(spec, heads=heads, device=dev)
+    except official.ConversionError as e:
+        raise SystemExit(f"encode.py: {e}") from None
+    return enc, features.file_hash(official.find_official_files(spec)[0])
 
 
 def main():
@@ -53,6 +71,11 @@ def main():
         raise SystemExit("encode.py: --shards, --encoder and --out are required")
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         raise SystemExit(f"encode.py: {shards}: no manifest.json (run preprocess.py first)")
+    if preset not in PRESETS:
+        raise SystemExit(f"encode.py: --preset={preset!r}: choose one of {sorted(PRESETS)}")
+    rules = dict(PRESETS[preset])
+    if min_fg_fraction >= 0:
+        rules["min_fg_fraction"] = min_fg_fraction
     reader = ShardReader(shards)
     splits = None if split == "all" else set(split.split(","))
     studies = OrderedDict()
@@ -62,9 +85,11 @@ def main():
         if modality != "all" and v["modality"] != modality:
             continue
         studies.setdefault(v["study_key"], []).append(i)
-    enc, enc_hash = open_encoder(encoder, device, seed)
+    enc, enc_hash = open_encoder(encoder, device, seed, heads or None)
+    if rules != PRESETS["nvfm"]:  # other token rules make other features: a cache of its own
+        enc_hash += f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}"
     print(f"encode: {len(studies)} studies ({sum(map(len, studies.values()))} volumes) with encoder "
-          f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}")
+          f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}; token rules {preset} {rules}")
     failed = 0
     t0 = time.time()
     n_tokens = 0
@@ -76,7 +101,7 @@ def main():
         for key in tqdm(todo, desc="encode", unit="study"):
             try:
                 entries = model.encode_study(enc, reader, studies[key], device=device,
-                                             min_fg_fraction=min_fg_fraction, max_tokens=max_tokens)
+                                             max_tokens=max_tokens, **rules)
                 w.add(key, entries)
                 n_tokens += sum(len(e["emb"]) for e in entries)
             except Exception as e:  # a bad study is logged and skipped, never a crashed job

@@ -381,8 +381,12 @@ def volume_windows(record):
 
 @torch.no_grad()
 def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=None, max_tokens=32768,
-                 amp_dtype=torch.bfloat16):
-    """Encode whole volumes (no crop, no truncation) with a frozen encoder.
+                 amp_dtype=torch.bfloat16, crop="pad"):
+    """Encode whole volumes (no truncation) with a frozen encoder.
+
+    crop "pad": the volume is zero-padded up to whole patches (nvfm's rule, nothing is lost);
+    "centre": cropped to whole patches, centred, as the authors' preprocessing does (per axis
+    start (n % p) // 2, length (n // p) * p; token coords index the cropped grid).
 
     reader: nvfm.data.ShardReader; volume_indices: indices into reader.volumes.
     Returns a list with one dict per (volume, window): volume_id, family, modality, window,
@@ -391,6 +395,8 @@ def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=N
     bf16 autocast on CUDA; float32 on CPU.
     """
     from nvfm.tokenize import DEFAULT_MIN_FG_FRACTION, patchify
+    if crop not in ("pad", "centre"):
+        raise ValueError(f"crop {crop!r}: choose 'pad' or 'centre'")
     min_fg = DEFAULT_MIN_FG_FRACTION if min_fg_fraction is None else min_fg_fraction
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     was_training = encoder.training
@@ -399,9 +405,11 @@ def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=N
     for i in volume_indices:
         rec = reader.volumes[i]
         _, mask = reader.volume(i)
+        mask = centre_crop_to_patches(_as_array(mask)) if crop == "centre" else _as_array(mask)
         for w in volume_windows(rec):
-            vol = torch.from_numpy(_as_array(reader.window(i, w)))
-            tokens, coords, _ = patchify([vol], [torch.from_numpy(_as_array(mask))], min_fg)
+            vol = _as_array(reader.window(i, w))
+            vol = torch.from_numpy(centre_crop_to_patches(vol) if crop == "centre" else vol)
+            tokens, coords, _ = patchify([vol], [torch.from_numpy(mask)], min_fg)
             meta = dict(volume_id=rec["volume_id"], family=rec.get("family"), modality=rec["modality"], window=w)
             items.append((meta, tokens, coords))
     out = [None] * len(items)
@@ -431,6 +439,14 @@ def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=N
             start += n
     encoder.train(was_training)
     return out
+
+
+def centre_crop_to_patches(a, patch=(4, 16, 16)):
+    """(D, H, W) array -> its centred crop to whole patches (the authors' preprocessing rule:
+    per axis start (n % p) // 2, length (n // p) * p); C-contiguous copy."""
+    import numpy as np
+    sl = tuple(slice((n % p) // 2, (n % p) // 2 + (n // p) * p) for n, p in zip(a.shape, patch))
+    return np.ascontiguousarray(a[sl])
 
 
 def _as_array(a):

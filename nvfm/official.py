@@ -1,0 +1,309 @@
+"""The authors' released NeuroVFM encoder <-> nvfm's encoder file, both ways, strictly.
+
+    python -m nvfm.official convert neurovfm-encoder/ out/neurovfm.safetensors   # theirs -> ours
+    python -m nvfm.official convert out/jepa/encoder.safetensors out/theirs/       # ours -> theirs
+    python encode.py --shards=... --encoder=neurovfm-encoder/ --out=...            # format detected
+
+Their layout (MLNeurosurg/neurovfm `get_vit_backbone`, released as `mlinslab/neurovfm-encoder`):
+`config.json` ({"which": "vit", "params": {...}}, possibly wrapped as {"model": ...}) and
+`pytorch_model.bin`, a state dict without prefix; also accepted: a {"state_dict": ...} wrapper and
+a prefixed state dict such as the findings model's `vision_encoder.pt` (`vision_encoder.*`).
+Keys (ours on the right):
+    token_embed.proj.{weight,bias}          patch_embed.{weight,bias}
+    blocks.{i}.norm1.{weight,bias}          blocks.blocks.{i}.norm1.{weight,bias}
+    blocks.{i}.mixer.qkv.{weight,bias}      blocks.blocks.{i}.qkv.{weight,bias}   (3, heads, head_dim) both
+    blocks.{i}.mixer.proj.weight            blocks.blocks.{i}.proj.weight         (no bias in either)
+    blocks.{i}.norm2.{weight,bias}          blocks.blocks.{i}.norm2.{weight,bias}
+    blocks.{i}.mlp.fc{1,2}.{weight,bias}    blocks.blocks.{i}.fc{1,2}.{weight,bias}
+    norm.{weight,bias}                      blocks.norm.{weight,bias}
+Their qkv / proj tensors are bfloat16 in the release, the rest float32; reading upcasts to
+float32 (lossless). Writing keeps float32 everywhere (their load_state_dict casts into their
+bf16 modules), so ours -> theirs -> ours is bit-identical. Only an encoder with the authors'
+architecture options (EncoderConfig defaults: pos_code "official", tanh GELU, LayerNorm eps
+1e-6, no proj bias) can be written in their layout.
+Files are read with torch.load(weights_only=True): no code in a checkpoint is ever run.
+"""
+import json
+import os
+import re
+import sys
+
+import torch
+
+from nvfm.model import PATCH_DIM, Encoder, EncoderConfig, load_encoder, save_encoder
+
+PATCH = (4, 16, 16)  # their patch_d_size, patch_hw_size, patch_hw_size
+_OURS_OF = {  # their key (block part after "blocks.{i}.") -> ours
+    "norm1": "norm1", "mixer.qkv": "qkv", "mixer.proj": "proj", "norm2": "norm2", "mlp.fc1": "fc1", "mlp.fc2": "fc2",
+}
+_THEIRS_OF = {v: k for k, v in _OURS_OF.items()}
+_PARAMS = {"embed_dim", "depth", "num_heads", "prefix_len", "token_dim", "mlp_ratio", "qkv_bias", "drop_rate",
+           "attn_drop_rate", "drop_path_rate", "embed_layer_cf", "init_std", "pos_emb_cf"}
+# the released ViT-B's positional table extent (their code cannot index beyond it; ours can)
+RELEASE_PE_EXTENT = dict(d_size=128, hw_size=192)
+
+
+class ConversionError(ValueError):
+    """A file that does not match the layout it claims; the message names the offending keys."""
+
+
+def _names(keys, n=8):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+# ---------------------------------------------------------------------------------------
+# config
+
+def config_from_official(cfg):
+    """Their config.json content -> EncoderConfig (the authors' architecture options)."""
+    if "model" in cfg and "which" not in cfg:  # their pipeline's {"model": {...}, "normalization_stats": ...}
+        cfg = cfg["model"]
+    if cfg.get("which") != "vit":
+        raise ConversionError(f"official config: 'which' must be 'vit' (with explicit params), got {cfg.get('which')!r}")
+    p = cfg.get("params", {})
+    unknown = set(p) - _PARAMS
+    if unknown:
+        raise ConversionError(f"official config: unknown params {_names(unknown)}")
+    try:
+        dim, depth, heads = int(p["embed_dim"]), int(p["depth"]), int(p["num_heads"])
+        emb, pe = p["embed_layer_cf"], p["pos_emb_cf"]
+        ep, pp = emb["params"], pe["params"]
+    except KeyError as e:
+        raise ConversionError(f"official config: missing {e}") from None
+    problems = []
+    if p.get("prefix_len", 0) != 0:
+        problems.append(f"prefix_len {p['prefix_len']} (class/register tokens are not supported)")
+    if not p.get("qkv_bias", True):
+        problems.append("qkv_bias false")
+    if emb.get("which") != "voxel":
+        problems.append(f"embed_layer_cf.which {emb.get('which')!r} (want 'voxel')")
+    if (ep.get("patch_d_size"), ep.get("patch_hw_size"), ep.get("in_chans", 1)) != (PATCH[0], PATCH[1], 1):
+        problems.append(f"patch {ep.get('patch_d_size')} x {ep.get('patch_hw_size')}^2, {ep.get('in_chans')} "
+                        f"channel(s) (want {PATCH[0]} x {PATCH[1]}^2, 1)")
+    if not ep.get("bias", True):
+        problems.append("embed_layer_cf bias false")
+    if pe.get("which") != "pe3d" or not pp.get("concat", False):
+        problems.append(f"pos_emb_cf {pe.get('which')!r} concat={pp.get('concat')} (want 'pe3d', concat true)")
+    pos_dim = int(pp.get("d", 0))
+    if int(ep.get("embed_dim", -1)) != dim - pos_dim:
+        problems.append(f"patch embedding dim {ep.get('embed_dim')} != embed_dim {dim} - pos d {pos_dim}")
+    if int(p.get("token_dim", PATCH_DIM)) != PATCH_DIM:
+        problems.append(f"token_dim {p.get('token_dim')} (want {PATCH_DIM})")
+    if problems:
+        raise ConversionError("official config not supported: " + "; ".join(problems))
+    return EncoderConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=float(p.get("mlp_ratio", 4.0)),
+                         pos_dim=pos_dim, patch_dim=PATCH_DIM)
+
+
+def config_to_official(config):
+    """EncoderConfig -> their config.json content (the released file's form)."""
+    arch = (config.pos_code, config.gelu_approximate, config.ln_eps, config.proj_bias)
+    if arch != ("official", "tanh", 1e-6, False):
+        raise ConversionError(f"encoder architecture (pos_code, gelu_approximate, ln_eps, proj_bias) = {arch} "
+                              "is not the authors' ('official', 'tanh', 1e-06, False); it has no official layout")
+    if config.patch_dim != PATCH_DIM:
+        raise ConversionError(f"patch_dim {config.patch_dim} (their voxel embedding takes {PATCH_DIM})")
+    params = dict(embed_dim=config.dim, depth=config.depth, num_heads=config.heads, prefix_len=0,
+                  token_dim=PATCH_DIM,
+                  embed_layer_cf=dict(which="voxel", params=dict(
+                      in_chans=1, embed_dim=config.dim - config.pos_dim, bias=True, fused_bias_fc=True,
+                      patch_hw_size=PATCH[1], patch_d_size=PATCH[0])),
+                  pos_emb_cf=dict(which="pe3d", params=dict(d=config.pos_dim, **RELEASE_PE_EXTENT, concat=True)))
+    if config.mlp_ratio != 4.0:
+        params["mlp_ratio"] = config.mlp_ratio
+    return {"which": "vit", "params": params}
+
+
+def infer_official_config(state, heads=None):
+    """EncoderConfig from a bare official state dict's shapes (no config.json); the head count
+    is not in the shapes: `heads`, else dim // 64 (ViT convention, 12 for ViT-B)."""
+    try:
+        dim = state["norm.weight"].shape[0]
+        emb_out, patch_dim = state["token_embed.proj.weight"].shape
+        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise ConversionError(f"official state dict without config.json: missing key {e}") from None
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
+    return EncoderConfig(dim=dim, depth=depth, heads=heads or max(dim // 64, 1), mlp_ratio=hidden / dim,
+                         pos_dim=dim - emb_out, patch_dim=patch_dim)
+
+
+# ---------------------------------------------------------------------------------------
+# state dicts
+
+def _strip_prefix(state):
+    """Remove the one prefix in front of every key (e.g. 'vision_encoder.', 'model.'); a file
+    whose keys do not all share the prefix of its token embedding is an error."""
+    anchors = [k for k in state if k.endswith("token_embed.proj.weight")]
+    if len(anchors) != 1:
+        raise ConversionError(f"official state dict: expected one '*token_embed.proj.weight' key, found "
+                              f"{len(anchors)} ({_names(anchors)}); keys: {_names(state)}")
+    prefix = anchors[0][:-len("token_embed.proj.weight")]
+    if not prefix:
+        return state, ""
+    outside = [k for k in state if not k.startswith(prefix)]
+    if outside:
+        raise ConversionError(f"official state dict: keys outside the encoder prefix {prefix!r}: {_names(outside)}")
+    return {k[len(prefix):]: v for k, v in state.items()}, prefix
+
+
+def official_to_ours(state, config):
+    """Their state dict (no prefix) -> ours for `config`; every key used, every shape checked,
+    float32 out."""
+    ours = {}
+    for k, v in state.items():
+        if not torch.is_tensor(v):
+            raise ConversionError(f"official state dict: {k} is a {type(v).__name__}, not a tensor")
+        if k.startswith("token_embed.proj."):
+            new = "patch_embed." + k[len("token_embed.proj."):]
+        elif k.startswith("norm."):
+            new = "blocks." + k
+        else:
+            m = re.fullmatch(r"blocks\.(\d+)\.(norm1|norm2|mixer\.qkv|mixer\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)", k)
+            new = f"blocks.blocks.{m.group(1)}.{_OURS_OF[m.group(2)]}.{m.group(3)}" if m else "?" + k
+        ours[new] = v
+    with torch.device("meta"):  # names and shapes only, no allocation
+        want = Encoder(config).state_dict()
+    unexpected = sorted(_official_name(k) for k in set(ours) - set(want))
+    missing = sorted(_official_name(k) for k in set(want) - set(ours))
+    bad = sorted(f"{_official_name(k)} {tuple(ours[k].shape)} (want {tuple(want[k].shape)})"
+                 for k in set(want) & set(ours) if ours[k].shape != want[k].shape)
+    if unexpected or missing or bad:
+        raise ConversionError(f"official weights do not match the config {config}: unexpected keys [{_names(unexpected)}]; "
+                              f"missing keys [{_names(missing)}]; wrong shapes [{_names(bad)}]")
+    for k, v in ours.items():
+        if not v.is_floating_point():
+            raise ConversionError(f"official state dict: {_official_name(k)} has dtype {v.dtype}")
+    return {k: ours[k].to(torch.float32).contiguous() for k in want}
+
+
+def _official_name(ours_key):
+    if ours_key.startswith("?"):
+        return ours_key[1:]
+    if ours_key.startswith("patch_embed."):
+        return "token_embed.proj." + ours_key[len("patch_embed."):]
+    if ours_key.startswith("blocks.norm."):
+        return ours_key[len("blocks."):]
+    m = re.fullmatch(r"blocks\.blocks\.(\d+)\.(\w+)\.(weight|bias)", ours_key)
+    if m and m.group(2) in _THEIRS_OF:
+        return f"blocks.{m.group(1)}.{_THEIRS_OF[m.group(2)]}.{m.group(3)}"
+    return ours_key
+
+
+def ours_to_official(state):
+    """Our encoder state dict -> theirs (no prefix), tensors unchanged (float32)."""
+    return {_official_name(k): v.detach().contiguous() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# files
+
+def find_official_files(path):
+    """-> (weights path, config.json path or None) for a directory or a .bin/.pt/.pth file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("pytorch_model.bin", "vision_encoder.pt", "model.pt"):
+            if os.path.exists(os.path.join(path, name)):
+                weights = os.path.join(path, name)
+                break
+        else:
+            raise FileNotFoundError(f"{path}: no pytorch_model.bin (or vision_encoder.pt) in the directory")
+    elif os.path.isfile(path):
+        weights = path
+    else:
+        raise FileNotFoundError(f"encoder not found: {path}")
+    cfg = os.path.join(os.path.dirname(weights), "config.json")
+    return weights, (cfg if os.path.exists(cfg) else None)
+
+
+def load_official(path, heads=None, device="cpu"):
+    """The authors' encoder files -> nvfm Encoder (eval mode), strictly."""
+    weights, cfg_path = find_official_files(path)
+    try:
+        obj = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with code, or not a torch file
+        raise ConversionError(f"{weights}: not loadable with torch.load(weights_only=True): {e}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        extra = set(obj) - {"state_dict", "config"}
+        if extra:
+            raise ConversionError(f"{weights}: state_dict wrapper with unexpected entries {_names(extra)}")
+        cfg_obj = obj.get("config")
+        obj = obj["state_dict"]
+    else:
+        cfg_obj = None
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{weights}: expected a state dict, got {type(obj).__name__}")
+    state, _ = _strip_prefix(obj)
+    if cfg_path is not None:
+        with open(cfg_path) as f:
+            cfg_obj = json.load(f)
+    if cfg_obj is not None:
+        config = config_from_official(cfg_obj)
+        if heads is not None and heads != config.heads:
+            raise ConversionError(f"heads={heads} contradicts the config's num_heads {config.heads}")
+    else:
+        config = infer_official_config(state, heads)
+    enc = Encoder(config)
+    enc.load_state_dict(official_to_ours(state, config), strict=True)
+    return enc.to(device).eval()
+
+
+def save_official(encoder, out_dir):
+    """Write `encoder` in their layout: out_dir/config.json + out_dir/pytorch_model.bin."""
+    cfg = config_to_official(encoder.config)
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.cpu() for k, v in ours_to_official(encoder.state_dict()).items()}
+    torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
+def is_nvfm_file(path):
+    return os.fspath(path).endswith(".safetensors")
+
+
+def open_any_encoder(path, device="cpu", heads=None):
+    """An nvfm .safetensors file, or the authors' directory / .bin / .pt -> Encoder (eval)."""
+    if is_nvfm_file(path):
+        return load_encoder(path, device)
+    return load_official(path, heads=heads, device=device)
+
+
+def convert(src, dst, heads=None):
+    """theirs -> ours when dst ends with .safetensors, ours -> theirs (a directory) otherwise."""
+    if is_nvfm_file(dst):
+        if is_nvfm_file(src):
+            raise ConversionError(f"{src} is already an nvfm encoder file")
+        enc = load_official(src, heads=heads)
+        save_encoder(enc, dst)
+    else:
+        if not is_nvfm_file(src):
+            raise ConversionError(f"{src}: ours -> theirs needs an nvfm .safetensors encoder file")
+        enc = load_encoder(src)
+        save_official(enc, dst)
+    return enc
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m nvfm.official", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("convert", help="theirs (dir/.bin/.pt) -> ours (.safetensors), or ours -> theirs (dir)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--heads", type=int, default=None, help="head count when there is no config.json")
+    a = ap.parse_args(argv)
+    try:
+        enc = convert(a.src, a.dst, a.heads)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"nvfm.official: {e}", file=sys.stderr)
+        return 2
+    cfg = enc.config
+    print(f"nvfm.official: wrote {a.dst} (dim {cfg.dim}, depth {cfg.depth}, heads {cfg.heads}, "
+          f"{sum(p.numel() for p in enc.parameters())} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""The authors' released NeuroVFM encoder layout (nvfm/official.py): parity with their code's
+output on the fixture, lossless conversion both ways, strict and clear errors, encode.py.
+
+Fixture (tests/fixtures/neurovfm_official/, see its PROVENANCE): a CI-sized official backbone
+with seeded random weights in their key names and dtypes, an input, and the output of the
+authors' code for it; the released ViT-B config and key/shape/dtype list."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from nvfm import model as Mdl
+from nvfm import official as O
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FIX = os.path.join(HERE, "fixtures", "neurovfm_official")
+
+
+@pytest.fixture(scope="module")
+def small():
+    return torch.load(os.path.join(FIX, "official_small.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def vitb():
+    with open(os.path.join(FIX, "official_vitb_keys.json")) as f:
+        return json.load(f)
+
+
+def write_official(d, state, config=None, name="pytorch_model.bin"):
+    os.makedirs(d, exist_ok=True)
+    torch.save(state, os.path.join(d, name))
+    if config is not None:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(config, f)
+    return d
+
+
+def run_fixture(enc, small):
+    with torch.no_grad():
+        return enc(small["tokens"], small["coords"], small["cu_seqlens"], int(small["max_seqlen"]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto", "sdpa"])
+def test_fixture_output_reproduced(small, tmp_path, impl):
+    """Their float32 output to <= 1e-5 from their files, with each attention implementation."""
+    enc = O.load_official(write_official(tmp_path / "rel", small["state_dict"], small["config"]))
+    assert (enc.config.dim, enc.config.depth, enc.config.heads, enc.config.pos_dim) == (96, 2, 3, 30)
+    enc.set_attention(impl)
+    err = (run_fixture(enc, small) - small["output"]).abs().max().item()
+    assert err <= (1e-6 if impl == "reference" else 1e-5), f"{impl}: max |diff| {err}"  # reference: 0 measured
+
+
+def test_each_architecture_option_matters(small, tmp_path):
+    """The fixture distinguishes the options: flipping any one breaks parity beyond the tolerance
+    above (eps is the subtle one: ~1.3e-5), so the test above catches a regression in any."""
+    enc = O.load_official(write_official(tmp_path / "rel", small["state_dict"], small["config"]))
+    enc.set_attention("reference")
+    for flip in [dict(pos_code="nvfm-v1"), dict(gelu_approximate="none"), dict(ln_eps=1e-5)]:
+        other = Mdl.Encoder(Mdl.EncoderConfig(**{**Mdl.asdict(enc.config), **flip}))
+        other.load_state_dict(enc.state_dict())
+        other.set_attention("reference")
+        assert (run_fixture(other, small) - small["output"]).abs().max() > 1e-5, flip
+
+
+def test_vitb_key_list_converts_both_ways(vitb):
+    cfg = O.config_from_official(vitb["config"])
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.pos_dim, cfg.patch_dim) == (768, 12, 12, 30, 1024)
+    assert O.config_to_official(cfg) == vitb["config"]  # our export is the released config.json
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    theirs = {k: torch.empty(shape, dtype=dt[d], device="meta") for k, (shape, d) in vitb["keys"].items()}
+    assert len(theirs) == 136
+    ours = O.official_to_ours(theirs, cfg)
+    with torch.device("meta"):
+        want = Mdl.Encoder(cfg).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in want.items()}
+    assert all(v.dtype == torch.float32 for v in ours.values())
+    back = O.ours_to_official(ours)
+    assert {k: list(v.shape) for k, v in back.items()} == {k: s for k, (s, _) in vitb["keys"].items()}
+
+
+def test_round_trip_ours_theirs_ours_is_bit_identical(tmp_path):
+    from safetensors.torch import load_file
+    torch.manual_seed(0)
+    enc = Mdl.Encoder(Mdl.EncoderConfig(dim=64, depth=2, heads=2)).eval()
+    src = tmp_path / "ours.safetensors"
+    Mdl.save_encoder(enc, src)
+    assert O.main(["convert", str(src), str(tmp_path / "theirs")]) == 0
+    saved = torch.load(tmp_path / "theirs" / "pytorch_model.bin", weights_only=True)
+    assert "blocks.1.mixer.qkv.weight" in saved and "token_embed.proj.bias" in saved
+    assert O.main(["convert", str(tmp_path / "theirs"), str(tmp_path / "back.safetensors")]) == 0
+    a, b = load_file(src), load_file(tmp_path / "back.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert Mdl.load_encoder(tmp_path / "back.safetensors").config == enc.config
+
+
+def test_theirs_ours_theirs_keeps_every_value(small, tmp_path):
+    write_official(tmp_path / "rel", small["state_dict"], small["config"])
+    O.convert(str(tmp_path / "rel"), str(tmp_path / "ours.safetensors"))
+    O.convert(str(tmp_path / "ours.safetensors"), str(tmp_path / "again"))
+    again = torch.load(tmp_path / "again" / "pytorch_model.bin", weights_only=True)
+    assert again.keys() == small["state_dict"].keys()
+    for k, v in small["state_dict"].items():  # bf16 -> float32 is exact
+        assert again[k].dtype == torch.float32 and torch.equal(again[k], v.float()), k
+    with open(tmp_path / "again" / "config.json") as f:
+        cfg = json.load(f)
+    assert O.config_from_official(cfg) == O.config_from_official(small["config"])
+
+
+def test_legacy_encoder_has_no_official_layout(tmp_path):
+    enc = Mdl.Encoder(Mdl.EncoderConfig.from_dict(dict(dim=48, depth=1, heads=2)))
+    Mdl.save_encoder(enc, tmp_path / "old.safetensors")
+    with pytest.raises(O.ConversionError, match="nvfm-v1.*no official layout"):
+        O.convert(str(tmp_path / "old.safetensors"), str(tmp_path / "theirs"))
+
+
+def test_wrapped_prefixed_bf16_and_configless_files_load_the_same(small, tmp_path):
+    ref = run_fixture(O.load_official(write_official(tmp_path / "rel", small["state_dict"], small["config"])), small)
+    sd = small["state_dict"]
+    variants = {
+        "wrapper": ({"state_dict": sd}, small["config"]),
+        "prefixed": ({"vision_encoder." + k: v for k, v in sd.items()}, small["config"]),
+        "all_bf16": ({k: v.to(torch.bfloat16) for k, v in sd.items()}, small["config"]),
+        "no_config": (sd, None),  # shapes give the config; heads = dim // 64 -> 1, so pass 3
+    }
+    for name, (obj, cfg) in variants.items():
+        d = write_official(tmp_path / name, obj, cfg, name="vision_encoder.pt" if name == "prefixed" else "pytorch_model.bin")
+        enc = O.load_official(d, heads=3 if cfg is None else None)
+        out = run_fixture(enc, small)
+        if name == "all_bf16":  # bf16 weights are a different (rounded) encoder, but loadable
+            assert all(p.dtype == torch.float32 for p in enc.parameters())
+            assert 0 < (out - ref).abs().max() < 0.5
+        else:
+            assert torch.equal(out, ref), name
+    # the file itself, not its directory, works too
+    assert torch.equal(run_fixture(O.load_official(tmp_path / "wrapper" / "pytorch_model.bin"), small), ref)
+
+
+def test_bad_files_give_clear_errors(small, tmp_path):
+    sd, cfg = small["state_dict"], small["config"]
+
+    def load(state, config=cfg, tag="x"):
+        return O.load_official(write_official(tmp_path / tag, state, config))
+
+    renamed = dict(sd)
+    renamed["blocks.0.mlp.fc3.weight"] = renamed.pop("blocks.0.mlp.fc1.weight")
+    with pytest.raises(O.ConversionError, match=r"unexpected keys \[blocks.0.mlp.fc3.weight\].*missing keys "
+                                                r"\[blocks.0.mlp.fc1.weight\]"):
+        load(renamed, tag="renamed")
+    missing = {k: v for k, v in sd.items() if k != "norm.bias"}
+    with pytest.raises(O.ConversionError, match=r"missing keys \[norm.bias\]"):
+        load(missing, tag="missing")
+    extra = dict(sd, **{"pos_embed.table": torch.zeros(3)})
+    with pytest.raises(O.ConversionError, match=r"unexpected keys \[pos_embed.table\]"):
+        load(extra, tag="extra")
+    biased = dict(sd, **{"blocks.1.mixer.proj.bias": torch.zeros(96)})
+    with pytest.raises(O.ConversionError, match=r"unexpected keys \[blocks.1.mixer.proj.bias\]"):
+        load(biased, tag="biased")
+    wrong_depth = json.loads(json.dumps(cfg))
+    wrong_depth["params"]["depth"] = 3
+    with pytest.raises(O.ConversionError, match=r"missing keys \[blocks.2"):
+        load(sd, wrong_depth, tag="depth")
+    wrong_dim = json.loads(json.dumps(cfg))
+    wrong_dim["params"]["embed_layer_cf"]["params"]["embed_dim"] = 60
+    with pytest.raises(O.ConversionError, match="patch embedding dim 60"):
+        load(sd, wrong_dim, tag="dim")
+    with pytest.raises(O.ConversionError, match="heads=4 contradicts"):
+        O.load_official(write_official(tmp_path / "heads", sd, cfg), heads=4)
+    odd = json.loads(json.dumps(cfg))
+    odd["params"]["prefix_len"] = 1
+    odd["params"]["new_knob"] = 1
+    with pytest.raises(O.ConversionError, match="unknown params new_knob"):
+        load(sd, odd, tag="odd")
+    mixed = {**{"vision_encoder." + k: v for k, v in sd.items()}, "llm.lm_head.weight": torch.zeros(2)}
+    with pytest.raises(O.ConversionError, match=r"outside the encoder prefix 'vision_encoder.': llm.lm_head.weight"):
+        load(mixed, tag="mixed")
+    wrong_shape = dict(sd, **{"blocks.0.mlp.fc2.bias": torch.zeros(95)})
+    with pytest.raises(O.ConversionError, match=r"wrong shapes \[blocks.0.mlp.fc2.bias \(95,\) \(want \(96,\)\)"):
+        load(wrong_shape, tag="shape")
+
+
+class _NotAStateDict:
+    pass
+
+
+def test_pickled_code_is_refused(tmp_path):
+    """weights_only=True: a checkpoint that needs arbitrary classes is never unpickled."""
+    os.makedirs(tmp_path / "evil")
+    torch.save({"state_dict": _NotAStateDict()}, tmp_path / "evil" / "pytorch_model.bin")
+    with pytest.raises(O.ConversionError, match="weights_only=True"):
+        O.load_official(tmp_path / "evil")
+    with pytest.raises(FileNotFoundError):
+        O.load_official(tmp_path / "nothing_here")
+
+
+def test_centre_crop_is_the_authors_rule():
+    a = np.arange(10 * 37 * 50).reshape(10, 37, 50)
+    c = Mdl.centre_crop_to_patches(a)
+    assert c.shape == (8, 32, 48)
+    # per axis start (n % p) // 2: 10 % 4 = 2 -> 1; 37 % 16 = 5 -> 2; 50 % 16 = 2 -> 1
+    np.testing.assert_array_equal(c, a[1:9, 2:34, 1:49])
+    assert Mdl.centre_crop_to_patches(np.zeros((8, 32, 32))).shape == (8, 32, 32)
+
+
+def test_encode_py_reads_their_files_with_their_token_rules(small, tmp_path):
+    """encode.py --encoder=<their directory> --preset=neurovfm: same features as the converted
+    nvfm file, every token all-foreground, coords on the centre-cropped grid."""
+    from nvfm.data import ShardReader
+    from nvfm.features import FeatureCache
+    from nvfm.loader import write_synthetic_shards
+    from nvfm.tokenize import patchify
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(18, 70, 90))
+    rel = write_official(tmp_path / "rel", small["state_dict"], small["config"])
+    O.convert(str(rel), str(tmp_path / "conv.safetensors"))
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    caches = {}
+    for name, spec in [("dir", rel), ("conv", tmp_path / "conv.safetensors")]:
+        out = tmp_path / f"feat_{name}"
+        p = subprocess.run([sys.executable, "encode.py", f"--shards={shards}", f"--encoder={spec}",
+                            "--preset=neurovfm", f"--out={out}", "--device=cpu"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        assert "0 failed" in p.stdout
+        caches[name] = FeatureCache(str(out))
+    a, b = caches["dir"], caches["conv"]
+    assert "+tokens:fg1,centre" in a.encoder_hash
+    reader = ShardReader(shards)
+    keys = sorted(a.study_keys())
+    assert keys == sorted(b.study_keys()) and keys
+    for key in keys:
+        for ea, eb in zip(a.study(key), b.study(key)):
+            np.testing.assert_array_equal(np.asarray(ea["emb"]), np.asarray(eb["emb"]))
+            np.testing.assert_array_equal(np.asarray(ea["coords"]), np.asarray(eb["coords"]))
+    # the token set is the authors': all-foreground tokens of the centre-cropped volume
+    i = 0
+    rec = reader.volumes[i]
+    _, mask = reader.volume(i)
+    vol = np.asarray(reader.window(i, Mdl.volume_windows(rec)[0]))
+    _, want, _ = patchify([torch.from_numpy(Mdl.centre_crop_to_patches(np.ascontiguousarray(vol)))],
+                          [torch.from_numpy(Mdl.centre_crop_to_patches(np.ascontiguousarray(mask)))], 1.0)
+    got = [e for e in a.study(rec["study_key"]) if e["volume_id"] == rec["volume_id"]][0]["coords"]
+    np.testing.assert_array_equal(np.asarray(got), want.numpy())
+    cmask = Mdl.centre_crop_to_patches(np.ascontiguousarray(mask)).astype(bool)
+    for z, y, x in np.asarray(got):
+        assert cmask[4 * z:4 * z + 4, 16 * y:16 * y + 16, 16 * x:16 * x + 16].all()
