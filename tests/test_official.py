@@ -248,3 +248,16 @@ def test_encode_py_reads_their_files_with_their_token_rules(small, tmp_path):
     cmask = Mdl.centre_crop_to_patches(np.ascontiguousarray(mask)).astype(bool)
     for z, y, x in np.asarray(got):
         assert cmask[4 * z:4 * z + 4, 16 * y:16 * y + 16, 16 * x:16 * x + 16].all()
+
+
+def test_token_layout_is_the_authors():
+    """Their tokenize_volume: einops "c (d p1) (h p2) (w p3) -> (d h w) (c p1 p2 p3)", i.e. tokens
+    row-major over the (d, h, w) grid, voxels row-major inside the 4 x 16 x 16 patch; coords (d, h, w)."""
+    from nvfm.tokenize import patchify
+    g = torch.Generator().manual_seed(0)
+    vol = torch.randint(0, 256, (8, 32, 48), generator=g, dtype=torch.uint8)
+    tokens, coords, _ = patchify([vol], [torch.ones_like(vol)], 1.0)
+    want = vol.reshape(2, 4, 2, 16, 3, 16).permute(0, 2, 4, 1, 3, 5).reshape(-1, 1024)
+    grid = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(3), indexing="ij"), -1)
+    assert torch.equal(tokens, want)
+    assert torch.equal(coords.long(), grid.reshape(-1, 3))
