@@ -199,7 +199,15 @@ def _scan(args):
     return dicom.scan_dicom(root, rel, s)
 
 
+def _ignore_sigint():
+    """Worker processes leave Ctrl-C to the main process, which terminates them once."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _init_worker(root, out_dir, cfg, tag_prefix, counter, one_thread=True):
+    if one_thread:
+        _ignore_sigint()
     with counter.get_lock():
         counter.value += 1
         k = counter.value
@@ -278,6 +286,99 @@ def process_study(task):
 # ------------------------------------------------------------------ main
 
 
+# ------------------------------------------------------------------ merge lock
+
+LOCK_HEARTBEAT_S = 10.0  # the merging job touches merge.lock this often
+LOCK_STALE_S = 120.0  # a lock not touched for this long is stale (its owner died, on any host)
+
+
+class MergeLock:
+    """OUTPUT/merge.lock = {"pid", "host", "started"} of the merging job, touched every
+    LOCK_HEARTBEAT_S by a thread. A lock is stale when its owner is on this host and its
+    pid is gone, when it was not touched for LOCK_STALE_S (any host), or when it holds no
+    owner (written by an older version, or cut short): a job that finds a stale lock
+    removes it and merges, so restarting the same command after a crash always completes."""
+
+    def __init__(self, path):
+        import threading
+        self.path, self.stop = path, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+
+    def _beat(self):
+        while not self.stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self):
+        self.stop.set()
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def lock_stale(path):
+    """(stale, description of the owner) of an existing merge.lock."""
+    import socket
+    try:
+        age = time.time() - os.path.getmtime(path)
+        with open(path) as f:
+            owner = json.load(f)
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except FileNotFoundError:
+        return True, "gone"
+    except (OSError, ValueError, KeyError, TypeError):
+        return True, "no owner recorded"
+    who = f"pid {pid} on host {host}"
+    if age > LOCK_STALE_S:
+        return True, f"{who}, not refreshed for {age:.0f} s"
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return True, f"{who}, which is no longer running"
+    return False, who
+
+
+def acquire_merge_lock(out_dir, log):
+    """MergeLock, or None when a live job holds the lock (it will write the output)."""
+    import socket
+    path = os.path.join(out_dir, "merge.lock")
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+    for _ in range(3):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:  # the owner is in the file before the lock exists
+            f.write(me)
+        try:
+            os.link(tmp, path)  # atomic: fails when the lock exists
+            return MergeLock(path)
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+        stale, who = lock_stale(path)
+        if not stale:
+            log(f"another job is merging ({who}); it writes the output (if it died, rerun after "
+                f"{LOCK_STALE_S:.0f} s and its stale lock is removed)")
+            return None
+        log(f"removing a stale merge.lock ({who})")
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    raise SystemExit(f"preprocess: could not take {path}")
+
+
 def summarize(done, file_failures, n_studies_input):
     vols = [v for e in done.values() for v in e["volumes"]]
     events = [ev for e in done.values() for ev in e["events"]]
@@ -352,7 +453,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     nifti = [f for f in files if dicom.is_nifti(f)]
     dcm = [f for f in files if not dicom.is_nifti(f)]
     # (headers stream in; only this array job's studies are kept, so memory is ~1/N)
-    pool = mp.Pool(n_workers) if n_workers > 1 else None
+    pool = mp.Pool(n_workers, initializer=_ignore_sigint) if n_workers > 1 else None
     studies, all_keys, file_failures = {}, set(), []
     for rel in unreadable_dirs:  # counted like a failed file (its contents are unknown)
         fk = dicom.salted_hash(rel, s)
@@ -376,6 +477,12 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             all_keys.add(key)
             if int(key, 16) % sn == si:
                 studies.setdefault(key, ("dicom", []))[1].append(h)
+    except BaseException:  # Ctrl-C or an error: stop the workers now, not after their queue
+        if pool:
+            pool.terminate()
+            pool.join()
+            pool = None
+        raise
     finally:
         if pool:
             pool.close()
@@ -417,6 +524,12 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             for key, nv, console in tqdm(it, total=len(tasks), desc="studies", unit="study", disable=not cfg_progress):
                 for msg, path, k, console_only in console:
                     log(msg, path, k, console_only)
+        except BaseException:  # Ctrl-C or an error: committed studies stay, the rest is redone on rerun
+            if pool:
+                pool.terminate()
+                pool.join()
+                pool = None
+            raise
         finally:
             if pool:
                 pool.close()
@@ -440,12 +553,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     if not all(os.path.exists(p) for p in done_files):
         log(f"shard {si}/{sn} finished; waiting for the other array jobs before merging")
         return None
-    lock = os.path.join(output_dir, "merge.lock")
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.close(fd)
-    except FileExistsError:
-        log("another job is merging (remove merge.lock if it crashed)")
+    lock = acquire_merge_lock(output_dir, log)
+    if lock is None:
         return None
     try:
         all_file_failures = []
@@ -464,7 +573,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9), cfg_fsync)
         shards.remove_parts(output_dir)
     finally:
-        os.remove(lock)
+        lock.release()
     log(f"wrote {len(manifest['volumes'])} volumes to {len(manifest['shards'])} shard file(s)")
     print_summary(summary)
     _require_volumes(manifest)
@@ -482,6 +591,11 @@ if __name__ == "__main__":
     from nvfm.configurator import configure
     configure(globals())
     t0 = time.time()
-    run(input, output, labels, findings, workers, shard, salt, min_slices, min_fg_fraction, shard_gb, fsync,
-        log_paths, progress, label_columns)
+    try:
+        run(input, output, labels, findings, workers, shard, salt, min_slices, min_fg_fraction, shard_gb, fsync,
+            log_paths, progress, label_columns)
+    except KeyboardInterrupt:
+        print("preprocess: interrupted; committed studies are kept: rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
     print(f"preprocess: done in {time.time() - t0:.1f} s")

@@ -204,7 +204,10 @@ def dump_manifest(m):
 
 
 def remove_parts(out_dir):
-    for p in sorted(glob.glob(os.path.join(out_dir, "parts", "*"))):
+    """Parts go first and the done_* markers last: a run killed half way through still has
+    every marker, so the same command merges again."""
+    ps = sorted(glob.glob(os.path.join(out_dir, "parts", "*")))
+    for p in sorted(ps, key=lambda p: os.path.basename(p).startswith("done_")):
         os.remove(p)
     try:
         os.rmdir(os.path.join(out_dir, "parts"))

@@ -195,3 +195,116 @@ def test_demo_cohort_root_is_refused_with_the_right_folder(tmp_path):
     (tmp_path / "cohort" / "labels.csv").write_text("study_uid\n")
     with pytest.raises(SystemExit, match=f"use --input={tmp_path / 'cohort' / 'dicom'}"):
         preprocess.run(str(tmp_path / "cohort"), str(tmp_path / "out"), **RUN)
+
+
+# ----------------------------------------------------------------------------- item 16
+
+KILLER = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import preprocess
+from nvfm import data
+point, calls = sys.argv[4], []
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def nth(fn, n):  # SIGKILL on the n-th call made during the merge
+    def f(*a, **k):
+        if merging:
+            calls.append(1)
+            if len(calls) == n:
+                die()
+        return fn(*a, **k)
+    return f
+
+merging = False
+real_merge = data.merge
+def merge(*a, **k):
+    global merging
+    merging = True
+    return real_merge(*a, **k)
+data.merge = merge
+if point == "before":
+    data.merge = die
+elif point == "shards":
+    os.replace = nth(os.replace, 2)
+elif point == "manifest":
+    data.remove_parts = die
+elif point == "cleanup":
+    os.remove = nth(os.remove, 2)
+preprocess.run(sys.argv[2], sys.argv[3], n_workers=1, cfg_progress=False)
+"""
+
+
+def _outputs(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != "preprocess.log"}
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    for s in range(3):
+        write_series(str(root / "in" / f"s{s}"), head_phantom(SHAPE, s), seed=s)
+    preprocess.run(str(root / "in"), str(root / "ref"), **RUN)
+    return root
+
+
+@pytest.mark.parametrize("point", ["before", "shards", "manifest", "cleanup"])
+def test_kill_during_merge_then_rerun_completes(small_cohort, tmp_path, point):
+    out = tmp_path / "out"
+    env = dict(os.environ, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", KILLER, ROOT, str(small_cohort / "in"), str(out), point], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+    assert (out / "merge.lock").exists()
+    res = _cli(f"--input={small_cohort / 'in'}", f"--output={out}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "removing a stale merge.lock" in res.stderr
+    assert _outputs(out) == _outputs(small_cohort / "ref") and not (out / "merge.lock").exists()
+    assert not (out / "parts").exists()
+
+
+def test_live_merge_lock_is_respected_and_old_locks_are_stale(tmp_path):
+    lock = tmp_path / "merge.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}))
+    assert preprocess.lock_stale(str(lock))[0] is False  # this process is alive
+    assert preprocess.acquire_merge_lock(str(tmp_path), lambda *a, **k: None) is None
+    os.utime(lock, (time.time() - 1000, time.time() - 1000))
+    assert preprocess.lock_stale(str(lock))[0] is True  # not refreshed: its owner died on some host
+    lock.write_text("")
+    assert preprocess.lock_stale(str(lock))[0] is True  # an empty lock from an older version
+    held = preprocess.acquire_merge_lock(str(tmp_path), lambda *a, **k: None)
+    assert held is not None and json.loads(lock.read_text())["pid"] == os.getpid()
+    held.release()
+    assert not lock.exists()
+
+
+def test_ctrl_c_stops_cleanly_once_and_resumes(tmp_path):
+    inp = tmp_path / "in"
+    for s in range(6):
+        write_series(str(inp / f"s{s}"), head_phantom((24, 128, 112), s), seed=s, ps=(0.5, 0.5), step=(0, 0, 2.0))
+    out = tmp_path / "out"
+    env = dict(os.environ, NVFM_QUIET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "preprocess.py"), f"--input={inp}",
+                             f"--output={out}", "--progress=False", "--workers=2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    t0 = time.time()
+    while time.time() - t0 < 120 and proc.poll() is None:
+        if any(p.stat().st_size for p in out.glob("parts/*.jsonl")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "finished before the interrupt"
+    os.killpg(proc.pid, signal.SIGINT)  # what one Ctrl-C in a terminal does: the whole process group
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("one Ctrl-C did not stop the run")
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err[-2000:]
+    res = _cli(f"--input={inp}", f"--output={out}", "--workers=2")
+    assert res.returncode == 0 and "already done" in res.stderr, res.stderr[-2000:]
+    ref = tmp_path / "ref"
+    preprocess.run(str(inp), str(ref), **RUN)
+    assert _outputs(out) == _outputs(ref)
