@@ -92,6 +92,11 @@ def _clean_split(s):
     return s or "train"
 
 
+def printable_path(path):
+    """A relative path as printable text: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class Log:
     """stderr (paths allowed when log_paths) + OUTPUT/preprocess.log (hashed keys only)."""
 
@@ -104,7 +109,8 @@ class Log:
         if not console_only:
             self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}{where}\n")
             self.f.flush()
-        shown = f" {path}" if (path and self.show_paths) else where
+        # a file name that is not UTF-8 is shown with its odd bytes escaped (\xe9), never fatal
+        shown = f" {printable_path(path)}" if (path and self.show_paths) else where
         tqdm.write(f"preprocess: {msg}{shown}", file=sys.stderr)
 
 

@@ -119,8 +119,9 @@ class SeriesError(Exception):
 
 
 def salted_hash(text, salt, n=16):
-    """Hex sha256 of salt + text, truncated to n hex chars (64 bits at n=16)."""
-    return hashlib.sha256((salt + "\x00" + str(text)).encode()).hexdigest()[:n]
+    """Hex sha256 of salt + text, truncated to n hex chars (64 bits at n=16). A path that is
+    not valid UTF-8 (its bytes surrogate-escaped by os.walk) is hashed as its raw bytes."""
+    return hashlib.sha256((salt + "\x00" + str(text)).encode("utf-8", "surrogateescape")).hexdigest()[:n]
 
 
 def find_inputs(root):

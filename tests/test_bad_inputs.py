@@ -308,3 +308,28 @@ def test_ctrl_c_stops_cleanly_once_and_resumes(tmp_path):
     ref = tmp_path / "ref"
     preprocess.run(str(inp), str(ref), **RUN)
     assert _outputs(out) == _outputs(ref)
+
+
+# ----------------------------------------------------------------------------- item 9
+
+
+def test_non_utf8_file_and_folder_names(tmp_path):
+    inp = tmp_path / "in"
+    folder = os.path.join(str(inp), os.fsdecode(b"\xe9tude_M\xfcller"))  # latin-1 bytes, not UTF-8
+    try:
+        os.makedirs(folder)
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("file system refuses non-UTF-8 names")
+    write_series(folder, head_phantom(SHAPE), names=[os.fsdecode(b"IM\xff%d.dcm" % i) for i in range(SHAPE[0])])
+    nd = os.path.join(str(inp), os.fsdecode(b"nii_\xe9"))
+    os.makedirs(nd)
+    nib.save(nib.Nifti1Image(np.clip(head_phantom(SHAPE) + 1000, 0, None).transpose(2, 1, 0).astype(np.float32),
+                             np.diag([0.8, 0.9, 5.0, 1.0])), os.path.join(nd, os.fsdecode(b"t1_\xfc.nii.gz")))
+    with open(os.path.join(folder, os.fsdecode(b"junk_\xe9.txt")), "w") as f:
+        f.write("not DICOM\n")
+    out = tmp_path / "out"
+    res = _cli(f"--input={inp}", f"--output={out}", "--log_paths=True")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "failed file: not a DICOM file \\xe9tude_M\\xfcller/junk_\\xe9.txt" in res.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["summary"]["volumes"] == 2 and man["summary"]["files_failed"] == {"not a DICOM file": 1}
