@@ -1,16 +1,21 @@
 """Report metrics: text overlap, clinical correctness against the structured ground truth, triage.
 
 Implementations (all offline):
-  BLEU-2   sacrebleu `BLEU(max_ngram_order=2)` corpus score (13a tokenizer, exp smoothing), / 100
-  ROUGE-L  rouge-score `RougeScorer(["rougeL"], use_stemmer=True)` F-measure, mean over studies
+  BLEU-2   sacrebleu `BLEU(max_ngram_order=2)` corpus score (13a tokenizer, case-sensitive, exp
+           smoothing, brevity penalty over the corpus), / 100
+  ROUGE-L  rouge-score `RougeScorer(["rougeL"], use_stemmer=True)` F-measure (its tokenizer: lower
+           case, runs of letters/digits, Porter stems), mean over studies
   METEOR   NLTK `meteor_score` (exact + Porter stem + WordNet synonym matching, alpha 0.9, beta 3,
-           gamma 0.5), mean over studies. NLTK's METEOR is not the METEOR 1.5 jar (no paraphrase
+           gamma 0.5) on `meteor_tokens` (lower case, letter/digit runs, punctuation marks), mean
+           over studies. NLTK's METEOR is not the METEOR 1.5 jar (no paraphrase
            table), so numbers are not comparable with papers that used the jar. WordNet 3.0 is read
            from the Debian `wordnet-base` + `wordnet-sense-index` files (/usr/share/wordnet): an
            NLTK-readable `corpora/wordnet` folder (a copy, ~30 MB) plus the `lexnames` table is built in
-           a cache dir at first use; nothing is downloaded.
-A report is the list of finding strings; for the text metrics it is joined with spaces, and an
-empty list (no positive finding) is rendered as "No positive findings." on both sides.
+           a cache dir at first use; nothing is downloaded. Without those files METEOR is NaN (null)
+           with a `meteor_note`; BLEU-2 and ROUGE-L are unaffected.
+A report is the list of finding strings; for the text metrics it is joined with spaces. Studies
+whose generated and reference reports are both empty are left out of the three text metrics
+(n_both_empty); an empty report facing a non-empty one is scored as "No positive findings.".
 
 Clinical metrics use the diagnosis names of nvfm.ontology found in the finding text
 (`extract_diagnoses`: longest phrase first, side from left/right/bilateral words):
@@ -21,7 +26,8 @@ Clinical metrics use the diagnosis names of nvfm.ontology found in the finding t
                           side is wrong / those that state a side
   diagnosis_set_accuracy  studies whose set of named diagnoses equals the ground truth's (sides ignored)
   diagnosis_f1            mean per-study F1 of those sets (1 when both are empty)
-  triage_accuracy         judge(generated findings, indication) == ground-truth triage
+  triage_accuracy         judge(generated findings, indication) == ground-truth triage (one of
+                          unremarkable / routine / urgent, case ignored; anything else is an error)
 Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
 vLLM or Ollama server), asked to answer with one word.
@@ -79,7 +85,23 @@ _PATTERNS = [
     (r"(generali[sz]ed|diffuse) (cerebral )?volume loss", "cerebral_atrophy"),
     (r"mass effect", "brain_mass_effect"),
 ]
-_NEGATION = re.compile(r"\b(no|without|negative for|absence of|free of|resolved)\b")
+# NegEx-style negation (Chapman et al. 2001), on normalised text. A pre-negation trigger negates
+# every mention after it up to the end of its clause; a post-negation trigger every mention
+# before it back to the start of its clause. Clauses end at the sentence end (`extract_diagnoses`
+# splits sentences) and at termination terms. Pseudo-triggers ("no change in", "cannot be
+# excluded") look like negations but are not: text they cover triggers nothing.
+_PRE_NEG = re.compile(r"(?<= )(no|not|without|negative for|absence of|absent|free of|resolution of|resolved|"
+                      r"rules? out|ruled out|neither|nor)(?= )")
+_POST_NEG = re.compile(r"(?<= )((is|are|was|were|has been|have been) )?((not|no longer) (seen|identified|present|"
+                       r"visuali[sz]ed|demonstrated|evident|appreciated|detected|noted)|absent|excluded|ruled out|"
+                       r"(has |have )?resolved)(?= )")
+_PSEUDO_NEG = re.compile(r"(?<= )(no (significant |substantial |definite |interval |appreciable )*(change|increase|"
+                         r"decrease|enlargement|growth|progression|worsening)|without (significant |interval )*change|"
+                         r"not only|(cannot|can not|could not|not) (be )?(excluded|ruled out)|not (been )?(excluded|"
+                         r"ruled out))(?= )")
+# clause ends, matched on the lower-cased sentence before normalisation (a comma matters in ", with")
+_TERMINATION = re.compile(r"\b(but|however|although|though|yet|whereas|except|apart from|aside from|other than|"
+                          r"which|there (is|are)|secondary to|due to)\b|,\s*(with|and|there)\b")
 
 
 def _norm(text):
@@ -107,21 +129,51 @@ _RULES = _rule_table()
 _SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?= )")
 
 
+def _clauses(sentence):
+    """Normalised sentence with its clauses joined by " | " (`_TERMINATION`), and the
+    (start, end) span of each clause in that text."""
+    low, cuts = sentence.lower(), [0]
+    for m in _TERMINATION.finditer(low):
+        cuts.append(m.start())
+    cuts.append(len(low))
+    parts = [_norm(low[a:b]).strip() for a, b in zip(cuts[:-1], cuts[1:])]
+    text, spans = " ", []
+    for p in parts:
+        if p:
+            spans.append((len(text), len(text) + len(p)))
+            text += p + " | "
+    return (text[:-2] if spans else text), spans
+
+
+def negated_spans(text, spans):
+    """[(start, end)] character ranges of a `_clauses` text that are negated (NegEx scope)."""
+    pseudo = [m.span() for m in _PSEUDO_NEG.finditer(text)]
+    real = lambda m: not any(a < m.end() and m.start() < b for a, b in pseudo)
+    out = []
+    for cs, ce in spans:   # text[cs - 1] and text[ce] are spaces: the triggers' lookarounds see them
+        out += [(m.end(), ce) for m in _PRE_NEG.finditer(text, cs - 1, ce + 1) if real(m)]
+        out += [(cs, m.start()) for m in _POST_NEG.finditer(text, cs - 1, ce + 1) if real(m)]
+    return out
+
+
 def extract_diagnoses(finding):
     """Diagnoses named in one finding string -> list of (name, side) with side in
     {"left", "right", "bilateral", None}, in order of mention. Each sentence is read on its own:
-    a negated mention ("no midline shift") is skipped, and a lateral diagnosis takes the nearest
-    side word of its sentence."""
+    a negated mention is skipped (NegEx-style scope: "No evidence of hemorrhage, mass effect, or
+    midline shift" negates all three; "Left subdural hematoma without midline shift" only the
+    shift; "but", "however", "which", "there is" ... end a negation's clause), and a lateral
+    diagnosis takes the nearest side word of its sentence."""
     out, seen = [], set()
     for sentence in re.split(r"[;\n]|\.(?!\d)", finding):  # not at decimal points (3.4 x 3.3 cm)
-        text = _norm(sentence)
+        text, spans = _clauses(sentence)
+        neg = negated_spans(text, spans)
         sides = [(m.start(), m.end(), "bilateral" if m.group(1) == "both" else m.group(1))
                  for m in _SIDE.finditer(text)]
         found = []
         for rx, name in _RULES:
             for m in list(rx.finditer(text)):
                 a, b = m.span()
-                if not _NEGATION.search(text[max(0, a - 30):a]):
+                if not any(na <= a < nb for na, nb in neg):
                     found.append((a, b, name))
             text = rx.sub(lambda m: "#" * len(m.group(0)), text)
         for a, b, name in sorted(found):
@@ -205,30 +257,68 @@ def _wordnet():
         return WordNetCorpusReader(cache, None)
 
 
-_WN = None
+_WN = {}   # WordNet source dir -> reader
+
+
+def wordnet_missing():
+    """None when METEOR's WordNet can be read, else the reason (a sentence naming the packages)."""
+    try:
+        _get_wordnet()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _get_wordnet():
+    src = os.environ.get("NVFM_WORDNET_DIR", WORDNET_SRC)
+    if src not in _WN:
+        _WN[src] = _wordnet()
+    return _WN[src]
 
 
 def _join(findings):
-    return " ".join(f.strip() for f in findings if f.strip()) or EMPTY_REPORT
+    return " ".join(f.strip() for f in findings if f.strip())
+
+
+def meteor_tokens(text):
+    """METEOR's tokens: lower case, runs of letters/digits and single punctuation marks."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
 def text_metrics(hyps, refs):
-    """hyps, refs: lists (studies) of finding lists -> {bleu2, rougeL, meteor} in [0, 1]."""
-    global _WN
+    """hyps, refs: lists (studies) of finding lists -> {bleu2, rougeL, meteor} in [0, 1], plus
+    n_text_pairs (studies scored) and n_both_empty.
+
+    A study whose generated and reference reports are both empty (no positive finding, rightly
+    reported as such) is left out of all three: scoring the placeholder text against itself would
+    give it a perfect 1 and inflate the averages of cohorts with many normal studies (a correct
+    empty report is credited by diagnosis_set_accuracy and triage_accuracy instead). An empty
+    report facing a non-empty one is scored as the text "No positive findings.". With no study
+    left the three are NaN. Without WordNet, METEOR is NaN and `meteor_note` says why; BLEU-2 and
+    ROUGE-L are still computed."""
     import sacrebleu
-    from nltk.translate.meteor_score import meteor_score
     from rouge_score import rouge_scorer
 
-    if _WN is None:
-        _WN = _wordnet()
-    h = [_join(x) for x in hyps]
-    r = [_join(x) for x in refs]
+    pairs = [(_join(hh), _join(rr)) for hh, rr in zip(hyps, refs)]
+    kept = [(hh or EMPTY_REPORT, rr or EMPTY_REPORT) for hh, rr in pairs if hh or rr]
+    out = {"n_text_pairs": len(kept), "n_both_empty": len(pairs) - len(kept)}
+    nan = float("nan")
+    try:
+        wn = _get_wordnet()
+    except RuntimeError as e:
+        wn = None
+        out["meteor_note"] = f"METEOR not computed: {e}"
+    if not kept:
+        return {"bleu2": nan, "rougeL": nan, "meteor": nan, **out}
+    h, r = [k[0] for k in kept], [k[1] for k in kept]
     bleu = sacrebleu.metrics.BLEU(max_ngram_order=2, effective_order=False).corpus_score(h, [r]).score / 100
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = sum(scorer.score(rr, hh)["rougeL"].fmeasure for hh, rr in zip(h, r)) / max(len(h), 1)
-    tokenize = lambda s: re.findall(r"[a-z0-9]+|[^\sa-z0-9]", s.lower())
-    meteor = sum(meteor_score([tokenize(rr)], tokenize(hh), wordnet=_WN) for hh, rr in zip(h, r)) / max(len(h), 1)
-    return {"bleu2": bleu, "rougeL": rouge, "meteor": meteor}
+    rouge = sum(scorer.score(rr, hh)["rougeL"].fmeasure for hh, rr in kept) / len(kept)
+    meteor = nan
+    if wn is not None:
+        from nltk.translate.meteor_score import meteor_score
+        meteor = sum(meteor_score([meteor_tokens(rr)], meteor_tokens(hh), wordnet=wn) for hh, rr in kept) / len(kept)
+    return {"bleu2": bleu, "rougeL": rouge, "meteor": meteor, **out}
 
 
 # ----------------------------------------------------------------------------- triage judges
@@ -309,7 +399,12 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
                 lat_err += side != gt[d]
         ind = (indications[i] if indications else None) or t.get("indication")
         pred = judge_rules(h, ind) if judge == "rules" else judge_http(h, ind, url=judge_url, model=judge_model)
-        true = t.get("triage") or judge_rules(t.get("findings") or [])
+        true = t.get("triage")
+        true = judge_rules(t.get("findings") or []) if true is None or str(true).strip() == "" else \
+            str(true).strip().lower()
+        if true not in TRIAGE_CLASSES:
+            raise ValueError(f"study {t.get('study_key', i)!r}: triage {t.get('triage')!r} is not one of "
+                             f"{TRIAGE_CLASSES} (case is ignored)")
         confusion[true][pred] += 1
         correct += pred == true
     rate = lambda a, b: a / b if b else float("nan")
@@ -329,8 +424,20 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
     SHARDS/findings.jsonl ground truth. Studies without a report are errors; extra ground-truth
     studies are ignored. Returns the metrics dict (see the module docstring).
     """
-    reps = [r for _, r in iter_jsonl(reports_jsonl, "reports")]
-    truth = {_key(r, findings_jsonl): r for _, r in iter_jsonl(findings_jsonl, "findings")}
+    reps, seen = [], {}
+    for line, r in iter_jsonl(reports_jsonl, "reports"):
+        k = _key(r, reports_jsonl)
+        if k in seen:   # a study counted twice would weigh twice in every rate
+            raise ValueError(f"{reports_jsonl}:{line}: study {k!r} already has a report (line {seen[k]}); "
+                             "keep one report per study")
+        seen[k] = line
+        reps.append(r)
+    truth = {}
+    for line, r in iter_jsonl(findings_jsonl, "findings"):
+        k = _key(r, findings_jsonl)
+        if k in truth:
+            raise ValueError(f"{findings_jsonl}:{line}: study {k!r} appears twice in the ground truth")
+        truth[k] = r
     hyps, truths = [], []
     for r in reps:
         k = _key(r, reports_jsonl)
