@@ -237,10 +237,16 @@ def scan_dicom(root, rel, salt=""):
             ds = read_dataset(fp, stop_before_pixels=True)
             pixel_pos = fp.tell()  # pydicom stops at the (7FE0,0010) tag
             pixel_hdr = fp.read(12)
+        if not pixel_hdr:  # pydicom ran to the end of the file, silently dropping a cut element
+            _check_header_complete(ds, os.path.getsize(os.path.join(root, rel)))
         meta = getattr(ds, "file_meta", None)
         if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
             raise SeriesError("DICOMDIR index file (not an image)")
         info = _header_info(ds, info)
+        if not pixel_hdr and info["sop_class"] in IMAGE_SOP_CLASSES and (
+                not info["study_uid"] or not info["series_uid"] or info["rows"] < 1):
+            # an image header ending at an element boundary before its UIDs/matrix: cut short
+            raise SeriesError("truncated file (header cut short)")
         _note_pixel_error(ds, info, pixel_pos, pixel_hdr, os.path.getsize(os.path.join(root, rel)))
         info["raw_pixels"] = _raw_pixel_location(ds, info, pixel_pos, pixel_hdr)
         info["j2k_pixels"] = _j2k_pixel_location(ds, info, pixel_pos, pixel_hdr)
@@ -452,9 +458,25 @@ def _check_pixel_length(ds, info, pos, hdr, file_size):
         raise SeriesError("pixel data length does not match Rows x Columns x frames x samples x bits")
 
 
+def _check_header_complete(ds, file_size):
+    """A file that ends inside its header (pydicom keeps what it read, so it would look like
+    a file missing StudyInstanceUID) -> SeriesError("truncated file ...")."""
+    tags = list(ds.keys())
+    if not tags:
+        raise SeriesError("truncated file (header cut short)")
+    raw = ds.get_item(tags[-1])
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    # the last element must end exactly at the end of the file: past it, its value was cut;
+    # short of it, the next element's header was (pydicom stops quietly on either)
+    if tell is not None and length is not None and length != 0xFFFFFFFF and tell + length != file_size:
+        raise SeriesError("truncated file (header cut short)")
+
+
 def _note_pixel_error(ds, info, pos, hdr, file_size):
     """info["pixel_error"] = the reason the pixel data cannot be this header's image; the
-    file keeps its place in its series, which fails with that reason when assembled."""
+    file keeps its place in its series, which fails with that reason when assembled.
+    info["pixel_tag"]: the file has a Pixel Data element (so a read without one is a cut file)."""
+    info["pixel_tag"] = len(hdr) >= 4 and hdr[:4] == PIXEL_TAG
     try:
         _check_pixel_length(ds, info, pos, hdr, file_size)
     except SeriesError as e:
@@ -1104,7 +1126,8 @@ def dicom_stack(root, group, reduce=False):
         except Exception as e:
             raise SeriesError(f"unreadable DICOM file ({type(e).__name__})") from e
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            raise SeriesError("missing pixel data")
+            # the header scan saw the Pixel Data tag: pydicom dropped a cut-short element
+            raise SeriesError("truncated file (pixel data cut short)" if h.get("pixel_tag") else "missing pixel data")
         if int(ds.get("Rows", 0) or 0) != rows or int(ds.get("Columns", 0) or 0) != cols:
             raise SeriesError("inconsistent Rows/Columns")
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if getattr(ds, "file_meta", None) else ""

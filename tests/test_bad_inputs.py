@@ -333,3 +333,37 @@ def test_non_utf8_file_and_folder_names(tmp_path):
     assert "failed file: not a DICOM file \\xe9tude_M\\xfcller/junk_\\xe9.txt" in res.stderr
     man = json.loads((out / "manifest.json").read_text())
     assert man["summary"]["volumes"] == 2 and man["summary"]["files_failed"] == {"not a DICOM file": 1}
+
+
+# ----------------------------------------------------------------------------- item 13
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_truncated_header_is_reported_as_truncated(tmp_path, fast):
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom((3, 48, 40)), shuffle=False)
+    with open(paths[0], "rb") as f:
+        blob = f.read()
+    ds = pydicom.dcmread(paths[0])
+    pix = blob.index(b"\xe0\x7f\x10\x00")
+    cuts = [140, 300, 500, 700, 900, pix - 5]
+    for n in cuts:
+        with open(os.path.join(d, f"cut{n}.dcm"), "wb") as f:
+            f.write(blob[:n])
+    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
+    try:
+        for n in cuts:
+            h = dicom.scan_dicom(d, f"cut{n}.dcm")
+            assert h.get("error") == "truncated file (header cut short)", (n, h.get("error"))
+    finally:
+        dicom.FAST_SCAN = old
+    assert ds.StudyInstanceUID  # the uncut file is fine
+
+
+def test_truncated_rle_frame_is_reported_as_truncated(tmp_path):
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom((4, 48, 40)), shuffle=False, compress=True)
+    with open(paths[1], "r+b") as f:
+        f.truncate(os.path.getsize(paths[1]) - 300)
+    got = _outcomes(d)
+    assert got == [("truncated file (pixel data cut short)", os.path.basename(paths[1]))], got
