@@ -367,3 +367,26 @@ def test_truncated_rle_frame_is_reported_as_truncated(tmp_path):
         f.truncate(os.path.getsize(paths[1]) - 300)
     got = _outcomes(d)
     assert got == [("truncated file (pixel data cut short)", os.path.basename(paths[1]))], got
+
+
+# ----------------------------------------------------------------------------- item 12
+
+
+def test_log_names_the_offending_file_and_skipped_series(tmp_path, capsys):
+    inp = tmp_path / "in"
+    write_series(str(inp / "good"), head_phantom(SHAPE))
+    _, _, p = write_series(str(inp / "conflict"), head_phantom(SHAPE, 1), shuffle=False)
+    ipp = list(pydicom.dcmread(p[2]).ImagePositionPatient)
+    _mutate(str(inp / "conflict"), lambda ds, i: setattr(ds, "ImagePositionPatient", ipp) if i == 3 else None)
+    _, _, p = write_series(str(inp / "gap"), head_phantom(SHAPE, 2), shuffle=False)
+    for q in p[3:6]:
+        os.remove(q)
+    write_series(str(inp / "loc"), head_phantom(SHAPE, 3)[:3], desc="SCOUT")
+    preprocess.run(str(inp), str(tmp_path / "out"), cfg_log_paths=True, **RUN)
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if "conflicting slices" in x][0]
+    assert line.endswith(("conflict/IM0002.dcm", "conflict/IM0003.dcm")), line
+    line = [x for x in err.splitlines() if "missing slices" in x][0]
+    assert line.endswith("gap/IM0006.dcm"), line
+    line = [x for x in err.splitlines() if "localizer/scout" in x][0]
+    assert line.endswith(".dcm") and " loc/IM" in line, line
