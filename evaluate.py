@@ -46,7 +46,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0            # CPU threads (0 = PyTorch default; 1-2 is fastest for small probes)
 # -----------------------------------------------------------------------------
 from nvfm.configurator import configure  # noqa: E402
-configure(globals())
+configure(globals(), argv=None if __name__ == "__main__" else [])   # importable by the tests
 if threads > 0:
     torch.set_num_threads(threads)
 
@@ -108,12 +108,7 @@ def evaluate_probe(path, display, rows_by_key, sides):
     rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
                                         progress=n_boot >= 1000)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
-    cf1 = metrics.f1(y, prob >= 0.5)
-    for k, n in enumerate(lab):
-        rep["per_class"][n]["calibrated_f1"] = metrics.jsonable(cf1[k])
-        rep["per_class"][n]["n_train_pos"] = ck["n_train_pos"][k]
-    rep["macro"]["calibrated_f1"] = dict(zip(("mean", "n_classes"), metrics.macro(cf1)))
-    rep["label_efficiency"] = metrics.label_efficiency_fit(ck["n_train_pos"], cf1)
+    metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"])   # classes without test positives left out
     res.update(rep)
     return res, dict(keys=keys, y=y, logits=logits, ck=ck, models=models, cache=cache, wins=wins, display=display)
 
@@ -122,25 +117,59 @@ def fmt(v, nd=3):
     return "undefined" if v is None else f"{v:.{nd}f}"
 
 
+def fmt_ci(v, ci, nd):
+    """'0.83 [0.70, 0.91]'; the value alone when its CI is undefined; 'undefined' when it is."""
+    if v is None:
+        return "undefined"
+    if not ci or ci[0] is None or ci[1] is None:
+        return f"{v:.{nd}f}"
+    return f"{v:.{nd}f} [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def display_names(paths, names_arg):
+    """Display name per probe path: --names, or the parent folder names made unique (name, name-2,
+    ...). Two probes under one explicit name would overwrite each other's results: an error."""
+    if names_arg:
+        disp = names_arg.split(",")
+        if len(disp) != len(paths):
+            raise SystemExit(f"evaluate.py: {len(disp)} names for {len(paths)} probes")
+        dup = sorted({d for d in disp if disp.count(d) > 1 or d == "reports"})   # "reports": the reports' key
+        if dup:
+            raise SystemExit(f"evaluate.py: --names repeats {dup} (or uses 'reports'): each probe needs its own name")
+        return disp
+    disp = []
+    for p in paths:
+        base = os.path.basename(os.path.dirname(os.path.abspath(p)))
+        d, i = base, 1
+        while d in disp or d == "reports":
+            i += 1
+            d = f"{base}-{i}"
+        disp.append(d)
+    return disp
+
+
 def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
              f"{res['n_studies']} studies, {res['n_models']} model(s))"]
     if res["task"] == "age":
         lines.append(f"   age: MAE {res['mae']:.2f} years, RMSE {res['rmse']:.2f} years")
         return "\n".join(lines)
-    lines.append(f"   {'class':<38} {'pos':>4} {'AUROC [95% CI]':>24} {'sens':>6} {'spec':>6} {'bacc':>6} {'F1cal':>6}")
+    # fixed widths that fit "undefined" and "0.831 [0.702, 0.915]": columns stay aligned
+    lines.append(f"   {'class':<38} {'pos':>5} {'AUROC [95% CI]':>22} {'sens [95% CI]':>19} {'spec [95% CI]':>19} "
+                 f"{'bacc':>9} {'F1cal':>9}")
     for n, r in res["per_class"].items():
         if r["n_pos"] == 0 and r["n_train_pos"] == 0:
             continue  # absent everywhere: listed in the JSON only
-        ci = r.get("auroc_ci") or [None, None]
-        au = f"{fmt(r['auroc'])} [{fmt(ci[0])}, {fmt(ci[1])}]" if r["auroc"] is not None else "undefined"
-        lines.append(f"   {n[:38]:<38} {r['n_pos']:>4} {au:>24} {fmt(r['sensitivity'], 2):>6} "
-                     f"{fmt(r['specificity'], 2):>6} {fmt(r['balanced_accuracy'], 2):>6} {fmt(r['calibrated_f1'], 2):>6}")
+        cells = [fmt_ci(r[m], r.get(m + "_ci"), nd) for m, nd in (("auroc", 3), ("sensitivity", 2), ("specificity", 2))]
+        lines.append(f"   {n[:38]:<38} {r['n_pos']:>5} {cells[0]:>22} {cells[1]:>19} {cells[2]:>19} "
+                     f"{fmt(r['balanced_accuracy'], 2):>9} {fmt(r['calibrated_f1'], 2):>9}")
     m = res["macro"]
-    ci = m["auroc"].get("ci", [None, None])
-    lines.append(f"   macro AUROC {fmt(m['auroc']['mean'])} [{fmt(ci[0])}, {fmt(ci[1])}] over {m['auroc']['n_classes']} "
-                 f"defined classes; balanced accuracy {fmt(m['balanced_accuracy']['mean'])}; "
-                 f"calibrated F1 {fmt(m['calibrated_f1']['mean'])}; {len(res['undefined_classes'])} undefined classes")
+    lines.append(f"   macro AUROC {fmt_ci(m['auroc']['mean'], m['auroc'].get('ci'), 3)} over {m['auroc']['n_classes']} "
+                 f"defined classes; sensitivity {fmt_ci(m['sensitivity']['mean'], m['sensitivity'].get('ci'), 2)}; "
+                 f"specificity {fmt_ci(m['specificity']['mean'], m['specificity'].get('ci'), 2)}; balanced accuracy "
+                 f"{fmt(m['balanced_accuracy']['mean'])}; calibrated F1 {fmt(m['calibrated_f1']['mean'])} over "
+                 f"{m['calibrated_f1']['n_classes']} classes with test positives; "
+                 f"{len(res['undefined_classes'])} undefined classes")
     le = res["label_efficiency"]
     if le["slope"] is not None:
         lines.append(f"   label efficiency: F1 = {le['intercept']:.3f} + {le['slope']:.3f} log10(train positives), "
@@ -148,7 +177,23 @@ def table(res):
     return "\n".join(lines)
 
 
+def report_table(m):
+    """The generated-reports metrics (nvfm.report_metrics.evaluate_reports) as text."""
+    lines = [f"== reports  ({m['n_studies']} studies, judge {m['judge']})",
+             f"   BLEU-2 {fmt(m['bleu2'])}  ROUGE-L {fmt(m['rougeL'])}  METEOR {fmt(m['meteor'])}  "
+             f"({m['n_text_pairs']} studies; {m['n_both_empty']} with both reports empty left out)"]
+    if m.get("meteor_note"):
+        lines.append(f"   {m['meteor_note']}")
+    lines.append(f"   hallucination {fmt(m['hallucination_rate'])}  omission {fmt(m['omission_rate'])}  "
+                 f"urgent omission {fmt(m['urgent_omission_rate'])}  laterality error {fmt(m['laterality_error_rate'])}")
+    lines.append(f"   diagnosis set accuracy {fmt(m['diagnosis_set_accuracy'])}  diagnosis F1 {fmt(m['diagnosis_f1'])}  "
+                 f"triage accuracy {fmt(m['triage_accuracy'])}")
+    return "\n".join(lines)
+
+
 def plot(res, data):
+    """ROC curves (12 most frequent defined classes) with bootstrap 95% bands and the operating
+    point of each class's threshold, and the label-efficiency scatter. Returns the PNG paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -159,14 +204,23 @@ def plot(res, data):
     order = sorted([k for k in range(len(lab)) if res["per_class"][lab[k]]["auroc"] is not None],
                    key=lambda k: -y[:, k].sum())[:12]
     for k in order:
+        r = res["per_class"][lab[k]]
         fpr, tpr, _ = roc_curve(y[:, k], lg[:, k])
-        ax.plot(fpr, tpr, lw=1.2, label=f"{lab[k][:28]} ({res['per_class'][lab[k]]['auroc']:.2f})")
+        line, = ax.plot(fpr, tpr, lw=1.2, label=f"{lab[k][:28]} ({r['auroc']:.2f})")
+        if n_boot:
+            grid, lo, hi, _ = metrics.roc_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed)
+            ax.fill_between(grid, lo, hi, step="post", color=line.get_color(), alpha=0.15, lw=0)
+        if r["sensitivity"] is not None:
+            ax.plot(1 - r["specificity"], r["sensitivity"], "o", color=line.get_color(), ms=5, mec="k", mew=0.5)
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity",
            title=f"{tag}: ROC (macro AUROC {fmt(res['macro']['auroc']['mean'])})")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right",
+              title="bands: bootstrap 95% CI; dots: operating points" if n_boot else "dots: operating points",
+              title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"roc_{tag}.png"), dpi=110)
+    paths = [os.path.join(out, f"roc_{tag}.png")]
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     npos = np.array(data["ck"]["n_train_pos"])
@@ -181,8 +235,10 @@ def plot(res, data):
         ax.legend()
     ax.set(xlabel="log10(training positives)", ylabel="Platt-calibrated F1", title=f"{tag}: label efficiency")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, f"label_efficiency_{tag}.png"), dpi=110)
+    paths.append(os.path.join(out, f"label_efficiency_{tag}.png"))
+    fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    return paths
 
 
 def main():
@@ -190,16 +246,17 @@ def main():
         raise SystemExit("evaluate.py: --probes and --labels are required (or --reports with --findings)")
     if reports and not (findings or labels):
         raise SystemExit("evaluate.py: --reports needs --findings (SHARDS/findings.jsonl)")
+    if n_boot and n_boot < metrics.MIN_BOOT:
+        raise SystemExit(f"evaluate.py: --n_boot={n_boot}: the CIs need at least {metrics.MIN_BOOT} replicates "
+                         "(10,000 recommended), or --n_boot=0 for none")
     os.makedirs(out, exist_ok=True)
     paths = [p for p in probes.split(",") if p]
-    disp = names.split(",") if names else [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
-    if len(disp) != len(paths):
-        raise SystemExit(f"evaluate.py: {len(disp)} names for {len(paths)} probes")
+    disp = display_names(paths, names)
     rows, _ = P.load_labels(labels) if paths else ([], [])
     rows_by_key = {r["study_key"]: r for r in rows}
     fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
     sides = P.load_sides(fpath) if os.path.exists(fpath) else {}
-    results, first = {}, None
+    results, first, written = {}, None, []
     for p, d in zip(paths, disp):
         res, data = evaluate_probe(p, d, rows_by_key, sides)
         res["display"] = d
@@ -207,7 +264,7 @@ def main():
         if data is not None and first is None:
             first = data
         if plots and data is not None:
-            plot(res, data)
+            written += plot(res, data)
         print(table(res), flush=True)
     summary = {"macro_auroc": {d: r.get("macro", {}).get("auroc", {}).get("mean") for d, r in results.items()}}
     if first is not None and (cohort or flip_test or anatomy):
@@ -254,9 +311,11 @@ def main():
     print("summary: " + json.dumps(metrics.jsonable(summary)))
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics.jsonable({"summary": summary, "results": results}), f, indent=1)
+    if reports:
+        print(report_table(results["reports"]))
     with open(os.path.join(out, "table.txt"), "w") as f:
-        f.write("\n\n".join(table(r) for k, r in results.items() if k != "reports") + "\n")
-    print(f"wrote {out}/metrics.json, table.txt" + (", PNG plots" if plots else ""))
+        f.write("\n\n".join(report_table(r) if k == "reports" else table(r) for k, r in results.items()) + "\n")
+    print(f"wrote {out}/metrics.json, table.txt" + (f", {len(written)} PNG plots" if written else ""))
 
 
 if __name__ == "__main__":

@@ -532,6 +532,34 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     return out
 
 
+def roc_band(y, scores, n_boot=1000, seed=0, alpha=0.05, fpr_grid=None, chunk=100):
+    """Bootstrap band of one class's ROC curve, for plots. At each false-positive rate x of
+    fpr_grid (default 0, 0.01, ..., 1), the percentile interval over replicates of the highest
+    sensitivity of any cut with FPR <= x on the resampled cohort (the ROC step curve). The
+    replicates are `bootstrap_counts(n, n_boot, seed)`, those of the CIs; a replicate without
+    positives or negatives is left out. y, scores (n,). Returns (grid, low, high, n_valid),
+    low/high NaN when fewer than MIN_BOOT replicates are defined."""
+    y, s = _check(y, scores)
+    y, s = y[:, 0], s[:, 0]
+    grid = np.linspace(0, 1, 101) if fpr_grid is None else np.asarray(fpr_grid, np.float64)
+    order = np.argsort(-s, kind="stable")
+    ys, ss = y[order], s[order]
+    last = np.r_[ss[1:] != ss[:-1], True]                          # a cut after each group of tied scores
+    curves = []
+    for r0 in range(0, n_boot, chunk):
+        w = bootstrap_counts(len(y), min(chunk, n_boot - r0), seed=seed, r0=r0).double().numpy()[order]
+        tp = np.cumsum(w * ys[:, None], 0)[last]
+        fp = np.cumsum(w * (1 - ys)[:, None], 0)[last]
+        P, N = tp[-1], fp[-1]
+        for b in np.nonzero((P > 0) & (N > 0))[0]:
+            tpr, fpr = np.r_[0.0, tp[:, b] / P[b]], np.r_[0.0, fp[:, b] / N[b]]
+            curves.append(tpr[np.searchsorted(fpr, grid, side="right") - 1])
+    if len(curves) < MIN_BOOT:
+        return grid, np.full(len(grid), np.nan), np.full(len(grid), np.nan), len(curves)
+    low, high = np.percentile(np.array(curves), [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return grid, low, high, len(curves)
+
+
 # ----------------------------------------------------------------------------- report
 
 

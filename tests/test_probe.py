@@ -209,7 +209,18 @@ def test_train_probe_and_evaluate_scripts(tmp_path):
     ysel, ssel = ck["sel_labels"].numpy(), ck["sel_logits"].numpy().astype(np.float64)
     assert ysel.shape == ssel.shape == (sum(r["split"] == "val" for r in csv.DictReader(open(tmp_path / "labels.csv"))),
                                         len(ck["label_names"]))
-    np.testing.assert_allclose(metrics.youden_thresholds(ysel, ssel), ck["thresholds"], rtol=1e-6)  # same scores
+    # each saved cut reaches the largest Youden J of the ROC curve of its selection scores (sklearn),
+    # and is one of those scores; a class without selection positives keeps the default cut 0
+    from sklearn.metrics import roc_curve
+    for k in range(ysel.shape[1]):
+        yk, sk, t = ysel[:, k], ssel[:, k], ck["thresholds"][k]
+        if not 0 < yk.sum() < len(yk):
+            assert t == 0.0
+            continue
+        fpr, tpr, _ = roc_curve(yk, sk)
+        pred = sk >= t - 1e-6 * max(1.0, abs(t))          # the cut was saved from float32 logits
+        j = pred[yk == 1].mean() - pred[yk == 0].mean()
+        assert j == pytest.approx(np.max(tpr - fpr), abs=1e-12) and np.min(np.abs(sk - t)) <= 1e-6 * max(1.0, abs(t))
     r = _run(["evaluate.py", f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={tmp_path / 'labels.csv'}",
               f"--out={tmp_path / 'ev'}", "--n_boot=300", "--threads=1"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr

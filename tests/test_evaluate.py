@@ -1,0 +1,128 @@
+"""evaluate.py: ROC bands against resampled sklearn curves, the table's columns, probe names,
+a reports-only run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+from nvfm import metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402  (configure() reads no argv when imported)
+
+
+def test_roc_band_equals_percentiles_of_resampled_sklearn_curves():
+    rng = np.random.default_rng(0)
+    y = (rng.random(70) < 0.3).astype(int)
+    s = np.round(y * 1.2 + rng.normal(size=70), 1)                # ties
+    grid = np.linspace(0, 1, 21)
+    g, lo, hi, nv = metrics.roc_band(y, s, n_boot=150, seed=3, fpr_grid=grid, chunk=40)
+    w = metrics.bootstrap_counts(70, 150, seed=3).long().numpy()
+    curves = []
+    for r in range(150):
+        idx = np.repeat(np.arange(70), w[:, r])
+        if 0 < y[idx].sum() < len(idx):
+            fpr, tpr, _ = roc_curve(y[idx], s[idx], drop_intermediate=False)
+            curves.append([tpr[fpr <= x].max() for x in grid])   # best sensitivity at FPR <= x
+    ref_lo, ref_hi = np.percentile(np.array(curves), [2.5, 97.5], axis=0)
+    assert nv == len(curves) and np.array_equal(g, grid)
+    np.testing.assert_allclose(lo, ref_lo, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(hi, ref_hi, rtol=0, atol=1e-12)
+    assert (lo <= hi).all() and hi[-1] == 1.0
+
+
+def _result(n_boot=200):
+    rng = np.random.default_rng(1)
+    y = (rng.random((150, 4)) < [0.3, 0.2, 0.0, 0.5]).astype(int)   # class 2: no test positives
+    s = y * 1.5 + rng.normal(size=(150, 4))
+    thr = np.zeros(4)
+    names = ["intraparenchymal_hemorrhage", "meningioma", "pineal_tumor", "cerebral_atrophy"]
+    res = metrics.classification_report(y, s, thr, names, n_boot=n_boot, seed=0)
+    metrics.add_calibrated_f1(res, y, 1 / (1 + np.exp(-s)), [40, 30, 5, 60])
+    res.update(display="p", kind="attentive_mil", protocol="train/val/test", modality="CT", eval_modality="CT",
+               n_studies=150, n_models=1, task="diagnosis")
+    return res, dict(y=y, logits=s, ck={"label_names": names, "n_train_pos": [40, 30, 5, 60]}), thr
+
+
+def test_table_shows_sens_spec_cis_and_keeps_columns_aligned():
+    res, _, _ = _result()
+    lines = evaluate.table(res).splitlines()
+    rows = lines[1:6]                                   # header + 4 classes
+    assert len({len(r) for r in rows}) == 1, rows       # "undefined" cells keep the widths
+    row = {r.split()[0]: r for r in rows[1:]}
+    assert row["pineal_tumor"].count("undefined") == 5  # AUROC, sens, spec, bacc, calibrated F1
+    for n in ("intraparenchymal_hemorrhage", "meningioma"):
+        pc = res["per_class"][n]
+        for m in ("sensitivity", "specificity"):
+            lo, hi = pc[m + "_ci"]
+            assert f"{pc[m]:.2f} [{lo:.2f}, {hi:.2f}]" in row[n]
+    for m in ("sensitivity", "specificity"):
+        mac = res["macro"][m]
+        assert f"{m} {mac['mean']:.2f} [{mac['ci'][0]:.2f}, {mac['ci'][1]:.2f}]" in lines[6]
+    assert "over 3 classes with test positives" in lines[6]
+
+
+def test_roc_plot_writes_bands_and_operating_points(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res, data, thr = _result()
+    monkeypatch.setattr(evaluate, "out", str(tmp_path))
+    monkeypatch.setattr(evaluate, "n_boot", 200)
+    saved = {}
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: saved.setdefault(len(saved), fig))
+    paths = evaluate.plot(res, data)
+    monkeypatch.setattr(plt, "close", real_close)
+    assert paths == [str(tmp_path / "roc_p.png"), str(tmp_path / "label_efficiency_p.png")]
+    assert all(os.path.getsize(p) > 0 for p in paths)
+    ax = saved[0].axes[0]
+    assert len(ax.collections) == 3                     # one CI band per defined class
+    dots = [ln for ln in ax.lines if ln.get_marker() == "o"]
+    got = sorted((float(d.get_xdata()[0]), float(d.get_ydata()[0])) for d in dots)
+    y, s = data["y"], data["logits"]
+    ref = sorted((1 - (~(s[:, k] >= thr[k]) & (y[:, k] == 0)).sum() / (y[:, k] == 0).sum(),   # 1 - specificity
+                  ((s[:, k] >= thr[k]) & (y[:, k] == 1)).sum() / y[:, k].sum()) for k in (0, 1, 3))
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    for f in saved.values():
+        real_close(f)
+
+
+def test_probe_display_names_never_collide():
+    paths = ["out/a/probe/probe.pt", "out/b/probe/probe.pt", "out/c/other/probe.pt"]
+    assert evaluate.display_names(paths, "") == ["probe", "probe-2", "other"]
+    assert evaluate.display_names(paths, "x,y,z") == ["x", "y", "z"]
+    with pytest.raises(SystemExit, match="repeats \\['x'\\]"):
+        evaluate.display_names(paths, "x,y,x")
+    with pytest.raises(SystemExit, match="2 names for 3 probes"):
+        evaluate.display_names(paths, "x,y")
+
+
+def _run(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_reports_only_run_writes_its_table_and_claims_no_plots(tmp_path):
+    truth = [{"study_key": "a", "findings": ["Acute left subdural hematoma."], "triage": "urgent", "lesions": []},
+             {"study_key": "b", "findings": [], "triage": "unremarkable", "lesions": []}]
+    (tmp_path / "findings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"study_key": r["study_key"], "findings": r["findings"]}) + "\n"
+                                              for r in truth))
+    r = _run([f"--reports={tmp_path / 'r.jsonl'}", f"--findings={tmp_path / 'findings.jsonl'}",
+              f"--out={tmp_path / 'ev'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = (tmp_path / "ev" / "table.txt").read_text()
+    assert "BLEU-2 1.000" in table and "triage accuracy 1.000" in table and "1 with both reports empty" in table
+    assert "PNG" not in r.stdout and not list((tmp_path / "ev").glob("*.png"))
+    m = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["reports"]
+    assert m["n_both_empty"] == 1 and m["bleu2"] == pytest.approx(1.0)
+    r = _run([f"--reports={tmp_path / 'r.jsonl'}", f"--findings={tmp_path / 'findings.jsonl'}",
+              f"--out={tmp_path / 'ev2'}", "--n_boot=50"], tmp_path)
+    assert r.returncode != 0 and "at least 100 replicates" in r.stderr
