@@ -64,6 +64,7 @@ shard = "0/1"  # i/N: this array job's share of the studies
 salt = ""  # "" -> $NVFM_SALT -> DEFAULT_SALT
 min_slices = 3  # series with fewer slices are rejected
 min_fg_fraction = 0.5  # token foreground rule (nvfm/tokenize.py)
+min_tokens = 1  # volumes with fewer foreground tokens are failed, not written
 shard_gb = 4.0  # start a new <split>_<k>.bin after this many GB
 fsync = True  # fsync each committed study (crash safety; off only for benchmarks)
 log_paths = True  # console log shows relative paths of bad files (the output never does)
@@ -271,18 +272,24 @@ def process_study(task):
             # the raw message may quote header values: console only, never the log file
             console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", path, vid, True))
             continue
+        tm = out["token_mask"]
+        if int(tm.sum()) < cfg["min_tokens"]:  # nothing a model could read (e.g. a 16 x 16 pixel series)
+            fail(f"too few foreground tokens ({int(tm.sum())} < min_tokens {cfg['min_tokens']})", series_key=vid,
+                 path=meta["path"])
+            continue
         for note in getattr(st, "notes", ()):  # e.g. how JPEG 2000 was decoded (nvfm/dicom.py dicom_stack)
             console.append((f"note: {note}", meta["path"], vid, False))
+        for w in st.warnings:  # kept, but not as acquired: in the volume record and the log
+            console.append((f"warning: {w}", meta["path"], vid, False))
         modality = st.modality
         family = "CT" if modality == "CT" else (dicom.mr_family(meta["info"]) if "info" in meta else
                                                 dicom.mr_family({"description": os.path.basename(meta["path"])}))
-        tm = out["token_mask"]
         rec = dict(volume_id=f"{key}-{vid}", study_key=key, series_key=sk, split=split, modality=modality,
                    family=family, shape=list(out["data"].shape[1:]), channels=out["channels"],
                    spacing=out["spacing"], affine=np.round(out["affine"], 5).tolist(),
                    orientation=out["orientation"], original_orientation=out["original_orientation"],
                    original_spacing=out["original_spacing"], tilt_deg=out["tilt_deg"],
-                   duplicates_dropped=st.dropped_duplicates, token_grid=list(tm.shape),
+                   duplicates_dropped=st.dropped_duplicates, warnings=list(st.warnings), token_grid=list(tm.shape),
                    n_tokens=int(tm.sum()), token_mask=shards.pack_mask(tm))
         volumes.append((rec, out["data"], out["mask"]))
     _W["writer"].add_study(key, volumes, events)
@@ -396,6 +403,7 @@ def summarize(done, file_failures, n_studies_input):
         "series_skipped": dict(sorted(Counter(e["reason"] for e in events if e["status"] == "skipped").items())),
         "series_failed": dict(sorted(Counter(e["reason"] for e in events if e["status"] == "failed").items())),
         "files_failed": dict(sorted(Counter(e["reason"] for e in file_failures).items())),
+        "volume_warnings": dict(sorted(Counter(w for v in vols for w in v.get("warnings", ())).items())),
         "volumes": len(vols),
         "volumes_by_family": dict(sorted(Counter(f"{v['modality']}/{v['family']}" for v in vols).items())),
         "volumes_by_split": dict(sorted(Counter(v["split"] for v in vols).items())),
@@ -410,7 +418,7 @@ def print_summary(s):
              f"volumes {s['volumes']}, tokens {s['tokens']:,}, {s['gigabytes']:.3f} GB",
              f"by family: {s['volumes_by_family']}", f"by split: {s['volumes_by_split']}"]
     for title, d in (("series skipped", s["series_skipped"]), ("series failed", s["series_failed"]),
-                     ("files failed", s["files_failed"])):
+                     ("files failed", s["files_failed"]), ("volume warnings", s.get("volume_warnings", {}))):
         if d:
             lines.append(f"{title} ({sum(d.values())}):")
             lines += [f"  {n:5d}  {r}" for r, n in d.items()]
@@ -419,7 +427,7 @@ def print_summary(s):
 
 def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, shard_spec="0/1", salt_value="",
         cfg_min_slices=3, cfg_min_fg=0.5, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True,
-        cfg_label_columns=""):
+        cfg_label_columns="", cfg_min_tokens=1):
     """The whole stage; returns the manifest dict (or None when other array jobs are pending)."""
     if not input_dir or not os.path.isdir(input_dir):
         raise SystemExit(f"preprocess: --input must be a directory, got {input_dir!r}")
@@ -512,7 +520,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         f"{len(mine) - len(todo)} already done, {len(todo)} to process")
 
     # 2. process studies
-    cfg = dict(salt=s, min_slices=cfg_min_slices, min_fg_fraction=cfg_min_fg, fsync=cfg_fsync)
+    cfg = dict(salt=s, min_slices=cfg_min_slices, min_fg_fraction=cfg_min_fg, fsync=cfg_fsync,
+               min_tokens=cfg_min_tokens)
     run_id = len([p for p in os.listdir(os.path.join(output_dir, "parts"))]) if os.path.isdir(
         os.path.join(output_dir, "parts")) else 0
     tag = f"s{si}of{sn}_r{run_id:04d}_{os.getpid()}"
@@ -599,7 +608,7 @@ if __name__ == "__main__":
     t0 = time.time()
     try:
         run(input, output, labels, findings, workers, shard, salt, min_slices, min_fg_fraction, shard_gb, fsync,
-            log_paths, progress, label_columns)
+            log_paths, progress, label_columns, min_tokens)
     except KeyboardInterrupt:
         print("preprocess: interrupted; committed studies are kept: rerun the same command to resume",
               file=sys.stderr)

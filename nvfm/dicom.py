@@ -740,8 +740,12 @@ def group_series(headers):
                 else:
                     clusters.append([k, [(h, fr)]])
         clusters.sort(key=lambda c: -len(c[1]))  # largest first: part 0 is the main volume
+        # parts that differ only in pixel spacing or matrix size are one acquisition cut apart
+        # (each part then has gaps where the others' slices were): say so
+        by_geometry = len(clusters) > 1 and len({(c[0][3], c[0][4:]) for c in clusters}) < len(clusters)
         for part, (_, frames) in enumerate(clusters):
-            groups.append(dict(series_uid=suid, part=part, n_parts=len(clusters), info=frames[0][0], frames=frames))
+            groups.append(dict(series_uid=suid, part=part, n_parts=len(clusters), info=frames[0][0], frames=frames,
+                               split_by_geometry=by_geometry))
     return groups, skipped
 
 
@@ -839,6 +843,9 @@ class SliceStack:
         if gaps.max() > limit:
             raise SeriesError(f"missing slices (gap {gaps.max():.1f} mm > {limit:.1f} mm)",
                               self.path_of(int(np.argmax(gaps)) + 1))
+        if gaps.max() > 1.5 * med:  # under the limit: interpolated, but the user must know
+            self.warnings.append(f"interpolated across a {gaps.max():.1f} mm gap (median {med:.1f} mm): "
+                                 "slice(s) missing")
         # gantry tilt: slice origins drift in-plane linearly with position
         if K > 1 and self.d[-1] > 0:
             drift = np.linalg.norm(self.shear[-1]) / self.d[-1]
@@ -1225,6 +1232,8 @@ def dicom_stack(root, group, reduce=False):
     else:
         st = SliceStack(origins, iop[:3], iop[3:], ps, (rows, cols), load_full, modality, photometric)
     st.notes = notes
+    if group.get("split_by_geometry"):
+        st.warnings.append(f"series split into {group['n_parts']} volumes by pixel spacing / matrix size")
     st.paths = [h["path"] for h, _ in frames]  # loader index -> file, for error messages
     st.reduced = bool(reduce)
     st.finite = True  # rescale() checks what is not finite by construction
@@ -1262,8 +1271,10 @@ def nifti_stack(root, rel):
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as e:
         raise SeriesError(f"unreadable NIfTI data ({type(e).__name__})") from e
+    n_bad = 0
     if not np.isfinite(data).all():
-        bad = float(np.mean(~np.isfinite(data)))
+        n_bad = int(np.count_nonzero(~np.isfinite(data)))
+        bad = n_bad / data.size
         if bad > 0.01:
             raise SeriesError(f"non-finite voxels ({100 * bad:.0f}%)")
         data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
@@ -1287,6 +1298,8 @@ def nifti_stack(root, rel):
     modality = "CT" if looks_hu else "MR"  # from the data, never from the file name
     st = SliceStack(origins, r_vec, c_vec, (vox[i_ax], vox[j_ax]), vol.shape[1:],
                     lambda k: np.array(vol[k], np.float32), modality)  # a copy: callers modify it
+    if n_bad:
+        st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to 0")
     return st
 
 

@@ -390,3 +390,31 @@ def test_log_names_the_offending_file_and_skipped_series(tmp_path, capsys):
     assert line.endswith("gap/IM0006.dcm"), line
     line = [x for x in err.splitlines() if "localizer/scout" in x][0]
     assert line.endswith(".dcm") and " loc/IM" in line, line
+
+
+# ----------------------------------------------------------------------------- item 11
+
+
+def test_silent_repairs_become_warnings_and_tiny_volumes_fail(tmp_path, capsys):
+    inp = tmp_path / "in"
+    big = (16, 80, 80)
+    _, _, p = write_series(str(inp / "gap"), head_phantom(big), shuffle=False, step=(0, 0, 3.0), ps=(1.0, 1.0))
+    os.remove(p[7])  # one slice missing from a 3 mm series: a 6 mm gap, interpolated
+    _, _, p = write_series(str(inp / "mixed"), head_phantom(big, 1), shuffle=False, step=(0, 0, 3.0), ps=(1.0, 1.0))
+    _mutate(str(inp / "mixed"), lambda ds, i: setattr(ds, "PixelSpacing", [0.5, 0.5]) if i % 4 == 3 else None)
+    write_series(str(inp / "tiny"), head_phantom((8, 16, 16), 2))
+    nd = inp / "nii"
+    os.makedirs(nd)
+    v = np.clip(head_phantom(SHAPE, 3) + 1000, 0, None).transpose(2, 1, 0).astype(np.float32)
+    v[5, 5, 2] = np.nan
+    nib.save(nib.Nifti1Image(v, np.diag([0.8, 0.9, 5.0, 1.0])), str(nd / "t1.nii.gz"))
+    man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
+    err = capsys.readouterr().err
+    s = man["summary"]
+    assert s["series_failed"] == {"too few foreground tokens (0 < min_tokens 1)": 1}, s["series_failed"]
+    w = " | ".join(s["volume_warnings"])
+    for phrase in ("interpolated across a 6.0 mm gap (median 3.0 mm)", "series split into 2 volumes by pixel spacing",
+                   "1 non-finite NIfTI voxel(s) set to 0"):
+        assert phrase in w and phrase in err, (phrase, w)
+    assert all(v["n_tokens"] >= 1 for v in man["volumes"])
+    assert sum(len(v["warnings"]) > 0 for v in man["volumes"]) == 4, (s, [v["warnings"] for v in man["volumes"]])
