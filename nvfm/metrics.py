@@ -21,7 +21,7 @@ Two implementations (`bootstrap(..., backend=)`), same numbers for the same seed
 - "reference" (plain PyTorch, any device; NVFM_OPS=reference or no build): each negative's
   weight is binned by how many positives it beats (all classes at once: one sparse
   (bins, n) @ dense (n, B) product), a cumsum over the positive bins gives all B replicates
-  at once; threshold statistics are one (B, n) @ (n, 4K) matmul (float32).
+  at once; threshold statistics are one (B, n) @ (n, 4K) matmul (float64: counts stay exact).
 Bootstrap counts come from a counter-based generator (`bootstrap_counts`; SplitMix64 hash
 of (seed, replicate, draw), spelled out in csrc/bootstrap.cpp), so a seed gives the same
 replicates on either backend and whatever the thread count or chunking. (Before the C++
