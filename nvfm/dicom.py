@@ -1085,6 +1085,8 @@ def dicom_stack(root, group, reduce=False):
     `stack.notes` (preprocess.py logs them per series).
     """
     info, frames = group["info"], group["frames"]
+    if "MOSAIC" in info.get("image_type", []):  # slices tiled into one image (Siemens EPI/DWI)
+        raise SeriesError("Siemens mosaic not supported (convert the series with dcm2niix)", info["path"])
     for h, fr in frames:  # a file whose pixel data cannot be its header's image fails the series
         if h.get("pixel_error"):
             raise SeriesError(h["pixel_error"], h["path"])

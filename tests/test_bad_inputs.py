@@ -418,3 +418,24 @@ def test_silent_repairs_become_warnings_and_tiny_volumes_fail(tmp_path, capsys):
         assert phrase in w and phrase in err, (phrase, w)
     assert all(v["n_tokens"] >= 1 for v in man["volumes"])
     assert sum(len(v["warnings"]) > 0 for v in man["volumes"]) == 4, (s, [v["warnings"] for v in man["volumes"]])
+
+
+# ----------------------------------------------------------------------------- item 14
+
+
+def test_siemens_mosaic_fails_with_its_reason(tmp_path):
+    import gzip
+    import shutil
+    src = os.path.join(os.path.dirname(nib.__file__), "nicom", "tests", "data")
+    if not os.path.exists(os.path.join(src, "siemens_dwi_1000.dcm.gz")):
+        pytest.skip("nibabel's test DICOMs are not installed")
+    d = tmp_path / "in" / "mosaic"
+    os.makedirs(d)
+    with gzip.open(os.path.join(src, "siemens_dwi_1000.dcm.gz")) as f, open(d / "dwi1000.dcm", "wb") as g:
+        shutil.copyfileobj(f, g)
+    got = _outcomes(str(d))
+    assert got == [("Siemens mosaic not supported (convert the series with dcm2niix)", "dwi1000.dcm")], got
+    with pytest.raises(SystemExit, match="no volume was written"):
+        preprocess.run(str(tmp_path / "in"), str(tmp_path / "out"), **RUN)
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["summary"]["series_failed"] == {"Siemens mosaic not supported (convert the series with dcm2niix)": 1}
