@@ -16,11 +16,20 @@ files are not picked up (write to a new --output). Headers are re-scanned on eve
 Cluster array jobs: `--shard=i/N` processes the studies whose key hash is i mod N (every
 job scans all headers, which is cheap next to pixel decoding, and keeps only its own);
 each job writes parts/done_i_of_N.json when finished, and the job that finds all N done
-merges (under OUTPUT/merge.lock; remove it by hand if a merging job was killed).
+merges (under OUTPUT/merge.lock, which holds the merging job's pid and host and is touched
+every 10 s; a lock whose owner is gone is stale and removed by the next run, so restarting
+the same command after a kill at any moment completes the output). One Ctrl-C stops the
+workers at once (exit status 130); committed studies are kept for the rerun.
 
-Bad input never stops the run: unreadable/non-DICOM files, skipped series (rules in
-nvfm/dicom.py) and failed series are counted by reason in the manifest summary, listed in
-manifest["failures"] with hashed keys, and logged; everything else is written.
+Bad input never stops the run: unreadable/non-DICOM files, unreadable directories, skipped
+series (rules in nvfm/dicom.py) and failed series are counted by reason in the manifest
+summary, listed in manifest["failures"] with hashed keys, and logged (with the offending
+file's path); everything else is written, and kept volumes that were repaired carry
+`warnings` (counted in summary["volume_warnings"]). Volumes with fewer than `min_tokens`
+foreground tokens are failed. The run exits non-zero when --input holds no file, when no
+volume was written (the manifest is still written) or when no labelled study is found.
+Labels: only ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and --label_columns
+are copied; identifier columns are dropped with a warning.
 
 Privacy: study keys are sha256(salt, StudyInstanceUID)[:16]; series keys and file keys
 likewise hash the SeriesInstanceUID and the relative path. The salt comes from --salt, else
