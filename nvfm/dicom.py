@@ -46,7 +46,12 @@ duplicates are dropped); a gap between neighbouring slices larger than
 max(2.5 x median gap, 10 mm) ("missing slices": interpolating across it would invent
 anatomy); smaller gaps and non-uniform spacing are resampled from the true positions;
 absurd spacings (pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or extents
-(> 2048 pixels, > 2000 slices); gantry tilt above 45 degrees; missing geometry tags.
+(> 2048 pixels, > 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native
+pixel data whose length is not exactly Rows x Columns x frames x samples x BitsAllocated
+(+ one pad byte) in any file; Siemens mosaics. Files cut short are "truncated file" (header
+or pixel data), at the header scan or when read. Kept but recorded in `stack.warnings`: a
+gap interpolated because it is under the missing-slice limit (> 1.5 x median), a series
+split into volumes by pixel spacing / matrix size, NaNs in a NIfTI set to 0.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
 go to the axis closest to I/S); the affine is used as given (sform, else qform). A NIfTI
