@@ -38,7 +38,7 @@ min_fg_fraction = -1.0 # token foreground rule (nvfm/tokenize.py); -1: the prese
 heads = 0              # head count of an official state dict that comes without config.json (0: dim // 64)
 overwrite = False
 # -----------------------------------------------------------------------------
-from nvfm.configurator import configure  # noqa: E402
+from nvfm.configurator import configure, fail, require_path  # noqa: E402
 configure(globals())
 
 from nvfm import features, model, official  # noqa: E402
@@ -56,23 +56,26 @@ def open_encoder(spec, dev, seed=0, heads=None):
         enc = model.Encoder(model.EncoderConfig.preset(size)).to(dev).eval()
         return enc, f"random:{size}:seed{seed}"
     if not os.path.exists(spec):
-        raise SystemExit(f"encode.py: encoder file not found: {spec}")
+        fail(f"--encoder: {spec} not found (an encoder.safetensors, the authors' directory, or random:<size>)")
     if official.is_nvfm_file(spec):
         return model.load_encoder(spec, dev), features.file_hash(spec)
     try:
         enc = official.load_official(spec, heads=heads, device=dev)
     except official.ConversionError as e:
-        raise SystemExit(f"encode.py: {e}") from None
+        fail(str(e))
     return enc, features.file_hash(official.find_official_files(spec)[0])
 
 
 def main():
     if not shards or not encoder or not out:
-        raise SystemExit("encode.py: --shards, --encoder and --out are required")
+        fail("--shards, --encoder and --out are required (--help lists the settings)")
+    require_path(shards, "--shards", kind="dir", hint="a shard set written by preprocess.py")
     if not os.path.exists(os.path.join(shards, "manifest.json")):
-        raise SystemExit(f"encode.py: {shards}: no manifest.json (run preprocess.py first)")
+        fail(f"--shards: {shards} has no manifest.json (a shard set written by preprocess.py)")
     if preset not in PRESETS:
-        raise SystemExit(f"encode.py: --preset={preset!r}: choose one of {sorted(PRESETS)}")
+        fail(f"--preset={preset!r}: choose one of {sorted(PRESETS)}")
+    if modality not in ("all", "CT", "MR"):
+        fail(f"--modality={modality!r}: choose one of 'all', 'CT', 'MR'")
     rules = dict(PRESETS[preset])
     if min_fg_fraction >= 0:
         rules["min_fg_fraction"] = min_fg_fraction

@@ -19,6 +19,7 @@ grounding/*.nii.gz.
 """
 import json
 import os
+import pickle
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ plots = True
 device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0            # CPU threads (0 = PyTorch default; 1-2 is fastest for small probes)
 # -----------------------------------------------------------------------------
-from nvfm.configurator import configure  # noqa: E402
+from nvfm.configurator import configure, fail, require_path  # noqa: E402
 configure(globals(), argv=None if __name__ == "__main__" else [])   # importable by the tests
 if threads > 0:
     torch.set_num_threads(threads)
@@ -58,7 +59,12 @@ from nvfm.features import FeatureCache  # noqa: E402
 
 def load_probe(path):
     """-> (checkpoint dict, list of probe modules in eval mode)."""
-    ck = load_checkpoint(path)
+    try:
+        ck = load_checkpoint(path)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:  # truncated, empty or not a torch file
+        fail(f"--probes: {path} is not a readable probe.pt: truncated or not a torch checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or "models" not in ck:
+        fail(f"--probes: {path} is not a probe.pt written by train_probe.py")
     models = []
     for i, st in enumerate(ck["models"]):
         m = P.make_probe(**ck["probe_args"])
@@ -249,10 +255,23 @@ def main():
     if n_boot and n_boot < metrics.MIN_BOOT:
         raise SystemExit(f"evaluate.py: --n_boot={n_boot}: the CIs need at least {metrics.MIN_BOOT} replicates "
                          "(10,000 recommended), or --n_boot=0 for none")
-    os.makedirs(out, exist_ok=True)
     paths = [p for p in probes.split(",") if p]
+    for p in paths:
+        require_path(p, "--probes", hint="a probe.pt written by train_probe.py")
+    if paths:
+        require_path(labels, "--labels", hint="SHARDS/labels.csv written by preprocess.py")
+        if (cohort or flip_test or anatomy) and not shards:
+            fail("grounding (--cohort), --flip_test and --anatomy need --shards=SHARDS")
+    for key, path in (("--reports", reports), ("--findings", findings), ("--features", features),
+                      ("--shards", shards), ("--cohort", cohort)):
+        if path:
+            require_path(path, key, kind="dir" if key in ("--features", "--shards", "--cohort") else "file")
+    try:
+        rows, _ = P.load_labels(labels) if paths else ([], [])
+    except ValueError as e:  # no study_key column, a value not 0/1
+        fail(str(e))
+    os.makedirs(out, exist_ok=True)
     disp = display_names(paths, names)
-    rows, _ = P.load_labels(labels) if paths else ([], [])
     rows_by_key = {r["study_key"]: r for r in rows}
     fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
     sides = P.load_sides(fpath) if os.path.exists(fpath) else {}

@@ -447,6 +447,9 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                          f"use --input={os.path.join(input_dir, 'dicom')} (gt/ is ground truth, not studies)")
     if not output_dir:
         raise SystemExit("preprocess: --output is required")
+    for what, path in (("--labels", labels_path), ("--findings", findings_path)):
+        if path and not os.path.isfile(path):  # before anything is written
+            raise SystemExit(f"preprocess: {what}: {path} not found")
     try:
         si, sn = (int(x) for x in shard_spec.split("/"))
         assert 0 <= si < sn

@@ -130,9 +130,19 @@ judge = "rules"                    # rules | http (OpenAI-compatible endpoint at
 judge_url = "http://127.0.0.1:8080/v1"
 judge_model = "local"
 
-from nvfm.configurator import config_dict, configure  # noqa: E402
+from nvfm.configurator import config_dict, configure, fail, require_path  # noqa: E402
 configure(globals())
 config = config_dict(globals())
+# the usual mistakes are one-line errors before anything is loaded or written
+require_path(findings, "--findings", hint="SHARDS/findings.jsonl written by preprocess.py")
+if not text_only:
+    require_path(features, "--features", kind="dir", hint="a feature cache written by encode.py")
+for _key, _p in ([("--probe", p) for p in probe.split(",") if p] + [("--probe_scores", probe_scores),
+                                                                    ("--init_connector", init_connector)]):
+    if _p:
+        require_path(_p, _key, hint="train_probe.py writes probe.pt" if _key == "--probe" else "")
+if stage not in (1, 2) or init_from not in ("scratch", "resume"):
+    fail(f"--stage must be 1 or 2 (got {stage}) and --init_from scratch or resume (got {init_from!r})")
 
 from nvfm import llava  # noqa: E402
 from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
@@ -159,11 +169,8 @@ autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_t
 # ----------------------------------------------------------------------------- data
 
 
-for _p in [p for p in probe.split(",") if p] + ([probe_scores] if probe_scores else []):
-    if not os.path.exists(_p):  # fail now, not after the training run
-        raise FileNotFoundError(f"probe output {_p}: no such file (train_probe.py --out=... writes probe.pt)")
 if probe_rule not in ("reports", "precision", "youden") or not 0.0 < probe_precision <= 1.0 or probe_folds < 2:
-    raise SystemExit(f"--probe_rule must be reports, precision or youden (got {probe_rule!r}), --probe_precision "
+    fail(f"--probe_rule must be reports, precision or youden (got {probe_rule!r}), --probe_precision "
                      f"in (0, 1] (got {probe_precision}) and --probe_folds >= 2 (got {probe_folds})")
 recs = llava.read_findings(findings)
 cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)

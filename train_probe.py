@@ -60,7 +60,7 @@ seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0            # CPU threads (0 = PyTorch default; 1-2 is fastest for small probes)
 # -----------------------------------------------------------------------------
-from nvfm.configurator import config_dict, configure  # noqa: E402
+from nvfm.configurator import config_dict, configure, fail, require_path  # noqa: E402
 configure(globals())
 if threads > 0:
     torch.set_num_threads(threads)
@@ -98,16 +98,44 @@ def choose_labels(columns):
     return names
 
 
+def check_inputs():
+    """One-line errors (exit 1) for the usual mistakes, before anything is written to `out`."""
+    for key, value, choices in (("task", task, ("classify", "age")), ("probe", probe, P.PROBES),
+                                ("modality", modality, ("CT", "MR", "all")), ("transfer_to", transfer_to, ("", "CT", "MR"))):
+        if value not in choices:
+            fail(f"--{key}={value}: choose one of {', '.join(repr(c) for c in choices)}")
+    require_path(features, "--features", kind="dir", hint="a feature cache written by encode.py")
+    if not os.path.exists(os.path.join(features, "index.json")):
+        fail(f"--features: {features} is not a feature cache (no index.json; run encode.py first)")
+    require_path(labels, "--labels", hint="SHARDS/labels.csv written by preprocess.py")
+    try:
+        return P.load_labels(labels)
+    except ValueError as e:  # no study_key column, a value not 0/1
+        fail(str(e))
+
+
+def warn_sparse_labels(names, columns):
+    """Labels that cover few of the ontology's classes usually mean the wrong file or modality."""
+    if task != "classify" or label_names:
+        return
+    mods = [m for m in (modality, transfer_to) if m and m != "all"]
+    expected = [c for c, d in ontology.DIAGNOSES.items() if all(m in d.modalities for m in mods)]
+    found = [n for n in names if n in ontology.DIAGNOSES]
+    if len(found) < max(2, len(expected) // 4):
+        bar = "!" * 72
+        log(f"{bar}\nwarning: {labels} has only {len(found)} of the {len(expected)} "
+            f"{'/'.join(mods) or 'all'} ontology classes as columns ({', '.join(found[:6]) or 'none'}); "
+            f"the probe learns only those.\nIs this the re-keyed labels.csv of the right shard set and "
+            f"--modality? (--label_names=a,b silences this)\n{bar}")
+
+
 def main():
+    rows, columns = check_inputs()
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
-    if not features or not labels:
-        raise SystemExit("train_probe.py: --features and --labels are required")
-    if task not in ("classify", "age"):
-        raise SystemExit(f"train_probe.py: task must be classify or age, not {task!r}")
     cache = FeatureCache(features)
-    rows, columns = P.load_labels(labels)
     names = choose_labels(columns) if task == "classify" else ["age"]
+    warn_sparse_labels(names, columns)
     sides = {}
     if task == "classify" and any(n in P.SIDE_CLASSES for n in names):
         fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")

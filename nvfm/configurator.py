@@ -1,6 +1,7 @@
 """nanoGPT-style configuration: module-level globals overridden by config files and --key=value.
 
-A script declares its defaults as plain globals, then calls
+A script declares its defaults as plain globals (one per line, a comment saying what it is),
+then calls
 
     from nvfm.configurator import configure
     configure(globals())
@@ -10,18 +11,64 @@ without "--", e.g. `config/jepa_tiny.py`; a name without a path is looked up in 
 whose top-level assignments override the globals, or `--key=value`. Values are parsed with
 `ast.literal_eval` (falling back to the raw string) and must have the type of the default:
 an int default accepts an int, a float default accepts an int or a float, a bool default
-accepts True/False/true/false/1/0, a None default accepts anything. Unknown keys are errors:
-a typo never silently does nothing.
+accepts True/False/true/false/1/0 (a bare `--flag` means True), a None default accepts
+anything. Unknown keys are errors: a typo never silently does nothing.
+
+`-h` / `--help` prints the script's docstring and every setting with its default and its
+comment, grouped as in the script (read from the script's source), then exits 0.
+
+Called from a script (argv=None), a user error (unknown key, wrong type, missing config
+file) exits with status 1 and one line on stderr naming the key and its closest matches;
+a FileNotFoundError that escapes the script is also one line (NVFM_TRACEBACK=1 shows the
+traceback). `fail` and `require_path` give scripts the same one-line errors for their inputs.
+Called with an explicit argv (tests, libraries), errors raise ConfigError.
 """
 import ast
+import difflib
+import glob
+import io
 import os
+import re
+import shutil
 import sys
+import textwrap
+import tokenize
 
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ConfigError(ValueError):
     pass
+
+
+def _prog():
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "") or "nvfm"
+    return os.path.basename(path)
+
+
+def fail(msg):
+    """Stop the script with a one-line user error on stderr and exit status 1."""
+    raise SystemExit(f"{_prog()}: error: {msg}")
+
+
+def require_path(path, what, kind="file", nonempty=True, hint=""):
+    """fail() unless path is an existing file (kind="file") or directory (kind="dir"), and,
+    with nonempty, a file has bytes / a directory has entries. what names the setting, e.g.
+    "--labels"; hint is appended (e.g. "run preprocess.py first")."""
+    tail = f" ({hint})" if hint else ""
+    if not path:
+        fail(f"{what} is required{tail}")
+    if not os.path.exists(path):
+        fail(f"{what}: {path} not found{tail}")
+    if kind == "dir" and not os.path.isdir(path):
+        fail(f"{what}: {path} is not a directory{tail}")
+    if kind == "file" and os.path.isdir(path):
+        fail(f"{what}: {path} is a directory, expected a file{tail}")
+    if nonempty and (os.path.getsize(path) == 0 if kind == "file" else not os.listdir(path)):
+        fail(f"{what}: {path} is empty{tail}")
+    return path
 
 
 def _coerce(key, value, default):
@@ -54,11 +101,12 @@ def _parse_value(text):
 def _config_file(arg):
     if os.path.exists(arg):
         return arg
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", arg)
+    here = os.path.join(_ROOT, "config", arg)
     for cand in (here, here + ".py"):
         if os.path.exists(cand):
             return cand
-    raise ConfigError(f"config file not found: {arg}")
+    hint = " (settings are given as --key=value)" if not arg.endswith(".py") else ""
+    raise ConfigError(f"config file not found: {arg}{hint}")
 
 
 def read_config_file(arg):
@@ -72,34 +120,71 @@ def read_config_file(arg):
                   if not k.startswith("_") and type(v).__name__ != "module" and not callable(v)}
 
 
+def _settable(g):
+    return {k for k, v in g.items() if not k.startswith("_") and not callable(v)
+            and type(v).__name__ != "module"}
+
+
+def close_keys(key, keys, n=3):
+    """The keys a mistyped key most likely meant: similar spelling, or sharing a word
+    (batch_size -> global_batch), best first."""
+    keys = sorted(keys)
+    score = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in keys}
+    words = {w for w in key.lower().split("_") if len(w) >= 3}
+    shared = {k: max((len(w) for w in words & set(k.lower().split("_"))), default=0) for k in keys}
+    cands = [k for k in keys if score[k] >= 0.6 or shared[k]]
+    return sorted(cands, key=lambda k: -(score[k] + 0.1 * shared[k]))[:n]
+
+
+def _unknown(key, settable, where=""):
+    close = close_keys(key, settable)
+    hint = f" (did you mean {' or '.join('--' + k for k in close)}?)" if close else ""
+    return ConfigError(f"{where}unknown config key {key!r}{hint}")
+
+
 def configure(g, argv=None, verbose=True):
     """Apply config files and --key=value overrides in argv (default sys.argv[1:]) to dict g.
 
     Only keys already in g that are not private, modules, functions or classes can be set.
-    Returns the dict of keys that were overridden.
+    Returns the dict of keys that were overridden. -h/--help prints help_text(g) and exits 0.
+    With argv=None (a script's command line) user errors exit 1 with one line on stderr;
+    with an explicit argv they raise ConfigError.
     """
+    script = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    settable = {k for k, v in g.items() if not k.startswith("_") and not callable(v)
-                and type(v).__name__ != "module"}
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(g))
+        raise SystemExit(0)
+    if script:
+        _install_excepthook()
+        try:
+            return _apply(g, argv, verbose)
+        except ConfigError as e:
+            fail(f"{e}; --help lists the settings")
+    return _apply(g, argv, verbose)
+
+
+def _apply(g, argv, verbose):
+    settable = _settable(g)
     changed = {}
     for arg in argv:
         if not arg.startswith("--"):
             path, values = read_config_file(arg)
             for key, value in values.items():
                 if key not in settable:
-                    raise ConfigError(f"{path}: unknown config key {key!r}")
+                    raise _unknown(key, settable, f"{path}: ")
                 g[key] = changed[key] = _coerce(key, value, g[key])
             if verbose:
                 print(f"config: applied {path}")
             continue
-        if "=" not in arg:
-            raise ConfigError(f"expected --key=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
+        key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in settable:
-            close = [k for k in sorted(settable) if k[:3] == key[:3]]
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
+            raise _unknown(key, settable)
+        if not eq:
+            if not isinstance(g[key], bool):
+                raise ConfigError(f"expected --key=value, got {arg!r}")
+            text = "True"  # a bare bool flag
         g[key] = changed[key] = _coerce(key, _parse_value(text), g[key])
     if verbose and changed:
         print("config: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
@@ -110,3 +195,132 @@ def config_dict(g):
     """The settable globals of a script as a plain dict (stored in checkpoints and logs)."""
     return {k: v for k, v in g.items() if not k.startswith("_") and not callable(v)
             and type(v).__name__ != "module" and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+# ----------------------------------------------------------------------------- errors of a script run
+_USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+def _excepthook(etype, value, tb):
+    if issubclass(etype, _USER_OS_ERRORS) and not os.environ.get("NVFM_TRACEBACK"):
+        what = value.strerror or str(value)
+        name = f": {value.filename}" if value.filename else ""
+        print(f"{_prog()}: error: {what}{name} (NVFM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return
+    sys.__excepthook__(etype, value, tb)
+
+
+def _install_excepthook():
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = _excepthook
+
+
+# ----------------------------------------------------------------------------- --help
+def _source_layout(path, keys):
+    """[("group", title) | ("key", name, comment)] for the top-level assignments of keys in the
+    script at path, in source order; a group is a comment line at column 0 just above a setting,
+    a setting's comment is its trailing comment plus indented comment lines right below it."""
+    with open(path, encoding="utf-8") as f:
+        src = f.read()
+    comments = {}  # line -> (column, text)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+    lines = src.splitlines()
+    out, prev_end, seen = [], 0, set()
+    for node in ast.parse(src).body:
+        names = []
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                elts = t.elts if isinstance(t, (ast.Tuple, ast.List)) else [t]
+                names += [e.id for e in elts if isinstance(e, ast.Name) and e.id in keys and e.id not in seen]
+        seen.update(names)  # a setting reassigned further down is listed where it is declared
+        if names:
+            for ln in range(node.lineno - 1, prev_end, -1):  # the nearest column-0 comment above
+                if ln in comments and comments[ln][0] == 0 and lines[ln - 1].lstrip().startswith("#"):
+                    title = comments[ln][1].strip("-= ").strip()
+                    out.append(("group", title))
+                    break
+                if lines[ln - 1].strip() and not lines[ln - 1].lstrip().startswith("#"):
+                    break
+            text = [comments[ln][1] for ln in range(node.lineno, node.end_lineno + 1)
+                    if ln in comments and not lines[ln - 1].lstrip().startswith("#")]
+            ln = node.end_lineno + 1
+            while ln in comments and comments[ln][0] > 0 and lines[ln - 1].lstrip().startswith("#"):
+                text.append(comments[ln][1])
+                ln += 1
+            for i, name in enumerate(names):
+                out.append(("key", name, " ".join(text) if i == 0 else ""))
+        prev_end = node.end_lineno
+    return out
+
+
+def _show(value):
+    if isinstance(value, str):
+        return value if value and value.strip() == value else repr(value)
+    return repr(value)
+
+
+def _config_files(settable):
+    """[(config/NAME.py, first comment line)] of the config files whose keys this script has."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(_ROOT, "config", "*.py"))):
+        try:
+            _, values = read_config_file(path)
+        except Exception:  # a broken config file must not break --help
+            continue
+        if values and set(values) <= settable:
+            head = []
+            with open(path) as f:
+                for line in f:
+                    if not line.startswith("#"):
+                        break
+                    head.append(line.lstrip("# ").strip())
+            first = re.split(r"(?<=[.;])\s", " ".join(head))[0].rstrip(".;")  # its first sentence
+            out.append((os.path.relpath(path, _ROOT), first))
+    return out
+
+
+def help_text(g):
+    """The script's usage, docstring and settings (default and comment each, grouped as in the
+    script's source), as printed by --help."""
+    settable = _settable(g)
+    shown = {k for k in settable if not k.isupper()}  # CONSTANTS stay settable but are not settings
+    path = g.get("__file__")
+    prog = os.path.basename(path) if path else _prog()
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    parts = [f"usage: python {prog} [CONFIG.py ...] [--key=value ...]   (-h, --help: this text)"]
+    doc = (g.get("__doc__") or "").strip()
+    if doc:
+        parts += ["", doc]
+    configs = _config_files(settable)
+    if configs:
+        parts += ["", "config files (a bare argument; each sets several of the settings below):"]
+        for p, d in configs:
+            lines = textwrap.wrap(d, width - 32) or [""]
+            parts += [f"  {p:<28} {lines[0]}".rstrip()] + [" " * 31 + w for w in lines[1:]]
+    parts += ["", "settings (default shown; --key=value overrides one, a bool flag alone means True):"]
+    try:
+        layout = _source_layout(path, shown) if path and path.endswith(".py") else []
+    except (OSError, SyntaxError, ValueError):
+        layout = []
+    listed = {item[1] for item in layout if item[0] == "key"}
+    layout += [("key", k, "") for k in g if k in shown and k not in listed]
+    col = 34
+    for item in layout:
+        if item[0] == "group":
+            parts += ["", f"{item[1]}:"] if item[1] else [""]
+            continue
+        _, name, comment = item
+        flag = f"  --{name}={_show(g[name])}"
+        if not comment:
+            parts.append(flag)
+            continue
+        wrapped = textwrap.wrap(comment, width - col - 1) or [""]
+        if len(flag) < col:
+            parts.append(f"{flag:<{col}} {wrapped[0]}")
+            wrapped = wrapped[1:]
+        else:
+            parts.append(flag)
+        parts += [" " * (col + 1) + w for w in wrapped]
+    return "\n".join(parts).replace("\n\n\n", "\n\n")

@@ -1,0 +1,115 @@
+"""A newcomer's command lines (issue 24): every stage script answers --help and -h with its
+docstring and each setting's default and comment, and the usual wrong invocations end in one
+line on stderr and exit status 1, with nothing written to the output folder."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# script -> (first words of its docstring, a setting's help line: --key=default, then its comment)
+HELP = {
+    "preprocess.py": ("DICOM/NIfTI export -> memory-mapped", r"--workers=2 +worker processes \(0 or 1"),
+    "train_jepa.py": ("Vol-JEPA pretraining", r"--global_batch=768 +volumes per step over all ranks"),
+    "encode.py": ("Folder of studies -> embeddings", r"--preset=nvfm +token rules: \"nvfm\" \(ours\)"),
+    "train_probe.py": ("Train a study-level diagnostic probe", r"--probe=attentive_mil +attentive_mil \| abmil"),
+    "train_llava.py": ("Train the report generator", r"--lr=0.0001 +connector learning rate"),
+    "evaluate.py": ("Evaluate trained probes", r"--probes='' +comma-separated probe.pt paths"),
+}
+
+
+def run(script, *args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    env.pop("NVFM_TRACEBACK", None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", sorted(HELP))
+def test_help(script, flag, tmp_path):
+    r = run(script, flag, "--not_a_setting=1", cwd=tmp_path)  # help wins over a bad flag
+    assert r.returncode == 0, r.stderr
+    doc, setting = HELP[script]
+    assert f"usage: python {script}" in r.stdout and doc in r.stdout
+    assert re.search(setting, r.stdout), r.stdout
+    assert not os.listdir(tmp_path)  # --help writes nothing
+
+
+def test_help_lists_the_scripts_config_files_and_groups():
+    r = run("train_llava.py", "--help")
+    assert "config/llava_tiny.py" in r.stdout and "config/jepa_tiny.py" not in r.stdout
+    assert "\nconnector (SPEC: dim 768" in r.stdout and "\noptimisation:" in r.stdout
+    # a comment continued on indented lines below the setting is part of its help
+    assert re.search(r"--llm='' +local HF causal LM dir or .gguf; \"\" = the cached tiny random\s+Qwen3; "
+                     r"\"smollm2\"", r.stdout), r.stdout
+    assert r.stdout.count("--stage1_iters=") == 1
+
+
+def _labels(path, header):
+    path.write_text(",".join(header) + "\n" + ",".join(["k1", "CT", "train"] + ["0"] * (len(header) - 3)) + "\n")
+    return path
+
+
+def _bad_invocations(t):
+    """(script, args, words the one-line error must hold, output folder that must not appear)."""
+    (t / "empty_dir").mkdir()
+    (t / "empty.pt").write_bytes(b"")
+    (t / "junk.pt").write_bytes(b"not a checkpoint")
+    (t / "cache").mkdir()
+    (t / "cache" / "index.json").write_text("{}")
+    good = _labels(t / "labels.csv", ["study_key", "modality", "split", "intraparenchymal_hemorrhage"])
+    nokey = _labels(t / "nokey.csv", ["study_uid", "modality", "split", "intraparenchymal_hemorrhage"])
+    out = t / "result"  # not out/: train_jepa.py's default out_dir is out/jepa
+    return [
+        ("train_jepa.py", ["--batch_size=8"], ["unknown config key 'batch_size'", "did you mean", "--global_batch"], None),
+        ("encode.py", ["--encodr=random:tiny"], ["'encodr'", "--encoder?"], None),
+        ("train_probe.py", ["--stesp=10"], ["'stesp'", "--steps"], None),
+        ("train_jepa.py", ["--max_steps=ten"], ["--max_steps", "expected int"], None),
+        ("train_probe.py", ["--side_classes=maybe"], ["--side_classes", "expected a bool"], None),
+        ("train_jepa.py", ["config/no_such_config.py"], ["config file not found", "no_such_config"], None),
+        ("evaluate.py", ["probes.pt"], ["config file not found: probes.pt"], None),
+        ("train_jepa.py", [f"--shards={t / 'empty_dir'}"], ["manifest.json", str(t / "empty_dir")], None),
+        ("train_probe.py", [f"--features={t / 'missing'}", f"--labels={good}", f"--out={out}"],
+         ["--features", "not found", "encode.py"], out),
+        ("train_probe.py", [f"--features={t / 'cache'}", f"--labels={t / 'missing.csv'}", f"--out={out}"],
+         ["--labels", "missing.csv", "not found"], out),
+        ("train_probe.py", [f"--features={t / 'cache'}", f"--labels={nokey}", f"--out={out}"],
+         ["nokey.csv", "no study_key column"], out),
+        ("train_probe.py", [f"--features={t / 'cache'}", f"--labels={good}", "--probe=svm", f"--out={out}"],
+         ["--probe=svm", "choose one of"], out),
+        ("evaluate.py", [f"--probes={t / 'empty.pt'}", f"--labels={good}", f"--out={out}"],
+         ["--probes", "empty.pt is empty"], out),
+        ("evaluate.py", [f"--probes={t / 'missing.pt'}", f"--labels={good}", f"--out={out}"],
+         ["--probes", "missing.pt not found"], out),
+        ("evaluate.py", [f"--probes={t / 'junk.pt'}", f"--labels={good}", f"--out={t / 'out_junk'}"],
+         ["junk.pt is not a readable probe.pt"], None),
+        ("evaluate.py", [f"--probes={t / 'junk.pt'}", f"--labels={nokey}", f"--out={out}"],
+         ["no study_key column"], out),
+        ("train_llava.py", [f"--findings={t / 'missing.jsonl'}", f"--out_dir={out}"],
+         ["--findings", "missing.jsonl not found"], out),
+        ("train_llava.py", [f"--findings={good}", f"--features={t / 'missing'}", f"--out_dir={out}"],
+         ["--features", "not found"], out),
+        ("encode.py", [f"--shards={t / 'missing'}", "--encoder=random:tiny", f"--out={out}"],
+         ["--shards", "not found"], out),
+        ("encode.py", [f"--shards={t / 'empty_dir'}", "--encoder=random:tiny", f"--out={out}"],
+         ["--shards", "empty"], out),
+        ("preprocess.py", [f"--input={t / 'empty_dir'}", f"--output={out}", f"--labels={t / 'missing.csv'}"],
+         ["--labels", "missing.csv not found"], out),
+    ]
+
+
+def test_wrong_invocations_are_one_line_errors(tmp_path):
+    failures = []
+    for script, args, words, out in _bad_invocations(tmp_path):
+        r = run(script, *args, cwd=tmp_path)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        ok = (r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr
+              and all(w in lines[0] for w in words) and (out is None or not out.exists()))
+        if not ok:
+            failures.append(f"{script} {' '.join(args)}: rc {r.returncode}, out exists "
+                            f"{out is not None and out.exists()}, stderr:\n{r.stderr}")
+    assert not failures, "\n\n".join(failures)
