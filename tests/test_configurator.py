@@ -1,6 +1,9 @@
+import os
+import re
+
 import pytest
 
-from nvfm.configurator import ConfigError, config_dict, configure
+from nvfm.configurator import ConfigError, close_keys, config_dict, configure, help_text, require_path
 
 
 def defaults():
@@ -42,3 +45,79 @@ def test_unknown_key_in_file(tmp_path):
 def test_config_dict_skips_private_and_callables():
     g = dict(defaults(), _x=1, f=print)
     assert set(config_dict(g)) == set(defaults())
+
+
+def test_bare_bool_flag_and_error_hints():
+    g = defaults()
+    configure(g, ["--compile"], verbose=False)
+    assert g["compile"] is True
+    with pytest.raises(ConfigError, match="expected --key=value"):
+        configure(defaults(), ["--batch_size"], verbose=False)
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_sise' \(did you mean --batch_size\?\)"):
+        configure(defaults(), ["--batch_sise=3"], verbose=False)
+    with pytest.raises(ConfigError, match=r"settings are given as --key=value"):
+        configure(defaults(), ["data/shards"], verbose=False)
+
+
+def test_close_keys_by_spelling_and_shared_words():
+    keys = ["global_batch", "model_size", "lr_peak", "lr_start", "shards", "out_dir"]
+    assert close_keys("batch_size", keys)[0] == "global_batch"   # the README's old example
+    assert close_keys("lr_peek", keys)[0] == "lr_peak"
+    assert close_keys("shard", keys) == ["shards"]
+    assert close_keys("zzz", keys) == []
+
+
+SCRIPT = '''"""A demo stage.
+
+    python demo_stage.py --shards=S
+"""
+import os
+
+# ----------------------------------------------------------------------------- config
+shards = ""          # a shard set written by preprocess.py
+steps = 100
+lo, hi = 1, 2        # a range
+# optimisation
+lr = 3e-4            # the learning rate, which has a long comment
+                     # continued on the next line
+SOME_TABLE = (1, 2)  # a constant: settable but not listed
+device = "cpu"
+from nvfm.configurator import configure
+configure(globals())
+steps = steps * 2    # derived later: listed once, where it is declared
+'''
+
+
+def test_help_text_lists_settings_with_defaults_comments_and_groups(tmp_path):
+    path = tmp_path / "demo_stage.py"
+    path.write_text(SCRIPT)
+    g = {"__file__": str(path), "__doc__": "A demo stage.\n\n    python demo_stage.py --shards=S\n",
+         "os": os, "shards": "", "steps": 100, "lo": 1, "hi": 2, "lr": 3e-4, "SOME_TABLE": (1, 2),
+         "device": "cpu", "configure": configure}
+    text = help_text(g)
+    lines = text.splitlines()
+    assert lines[0].startswith("usage: python demo_stage.py") and "A demo stage." in text
+    assert re.search(r"^  --shards='' +a shard set written by preprocess.py$", text, re.M)
+    flat = re.sub(r"\s+", " ", text)  # wrapped at the terminal's width
+    assert "--lr=0.0003 the learning rate, which has a long comment continued on the next line --device" in flat
+    assert re.search(r"^  --lo=1 +a range$", text, re.M) and re.search(r"^  --hi=2$", text, re.M)
+    assert text.count("--steps=100") == 1 and "SOME_TABLE" not in text and "--os" not in text
+    order = [ln.split("=")[0].strip() for ln in lines if ln.startswith("  --")]
+    assert order == ["--shards", "--steps", "--lo", "--hi", "--lr", "--device"]
+    assert lines.index("config:") < lines.index("optimisation:") < next(i for i, ln in enumerate(lines) if "--lr=" in ln)
+    with pytest.raises(SystemExit) as e:
+        configure(dict(g), ["--steps=3", "-h"], verbose=False)
+    assert e.value.code == 0
+
+
+def test_require_path(tmp_path):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "d").mkdir()
+    assert require_path(str(tmp_path / "f"), "--labels") == str(tmp_path / "f")
+    for path, kind, msg in [("", "file", "--labels is required"), (tmp_path / "nope", "file", "nope not found"),
+                            (tmp_path / "empty", "file", "empty is empty"), (tmp_path / "d", "dir", "d is empty"),
+                            (tmp_path / "d", "file", "is a directory"), (tmp_path / "f", "dir", "not a directory")]:
+        with pytest.raises(SystemExit, match=msg) as e:
+            require_path(str(path), "--labels", kind=kind)
+        assert "error: --labels" in str(e.value.code)
