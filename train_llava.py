@@ -8,7 +8,7 @@ fixed prompt, the clinical indication as text, and the findings as a JSON list o
 (start it from stage 1 with --init_connector=OUT1/ckpt.pt). --text_only=True trains the same LM on
 the indication alone (the baseline the images must beat).
 
-Optional ways in for the images (off by default; BENCHMARKS.md, session 5): --aux_weight=W trains a
+Optional ways in for the images (off by default; BENCHMARKS.md, Report generator): --aux_weight=W trains a
 diagnosis head on the connector's latents beside the LM loss; --image_tags=True adds the tags of a
 cross-fitted linear tagger on the frozen features to the prompt (--oracle_tags: the true classes, a
 positive control).
@@ -17,7 +17,7 @@ Training studies are drawn with replacement, weight = 1 / prevalence of the stud
 (unremarkable studies count as one more label; SPEC), raised to --resample_power; --resample=False
 draws them uniformly, as config/llava_tiny.py does: the SPEC weights starve the phantom cohorts'
 unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md,
-session 7). bf16 autocast on CUDA, gradient checkpointing, atomic checkpoints every
+Report generator). bf16 autocast on CUDA, gradient checkpointing, atomic checkpoints every
 ckpt_interval iterations, --init_from=resume continues a run.
 Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
 with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.
@@ -30,8 +30,8 @@ positive but the report omits are appended), and scored with nvfm.report_metrics
 default each urgent diagnosis gets the lowest probe score whose appended calls are right
 --probe_precision of the time among reports that omit it, fitted on the evaluated studies'
 reports and ground truth with cross-fitting (a study's cut comes from the other folds), so what
-is appended is a finding the report missed, not a repeat of what it already says (BENCHMARKS.md,
-session 9: the probes' own Youden cuts append false urgent findings to most studies).
+is appended is a finding the report missed, not a repeat of what it already says (the probes' own
+Youden cuts append false urgent findings to most studies; BENCHMARKS.md, Report generator).
 """
 import contextlib
 import json
@@ -84,7 +84,7 @@ aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head 
 image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
                                    # linear tagger on the frozen features (nvfm.llava.ImageTagger)
 tag_asymmetry = False              # the tagger also reads left-right token differences (llava.study_vector; no gain
-                                   # with the demo encoder, BENCHMARKS.md session 6)
+                                   # with the demo encoder, BENCHMARKS.md)
 visual_tokens = True               # False (with image_tags): the images reach the LM only as the tag line
 tag_C = 0.1                        # the tagger's inverse L2 strength
 oracle_tags = False                # positive control only: the tags are each study's true classes (what a perfect
@@ -108,7 +108,7 @@ max_new_tokens = 160
 num_beams = 1                      # SPEC reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
 length_penalty = 1.0               # beams: score = log P(reply) / length**length_penalty (HF); 0 = the most
                                    # probable whole reply, so "[]" (no finding) competes fairly with long lists
-                                   # (on the phantom cohort it then omits urgent findings: BENCHMARKS.md session 7)
+                                   # (on the phantom cohort it then omits urgent findings: BENCHMARKS.md)
 repetition_penalty = 1.0
 no_repeat_ngram_size = 0
 image_guidance = 0.0               # >0 (greedy): classifier-free guidance on the images against the same LM's
@@ -122,7 +122,7 @@ probe_rule = "reports"             # the cross-check's operating point, per urge
                                    # the time) | precision (the same rule on the probe's own selection split, ignoring
                                    # the reports) | youden (the probe's Youden thresholds). A diagnosis that never
                                    # reaches probe_precision is never appended. Under youden and precision a
-                                   # --probe_scores JSONL's own thresholds are used. BENCHMARKS.md, session 9.
+                                   # --probe_scores JSONL's own thresholds are used (BENCHMARKS.md).
 probe_precision = 0.5
 probe_folds = 5
 cross_check = "append"             # append | flag | off (both with and without are always scored)
