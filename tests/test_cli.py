@@ -113,3 +113,21 @@ def test_wrong_invocations_are_one_line_errors(tmp_path):
             failures.append(f"{script} {' '.join(args)}: rc {r.returncode}, out exists "
                             f"{out is not None and out.exists()}, stderr:\n{r.stderr}")
     assert not failures, "\n\n".join(failures)
+
+
+def test_train_probe_warns_when_labels_cover_few_classes(tmp_path):
+    import numpy as np
+    from nvfm import features
+    with features.FeatureWriter(str(tmp_path / "cache"), "sha256:synthetic", 8) as w:
+        for i in range(8):
+            w.add(f"k{i}", [dict(volume_id=f"v{i}", family="CT", window="brain", modality="CT",
+                                 coords=np.zeros((4, 3)), emb=np.random.default_rng(i).normal(size=(4, 8)))])
+    rows = [f"k{i},CT,{'train' if i < 6 else 'val'},{i % 2}" for i in range(8)]
+    (tmp_path / "labels.csv").write_text("study_key,modality,split,intraparenchymal_hemorrhage\n" + "\n".join(rows) + "\n")
+    args = [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}", "--side_classes=False",
+            "--steps=2", "--eval_interval=1", "--hidden=8", "--threads=1"]
+    r = run("train_probe.py", *args, f"--out={tmp_path / 'p'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"warning: .*labels.csv has only 1 of the \d+ CT ontology classes", r.stdout), r.stdout
+    r = run("train_probe.py", *args, "--label_names=intraparenchymal_hemorrhage", f"--out={tmp_path / 'q'}", cwd=tmp_path)
+    assert r.returncode == 0 and "warning: " not in r.stdout, r.stdout + r.stderr
