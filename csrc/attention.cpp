@@ -345,8 +345,9 @@ VarlenAttnArgs cuda_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return a;
 }
 
-// Note: max_seqlen_q/k must bound the true lengths (not checked here: it would need a sync);
-// rows beyond max_seqlen_q are left as zeros.
+// Note: max_seqlen_q/k must bound the true lengths (not checked here: it would need a sync).
+// If one does not, the query rows past the grid are left as zeros with lse = -inf, and the
+// backward kernels give them no gradient (dK/dV treat lse = -inf as p = 0): wrong, never NaN.
 std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q,
                                                         int64_t max_k, double scale) {

@@ -7,7 +7,7 @@
 // query row (-inf for a query whose sequence has no keys; its output row is 0).
 #pragma once
 #include <cstdint>
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 #include <cuda_runtime.h>  // launchers exist only in CUDA builds; CPU builds need no CUDA headers
 #endif
 
@@ -28,7 +28,7 @@ struct VarlenAttnArgs {
   AttnDtype dtype;      // element type of q, k, v, out, dout, dq, dk, dv
 };
 
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 
 // True when the CUDA kernels exist for this head dim.
 bool varlen_attn_cuda_supports_head_dim(int D);

@@ -12,6 +12,7 @@
 // pass (no atomics, deterministic) and dK/dV in another.
 // This is a plain-FMA kernel (no tensor cores): the correctness-first version. Inputs are
 // fp16 or bf16 (fp32 inputs take the SDPA path in nvfm/attention.py); head dim 64 or 128.
+#include "cuda_compat.h"  // NVFM_LAUNCH, NVFM_DYNAMIC_SMEM (nvcc or the SIMT emulator)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -26,6 +27,9 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRowsPerWarp = kRows / kWarps;
 constexpr unsigned kFull = 0xffffffffu;
+static_assert(kCols == 32, "lane j owns column j of the streamed tile");
+static_assert(kRows == kCols, "load_tile fills kCols rows and also loads the owned kRows-row tiles");
+static_assert(kRows % kWarps == 0, "every warp owns kRowsPerWarp whole rows");
 
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -68,7 +72,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(VarlenAttnArgs a, T* __restrict__ out,
                                                             float* __restrict__ lse) {
   constexpr int LD = D + 1, DPL = D / 32;
-  extern __shared__ float smem[];
+  NVFM_DYNAMIC_SMEM(float, smem);
   float* sQ = smem;
   float* sK = sQ + kRows * LD;
   float* sV = sK + kCols * LD;
@@ -152,7 +156,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(VarlenAttnArgs a,
                                                                const float* __restrict__ lse,
                                                                const float* __restrict__ dvec, T* __restrict__ dq) {
   constexpr int LD = D + 1, DPL = D / 32;
-  extern __shared__ float smem[];
+  NVFM_DYNAMIC_SMEM(float, smem);
   float* sQ = smem;
   float* sdO = sQ + kRows * LD;
   float* sK = sdO + kRows * LD;
@@ -216,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(VarlenAttnArgs 
                                                                  const float* __restrict__ dvec, T* __restrict__ dk,
                                                                  T* __restrict__ dv) {
   constexpr int LD = D + 1, DPL = D / 32;
-  extern __shared__ float smem[];
+  NVFM_DYNAMIC_SMEM(float, smem);
   float* sK = smem;
   float* sV = sK + kRows * LD;
   float* sQ = sV + kRows * LD;
@@ -250,7 +254,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(VarlenAttnArgs 
       const int r = warp * kRowsPerWarp + i;
       if (r >= nr) continue;
       float p = 0.0f, ds = 0.0f;
-      if (lane < nc) {
+      // lse = -inf: a row the forward did not compute (max_seqlen_q below its length): p = 0
+      if (lane < nc && lse_l != -INFINITY) {
         p = __expf(dot_rows<D>(sQ + lane * LD, sK + r * LD) * a.scale - lse_l);
         const float dp = dot_rows<D>(sdO + lane * LD, sV + r * LD);
         ds = p * (dp - dvec_l);
@@ -290,7 +295,7 @@ cudaError_t fwd(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t str
   cudaError_t err = cudaFuncSetAttribute(attn_fwd_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   const dim3 grid((a.max_q + kRows - 1) / kRows, a.H, a.B);
-  attn_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(a, static_cast<T*>(out), lse);
+  NVFM_LAUNCH(grid, kThreads, smem, stream, attn_fwd_kernel<T, D>)(a, static_cast<T*>(out), lse);
   return cudaGetLastError();
 }
 
@@ -302,7 +307,7 @@ cudaError_t bwd(const VarlenAttnArgs& a, const void* dout, const void* out, cons
   const int64_t warps = a.total_q * a.H;
   int64_t blocks = (warps * 32 + 255) / 256;
   if (blocks > 65535 * 8) blocks = 65535 * 8;
-  attn_bwd_dvec_kernel<T, D><<<(unsigned)blocks, 256, 0, stream>>>(a, dO, static_cast<const T*>(out), dvec);
+  NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, attn_bwd_dvec_kernel<T, D>)(a, dO, static_cast<const T*>(out), dvec);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t smem = tile_bytes<D>(4);
@@ -312,13 +317,13 @@ cudaError_t bwd(const VarlenAttnArgs& a, const void* dout, const void* out, cons
   if (err != cudaSuccess) return err;
   if (a.max_q > 0) {
     const dim3 grid((a.max_q + kRows - 1) / kRows, a.H, a.B);
-    attn_bwd_dq_kernel<T, D><<<grid, kThreads, smem, stream>>>(a, dO, lse, dvec, static_cast<T*>(dq));
+    NVFM_LAUNCH(grid, kThreads, smem, stream, attn_bwd_dq_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dq));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (a.max_k > 0) {
     const dim3 grid((a.max_k + kRows - 1) / kRows, a.H, a.B);
-    attn_bwd_dkdv_kernel<T, D><<<grid, kThreads, smem, stream>>>(a, dO, lse, dvec, static_cast<T*>(dk),
+    NVFM_LAUNCH(grid, kThreads, smem, stream, attn_bwd_dkdv_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dk),
                                                                  static_cast<T*>(dv));
     err = cudaGetLastError();
   }

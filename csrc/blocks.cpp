@@ -41,6 +41,10 @@ void check_args(const at::Tensor& coords, const at::Tensor& cu, const at::Tensor
               "block_masks: counts must be contiguous (B, 3) int32");
   for (const at::Tensor* t : {&cu, &centres, &cu_blocks, &aspects, &keys, &counts})
     TORCH_CHECK(t->device() == coords.device(), "block_masks: every input must be on ", coords.device());
+  // a NaN, 0 or negative aspect breaks the distance order, the selection count and so the
+  // output offsets (tensor ops on the inputs' device: the CPU and CUDA entry points share this)
+  TORCH_CHECK(aspects.numel() == 0 || at::logical_and(at::isfinite(aspects), aspects > 0).all().item<bool>(),
+              "block_masks: aspects must be finite and > 0");
 }
 
 // Host-side checks of the offsets and counts (host copies); returns the context size per volume.
@@ -130,8 +134,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_masks_cpu(
   const int32_t* cnt = counts.data_ptr<int32_t>();
   const std::vector<int64_t> n_ctx = check_counts(cu, cb, cnt, B, N, M);
   const float* asp = aspects.data_ptr<float>();
-  for (int64_t j = 0; j < 3 * M; ++j)
-    TORCH_CHECK(std::isfinite(asp[j]) && asp[j] > 0.f, "block_masks: aspects must be finite and > 0");
   auto [ctx, cu_ctx, tgt, cu_tgt] = make_outputs(n_ctx, cu, N, coords.options());
   const int32_t *cc = cu_ctx.data_ptr<int32_t>(), *ct = cu_tgt.data_ptr<int32_t>();
   const int32_t *xyz = coords.data_ptr<int32_t>(), *ctr = centres.data_ptr<int32_t>(), *k = keys.data_ptr<int32_t>();

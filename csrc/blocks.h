@@ -3,7 +3,7 @@
 // Specification: nvfm/blocks.py (block_masks_reference and the module docstring).
 #pragma once
 #include <cstdint>
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 #include <cuda_runtime.h>  // launchers exist only in CUDA builds; CPU builds need no CUDA headers
 #endif
 
@@ -11,7 +11,7 @@ namespace nvfm {
 
 constexpr int kBlockCounts = 3;  // counts row: n_sel, sel_is_target, n_drop
 
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 
 // One thread block per volume. coords (N, 3), cu (B+1), centres (M, 3), cu_blocks (B+1),
 // aspects (M, 3), keys (2, N), counts (B, 3), cu_ctx / cu_tgt (B+1, computed on the host from

@@ -4,14 +4,17 @@
 //      --use_fast_math cannot change a distance and the split equals the reference's);
 //   2. rank of each token in the total order (d, key0, index) by counting the tokens before it
 //      (O(n^2) per volume, n <= a few thousand after the 20-patch crop); rank < n_sel -> selected;
-//   3. the same rank among context tokens by (key1, index): rank < n_drop -> moved to the target;
+//   3. the same rank among context tokens by (key1, index): rank < n_drop -> moved to the target
+//      (decided for all, then applied after a barrier);
 //   4. a block-wide scan of the context flags writes both index lists in ascending order.
+#include "cuda_compat.h"  // NVFM_LAUNCH, NVFM_DYNAMIC_SMEM (nvcc or the SIMT emulator)
 #include "blocks.h"
 
 namespace nvfm {
 namespace {
 
 constexpr int kThreads = 512;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "the compaction counts whole warps");
 
 __device__ __forceinline__ bool before_d(float da, int32_t ka, int a, float db, int32_t kb, int b) {
   return da < db || (da == db && (ka < kb || (ka == kb && a < b)));
@@ -65,20 +68,21 @@ __global__ void block_masks_kernel(const int32_t* __restrict__ coords, const int
   }
   __syncthreads();
   if (n_drop > 0) {  // 3. context dropout by rank among the context tokens
-    bool drop[8];  // a thread owns tokens threadIdx.x + r * blockDim.x; decide all, then write
-    for (int r = 0; r < 8; ++r) drop[r] = false;
-    for (int r = 0, i = threadIdx.x; i < n; ++r, i += blockDim.x) {
-      if (!f[i]) continue;
-      const int32_t ki = key1[i];
-      int rank = 0;
-      for (int j = 0; j < n && rank < n_drop; ++j)
-        rank += f[j] && (key1[j] < ki || (key1[j] == ki && j < i));
-      if (r < 8) drop[r] = rank < n_drop;
-      else if (rank < n_drop) f[i] = 2;  // n > 8 * blockDim: mark now, clear after the barrier
+    // decisions go to d[i] (free after phase 2) and are applied after the barrier, so f is
+    // only read while other threads rank against it
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      bool drop = false;
+      if (f[i]) {
+        const int32_t ki = key1[i];
+        int rank = 0;
+        for (int j = 0; j < n && rank < n_drop; ++j) rank += f[j] && (key1[j] < ki || (key1[j] == ki && j < i));
+        drop = rank < n_drop;
+      }
+      d[i] = drop ? 1.f : 0.f;
     }
     __syncthreads();
-    for (int r = 0, i = threadIdx.x; i < n; ++r, i += blockDim.x)
-      if ((r < 8 && drop[r]) || f[i] == 2) f[i] = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      if (d[i] != 0.f) f[i] = 0;
     __syncthreads();
   }
   // 4. compaction: ctx_before(i) = number of context tokens before i, by chunks of blockDim
@@ -111,7 +115,7 @@ cudaError_t launch_block_masks(const int32_t* coords, const int32_t* cu, int B, 
                                const int32_t* counts, const int32_t* cu_ctx, const int32_t* cu_tgt, float* dist,
                                uint8_t* flag, int64_t* ctx_index, int64_t* tgt_index, cudaStream_t stream) {
   if (B == 0 || N == 0) return cudaSuccess;
-  block_masks_kernel<<<B, kThreads, 0, stream>>>(coords, cu, centres, cu_blocks, aspects, keys, N, counts, cu_ctx,
+  NVFM_LAUNCH(B, kThreads, 0, stream, block_masks_kernel)(coords, cu, centres, cu_blocks, aspects, keys, N, counts, cu_ctx,
                                                   cu_tgt, dist, flag, ctx_index, tgt_index);
   return cudaGetLastError();
 }

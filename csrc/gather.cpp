@@ -36,6 +36,9 @@ void check_args(at::TensorList volumes, const at::Tensor& coords, const at::Tens
   if (dtype != at::kByte)  // uint8 output writes window levels: no table
     TORCH_CHECK(table.scalar_type() == at::kFloat && table.dim() == 2 && table.size(0) == 4 &&
                 table.size(1) == 256 && table.is_contiguous(), "table must be contiguous (4, 256) float32");
+  TORCH_CHECK(cu.device() == coords.device() && params.device() == coords.device() &&
+              (dtype == at::kByte || table.device() == coords.device()),
+              "cu_seqlens, params and table must be on the coords' device ", coords.device());
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor& v = volumes[b];
     TORCH_CHECK(v.scalar_type() == at::kByte && v.dim() == 4 && v.is_contiguous(),
@@ -58,6 +61,32 @@ void check_volume(const at::Tensor& v, const int32_t* p, at::IntArrayRef patch, 
     const int64_t grid = (v.size(1 + a) + patch[a] - 1) / patch[a];
     TORCH_CHECK(p[a] >= 0 && p[3 + a] >= 1 && p[a] + p[3 + a] <= grid, "volume ", b, ": crop axis ", a, " start ",
                 p[a], " size ", p[3 + a], " outside the token grid (", grid, ")");
+  }
+}
+
+// The values' validation, shared by the CPU and CUDA entry points (the kernels trust it): cu
+// from 0 to N and non-decreasing, every volume's parameters, and every coordinate inside its
+// volume's output grid (tensor ops on the coords' device). cu_h, p_h: host copies.
+void check_values(at::TensorList volumes, const at::Tensor& coords, const int32_t* cu_h, const int32_t* p_h,
+                  at::IntArrayRef patch) {
+  const int64_t B = volumes.size(), N = coords.size(0);
+  TORCH_CHECK(cu_h[0] == 0 && cu_h[B] == N, "cu_seqlens must run from 0 to N = ", N);
+  std::vector<int32_t> bound(3 * B), lens(B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(cu_h[b + 1] >= cu_h[b], "cu_seqlens must be non-decreasing");
+    const int32_t* p = p_h + b * kGatherParams;
+    check_volume(volumes[b], p, patch, b);
+    for (int k = 0; k < 3; ++k) bound[3 * b + k] = p[3 + p[6 + k]];  // output axis k = crop axis perm[k]
+    lens[b] = cu_h[b + 1] - cu_h[b];
+  }
+  if (N == 0) return;
+  const at::Tensor per_token = at::repeat_interleave(torch::tensor(bound, at::kInt).view({B, 3}),
+                                                     torch::tensor(lens, at::kLong), 0, N).to(coords.device());
+  const at::Tensor bad = at::logical_or(coords < 0, coords >= per_token).any(1);
+  if (bad.any().item<bool>()) {
+    const int64_t t = bad.nonzero()[0][0].item<int64_t>();
+    const int64_t b = std::upper_bound(cu_h, cu_h + B + 1, (int32_t)t) - cu_h - 1;
+    TORCH_CHECK(false, "volume ", b, ": token ", t, " coordinate outside the output grid");
   }
 }
 
@@ -279,15 +308,7 @@ at::Tensor gather_tokens_cpu(at::TensorList volumes, const at::Tensor& coords, c
   const int32_t* c = cu.data_ptr<int32_t>();
   const int32_t* p = params.data_ptr<int32_t>();
   const int32_t* xyz = coords.data_ptr<int32_t>();
-  TORCH_CHECK(c[0] == 0 && c[B] == coords.size(0), "cu_seqlens must run from 0 to N = ", coords.size(0));
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(c[b + 1] >= c[b], "cu_seqlens must be non-decreasing");
-    check_volume(volumes[b], p + b * kGatherParams, patch, b);
-    for (int64_t t = c[b]; t < c[b + 1]; ++t)
-      for (int k = 0; k < 3; ++k)
-        TORCH_CHECK(xyz[3 * t + k] >= 0 && xyz[3 * t + k] < p[b * kGatherParams + 3 + p[b * kGatherParams + 6 + k]],
-                    "volume ", b, ": token ", t, " coordinate outside the output grid");
-  }
+  check_values(volumes, coords, c, p, patch);
   at::Tensor out = at::empty({coords.size(0), P}, coords.options().dtype(dtype));
   if (dtype == at::kByte) {
     gather_cpu_u8(volumes, xyz, c, p, patch, B, out.data_ptr<uint8_t>());
@@ -307,10 +328,10 @@ at::Tensor gather_tokens_cuda(at::TensorList volumes, const at::Tensor& coords, 
   check_args(volumes, coords, cu, params, table, patch, dtype);
   c10::cuda::CUDAGuard guard(coords.device());
   const int64_t B = volumes.size(), P = patch[0] * patch[1] * patch[2];
-  const at::Tensor p_host = params.cpu();
+  const at::Tensor p_host = params.cpu(), cu_host = cu.cpu();
+  check_values(volumes, coords, cu_host.data_ptr<int32_t>(), p_host.data_ptr<int32_t>(), patch);
   std::vector<GatherVolume> host(B);
   for (int64_t b = 0; b < B; ++b) {
-    check_volume(volumes[b], p_host.data_ptr<int32_t>() + b * kGatherParams, patch, b);
     const at::Tensor& v = volumes[b];
     host[b] = {v.data_ptr<uint8_t>(), (int32_t)v.size(0), (int32_t)v.size(1), (int32_t)v.size(2), (int32_t)v.size(3)};
   }

@@ -3,7 +3,7 @@
 // Specification: nvfm/gather.py (gather_tokens_reference and the module docstring).
 #pragma once
 #include <cstdint>
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 #include <cuda_runtime.h>  // launchers exist only in CUDA builds; CPU builds need no CUDA headers
 #endif
 
@@ -19,7 +19,7 @@ struct GatherVolume {
   int32_t C, D, H, W;
 };
 
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 
 // out[i, e] = table[window][byte] of element e of token i (see gather.py), tokens of volume b
 // at rows cu[b]:cu[b+1]; kUInt8 writes the window level instead (table unused, may be null).

@@ -1,6 +1,7 @@
 // CUDA kernel of the training-path token gather. Plain CUDA: no torch headers (see gather.h).
 // Grid-stride over (token, element) pairs: consecutive threads write consecutive output
 // elements (coalesced stores); reads follow the permuted/flipped voxel order.
+#include "cuda_compat.h"  // NVFM_LAUNCH, NVFM_DYNAMIC_SMEM (nvcc or the SIMT emulator)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -55,7 +56,7 @@ __global__ void gather_tokens_kernel(const GatherVolume* __restrict__ vols, cons
     for (int j = 0; j < 3; ++j) {
       const int a = p[13 + j];
       const int vox = tok[a] * pj[j] + (flipped[a] ? pj[j] - 1 - ej[j] : ej[j]);
-      inside = inside && vox < dims[a];
+      inside = inside && vox >= 0 && vox < dims[a];  // never read outside the volume
       off += (int64_t)vox * strides[a];
     }
     const uint8_t byte = inside ? v.data[off] : 0;
@@ -75,19 +76,19 @@ cudaError_t launch_gather_tokens(const GatherVolume* vols, const int32_t* params
   if (blocks > 65535 * 16) blocks = 65535 * 16;
   switch (out_type) {
     case GatherOut::kFloat32:
-      gather_tokens_kernel<float><<<(unsigned)blocks, 256, 0, stream>>>(vols, params, cu, B, coords, n, table, pd, ph,
+      NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, gather_tokens_kernel<float>)(vols, params, cu, B, coords, n, table, pd, ph,
                                                                         pw, static_cast<float*>(out));
       break;
     case GatherOut::kFloat16:
-      gather_tokens_kernel<__half><<<(unsigned)blocks, 256, 0, stream>>>(vols, params, cu, B, coords, n, table, pd,
+      NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, gather_tokens_kernel<__half>)(vols, params, cu, B, coords, n, table, pd,
                                                                          ph, pw, static_cast<__half*>(out));
       break;
     case GatherOut::kBFloat16:
-      gather_tokens_kernel<__nv_bfloat16><<<(unsigned)blocks, 256, 0, stream>>>(
+      NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, gather_tokens_kernel<__nv_bfloat16>)(
           vols, params, cu, B, coords, n, table, pd, ph, pw, static_cast<__nv_bfloat16*>(out));
       break;
     case GatherOut::kUInt8:
-      gather_tokens_kernel<uint8_t><<<(unsigned)blocks, 256, 0, stream>>>(vols, params, cu, B, coords, n, table, pd,
+      NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, gather_tokens_kernel<uint8_t>)(vols, params, cu, B, coords, n, table, pd,
                                                                           ph, pw, static_cast<uint8_t*>(out));
       break;
   }

@@ -13,11 +13,13 @@
 namespace nvfm {
 namespace {
 
-PatchGeom make_geom(const at::Tensor& vol, at::IntArrayRef patch) {
+PatchGeom make_geom(at::IntArrayRef shape, at::IntArrayRef patch) {
   TORCH_CHECK(patch.size() == 3, "patch must have 3 sizes (pd, ph, pw)");
-  TORCH_CHECK(vol.dim() == 3, "volumes must be 3D (D, H, W), got ", vol.dim(), "D");
+  TORCH_CHECK(shape.size() == 3, "volumes must be 3D (D, H, W), got ", shape.size(), "D");
+  TORCH_CHECK(shape[0] >= 0 && shape[1] >= 0 && shape[2] >= 0 && shape[0] < INT32_MAX && shape[1] < INT32_MAX &&
+              shape[2] < INT32_MAX, "bad volume shape ", shape);
   PatchGeom g;
-  g.D = vol.size(0); g.H = vol.size(1); g.W = vol.size(2);
+  g.D = shape[0]; g.H = shape[1]; g.W = shape[2];
   g.pd = patch[0]; g.ph = patch[1]; g.pw = patch[2];
   TORCH_CHECK(g.pd > 0 && g.ph > 0 && g.pw > 0, "patch sizes must be positive");
   g.gz = (g.D + g.pd - 1) / g.pd; g.gy = (g.H + g.ph - 1) / g.ph; g.gx = (g.W + g.pw - 1) / g.pw;
@@ -81,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchify_cpu(at::TensorList volum
   std::vector<int32_t> cu(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     check_pair(volumes[b], masks[b]);
-    PatchGeom g = make_geom(volumes[b], patch);
+    PatchGeom g = make_geom(volumes[b].sizes(), patch);
     at::Tensor counts = at::empty({g.gz, g.gy, g.gx}, at::kInt);
     fg_count_cpu(masks[b].data_ptr<uint8_t>(), g, counts.data_ptr<int32_t>());
     coords.push_back(at::nonzero(counts >= min_fg_voxels).to(at::kInt).contiguous());
@@ -98,19 +100,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchify_cpu(at::TensorList volum
   return {tokens, all, torch::tensor(std::vector<int32_t>(cu.begin(), cu.end()), at::kInt)};
 }
 
-at::Tensor unpatchify_cpu(const at::Tensor& tokens, const at::Tensor& coords, at::IntArrayRef shape,
-                          at::IntArrayRef patch) {
+// unpatchify's validation, shared by the CPU and CUDA entry points (the kernels trust it):
+// dtypes, shapes, devices, and every coordinate inside the token grid (tensor ops on the
+// coordinates' device: one sync on CUDA, where unpatchify is a debugging/visualisation path).
+PatchGeom check_unpatchify(const at::Tensor& tokens, const at::Tensor& coords, at::IntArrayRef shape,
+                           at::IntArrayRef patch) {
   TORCH_CHECK(shape.size() == 3, "shape must be (D, H, W)");
-  at::Tensor vol = at::zeros({shape[0], shape[1], shape[2]}, tokens.options());
+  const PatchGeom g = make_geom(shape, patch);
   TORCH_CHECK(tokens.scalar_type() == at::kByte && tokens.is_contiguous(), "tokens must be contiguous uint8");
-  TORCH_CHECK(coords.scalar_type() == at::kInt && coords.dim() == 2 && coords.size(1) == 3, "coords must be (n, 3) int32");
-  PatchGeom g = make_geom(vol, patch);
+  TORCH_CHECK(coords.scalar_type() == at::kInt && coords.dim() == 2 && coords.size(1) == 3 && coords.is_contiguous(),
+              "coords must be contiguous (n, 3) int32");
+  TORCH_CHECK(tokens.device() == coords.device(), "tokens on ", tokens.device(), " but coords on ", coords.device());
   const int64_t P = (int64_t)g.pd * g.ph * g.pw, n = coords.size(0);
   TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) == n && tokens.size(1) == P, "tokens must be (n, ", P, ")");
+  if (n > 0) {
+    const at::Tensor grid = torch::tensor({g.gz, g.gy, g.gx}, at::kInt).to(coords.device());
+    const at::Tensor bad = at::logical_or(coords < 0, coords >= grid).any(1);
+    if (bad.any().item<bool>())
+      TORCH_CHECK(false, "coordinate ", bad.nonzero()[0][0].item<int64_t>(), " outside the token grid (", g.gz, ", ",
+                  g.gy, ", ", g.gx, ")");
+  }
+  return g;
+}
+
+at::Tensor unpatchify_cpu(const at::Tensor& tokens, const at::Tensor& coords, at::IntArrayRef shape,
+                          at::IntArrayRef patch) {
+  const PatchGeom g = check_unpatchify(tokens, coords, shape, patch);
+  at::Tensor vol = at::zeros({shape[0], shape[1], shape[2]}, tokens.options());
+  const int64_t P = (int64_t)g.pd * g.ph * g.pw, n = coords.size(0);
   const int32_t* c = coords.data_ptr<int32_t>();
-  for (int64_t t = 0; t < n; ++t)
-    TORCH_CHECK(c[3 * t] >= 0 && c[3 * t] < g.gz && c[3 * t + 1] >= 0 && c[3 * t + 1] < g.gy &&
-                c[3 * t + 2] >= 0 && c[3 * t + 2] < g.gx, "coordinate ", t, " outside the token grid");
   uint8_t* v = vol.data_ptr<uint8_t>();
   const uint8_t* src = tokens.data_ptr<uint8_t>();
   at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {  // patches never overlap: no races
@@ -138,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchify_cuda(at::TensorList volu
   std::vector<at::Tensor> coords;
   for (int64_t b = 0; b < B; ++b) {
     check_pair(volumes[b], masks[b]);
-    PatchGeom g = make_geom(volumes[b], patch);
+    PatchGeom g = make_geom(volumes[b].sizes(), patch);
     at::Tensor counts = at::empty({g.gz, g.gy, g.gx}, volumes[b].options().dtype(at::kInt));
     C10_CUDA_CHECK(launch_token_fg_count(masks[b].data_ptr<uint8_t>(), g, counts.data_ptr<int32_t>(), stream));
     coords.push_back(at::nonzero(counts >= min_fg_voxels).to(at::kInt).contiguous());
@@ -162,10 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> patchify_cuda(at::TensorList volu
 at::Tensor unpatchify_cuda(const at::Tensor& tokens, const at::Tensor& coords, at::IntArrayRef shape,
                            at::IntArrayRef patch) {
   c10::cuda::CUDAGuard guard(tokens.device());
-  TORCH_CHECK(tokens.scalar_type() == at::kByte && tokens.is_contiguous(), "tokens must be contiguous uint8");
-  TORCH_CHECK(coords.scalar_type() == at::kInt && coords.is_contiguous(), "coords must be contiguous int32");
+  const PatchGeom g = check_unpatchify(tokens, coords, shape, patch);
   at::Tensor vol = at::zeros({shape[0], shape[1], shape[2]}, tokens.options());
-  PatchGeom g = make_geom(vol, patch);
   C10_CUDA_CHECK(launch_patch_scatter(tokens.data_ptr<uint8_t>(), g, coords.data_ptr<int32_t>(), coords.size(0),
                                       vol.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream()));
   return vol;

@@ -2,7 +2,7 @@
 // No torch types here: raw pointers, sizes and a stream, so the .cu compiles with plain nvcc.
 #pragma once
 #include <cstdint>
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 #include <cuda_runtime.h>  // launchers exist only in CUDA builds; CPU builds need no CUDA headers
 #endif
 
@@ -14,7 +14,7 @@ struct PatchGeom {
   int gz, gy, gx;  // token grid = ceil(shape / patch)
 };
 
-#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA)
+#if defined(__CUDACC__) || defined(NVFM_WITH_CUDA) || defined(NVFM_SIMT)
 
 // counts[t] = number of nonzero mask voxels in patch t (row-major over the grid); padding = 0.
 cudaError_t launch_token_fg_count(const uint8_t* mask, PatchGeom g, int32_t* counts, cudaStream_t stream);

@@ -1,11 +1,15 @@
 // CUDA kernels of the 3D patch tokenizer. Plain CUDA: no torch headers (see patchify.h).
+#include "cuda_compat.h"  // NVFM_LAUNCH, NVFM_DYNAMIC_SMEM (nvcc or the SIMT emulator)
 #include "patchify.h"
 
 namespace nvfm {
 namespace {
 
+constexpr int kFgThreads = 256;  // threads of token_fg_count_kernel: its tree reduction needs a power of two
+static_assert(kFgThreads > 0 && (kFgThreads & (kFgThreads - 1)) == 0, "the reduction halves kFgThreads");
+
 // One block per token; threads stride over the patch voxels and reduce with shared memory.
-__global__ void token_fg_count_kernel(const uint8_t* __restrict__ mask, PatchGeom g,
+__global__ void __launch_bounds__(kFgThreads) token_fg_count_kernel(const uint8_t* __restrict__ mask, PatchGeom g,
                                       int32_t* __restrict__ counts) {
   const int t = blockIdx.x;
   const int x0 = (t % g.gx) * g.pw;
@@ -13,14 +17,14 @@ __global__ void token_fg_count_kernel(const uint8_t* __restrict__ mask, PatchGeo
   const int z0 = (t / (g.gx * g.gy)) * g.pd;
   const int P = g.pd * g.ph * g.pw;
   int local = 0;
-  for (int i = threadIdx.x; i < P; i += blockDim.x) {
+  for (int i = threadIdx.x; i < P; i += kFgThreads) {
     const int z = z0 + i / (g.ph * g.pw), y = y0 + (i / g.pw) % g.ph, x = x0 + i % g.pw;
     if (z < g.D && y < g.H && x < g.W) local += mask[((int64_t)z * g.H + y) * g.W + x] != 0;
   }
-  __shared__ int partial[256];
+  __shared__ int partial[kFgThreads];
   partial[threadIdx.x] = local;
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+  for (int s = kFgThreads / 2; s > 0; s >>= 1) {
     if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
     __syncthreads();
   }
@@ -41,7 +45,7 @@ __global__ void patch_copy_kernel(const uint8_t* __restrict__ src, PatchGeom g,
     const int z = coords[3 * t] * g.pd + i / (g.ph * g.pw);
     const int y = coords[3 * t + 1] * g.ph + (i / g.pw) % g.ph;
     const int x = coords[3 * t + 2] * g.pw + i % g.pw;
-    const bool inside = z < g.D && y < g.H && x < g.W;
+    const bool inside = z >= 0 && y >= 0 && x >= 0 && z < g.D && y < g.H && x < g.W;  // never write outside
     const int64_t v = ((int64_t)z * g.H + y) * g.W + x;
     if (kGather) {
       dst[e] = inside ? src[v] : 0;
@@ -62,7 +66,7 @@ int grid_for(int64_t work, int threads) {
 cudaError_t launch_token_fg_count(const uint8_t* mask, PatchGeom g, int32_t* counts, cudaStream_t stream) {
   const int tokens = g.gz * g.gy * g.gx;
   if (tokens == 0) return cudaSuccess;
-  token_fg_count_kernel<<<tokens, 256, 0, stream>>>(mask, g, counts);
+  NVFM_LAUNCH(tokens, kFgThreads, 0, stream, token_fg_count_kernel)(mask, g, counts);
   return cudaGetLastError();
 }
 
@@ -70,7 +74,7 @@ cudaError_t launch_patch_gather(const uint8_t* vol, PatchGeom g, const int32_t* 
                                 uint8_t* out, cudaStream_t stream) {
   const int64_t work = n * g.pd * g.ph * g.pw;
   if (work == 0) return cudaSuccess;
-  patch_copy_kernel<true><<<grid_for(work, 256), 256, 0, stream>>>(vol, g, coords, n, out);
+  NVFM_LAUNCH(grid_for(work, 256), 256, 0, stream, patch_copy_kernel<true>)(vol, g, coords, n, out);
   return cudaGetLastError();
 }
 
@@ -78,7 +82,7 @@ cudaError_t launch_patch_scatter(const uint8_t* tokens, PatchGeom g, const int32
                                  uint8_t* vol, cudaStream_t stream) {
   const int64_t work = n * g.pd * g.ph * g.pw;
   if (work == 0) return cudaSuccess;
-  patch_copy_kernel<false><<<grid_for(work, 256), 256, 0, stream>>>(tokens, g, coords, n, vol);
+  NVFM_LAUNCH(grid_for(work, 256), 256, 0, stream, patch_copy_kernel<false>)(tokens, g, coords, n, vol);
   return cudaGetLastError();
 }
 

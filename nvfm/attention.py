@@ -12,7 +12,8 @@ impl:
   "ours"          the csrc kernels via torch.ops.nvfm.varlen_attn_fwd/bwd (CPU: fp32 compute,
                   any float dtype; CUDA: fp16/bf16, head_dim 64/128), differentiable
   "torch_varlen"  torch.nn.attention.varlen.varlen_attn (CUDA only, torch >= 2.10)
-  "auto"          "ours" when its kernel exists for these inputs, else "sdpa"
+  "auto"          "ours" when its kernel exists for these inputs and, on CUDA, is trusted by
+                  nvfm.ops' rule (verified on a GPU); else "torch_varlen" on CUDA, "sdpa" on CPU
 Training code can always pick "sdpa" or "reference", so an unverified kernel never blocks it.
 
 Ops (see nvfm/ops.py for the pattern):
@@ -165,10 +166,9 @@ def resolve_impl(impl, q):
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        # Our CUDA kernel has compiled but not yet run on a GPU (no device was lent when it
-        # was written): until tests/test_attention.py passes on one, "auto" on CUDA uses
-        # PyTorch's varlen path (or padded SDPA); impl="ours" still selects it explicitly.
-        if q.is_cuda:
+        # nvfm.ops' rule: our CUDA kernel runs under "auto" only once verified on a GPU
+        # (ops.CUDA_VERIFIED); until then PyTorch's varlen path (or padded SDPA) on CUDA.
+        if q.is_cuda and not ops.cuda_kernel_trusted("varlen_attn_fwd"):
             return "torch_varlen" if torch_varlen_available(q) else "sdpa"
         return "ours" if ours_available(q) else "sdpa"
     return impl

@@ -135,12 +135,11 @@ def block_masks_reference(coords, cu_seqlens, centres, cu_blocks, aspects, keys,
 def block_masks(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts, impl="auto", check=True):
     """Same contract as block_masks_reference, with the compiled kernel of the inputs' device
     when built. impl: "auto", "kernel" (error if not built) or "reference". check=False skips
-    the Python-side validation (the C++ kernel validates again; the CUDA kernel does not check
-    coordinates or aspects)."""
+    the Python-side validation (the C++ entry points validate again, CPU and CUDA alike)."""
     have = ops.backend("block_masks", coords.device.type) != "reference"
     if impl == "kernel" and not have:
         raise RuntimeError(f"block_masks: no compiled kernel for device {coords.device}")
-    if impl == "reference" or not have:
+    if impl == "reference" or not have or (impl == "auto" and ops.auto_backend("block_masks", coords.device) == "reference"):
         return block_masks_reference(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts)
     if check:
         check_inputs(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts)

@@ -171,7 +171,7 @@ def gather_tokens(volumes, specs, coords, dtype=None, patch=PATCH, impl="auto", 
     have = ops.backend("gather_tokens", device) != "reference"
     if impl == "kernel" and not have:
         raise RuntimeError(f"gather_tokens: no compiled kernel for device {device}")
-    if impl == "reference" or not have:
+    if impl == "reference" or not have or (impl == "auto" and ops.auto_backend("gather_tokens", device) == "reference"):
         return gather_tokens_reference(volumes, specs, coords, dtype, patch).to(device)
     coords = [torch.as_tensor(c) for c in coords]
     for b, (vol, spec, c) in enumerate(zip(volumes, specs, coords, strict=True)):

@@ -8,8 +8,18 @@ Pattern (every kernel in csrc/ follows it; see csrc/README.md):
 The .cu files include no torch headers: they take raw pointers, sizes and a cudaStream_t;
 tensor checks and allocation live in the .cpp file that registers the op.
 
-`backend(name, device)` answers "cuda", "cpp" or "reference". The environment variable
-NVFM_OPS=reference forces the references everywhere (debugging, bisecting a kernel bug).
+`backend(name, device)` answers "cuda", "cpp" or "reference": what exists for that device.
+
+Dispatch policy, one rule for every operator (`auto_backend`, what impl="auto" uses):
+  a compiled kernel runs automatically when it exists for the device and, on CUDA, when it has
+  passed its tests on a real GPU (the op is in CUDA_VERIFIED, filled from a recorded
+  bench/gpu_acceptance.py run). Until then CUDA tensors take the PyTorch path (the reference,
+  or PyTorch's own kernel for attention), and the CUDA kernel runs only when asked for
+  (impl="kernel" / impl="ours"), or everywhere with NVFM_CUDA_KERNELS=1 (acceptance runs).
+  The CUDA kernels' logic is checked on the CPU in CI (tests/test_simt.py); timing and the
+  hardware memory model are not, hence the rule.
+The environment variable NVFM_OPS=reference forces the references everywhere (debugging,
+bisecting a kernel bug).
 """
 import os
 import sys
@@ -78,11 +88,28 @@ def backend(name, device="cpu"):
     return "reference"
 
 
+# Ops whose CUDA kernel passed bench/gpu_acceptance.py on a GPU (none yet: no GPU lent so far).
+CUDA_VERIFIED = frozenset()
+
+
+def cuda_kernel_trusted(name):
+    """True when impl="auto" may run op `name`'s CUDA kernel (see the policy above)."""
+    return name in CUDA_VERIFIED or os.environ.get("NVFM_CUDA_KERNELS", "") == "1"
+
+
+def auto_backend(name, device="cpu"):
+    """The backend impl="auto" uses: backend() with the CUDA rule above applied."""
+    b = backend(name, device)
+    return "reference" if b == "cuda" and not cuda_kernel_trusted(name) else b
+
+
 def report():
     """One line per operator: its CPU and CUDA backends."""
     lines = []
     for name in OPS:
         cuda = backend(name, "cuda") if cuda_compiled() else "reference (CUDA not compiled)"
+        if cuda == "cuda" and not cuda_kernel_trusted(name):
+            cuda = "reference (kernel unverified on GPU; impl='kernel' runs it)"
         lines.append(f"  {name:<22} cpu: {backend(name, 'cpu'):<10} cuda: {cuda}")
     return "\n".join(lines)
 

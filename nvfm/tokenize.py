@@ -112,7 +112,7 @@ def patchify(volumes, masks, min_fg_fraction=DEFAULT_MIN_FG_FRACTION, patch=PATC
     masks = [torch.as_tensor(m).to(torch.uint8) if torch.as_tensor(m).dtype != torch.uint8
              else torch.as_tensor(m) for m in masks]
     device = volumes[0].device if volumes else torch.device("cpu")
-    use_kernel = impl == "kernel" or (impl == "auto" and ops.backend("patchify", device) != "reference")
+    use_kernel = impl == "kernel" or (impl == "auto" and ops.auto_backend("patchify", device) != "reference")
     if use_kernel:
         if ops.backend("patchify", device) == "reference":
             raise RuntimeError(f"patchify: no compiled kernel for device {device}")
@@ -123,7 +123,7 @@ def patchify(volumes, masks, min_fg_fraction=DEFAULT_MIN_FG_FRACTION, patch=PATC
 
 def unpatchify(tokens, coords, shape, patch=PATCH, impl="auto"):
     """Same contract as unpatchify_reference; uses the compiled kernel when available."""
-    use_kernel = impl == "kernel" or (impl == "auto" and ops.backend("unpatchify", tokens.device) != "reference")
+    use_kernel = impl == "kernel" or (impl == "auto" and ops.auto_backend("unpatchify", tokens.device) != "reference")
     if use_kernel:
         return torch.ops.nvfm.unpatchify(tokens.contiguous(), coords.to(torch.int32).contiguous(),
                                          list(shape), list(patch))

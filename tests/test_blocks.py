@@ -220,3 +220,18 @@ def test_cuda_matches_reference_bit_exact():
             got = block_masks(*[x.cuda() for x in inputs], impl="kernel")
             for r, g in zip(ref, got):
                 assert g.is_cuda and torch.equal(r, g.cpu())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("aspect", [float("nan"), float("inf"), 0.0, -1.0])
+def test_entry_point_rejects_bad_aspects_on_every_device(device, aspect):
+    """Issue 21 defect 3: the CUDA entry point did not check the aspects; both entry points now
+    share the check in check_args (csrc/blocks.cpp)."""
+    if ops.backend("block_masks", device) == "reference":
+        pytest.skip(f"no block_masks kernel for {device}")
+    inputs = list(random_batch(np.random.default_rng(3), [30, 40]))
+    inputs[4] = inputs[4].clone()
+    inputs[4][0, 1] = aspect
+    with pytest.raises(RuntimeError, match="aspects must be finite and > 0"):
+        torch.ops.nvfm.block_masks(*[x.to(device) for x in inputs])

@@ -192,3 +192,34 @@ def test_cuda_matches_reference_bit_exact():
     assert torch.equal(got16.cpu(), ref.to(torch.bfloat16))
     got8 = gather_tokens(vols_gpu, specs, coords, dtype=torch.uint8, impl="kernel")
     assert torch.equal(got8.cpu(), gather_tokens_reference(vols, specs, coords, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_entry_point_validation_on_every_device(device):
+    """Issue 21 defect 2: the CUDA entry point skipped the coordinate range, cu_seqlens and
+    device checks; CPU and CUDA now share check_values (csrc/gather.cpp). The kernel itself
+    never reads outside a volume: tests/test_simt.py::test_gather_kernel_never_reads_outside_the_volume."""
+    if ops.backend("gather_tokens", device) == "reference":
+        pytest.skip(f"no gather kernel for {device}")
+    from nvfm.gather import _params
+    vol = torch.randint(0, 256, (1, 8, 40, 40), dtype=torch.uint8).to(device)
+    spec = GatherSpec((0, 0, 0), (2, 3, 3))
+    params, table = _params([vol], [spec]).to(device), channel_table().to(device)
+    op = torch.ops.nvfm.gather_tokens
+
+    def run(coords, cu=(0, 2), p=params, t=table):
+        return op([vol], torch.tensor(coords, dtype=torch.int32, device=device),
+                  torch.tensor(cu, dtype=torch.int32, device=device), p, t, [4, 16, 16], torch.float32)
+
+    assert run([[0, 0, 0], [1, 2, 2]]).shape == (2, 1024)
+    for bad in ([[0, 0, 0], [-1, 0, 0]], [[0, 0, 0], [2, 0, 0]], [[0, 3, 0], [0, 0, 0]]):
+        with pytest.raises(RuntimeError, match="outside the output grid"):
+            run(bad)
+    with pytest.raises(RuntimeError, match="cu_seqlens must run from 0 to N"):
+        run([[0, 0, 0], [1, 2, 2]], cu=(0, 1))
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="must be on the coords' device"):
+            run([[0, 0, 0], [1, 2, 2]], p=params.cpu())
+        with pytest.raises(RuntimeError, match="must be on the coords' device"):
+            run([[0, 0, 0], [1, 2, 2]], t=table.cpu())

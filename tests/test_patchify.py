@@ -130,3 +130,29 @@ def test_cuda_kernel_matches_reference():
         back = T.unpatchify(got[0][: int(ref[2][1])], got[1][: int(ref[2][1])], vols[0].shape, impl="kernel")
         assert torch.equal(back.cpu(), T.unpatchify_reference(ref[0][: int(ref[2][1])], ref[1][: int(ref[2][1])],
                                                               vols[0].shape))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_unpatchify_validation_on_every_device(device):
+    """Issue 21 defect 1: the CUDA entry point validated almost nothing; both now share
+    check_unpatchify (csrc/patchify.cpp). The kernel itself drops negative coordinates:
+    tests/test_simt.py::test_unpatchify_kernel_drops_negative_coordinates."""
+    if ops.backend("unpatchify", device) == "reference":
+        pytest.skip(f"no unpatchify kernel for {device}")
+    tokens = torch.zeros(2, 4 * 16 * 16, dtype=torch.uint8, device=device)
+    good = torch.tensor([[0, 0, 0], [1, 1, 1]], dtype=torch.int32, device=device)
+    assert torch.ops.nvfm.unpatchify(tokens, good, [8, 20, 20], [4, 16, 16]).shape == (8, 20, 20)
+    for bad in ([[0, 0, 0], [-1, 0, 0]], [[0, 0, 0], [0, 2, 0]], [[0, 0, -3], [0, 0, 0]]):
+        with pytest.raises(RuntimeError, match="outside the token grid"):
+            torch.ops.nvfm.unpatchify(tokens, torch.tensor(bad, dtype=torch.int32, device=device), [8, 20, 20],
+                                      [4, 16, 16])
+    with pytest.raises(RuntimeError, match="shape must be"):
+        torch.ops.nvfm.unpatchify(tokens, good, [8, 20], [4, 16, 16])
+    with pytest.raises(RuntimeError, match="tokens must be"):
+        torch.ops.nvfm.unpatchify(tokens[:1], good, [8, 20, 20], [4, 16, 16])
+    with pytest.raises(RuntimeError, match="coords must be"):
+        torch.ops.nvfm.unpatchify(tokens, good[:, :2].contiguous(), [8, 20, 20], [4, 16, 16])

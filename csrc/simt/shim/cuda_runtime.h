@@ -1,0 +1,3 @@
+// SIMT emulator build: the CUDA header cuda_runtime.h resolves here (see ../simt.h).
+#pragma once
+#include "../simt.h"
