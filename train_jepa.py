@@ -28,6 +28,7 @@ from nvfm.configurator import config_dict, configure
 from nvfm.data import ShardReader
 from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
+from nvfm.monitor import CollapseWatch, ProbeSet, effective_rank, mean_std, relative_distance
 from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
 
 # ----------------------------------------------------------------------------- config
@@ -59,6 +60,14 @@ seed = 0
 log_interval = 10
 ckpt_interval = 1000
 stop_at_step = 0                   # > 0: checkpoint and exit after this step (a time-limited job slot)
+# is it learning? (README "Is my pretraining learning?")
+reg_weight = 0.0                   # > 0: variance-covariance term on the student's context latents (not in the paper)
+collapse_warn = 0.25               # warn when the student's effective rank < this x its rank on the first batch
+position_control = False           # also train a predictor that gets no context latents (positions only)
+eval_interval = 0                  # > 0: frozen-feature probes of student and teacher every this many steps
+probe_studies = 32                 # studies in the online probe set (0: all); every split, labels never trained on
+probe_cohort = ""                  # the demo cohort folder (with gt/): adds the lesion-token probe
+export = "teacher"                 # the encoder written as encoder.safetensors; the other one is written too
 device = "auto"                    # auto | cpu | cuda
 configure(globals())
 config = config_dict(globals())
@@ -103,26 +112,34 @@ pred_cfg = PredictorConfig(enc_dim=enc_cfg.dim, dim=predictor_dim or enc_cfg.dim
 
 
 class VolJEPA(nn.Module):
-    """The trained part (student + predictor), one module so DDP syncs both."""
+    """The trained part (student + predictor), one module so DDP syncs both. With
+    position_control, a second predictor gets the same layout but zeros instead of the context
+    latents: its loss says how much of the targets the positions alone predict."""
 
     def __init__(self):
         super().__init__()
         self.student = Encoder(enc_cfg)
         self.predictor = Predictor(pred_cfg)
+        self.pos_predictor = Predictor(pred_cfg) if position_control else None
 
     def forward(self, x, coords, b):
+        """-> (predicted targets, student context latents, position-only predictions or None)."""
         ctx, tgt = b["ctx_index"], b["tgt_index"]
         z = self.student(x[ctx], coords[ctx], b["cu_ctx"], b["max_ctx"])
         layout = (b["pred_ctx_pos"], b["pred_tgt_pos"], b["pred_cu"], b["pred_max"])
-        return self.predictor(z, coords[ctx], coords[tgt], layout)
+        pred = self.predictor(z, coords[ctx], coords[tgt], layout)
+        pos = self.pos_predictor(torch.zeros_like(z), coords[ctx], coords[tgt], layout) if position_control else None
+        return pred, z, pos
 
 
 model = VolJEPA().to(dev)
 teacher = Encoder(enc_cfg).to(dev)
 teacher.load_state_dict(model.student.state_dict())
 teacher.requires_grad_(False)
-for m in (model.student, model.predictor, teacher):
-    m.set_attention(attention)
+teacher_init = [p.detach().clone() for p in teacher.parameters()]  # the monitors' reference (same seed on resume)
+for m in (model.student, model.predictor, model.pos_predictor, teacher):
+    if m is not None:
+        m.set_attention(attention)
 model.student.blocks.grad_checkpointing = grad_checkpointing
 model.predictor.blocks.grad_checkpointing = grad_checkpointing
 
@@ -137,8 +154,14 @@ step = 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ck = load_checkpoint(ckpt_path)
+    saved = vars(EncoderConfig.from_dict(ck["encoder_config"]))
+    if saved != vars(enc_cfg):
+        raise SystemExit(f"{ckpt_path}: the checkpoint's encoder {saved} differs from this run's {vars(enc_cfg)}; "
+                         f"resume with the settings it was started with")
     load_state_strict(model.student, ck["student"], "student")
     load_state_strict(model.predictor, ck["predictor"], "predictor")
+    if position_control:
+        load_state_strict(model.pos_predictor, ck["pos_predictor"], "pos_predictor")
     load_state_strict(teacher, ck["teacher"], "teacher")
     optimizer.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
@@ -190,6 +213,17 @@ def step_flops(b):
     return 3 * (enc(lc) + pred) + enc(lens)
 
 
+def variance_covariance(z):
+    """Anti-collapse term on the student's context latents z (N, D), VICReg-style (Bardes et al.
+    2022): a hinge pulling every dimension's std across tokens up to 1, plus the squared
+    off-diagonal covariances / D pushing dimensions apart. 0 for a whitened z."""
+    z = z.float() - z.float().mean(0)
+    std = torch.sqrt(z.var(0) + 1e-4)
+    cov = z.T @ z / max(z.shape[0] - 1, 1)
+    off = cov - torch.diag(torch.diag(cov))
+    return F.relu(1.0 - std).mean() + off.pow(2).sum() / z.shape[1]
+
+
 def peak_flops():
     if dev.type != "cuda":
         return None
@@ -213,16 +247,49 @@ signal.signal(signal.SIGINT, request_stop)
 def save_checkpoint(next_step):
     if not master:
         return
+    extra = {"pos_predictor": raw_model.pos_predictor.state_dict()} if position_control else {}
     save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
-                 "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "teacher": teacher.state_dict(), **extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": next_step, "config": config, "encoder_config": vars(enc_cfg),
                  "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
+
+
+# ----------------------------------------------------------------------------- is it learning?
+watch = CollapseWatch(collapse_warn)
+probes = ProbeSet(shards, cohort=probe_cohort or None, max_studies=probe_studies) if eval_interval and master else None
+if export not in ("teacher", "student"):
+    raise SystemExit(f"export must be 'teacher' or 'student', got {export!r}")
+
+
+def log(rec, text=None):
+    if master:
+        if text:
+            print(text, flush=True)
+        log_file.write(json.dumps(rec) + "\n")
+        log_file.flush()
+
+
+def run_probes(at_step):
+    """Frozen-feature probes of student and teacher on the fixed probe set (master only)."""
+    res = {name: probes(enc) for name, enc in (("student", raw_model.student), ("teacher", teacher))}
+    raw_model.student.train()
+    fmt = lambda r: " ".join(f"{k} {r[k]:.3f}" for k in ("rank", "lesion_auroc", "study_auroc") if k in r)
+    log(dict(step=at_step, probe=res), f"probe @ {at_step}: student {fmt(res['student'])} | teacher {fmt(res['teacher'])}")
+
+
+def save_encoders():
+    other = "student" if export == "teacher" else "teacher"
+    nets = {"teacher": teacher, "student": raw_model.student}
+    save_encoder(nets[export], os.path.join(out_dir, "encoder.safetensors"))
+    save_encoder(nets[other], os.path.join(out_dir, f"{other}.safetensors"))
 
 
 # ----------------------------------------------------------------------------- training loop
 loader = make_loader(dataset, step, max_steps, num_workers, pin_memory=dev.type == "cuda")
 log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
-t_log, tok_log, vol_log, flops_log, loss_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0
+if probes is not None and step == 0:
+    run_probes(0)
+t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
 for b in loader:
     lr, wd, mom = lr_at(step), wd_at(step), momentum_at(step)
     for g in optimizer.param_groups:
@@ -239,12 +306,18 @@ for b in loader:
         with torch.no_grad():
             h = teacher(x, coords, b["cu_seqlens"], b["max_seqlen"])
             target = F.layer_norm(h.float(), (h.shape[-1],))[b["tgt_index"]]
-        pred = model(x, coords, b)
+        pred, z, pred_pos = model(x, coords, b)
         loss_sum = F.smooth_l1_loss(pred.float(), target, reduction="sum", beta=1.0) / target.shape[-1]
-    loss = loss_sum * world_size / n_tgt  # DDP averages gradients over ranks
-    scaler.scale(loss).backward()
+        pos_sum = F.smooth_l1_loss(pred_pos.float(), target, reduction="sum", beta=1.0) / target.shape[-1] \
+            if position_control else torch.zeros((), device=dev)
+    loss, loss_pos = loss_sum * world_size / n_tgt, pos_sum * world_size / n_tgt  # DDP averages gradients over ranks
+    reg = variance_covariance(z) if reg_weight > 0 else torch.zeros((), device=dev)
+    scaler.scale(loss + loss_pos + reg_weight * reg).backward()  # the control predictor's input is zeros: no gradient reaches the student
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    trained = [p for n, p in raw_model.named_parameters() if not n.startswith("pos_predictor.")]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+    if position_control:  # clipped on its own, so the control never changes the main run
+        torch.nn.utils.clip_grad_norm_(raw_model.pos_predictor.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -256,32 +329,42 @@ for b in loader:
     tok_log += int(b["cu_seqlens"][-1]) * world_size
     vol_log += global_batch
     flops_log += step_flops(b) * world_size
-    loss_log, n_log = loss_log + loss.detach(), n_log + 1  # no host sync until the log line
-    if step % log_interval == 0 or step == max_steps:
-        stats = torch.stack([loss_log / (n_log * world_size), pred.detach().float().std(0).mean(), target.std(0).mean()])
+    loss_log, pos_log, n_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), n_log + 1  # no sync until the log
+    if step == 1 or step % log_interval == 0 or step == max_steps:
+        # collapse monitors on this batch's features (this rank's part; no extra forward)
+        z_rank = effective_rank(z)
+        warning = watch.update(z_rank)  # the first batch's rank is the reference
+        stats = torch.stack([loss_log / (n_log * world_size), pos_log / (n_log * world_size)])
         if ddp:
             dist.all_reduce(stats)
-            stats[1:] /= world_size
         dt = time.time() - t_log
         peak = peak_flops()
         rec = dict(step=step, loss=stats[0].item(), lr=lr, wd=wd, momentum=mom, grad_norm=float(grad_norm),
                    tokens_per_s=tok_log / dt, volumes_per_s=vol_log / dt, tflops=flops_log / dt / 1e12,
                    mfu=flops_log / dt / (peak * world_size) if peak else None,
-                   pred_std=stats[1].item(), target_std=stats[2].item())
-        if master:
-            mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
-            print(f"step {step}: loss {rec['loss']:.4f} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "
-                  f"{rec['volumes_per_s']:.1f} vol/s {rec['tflops']:.3f} TFLOP/s{mfu} | std pred "
-                  f"{rec['pred_std']:.3f} target {rec['target_std']:.3f}", flush=True)
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-        t_log, tok_log, vol_log, flops_log, loss_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0
+                   rank_student=z_rank, rank_target=effective_rank(target), rank_pred=effective_rank(pred),
+                   std_student=mean_std(z), std_target=mean_std(target), std_pred=mean_std(pred),
+                   teacher_moved=relative_distance(teacher.parameters(), teacher_init),
+                   teacher_to_student=relative_distance(teacher.parameters(), raw_model.student.parameters()))
+        if position_control:
+            rec["loss_position_only"] = stats[1].item()
+        mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
+        ctl = f" (positions only {rec['loss_position_only']:.4f})" if position_control else ""
+        log(rec, f"step {step}: loss {rec['loss']:.4f}{ctl} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "
+                 f"{rec['volumes_per_s']:.1f} vol/s {rec['tflops']:.3f} TFLOP/s{mfu} | rank student {z_rank:.1f} "
+                 f"target {rec['rank_target']:.1f} pred {rec['rank_pred']:.1f} | teacher moved "
+                 f"{rec['teacher_moved']:.3f}")
+        if warning and master:
+            print(warning, flush=True)
+        t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
+    if probes is not None and (step % eval_interval == 0 or step == max_steps):
+        run_probes(step)
     if stop_at_step and step >= stop_at_step:
         stop_requested = True
     if step % ckpt_interval == 0 or step == max_steps or stop_requested:
         save_checkpoint(step)
         if master:
-            save_encoder(raw_model.student, os.path.join(out_dir, "encoder.safetensors"))
+            save_encoders()
     if stop_requested:
         if master:
             print(f"stop requested: checkpoint at step {step} in {ckpt_path}; resume with --init_from=resume")

@@ -46,20 +46,52 @@ def weights(path):
     return {f"{part}.{k}": v for part in ("student", "predictor", "teacher") for k, v in ck[part].items()}
 
 
+def read_log(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
 def test_loss_goes_down_and_outputs(full_run):
-    log = [json.loads(line) for line in open(os.path.join(full_run, "log.jsonl"))]
-    assert [r["step"] for r in log] == list(range(4, STEPS + 1, 4))
-    losses = [r["loss"] for r in log]  # each the mean over its 4 steps
+    log = [r for r in read_log(full_run) if "loss" in r]
+    assert [r["step"] for r in log] == [1] + list(range(4, STEPS + 1, 4))  # step 1: the monitors' reference
+    losses = [r["loss"] for r in log[1:]]  # each the mean over its 4 steps
     assert sum(losses[-2:]) / 2 < 0.85 * losses[0], losses
     for r in log:
-        assert r["tokens_per_s"] > 0 and r["volumes_per_s"] > 0 and r["target_std"] > 0 and r["pred_std"] > 0
+        assert r["tokens_per_s"] > 0 and r["volumes_per_s"] > 0 and r["std_target"] > 0 and r["std_pred"] > 0
         assert r["mfu"] is None  # no peak FLOP/s on CPU
+        for k in ("rank_student", "rank_target", "rank_pred"):
+            assert 1.0 <= r[k] <= 96.0
     assert log[0]["momentum"] < log[-1]["momentum"] <= 1.0
-    enc = load_encoder(os.path.join(full_run, "encoder.safetensors"))
+    # the teacher moves away from its init by the EMA only, and stays closer to its init than the student is
+    moved = [r["teacher_moved"] for r in log]
+    assert moved[0] > 0 and all(a < b for a, b in zip(moved, moved[1:]))
     ck = load_checkpoint(os.path.join(full_run, "ckpt.pt"))
     assert ck["step"] == STEPS and ck["config"]["model_size"] == "tiny"
-    for k, v in enc.state_dict().items():
-        assert torch.equal(v, ck["student"][k])
+    # both encoders are exported: encoder.safetensors is the teacher (the default `export`)
+    for name, part in (("encoder", "teacher"), ("student", "student")):
+        enc = load_encoder(os.path.join(full_run, f"{name}.safetensors"))
+        for k, v in enc.state_dict().items():
+            assert torch.equal(v, ck[part][k]), (name, k)
+    assert not os.path.exists(os.path.join(full_run, "teacher.safetensors"))
+
+
+def test_position_control_and_online_probe(full_run, shards, tmp_path):
+    """The position-only predictor trains beside the main run without changing it (same student
+    weights to the bit), resumes strictly, and the online probe logs both encoders."""
+    out = str(tmp_path)
+    run(["--position_control=True", f"--stop_at_step={STEPS // 2}", "--eval_interval=8"], out, shards)
+    run(["--position_control=True", "--init_from=resume", "--eval_interval=8"], out, shards)
+    ck, ref = load_checkpoint(os.path.join(out, "ckpt.pt")), load_checkpoint(os.path.join(full_run, "ckpt.pt"))
+    assert set(ck["pos_predictor"]) == set(ck["predictor"])
+    for part in ("student", "predictor", "teacher"):
+        for k, v in ref[part].items():
+            assert torch.equal(ck[part][k], v), f"{part}.{k} changed by the position control"
+    log = read_log(out)
+    assert all(r["loss_position_only"] > 0 for r in log if "loss" in r)
+    probes = {r["step"]: r["probe"] for r in log if "probe" in r}
+    assert sorted(probes) == [0, 8, 16]
+    assert probes[0]["student"]["rank"] == pytest.approx(probes[0]["teacher"]["rank"])  # identical at init
+    assert probes[16]["student"]["rank"] != pytest.approx(probes[16]["teacher"]["rank"])
+    assert all(p[n]["n_tokens"] > 0 for p in probes.values() for n in ("student", "teacher"))
 
 
 def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_path):

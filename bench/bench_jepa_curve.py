@@ -1,0 +1,226 @@
+"""Vol-JEPA learning curve: frozen-feature probe quality against pretraining steps.
+
+    python bench/bench_jepa_curve.py --cohort=DIR [--studies=200 --steps=0,250,1000,3000 --seeds=0,1,2]
+
+For each seed, one train_jepa.py run with a config (default config/jepa_tiny.py) and
+max_steps = the largest budget; the run is stopped at every budget of --steps (stop_at_step,
+then --init_from=resume, which is bit-for-bit), and the student and the EMA teacher written
+there are scored with nvfm.monitor.ProbeSet on every study of the cohort:
+  - lesion-token AUROC (fit on train studies, AUROC on val + test, study-bootstrap 95% CI);
+  - study-level macro AUROC (5-fold CV, classes with >= 5 positives and negatives);
+  - effective rank of the token features.
+Step 0 is the random init (the same seed's init). A supervised upper bound (--supervised=True)
+trains the same encoder end to end on the train studies' labels (mean-pooled tokens, linear
+head, binary cross-entropy over the classes with a positive) for the CPU time of the
+longest pretraining run of seed 0, and is scored the same way (its study CV includes the
+studies it was trained on: an optimistic bound).
+
+DIR gets the cohort (nvfm.phantom, created when missing), its shards, the runs, results.json
+and curve.png (--plot). Every stage resumes: a rerun skips what is done.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("NVFM_QUIET", "1")
+
+# config (nanoGPT style: module globals, overridable with --key=value)
+cohort = "/tmp/nvfm_jepa_curve"
+studies = 200
+steps = "0,250,1000,3000"
+seeds = "0,1,2"
+config = "config/jepa_tiny.py"
+extra = ""                 # more train_jepa.py flags, space separated (an ablation)
+supervised = True
+n_boot = 1000
+plot = True
+from nvfm.configurator import configure  # noqa: E402
+configure(globals())
+
+import torch  # noqa: E402
+
+from nvfm.model import Encoder, EncoderConfig, load_encoder  # noqa: E402
+from nvfm.monitor import ProbeSet  # noqa: E402
+
+
+def sh(cmd):
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def make_cohort():
+    c, s = os.path.join(cohort, "cohort"), os.path.join(cohort, "shards")
+    if not os.path.exists(os.path.join(c, "labels.csv")):
+        sh([sys.executable, "-m", "nvfm.phantom", c, "--studies", str(studies), "--seed", "0", "--quiet"])
+    if not os.path.exists(os.path.join(s, "manifest.json")):
+        sh([sys.executable, "preprocess.py", f"--input={c}/dicom", f"--output={s}", f"--labels={c}/labels.csv",
+            f"--findings={c}/findings.jsonl", "--workers=2"])
+    return c, s
+
+
+def pretrain(shards, seed, budgets):
+    """One run per seed; copies of both encoders at every budget > 0 -> {step: snapshot dir}.
+    The wall time of each stretch is summed into the snapshot's done.json."""
+    run = os.path.join(cohort, "runs", f"seed{seed}" + (f"-{zlib.crc32(extra.encode()):08x}" if extra else ""))
+    out, wall = {}, 0.0
+    for b in sorted(x for x in budgets if x > 0):
+        snap = os.path.join(run, f"step{b}")
+        done = os.path.join(snap, "done.json")
+        if not os.path.exists(done):
+            resume = ["--init_from=resume"] if os.path.exists(os.path.join(run, "ckpt.pt")) else []
+            t0 = time.time()
+            sh([sys.executable, "train_jepa.py", config, f"--shards={shards}", f"--out_dir={run}", f"--seed={seed}",
+                f"--max_steps={max(budgets)}", f"--stop_at_step={b}", "--eval_interval=0"] + extra.split() + resume)
+            os.makedirs(snap, exist_ok=True)
+            for name in ("student", "teacher"):
+                shutil.copy(os.path.join(run, f"{name}.safetensors"), os.path.join(snap, f"{name}.safetensors"))
+            json.dump({"step": b, "wall_s": wall + time.time() - t0}, open(done, "w"))
+        wall = json.load(open(done))["wall_s"]
+        out[b] = snap
+    return out
+
+
+def random_init(like, seed):
+    """The encoder a run of this seed starts from (train_jepa seeds torch, then builds the student)."""
+    torch.manual_seed(seed)
+    return Encoder(EncoderConfig(**vars(like.config))).eval()
+
+
+def supervised_bound(shards, like, seconds, seed=0, lr=1e-3, batch=8):
+    """The same encoder trained end to end on the train studies' labels for `seconds` of wall time:
+    each step draws `batch` train volumes (CT: a random window), encodes every foreground token,
+    mean-pools per volume, and a linear head is fit with binary cross-entropy on the study's labels."""
+    import csv
+    from nvfm.data import ShardReader
+    from nvfm.model import WINDOWS, normalize_tokens, volume_windows
+    from nvfm.tokenize import patchify
+    reader = ShardReader(shards)
+    rows = {r["study_key"]: r for r in csv.DictReader(open(os.path.join(shards, "labels.csv")))}
+    classes = [c for c in next(iter(rows.values())) if c not in ("study_key", "study", "modality", "split", "age")]
+    vols = [i for i, v in enumerate(reader.volumes) if v["split"] == "train" and v["study_key"] in rows]
+    Y = torch.tensor([[float(rows[reader.volumes[i]["study_key"]][c]) for c in classes] for i in vols])
+    keep = Y.sum(0) > 0
+    Y = Y[:, keep]
+    enc = random_init(like, seed).train()
+    head = torch.nn.Linear(enc.dim, Y.shape[1])
+    opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
+    rng, t0, n = np.random.default_rng(seed), time.time(), 0
+    while time.time() - t0 < seconds:
+        pick = rng.choice(len(vols), batch)
+        xs, cs, lens = [], [], []
+        for j in pick:
+            i = vols[j]
+            w = rng.choice(volume_windows(reader.volumes[i]))
+            _, mask = reader.volume(i)
+            t, c, _ = patchify([torch.from_numpy(np.ascontiguousarray(reader.window(i, w)))],
+                               [torch.from_numpy(np.ascontiguousarray(mask))])
+            xs.append(normalize_tokens(t, WINDOWS.index(w)))
+            cs.append(c)
+            lens.append(len(t))
+        cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+        h = enc(torch.cat(xs), torch.cat(cs), cu, max(lens))
+        pooled = torch.stack([h[cu[k]:cu[k + 1]].mean(0) for k in range(batch)])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled), Y[torch.from_numpy(pick)])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n += 1
+    print(f"supervised bound: {n} steps in {seconds:.0f} s, last loss {loss.item():.4f}", flush=True)
+    return enc.eval()
+
+
+def main():
+    budgets = [int(s) for s in str(steps).split(",")]
+    seed_list = [int(s) for s in str(seeds).split(",")]
+    cdir, shards = make_cohort()
+    probes = ProbeSet(shards, cohort=cdir)
+    path = os.path.join(cohort, "results.json" if not extra else f"results-{zlib.crc32(extra.encode()):08x}.json")
+    res = json.load(open(path)) if os.path.exists(path) else {}
+    res["meta"] = dict(config=config, extra=extra, studies=studies, steps=budgets, seeds=seed_list)
+
+    def score(tag, enc):
+        if tag not in res:
+            t0 = time.time()
+            res[tag] = probes(enc, n_boot=n_boot)
+            json.dump(res, open(path, "w"), indent=1)
+            print(f"{tag}: " + " ".join(f"{k} {v:.3f}" for k, v in res[tag].items()
+                                         if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)", flush=True)
+
+    like = None
+    for seed in seed_list:
+        snaps = pretrain(shards, seed, budgets)
+        for b, snap in snaps.items():
+            for name in ("student", "teacher"):
+                enc = load_encoder(os.path.join(snap, f"{name}.safetensors"))
+                like = enc
+                score(f"seed{seed}/{name}/{b}", enc)
+            res[f"seed{seed}/wall/{b}"] = json.load(open(os.path.join(snap, "done.json")))["wall_s"]
+        if 0 in budgets and like is not None:
+            score(f"seed{seed}/random/0", random_init(like, seed))
+    if supervised and like is not None:
+        secs = res[f"seed{seed_list[0]}/wall/{max(budgets)}"]
+        if "supervised/0" not in res:
+            score("supervised/0", supervised_bound(shards, like, secs))
+    json.dump(res, open(path, "w"), indent=1)
+    table(res, budgets, seed_list)
+    if plot:
+        draw(res, budgets, seed_list, os.path.splitext(path)[0] + ".png")
+
+
+def summary(res, name, b, seed_list, key):
+    v = [res[f"seed{s}/{name}/{b}"].get(key, np.nan) for s in seed_list if f"seed{s}/{name}/{b}" in res]
+    return (float(np.mean(v)), float(np.max(v) - np.min(v)) / 2, len(v)) if v else (np.nan, np.nan, 0)
+
+
+def table(res, budgets, seed_list):
+    print("| encoder | steps | lesion-token AUROC | study macro AUROC (CV) | effective rank |")
+    print("|---|---|---|---|---|")
+    rows = [("random init", "random", 0)] if 0 in budgets else []
+    rows += [(n, n, b) for b in budgets if b > 0 for n in ("student", "teacher")]
+    for label, name, b in rows:
+        cells = [f"{m:.3f} +- {h:.3f}" for m, h, _ in (summary(res, name, b, seed_list, k)
+                                                     for k in ("lesion_auroc", "study_auroc", "rank"))]
+        print(f"| {label} | {b} | " + " | ".join(cells) + " |")
+    if "supervised/0" in res:
+        r = res["supervised/0"]
+        print(f"| supervised (same wall time) | - | {r.get('lesion_auroc', np.nan):.3f} | "
+              f"{r.get('study_auroc', np.nan):.3f} | {r['rank']:.3f} |")
+    print("(mean over seeds +- half the range)")
+
+
+def draw(res, budgets, seed_list, png):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(axes, ("lesion_auroc", "study_auroc", "rank"),
+                              ("lesion-token AUROC", "study macro AUROC (5-fold CV)", "effective rank")):
+        for name, color in (("student", "C0"), ("teacher", "C1")):
+            xs = [b for b in budgets if b > 0]
+            pts = [summary(res, name, b, seed_list, key) for b in xs]
+            if 0 in budgets:
+                xs, pts = [0] + xs, [summary(res, "random", 0, seed_list, key)] + pts
+            m = np.array([p[0] for p in pts])
+            h = np.array([p[1] for p in pts])
+            ax.errorbar(xs, m, yerr=h, marker="o", color=color, label=name, capsize=3)
+        if "supervised/0" in res and key in res["supervised/0"]:
+            ax.axhline(res["supervised/0"][key], color="C2", ls="--", label="supervised, same wall time")
+        ax.set_title(title)
+        ax.set_xlabel("pretraining steps (0 = random init)")
+        ax.set_xscale("symlog", linthresh=max(1, min(b for b in budgets if b > 0)))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Is Vol-JEPA learning? Collapse monitors and frozen-feature probes for pretraining runs.
+
+Two kinds of figures, both used by train_jepa.py and bench/bench_jepa_curve.py:
+
+1. Collapse monitors, computed on a batch's features at no extra forward cost:
+   - `effective_rank(x)`: exp of the Shannon entropy of the normalised PCA spectrum (the
+     eigenvalues of the token features' covariance, divided by their sum). A d-dim feature
+     with equal variance in k orthogonal directions has rank k; a collapsed encoder whose
+     tokens vary along one direction has rank ~1. A random-init tiny encoder (96-d) has ~30
+     on demo tokens.
+   - `mean_std(x)`: the mean over dimensions of each dimension's standard deviation across tokens.
+   - `relative_distance(a, b)`: ||a - b|| / ||b|| over lists of parameters (how far the teacher
+     has moved from its initialisation, and how far it is from the student).
+
+2. Frozen-feature probes (`ProbeSet`), the learning curve of a run: a fixed set of studies is
+   encoded whole (every foreground token, every window, as encode.py does) and scored with:
+   - `rank`: effective rank of all their token features;
+   - `lesion_auroc`: a logistic regression on single tokens (+ a one-hot of the window) labelled
+     from the demo cohort's lesion masks (positive when >= half of the token's 4x16x16 voxel box
+     is lesion, negative when none of it is, partial tokens left out, negatives subsampled
+     1 in 10 with a seeded hash), fit on the train-split studies, token AUROC on val + test;
+     only where the cohort's ground truth (cohort/gt) is given;
+   - `study_auroc`: per-window mean and std pooling of the tokens, one logistic regression per
+     class, 5-fold stratified CV over the set's studies, macro AUROC over classes with >= 5
+     positives and >= 5 negatives (pretraining never sees labels, so using every study is
+     the usual transductive self-supervised setting).
+   Features are standardised with the fitting part's mean and std; C is fixed (token 1.0,
+   study 0.1), never tuned on the scored studies.
+"""
+import csv
+import json
+import os
+import zlib
+
+import numpy as np
+import torch
+
+WINDOW_NAMES = ["mr", "brain", "blood", "bone"]
+NEG_KEEP = 0.1  # share of lesion-free tokens kept for the token probe
+
+
+# ----------------------------------------------------------------------------- collapse monitors
+
+@torch.no_grad()
+def effective_rank(x, max_rows=4096):
+    """exp(entropy of the normalised covariance spectrum) of features x (N, D); NaN for N < 2.
+    At most `max_rows` rows are used (evenly spaced), so the cost is bounded on big batches."""
+    x = torch.as_tensor(x).detach().float()
+    if x.shape[0] > max_rows:
+        x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
+    if x.shape[0] < 2:
+        return float("nan")
+    s = torch.linalg.svdvals(x - x.mean(0))
+    p = s.pow(2)
+    p = p / p.sum().clamp_min(1e-30)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def mean_std(x):
+    """Mean over dimensions of the per-dimension standard deviation of x (N, D) across rows."""
+    x = torch.as_tensor(x).detach().float()
+    return float(x.std(0).mean()) if x.shape[0] > 1 else float("nan")
+
+
+@torch.no_grad()
+def relative_distance(a, b):
+    """||a - b|| / ||b|| over two lists of tensors of the same shapes (all entries together)."""
+    num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(y.float().pow(2).sum()) for y in b)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+class CollapseWatch:
+    """Warns (once per episode) when the student's effective rank falls below `threshold` x the
+    rank it had on the first batch. `update(rank)` returns the warning text or None."""
+
+    def __init__(self, threshold=0.25):
+        self.threshold, self.initial, self.warned = threshold, None, False
+
+    def update(self, rank):
+        if self.initial is None:
+            self.initial = rank
+            return None
+        low = rank < self.threshold * self.initial
+        msg = None
+        if low and not self.warned:
+            msg = (f"WARNING: representation collapse: the student's effective rank fell to {rank:.1f}, "
+                   f"{rank / self.initial:.2f}x its initial {self.initial:.1f} (threshold {self.threshold}x). "
+                   f"Probes on this encoder will sit near chance; see README 'Is my pretraining learning?'")
+        self.warned = low
+        return msg
+
+
+# ----------------------------------------------------------------------------- probes on frozen features
+
+def standardize(fit, *others):
+    mu, sd = fit.mean(0), fit.std(0) + 1e-6
+    return [(x - mu) / sd for x in (fit,) + others]
+
+
+def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0):
+    """Token probe on frozen features.
+
+    entries: {study_key: [dict(volume_id, window, emb (n, D)), ...]}; labels: {(study_key, volume_id):
+    int8 (n,) 1 lesion / 0 clear / -1 partial}; split_of: {study_key: split}. Fit on the 'train'
+    studies, score the others. Returns (AUROC, (lo, hi) study-bootstrap 95% CI or None when
+    n_boot == 0, n scored tokens, n scored positives); AUROC NaN when a side lacks a class."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    X, Y, S, fit_part = [], [], [], []
+    for key, ents in entries.items():
+        for e in ents:
+            y = labels.get((key, e["volume_id"]))
+            if y is None or len(y) != len(e["emb"]):
+                continue
+            rng = np.random.default_rng(zlib.crc32(f"{key}/{e['volume_id']}/{e['window']}/{seed}".encode()))
+            keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < NEG_KEEP))
+            onehot = np.zeros((int(keep.sum()), len(WINDOW_NAMES)), np.float32)
+            onehot[:, WINDOW_NAMES.index(e["window"])] = 1
+            X.append(np.concatenate([np.asarray(e["emb"])[keep].astype(np.float32), onehot], 1))
+            Y.append(y[keep])
+            S.append(np.full(int(keep.sum()), zlib.crc32(key.encode())))
+            fit_part.append(np.full(int(keep.sum()), split_of[key] == "train"))
+    if not X:
+        return float("nan"), None, 0, 0
+    X, Y, S, fit_part = map(np.concatenate, (X, Y, S, fit_part))
+    yfit, yev = Y[fit_part], Y[~fit_part]
+    if len(np.unique(yfit)) < 2 or len(np.unique(yev)) < 2:
+        return float("nan"), None, len(yev), int(yev.sum())
+    Xfit, Xev = standardize(X[fit_part], X[~fit_part])
+    score = LogisticRegression(C=1.0, max_iter=3000).fit(Xfit, yfit).decision_function(Xev)
+    auc = float(roc_auc_score(yev, score))
+    ci = None
+    if n_boot:
+        sev = S[~fit_part]
+        studies = np.unique(sev)
+        idx = {s: np.nonzero(sev == s)[0] for s in studies}
+        rng, boots = np.random.default_rng(seed), []
+        for _ in range(n_boot):
+            pick = np.concatenate([idx[s] for s in rng.choice(studies, len(studies))])
+            if 0 < yev[pick].sum() < len(pick):
+                boots.append(roc_auc_score(yev[pick], score[pick]))
+        ci = tuple(float(v) for v in np.percentile(boots, [2.5, 97.5])) if boots else None
+    return auc, ci, len(yev), int(yev.sum())
+
+
+def pooled_study(ents, dim):
+    """Per-window mean and std of a study's token features -> (2 * 4 * dim,) (zeros for absent windows)."""
+    out = []
+    for w in WINDOW_NAMES:
+        es = [np.asarray(e["emb"], np.float32) for e in ents if e["window"] == w]
+        a = np.concatenate(es) if es else np.zeros((1, dim), np.float32)
+        out += [a.mean(0), a.std(0)]
+    return np.concatenate(out)
+
+
+def study_cv_auroc(X, Y, folds=5, repeats=3, min_count=5):
+    """Macro AUROC of per-class logistic regressions, `folds`-fold stratified CV repeated `repeats`
+    times, over classes with >= min_count positives and negatives. X (S, F), Y (S, C) 0/1.
+    Returns (macro AUROC or NaN, n classes)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+    aucs = []
+    for j in range(Y.shape[1]):
+        y = Y[:, j]
+        if y.sum() < min_count or len(y) - y.sum() < min_count:
+            continue
+        reps = []
+        for rep in range(repeats):
+            s = np.zeros(len(y))
+            for tr, te in StratifiedKFold(folds, shuffle=True, random_state=rep).split(X, y):
+                Xtr, Xte = standardize(X[tr], X[te])
+                s[te] = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, y[tr]).decision_function(Xte)
+            reps.append(roc_auc_score(y, s))
+        aucs.append(np.mean(reps))
+    return (float(np.mean(aucs)) if aucs else float("nan")), len(aucs)
+
+
+class _Entries(dict):
+    """{study_key: entries} with the FeatureCache interface that nvfm.grounding expects."""
+
+    def study(self, key):
+        return self[key]
+
+
+class ProbeSet:
+    """A fixed set of studies of a shard set, tokenised once, scored for any encoder.
+
+        probes = ProbeSet(shards, cohort=None, max_studies=0)
+        probes(encoder) -> {"rank", "lesion_auroc", "study_auroc", ...}
+
+    shards: a preprocess.py output (labels.csv and findings.jsonl inside); cohort: the demo
+    cohort folder (with gt/) for the lesion-token probe, or None; max_studies > 0 keeps an
+    evenly spaced subset of the studies (sorted by key) to bound the cost."""
+
+    def __init__(self, shards, cohort=None, max_studies=0, min_fg_fraction=None, max_tokens=16384):
+        from nvfm.data import ShardReader
+        self.reader = ShardReader(shards)
+        self.max_tokens, self.min_fg = max_tokens, min_fg_fraction
+        labels_path = os.path.join(shards, "labels.csv")
+        rows = list(csv.DictReader(open(labels_path))) if os.path.exists(labels_path) else []
+        keys = sorted({v["study_key"] for v in self.reader.volumes})
+        if max_studies and len(keys) > max_studies:
+            keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_studies).round().astype(int)]
+        self.keys = keys
+        self.by_study = {k: [i for i, v in enumerate(self.reader.volumes) if v["study_key"] == k] for k in keys}
+        self.split_of = {v["study_key"]: v["split"] for v in self.reader.volumes}
+        classes = [c for c in (rows[0] if rows else {}) if c not in ("study_key", "study", "modality", "split", "age")]
+        row_of = {r["study_key"]: r for r in rows}
+        self.labelled = [k for k in keys if k in row_of]
+        self.Y = np.array([[int(row_of[k][c]) for c in classes] for k in self.labelled], np.int64).reshape(
+            len(self.labelled), len(classes))
+        self.token_labels, self.cohort, self.findings = None, None, []
+        findings_path = os.path.join(shards, "findings.jsonl")
+        if cohort and os.path.isdir(os.path.join(cohort, "gt")) and os.path.exists(findings_path):
+            self.cohort = cohort
+            self.findings = [json.loads(line) for line in open(findings_path) if line.strip()]
+
+    def _lesion_labels(self, entries):
+        """Token labels from the cohort's lesion masks, computed once (token coords are the same for
+        every encoder)."""
+        if self.token_labels is None:
+            from nvfm.grounding import lesion_token_cover
+            cover = lesion_token_cover(self.cohort, self.reader, self.findings, entries)
+            self.token_labels = {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8)
+                                 for k, (f, _) in cover.items()}
+        return self.token_labels
+
+    @torch.no_grad()
+    def embed(self, encoder):
+        """{study_key: [dict(volume_id, window, coords, emb float32 numpy)]} for every study of the set."""
+        from nvfm.model import encode_study
+        out = _Entries()
+        for k in self.keys:
+            ents = encode_study(encoder, self.reader, self.by_study[k], min_fg_fraction=self.min_fg,
+                                max_tokens=self.max_tokens)
+            out[k] = [dict(e, coords=e["coords"].numpy(), emb=e["emb"].numpy()) for e in ents]
+        return out
+
+    def score(self, entries, n_boot=0):
+        """The probe figures of embedded entries (from `embed`)."""
+        allx = np.concatenate([e["emb"] for ents in entries.values() for e in ents])
+        res = dict(rank=effective_rank(torch.from_numpy(allx), max_rows=8192), feature_std=mean_std(allx),
+                   n_studies=len(entries), n_tokens=len(allx))
+        if self.cohort:
+            auc, ci, n, npos = lesion_token_auroc(entries, self._lesion_labels(entries), self.split_of, n_boot=n_boot)
+            res.update(lesion_auroc=auc, lesion_ci=ci, lesion_tokens=n, lesion_positives=npos)
+        if len(self.labelled) >= 10 and self.Y.shape[1]:
+            X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
+            res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y)
+        return res
+
+    def __call__(self, encoder, n_boot=0):
+        return self.score(self.embed(encoder), n_boot=n_boot)

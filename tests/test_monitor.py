@@ -1,0 +1,100 @@
+"""Collapse monitors and frozen-feature probes (nvfm/monitor.py) against independent computations:
+numpy eigenvalues, hand-worked spectra, scikit-learn, and a planted collapse of a real encoder."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from nvfm.model import Encoder, EncoderConfig
+from nvfm.monitor import CollapseWatch, effective_rank, lesion_token_auroc, mean_std, relative_distance, study_cv_auroc
+
+
+def rank_numpy(x):
+    x = np.asarray(x, np.float64)
+    ev = np.clip(np.linalg.eigvalsh(np.cov(x, rowvar=False)), 0, None)
+    p = ev / ev.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_effective_rank_against_numpy_and_hand_cases():
+    rng = np.random.default_rng(0)
+    for shape in [(50, 7), (300, 40), (20, 64)]:  # incl. fewer rows than dimensions
+        x = rng.normal(size=shape) @ rng.normal(size=(shape[1], shape[1]))
+        assert effective_rank(torch.from_numpy(x)) == pytest.approx(rank_numpy(x), rel=1e-4)
+    # k orthogonal directions with equal variance -> rank k, whatever the ambient dimension
+    q, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+    for k in (1, 3, 10):
+        z = rng.choice([-1.0, 1.0], size=(4000, k))  # exactly unit variance per direction, uncorrelated
+        z -= z.mean(0)
+        z = np.linalg.qr(z)[0] * np.sqrt(len(z))  # whiten exactly
+        assert effective_rank(torch.from_numpy(z @ q[:k])) == pytest.approx(k, rel=1e-6)
+    # a constant feature has no spread: rank is not larger than 1 numerically meaningful, std 0
+    c = torch.ones(100, 16) * torch.arange(16.0)
+    assert mean_std(c) == 0.0
+
+
+def test_relative_distance_by_hand():
+    a, b = [torch.tensor([3.0, 0.0]), torch.tensor([[0.0]])], [torch.tensor([0.0, 0.0]), torch.tensor([[4.0]])]
+    assert relative_distance(a, b) == pytest.approx(5.0 / 4.0)
+    assert relative_distance(b, b) == 0.0
+
+
+def test_planted_collapse_of_a_real_encoder_triggers_the_warning():
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig.preset("tiny"))
+    x, coords = torch.randn(300, 1024), torch.randint(0, 8, (300, 3), dtype=torch.int32)
+    cu = torch.tensor([0, 150, 300], dtype=torch.int32)
+    with torch.no_grad():
+        r0 = effective_rank(enc(x, coords, cu, 150))
+        watch = CollapseWatch(0.25)
+        assert watch.update(r0) is None and r0 > 10
+        assert watch.update(0.9 * r0) is None  # healthy: no warning
+        # plant a collapse: the final LayerNorm scales every feature to 0 except one direction
+        enc.blocks.norm.weight.zero_()
+        enc.blocks.norm.weight[0] = 1.0
+        r1 = effective_rank(enc(x, coords, cu, 150))
+    assert r1 == pytest.approx(1.0, abs=1e-3)
+    msg = watch.update(r1)
+    assert msg and "collapse" in msg and f"{r1:.1f}" in msg
+    assert watch.update(r1) is None  # warned once per episode
+    assert watch.update(r0) is None and watch.update(r1) is not None  # a new episode warns again
+
+
+def test_lesion_token_probe_against_sklearn():
+    rng = np.random.default_rng(1)
+    entries, labels, split_of = {}, {}, {}
+    for s in range(12):
+        key = f"s{s}"
+        split_of[key] = "train" if s < 8 else "val"
+        y = (rng.random(400) < 0.2).astype(np.int8)
+        y[:5] = -1  # partial tokens are left out
+        emb = rng.normal(size=(400, 6)).astype(np.float32)
+        emb[:, 0] += 1.5 * (y == 1)  # the lesion signal lives in one dimension
+        entries[key] = [dict(volume_id=f"v{s}", window="mr", emb=emb)]
+        labels[key, f"v{s}"] = y
+    auc, ci, n, npos = lesion_token_auroc(entries, labels, split_of, n_boot=200)
+    # independent check: on the scored studies, the planted dimension alone ranks almost as well
+    ev_y = np.concatenate([labels[k, f"v{k[1:]}"] for k in entries if split_of[k] == "val"])
+    ev_x = np.concatenate([entries[k][0]["emb"][:, 0] for k in entries if split_of[k] == "val"])
+    kept = ev_y >= 0
+    assert npos <= int((ev_y[kept] == 1).sum()) and n < kept.sum()  # negatives subsampled
+    assert auc == pytest.approx(roc_auc_score(ev_y[kept], ev_x[kept]), abs=0.06)
+    assert 0.8 < auc < 0.95 and ci[0] < auc < ci[1]
+    for e in entries.values():  # no signal -> chance
+        e[0]["emb"] = rng.normal(size=(400, 6)).astype(np.float32)
+    assert abs(lesion_token_auroc(entries, labels, split_of)[0] - 0.5) < 0.08
+
+
+def test_study_cv_auroc_planted_and_null():
+    rng = np.random.default_rng(2)
+    Y = (rng.random((60, 3)) < 0.3).astype(int)
+    Y[:, 2] = 0
+    Y[:2, 2] = 1  # too few positives: left out
+    X = rng.normal(size=(60, 5))
+    X[:, 0] += 3 * Y[:, 0]
+    X[:, 1] += 3 * Y[:, 1]
+    auc, n = study_cv_auroc(X, Y)
+    assert n == 2 and auc > 0.9
+    auc0, _ = study_cv_auroc(rng.normal(size=(60, 5)), Y)
+    assert auc0 < 0.65  # no signal: nothing above chance (CV AUROC on null data is biased low)
