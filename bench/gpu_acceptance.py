@@ -11,8 +11,10 @@ run goes on):
   env        GPU name, torch/CUDA versions, which nvfm ops have CUDA kernels
   tests      every CUDA test: tests/test_{attention,patchify,gather,blocks}.py on the GPU, the
              kernels run with NVFM_CUDA_KERNELS=1 (our attention vs torch references included)
-  attention  bench/bench_attention.py --gpu_only: TFLOP/s fwd and fwd+bwd of ours, torch varlen,
-             padded SDPA and flex_attention on equal and realistic length mixes
+  tests_tc   tests/test_attention.py's CUDA tests with the tensor-core forward (NVFM_ATTN_KERNEL=tc)
+  attention  bench/bench_attention.py --gpu_only: TFLOP/s fwd and fwd+bwd of ours (FMA), torch
+             varlen, padded SDPA and flex_attention on equal and realistic length mixes
+  attention_tc  the same with ours = the tensor-core forward (+ FMA backward)
   gather     bench/bench_gather.py: the gather kernel vs a device-to-device copy (bandwidth)
   train      bench/bench_train_jepa.py: ViT-B JEPA step (tokens/s, MFU, peak memory) per
              attention impl
@@ -30,7 +32,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("build", "env", "tests", "attention", "gather", "train")
+SECTIONS = ("build", "env", "tests", "tests_tc", "attention", "attention_tc", "gather", "train")
 CUDA_TESTS = ["tests/test_attention.py", "tests/test_patchify.py", "tests/test_gather.py", "tests/test_blocks.py"]
 ENV_PROBE = r"""
 import json, torch
@@ -71,7 +73,11 @@ def plan(args):
          {"NVFM_CUDA": "1", "NVFM_REQUIRE_EXT": "1", "MAX_JOBS": str(os.cpu_count() or 4)}, 420),
         ("env", [py, "-c", ENV_PROBE], {}, 60),
         ("tests", [py, "-m", "pytest", "-q", "-rs", "-k", "cuda", *CUDA_TESTS], {"NVFM_CUDA_KERNELS": "1"}, 240),
-        ("attention", [py, "bench/bench_attention.py", "--gpu_only=True", f"--gpu_repeats={3 if q else 10}"], {}, 180),
+        ("tests_tc", [py, "-m", "pytest", "-q", "-rs", "-k", "cuda", "tests/test_attention.py"],
+         {"NVFM_CUDA_KERNELS": "1", "NVFM_ATTN_KERNEL": "tc"}, 120),
+        ("attention", [py, "bench/bench_attention.py", "--gpu_only=True", f"--gpu_repeats={3 if q else 10}"], {}, 150),
+        ("attention_tc", [py, "bench/bench_attention.py", "--gpu_only=True", f"--gpu_repeats={3 if q else 10}"],
+         {"NVFM_ATTN_KERNEL": "tc"}, 150),
         ("gather", [py, "bench/bench_gather.py", f"--repeats={2 if q else 5}"], {}, 90),
         ("train", [py, "bench/bench_train_jepa.py", "--size=vitb", f"--batch={'16' if q else '32'}",
                    "--attn=ours,torch_varlen,sdpa", f"--steps={5 if q else 20}", "--device=cuda"], {}, 240),

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -355,7 +356,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q, con
   VarlenAttnArgs a = cuda_args(q, k, v, cu_q, cu_k, max_q, max_k, scale);
   at::Tensor out = at::zeros_like(q);
   at::Tensor lse = at::full({q.size(1), q.size(0)}, kNegInf, q.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_varlen_attn_fwd(a, out.data_ptr(), lse.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  // NVFM_ATTN_KERNEL=tc: the tensor-core forward (sm_80+; unmeasured until a GPU run, hence opt-in)
+  const char* kernel = std::getenv("NVFM_ATTN_KERNEL");
+  const bool tc = kernel != nullptr && std::strcmp(kernel, "tc") == 0;
+  C10_CUDA_CHECK((tc ? launch_varlen_attn_fwd_tc : launch_varlen_attn_fwd)(a, out.data_ptr(), lse.data_ptr<float>(),
+                                                                           at::cuda::getCurrentCUDAStream()));
   return {out, lse};
 }
 

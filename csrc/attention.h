@@ -36,6 +36,9 @@ bool varlen_attn_cuda_supports_head_dim(int D);
 // out = softmax(q k^T * scale) v per sequence; lse saved for the backward pass.
 cudaError_t launch_varlen_attn_fwd(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream);
 
+// The same forward on tensor cores (mma.sync m16n8k16, sm_80+); its lse feeds the backward below.
+cudaError_t launch_varlen_attn_fwd_tc(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream);
+
 // dq, dk, dv of the forward above. dvec: float workspace of H * total_q elements.
 cudaError_t launch_varlen_attn_bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,
                                    float* dvec, void* dq, void* dk, void* dv, cudaStream_t stream);

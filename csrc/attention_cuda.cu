@@ -17,6 +17,7 @@
 #include <cuda_fp16.h>
 
 #include "attention.h"
+#include "tensor_core.h"
 
 namespace nvfm {
 namespace {
@@ -283,6 +284,165 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(VarlenAttnArgs 
   }
 }
 
+// ---- tensor-core forward (mma.sync m16n8k16, fp32 accumulators; sm_80+) ----------------------
+// grid (ceil(max_q / 64), H, B), 4 warps; warp w owns query rows 16w..16w+15 of the block's 64.
+// Key/value tiles of 64 rows stream through two shared-memory buffers filled by cp.async (the
+// next tile loads while this one is used). Scores and output live in mma fragments; the C
+// fragments of two 8-key n-tiles of P are, converted to T, the A fragment of the next 16-key
+// step of P V (FlashAttention-2's register reuse). Same out / lse contract as attn_fwd_kernel,
+// so the FMA backward kernels consume its lse.
+constexpr int kTcRows = 64, kTcCols = 64, kTcWarps = 4, kTcThreads = 32 * kTcWarps;
+static_assert(kTcRows == 16 * kTcWarps, "one 16-row mma tile per warp");
+static_assert(kTcRows == kTcCols, "tc_load_tile loads the query tile too");
+static_assert(kTcCols % 16 == 0, "P V consumes keys 16 at a time");
+
+// Rows [row0, row0 + n) of one head into a (kTcCols x (D + 8)) tile of T by 16-byte cp.async
+// (the 8-element pad puts the 8 rows of an ldmatrix on distinct banks); rows >= n zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void tc_load_tile(T* tile, const T* __restrict__ x, int64_t row0, int n, int H, int h) {
+  constexpr int LD = D + 8, kChunks = D / 8;
+  for (int e = threadIdx.x; e < kTcCols * kChunks; e += kTcThreads) {
+    const int r = e / kChunks, c = (e % kChunks) * 8;
+    const bool valid = r < n;
+    tc::cp_async_16(tile + r * LD + c, x + ((row0 + (valid ? r : 0)) * (int64_t)H + h) * D + c, valid);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(VarlenAttnArgs a, T* __restrict__ out,
+                                                                 float* __restrict__ lse) {
+  constexpr int LD = D + 8, KS = D / 16, NT = kTcCols / 8, DT = D / 8;
+  NVFM_DYNAMIC_SMEM(float, smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kTcRows * LD;   // two buffers
+  T* sV = sK + 2 * kTcCols * LD;  // two buffers
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * kTcRows;
+  const int q0 = a.cu_q[b], lq = a.cu_q[b + 1] - q0, k0 = a.cu_k[b], lk = a.cu_k[b + 1] - k0;
+  if (r0 >= lq || lk == 0) return;  // out is pre-zeroed and lse pre-filled with -inf
+  const int nr = min(kTcRows, lq - r0), ntiles = (lk + kTcCols - 1) / kTcCols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+  tc_load_tile<T, D>(sQ, q, q0 + r0, nr, a.H, h);
+  tc_load_tile<T, D>(sK, k, k0, min(kTcCols, lk), a.H, h);
+  tc_load_tile<T, D>(sV, v, k0, min(kTcCols, lk), a.H, h);
+  tc::cp_async_commit();
+  uint32_t qf[KS][4];
+  float o[DT][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
+  for (int t = 0; t < ntiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < ntiles) {  // prefetch tile t + 1 into the other buffer, then wait for tile t only
+      const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, lk - c1);
+      tc_load_tile<T, D>(sK + (buf ^ 1) * kTcCols * LD, k, k0 + c1, n1, a.H, h);
+      tc_load_tile<T, D>(sV + (buf ^ 1) * kTcCols * LD, v, k0 + c1, n1, a.H, h);
+      tc::cp_async_commit();
+      tc::cp_async_wait<1>();
+    } else {
+      tc::cp_async_wait<0>();
+    }
+    __syncthreads();  // every thread's copies of tile t (and of Q) have landed
+    if (t == 0) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        tc::ldmatrix_x4(qf[ks], sQ + (warp * 16 + lane % 8 + (lane / 8) % 2 * 8) * LD + ks * 16 + lane / 16 * 8);
+    }
+    const T* tK = sK + buf * kTcCols * LD;
+    const T* tV = sV + buf * kTcCols * LD;
+    const int nc = min(kTcCols, lk - t * kTcCols);
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t kb[2];
+        tc::ldmatrix_x2(kb, tK + (nt * 8 + lane % 8) * LD + ks * 16 + (lane / 8) % 2 * 8);
+        tc::mma_m16n8k16<T>(s[nt], qf[ks], kb);
+      }
+    }
+    // online softmax on the fragments: this thread holds rows g (e = 0, 1) and g + 8 (e = 2, 3)
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float x = nt * 8 + 2 * c + (e & 1) < nc ? s[nt][e] * a.scale : -INFINITY;
+        s[nt][e] = x;
+        mx[e >> 1] = fmaxf(mx[e >> 1], x);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // the 4 threads of a quad share a row
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFull, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFull, mx[i], 2));
+      alpha[i] = m[i] == -INFINITY ? 0.0f : __expf(m[i] - mx[i]);
+      m[i] = mx[i];  // finite: key 0 of every tile is real
+      l[i] *= alpha[i];
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = __expf(s[nt][e] - m[e >> 1]);  // masked keys: exp(-inf) = 0
+        l[e >> 1] += s[nt][e];
+      }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+#pragma unroll
+    for (int j = 0; j < kTcCols / 16; ++j) {
+      const uint32_t pa[4] = {tc::pack2(from_f<T>(s[2 * j][0]), from_f<T>(s[2 * j][1])),
+                              tc::pack2(from_f<T>(s[2 * j][2]), from_f<T>(s[2 * j][3])),
+                              tc::pack2(from_f<T>(s[2 * j + 1][0]), from_f<T>(s[2 * j + 1][1])),
+                              tc::pack2(from_f<T>(s[2 * j + 1][2]), from_f<T>(s[2 * j + 1][3]))};
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        uint32_t vb[2];
+        tc::ldmatrix_x2_trans(vb, tV + (j * 16 + lane % 8 + (lane / 8) % 2 * 8) * LD + dt * 8);
+        tc::mma_m16n8k16<T>(o[dt], pa, vb);
+      }
+    }
+    __syncthreads();  // buffer `buf` is free for the prefetch of tile t + 2
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(kFull, l[i], 1);
+    l[i] += __shfl_xor_sync(kFull, l[i], 2);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= nr) continue;
+    const float inv = 1.0f / l[i];
+    T* orow = out + ((int64_t)(q0 + r0 + r) * a.H + h) * D;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      orow[dt * 8 + 2 * c] = from_f<T>(o[dt][2 * i] * inv);
+      orow[dt * 8 + 2 * c + 1] = from_f<T>(o[dt][2 * i + 1] * inv);
+    }
+    if (c == 0) lse[(int64_t)h * a.total_q + q0 + r0 + r] = m[i] + logf(l[i]);
+  }
+}
+
+template <typename T, int D>
+cudaError_t fwd_tc(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream) {
+  if (a.B == 0 || a.max_q == 0 || a.total_q == 0) return cudaSuccess;
+  const size_t smem = (size_t)(kTcRows + 4 * kTcCols) * (D + 8) * sizeof(T);
+  cudaError_t err = cudaFuncSetAttribute(attn_fwd_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((a.max_q + kTcRows - 1) / kTcRows, a.H, a.B);
+  NVFM_LAUNCH(grid, kTcThreads, smem, stream, attn_fwd_tc_kernel<T, D>)(a, static_cast<T*>(out), lse);
+  return cudaGetLastError();
+}
+
 template <int D>
 constexpr size_t tile_bytes(int tiles) {
   return (size_t)tiles * kRows * (D + 1) * sizeof(float);
@@ -353,6 +513,10 @@ struct Fwd {
   static cudaError_t run(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t s) { return fwd<T, D>(a, out, lse, s); }
 };
 template <typename T, int D>
+struct FwdTc {
+  static cudaError_t run(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t s) { return fwd_tc<T, D>(a, out, lse, s); }
+};
+template <typename T, int D>
 struct Bwd {
   static cudaError_t run(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
                          void* dq, void* dk, void* dv, cudaStream_t s) {
@@ -366,6 +530,10 @@ bool varlen_attn_cuda_supports_head_dim(int D) { return D == 64 || D == 128; }
 
 cudaError_t launch_varlen_attn_fwd(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream) {
   return dispatch<Fwd>(a, out, lse, stream);
+}
+
+cudaError_t launch_varlen_attn_fwd_tc(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t stream) {
+  return dispatch<FwdTc>(a, out, lse, stream);
 }
 
 cudaError_t launch_varlen_attn_bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,

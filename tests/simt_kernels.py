@@ -37,7 +37,7 @@ def _cu(op):
 
 
 def _inputs(op):
-    files = [_cu(op), os.path.join(CSRC, "cuda_compat.h"), os.path.join(CSRC, "simt", "simt.h"),
+    files = [_cu(op), os.path.join(CSRC, "cuda_compat.h"), os.path.join(CSRC, "tensor_core.h"), os.path.join(CSRC, "simt", "simt.h"),
              os.path.join(CSRC, "simt", "capi.cpp")]
     return files + ([os.path.join(CSRC, f"{op}.h")] if op != "selftest" else [])
 
@@ -98,6 +98,7 @@ class Kernels:
         if hasattr(self.lib, "simt_attn_fwd"):
             self.lib.simt_attn_fwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float, ctypes.c_void_p,
                                                                        ctypes.c_void_p]
+            self.lib.simt_attn_fwd_tc.argtypes = self.lib.simt_attn_fwd.argtypes
             self.lib.simt_attn_bwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 7
 
     def _call(self, name, schedule, *args):
@@ -139,10 +140,10 @@ class Kernels:
     def _attn_ints(self, q, cu_q, max_q, max_k):
         return _ints([cu_q.numel() - 1, q.shape[1], q.shape[2], max_q, max_k, self._DT[q.dtype]])
 
-    def attn_fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, schedule="forward"):
+    def attn_fwd(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, schedule="forward", tensor_cores=False):
         out = torch.zeros_like(q)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"))
-        self._call("simt_attn_fwd", schedule, _ptr(q), _ptr(k), _ptr(v), _ptr(cu_q), _ptr(cu_k),
+        self._call("simt_attn_fwd_tc" if tensor_cores else "simt_attn_fwd", schedule, _ptr(q), _ptr(k), _ptr(v), _ptr(cu_q), _ptr(cu_k),
                    self._attn_ints(q, cu_q, max_q, max_k), _ints([q.shape[0], k.shape[0]], ctypes.c_int64),
                    ctypes.c_float(scale), _ptr(out), _ptr(lse))
         return out, lse

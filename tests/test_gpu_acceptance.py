@@ -15,7 +15,7 @@ spec.loader.exec_module(GA)
 def test_arguments_and_plan(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     a = GA.parse_args([])
-    assert a.out == str(tmp_path) and a.sections == ["env", "tests", "attention", "gather", "train"]
+    assert a.out == str(tmp_path) and a.sections == [s for s in GA.SECTIONS if s != "build"]
     assert [s[0] for s in GA.plan(GA.parse_args(["--build"]))] == list(GA.SECTIONS)
     a = GA.parse_args(["--only=tests,attention", "--skip=attention", "--quick"])
     assert a.sections == ["tests"]
@@ -33,7 +33,7 @@ def test_without_cuda_every_gpu_section_is_skipped_and_reported(tmp_path, monkey
     monkeypatch.setattr(GA, "cuda_available", lambda: False)
     assert GA.main(["--out", str(tmp_path)]) == 0
     rep = json.load(open(tmp_path / "gpu_acceptance.json"))
-    assert [r["section"] for r in rep["results"]] == ["env", "tests", "attention", "gather", "train"]
+    assert [r["section"] for r in rep["results"]] == [s for s in GA.SECTIONS if s != "build"]
     assert all(r["status"].startswith("skipped") for r in rep["results"]) and rep["meta"]["cuda"] is False
     md = open(tmp_path / "gpu_acceptance.md").read()
     assert "| tests | skipped (no CUDA device) |" in md

@@ -161,10 +161,10 @@ def attn_grads(fn, q, k, v, do, dtype):
     return (out,) + torch.autograd.grad(out, (q, k, v), do.to(dtype))
 
 
-def check_attention(L, lens_q, lens_k, H, D, dtype, schedule, seed=0):
+def check_attention(L, lens_q, lens_k, H, D, dtype, schedule, seed=0, tensor_cores=False):
     q, k, v, do, cu_q, cu_k = attn_inputs(lens_q, lens_k, H, D, dtype, seed)
     mq, mk, scale = max(lens_q), max(lens_k), D ** -0.5
-    out, lse = L.attn_fwd(q, k, v, cu_q, cu_k, mq, mk, scale, schedule)
+    out, lse = L.attn_fwd(q, k, v, cu_q, cu_k, mq, mk, scale, schedule, tensor_cores)
     dq, dk, dv = L.attn_bwd(do, q, k, v, out, lse, cu_q, cu_k, mq, mk, scale, schedule)
     ref = attn_grads(lambda a, b, c: attention_reference(a, b, c, cu_q, cu_k), q, k, v, do, torch.float64)
     pt = attn_grads(lambda a, b, c: attention_sdpa_padded(a, b, c, cu_q, cu_k, mq, mk), q, k, v, do, dtype)
@@ -185,6 +185,20 @@ def test_attention_kernels_match_reference(case, D, dtype):
     lens_q, lens_k, H = ATTN_CASES[case]
     schedule = SCHEDULES[(case + D // 64) % len(SCHEDULES)]  # every schedule, spread over the cases
     check_attention(lib("attention"), lens_q, lens_k, H, D, dtype, schedule, seed=case)
+
+
+TC_CASES = ATTN_CASES + [([150, 3], [130, 64], 1)]  # the tensor-core tiles are 64 x 64: 3 key tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", range(len(TC_CASES)))
+def test_attention_tensor_core_forward_matches_reference(case, D, dtype):
+    """mma.sync / ldmatrix / cp.async forward (csrc/tensor_core.h) emulated with the PTX fragment
+    layouts; its lse drives the FMA backward kernels, checked here too."""
+    lens_q, lens_k, H = TC_CASES[case]
+    schedule = SCHEDULES[(case + D // 64 + 1) % len(SCHEDULES)]
+    check_attention(lib("attention"), lens_q, lens_k, H, D, dtype, schedule, seed=case, tensor_cores=True)
 
 
 def test_attention_dkdv_with_short_max_seqlen_q():
@@ -266,6 +280,10 @@ MUTATIONS = {
     "attention dq: barrier after the tile load removed": ("attention", "    __syncthreads();\n#pragma unroll", "\n", 2),
     "attention dkdv: off-by-one tile tail": ("attention", "const int nc = min(kCols, lq - c0);",
                                              "const int nc = min(kCols, lq - c0 + 1);", 1),
+    "attention tc: cp.async wait removed": ("attention", "tc::cp_async_wait<1>();", "", 1),
+    "attention tc: buffer-reuse barrier removed": ("attention", "__syncthreads();  // buffer `buf` is free", "//", 1),
+    "attention tc: off-by-one in the key mask": ("attention", "nt * 8 + 2 * c + (e & 1) < nc", "nt * 8 + 2 * c + (e & 1) <= nc", 1),
+    "attention tc: wrong ldmatrix row for V": ("attention", "(j * 16 + lane % 8 + (lane / 8) % 2 * 8) * LD", "(j * 16 + lane % 8) * LD", 1),
     "gather: flip off by one": ("gather", "pj[j] - 1 - ej[j]", "pj[j] - ej[j]", 1),
     "blocks: barrier after the distances removed": ("blocks", "  __syncthreads();\n  for (int i = threadIdx.x", "  for (int i = threadIdx.x", 1),
     "blocks: compaction barrier removed": ("blocks", "    __syncthreads();\n    int before", "    int before", 1),
@@ -281,7 +299,10 @@ def run_mutant(name):
             check_patchify(L, 0, schedule, patch=(3, 5, 7))
     elif op == "attention":
         for schedule in SCHEDULES:
-            check_attention(L, [40, 17], [70, 33], 1, 64, torch.bfloat16, schedule)
+            check_attention(L, [40, 17], [70, 33], 1, 64, torch.bfloat16, schedule,
+                            tensor_cores=" tc:" in name)
+            if " tc:" in name:
+                check_attention(L, [150, 3], [130, 64], 1, 64, torch.bfloat16, schedule, tensor_cores=True)
     elif op == "gather":
         from test_gather import random_case
         rng, g = random.Random(5), torch.Generator().manual_seed(5)

@@ -61,6 +61,10 @@ int simt_attn_fwd(const void* q, const void* k, const void* v, const int32_t* cu
                   const int* ints, const int64_t* totals, float scale, void* out, float* lse) {
   return nvfm::launch_varlen_attn_fwd(attn_args(q, k, v, cu_q, cu_k, ints, totals, scale), out, lse, nullptr);
 }
+int simt_attn_fwd_tc(const void* q, const void* k, const void* v, const int32_t* cu_q, const int32_t* cu_k,
+                     const int* ints, const int64_t* totals, float scale, void* out, float* lse) {
+  return nvfm::launch_varlen_attn_fwd_tc(attn_args(q, k, v, cu_q, cu_k, ints, totals, scale), out, lse, nullptr);
+}
 int simt_attn_bwd(const void* q, const void* k, const void* v, const int32_t* cu_q, const int32_t* cu_k,
                   const int* ints, const int64_t* totals, float scale, const void* dout, const void* out,
                   const float* lse, float* dvec, void* dq, void* dk, void* dv) {

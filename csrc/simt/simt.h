@@ -9,7 +9,9 @@
 //   float, -1 as int) at every block start;
 // - a fiber runs until it reaches __syncthreads, a warp collective, or its end; the order in
 //   which runnable fibers (and blocks) are taken is the schedule: forward, reverse or
-//   random:<seed>, so a missing barrier shows up as a read of a value not yet written;
+//   random:<seed>, so a missing barrier shows up as a read of a value not yet written; the
+//   schedule also decides which ready warps move on (all in lockstep, one running ahead, or a
+//   random subset) and when cp.async data lands (at the wait, at issue, or either);
 // - __syncthreads is a counting barrier: it opens when every thread of the block waits at
 //   the same call site; threads at different sites (divergence), threads that exited while
 //   others wait, and states where nothing can proceed (deadlock) are errors;
@@ -96,6 +98,9 @@ struct Thread {
 #if defined(SIMT_ASAN)
   void* fake_stack = nullptr;
 #endif
+  struct Copy { void* dst; const void* src; int bytes, src_bytes, group; };
+  std::vector<Copy> async_copies;   // cp.async issued, not yet waited for (data lands at the wait)
+  int async_group = 0;              // index of the group being filled
 };
 
 struct Runtime {
@@ -114,6 +119,7 @@ struct Runtime {
   uint64_t seed = 0;
   std::mt19937_64 rng;
   std::map<const void*, int> max_smem;  // cudaFuncSetAttribute
+  std::vector<const void*> slots;       // 32 per warp: what each lane hands to a fragment collective
   uint64_t launches = 0, switches = 0;
 #if defined(SIMT_ASAN)
   void* sched_fake = nullptr;
@@ -321,8 +327,18 @@ inline void run_block(int nthreads) {
       if (r.failed) return;
     }
     if (ran) continue;
-    bool released = false;  // every fiber waits or has exited: open what can open
-    for (int w = 0; w < warps && !r.failed; ++w) released = release_warp(w, nthreads) || released;
+    // every fiber waits or has exited: open what can open. Forward releases every ready warp
+    // (warps in lockstep); reverse only the last ready one, so one warp runs ahead to the next
+    // barrier while the others wait; random each ready warp with probability 1/2.
+    bool released = false;
+    for (int i = 0; i < warps && !r.failed; ++i) {
+      const int w = r.schedule == Schedule::Reverse ? warps - 1 - i : i;
+      if (r.schedule == Schedule::Random && (r.rng() & 1) && i + 1 < warps) continue;
+      released = release_warp(w, nthreads) || released;
+      if (released && r.schedule == Schedule::Reverse) break;
+    }
+    if (!released && !r.failed && r.schedule == Schedule::Random)
+      for (int w = 0; w < warps && !released && !r.failed; ++w) released = release_warp(w, nthreads);
     if (r.failed) return;
     if (released) continue;
     int at_barrier = 0, exited = 0, at_warp = 0;
@@ -385,6 +401,7 @@ inline void run_grid(dim3 grid, dim3 block, size_t smem, const void* kernel, voi
     t.warp = i / 32;
     t.stack = r.stacks[i];
   }
+  r.slots.assign(32 * ((nthreads + 31) / 32), nullptr);
   r.block_dim = block;
   r.grid_dim = grid;
   r.body = body;
@@ -522,3 +539,111 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   if ((x & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((x >> 16) | 0x40u)};  // quiet NaN
   return {(uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16)};
 }
+
+// ---- tensor-core primitives (csrc/tensor_core.h): the PTX ISA's documented fragment layouts ----
+namespace simt {
+
+// Every lane of the (full) warp hands `mine` over; then compute(lane, slots) runs for each lane
+// while all lanes' data are readable; a second __syncwarp keeps the data alive until all are done.
+template <typename F>
+inline void warp_fragment_op(const void* mine, F compute) {
+  Thread* t = rt().cur;
+  const void** slots = rt().slots.data() + 32 * t->warp;
+  slots[t->lane] = mine;
+  __syncwarp();
+  compute(t->lane, slots);
+  __syncwarp();
+}
+
+inline uint16_t half_at(const void* row, int col) {
+  uint16_t v;
+  std::memcpy(&v, static_cast<const char*>(row) + 2 * col, 2);
+  return v;
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: lanes 8m..8m+7 give the row addresses of
+// matrix m; lane t receives, of matrix m, row t/4 elements (t%4)*2 and +1 (with .trans: rows
+// (t%4)*2 and +1 of column t/4), packed low half first.
+template <int N, bool Trans>
+inline void ldmatrix(uint32_t* r, const void* row_addr) {
+  warp_fragment_op(row_addr, [&](int t, const void** rows) {
+    for (int m = 0; m < N; ++m) {
+      uint16_t lo, hi;
+      if (Trans) {
+        lo = half_at(rows[8 * m + (t % 4) * 2], t / 4);
+        hi = half_at(rows[8 * m + (t % 4) * 2 + 1], t / 4);
+      } else {
+        lo = half_at(rows[8 * m + t / 4], (t % 4) * 2);
+        hi = half_at(rows[8 * m + t / 4], (t % 4) * 2 + 1);
+      }
+      r[m] = (uint32_t)lo | ((uint32_t)hi << 16);
+    }
+  });
+}
+
+struct MmaOperands { const uint32_t* a; const uint32_t* b; };
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.f32: d += A (16x16) B (16x8), fp32 accumulate.
+// Fragments (g = lane / 4, c = lane % 4): A regs {a0a1: (g, 2c..2c+1), (g+8, 2c..), (g, 2c+8..),
+// (g+8, 2c+8..)}; B regs {(k 2c..2c+1, n g), (k 2c+8.., n g)}; C/D {(g, 2c), (g, 2c+1),
+// (g+8, 2c), (g+8, 2c+1)}. ToFloat converts one 16-bit element.
+template <float (*ToFloat)(uint16_t)>
+inline void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b) {
+  MmaOperands mine{a, b};
+  float acc[4] = {d[0], d[1], d[2], d[3]};
+  warp_fragment_op(&mine, [&](int t, const void** slots) {
+    auto A = [&](int row, int k) {
+      const MmaOperands* o = static_cast<const MmaOperands*>(slots[(row % 8) * 4 + (k % 8) / 2]);
+      const uint32_t reg = o->a[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)];
+      return ToFloat((uint16_t)(k % 2 ? reg >> 16 : reg & 0xffffu));
+    };
+    auto B = [&](int k, int col) {
+      const MmaOperands* o = static_cast<const MmaOperands*>(slots[col * 4 + (k % 8) / 2]);
+      const uint32_t reg = o->b[k >= 8 ? 1 : 0];
+      return ToFloat((uint16_t)(k % 2 ? reg >> 16 : reg & 0xffffu));
+    };
+    const int g = t / 4, c = t % 4;
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0), col = 2 * c + (e % 2);
+      float s = acc[e];
+      for (int k = 0; k < 16; ++k) s += A(row, k) * B(k, col);
+      acc[e] = s;
+    }
+  });
+  for (int e = 0; e < 4; ++e) d[e] = acc[e];
+}
+
+// cp.async.cg.shared.global 16 bytes (src_bytes < 16: the rest zero-filled). When the data lands
+// depends on the schedule: forward: at the cp.async.wait_group that covers it (a missing wait
+// reads stale shared memory); reverse: at issue (a buffer refilled before every warp is done
+// with it is overwritten early); random: either, per copy.
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  Runtime& r = rt();
+  Thread* t = r.cur;
+  const bool now = r.schedule == Schedule::Reverse || (r.schedule == Schedule::Random && (r.rng() & 1));
+  if (now) {
+    std::memset(dst, 0, bytes);
+    if (src_bytes > 0) std::memcpy(dst, src, src_bytes);
+  } else {
+    t->async_copies.push_back({dst, src, bytes, src_bytes, t->async_group});
+  }
+}
+inline void cp_async_commit() { ++rt().cur->async_group; }
+inline void cp_async_wait(int pending) {  // complete all but the newest `pending` committed groups
+  Thread* t = rt().cur;
+  std::vector<Thread::Copy> keep;
+  for (const Thread::Copy& c : t->async_copies) {
+    if (c.group < t->async_group - pending) {
+      std::memset(c.dst, 0, c.bytes);
+      if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
+    } else {
+      keep.push_back(c);
+    }
+  }
+  t->async_copies.swap(keep);
+}
+
+inline float f16_bits_to_float(uint16_t x) { return __half2float(__half{x}); }
+inline float bf16_bits_to_float(uint16_t x) { return __bfloat162float(__nv_bfloat16{x}); }
+
+}  // namespace simt
