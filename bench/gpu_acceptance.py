@@ -11,10 +11,10 @@ run goes on):
   env        GPU name, torch/CUDA versions, which nvfm ops have CUDA kernels
   tests      every CUDA test: tests/test_{attention,patchify,gather,blocks}.py on the GPU, the
              kernels run with NVFM_CUDA_KERNELS=1 (our attention vs torch references included)
-  tests_tc   tests/test_attention.py's CUDA tests with the tensor-core forward (NVFM_ATTN_KERNEL=tc)
+  tests_tc   tests/test_attention.py's CUDA tests with the tensor-core kernels (NVFM_ATTN_KERNEL=tc)
   attention  bench/bench_attention.py --gpu_only: TFLOP/s fwd and fwd+bwd of ours (FMA), torch
              varlen, padded SDPA and flex_attention on equal and realistic length mixes
-  attention_tc  the same with ours = the tensor-core forward (+ FMA backward)
+  attention_tc  the same with ours = the tensor-core kernels (forward and backward)
   gather     bench/bench_gather.py: the gather kernel vs a device-to-device copy (bandwidth)
   train      bench/bench_train_jepa.py: ViT-B JEPA step (tokens/s, MFU, peak memory) per
              attention impl

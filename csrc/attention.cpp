@@ -356,7 +356,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q, con
   VarlenAttnArgs a = cuda_args(q, k, v, cu_q, cu_k, max_q, max_k, scale);
   at::Tensor out = at::zeros_like(q);
   at::Tensor lse = at::full({q.size(1), q.size(0)}, kNegInf, q.options().dtype(at::kFloat));
-  // NVFM_ATTN_KERNEL=tc: the tensor-core forward (sm_80+; unmeasured until a GPU run, hence opt-in)
+  // NVFM_ATTN_KERNEL=tc: the tensor-core kernels (sm_80+; unmeasured until a GPU run, hence opt-in)
   const char* kernel = std::getenv("NVFM_ATTN_KERNEL");
   const bool tc = kernel != nullptr && std::strcmp(kernel, "tc") == 0;
   C10_CUDA_CHECK((tc ? launch_varlen_attn_fwd_tc : launch_varlen_attn_fwd)(a, out.data_ptr(), lse.data_ptr<float>(),
@@ -376,8 +376,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
   const at::Tensor d_out = dout.to(q.scalar_type()).contiguous(), o = out.contiguous(), l = lse.contiguous();
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   at::Tensor dvec = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(launch_varlen_attn_bwd(a, d_out.data_ptr(), o.data_ptr(), l.data_ptr<float>(), dvec.data_ptr<float>(),
-                                        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  const char* kernel = std::getenv("NVFM_ATTN_KERNEL");  // tc: the tensor-core kernels (see the forward)
+  const bool tc = kernel != nullptr && std::strcmp(kernel, "tc") == 0;
+  C10_CUDA_CHECK((tc ? launch_varlen_attn_bwd_tc : launch_varlen_attn_bwd)(
+      a, d_out.data_ptr(), o.data_ptr(), l.data_ptr<float>(), dvec.data_ptr<float>(), dq.data_ptr(), dk.data_ptr(),
+      dv.data_ptr(), at::cuda::getCurrentCUDAStream()));
   return {dq, dk, dv};
 }
 #endif

@@ -43,6 +43,10 @@ cudaError_t launch_varlen_attn_fwd_tc(const VarlenAttnArgs& a, void* out, float*
 cudaError_t launch_varlen_attn_bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,
                                    float* dvec, void* dq, void* dk, void* dv, cudaStream_t stream);
 
+// The same backward on tensor cores (sm_80+).
+cudaError_t launch_varlen_attn_bwd_tc(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,
+                                      float* dvec, void* dq, void* dk, void* dv, cudaStream_t stream);
+
 #endif  // CUDA
 
 }  // namespace nvfm

@@ -443,6 +443,251 @@ cudaError_t fwd_tc(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t 
   return cudaGetLastError();
 }
 
+// ---- tensor-core backward: dQ and dK/dV kernels, the forward's structure ------------------------
+// dQ: a warp owns 16 query rows (Q, dO fragments held), K/V tiles stream: S = Q K^T, P from the
+// saved lse, dP = dO V^T, dS = P (dP - dvec), dQ += dS K. dK/dV: a warp owns 16 key rows (K, V
+// fragments held), Q/dO tiles stream and everything is computed transposed, so P^T and dS^T
+// come out in C layout and feed the next mma as A fragments: S^T = K Q^T, dV += P^T dO,
+// dP^T = V dO^T, dK += dS^T Q. No atomics: deterministic. P and dS are rounded to T for the
+// mma, as in FlashAttention-2.
+
+// Fragments of the warp's 16 rows of a (64 x D + 8) tile as mma A operands (ldmatrix.x4).
+template <typename T, int D>
+__device__ __forceinline__ void tc_load_a(uint32_t (&f)[D / 16][4], const T* tile, int warp, int lane) {
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks)
+    tc::ldmatrix_x4(f[ks], tile + (warp * 16 + lane % 8 + (lane / 8) % 2 * 8) * (D + 8) + ks * 16 + lane / 16 * 8);
+}
+
+// acc[nt] = A (16 x D, fragments) times B^T for the 64 rows of `rows` (B = rows^T: n = row, k = dim).
+template <typename T, int D>
+__device__ __forceinline__ void tc_a_times_rows_t(float (&acc)[kTcCols / 8][4], const uint32_t (&f)[D / 16][4],
+                                                  const T* rows, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < kTcCols / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t b[2];
+      tc::ldmatrix_x2(b, rows + (nt * 8 + lane % 8) * (D + 8) + ks * 16 + (lane / 8) % 2 * 8);
+      tc::mma_m16n8k16<T>(acc[nt], f[ks], b);
+    }
+  }
+}
+
+// out[dt] += X (16 x 64, C-layout floats, rounded to T) times the 64 x D tile `rows`.
+template <typename T, int D>
+__device__ __forceinline__ void tc_c_times_rows(float (&out)[D / 8][4], const float (&x)[kTcCols / 8][4],
+                                                const T* rows, int lane) {
+#pragma unroll
+  for (int j = 0; j < kTcCols / 16; ++j) {
+    const uint32_t a[4] = {tc::pack2(from_f<T>(x[2 * j][0]), from_f<T>(x[2 * j][1])),
+                           tc::pack2(from_f<T>(x[2 * j][2]), from_f<T>(x[2 * j][3])),
+                           tc::pack2(from_f<T>(x[2 * j + 1][0]), from_f<T>(x[2 * j + 1][1])),
+                           tc::pack2(from_f<T>(x[2 * j + 1][2]), from_f<T>(x[2 * j + 1][3]))};
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      uint32_t b[2];
+      tc::ldmatrix_x2_trans(b, rows + (j * 16 + lane % 8 + (lane / 8) % 2 * 8) * (D + 8) + dt * 8);
+      tc::mma_m16n8k16<T>(out[dt], a, b);
+    }
+  }
+}
+
+// Row r (< nr) of the warp's 16: C-layout accumulators times `mul` into dst (T, packed rows).
+template <typename T, int D>
+__device__ __forceinline__ void tc_store_rows(T* __restrict__ dst, const float (&acc)[D / 8][4], float mul,
+                                              int64_t row0, int nr, int H, int h, int warp, int lane) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + lane / 4 + 8 * i;
+    if (r >= nr) continue;
+    T* row = dst + ((row0 + r) * H + h) * D;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      row[dt * 8 + 2 * (lane % 4)] = from_f<T>(acc[dt][2 * i] * mul);
+      row[dt * 8 + 2 * (lane % 4) + 1] = from_f<T>(acc[dt][2 * i + 1] * mul);
+    }
+  }
+}
+
+// grid (ceil(max_q / 64), H, B)
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(VarlenAttnArgs a, const T* __restrict__ dout,
+                                                                    const float* __restrict__ lse,
+                                                                    const float* __restrict__ dvec,
+                                                                    T* __restrict__ dq) {
+  constexpr int LD = D + 8, NT = kTcCols / 8, DT = D / 8;
+  NVFM_DYNAMIC_SMEM(float, smem);
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kTcRows * LD;
+  T* sK = sdO + kTcRows * LD;     // two buffers
+  T* sV = sK + 2 * kTcCols * LD;  // two buffers
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * kTcRows;
+  const int q0 = a.cu_q[b], lq = a.cu_q[b + 1] - q0, k0 = a.cu_k[b], lk = a.cu_k[b + 1] - k0;
+  if (r0 >= lq || lk == 0) return;  // dq is pre-zeroed
+  const int nr = min(kTcRows, lq - r0), ntiles = (lk + kTcCols - 1) / kTcCols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane % 4;
+  tc_load_tile<T, D>(sQ, q, q0 + r0, nr, a.H, h);
+  tc_load_tile<T, D>(sdO, dout, q0 + r0, nr, a.H, h);
+  tc_load_tile<T, D>(sK, k, k0, min(kTcCols, lk), a.H, h);
+  tc_load_tile<T, D>(sV, v, k0, min(kTcCols, lk), a.H, h);
+  tc::cp_async_commit();
+  float lrow[2], drow[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // rows past the sequence or not computed by the forward: p = 0
+    const int r = warp * 16 + lane / 4 + 8 * i;
+    const float l = r < nr ? lse[(int64_t)h * a.total_q + q0 + r0 + r] : INFINITY;
+    lrow[i] = l == -INFINITY ? INFINITY : l;
+    drow[i] = r < nr ? dvec[(int64_t)h * a.total_q + q0 + r0 + r] : 0.0f;
+  }
+  uint32_t qf[D / 16][4], dof[D / 16][4];
+  float acc[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[dt][e] = 0.0f;
+  for (int t = 0; t < ntiles; ++t) {
+    const int buf = t & 1;
+    if (t + 1 < ntiles) {
+      const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, lk - c1);
+      tc_load_tile<T, D>(sK + (buf ^ 1) * kTcCols * LD, k, k0 + c1, n1, a.H, h);
+      tc_load_tile<T, D>(sV + (buf ^ 1) * kTcCols * LD, v, k0 + c1, n1, a.H, h);
+      tc::cp_async_commit();
+      tc::cp_async_wait<1>();
+    } else {
+      tc::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (t == 0) {
+      tc_load_a<T, D>(qf, sQ, warp, lane);
+      tc_load_a<T, D>(dof, sdO, warp, lane);
+    }
+    const T* tK = sK + buf * kTcCols * LD;
+    const T* tV = sV + buf * kTcCols * LD;
+    const int nc = min(kTcCols, lk - t * kTcCols);
+    float p[NT][4], dp[NT][4];
+    tc_a_times_rows_t<T, D>(p, qf, tK, lane);
+    tc_a_times_rows_t<T, D>(dp, dof, tV, lane);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pe = nt * 8 + 2 * c + (e & 1) < nc ? __expf(p[nt][e] * a.scale - lrow[e >> 1]) : 0.0f;
+        dp[nt][e] = pe * (dp[nt][e] - drow[e >> 1]);  // dS
+      }
+    tc_c_times_rows<T, D>(acc, dp, tK, lane);
+    __syncthreads();  // buffer `buf` is free for the prefetch of tile t + 2
+  }
+  tc_store_rows<T, D>(dq, acc, a.scale, q0 + r0, nr, a.H, h, warp, lane);
+}
+
+// grid (ceil(max_k / 64), H, B)
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(VarlenAttnArgs a, const T* __restrict__ dout,
+                                                                      const float* __restrict__ lse,
+                                                                      const float* __restrict__ dvec,
+                                                                      T* __restrict__ dk, T* __restrict__ dv) {
+  constexpr int LD = D + 8, NT = kTcCols / 8, DT = D / 8;
+  NVFM_DYNAMIC_SMEM(float, smem);
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kTcRows * LD;
+  T* sQ = sV + kTcRows * LD;       // two buffers
+  T* sdO = sQ + 2 * kTcCols * LD;  // two buffers
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  const int b = blockIdx.z, h = blockIdx.y, r0 = blockIdx.x * kTcRows;
+  const int q0 = a.cu_q[b], lq = a.cu_q[b + 1] - q0, k0 = a.cu_k[b], lk = a.cu_k[b + 1] - k0;
+  if (r0 >= lk || lq == 0) return;  // dk, dv are pre-zeroed
+  const int nr = min(kTcRows, lk - r0), ntiles = (lq + kTcCols - 1) / kTcCols;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, c = lane % 4;
+  tc_load_tile<T, D>(sK, k, k0 + r0, nr, a.H, h);
+  tc_load_tile<T, D>(sV, v, k0 + r0, nr, a.H, h);
+  tc_load_tile<T, D>(sQ, q, q0, min(kTcCols, lq), a.H, h);
+  tc_load_tile<T, D>(sdO, dout, q0, min(kTcCols, lq), a.H, h);
+  tc::cp_async_commit();
+  uint32_t kf[D / 16][4], vf[D / 16][4];
+  float gk[DT][4], gv[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gk[dt][e] = gv[dt][e] = 0.0f;
+  for (int t = 0; t < ntiles; ++t) {
+    const int buf = t & 1, c0 = t * kTcCols, nc = min(kTcCols, lq - c0);
+    if (t + 1 < ntiles) {
+      const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, lq - c1);
+      tc_load_tile<T, D>(sQ + (buf ^ 1) * kTcCols * LD, q, q0 + c1, n1, a.H, h);
+      tc_load_tile<T, D>(sdO + (buf ^ 1) * kTcCols * LD, dout, q0 + c1, n1, a.H, h);
+      tc::cp_async_commit();
+      tc::cp_async_wait<1>();
+    } else {
+      tc::cp_async_wait<0>();
+    }
+    __syncthreads();
+    if (t == 0) {
+      tc_load_a<T, D>(kf, sK, warp, lane);
+      tc_load_a<T, D>(vf, sV, warp, lane);
+    }
+    const T* tQ = sQ + buf * kTcCols * LD;
+    const T* tdO = sdO + buf * kTcCols * LD;
+    float pt[NT][4], dpt[NT][4];  // P^T and dP^T: rows = keys, columns = queries
+    tc_a_times_rows_t<T, D>(pt, kf, tQ, lane);
+    tc_a_times_rows_t<T, D>(dpt, vf, tdO, lane);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * c + (e & 1);
+        // lse = -inf: a query the forward did not compute (max_seqlen_q below its length): p = 0
+        const float l = col < nc ? lse[(int64_t)h * a.total_q + q0 + c0 + col] : -INFINITY;
+        const float pe = l == -INFINITY ? 0.0f : __expf(pt[nt][e] * a.scale - l);
+        pt[nt][e] = pe;
+        dpt[nt][e] = col < nc ? pe * (dpt[nt][e] - dvec[(int64_t)h * a.total_q + q0 + c0 + col]) : 0.0f;  // dS^T
+      }
+    tc_c_times_rows<T, D>(gv, pt, tdO, lane);
+    tc_c_times_rows<T, D>(gk, dpt, tQ, lane);
+    __syncthreads();  // buffer `buf` is free for the prefetch of tile t + 2
+  }
+  tc_store_rows<T, D>(dk, gk, a.scale, k0 + r0, nr, a.H, h, warp, lane);
+  tc_store_rows<T, D>(dv, gv, 1.0f, k0 + r0, nr, a.H, h, warp, lane);
+}
+
+template <typename T, int D>
+cudaError_t bwd_tc(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
+                   void* dq, void* dk, void* dv, cudaStream_t stream) {
+  if (a.B == 0 || a.total_q == 0 || a.total_k == 0) return cudaSuccess;
+  const T* dO = static_cast<const T*>(dout);
+  const int64_t warps = a.total_q * a.H;
+  int64_t blocks = (warps * 32 + 255) / 256;
+  if (blocks > 65535 * 8) blocks = 65535 * 8;
+  NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, attn_bwd_dvec_kernel<T, D>)(a, dO, static_cast<const T*>(out), dvec);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const size_t smem = (size_t)(2 * kTcRows + 4 * kTcCols) * (D + 8) * sizeof(T);
+  err = cudaFuncSetAttribute(attn_bwd_dq_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(attn_bwd_dkdv_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  if (a.max_q > 0) {
+    const dim3 grid((a.max_q + kTcRows - 1) / kTcRows, a.H, a.B);
+    NVFM_LAUNCH(grid, kTcThreads, smem, stream, attn_bwd_dq_tc_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dq));
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (a.max_k > 0) {
+    const dim3 grid((a.max_k + kTcRows - 1) / kTcRows, a.H, a.B);
+    NVFM_LAUNCH(grid, kTcThreads, smem, stream, attn_bwd_dkdv_tc_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dk),
+                                                                               static_cast<T*>(dv));
+    err = cudaGetLastError();
+  }
+  return err;
+}
+
 template <int D>
 constexpr size_t tile_bytes(int tiles) {
   return (size_t)tiles * kRows * (D + 1) * sizeof(float);
@@ -517,6 +762,13 @@ struct FwdTc {
   static cudaError_t run(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t s) { return fwd_tc<T, D>(a, out, lse, s); }
 };
 template <typename T, int D>
+struct BwdTc {
+  static cudaError_t run(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
+                         void* dq, void* dk, void* dv, cudaStream_t s) {
+    return bwd_tc<T, D>(a, dout, out, lse, dvec, dq, dk, dv, s);
+  }
+};
+template <typename T, int D>
 struct Bwd {
   static cudaError_t run(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
                          void* dq, void* dk, void* dv, cudaStream_t s) {
@@ -539,6 +791,11 @@ cudaError_t launch_varlen_attn_fwd_tc(const VarlenAttnArgs& a, void* out, float*
 cudaError_t launch_varlen_attn_bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,
                                    float* dvec, void* dq, void* dk, void* dv, cudaStream_t stream) {
   return dispatch<Bwd>(a, dout, out, lse, dvec, dq, dk, dv, stream);
+}
+
+cudaError_t launch_varlen_attn_bwd_tc(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse,
+                                      float* dvec, void* dq, void* dk, void* dv, cudaStream_t stream) {
+  return dispatch<BwdTc>(a, dout, out, lse, dvec, dq, dk, dv, stream);
 }
 
 }  // namespace nvfm

@@ -11,8 +11,8 @@ impl:
   "sdpa"          pad to the longest sequence, scaled_dot_product_attention with a key mask
   "ours"          the csrc kernels via torch.ops.nvfm.varlen_attn_fwd/bwd (CPU: fp32 compute,
                   any float dtype; CUDA: fp16/bf16, head_dim 64/128), differentiable; on CUDA
-                  NVFM_ATTN_KERNEL=tc runs the tensor-core forward (mma.sync, sm_80+) instead
-                  of the FMA one (both checked in CI under the SIMT emulator: tests/test_simt.py)
+                  NVFM_ATTN_KERNEL=tc runs the tensor-core kernels (mma.sync, sm_80+) instead
+                  of the FMA ones (both checked in CI under the SIMT emulator: tests/test_simt.py)
   "torch_varlen"  torch.nn.attention.varlen.varlen_attn (CUDA only, torch >= 2.10)
   "auto"          "ours" when its kernel exists for these inputs and, on CUDA, is trusted by
                   nvfm.ops' rule (verified on a GPU); else "torch_varlen" on CUDA, "sdpa" on CPU

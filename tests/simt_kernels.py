@@ -100,6 +100,7 @@ class Kernels:
                                                                        ctypes.c_void_p]
             self.lib.simt_attn_fwd_tc.argtypes = self.lib.simt_attn_fwd.argtypes
             self.lib.simt_attn_bwd.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_float] + [ctypes.c_void_p] * 7
+            self.lib.simt_attn_bwd_tc.argtypes = self.lib.simt_attn_bwd.argtypes
 
     def _call(self, name, schedule, *args):
         kind, _, seed = schedule.partition(":")
@@ -148,10 +149,11 @@ class Kernels:
                    ctypes.c_float(scale), _ptr(out), _ptr(lse))
         return out, lse
 
-    def attn_bwd(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, schedule="forward"):
+    def attn_bwd(self, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, schedule="forward",
+                 tensor_cores=False):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dvec = torch.full((q.shape[1], q.shape[0]), float("nan"))
-        self._call("simt_attn_bwd", schedule, _ptr(q), _ptr(k), _ptr(v), _ptr(cu_q), _ptr(cu_k),
+        self._call("simt_attn_bwd_tc" if tensor_cores else "simt_attn_bwd", schedule, _ptr(q), _ptr(k), _ptr(v), _ptr(cu_q), _ptr(cu_k),
                    self._attn_ints(q, cu_q, max_q, max_k), _ints([q.shape[0], k.shape[0]], ctypes.c_int64),
                    ctypes.c_float(scale), _ptr(dout), _ptr(out), _ptr(lse), _ptr(dvec), _ptr(dq), _ptr(dk),
                    _ptr(dv))

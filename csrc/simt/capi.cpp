@@ -71,6 +71,12 @@ int simt_attn_bwd(const void* q, const void* k, const void* v, const int32_t* cu
   return nvfm::launch_varlen_attn_bwd(attn_args(q, k, v, cu_q, cu_k, ints, totals, scale), dout, out, lse, dvec,
                                       dq, dk, dv, nullptr);
 }
+int simt_attn_bwd_tc(const void* q, const void* k, const void* v, const int32_t* cu_q, const int32_t* cu_k,
+                     const int* ints, const int64_t* totals, float scale, const void* dout, const void* out,
+                     const float* lse, float* dvec, void* dq, void* dk, void* dv) {
+  return nvfm::launch_varlen_attn_bwd_tc(attn_args(q, k, v, cu_q, cu_k, ints, totals, scale), dout, out, lse, dvec,
+                                         dq, dk, dv, nullptr);
+}
 #endif
 
 #if defined(SIMT_OP_GATHER)
