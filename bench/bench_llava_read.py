@@ -19,7 +19,7 @@ stored as "IPR" (grid axis 2 runs toward the right); a left or a right lesion is
 all in that half, shifted along one direction shared by both sides; the third answer has no
 lesion. A connector that sees a bag of tokens can tell lesion from none but not its side (at most
 2/3). --hemispheres=1 gives each side its own latents and can reach 1; additive position features
-(--pos_freqs > 0) did not in 600 iterations (BENCHMARKS.md, session 8).
+(--pos_freqs > 0) did not in 600 iterations (BENCHMARKS.md, Report generator, "Side").
 """
 import argparse
 import os

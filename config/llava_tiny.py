@@ -13,18 +13,20 @@ batch_size = 8
 max_iters = 60
 # On a 400-study cohort (279 training studies) use 600 (demo.sh does for 200+ studies): the image
 # model learns the text more slowly than the text-only baseline and loses to it at 240 iterations,
-# but beats it at 600 in every seed (BENCHMARKS.md, session 8); the text-only model overfits by then.
+# but beats it at 600 in every seed (BENCHMARKS.md, "Report generator"); the text-only model overfits by then.
 # Half of the training examples lose their images (text-only prompt): on the 96-study cohort the
 # image model otherwise memorises studies through their visual tokens (val answer loss 0.78 vs 0.63
-# with it; BLEU-2 0.282 -> 0.329, ROUGE-L 0.424 -> 0.501 on val+test; BENCHMARKS.md).
+# with it; BLEU-2 0.282 -> 0.329, ROUGE-L 0.424 -> 0.501 on val+test; BENCHMARKS.md, "Why the tiny
+# recipe is what it is").
 image_dropout = 0.5
 # Studies are drawn at their natural frequencies, not by SPEC's inverse prevalence of the rarest
 # label: that leaves unremarkable studies 5% of the draws on the 400-study phantom cohort (35% of
 # its studies), and the model then reports a finding for every study (0 of 41 normal val+test
 # studies reported as normal). Text-only triage / ROUGE-L: 0.587 / 0.372 with it, 0.826 / 0.685
-# without; the image model with --resample_power=0.5: 0.603 / 0.400 (BENCHMARKS.md, session 7).
+# without; the image model with --resample_power=0.5: 0.603 / 0.400 (BENCHMARKS.md, "Why the tiny
+# recipe is what it is").
 resample = False
-lr = 3e-4                # connector; 3e-3 (sessions 1-6) left the images unread (tests/test_llava.py, BENCHMARKS.md)
+lr = 3e-4                # connector; 3e-3 left the images unread (tests/test_llava.py; BENCHMARKS.md, connector read check)
 llm_lr = 1e-2            # use ~2e-5..2e-4 for a pretrained LM
 warmup_frac = 0.05
 grad_ckpt = False        # nothing to save at this size

@@ -627,9 +627,9 @@ class ImageTagger:
     out-of-fold tags (`folds`-fold cross-fitting); other studies get the full fit's tags.
     Each class's out-of-fold scores are Platt-calibrated (a 1-D logistic fit of the labels on them),
     so a tag says how likely the finding is: a class is tagged when its calibrated probability is
-    >= `p_tag`, and tagged as "possible <class>" when it is >= `p_possible` (None: never). (Session 5
-    thresholded each class at its F1-optimal score instead: on the 400-study cohort that gave 2.6
-    tags per held-out study at 8% precision, tags the LM learned to ignore.) Classes with fewer
+    >= `p_tag`, and tagged as "possible <class>" when it is >= `p_possible` (None: never). (Thresholding
+    each class at its F1-optimal score instead gave 2.6 tags per held-out study at 8% precision on
+    the 400-study cohort, tags the LM learned to ignore.) Classes with fewer
     than `min_pos` training positives (or negatives), or whose out-of-fold AUROC is below
     `min_auroc` (the tagger cannot see them), are never tagged. A study's tags are its tagged
     classes, most probable first, at most `max_tags`.

@@ -713,9 +713,9 @@ def test_demo_recipe_reads_a_planted_class_out_of_the_images():
     every study has the same indication and one of three answers, planted only in the images (10%
     of a series' 200 tokens shifted by sqrt(dim) along a class direction). After 120 iterations
     (no image dropout) the model must answer new studies correctly, which the indication alone
-    cannot do (chance = 1/3). The connector learning rate of sessions 1-6 (3e-3) fails this at
-    chance: the connector's output stays class-separable but drifts faster than the LM learns to
-    read it (BENCHMARKS.md, session 7)."""
+    cannot do (chance = 1/3). A connector learning rate of 3e-3 fails this at chance:
+    the connector's output stays class-separable but drifts faster than the LM learns to read it
+    (BENCHMARKS.md, Report generator, "Why the tiny recipe is what it is")."""
     from conftest import load_bench
     from nvfm.configurator import read_config_file
     cfg = read_config_file(os.path.join(ROOT, "config", "llava_tiny.py"))[1]
@@ -822,7 +822,7 @@ def test_hemisphere_latents_read_which_side_a_planted_lesion_is_on():
     """bench_llava_read --task=side, small: the answer (left lesion / right lesion / none) is where
     10% of the tokens are shifted. A bag-of-tokens perceiver can tell lesion from none but not the
     side (2/3 at best; 0.667 in the bench with and without additive position features); the
-    hemisphere latents read the side (BENCHMARKS.md, session 8: seeds 0 and 1 by 240 iterations,
+    hemisphere latents read the side (BENCHMARKS.md, Report generator, "Side": seeds 0 and 1 by 240 iterations,
     seed 2 by 480; this is seed 0)."""
     from conftest import load_bench
     from nvfm.configurator import read_config_file
