@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${1:-demo_out}
 STUDIES=${DEMO_STUDIES:-24}
 # Report-generator iterations: 60 fit the 24-study demo (17 training studies); on a 400-study cohort
-# the image model needs 600 to pull ahead of the text-only baseline (BENCHMARKS.md, session 8).
+# the image model needs 600 to pull ahead of the text-only baseline (BENCHMARKS.md, "Report generator").
 if [ "$STUDIES" -ge 200 ]; then LLAVA_ITERS=${DEMO_LLAVA_ITERS:-600}; else LLAVA_ITERS=${DEMO_LLAVA_ITERS:-60}; fi
 export NVFM_QUIET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT"
@@ -20,7 +20,8 @@ python preprocess.py --input="$OUT/cohort/dicom" --output="$OUT/shards" \
     --labels="$OUT/cohort/labels.csv" --findings="$OUT/cohort/findings.jsonl" --workers=2
 
 step "3/7 Vol-JEPA pretraining (tiny encoder)"
-python train_jepa.py config/jepa_tiny.py --shards="$OUT/shards" --out_dir="$OUT/jepa_tiny"
+python train_jepa.py config/jepa_tiny.py --shards="$OUT/shards" --out_dir="$OUT/jepa_tiny" \
+    --eval_interval=100 --probe_cohort="$OUT/cohort"
 
 step "4/7 frozen features: pretrained and random-init encoders"
 python encode.py --shards="$OUT/shards" --encoder="$OUT/jepa_tiny/encoder.safetensors" --out="$OUT/features"

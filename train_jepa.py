@@ -32,7 +32,7 @@ from nvfm.monitor import CollapseWatch, ProbeSet, effective_rank, mean_std, rela
 from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
 
 # ----------------------------------------------------------------------------- config
-shards = "/tmp/nvfm/demo_shards"   # a shard set written by preprocess.py
+shards = ""                        # a shard set written by preprocess.py (required)
 split = "train"
 out_dir = "out/jepa"
 init_from = "scratch"              # "scratch" | "resume" (out_dir/ckpt.pt)
@@ -61,7 +61,6 @@ log_interval = 10
 ckpt_interval = 1000
 stop_at_step = 0                   # > 0: checkpoint and exit after this step (a time-limited job slot)
 # is it learning? (README "Is my pretraining learning?")
-reg_weight = 0.0                   # > 0: variance-covariance term on the student's context latents (not in the paper)
 collapse_warn = 0.25               # warn when the student's effective rank < this x its rank on the first batch
 position_control = False           # also train a predictor that gets no context latents (positions only)
 eval_interval = 0                  # > 0: frozen-feature probes of student and teacher every this many steps
@@ -93,16 +92,18 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 use_amp = dev.type == "cuda"
 ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[amp_dtype]
-if master:
-    os.makedirs(out_dir, exist_ok=True)
 
 # ----------------------------------------------------------------------------- data
+if not shards or not os.path.exists(os.path.join(shards, "manifest.json")):
+    raise SystemExit(f"train_jepa.py: --shards={shards!r} is not a preprocess.py output (no manifest.json)")
 reader = ShardReader(shards)
 indices = train_indices(reader, split, min_tokens)
 if not indices:
     raise SystemExit(f"{shards}: no '{split}' volumes with >= {min_tokens} foreground tokens")
 mask_config = MaskConfig(ratio_mr=context_ratio_mr, ratio_ct=context_ratio_ct, drop=context_drop,
                          max_patches=max_patches)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
 dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
 
 # ----------------------------------------------------------------------------- model
@@ -213,17 +214,6 @@ def step_flops(b):
     return 3 * (enc(lc) + pred) + enc(lens)
 
 
-def variance_covariance(z):
-    """Anti-collapse term on the student's context latents z (N, D), VICReg-style (Bardes et al.
-    2022): a hinge pulling every dimension's std across tokens up to 1, plus the squared
-    off-diagonal covariances / D pushing dimensions apart. 0 for a whitened z."""
-    z = z.float() - z.float().mean(0)
-    std = torch.sqrt(z.var(0) + 1e-4)
-    cov = z.T @ z / max(z.shape[0] - 1, 1)
-    off = cov - torch.diag(torch.diag(cov))
-    return F.relu(1.0 - std).mean() + off.pow(2).sum() / z.shape[1]
-
-
 def peak_flops():
     if dev.type != "cuda":
         return None
@@ -311,8 +301,7 @@ for b in loader:
         pos_sum = F.smooth_l1_loss(pred_pos.float(), target, reduction="sum", beta=1.0) / target.shape[-1] \
             if position_control else torch.zeros((), device=dev)
     loss, loss_pos = loss_sum * world_size / n_tgt, pos_sum * world_size / n_tgt  # DDP averages gradients over ranks
-    reg = variance_covariance(z) if reg_weight > 0 else torch.zeros((), device=dev)
-    scaler.scale(loss + loss_pos + reg_weight * reg).backward()  # the control predictor's input is zeros: no gradient reaches the student
+    scaler.scale(loss + loss_pos).backward()  # the control predictor's input is zeros: no gradient reaches the student
     scaler.unscale_(optimizer)
     trained = [p for n, p in raw_model.named_parameters() if not n.startswith("pos_predictor.")]
     grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)

@@ -35,8 +35,8 @@ os.environ.setdefault("NVFM_QUIET", "1")
 # config (nanoGPT style: module globals, overridable with --key=value)
 cohort = "/tmp/nvfm_jepa_curve"
 studies = 200
-steps = "0,250,1000,3000"
-seeds = "0,1,2"
+steps = (0, 250, 1000, 3000)
+seeds = (0, 1, 2)
 config = "config/jepa_tiny.py"
 extra = ""                 # more train_jepa.py flags, space separated (an ablation)
 supervised = True
@@ -47,6 +47,7 @@ configure(globals())
 
 import torch  # noqa: E402
 
+from nvfm.checkpoint import load_checkpoint  # noqa: E402
 from nvfm.model import Encoder, EncoderConfig, load_encoder  # noqa: E402
 from nvfm.monitor import ProbeSet  # noqa: E402
 
@@ -75,13 +76,18 @@ def pretrain(shards, seed, budgets):
         snap = os.path.join(run, f"step{b}")
         done = os.path.join(snap, "done.json")
         if not os.path.exists(done):
-            resume = ["--init_from=resume"] if os.path.exists(os.path.join(run, "ckpt.pt")) else []
+            ck = os.path.join(run, "ckpt.pt")
+            at = load_checkpoint(ck)["step"] if os.path.exists(ck) else 0
+            resume = ["--init_from=resume"] if at else []
             t0 = time.time()
-            sh([sys.executable, "train_jepa.py", config, f"--shards={shards}", f"--out_dir={run}", f"--seed={seed}",
-                f"--max_steps={max(budgets)}", f"--stop_at_step={b}", "--eval_interval=0"] + extra.split() + resume)
+            if at < b:
+                sh([sys.executable, "train_jepa.py", config, f"--shards={shards}", f"--out_dir={run}", f"--seed={seed}",
+                    f"--max_steps={max(budgets)}", f"--stop_at_step={b}", "--eval_interval=0"] + extra.split() + resume)
             os.makedirs(snap, exist_ok=True)
-            for name in ("student", "teacher"):
-                shutil.copy(os.path.join(run, f"{name}.safetensors"), os.path.join(snap, f"{name}.safetensors"))
+            for name in ("student", "teacher"):  # encoder.safetensors is the one --export chose
+                src = os.path.join(run, f"{name}.safetensors")
+                shutil.copy(src if os.path.exists(src) else os.path.join(run, "encoder.safetensors"),
+                            os.path.join(snap, f"{name}.safetensors"))
             json.dump({"step": b, "wall_s": wall + time.time() - t0}, open(done, "w"))
         wall = json.load(open(done))["wall_s"]
         out[b] = snap
@@ -138,8 +144,7 @@ def supervised_bound(shards, like, seconds, seed=0, lr=1e-3, batch=8):
 
 
 def main():
-    budgets = [int(s) for s in str(steps).split(",")]
-    seed_list = [int(s) for s in str(seeds).split(",")]
+    budgets, seed_list = sorted(int(s) for s in steps), [int(s) for s in seeds]
     cdir, shards = make_cohort()
     probes = ProbeSet(shards, cohort=cdir)
     path = os.path.join(cohort, "results.json" if not extra else f"results-{zlib.crc32(extra.encode()):08x}.json")
