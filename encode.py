@@ -3,13 +3,17 @@ feature cache (nvfm/features.py), once, for every probe run.
 
     python encode.py --shards=out/shards --encoder=out/jepa/encoder.safetensors --out=out/features
     python encode.py --shards=out/shards --encoder=random:tiny --out=out/features_random   # baseline
-    python encode.py --shards=out/shards --encoder=neurovfm-encoder/ --preset=neurovfm --out=out/features_nvfm
+    python preprocess.py --input=... --output=out/shards_nvfm --preset=neurovfm   # the authors' rules
+    python encode.py --shards=out/shards_nvfm --encoder=neurovfm-encoder/ --out=out/features_nvfm
 
 --encoder takes an nvfm .safetensors file or the authors' released files (a directory with
 config.json + pytorch_model.bin, or a .bin/.pt state dict; converted on the fly, strictly, see
 nvfm/official.py). --preset=neurovfm applies the authors' token rules for their weights: only
 all-foreground tokens (min_fg_fraction 1.0) and a centred crop of each volume to whole patches
-(instead of nvfm's zero padding); --preset=nvfm (default) is nvfm's rules.
+(instead of nvfm's zero padding); --preset=nvfm is nvfm's rules. The default is the preset the
+shards were written with (manifest "preset", from preprocess.py --preset; nvfm when absent);
+naming another one is an error unless --preset_mismatch_ok=True (e.g. the released encoder on
+nvfm shards: the authors' tokens, but nvfm's foreground and intensity rules).
 
 Every token of every volume of a study is encoded whole (no crop); CT volumes are encoded
 once per window (brain, blood, bone). Resumable: studies already in the cache are skipped,
@@ -17,6 +21,7 @@ so a killed run continues where it stopped. The cache records the encoder's hash
 --out at a cache made by another encoder is an error (use --overwrite=True to redo it).
 A study that fails to encode is reported (by its study_key) and skipped.
 """
+import json
 import os
 import time
 from collections import OrderedDict
@@ -33,7 +38,8 @@ modality = "all"       # "all", "CT" or "MR"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 seed = 0               # random-init encoder seed
 max_tokens = 32768     # tokens per encoder forward
-preset = "nvfm"        # token rules: "nvfm" (ours) or "neurovfm" (the authors', for their released weights)
+preset = ""            # token rules: "nvfm" (ours) or "neurovfm" (the authors'); "": the shards' preset
+preset_mismatch_ok = False  # allow a --preset other than the one the shards were written with
 min_fg_fraction = -1.0 # token foreground rule (nvfm/tokenize.py); -1: the preset's (nvfm 0.5, neurovfm 1.0)
 heads = 0              # head count of an official state dict that comes without config.json (0: dim // 64)
 overwrite = False
@@ -72,11 +78,17 @@ def main():
     require_path(shards, "--shards", kind="dir", hint="a shard set written by preprocess.py")
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         fail(f"--shards: {shards} has no manifest.json (a shard set written by preprocess.py)")
-    if preset not in PRESETS:
-        fail(f"--preset={preset!r}: choose one of {sorted(PRESETS)}")
+    with open(os.path.join(shards, "manifest.json")) as f:
+        shard_preset = json.load(f).get("preset", "nvfm")
+    use = preset or shard_preset
+    if use not in PRESETS:
+        fail(f"--preset={use!r}: choose one of {sorted(PRESETS)}")
+    if use != shard_preset and not preset_mismatch_ok:
+        fail(f"--preset={use} but {shards} was written with preprocess.py --preset={shard_preset}: rerun "
+             f"preprocess.py with --preset={use}, or pass --preset_mismatch_ok=True to encode anyway")
     if modality not in ("all", "CT", "MR"):
         fail(f"--modality={modality!r}: choose one of 'all', 'CT', 'MR'")
-    rules = dict(PRESETS[preset])
+    rules = dict(PRESETS[use])
     if min_fg_fraction >= 0:
         rules["min_fg_fraction"] = min_fg_fraction
     reader = ShardReader(shards)
@@ -92,7 +104,7 @@ def main():
     if rules != PRESETS["nvfm"]:  # other token rules make other features: a cache of its own
         enc_hash += f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}"
     print(f"encode: {len(studies)} studies ({sum(map(len, studies.values()))} volumes) with encoder "
-          f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}; token rules {preset} {rules}")
+          f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}; token rules {use} {rules}, shards {shard_preset}")
     failed = 0
     t0 = time.time()
     n_tokens = 0

@@ -2,6 +2,7 @@
 
     python preprocess.py --input=demo/dicom --output=shards [--labels=demo/labels.csv]
         [--findings=demo/findings.jsonl] [--workers=2] [--shard=0/1] [--salt=...]
+        [--preset=neurovfm]   # the authors' foreground / intensity rules, for their released encoder
 
 Steps: list files -> header scan (pydicom stop_before_pixels, parallel) -> group studies and
 series (nvfm/dicom.py) -> per study, in worker processes: assemble each series, resample
@@ -61,7 +62,7 @@ from tqdm import tqdm
 
 from nvfm import data as shards
 from nvfm import dicom
-from nvfm.volume import process_stack
+from nvfm.volume import process_stack, process_stack_neurovfm
 
 # -----------------------------------------------------------------------------
 input = ""  # input root (PACS export: folders of DICOM files and/or NIfTI files)
@@ -72,7 +73,8 @@ workers = 2  # worker processes (0 or 1: run in this process)
 shard = "0/1"  # i/N: this array job's share of the studies
 salt = ""  # "" -> $NVFM_SALT -> DEFAULT_SALT
 min_slices = 3  # series with fewer slices are rejected
-min_fg_fraction = 0.5  # token foreground rule (nvfm/tokenize.py)
+min_fg_fraction = -1.0  # token foreground rule (nvfm/tokenize.py); -1: the preset's (nvfm 0.5, neurovfm 1.0)
+preset = "nvfm"  # foreground / intensity rules: "nvfm" (ours) or "neurovfm" (the authors', for their released encoder)
 min_tokens = 1  # volumes with fewer foreground tokens are failed, not written
 shard_gb = 4.0  # start a new <split>_<k>.bin after this many GB
 fsync = True  # fsync each committed study (crash safety; off only for benchmarks)
@@ -82,6 +84,9 @@ progress = True  # tqdm progress bars
 # -----------------------------------------------------------------------------
 DEFAULT_SALT = "nvfm-public-default-salt-v1"
 SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
+# voxel rules per --preset (nvfm/volume.py) and the token rule each defaults to; recorded as
+# manifest["preset"] (absent in older manifests: "nvfm") so encode.py can check it
+PRESETS = {"nvfm": (process_stack, 0.5), "neurovfm": (process_stack_neurovfm, 1.0)}
 
 
 def resolve_salt(s):
@@ -268,7 +273,7 @@ def process_study(task):
     for sk, vid, make, meta in jobs:
         try:
             st = make().check(cfg["min_slices"])
-            out = process_stack(st, cfg["min_fg_fraction"])
+            out = PRESETS[cfg.get("preset", "nvfm")][0](st, cfg["min_fg_fraction"])
         except dicom.SeriesError as e:  # named by the offending file when known, else the series' first
             fail(str(e), series_key=vid, path=e.path or meta["path"])
             continue
@@ -436,8 +441,12 @@ def print_summary(s):
 
 def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, shard_spec="0/1", salt_value="",
         cfg_min_slices=3, cfg_min_fg=0.5, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True,
-        cfg_label_columns="", cfg_min_tokens=1):
+        cfg_label_columns="", cfg_min_tokens=1, cfg_preset="nvfm"):
     """The whole stage; returns the manifest dict (or None when other array jobs are pending)."""
+    if cfg_preset not in PRESETS:
+        raise SystemExit(f"preprocess: --preset={cfg_preset!r}: choose one of {sorted(PRESETS)}")
+    if cfg_min_fg is None or cfg_min_fg < 0:
+        cfg_min_fg = PRESETS[cfg_preset][1]
     if not input_dir or not os.path.isdir(input_dir):
         raise SystemExit(f"preprocess: --input must be a directory, got {input_dir!r}")
     if all(os.path.isdir(os.path.join(input_dir, d)) for d in ("dicom", "gt")) and any(
@@ -466,6 +475,9 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         if old.get("salt_id") != salt_id:
             raise SystemExit(f"preprocess: {output_dir} was written with another salt; "
                              "use the same salt or a new --output")
+        if old.get("preset", "nvfm") != cfg_preset:
+            raise SystemExit(f"preprocess: {output_dir} was written with --preset={old.get('preset', 'nvfm')}; "
+                             "use the same preset or a new --output")
     splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log)
 
     # 1. list files, scan headers, group files into studies as the headers come in
@@ -533,7 +545,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
 
     # 2. process studies
     cfg = dict(salt=s, min_slices=cfg_min_slices, min_fg_fraction=cfg_min_fg, fsync=cfg_fsync,
-               min_tokens=cfg_min_tokens)
+               min_tokens=cfg_min_tokens, preset=cfg_preset)
     run_id = len([p for p in os.listdir(os.path.join(output_dir, "parts"))]) if os.path.isdir(
         os.path.join(output_dir, "parts")) else 0
     tag = f"s{si}of{sn}_r{run_id:04d}_{os.getpid()}"
@@ -597,6 +609,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         extra = {"salt_id": salt_id, "summary": summary, "failures": all_file_failures + events,
                  "study_events": [{"study_key": k, "events": done[k]["events"]} for k in sorted(done)],
                  "patch": list(shards.PATCH), "min_fg_fraction": cfg_min_fg}
+        if cfg_preset != "nvfm":  # the default adds no key: nvfm manifests stay byte-identical
+            extra["preset"] = cfg_preset
         manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9), cfg_fsync)
         shards.remove_parts(output_dir)
     finally:
@@ -620,7 +634,7 @@ if __name__ == "__main__":
     t0 = time.time()
     try:
         run(input, output, labels, findings, workers, shard, salt, min_slices, min_fg_fraction, shard_gb, fsync,
-            log_paths, progress, label_columns, min_tokens)
+            log_paths, progress, label_columns, min_tokens, preset)
     except KeyboardInterrupt:
         print("preprocess: interrupted; committed studies are kept: rerun the same command to resume",
               file=sys.stderr)

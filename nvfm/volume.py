@@ -588,3 +588,100 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
                 original_orientation=axis_codes(stack.native_affine()),
                 original_spacing=[round(x, 4) for x in stack.spacing], spacing=list(spacing),
                 channels=int(data.shape[0]), tilt_deg=round(stack.tilt_deg, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# preset "neurovfm": the authors' foreground and intensity rules (MLNeurosurg/neurovfm,
+# neurovfm/data/preprocess.py prepare_for_inference), for users of their released encoder.
+# Statistics are taken over the centred crop to whole patches (their crop precedes them);
+# the shard keeps the whole volume and encode.py --preset=neurovfm applies the same crop.
+
+NEUROVFM_MR_FG_PERCENTILE = 10.0  # MR foreground: voxels strictly above this percentile
+NEUROVFM_MR_CLIP = (0.5, 99.5)  # MR intensity: clip to these percentiles, then min-max to [0, 1]
+NEUROVFM_EPS = 1e-8  # their min-max denominator: (max - min + 1e-8)
+
+
+def neurovfm_crop(shape, patch=(4, 16, 16)):
+    """Slices of the centred crop of `shape` to whole patches (per axis start (n % p) // 2,
+    length (n // p) * p; the rule of nvfm.model.centre_crop_to_patches)."""
+    return tuple(slice((n % p) // 2, (n % p) // 2 + (n // p) * p) for n, p in zip(shape, patch))
+
+
+def neurovfm_mr_stats(vol):
+    """-> (foreground threshold, clip lo, clip hi): np.percentile (linear) at 10, 0.5, 99.5 of
+    the float64 values of the centre crop of `vol` (D, H, W)."""
+    crop = np.asarray(vol[neurovfm_crop(vol.shape)], np.float64)
+    if crop.size == 0:
+        raise SeriesError("volume smaller than one patch (4 x 16 x 16): nothing left after the centre crop")
+    t, lo, hi = np.percentile(crop, (NEUROVFM_MR_FG_PERCENTILE,) + NEUROVFM_MR_CLIP)
+    return float(t), float(lo), float(hi)
+
+
+def neurovfm_mr_scale(x, lo, hi):
+    """Their MR intensity in [0, 1]: (clip(x, lo, hi) - lo) / (hi - lo + 1e-8), in float64
+    (after the clip, their min and max are lo and hi exactly)."""
+    return (np.clip(np.asarray(x, np.float64), lo, hi) - lo) / (hi - lo + NEUROVFM_EPS)
+
+
+def neurovfm_mr(vol):
+    """Resampled MR (D, H, W) float -> (data (1, D, H, W) uint8, mask (D, H, W) uint8 0/1):
+    mask = vol > 10th percentile (no hole filling), data = round half up of 255 x their [0, 1]
+    intensity (the shard stores uint8; |error| <= 1/510 before encode.py's / 255)."""
+    t, lo, hi = neurovfm_mr_stats(vol)
+    if not hi > lo:
+        raise SeriesError("constant image (no intensity range)")
+    D = vol.shape[0]
+    data = np.empty((1,) + vol.shape, np.uint8)
+    mask = np.empty(vol.shape, np.uint8)
+    for d in range(D):  # slice by slice: float64 scratch of one slice
+        sl = np.asarray(vol[d], np.float64)
+        np.greater(sl, t, out=mask[d], casting="unsafe")
+        data[0, d] = np.floor(neurovfm_mr_scale(sl, lo, hi) * 255.0 + 0.5)
+    return data, mask
+
+
+def neurovfm_ct_mask(hu):
+    """Their CT foreground: HU > -500, voxel by voxel (no hole filling) -> uint8 0/1."""
+    return (np.asarray(hu) > CT_AIR_HU).astype(np.uint8)
+
+
+def resampled_canonical(stack, spacing=SPACING):
+    """SliceStack -> (float32 (D, H, W) canonical volume, canonical affine, orientation codes):
+    the same resampling and orientation as process_stack, kept in float (CT in clamped HU,
+    MR with MONOCHROME1 inverted), for rules that need the whole volume's values."""
+    q_n, q_c, q_r, A0 = resample_grid(stack, spacing)
+    perm, flips, A, codes, (D, H, W) = canonical_transform(A0, (len(q_n), len(q_c), len(q_r)))
+    if min(D, H, W) < 1:
+        raise SeriesError("empty volume after resampling")
+    vol = np.empty((D, H, W), np.float32)
+    for j, sl in iter_resampled(stack, spacing):
+        if perm[1] == 2:
+            sl = sl.T
+        if flips[1]:
+            sl = sl[::-1]
+        if flips[2]:
+            sl = sl[:, ::-1]
+        vol[D - 1 - j if flips[0] else j] = sl
+    if stack.modality != "CT" and stack.photometric == "MONOCHROME1":
+        np.subtract(vol.max() + vol.min(), vol, out=vol)
+    return vol, A, codes
+
+
+def process_stack_neurovfm(stack, min_fg_fraction=1.0, spacing=SPACING):
+    """process_stack under the authors' rules (preprocess.py --preset=neurovfm); same output
+    dict. MR: foreground above the 10th percentile, intensity clipped to the 0.5 / 99.5th
+    percentiles then min-max (statistics of the centre crop); CT: foreground HU > -500 with
+    no hole filling, windows as process_stack (the shard format's brain 8-bit, blood/bone 4-bit).
+    Resampling is nvfm's (tent / linear), not their B-spline (README, released encoder)."""
+    vol, A, codes = resampled_canonical(stack, spacing)
+    if stack.modality == "CT":
+        data = ct_channels(vol)
+        mask = neurovfm_ct_mask(vol)
+    else:
+        data, mask = neurovfm_mr(vol)
+    del vol
+    tm = token_mask(mask, min_fg_fraction)
+    return dict(data=data, mask=mask, token_mask=tm, affine=A, orientation=codes,
+                original_orientation=axis_codes(stack.native_affine()),
+                original_spacing=[round(x, 4) for x in stack.spacing], spacing=list(spacing),
+                channels=int(data.shape[0]), tilt_deg=round(stack.tilt_deg, 2))

@@ -209,21 +209,31 @@ def test_centre_crop_is_the_authors_rule():
 
 def test_encode_py_reads_their_files_with_their_token_rules(small, tmp_path):
     """encode.py --encoder=<their directory> --preset=neurovfm: same features as the converted
-    nvfm file, every token all-foreground, coords on the centre-cropped grid."""
+    nvfm file, every token all-foreground, coords on the centre-cropped grid. The preset defaults
+    to the shards' (manifest "preset"); another one is refused unless --preset_mismatch_ok."""
     from nvfm.data import ShardReader
     from nvfm.features import FeatureCache
     from nvfm.loader import write_synthetic_shards
     from nvfm.tokenize import patchify
     shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(18, 70, 90))
+    man_path = os.path.join(shards, "manifest.json")
+    with open(man_path) as f:
+        man = json.load(f)
+    with open(man_path, "w") as f:  # as written by preprocess.py --preset=neurovfm
+        json.dump(dict(man, preset="neurovfm"), f)
     rel = write_official(tmp_path / "rel", small["state_dict"], small["config"])
     O.convert(str(rel), str(tmp_path / "conv.safetensors"))
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
     caches = {}
-    for name, spec in [("dir", rel), ("conv", tmp_path / "conv.safetensors")]:
+    for name, spec, flags in [("dir", rel, []), ("conv", tmp_path / "conv.safetensors", ["--preset=neurovfm"]),
+                              ("mismatch", rel, ["--preset=nvfm"])]:
         out = tmp_path / f"feat_{name}"
         p = subprocess.run([sys.executable, "encode.py", f"--shards={shards}", f"--encoder={spec}",
-                            "--preset=neurovfm", f"--out={out}", "--device=cpu"],
+                            *flags, f"--out={out}", "--device=cpu"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        if name == "mismatch":
+            assert p.returncode != 0 and "preset_mismatch_ok" in p.stderr + p.stdout
+            continue
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
         assert "0 failed" in p.stdout
         caches[name] = FeatureCache(str(out))
