@@ -1319,14 +1319,13 @@ def _generate_study(plan, out_dir, anat=None):
                      "AcquisitionDate": plan["phi"]["StudyDate"], "AcquisitionTime": plan["phi"]["StudyTime"]}
             if ti:
                 extra["InversionTime"] = str(ti)
-            if contrast == "DWI":
-                extra["DiffusionBValue"] = 1000
             if contrast == "T1C":
                 extra["ContrastBolusAgent"] = "GADOLINIUM"
             family = contrast
         name = f"{number:02d}_{_slug(spec['description'])}"
         pd.write_image_series(os.path.join(ddir, name), pix, geom, study_tags, tags, per_image=extra,
-                              multiframe=spec["multiframe"], transfer_syntax=spec["transfer_syntax"], uid_seed=uid_seed)
+                              multiframe=spec["multiframe"], transfer_syntax=spec["transfer_syntax"], uid_seed=uid_seed,
+                              trace_b_value=1000 if contrast == "DWI" else None)
         gt_path = os.path.join(gdir, f"{name}.nii.gz")
         # NIfTI voxel (i=column, j=row, k=slice); world RAS = diag(-1,-1,1) @ DICOM LPS
         _write_nifti(gt_path, gt_vals.transpose(2, 1, 0), ras_affine(geom), np.int16)

@@ -73,7 +73,7 @@ def _save(ds, path, arr):
 
 
 def write_image_series(folder, pixels, geom, study, series, per_image=None, multiframe=False,
-                       transfer_syntax="explicit", uid_seed="", first_instance=1):
+                       transfer_syntax="explicit", uid_seed="", first_instance=1, trace_b_value=None):
     """Write one image series.
 
     pixels  int16/uint16 (K, R, C) stored values (K slices of R rows x C columns)
@@ -82,6 +82,14 @@ def write_image_series(folder, pixels, geom, study, series, per_image=None, mult
     study   dict of patient/study-level tags; series: dict of series-level tags (incl. SOPClass-
             independent ones: Modality, SeriesInstanceUID, SeriesDescription, ImageType, ...)
     per_image  optional dict of extra per-image tags (same for every slice)
+    trace_b_value  b-value (s/mm2) of an isotropic trace DWI series, as scanners write one: one
+            b-value per series, DiffusionDirectionality ISOTROPIC, no gradient vector. Enhanced
+            objects carry it in a shared MRDiffusionSequence (the MR Diffusion macro). Classic
+            single-frame objects get DiffusionDirectionality only: their IOD has no b-value
+            attribute, and dcm2niix reads a top-level DiffusionBValue (0018,9087) with a zero
+            vector as a Philips trace volume mixed into a DTI run ("Check sorted order: 4D
+            dataset has 1 volumes, but volume index ranges from 65536..65537"); the b-value
+            stays in the series description, as on scanners that keep it in private tags.
     Returns the list of written file paths.
     """
     import os
@@ -108,6 +116,8 @@ def write_image_series(folder, pixels, geom, study, series, per_image=None, mult
             ds.SliceThickness = f"{geom['thickness']:.4f}"
             ds.SpacingBetweenSlices = f"{geom['spacing_between']:.4f}"
             ds.AcquisitionNumber = 1
+            if trace_b_value is not None:
+                ds.DiffusionDirectionality = "ISOTROPIC"
             for key, v in (per_image or {}).items():
                 setattr(ds, key, v)
             _image_pixel_module(ds, R, C, signed)
@@ -143,6 +153,11 @@ def write_image_series(folder, pixels, geom, study, series, per_image=None, mult
     voi.WindowCenter = extra.pop("WindowCenter", "40")
     voi.WindowWidth = extra.pop("WindowWidth", "80")
     shared.FrameVOILUTSequence = Sequence([voi])
+    if trace_b_value is not None:
+        dif = Dataset()
+        dif.DiffusionBValue = float(trace_b_value)
+        dif.DiffusionDirectionality = "ISOTROPIC"  # trace: no DiffusionGradientDirectionSequence
+        shared.MRDiffusionSequence = Sequence([dif])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     frames = []
     for k in range(K):
