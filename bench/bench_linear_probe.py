@@ -26,25 +26,16 @@ import csv
 import json
 import os
 import sys
-import zlib
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nvfm.data import ShardReader  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
 from nvfm.grounding import lesion_token_cover  # noqa: E402
-
-WIN = ["mr", "brain", "blood", "bone"]
-NEG_KEEP = 0.1
-
-
-def standardize(tr, *others):
-    mu, sd = tr.mean(0), tr.std(0) + 1e-6
-    return [(x - mu) / sd for x in (tr,) + others]
+from nvfm.monitor import lesion_token_auroc, pooled_study, standardize, study_cv_auroc  # noqa: E402
 
 
 def lesion_token_labels(d, reader, rows, cache):
@@ -54,51 +45,10 @@ def lesion_token_labels(d, reader, rows, cache):
     return {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8) for k, (f, _) in cover.items()}
 
 
-def lesion_token_probe(cache, labels, split_of, seed=0):
-    """-> (AUROC, (lo, hi) study-bootstrap 95% CI, n eval tokens, n eval positives)."""
-    X, Y, S, part = [], [], [], []
-    for key in cache.study_keys():
-        for e in cache.study(key):
-            y = labels.get((key, e["volume_id"]))
-            if y is None or len(y) != len(e["emb"]):
-                continue
-            rng = np.random.default_rng(zlib.crc32(f"{key}/{e['volume_id']}/{e['window']}/{seed}".encode()))
-            keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < NEG_KEEP))
-            oh = np.zeros((int(keep.sum()), len(WIN)), np.float32)
-            oh[:, WIN.index(e["window"])] = 1
-            X.append(np.concatenate([e["emb"][keep].astype(np.float32), oh], 1))
-            Y.append(y[keep])
-            S.append(np.full(int(keep.sum()), zlib.crc32(key.encode())))
-            part.append(np.full(int(keep.sum()), split_of[key] == "train"))
-    X, Y, S, part = map(np.concatenate, (X, Y, S, part))
-    Xtr, Xev = standardize(X[part], X[~part])
-    m = LogisticRegression(C=1.0, max_iter=3000).fit(Xtr, Y[part])
-    score, yev, sev = m.decision_function(Xev), Y[~part], S[~part]
-    auc = roc_auc_score(yev, score)
-    studies = np.unique(sev)
-    idx = {s: np.nonzero(sev == s)[0] for s in studies}
-    rng, boots = np.random.default_rng(seed), []
-    for _ in range(1000):
-        pick = np.concatenate([idx[s] for s in rng.choice(studies, len(studies))])
-        if 0 < yev[pick].sum() < len(pick):
-            boots.append(roc_auc_score(yev[pick], score[pick]))
-    return auc, tuple(np.percentile(boots, [2.5, 97.5])), len(yev), int(yev.sum())
-
-
-def pooled(cache, key):
-    out = []
-    ents = cache.study(key)
-    for w in WIN:
-        es = [e["emb"].astype(np.float32) for e in ents if e["window"] == w]
-        a = np.concatenate(es) if es else np.zeros((1, cache.dim), np.float32)
-        out += [a.mean(0), a.std(0)]
-    return np.concatenate(out)
-
-
 def study_probes(cache, rows, classes):
     """-> ({split: (macro AUROC, n classes)}, (cv macro AUROC, n classes))."""
     keep = [r for r in rows if r["study_key"] in cache]
-    X = np.array([pooled(cache, r["study_key"]) for r in keep])
+    X = np.array([pooled_study(cache.study(r["study_key"]), cache.dim) for r in keep])
     Y = np.array([[int(r[c]) for c in classes] for r in keep])
     sp = np.array([r["split"] for r in keep])
     res = {}
@@ -112,20 +62,17 @@ def study_probes(cache, rows, classes):
             m = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, ytr)
             aucs.append(roc_auc_score(yev, m.decision_function(Xev)))
         res[ev] = (float(np.mean(aucs)) if aucs else float("nan"), len(aucs))
-    cv = []
-    for j in range(len(classes)):
-        y = Y[:, j]
-        if y.sum() < 5 or len(y) - y.sum() < 5:
-            continue
-        reps = []
-        for rep in range(3):
-            s = np.zeros(len(y))
-            for tr, te in StratifiedKFold(5, shuffle=True, random_state=rep).split(X, y):
-                Xtr, Xte = standardize(X[tr], X[te])
-                s[te] = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, y[tr]).decision_function(Xte)
-            reps.append(roc_auc_score(y, s))
-        cv.append(np.mean(reps))
-    return res, (float(np.mean(cv)) if cv else float("nan"), len(cv))
+    return res, study_cv_auroc(X, Y)
+
+
+class _Study:
+    """A FeatureCache seen as {study_key: entries} (what nvfm.monitor.lesion_token_auroc reads)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def items(self):
+        return ((k, self.cache.study(k)) for k in self.cache.study_keys())
 
 
 def main(d, names):
@@ -141,7 +88,7 @@ def main(d, names):
     for name, cache in zip(names, caches):
         line = f"{name}:"
         if labels:
-            auc, (lo, hi), n, npos = lesion_token_probe(cache, labels, split_of)
+            auc, (lo, hi), n, npos = lesion_token_auroc(_Study(cache), labels, split_of, n_boot=1000)
             line += f" lesion-token AUROC {auc:.3f} [{lo:.3f}, {hi:.3f}] ({n} val+test tokens, {npos} lesion) |"
         split, (cv, ncv) = study_probes(cache, rows, classes)
         line += (f" study macro AUROC val {split['val'][0]:.3f} ({split['val'][1]}) test {split['test'][0]:.3f} "

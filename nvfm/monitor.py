@@ -88,7 +88,7 @@ class CollapseWatch:
         if low and not self.warned:
             msg = (f"WARNING: representation collapse: the student's effective rank fell to {rank:.1f}, "
                    f"{rank / self.initial:.2f}x its initial {self.initial:.1f} (threshold {self.threshold}x). "
-                   f"Probes on this encoder will sit near chance; see README 'Is my pretraining learning?'")
+                   f"Its features span few directions; see README 'Is my pretraining learning?'")
         self.warned = low
         return msg
 
