@@ -88,7 +88,8 @@ def main(d, names):
     for name, cache in zip(names, caches):
         line = f"{name}:"
         if labels:
-            auc, (lo, hi), n, npos = lesion_token_auroc(_Study(cache), labels, split_of, n_boot=1000)
+            auc, ci, n, npos = lesion_token_auroc(_Study(cache), labels, split_of, n_boot=1000)
+            lo, hi = ci or (float("nan"), float("nan"))
             line += f" lesion-token AUROC {auc:.3f} [{lo:.3f}, {hi:.3f}] ({n} val+test tokens, {npos} lesion) |"
         split, (cv, ncv) = study_probes(cache, rows, classes)
         line += (f" study macro AUROC val {split['val'][0]:.3f} ({split['val'][1]}) test {split['test'][0]:.3f} "

@@ -81,6 +81,7 @@ def test_lesion_token_probe_against_sklearn():
     assert npos <= int((ev_y[kept] == 1).sum()) and n < kept.sum()  # negatives subsampled
     assert auc == pytest.approx(roc_auc_score(ev_y[kept], ev_x[kept]), abs=0.06)
     assert 0.8 < auc < 0.95 and ci[0] < auc < ci[1]
+    assert np.isnan(lesion_token_auroc(entries, labels, split_of, min_positives=npos + 1)[0])  # too few to score
     for e in entries.values():  # no signal -> chance
         e[0]["emb"] = rng.normal(size=(400, 6)).astype(np.float32)
     assert abs(lesion_token_auroc(entries, labels, split_of)[0] - 0.5) < 0.08
