@@ -74,19 +74,23 @@ def test_loss_goes_down_and_outputs(full_run):
     assert not os.path.exists(os.path.join(full_run, "teacher.safetensors"))
 
 
-def test_position_control_and_online_probe(full_run, shards, tmp_path):
+def test_position_control_and_online_probe(shards, tmp_path):
     """The position-only predictor trains beside the main run without changing it (same student
     weights to the bit), resumes strictly, and the online probe logs both encoders."""
-    out = str(tmp_path)
-    run(["--position_control=True", f"--stop_at_step={STEPS // 2}", "--eval_interval=8"], out, shards)
-    run(["--position_control=True", "--init_from=resume", "--eval_interval=8"], out, shards)
-    ck, ref = load_checkpoint(os.path.join(out, "ckpt.pt")), load_checkpoint(os.path.join(full_run, "ckpt.pt"))
-    assert set(ck["pos_predictor"]) == set(ck["predictor"])
+    # a tight clip, so that clipping is active and the control must be clipped on its own
+    ctl, out = str(tmp_path / "control"), str(tmp_path / "plain")
+    run(["--position_control=True", "--grad_clip=0.001"], ctl, shards)
+    run(["--position_control=False", "--grad_clip=0.001", f"--stop_at_step={STEPS // 2}", "--eval_interval=8"],
+        out, shards)
+    run(["--position_control=False", "--grad_clip=0.001", "--init_from=resume", "--eval_interval=8"], out, shards)
+    ck, ref = load_checkpoint(os.path.join(out, "ckpt.pt")), load_checkpoint(os.path.join(ctl, "ckpt.pt"))
+    assert "pos_predictor" not in ck and set(ref["pos_predictor"]) == set(ref["predictor"])
     for part in ("student", "predictor", "teacher"):
         for k, v in ref[part].items():
             assert torch.equal(ck[part][k], v), f"{part}.{k} changed by the position control"
+    assert all(r["loss_position_only"] > 0 for r in read_log(ctl) if "loss" in r)
     log = read_log(out)
-    assert all(r["loss_position_only"] > 0 for r in log if "loss" in r)
+    assert not any("loss_position_only" in r for r in log)
     probes = {r["step"]: r["probe"] for r in log if "probe" in r}
     assert sorted(probes) == [0, 8, 16]
     assert probes[0]["student"]["rank"] == pytest.approx(probes[0]["teacher"]["rank"])  # identical at init
@@ -103,13 +107,14 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
     run(["--init_from=resume", f"--stop_at_step={half + 1}"], out, shards)
     after = load_checkpoint(os.path.join(out, "ckpt.pt"))
     # teacher_{s+1} = lerp(teacher_s, student_{s+1}, 1 - m_s): its only update is the EMA
-    m = 0.994 + (1.0 - 0.994) * half / STEPS
+    cfg = before["config"]
+    m = cfg["ema_start"] + (cfg["ema_end"] - cfg["ema_start"]) * half / STEPS
     for k, t0 in before["teacher"].items():
         expect = t0 + (1 - m) * (after["student"][k] - t0)
         torch.testing.assert_close(after["teacher"][k], expect, atol=1e-7, rtol=1e-6)
     assert any(not torch.equal(before["teacher"][k], after["teacher"][k]) for k in before["teacher"])
-    # the optimizer holds student + predictor parameters only
-    n_trained = len(before["student"]) + len(before["predictor"])
+    # the optimizer holds student + predictor (+ the position-only control's) parameters only
+    n_trained = len(before["student"]) + len(before["predictor"]) + len(before.get("pos_predictor", {}))
     assert len(after["optimizer"]["state"]) == n_trained
     run(["--init_from=resume"], out, shards)
     a, b = weights(os.path.join(full_run, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"))
