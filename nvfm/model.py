@@ -72,13 +72,8 @@ def _check_arch(cfg):
 
 
 @dataclass
-class EncoderConfig:
-    dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    pos_dim: int = 30
-    patch_dim: int = PATCH_DIM
+class ArchOptions:
+    """The architecture choices shared by the encoder and the predictor (defaults: the authors')."""
     pos_code: str = "official"        # see the module docstring; LEGACY_ARCH for old files
     gelu_approximate: str = "tanh"
     ln_eps: float = 1e-6
@@ -92,6 +87,16 @@ class EncoderConfig:
         """A config read from a file: fields of LEGACY_ARCH it lacks take the legacy values
         (it was written before the options existed); unknown fields are an error (TypeError)."""
         return cls(**{**LEGACY_ARCH, **cfg})
+
+
+@dataclass
+class EncoderConfig(ArchOptions):
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_dim: int = 30
+    patch_dim: int = PATCH_DIM
 
     @classmethod
     def preset(cls, size, **overrides):
@@ -229,25 +234,13 @@ class Encoder(nn.Module):
 
 
 @dataclass
-class PredictorConfig:
+class PredictorConfig(ArchOptions):
     enc_dim: int = 768
     dim: int = 768
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
     pos_dim: int = 30
-    pos_code: str = "official"        # the same options as EncoderConfig
-    gelu_approximate: str = "tanh"
-    ln_eps: float = 1e-6
-    proj_bias: bool = False
-
-    def __post_init__(self):
-        _check_arch(self)
-
-    @classmethod
-    def from_dict(cls, cfg):
-        """As EncoderConfig.from_dict: missing architecture fields take the legacy values."""
-        return cls(**{**LEGACY_ARCH, **cfg})
 
 
 def predictor_layout(cu_ctx, cu_tgt):
