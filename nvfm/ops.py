@@ -119,15 +119,49 @@ for _name in OPS:
         has_kernel(_name, _dt)
 
 
-def _announce():
-    if _EXT_ERROR is not None:
-        warnings.warn(f"nvfm: compiled extension nvfm._C not available ({_EXT_ERROR}); "
-                      "every operator uses its PyTorch reference (slow). Build it with "
-                      "`pip install --no-build-isolation -e .`", RuntimeWarning, stacklevel=3)
-    if os.environ.get("NVFM_QUIET", "") not in ("", "0"):
-        return
+def _problem():
+    """One line saying why the compiled operators are not (all) in use, or None.
+
+    Missing: the import failed (not built, or built against another torch). Stale: it loaded but
+    lacks a CPU kernel of an operator this version declares (built from older sources)."""
+    if _C is None:
+        if _EXT_ERROR is None:
+            return None  # NVFM_OPS=reference: asked for, nothing to warn about
+        why = (str(_EXT_ERROR).strip().splitlines() or [type(_EXT_ERROR).__name__])[0]
+        return f"compiled extension nvfm._C not available ({why}); every operator uses its PyTorch reference (slow)"
+    missing = [n for n in OPS if not has_kernel(n, "cpu")]
+    if missing:
+        return (f"compiled extension nvfm._C is stale (no kernel for {', '.join(missing)}); "
+                "those use their PyTorch reference (slow)")
+    return None
+
+
+def verbose():
+    """True when the backend table is printed on import: NVFM_VERBOSE=1 (NVFM_QUIET=1 wins)."""
+    on = lambda k: os.environ.get(k, "") not in ("", "0")  # noqa: E731
+    return on("NVFM_VERBOSE") and not on("NVFM_QUIET")
+
+
+def banner():
+    """The backend table: one line per operator, under a heading saying whether _C loaded."""
     state = "loaded" if _C is not None else "not loaded"
-    print(f"nvfm: extension {state}; operator backends:\n{report()}", file=sys.stderr)
+    return f"nvfm: extension {state}; operator backends:\n{report()}"
 
 
+def _announce():
+    """Quiet by default: a missing or stale extension warns in one line (a warning with no
+    source line under it); the backend table prints only with NVFM_VERBOSE=1 (or
+    `python -m nvfm.ops`). NVFM_QUIET=1 is still accepted and keeps the table off."""
+    problem = _problem()
+    if problem is not None:
+        warnings.warn_explicit(f"nvfm: {problem}. Build it with `pip install --no-build-isolation -e .`",
+                               RuntimeWarning, __file__, 0, module=__name__)
+    if verbose():
+        print(banner(), file=sys.stderr)
+
+
+if __name__ == "__main__":  # python -m nvfm.ops: the table, always (this copy runs as __main__)
+    from nvfm import ops as _ops  # the instance every other module uses (already announced)
+    print(_ops.banner())
+    sys.exit(0)
 _announce()
