@@ -1,6 +1,6 @@
 import os
 
-os.environ.setdefault("NVFM_QUIET", "1")  # the backend table once per test session is noise
+os.environ.setdefault("NVFM_QUIET", "1")  # no backend table in test output, even with NVFM_VERBOSE=1 set
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
