@@ -144,6 +144,7 @@ for m in (model.student, model.predictor, model.pos_predictor, teacher):
 model.student.blocks.grad_checkpointing = grad_checkpointing
 model.predictor.blocks.grad_checkpointing = grad_checkpointing
 
+main_params = [p for n, p in model.named_parameters() if not n.startswith("pos_predictor.")]  # clipped together
 # no weight decay on biases, norms and the mask token (1-d parameters)
 decay = [p for p in model.parameters() if p.dim() >= 2]
 no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -261,8 +262,7 @@ def log(rec, text=None):
 
 def run_probes(at_step):
     """Frozen-feature probes of student and teacher on the fixed probe set (master only)."""
-    res = {name: probes(enc) for name, enc in (("student", raw_model.student), ("teacher", teacher))}
-    raw_model.student.train()
+    res = {name: probes(enc) for name, enc in (("student", raw_model.student), ("teacher", teacher))}  # modes kept
     fmt = lambda r: " ".join(f"{k} {r[k]:.3f}" for k in ("rank", "lesion_auroc", "study_auroc") if k in r)
     log(dict(step=at_step, probe=res), f"probe @ {at_step}: student {fmt(res['student'])} | teacher {fmt(res['teacher'])}")
 
@@ -303,8 +303,7 @@ for b in loader:
     loss, loss_pos = loss_sum * world_size / n_tgt, pos_sum * world_size / n_tgt  # DDP averages gradients over ranks
     scaler.scale(loss + loss_pos).backward()  # the control predictor's input is zeros: no gradient reaches the student
     scaler.unscale_(optimizer)
-    trained = [p for n, p in raw_model.named_parameters() if not n.startswith("pos_predictor.")]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(main_params, grad_clip)
     if position_control:  # clipped on its own, so the control never changes the main run
         torch.nn.utils.clip_grad_norm_(raw_model.pos_predictor.parameters(), grad_clip)
     scaler.step(optimizer)
