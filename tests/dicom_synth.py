@@ -7,6 +7,7 @@ Every file carries fake PHI (FAKE_PHI values) so the privacy test can grep outpu
 import os
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
@@ -165,3 +166,12 @@ def write_enhanced(path, vol, r=(1, 0, 0), c=(0, 1, 0), origin=(-100.0, -110.0, 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return study_uid, series_uid
+
+
+def mutate_series(d, fn):
+    """Apply fn(ds, index) to every file of a written series (sorted names) and save."""
+    for i, f in enumerate(sorted(os.listdir(d))):
+        p = os.path.join(d, f)
+        ds = pydicom.dcmread(p)
+        fn(ds, i)
+        ds.save_as(p)

@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from dicom_synth import head_phantom, write_series  # noqa: E402
+from dicom_synth import head_phantom, mutate_series, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -27,13 +27,6 @@ from nvfm import dicom  # noqa: E402
 SHAPE = (8, 48, 40)
 RUN = dict(n_workers=1, cfg_progress=False)
 
-
-def _mutate(d, fn):
-    for i, f in enumerate(sorted(os.listdir(d))):
-        p = os.path.join(d, f)
-        ds = pydicom.dcmread(p)
-        fn(ds, i)
-        ds.save_as(p)
 
 
 def _outcomes(d, fast=True):
@@ -63,7 +56,7 @@ def _outcomes(d, fast=True):
 def test_pixel_geometry_mismatch_fails_the_series(tmp_path, tag, delta, fast):
     d = str(tmp_path / "s")
     write_series(d, head_phantom(SHAPE), shuffle=False)
-    _mutate(d, lambda ds, i: setattr(ds, tag, getattr(ds, tag) + delta))
+    mutate_series(d, lambda ds, i: setattr(ds, tag, getattr(ds, tag) + delta))
     got = _outcomes(d, fast)
     assert got and all(r.startswith("pixel data length does not match") for r, _ in got), got
 
@@ -76,7 +69,7 @@ def test_pixel_geometry_mismatch_names_the_offending_file(tmp_path):
     def shear(ds, i):
         if i == 0:
             ds.Columns = ds.Columns - 1
-    _mutate(d, shear)
+    mutate_series(d, shear)
     got = sorted(_outcomes(d))
     assert ("ok", None) in got
     assert ("pixel data length does not match Rows x Columns x frames x samples x bits", bad) in got, got
@@ -86,7 +79,7 @@ def test_pixel_geometry_mismatch_in_preprocess(tmp_path):
     inp = tmp_path / "in"
     write_series(str(inp / "good"), head_phantom(SHAPE))
     write_series(str(inp / "sheared"), head_phantom(SHAPE, 1), shuffle=False)
-    _mutate(str(inp / "sheared"), lambda ds, i: setattr(ds, "Columns", ds.Columns - 1))
+    mutate_series(str(inp / "sheared"), lambda ds, i: setattr(ds, "Columns", ds.Columns - 1))
     man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
     assert man["summary"]["volumes"] == 1
     assert any(r.startswith("pixel data length does not match") for r in man["summary"]["series_failed"])
@@ -377,7 +370,7 @@ def test_log_names_the_offending_file_and_skipped_series(tmp_path, capsys):
     write_series(str(inp / "good"), head_phantom(SHAPE))
     _, _, p = write_series(str(inp / "conflict"), head_phantom(SHAPE, 1), shuffle=False)
     ipp = list(pydicom.dcmread(p[2]).ImagePositionPatient)
-    _mutate(str(inp / "conflict"), lambda ds, i: setattr(ds, "ImagePositionPatient", ipp) if i == 3 else None)
+    mutate_series(str(inp / "conflict"), lambda ds, i: setattr(ds, "ImagePositionPatient", ipp) if i == 3 else None)
     _, _, p = write_series(str(inp / "gap"), head_phantom(SHAPE, 2), shuffle=False)
     for q in p[3:6]:
         os.remove(q)
@@ -401,7 +394,7 @@ def test_silent_repairs_become_warnings_and_tiny_volumes_fail(tmp_path, capsys):
     _, _, p = write_series(str(inp / "gap"), head_phantom(big), shuffle=False, step=(0, 0, 3.0), ps=(1.0, 1.0))
     os.remove(p[7])  # one slice missing from a 3 mm series: a 6 mm gap, interpolated
     _, _, p = write_series(str(inp / "mixed"), head_phantom(big, 1), shuffle=False, step=(0, 0, 3.0), ps=(1.0, 1.0))
-    _mutate(str(inp / "mixed"), lambda ds, i: setattr(ds, "PixelSpacing", [0.5, 0.5]) if i % 4 == 3 else None)
+    mutate_series(str(inp / "mixed"), lambda ds, i: setattr(ds, "PixelSpacing", [0.5, 0.5]) if i % 4 == 3 else None)
     write_series(str(inp / "tiny"), head_phantom((8, 16, 16), 2))
     nd = inp / "nii"
     os.makedirs(nd)

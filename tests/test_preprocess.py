@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from dicom_synth import FAKE_PHI, head_phantom, write_enhanced, write_series  # noqa: E402
+from dicom_synth import FAKE_PHI, head_phantom, mutate_series, write_enhanced, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
 from nvfm.data import ShardReader  # noqa: E402
@@ -35,14 +35,6 @@ def _ct(seed=0):
 def _mr(seed=0):
     return np.clip(head_phantom(SHAPE, seed) + 1000, 0, None)
 
-
-def _mutate(d, fn):
-    """Apply fn(ds, index) to every file of a written series (sorted names) and save."""
-    for i, f in enumerate(sorted(os.listdir(d))):
-        p = os.path.join(d, f)
-        ds = pydicom.dcmread(p)
-        fn(ds, i)
-        ds.save_as(p)
 
 
 def build_corpus(root):
@@ -90,27 +82,27 @@ def build_corpus(root):
     with open(os.path.join(bad, "random.bin"), "wb") as f:
         f.write(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     _, _, p = series("bad/no_pixels", _ct())
-    _mutate(os.path.join(root, "bad/no_pixels"), lambda ds, i: ds.__delattr__("PixelData"))
+    mutate_series(os.path.join(root, "bad/no_pixels"), lambda ds, i: ds.__delattr__("PixelData"))
 
     def conflict(ds, i):
         if i == 1:
             ds.ImagePositionPatient = list(pydicom.dcmread(p0[0]).ImagePositionPatient)
     _, _, p0 = series("bad/conflict", _ct())
     p0 = sorted(p0)
-    _mutate(os.path.join(root, "bad/conflict"), conflict)
+    mutate_series(os.path.join(root, "bad/conflict"), conflict)
     series("bad/single", _ct()[:1])
     series("bad/two", _ct()[:2])
     series("bad/no_ipp", _ct())
-    _mutate(os.path.join(root, "bad/no_ipp"), lambda ds, i: ds.__delattr__("ImagePositionPatient"))
+    mutate_series(os.path.join(root, "bad/no_ipp"), lambda ds, i: ds.__delattr__("ImagePositionPatient"))
     series("bad/no_spacing", _ct())
-    _mutate(os.path.join(root, "bad/no_spacing"), lambda ds, i: ds.__delattr__("PixelSpacing"))
+    mutate_series(os.path.join(root, "bad/no_spacing"), lambda ds, i: ds.__delattr__("PixelSpacing"))
     series("bad/absurd_spacing", _ct(), ps=(50.0, 50.0))
     _, _, p = series("bad/gap", _ct())
     for q in sorted(p, key=lambda q: float(pydicom.dcmread(q).ImagePositionPatient[2]))[3:5]:
         os.remove(q)  # two missing slices in the middle: a 15 mm gap
     series("bad/tilt60", _ct(), step=(0, 5 * np.tan(np.radians(60)), 5.0))
     series("bad/not_orthonormal", _ct(), r=(1, 0, 0), c=(0.5, 1, 0))  # writer normalises; fix below
-    _mutate(os.path.join(root, "bad/not_orthonormal"),
+    mutate_series(os.path.join(root, "bad/not_orthonormal"),
             lambda ds, i: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 0.5, 0.8, 0]))
     series("bad/constant", np.zeros(SHAPE), modality="MR", intercept=0.0)
     series("bad/mpeg2", _ct())
@@ -119,9 +111,9 @@ def build_corpus(root):
         ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData])
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
-    _mutate(os.path.join(root, "bad/mpeg2"), mpeg)
+    mutate_series(os.path.join(root, "bad/mpeg2"), mpeg)
     series("bad/no_study_uid", _ct()[:3])
-    _mutate(os.path.join(root, "bad/no_study_uid"), lambda ds, i: ds.__delattr__("StudyInstanceUID"))
+    mutate_series(os.path.join(root, "bad/no_study_uid"), lambda ds, i: ds.__delattr__("StudyInstanceUID"))
     shutil.copy(get_testdata_file("US1_UNCR.dcm"), os.path.join(bad, "us.dcm"))
     shutil.copy(get_testdata_file("SC_rgb.dcm"), os.path.join(bad, "sc_rgb.dcm"))
     shutil.copy(get_testdata_file("emri_small.dcm"), os.path.join(bad, "emri_no_geometry.dcm"))
