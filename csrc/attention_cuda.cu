@@ -657,9 +657,13 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(VarlenAttn
   tc_store_rows<T, D>(dv, gv, 1.0f, k0 + r0, nr, a.H, h, warp, lane);
 }
 
-template <typename T, int D>
-cudaError_t bwd_tc(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
-                   void* dq, void* dk, void* dv, cudaStream_t stream) {
+// The backward's launch sequence, the same for the FMA and the tensor-core kernels: dvec = rowsum(dO * O)
+// by warps, then dQ over query tiles and dK/dV over key tiles of `rows` rows, `threads` threads and
+// `smem` bytes of dynamic shared memory each.
+template <typename T, int D, typename DqKernel, typename DkdvKernel>
+cudaError_t launch_bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
+                       void* dq, void* dk, void* dv, cudaStream_t stream, DqKernel dq_kernel,
+                       DkdvKernel dkdv_kernel, int rows, int threads, size_t smem) {
   if (a.B == 0 || a.total_q == 0 || a.total_k == 0) return cudaSuccess;
   const T* dO = static_cast<const T*>(dout);
   const int64_t warps = a.total_q * a.H;
@@ -668,24 +672,30 @@ cudaError_t bwd_tc(const VarlenAttnArgs& a, const void* dout, const void* out, c
   NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, attn_bwd_dvec_kernel<T, D>)(a, dO, static_cast<const T*>(out), dvec);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const size_t smem = (size_t)(2 * kTcRows + 4 * kTcCols) * (D + 8) * sizeof(T);
-  err = cudaFuncSetAttribute(attn_bwd_dq_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  err = cudaFuncSetAttribute(dq_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(attn_bwd_dkdv_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  err = cudaFuncSetAttribute(dkdv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   if (a.max_q > 0) {
-    const dim3 grid((a.max_q + kTcRows - 1) / kTcRows, a.H, a.B);
-    NVFM_LAUNCH(grid, kTcThreads, smem, stream, attn_bwd_dq_tc_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dq));
+    const dim3 grid((a.max_q + rows - 1) / rows, a.H, a.B);
+    NVFM_LAUNCH(grid, threads, smem, stream, dq_kernel)(a, dO, lse, dvec, static_cast<T*>(dq));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (a.max_k > 0) {
-    const dim3 grid((a.max_k + kTcRows - 1) / kTcRows, a.H, a.B);
-    NVFM_LAUNCH(grid, kTcThreads, smem, stream, attn_bwd_dkdv_tc_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dk),
-                                                                               static_cast<T*>(dv));
+    const dim3 grid((a.max_k + rows - 1) / rows, a.H, a.B);
+    NVFM_LAUNCH(grid, threads, smem, stream, dkdv_kernel)(a, dO, lse, dvec, static_cast<T*>(dk), static_cast<T*>(dv));
     err = cudaGetLastError();
   }
   return err;
+}
+
+template <typename T, int D>
+cudaError_t bwd_tc(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec,
+                   void* dq, void* dk, void* dv, cudaStream_t stream) {
+  const size_t smem = (size_t)(2 * kTcRows + 4 * kTcCols) * (D + 8) * sizeof(T);
+  return launch_bwd<T, D>(a, dout, out, lse, dvec, dq, dk, dv, stream, attn_bwd_dq_tc_kernel<T, D>,
+                          attn_bwd_dkdv_tc_kernel<T, D>, kTcRows, kTcThreads, smem);
 }
 
 template <int D>
@@ -707,32 +717,8 @@ cudaError_t fwd(const VarlenAttnArgs& a, void* out, float* lse, cudaStream_t str
 template <typename T, int D>
 cudaError_t bwd(const VarlenAttnArgs& a, const void* dout, const void* out, const float* lse, float* dvec, void* dq,
                 void* dk, void* dv, cudaStream_t stream) {
-  if (a.B == 0 || a.total_q == 0 || a.total_k == 0) return cudaSuccess;
-  const T* dO = static_cast<const T*>(dout);
-  const int64_t warps = a.total_q * a.H;
-  int64_t blocks = (warps * 32 + 255) / 256;
-  if (blocks > 65535 * 8) blocks = 65535 * 8;
-  NVFM_LAUNCH((unsigned)blocks, 256, 0, stream, attn_bwd_dvec_kernel<T, D>)(a, dO, static_cast<const T*>(out), dvec);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const size_t smem = tile_bytes<D>(4);
-  err = cudaFuncSetAttribute(attn_bwd_dq_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(attn_bwd_dkdv_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  if (a.max_q > 0) {
-    const dim3 grid((a.max_q + kRows - 1) / kRows, a.H, a.B);
-    NVFM_LAUNCH(grid, kThreads, smem, stream, attn_bwd_dq_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dq));
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (a.max_k > 0) {
-    const dim3 grid((a.max_k + kRows - 1) / kRows, a.H, a.B);
-    NVFM_LAUNCH(grid, kThreads, smem, stream, attn_bwd_dkdv_kernel<T, D>)(a, dO, lse, dvec, static_cast<T*>(dk),
-                                                                 static_cast<T*>(dv));
-    err = cudaGetLastError();
-  }
-  return err;
+  return launch_bwd<T, D>(a, dout, out, lse, dvec, dq, dk, dv, stream, attn_bwd_dq_kernel<T, D>,
+                          attn_bwd_dkdv_kernel<T, D>, kRows, kThreads, tile_bytes<D>(4));
 }
 
 // Dispatch on (dtype, head dim) at run time to the templates.
