@@ -35,7 +35,8 @@ import zlib
 import numpy as np
 import torch
 
-WINDOW_NAMES = ["mr", "brain", "blood", "bone"]
+from nvfm.model import WINDOWS  # window names, in the normalisation order
+
 NEG_KEEP = 0.1  # share of lesion-free tokens kept for the token probe
 
 
@@ -119,8 +120,8 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
                 continue
             rng = np.random.default_rng(zlib.crc32(f"{key}/{e['volume_id']}/{e['window']}/{seed}".encode()))
             keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < NEG_KEEP))
-            onehot = np.zeros((int(keep.sum()), len(WINDOW_NAMES)), np.float32)
-            onehot[:, WINDOW_NAMES.index(e["window"])] = 1
+            onehot = np.zeros((int(keep.sum()), len(WINDOWS)), np.float32)
+            onehot[:, WINDOWS.index(e["window"])] = 1
             X.append(np.concatenate([np.asarray(e["emb"])[keep].astype(np.float32), onehot], 1))
             Y.append(y[keep])
             S.append(np.full(int(keep.sum()), zlib.crc32(key.encode())))
@@ -151,7 +152,7 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
 def pooled_study(ents, dim):
     """Per-window mean and std of a study's token features -> (2 * 4 * dim,) (zeros for absent windows)."""
     out = []
-    for w in WINDOW_NAMES:
+    for w in WINDOWS:
         es = [np.asarray(e["emb"], np.float32) for e in ents if e["window"] == w]
         a = np.concatenate(es) if es else np.zeros((1, dim), np.float32)
         out += [a.mean(0), a.std(0)]
