@@ -20,7 +20,7 @@ comment, grouped as in the script (read from the script's source), then exits 0.
 Called from a script (argv=None), a user error (unknown key, wrong type, missing config
 file) exits with status 1 and one line on stderr naming the key and its closest matches;
 a FileNotFoundError that escapes the script is also one line (NVFM_TRACEBACK=1 shows the
-traceback). `fail` and `require_path` give scripts the same one-line errors for their inputs.
+traceback). Any other uncaught exception is a bug: its traceback, then exit status 2. `fail` and `require_path` give scripts the same one-line errors for their inputs.
 Called with an explicit argv (tests, libraries), errors raise ConfigError.
 """
 import ast
@@ -198,16 +198,29 @@ def config_dict(g):
 
 
 # ----------------------------------------------------------------------------- errors of a script run
+BUG_EXIT_STATUS = 2  # an uncaught exception that is not a user error
 _USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 
 def _excepthook(etype, value, tb):
-    if issubclass(etype, _USER_OS_ERRORS) and not os.environ.get("NVFM_TRACEBACK"):
+    """Exit status 0 success, 1 user error, 2 bug: a missing input file is one line and status 1
+    (its traceback with NVFM_TRACEBACK=1); any other uncaught exception is a bug: its traceback,
+    then status 2. Ctrl-C keeps Python's own handling."""
+    user = issubclass(etype, _USER_OS_ERRORS)
+    if user and not os.environ.get("NVFM_TRACEBACK"):
         what = value.strerror or str(value)
         name = f": {value.filename}" if value.filename else ""
         print(f"{_prog()}: error: {what}{name} (NVFM_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return
     sys.__excepthook__(etype, value, tb)
+    if user or issubclass(etype, KeyboardInterrupt):
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream must not hide the exit status
+            pass
+    raise SystemExit(BUG_EXIT_STATUS)
 
 
 def _install_excepthook():

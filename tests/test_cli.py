@@ -1,6 +1,7 @@
 """A newcomer's command lines (issue 24): every stage script answers --help and -h with its
 docstring and each setting's default and comment, and the usual wrong invocations end in one
-line on stderr and exit status 1, with nothing written to the output folder."""
+line on stderr and exit status 1, with nothing written to the output folder; an uncaught exception
+that is not a user error (a bug) exits with status 2 after its traceback."""
 import os
 import re
 import subprocess
@@ -131,3 +132,47 @@ def test_train_probe_warns_when_labels_cover_few_classes(tmp_path):
     assert re.search(r"warning: .*labels.csv has only 1 of the \d+ CT ontology classes", r.stdout), r.stdout
     r = run("train_probe.py", *args, "--label_names=intraparenchymal_hemorrhage", f"--out={tmp_path / 'q'}", cwd=tmp_path)
     assert r.returncode == 0 and "warning: " not in r.stdout, r.stdout + r.stderr
+
+
+EXIT_SCRIPT = '''"""A script that ends as --end says."""
+end = "ok"  # ok | fail | missing | bug | exit3
+from nvfm.configurator import configure, fail
+configure(globals())
+print("work done so far", end="")  # unflushed: must still reach stdout before the exit
+if end == "fail":
+    fail("a user error")
+elif end == "missing":
+    open("no_such_input.csv")
+elif end == "bug":
+    {}["no such key"]
+elif end == "exit3":
+    raise SystemExit(3)
+'''
+
+
+@pytest.mark.parametrize("args, env, status, stderr_words", [
+    ([], {}, 0, []),
+    (["--end=fail"], {}, 1, ["exit_script.py: error: a user error"]),
+    (["--edn=fail"], {}, 1, ["unknown config key 'edn'", "--end?"]),
+    (["--end=missing"], {}, 1, ["exit_script.py: error:", "no_such_input.csv"]),
+    (["--end=missing"], {"NVFM_TRACEBACK": "1"}, 1, ["Traceback", "FileNotFoundError", "no_such_input.csv"]),
+    (["--end=bug"], {}, 2, ["Traceback", "KeyError: 'no such key'"]),
+    (["--end=exit3"], {}, 3, []),
+])
+def test_exit_status_tells_user_errors_from_bugs(tmp_path, args, env, status, stderr_words):
+    """0 success, 1 user error (one line unless NVFM_TRACEBACK=1), 2 for an uncaught exception that
+    is a bug (after its traceback and whatever the script printed); a script's own SystemExit keeps
+    its status."""
+    (tmp_path / "exit_script.py").write_text(EXIT_SCRIPT)
+    full_env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", **env)
+    if "NVFM_TRACEBACK" not in env:
+        full_env.pop("NVFM_TRACEBACK", None)
+    r = subprocess.run([sys.executable, "exit_script.py", *args], cwd=tmp_path, env=full_env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == status, (r.returncode, r.stderr)
+    assert all(w in r.stderr for w in stderr_words), r.stderr
+    assert "Error in sys.excepthook" not in r.stderr, r.stderr
+    if status == 1 and "NVFM_TRACEBACK" not in env:
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    if "edn" not in " ".join(args):
+        assert r.stdout.endswith("work done so far"), r.stdout
