@@ -14,6 +14,9 @@ Resume: a killed run restarted with the same command skips every committed study
 nvfm/data.py) and the final output is byte-identical to an uninterrupted run; a rerun of a
 complete output does nothing. Studies already done are not re-read, so edits to their
 files are not picked up (write to a new --output). Headers are re-scanned on every start.
+Every study of an output shares one --preset, min_fg_fraction, salt and shard format: they
+are recorded in parts/settings.json before any part is written (and in each done_i_of_N.json
+and the manifest), and a resumed run or array job with other settings is refused in one line.
 Cluster array jobs: `--shard=i/N` processes the studies whose key hash is i mod N (every
 job scans all headers, which is cheap next to pixel decoding, and keeps only its own);
 each job writes parts/done_i_of_N.json when finished, and the job that finds all N done
@@ -440,7 +443,7 @@ def print_summary(s):
 
 
 def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, shard_spec="0/1", salt_value="",
-        cfg_min_slices=3, cfg_min_fg=0.5, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True,
+        cfg_min_slices=3, cfg_min_fg=-1.0, cfg_shard_gb=4.0, cfg_fsync=True, cfg_log_paths=True, cfg_progress=True,
         cfg_label_columns="", cfg_min_tokens=1, cfg_preset="nvfm"):
     """The whole stage; returns the manifest dict (or None when other array jobs are pending)."""
     if cfg_preset not in PRESETS:
@@ -478,6 +481,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         if old.get("preset", "nvfm") != cfg_preset:
             raise SystemExit(f"preprocess: {output_dir} was written with --preset={old.get('preset', 'nvfm')}; "
                              "use the same preset or a new --output")
+    settings = run_settings(cfg_preset, cfg_min_fg, salt_id)
+    check_settings(output_dir, settings)  # parts of a killed run or of other array jobs
     splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log)
 
     # 1. list files, scan headers, group files into studies as the headers come in
@@ -543,7 +548,9 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     log(f"{len(files)} files, {len(all_keys)} studies ({len(mine)} in shard {si}/{sn}), "
         f"{len(mine) - len(todo)} already done, {len(todo)} to process")
 
-    # 2. process studies
+    # 2. process studies (parts are written only under the settings recorded in parts/settings.json)
+    if todo or not os.path.exists(man_path) or glob.glob(os.path.join(output_dir, "parts", "*.jsonl")):
+        claim_settings(output_dir, settings)
     cfg = dict(salt=s, min_slices=cfg_min_slices, min_fg_fraction=cfg_min_fg, fsync=cfg_fsync,
                min_tokens=cfg_min_tokens, preset=cfg_preset)
     run_id = len([p for p in os.listdir(os.path.join(output_dir, "parts"))]) if os.path.isdir(
@@ -587,7 +594,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     parts = os.path.join(output_dir, "parts")
     os.makedirs(parts, exist_ok=True)
     shards._write_atomic(os.path.join(parts, f"done_{si}_of_{sn}.json"),
-                         json.dumps({"studies": mine, "file_failures": file_failures}))
+                         json.dumps({"studies": mine, "file_failures": file_failures, "settings": settings}))
     done_files = [os.path.join(parts, f"done_{i}_of_{sn}.json") for i in range(sn)]
     if not all(os.path.exists(p) for p in done_files):
         log(f"shard {si}/{sn} finished; waiting for the other array jobs before merging")
@@ -599,7 +606,9 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         all_file_failures = []
         for p in done_files:
             with open(p) as f:
-                all_file_failures += json.load(f)["file_failures"]
+                d = json.load(f)
+            _settings_conflict(output_dir, d.get("settings", settings), settings, "parts/" + os.path.basename(p))
+            all_file_failures += d["file_failures"]
         if os.path.exists(man_path):  # earlier merged runs' file failures are recomputed above
             pass
         done = shards.read_done(output_dir)
@@ -619,6 +628,72 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     print_summary(summary)
     _require_volumes(manifest)
     return manifest
+
+
+# ------------------------------------------------------------------ run settings
+
+
+SETTINGS_FILE = "settings.json"  # OUTPUT/parts/settings.json: what the unfinished parts were written with
+
+
+def run_settings(preset_name, min_fg, salt_id):
+    """What every study of one output must share (the manifest records one value of each):
+    voxel rules (--preset), token rule (min_fg_fraction), salt (study keys) and the shard
+    format version."""
+    return {"preset": preset_name, "min_fg_fraction": float(min_fg), "salt_id": salt_id,
+            "format": shards.VERSION}
+
+
+def _settings_text(st):
+    return f"--preset={st.get('preset', 'nvfm')} min_fg_fraction={st.get('min_fg_fraction')}"
+
+
+def _settings_conflict(output_dir, theirs, mine, where):
+    """One-line SystemExit naming what differs, or None when `theirs` matches `mine`."""
+    diff = [k for k in ("preset", "min_fg_fraction", "salt_id", "format") if k in theirs and theirs[k] != mine[k]]
+    if not diff:
+        return
+    if diff == ["salt_id"]:
+        what = "another salt"
+    elif diff == ["format"]:
+        what = f"shard format {theirs['format']} (this version writes {mine['format']})"
+    else:
+        what = _settings_text(theirs)
+    raise SystemExit(f"preprocess: {output_dir} holds unfinished work ({where}) written with {what}; this run has "
+                     f"{_settings_text(mine) if diff != ['salt_id'] else 'another salt'}: resume it with the same "
+                     "settings, or use a new --output (studies of mixed settings are never merged)")
+
+
+def check_settings(output_dir, mine):
+    """Refuse a resumed run or array job whose settings differ from those the unfinished
+    parts were written with (read only: nothing is created)."""
+    path = os.path.join(output_dir, "parts", SETTINGS_FILE)
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        raise SystemExit(f"preprocess: {path} is unreadable: remove {os.path.join(output_dir, 'parts')} "
+                         "(unfinished work) or use a new --output")
+    _settings_conflict(output_dir, theirs, mine, "parts/" + SETTINGS_FILE)
+
+
+def claim_settings(output_dir, mine):
+    """Record this run's settings as OUTPUT/parts/settings.json before any part is written
+    (atomically: of array jobs starting together, one writes it and the others compare), or
+    check them against the recorded ones."""
+    parts = os.path.join(output_dir, "parts")
+    os.makedirs(parts, exist_ok=True)
+    path = os.path.join(parts, SETTINGS_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    shards._write_atomic(tmp, json.dumps(mine, sort_keys=True))
+    try:
+        os.link(tmp, path)  # fails when another job (or an earlier run) recorded its settings
+    except FileExistsError:
+        check_settings(output_dir, mine)
+    finally:
+        os.remove(tmp)
 
 
 def _require_volumes(manifest):

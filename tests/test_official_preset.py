@@ -135,3 +135,59 @@ def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
     assert "preset" not in man2 and man2["min_fg_fraction"] == 0.5
     with open(os.path.join(tmp_path / "nvfm", "manifest.json")) as f:
         assert "preset" not in json.load(f)
+
+
+def _interrupt_before_merge(monkeypatch):
+    """A run that commits its studies to parts/ and is then killed (Ctrl-C) before the merge."""
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(preprocess, "acquire_merge_lock", boom)
+
+
+def test_resume_with_another_preset_is_refused(inputs, tmp_path, monkeypatch):
+    out = str(tmp_path / "shards")
+    with monkeypatch.context() as m:
+        _interrupt_before_merge(m)
+        with pytest.raises(KeyboardInterrupt):
+            preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    with open(os.path.join(out, "parts", "settings.json")) as f:
+        assert json.load(f)["preset"] == "neurovfm"
+    parts_before = sorted(os.listdir(os.path.join(out, "parts")))
+    for kw, msg in ((dict(cfg_preset="nvfm"), "written with --preset=neurovfm min_fg_fraction=1.0; this run has "
+                                              "--preset=nvfm"),
+                    (dict(cfg_preset="neurovfm", cfg_min_fg=0.5), "this run has --preset=neurovfm min_fg_fraction=0.5"),
+                    (dict(cfg_preset="neurovfm", salt_value="other"), "another salt")):
+        with pytest.raises(SystemExit, match=msg) as e:
+            preprocess.run(inputs, out, n_workers=0, cfg_progress=False, **kw)
+        assert "\n" not in str(e.value) and out in str(e.value)
+        assert sorted(os.listdir(os.path.join(out, "parts"))) == parts_before  # nothing written
+    # the same settings resume, and the result is that of an uninterrupted run
+    man = preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    ref = preprocess.run(inputs, str(tmp_path / "ref"), n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    assert man["volumes"] == ref["volumes"] and not os.path.exists(os.path.join(out, "parts"))
+
+
+def test_array_jobs_with_mixed_presets_are_refused(inputs, tmp_path):
+    out = str(tmp_path / "shards")
+    assert preprocess.run(inputs, out, n_workers=0, shard_spec="0/2", cfg_progress=False,
+                          cfg_preset="neurovfm") is None
+    with pytest.raises(SystemExit, match="written with --preset=neurovfm"):
+        preprocess.run(inputs, out, n_workers=0, shard_spec="1/2", cfg_progress=False)
+    # a done marker of other settings (a job that raced past the check, or an older version's
+    # settings file removed) is caught when the last job merges
+    done0 = os.path.join(out, "parts", "done_0_of_2.json")
+    with open(done0) as f:
+        d = json.load(f)
+    assert d["settings"]["preset"] == "neurovfm"
+    d["settings"]["preset"] = "nvfm"
+    with open(done0, "w") as f:
+        json.dump(d, f)
+    with pytest.raises(SystemExit, match=r"parts/done_0_of_2.json\) written with --preset=nvfm"):
+        preprocess.run(inputs, out, n_workers=0, shard_spec="1/2", cfg_progress=False, cfg_preset="neurovfm")
+    assert not os.path.exists(os.path.join(out, "merge.lock")) and not os.path.exists(os.path.join(out, "manifest.json"))
+    d["settings"]["preset"] = "neurovfm"
+    with open(done0, "w") as f:
+        json.dump(d, f)
+    man = preprocess.run(inputs, out, n_workers=0, shard_spec="1/2", cfg_progress=False, cfg_preset="neurovfm")
+    assert man["preset"] == "neurovfm" and man["volumes"]
