@@ -8,14 +8,20 @@ table, and PNG plots (SPEC section 4).
 Per probe: per-class AUROC, sensitivity, specificity, balanced accuracy at the thresholds
 chosen on validation, 95% CIs from a study-level bootstrap (`n_boot` replicates), macro
 averages over defined classes (classes with no test positives are listed as undefined),
-Platt-calibrated F1 and the label-efficiency OLS fit (F1 vs log10 training positives); for
-age probes MAE and RMSE. The first probe may also be grounded (`cohort`: pointing game
+Platt-calibrated F1 and the label-efficiency OLS fit (F1 vs log10 training positives), AUPRC
+and PR lift (AUPRC / prevalence) with CIs; for age probes MAE, RMSE, Pearson r and mean bias
+with CIs. A probe with the classes `ich`, `bleed_left`, `bleed_right` (CQ500) also gets the side
+accuracy given correct detection (`laterality`).
+Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
+scores a probe unchanged on every study of another dataset's --labels (external transfer);
+paper_table.md has one row per task and figure and one column per probe name;
+`merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table. The first probe may also be grounded (`cohort`: pointing game
 against the demo lesion masks, NIfTI attention overlays) and flip-tested (`flip_test`:
 re-encodes the test volumes mirrored left-right with the probe's encoder, `shards` needed).
 `reports`: a generated-reports JSONL scored by nvfm.report_metrics.evaluate_reports.
 
-Outputs in `out`: metrics.json, table.txt, roc_<probe>.png, label_efficiency_<probe>.png,
-grounding/*.nii.gz.
+Outputs in `out`: metrics.json, table.txt, paper_table.md, roc_<probe>.png, pr_<probe>.png,
+label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.nii.gz.
 """
 import json
 import os
@@ -43,6 +49,10 @@ encoder = ""           # encoder for the flip test ("" = the one recorded in the
 overlays = 3           # write NIfTI attention overlays for this many positive test studies
 reports = ""           # generated reports JSONL -> nvfm.report_metrics.evaluate_reports
 plots = True
+external = False       # score every --labels study of the probe's eval modality (a probe trained on another dataset)
+laterality = "ich:bleed_left:bleed_right"  # detect:left:right classes for side accuracy given detection ("" = off)
+task_name = ""         # row label of this run in paper_table.md ("" = the --labels file name)
+merge = ""             # comma-separated metrics.json of earlier runs: write one paper_table.md of all, nothing else
 device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0            # CPU threads (0 = PyTorch default; 1-2 is fastest for small probes)
 # -----------------------------------------------------------------------------
@@ -79,13 +89,18 @@ def evaluate_probe(path, display, rows_by_key, sides):
     wins = set(ck["windows"].split(",")) if ck["windows"] else None
     lab = ck["label_names"]
     mod = ck["eval_modality"]
-    if "test_keys" in ck:
+    if external:   # another dataset: every labelled study counts, its splits mean nothing to this probe
+        keys = [k for k, r in rows_by_key.items() if mod == "all" or r["modality"] == mod]
+    elif "test_keys" in ck:
         keys = list(ck["test_keys"])
     else:
         keys = [k for k, r in rows_by_key.items() if r["split"] == split and (mod == "all" or r["modality"] == mod)]
     if ck["task"] == "age":
         keys = [k for k in keys if rows_by_key[k]["age"] is not None]
     missing = [k for k in keys if k not in cache]
+    if missing and "test_keys" in ck and not external and len(missing) == len(keys):
+        raise SystemExit(f"evaluate.py: none of the probe's {len(keys)} held-out test studies is in {labels} or the "
+                         f"feature cache {cache.path}: wrong --labels, or --external=True for another dataset")
     if missing:
         raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "
                          f"(first: {missing[:3]}); run encode.py on the {split} split")
@@ -103,11 +118,12 @@ def evaluate_probe(path, display, rows_by_key, sides):
     res = {"probe": path, "kind": ck["probe_args"]["kind"], "task": ck["task"], "protocol": ck["protocol"],
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
            "encoder_hash": ck["encoder_hash"]}
+    res["external"] = bool(external)
     if ck["task"] == "age":
         pred = logits[:, 0] * ck["age_sd"] + ck["age_mu"]
         age = np.array([rows_by_key[k]["age"] for k in keys])
-        res.update(mae=metrics.mae(age, pred), rmse=metrics.rmse(age, pred))
-        return res, None
+        res.update(metrics.regression_report(age, pred, n_boot=n_boot, seed=seed))
+        return res, dict(task="age", keys=keys, age=age, pred=pred, ck=ck, display=display)
     y = np.array([[(int(n.split("_")[1] in sides.get(k, ())) if n in P.SIDE_CLASSES else rows_by_key[k]["y"][n])
                    for n in lab] for k in keys], dtype=np.float64)
     thr = np.array(ck["thresholds"])
@@ -115,8 +131,22 @@ def evaluate_probe(path, display, rows_by_key, sides):
                                         progress=n_boot >= 1000)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
     metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"])   # classes without test positives left out
+    pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed)
+    for k, name in enumerate(lab):
+        row = rep["per_class"][name]
+        for m in ("auprc", "pr_lift"):
+            row[m] = metrics.jsonable(pr[m][k])
+            if n_boot:
+                row[m + "_ci"] = metrics.jsonable([pr[m + "_low"][k], pr[m + "_high"][k]])
+    rep["macro"]["auprc"] = dict(zip(("mean", "n_classes"), metrics.macro(np.where(metrics.defined_classes(y),
+                                                                                     pr["auprc"], np.nan))))
+    lat = laterality.split(":") if laterality else []
+    if len(lat) == 3 and all(n in lab for n in lat):
+        d, le, ri = (lab.index(n) for n in lat)
+        rep["laterality"] = metrics.laterality_report(y[:, d], logits[:, d], thr[d], y[:, le], y[:, ri],
+                                                      logits[:, le], logits[:, ri], n_boot=n_boot, seed=seed)
     res.update(rep)
-    return res, dict(keys=keys, y=y, logits=logits, ck=ck, models=models, cache=cache, wins=wins, display=display)
+    return res, dict(task="classify", keys=keys, y=y, logits=logits, ck=ck, models=models, cache=cache, wins=wins, display=display)
 
 
 def fmt(v, nd=3):
@@ -158,7 +188,9 @@ def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
              f"{res['n_studies']} studies, {res['n_models']} model(s))"]
     if res["task"] == "age":
-        lines.append(f"   age: MAE {res['mae']:.2f} years, RMSE {res['rmse']:.2f} years")
+        lines.append(f"   age: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} years, RMSE "
+                     f"{fmt_ci(res['rmse'], res.get('rmse_ci'), 2)} years, Pearson r "
+                     f"{fmt_ci(res['pearson_r'], res.get('pearson_r_ci'), 3)}, bias {fmt_ci(res['bias'], res.get('bias_ci'), 2)}")
         return "\n".join(lines)
     # fixed widths that fit "undefined" and "0.831 [0.702, 0.915]": columns stay aligned
     lines.append(f"   {'class':<38} {'pos':>5} {'AUROC [95% CI]':>22} {'sens [95% CI]':>19} {'spec [95% CI]':>19} "
@@ -176,6 +208,16 @@ def table(res):
                  f"{fmt(m['balanced_accuracy']['mean'])}; calibrated F1 {fmt(m['calibrated_f1']['mean'])} over "
                  f"{m['calibrated_f1']['n_classes']} classes with test positives; "
                  f"{len(res['undefined_classes'])} undefined classes")
+    pr_line = ("   AUPRC / PR lift (AUPRC / prevalence): " + "; ".join(
+        f"{n} {fmt_ci(r['auprc'], r.get('auprc_ci'), 3)} / {fmt_ci(r['pr_lift'], r.get('pr_lift_ci'), 2)}"
+        for n, r in res["per_class"].items() if r["auroc"] is not None)) if any(
+        "auprc" in r for r in res["per_class"].values()) else None
+    if pr_line:
+        lines.append(pr_line)
+    if "laterality" in res:
+        la = res["laterality"]
+        lines.append(f"   side accuracy given detection: {fmt_ci(la['accuracy'], la.get('accuracy_ci'), 3)} over {la['n']} "
+                     f"detected one-sided studies ({la['n_detected']} of {la['n_positive']} positives detected)")
     le = res["label_efficiency"]
     if le["slope"] is not None:
         lines.append(f"   label efficiency: F1 = {le['intercept']:.3f} + {le['slope']:.3f} log10(train positives), "
@@ -247,7 +289,122 @@ def plot(res, data):
     return paths
 
 
+def paper_rows(results, task):
+    """The paper-style table's rows for one run: [(row label, {probe name: cell})], cells
+    '0.831 [0.702, 0.915]'. Classification: AUROC per defined class (and the macro mean over
+    several), PR lift per class, side accuracy; age: MAE, RMSE (years) and Pearson r."""
+    rows = {}
+
+    def put(label, col, value, ci, nd):
+        rows.setdefault(f"{task}: {label}", {})[col] = fmt_ci(value, ci, nd)
+    for col, r in results.items():
+        if col == "reports":
+            continue
+        ext = " (external)" if r.get("external") else ""
+        if r["task"] == "age":
+            put(f"age MAE, years{ext}", col, r["mae"], r.get("mae_ci"), 2)
+            put(f"age RMSE, years{ext}", col, r["rmse"], r.get("rmse_ci"), 2)
+            put(f"age Pearson r{ext}", col, r["pearson_r"], r.get("pearson_r_ci"), 3)
+            continue
+        defined = [n for n, c in r["per_class"].items() if c["auroc"] is not None]
+        if len(defined) > 1:
+            put(f"macro AUROC{ext}", col, r["macro"]["auroc"]["mean"], r["macro"]["auroc"].get("ci"), 3)
+        for n in defined:
+            put(f"{n} AUROC{ext}", col, r["per_class"][n]["auroc"], r["per_class"][n].get("auroc_ci"), 3)
+        for n in defined:
+            put(f"{n} PR lift{ext}", col, r["per_class"][n]["pr_lift"], r["per_class"][n].get("pr_lift_ci"), 2)
+        if "laterality" in r:
+            la = r["laterality"]
+            put(f"side accuracy given detection{ext}", col, la["accuracy"], la.get("accuracy_ci"), 3)
+    return [(k, v) for k, v in rows.items()]
+
+
+def write_paper_table(rows, path):
+    """Markdown table: one row per task and figure, one column per probe name (encoder)."""
+    cols = []
+    for _, cells in rows:
+        cols += [c for c in cells if c not in cols]
+    lines = ["| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines += ["| " + label + " | " + " | ".join(cells.get(c, "") for c in cols) + " |" for label, cells in rows]
+    with open(path, "w") as f:
+        f.write("95% CIs: study-level bootstrap of the held-out test set (or the whole external dataset).\n\n"
+                + "\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def merge_tables():
+    """--merge: one paper_table.md from the paper_rows of earlier runs' metrics.json."""
+    rows = []
+    for p in [p for p in merge.split(",") if p]:
+        require_path(p, "--merge", hint="a metrics.json written by evaluate.py")
+        with open(p) as f:
+            m = json.load(f)
+        if "paper_rows" not in m:
+            fail(f"--merge: {p} has no paper_rows (written by an older evaluate.py: rerun it)")
+        got = dict(rows)
+        for label, cells in m["paper_rows"]:
+            if label in got:   # the same task under another encoder: one row, more columns
+                got[label].update(cells)
+            else:
+                rows.append((label, dict(cells)))
+                got[label] = rows[-1][1]
+    os.makedirs(out, exist_ok=True)
+    print(write_paper_table(rows, os.path.join(out, "paper_table.md")))
+    print(f"wrote {out}/paper_table.md ({len(rows)} rows)")
+
+
+def plot_pr(res, data):
+    """PR curves (12 most frequent defined classes) with bootstrap 95% bands, prevalence lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+    tag = res["display"]
+    y, lg, lab = data["y"], data["logits"], data["ck"]["label_names"]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    order = sorted([k for k in range(len(lab)) if res["per_class"][lab[k]]["auroc"] is not None],
+                   key=lambda k: -y[:, k].sum())[:12]
+    for k in order:
+        r = res["per_class"][lab[k]]
+        prec, rec, _ = precision_recall_curve(y[:, k], lg[:, k])
+        line, = ax.step(rec, prec, where="post", lw=1.2, label=f"{lab[k][:24]} (AP {r['auprc']:.2f}, lift {r['pr_lift']:.1f})")
+        if n_boot:
+            grid, lo, hi, _ = metrics.pr_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed)
+            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+        ax.axhline(y[:, k].mean(), color=line.get_color(), ls=":", lw=0.8)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{tag}: precision-recall")
+    ax.legend(fontsize=7, loc="upper right", title_fontsize=7,
+              title="dotted: prevalence" + ("; bands: bootstrap 95% CI" if n_boot else ""))
+    fig.tight_layout()
+    path = os.path.join(out, f"pr_{tag}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_age(res, data):
+    """Brain-age scatter: predicted vs chronological age, identity line, MAE and r in the title."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tag = res["display"]
+    a, p = data["age"], data["pred"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(a, p, s=10, alpha=0.6)
+    lo, hi = float(min(a.min(), p.min())), float(max(a.max(), p.max()))
+    ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
+    ax.set(xlabel="chronological age (years)", ylabel="predicted age (years)",
+           title=f"{tag}: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} y, r {fmt(res['pearson_r'], 2)}")
+    fig.tight_layout()
+    path = os.path.join(out, f"age_{tag}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def main():
+    if merge:
+        return merge_tables()
     if not (probes and labels) and not reports:
         raise SystemExit("evaluate.py: --probes and --labels are required (or --reports with --findings)")
     if reports and not (findings or labels):
@@ -280,10 +437,10 @@ def main():
         res, data = evaluate_probe(p, d, rows_by_key, sides)
         res["display"] = d
         results[d] = res
-        if data is not None and first is None:
+        if data is not None and data["task"] == "classify" and first is None:
             first = data
         if plots and data is not None:
-            written += plot(res, data)
+            written += plot(res, data) + plot_pr(res, data) if data["task"] == "classify" else plot_age(res, data)
         print(table(res), flush=True)
     summary = {"macro_auroc": {d: r.get("macro", {}).get("auroc", {}).get("mean") for d, r in results.items()}}
     if first is not None and (cohort or flip_test or anatomy):
@@ -328,13 +485,17 @@ def main():
         results["reports"] = report_metrics.evaluate_reports(reports, fpath)
         summary["reports"] = results["reports"]
     print("summary: " + json.dumps(metrics.jsonable(summary)))
+    prows = paper_rows(results, task_name or os.path.splitext(os.path.basename(labels))[0]) if paths else []
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics.jsonable({"summary": summary, "results": results}), f, indent=1)
+        json.dump(metrics.jsonable({"summary": summary, "results": results, "paper_rows": prows}), f, indent=1)
+    if prows:
+        write_paper_table(prows, os.path.join(out, "paper_table.md"))
     if reports:
         print(report_table(results["reports"]))
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write("\n\n".join(report_table(r) if k == "reports" else table(r) for k, r in results.items()) + "\n")
-    print(f"wrote {out}/metrics.json, table.txt" + (f", {len(written)} PNG plots" if written else ""))
+    print(f"wrote {out}/metrics.json, table.txt" + (", paper_table.md" if prows else "")
+          + (f", {len(written)} PNG plots" if written else ""))
 
 
 if __name__ == "__main__":

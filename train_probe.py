@@ -5,6 +5,8 @@
     python train_probe.py ... --modality=CT --transfer_to=MR       # cross-modal transfer
     python train_probe.py ... --cv_folds=8                         # external-benchmark protocol
     python train_probe.py ... --task=age                           # brain age regression (MAE)
+    python train_probe.py --protocol=paper --features=F --labels=BENCH/labels_dementia.csv --modality=MR --out=P
+                                                                   # a public benchmark (nvfm/benchmarks.py)
 
 Split protocol (default): train on split == "train", choose the checkpoint (best validation
 macro AUROC, or MAE for age) and the per-class thresholds (Youden's J) and the Platt
@@ -13,7 +15,13 @@ With cv_folds = k > 0: the paper's external-benchmark protocol on all studies of
 modality: a `test_fraction` iterative-stratified held-out test set, k-fold iterative
 stratified CV on the rest (each fold's model selected on its held-out fold), thresholds and
 calibration from the out-of-fold logits; evaluate.py averages the k models' logits on the
-held-out test set.
+held-out test set. Studies with the same `subject` (a salted group id column, written by
+nvfm/benchmarks.py) always fall on one side of every split (`probe.grouped_stratification`);
+age is stratified on its quintiles.
+protocol = "paper": the paper's public-benchmark protocol in one flag: cv_folds 8 (unless set),
+test_fraction 0.2, subject-grouped, every label column of the benchmark's labels file as a
+class (unless label_names), no side classes. `evaluate.py --external=True` applies such a
+probe unchanged to another dataset's labels (external transfer, e.g. ADNI -> OASIS-1).
 
 Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
 `label_names`). With side_classes, two more classes lesion_left / lesion_right come from the
@@ -55,6 +63,8 @@ eval_interval = 20
 max_pos_weight = 100.0
 cv_folds = 0
 test_fraction = 0.2
+protocol = ""            # "" (splits, or CV when cv_folds > 0) | paper (8-fold CV, 20% test, all label columns)
+age_bins = 5             # CV with task=age: stratify on this many age quantiles
 allow_missing = False    # studies missing from the cache: error (False) or skip with a warning
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +74,9 @@ from nvfm.configurator import config_dict, configure, fail, require_path  # noqa
 configure(globals())
 if threads > 0:
     torch.set_num_threads(threads)
+if protocol == "paper":
+    cv_folds = cv_folds or 8
+    side_classes = False   # benchmark labels carry their own side columns (CQ500 bleed_left/right)
 config = config_dict(globals())
 
 from nvfm import metrics, ontology  # noqa: E402
@@ -87,6 +100,8 @@ def choose_labels(columns):
             raise SystemExit(f"train_probe.py: unknown label names {unknown} (not columns of {labels}); "
                              f"available: {', '.join(columns[:10])}{' ...' if len(columns) > 10 else ''}")
         return names
+    if protocol == "paper":   # a benchmark labels file holds exactly its task's classes
+        return list(columns)
     mods = [m for m in (modality, transfer_to) if m and m != "all"]
     names = [c for c in columns if c in ontology.DIAGNOSES and all(
         m in ontology.DIAGNOSES[c].modalities for m in mods)] if mods else [c for c in columns if c in ontology.DIAGNOSES]
@@ -101,7 +116,8 @@ def choose_labels(columns):
 def check_inputs():
     """One-line errors (exit 1) for the usual mistakes, before anything is written to `out`."""
     for key, value, choices in (("task", task, ("classify", "age")), ("probe", probe, P.PROBES),
-                                ("modality", modality, ("CT", "MR", "all")), ("transfer_to", transfer_to, ("", "CT", "MR"))):
+                                ("modality", modality, ("CT", "MR", "all")), ("transfer_to", transfer_to, ("", "CT", "MR")),
+                                ("protocol", protocol, ("", "paper"))):
         if value not in choices:
             fail(f"--{key}={value}: choose one of {', '.join(repr(c) for c in choices)}")
     require_path(features, "--features", kind="dir", hint="a feature cache written by encode.py")
@@ -116,7 +132,7 @@ def check_inputs():
 
 def warn_sparse_labels(names, columns):
     """Labels that cover few of the ontology's classes usually mean the wrong file or modality."""
-    if task != "classify" or label_names:
+    if task != "classify" or label_names or protocol == "paper":
         return
     mods = [m for m in (modality, transfer_to) if m and m != "all"]
     expected = [c for c, d in ontology.DIAGNOSES.items() if all(m in d.modalities for m in mods)]
@@ -227,12 +243,20 @@ def main():
                 side_classes=bool(side_classes), config=config)
     if cv_folds > 0:
         keys = [r["study_key"] for r in rows]
-        ys = np.stack([Y[k] for k in keys]) if task == "classify" else np.zeros((len(keys), 1))
-        part = P.iterative_stratification(ys, [test_fraction, 1 - test_fraction], seed)
+        subj = [r["subject"] for r in rows]
+        # classes, or age quintiles: what every fold and the test set should hold in proportion
+        ys = np.stack([Y[k] for k in keys]) if task == "classify" else P.quantile_bins([Y[k][0] for k in keys], age_bins)
+        part = P.grouped_stratification(ys, subj, [test_fraction, 1 - test_fraction], seed)
         test_keys = [k for k, p in zip(keys, part) if p == 0]
-        rest = [k for k, p in zip(keys, part) if p == 1]
-        folds = P.iterative_stratification(np.stack([ys[keys.index(k)] for k in rest]), [1] * cv_folds, seed + 1)
-        log(f"cv: {len(test_keys)} held-out test studies, {cv_folds} folds over {len(rest)} studies")
+        ri = np.nonzero(part == 1)[0]
+        rest = [keys[i] for i in ri]
+        folds = P.grouped_stratification(ys[ri], [subj[i] for i in ri], [1] * cv_folds, seed + 1)
+        n_subj = len({s or k for s, k in zip(subj, keys)})
+        log(f"cv: {len(test_keys)} held-out test studies, {cv_folds} folds over {len(rest)} studies "
+            f"({n_subj} subjects, grouped)")
+        if len(set(folds.tolist())) < cv_folds or not test_keys:
+            raise SystemExit(f"train_probe.py: {len(rows)} studies ({n_subj} subjects) are too few for a held-out "
+                             f"test set and {cv_folds} folds")
         states, oof = [], np.zeros((len(rest), len(names)), np.float32)
         norm = age_norm(rest)
         for f in range(cv_folds):
@@ -242,7 +266,7 @@ def main():
             states.append(st)
             oof[folds == f] = P.predict(m, get_bag, va, device)
         sel_keys, sel_logits = rest, oof
-        ckpt.update(test_keys=test_keys, protocol=f"{cv_folds}-fold CV")
+        ckpt.update(test_keys=test_keys, protocol=("paper: " if protocol == "paper" else "") + f"{cv_folds}-fold CV")
         train_pos = np.stack([Y[k] for k in rest]).sum(0)
     else:
         tr = [r["study_key"] for r in rows if r["split"] == "train"]

@@ -560,6 +560,200 @@ def roc_band(y, scores, n_boot=1000, seed=0, alpha=0.05, fpr_grid=None, chunk=10
     return grid, low, high, len(curves)
 
 
+# ----------------------------------------------------------------------------- external benchmarks
+# (precision-recall, regression and laterality figures of the paper's public benchmarks; every CI
+# resamples studies with `bootstrap_counts`, the replicates of `bootstrap`, so one seed gives one
+# set of resampled cohorts for all of a probe's figures)
+
+
+def _percentile_ci(reps, alpha=0.05):
+    """(B,) or (B, K) replicate values -> (low, high, n_valid); NaN ends below MIN_BOOT defined."""
+    r = np.asarray(reps, np.float64)
+    r2 = r[:, None] if r.ndim == 1 else r
+    nv = np.isfinite(r2).sum(0)
+    low, high = np.full(r2.shape[1], np.nan), np.full(r2.shape[1], np.nan)
+    ok = nv >= MIN_BOOT
+    if ok.any():
+        low[ok], high[ok] = np.nanpercentile(r2[:, ok], [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    if r.ndim == 1:
+        return float(low[0]), float(high[0]), int(nv[0])
+    return low, high, nv
+
+
+def _weighted_ap(w, yy, last):
+    """Average precision of one class under B study weightings at once.
+
+    w (n, B) weights in descending score order, yy (n,) 0/1 labels in that order, last (n,)
+    bool: the final study of each group of tied scores (a cut falls only there). AP =
+    sum over cuts of (TP_j - TP_{j-1}) / P * precision_j (sklearn's average_precision_score
+    on the resampled cohort). Returns (B,), NaN where a replicate has no positive weight.
+    """
+    tp = np.cumsum(w * yy[:, None], 0)[last]
+    fp = np.cumsum(w * (1 - yy)[:, None], 0)[last]
+    P = tp[-1]
+    dtp = np.diff(tp, axis=0, prepend=0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
+        ap = (dtp * prec).sum(0) / P
+    return np.where(P > 0, ap, np.nan)
+
+
+def average_precision(y, scores):
+    """Per-class average precision = area under the precision-recall step curve (K,) float64,
+    equal to sklearn.metrics.average_precision_score; NaN for classes without positives.
+    Tied scores form one cut. The chance level of a class is its prevalence (`pr_lift`)."""
+    y, s = _check(y, scores)
+    out = np.full(y.shape[1], np.nan)
+    for k in np.nonzero(y.sum(0) > 0)[0]:
+        order = np.argsort(-s[:, k], kind="stable")
+        ss = s[order, k]
+        out[k] = _weighted_ap(np.ones((len(ss), 1)), y[order, k], np.r_[ss[1:] != ss[:-1], True])[0]
+    return out
+
+
+def pr_report(y, scores, n_boot=10000, seed=0, alpha=0.05, chunk_elems=1 << 22):
+    """AUPRC (average precision) and PR lift = AUPRC / prevalence per class, with study-level
+    bootstrap CIs (replicates of `bootstrap_counts`; a replicate without positives is undefined
+    for that class). y, scores (n, K). Returns dict of (K,) float64 arrays: auprc, prevalence,
+    pr_lift, and with n_boot > 0 also auprc_low/high, pr_lift_low/high, n_valid. A lift of 1 is
+    chance; the paper reports it for rare RSNA subtypes, where AUROC hides false positives."""
+    y, s = _check(y, scores)
+    n, K = y.shape
+    ap = average_precision(y, s)
+    prev = y.mean(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = {"auprc": ap, "prevalence": prev, "pr_lift": np.where(prev > 0, ap / np.maximum(prev, 1e-300), np.nan)}
+    if not n_boot:
+        return out
+    if int(n_boot) < MIN_BOOT:
+        raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
+    reps_ap, reps_lift = np.full((n_boot, K), np.nan), np.full((n_boot, K), np.nan)
+    b = max(1, min(n_boot, chunk_elems // max(n, 1)))
+    plans = {}
+    for k in np.nonzero(defined_classes(y))[0]:
+        order = np.argsort(-s[:, k], kind="stable")
+        ss = s[order, k]
+        plans[k] = (order, y[order, k], np.r_[ss[1:] != ss[:-1], True])
+    for r0 in range(0, n_boot, b):
+        bb = min(b, n_boot - r0)
+        w = bootstrap_counts(n, bb, seed=seed, r0=r0).double().numpy()
+        for k, (order, yy, last) in plans.items():
+            a = _weighted_ap(w[order], yy, last)
+            reps_ap[r0:r0 + bb, k] = a
+            reps_lift[r0:r0 + bb, k] = a * n / (w[order] * yy[:, None]).sum(0)   # / resampled prevalence
+    out["auprc_low"], out["auprc_high"], out["n_valid"] = _percentile_ci(reps_ap, alpha)
+    out["pr_lift_low"], out["pr_lift_high"], _ = _percentile_ci(reps_lift, alpha)
+    return out
+
+
+def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=100):
+    """Bootstrap band of one class's precision-recall curve, for plots: at each recall x of
+    recall_grid (default 0, 0.01, ..., 1) the percentile interval over replicates of the
+    interpolated precision max{precision of a cut with recall >= x} (the envelope of the step
+    curve). Replicates as `roc_band`; those without positives are left out. y, scores (n,).
+    Returns (grid, low, high, n_valid), low/high NaN below MIN_BOOT defined replicates."""
+    y, s = _check(y, scores)
+    y, s = y[:, 0], s[:, 0]
+    grid = np.linspace(0, 1, 101) if recall_grid is None else np.asarray(recall_grid, np.float64)
+    order = np.argsort(-s, kind="stable")
+    ys, ss = y[order], s[order]
+    last = np.r_[ss[1:] != ss[:-1], True]
+    curves = []
+    for r0 in range(0, n_boot, chunk):
+        w = bootstrap_counts(len(y), min(chunk, n_boot - r0), seed=seed, r0=r0).double().numpy()[order]
+        tp = np.cumsum(w * ys[:, None], 0)[last]
+        fp = np.cumsum(w * (1 - ys)[:, None], 0)[last]
+        for b in np.nonzero(tp[-1] > 0)[0]:
+            keep = tp[:, b] + fp[:, b] > 0
+            rec, prec = tp[keep, b] / tp[-1, b], tp[keep, b] / (tp[keep, b] + fp[keep, b])
+            env = np.maximum.accumulate(prec[::-1])[::-1]          # best precision at recall >= rec[j]
+            j = np.searchsorted(rec, grid, side="left")             # first cut reaching recall x
+            curves.append(np.where(j < len(rec), env[np.minimum(j, len(rec) - 1)], np.nan))
+    if len(curves) < MIN_BOOT:
+        return grid, np.full(len(grid), np.nan), np.full(len(grid), np.nan), len(curves)
+    low, high = np.nanpercentile(np.array(curves), [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    return grid, low, high, len(curves)
+
+
+def pearson_r(y, pred):
+    """Pearson correlation of targets and predictions (NaN when either is constant)."""
+    e = _residuals(y, pred)  # shape checks
+    del e
+    a, b = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
+    """Brain-age style regression figures with study-level bootstrap CIs.
+
+    y, pred (n,) in the target's unit (years). Returns dict: n, mae, rmse, pearson_r, bias
+    (mean pred - y), and with n_boot > 0 mae_ci, rmse_ci, pearson_r_ci, bias_ci ([low, high])
+    and ci_n_valid. Replicate b weights study i by its count w_ib (`bootstrap_counts`): MAE_b =
+    sum_i w_ib |e_i| / n, so each replicate equals the figure on the resampled cohort.
+    """
+    yv, pv = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
+    e = _residuals(yv, pv)
+    if not (np.isfinite(yv).all() and np.isfinite(pv).all()):
+        raise ValueError("targets or predictions contain NaN or inf")
+    n = len(yv)
+    out = {"n": n, "mae": mae(yv, pv), "rmse": rmse(yv, pv), "pearson_r": pearson_r(yv, pv), "bias": float(-e.mean())}
+    if not n_boot:
+        return out
+    if int(n_boot) < MIN_BOOT:
+        raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
+    a, b = yv - yv.mean(), pv - pv.mean()        # centred: the weighted moments stay well conditioned
+    M = np.stack([np.abs(e), e * e, -e, a, b, a * a, b * b, a * b], 1)     # (n, 8)
+    reps = np.empty((n_boot, 4))
+    for r0 in range(0, n_boot, chunk):
+        bb = min(chunk, n_boot - r0)
+        S = bootstrap_counts(n, bb, seed=seed, r0=r0).double().numpy().T @ M / n   # (bb, 8) weighted means
+        va, vb = S[:, 5] - S[:, 3] ** 2, S[:, 6] - S[:, 4] ** 2
+        cov = S[:, 7] - S[:, 3] * S[:, 4]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where((va > 1e-12 * max(1.0, float(np.var(a)))) & (vb > 1e-12 * max(1.0, float(np.var(b)))),
+                         cov / np.sqrt(np.maximum(va * vb, 1e-300)), np.nan)
+        reps[r0:r0 + bb] = np.stack([S[:, 0], np.sqrt(S[:, 1]), r, S[:, 2]], 1)
+    low, high, nv = _percentile_ci(reps, alpha)
+    for j, m in enumerate(("mae", "rmse", "pearson_r", "bias")):
+        out[m + "_ci"] = [low[j], high[j]]
+    out["ci_n_valid"] = int(nv[2])
+    return jsonable(out)
+
+
+def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s_right, n_boot=10000, seed=0,
+                      alpha=0.05):
+    """Side accuracy given correct detection (CQ500's Bleed-Left / Bleed-Right reads).
+
+    Over studies whose truth is positive for the detection class, whose score reaches its
+    (validation-chosen) threshold thr_detect, and whose truth is one-sided (left xor right):
+    the fraction where the side with the larger score (s_left vs s_right, logits) is the true
+    side; ties count as wrong. All inputs (n,). Returns dict(accuracy, n (studies counted),
+    n_detected, n_positive, and with n_boot > 0 accuracy_ci, ci_n_valid); accuracy None when
+    no study qualifies. Bilateral studies have no single side and are left out (counted in
+    n_bilateral)."""
+    yd, sd = np.asarray(y_detect) > 0, np.asarray(s_detect, np.float64)
+    yl, yr = np.asarray(y_left) > 0, np.asarray(y_right) > 0
+    sl, sr = np.asarray(s_left, np.float64), np.asarray(s_right, np.float64)
+    det = yd & (sd >= thr_detect)
+    one = det & (yl != yr)
+    correct = np.where(yl, sl > sr, sr > sl)
+    out = {"n_positive": int(yd.sum()), "n_detected": int(det.sum()), "n_bilateral": int((det & yl & yr).sum()),
+           "n": int(one.sum()), "accuracy": float(correct[one].mean()) if one.any() else None}
+    if not n_boot or not one.any():
+        return out
+    if int(n_boot) < MIN_BOOT:
+        raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
+    w = bootstrap_counts(len(yd), n_boot, seed=seed).double().numpy()       # (n, B)
+    num, den = (w * (one & correct)[:, None]).sum(0), (w * one[:, None]).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reps = np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
+    lo, hi, nv = _percentile_ci(reps, alpha)
+    out.update(accuracy_ci=[lo, hi], ci_n_valid=nv)
+    return jsonable(out)
+
+
 # ----------------------------------------------------------------------------- report
 
 

@@ -163,13 +163,16 @@ def pack_bags(bags, device="cpu", dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- data plumbing
 
-META_COLUMNS = ("study_key", "study_uid", "study", "modality", "split", "age", "sex")
+# subject: a salted, non-identifying group id (nvfm/benchmarks.py) that keeps a subject's studies
+# on one side of every split
+META_COLUMNS = ("study_key", "study_uid", "study", "modality", "split", "age", "sex", "subject")
 SIDE_CLASSES = ("lesion_left", "lesion_right")
 
 
 def load_labels(path):
     """SHARDS/labels.csv -> (rows: list of dict with study_key, modality, split, age (float or
-    None), y: dict name -> 0/1), label column names in file order)."""
+    None), subject (group id, "" when the file has none), y: dict name -> 0/1), label column
+    names in file order)."""
     import csv
     import os
     if not os.path.exists(path):
@@ -189,9 +192,12 @@ def load_labels(path):
                     raise ValueError(f"{path}:{ln}: column {n!r} must be 0 or 1, got {v!r}")
                 y[n] = int(v)
             age = r.get("age", "")
+            try:
+                age = float(age) if age not in ("", None) else None
+            except ValueError:
+                raise ValueError(f"{path}:{ln}: column 'age' must be a number, got {age!r}") from None
             rows.append(dict(study_key=r["study_key"], study=r.get("study", ""), modality=r.get("modality", ""),
-                             split=r.get("split", ""),
-                             age=float(age) if age not in ("", None) else None, y=y))
+                             split=r.get("split", ""), subject=r.get("subject", "") or "", age=age, y=y))
     return rows, names
 
 
@@ -252,6 +258,36 @@ def iterative_stratification(y, proportions, seed=0):
         fold[i] = f
         need[f] -= 1
     return fold
+
+
+def grouped_stratification(y, groups, proportions, seed=0):
+    """Iterative stratification of subjects rather than studies: a subject's studies all land
+    in one fold, so no subject is both trained and tested on.
+
+    y (n, K) 0/1 study labels; groups (n,) hashable subject ids ("" or None: the study is its
+    own subject). Each subject carries the union of its studies' labels (a subject with any
+    positive study is positive) and is placed by `iterative_stratification`. Own code, no
+    dependency: scikit-multilearn's IterativeStratification has no groups and is barely
+    maintained; sklearn's StratifiedGroupKFold is single-label. Returns (n,) int fold index.
+    """
+    import numpy as np
+    y = np.asarray(y, dtype=bool)
+    ids = [g if g not in ("", None) else ("\0study", i) for i, g in enumerate(groups)]
+    uniq = {}
+    inv = np.array([uniq.setdefault(g, len(uniq)) for g in ids])
+    yg = np.zeros((len(uniq), y.shape[1]), dtype=bool)
+    np.logical_or.at(yg, inv, y)
+    return iterative_stratification(yg, proportions, seed)[inv]
+
+
+def quantile_bins(v, n_bins=5):
+    """(n,) continuous target -> (n, n_bins) one-hot of its quantile bin: what regression
+    targets (age) are stratified on, so every fold spans the age range."""
+    import numpy as np
+    v = np.asarray(v, np.float64)
+    edges = np.quantile(v, np.linspace(0, 1, n_bins + 1)[1:-1]) if len(v) else []
+    b = np.searchsorted(edges, v, side="right")
+    return np.eye(n_bins, dtype=np.int64)[b]
 
 
 @torch.no_grad()

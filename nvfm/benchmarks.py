@@ -1,0 +1,696 @@
+"""The paper's public benchmarks from a user's local copy of each dataset -> labels for
+`train_probe.py --protocol=paper` (issue 25).
+
+    python -m nvfm.benchmarks --dataset=openbhb --root=/data/openBHB --out=bench/openbhb
+    python preprocess.py --input=bench/openbhb/images --output=bench/openbhb/shards
+    python encode.py --shards=bench/openbhb/shards --encoder=ENC --out=bench/openbhb/features
+    python train_probe.py --protocol=paper --task=age --modality=MR --features=bench/openbhb/features \
+        --labels=bench/openbhb/labels_age.csv --out=bench/openbhb/probe_age
+    python evaluate.py --probes=bench/openbhb/probe_age/probe.pt --labels=bench/openbhb/labels_age.csv --out=...
+
+Each adapter reads the dataset's folder layout and label files as distributed (nothing is
+downloaded, nothing in --root is modified) and writes under --out:
+- labels_<task>.csv: study_key, subject, modality, split (empty: the protocol splits), age,
+  then the task's 0/1 class columns (none for the age task). study_key is the key preprocess.py
+  gives the study (dicom.salted_hash of its StudyInstanceUID, or of "nifti:" + its folder under
+  --input); subject is a salted hash of the dataset's subject id, used only to keep a subject's
+  studies on one side of every split. Same --salt (or $NVFM_SALT) as preprocess.py.
+- images/ (NIfTI/Analyze datasets): one folder per study, named by a salted hash, holding a
+  link to (or, with link=copy, a copy of; Analyze .img/.hdr: a NIfTI conversion of) the one
+  image the labels describe, so preprocess.py sees exactly the labelled scans and not the
+  dataset's masks or derived maps. preprocess.py --input=OUT/images. The links point at your
+  copy (their targets hold the dataset's subject ids): images/ is an input, not for sharing.
+  DICOM datasets (RSNA, CQ500): preprocess.py --input=the dataset's own image folder.
+- adapter_report.json: what happened to every input row and image (counts by reason, per task
+  class counts); no ids, names, dates or UIDs. The same counts are printed.
+Nothing written holds a name, subject id, date or UID of the dataset.
+
+Bad input: a missing label file or column, an unparsable value or conflicting duplicate rows stop
+the adapter with one line naming the file (and line) and the reason; label rows without an
+image, images without a label row and rows outside a task are counted by reason, so every input
+row is accounted for (`Tally`).
+
+Datasets (labels as distributed; citation; licence: each dataset's own terms apply to your copy
+and everything derived from it, check them before sharing figures or outputs):
+- openbhb  OpenBHB (Dufumier et al., NeuroImage 2022): participants.tsv, T1w NIfTI. Task age.
+- adni     ADNI (adni.loni.usc.edu): ADNIMERGE.csv + the NIfTI/DICOM download. Tasks
+           dementia (AD vs CN), pmci (pMCI vs sMCI). ADNI Data Use Agreement (no redistribution).
+- oasis1   OASIS-1 cross-sectional (Marcus et al., J Cogn Neurosci 2007): oasis_cross-sectional.csv
+           + disc folders (Analyze). Task dementia (CDR >= 1 vs 0). OASIS Data Use Agreement.
+- abide    ABIDE I (Di Martino et al., Mol Psychiatry 2014): phenotypic csv + anatomical NIfTI.
+           Task autism. CC BY-NC-SA (INDI).
+- rsna     RSNA Intracranial Hemorrhage Detection 2019 (Flanders et al., Radiol AI 2020):
+           stage_2_train.csv + stage_2_train/*.dcm. Task ich (study level). Competition data
+           licence: non-commercial research.
+- cq500    CQ500 (Chilamkurthy et al., Lancet 2018): reads.csv + the study folders. Task ich
+           (ICH, subtypes, bleed sides, fractures, mass effect, midline shift; majority of three
+           readers). CC BY-NC-SA 4.0.
+Grounding sets (BraTS21, ATLAS v2.0) are not adapted yet.
+"""
+import csv
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from collections import Counter
+from datetime import date
+
+from nvfm import dicom
+
+# ----------------------------------------------------------------------------- CLI settings
+dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500
+root = ""                # your copy of the dataset, as distributed
+out = ""                 # output folder (labels_<task>.csv, images/, adapter_report.json)
+salt = ""                # "" -> $NVFM_SALT -> preprocess.py's default; must equal preprocess.py's
+link = "symlink"         # how images/ refers to the originals: symlink | hardlink | copy
+workers = 4              # processes reading DICOM headers (rsna)
+labels_file = ""         # the label file, when not at its distributed name under root
+adni_horizon_months = 36  # pMCI: dementia by this visit; sMCI: followed this long without it
+adni_max_days = 90       # a baseline image must be this close to the baseline exam date
+adni_series = r"mprage|mp-rage|ir-spgr|ir-fspgr|t1"  # regex (case-insensitive) on ADNI series folders
+# -----------------------------------------------------------------------------
+
+
+class BenchmarkError(ValueError):
+    """A one-line user error: the file and the reason."""
+
+
+def repo_preprocess():
+    """preprocess.py (the repository's script) as a module: its salt rules are the ones the keys
+    must share, so they are imported, not copied."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preprocess.py")
+    if "preprocess" in sys.modules and getattr(sys.modules["preprocess"], "__file__", "") == path:
+        return sys.modules["preprocess"]
+    spec = importlib.util.spec_from_file_location("preprocess", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def resolve_salt(s=""):
+    return repo_preprocess().resolve_salt(s)
+
+
+class Tally(Counter):
+    """Counts of what happened to every input row / image, by reason."""
+
+    def line(self):
+        return ", ".join(f"{v} {k}" for k, v in sorted(self.items()))
+
+
+def _read_table(path, required, delimiter=None):
+    """csv/tsv -> (rows as dicts with their line numbers under '_line', columns). One-line errors
+    for a missing file or missing required columns."""
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"{path}: not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        text = f.read()
+    if delimiter is None:
+        delimiter = "\t" if path.endswith(".tsv") or text.split("\n", 1)[0].count("\t") > text.split("\n", 1)[0].count(",") else ","
+    rd = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    cols = [c.strip() for c in (rd.fieldnames or [])]
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise BenchmarkError(f"{path}: missing column(s) {missing} (found {cols[:12]})")
+    rows = []
+    for ln, r in enumerate(rd, start=2):
+        r = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()}
+        r["_line"] = ln
+        rows.append(r)
+    return rows, cols
+
+
+def _number(v, path, ln, col):
+    try:
+        return float(v)
+    except ValueError:
+        raise BenchmarkError(f"{path}:{ln}: column {col!r} must be a number, got {v!r}") from None
+
+
+def _nifti_or_analyze(name):
+    n = name.lower()
+    return n.endswith((".nii", ".nii.gz")) or n.endswith(".img")
+
+
+def _walk_images(base):
+    """Sorted relative paths of NIfTI (.nii, .nii.gz) and Analyze (.img) files under base."""
+    found = []
+    for d, dirs, files in os.walk(base, followlinks=True):
+        dirs.sort()
+        found += [os.path.relpath(os.path.join(d, f), base) for f in files if _nifti_or_analyze(f)]
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- one study
+
+
+class Study:
+    """One labelled study: what preprocess.py will see and the labels of each task.
+
+    sid: a dataset-unique study id (used only for hashing); subject: the dataset's subject id;
+    image: absolute path of the image file (NIfTI/Analyze) or DICOM series folder to stage, or
+    None for DICOM studies keyed by uid; uid: StudyInstanceUID (DICOM datasets); modality
+    CT | MR; age in years or None; tasks: {task: {class: 0/1}} ({} values for the age task)."""
+
+    def __init__(self, sid, subject, modality, image=None, uid=None, age=None):
+        self.sid, self.subject, self.modality, self.image, self.uid, self.age = sid, subject, modality, image, uid, age
+        self.tasks = {}
+
+
+def _stage(study, images_dir, salt_value, how):
+    """Put the study's image under images_dir/<hashed folder>/ and return its study key, the key
+    preprocess.py --input=images_dir derives: NIfTI -> salted_hash("nifti:" + folder); a DICOM
+    folder -> salted_hash(StudyInstanceUID of its files)."""
+    folder = dicom.salted_hash(f"study:{study.sid}", salt_value)
+    dst_dir = os.path.join(images_dir, folder)
+    os.makedirs(dst_dir, exist_ok=True)
+    src = study.image
+    if os.path.isdir(src):   # a DICOM series folder (ADNI DICOM download)
+        uid = _folder_study_uid(src)
+        dst = os.path.join(dst_dir, "dicom")
+        if not os.path.lexists(dst):
+            os.symlink(os.path.abspath(src), dst) if how != "copy" else shutil.copytree(src, dst)
+        return dicom.salted_hash(uid, salt_value)
+    low = src.lower()
+    if low.endswith(".img"):   # Analyze 7.5 (OASIS): preprocess reads NIfTI, so convert once
+        dst = os.path.join(dst_dir, "image.nii.gz")
+        if not os.path.exists(dst):
+            import nibabel as nib
+            img = nib.load(src)
+            nib.save(nib.Nifti1Image(img.get_fdata(dtype="float32"), img.affine), dst + ".tmp.nii.gz")
+            os.replace(dst + ".tmp.nii.gz", dst)
+    else:
+        dst = os.path.join(dst_dir, "image.nii.gz" if low.endswith(".gz") else "image.nii")
+        if not os.path.lexists(dst):
+            if how == "symlink":
+                os.symlink(os.path.abspath(src), dst)
+            elif how == "hardlink":
+                os.link(src, dst)
+            else:
+                shutil.copyfile(src, dst)
+    return dicom.salted_hash("nifti:" + folder, salt_value)
+
+
+def _folder_study_uid(path):
+    """StudyInstanceUID of the first DICOM file under a folder (one study per folder)."""
+    import pydicom
+    for d, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        for f in sorted(files):
+            try:
+                ds = pydicom.dcmread(os.path.join(d, f), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+            except Exception:
+                continue
+            uid = str(ds.get("StudyInstanceUID", "") or "")
+            if uid:
+                return uid
+    raise BenchmarkError(f"{path}: no DICOM file with a StudyInstanceUID")
+
+
+def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", columns=None, extra=None):
+    """Key, stage and write one dataset: labels_<task>.csv per task, images/, adapter_report.json.
+
+    studies: list of Study; columns: {task: [class names]} (the age task has none). Returns the
+    report dict (also written as JSON). No input id reaches a file: keys and subjects are salted
+    hashes, image folders are named by hashes."""
+    s = resolve_salt(salt_value)
+    os.makedirs(out_dir, exist_ok=True)
+    images_dir = os.path.join(out_dir, "images")
+    rows = {t: [] for t in (columns or {})}
+    seen = {}
+    for st in studies:
+        key = _stage(st, images_dir, s, how) if st.image else dicom.salted_hash(st.uid, s)
+        if key in seen:
+            raise BenchmarkError(f"{name}: two labelled studies share one image study ({seen[key]} and {st.sid} "
+                                 "give the same StudyInstanceUID)")
+        seen[key] = st.sid
+        subj = dicom.salted_hash(f"subject:{name}:{st.subject}", s)
+        for t, y in st.tasks.items():
+            rows[t].append(dict(study_key=key, subject=subj, modality=st.modality, split="",
+                                age="" if st.age is None else f"{st.age:.2f}", **y))
+    report = {"dataset": name, "input": dict(sorted(tally.items())), "n_studies": len(studies),
+              "n_subjects": len({st.subject for st in studies}), "tasks": {}, **(extra or {})}
+    for t, rs in rows.items():
+        path = os.path.join(out_dir, f"labels_{t}.csv")
+        fields = ["study_key", "subject", "modality", "split", "age"] + list(columns[t])
+        rs.sort(key=lambda r: r["study_key"])   # no input order leaks; same input, same bytes
+        with open(path + ".tmp", "w", newline="") as f:
+            w = csv.DictWriter(f, fields)
+            w.writeheader()
+            w.writerows(rs)
+        os.replace(path + ".tmp", path)
+        report["tasks"][t] = {"file": os.path.basename(path), "n_studies": len(rs),
+                              "n_subjects": len({r["subject"] for r in rs}),
+                              "positives": {c: sum(int(r[c]) for r in rs) for c in columns[t]}}
+    with open(os.path.join(out_dir, "adapter_report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+# ----------------------------------------------------------------------------- OpenBHB
+
+
+def openbhb(root_dir, labels_path=""):
+    """OpenBHB: brain-age regression on T1w MRI (Dufumier et al., NeuroImage 2022; the
+    "quasi-raw" T1w images of ~10 public cohorts). Licence: per source cohort (see OpenBHB's page).
+
+    Layout: ROOT/participants.tsv (columns participant_id, age; optional session) and the T1w
+    NIfTI files anywhere under ROOT, named BIDS-style with sub-<participant_id> (e.g.
+    sub-1000/ses-1/anat/sub-1000_ses-1_preproc-quasiraw_T1w.nii.gz). The .npy release is not
+    readable by preprocess.py: use the NIfTI one. participant_id with or without 'sub-'.
+    Labels: age (years) of the row. One study per row; a row's image is the first sorted T1w of
+    its participant (and session, when the tsv has one).
+    Returns (studies, tally, columns)."""
+    path = labels_path or os.path.join(root_dir, "participants.tsv")
+    rows, cols = _read_table(path, ["participant_id", "age"])
+    images = {}
+    for rel in _walk_images(root_dir):
+        m = re.search(r"sub-([A-Za-z0-9]+)", rel)
+        if m and "t1w" in os.path.basename(rel).lower():
+            ses = re.search(r"ses-([A-Za-z0-9]+)", rel)
+            images.setdefault((m.group(1), ses.group(1) if ses else ""), []).append(rel)
+    if not images:
+        npy = any(f.endswith(".npy") for _, _, fs in os.walk(root_dir) for f in fs)
+        raise BenchmarkError(f"{root_dir}: no sub-*T1w*.nii(.gz) image" + (
+            " (found .npy arrays: preprocess.py needs the NIfTI release)" if npy else ""))
+    tally, studies, used, seen = Tally(rows=len(rows)), [], set(), {}
+    for r in rows:
+        pid = r["participant_id"].removeprefix("sub-")
+        ses = r.get("session", "").removeprefix("ses-")
+        if (pid, ses) in seen:
+            raise BenchmarkError(f"{path}:{r['_line']}: duplicate participant (also line {seen[pid, ses]})")
+        seen[pid, ses] = r["_line"]
+        if r["age"] in ("", "n/a", "NA", "nan"):
+            tally["rows without age (left out)"] += 1
+            continue
+        age = _number(r["age"], path, r["_line"], "age")
+        keys = sorted(k for k in images if k[0] == pid and (not ses or k[1] == ses))
+        if not keys:
+            tally["rows without an image (left out)"] += 1
+            continue
+        used.update(keys)
+        cand = sorted(p for k in keys for p in images[k])
+        st = Study(f"openbhb:{pid}:{ses}", pid, "MR", image=os.path.join(root_dir, cand[0]), age=age)
+        st.tasks["age"] = {}
+        studies.append(st)
+        tally["rows labelled"] += 1
+    tally["images without a label row (not staged)"] = sum(len(v) for k, v in images.items() if k not in used)
+    return studies, tally, {"age": []}
+
+
+# ----------------------------------------------------------------------------- ADNI
+
+
+def _date(v):
+    m = re.match(r"(\d{4})-(\d{1,2})-(\d{1,2})", v or "")
+    if m:
+        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    m = re.match(r"(\d{1,2})/(\d{1,2})/(\d{4})", v or "")   # ADNIMERGE saved by a spreadsheet
+    return date(int(m.group(3)), int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _adni_images(root_dir, series_regex):
+    """{PTID: [(scan date or None, path)]}: the LONI download layout
+    ADNI/<PTID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/(*.nii | *.dcm), the
+    series description matching series_regex. NIfTI files, or one DICOM folder per image id."""
+    rx = re.compile(series_regex, re.I)
+    out = {}
+    for d, dirs, files in os.walk(root_dir, followlinks=True):
+        dirs.sort()
+        rel = os.path.relpath(d, root_dir).replace(os.sep, "/")
+        m = re.search(r"(?:^|/)(\d{3}_S_\d{4})/([^/]+)/(\d{4}-\d{2}-\d{2})_[^/]*(?:/|$)", rel + "/")
+        if not m or not rx.search(m.group(2)):
+            continue
+        when = _date(m.group(3))
+        nii = sorted(f for f in files if f.lower().endswith((".nii", ".nii.gz")))
+        if nii:
+            out.setdefault(m.group(1), []).append((when, os.path.join(d, nii[0])))
+        elif any(f.lower().endswith(".dcm") for f in files):
+            out.setdefault(m.group(1), []).append((when, d))
+    return out
+
+
+def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_series):
+    """ADNI: dementia (AD vs CN at baseline) and pmci (MCI at baseline that progresses to
+    dementia by `horizon` months: 1, vs MCI followed >= horizon months without dementia: 0),
+    each on the subject's baseline T1 (adni.loni.usc.edu; ADNI Data Use Agreement: no
+    redistribution, cite ADNI as its DUA asks).
+
+    Layout: ADNIMERGE.csv under ROOT (columns PTID, VISCODE, EXAMDATE, DX_bl, DX, AGE, and M or
+    Month) and the image download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ NIfTI or
+    DICOM. Labels: from the baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC left
+    out); DX_bl EMCI/LMCI -> pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1;
+    no Dementia and a diagnosis at M >= horizon -> 0; otherwise left out: late converter or
+    short follow-up). Image: the matching series closest to the baseline EXAMDATE, within
+    max_days. Age: AGE at baseline. Dates are used in memory only.
+    Returns (studies, tally, columns)."""
+    path = labels_path or os.path.join(root_dir, "ADNIMERGE.csv")
+    if not labels_path and not os.path.exists(path):
+        hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir) for f in fs if f.upper() == "ADNIMERGE.CSV")
+        path = hits[0] if hits else path
+    rows, cols = _read_table(path, ["PTID", "VISCODE", "EXAMDATE", "DX_bl", "DX", "AGE"])
+    mcol = "M" if "M" in cols else "Month" if "Month" in cols else None
+    if mcol is None:
+        raise BenchmarkError(f"{path}: missing column(s) ['M'] (months since baseline; or 'Month')")
+    images = _adni_images(root_dir, series_regex)
+    by_subject, base = {}, {}
+    for r in rows:
+        by_subject.setdefault(r["PTID"], []).append(r)
+        if r["VISCODE"] == "bl":
+            if r["PTID"] in base:
+                raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject (a second baseline row; first at line "
+                                     f"{base[r['PTID']]['_line']})")
+            base[r["PTID"]] = r
+    tally = Tally(rows=len(rows))
+    tally["follow-up rows (read for pmci)"] = len(rows) - len(base)
+    studies, used = [], set()
+    for ptid, b in base.items():
+        dx = b["DX_bl"]
+        tasks = {}
+        if dx in ("AD", "CN"):
+            tasks["dementia"] = {"dementia": int(dx == "AD")}
+        elif dx in ("EMCI", "LMCI", "MCI"):
+            fu = [(_number(r[mcol] or "0", path, r["_line"], mcol), r["DX"]) for r in by_subject[ptid] if r["DX"]]
+            conv = [m for m, d in fu if d == "Dementia"]
+            if conv and min(conv) <= horizon:
+                tasks["pmci"] = {"pmci": 1}
+            elif not conv and fu and max(m for m, _ in fu) >= horizon:
+                tasks["pmci"] = {"pmci": 0}
+            else:
+                tally["baseline MCI: late conversion or follow-up < horizon (left out)"] += 1
+                continue
+        else:
+            tally[f"baseline {dx or 'no diagnosis'} (left out)"] += 1
+            continue
+        when = _date(b["EXAMDATE"])
+        cand = [(abs((d - when).days) if (d and when) else None, p) for d, p in images.get(ptid, [])]
+        cand = sorted((dd, p) for dd, p in cand if dd is not None and dd <= max_days)
+        if not cand:
+            tally["baseline rows without a baseline image (left out)"] += 1
+            continue
+        used.add(cand[0][1])
+        age = _number(b["AGE"], path, b["_line"], "AGE") if b["AGE"] else None
+        st = Study(f"adni:{ptid}", ptid, "MR", image=cand[0][1], age=age)
+        st.tasks = tasks
+        studies.append(st)
+        tally["baseline rows labelled"] += 1
+    tally["images not used (other visits or subjects)"] = sum(len(v) for v in images.values()) - len(used)
+    return studies, tally, {"dementia": ["dementia"], "pmci": ["pmci"]}
+
+
+# ----------------------------------------------------------------------------- OASIS-1
+
+
+def oasis1(root_dir, labels_path=""):
+    """OASIS-1 cross-sectional: dementia = CDR >= 1 (1) vs CDR 0 (0), the external test of the
+    ADNI dementia probe (Marcus et al., J Cogn Neurosci 2007; oasis-brains.org; OASIS Data Use
+    Agreement: cite OASIS-1 and its grants).
+
+    Layout: ROOT/oasis_cross-sectional.csv (columns ID, Age, CDR) and the disc folders
+    ROOT/disc*/OAS1_xxxx_MR1/ as distributed: the image is
+    PROCESSED/MPRAGE/SUBJ_111/*_sbj_111.img (the averaged, bias-corrected T1 in subject space)
+    or else RAW/*_mpr-1_anon.img (Analyze 7.5, converted to NIfTI in images/). Labels: CDR 0
+    -> 0, CDR 1 or 2 -> 1; CDR 0.5 and no CDR (most subjects under 60) are left out, counted.
+    MR2 rows (reliability rescans of 20 subjects) are left out: one study per subject.
+    Returns (studies, tally, columns)."""
+    path = labels_path or os.path.join(root_dir, "oasis_cross-sectional.csv")
+    rows, _ = _read_table(path, ["ID", "Age", "CDR"])
+    sessions = {}
+    for d, dirs, files in os.walk(root_dir, followlinks=True):
+        dirs.sort()
+        m = re.fullmatch(r"OAS1_\d{4}_MR\d", os.path.basename(d))
+        if m:
+            dirs[:] = [x for x in dirs if x in ("PROCESSED", "RAW")]
+            sessions.setdefault(m.group(0), d)
+    tally, studies, seen = Tally(rows=len(rows)), [], {}
+    for r in rows:
+        sid = r["ID"]
+        if sid in seen:
+            raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject {sid!r} (also line {seen[sid]})")
+        seen[sid] = r["_line"]
+        if not re.fullmatch(r"OAS1_\d{4}_MR1", sid):
+            tally["repeat sessions MR2+ (left out)" if re.fullmatch(r"OAS1_\d{4}_MR\d", sid) else "rows with an unknown ID (left out)"] += 1
+            continue
+        cdr = r["CDR"]
+        if cdr in ("", "N/A", "NA"):
+            tally["rows without CDR (left out)"] += 1
+            continue
+        c = _number(cdr, path, r["_line"], "CDR")
+        if c == 0.5:
+            tally["CDR 0.5 (left out)"] += 1
+            continue
+        folder = sessions.get(sid)
+        img = None
+        if folder:
+            for sub, pat in (("PROCESSED/MPRAGE/SUBJ_111", r".*_sbj_111\.img"), ("RAW", r".*_mpr-1_anon\.img")):
+                p = os.path.join(folder, *sub.split("/"))
+                hits = sorted(f for f in os.listdir(p) if re.fullmatch(pat, f)) if os.path.isdir(p) else []
+                if hits:
+                    img = os.path.join(p, hits[0])
+                    break
+        if img is None:
+            tally["rows without an image (left out)"] += 1
+            continue
+        st = Study(f"oasis1:{sid}", sid[:9], "MR", image=img, age=_number(r["Age"], path, r["_line"], "Age") if r["Age"] else None)
+        st.tasks["dementia"] = {"dementia": int(c >= 1)}
+        studies.append(st)
+        tally["rows labelled"] += 1
+    tally["session folders without a label row (not staged)"] = len(set(sessions) - set(seen))
+    return studies, tally, {"dementia": ["dementia"]}
+
+
+# ----------------------------------------------------------------------------- ABIDE
+
+
+def abide(root_dir, labels_path=""):
+    """ABIDE I: autism (DX_GROUP 1) vs typical controls (DX_GROUP 2) on the anatomical T1 (Di
+    Martino et al., Mol Psychiatry 2014; fcon_1000.projects.nitrc.org/indi/abide; CC BY-NC-SA).
+
+    Layout: the phenotypic csv under ROOT (Phenotypic_V1_0b_preprocessed1.csv or
+    Phenotypic_V1_0b.csv; columns SUB_ID, DX_GROUP, AGE_AT_SCAN) and the anatomical NIfTI under
+    ROOT with the subject id as a path component: <site>/<SUB_ID, maybe zero-padded>/session_1/
+    anat_1/mprage.nii.gz (INDI release) or sub-<SUB_ID>/anat/sub-<SUB_ID>_T1w.nii.gz (BIDS).
+    Labels: autism = DX_GROUP == 1. Image: the first sorted anat/mprage/T1w NIfTI of the
+    subject. Returns (studies, tally, columns)."""
+    path = labels_path
+    if not path:
+        for name in ("Phenotypic_V1_0b_preprocessed1.csv", "Phenotypic_V1_0b.csv"):
+            hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir) for f in fs if f == name)
+            if hits:
+                path = hits[0]
+                break
+        else:
+            raise BenchmarkError(f"{root_dir}: no Phenotypic_V1_0b_preprocessed1.csv or Phenotypic_V1_0b.csv "
+                                 "(--labels_file=...)")
+    rows, _ = _read_table(path, ["SUB_ID", "DX_GROUP", "AGE_AT_SCAN"])
+    images = {}
+    for rel in _walk_images(root_dir):
+        low = rel.lower().replace(os.sep, "/")
+        if not re.search(r"(anat|mprage|t1w)", low):
+            continue
+        for part in low.split("/")[:-1] + [os.path.basename(low)]:
+            m = re.fullmatch(r"(?:sub-)?0*(\d{5,})(?:_.*)?", part.split(".")[0])
+            if m:
+                images.setdefault(m.group(1), []).append(rel)
+                break
+    tally, studies, seen, used = Tally(rows=len(rows)), [], {}, set()
+    for r in rows:
+        sid = str(int(_number(r["SUB_ID"], path, r["_line"], "SUB_ID")))
+        if sid in seen:
+            raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject (also line {seen[sid]})")
+        seen[sid] = r["_line"]
+        if r["DX_GROUP"] not in ("1", "2"):
+            raise BenchmarkError(f"{path}:{r['_line']}: DX_GROUP must be 1 (autism) or 2 (control), got {r['DX_GROUP']!r}")
+        if sid not in images:
+            tally["rows without an image (left out)"] += 1
+            continue
+        used.add(sid)
+        age = _number(r["AGE_AT_SCAN"], path, r["_line"], "AGE_AT_SCAN") if r["AGE_AT_SCAN"] else None
+        st = Study(f"abide:{sid}", sid, "MR", image=os.path.join(root_dir, sorted(images[sid])[0]), age=age)
+        st.tasks["autism"] = {"autism": int(r["DX_GROUP"] == "1")}
+        studies.append(st)
+        tally["rows labelled"] += 1
+    tally["image subjects without a label row (not staged)"] = len(set(images) - used)
+    return studies, tally, {"autism": ["autism"]}
+
+
+# ----------------------------------------------------------------------------- RSNA ICH 2019
+
+RSNA_SUBTYPES = {"any": "ich", "epidural": "edh", "intraparenchymal": "iph", "intraventricular": "ivh",
+                 "subarachnoid": "sah", "subdural": "sdh"}
+
+
+def _rsna_header(path):
+    import pydicom
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPInstanceUID", "StudyInstanceUID", "PatientID"])
+        return path, str(ds.get("SOPInstanceUID", "")), str(ds.get("StudyInstanceUID", "")), str(ds.get("PatientID", ""))
+    except Exception:
+        return path, "", "", ""
+
+
+def rsna(root_dir, labels_path="", n_workers=4):
+    """RSNA Intracranial Hemorrhage Detection 2019, study level (Flanders et al., Radiology: AI
+    2020; kaggle.com/c/rsna-intracranial-hemorrhage-detection; competition licence:
+    non-commercial research, cite the paper).
+
+    Layout: ROOT/stage_2_train.csv (columns ID, Label; ID = ID_<SOPInstanceUID>_<subtype>, subtype
+    in any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural) and the images
+    ROOT/stage_2_train/ID_<SOPInstanceUID>.dcm (or anywhere under ROOT). Labels: the image labels
+    are joined to studies through each file's DICOM header (SOPInstanceUID -> StudyInstanceUID,
+    PatientID for grouping); a study is positive for a class when any of its labelled images
+    is: columns ich (any), edh, iph, ivh, sah, sdh. Identical duplicate csv rows are counted,
+    conflicting ones are an error. preprocess.py --input=ROOT/stage_2_train.
+    Returns (studies, tally, columns)."""
+    path = labels_path or os.path.join(root_dir, "stage_2_train.csv")
+    rows, _ = _read_table(path, ["ID", "Label"])
+    labels, tally = {}, Tally(rows=len(rows))
+    for r in rows:
+        m = re.fullmatch(r"(ID_[0-9A-Za-z]+)_([a-z]+)", r["ID"])
+        if not m or m.group(2) not in RSNA_SUBTYPES:
+            raise BenchmarkError(f"{path}:{r['_line']}: ID must be ID_<SOPInstanceUID>_<subtype>, got {r['ID']!r}")
+        if r["Label"] not in ("0", "1"):
+            raise BenchmarkError(f"{path}:{r['_line']}: Label must be 0 or 1, got {r['Label']!r}")
+        d = labels.setdefault(m.group(1), {})
+        c = RSNA_SUBTYPES[m.group(2)]
+        if c in d:
+            if d[c] != int(r["Label"]):
+                raise BenchmarkError(f"{path}:{r['_line']}: conflicting duplicate row for one image and subtype")
+            tally["duplicate rows (identical, counted once)"] += 1
+            continue
+        d[c] = int(r["Label"])
+    incomplete = sum(len(d) != len(RSNA_SUBTYPES) for d in labels.values())
+    if incomplete:
+        raise BenchmarkError(f"{path}: {incomplete} images lack some of the six subtype rows")
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir, followlinks=True) for f in fs
+                   if f.lower().endswith(".dcm"))
+    if n_workers > 1 and len(files) > 200:
+        import multiprocessing as mp
+        with mp.Pool(n_workers) as pool:
+            heads = pool.map(_rsna_header, files, chunksize=256)
+    else:
+        heads = [_rsna_header(f) for f in files]
+    studies, img_tally = {}, Tally(dicom_files=len(files))
+    labelled = set()
+    for p, sop, uid, pid in heads:
+        if not sop or not uid:
+            img_tally["DICOM files unreadable or without UIDs"] += 1
+            continue
+        y = labels.get(sop)
+        if y is None:
+            img_tally["DICOM files without label rows"] += 1
+            continue
+        labelled.add(sop)
+        st = studies.get(uid)
+        if st is None:
+            st = studies[uid] = Study(f"rsna:{uid}", pid or uid, "CT", uid=uid)
+            st.tasks["ich"] = {c: 0 for c in RSNA_SUBTYPES.values()}
+        for c, v in y.items():
+            st.tasks["ich"][c] = max(st.tasks["ich"][c], v)
+        img_tally["DICOM files labelled"] += 1
+    tally["images (6 rows each) labelled"] = len(labelled)
+    tally["images with label rows but no DICOM file (left out)"] = len(labels) - len(labelled)
+    for k, v in img_tally.items():
+        tally[k] = v
+    return list(studies.values()), tally, {"ich": list(RSNA_SUBTYPES.values())}
+
+
+# ----------------------------------------------------------------------------- CQ500
+
+CQ500_READS = {"ICH": "ich", "IPH": "iph", "IVH": "ivh", "SDH": "sdh", "EDH": "edh", "SAH": "sah",
+               "BleedLocation-Left": "bleed_left", "BleedLocation-Right": "bleed_right", "ChronicBleed": "chronic_bleed",
+               "Fracture": "fracture", "CalvarialFracture": "calvarial_fracture", "OtherFracture": "other_fracture",
+               "MassEffect": "mass_effect", "MidlineShift": "midline_shift"}
+# side columns of the detection class, for evaluate.py's side accuracy given detection
+LATERALITY = ("ich", "bleed_left", "bleed_right")
+
+
+def cq500(root_dir, labels_path=""):
+    """CQ500 head CT (Chilamkurthy et al., Lancet 2018; headctstudy.qure.ai; CC BY-NC-SA 4.0).
+
+    Layout: ROOT/reads.csv (columns name, and R1:/R2:/R3: reads of ICH, IPH, IVH, SDH, EDH, SAH,
+    BleedLocation-Left, BleedLocation-Right, ChronicBleed, Fracture, CalvarialFracture,
+    OtherFracture, MassEffect, MidlineShift) and the unzipped studies: a folder per name
+    CQ500-CT-<n> named "CQ500CT<n> CQ500CT<n>" (or CQ500-CT-<n>) holding the DICOM series.
+    Labels: majority (2 of 3 readers) per read: ich, iph, ivh, sdh, edh, sah, bleed_left,
+    bleed_right, chronic_bleed, fracture, calvarial_fracture, other_fracture, mass_effect,
+    midline_shift. The study key comes from the StudyInstanceUID of the folder's DICOM files.
+    preprocess.py --input=ROOT. Returns (studies, tally, columns)."""
+    path = labels_path or os.path.join(root_dir, "reads.csv")
+    need = ["name"] + [f"R{i}:{c}" for i in (1, 2, 3) for c in CQ500_READS]
+    rows, _ = _read_table(path, need)
+    folders = {}
+    for d, dirs, _ in os.walk(root_dir, followlinks=True):
+        dirs.sort()
+        for x in list(dirs):
+            m = re.match(r"CQ500-?CT-?(\d+)(?:\s|$)", x)
+            if m:
+                folders.setdefault(int(m.group(1)), os.path.join(d, x))
+                dirs.remove(x)
+    tally, studies, seen = Tally(rows=len(rows)), [], {}
+    for r in rows:
+        m = re.fullmatch(r"CQ500-?CT-?(\d+)", r["name"])
+        if not m:
+            raise BenchmarkError(f"{path}:{r['_line']}: name must be CQ500-CT-<n>, got {r['name']!r}")
+        n = int(m.group(1))
+        if n in seen:
+            raise BenchmarkError(f"{path}:{r['_line']}: duplicate study (also line {seen[n]})")
+        seen[n] = r["_line"]
+        y = {}
+        for c, col in CQ500_READS.items():
+            v = [r[f"R{i}:{c}"] for i in (1, 2, 3)]
+            if any(x not in ("0", "1") for x in v):
+                raise BenchmarkError(f"{path}:{r['_line']}: R*:{c} must be 0 or 1, got {v}")
+            y[col] = int(sum(map(int, v)) >= 2)
+        if n not in folders:
+            tally["rows without a study folder (left out)"] += 1
+            continue
+        st = Study(f"cq500:{n}", f"cq500:{n}", "CT", uid=_folder_study_uid(folders[n]))
+        st.tasks["ich"] = y
+        studies.append(st)
+        tally["rows labelled"] += 1
+    tally["study folders without a read (not labelled)"] = len(set(folders) - set(seen))
+    return studies, tally, {"ich": list(CQ500_READS.values())}
+
+
+ADAPTERS = {"openbhb": openbhb, "adni": adni, "oasis1": oasis1, "abide": abide, "rsna": rsna, "cq500": cq500}
+PREPROCESS_INPUT = {"rsna": "the folder of the .dcm files (ROOT/stage_2_train)", "cq500": "ROOT"}
+
+
+def run(name, root_dir, out_dir, salt_value="", how="symlink", labels_path="", **options):
+    """One dataset end to end: adapter -> write_outputs. Returns the report dict."""
+    if name not in ADAPTERS:
+        raise BenchmarkError(f"--dataset={name!r}: choose one of {', '.join(ADAPTERS)}")
+    if not root_dir or not os.path.isdir(root_dir):
+        raise BenchmarkError(f"--root={root_dir!r}: not a directory (your copy of {name})")
+    if how not in ("symlink", "hardlink", "copy"):
+        raise BenchmarkError(f"--link={how!r}: choose symlink, hardlink or copy")
+    studies, tally, columns = ADAPTERS[name](root_dir, labels_path, **options)
+    if not studies:
+        raise BenchmarkError(f"{name}: no labelled study with an image under {root_dir} ({tally.line()})")
+    return write_outputs(name, studies, tally, out_dir, salt_value, how, columns,
+                         extra={"preprocess_input": PREPROCESS_INPUT.get(name, os.path.join(out_dir, "images"))})
+
+
+def main():
+    from nvfm.configurator import configure, fail
+    configure(globals())
+    opts = {"adni": dict(horizon=adni_horizon_months, max_days=adni_max_days, series_regex=adni_series),
+            "rsna": dict(n_workers=workers)}.get(dataset, {})
+    try:
+        rep = run(dataset, root, out or f"bench/{dataset}", salt, link, labels_file, **opts)
+    except BenchmarkError as e:
+        fail(str(e))
+    print(f"{dataset}: {rep['n_studies']} labelled studies of {rep['n_subjects']} subjects; input: "
+          + ", ".join(f"{v} {k}" for k, v in rep["input"].items()))
+    for t, r in rep["tasks"].items():
+        print(f"  {r['file']}: {r['n_studies']} studies, {r['n_subjects']} subjects, positives {r['positives']}")
+    print(f"next: python preprocess.py --input={rep['preprocess_input']} --output={os.path.join(out or 'bench/' + dataset, 'shards')}"
+          " (same --salt)")
+
+
+if __name__ == "__main__":
+    main()
