@@ -10,7 +10,9 @@ averages every input sample it covers, so nothing aliases (`scipy.ndimage.zoom(o
 skips samples). Tested against scipy.ndimage.map_coordinates(order=1): equal to 1e-3 of
 the range when upsampling, within 3% (max) / 0.5% (mean) when downsampling a smooth field.
 Output grids are centred on the input extent; output voxels outside the input (tilted
-stacks only) get the fill value (-1024 HU for CT, 0 for MR).
+stacks only) get the fill value (-1024 HU for CT, 0 for MR). The neurovfm preset resamples
+as the authors' SimpleITK code does instead: cubic B-spline interpolation (bspline_matrix,
+the same sparse-matrix streaming), their grid and boundary rules (resampled_neurovfm).
 
 Memory. Each kernel is a sparse (n_out, n_in) matrix. `iter_resampled` streams: input
 slices are resampled in-plane as they are read, and each output slice along the normal is
@@ -119,6 +121,83 @@ def tent_matrix(p_in, q_out, s_out, edge=0.0):
     return sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(len(q), n_in))
 
 
+def _beta3(t):
+    """Cubic B-spline kernel: 2/3 - t^2 + |t|^3 / 2 for |t| < 1, (2 - |t|)^3 / 6 for |t| < 2, else 0."""
+    a = np.abs(t)
+    return np.where(a < 1, 2.0 / 3.0 - a * a + a ** 3 / 2.0, np.where(a < 2, (2.0 - a) ** 3 / 6.0, 0.0))
+
+
+def _mirror(k, n):
+    """Whole-sample mirror of integer indices into 0..n-1 (period 2n - 2: ... 2 1 | 0 1 .. n-1 | n-2 ..),
+    ITK's and scipy.ndimage's mode "mirror"; every index is 0 when n == 1."""
+    k = np.asarray(k)
+    if n == 1:
+        return np.zeros_like(k)
+    per = 2 * (n - 1)
+    k = np.abs(k) % per
+    return np.where(k >= n, per - k, k)
+
+
+def bspline_index(p_in, q_out):
+    """Continuous input index of output positions q_out (mm) on sorted input positions p_in:
+    (q - p0) / gap for a uniform p_in; for a non-uniform one the piecewise-linear map between
+    the samples' positions and their indices (extended past the ends with the end gaps)."""
+    p = np.asarray(p_in, float)
+    q = np.asarray(q_out, float)
+    n = len(p)
+    if n == 1:
+        return np.zeros_like(q)
+    gaps = np.diff(p)
+    if np.allclose(gaps, gaps.mean(), rtol=1e-6, atol=1e-9):
+        return (q - p[0]) / ((p[-1] - p[0]) / (n - 1))
+    x = np.interp(q, p, np.arange(n, dtype=float))
+    x = np.where(q < p[0], (q - p[0]) / gaps[0], x)
+    return np.where(q > p[-1], n - 1 + (q - p[-1]) / gaps[-1], x)
+
+
+def bspline_matrix(p_in, q_out, tol=1e-10, reverse=False):
+    """Sparse CSR (n_out, n_in) float32 weights of cubic B-spline interpolation (SimpleITK's
+    sitkBSpline: ITK BSplineInterpolateImageFunction of order 3 on the coefficients of
+    BSplineDecompositionImageFilter) from input positions p_in (mm) to output positions q_out.
+
+    Interpolating, not smoothing: the coefficients c solve M c = f, M the (1/6, 2/3, 1/6)
+    convolution with whole-sample mirror boundaries (c[-k] = c[k], c[n-1+k] = c[n-1-k]; ITK's
+    and scipy.ndimage.spline_filter's mode "mirror"); the value at continuous index x is
+    sum_k c[mirror(k)] beta3(x - k) over the 4 nearest k. So the weights are B(x) M^-1, one
+    banded tridiagonal solve. M^-1 decays as 0.268^|i-j|: weights below `tol` (~40 inputs
+    from an output) are dropped; rows sum to 1, polynomials of degree <= 3 are reproduced
+    exactly away from the ends (the mirror makes the end derivative 0, so a line bends within
+    a few samples of an end). Boundaries as ITK's ResampleImageFilter: an output whose index x
+    is outside [-0.5, n - 0.5) gets an all-zero row (the caller's fill, their default pixel
+    value); inside, the B-spline extends past the end samples by the mirror. reverse=True:
+    the axis runs the other way in their (RPI) image, so the half-open interval is
+    (-0.5, n - 0.5] here (an output exactly half a sample past the end is out in either
+    order). Nothing is averaged when downsampling (theirs aliases; tent_matrix does not)."""
+    from scipy.linalg import solve_banded
+    x = bspline_index(p_in, q_out)
+    n, m = len(p_in), len(x)
+    inside = ((x > -0.5) & (x <= n - 0.5)) if reverse else ((x >= -0.5) & (x < n - 0.5))
+    o = np.nonzero(inside)[0]
+    if not len(o):
+        return sp.csr_matrix((m, n), dtype=np.float32)
+    base = np.floor(x[o]).astype(np.int64) - 1
+    ks = base[:, None] + np.arange(4)  # the 4 coefficients under each output
+    B = np.zeros((n, len(o)))  # B^T: input (coefficient) x inside output
+    np.add.at(B, (_mirror(ks, n), np.broadcast_to(np.arange(len(o))[:, None], ks.shape)), _beta3(x[o][:, None] - ks))
+    # M^T (banded, (1, 1)): M[i, mirror(i + d)] += beta3(d) for d = -1, 0, 1
+    M = np.zeros((n, n))
+    for d, w in ((-1, 1.0 / 6.0), (0, 2.0 / 3.0), (1, 1.0 / 6.0)):
+        np.add.at(M, (np.arange(n), _mirror(np.arange(n) + d, n)), w)
+    ab = np.zeros((3, n))  # solve_banded's layout of A = M^T: ab[1 + i - j, j] = A[i, j] = M[j, i]
+    for e in (-1, 0, 1):  # i = j + e
+        j = np.arange(max(0, -e), min(n, n - e))
+        ab[1 + e, j] = M[j, j + e]
+    W = solve_banded((1, 1), ab, B).T  # (inside outputs, n): B(x) M^-1
+    W[np.abs(W) < tol] = 0.0
+    rows, cols = np.nonzero(W)
+    return sp.csr_matrix((W[rows, cols].astype(np.float32), (o[rows], cols)), shape=(m, n))
+
+
 try:  # scipy's CSR x dense kernel, called directly: the `W @ x` operator's dispatch costs more
     from scipy.sparse._sparsetools import csr_matvecs as _csr_matvecs  # than the product here
 except ImportError:  # pragma: no cover (a scipy without it: the public operator)
@@ -139,45 +218,80 @@ def csr_dot(W, x):
     return y
 
 
-def resample_grid(stack, spacing=SPACING):
+def _toward_lap(affine, shape):
+    """Per native axis (n, c, r): does it point toward L, A or S (reversed in an RPI image)?"""
+    perm, flips = canonical_transform(affine, shape)[:2]
+    out = [False] * 3
+    for t, a in enumerate(perm):
+        out[a] = bool(flips[t])
+    return out
+
+
+def resample_grid(stack, spacing=SPACING, grid="centre"):
     """Output grid of a stack: positions q_n, q_c, q_r (mm, stack frame) and the affine
-    output voxel (n, c, r) -> RAS mm."""
+    output voxel (n, c, r) -> RAS mm.
+
+    grid "centre" (nvfm): per axis floor(extent / s) + 1 positions centred on the input's
+    extent. grid "origin" (the authors' SimpleITK resampling after orienting to RPI): per axis
+    int(N * (spacing_in / s)) positions from the input sample that comes first in R/P/I order
+    (their image origin), N the axis' sample count (in-plane: at the acquired resolution)."""
     su, sv = stack.shear[:, 0], stack.shear[:, 1]
     K, R, C = stack.shape
     ext = getattr(stack, "extent", ((R - 1) * stack.ps[0], (C - 1) * stack.ps[1]))  # acquired in-plane extent
-    q_c = out_grid(su.min(), su.max() + ext[0], spacing[1])
-    q_r = out_grid(sv.min(), sv.max() + ext[1], spacing[2])
-    q_n = out_grid(0.0, stack.d[-1], spacing[0])
-    A = np.eye(4)
-    A[:3, 0] = stack.n * spacing[0]
-    A[:3, 1] = stack.c * spacing[1]
-    A[:3, 2] = stack.r * spacing[2]
-    A[:3, 3] = stack.o0 + q_n[0] * stack.n + q_c[0] * stack.c + q_r[0] * stack.r
-    return q_n, q_c, q_r, LPS_TO_RAS @ A
+    bounds = ((0.0, float(stack.d[-1])), (su.min(), su.max() + ext[0]), (sv.min(), sv.max() + ext[1]))
+    q = [out_grid(lo, hi, s) for (lo, hi), s in zip(bounds, spacing)]
+
+    def affine(q_n, q_c, q_r):
+        A = np.eye(4)
+        A[:3, 0] = stack.n * spacing[0]
+        A[:3, 1] = stack.c * spacing[1]
+        A[:3, 2] = stack.r * spacing[2]
+        A[:3, 3] = stack.o0 + q_n[0] * stack.n + q_c[0] * stack.c + q_r[0] * stack.r
+        return LPS_TO_RAS @ A
+    if grid == "origin":
+        toward_lap = _toward_lap(affine(*q), tuple(len(x) for x in q))
+        nps = getattr(stack, "native_ps", stack.ps)
+        counts = (K, int(round(ext[0] / nps[0])) + 1, int(round(ext[1] / nps[1])) + 1)
+        gaps = (bounds[0][1] / (K - 1) if K > 1 else spacing[0], nps[0], nps[1])
+        q = []
+        for (lo, hi), s, n, g, back in zip(bounds, spacing, counts, gaps, toward_lap):
+            i = s * np.arange(int(n * (g / s)))  # their size: int(size * (spacing / target)), in that order
+            q.append(hi - i[::-1] if back else lo + i)
+    elif grid != "centre":
+        raise ValueError(f"grid must be 'centre' or 'origin', not {grid!r}")
+    return q[0], q[1], q[2], affine(*q)
 
 
-def iter_resampled(stack, spacing=SPACING, fill=None):
+def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centre", clamp=True, on_slice=None):
     """Stream a SliceStack resampled to `spacing` (mm along normal, c, r).
 
     Yields (j, float32 (H, W)) for output slices j = 0..D-1 along the normal, in order,
     holding only the in-plane-resampled input slices under the current kernel (memory ~ a
-    few slices). CT values are clamped to HU_RANGE first; fill defaults to -1024 (CT) or 0.
+    few slices). CT values are clamped to HU_RANGE first (unless clamp=False); fill
+    defaults to -1024 (CT) or 0. kernel "tent" (tent_matrix) or "bspline" (bspline_matrix);
+    grid as resample_grid; on_slice(x) sees each input slice as read (before the clamp).
     """
-    ct = stack.modality == "CT"
+    if kernel not in ("tent", "bspline"):
+        raise ValueError(f"kernel must be 'tent' or 'bspline', not {kernel!r}")
+
+    def weights(p, q_out, s, edge=0.0, axis=0):
+        return tent_matrix(p, q_out, s, edge) if kernel == "tent" else bspline_matrix(p, q_out, reverse=rev[axis])
+    ct = stack.modality == "CT" and clamp
     if fill is None:
-        fill = HU_RANGE[0] if ct else 0.0
+        fill = HU_RANGE[0] if stack.modality == "CT" else 0.0
     fill = np.float32(fill)
     K, R, C = stack.shape
     su, sv = stack.shear[:, 0], stack.shear[:, 1]
     tilted = bool(np.abs(stack.shear).max() > 1e-3)
     pr = np.arange(R) * stack.ps[0]  # along c
     pc = np.arange(C) * stack.ps[1]  # along r
-    q_n, q_c, q_r, _ = resample_grid(stack, spacing)
+    q_n, q_c, q_r, A0 = resample_grid(stack, spacing, grid)
+    rev = _toward_lap(A0, (len(q_n), len(q_c), len(q_r))) if kernel == "bspline" else [False] * 3
     ext = getattr(stack, "extent", (pr[-1], pc[-1]))
     e_c, e_r = max(ext[0] - pr[-1], 0.0), max(ext[1] - pc[-1], 0.0)  # > 0 only for a reduced decode
     if not tilted:
-        Wc0 = tent_matrix(pr, q_c, spacing[1], e_c)
-        Wr0 = tent_matrix(pc, q_r, spacing[2], e_r)
+        Wc0 = weights(pr, q_c, spacing[1], e_c, 1)
+        Wr0 = weights(pc, q_r, spacing[2], e_r, 2)
 
     def inplane(k):
         x = stack.slice(k)
@@ -187,13 +301,15 @@ def iter_resampled(stack, spacing=SPACING, fill=None):
         # loader already guarantees finite values (SliceStack.finite)
         if not getattr(stack, "finite", False) and not np.isfinite(x.sum(dtype=np.float64)):
             raise SeriesError("non-finite pixel values")
+        if on_slice is not None:
+            on_slice(x)
         if ct:
             np.clip(x, HU_RANGE[0], HU_RANGE[1], out=x)
         if fill:
             x -= fill  # resample (x - fill): rows/columns without support come out as fill
         if tilted:  # each slice shifted in-plane by its shear: its own weights
-            Wc = tent_matrix(pr + su[k], q_c, spacing[1], e_c)
-            Wr = tent_matrix(pc + sv[k], q_r, spacing[2], e_r)
+            Wc = weights(pr + su[k], q_c, spacing[1], e_c, 1)
+            Wr = weights(pc + sv[k], q_r, spacing[2], e_r, 2)
             cover = np.outer(np.asarray(Wc.sum(1)).ravel(),
                              np.asarray(Wr.T.tocsr().sum(0)).ravel()).astype(np.float32)
         else:
@@ -201,10 +317,12 @@ def iter_resampled(stack, spacing=SPACING, fill=None):
         y = csr_dot(Wc, x)  # (H, C): along c
         return np.ascontiguousarray(csr_dot(Wr, y.T).T), cover  # (H, W): then along r
 
-    Wn = tent_matrix(stack.d, q_n, spacing[0])
+    Wn = weights(stack.d, q_n, spacing[0])
     tmp = np.empty((len(q_c), len(q_r)), np.float32)
     held = {}
     k_next = 0
+    last = np.full(K, -1, np.int64)  # the last output slice that uses each input slice
+    np.maximum.at(last, Wn.indices, np.repeat(np.arange(len(q_n)), np.diff(Wn.indptr)))
     for j in range(len(q_n)):
         cols = Wn.indices[Wn.indptr[j]:Wn.indptr[j + 1]]
         ws = Wn.data[Wn.indptr[j]:Wn.indptr[j + 1]]
@@ -212,7 +330,7 @@ def iter_resampled(stack, spacing=SPACING, fill=None):
             while k_next <= cols.max():
                 held[k_next] = inplane(k_next)
                 k_next += 1
-            for k in [k for k in held if k < cols.min()]:
+            for k in [k for k in held if last[k] < j]:
                 del held[k]
         out = np.zeros((len(q_c), len(q_r)), np.float32)
         cov = np.zeros_like(out) if tilted else None
@@ -595,6 +713,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
 # neurovfm/data/preprocess.py prepare_for_inference), for users of their released encoder.
 # Statistics are taken over the centred crop to whole patches (their crop precedes them);
 # the shard keeps the whole volume and encode.py --preset=neurovfm applies the same crop.
+# Resampling is theirs too (resampled_neurovfm: cubic B-spline on their grid, bspline_matrix).
 
 NEUROVFM_MR_FG_PERCENTILE = 10.0  # MR foreground: voxels strictly above this percentile
 NEUROVFM_MR_CLIP = (0.5, 99.5)  # MR intensity: clip to these percentiles, then min-max to [0, 1]
@@ -645,16 +764,17 @@ def neurovfm_ct_mask(hu):
     return (np.asarray(hu) > CT_AIR_HU).astype(np.uint8)
 
 
-def resampled_canonical(stack, spacing=SPACING):
+def resampled_canonical(stack, spacing=SPACING, **how):
     """SliceStack -> (float32 (D, H, W) canonical volume, canonical affine, orientation codes):
     the same resampling and orientation as process_stack, kept in float (CT in clamped HU,
-    MR with MONOCHROME1 inverted), for rules that need the whole volume's values."""
-    q_n, q_c, q_r, A0 = resample_grid(stack, spacing)
+    MR with MONOCHROME1 inverted), for rules that need the whole volume's values. `how`:
+    iter_resampled's fill / kernel / grid / clamp (resampled_neurovfm: the authors' choices)."""
+    q_n, q_c, q_r, A0 = resample_grid(stack, spacing, how.get("grid", "centre"))
     perm, flips, A, codes, (D, H, W) = canonical_transform(A0, (len(q_n), len(q_c), len(q_r)))
     if min(D, H, W) < 1:
         raise SeriesError("empty volume after resampling")
     vol = np.empty((D, H, W), np.float32)
-    for j, sl in iter_resampled(stack, spacing):
+    for j, sl in iter_resampled(stack, spacing, **how):
         if perm[1] == 2:
             sl = sl.T
         if flips[1]:
@@ -667,13 +787,36 @@ def resampled_canonical(stack, spacing=SPACING):
     return vol, A, codes
 
 
+def resampled_neurovfm(stack, spacing=SPACING):
+    """The authors' resampling (SimpleITK ResampleImageFilter, sitkBSpline, after orienting
+    to RPI; neurovfm/data/utils.py preprocess_image) of a SliceStack -> as resampled_canonical:
+    cubic B-spline interpolation (bspline_matrix, separable per axis), their grid
+    (resample_grid "origin"), 0 outside the input (their default pixel value, for CT too),
+    no HU clamp before interpolating, and integer-valued inputs (DICOM integer pixels with an
+    integer rescale: SimpleITK keeps an integer pixel type) truncated toward 0 after it (ITK's
+    static_cast). What stays ours: a gantry tilt is resampled away (their reader ignores it),
+    a non-uniform slice axis is interpolated at the slices' own positions (theirs assumes one
+    spacing), and an oblique series keeps its own grid; they choose the 4 mm axis by a
+    spacing/size heuristic, we take the acquisition axis (the same for ordinary series)."""
+    integral = [True]
+
+    def seen(x):
+        if integral[0] and not np.array_equal(x, np.trunc(x)):
+            integral[0] = False
+    vol, A, codes = resampled_canonical(stack, spacing, fill=0.0, kernel="bspline", grid="origin", clamp=False,
+                                        on_slice=seen)
+    if integral[0]:
+        np.trunc(vol, out=vol)
+    return vol, A, codes
+
+
 def process_stack_neurovfm(stack, min_fg_fraction=1.0, spacing=SPACING):
     """process_stack under the authors' rules (preprocess.py --preset=neurovfm); same output
     dict. MR: foreground above the 10th percentile, intensity clipped to the 0.5 / 99.5th
     percentiles then min-max (statistics of the centre crop); CT: foreground HU > -500 with
     no hole filling, windows as process_stack (the shard format's brain 8-bit, blood/bone 4-bit).
-    Resampling is nvfm's (tent / linear), not their B-spline (README, released encoder)."""
-    vol, A, codes = resampled_canonical(stack, spacing)
+    Resampling is theirs: cubic B-spline on their grid (resampled_neurovfm)."""
+    vol, A, codes = resampled_neurovfm(stack, spacing)
     if stack.modality == "CT":
         data = ct_channels(vol)
         mask = neurovfm_ct_mask(vol)

@@ -120,7 +120,7 @@ def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
     assert set(by_mod) == {"CT", "MR"}
     i = by_mod["MR"]
     data, mask = r.volume(i)
-    vol, _, _ = V.resampled_canonical(dicom.nifti_stack(inputs, "mr.nii.gz"))
+    vol, _, _ = V.resampled_neurovfm(dicom.nifti_stack(inputs, "mr.nii.gz"))
     crop = vol[V.neurovfm_crop(vol.shape)]
     t, lo, hi = (pct_by_hand(crop, q) for q in (10, 0.5, 99.5))
     np.testing.assert_array_equal(np.asarray(mask), (vol > t).astype(np.uint8))
