@@ -79,7 +79,11 @@ def main():
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         fail(f"--shards: {shards} has no manifest.json (a shard set written by preprocess.py)")
     with open(os.path.join(shards, "manifest.json")) as f:
-        shard_preset = json.load(f).get("preset", "nvfm")
+        shard_man = json.load(f)
+    shard_preset = shard_man.get("preset", "nvfm")
+    if shard_preset == "neurovfm" and shard_man.get("resampling", "tent") != "bspline":
+        print(f"encode: note: {shards} was written by an older --preset=neurovfm (tent resampling, not the "
+              "authors' B-spline): rerun preprocess.py into a new --output for their resampling")
     use = preset or shard_preset
     if use not in PRESETS:
         fail(f"--preset={use!r}: choose one of {sorted(PRESETS)}")
@@ -91,7 +95,10 @@ def main():
     rules = dict(PRESETS[use])
     if min_fg_fraction >= 0:
         rules["min_fg_fraction"] = min_fg_fraction
-    reader = ShardReader(shards)
+    try:
+        reader = ShardReader(shards)
+    except ValueError as e:  # a shard format this version does not read
+        fail(str(e))
     splits = None if split == "all" else set(split.split(","))
     studies = OrderedDict()
     for i, v in enumerate(reader.volumes):

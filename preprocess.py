@@ -90,6 +90,9 @@ SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
 # voxel rules per --preset (nvfm/volume.py) and the token rule each defaults to; recorded as
 # manifest["preset"] (absent in older manifests: "nvfm") so encode.py can check it
 PRESETS = {"nvfm": (process_stack, 0.5), "neurovfm": (process_stack_neurovfm, 1.0)}
+# how each preset resamples, recorded as manifest["resampling"] for presets other than nvfm
+# (absent: "tent", all nvfm manifests and neurovfm ones written before its B-spline resampling)
+RESAMPLING = {"nvfm": "tent", "neurovfm": "bspline"}
 
 
 def resolve_salt(s):
@@ -481,6 +484,10 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         if old.get("preset", "nvfm") != cfg_preset:
             raise SystemExit(f"preprocess: {output_dir} was written with --preset={old.get('preset', 'nvfm')}; "
                              "use the same preset or a new --output")
+        if old.get("resampling", "tent") != RESAMPLING[cfg_preset]:
+            raise SystemExit(f"preprocess: {output_dir} was written with {old.get('resampling', 'tent')} resampling "
+                             f"(an older --preset={cfg_preset}); this version resamples with "
+                             f"{RESAMPLING[cfg_preset]}: use a new --output")
     settings = run_settings(cfg_preset, cfg_min_fg, salt_id)
     check_settings(output_dir, settings)  # parts of a killed run or of other array jobs
     splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log)
@@ -620,6 +627,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                  "patch": list(shards.PATCH), "min_fg_fraction": cfg_min_fg}
         if cfg_preset != "nvfm":  # the default adds no key: nvfm manifests stay byte-identical
             extra["preset"] = cfg_preset
+            extra["resampling"] = RESAMPLING[cfg_preset]
         manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9), cfg_fsync)
         shards.remove_parts(output_dir)
     finally:
@@ -641,7 +649,7 @@ def run_settings(preset_name, min_fg, salt_id):
     voxel rules (--preset), token rule (min_fg_fraction), salt (study keys) and the shard
     format version."""
     return {"preset": preset_name, "min_fg_fraction": float(min_fg), "salt_id": salt_id,
-            "format": shards.VERSION}
+            "format": shards.VERSION, "resampling": RESAMPLING[preset_name]}
 
 
 def _settings_text(st):
@@ -650,13 +658,16 @@ def _settings_text(st):
 
 def _settings_conflict(output_dir, theirs, mine, where):
     """One-line SystemExit naming what differs, or None when `theirs` matches `mine`."""
-    diff = [k for k in ("preset", "min_fg_fraction", "salt_id", "format") if k in theirs and theirs[k] != mine[k]]
+    diff = [k for k in ("preset", "min_fg_fraction", "salt_id", "format", "resampling")
+            if k in theirs and theirs[k] != mine[k]]
     if not diff:
         return
     if diff == ["salt_id"]:
         what = "another salt"
     elif diff == ["format"]:
         what = f"shard format {theirs['format']} (this version writes {mine['format']})"
+    elif diff == ["resampling"]:
+        what = f"{theirs['resampling']} resampling (this version's --preset={mine['preset']}: {mine['resampling']})"
     else:
         what = _settings_text(theirs)
     raise SystemExit(f"preprocess: {output_dir} holds unfinished work ({where}) written with {what}; this run has "

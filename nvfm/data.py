@@ -222,6 +222,10 @@ class ShardReader:
         self.root = root
         with open(os.path.join(root, "manifest.json")) as f:
             self.manifest = json.load(f)
+        version = self.manifest.get("version", 1)
+        if not isinstance(version, int) or not 1 <= version <= VERSION:
+            raise ValueError(f"{os.path.join(root, 'manifest.json')}: shard format version {version!r}; this nvfm "
+                             f"reads versions 1..{VERSION} (update nvfm, or rerun preprocess.py)")
         self.volumes = self.manifest["volumes"]
         self._maps = {}
         self._tmask = {}

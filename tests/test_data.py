@@ -146,3 +146,28 @@ def test_pack_mask_roundtrip():
     for grid in [(1, 1, 1), (3, 5, 7), (10, 14, 14)]:
         m = rng.random(grid) < 0.4
         assert np.array_equal(shards.unpack_mask(shards.pack_mask(m), grid), m)
+
+
+def test_manifest_format_version_is_checked(shard_set):
+    """Shards record their format version; version 1 (and older manifests without the key)
+    load, a version this nvfm does not know is a one-line error naming the file."""
+    out, _ = shard_set
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        man = json.load(f)
+    assert man["version"] == shards.VERSION == 1
+    ref = shards.ShardReader(out)
+    data0, mask0 = (np.asarray(a).copy() for a in ref.volume(0))
+    del man["version"]  # an older manifest without the key
+    with open(path, "w") as f:
+        json.dump(man, f)
+    r = shards.ShardReader(out)
+    np.testing.assert_array_equal(r.volume(0)[0], data0)
+    np.testing.assert_array_equal(r.volume(0)[1], mask0)
+    for bad in (shards.VERSION + 1, "2", 0):
+        man["version"] = bad
+        with open(path, "w") as f:
+            json.dump(man, f)
+        with pytest.raises(ValueError, match=r"manifest.json: shard format version .*reads versions 1\.\.1") as e:
+            shards.ShardReader(out)
+        assert "\n" not in str(e.value)

@@ -236,7 +236,19 @@ def test_encode_py_reads_their_files_with_their_token_rules(small, tmp_path):
             continue
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
         assert "0 failed" in p.stdout
+        # a neurovfm manifest without "resampling" predates the B-spline resampling: a note says so
+        assert "older --preset=neurovfm (tent resampling" in p.stdout
         caches[name] = FeatureCache(str(out))
+    # a shard format this nvfm does not read: one line, exit status 1, nothing encoded
+    future = tmp_path / "future"
+    future.mkdir()
+    with open(future / "manifest.json", "w") as f:
+        json.dump(dict(man, version=99), f)
+    p = subprocess.run([sys.executable, "encode.py", f"--shards={future}", f"--encoder={rel}",
+                        f"--out={tmp_path / 'feat_future'}", "--device=cpu"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "shard format version 99" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "feat_future")
     a, b = caches["dir"], caches["conv"]
     assert "+tokens:fg1,centre" in a.encoder_hash
     reader = ShardReader(shards)

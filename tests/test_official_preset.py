@@ -114,7 +114,7 @@ def test_resampling_and_orientation_are_process_stacks(inputs):
 def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
     out = str(tmp_path / "shards")
     man = preprocess.run(inputs, out, n_workers=0, cfg_min_fg=-1.0, cfg_progress=False, cfg_preset="neurovfm")
-    assert man["preset"] == "neurovfm" and man["min_fg_fraction"] == 1.0
+    assert man["preset"] == "neurovfm" and man["min_fg_fraction"] == 1.0 and man["resampling"] == "bspline"
     r = ShardReader(out)
     by_mod = {v["modality"]: i for i, v in enumerate(r.volumes)}
     assert set(by_mod) == {"CT", "MR"}
@@ -191,3 +191,22 @@ def test_array_jobs_with_mixed_presets_are_refused(inputs, tmp_path):
         json.dump(d, f)
     man = preprocess.run(inputs, out, n_workers=0, shard_spec="1/2", cfg_progress=False, cfg_preset="neurovfm")
     assert man["preset"] == "neurovfm" and man["volumes"]
+
+
+def test_output_of_an_older_neurovfm_preset_is_not_extended(inputs, tmp_path):
+    """A neurovfm output written before the B-spline resampling (no "resampling" key) gets no
+    studies resampled the new way: a rerun into it is refused; nvfm outputs are unaffected."""
+    out = str(tmp_path / "shards")
+    preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        man = json.load(f)
+    del man["resampling"]
+    with open(path, "w") as f:
+        json.dump(man, f)
+    with pytest.raises(SystemExit, match="written with tent resampling .*an older --preset=neurovfm.* bspline"):
+        preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    nv = str(tmp_path / "nvfm")
+    preprocess.run(inputs, nv, n_workers=0, cfg_progress=False)
+    man2 = preprocess.run(inputs, nv, n_workers=0, cfg_progress=False)  # a rerun of a complete nvfm output
+    assert "resampling" not in man2 and man2["volumes"]
