@@ -2,7 +2,7 @@
 
     python preprocess.py --input=demo/dicom --output=shards [--labels=demo/labels.csv]
         [--findings=demo/findings.jsonl] [--workers=2] [--shard=0/1] [--salt=...]
-        [--preset=neurovfm]   # the authors' foreground / intensity rules, for their released encoder
+        [--preset=neurovfm]   # the authors' resampling / foreground / intensity rules, for their released encoder
 
 Steps: list files -> header scan (pydicom stop_before_pixels, parallel) -> group studies and
 series (nvfm/dicom.py) -> per study, in worker processes: assemble each series, resample
@@ -46,6 +46,10 @@ The manifest stores only salt_id = sha256 of the salt, never the salt. Nothing u
 their relative path (the operator needs it; set --log_paths=False to print hashed keys
 only); the copy of the log in OUTPUT/preprocess.log always uses hashed keys. Users must
 not rely on folder names being hidden anywhere but in the output directory.
+
+--preset=neurovfm also keeps each volume's resampled intensities (CT HU, MR values; int16
+when integral, else float32) beside the uint8 windows: shard format 2 (nvfm/data.py), about
+2 more bytes per voxel, so their float [0, 1] windows are exact (ShardReader.window_float).
 
 Splits: from the `split` column of --labels when given (train/val/test), else a
 deterministic hash of the study key: 80% train, 10% val, 10% test.
@@ -311,7 +315,9 @@ def process_study(task):
                    original_spacing=out["original_spacing"], tilt_deg=out["tilt_deg"],
                    duplicates_dropped=st.dropped_duplicates, warnings=list(st.warnings), token_grid=list(tm.shape),
                    n_tokens=int(tm.sum()), token_mask=shards.pack_mask(tm))
-        volumes.append((rec, out["data"], out["mask"]))
+        if "clip" in out:  # MR under --preset=neurovfm: their intensity clip, for ShardReader.window_float
+            rec["clip"] = [float(x) for x in out["clip"]]
+        volumes.append((rec, out["data"], out["mask"], out.get("values")))
     _W["writer"].add_study(key, volumes, events)
     return key, len(volumes), console
 

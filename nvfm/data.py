@@ -7,6 +7,14 @@ Layout of a shard set (DESIGN.md section 2):
     SHARDS/labels.csv, SHARDS/findings.jsonl   re-keyed copies (study_uid -> study_key)
 One volume at `offset`: `channels x D x H x W` uint8 (MR: 1 channel; CT: [brain W80/L40,
 blood << 4 | bone]), then the voxel foreground mask `D x H x W` uint8 0/1; `nbytes` is both.
+Format version 2 (manifest "version"; written only when a volume has one, else 1) adds an
+optional third block: a volume record with `values` ("int16" | "float32") holds the
+resampled intensities (CT: HU; MR: scanner values) `D x H x W` little-endian at byte
+`values_at` from `offset` (a multiple of 8), and `nbytes` covers it. preprocess.py
+--preset=neurovfm writes it (MR records then carry `clip` [lo, hi]), so their float [0, 1]
+windows are exact (`ShardReader.window_float`) where the uint8 windows are 1/510 (brain, MR)
+or 1/30 (blood, bone nibbles) off. Readers of version 1 ignore the block (it lies past the
+mask), so every reader of the uint8 windows reads both versions alike.
 
 Volume record keys: volume_id, study_key, series_key, split, modality ("CT"|"MR"), family,
 shard, offset, nbytes, shape [D, H, W], channels, spacing [4, 1, 1] (mm, D H W), affine
@@ -50,7 +58,8 @@ import os
 
 import numpy as np
 
-VERSION = 1
+VERSION = 2  # the newest format this module writes and reads (1: no source blocks)
+VALUES_DTYPES = {"int16": "<i2", "float32": "<f4"}
 ALIGN = 64
 PATCH = (4, 16, 16)
 
@@ -87,9 +96,11 @@ class PartWriter:
         self.pos = self.bin.seek(0, os.SEEK_END)
 
     def add_study(self, study_key, volumes, events):
-        """volumes: list of (record dict, data (C,D,H,W) uint8, mask (D,H,W) uint8)."""
+        """volumes: list of (record dict, data (C,D,H,W) uint8, mask (D,H,W) uint8[, values
+        (D,H,W) int16 / float32: the format-2 values block, or None])."""
         recs = []
-        for rec, data, mask in volumes:
+        for rec, data, mask, *more in volumes:
+            src = more[0] if more else None
             pad = (-self.pos) % ALIGN
             if pad:
                 self.bin.write(b"\0" * pad)
@@ -97,6 +108,17 @@ class PartWriter:
             for a in (data, mask):  # straight from the array's buffer (no bytes copy of a whole volume)
                 self.bin.write(np.ascontiguousarray(a, np.uint8).reshape(-1))
             n = data.nbytes + mask.nbytes
+            rec = dict(rec)
+            if src is not None:
+                kind = {np.dtype(np.int16): "int16", np.dtype(np.float32): "float32"}.get(np.dtype(src.dtype))
+                if kind is None or src.shape != mask.shape:
+                    raise ValueError(f"values block must be int16 or float32 of the mask's shape, "
+                                     f"not {src.dtype} {src.shape}")
+                gap = (-n) % 8
+                self.bin.write(b"\0" * gap)
+                self.bin.write(np.ascontiguousarray(src, VALUES_DTYPES[kind]).reshape(-1).view(np.uint8))
+                rec.update(values=kind, values_at=n + gap)
+                n += gap + src.nbytes
             recs.append(dict(rec, source=os.path.join("parts", self.tag + ".bin"), source_offset=self.pos, nbytes=n))
             self.pos += n
         self.bin.flush()
@@ -187,7 +209,7 @@ def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30, fsync=True):
     for stale in glob.glob(os.path.join(out_dir, "*_*.bin")):
         if os.path.basename(stale) not in names:
             os.remove(stale)
-    manifest = {"version": VERSION}
+    manifest = {"version": 2 if any(v.get("values") for v in out_vols) else 1}  # 1 stays byte-identical
     manifest.update(manifest_extra)
     manifest["volumes"] = out_vols
     manifest["shards"] = {n: os.path.getsize(os.path.join(out_dir, n)) for n in names}
@@ -248,6 +270,39 @@ class ShardReader:
         data = buf[v["offset"]:v["offset"] + n].reshape(C, D, H, W)
         mask = buf[v["offset"] + n:v["offset"] + n + D * H * W].reshape(D, H, W)
         return data, mask
+
+    def values(self, i):
+        """(D, H, W) int16 / float32 view of volume i's values block (format 2: the resampled
+        HU / MR intensities), or None when the volume has none."""
+        v = self.volumes[i]
+        kind = v.get("values")
+        if not kind:
+            return None
+        D, H, W = v["shape"]
+        start = v["offset"] + v["values_at"]
+        n = D * H * W * np.dtype(VALUES_DTYPES[kind]).itemsize
+        return self._map(v["shard"])[start:start + n].view(VALUES_DTYPES[kind]).reshape(D, H, W)
+
+    def window_float(self, i, name):
+        """One window as (D, H, W) float32 in [0, 1]: from the values block when the volume has
+        one (exact: the authors' (clip(x, lo, hi) - lo) / (hi - lo + 1e-8), in float64, with
+        the CT window's lo/hi or the MR record's `clip`), else the uint8 window / 255."""
+        vals = self.values(i)
+        rec = self.volumes[i]
+        if vals is None:
+            return self.window(i, name).astype(np.float32) / np.float32(255.0)
+        expand_window(self.volume(i)[0][:, :0], rec["modality"], name)  # checks the window name
+        if rec["modality"] == "MR":
+            lo, hi = rec["clip"]
+        else:
+            from nvfm.volume import CT_WINDOWS
+            width, level, _ = CT_WINDOWS[name]
+            lo, hi = level - width / 2.0, level + width / 2.0
+        out = np.empty(vals.shape, np.float32)
+        for d in range(vals.shape[0]):  # slice by slice: float64 scratch of one slice
+            x = np.clip(np.asarray(vals[d], np.float64), lo, hi)
+            out[d] = (x - lo) / (hi - lo + 1e-8)
+        return out
 
     def window(self, i, name):
         """One window as (D, H, W) uint8: "mr" and "brain" are views; "blood"/"bone" are the

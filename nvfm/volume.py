@@ -742,11 +742,12 @@ def neurovfm_mr_scale(x, lo, hi):
     return (np.clip(np.asarray(x, np.float64), lo, hi) - lo) / (hi - lo + NEUROVFM_EPS)
 
 
-def neurovfm_mr(vol):
+def neurovfm_mr(vol, stats=None):
     """Resampled MR (D, H, W) float -> (data (1, D, H, W) uint8, mask (D, H, W) uint8 0/1):
     mask = vol > 10th percentile (no hole filling), data = round half up of 255 x their [0, 1]
-    intensity (the shard stores uint8; |error| <= 1/510 before encode.py's / 255)."""
-    t, lo, hi = neurovfm_mr_stats(vol)
+    intensity (uint8: |error| <= 1/510 before encode.py's / 255; the exact values are the
+    shard's values block, nvfm/data.py). stats: neurovfm_mr_stats(vol) when computed."""
+    t, lo, hi = neurovfm_mr_stats(vol) if stats is None else stats
     if not hi > lo:
         raise SeriesError("constant image (no intensity range)")
     D = vol.shape[0]
@@ -810,21 +811,36 @@ def resampled_neurovfm(stack, spacing=SPACING):
     return vol, A, codes
 
 
+def values_array(vol):
+    """The resampled values kept beside the uint8 windows (nvfm/data.py "values" block):
+    int16 when every value is an integer in int16's range (their integer pixel types: CT HU,
+    most MR), else float32 (exact either way for a float32 volume)."""
+    if np.array_equal(vol, np.trunc(vol)) and vol.size and -32768 <= vol.min() and vol.max() <= 32767:
+        return vol.astype(np.int16)
+    return np.ascontiguousarray(vol, np.float32)
+
+
 def process_stack_neurovfm(stack, min_fg_fraction=1.0, spacing=SPACING):
     """process_stack under the authors' rules (preprocess.py --preset=neurovfm); same output
     dict. MR: foreground above the 10th percentile, intensity clipped to the 0.5 / 99.5th
     percentiles then min-max (statistics of the centre crop); CT: foreground HU > -500 with
     no hole filling, windows as process_stack (the shard format's brain 8-bit, blood/bone 4-bit).
-    Resampling is theirs: cubic B-spline on their grid (resampled_neurovfm)."""
+    Resampling is theirs: cubic B-spline on their grid (resampled_neurovfm). Also returns
+    `values` (values_array of the resampled volume: their intensities before windowing /
+    scaling, for full-precision windows, ShardReader.window_float) and for MR `clip` = [lo, hi]."""
     vol, A, codes = resampled_neurovfm(stack, spacing)
+    extra = {}
     if stack.modality == "CT":
         data = ct_channels(vol)
         mask = neurovfm_ct_mask(vol)
     else:
-        data, mask = neurovfm_mr(vol)
+        stats = neurovfm_mr_stats(vol)
+        data, mask = neurovfm_mr(vol, stats)
+        extra["clip"] = [stats[1], stats[2]]
+    values = values_array(vol)
     del vol
     tm = token_mask(mask, min_fg_fraction)
     return dict(data=data, mask=mask, token_mask=tm, affine=A, orientation=codes,
                 original_orientation=axis_codes(stack.native_affine()),
                 original_spacing=[round(x, 4) for x in stack.spacing], spacing=list(spacing),
-                channels=int(data.shape[0]), tilt_deg=round(stack.tilt_deg, 2))
+                channels=int(data.shape[0]), tilt_deg=round(stack.tilt_deg, 2), values=values, **extra)

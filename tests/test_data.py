@@ -138,7 +138,7 @@ def test_shard_size_limit_starts_new_files(tmp_path):
         data, mask = r.volume(i)
         assert mask.max() == 1
     with open(os.path.join(out, "manifest.json")) as f:
-        assert json.load(f)["version"] == shards.VERSION
+        assert json.load(f)["version"] == 1  # no values block: format 1, as before
 
 
 def test_pack_mask_roundtrip():
@@ -155,7 +155,7 @@ def test_manifest_format_version_is_checked(shard_set):
     path = os.path.join(out, "manifest.json")
     with open(path) as f:
         man = json.load(f)
-    assert man["version"] == shards.VERSION == 1
+    assert man["version"] == 1 and shards.VERSION == 2
     ref = shards.ShardReader(out)
     data0, mask0 = (np.asarray(a).copy() for a in ref.volume(0))
     del man["version"]  # an older manifest without the key
@@ -168,6 +168,60 @@ def test_manifest_format_version_is_checked(shard_set):
         man["version"] = bad
         with open(path, "w") as f:
             json.dump(man, f)
-        with pytest.raises(ValueError, match=r"manifest.json: shard format version .*reads versions 1\.\.1") as e:
+        with pytest.raises(ValueError, match=r"manifest.json: shard format version .*reads versions 1\.\.2") as e:
             shards.ShardReader(out)
         assert "\n" not in str(e.value)
+
+
+def _their_window(x, lo, hi):
+    """The authors' clip_by_window / MR min-max after the clip, literally, in float64."""
+    x = np.clip(np.asarray(x, np.float64), lo, hi)
+    return (x - lo) / (hi - lo + 1e-8)
+
+
+def test_values_block_format_2(tmp_path):
+    """A volume with a values block (int16 HU / float32 MR): format 2, uint8 windows and masks
+    read as before, the values come back exactly, window_float is the authors' float window."""
+    out = str(tmp_path)
+    rng = np.random.default_rng(5)
+    studies = _write_set(out, rng, n_studies=2)  # format-1 volumes in parts a / b
+    hu = rng.integers(-1100, 2500, (9, 33, 47)).astype(np.int16)
+    mr = rng.uniform(0, 900, (5, 20, 31)).astype(np.float32)
+    vols = []
+    for j, (mod, vals, extra) in enumerate([("CT", hu, {}), ("MR", mr, {"clip": [12.5, 800.25]})]):
+        data, mask, tm = _volume(rng, mod, vals.shape)
+        rec = dict(volume_id=f"z-v{j}", study_key="z", series_key=f"v{j}", split="train", modality=mod,
+                   family="CT" if mod == "CT" else "T1", shape=list(vals.shape), channels=data.shape[0],
+                   spacing=[4.0, 1.0, 1.0], token_grid=list(tm.shape), n_tokens=int(tm.sum()),
+                   token_mask=shards.pack_mask(tm), **extra)
+        vols.append((rec, data, mask, vals))
+    w = shards.PartWriter(out, "c", fsync=False)
+    w.add_study("z", vols, [])
+    w.close()
+    man = shards.merge(out, shards.read_done(out), {})
+    assert man["version"] == 2
+    r = shards.ShardReader(out)
+    by_id = {v["volume_id"]: i for i, v in enumerate(r.volumes)}
+    for rec, data, mask, vals in vols:
+        i = by_id[rec["volume_id"]]
+        v = r.volumes[i]
+        assert v["values"] == {np.dtype(np.int16): "int16", np.dtype(np.float32): "float32"}[vals.dtype]
+        assert v["values_at"] % 8 == 0 and v["nbytes"] == v["values_at"] + vals.nbytes
+        np.testing.assert_array_equal(r.volume(i)[0], data)  # what format-1 readers read is unchanged
+        np.testing.assert_array_equal(r.volume(i)[1], mask)
+        np.testing.assert_array_equal(r.values(i), vals)
+    # the authors' windows from the values, to float32 rounding
+    i = by_id["z-v0"]
+    for name, (lo, hi) in (("brain", (0.0, 80.0)), ("blood", (-20.0, 180.0)), ("bone", (-800.0, 2000.0))):
+        got = r.window_float(i, name)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, _their_window(hu, lo, hi), rtol=0, atol=1e-7)
+    i = by_id["z-v1"]
+    np.testing.assert_allclose(r.window_float(i, "mr"), _their_window(mr, 12.5, 800.25), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="only the 'mr' window"):
+        r.window_float(i, "brain")
+    # format-1 volumes of the same set: no values, window_float is the uint8 window / 255
+    j = by_id["k00-v0"]
+    assert r.values(j) is None
+    np.testing.assert_array_equal(r.window_float(j, "blood"), r.window(j, "blood").astype(np.float32) / 255)
+    assert len(studies) == 2

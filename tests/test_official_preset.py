@@ -128,6 +128,22 @@ def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
     np.testing.assert_array_equal(np.asarray(data)[0], want.astype(np.uint8))
     tm = V.token_mask(np.asarray(mask), 1.0)
     assert r.volumes[i]["n_tokens"] == int(tm.sum())
+    # full precision (shard format 2): their float [0, 1] intensities, not the uint8 levels
+    assert man["version"] == 2 and r.volumes[i]["clip"] == pytest.approx([lo, hi], rel=1e-15)
+    np.testing.assert_array_equal(r.values(i), vol.astype(r.values(i).dtype))
+    c = np.clip(crop.astype(np.float64), lo, hi)
+    theirs = (c - c.min()) / (c.max() - c.min() + 1e-8)
+    np.testing.assert_allclose(r.window_float(i, "mr")[V.neurovfm_crop(vol.shape)], theirs, rtol=0, atol=1e-7)
+    j = by_mod["CT"]
+    hu, _, _ = V.resampled_neurovfm(dicom.nifti_stack(inputs, "ct.nii.gz"))
+    assert r.volumes[j]["values"] in ("int16", "float32")
+    np.testing.assert_array_equal(r.values(j), hu)
+    for name, (width, level) in (("brain", (80, 40)), ("blood", (200, 80)), ("bone", (2800, 600))):
+        lo_w, hi_w = level - width / 2, level + width / 2
+        want_w = (np.clip(hu.astype(np.float64), lo_w, hi_w) - lo_w) / (hi_w - lo_w + 1e-8)  # their clip_by_window
+        np.testing.assert_allclose(r.window_float(j, name), want_w, rtol=0, atol=1e-7)
+        # the uint8 windows stay as before (1/510 brain, 1/30 blood and bone off)
+        assert np.abs(r.window(j, name) / 255.0 - want_w).max() <= (1 / 510 if name == "brain" else 1 / 30) + 1e-6
     # a rerun into the same output with the other preset is refused; the nvfm default adds no key
     with pytest.raises(SystemExit, match="preset=neurovfm"):
         preprocess.run(inputs, out, n_workers=0, cfg_progress=False)
