@@ -5,6 +5,15 @@ Geometry convention (DICOM, LPS patient mm): pixel (row r, column c) of slice k 
     P = IPP_k + c * PixelSpacing[1] * IOP[:3] + r * PixelSpacing[0] * IOP[3:]
 and IPP_k = IPP_0 + k * step (step is along the slice normal, or along the table axis
 for gantry-tilted CT).
+
+Vendor. The equipment tags (set by nvfm/phantom.py) name a plainly synthetic scanner,
+Manufacturer "NVFM Phantom Systems": the demo must never pass for a real vendor's data. So
+dcm2niix, which recognises a vendor by the first two letters of a real one's name, prints
+"Warning: Unable to determine manufacturer (0008,0070), so conversion is not tuned for
+vendor." on every series. It is harmless here: vendor tuning reads vendor private tags
+(Siemens CSA headers and mosaics, GE and Philips private diffusion, scaling and timing tags),
+and the phantom writes none, so the conversion is the same with any vendor name. It is the
+only warning dcm2niix gives on the demo (tests/test_phantom_dcm2niix.py fails on any other).
 """
 import hashlib
 

@@ -4,9 +4,13 @@ per series) converts to one 3D NIfTI without "Check sorted order" errors, classi
 
 The only dcm2niix message left is about the vendor: it recognises a manufacturer only by the
 first two letters of a real vendor's name (SIemens, GE, PHilips, ...), so the plainly synthetic
-Manufacturer "NVFM Phantom Systems" is reported as unknown; that one is allowed here."""
+Manufacturer "NVFM Phantom Systems" is reported as unknown. That is deliberate and harmless
+(nvfm/phantom_dicom.py): vendor tuning only reads vendor private tags, which the phantom does not
+write. Every line dcm2niix prints must be one of its usual progress lines or that note: any other
+warning, error or note fails the test."""
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -22,6 +26,11 @@ pytestmark = pytest.mark.skipif(shutil.which("dcm2niix") is None, reason="dcm2ni
 
 VENDOR_NOTES = ("Unable to determine manufacturer (0008,0070)",
                 "manufacturer (0008,0070) unknown")
+# what dcm2niix prints on a clean conversion (banner, file count, conversion, timing; and for
+# a compressed transfer syntax (the JPEG 2000 series) its standing notice about its own decoder)
+USUAL = re.compile(r"^(Chris Rorden's dcm2niiX version .*|Found \d+ DICOM file\(s\)|Convert \d+ DICOM as .*"
+                   r"|Conversion required [\d.]+ seconds.*|Image Decompression is new: please validate conversions"
+                   r"|\s*)$")
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +67,9 @@ def test_dcm2niix_reads_demo_dwi_and_ct_clean(studies, tmp_path):
             dst = str(tmp_path / f"{rec['study']}_{s['series']}")
             rc, lines = _dcm2niix(os.path.join(out, "dicom", rec["study"], s["series"]), dst)
             assert rc == 0, lines
-            bad = [ln for ln in lines if ("error" in ln.lower() or "warning" in ln.lower())
-                   and not any(v in ln for v in VENDOR_NOTES)]
+            bad = [ln for ln in lines if not USUAL.match(ln) and not any(v in ln for v in VENDOR_NOTES)]
             assert not bad, (s["series"], bad)
+            assert sum(any(v in ln for v in VENDOR_NOTES) for ln in lines) <= 1, lines
             files = sorted(os.listdir(dst))
             assert files == ["vol.json", "vol.nii"], (s["series"], files)  # no .bval/.bvec: not a 4D DWI run
             img = nib.load(os.path.join(dst, "vol.nii"))
