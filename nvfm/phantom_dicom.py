@@ -12,8 +12,12 @@ dcm2niix, which recognises a vendor by the first two letters of a real one's nam
 "Warning: Unable to determine manufacturer (0008,0070), so conversion is not tuned for
 vendor." on every series. It is harmless here: vendor tuning reads vendor private tags
 (Siemens CSA headers and mosaics, GE and Philips private diffusion, scaling and timing tags),
-and the phantom writes none, so the conversion is the same with any vendor name. It is the
-only warning dcm2niix gives on the demo (tests/test_phantom_dcm2niix.py fails on any other).
+and the phantom writes none, so the conversion is the same with any vendor name. On an
+enhanced trace DWI the same fact reads "Found 0018,9087 but manufacturer (0008,0070) unknown:
+assuming Philips." (the standard b-value attribute is read as Philips writes it: one b-value,
+one 3D volume). Besides these, dcm2niix only says "Slices not stacked: orientation varies" on
+the 3-plane localizer, as on a real one. tests/test_phantom_dcm2niix.py fails on any other
+line for the DWI, ADC and CT series.
 """
 import hashlib
 
