@@ -93,14 +93,15 @@ def evaluate_probe(path, display, rows_by_key, sides):
         keys = [k for k, r in rows_by_key.items() if mod == "all" or r["modality"] == mod]
     elif "test_keys" in ck:
         keys = list(ck["test_keys"])
+        absent = [k for k in keys if k not in rows_by_key]
+        if absent:
+            raise SystemExit(f"evaluate.py: {len(absent)} of the probe's {len(keys)} held-out test studies are not in "
+                             f"{labels}: wrong --labels, or --external=True to score the probe on another dataset")
     else:
         keys = [k for k, r in rows_by_key.items() if r["split"] == split and (mod == "all" or r["modality"] == mod)]
     if ck["task"] == "age":
         keys = [k for k in keys if rows_by_key[k]["age"] is not None]
     missing = [k for k in keys if k not in cache]
-    if missing and "test_keys" in ck and not external and len(missing) == len(keys):
-        raise SystemExit(f"evaluate.py: none of the probe's {len(keys)} held-out test studies is in {labels} or the "
-                         f"feature cache {cache.path}: wrong --labels, or --external=True for another dataset")
     if missing:
         raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "
                          f"(first: {missing[:3]}); run encode.py on the {split} split")

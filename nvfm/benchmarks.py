@@ -296,7 +296,10 @@ def openbhb(root_dir, labels_path=""):
         st.tasks["age"] = {}
         studies.append(st)
         tally["rows labelled"] += 1
-    tally["images without a label row (not staged)"] = sum(len(v) for k, v in images.items() if k not in used)
+    listed = {pid for pid, _ in seen}
+    tally["images without a label row (not staged)"] = sum(len(v) for k, v in images.items() if k[0] not in listed)
+    tally["images of listed participants not staged (row left out, or not its first T1w)"] = sum(
+        len(v) for k, v in images.items() if k[0] in listed) - len(studies)
     return studies, tally, {"age": []}
 
 
@@ -428,7 +431,7 @@ def oasis1(root_dir, labels_path=""):
     for r in rows:
         sid = r["ID"]
         if sid in seen:
-            raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject {sid!r} (also line {seen[sid]})")
+            raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject (also line {seen[sid]})")
         seen[sid] = r["_line"]
         if not re.fullmatch(r"OAS1_\d{4}_MR1", sid):
             tally["repeat sessions MR2+ (left out)" if re.fullmatch(r"OAS1_\d{4}_MR\d", sid) else "rows with an unknown ID (left out)"] += 1
@@ -523,7 +526,10 @@ RSNA_SUBTYPES = {"any": "ich", "epidural": "edh", "intraparenchymal": "iph", "in
 
 
 def _rsna_header(path):
+    import warnings
+
     import pydicom
+    warnings.filterwarnings("ignore", message="Invalid value for VR UI")   # Kaggle's SOPInstanceUIDs are ID_<hex>
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True,
                              specific_tags=["SOPInstanceUID", "StudyInstanceUID", "PatientID"])

@@ -1,0 +1,375 @@
+"""nvfm/benchmarks.py on miniature copies of each public dataset in its published layout
+(tests/bench_fakes.py): labels by hand, keys equal to preprocess.py's, every input counted, no
+identifier in any output; the paper protocol (subject-grouped stratification against a brute
+force, train_probe --protocol=paper, evaluate's external mode, paper table and plots)."""
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+import bench_fakes  # noqa: E402
+
+from nvfm import benchmarks as B  # noqa: E402
+from nvfm import dicom  # noqa: E402
+from nvfm import probe as P  # noqa: E402
+
+SALT = "test-salt-25"
+
+
+def _labels(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _all_output_text(out):
+    """Every byte of every regular file under out (links not followed) as latin-1 text, plus the
+    file and folder names."""
+    parts = []
+    for d, dirs, files in os.walk(out):
+        parts += dirs + files
+        for f in files:
+            p = os.path.join(d, f)
+            if not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    parts.append(fh.read().decode("latin-1"))
+    return "\n".join(parts)
+
+
+def _stage_folder_key(out, row_key):
+    """The images/ folder whose preprocess key is row_key (NIfTI rule: hash of "nifti:" + folder)."""
+    hits = [f for f in os.listdir(os.path.join(out, "images")) if dicom.salted_hash("nifti:" + f, SALT) == row_key]
+    assert len(hits) == 1
+    return os.path.join(out, "images", hits[0])
+
+
+def _check_report_sums(rep, parts):
+    """Every input row is in exactly one outcome."""
+    assert sum(rep["input"][k] for k in parts) == rep["input"]["rows"], rep["input"]
+
+
+def test_openbhb_ages_keys_and_counts(tmp_path):
+    ages = bench_fakes.openbhb(str(tmp_path / "openBHB"))
+    out = str(tmp_path / "out")
+    rep = B.run("openbhb", str(tmp_path / "openBHB"), out, SALT)
+    rows = _labels(os.path.join(out, "labels_age.csv"))
+    assert len(rows) == 4 and {r["modality"] for r in rows} == {"MR"}
+    assert list(rows[0]) == ["study_key", "subject", "modality", "split", "age"]
+    # which participant each row is: the staged link's target names it
+    got = {}
+    for r in rows:
+        img = os.listdir(_stage_folder_key(out, r["study_key"]))
+        assert img == ["image.nii.gz"]
+        target = os.readlink(os.path.join(_stage_folder_key(out, r["study_key"]), img[0]))
+        pid = target.split("sub-")[1].split("/")[0]
+        assert "T1w" in target and "mask" not in target
+        got[pid] = float(r["age"])
+        assert r["subject"] == dicom.salted_hash(f"subject:openbhb:{pid}", SALT)
+    assert got == ages
+    _check_report_sums(rep, ["rows labelled", "rows without age (left out)", "rows without an image (left out)"])
+    assert rep["input"]["rows without age (left out)"] == 1 and rep["input"]["rows without an image (left out)"] == 1
+    assert rep["input"]["images without a label row (not staged)"] == 1
+    text = _all_output_text(out)
+    for pid in ("1001", "1002", "1006", "1099"):
+        assert f"sub-{pid}" not in text and f",{pid}," not in text
+
+
+def test_openbhb_keys_equal_preprocess_keys(tmp_path):
+    import preprocess
+    bench_fakes.openbhb(str(tmp_path / "openBHB"))
+    out = str(tmp_path / "out")
+    B.run("openbhb", str(tmp_path / "openBHB"), out, SALT)
+    man = preprocess.run(os.path.join(out, "images"), str(tmp_path / "shards"), n_workers=1, salt_value=SALT,
+                         cfg_progress=False, cfg_log_paths=False)
+    assert {v["study_key"] for v in man["volumes"]} == {r["study_key"] for r in _labels(os.path.join(out, "labels_age.csv"))}
+
+
+def test_openbhb_bad_inputs(tmp_path):
+    r = str(tmp_path / "o")
+    bench_fakes.write_csv(os.path.join(r, "participants.tsv"), ["participant_id", "sex"], [("1", "M")], "\t")
+    with pytest.raises(B.BenchmarkError, match=r"participants.tsv: missing column\(s\) \['age'\]"):
+        B.run("openbhb", r, str(tmp_path / "out"), SALT)
+    bench_fakes.openbhb(r)
+    with open(os.path.join(r, "participants.tsv"), "a") as f:
+        f.write("1002\t50\tF\t3\n")
+    with pytest.raises(B.BenchmarkError, match=r"participants.tsv:8: duplicate participant \(also line 3\)"):
+        B.run("openbhb", r, str(tmp_path / "out"), SALT)
+    with pytest.raises(B.BenchmarkError, match="not a directory"):
+        B.run("openbhb", str(tmp_path / "none"), str(tmp_path / "out"), SALT)
+    with pytest.raises(B.BenchmarkError, match="choose one of"):
+        B.run("openneuro", r, str(tmp_path / "out"), SALT)
+
+
+def test_adni_tasks_baseline_images_and_dicom_folder(tmp_path):
+    root = str(tmp_path / "ADNI_dl")
+    expect, ages = bench_fakes.adni(root)
+    out = str(tmp_path / "out")
+    rep = B.run("adni", root, out, SALT)
+    got = {}
+    for task in ("dementia", "pmci"):
+        for r in _labels(os.path.join(out, f"labels_{task}.csv")):
+            ptid = next(p for p in expect if dicom.salted_hash(f"subject:adni:{p}", SALT) == r["subject"])
+            got.setdefault(ptid, {})[task] = int(r[task])
+            assert float(r["age"]) == pytest.approx(ages[ptid])
+            folder = os.path.join(out, "images", dicom.salted_hash(f"study:adni:{ptid}", SALT))
+            if ptid == "002_S_0002":   # a DICOM download: keyed by its StudyInstanceUID, like preprocess
+                import pydicom
+                d = os.path.join(folder, "dicom")
+                uid = pydicom.dcmread(os.path.join(d, sorted(os.listdir(d))[0])).StudyInstanceUID
+                assert r["study_key"] == dicom.salted_hash(uid, SALT)
+            else:
+                assert r["study_key"] == dicom.salted_hash("nifti:" + os.path.basename(folder), SALT)
+    assert got == expect
+    left = rep["input"]
+    assert left["baseline SMC (left out)"] == 1
+    assert left["baseline MCI: late conversion or follow-up < horizon (left out)"] == 2
+    assert left["baseline rows without a baseline image (left out)"] == 3   # none, a year late, a field map
+    n_base = 11
+    assert left["baseline rows labelled"] + 1 + 2 + 3 == n_base
+    assert left["follow-up rows (read for pmci)"] + n_base == left["rows"]
+    text = _all_output_text(out)
+    for s in ("002_S_0001", "005_S_0006", "2006-01", "I100"):
+        assert s not in text
+    # a second baseline row for one subject: one line naming the file and line
+    with open(os.path.join(root, "ADNIMERGE.csv"), "a") as f:
+        f.write("3,003_S_0003,bl,2006-01-05,CN,CN,68.0,0\n")
+    with pytest.raises(B.BenchmarkError, match=r"ADNIMERGE.csv:\d+: duplicate subject"):
+        B.run("adni", root, out, SALT)
+
+
+def test_oasis1_cdr_rule_analyze_conversion_and_counts(tmp_path):
+    root = str(tmp_path / "oasis")
+    expect, vox = bench_fakes.oasis1(root)
+    out = str(tmp_path / "out")
+    rep = B.run("oasis1", root, out, SALT)
+    rows = _labels(os.path.join(out, "labels_dementia.csv"))
+    got = {}
+    for r in rows:
+        sid = next(s for s in expect if dicom.salted_hash(f"subject:oasis1:{s[:9]}", SALT) == r["subject"])
+        got[sid] = int(r["dementia"])
+        img = nib.load(os.path.join(_stage_folder_key(out, r["study_key"]), "image.nii.gz"))
+        np.testing.assert_array_equal(np.asarray(img.dataobj), vox[sid])   # the SUBJ_111 image (RAW for 0003)
+        np.testing.assert_allclose(img.affine, nib.load(os.path.join(root, "disc1", sid, *(
+            ["RAW", f"{sid}_mpr-1_anon.img"] if sid == "OAS1_0003_MR1" else
+            ["PROCESSED", "MPRAGE", "SUBJ_111", f"{sid}_mpr_n4_anon_sbj_111.img"]))).affine)
+    assert got == expect
+    _check_report_sums(rep, ["rows labelled", "rows without CDR (left out)", "CDR 0.5 (left out)",
+                             "rows without an image (left out)", "repeat sessions MR2+ (left out)"])
+    assert rep["tasks"]["dementia"]["positives"] == {"dementia": 2}
+    assert "OAS1" not in _all_output_text(out)
+
+
+def test_abide_layouts(tmp_path):
+    root = str(tmp_path / "abide")
+    expect = bench_fakes.abide(root)
+    out = str(tmp_path / "out")
+    rep = B.run("abide", root, out, SALT)
+    got = {}
+    for r in _labels(os.path.join(out, "labels_autism.csv")):
+        sid = next(s for s in expect if dicom.salted_hash(f"subject:abide:{s}", SALT) == r["subject"])
+        got[sid] = int(r["autism"])
+        target = os.readlink(os.path.join(_stage_folder_key(out, r["study_key"]), "image.nii.gz"))
+        assert "rest" not in target and sid in target
+    assert got == expect
+    assert rep["input"]["rows without an image (left out)"] == 1
+    assert rep["input"]["image subjects without a label row (not staged)"] == 1
+
+
+def test_rsna_study_level_labels_through_dicom_headers(tmp_path):
+    import preprocess
+    root = str(tmp_path / "rsna")
+    expect, patients, planted = bench_fakes.rsna(root)
+    out = str(tmp_path / "out")
+    rep = B.run("rsna", root, out, SALT, n_workers=1)
+    rows = _labels(os.path.join(out, "labels_ich.csv"))
+    assert list(rows[0])[5:] == ["ich", "edh", "iph", "ivh", "sah", "sdh"]
+    got = {}
+    for uid, y in expect.items():
+        r = next(r for r in rows if r["study_key"] == dicom.salted_hash(uid, SALT))
+        got[uid] = {c: int(r[c]) for c in y}
+        assert r["subject"] == dicom.salted_hash(f"subject:rsna:{patients[uid]}", SALT) and r["modality"] == "CT"
+    assert got == expect and len(rows) == 3
+    assert len({r["subject"] for r in rows}) == 2          # two studies of one patient share a group
+    inp = rep["input"]
+    assert inp["duplicate rows (identical, counted once)"] == 1
+    assert inp["images (6 rows each) labelled"] == planted["n_images"]
+    assert inp["images with label rows but no DICOM file (left out)"] == planted["n_nofile"]
+    assert inp["DICOM files without label rows"] == planted["n_unlabelled"]
+    assert inp["rows"] == 6 * (planted["n_images"] + planted["n_nofile"]) + 1
+    # the keys are preprocess.py's: run it on the image folder as distributed
+    man = preprocess.run(os.path.join(root, "stage_2_train"), str(tmp_path / "shards"), n_workers=1, salt_value=SALT,
+                         cfg_progress=False, cfg_log_paths=False)
+    keys = {v["study_key"] for v in man["volumes"]}
+    assert {r["study_key"] for r in rows} <= keys and len(keys) == 4   # + the unlabelled study
+    text = _all_output_text(out)
+    assert "ID_aaa001" not in text and not any(uid in text for uid in expect)
+    # a conflicting duplicate row is an error naming the file and line
+    with open(os.path.join(root, "stage_2_train.csv"), "a") as f:
+        f.write("ID_0000a0e9_any,1\n")
+    with pytest.raises(B.BenchmarkError, match=r"stage_2_train.csv:\d+: conflicting duplicate row"):
+        B.run("rsna", root, out, SALT, n_workers=1)
+
+
+def test_cq500_majority_of_three_readers(tmp_path):
+    root = str(tmp_path / "cq500")
+    expect, reads = bench_fakes.cq500(root)
+    out = str(tmp_path / "out")
+    rep = B.run("cq500", root, out, SALT)
+    rows = _labels(os.path.join(out, "labels_ich.csv"))
+    cols = list(B.CQ500_READS.values())
+    assert list(rows[0])[5:] == cols and len(rows) == 3
+    for uid, r3 in expect.items():
+        r = next(r for r in rows if r["study_key"] == dicom.salted_hash(uid, SALT))
+        majority = [int(r3[:, j].sum() >= 2) for j in range(r3.shape[1])]   # 2 of 3 readers
+        assert [int(r[c]) for c in cols] == majority
+    one = next(r for r in rows if r["study_key"] == dicom.salted_hash(list(expect)[1], SALT))
+    assert (one["ich"], one["bleed_left"], one["bleed_right"]) == ("1", "1", "0")
+    assert rep["input"]["rows without a study folder (left out)"] == 1
+    assert rep["input"]["study folders without a read (not labelled)"] == 1
+    assert "CQ500" not in _all_output_text(out)
+    with open(os.path.join(root, "reads.csv")) as f:
+        text = f.read()
+    with open(os.path.join(root, "reads.csv"), "w") as f:
+        f.write(text.replace("R2:SAH", "R2:SAHX"))
+    with pytest.raises(B.BenchmarkError, match=r"reads.csv: missing column\(s\) \['R2:SAH'\]"):
+        B.run("cq500", root, out, SALT)
+
+
+def test_cli_one_line_error_and_summary(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
+    r = subprocess.run([sys.executable, "-m", "nvfm.benchmarks", "--dataset=cq500", f"--root={tmp_path}",
+                        f"--out={tmp_path / 'o'}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "reads.csv: not found" in r.stderr
+    bench_fakes.abide(str(tmp_path / "abide"))
+    r = subprocess.run([sys.executable, "-m", "nvfm.benchmarks", "--dataset=abide", f"--root={tmp_path / 'abide'}",
+                        f"--out={tmp_path / 'o'}", f"--salt={SALT}"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "3 labelled studies" in r.stdout and "labels_autism.csv" in r.stdout and "preprocess.py --input=" in r.stdout
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _deviation(y, part, props):
+    """Largest |positives of a label in a fold - its share of that label's positives|."""
+    return max(abs(y[part == f, k].sum() - props[f] * y[:, k].sum()) for f in range(len(props)) for k in range(y.shape[1]))
+
+
+def test_grouped_stratification_keeps_subjects_whole_and_is_near_the_brute_force_optimum():
+    rng = np.random.default_rng(0)
+    # 10 subjects, 1-3 studies each, 2 labels
+    groups = np.repeat(np.arange(10), rng.integers(1, 4, 10))
+    ys = (rng.random((10, 2)) < [0.5, 0.3]).astype(int)
+    y = ys[groups]
+    props = [0.2, 0.8]
+    part = P.grouped_stratification(y, [f"s{g}" for g in groups], props, seed=0)
+    for g in range(10):
+        assert len(set(part[groups == g])) == 1
+    # brute force over subject assignments with 2 subjects in the test fold (20% of 10)
+    best = min(_deviation(ys, np.array([int(i not in c) for i in range(10)]), props)
+               for c in itertools.combinations(range(10), 2))
+    got = _deviation(ys, np.array([part[groups == g][0] for g in range(10)]), props)
+    assert (part == 0).sum() > 0 and got <= best + 1.0, (got, best)
+    # empty subject ids: each study its own subject
+    p2 = P.grouped_stratification(y, [""] * len(y), [1] * 4, seed=0)
+    assert sorted(set(p2.tolist())) == [0, 1, 2, 3]
+
+
+def test_quantile_bins_match_numpy():
+    v = np.random.default_rng(1).uniform(20, 80, 101)
+    b = P.quantile_bins(v, 5)
+    assert b.shape == (101, 5) and (b.sum(1) == 1).all()
+    ref = np.digitize(v, np.quantile(v, [0.2, 0.4, 0.6, 0.8]), right=False)
+    np.testing.assert_array_equal(b.argmax(1), ref)
+    assert abs(b.sum(0) - 101 / 5).max() <= 1
+
+
+def _synthetic_benchmark(d, n_subj=40, seed=0, name="cache", hash_="sha256:synthetic"):
+    """Feature cache + a CQ500-like labels file (ich with sides) with 1-2 studies per subject."""
+    from nvfm import features
+    rng = np.random.default_rng(seed)
+    dirs = np.random.default_rng(123).normal(size=(3, 8)) * 6   # one "encoder": same directions in every dataset
+    rows = []
+    with features.FeatureWriter(str(d / name), hash_, 8) as w:
+        for s in range(n_subj):
+            ich = int(rng.random() < 0.5)
+            side = int(rng.random() < 0.5)
+            for v in range(1 + s % 2):
+                key = f"{name}{s:03d}{v}"
+                e = rng.normal(size=(int(rng.integers(5, 10)), 8))
+                if ich:
+                    e += dirs[0] + dirs[1 + side]   # every token: learnable in a few steps
+                w.add(key, [dict(volume_id=key, family="CT", window="brain", modality="CT",
+                                 coords=np.zeros((len(e), 3)), emb=e)])
+                rows.append([key, f"subj{s}", "CT", "", 40 + s + v, ich, ich * (1 - side), ich * side])
+    path = d / f"labels_{name}.csv"
+    with open(path, "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["study_key", "subject", "modality", "split", "age", "ich", "bleed_left", "bleed_right"])
+        wr.writerows(rows)
+    return path
+
+
+def _run(script, args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script)] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_paper_protocol_external_transfer_table_and_plots(tmp_path):
+    lab = _synthetic_benchmark(tmp_path)
+    common = [f"--features={tmp_path / 'cache'}", f"--labels={lab}", "--threads=1", "--hidden=16", "--steps=40",
+              "--eval_interval=10", "--lr=1e-2", "--protocol=paper"]
+    r = _run("train_probe.py", [*common, f"--out={tmp_path / 'p'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ck = torch.load(tmp_path / "p" / "probe.pt", weights_only=True)
+    assert ck["label_names"] == ["ich", "bleed_left", "bleed_right"] and len(ck["models"]) == 8
+    assert ck["protocol"] == "paper: 8-fold CV"
+    rows = _labels(lab)
+    subj = {r["study_key"]: r["subject"] for r in rows}
+    test_subj = {subj[k] for k in ck["test_keys"]}
+    assert not test_subj & {subj[k] for k in subj if k not in set(ck["test_keys"])}   # no subject on both sides
+    assert abs(len(test_subj) - 8) <= 1                                                # 20% of 40 subjects
+    r = _run("train_probe.py", [*common, "--task=age", f"--out={tmp_path / 'age'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # a second dataset from the same encoder: the probe applied unchanged (external transfer)
+    lab2 = _synthetic_benchmark(tmp_path, n_subj=30, seed=1, name="ext")
+    ev = ["--n_boot=200", "--threads=1", "--names=ours"]
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={lab}", f"--out={tmp_path / 'ev'}",
+                             "--task_name=cq500", *ev], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["ours"]
+    assert res["n_studies"] == len(ck["test_keys"]) and "laterality" in res and res["laterality"]["n"] >= 1
+    for f in ("roc_ours.png", "pr_ours.png", "paper_table.md"):
+        assert os.path.getsize(tmp_path / "ev" / f) > 0
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={lab2}", f"--out={tmp_path / 'ex'}",
+                             f"--features={tmp_path / 'ext'}", "--external=True", "--task_name=ext", *ev], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ex = json.load(open(tmp_path / "ex" / "metrics.json"))["results"]["ours"]
+    assert ex["external"] and ex["n_studies"] == len(_labels(lab2)) and ex["per_class"]["ich"]["auroc"] > 0.7
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'age' / 'probe.pt'}", f"--labels={lab}", f"--out={tmp_path / 'eva'}",
+                             "--task_name=age", *ev], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.getsize(tmp_path / "eva" / "age_ours.png") > 0
+    r = _run("evaluate.py", [f"--merge={tmp_path / 'ev' / 'metrics.json'},{tmp_path / 'ex' / 'metrics.json'},"
+                             f"{tmp_path / 'eva' / 'metrics.json'}", f"--out={tmp_path / 'all'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = open(tmp_path / "all" / "paper_table.md").read()
+    au = ex["per_class"]["ich"]
+    assert f"| ext: ich AUROC (external) | {au['auroc']:.3f} [{au['auroc_ci'][0]:.3f}, {au['auroc_ci'][1]:.3f}] |" in table
+    assert "| cq500: side accuracy given detection |" in table and "| age: age MAE, years |" in table
+    # the held-out test keys of one dataset are not in another's labels: a clear error, not a KeyError
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={lab2}", f"--out={tmp_path / 'x'}",
+                             f"--features={tmp_path / 'ext'}", *ev], tmp_path)
+    assert r.returncode != 0 and "--external=True" in r.stderr
