@@ -650,7 +650,7 @@ def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=
     """Bootstrap band of one class's precision-recall curve, for plots: at each recall x of
     recall_grid (default 0, 0.01, ..., 1) the percentile interval over replicates of the
     interpolated precision max{precision of a cut with recall >= x} (the envelope of the step
-    curve). Replicates as `roc_band`; those without positives are left out. y, scores (n,).
+    curve, with sklearn's end point recall 0 / precision 1). Replicates as `roc_band`; those without positives are left out. y, scores (n,).
     Returns (grid, low, high, n_valid), low/high NaN below MIN_BOOT defined replicates."""
     y, s = _check(y, scores)
     y, s = y[:, 0], s[:, 0]
@@ -665,7 +665,9 @@ def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=
         fp = np.cumsum(w * (1 - ys)[:, None], 0)[last]
         for b in np.nonzero(tp[-1] > 0)[0]:
             keep = tp[:, b] + fp[:, b] > 0
-            rec, prec = tp[keep, b] / tp[-1, b], tp[keep, b] / (tp[keep, b] + fp[keep, b])
+            # with sklearn's end point (recall 0, precision 1), so the band starts where the curve does
+            rec = np.r_[0.0, tp[keep, b] / tp[-1, b]]
+            prec = np.r_[1.0, tp[keep, b] / (tp[keep, b] + fp[keep, b])]
             env = np.maximum.accumulate(prec[::-1])[::-1]          # best precision at recall >= rec[j]
             j = np.searchsorted(rec, grid, side="left")             # first cut reaching recall x
             curves.append(np.where(j < len(rec), env[np.minimum(j, len(rec) - 1)], np.nan))

@@ -425,3 +425,101 @@ def test_bad_input():
         metrics.auroc(np.full((5, 1), 2), np.zeros((5, 1)))
     with pytest.raises(ValueError, match="NaN"):
         metrics.auroc(np.zeros((5, 1)), np.full((5, 1), np.nan))
+
+
+# ----------------------------------------------------------------------------- public benchmarks (issue 25)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_precision_matches_sklearn(ties):
+    from sklearn.metrics import average_precision_score
+    y, s = _data(ties=ties)
+    y[:, 2] = 0                                            # no positives: undefined
+    ours = metrics.average_precision(y, s)
+    assert np.isnan(ours[2])
+    for k in (0, 1, 3, 4, 5):
+        assert ours[k] == pytest.approx(average_precision_score(y[:, k], s[:, k]), abs=1e-12)
+
+
+def test_pr_report_ci_equals_percentiles_of_resampled_sklearn_ap():
+    from sklearn.metrics import average_precision_score
+    y, s = _data(n=120, K=2, ties=True)
+    rep = metrics.pr_report(y, s, n_boot=150, seed=4)
+    w = metrics.bootstrap_counts(len(y), 150, seed=4).long().numpy()
+    for k in range(2):
+        aps, lifts = [], []
+        for r in range(150):
+            idx = np.repeat(np.arange(len(y)), w[:, r])
+            if 0 < y[idx, k].sum() < len(idx):
+                aps.append(average_precision_score(y[idx, k], s[idx, k]))
+                lifts.append(aps[-1] / y[idx, k].mean())
+        assert rep["n_valid"][k] == len(aps)
+        np.testing.assert_allclose([rep["auprc_low"][k], rep["auprc_high"][k]], np.percentile(aps, [2.5, 97.5]),
+                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose([rep["pr_lift_low"][k], rep["pr_lift_high"][k]], np.percentile(lifts, [2.5, 97.5]),
+                                   rtol=0, atol=1e-12)
+        assert rep["pr_lift"][k] == pytest.approx(average_precision_score(y[:, k], s[:, k]) / y[:, k].mean())
+
+
+def test_pr_band_equals_percentiles_of_resampled_sklearn_curves():
+    from sklearn.metrics import precision_recall_curve
+    rng = np.random.default_rng(2)
+    y = (rng.random(60) < 0.3).astype(int)
+    s = np.round(y + rng.normal(size=60), 1)
+    grid = np.linspace(0, 1, 11)
+    g, lo, hi, nv = metrics.pr_band(y, s, n_boot=120, seed=5, recall_grid=grid, chunk=50)
+    w = metrics.bootstrap_counts(60, 120, seed=5).long().numpy()
+    curves = []
+    for r in range(120):
+        idx = np.repeat(np.arange(60), w[:, r])
+        if y[idx].sum() > 0:
+            p, rc, _ = precision_recall_curve(y[idx], s[idx])
+            curves.append([p[rc >= x].max() for x in grid])     # interpolated precision at recall >= x
+    assert nv == len(curves)
+    np.testing.assert_allclose(lo, np.percentile(curves, 2.5, axis=0), atol=1e-12)
+    np.testing.assert_allclose(hi, np.percentile(curves, 97.5, axis=0), atol=1e-12)
+
+
+def test_regression_report_matches_numpy_scipy_and_resampled_cohorts():
+    rng = np.random.default_rng(3)
+    age = rng.uniform(20, 85, 90)
+    pred = age + rng.normal(2, 5, 90)
+    rep = metrics.regression_report(age, pred, n_boot=200, seed=7)
+    e = pred - age
+    assert rep["mae"] == pytest.approx(np.abs(e).mean()) and rep["rmse"] == pytest.approx(np.sqrt((e ** 2).mean()))
+    assert rep["pearson_r"] == pytest.approx(scipy.stats.pearsonr(age, pred)[0], abs=1e-12)
+    assert rep["bias"] == pytest.approx(e.mean())
+    w = metrics.bootstrap_counts(90, 200, seed=7).long().numpy()
+    ref = {"mae": [], "rmse": [], "pearson_r": [], "bias": []}
+    for r in range(200):
+        idx = np.repeat(np.arange(90), w[:, r])
+        ee = pred[idx] - age[idx]
+        ref["mae"].append(np.abs(ee).mean())
+        ref["rmse"].append(np.sqrt((ee ** 2).mean()))
+        ref["pearson_r"].append(scipy.stats.pearsonr(age[idx], pred[idx])[0])
+        ref["bias"].append(ee.mean())
+    for m, v in ref.items():
+        np.testing.assert_allclose(rep[m + "_ci"], np.percentile(v, [2.5, 97.5]), rtol=0, atol=1e-9)
+    assert rep["mae_ci"][0] < rep["mae"] < rep["mae_ci"][1]
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.regression_report(age, pred[:-1], n_boot=0)
+
+
+def test_laterality_given_detection_hand_worked():
+    # study: 0 left detected right side (correct), 1 right detected (wrong side), 2 left missed,
+    # 3 bilateral detected (left out), 4 negative, 5 left detected correct
+    yd = [1, 1, 1, 1, 0, 1]
+    sd = [2.0, 1.5, -1.0, 3.0, 5.0, 0.5]
+    yl = [1, 0, 1, 1, 0, 1]
+    yr = [0, 1, 0, 1, 0, 0]
+    sl = [1.0, 0.9, 2.0, 1.0, 0.0, 0.3]
+    sr = [-1.0, 0.1, 0.0, 1.0, 0.0, 0.2]
+    rep = metrics.laterality_report(yd, sd, 0.0, yl, yr, sl, sr, n_boot=0)
+    assert rep == {"n_positive": 5, "n_detected": 4, "n_bilateral": 1, "n": 3, "accuracy": pytest.approx(2 / 3)}
+    rep = metrics.laterality_report(yd, sd, 0.0, yl, yr, sl, sr, n_boot=300, seed=1)
+    w = metrics.bootstrap_counts(6, 300, seed=1).numpy()
+    ok = np.array([1, 0, 0, 0, 0, 1], float)
+    one = np.array([1, 1, 0, 0, 0, 1], float)
+    reps = [(w[:, r] * ok).sum() / (w[:, r] * one).sum() for r in range(300) if (w[:, r] * one).sum() > 0]
+    np.testing.assert_allclose(rep["accuracy_ci"], np.percentile(reps, [2.5, 97.5]), atol=1e-12)
+    assert rep["ci_n_valid"] == len(reps)
