@@ -107,15 +107,28 @@ def evaluate_probe(path, display, rows_by_key, sides):
                          f"(first: {missing[:3]}); run encode.py on the {split} split")
     unknown = [n for n in lab if n not in P.SIDE_CLASSES and n != "age" and
                n not in next(iter(rows_by_key.values()))["y"]]
-    if unknown:
-        raise SystemExit(f"evaluate.py: probe label names {unknown[:5]} are not columns of {labels}")
+    full_ck, cols = ck, None
+    if unknown and external and len(unknown) < len(lab):
+        # another dataset labels a subset of the probe's classes (RSNA's six in CQ500's fourteen, one
+        # lesion class of a grounding set): score those, keep the probe's other outputs unseen
+        cols = [i for i, n in enumerate(lab) if n not in unknown]
+        ck = dict(ck, label_names=[lab[i] for i in cols],
+                  **{f: [ck[f][i] for i in cols] for f in ("thresholds", "platt_a", "platt_b", "n_train_pos") if f in ck})
+        print(f"evaluate.py: {display}: {len(unknown)} probe classes are not columns of {labels} (not scored): "
+              f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        lab = ck["label_names"]
+    elif unknown:
+        raise SystemExit(f"evaluate.py: probe label names {unknown[:5]} are not columns of {labels}"
+                         + (" (--external=True scores the columns it has)" if not external else ""))
     if not keys:
         raise SystemExit(f"evaluate.py: no {mod} studies in split {split!r}")
 
     def get_bag(key):
         return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
 
-    logits = P.predict(models, get_bag, keys, device)
+    all_logits = logits = P.predict(models, get_bag, keys, device)
+    if cols is not None:
+        logits = logits[:, cols]
     res = {"probe": path, "kind": ck["probe_args"]["kind"], "task": ck["task"], "protocol": ck["protocol"],
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
            "encoder_hash": ck["encoder_hash"]}
@@ -147,7 +160,14 @@ def evaluate_probe(path, display, rows_by_key, sides):
         rep["laterality"] = metrics.laterality_report(y[:, d], logits[:, d], thr[d], y[:, le], y[:, ri],
                                                       logits[:, le], logits[:, ri], n_boot=n_boot, seed=seed)
     res.update(rep)
-    return res, dict(task="classify", keys=keys, y=y, logits=logits, ck=ck, models=models, cache=cache, wins=wins, display=display)
+    view = None
+    if cols is not None:   # grounding reads attention maps by the models' own class order
+        yf = np.zeros((len(keys), len(full_ck["label_names"])))
+        yf[:, cols] = y
+        view = dict(task="classify", keys=keys, y=yf, logits=all_logits, ck=full_ck, models=models, cache=cache,
+                    wins=wins, display=display)
+    return res, dict(task="classify", grounding_view=view, keys=keys, y=y, logits=logits, ck=ck, models=models,
+                     cache=cache, wins=wins, display=display)
 
 
 def fmt(v, nd=3):
@@ -439,7 +459,7 @@ def main():
         res["display"] = d
         results[d] = res
         if data is not None and data["task"] == "classify" and first is None:
-            first = data
+            first = data.get("grounding_view") or data
         if plots and data is not None:
             written += plot(res, data) + plot_pr(res, data) if data["task"] == "classify" else plot_age(res, data)
         print(table(res), flush=True)

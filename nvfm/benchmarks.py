@@ -45,7 +45,9 @@ and everything derived from it, check them before sharing figures or outputs):
 - cq500    CQ500 (Chilamkurthy et al., Lancet 2018): reads.csv + the study folders. Task ich
            (ICH, subtypes, bleed sides, fractures, mass effect, midline shift; majority of three
            readers). CC BY-NC-SA 4.0.
-Grounding sets (BraTS21, ATLAS v2.0) are not adapted yet.
+- brats21, atlas2  grounding sets (BraTS 2021 tumour, ATLAS v2.0 stroke): lesion masks for the
+           pointing game (findings.jsonl + masks/); see their docstrings. An MS lesion set is not
+           adapted yet.
 """
 import csv
 import importlib.util
@@ -60,7 +62,7 @@ from datetime import date
 from nvfm import dicom
 
 # ----------------------------------------------------------------------------- CLI settings
-dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500
+dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500 | brats21 | atlas2
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder (labels_<task>.csv, images/, adapter_report.json)
 salt = ""                # "" -> $NVFM_SALT -> preprocess.py's default; must equal preprocess.py's
@@ -70,6 +72,7 @@ labels_file = ""         # the label file, when not at its distributed name unde
 adni_horizon_months = 36  # pMCI: dementia by this visit; sMCI: followed this long without it
 adni_max_days = 90       # a baseline image must be this close to the baseline exam date
 adni_series = r"mprage|mp-rage|ir-spgr|ir-fspgr|t1"  # regex (case-insensitive) on ADNI series folders
+grounding_class = ""     # brats21 / atlas2: the probe class the lesions belong to ("" = glioma / chronic_ischemic_stroke)
 # -----------------------------------------------------------------------------
 
 
@@ -157,6 +160,8 @@ class Study:
     def __init__(self, sid, subject, modality, image=None, uid=None, age=None):
         self.sid, self.subject, self.modality, self.image, self.uid, self.age = sid, subject, modality, image, uid, age
         self.tasks = {}
+        self.more_images = []   # [(path, name)]: further sequences of the study (BraTS)
+        self.mask = None        # lesion mask NIfTI (grounding sets)
 
 
 def _stage(study, images_dir, salt_value, how):
@@ -182,15 +187,22 @@ def _stage(study, images_dir, salt_value, how):
             nib.save(nib.Nifti1Image(img.get_fdata(dtype="float32"), img.affine), dst + ".tmp.nii.gz")
             os.replace(dst + ".tmp.nii.gz", dst)
     else:
-        dst = os.path.join(dst_dir, "image.nii.gz" if low.endswith(".gz") else "image.nii")
-        if not os.path.lexists(dst):
-            if how == "symlink":
-                os.symlink(os.path.abspath(src), dst)
-            elif how == "hardlink":
-                os.link(src, dst)
-            else:
-                shutil.copyfile(src, dst)
+        _place(src, os.path.join(dst_dir, "image.nii.gz" if low.endswith(".gz") else "image.nii"), how)
+    for p, name in study.more_images:
+        _place(p, os.path.join(dst_dir, name + (".nii.gz" if p.lower().endswith(".gz") else ".nii")), how)
     return dicom.salted_hash("nifti:" + folder, salt_value)
+
+
+def _place(src, dst, how):
+    if os.path.lexists(dst):
+        return
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if how == "symlink":
+        os.symlink(os.path.abspath(src), dst)
+    elif how == "hardlink":
+        os.link(src, dst)
+    else:
+        shutil.copyfile(src, dst)
 
 
 def _folder_study_uid(path):
@@ -219,7 +231,7 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
     os.makedirs(out_dir, exist_ok=True)
     images_dir = os.path.join(out_dir, "images")
     rows = {t: [] for t in (columns or {})}
-    seen = {}
+    seen, findings = {}, []
     for st in studies:
         key = _stage(st, images_dir, s, how) if st.image else dicom.salted_hash(st.uid, s)
         if key in seen:
@@ -227,6 +239,11 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
                                  "give the same StudyInstanceUID)")
         seen[key] = st.sid
         subj = dicom.salted_hash(f"subject:{name}:{st.subject}", s)
+        if st.mask:   # grounding: the lesion mask, in the image's space, for evaluate.py's pointing game
+            rel = f"masks/{key}.nii.gz" if st.mask.lower().endswith(".gz") else f"masks/{key}.nii"
+            _place(st.mask, os.path.join(out_dir, rel), how)
+            cls = next(c for y in st.tasks.values() for c in y)
+            findings.append({"study_key": key, "study": key[:12], "lesions": [{"diagnosis": cls, "mask": rel}]})
         for t, y in st.tasks.items():
             rows[t].append(dict(study_key=key, subject=subj, modality=st.modality, split="",
                                 age="" if st.age is None else f"{st.age:.2f}", **y))
@@ -244,6 +261,11 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
         report["tasks"][t] = {"file": os.path.basename(path), "n_studies": len(rs),
                               "n_subjects": len({r["subject"] for r in rs}),
                               "positives": {c: sum(int(r[c]) for r in rs) for c in columns[t]}}
+    if findings:
+        findings.sort(key=lambda r: r["study_key"])
+        with open(os.path.join(out_dir, "findings.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in findings)
+        report["findings"] = "findings.jsonl"
     with open(os.path.join(out_dir, "adapter_report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
@@ -662,7 +684,71 @@ def cq500(root_dir, labels_path=""):
     return studies, tally, {"ich": list(CQ500_READS.values())}
 
 
-ADAPTERS = {"openbhb": openbhb, "adni": adni, "oasis1": oasis1, "abide": abide, "rsna": rsna, "cq500": cq500}
+# ----------------------------------------------------------------------------- grounding sets
+
+
+def _grounding(root_dir, name, pattern_image, pattern_mask, cls, sequences=()):
+    """Shared part of the grounding adapters: every subject folder with an image and a mask is a
+    positive study of class `cls`, its mask linked for the pointing game. pattern_*: regexes on
+    file names with one group, the subject id."""
+    imgs, masks, more = {}, {}, {}
+    for rel in _walk_images(root_dir):
+        base = os.path.basename(rel)
+        for rx, dst in ((pattern_image, imgs), (pattern_mask, masks)):
+            m = re.fullmatch(rx, base)
+            if m:
+                dst.setdefault(m.group(1), os.path.join(root_dir, rel))
+        for seq in sequences:
+            m = re.fullmatch(seq[0], base)
+            if m:
+                more.setdefault(m.group(1), []).append((os.path.join(root_dir, rel), seq[1]))
+    if not imgs:
+        raise BenchmarkError(f"{root_dir}: no {name} image found (expected names like {pattern_image})")
+    tally, studies = Tally(rows=len(set(imgs) | set(masks))), []
+    for sid in sorted(set(imgs) | set(masks)):
+        if sid not in masks or sid not in imgs:
+            tally["subjects with an image but no mask (left out)" if sid in imgs else
+                  "subjects with a mask but no image (left out)"] += 1
+            continue
+        st = Study(f"{name}:{sid}", sid, "MR", image=imgs[sid])
+        st.more_images = sorted(more.get(sid, []), key=lambda t: t[1])
+        st.mask = masks[sid]
+        st.tasks["grounding"] = {cls: 1}
+        studies.append(st)
+        tally["subjects labelled"] += 1
+    return studies, tally, {"grounding": [cls]}
+
+
+def brats21(root_dir, labels_path="", cls="glioma"):
+    """BraTS 2021 (Baid et al., arXiv:2107.02314; RSNA-ASNR-MICCAI BraTS challenge; CC BY 4.0 for
+    the training data as distributed by the challenge, check your copy's terms): the pointing
+    game of a glioma probe against the tumour segmentation.
+
+    Layout: ROOT/.../BraTS2021_<id>/BraTS2021_<id>_{t1,t1ce,t2,flair,seg}.nii.gz. Each subject
+    is one study of four MR sequences (t1 is the study's image, the others beside it) and its
+    seg (labels 1, 2, 4: the whole tumour is where it is nonzero) the lesion mask. Labels:
+    labels_grounding.csv with column `cls` (1 for every study: this set has no negatives, so it
+    scores grounding, not detection; evaluate a probe trained elsewhere with --external=True).
+    Writes findings.jsonl + masks/ for evaluate.py --cohort=OUT --findings=OUT/findings.jsonl."""
+    return _grounding(root_dir, "brats21", r"(BraTS2021_\d+)_t1\.nii(?:\.gz)?", r"(BraTS2021_\d+)_seg\.nii(?:\.gz)?",
+                      cls, sequences=[(rf"(BraTS2021_\d+)_{q}\.nii(?:\.gz)?", q) for q in ("t1ce", "t2", "flair")])
+
+
+def atlas2(root_dir, labels_path="", cls="chronic_ischemic_stroke"):
+    """ATLAS v2.0 (Liew et al., Sci Data 2022; fcon_1000.projects.nitrc.org/indi/retro/atlas.html;
+    ATLAS data use agreement, CC BY-NC 4.0): the pointing game of a stroke probe against the
+    manually traced lesion masks.
+
+    Layout (BIDS): ROOT/.../sub-<id>/ses-<s>/anat/sub-<id>_ses-<s>_space-MNI152NLin2009aSym_T1w.nii.gz
+    and ..._label-L_desc-T1lesion_mask.nii.gz. Each subject is one study (T1w), its lesion mask
+    the pointing-game target; labels as brats21 (column `cls`, all 1). The test release has no
+    masks: its subjects are counted and left out."""
+    return _grounding(root_dir, "atlas2", r"(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_space-[^_]+_T1w\.nii(?:\.gz)?",
+                      r"(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_space-[^_]+_label-L_desc-T1lesion_mask\.nii(?:\.gz)?", cls)
+
+
+ADAPTERS = {"openbhb": openbhb, "adni": adni, "oasis1": oasis1, "abide": abide, "rsna": rsna, "cq500": cq500,
+            "brats21": brats21, "atlas2": atlas2}
 PREPROCESS_INPUT = {"rsna": "the folder of the .dcm files (ROOT/stage_2_train)", "cq500": "ROOT"}
 
 
@@ -686,6 +772,8 @@ def main():
     configure(globals())
     opts = {"adni": dict(horizon=adni_horizon_months, max_days=adni_max_days, series_regex=adni_series),
             "rsna": dict(n_workers=workers)}.get(dataset, {})
+    if dataset in ("brats21", "atlas2") and grounding_class:
+        opts = dict(cls=grounding_class)
     try:
         rep = run(dataset, root, out or f"bench/{dataset}", salt, link, labels_file, **opts)
     except BenchmarkError as e:

@@ -228,3 +228,36 @@ def cq500(root):
     header = ["name", "Category"] + [f"R{i}:{c}" for i in (1, 2, 3) for c in CQ500_COLS]
     write_csv(os.path.join(root, "reads.csv"), header, rows)
     return expect, reads
+
+
+# ----------------------------------------------------------------------------- grounding sets
+
+def brats21(root):
+    """BraTS2021_<id>/BraTS2021_<id>_{t1,t1ce,t2,flair,seg}.nii.gz; one subject without seg.
+    Returns {id: seg voxels} of the subjects with both."""
+    segs = {}
+    for i, sid in enumerate(("BraTS2021_00000", "BraTS2021_00002", "BraTS2021_00003")):
+        d = os.path.join(root, "BraTS2021_Training_Data", sid)
+        for q in ("t1", "t1ce", "t2", "flair"):
+            write_nifti(os.path.join(d, f"{sid}_{q}.nii.gz"), seed=i)
+        if sid != "BraTS2021_00003":
+            seg = np.zeros(SHAPE[::-1], np.uint8)
+            seg[10:16, 12:20, 3:6] = [1, 2, 4][i]
+            nib.save(nib.Nifti1Image(seg, np.diag([1.0, 1.0, 4.0, 1.0])), os.path.join(d, f"{sid}_seg.nii.gz"))
+            segs[sid] = seg
+    return segs
+
+
+def atlas2(root):
+    """ATLAS v2.0 BIDS layout; one test-release subject without a mask. Returns the masked ids."""
+    out = []
+    for i, sid in enumerate(("r001s001", "r001s002", "r040s001")):
+        d = os.path.join(root, "ATLAS_2", "Training" if i < 2 else "Testing", sid[:4].upper(), f"sub-{sid}", "ses-1", "anat")
+        write_nifti(os.path.join(d, f"sub-{sid}_ses-1_space-MNI152NLin2009aSym_T1w.nii.gz"), seed=i)
+        if i < 2:
+            m = np.zeros(SHAPE[::-1], np.uint8)
+            m[5:9, 5:9, 2:4] = 1
+            nib.save(nib.Nifti1Image(m, np.diag([1.0, 1.0, 4.0, 1.0])),
+                     os.path.join(d, f"sub-{sid}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz"))
+            out.append(f"sub-{sid}")
+    return out

@@ -245,6 +245,39 @@ def test_cq500_majority_of_three_readers(tmp_path):
         B.run("cq500", root, out, SALT)
 
 
+def test_grounding_sets_masks_findings_and_preprocess_keys(tmp_path):
+    import preprocess
+    segs = bench_fakes.brats21(str(tmp_path / "brats"))
+    out = str(tmp_path / "out")
+    rep = B.run("brats21", str(tmp_path / "brats"), out, SALT)
+    rows = _labels(os.path.join(out, "labels_grounding.csv"))
+    assert len(rows) == 2 and all(r["glioma"] == "1" for r in rows)
+    assert rep["input"] == {"rows": 3, "subjects labelled": 2, "subjects with an image but no mask (left out)": 1}
+    recs = [json.loads(x) for x in open(os.path.join(out, "findings.jsonl"))]
+    assert sorted(r["study_key"] for r in recs) == sorted(r["study_key"] for r in rows)
+    found = set()
+    for r in recs:
+        (les,) = r["lesions"]
+        assert les["diagnosis"] == "glioma"
+        m = np.asarray(nib.load(os.path.join(out, les["mask"])).dataobj)
+        found |= {sid for sid, seg in segs.items() if np.array_equal(seg, m)}
+        folder = _stage_folder_key(out, r["study_key"])
+        assert sorted(os.listdir(folder)) == ["flair.nii.gz", "image.nii.gz", "t1ce.nii.gz", "t2.nii.gz"]   # no seg
+    assert found == set(segs)
+    man = preprocess.run(os.path.join(out, "images"), str(tmp_path / "shards"), n_workers=1, salt_value=SALT,
+                         cfg_progress=False, cfg_log_paths=False)
+    per_study = {}
+    for v in man["volumes"]:
+        per_study[v["study_key"]] = per_study.get(v["study_key"], 0) + 1
+    assert per_study == {r["study_key"]: 4 for r in rows}           # four sequences, one study
+    assert "BraTS" not in _all_output_text(out)
+    ids = bench_fakes.atlas2(str(tmp_path / "atlas"))
+    rep = B.run("atlas2", str(tmp_path / "atlas"), str(tmp_path / "out2"), SALT, cls="acute_ischemic_stroke")
+    rows = _labels(os.path.join(tmp_path / "out2", "labels_grounding.csv"))
+    assert len(rows) == len(ids) == 2 and list(rows[0])[-1] == "acute_ischemic_stroke"
+    assert rep["input"]["subjects with an image but no mask (left out)"] == 1
+
+
 def test_cli_one_line_error_and_summary(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
     r = subprocess.run([sys.executable, "-m", "nvfm.benchmarks", "--dataset=cq500", f"--root={tmp_path}",
@@ -358,6 +391,22 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     ex = json.load(open(tmp_path / "ex" / "metrics.json"))["results"]["ours"]
     assert ex["external"] and ex["n_studies"] == len(_labels(lab2)) and ex["per_class"]["ich"]["auroc"] > 0.7
+    au = ex["per_class"]["ich"]
+    # a dataset labelling a subset of the probe's classes: those are scored, the rest named and skipped
+    sub = tmp_path / "labels_sub.csv"
+    with open(sub, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_key", "subject", "modality", "split", "age", "ich"])
+        w.writerows([[r["study_key"], r["subject"], "CT", "", r["age"], r["ich"]] for r in _labels(lab2)])
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={sub}", f"--out={tmp_path / 'exs'}",
+                             f"--features={tmp_path / 'ext'}", "--external=True", *ev], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 probe classes are not columns" in r.stdout
+    exs = json.load(open(tmp_path / "exs" / "metrics.json"))["results"]["ours"]
+    assert list(exs["per_class"]) == ["ich"] and exs["per_class"]["ich"]["auroc"] == pytest.approx(au["auroc"])
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={sub}", f"--out={tmp_path / 'exs'}",
+                             f"--features={tmp_path / 'ext'}", *ev], tmp_path)
+    assert r.returncode != 0 and "--external=True" in r.stderr
     r = _run("evaluate.py", [f"--probes={tmp_path / 'age' / 'probe.pt'}", f"--labels={lab}", f"--out={tmp_path / 'eva'}",
                              "--task_name=age", *ev], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -366,7 +415,6 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path):
                              f"{tmp_path / 'eva' / 'metrics.json'}", f"--out={tmp_path / 'all'}"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     table = open(tmp_path / "all" / "paper_table.md").read()
-    au = ex["per_class"]["ich"]
     assert f"| ext: ich AUROC (external) | {au['auroc']:.3f} [{au['auroc_ci'][0]:.3f}, {au['auroc_ci'][1]:.3f}] |" in table
     assert "| cq500: side accuracy given detection |" in table and "| age: age MAE, years |" in table
     # the held-out test keys of one dataset are not in another's labels: a clear error, not a KeyError
