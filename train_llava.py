@@ -8,10 +8,9 @@ fixed prompt, the clinical indication as text, and the findings as a JSON list o
 (start it from stage 1 with --init_connector=OUT1/ckpt.pt). --text_only=True trains the same LM on
 the indication alone (the baseline the images must beat).
 
-Optional ways in for the images (off by default; BENCHMARKS.md, Report generator): --aux_weight=W trains a
-diagnosis head on the connector's latents beside the LM loss; --image_tags=True adds the tags of a
-cross-fitted linear tagger on the frozen features to the prompt (--oracle_tags: the true classes, a
-positive control).
+Optional way in for the images (off by default; BENCHMARKS.md, Report generator): --image_tags=True
+adds the tags of a cross-fitted linear tagger on the frozen features to the prompt (--oracle_tags:
+the true classes, a positive control).
 
 Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
 (unremarkable studies count as one more label; SPEC), raised to --resample_power; --resample=False
@@ -58,11 +57,8 @@ perceiver_depth = 6
 perceiver_heads = 8
 n_latents = 64
 attn_impl = "auto"
-pos_freqs = 0                      # >0: the perceiver also reads each token's anatomical position (right, anterior,
-                                   # superior from the shards manifest next to `findings`) as pos_freqs Fourier octaves
 hemispheres = False                # half of each series' latents read its left tokens, half its right ones (same
                                    # manifest; llava.PerceiverResampler): the side of a finding becomes a content read
-connector_zero_init = False        # zero-init the projector's last layer: training starts text-only-equivalent
 # optimisation
 max_iters = 300
 batch_size = 8
@@ -79,8 +75,6 @@ image_dropout = 0.0                # P(a training example loses all its images: 
                                    # a small model from memorising studies through their visual tokens
 token_keep = 1.0                   # <1: each training series keeps a fresh random subset of this fraction of its
                                    # tokens per draw (augmentation against memorising studies; eval sees all)
-aux_weight = 0.0                   # >0: + aux_weight x BCE of a diagnosis head on the connector's latents (study
-                                   # labels: diagnoses with training positives, any-abnormality, lesion side)
 image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
                                    # linear tagger on the frozen features (nvfm.llava.ImageTagger)
 tag_asymmetry = False              # the tagger also reads left-right token differences (llava.study_vector; no gain
@@ -111,8 +105,6 @@ length_penalty = 1.0               # beams: score = log P(reply) / length**lengt
                                    # (on the phantom cohort it then omits urgent findings: BENCHMARKS.md)
 repetition_penalty = 1.0
 no_repeat_ngram_size = 0
-image_guidance = 0.0               # >0 (greedy): classifier-free guidance on the images against the same LM's
-                                   # text-only prompt (nvfm/llava.py; meant for models trained with image_dropout)
 probe = ""                         # comma-separated train_probe.py outputs (probe.pt) for the cross-check
 probe_scores = ""                  # or a JSONL {study_key, scores: {diagnosis: p}, thresholds: {diagnosis: t}}
 probe_threshold = 0.5              # used where a row has no thresholds
@@ -200,7 +192,6 @@ def study_targets(keys, names):
     return llava.study_targets(keys, names, recs, labels)
 
 
-aux_names = study_class_names(train_keys) if aux_weight > 0 and not text_only else []
 tags, tagger = {}, None  # study_key -> tag phrases for the prompt (image_tags)
 if oracle_tags and not text_only:
     _names, _keys = study_class_names(train_keys), sorted(set(train_keys) | set(eval_keys) | set(val_keys))
@@ -232,8 +223,8 @@ def tag_lists(ks, dropped=None):
     return [None if dropped and dropped[i] else tags.get(k, []) for i, k in enumerate(ks)]
 
 
-orientations = llava.volume_orientations(os.path.dirname(findings)) if pos_freqs or hemispheres else {}
-if (pos_freqs or hemispheres) and master and not orientations:
+orientations = llava.volume_orientations(os.path.dirname(findings)) if hemispheres else {}
+if hemispheres and master and not orientations:
     print(f"warning: no shards manifest next to {findings}: token positions use the grid axes as stored")
 
 
@@ -270,9 +261,7 @@ enc_dim = cache.dim if cache is not None else 1
 iter_num, ckpt = 0, None
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
-    aux_names = ckpt.get("aux_names", [])  # the head's classes as trained (eval_only may see other splits)
 model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
-                              zero_init=connector_zero_init, n_aux=len(aux_names), pos_freqs=pos_freqs,
                               hemispheres=hemispheres)
 if init_from == "resume":
     model.connector.load_state_dict(ckpt["connector"])
@@ -326,7 +315,7 @@ if ddp and fsdp:
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                      find_unused_parameters=text_only or not visual_tokens or image_dropout > 0 or bool(aux_names))
+                      find_unused_parameters=text_only or not visual_tokens or image_dropout > 0)
 
 groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
 if train_llm:
@@ -376,7 +365,7 @@ def save(it):
             shutil.rmtree(llm_saved + ".old")
     state = {"connector": conn, "iter_num": it, "stage": stage, "stage1_iters": stage1_iters, "config": config,
              "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": llm_path,
-             "enc_dim": enc_dim, "aux_names": aux_names}
+             "enc_dim": enc_dim}
     if not (ddp and fsdp):
         state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
     save_atomic(state, ckpt_path)
@@ -421,11 +410,7 @@ if not eval_only and iter_num < total_iters:
             g["lr"] = g["base_lr"] * lr_scale(it)
         studies, inds, fnds, ks, tg = get_batch(gen)
         with autocast:
-            if aux_names:
-                loss, aux = train_model(studies, inds, fnds, st, aux_targets=study_targets(ks, aux_names), tags=tg)
-                lm_loss, loss = loss, loss + aux_weight * aux
-            else:
-                loss = train_model(studies, inds, fnds, st, tags=tg)
+            loss = train_model(studies, inds, fnds, st, tags=tg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -434,11 +419,9 @@ if not eval_only and iter_num < total_iters:
         last = it == total_iters - 1
         if master and (it % log_interval == 0 or last):
             dt = time.time() - t0
-            extra = {"lm_loss": lm_loss.item(), "aux_loss": aux.item()} if aux_names else {}
             bar.write(f"iter {it}: stage {st} loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
-                      f"{(it + 1 - iter_num) / max(dt, 1e-9):.2f} it/s"
-                      + "".join(f", {k} {v:.4f}" for k, v in extra.items()))
-            log_row({"iter": it, "stage": st, "loss": loss.item(), **extra, "time_s": round(dt, 2)})
+                      f"{(it + 1 - iter_num) / max(dt, 1e-9):.2f} it/s")
+            log_row({"iter": it, "stage": st, "loss": loss.item(), "time_s": round(dt, 2)})
         if val_keys and ((it + 1) % eval_interval == 0 or last):
             vl = val_loss(st)  # every rank runs it (a collective under FSDP)
             if master:
@@ -519,8 +502,7 @@ if master and eval_keys and stage == 2 and ddp and fsdp:
     # the trained model is sharded across ranks: rank 0 decodes with an unsharded copy from disk
     lm, tok = load_llm(llm_saved if train_llm else llm_path, device=device)
     model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents,
-                                  attn_impl, n_aux=len(aux_names), pos_freqs=pos_freqs,
-                                  hemispheres=hemispheres).to(device)
+                                  attn_impl, hemispheres=hemispheres).to(device)
     model.connector.load_state_dict(load_checkpoint(ckpt_path)["connector"])
 if master and eval_keys and stage == 2:
     model.eval()
@@ -545,7 +527,7 @@ if master and eval_keys and stage == 2:
         with torch.no_grad(), autocast:
             texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
                                    stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
-                                   image_guidance=0.0 if text_only else image_guidance, tags=tag_lists(ks),
+                                   tags=tag_lists(ks),
                                    **({"length_penalty": length_penalty} if num_beams > 1 else {}))
         for k, t in zip(ks, texts):
             found, status = llava.parse_findings(t)

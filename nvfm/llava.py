@@ -65,13 +65,6 @@ class CrossAttentionBlock(nn.Module):
         return lat + self.ff(self.norm_ff(lat))
 
 
-def fourier_features(pos, n_freqs):
-    """(N, 3) positions in [-1, 1] -> (N, 6 * n_freqs): sin and cos of pi * 2**k * pos, k < n_freqs."""
-    f = math.pi * 2.0 ** torch.arange(n_freqs, device=pos.device, dtype=pos.dtype)
-    x = (pos[..., None] * f).flatten(-2)
-    return torch.cat([x.sin(), x.cos()], -1)
-
-
 def anatomical_positions(coords, orientation=None):
     """Token grid coords (n, 3) of one series -> (n, 3) float32 positions toward (right, anterior,
     superior), each in [-1, 1] across the series' tokens (0 = the middle of their bounding box: for a
@@ -126,19 +119,17 @@ class PerceiverResampler(nn.Module):
     forward(tokens (N, in_dim), cu_seqlens int32 (S+1), max_seqlen, series_type int64 (S,), pos=None)
     -> (S * n_latents, dim). Series s reads only tokens cu_seqlens[s]:cu_seqlens[s+1].
 
-    pos_freqs > 0: each token's anatomical position pos (N, 3) in [-1, 1] (`anatomical_positions`:
-    right, anterior, superior) enters as Fourier features (pos_freqs octaves, sin and cos) through a
-    linear map added to the token's projection. Without it the perceiver sees a bag of tokens and
-    cannot tell where a token lies (a left from a right lesion) unless the encoder's embedding says so.
+    Without hemispheres the perceiver sees a bag of tokens and cannot tell where a token lies (a left
+    from a right lesion) unless the encoder's embedding says so.
 
     hemispheres: the first n_latents / 2 latents of a series read only its left tokens (pos right < 0),
     the other half only its right tokens (> 0; midline tokens go to both; a series with no token on
     one side lets that half read all its tokens). Which side a finding is on then comes down to which
     latents saw it, the same content read that finds the finding at all, instead of an interaction
-    of content and position that the perceiver has to learn (bench/bench_llava_read.py --task=side).
+    of content and position that the perceiver has to learn (`bench/bench_llava.py read --task=side`).
     """
 
-    def __init__(self, in_dim, dim=768, depth=6, heads=8, n_latents=64, ff_mult=4, attn_impl="auto", pos_freqs=0,
+    def __init__(self, in_dim, dim=768, depth=6, heads=8, n_latents=64, ff_mult=4, attn_impl="auto",
                  hemispheres=False):
         super().__init__()
         if hemispheres and n_latents % 2:
@@ -146,8 +137,6 @@ class PerceiverResampler(nn.Module):
         self.hemispheres = hemispheres
         self.n_latents, self.attn_impl, self.grad_ckpt = n_latents, attn_impl, False
         self.inp = nn.Linear(in_dim, dim)
-        self.pos_freqs = pos_freqs
-        self.pos = nn.Linear(3 * 2 * pos_freqs, dim) if pos_freqs else None
         self.latents = nn.Parameter(torch.randn(n_latents, dim) * 0.02)
         self.type_emb = nn.Embedding(len(SERIES_TYPES), dim)  # tells the LM which series a set came from
         nn.init.normal_(self.type_emb.weight, std=0.02)
@@ -156,16 +145,14 @@ class PerceiverResampler(nn.Module):
 
     @property
     def reads_positions(self):
-        """Whether forward needs the tokens' positions (pos_freqs > 0 or hemispheres)."""
-        return self.pos is not None or self.hemispheres
+        """Whether forward needs the tokens' positions (hemispheres)."""
+        return self.hemispheres
 
     def forward(self, tokens, cu_seqlens, max_seqlen, series_type, pos=None):
         S, L = cu_seqlens.numel() - 1, self.n_latents
         if self.reads_positions and pos is None:
-            raise ValueError("this perceiver reads token positions (pos_freqs > 0 or hemispheres): pass pos (N, 3)")
+            raise ValueError("this perceiver reads token positions (hemispheres): pass pos (N, 3)")
         tok = self.inp(tokens)
-        if self.pos is not None:
-            tok = tok + self.pos(fourier_features(pos.to(tok.dtype), self.pos_freqs))
         lat = (self.latents[None] + self.type_emb(series_type)[:, None]).reshape(S * L, -1)
         if self.hemispheres:  # 2S query sets of L / 2 latents: series s left, s right, s+1 left, ...
             tok, cu_seqlens, max_seqlen = hemisphere_split(tok, cu_seqlens, pos[:, 0])
@@ -180,41 +167,19 @@ class PerceiverResampler(nn.Module):
 
 
 class Connector(nn.Module):
-    """Perceiver resampler + 2-layer MLP (dim -> llm_hidden -> llm_hidden) into the LM embedding space.
-
-    zero_init: the MLP's last layer starts at zero, so at step 0 the visual embeddings are all zero
-    and the LM sees the prompt as a text-only model would; the images enter as the layer learns
-    (its weight gradient is nonzero from the start). Keeps a small LM from being swamped by random
-    visual vectors early in training (the tiny demo LM learned the task much more slowly without it).
-
-    n_aux > 0 adds a linear diagnosis head on the study's mean latent (`aux_logits`), trained beside
-    the LM loss with study labels (ReportGenerator.forward(aux_targets=...)): the perceiver gets a
-    direct signal for what is in the image, not only through the LM's next-token loss.
-    """
+    """Perceiver resampler + 2-layer MLP (dim -> llm_hidden -> llm_hidden) into the LM embedding space."""
 
     def __init__(self, in_dim, llm_hidden, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
-                 zero_init=False, n_aux=0, pos_freqs=0, hemispheres=False):
+                 hemispheres=False):
         super().__init__()
         self.perceiver = PerceiverResampler(in_dim, dim, depth, heads, n_latents, attn_impl=attn_impl,
-                                            pos_freqs=pos_freqs, hemispheres=hemispheres)
+                                            hemispheres=hemispheres)
         self.mlp = nn.Sequential(nn.Linear(dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
-        if zero_init:
-            nn.init.zeros_(self.mlp[2].weight)
-            nn.init.zeros_(self.mlp[2].bias)
-        self.aux = nn.Linear(dim, n_aux) if n_aux else None
         self.n_latents = n_latents
 
-    def forward(self, tokens, cu_seqlens, max_seqlen, series_type, return_latents=False, pos=None):
-        """-> (S * n_latents, llm_hidden), series in packed order (and the latents (S * n_latents, dim))."""
-        lat = self.perceiver(tokens, cu_seqlens, max_seqlen, series_type, pos)
-        return (self.mlp(lat), lat) if return_latents else self.mlp(lat)
-
-    def aux_logits(self, latents, series_per_study):
-        """latents (S * n_latents, dim) of studies with series_per_study[b] series each (0 allowed)
-        -> (B', n_aux) logits of the B' studies that have any series (mean over their latents)."""
-        per = latents.view(-1, self.n_latents, latents.shape[-1]).mean(1)  # (S, dim)
-        counts = [n for n in series_per_study if n]
-        return self.aux(torch.stack([g.mean(0) for g in per.split(counts)]))
+    def forward(self, tokens, cu_seqlens, max_seqlen, series_type, pos=None):
+        """-> (S * n_latents, llm_hidden), series in packed order."""
+        return self.mlp(self.perceiver(tokens, cu_seqlens, max_seqlen, series_type, pos))
 
 
 def pack_series(studies, device="cpu", dtype=torch.float32, with_pos=False):
@@ -326,12 +291,11 @@ class ReportGenerator(nn.Module):
     """Connector + LM. `studies` are lists of feature-cache entries (see pack_series)."""
 
     def __init__(self, llm, tok, enc_dim, dim=768, depth=6, heads=8, n_latents=64, attn_impl="auto",
-                 zero_init=False, n_aux=0, pos_freqs=0, hemispheres=False):
+                 hemispheres=False):
         super().__init__()
         self.llm, self.tok = llm, tok
         hidden = llm.get_input_embeddings().weight.shape[1]
-        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, zero_init, n_aux,
-                                   pos_freqs, hemispheres)
+        self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, hemispheres)
         self.prompts = PromptBuilder(tok, n_latents)
 
     @property
@@ -363,24 +327,18 @@ class ReportGenerator(nn.Module):
             x = x.masked_scatter(vis[..., None], visual.to(x.dtype))  # row-major = study, series order
         return x, att, lab
 
-    def _visual(self, studies, return_latents=False):
+    def _visual(self, studies):
         with_pos = self.connector.perceiver.reads_positions
         tokens, cu, max_len, types, names, *pos = pack_series(
             studies, device=self.device, dtype=next(self.connector.parameters()).dtype, with_pos=with_pos)
         if cu.numel() == 1:
-            return (None, None, names) if return_latents else (None, names)
-        out = self.connector(tokens, cu, max_len, types, return_latents=return_latents, pos=pos[0] if pos else None)
-        return (*out, names) if return_latents else (out, names)
+            return None, names
+        return self.connector(tokens, cu, max_len, types, pos=pos[0] if pos else None), names
 
-    def forward(self, studies, indications, findings, stage=2, aux_targets=None, tags=None):
+    def forward(self, studies, indications, findings, stage=2, tags=None):
         """Mean next-token cross-entropy over the answer tokens of the batch (scalar).
-        aux_targets (B, n_aux) 0/1 (needs n_aux): returns (that loss, the diagnosis head's mean
-        binary cross-entropy over the studies that have images; 0 when none has).
         tags: per study a list of tag phrases (ImageTagger) or None (no tag line)."""
-        want_aux = aux_targets is not None
-        if want_aux and self.connector.aux is None:
-            raise ValueError("aux_targets given but the connector has no diagnosis head (n_aux=0)")
-        visual, lat, names = self._visual(studies, return_latents=True)
+        visual, names = self._visual(studies)
         tags = tags if tags is not None else [None] * len(names)
         ex = [self.prompts.build(n, ind, f, stage, t) for n, ind, f, t in zip(names, indications, findings, tags)]
         x, att, lab = self._embed(ex, visual, pad_left=False)
@@ -389,66 +347,25 @@ class ReportGenerator(nn.Module):
         keep = tgt != IGNORE
         # logits only where there is a target: the 151k-row LM head on prompt tokens is wasted work
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), tgt[keep])
-        if not want_aux:
-            return loss
-        if lat is None:
-            return loss, loss.new_zeros(())
-        has = torch.tensor([bool(n) for n in names])
-        y = torch.as_tensor(aux_targets, dtype=torch.float32)[has].to(lat.device)
-        aux = F.binary_cross_entropy_with_logits(self.connector.aux_logits(lat, [len(n) for n in names]).float(), y)
-        return loss, aux
+        return F.cross_entropy(logits.float(), tgt[keep])
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, skip_special_tokens=True, image_guidance=0.0, tags=None, **generate_kwargs):
+                 no_repeat_ngram_size=0, skip_special_tokens=True, tags=None, **generate_kwargs):
         """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings.
-        image_guidance w > 0 (greedy only): classifier-free guidance on the images, next-token
-        log-probabilities lp_img + w (lp_img - lp_text), lp_text from the same LM on the same prompt
-        without its visual tokens (a trained input when the model was trained with image dropout).
-        tags: per study tag phrases or None, as in forward (the text-only branch of image_guidance has none).
+        tags: per study tag phrases or None, as in forward.
         generate_kwargs go to the LM's generate (e.g. min_new_tokens for fixed-length timing)."""
         visual, names = self._visual(studies)
         tags = tags if tags is not None else [None] * len(names)
         ex = [self.prompts.build(n, ind, None, stage, t) for n, ind, t in zip(names, indications, tags)]
         x, att, _ = self._embed(ex, visual, pad_left=True)
         eos = sorted({self.prompts.eot_id} | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()))
-        if image_guidance:
-            if num_beams != 1:
-                raise ValueError("image_guidance needs greedy decoding (num_beams=1)")
-            text = [self.prompts.build([], ind, None, stage) for ind in indications]
-            x_text, att_text, _ = self._embed(text, None, pad_left=True)
-            generate_kwargs["logits_processor"] = [ImageGuidance(self.llm, x_text, att_text, image_guidance)]
         out = self.llm.generate(inputs_embeds=x, attention_mask=att, max_new_tokens=max_new_tokens,
                                 do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
                                 no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos,
                                 pad_token_id=self.prompts.placeholder_id, temperature=None, top_p=None, top_k=None,
                                 **generate_kwargs)
         return [self.tok.decode(o, skip_special_tokens=skip_special_tokens).strip() for o in out]
-
-
-class ImageGuidance:
-    """A transformers logits processor for ReportGenerator.generate(image_guidance=w): runs the
-    text-only prompts (left-padded embeddings x_text, mask att_text) through the same LM beside
-    the image-conditioned decoding, feeding it the same generated tokens (own KV cache), and
-    returns log_softmax(scores) + w * (log_softmax(scores) - log_softmax(text-only logits))."""
-
-    def __init__(self, llm, x_text, att_text, w):
-        self.llm, self.x, self.att, self.w, self.past = llm, x_text, att_text, float(w), None
-
-    def __call__(self, input_ids, scores):
-        if self.past is None:  # first step: the whole text-only prompt (generated tokens: none yet)
-            pos = (self.att.cumsum(-1) - 1).clamp(min=0)
-            out = self.llm(inputs_embeds=self.x, attention_mask=self.att, position_ids=pos, use_cache=True)
-        else:  # then the token just generated
-            self.att = torch.cat([self.att, self.att.new_ones(self.att.shape[0], 1)], 1)
-            pos = self.att.sum(-1, keepdim=True) - 1
-            out = self.llm(input_ids=input_ids[:, -1:], attention_mask=self.att, position_ids=pos,
-                           past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
-        lp_text = out.logits[:, -1].float().log_softmax(-1)
-        lp = scores.float().log_softmax(-1)
-        return (lp + self.w * (lp - lp_text)).to(scores.dtype)
 
 
 # ----------------------------------------------------------------------------- study records

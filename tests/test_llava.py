@@ -215,24 +215,21 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
                              for i in range(12)))
     base = [sys.executable, os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
             f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--ckpt_interval=2",
-            "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1", "--image_dropout=0.5",
-            "--aux_weight=0.5"]
+            "--max_new_tokens=24", f"--probe_scores={probe}", "--log_interval=1", "--image_dropout=0.5"]
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
     r = subprocess.run(base + ["--max_iters=2", "--eval_split=none"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ck["iter_num"] == 2 and ck["encoder_hash"] == "random:test"
-    assert ck["aux_names"] == ["acute_subdural_hematoma", "abnormal", "lesion_left", "lesion_right"]
-    assert ck["connector"]["aux.weight"].shape[0] == 4
-    assert all("aux_loss" in json.loads(l) for l in open(os.path.join(out, "log.jsonl")))
+    assert [json.loads(l)["iter"] for l in open(os.path.join(out, "log.jsonl"))] == [0, 1]
     assert os.path.exists(os.path.join(out, "llm", "config.json"))  # stage 2 saves the fine-tuned LM
-    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume", "--image_guidance=1.0", "--probe_rule=youden"],
+    r = subprocess.run(base + ["--max_iters=3", "--init_from=resume", "--probe_rule=youden"],
                        cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "iter 2:" in r.stdout + r.stderr and "iter 1:" not in r.stdout + r.stderr
     m = json.load(open(os.path.join(out, "metrics.json")))
-    assert m["n_eval"] == 3 and 0 <= m["reports"]["bleu2"] <= 1 and m["config"]["image_guidance"] == 1.0
+    assert m["n_eval"] == 3 and 0 <= m["reports"]["bleu2"] <= 1
     probe_rows = [json.loads(l) for l in open(os.path.join(out, "reports_probe.jsonl"))]
     assert all("Epidural hematoma" in " ".join(r["findings"]) for r in probe_rows)  # urgent probe finding appended
     assert all(r["parse"] in ("ok", "repaired", "empty") for r in probe_rows)
@@ -374,12 +371,12 @@ def test_fit_cross_check_thresholds_is_precision_among_omitting_reports():
 
 @pytest.mark.parametrize("auroc", [0.6, 0.999])
 def test_bench_cross_check_rules_on_a_simulated_probe(auroc):
-    """bench_cross_check on reports that omit every SDH: a near-perfect simulated probe lets the
+    """`bench_llava.py cross_check` on reports that omit every SDH: a near-perfect simulated probe lets the
     reports rule restore the omitted SDHs, false ones within its precision target; with a weak one
     Youden's cut appends more than twice as many findings, more of them false."""
     from conftest import load_bench
     from nvfm.report_metrics import evaluate_report_lists
-    bench = load_bench("bench_cross_check")
+    bench = load_bench("bench_llava")
     recs = {}
     for i in range(160):
         fnd = ["Acute left convexity subdural hematoma."] if i % 2 else []
@@ -440,32 +437,6 @@ def test_train_llava_stage1_phase_then_stage2(tmp_path, lm_dir):
     assert not all(torch.equal(w0[k], w2[k]) for k in w0)  # stage 2 trains the LM
 
 
-def test_zero_init_connector_starts_text_only_then_learns(lm):
-    """zero_init: visual embeddings are exactly 0 at step 0 (the loss ignores the images), the last
-    projector layer still gets a gradient, and after one step the images change the loss."""
-    model, tok = lm
-    torch.manual_seed(3)
-    gen = llava.ReportGenerator(model, tok, enc_dim=16, dim=32, depth=1, heads=4, n_latents=4, zero_init=True)
-    studies, inds, fnds = _studies(), ["headache", "fall"], [[SDH], []]
-    visual, _ = gen._visual(studies)
-    assert visual.shape == (5 * 4, model.config.hidden_size) and visual.abs().max() == 0
-    flipped = _studies()
-    flipped[0][0]["emb"] = flipped[0][0]["emb"] * -1
-    loss = gen(studies, inds, fnds)
-    assert torch.equal(loss, gen(flipped, inds, fnds))
-    loss.backward()
-    assert gen.connector.mlp[2].weight.grad.abs().sum() > 0
-    assert gen.connector.perceiver.latents.grad is None or gen.connector.perceiver.latents.grad.abs().sum() == 0
-    with torch.no_grad():
-        for p in gen.connector.parameters():
-            if p.grad is not None:
-                p -= 0.1 * p.grad
-    v1, v2 = gen._visual(studies)[0], gen._visual(flipped)[0]
-    assert v1.abs().max() > 0 and not torch.allclose(v1[:4], v2[:4])  # the flipped series now differs
-    torch.testing.assert_close(v1[4:], v2[4:])  # the others do not
-    model.zero_grad(set_to_none=True)
-
-
 def test_batch_mixing_studies_with_and_without_images(lm):
     """image_dropout (train_llava.py) trains batches where some studies have no images: the batch
     loss is the token-weighted mean of the per-study losses, so each study's images only reach
@@ -483,94 +454,6 @@ def test_batch_mixing_studies_with_and_without_images(lm):
         flipped = _studies()
         flipped[0][0]["emb"] = flipped[0][0]["emb"] * -1
         assert not torch.equal(gen([flipped[0], []], inds, fnds), mixed)  # the images are used
-
-
-def _guided_reference(gen, study, ind, w, n_new, min_new):
-    """Greedy image-guided decoding of one study by full recomputation (no cache, no padding)."""
-    model = gen.llm
-    emb = model.get_input_embeddings()
-    visual, names = gen._visual([study])
-    x_img, _, _ = gen._embed([gen.prompts.build(names[0], ind, None, 2)], visual, pad_left=True)
-    x_txt, _, _ = gen._embed([gen.prompts.build([], ind, None, 2)], None, pad_left=True)
-    eos = sorted({gen.prompts.eot_id} | ({gen.tok.eos_token_id} if gen.tok.eos_token_id is not None else set()))
-    ids = []
-    for step in range(n_new):
-        new = emb(torch.tensor([ids], dtype=torch.long)) if ids else x_img[:, :0]
-        lg = model(inputs_embeds=torch.cat([x_img, new], 1)).logits[0, -1].float()
-        if step < min_new:
-            lg[eos] = -float("inf")
-        lt = model(inputs_embeds=torch.cat([x_txt, new], 1)).logits[0, -1].float()
-        lp = lg.log_softmax(-1)
-        nxt = int((lp + w * (lp - lt.log_softmax(-1)) if w else lp).argmax())
-        ids.append(nxt)
-        if nxt in eos:
-            break
-    return gen.tok.decode(ids, skip_special_tokens=False).strip()
-
-
-def test_image_guidance_equals_recomputed_reference(lm):
-    gen = _gen(lm, seed=3).eval()
-    studies, inds = _studies(1), ["a long clinical indication so that the two prompts differ in length", "fall"]
-    with torch.no_grad():
-        for w in (0.0, 1.5, 5.0):
-            got = gen.generate(studies, inds, max_new_tokens=10, min_new_tokens=6, image_guidance=w,
-                               skip_special_tokens=False)
-            want = [_guided_reference(gen, s, i, w, 10, 6) for s, i in zip(studies, inds)]
-            assert got == want, w
-    with pytest.raises(ValueError, match="greedy"):
-        gen.generate(studies, inds, max_new_tokens=2, num_beams=2, image_guidance=1.0)
-
-
-def test_image_guidance_processor_tracks_the_text_only_branch(lm):
-    """Over several steps, with left-padded prompts of different lengths, the processor's
-    text-only log-probabilities equal a full recomputation of each row without padding."""
-    model, tok = lm
-    gen = _gen(lm, seed=3).eval()
-    inds = ["a long clinical indication so that the two prompts differ in length", "fall"]
-    text = [gen.prompts.build([], ind, None, 2) for ind in inds]
-    x_text, att_text, _ = gen._embed(text, None, pad_left=True)
-    proc = llava.ImageGuidance(model, x_text, att_text, 2.0)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.zeros(2, 0, dtype=torch.long)
-    emb = model.get_input_embeddings()
-    with torch.no_grad():
-        for step in range(4):
-            scores = torch.randn(2, emb.weight.shape[0], generator=g)
-            out = proc(ids, scores)
-            for b in range(2):
-                xb, _, _ = gen._embed([text[b]], None, pad_left=True)
-                full = torch.cat([xb, emb(ids[b:b + 1])], 1)
-                lp_text = model(inputs_embeds=full).logits[0, -1].float().log_softmax(-1)
-                lp = scores[b].log_softmax(-1)
-                assert torch.allclose(out[b], lp + 2.0 * (lp - lp_text), atol=1e-4), (step, b)
-            ids = torch.cat([ids, torch.randint(0, 1000, (2, 1), generator=g)], 1)
-
-
-def test_aux_diagnosis_head_is_bce_on_each_studys_mean_latent(lm):
-    """aux_targets: the LM loss is unchanged, the head's loss is BCE on the mean latent of each study
-    that has images (a study without images is left out), and it alone trains the perceiver."""
-    model, tok = lm
-    torch.manual_seed(6)
-    gen = llava.ReportGenerator(model, tok, enc_dim=16, dim=32, depth=1, heads=4, n_latents=4, n_aux=3)
-    s = _studies()
-    studies, inds, fnds = [s[0], [], s[1]], ["headache", "fall", "fall"], [[SDH], [], [MEN]]
-    y = torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 1]])
-    loss, aux = gen(studies, inds, fnds, aux_targets=y)
-    torch.testing.assert_close(loss, gen(studies, inds, fnds))
-    ref = []
-    for st in (s[0], s[1]):  # each study alone through the perceiver, mean over all its latents
-        tokens, cu, mx, types, _ = llava.pack_series([st])
-        ref.append(gen.connector.aux(gen.connector.perceiver(tokens, cu, mx, types).mean(0)))
-    want = torch.nn.functional.binary_cross_entropy_with_logits(torch.stack(ref), y[[0, 2]])
-    torch.testing.assert_close(aux, want, atol=1e-5, rtol=1e-5)
-    gen.zero_grad(set_to_none=True)
-    aux.backward()
-    assert gen.connector.perceiver.latents.grad.abs().sum() > 0 and gen.connector.mlp[0].weight.grad is None
-    _, none = gen([[]], ["fall"], [[]], aux_targets=y[:1])
-    assert float(none) == 0.0
-    with pytest.raises(ValueError, match="n_aux"):
-        _gen(lm)(studies, inds, fnds, aux_targets=y)
-    model.zero_grad(set_to_none=True)
 
 
 def test_image_tagger_cross_fits_training_tags():
@@ -709,7 +592,7 @@ def test_train_llava_tags_reach_the_reports(tmp_path, lm_dir, flag):
 
 def test_demo_recipe_reads_a_planted_class_out_of_the_images():
     """Positive control of the connector with the demo recipe (config/llava_tiny.py: connector
-    size, learning rates, batch size, the tiny LM), through bench/bench_llava_read.py's run():
+    size, learning rates, batch size, the tiny LM), through `bench/bench_llava.py read`'s read_check():
     every study has the same indication and one of three answers, planted only in the images (10%
     of a series' 200 tokens shifted by sqrt(dim) along a class direction). After 120 iterations
     (no image dropout) the model must answer new studies correctly, which the indication alone
@@ -719,8 +602,8 @@ def test_demo_recipe_reads_a_planted_class_out_of_the_images():
     from conftest import load_bench
     from nvfm.configurator import read_config_file
     cfg = read_config_file(os.path.join(ROOT, "config", "llava_tiny.py"))[1]
-    bench = load_bench("bench_llava_read")
-    acc, nc_acc, _, _ = bench.run(cfg, cfg["lr"], 0.0, iters=120, seed=0, n_tok=200, n_new=30)
+    bench = load_bench("bench_llava")
+    acc, nc_acc, _, _ = bench.read_check(cfg, cfg["lr"], 0.0, iters=120, seed=0, n_tok=200, n_new=30)
     assert nc_acc >= 0.9  # the connector keeps the classes apart ...
     assert acc >= 0.8, acc  # ... and the LM reads them
 
@@ -763,10 +646,10 @@ def test_anatomical_positions_agree_across_stored_orientations():
     np.testing.assert_allclose(llava.anatomical_positions(ipr, "RRP"), (ipr - 4) / 4.0)  # unreadable codes
 
 
-def test_position_encoding_lets_the_perceiver_tell_left_from_right():
+def test_token_positions_let_the_perceiver_tell_left_from_right():
     """Without positions the perceiver is a function of the bag of tokens: mirroring the tokens'
-    positions changes nothing. With pos_freqs it changes the latents, and packing passes each
-    series' own positions (packed == one series at a time)."""
+    positions changes nothing. With hemisphere latents it changes the latents, and packing passes
+    each series' own positions (packed == one series at a time)."""
     torch.manual_seed(0)
     tok = torch.randn(30, 16)
     coords = np.stack(np.meshgrid(np.arange(3), np.arange(2), np.arange(5), indexing="ij"), -1).reshape(-1, 3)
@@ -776,7 +659,7 @@ def test_position_encoding_lets_the_perceiver_tell_left_from_right():
     pos = lambda c: torch.from_numpy(llava.anatomical_positions(c, "IPR"))
     plain = llava.PerceiverResampler(16, 32, 1, 4, n_latents=2)
     torch.testing.assert_close(plain(tok, cu, 30, st), plain(tok.flip(0), cu, 30, st))
-    with_pos = llava.PerceiverResampler(16, 32, 1, 4, n_latents=2, pos_freqs=3)
+    with_pos = llava.PerceiverResampler(16, 32, 1, 4, n_latents=2, hemispheres=True)
     a, b = with_pos(tok, cu, 30, st, pos(coords)), with_pos(tok, cu, 30, st, pos(mirrored))
     assert (a - b).abs().max() > 1e-3
     with pytest.raises(ValueError, match="pos"):
@@ -819,7 +702,7 @@ def test_hemisphere_latents_read_only_their_side():
 
 
 def test_hemisphere_latents_read_which_side_a_planted_lesion_is_on():
-    """bench_llava_read --task=side, small: the answer (left lesion / right lesion / none) is where
+    """bench_llava.py read --task=side, small: the answer (left lesion / right lesion / none) is where
     10% of the tokens are shifted. A bag-of-tokens perceiver can tell lesion from none but not the
     side (2/3 at best; 0.667 in the bench with and without additive position features); the
     hemisphere latents read the side (BENCHMARKS.md, Report generator, "Side": seeds 0 and 1 by 240 iterations,
@@ -827,7 +710,7 @@ def test_hemisphere_latents_read_which_side_a_planted_lesion_is_on():
     from conftest import load_bench
     from nvfm.configurator import read_config_file
     cfg = read_config_file(os.path.join(ROOT, "config", "llava_tiny.py"))[1]
-    bench = load_bench("bench_llava_read")
-    acc, nc_acc, _, _ = bench.run(cfg, cfg["lr"], 0.0, iters=240, seed=0, n_tok=200, n_new=60, task="side",
-                                  hemispheres=True)
+    bench = load_bench("bench_llava")
+    acc, nc_acc, _, _ = bench.read_check(cfg, cfg["lr"], 0.0, iters=240, seed=0, n_tok=200, n_new=60, task="side",
+                                          hemispheres=True)
     assert nc_acc >= 0.9 and acc >= 0.8, (acc, nc_acc)
