@@ -126,8 +126,10 @@ class Log:
     """stderr (paths allowed when log_paths) + OUTPUT/preprocess.log (hashed keys only)."""
 
     def __init__(self, out_dir, show_paths):
+        import weakref
         self.f = open(os.path.join(out_dir, "preprocess.log"), "a")
         self.show_paths = show_paths
+        weakref.finalize(self, self.f.close)  # closed with the Log (or at exit), never left to the GC
 
     def __call__(self, msg, path=None, key=None, console_only=False):
         where = f" [{key}]" if key else ""

@@ -61,16 +61,28 @@ anat/dwi/func/perf/fmap is stripped, so one BIDS session = one study). Modality 
 Modality tag): "CT" when the data look like Hounsfield units (minimum <= -900 and 1st
 percentile < -500), else "MR"; never from the file name.
 
+pydicom's warnings (UserWarnings, also sent to the "pydicom" logger) never reach the user
+as they are: they quote header values (possibly names or IDs) and mean nothing to a user.
+Every pydicom read here runs under `pydicom_quiet`: warnings about header values (VR
+mismatches, values that break their VR's rules, unknown character sets; pydicom reads on
+and _header_info parses values defensively, so they change nothing) are silenced; warnings
+while decoding pixel data become fixed one-line phrases in the stack's notes
+(`pixel_phrase`), which preprocess.py logs once per series with the offending file. Other
+libraries' warnings pass through.
+
 Privacy: nothing here returns names, IDs, dates or UIDs except the UIDs needed for
 grouping, which preprocess.py hashes (salted sha256) before anything is written. Reasons
 are fixed phrases plus numbers; file paths appear only as salted hashes (`file_key`) in
 outputs.
 """
+import contextlib
 import hashlib
+import logging
 import math
 import os
 import re
 import struct
+import warnings
 
 import numpy as np
 import pydicom
@@ -205,7 +217,63 @@ def _fg(item, shared, seq_name, attr):
     return v if v is not None else _first(shared, seq_name, attr)
 
 
+_PYDICOM_DIRS = tuple(os.sep + d + os.sep for d in ("pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle"))
+# pixel-decoding warnings -> one fixed phrase each (first match); None: harmless, silenced
+_PIXEL_PHRASES = (
+    ("photometric interpretation", "pixel data: Photometric Interpretation corrected from the codestream"),
+    ("excess padding", "pixel data: longer than Rows x Columns x frames needs (padding ignored)"),
+    ("number of frames", "pixel data: frame count differs from Number of Frames (as many frames read as the header says)"),
+    ("compressed pixel data matches the expected number for uncompressed",
+     "pixel data: compressed data the size of uncompressed data (transfer syntax may be wrong)"),
+    ("decoding plugin has changed", None),
+    ("extended offset table", None),
+    # header values read along the way: pydicom reads on, _header_info parses defensively
+    ("expected explicit vr", None), ("expected implicit vr", None), ("for vr ", None), ("maximum length", None),
+    ("unknown encoding", None), ("specific character set", None), ("unknown vr", None), ("deferred read", None),
+)
+PIXEL_PHRASE_OTHER = "pixel data: pydicom warned while decoding (decoded anyway)"
+
+
+def pixel_phrase(message):
+    """A PHI-free one-line phrase for a pydicom warning raised while decoding pixel data, or
+    None when it is harmless (silenced). Never the message itself: it may quote header values."""
+    m = str(message).lower()
+    for key, phrase in _PIXEL_PHRASES:
+        if key in m:
+            return phrase
+    return PIXEL_PHRASE_OTHER
+
+
+@contextlib.contextmanager
+def pydicom_quiet(notes=None):
+    """Run pydicom under this: its UserWarnings (and the copies its logger would print) are
+    caught; with `notes` (a list), those of pixel decoding are appended as pixel_phrase()s
+    (each once), else all are silenced. Warnings from other code are re-issued unchanged."""
+    log = logging.getLogger("pydicom")
+    was = log.disabled
+    log.disabled = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        log.disabled = was
+    for w in caught:
+        ours = issubclass(w.category, UserWarning) and any(d in (w.filename or "") for d in _PYDICOM_DIRS)
+        if not ours:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            continue
+        phrase = pixel_phrase(w.message) if notes is not None else None
+        if phrase and phrase not in notes:
+            notes.append(phrase)
+
+
 def read_dataset(path, stop_before_pixels):
+    with pydicom_quiet():
+        return _read_dataset(path, stop_before_pixels)
+
+
+def _read_dataset(path, stop_before_pixels):
     """dcmread (path or binary file) that accepts files without the 128-byte preamble but
     rejects non-DICOM files."""
     try:
@@ -238,23 +306,24 @@ def scan_dicom(root, rel, salt=""):
                 return _scan_quick(os.path.join(root, rel), dict(info))
             except _NotQuick:  # anything unusual: pydicom below
                 pass
-        with open(os.path.join(root, rel), "rb") as fp:
-            ds = read_dataset(fp, stop_before_pixels=True)
-            pixel_pos = fp.tell()  # pydicom stops at the (7FE0,0010) tag
-            pixel_hdr = fp.read(12)
-        if not pixel_hdr:  # pydicom ran to the end of the file, silently dropping a cut element
-            _check_header_complete(ds, os.path.getsize(os.path.join(root, rel)))
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
-            raise SeriesError("DICOMDIR index file (not an image)")
-        info = _header_info(ds, info)
-        if not pixel_hdr and info["sop_class"] in IMAGE_SOP_CLASSES and (
-                not info["study_uid"] or not info["series_uid"] or info["rows"] < 1):
-            # an image header ending at an element boundary before its UIDs/matrix: cut short
-            raise SeriesError("truncated file (header cut short)")
-        _note_pixel_error(ds, info, pixel_pos, pixel_hdr, os.path.getsize(os.path.join(root, rel)))
-        info["raw_pixels"] = _raw_pixel_location(ds, info, pixel_pos, pixel_hdr)
-        info["j2k_pixels"] = _j2k_pixel_location(ds, info, pixel_pos, pixel_hdr)
+        with pydicom_quiet():  # header-value warnings (values are read lazily, below too): silenced
+            with open(os.path.join(root, rel), "rb") as fp:
+                ds = read_dataset(fp, stop_before_pixels=True)
+                pixel_pos = fp.tell()  # pydicom stops at the (7FE0,0010) tag
+                pixel_hdr = fp.read(12)
+            if not pixel_hdr:  # pydicom ran to the end of the file, silently dropping a cut element
+                _check_header_complete(ds, os.path.getsize(os.path.join(root, rel)))
+            meta = getattr(ds, "file_meta", None)
+            if meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10":
+                raise SeriesError("DICOMDIR index file (not an image)")
+            info = _header_info(ds, info)
+            if not pixel_hdr and info["sop_class"] in IMAGE_SOP_CLASSES and (
+                    not info["study_uid"] or not info["series_uid"] or info["rows"] < 1):
+                # an image header ending at an element boundary before its UIDs/matrix: cut short
+                raise SeriesError("truncated file (header cut short)")
+            _note_pixel_error(ds, info, pixel_pos, pixel_hdr, os.path.getsize(os.path.join(root, rel)))
+            info["raw_pixels"] = _raw_pixel_location(ds, info, pixel_pos, pixel_hdr)
+            info["j2k_pixels"] = _j2k_pixel_location(ds, info, pixel_pos, pixel_hdr)
         return info
     except SeriesError as e:
         info["error"] = str(e)
@@ -1133,6 +1202,12 @@ def dicom_stack(root, group, reduce=False):
                     return arr
             except Exception:  # anything unusual: pydicom's route below gives the precise error
                 pass
+        with pydicom_quiet(notes):  # pixel-decoding warnings -> the series' notes (once each), others silenced
+            return read_pydicom(h)
+
+    def read_pydicom(h):
+        """read_full's route through pydicom (compressed or unusual files)."""
+        path = h["path"]
         try:
             ds = read_dataset(os.path.join(root, path), stop_before_pixels=False)
         except SeriesError:
@@ -1186,6 +1261,8 @@ def dicom_stack(root, group, reduce=False):
             if arr.ndim != 3 or fr["frame"] >= arr.shape[0]:
                 raise SeriesError("pixel data has fewer frames than the header says")
             arr = arr[fr["frame"]]
+        elif arr.ndim == 3 and arr.shape[1:] == (rows, cols):  # a single-frame file holding more frames:
+            arr = arr[0]  # the header's one frame (pydicom returns them all; the series notes it)
         if arr.shape != (rows, cols):
             raise SeriesError("pixel data shape does not match Rows/Columns")
         return rescale(arr, fr)
