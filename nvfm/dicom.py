@@ -222,7 +222,8 @@ _PYDICOM_DIRS = tuple(os.sep + d + os.sep for d in ("pydicom", "pylibjpeg", "ope
 _PIXEL_PHRASES = (
     ("photometric interpretation", "pixel data: Photometric Interpretation corrected from the codestream"),
     ("excess padding", "pixel data: longer than Rows x Columns x frames needs (padding ignored)"),
-    ("number of frames", "pixel data: frame count differs from Number of Frames (as many frames read as the header says)"),
+    ("number of frames",
+     "pixel data: frame count differs from Number of Frames (as many frames read as the header says)"),
     ("compressed pixel data matches the expected number for uncompressed",
      "pixel data: compressed data the size of uncompressed data (transfer syntax may be wrong)"),
     ("decoding plugin has changed", None),

@@ -201,7 +201,8 @@ def test_array_jobs_with_mixed_presets_are_refused(inputs, tmp_path):
         json.dump(d, f)
     with pytest.raises(SystemExit, match=r"parts/done_0_of_2.json\) written with --preset=nvfm"):
         preprocess.run(inputs, out, n_workers=0, shard_spec="1/2", cfg_progress=False, cfg_preset="neurovfm")
-    assert not os.path.exists(os.path.join(out, "merge.lock")) and not os.path.exists(os.path.join(out, "manifest.json"))
+    assert not os.path.exists(os.path.join(out, "merge.lock"))
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
     d["settings"]["preset"] = "neurovfm"
     with open(done0, "w") as f:
         json.dump(d, f)
