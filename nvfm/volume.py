@@ -234,7 +234,8 @@ def resample_grid(stack, spacing=SPACING, grid="centre"):
     grid "centre" (nvfm): per axis floor(extent / s) + 1 positions centred on the input's
     extent. grid "origin" (the authors' SimpleITK resampling after orienting to RPI): per axis
     int(N * (spacing_in / s)) positions from the input sample that comes first in R/P/I order
-    (their image origin), N the axis' sample count (in-plane: at the acquired resolution)."""
+    (their image origin), N the axis' sample count (in-plane: at the acquired resolution);
+    a gantry-tilted stack gets as many more as cover its shear."""
     su, sv = stack.shear[:, 0], stack.shear[:, 1]
     K, R, C = stack.shape
     ext = getattr(stack, "extent", ((R - 1) * stack.ps[0], (C - 1) * stack.ps[1]))  # acquired in-plane extent
@@ -253,9 +254,12 @@ def resample_grid(stack, spacing=SPACING, grid="centre"):
         nps = getattr(stack, "native_ps", stack.ps)
         counts = (K, int(round(ext[0] / nps[0])) + 1, int(round(ext[1] / nps[1])) + 1)
         gaps = (bounds[0][1] / (K - 1) if K > 1 else spacing[0], nps[0], nps[1])
+        spans = (bounds[0][1], ext[0], ext[1])  # a gantry tilt's shear widens the in-plane bounds
         q = []
-        for (lo, hi), s, n, g, back in zip(bounds, spacing, counts, gaps, toward_lap):
-            i = s * np.arange(int(n * (g / s)))  # their size: int(size * (spacing / target)), in that order
+        for (lo, hi), s, n, g, span, back in zip(bounds, spacing, counts, gaps, spans, toward_lap):
+            m = int(n * (g / s))  # their size: int(size * (spacing / target)), in that order
+            m += int(np.ceil((hi - lo - span) / s - 1e-9))  # + the shear (theirs leaves a tilt sheared)
+            i = s * np.arange(m)
             q.append(hi - i[::-1] if back else lo + i)
     elif grid != "centre":
         raise ValueError(f"grid must be 'centre' or 'origin', not {grid!r}")
