@@ -666,8 +666,9 @@ def _settings_text(st):
 
 def _settings_conflict(output_dir, theirs, mine, where):
     """One-line SystemExit naming what differs, or None when `theirs` matches `mine`."""
-    diff = [k for k in ("preset", "min_fg_fraction", "salt_id", "format", "resampling")
-            if k in theirs and theirs[k] != mine[k]]
+    diff = [k for k in ("preset", "min_fg_fraction", "salt_id", "resampling") if k in theirs and theirs[k] != mine[k]]
+    if isinstance(theirs.get("format"), int) and theirs["format"] > mine["format"]:  # older parts are a subset
+        diff.append("format")
     if not diff:
         return
     if diff == ["salt_id"]:

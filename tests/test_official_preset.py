@@ -178,6 +178,16 @@ def test_resume_with_another_preset_is_refused(inputs, tmp_path, monkeypatch):
             preprocess.run(inputs, out, n_workers=0, cfg_progress=False, **kw)
         assert "\n" not in str(e.value) and out in str(e.value)
         assert sorted(os.listdir(os.path.join(out, "parts"))) == parts_before  # nothing written
+    # parts written by a newer nvfm (a shard format this one does not know) are not extended
+    sp = os.path.join(out, "parts", "settings.json")
+    with open(sp) as f:
+        st = json.load(f)
+    with open(sp, "w") as f:
+        json.dump(dict(st, format=st["format"] + 1), f)
+    with pytest.raises(SystemExit, match=f"shard format {st['format'] + 1} \\(this version writes {st['format']}\\)"):
+        preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    with open(sp, "w") as f:  # an older format's parts are a subset: resumed
+        json.dump(dict(st, format=1), f)
     # the same settings resume, and the result is that of an uninterrupted run
     man = preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
     ref = preprocess.run(inputs, str(tmp_path / "ref"), n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
