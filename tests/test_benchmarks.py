@@ -360,7 +360,7 @@ def _run(script, args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_paper_protocol_external_transfer_table_and_plots(tmp_path):
+def test_paper_protocol_external_transfer_table_and_plots(tmp_path, monkeypatch, capsys):
     lab = _synthetic_benchmark(tmp_path)
     common = [f"--features={tmp_path / 'cache'}", f"--labels={lab}", "--threads=1", "--hidden=16", "--steps=40",
               "--eval_interval=10", "--lr=1e-2", "--protocol=paper"]
@@ -374,8 +374,6 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path):
     test_subj = {subj[k] for k in ck["test_keys"]}
     assert not test_subj & {subj[k] for k in subj if k not in set(ck["test_keys"])}   # no subject on both sides
     assert abs(len(test_subj) - 8) <= 1                                                # 20% of 40 subjects
-    r = _run("train_probe.py", [*common, "--task=age", f"--out={tmp_path / 'age'}"], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
     # a second dataset from the same encoder: the probe applied unchanged (external transfer)
     lab2 = _synthetic_benchmark(tmp_path, n_subj=30, seed=1, name="ext")
     ev = ["--n_boot=200", "--threads=1", "--names=ours"]
@@ -398,26 +396,57 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path):
         w = csv.writer(f)
         w.writerow(["study_key", "subject", "modality", "split", "age", "ich"])
         w.writerows([[r["study_key"], r["subject"], "CT", "", r["age"], r["ich"]] for r in _labels(lab2)])
-    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={sub}", f"--out={tmp_path / 'exs'}",
-                             f"--features={tmp_path / 'ext'}", "--external=True", *ev], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "2 probe classes are not columns" in r.stdout
-    exs = json.load(open(tmp_path / "exs" / "metrics.json"))["results"]["ours"]
+    import evaluate   # in-process from here: the same code without three more interpreter start-ups
+    probe_pt = str(tmp_path / "p" / "probe.pt")
+    for k, v in dict(features=str(tmp_path / "ext"), external=True, n_boot=200, device="cpu", labels=str(sub),
+                     out=str(tmp_path / "m")).items():
+        monkeypatch.setattr(evaluate, k, v)
+    sub_rows = {r["study_key"]: r for r in P.load_labels(str(sub))[0]}
+    exs, _ = evaluate.evaluate_probe(probe_pt, "ours", sub_rows, {})
+    assert "2 probe classes are not columns" in capsys.readouterr().out
     assert list(exs["per_class"]) == ["ich"] and exs["per_class"]["ich"]["auroc"] == pytest.approx(au["auroc"])
-    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={sub}", f"--out={tmp_path / 'exs'}",
-                             f"--features={tmp_path / 'ext'}", *ev], tmp_path)
-    assert r.returncode != 0 and "--external=True" in r.stderr
-    r = _run("evaluate.py", [f"--probes={tmp_path / 'age' / 'probe.pt'}", f"--labels={lab}", f"--out={tmp_path / 'eva'}",
-                             "--task_name=age", *ev], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert os.path.getsize(tmp_path / "eva" / "age_ours.png") > 0
-    r = _run("evaluate.py", [f"--merge={tmp_path / 'ev' / 'metrics.json'},{tmp_path / 'ex' / 'metrics.json'},"
-                             f"{tmp_path / 'eva' / 'metrics.json'}", f"--out={tmp_path / 'all'}"], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    table = open(tmp_path / "all" / "paper_table.md").read()
+    monkeypatch.setattr(evaluate, "external", False)
+    with pytest.raises(SystemExit, match="--external=True"):   # the probe's test keys are another dataset's
+        evaluate.evaluate_probe(probe_pt, "ours", sub_rows, {})
+    monkeypatch.setattr(evaluate, "merge", f"{tmp_path / 'ev' / 'metrics.json'},{tmp_path / 'ex' / 'metrics.json'}")
+    evaluate.merge_tables()
+    table = open(tmp_path / "m" / "paper_table.md").read()
     assert f"| ext: ich AUROC (external) | {au['auroc']:.3f} [{au['auroc_ci'][0]:.3f}, {au['auroc_ci'][1]:.3f}] |" in table
-    assert "| cq500: side accuracy given detection |" in table and "| age: age MAE, years |" in table
-    # the held-out test keys of one dataset are not in another's labels: a clear error, not a KeyError
-    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={lab2}", f"--out={tmp_path / 'x'}",
-                             f"--features={tmp_path / 'ext'}", *ev], tmp_path)
-    assert r.returncode != 0 and "--external=True" in r.stderr
+    assert "| cq500: side accuracy given detection |" in table and "| cq500: ich PR lift |" in table
+    assert table.splitlines()[2] == "| task | ours |"   # one column per encoder name
+
+
+def test_openbhb_end_to_end_adapter_preprocess_encode_probe_table(tmp_path):
+    """The documented commands on a miniature OpenBHB: adapter -> preprocess -> encode (random
+    init) -> train_probe --protocol=paper --task=age -> evaluate: table, CIs, brain-age plot."""
+    import preprocess
+    root = str(tmp_path / "openBHB")
+    rows = []
+    for i in range(18):
+        pid = f"{2000 + i}"
+        bench_fakes.write_nifti(os.path.join(root, f"sub-{pid}", "ses-1", "anat",
+                                             f"sub-{pid}_ses-1_preproc-quasiraw_T1w.nii.gz"), seed=i)
+        rows.append((pid, 20 + 3 * i, "F", "1"))
+    bench_fakes.write_csv(os.path.join(root, "participants.tsv"), ["participant_id", "age", "sex", "site"], rows, "\t")
+    b = tmp_path / "b"
+    B.run("openbhb", root, str(b), SALT)
+    preprocess.run(str(b / "images"), str(b / "shards"), n_workers=1, salt_value=SALT, cfg_progress=False,
+                   cfg_log_paths=False)
+    r = _run("encode.py", [f"--shards={b / 'shards'}", "--encoder=random:tiny", f"--out={b / 'features'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run("train_probe.py", ["--protocol=paper", "--task=age", "--modality=MR", f"--features={b / 'features'}",
+                                f"--labels={b / 'labels_age.csv'}", f"--out={b / 'probe'}", "--steps=10",
+                                "--eval_interval=5", "--threads=1", "--hidden=16"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _run("evaluate.py", [f"--probes={b / 'probe' / 'probe.pt'}", f"--labels={b / 'labels_age.csv'}",
+                             f"--out={b / 'eval'}", "--names=random_init", "--n_boot=200", "--threads=1",
+                             "--task_name=openbhb"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.load(open(b / "eval" / "metrics.json"))["results"]["random_init"]
+    ck = torch.load(b / "probe" / "probe.pt", weights_only=True)
+    assert res["n_studies"] == len(ck["test_keys"]) == res["n"] and len(ck["models"]) == 8
+    lo, hi = res["mae_ci"]
+    assert lo <= res["mae"] <= hi
+    table = open(b / "eval" / "paper_table.md").read()
+    assert f"| openbhb: age MAE, years | {res['mae']:.2f} [{lo:.2f}, {hi:.2f}] |" in table
+    assert os.path.getsize(b / "eval" / "age_random_init.png") > 0
