@@ -313,7 +313,7 @@ def plot(res, data):
 def paper_rows(results, task):
     """The paper-style table's rows for one run: [(row label, {probe name: cell})], cells
     '0.831 [0.702, 0.915]'. Classification: AUROC per defined class (and the macro mean over
-    several), PR lift per class, side accuracy; age: MAE, RMSE (years) and Pearson r."""
+    several), PR lift and calibrated F1 per class, side accuracy; age: MAE, RMSE (years), Pearson r."""
     rows = {}
 
     def put(label, col, value, ci, nd):
@@ -334,6 +334,8 @@ def paper_rows(results, task):
             put(f"{n} AUROC{ext}", col, r["per_class"][n]["auroc"], r["per_class"][n].get("auroc_ci"), 3)
         for n in defined:
             put(f"{n} PR lift{ext}", col, r["per_class"][n]["pr_lift"], r["per_class"][n].get("pr_lift_ci"), 2)
+        for n in defined:   # Platt-calibrated on the selection set (no CI: one operating point)
+            put(f"{n} F1 (calibrated){ext}", col, r["per_class"][n].get("calibrated_f1"), None, 3)
         if "laterality" in r:
             la = r["laterality"]
             put(f"side accuracy given detection{ext}", col, la["accuracy"], la.get("accuracy_ci"), 3)

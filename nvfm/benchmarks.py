@@ -779,7 +779,7 @@ def main():
     except BenchmarkError as e:
         fail(str(e))
     print(f"{dataset}: {rep['n_studies']} labelled studies of {rep['n_subjects']} subjects; input: "
-          + ", ".join(f"{v} {k}" for k, v in rep["input"].items()))
+          + ", ".join(f"{v} {k}" for k, v in rep["input"].items() if v))
     for t, r in rep["tasks"].items():
         print(f"  {r['file']}: {r['n_studies']} studies, {r['n_subjects']} subjects, positives {r['positives']}")
     print(f"next: python preprocess.py --input={rep['preprocess_input']} --output={os.path.join(out or 'bench/' + dataset, 'shards')}"

@@ -690,8 +690,8 @@ def pearson_r(y, pred):
 def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
     """Brain-age style regression figures with study-level bootstrap CIs.
 
-    y, pred (n,) in the target's unit (years). Returns dict: n, mae, rmse, pearson_r, bias
-    (mean pred - y), and with n_boot > 0 mae_ci, rmse_ci, pearson_r_ci, bias_ci ([low, high])
+    y, pred (n,) in the target's unit (years). Returns a JSON-ready dict (None = undefined, e.g.
+    r of a constant prediction): n, mae, rmse, pearson_r, bias (mean pred - y), and with n_boot > 0 mae_ci, rmse_ci, pearson_r_ci, bias_ci ([low, high])
     and ci_n_valid. Replicate b weights study i by its count w_ib (`bootstrap_counts`): MAE_b =
     sum_i w_ib |e_i| / n, so each replicate equals the figure on the resampled cohort.
     """
@@ -702,7 +702,7 @@ def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
     n = len(yv)
     out = {"n": n, "mae": mae(yv, pv), "rmse": rmse(yv, pv), "pearson_r": pearson_r(yv, pv), "bias": float(-e.mean())}
     if not n_boot:
-        return out
+        return jsonable(out)
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
     a, b = yv - yv.mean(), pv - pv.mean()        # centred: the weighted moments stay well conditioned
