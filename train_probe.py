@@ -20,7 +20,9 @@ nvfm/benchmarks.py) always fall on one side of every split (`probe.grouped_strat
 age is stratified on its quintiles.
 protocol = "paper": the paper's public-benchmark protocol in one flag: cv_folds 8 (unless set),
 test_fraction 0.2, subject-grouped, every label column of the benchmark's labels file as a
-class (unless label_names), no side classes. `evaluate.py --external=True` applies such a
+class (unless label_names), no side classes. cv_grid = "lr=1e-3,3e-4;hidden=128,256": every
+combination is cross-validated and the one with the best out-of-fold score (macro AUROC, or
+MAE) is kept, its k fold models being the ensemble (the paper picks hyperparameters by CV). `evaluate.py --external=True` applies such a
 probe unchanged to another dataset's labels (external transfer, e.g. ADNI -> OASIS-1).
 
 Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
@@ -65,6 +67,7 @@ cv_folds = 0
 test_fraction = 0.2
 protocol = ""            # "" (splits, or CV when cv_folds > 0) | paper (8-fold CV, 20% test, all label columns)
 age_bins = 5             # CV with task=age: stratify on this many age quantiles
+cv_grid = ""             # CV: hyperparameters chosen by the out-of-fold score, e.g. "lr=1e-3,3e-4;hidden=128,256"
 allow_missing = False    # studies missing from the cache: error (False) or skip with a warning
 seed = 0
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,6 +123,8 @@ def check_inputs():
                                 ("protocol", protocol, ("", "paper"))):
         if value not in choices:
             fail(f"--{key}={value}: choose one of {', '.join(repr(c) for c in choices)}")
+    if len(parse_grid(cv_grid)) > 1 and cv_folds <= 0:
+        fail("--cv_grid needs the CV protocol (--protocol=paper or --cv_folds=k)")
     require_path(features, "--features", kind="dir", hint="a feature cache written by encode.py")
     if not os.path.exists(os.path.join(features, "index.json")):
         fail(f"--features: {features} is not a feature cache (no index.json; run encode.py first)")
@@ -143,6 +148,25 @@ def warn_sparse_labels(names, columns):
             f"{'/'.join(mods) or 'all'} ontology classes as columns ({', '.join(found[:6]) or 'none'}); "
             f"the probe learns only those.\nIs this the re-keyed labels.csv of the right shard set and "
             f"--modality? (--label_names=a,b silences this)\n{bar}")
+
+
+GRID_KEYS = {"lr": float, "weight_decay": float, "steps": int, "hidden": int, "dropout": float}
+
+
+def parse_grid(text):
+    """"lr=1e-3,3e-4;hidden=128,256" -> the list of every combination as dicts ([{}] for "")."""
+    import itertools
+    axes = []
+    for part in [p for p in text.split(";") if p.strip()]:
+        key, _, vals = part.partition("=")
+        key = key.strip()
+        if key not in GRID_KEYS or not vals.strip():
+            fail(f"--cv_grid: {part.strip()!r}: use key=v1,v2 with key in {', '.join(GRID_KEYS)}")
+        try:
+            axes.append([(key, GRID_KEYS[key](v)) for v in vals.split(",")])
+        except ValueError:
+            fail(f"--cv_grid: {part.strip()!r}: values of {key} must be {GRID_KEYS[key].__name__}s")
+    return [dict(c) for c in itertools.product(*axes)]
 
 
 def main():
@@ -186,18 +210,20 @@ def main():
 
     probe_args = dict(kind=probe, dim=cache.dim, n_out=len(names), hidden=hidden, dropout=dropout)
 
-    def train_one(train_keys, val_keys, tag, norm=(0.0, 1.0)):
+    def train_one(train_keys, val_keys, tag, norm=(0.0, 1.0), hp=None):
+        hp = {**dict(lr=lr, weight_decay=weight_decay, steps=steps, hidden=hidden, dropout=dropout), **(hp or {})}
+        n_steps = int(hp["steps"])
         g = torch.Generator().manual_seed(seed)
         mu, sd = norm   # age: the probe predicts standardised age; the L1 loss is in years / sd
-        m = P.make_probe(**probe_args).to(device)
+        m = P.make_probe(**dict(probe_args, hidden=int(hp["hidden"]), dropout=float(hp["dropout"]))).to(device)
         ytr = torch.from_numpy(np.stack([Y[k] for k in train_keys]))
         pw, usable = P.class_weights(ytr, max_pos_weight)
         pw, usable = pw.to(device), usable.to(device)
-        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay)
+        opt = torch.optim.AdamW(m.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         yval = np.stack([Y[k] for k in val_keys]) if val_keys else None
         best, best_state, t0 = None, None, time.time()
-        for step in range(steps + 1):
-            if step % eval_interval == 0 or step == steps:
+        for step in range(n_steps + 1):
+            if step % eval_interval == 0 or step == n_steps:
                 if val_keys:
                     lv = P.predict(m, get_bag, val_keys, device)
                     if task == "age":
@@ -214,14 +240,14 @@ def main():
                     best, best_state = score, {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
                     desc += " *"
                 log(f"[{tag}] step {step}: {desc} ({time.time() - t0:.1f} s)")
-            if step == steps:
+            if step == n_steps:
                 break
             m.train()
             idx = torch.randint(len(train_keys), (min(batch_studies, len(train_keys)),), generator=g)
             x, cu = P.pack_bags([get_bag(train_keys[i]) for i in idx], device)
             yb = ytr[idx].to(device)
             for grp in opt.param_groups:   # linear warmup, cosine decay
-                grp["lr"] = lr * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + np.cos(np.pi * step / steps))
+                grp["lr"] = hp["lr"] * min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + np.cos(np.pi * step / n_steps))
             logits = m(x, cu)
             if task == "age":
                 loss = F.l1_loss(logits[:, 0], (yb[:, 0] - mu) / sd)
@@ -238,6 +264,7 @@ def main():
         return (float(a.mean()), float(max(a.std(), 1.0))) if task == "age" else (0.0, 1.0)
 
     eval_mod = transfer_to or modality
+    grid = parse_grid(cv_grid)
     ckpt = dict(probe_args=probe_args, task=task, label_names=names, modality=modality, eval_modality=eval_mod,
                 encoder_hash=cache.encoder_hash, features=os.path.abspath(features), windows=windows,
                 side_classes=bool(side_classes), config=config)
@@ -257,14 +284,32 @@ def main():
         if len(set(folds.tolist())) < cv_folds or not test_keys:
             raise SystemExit(f"train_probe.py: {len(rows)} studies ({n_subj} subjects) are too few for a held-out "
                              f"test set and {cv_folds} folds")
-        states, oof = [], np.zeros((len(rest), len(names)), np.float32)
         norm = age_norm(rest)
-        for f in range(cv_folds):
-            tr = [k for k, ff in zip(rest, folds) if ff != f]
-            va = [k for k, ff in zip(rest, folds) if ff == f]
-            m, st = train_one(tr, va, f"fold {f}", norm)
-            states.append(st)
-            oof[folds == f] = P.predict(m, get_bag, va, device)
+        yrest = np.stack([Y[k] for k in rest])
+        best = None
+        for hp in grid:   # the paper: CV picks the probe's hyperparameters, its 8 fold models are the ensemble
+            states, oof = [], np.zeros((len(rest), len(names)), np.float32)
+            for f in range(cv_folds):
+                tr = [k for k, ff in zip(rest, folds) if ff != f]
+                va = [k for k, ff in zip(rest, folds) if ff == f]
+                m, st = train_one(tr, va, f"fold {f}" + (f" {hp}" if hp else ""), norm, hp)
+                states.append(st)
+                oof[folds == f] = P.predict(m, get_bag, va, device)
+            if task == "age":
+                score = -metrics.mae(yrest[:, 0], oof[:, 0] * norm[1] + norm[0])
+            else:
+                score = metrics.macro(metrics.auroc(yrest, oof))[0]
+                score = -np.inf if score is None else score
+            if len(grid) > 1:
+                log(f"cv grid {hp}: out-of-fold {'MAE' if task == 'age' else 'macro AUROC'} "
+                    f"{abs(score) if task == 'age' else score:.4f}")
+            if best is None or score > best[0]:
+                best = (score, hp, states, oof)
+        _, hp, states, oof = best
+        if len(grid) > 1:
+            log(f"cv grid: chose {hp}")
+            probe_args.update({k: type(probe_args[k])(v) for k, v in hp.items() if k in ("hidden", "dropout")})
+            ckpt.update(cv_grid_choice=hp)
         sel_keys, sel_logits = rest, oof
         ckpt.update(test_keys=test_keys, protocol=("paper: " if protocol == "paper" else "") + f"{cv_folds}-fold CV")
         train_pos = np.stack([Y[k] for k in rest]).sum(0)

@@ -364,9 +364,12 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path, monkeypatch,
     lab = _synthetic_benchmark(tmp_path)
     common = [f"--features={tmp_path / 'cache'}", f"--labels={lab}", "--threads=1", "--hidden=16", "--steps=40",
               "--eval_interval=10", "--lr=1e-2", "--protocol=paper"]
-    r = _run("train_probe.py", [*common, f"--out={tmp_path / 'p'}"], tmp_path)
+    # a hyperparameter grid chosen by the out-of-fold score: lr 0 cannot learn, lr 1e-2 does
+    r = _run("train_probe.py", [*common, f"--out={tmp_path / 'p'}", "--cv_grid=lr=0.0,1e-2;hidden=16"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "cv grid: chose {'lr': 0.01, 'hidden': 16}" in r.stdout
     ck = torch.load(tmp_path / "p" / "probe.pt", weights_only=True)
+    assert ck["cv_grid_choice"] == {"lr": 0.01, "hidden": 16}
     assert ck["label_names"] == ["ich", "bleed_left", "bleed_right"] and len(ck["models"]) == 8
     assert ck["protocol"] == "paper: 8-fold CV"
     rows = _labels(lab)
