@@ -8,10 +8,6 @@ fixed prompt, the clinical indication as text, and the findings as a JSON list o
 (start it from stage 1 with --init_connector=OUT1/ckpt.pt). --text_only=True trains the same LM on
 the indication alone (the baseline the images must beat).
 
-Optional way in for the images (off by default; BENCHMARKS.md, Report generator): --image_tags=True
-adds the tags of a cross-fitted linear tagger on the frozen features to the prompt (--oracle_tags:
-the true classes, a positive control).
-
 Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
 (unremarkable studies count as one more label; SPEC), raised to --resample_power; --resample=False
 draws them uniformly, as config/llava_tiny.py does: the SPEC weights starve the phantom cohorts'
@@ -75,14 +71,6 @@ image_dropout = 0.0                # P(a training example loses all its images: 
                                    # a small model from memorising studies through their visual tokens
 token_keep = 1.0                   # <1: each training series keeps a fresh random subset of this fraction of its
                                    # tokens per draw (augmentation against memorising studies; eval sees all)
-image_tags = False                 # a tag line in the prompt: study classes found in the images by a cross-fitted
-                                   # linear tagger on the frozen features (nvfm.llava.ImageTagger)
-tag_asymmetry = False              # the tagger also reads left-right token differences (llava.study_vector; no gain
-                                   # with the demo encoder, BENCHMARKS.md)
-visual_tokens = True               # False (with image_tags): the images reach the LM only as the tag line
-tag_C = 0.1                        # the tagger's inverse L2 strength
-oracle_tags = False                # positive control only: the tags are each study's true classes (what a perfect
-                                   # tagger would say; the upper bound of the tag route), never for real reports
 grad_ckpt = True
 dtype = "bfloat16"                 # autocast dtype on CUDA (CPU runs float32)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -184,45 +172,6 @@ if master:
 weights = llava.sampling_weights([labels[k] for k in train_keys], resample_power) if train_keys else None
 
 
-def study_class_names(keys):
-    return llava.study_class_names(keys, labels)
-
-
-def study_targets(keys, names):
-    return llava.study_targets(keys, names, recs, labels)
-
-
-tags, tagger = {}, None  # study_key -> tag phrases for the prompt (image_tags)
-if oracle_tags and not text_only:
-    _names, _keys = study_class_names(train_keys), sorted(set(train_keys) | set(eval_keys) | set(val_keys))
-    tags = {k: [llava.tag_phrase(n) for n, v in zip(_names, y) if v][:llava.MAX_TAGS]
-            for k, y in zip(_keys, study_targets(_keys, _names).tolist())}
-elif image_tags and not text_only and train_keys:
-    import numpy as np
-    tagger = llava.ImageTagger(study_class_names(train_keys), C=tag_C, seed=seed)
-    lr_axes = llava.volume_lr_axes(os.path.dirname(findings)) if tag_asymmetry else {}
-
-    def vectors(ks):
-        return np.stack([llava.study_vector([dict(e, lr_axis=lr_axes.get(e["volume_id"], 2)) for e in cache.study(k)],
-                                            cache.dim, asymmetry=tag_asymmetry) for k in ks])
-    tags.update(zip(train_keys, tagger.fit(vectors(train_keys), study_targets(train_keys, tagger.names).numpy())))
-    others = sorted((set(eval_keys) | set(val_keys)) - set(train_keys))
-    if others:
-        tags.update(zip(others, tagger.predict(vectors(others))))
-    if master:
-        auc = tagger.oof_auroc
-        print(f"image tagger: {len(tagger.models)} of {len(auc)} classes taggable (out-of-fold AUROC >= "
-              f"{tagger.min_auroc}): {', '.join(f'{n} {a:.2f}' for n, a in auc.items())}" if auc
-              else "image tagger: no class has enough training positives")
-
-
-def tag_lists(ks, dropped=None):
-    """Prompt tags of studies ks (None: no tag line; an image-dropped example gets none)."""
-    if not tags:
-        return None
-    return [None if dropped and dropped[i] else tags.get(k, []) for i, k in enumerate(ks)]
-
-
 orientations = llava.volume_orientations(os.path.dirname(findings)) if hemispheres else {}
 if hemispheres and master and not orientations:
     print(f"warning: no shards manifest next to {findings}: token positions use the grid axes as stored")
@@ -230,7 +179,7 @@ if hemispheres and master and not orientations:
 
 def study_series(key):
     """Feature-cache entries of a study, embeddings as float32 tensors ([] for the text-only baseline)."""
-    if text_only or not visual_tokens:
+    if text_only:
         return []
     return [dict(e, emb=torch.from_numpy(e["emb"].astype("float32")), orientation=orientations.get(e["volume_id"]))
             for e in cache.study(key)]
@@ -247,7 +196,7 @@ def get_batch(gen):
     if token_keep < 1:
         series = [[llava.keep_tokens(e, token_keep, gen) for e in s] for s in series]
     return (series, [recs[k].get("indication") or "" for k in ks],
-            [recs[k].get("findings") or [] for k in ks], ks, tag_lists(ks, drop))
+            [recs[k].get("findings") or [] for k in ks])
 
 
 # ----------------------------------------------------------------------------- model
@@ -315,7 +264,7 @@ if ddp and fsdp:
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                      find_unused_parameters=text_only or not visual_tokens or image_dropout > 0)
+                      find_unused_parameters=text_only or image_dropout > 0)
 
 groups = [{"params": [p for p in model.connector.parameters() if p.requires_grad], "lr": lr, "base_lr": lr}]
 if train_llm:
@@ -383,7 +332,7 @@ def val_loss(st):
         ks = val_keys[b:b + batch_size]
         with autocast:
             tot += train_model([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
-                               [recs[k].get("findings") or [] for k in ks], st, tags=tag_lists(ks)).item() * len(ks)
+                               [recs[k].get("findings") or [] for k in ks], st).item() * len(ks)
     train_model.train()
     return tot / len(val_keys)
 
@@ -408,9 +357,9 @@ if not eval_only and iter_num < total_iters:
             bar.set_description("stage 2")
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(it)
-        studies, inds, fnds, ks, tg = get_batch(gen)
+        studies, inds, fnds = get_batch(gen)
         with autocast:
-            loss = train_model(studies, inds, fnds, st, tags=tg)
+            loss = train_model(studies, inds, fnds, st)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -527,12 +476,10 @@ if master and eval_keys and stage == 2:
         with torch.no_grad(), autocast:
             texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
                                    stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
-                                   tags=tag_lists(ks),
                                    **({"length_penalty": length_penalty} if num_beams > 1 else {}))
         for k, t in zip(ks, texts):
             found, status = llava.parse_findings(t)
-            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found}
-                        | ({"tags": tags.get(k, [])} if tags else {}))
+            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found})
     sec_per_study = sec_prev if reuse_reports else (time.time() - t0) / len(eval_keys)
     variants = {"reports.jsonl": rows}
     if probes:
@@ -562,8 +509,6 @@ if master and eval_keys and stage == 2:
         train_s = json.load(open(prev)).get("train_s")
     metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(eval_keys),
                "eval_splits": sorted(eval_splits), "train_s": train_s, "iter_num": iter_num}
-    if tagger is not None:
-        metrics["image_tagger_oof_auroc"] = tagger.oof_auroc
     if probes and probe_rule == "reports":
         metrics["probe_cross_check_thresholds"] = probe_fit
     for name, rs in variants.items():

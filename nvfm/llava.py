@@ -13,9 +13,9 @@ The LM is used through the generic HF interface only (get_input_embeddings, base
 get_output_embeddings, generate(inputs_embeds=...)), so any local causal LM works.
 """
 import json
-import math
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -31,8 +31,6 @@ IMAGE_MARKER = "<nvfm-image>"  # split out of the rendered chat text; never toke
 # series names the latents are told apart by (MR families, CT windows); unknown -> OTHER
 SERIES_TYPES = ["T1", "T1C", "T2", "FLAIR", "DWI", "ADC", "SWI", "OTHER", "CT-brain", "CT-blood", "CT-bone"]
 IGNORE = -100
-TAGS_PREFIX = "Image tags (automatic):"
-MAX_TAGS = 4  # tags per study in the prompt (ImageTagger, and train_llava's oracle tags)
 
 
 def series_name(entry):
@@ -223,12 +221,9 @@ def pack_series(studies, device="cpu", dtype=torch.float32, with_pos=False):
 
 # ----------------------------------------------------------------------------- prompts
 
-def user_message(series_names, indication, stage, tags=None):
-    """The first user turn: one named image placeholder per series, the image tagger's tags (a
-    list of phrases, [] = "none"; None = no tag line), then indication and prompt."""
+def user_message(series_names, indication, stage):
+    """The first user turn: one named image placeholder per series, then indication and prompt."""
     parts = [f"{n}: {IMAGE_MARKER}" for n in series_names]
-    if tags is not None:
-        parts.append(f"{TAGS_PREFIX} {'; '.join(tags) if tags else 'none'}.")
     if stage == 1:
         parts.append(STAGE1_PROMPT)
     else:
@@ -260,9 +255,9 @@ class PromptBuilder:
     def _encode(self, text):
         return self.tok.encode(text, add_special_tokens=False)
 
-    def build(self, series_names, indication, findings=None, stage=2, tags=None):
+    def build(self, series_names, indication, findings=None, stage=2):
         """-> dict(ids list[int], vision list[bool], labels list[int]); labels IGNORE except the answer."""
-        msgs = [{"role": "user", "content": user_message(series_names, indication, stage, tags)}]
+        msgs = [{"role": "user", "content": user_message(series_names, indication, stage)}]
         text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
         pieces = text.split(IMAGE_MARKER)
         if len(pieces) != len(series_names) + 1:
@@ -335,12 +330,10 @@ class ReportGenerator(nn.Module):
             return None, names
         return self.connector(tokens, cu, max_len, types, pos=pos[0] if pos else None), names
 
-    def forward(self, studies, indications, findings, stage=2, tags=None):
-        """Mean next-token cross-entropy over the answer tokens of the batch (scalar).
-        tags: per study a list of tag phrases (ImageTagger) or None (no tag line)."""
+    def forward(self, studies, indications, findings, stage=2):
+        """Mean next-token cross-entropy over the answer tokens of the batch (scalar)."""
         visual, names = self._visual(studies)
-        tags = tags if tags is not None else [None] * len(names)
-        ex = [self.prompts.build(n, ind, f, stage, t) for n, ind, f, t in zip(names, indications, findings, tags)]
+        ex = [self.prompts.build(n, ind, f, stage) for n, ind, f in zip(names, indications, findings)]
         x, att, lab = self._embed(ex, visual, pad_left=False)
         hidden = self.llm.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state
         tgt = lab[:, 1:]
@@ -351,20 +344,23 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, skip_special_tokens=True, tags=None, **generate_kwargs):
+                 no_repeat_ngram_size=0, skip_special_tokens=True, **generate_kwargs):
         """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings.
-        tags: per study tag phrases or None, as in forward.
+        repetition_penalty and no_repeat_ngram_size act on the reply only, not on the prompt (the
+        prompt is embeddings, not ids): a finding may repeat words of the indication.
         generate_kwargs go to the LM's generate (e.g. min_new_tokens for fixed-length timing)."""
         visual, names = self._visual(studies)
-        tags = tags if tags is not None else [None] * len(names)
-        ex = [self.prompts.build(n, ind, None, stage, t) for n, ind, t in zip(names, indications, tags)]
+        ex = [self.prompts.build(n, ind, None, stage) for n, ind in zip(names, indications)]
         x, att, _ = self._embed(ex, visual, pad_left=True)
         eos = sorted({self.prompts.eot_id} | ({self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()))
-        out = self.llm.generate(inputs_embeds=x, attention_mask=att, max_new_tokens=max_new_tokens,
-                                do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
-                                no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos,
-                                pad_token_id=self.prompts.placeholder_id, temperature=None, top_p=None, top_k=None,
-                                **generate_kwargs)
+        with warnings.catch_warnings():  # transformers says so for every batch; the docstring says it once
+            warnings.filterwarnings("ignore", r"Passing `(repetition_penalty|no_repeat_ngram_size)` with "
+                                    r"`inputs_embeds`", UserWarning)
+            out = self.llm.generate(inputs_embeds=x, attention_mask=att, max_new_tokens=max_new_tokens,
+                                    do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
+                                    no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos,
+                                    pad_token_id=self.prompts.placeholder_id, temperature=None, top_p=None,
+                                    top_k=None, **generate_kwargs)
         return [self.tok.decode(o, skip_special_tokens=skip_special_tokens).strip() for o in out]
 
 
@@ -416,30 +412,7 @@ def study_labels(recs, path):
     return out
 
 
-def study_class_names(keys, labels):
-    """Study-level classes (diagnosis head, image tagger): diagnoses with a positive among `keys`,
-    then 'abnormal' (any diagnosis) and the lesion sides (findings' focal lesions, as train_probe.py)."""
-    from nvfm.ontology import DIAGNOSES
-    from nvfm.probe import SIDE_CLASSES
-    seen = set().union(*(labels[k] for k in keys)) if keys else set()
-    return [d for d in DIAGNOSES if d in seen] + ["abnormal", *SIDE_CLASSES]
-
-
-def study_targets(keys, names, recs, labels):
-    """(len(keys), len(names)) 0/1 float tensor of those classes (recs: findings records, labels:
-    study_labels)."""
-    rows = []
-    for k in keys:
-        sides = {l.get("side") for l in recs[k].get("lesions") or []}
-        have = labels[k] | ({"abnormal"} if labels[k] else set()) | {f"lesion_{s}" for s in sides & {"left", "right"}}
-        rows.append([float(n in have) for n in names])
-    return torch.tensor(rows).reshape(len(keys), len(names))
-
-
-# ----------------------------------------------------------------------------- image tags
-
-POOL_WINDOWS = ("mr", "brain", "blood", "bone")
-
+# ----------------------------------------------------------------------------- token subsets and shard manifests
 
 def keep_tokens(entry, frac, gen=None):
     """A feature-cache entry with a random subset of round(frac * n) of its tokens (at least 1), in their
@@ -455,36 +428,6 @@ def keep_tokens(entry, frac, gen=None):
     return out
 
 
-def mirror_differences(coords, emb, lr_axis=2):
-    """Left-right asymmetry of one volume's tokens: D(t) = emb(t) - emb(mirror of t) for every
-    token t right of the midline whose mirror token is also kept. The midline is the tokens' mean
-    position on the left-right grid axis (canonical shards count that axis towards the patient's
-    right, nvfm.grounding.lr_axis); mirror of grid position x is round(2 * mean) - x. Shared
-    anatomy cancels in D, a one-sided lesion does not, and D's sign says its side.
-    coords (n, 3) int grid, emb (n, dim) -> (m, dim) float32 (m = 0 when no pair exists)."""
-    coords, emb = np.asarray(coords, np.int64), np.asarray(emb, np.float32)
-    if len(coords) == 0:
-        return np.zeros((0, emb.shape[-1]), np.float32)
-    x = coords[:, lr_axis]
-    s = int(round(2 * float(x.mean())))
-    span = coords.max(0) + 1  # grid coords are >= 0; a mirror of a right-side token lies in [0, s / 2)
-
-    def flat(c):
-        return (c[:, 0] * span[1] + c[:, 1]) * span[2] + c[:, 2]
-
-    keys = flat(coords)
-    order = np.argsort(keys)
-    sorted_keys = keys[order]
-    mirrored = coords.copy()
-    mirrored[:, lr_axis] = s - x
-    ok = (2 * x > s) & (mirrored[:, lr_axis] >= 0)
-    mk = flat(mirrored[ok])
-    pos = np.clip(np.searchsorted(sorted_keys, mk), 0, len(keys) - 1)
-    hit = sorted_keys[pos] == mk
-    right = np.nonzero(ok)[0][hit]
-    return emb[right] - emb[order[pos[hit]]]
-
-
 def manifest_volumes(shards_dir):
     """The volume records of a shards folder's manifest.json ([] without one)."""
     path = os.path.join(shards_dir, "manifest.json")
@@ -494,134 +437,9 @@ def manifest_volumes(shards_dir):
         return json.load(f)["volumes"]
 
 
-def volume_lr_axes(shards_dir):
-    """{volume_id: left-right grid axis (0, 1, 2)} from a shards folder's manifest ({} without one)."""
-    from nvfm.grounding import lr_axis
-    return {v["volume_id"]: lr_axis(v) for v in manifest_volumes(shards_dir)}
-
-
 def volume_orientations(shards_dir):
     """{volume_id: axis codes of its stored grid, e.g. "IPR"} from a shards folder's manifest."""
     return {v["volume_id"]: v["orientation"] for v in manifest_volumes(shards_dir) if v.get("orientation")}
-
-
-def study_vector(entries, dim, asymmetry=False):
-    """A study's frozen tokens -> one vector: per window group (MR, CT brain / blood / bone) the
-    mean and the max over all its tokens, zeros for a group the study lacks: (8 * dim,) float32.
-    The max keeps what a few tokens (a small lesion) carry, which the mean washes out.
-    asymmetry: per group also the mean, max and min of the volumes' `mirror_differences`
-    ((20 * dim,) in all); an entry's "lr_axis" (default 2, the W axis of axial and coronal shards)
-    names its left-right grid axis. Mean and max pooling cannot tell left from right; these can,
-    and they cancel the anatomy every head shares."""
-    out = []
-    for w in POOL_WINDOWS:
-        group = [e for e in entries if (e.get("window") or "mr") == w and len(e["emb"])]
-        a = np.concatenate([np.asarray(e["emb"], np.float32) for e in group]) if group else np.zeros((1, dim), np.float32)
-        out += [a.mean(0), a.max(0)]
-        if asymmetry:
-            d = [mirror_differences(e["coords"], e["emb"], e.get("lr_axis", 2)) for e in group]
-            d = np.concatenate(d) if d else np.zeros((0, dim), np.float32)
-            d = d if len(d) else np.zeros((1, dim), np.float32)
-            out += [d.mean(0), d.max(0), d.min(0)]
-    return np.concatenate(out)
-
-
-def tag_phrase(name):
-    """Text of a tag class: ontology phrase, or the lesion-side classes' wording."""
-    from nvfm.probe import SIDE_CLASSES
-    if name in SIDE_CLASSES:
-        return f"{name.split('_')[1]}-sided lesion"
-    from nvfm.report_metrics import diagnosis_phrase
-    return diagnosis_phrase(name)
-
-
-class ImageTagger:
-    """Study-level tags from the images for the report prompt (SPEC: reports "guided by the probe").
-
-    One L2-regularised logistic regression per class (scikit-learn, standardised features) on
-    `study_vector`s of the training studies. The LM must learn how far to trust the tags, so during
-    training it sees tags the tagger would give a study it has not seen: training studies get
-    out-of-fold tags (`folds`-fold cross-fitting); other studies get the full fit's tags.
-    Each class's out-of-fold scores are Platt-calibrated (a 1-D logistic fit of the labels on them),
-    so a tag says how likely the finding is: a class is tagged when its calibrated probability is
-    >= `p_tag`, and tagged as "possible <class>" when it is >= `p_possible` (None: never). (Thresholding
-    each class at its F1-optimal score instead gave 2.6 tags per held-out study at 8% precision on
-    the 400-study cohort, tags the LM learned to ignore.) Classes with fewer
-    than `min_pos` training positives (or negatives), or whose out-of-fold AUROC is below
-    `min_auroc` (the tagger cannot see them), are never tagged. A study's tags are its tagged
-    classes, most probable first, at most `max_tags`.
-    fit(X (n, f), Y (n, k) 0/1) -> out-of-fold tag lists of the training rows; predict(X) -> tag lists;
-    probabilities(S) -> calibrated (n, k) from decision scores S (NaN for classes never tagged).
-    `oof_auroc` (class -> AUROC of the out-of-fold scores, kept in `oof_scores`) says how
-    informative each class is; `thresholds` (class -> the score where the probability reaches p_tag)."""
-
-    def __init__(self, names, C=0.1, folds=5, seed=0, min_pos=3, max_tags=MAX_TAGS, min_auroc=0.7,
-                 p_tag=0.5, p_possible=0.25):
-        self.names, self.C, self.folds, self.seed = list(names), C, folds, seed
-        self.min_pos, self.max_tags, self.min_auroc = min_pos, max_tags, min_auroc
-        self.p_tag, self.p_possible = p_tag, p_possible
-        self.models, self.thresholds, self.oof_auroc, self.platt = {}, {}, {}, {}
-
-    def _fit_one(self, X, y):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        return make_pipeline(StandardScaler(), LogisticRegression(C=self.C, max_iter=2000)).fit(X, y)
-
-    def fit(self, X, Y):
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import roc_auc_score
-        from sklearn.model_selection import StratifiedKFold
-        X, Y = np.asarray(X, np.float64), np.asarray(Y, int)
-        oof = np.full(Y.shape, -np.inf)
-        for j, name in enumerate(self.names):
-            y = Y[:, j]
-            if min(y.sum(), len(y) - y.sum()) < self.min_pos:
-                continue
-            k = min(self.folds, int(y.sum()), int(len(y) - y.sum()))
-            for tr, te in StratifiedKFold(k, shuffle=True, random_state=self.seed).split(X, y):
-                oof[te, j] = self._fit_one(X[tr], y[tr]).decision_function(X[te])
-            self.oof_auroc[name] = float(roc_auc_score(y, oof[:, j]))
-            if self.oof_auroc[name] < self.min_auroc:
-                continue
-            cal = LogisticRegression(C=1e4, max_iter=1000).fit(oof[:, j:j + 1], y)
-            a, b = float(cal.coef_[0, 0]), float(cal.intercept_[0])
-            if a <= 0:  # scores that do not rise with the label cannot be calibrated into tags
-                continue
-            self.platt[name] = (a, b)
-            self.thresholds[name] = (math.log(self.p_tag / (1 - self.p_tag)) - b) / a
-            self.models[name] = self._fit_one(X, y)
-        self.oof_scores = oof
-        return self._tags(oof)
-
-    def scores(self, X):
-        X = np.asarray(X, np.float64)
-        out = np.full((len(X), len(self.names)), -np.inf)
-        for j, name in enumerate(self.names):
-            if name in self.models:
-                out[:, j] = self.models[name].decision_function(X)
-        return out
-
-    def probabilities(self, S):
-        P = np.full(np.shape(S), np.nan)
-        for j, name in enumerate(self.names):
-            if name in self.platt:
-                a, b = self.platt[name]
-                P[:, j] = 1 / (1 + np.exp(-(a * np.asarray(S)[:, j] + b)))
-        return P
-
-    def predict(self, X):
-        return self._tags(self.scores(X))
-
-    def _tags(self, S):
-        P = self.probabilities(S)
-        low = self.p_tag if self.p_possible is None else min(self.p_possible, self.p_tag)
-        out = []
-        for row in np.nan_to_num(P, nan=-1.0):
-            keep = [j for j in np.argsort(-row, kind="stable") if row[j] >= low][:self.max_tags]
-            out.append([tag_phrase(self.names[j]) if row[j] >= self.p_tag else f"possible {tag_phrase(self.names[j])}"
-                        for j in keep])
-        return out
 
 
 # ----------------------------------------------------------------------------- output parsing
