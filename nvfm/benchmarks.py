@@ -134,7 +134,12 @@ def _number(v, path, ln, col):
 
 def _nifti_or_analyze(name):
     n = name.lower()
-    return n.endswith((".nii", ".nii.gz")) or n.endswith(".img")
+    return n.endswith((".nii", ".nii.gz", ".img")) or n.endswith("_t1w.npy")
+
+
+# OpenBHB's .npy release: quasi-raw T1w arrays (1, 182, 218, 182) on the 1 mm MNI152 grid; this is
+# that grid's affine (FSL's MNI152_T1_1mm, RAS mm), which their arrays are assumed to be stored in
+MNI152_1MM_AFFINE = ((-1.0, 0.0, 0.0, 90.0), (0.0, 1.0, 0.0, -126.0), (0.0, 0.0, 1.0, -72.0), (0.0, 0.0, 0.0, 1.0))
 
 
 def _walk_images(base):
@@ -179,7 +184,18 @@ def _stage(study, images_dir, salt_value, how):
             os.symlink(os.path.abspath(src), dst) if how != "copy" else shutil.copytree(src, dst)
         return dicom.salted_hash(uid, salt_value)
     low = src.lower()
-    if low.endswith(".img"):   # Analyze 7.5 (OASIS): preprocess reads NIfTI, so convert once
+    if low.endswith(".npy"):   # OpenBHB arrays: NIfTI on the MNI grid they were resampled to
+        dst = os.path.join(dst_dir, "image.nii.gz")
+        if not os.path.exists(dst):
+            import nibabel as nib
+            import numpy as np
+            a = np.load(src, mmap_mode="r")
+            a = np.asarray(a[0] if a.ndim == 4 and a.shape[0] == 1 else a, np.float32)
+            if a.ndim != 3:
+                raise BenchmarkError(f"{src}: a {a.ndim}D array (need one 3D volume)")
+            nib.save(nib.Nifti1Image(a, np.array(MNI152_1MM_AFFINE)), dst + ".tmp.nii.gz")
+            os.replace(dst + ".tmp.nii.gz", dst)
+    elif low.endswith(".img"):   # Analyze 7.5 (OASIS): preprocess reads NIfTI, so convert once
         dst = os.path.join(dst_dir, "image.nii.gz")
         if not os.path.exists(dst):
             import nibabel as nib
@@ -280,10 +296,13 @@ def openbhb(root_dir, labels_path=""):
 
     Layout: ROOT/participants.tsv (columns participant_id, age; optional session) and the T1w
     NIfTI files anywhere under ROOT, named BIDS-style with sub-<participant_id> (e.g.
-    sub-1000/ses-1/anat/sub-1000_ses-1_preproc-quasiraw_T1w.nii.gz). The .npy release is not
-    readable by preprocess.py: use the NIfTI one. participant_id with or without 'sub-'.
+    sub-1000/ses-1/anat/sub-1000_ses-1_preproc-quasiraw_T1w.nii.gz), or the .npy release (see
+    below). participant_id with or without 'sub-'.
     Labels: age (years) of the row. One study per row; a row's image is the first sorted T1w of
-    its participant (and session, when the tsv has one).
+    its participant (and session, when the tsv has one). The .npy release
+    (sub-<id>_preproc-quasiraw_T1w.npy, arrays on the 1 mm MNI152 grid) is converted to NIfTI in
+    images/ with that grid's affine (MNI152_1MM_AFFINE, an assumption about their arrays' axis
+    order: check one overlay before trusting laterality; brain age does not depend on it).
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "participants.tsv")
     rows, cols = _read_table(path, ["participant_id", "age"])
@@ -294,9 +313,7 @@ def openbhb(root_dir, labels_path=""):
             ses = re.search(r"ses-([A-Za-z0-9]+)", rel)
             images.setdefault((m.group(1), ses.group(1) if ses else ""), []).append(rel)
     if not images:
-        npy = any(f.endswith(".npy") for _, _, fs in os.walk(root_dir) for f in fs)
-        raise BenchmarkError(f"{root_dir}: no sub-*T1w*.nii(.gz) image" + (
-            " (found .npy arrays: preprocess.py needs the NIfTI release)" if npy else ""))
+        raise BenchmarkError(f"{root_dir}: no sub-<id>*T1w*.nii(.gz) or sub-<id>*_T1w.npy image")
     tally, studies, used, seen = Tally(rows=len(rows)), [], set(), {}
     for r in rows:
         pid = r["participant_id"].removeprefix("sub-")

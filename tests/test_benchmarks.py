@@ -94,6 +94,20 @@ def test_openbhb_keys_equal_preprocess_keys(tmp_path):
     assert {v["study_key"] for v in man["volumes"]} == {r["study_key"] for r in _labels(os.path.join(out, "labels_age.csv"))}
 
 
+def test_openbhb_npy_release_becomes_nifti_on_the_mni_grid(tmp_path):
+    r = str(tmp_path / "o")
+    arr = np.random.default_rng(0).random((1, 9, 11, 7)).astype(np.float32)
+    os.makedirs(os.path.join(r, "train"))
+    np.save(os.path.join(r, "train", "sub-3001_preproc-quasiraw_T1w.npy"), arr)
+    bench_fakes.write_csv(os.path.join(r, "participants.tsv"), ["participant_id", "age"], [("3001", "40.5")], "\t")
+    B.run("openbhb", r, str(tmp_path / "out"), SALT)
+    (row,) = _labels(os.path.join(tmp_path / "out", "labels_age.csv"))
+    img = nib.load(os.path.join(_stage_folder_key(str(tmp_path / "out"), row["study_key"]), "image.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(img.dataobj), arr[0])
+    np.testing.assert_array_equal(img.affine, np.array(B.MNI152_1MM_AFFINE))
+    assert nib.aff2axcodes(img.affine) == ("L", "A", "S") and row["age"] == "40.50"
+
+
 def test_openbhb_bad_inputs(tmp_path):
     r = str(tmp_path / "o")
     bench_fakes.write_csv(os.path.join(r, "participants.tsv"), ["participant_id", "sex"], [("1", "M")], "\t")
