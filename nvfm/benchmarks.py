@@ -354,16 +354,19 @@ def _date(v):
 
 
 def _adni_images(root_dir, series_regex):
-    """{PTID: [(scan date or None, path)]}: the LONI download layout
+    """({PTID: [(scan date or None, path)]}, number of image folders of other series): the LONI layout
     ADNI/<PTID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/(*.nii | *.dcm), the
     series description matching series_regex. NIfTI files, or one DICOM folder per image id."""
     rx = re.compile(series_regex, re.I)
-    out = {}
+    out, other = {}, 0
     for d, dirs, files in os.walk(root_dir, followlinks=True):
         dirs.sort()
         rel = os.path.relpath(d, root_dir).replace(os.sep, "/")
         m = re.search(r"(?:^|/)(\d{3}_S_\d{4})/([^/]+)/(\d{4}-\d{2}-\d{2})_[^/]*(?:/|$)", rel + "/")
-        if not m or not rx.search(m.group(2)):
+        if not m:
+            continue
+        if not rx.search(m.group(2)):
+            other += any(f.lower().endswith((".nii", ".nii.gz", ".dcm")) for f in files)
             continue
         when = _date(m.group(3))
         nii = sorted(f for f in files if f.lower().endswith((".nii", ".nii.gz")))
@@ -371,7 +374,7 @@ def _adni_images(root_dir, series_regex):
             out.setdefault(m.group(1), []).append((when, os.path.join(d, nii[0])))
         elif any(f.lower().endswith(".dcm") for f in files):
             out.setdefault(m.group(1), []).append((when, d))
-    return out
+    return out, other
 
 
 def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_series):
@@ -396,7 +399,7 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
     mcol = "M" if "M" in cols else "Month" if "Month" in cols else None
     if mcol is None:
         raise BenchmarkError(f"{path}: missing column(s) ['M'] (months since baseline; or 'Month')")
-    images = _adni_images(root_dir, series_regex)
+    images, other_series = _adni_images(root_dir, series_regex)
     by_subject, base = {}, {}
     for r in rows:
         by_subject.setdefault(r["PTID"], []).append(r)
@@ -439,6 +442,7 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
         studies.append(st)
         tally["baseline rows labelled"] += 1
     tally["images not used (other visits or subjects)"] = sum(len(v) for v in images.values()) - len(used)
+    tally["image folders of other series (not matching adni_series)"] = other_series
     return studies, tally, {"dementia": ["dementia"], "pmci": ["pmci"]}
 
 

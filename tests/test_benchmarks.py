@@ -151,6 +151,8 @@ def test_adni_tasks_baseline_images_and_dicom_folder(tmp_path):
     n_base = 11
     assert left["baseline rows labelled"] + 1 + 2 + 3 == n_base
     assert left["follow-up rows (read for pmci)"] + n_base == left["rows"]
+    assert left["image folders of other series (not matching adni_series)"] == 1
+    assert left["images not used (other visits or subjects)"] == 9 - 5   # 9 T1 images, 5 labelled baselines
     text = _all_output_text(out)
     for s in ("002_S_0001", "005_S_0006", "2006-01", "I100"):
         assert s not in text
