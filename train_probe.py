@@ -190,7 +190,10 @@ def main():
         return [(int(n.split("_")[1] in sides.get(r["study_key"], ())) if n in P.SIDE_CLASSES else r["y"][n])
                 for n in names]
 
+    present = sorted({r["modality"] for r in rows})
     rows = [r for r in rows if modality == "all" or r["modality"] == modality]
+    if not rows and present:   # an MR benchmark run with the default --modality=CT
+        fail(f"no {modality} studies in {labels} (its studies are {'/'.join(present)}: --modality={present[0]})")
     if task == "age":
         rows = [r for r in rows if r["age"] is not None]
     missing = [r["study_key"] for r in rows if r["study_key"] not in cache]
