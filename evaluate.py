@@ -232,7 +232,7 @@ def table(res):
     pr_line = ("   AUPRC / PR lift (AUPRC / prevalence): " + "; ".join(
         f"{n} {fmt_ci(r['auprc'], r.get('auprc_ci'), 3)} / {fmt_ci(r['pr_lift'], r.get('pr_lift_ci'), 2)}"
         for n, r in res["per_class"].items() if r["auroc"] is not None)) if any(
-        "auprc" in r for r in res["per_class"].values()) else None
+        "auprc" in r and r["auroc"] is not None for r in res["per_class"].values()) else None
     if pr_line:
         lines.append(pr_line)
     if "laterality" in res:
@@ -339,6 +339,9 @@ def paper_rows(results, task):
         if "laterality" in r:
             la = r["laterality"]
             put(f"side accuracy given detection{ext}", col, la["accuracy"], la.get("accuracy_ci"), 3)
+        if r.get("grounding", {}).get("accuracy") is not None:
+            g = r["grounding"]
+            put(f"pointing game ({g['n']} lesions, chance {g['chance']:.3f})", col, g["accuracy"], None, 3)
     return [(k, v) for k, v in rows.items()]
 
 

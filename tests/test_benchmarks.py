@@ -261,7 +261,7 @@ def test_cq500_majority_of_three_readers(tmp_path):
         B.run("cq500", root, out, SALT)
 
 
-def test_grounding_sets_masks_findings_and_preprocess_keys(tmp_path):
+def test_grounding_sets_masks_findings_preprocess_keys_and_pointing_game(tmp_path, monkeypatch):
     import preprocess
     segs = bench_fakes.brats21(str(tmp_path / "brats"))
     out = str(tmp_path / "out")
@@ -287,6 +287,32 @@ def test_grounding_sets_masks_findings_and_preprocess_keys(tmp_path):
         per_study[v["study_key"]] = per_study.get(v["study_key"], 0) + 1
     assert per_study == {r["study_key"]: 4 for r in rows}           # four sequences, one study
     assert "BraTS" not in _all_output_text(out)
+    # the pointing game through evaluate.py: a (made-up) MR probe of another dataset with classes
+    # glioma and meningioma, scored --external on the set's glioma column against its masks
+    r = _run("encode.py", [f"--shards={tmp_path / 'shards'}", "--encoder=random:tiny", f"--out={tmp_path / 'feat'}"],
+             tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import evaluate
+    from nvfm.features import FeatureCache
+    cache = FeatureCache(str(tmp_path / "feat"))
+    torch.manual_seed(0)
+    m = P.make_probe("attentive_mil", cache.dim, 2, hidden=8)
+    torch.save(dict(models=[m.state_dict()], probe_args=dict(kind="attentive_mil", dim=cache.dim, n_out=2, hidden=8,
+                                                             dropout=0.1),
+                    task="classify", label_names=["glioma", "meningioma"], modality="MR", eval_modality="MR",
+                    encoder_hash=cache.encoder_hash, features=str(tmp_path / "feat"), windows="", protocol="made up",
+                    thresholds=[0.0, 0.0], platt_a=[1.0, 1.0], platt_b=[0.0, 0.0], n_train_pos=[5.0, 5.0]),
+               tmp_path / "probe.pt")
+    for k, v in dict(probes=str(tmp_path / "probe.pt"), names="ours", labels=os.path.join(out, "labels_grounding.csv"),
+                     external=True, shards=str(tmp_path / "shards"), cohort=out, out=str(tmp_path / "ev"),
+                     findings=os.path.join(out, "findings.jsonl"), n_boot=0, plots=False, device="cpu",
+                     task_name="brats21").items():
+        monkeypatch.setattr(evaluate, k, v)
+    evaluate.main()
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["ours"]
+    assert list(res["per_class"]) == ["glioma"] and res["grounding"]["n"] == 2
+    assert 0 <= res["grounding"]["accuracy"] <= 1 and len(os.listdir(tmp_path / "ev" / "grounding")) > 0
+    assert "| brats21: pointing game (2 lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
     ids = bench_fakes.atlas2(str(tmp_path / "atlas"))
     rep = B.run("atlas2", str(tmp_path / "atlas"), str(tmp_path / "out2"), SALT, cls="acute_ischemic_stroke")
     rows = _labels(os.path.join(tmp_path / "out2", "labels_grounding.csv"))
