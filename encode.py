@@ -50,7 +50,9 @@ configure(globals())
 from nvfm import features, model, official  # noqa: E402
 from nvfm.data import ShardReader  # noqa: E402
 
-PRESETS = {"nvfm": dict(min_fg_fraction=0.5, crop="pad"), "neurovfm": dict(min_fg_fraction=1.0, crop="centre")}
+# full_precision: the authors' float [0, 1] windows where the shards store the resampled values
+PRESETS = {"nvfm": dict(min_fg_fraction=0.5, crop="pad", full_precision=False),
+           "neurovfm": dict(min_fg_fraction=1.0, crop="centre", full_precision=True)}
 
 
 def open_encoder(spec, dev, seed=0, heads=None):
@@ -109,7 +111,7 @@ def main():
         studies.setdefault(v["study_key"], []).append(i)
     enc, enc_hash = open_encoder(encoder, device, seed, heads or None)
     if rules != PRESETS["nvfm"]:  # other token rules make other features: a cache of its own
-        enc_hash += f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}"
+        enc_hash += f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}" + (",float" if rules["full_precision"] else "")
     print(f"encode: {len(studies)} studies ({sum(map(len, studies.values()))} volumes) with encoder "
           f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}; token rules {use} {rules}, shards {shard_preset}")
     failed = 0

@@ -374,12 +374,15 @@ def volume_windows(record):
 
 @torch.no_grad()
 def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=None, max_tokens=32768,
-                 amp_dtype=torch.bfloat16, crop="pad"):
+                 amp_dtype=torch.bfloat16, crop="pad", full_precision=False):
     """Encode whole volumes (no truncation) with a frozen encoder.
 
     crop "pad": the volume is zero-padded up to whole patches (nvfm's rule, nothing is lost);
     "centre": cropped to whole patches, centred, as the authors' preprocessing does (per axis
     start (n % p) // 2, length (n // p) * p; token coords index the cropped grid).
+    full_precision: feed the authors' float windows (ShardReader.window_float, exact for shards
+    that store the resampled values, format 2) instead of the uint8 windows; tokens are then
+    float32 on the 0..255 scale that normalize_tokens expects.
 
     reader: nvfm.data.ShardReader; volume_indices: indices into reader.volumes.
     Returns a list with one dict per (volume, window): volume_id, family, modality, window,
@@ -400,9 +403,11 @@ def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=N
         _, mask = reader.volume(i)
         mask = centre_crop_to_patches(_as_array(mask)) if crop == "centre" else _as_array(mask)
         for w in volume_windows(rec):
-            vol = _as_array(reader.window(i, w))
+            vol = reader.window_float(i, w) * 255.0 if full_precision else _as_array(reader.window(i, w))
             vol = torch.from_numpy(centre_crop_to_patches(vol) if crop == "centre" else vol)
-            tokens, coords, _ = patchify([vol], [torch.from_numpy(mask)], min_fg)
+            # the compiled patchify takes uint8 only
+            tokens, coords, _ = patchify([vol], [torch.from_numpy(mask)], min_fg,
+                                         impl="reference" if full_precision else "auto")
             meta = dict(volume_id=rec["volume_id"], family=rec.get("family"), modality=rec["modality"], window=w)
             items.append((meta, tokens, coords))
     out = [None] * len(items)

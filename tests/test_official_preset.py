@@ -153,6 +153,36 @@ def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
         assert "preset" not in json.load(f)
 
 
+def test_encode_feeds_the_authors_float_windows(inputs, tmp_path):
+    """encode_study(full_precision=True) on format-2 shards equals the encoder run on tokens built
+    here from the stored HU by the authors' window formula; the uint8 path differs."""
+    import torch
+    from nvfm.model import WINDOW_MEAN, WINDOW_STD, WINDOWS, Encoder, EncoderConfig, encode_study
+    from nvfm.tokenize import patchify_reference
+    out = str(tmp_path / "shards")
+    preprocess.run(inputs, out, n_workers=0, cfg_min_fg=-1.0, cfg_progress=False, cfg_preset="neurovfm")
+    r = ShardReader(out)
+    j = next(i for i, v in enumerate(r.volumes) if v["modality"] == "CT")
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig.preset("tiny")).eval()
+    got = encode_study(enc, r, [j], min_fg_fraction=1.0, crop="centre", full_precision=True)
+    coarse = encode_study(enc, r, [j], min_fg_fraction=1.0, crop="centre")
+    hu = np.asarray(r.values(j), np.float64)
+    crop = V.neurovfm_crop(hu.shape)
+    mask = torch.from_numpy(np.ascontiguousarray(np.asarray(r.volume(j)[1])[crop]))
+    for e, e8, (name, (width, level)) in zip(got, coarse, (("brain", (80, 40)), ("blood", (200, 80)), ("bone", (2800, 600)))):
+        lo, hi = level - width / 2, level + width / 2
+        w = (np.clip(hu, lo, hi) - lo) / (hi - lo + 1e-8) * 255.0
+        tok, coords, cu = patchify_reference([torch.from_numpy(np.ascontiguousarray(w[crop], np.float32))], [mask], 1.0)
+        k = WINDOWS.index(name)
+        with torch.no_grad():
+            want = enc((tok / 255.0 - WINDOW_MEAN[k]) / WINDOW_STD[k], coords, cu, int(cu[-1]))
+        assert e["window"] == name and len(tok) > 0
+        np.testing.assert_array_equal(e["coords"], coords.numpy())
+        np.testing.assert_allclose(e["emb"], want.numpy(), rtol=0, atol=2e-5)
+        assert np.abs(np.asarray(e8["emb"]) - np.asarray(e["emb"])).max() > 1e-3  # the uint8 levels give other features
+
+
 def _interrupt_before_merge(monkeypatch):
     """A run that commits its studies to parts/ and is then killed (Ctrl-C) before the merge."""
     def boom(*a, **k):
