@@ -11,8 +11,9 @@ there are scored with nvfm.monitor.ProbeSet on every study of the cohort:
   - effective rank of the token features.
 Step 0 is the random init (the same seed's init). A supervised upper bound (--supervised=True)
 trains the same encoder end to end on the train studies' labels (mean-pooled tokens, linear
-head, binary cross-entropy over the classes with a positive) for the CPU time of the
-longest pretraining run of seed 0, and is scored the same way (its study CV includes the
+head, binary cross-entropy over the classes with a positive) for the training FLOPs of the
+longest pretraining run of seed 0 (summed from its log.jsonl, so machine load and probe or
+checkpoint pauses do not enter), and is scored the same way (its study CV includes the
 studies it was trained on: an optimistic bound).
 
 DIR gets the cohort (nvfm.phantom, created when missing), its shards, the runs, results.json
@@ -68,10 +69,9 @@ def make_cohort():
 
 
 def pretrain(shards, seed, budgets):
-    """One run per seed; copies of both encoders at every budget > 0 -> {step: snapshot dir}.
-    The wall time of each stretch is summed into the snapshot's done.json."""
+    """One run per seed; copies of both encoders at every budget > 0 -> ({step: snapshot dir}, run dir)."""
     run = os.path.join(cohort, "runs", f"seed{seed}" + (f"-{zlib.crc32(extra.encode()):08x}" if extra else ""))
-    out, wall = {}, 0.0
+    out = {}
     for b in sorted(x for x in budgets if x > 0):
         snap = os.path.join(run, f"step{b}")
         done = os.path.join(snap, "done.json")
@@ -79,7 +79,6 @@ def pretrain(shards, seed, budgets):
             ck = os.path.join(run, "ckpt.pt")
             at = load_checkpoint(ck)["step"] if os.path.exists(ck) else 0
             resume = ["--init_from=resume"] if at else []
-            t0 = time.time()
             if at < b:
                 sh([sys.executable, "train_jepa.py", config, f"--shards={shards}", f"--out_dir={run}", f"--seed={seed}",
                     f"--max_steps={max(budgets)}", f"--stop_at_step={b}", "--eval_interval=0"] + extra.split() + resume)
@@ -88,10 +87,27 @@ def pretrain(shards, seed, budgets):
                 src = os.path.join(run, f"{name}.safetensors")
                 shutil.copy(src if os.path.exists(src) else os.path.join(run, "encoder.safetensors"),
                             os.path.join(snap, f"{name}.safetensors"))
-            json.dump({"step": b, "wall_s": wall + time.time() - t0}, open(done, "w"))
-        wall = json.load(open(done))["wall_s"]
+            json.dump({"step": b}, open(done, "w"))
         out[b] = snap
-    return out
+    return out, run
+
+
+def pretrain_flops(run, upto):
+    """Training FLOPs of a train_jepa.py run up to step `upto`, from its log.jsonl: each log record
+    holds the TFLOP/s and volumes/s of the steps since the one before (the last record of a step
+    wins when a resumed run logged it twice)."""
+    recs = {}
+    for line in open(os.path.join(run, "log.jsonl")):
+        r = json.loads(line)
+        if "tflops" in r:
+            recs[r["step"]] = r
+    batch = load_checkpoint(os.path.join(run, "ckpt.pt"))["config"]["global_batch"]
+    total, prev = 0.0, 0
+    for st in sorted(k for k in recs if k <= upto):
+        r = recs[st]
+        total += r["tflops"] * 1e12 * (st - prev) * batch / r["volumes_per_s"]  # FLOP/s x seconds
+        prev = st
+    return total
 
 
 def random_init(like, seed):
@@ -100,13 +116,15 @@ def random_init(like, seed):
     return Encoder(EncoderConfig(**vars(like.config))).eval()
 
 
-def supervised_bound(shards, like, seconds, seed=0, lr=1e-3, batch=8):
-    """The same encoder trained end to end on the train studies' labels for `seconds` of wall time:
-    each step draws `batch` train volumes (CT: a random window), encodes every foreground token,
-    mean-pools per volume, and a linear head is fit with binary cross-entropy on the study's labels."""
+def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8):
+    """The same encoder trained end to end on the train studies' labels for `flops` training FLOPs
+    (forward + backward = 3x the forward of nvfm.model.transformer_flops plus the patch embedding,
+    train_jepa.py's count): each step draws `batch` train volumes (CT: a random window), encodes
+    every foreground token, mean-pools per volume, and a linear head is fit with binary
+    cross-entropy on the study's labels."""
     import csv
     from nvfm.data import ShardReader
-    from nvfm.model import WINDOWS, normalize_tokens, volume_windows
+    from nvfm.model import WINDOWS, normalize_tokens, transformer_flops, volume_windows
     from nvfm.tokenize import patchify
     reader = ShardReader(shards)
     rows = {r["study_key"]: r for r in csv.DictReader(open(os.path.join(shards, "labels.csv")))}
@@ -118,16 +136,17 @@ def supervised_bound(shards, like, seconds, seed=0, lr=1e-3, batch=8):
     enc = random_init(like, seed).train()
     head = torch.nn.Linear(enc.dim, Y.shape[1])
     opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
-    rng, t0, n = np.random.default_rng(seed), time.time(), 0
-    while time.time() - t0 < seconds:
+    cfg = enc.config
+    rng, t0, n, spent = np.random.default_rng(seed), time.time(), 0, 0.0
+    while spent < flops:
         pick = rng.choice(len(vols), batch)
         xs, cs, lens = [], [], []
         for j in pick:
             i = vols[j]
             w = rng.choice(volume_windows(reader.volumes[i]))
             _, mask = reader.volume(i)
-            t, c, _ = patchify([torch.from_numpy(np.ascontiguousarray(reader.window(i, w)))],
-                               [torch.from_numpy(np.ascontiguousarray(mask))])
+            t, c, _ = patchify([torch.from_numpy(np.array(reader.window(i, w)))],  # a writable copy of the memmap
+                               [torch.from_numpy(np.array(mask))])
             xs.append(normalize_tokens(t, WINDOWS.index(w)))
             cs.append(c)
             lens.append(len(t))
@@ -139,7 +158,9 @@ def supervised_bound(shards, like, seconds, seed=0, lr=1e-3, batch=8):
         loss.backward()
         opt.step()
         n += 1
-    print(f"supervised bound: {n} steps in {seconds:.0f} s, last loss {loss.item():.4f}", flush=True)
+        spent += 3 * (transformer_flops(sum(lens), lens, cfg.dim, cfg.depth, cfg.mlp_ratio) + 2 * 1024 * cfg.dim * sum(lens))
+    print(f"supervised bound: {n} steps, {spent / 1e12:.1f} TFLOP in {time.time() - t0:.0f} s, "
+          f"last loss {loss.item():.4f}", flush=True)
     return enc.eval()
 
 
@@ -161,19 +182,18 @@ def main():
 
     like = None
     for seed in seed_list:
-        snaps = pretrain(shards, seed, budgets)
+        snaps, run = pretrain(shards, seed, budgets)
         for b, snap in snaps.items():
             for name in ("student", "teacher"):
                 enc = load_encoder(os.path.join(snap, f"{name}.safetensors"))
                 like = enc
                 score(f"seed{seed}/{name}/{b}", enc)
-            res[f"seed{seed}/wall/{b}"] = json.load(open(os.path.join(snap, "done.json")))["wall_s"]
+            res[f"seed{seed}/flops/{b}"] = pretrain_flops(run, b)
         if 0 in budgets and like is not None:
             score(f"seed{seed}/random/0", random_init(like, seed))
     if supervised and like is not None:
-        secs = res[f"seed{seed_list[0]}/wall/{max(budgets)}"]
         if "supervised/0" not in res:
-            score("supervised/0", supervised_bound(shards, like, secs))
+            score("supervised/0", supervised_bound(shards, like, res[f"seed{seed_list[0]}/flops/{max(budgets)}"]))
     json.dump(res, open(path, "w"), indent=1)
     table(res, budgets, seed_list)
     if plot:
@@ -196,7 +216,7 @@ def table(res, budgets, seed_list):
         print(f"| {label} | {b} | " + " | ".join(cells) + " |")
     if "supervised/0" in res:
         r = res["supervised/0"]
-        print(f"| supervised (same wall time) | - | {r.get('lesion_auroc', np.nan):.3f} | "
+        print(f"| supervised (same training FLOPs) | - | {r.get('lesion_auroc', np.nan):.3f} | "
               f"{r.get('study_auroc', np.nan):.3f} | {r['rank']:.3f} |")
     print("(mean over seeds +- half the range)")
 
@@ -217,7 +237,7 @@ def draw(res, budgets, seed_list, png):
             h = np.array([p[1] for p in pts])
             ax.errorbar(xs, m, yerr=h, marker="o", color=color, label=name, capsize=3)
         if "supervised/0" in res and key in res["supervised/0"]:
-            ax.axhline(res["supervised/0"][key], color="C2", ls="--", label="supervised, same wall time")
+            ax.axhline(res["supervised/0"][key], color="C2", ls="--", label="supervised, same training FLOPs")
         ax.set_title(title)
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.set_xscale("symlog", linthresh=max(1, min(b for b in budgets if b > 0)))
