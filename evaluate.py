@@ -15,8 +15,9 @@ accuracy given correct detection (`laterality`).
 Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
 scores a probe unchanged on every study of another dataset's --labels (external transfer);
 paper_table.md has one row per task and figure and one column per probe name;
-`merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table. The first probe may also be grounded (`cohort`: pointing game
-against the demo lesion masks, NIfTI attention overlays) and flip-tested (`flip_test`:
+`merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table.
+The first probe may also be grounded (`cohort`: pointing game against the demo lesion masks,
+or a grounding set's masks from nvfm/benchmarks.py; NIfTI attention overlays) and flip-tested (`flip_test`:
 re-encodes the test volumes mirrored left-right with the probe's encoder, `shards` needed).
 `reports`: a generated-reports JSONL scored by nvfm.report_metrics.evaluate_reports.
 
@@ -211,7 +212,8 @@ def table(res):
     if res["task"] == "age":
         lines.append(f"   age: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} years, RMSE "
                      f"{fmt_ci(res['rmse'], res.get('rmse_ci'), 2)} years, Pearson r "
-                     f"{fmt_ci(res['pearson_r'], res.get('pearson_r_ci'), 3)}, bias {fmt_ci(res['bias'], res.get('bias_ci'), 2)}")
+                     f"{fmt_ci(res['pearson_r'], res.get('pearson_r_ci'), 3)}, "
+                     f"bias {fmt_ci(res['bias'], res.get('bias_ci'), 2)}")
         return "\n".join(lines)
     # fixed widths that fit "undefined" and "0.831 [0.702, 0.915]": columns stay aligned
     lines.append(f"   {'class':<38} {'pos':>5} {'AUROC [95% CI]':>22} {'sens [95% CI]':>19} {'spec [95% CI]':>19} "
@@ -393,12 +395,14 @@ def plot_pr(res, data):
     for k in order:
         r = res["per_class"][lab[k]]
         prec, rec, _ = precision_recall_curve(y[:, k], lg[:, k])
-        line, = ax.step(rec, prec, where="post", lw=1.2, label=f"{lab[k][:24]} (AP {r['auprc']:.2f}, lift {r['pr_lift']:.1f})")
+        line, = ax.step(rec, prec, where="post", lw=1.2,
+                        label=f"{lab[k][:24]} (AP {r['auprc']:.2f}, lift {r['pr_lift']:.1f})")
         if n_boot:
             grid, lo, hi, _ = metrics.pr_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed)
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         ax.axhline(y[:, k].mean(), color=line.get_color(), ls=":", lw=0.8)
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"{tag}: precision-recall")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"{tag}: precision-recall")
     ax.legend(fontsize=7, loc="upper right", title_fontsize=7,
               title="dotted: prevalence" + ("; bands: bootstrap 95% CI" if n_boot else ""))
     fig.tight_layout()

@@ -22,8 +22,9 @@ protocol = "paper": the paper's public-benchmark protocol in one flag: cv_folds 
 test_fraction 0.2, subject-grouped, every label column of the benchmark's labels file as a
 class (unless label_names), no side classes. cv_grid = "lr=1e-3,3e-4;hidden=128,256": every
 combination is cross-validated and the one with the best out-of-fold score (macro AUROC, or
-MAE) is kept, its k fold models being the ensemble (the paper picks hyperparameters by CV). `evaluate.py --external=True` applies such a
-probe unchanged to another dataset's labels (external transfer, e.g. ADNI -> OASIS-1).
+MAE) is kept, its k fold models being the ensemble (the paper picks hyperparameters by CV).
+`evaluate.py --external=True` applies such a probe unchanged to another dataset's labels
+(external transfer, e.g. ADNI -> OASIS-1).
 
 Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
 `label_names`). With side_classes, two more classes lesion_left / lesion_right come from the

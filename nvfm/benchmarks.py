@@ -111,7 +111,8 @@ def _read_table(path, required, delimiter=None):
     with open(path, newline="", encoding="utf-8-sig") as f:
         text = f.read()
     if delimiter is None:
-        delimiter = "\t" if path.endswith(".tsv") or text.split("\n", 1)[0].count("\t") > text.split("\n", 1)[0].count(",") else ","
+        head = text.split("\n", 1)[0]
+        delimiter = "\t" if path.endswith(".tsv") or head.count("\t") > head.count(",") else ","
     rd = csv.DictReader(text.splitlines(), delimiter=delimiter)
     cols = [c.strip() for c in (rd.fieldnames or [])]
     missing = [c for c in required if c not in cols]
@@ -477,7 +478,8 @@ def oasis1(root_dir, labels_path=""):
             raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject (also line {seen[sid]})")
         seen[sid] = r["_line"]
         if not re.fullmatch(r"OAS1_\d{4}_MR1", sid):
-            tally["repeat sessions MR2+ (left out)" if re.fullmatch(r"OAS1_\d{4}_MR\d", sid) else "rows with an unknown ID (left out)"] += 1
+            repeat = re.fullmatch(r"OAS1_\d{4}_MR\d", sid)
+            tally["repeat sessions MR2+ (left out)" if repeat else "rows with an unknown ID (left out)"] += 1
             continue
         cdr = r["CDR"]
         if cdr in ("", "N/A", "NA"):
@@ -499,7 +501,8 @@ def oasis1(root_dir, labels_path=""):
         if img is None:
             tally["rows without an image (left out)"] += 1
             continue
-        st = Study(f"oasis1:{sid}", sid[:9], "MR", image=img, age=_number(r["Age"], path, r["_line"], "Age") if r["Age"] else None)
+        age = _number(r["Age"], path, r["_line"], "Age") if r["Age"] else None
+        st = Study(f"oasis1:{sid}", sid[:9], "MR", image=img, age=age)
         st.tasks["dementia"] = {"dementia": int(c >= 1)}
         studies.append(st)
         tally["rows labelled"] += 1
@@ -803,8 +806,8 @@ def main():
           + ", ".join(f"{v} {k}" for k, v in rep["input"].items() if v))
     for t, r in rep["tasks"].items():
         print(f"  {r['file']}: {r['n_studies']} studies, {r['n_subjects']} subjects, positives {r['positives']}")
-    print(f"next: python preprocess.py --input={rep['preprocess_input']} --output={os.path.join(out or 'bench/' + dataset, 'shards')}"
-          " (same --salt)")
+    shards_dir = os.path.join(out or f"bench/{dataset}", "shards")
+    print(f"next: python preprocess.py --input={rep['preprocess_input']} --output={shards_dir} (same --salt)")
 
 
 if __name__ == "__main__":

@@ -650,7 +650,8 @@ def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=
     """Bootstrap band of one class's precision-recall curve, for plots: at each recall x of
     recall_grid (default 0, 0.01, ..., 1) the percentile interval over replicates of the
     interpolated precision max{precision of a cut with recall >= x} (the envelope of the step
-    curve, with sklearn's end point recall 0 / precision 1). Replicates as `roc_band`; those without positives are left out. y, scores (n,).
+    curve, with sklearn's end point recall 0 / precision 1). Replicates as `roc_band`; those
+    without positives are left out. y, scores (n,).
     Returns (grid, low, high, n_valid), low/high NaN below MIN_BOOT defined replicates."""
     y, s = _check(y, scores)
     y, s = y[:, 0], s[:, 0]
@@ -691,8 +692,8 @@ def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
     """Brain-age style regression figures with study-level bootstrap CIs.
 
     y, pred (n,) in the target's unit (years). Returns a JSON-ready dict (None = undefined, e.g.
-    r of a constant prediction): n, mae, rmse, pearson_r, bias (mean pred - y), and with n_boot > 0 mae_ci, rmse_ci, pearson_r_ci, bias_ci ([low, high])
-    and ci_n_valid. Replicate b weights study i by its count w_ib (`bootstrap_counts`): MAE_b =
+    r of a constant prediction): n, mae, rmse, pearson_r, bias (mean pred - y), and with
+    n_boot > 0 mae_ci, rmse_ci, pearson_r_ci, bias_ci ([low, high]) and ci_n_valid. Replicate b weights study i by its count w_ib (`bootstrap_counts`): MAE_b =
     sum_i w_ib |e_i| / n, so each replicate equals the figure on the resampled cohort.
     """
     yv, pv = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
