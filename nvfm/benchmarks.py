@@ -264,6 +264,14 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
         for t, y in st.tasks.items():
             rows[t].append(dict(study_key=key, subject=subj, modality=st.modality, split="",
                                 age="" if st.age is None else f"{st.age:.2f}", **y))
+    # a rerun (another salt, fewer rows) must not leave earlier staged studies for preprocess.py to pick up
+    keep = {dicom.salted_hash(f"study:{st.sid}", s) for st in studies if st.image}
+    stale = [f for f in (os.listdir(images_dir) if os.path.isdir(images_dir) else [])
+             if re.fullmatch(r"[0-9a-f]{16}", f) and f not in keep]
+    for f in stale:
+        shutil.rmtree(os.path.join(images_dir, f))   # links inside are removed, never followed
+    if stale:
+        tally["earlier staged folders removed from images/"] = len(stale)
     report = {"dataset": name, "input": dict(sorted(tally.items())), "n_studies": len(studies),
               "n_subjects": len({st.subject for st in studies}), "tasks": {}, **(extra or {})}
     for t, rs in rows.items():

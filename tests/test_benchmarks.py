@@ -77,6 +77,12 @@ def test_openbhb_ages_keys_and_counts(tmp_path):
         assert r["subject"] == dicom.salted_hash(f"subject:openbhb:{pid}", SALT)
     assert got == ages
     _check_report_sums(rep, ["rows labelled", "rows without age (left out)", "rows without an image (left out)"])
+    # a rerun with another salt replaces the staged studies instead of adding to them; originals untouched
+    rep2 = B.run("openbhb", str(tmp_path / "openBHB"), out, "another-salt")
+    assert rep2["input"]["earlier staged folders removed from images/"] == 4
+    assert len(os.listdir(os.path.join(out, "images"))) == 4
+    assert len(B._walk_images(str(tmp_path / "openBHB"))) == 7
+    B.run("openbhb", str(tmp_path / "openBHB"), out, SALT)
     assert rep["input"]["rows without age (left out)"] == 1 and rep["input"]["rows without an image (left out)"] == 1
     assert rep["input"]["images without a label row (not staged)"] == 1
     text = _all_output_text(out)
