@@ -51,6 +51,6 @@ python evaluate.py --probes="$OUT/probe/probe.pt,$OUT/probe_random/probe.pt,$OUT
     --reports="$OUT/llava/reports.jsonl" --out="$OUT/eval"
 R=("image model=$OUT/llava" "text-only baseline=$OUT/llava_text")
 if [ -f "$OUT/llava_smollm2/metrics.json" ]; then R+=("SmolLM2 image=$OUT/llava_smollm2"); fi
-python bench/bench_llava_compare.py --findings="$OUT/shards/findings.jsonl" --lookup=True "${R[@]}"
-python bench/bench_llava_compare.py --split=test --findings="$OUT/shards/findings.jsonl" "${R[@]}"
+python bench/bench_llava.py compare --findings="$OUT/shards/findings.jsonl" --lookup=True "${R[@]}"
+python bench/bench_llava.py compare --split=test --findings="$OUT/shards/findings.jsonl" "${R[@]}"
 echo; echo "demo finished: results in $OUT/eval (metrics.json, table.txt, PNGs) and $OUT/llava*/metrics.json"

@@ -263,10 +263,10 @@ def test_iter_jsonl_names_file_and_line_of_bad_json(tmp_path):
 
 
 def test_indication_lookup_reference(tmp_path):
-    """bench_llava_compare's non-learned reference: the findings of a training study with the same
+    """bench_llava compare's non-learned reference: the findings of a training study with the same
     indication and modality and the most common diagnosis set; other modality -> its own mode."""
     from conftest import load_bench
-    bench = load_bench("bench_llava_compare")
+    bench = load_bench("bench_llava")
     rec = lambda k, split, ind, mod, f: {"study_key": k, "split": split, "indication": ind, "modality": mod,
                                          "findings": f, "lesions": []}
     recs = [rec("t1", "train", "Fall.", "CT", [SDH]), rec("t2", "train", "Fall.", "CT", []),
@@ -284,11 +284,11 @@ def test_indication_lookup_reference(tmp_path):
 
 
 def test_paired_rouge_bootstrap(tmp_path):
-    """bench_llava_paired: per-study ROUGE-L of a minus b, averaged over seed pairs; a better arm's
+    """bench_llava paired: per-study ROUGE-L of a minus b, averaged over seed pairs; a better arm's
     interval lies above 0, an arm against itself gives 0."""
     from conftest import load_bench
     from rouge_score import rouge_scorer
-    bench = load_bench("bench_llava_paired")
+    bench = load_bench("bench_llava")
     recs = {f"s{i}": {"study_key": f"s{i}", "findings": [SDH if i % 2 else ATROPHY]} for i in range(20)}
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     good, bad = tmp_path / "good", tmp_path / "bad"
