@@ -781,7 +781,6 @@ def atlas2(root_dir, labels_path="", cls="chronic_ischemic_stroke"):
 
 ADAPTERS = {"openbhb": openbhb, "adni": adni, "oasis1": oasis1, "abide": abide, "rsna": rsna, "cq500": cq500,
             "brats21": brats21, "atlas2": atlas2}
-PREPROCESS_INPUT = {"rsna": "the folder of the .dcm files (ROOT/stage_2_train)", "cq500": "ROOT"}
 
 
 def run(name, root_dir, out_dir, salt_value="", how="symlink", labels_path="", **options):
@@ -795,8 +794,14 @@ def run(name, root_dir, out_dir, salt_value="", how="symlink", labels_path="", *
     studies, tally, columns = ADAPTERS[name](root_dir, labels_path, **options)
     if not studies:
         raise BenchmarkError(f"{name}: no labelled study with an image under {root_dir} ({tally.line()})")
-    return write_outputs(name, studies, tally, out_dir, salt_value, how, columns,
-                         extra={"preprocess_input": PREPROCESS_INPUT.get(name, os.path.join(out_dir, "images"))})
+    # DICOM datasets are read where they are (keys from their headers); the others from images/
+    pre = os.path.join(out_dir, "images")
+    if name == "cq500":
+        pre = root_dir
+    elif name == "rsna":
+        pre = os.path.join(root_dir, "stage_2_train")
+        pre = pre if os.path.isdir(pre) else root_dir
+    return write_outputs(name, studies, tally, out_dir, salt_value, how, columns, extra={"preprocess_input": pre})
 
 
 def main():
