@@ -606,23 +606,40 @@ def rsna(root_dir, labels_path="", n_workers=4):
     conflicting ones are an error. preprocess.py --input=ROOT/stage_2_train.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "stage_2_train.csv")
-    rows, _ = _read_table(path, ["ID", "Label"])
-    labels, tally = {}, Tally(rows=len(rows))
-    for r in rows:
-        m = re.fullmatch(r"(ID_[0-9A-Za-z]+)_([a-z]+)", r["ID"])
-        if not m or m.group(2) not in RSNA_SUBTYPES:
-            raise BenchmarkError(f"{path}:{r['_line']}: ID must be ID_<SOPInstanceUID>_<subtype>, got {r['ID']!r}")
-        if r["Label"] not in ("0", "1"):
-            raise BenchmarkError(f"{path}:{r['_line']}: Label must be 0 or 1, got {r['Label']!r}")
-        d = labels.setdefault(m.group(1), {})
-        c = RSNA_SUBTYPES[m.group(2)]
-        if c in d:
-            if d[c] != int(r["Label"]):
-                raise BenchmarkError(f"{path}:{r['_line']}: conflicting duplicate row for one image and subtype")
-            tally["duplicate rows (identical, counted once)"] += 1
-            continue
-        d[c] = int(r["Label"])
-    incomplete = sum(len(d) != len(RSNA_SUBTYPES) for d in labels.values())
+    if not os.path.isfile(path):
+        raise BenchmarkError(f"{path}: not found")
+    # 4.5 million rows: streamed, each image's six labels kept as two bit masks (rows seen, positives)
+    bit = {t: 1 << i for i, t in enumerate(RSNA_SUBTYPES)}
+    seen, pos, tally = {}, {}, Tally(rows=0)
+    rx = re.compile(r"(ID_[0-9A-Za-z]+)_([a-z]+)")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rd = csv.reader(f)
+        head = [h.strip() for h in next(rd, [])]
+        if "ID" not in head or "Label" not in head:
+            raise BenchmarkError(f"{path}: missing column(s) {[c for c in ('ID', 'Label') if c not in head]} "
+                                 f"(found {head[:12]})")
+        i_id, i_lab = head.index("ID"), head.index("Label")
+        for ln, r in enumerate(rd, start=2):
+            if not r:
+                continue
+            tally["rows"] += 1
+            m = rx.fullmatch(r[i_id].strip()) if len(r) > max(i_id, i_lab) else None
+            if not m or m.group(2) not in bit:
+                raise BenchmarkError(f"{path}:{ln}: ID must be ID_<SOPInstanceUID>_<subtype>, got {r[:1]}")
+            v = r[i_lab].strip()
+            if v not in ("0", "1"):
+                raise BenchmarkError(f"{path}:{ln}: Label must be 0 or 1, got {v!r}")
+            sop, b = m.group(1), bit[m.group(2)]
+            if seen.get(sop, 0) & b:
+                if bool(pos.get(sop, 0) & b) != (v == "1"):
+                    raise BenchmarkError(f"{path}:{ln}: conflicting duplicate row for one image and subtype")
+                tally["duplicate rows (identical, counted once)"] += 1
+                continue
+            seen[sop] = seen.get(sop, 0) | b
+            if v == "1":
+                pos[sop] = pos.get(sop, 0) | b
+    full = (1 << len(RSNA_SUBTYPES)) - 1
+    incomplete = sum(m != full for m in seen.values())
     if incomplete:
         raise BenchmarkError(f"{path}: {incomplete} images lack some of the six subtype rows")
     files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir, followlinks=True) for f in fs
@@ -639,8 +656,7 @@ def rsna(root_dir, labels_path="", n_workers=4):
         if not sop or not uid:
             img_tally["DICOM files unreadable or without UIDs"] += 1
             continue
-        y = labels.get(sop)
-        if y is None:
+        if sop not in seen:
             img_tally["DICOM files without label rows"] += 1
             continue
         labelled.add(sop)
@@ -648,11 +664,11 @@ def rsna(root_dir, labels_path="", n_workers=4):
         if st is None:
             st = studies[uid] = Study(f"rsna:{uid}", pid or uid, "CT", uid=uid)
             st.tasks["ich"] = {c: 0 for c in RSNA_SUBTYPES.values()}
-        for c, v in y.items():
-            st.tasks["ich"][c] = max(st.tasks["ich"][c], v)
+        for t, c in RSNA_SUBTYPES.items():   # a study is positive when any of its labelled images is
+            st.tasks["ich"][c] |= int(bool(pos.get(sop, 0) & bit[t]))
         img_tally["DICOM files labelled"] += 1
     tally["images (6 rows each) labelled"] = len(labelled)
-    tally["images with label rows but no DICOM file (left out)"] = len(labels) - len(labelled)
+    tally["images with label rows but no DICOM file (left out)"] = len(seen) - len(labelled)
     for k, v in img_tally.items():
         tally[k] = v
     return list(studies.values()), tally, {"ich": list(RSNA_SUBTYPES.values())}

@@ -240,6 +240,9 @@ def test_rsna_study_level_labels_through_dicom_headers(tmp_path):
         f.write("ID_0000a0e9_any,1\n")
     with pytest.raises(B.BenchmarkError, match=r"stage_2_train.csv:\d+: conflicting duplicate row"):
         B.run("rsna", root, out, SALT, n_workers=1)
+    bench_fakes.write_csv(os.path.join(root, "stage_2_train.csv"), ["ID", "Lbl"], [("ID_0000a0e9_any", 1)])
+    with pytest.raises(B.BenchmarkError, match=r"stage_2_train.csv: missing column\(s\) \['Label'\]"):
+        B.run("rsna", root, out, SALT, n_workers=1)
 
 
 def test_cq500_majority_of_three_readers(tmp_path):
