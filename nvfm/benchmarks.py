@@ -599,7 +599,7 @@ def rsna(root_dir, labels_path="", n_workers=4):
 
     Layout: ROOT/stage_2_train.csv (columns ID, Label; ID = ID_<SOPInstanceUID>_<subtype>, subtype
     in any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural) and the images
-    ROOT/stage_2_train/ID_<SOPInstanceUID>.dcm (or anywhere under ROOT). Labels: the image labels
+    ROOT/stage_2_train/ID_<SOPInstanceUID>.dcm (without that folder: anywhere under ROOT). Labels: the image labels
     are joined to studies through each file's DICOM header (SOPInstanceUID -> StudyInstanceUID,
     PatientID for grouping); a study is positive for a class when any of its labelled images
     is: columns ich (any), edh, iph, ivh, sah, sdh. Identical duplicate csv rows are counted,
@@ -642,7 +642,9 @@ def rsna(root_dir, labels_path="", n_workers=4):
     incomplete = sum(m != full for m in seen.values())
     if incomplete:
         raise BenchmarkError(f"{path}: {incomplete} images lack some of the six subtype rows")
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir, followlinks=True) for f in fs
+    scan = os.path.join(root_dir, "stage_2_train")   # not stage_2_test/: no labels there
+    scan = scan if os.path.isdir(scan) else root_dir
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(scan, followlinks=True) for f in fs
                    if f.lower().endswith(".dcm"))
     if n_workers > 1 and len(files) > 200:
         import multiprocessing as mp
