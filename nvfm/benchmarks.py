@@ -599,10 +599,10 @@ def rsna(root_dir, labels_path="", n_workers=4):
 
     Layout: ROOT/stage_2_train.csv (columns ID, Label; ID = ID_<SOPInstanceUID>_<subtype>, subtype
     in any, epidural, intraparenchymal, intraventricular, subarachnoid, subdural) and the images
-    ROOT/stage_2_train/ID_<SOPInstanceUID>.dcm (without that folder: anywhere under ROOT). Labels: the image labels
-    are joined to studies through each file's DICOM header (SOPInstanceUID -> StudyInstanceUID,
-    PatientID for grouping); a study is positive for a class when any of its labelled images
-    is: columns ich (any), edh, iph, ivh, sah, sdh. Identical duplicate csv rows are counted,
+    ROOT/stage_2_train/ID_<SOPInstanceUID>.dcm (without that folder: anywhere under ROOT).
+    Labels: the image labels are joined to studies through each file's DICOM header
+    (SOPInstanceUID -> StudyInstanceUID, PatientID for grouping); a study is positive for a class
+    when any of its labelled images is: columns ich (any), edh, iph, ivh, sah, sdh. Identical duplicate csv rows are counted,
     conflicting ones are an error. preprocess.py --input=ROOT/stage_2_train.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "stage_2_train.csv")
