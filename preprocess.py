@@ -33,7 +33,7 @@ file's path); everything else is written, and kept volumes that were repaired ca
 foreground tokens are failed. The run exits non-zero when --input holds no file, when no
 volume was written (the manifest is still written) or when no labelled study is found.
 Labels: only ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and --label_columns
-are copied; identifier columns are dropped with a warning.
+are copied (a `subject` column as a salted hash); identifier columns are dropped with a warning.
 
 Privacy: study keys are sha256(salt, StudyInstanceUID)[:16]; series keys and file keys
 likewise hash the SeriesInstanceUID and the relative path. The salt comes from --salt, else
@@ -89,7 +89,8 @@ log_paths = True  # console log shows relative paths of bad files (the output ne
 label_columns = ""  # extra labels.csv columns / findings.jsonl keys to keep, comma-separated (others dropped)
 progress = True  # tqdm progress bars
 # -----------------------------------------------------------------------------
-DEFAULT_SALT = "nvfm-public-default-salt-v1"
+DEFAULT_SALT = dicom.DEFAULT_SALT  # the salt rules live in nvfm/dicom.py (shared with nvfm/benchmarks.py)
+resolve_salt = dicom.resolve_salt
 SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
 # voxel rules per --preset (nvfm/volume.py) and the token rule each defaults to; recorded as
 # manifest["preset"] (absent in older manifests: "nvfm") so encode.py can check it
@@ -97,10 +98,6 @@ PRESETS = {"nvfm": (process_stack, 0.5), "neurovfm": (process_stack_neurovfm, 1.
 # how each preset resamples, recorded as manifest["resampling"] for presets other than nvfm
 # (absent: "tent", all nvfm manifests and neurovfm ones written before its B-spline resampling)
 RESAMPLING = {"nvfm": "tent", "neurovfm": "bspline"}
-
-
-def resolve_salt(s):
-    return s or os.environ.get("NVFM_SALT", "") or DEFAULT_SALT
 
 
 def hash_split(study_key):
@@ -148,8 +145,10 @@ class Log:
 # ontology's diagnosis columns and --label_columns: everything else (MRN, accession, names,
 # dates, free-text notes) is dropped with a warning, so identifiers never reach the shards.
 # `indication` and `findings` are free text the report generator trains on: export them
-# de-identified. `study` is a non-identifying study name (the demo's demo-0007).
-LABEL_META_COLUMNS = ("study", "modality", "split", "age", "sex")
+# de-identified. `study` is a non-identifying study name (the demo's demo-0007). `subject` (the
+# group id of train_probe --protocol=paper's subject-grouped splits) is kept only as a salted
+# hash (dicom.subject_key), so a subject id never reaches the shards but its grouping does.
+LABEL_META_COLUMNS = ("study", "modality", "split", "age", "sex", "subject")
 FINDINGS_KEYS = ("study", "modality", "split", "indication", "findings", "triage", "lesions")
 
 
@@ -184,12 +183,15 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
             w = csv.DictWriter(f, out_fields)
             w.writeheader()
             for r in rows:
-                key = dicom.salted_hash(r["study_uid"], salt)
+                key = dicom.study_key(r["study_uid"], salt)
                 keys.add(key)
                 if r.get("split"):
                     splits[key] = _clean_split(r["split"])
-                w.writerow({("study_key" if k == "study_uid" else k): (key if k == "study_uid" else r.get(k))
-                            for k in kept})
+                out = {("study_key" if k == "study_uid" else k): (key if k == "study_uid" else r.get(k))
+                       for k in kept}
+                if out.get("subject"):
+                    out["subject"] = dicom.subject_key(out["subject"], salt)
+                w.writerow(out)
         os.replace(tmp, os.path.join(out_dir, "labels.csv"))
     if findings_path:
         known = set(FINDINGS_KEYS) | extra
@@ -531,7 +533,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                     file_failures.append(_event("file", "failed", h["error"], file_key=h["file_key"]))
                     log(f"failed file: {h['error']}", h["path"], h["file_key"])
                 continue
-            key = dicom.salted_hash(h["study_uid"], s)
+            key = dicom.study_key(h["study_uid"], s)
             all_keys.add(key)
             if int(key, 16) % sn == si:
                 studies.setdefault(key, ("dicom", []))[1].append(h)
@@ -546,7 +548,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             pool.close()
             pool.join()
     for rel in nifti:
-        key = dicom.salted_hash("nifti:" + dicom.nifti_study_folder(rel), s)
+        key = dicom.nifti_study_key(dicom.nifti_study_folder(rel), s)
         all_keys.add(key)
         if int(key, 16) % sn == si:
             studies.setdefault(key, ("nifti", []))[1].append(rel)

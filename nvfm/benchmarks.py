@@ -50,12 +50,10 @@ and everything derived from it, check them before sharing figures or outputs):
            adapted yet.
 """
 import csv
-import importlib.util
 import json
 import os
 import re
 import shutil
-import sys
 from collections import Counter
 from datetime import date
 
@@ -65,7 +63,7 @@ from nvfm import dicom
 dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500 | brats21 | atlas2
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder (labels_<task>.csv, images/, adapter_report.json)
-salt = ""                # "" -> $NVFM_SALT -> preprocess.py's default; must equal preprocess.py's
+salt = ""                # "" -> $NVFM_SALT -> dicom.DEFAULT_SALT; must equal preprocess.py's
 link = "symlink"         # how images/ refers to the originals: symlink | hardlink | copy
 workers = 4              # processes reading DICOM headers (rsna)
 labels_file = ""         # the label file, when not at its distributed name under root
@@ -80,20 +78,9 @@ class BenchmarkError(ValueError):
     """A one-line user error: the file and the reason."""
 
 
-def repo_preprocess():
-    """preprocess.py (the repository's script) as a module: its salt rules are the ones the keys
-    must share, so they are imported, not copied."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "preprocess.py")
-    if "preprocess" in sys.modules and getattr(sys.modules["preprocess"], "__file__", "") == path:
-        return sys.modules["preprocess"]
-    spec = importlib.util.spec_from_file_location("preprocess", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def resolve_salt(s=""):
-    return repo_preprocess().resolve_salt(s)
+    """The salt rule preprocess.py uses too (nvfm/dicom.py): s, else $NVFM_SALT, else the public default."""
+    return dicom.resolve_salt(s)
 
 
 class Tally(Counter):
@@ -183,7 +170,7 @@ def _stage(study, images_dir, salt_value, how):
         dst = os.path.join(dst_dir, "dicom")
         if not os.path.lexists(dst):
             os.symlink(os.path.abspath(src), dst) if how != "copy" else shutil.copytree(src, dst)
-        return dicom.salted_hash(uid, salt_value)
+        return dicom.study_key(uid, salt_value)
     low = src.lower()
     if low.endswith(".npy"):   # OpenBHB arrays: NIfTI on the MNI grid they were resampled to
         dst = os.path.join(dst_dir, "image.nii.gz")
@@ -207,7 +194,7 @@ def _stage(study, images_dir, salt_value, how):
         _place(src, os.path.join(dst_dir, "image.nii.gz" if low.endswith(".gz") else "image.nii"), how)
     for p, name in study.more_images:
         _place(p, os.path.join(dst_dir, name + (".nii.gz" if p.lower().endswith(".gz") else ".nii")), how)
-    return dicom.salted_hash("nifti:" + folder, salt_value)
+    return dicom.nifti_study_key(folder, salt_value)
 
 
 def _place(src, dst, how):
@@ -250,12 +237,12 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
     rows = {t: [] for t in (columns or {})}
     seen, findings = {}, []
     for st in studies:
-        key = _stage(st, images_dir, s, how) if st.image else dicom.salted_hash(st.uid, s)
+        key = _stage(st, images_dir, s, how) if st.image else dicom.study_key(st.uid, s)
         if key in seen:
             raise BenchmarkError(f"{name}: two labelled studies share one image study ({seen[key]} and {st.sid} "
                                  "give the same StudyInstanceUID)")
         seen[key] = st.sid
-        subj = dicom.salted_hash(f"subject:{name}:{st.subject}", s)
+        subj = dicom.subject_key(st.subject, s, name)
         if st.mask:   # grounding: the lesion mask, in the image's space, for evaluate.py's pointing game
             rel = f"masks/{key}.nii.gz" if st.mask.lower().endswith(".gz") else f"masks/{key}.nii"
             _place(st.mask, os.path.join(out_dir, rel), how)

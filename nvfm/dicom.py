@@ -141,6 +141,33 @@ def salted_hash(text, salt, n=16):
     return hashlib.sha256((salt + "\x00" + str(text)).encode("utf-8", "surrogateescape")).hexdigest()[:n]
 
 
+# The salt of every study, series, file and subject key (preprocess.py, nvfm/benchmarks.py):
+# --salt, else $NVFM_SALT, else this public default (demos only: with it anyone holding the
+# original UIDs can recompute the keys; real data wants a secret salt, kept).
+DEFAULT_SALT = "nvfm-public-default-salt-v1"
+
+
+def resolve_salt(s=""):
+    """The salt in effect: s, else $NVFM_SALT, else DEFAULT_SALT."""
+    return s or os.environ.get("NVFM_SALT", "") or DEFAULT_SALT
+
+
+def study_key(study_uid, salt):
+    """A DICOM study's key: salted_hash of its StudyInstanceUID."""
+    return salted_hash(study_uid, salt)
+
+
+def nifti_study_key(folder, salt):
+    """A NIfTI study's key: salted_hash of "nifti:" + its study folder (nifti_study_folder)
+    relative to preprocess.py's --input."""
+    return salted_hash("nifti:" + folder, salt)
+
+
+def subject_key(subject, salt, dataset=""):
+    """A subject id's key (a group id for subject-grouped splits; never the id itself)."""
+    return salted_hash(f"subject:{dataset}:{subject}" if dataset else f"subject:{subject}", salt)
+
+
 def find_inputs(root):
     """Sorted relative paths of all regular files under root (hidden files included: they
     are reported, not silently ignored). See walk_inputs."""

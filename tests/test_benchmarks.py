@@ -58,6 +58,15 @@ def _check_report_sums(rep, parts):
     assert sum(rep["input"][k] for k in parts) == rep["input"]["rows"], rep["input"]
 
 
+def test_library_imports_no_script():
+    """nvfm/benchmarks.py takes its salt rule from nvfm/dicom.py, never by loading preprocess.py."""
+    code = "import sys, nvfm.benchmarks as B; B.resolve_salt(''); print(sorted(m for m in sys.modules if 'preprocess' in m))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, PYTHONPATH=ROOT),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    assert B.resolve_salt(SALT) == SALT and B.resolve_salt("") == dicom.resolve_salt("")
+
+
 def test_openbhb_ages_keys_and_counts(tmp_path):
     ages = bench_fakes.openbhb(str(tmp_path / "openBHB"))
     out = str(tmp_path / "out")

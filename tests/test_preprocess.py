@@ -309,3 +309,35 @@ def test_other_salt_refused_and_keys_change(cohort, tmp_path):
     ref = ShardReader(cohort["ref"])
     assert not ({v["study_key"] for v in man["volumes"]} & {v["study_key"] for v in ref.volumes})
     assert man["salt_id"] != ref.manifest["salt_id"] and "secret" not in json.dumps(man)
+
+
+def test_salt_rules_shared_with_the_library_and_subject_kept_hashed(tmp_path, monkeypatch):
+    """The salt rule and key formulas live in nvfm/dicom.py (nvfm/benchmarks.py uses them too) and
+    give the keys they always gave; a labels `subject` column reaches the shards only hashed."""
+    import hashlib
+
+    from nvfm import dicom
+    monkeypatch.delenv("NVFM_SALT", raising=False)
+    assert preprocess.resolve_salt("") == dicom.resolve_salt("") == "nvfm-public-default-salt-v1"
+    monkeypatch.setenv("NVFM_SALT", "env-salt")
+    assert preprocess.resolve_salt("") == "env-salt" and preprocess.resolve_salt("x") == "x"
+
+    def by_hand(text, salt):
+        return hashlib.sha256((salt + "\x00" + text).encode()).hexdigest()[:16]
+    assert dicom.study_key("1.2.840.1", "s") == by_hand("1.2.840.1", "s")
+    assert dicom.nifti_study_key("sub-1/ses-1", "s") == by_hand("nifti:sub-1/ses-1", "s")
+    assert dicom.subject_key("P7", "s", "adni") == by_hand("subject:adni:P7", "s")
+    lab = tmp_path / "labels.csv"
+    with open(lab, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_uid", "subject", "modality", "mrn", "age"])
+        w.writerows([["1.2.3", "PATIENT-001", "CT", "M1", "50"], ["1.2.4", "PATIENT-001", "CT", "M1", "51"],
+                     ["1.2.5", "PATIENT-002", "MR", "M2", "60"]])
+    preprocess.rekey_labels(str(lab), "", str(tmp_path), "s")
+    with open(tmp_path / "labels.csv") as f:
+        text = f.read()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert list(rows[0]) == ["study_key", "subject", "modality", "age"]   # mrn dropped, subject kept
+    assert [r["study_key"] for r in rows] == [by_hand(u, "s") for u in ("1.2.3", "1.2.4", "1.2.5")]
+    assert rows[0]["subject"] == rows[1]["subject"] == by_hand("subject:PATIENT-001", "s") != rows[2]["subject"]
+    assert "PATIENT" not in text and "M1" not in text
