@@ -479,10 +479,10 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path, monkeypatch,
     assert table.splitlines()[2] == "| task | ours |"   # one column per encoder name
 
 
-def test_openbhb_end_to_end_adapter_preprocess_encode_probe_table(tmp_path):
-    """The documented commands on a miniature OpenBHB: adapter -> preprocess -> encode (random
-    init) -> train_probe --protocol=paper --task=age -> evaluate: table, CIs, brain-age plot."""
-    import preprocess
+def test_bench_public_one_command_openbhb_to_the_table_resumed_with_another_encoder(tmp_path):
+    """bench/bench_public.py on a miniature OpenBHB: adapter -> preprocess -> encode (random init)
+    -> train_probe --protocol=paper --task=age -> evaluate -> the merged table, CIs, brain-age
+    plot; a rerun with a second encoder runs only that encoder's stages and adds its column."""
     root = str(tmp_path / "openBHB")
     rows = []
     for i in range(18):
@@ -492,24 +492,40 @@ def test_openbhb_end_to_end_adapter_preprocess_encode_probe_table(tmp_path):
         rows.append((pid, 20 + 3 * i, "F", "1"))
     bench_fakes.write_csv(os.path.join(root, "participants.tsv"), ["participant_id", "age", "sex", "site"], rows, "\t")
     b = tmp_path / "b"
-    B.run("openbhb", root, str(b), SALT)
-    preprocess.run(str(b / "images"), str(b / "shards"), n_workers=1, salt_value=SALT, cfg_progress=False,
-                   cfg_log_paths=False)
-    r = _run("encode.py", [f"--shards={b / 'shards'}", "--encoder=random:tiny", f"--out={b / 'features'}"], tmp_path)
+    common = ["--dataset=openbhb", f"--root={root}", f"--out={b}", f"--salt={SALT}",
+              "--preprocess_args=--workers=1 --progress=False --log_paths=False",
+              "--probe_args=--steps=10 --eval_interval=5 --threads=1 --hidden=16",
+              "--evaluate_args=--n_boot=200 --threads=1"]
+    r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny", "--names=random_init"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = _run("train_probe.py", ["--protocol=paper", "--task=age", "--modality=MR", f"--features={b / 'features'}",
-                                f"--labels={b / 'labels_age.csv'}", f"--out={b / 'probe'}", "--steps=10",
-                                "--eval_interval=5", "--threads=1", "--hidden=16"], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    r = _run("evaluate.py", [f"--probes={b / 'probe' / 'probe.pt'}", f"--labels={b / 'labels_age.csv'}",
-                             f"--out={b / 'eval'}", "--names=random_init", "--n_boot=200", "--threads=1",
-                             "--task_name=openbhb"], tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    res = json.load(open(b / "eval" / "metrics.json"))["results"]["random_init"]
-    ck = torch.load(b / "probe" / "probe.pt", weights_only=True)
+    assert "6 stages run, 0 skipped" in r.stdout and f"table: {b / 'paper_table.md'}" in r.stdout
+    # the keys of the labels are the keys preprocess gave the studies
+    import preprocess
+    from nvfm.data import ShardReader
+    assert {r_["study_key"] for r_ in _labels(b / "labels_age.csv")} == \
+        {v["study_key"] for v in ShardReader(str(b / "shards")).volumes}
+    res = json.load(open(b / "eval" / "age" / "random_init" / "metrics.json"))["results"]["random_init"]
+    ck = torch.load(b / "probes" / "random_init" / "age" / "probe.pt", weights_only=True)
+    assert ck["protocol"] == "paper: 8-fold CV" and ck["task"] == "age" and ck["modality"] == "MR"
     assert res["n_studies"] == len(ck["test_keys"]) == res["n"] and len(ck["models"]) == 8
     lo, hi = res["mae_ci"]
     assert lo <= res["mae"] <= hi
-    table = open(b / "eval" / "paper_table.md").read()
-    assert f"| openbhb: age MAE, years | {res['mae']:.2f} [{lo:.2f}, {hi:.2f}] |" in table
-    assert os.path.getsize(b / "eval" / "age_random_init.png") > 0
+    row = f"| openbhb: age MAE, years | {res['mae']:.2f} [{lo:.2f}, {hi:.2f}] |"
+    assert row in open(b / "paper_table.md").read() and row in r.stdout
+    assert os.path.getsize(b / "eval" / "age" / "random_init" / "age_random_init.png") > 0
+    assert "age_random_init.png" in r.stdout
+    # resumed: the first encoder's stages are skipped, the second's run, the table gets its column
+    r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny,random:tiny", "--names=random_init,again"],
+             tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for stage in ("adapter", "preprocess_nvfm", "encode/random_init", "probe/random_init/age", "evaluate/age/random_init"):
+        assert f"[{stage}] done earlier, skipped" in r.stdout
+    assert "4 stages run, 5 skipped" in r.stdout   # the new encoder's encode, probe, evaluate; the table
+    table = open(b / "paper_table.md").read().splitlines()
+    assert table[2] == "| task | random_init | again |"
+    body = [ln.strip("| ").split(" | ") for ln in table[4:] if ln.startswith("|")]
+    assert [c[0] for c in body] == ["openbhb: age MAE, years", "openbhb: age RMSE, years", "openbhb: age Pearson r"]
+    assert body[0][1] == f"{res['mae']:.2f} [{lo:.2f}, {hi:.2f}]"
+    assert all(c[1] == c[2] for c in body)   # the same encoder and seed under two names: the same figures
+    with open(b / "stages" / "probe__again__age.json") as f:
+        assert "--protocol=paper" in json.load(f)["cmd"]

@@ -1,0 +1,252 @@
+"""One public benchmark from your local copy of the dataset to the paper's table rows (issue 25).
+
+    python bench/bench_public.py --dataset=openbhb --root=/data/openBHB --encoders=out/jepa/encoder.safetensors,random:base
+    python bench/bench_public.py --dataset=cq500 --root=/data/cq500 --encoders=neurovfm-encoder/,random:base
+    python bench/bench_public.py --dataset=oasis1 --root=/data/oasis1 --encoders=E --external_from=bench/adni
+
+Runs the documented chain as subprocesses of the stage scripts, for one dataset:
+  1. python -m nvfm.benchmarks (the adapter): OUT/labels_<task>.csv, OUT/images/, adapter_report.json;
+  2. preprocess.py on the adapter's preprocess input (the adapter's images/ folder; RSNA:
+     ROOT/stage_2_train; CQ500: ROOT) -> OUT/shards (nvfm preset) and, for the authors' released
+     encoder, OUT/shards_neurovfm (--preset=neurovfm, their token and intensity rules);
+  3. encode.py per encoder of --encoders -> OUT/features/<name>;
+  4. train_probe.py --protocol=paper per labels_<task>.csv and encoder (task age for the age
+     file, else classify; --modality from the file's modality column) -> OUT/probes/<name>/<task>;
+  5. evaluate.py per task and encoder -> OUT/eval/<task>/<name>/ (metrics.json, paper_table.md,
+     ROC/PR curves or the brain-age scatter), then evaluate.py --merge -> OUT/paper_table.md:
+     one row per task and figure, one column per encoder.
+--encoders: comma-separated; each an nvfm .safetensors file, the authors' released directory
+(config.json + pytorch_model.bin, or a .bin/.pt state dict) or random:<size> (a random-init
+baseline, e.g. random:base). Column names: --names, else the file's name without extension,
+the directory's name, or random_<size>.
+External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is trained here; the
+probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
+applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 dementia.
+Grounding sets (brats21, atlas2) are scored this way too (the pointing game against their
+masks), with a probe of the class trained elsewhere (--external_task names its task folder).
+Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded and is
+skipped when that record matches (same arguments, salt, encoder file) and its output is there
+and nothing it depends on ran again; a stage that runs resumes by itself (preprocess, encode).
+Settings for the stage scripts pass through *_args (e.g. --probe_args="--steps=300 --threads=2").
+The salt (--salt, else $NVFM_SALT, else the public default) is given to the adapter and
+preprocess alike: the label keys are preprocess.py's study keys.
+"""
+import glob
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from nvfm import dicom  # noqa: E402
+from nvfm.configurator import configure, fail  # noqa: E402
+
+# -----------------------------------------------------------------------------
+dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500 | brats21 | atlas2
+root = ""                # your copy of the dataset, as distributed
+out = ""                 # output folder ("" = bench/<dataset>)
+encoders = "random:base"  # comma-separated: nvfm .safetensors | the authors' released dir | random:<size>
+names = ""               # comma-separated column names, one per encoder ("" = from the encoders)
+salt = ""                # "" -> $NVFM_SALT -> the public default (nvfm/dicom.py); adapter and preprocess share it
+external_from = ""       # another dataset's OUT: apply its probes unchanged here instead of training (external transfer)
+external_task = ""       # task folder of those probes ("" = each labels file's task here)
+adapter_args = ""        # extra arguments for python -m nvfm.benchmarks (e.g. "--labels_file=... --workers=8")
+preprocess_args = ""     # extra arguments for preprocess.py (e.g. "--workers=8")
+encode_args = ""         # extra arguments for encode.py (e.g. "--device=cuda")
+probe_args = ""          # extra arguments for train_probe.py (e.g. "--cv_grid=lr=1e-3,3e-4")
+evaluate_args = ""       # extra arguments for evaluate.py (e.g. "--n_boot=10000")
+python = sys.executable  # the interpreter that runs the stage scripts
+dry_run = False          # print the commands (and which stages would be skipped), run nothing
+# -----------------------------------------------------------------------------
+
+ADAPTED = ("openbhb", "adni", "oasis1", "abide", "rsna", "cq500", "brats21", "atlas2")
+GROUNDING = ("brats21", "atlas2")
+
+
+def encoder_name(enc):
+    if enc.startswith("random:"):
+        return "random_" + enc.split(":", 1)[1]
+    base = os.path.basename(os.path.normpath(enc))
+    for ext in (".safetensors", ".bin", ".pt"):
+        base = base.removesuffix(ext)
+    return base
+
+
+def encoder_preset(enc):
+    """nvfm's rules for ours and random init; the authors' rules for their released weights."""
+    if enc.startswith("random:") or enc.endswith(".safetensors"):
+        return "nvfm"
+    return "neurovfm"
+
+
+def encoder_stamp(enc):
+    """What identifies the encoder's weights on disk (size and mtime of its files)."""
+    if enc.startswith("random:"):
+        return enc
+    files = sorted(glob.glob(os.path.join(enc, "*"))) if os.path.isdir(enc) else [enc]
+    return [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]
+
+
+def label_files(out_dir):
+    """{task: labels path} the adapter wrote."""
+    got = {}
+    for p in sorted(glob.glob(os.path.join(out_dir, "labels_*.csv"))):
+        got[os.path.basename(p)[len("labels_"):-len(".csv")]] = p
+    return got
+
+
+def file_modality(path):
+    """The probe's --modality: the labels file's one modality, or all."""
+    import csv
+    with open(path, newline="") as f:
+        mods = {r.get("modality", "") for r in csv.DictReader(f)}
+    return mods.pop() if len(mods) == 1 and "" not in mods else "all"
+
+
+class Stages:
+    """Run stage commands, or skip them when their record in OUT/stages/ matches."""
+
+    def __init__(self, out_dir):
+        self.dir = os.path.join(out_dir, "stages")
+        self.ran = set()
+        self.n_run = self.n_skipped = 0
+
+    def __call__(self, name, cmd, outputs, deps=(), extra=None):
+        """cmd: argv after the interpreter; outputs: paths that must exist for a skip; deps: names
+        of stages whose rerun forces this one. Returns True when it ran."""
+        rec = {"cmd": cmd, "extra": extra}
+        path = os.path.join(self.dir, name.replace("/", "__") + ".json")
+        old = None
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+        if old == rec and all(os.path.exists(p) for p in outputs) and not (set(deps) & self.ran):
+            print(f"[{name}] done earlier, skipped")
+            self.n_skipped += 1
+            return False
+        line = " ".join(shlex.quote(c) for c in [os.path.basename(python)] + cmd)
+        print(f"[{name}] {line}", flush=True)
+        if dry_run:
+            self.ran.add(name)
+            return True
+        t0 = time.time()
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        r = subprocess.run([python] + cmd, cwd=REPO, env=env)
+        if r.returncode != 0:
+            fail(f"stage {name} failed (exit status {r.returncode}); fix the cause and rerun the same command "
+                 "(finished stages are skipped)")
+        os.makedirs(self.dir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"[{name}] finished in {time.time() - t0:.0f} s", flush=True)
+        self.ran.add(name)
+        self.n_run += 1
+        return True
+
+
+def main():
+    configure(globals())
+    if dataset not in ADAPTED:
+        fail(f"--dataset={dataset!r}: one of {', '.join(ADAPTED)}")
+    if not root or not os.path.isdir(root):
+        fail(f"--root={root!r}: not a folder (your copy of the dataset, as distributed)")
+    encs = [e.strip() for e in encoders.split(",") if e.strip()]
+    if not encs:
+        fail("--encoders: at least one encoder")
+    for e in encs:
+        if not e.startswith("random:") and not os.path.exists(e):
+            fail(f"--encoders: {e} not found")
+    enc_names = [n.strip() for n in names.split(",")] if names else [encoder_name(e) for e in encs]
+    if len(enc_names) != len(encs) or len(set(enc_names)) != len(enc_names) or not all(enc_names):
+        fail(f"--names: one distinct name per encoder (got {enc_names} for {len(encs)} encoders)")
+    if dataset in GROUNDING and not external_from:
+        fail(f"{dataset} is a grounding set: --external_from=OUT of a run whose probes know its lesion class "
+             "(and --external_task=that task)")
+    o = os.path.abspath(out or os.path.join("bench", dataset))
+    src = os.path.abspath(external_from) if external_from else ""
+    salt_id = hashlib.sha256(dicom.resolve_salt(salt).encode()).hexdigest()[:16]
+    salt_arg = [f"--salt={salt}"] if salt else []
+    run = Stages(o)
+
+    # 1. adapter
+    run("adapter", ["-m", "nvfm.benchmarks", f"--dataset={dataset}", f"--root={os.path.abspath(root)}",
+                    f"--out={o}", *salt_arg, *shlex.split(adapter_args)],
+        [os.path.join(o, "adapter_report.json")], extra={"salt_id": salt_id})
+    if dry_run and not os.path.exists(os.path.join(o, "adapter_report.json")):
+        print("(dry run: the later stages need the adapter's outputs)")
+        return
+    with open(os.path.join(o, "adapter_report.json")) as f:
+        rep = json.load(f)
+    tasks = label_files(o)
+    if not tasks:
+        fail(f"{o}: the adapter wrote no labels_<task>.csv")
+
+    # 2. preprocess, once per preset the encoders need
+    shards = {}
+    for preset in sorted({encoder_preset(e) for e in encs}):
+        sd = os.path.join(o, "shards" if preset == "nvfm" else f"shards_{preset}")
+        shards[preset] = sd
+        run(f"preprocess_{preset}", ["preprocess.py", f"--input={os.path.abspath(rep['preprocess_input'])}",
+                                     f"--output={sd}", f"--preset={preset}", *salt_arg, *shlex.split(preprocess_args)],
+            [os.path.join(sd, "manifest.json")], deps=["adapter"], extra={"salt_id": salt_id})
+
+    # 3. encode, 4. probes, 5. evaluate per encoder
+    metrics = []
+    for enc, name in zip(encs, enc_names):
+        preset = encoder_preset(enc)
+        feat = os.path.join(o, "features", name)
+        enc_arg = enc if enc.startswith("random:") else os.path.abspath(enc)
+        run(f"encode/{name}", ["encode.py", f"--shards={shards[preset]}", f"--encoder={enc_arg}", f"--out={feat}",
+                               *shlex.split(encode_args)],
+            [feat], deps=[f"preprocess_{preset}"], extra={"encoder": encoder_stamp(enc)})
+        for task, lab in tasks.items():
+            if src:
+                probe = os.path.join(src, "probes", name, external_task or task, "probe.pt")
+                if not os.path.exists(probe):
+                    fail(f"--external_from: no probe {probe} (run that dataset with the encoder named {name} first)")
+                pdeps = []
+            else:
+                probe = os.path.join(o, "probes", name, task, "probe.pt")
+                run(f"probe/{name}/{task}", ["train_probe.py", "--protocol=paper",
+                                             f"--task={'age' if task == 'age' else 'classify'}",
+                                             f"--modality={file_modality(lab)}", f"--features={feat}",
+                                             f"--labels={lab}", f"--out={os.path.dirname(probe)}",
+                                             *shlex.split(probe_args)],
+                    [probe], deps=[f"encode/{name}"])
+                pdeps = [f"probe/{name}/{task}"]
+            ev = os.path.join(o, "eval", task, name)
+            cmd = ["evaluate.py", f"--probes={probe}", f"--names={name}", f"--labels={lab}", f"--out={ev}",
+                   f"--task_name={dataset}"]
+            if src:
+                cmd += ["--external=True", f"--features={feat}"]
+            if os.path.exists(os.path.join(o, "findings.jsonl")):   # grounding: the pointing game on its masks
+                cmd += [f"--findings={os.path.join(o, 'findings.jsonl')}", f"--shards={shards[preset]}",
+                        f"--cohort={o}"]
+            run(f"evaluate/{task}/{name}", cmd + shlex.split(evaluate_args), [os.path.join(ev, "metrics.json")],
+                deps=[f"encode/{name}", *pdeps],
+                extra={"probe": [os.path.getsize(probe), int(os.path.getmtime(probe))] if os.path.exists(probe)
+                       else None})
+            metrics.append(os.path.join(ev, "metrics.json"))
+
+    # the table: every task and encoder of this dataset
+    run("table", ["evaluate.py", f"--merge={','.join(metrics)}", f"--out={o}"], [os.path.join(o, "paper_table.md")],
+        deps=[f"evaluate/{t}/{n}" for t in tasks for n in enc_names])
+    if dry_run:
+        return
+    print(f"\n{dataset}: {run.n_run} stages run, {run.n_skipped} skipped")
+    print(f"table: {os.path.join(o, 'paper_table.md')}")
+    with open(os.path.join(o, "paper_table.md")) as f:
+        print(f.read().rstrip())
+    plots = sorted(glob.glob(os.path.join(o, "eval", "*", "*", "*.png")))
+    print(f"plots ({len(plots)}): {os.path.join(o, 'eval', '<task>', '<encoder>')}/*.png")
+    for p in plots:
+        print(f"  {p}")
+
+
+if __name__ == "__main__":
+    main()
