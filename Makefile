@@ -8,6 +8,9 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo_out
 APT_PACKAGES = mricron-data dcm2niix wordnet-base wordnet-sense-index
+# test-only Python packages (make test installs them; make install does not):
+#   SimpleITK  the authors' resampling, run for real by tests/test_sitk_parity.py
+TEST_PACKAGES = SimpleITK>=2.4
 
 .PHONY: install apt demo test bench
 
@@ -27,6 +30,7 @@ demo: install
 	bash demo.sh $(DEMO_DIR)
 
 test: install
+	$(PYTHON) -m pip install -q $(foreach p,$(TEST_PACKAGES),"$(p)")
 	NVFM_REQUIRE_EXT=1 $(PYTHON) -m pytest -q tests
 
 bench:

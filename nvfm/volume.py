@@ -65,6 +65,7 @@ HU_RANGE = (-1024.0, 3071.0)
 MR_PERCENTILES = (0.5, 99.5)
 _RPI_SIGN = {0: 1, 1: -1, 2: -1}  # RAS sign each world axis points to: x -> R, y -> P, z -> I
 _CODES = {0: "RL", 1: "AP", 2: "SI"}
+TILT_MM = 1e-3  # in-plane shear (mm) below which a stack is resampled as untilted
 
 
 def out_grid(lo, hi, s):
@@ -251,6 +252,9 @@ def resample_grid(stack, spacing=SPACING, grid="centre"):
         return LPS_TO_RAS @ A
     if grid == "origin":
         toward_lap = _toward_lap(affine(*q), tuple(len(x) for x in q))
+        if not np.abs(stack.shear).max() > TILT_MM:  # untilted, as iter_resampled: rounding-level shear
+            bounds = ((0.0, float(stack.d[-1])), (0.0, ext[0]), (0.0, ext[1]))  # (a float32 NIfTI affine's
+            # ~1e-6 mm on an oblique series) adds no voxel and moves no origin (SimpleITK parity)
         nps = getattr(stack, "native_ps", stack.ps)
         counts = (K, int(round(ext[0] / nps[0])) + 1, int(round(ext[1] / nps[1])) + 1)
         gaps = (bounds[0][1] / (K - 1) if K > 1 else spacing[0], nps[0], nps[1])
@@ -286,7 +290,7 @@ def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centr
     fill = np.float32(fill)
     K, R, C = stack.shape
     su, sv = stack.shear[:, 0], stack.shear[:, 1]
-    tilted = bool(np.abs(stack.shear).max() > 1e-3)
+    tilted = bool(np.abs(stack.shear).max() > TILT_MM)
     pr = np.arange(R) * stack.ps[0]  # along c
     pc = np.arange(C) * stack.ps[1]  # along r
     q_n, q_c, q_r, A0 = resample_grid(stack, spacing, grid)
@@ -769,15 +773,21 @@ def neurovfm_ct_mask(hu):
     return (np.asarray(hu) > CT_AIR_HU).astype(np.uint8)
 
 
-def resampled_canonical(stack, spacing=SPACING, **how):
+def resampled_canonical(stack, spacing=SPACING, rpi_order=False, **how):
     """SliceStack -> (float32 (D, H, W) canonical volume, canonical affine, orientation codes):
     the same resampling and orientation as process_stack, kept in float (CT in clamped HU,
     MR with MONOCHROME1 inverted), for rules that need the whole volume's values. `how`:
-    iter_resampled's fill / kernel / grid / clamp (resampled_neurovfm: the authors' choices)."""
+    iter_resampled's fill / kernel / grid / clamp (resampled_neurovfm: the authors' choices).
+    rpi_order=True: H and W in R, P, I order after the acquisition axis, as the authors' array
+    (their RPI image transposed so the 4 mm axis is first): a sagittal series is "RPI", not
+    "RIP" (axial "IPR" and coronal "PIR" are the same either way)."""
     q_n, q_c, q_r, A0 = resample_grid(stack, spacing, how.get("grid", "centre"))
     perm, flips, A, codes, (D, H, W) = canonical_transform(A0, (len(q_n), len(q_c), len(q_r)))
     if min(D, H, W) < 1:
         raise SeriesError("empty volume after resampling")
+    swap = bool(rpi_order) and codes[0] in "RL"
+    if swap:
+        A, codes, H, W = A[:, [0, 2, 1, 3]], codes[0] + codes[2] + codes[1], W, H
     vol = np.empty((D, H, W), np.float32)
     for j, sl in iter_resampled(stack, spacing, **how):
         if perm[1] == 2:
@@ -786,33 +796,80 @@ def resampled_canonical(stack, spacing=SPACING, **how):
             sl = sl[::-1]
         if flips[2]:
             sl = sl[:, ::-1]
-        vol[D - 1 - j if flips[0] else j] = sl
+        vol[D - 1 - j if flips[0] else j] = sl.T if swap else sl
     if stack.modality != "CT" and stack.photometric == "MONOCHROME1":
         np.subtract(vol.max() + vol.min(), vol, out=vol)
     return vol, A, codes
 
 
-def resampled_neurovfm(stack, spacing=SPACING):
+def resampled_neurovfm(stack, spacing=SPACING, pixel_type=None):
     """The authors' resampling (SimpleITK ResampleImageFilter, sitkBSpline, after orienting
     to RPI; neurovfm/data/utils.py preprocess_image) of a SliceStack -> as resampled_canonical:
     cubic B-spline interpolation (bspline_matrix, separable per axis), their grid
     (resample_grid "origin"), 0 outside the input (their default pixel value, for CT too),
     no HU clamp before interpolating, and integer-valued inputs (DICOM integer pixels with an
     integer rescale: SimpleITK keeps an integer pixel type) truncated toward 0 after it (ITK's
-    static_cast). What stays ours: a gantry tilt is resampled away (their reader ignores it),
-    a non-uniform slice axis is interpolated at the slices' own positions (theirs assumes one
-    spacing), and an oblique series keeps its own grid; they choose the 4 mm axis by a
-    spacing/size heuristic, we take the acquisition axis (the same for ordinary series)."""
+    static_cast), and their array order (rpi_order: a sagittal series is "RPI", their
+    transpose (2, 1, 0) of the RPI array). Checked against SimpleITK itself in
+    tests/test_sitk_parity.py. What stays ours: a gantry tilt is resampled away (their reader
+    ignores it), a non-uniform slice axis is interpolated at the slices' own positions (theirs
+    assumes one spacing), and an oblique series keeps its own grid; they choose the 4 mm axis
+    by a spacing/size heuristic, we take the acquisition axis (the same for ordinary series).
+
+    pixel_type (default: the stack's `itk_pixel_type` attribute, when its reader sets one):
+    the pixel type SimpleITK reads the input as (itk_nifti_pixel_type, itk_dicom_pixel_type),
+    which ITK keeps for the output: an integer type truncates toward 0 and clamps to its range
+    (an unsigned MR volume's B-spline undershoot at the edge of the head is 0, not negative;
+    that moves the 0.5th percentile of the MR clip), a float type does neither. None: integer-valued inputs
+    are truncated, not clamped (right for signed types, e.g. int16 CT)."""
+    pixel_type = pixel_type or getattr(stack, "itk_pixel_type", None)
     integral = [True]
 
     def seen(x):
         if integral[0] and not np.array_equal(x, np.trunc(x)):
             integral[0] = False
-    vol, A, codes = resampled_canonical(stack, spacing, fill=0.0, kernel="bspline", grid="origin", clamp=False,
-                                        on_slice=seen)
-    if integral[0]:
+    vol, A, codes = resampled_canonical(stack, spacing, rpi_order=True, fill=0.0, kernel="bspline", grid="origin",
+                                        clamp=False, on_slice=seen)
+    if pixel_type is None:  # unknown: integer-valued inputs as int16-like (truncated, not clamped)
+        if integral[0]:
+            np.trunc(vol, out=vol)
+    elif np.dtype(pixel_type).kind in "iu":
         np.trunc(vol, out=vol)
+        info = np.iinfo(np.dtype(pixel_type))
+        np.clip(vol, info.min, info.max, out=vol)
     return vol, A, codes
+
+
+def itk_nifti_pixel_type(header):
+    """The pixel type (numpy dtype name) SimpleITK's NIfTI reader gives a file, for
+    resampled_neurovfm's pixel_type: the stored type, unless scl_slope / scl_inter rescale it
+    (slope finite and not 0, and slope != 1 or intercept != 0): then float32 (float64 stays)."""
+    dt = np.dtype(header.get_data_dtype())
+    slope, inter = (float(header[k]) for k in ("scl_slope", "scl_inter"))
+    slope = slope if np.isfinite(slope) else 0.0
+    inter = inter if np.isfinite(inter) else 0.0
+    rescaled = abs(slope) > 1e-12 and (abs(slope - 1.0) > 1e-12 or abs(inter) > 1e-12)
+    if rescaled and dt != np.float64:
+        return "float32"
+    return dt.name
+
+
+def itk_dicom_pixel_type(bits_stored, pixel_representation, slope=1.0, intercept=0.0):
+    """The pixel type (numpy dtype name) SimpleITK (GDCM) reads a DICOM series as, for
+    resampled_neurovfm's pixel_type: a non-integer rescale slope or intercept -> float64; else
+    the smallest integer type (uint8/16/32 when nothing is negative, else int8/16/32) holding
+    the rescaled range of BitsStored (e.g. unsigned 12-bit MR -> uint16, signed 16-bit CT with
+    intercept -1024 -> int32, unsigned 12-bit CT with intercept -1024 -> int16)."""
+    slope, intercept = float(slope), float(intercept)
+    if slope != int(slope) or intercept != int(intercept):
+        return "float64"
+    b = int(bits_stored)
+    lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if int(pixel_representation) else (0, 2 ** b - 1)
+    a, c = sorted((lo * slope + intercept, hi * slope + intercept))
+    for t in ((np.uint8, np.uint16, np.uint32) if a >= 0 else (np.int8, np.int16, np.int32)):
+        if np.iinfo(t).min <= a and c <= np.iinfo(t).max:
+            return np.dtype(t).name
+    return "float64"
 
 
 def values_array(vol):

@@ -167,3 +167,38 @@ def test_tilted_dicom_series_reproduces_a_linear_field(tmp_path):
              & (kij[:, 2] >= 8) & (kij[:, 2] <= C - 9))
     assert inner.sum() > 1000
     np.testing.assert_allclose(vol.reshape(-1)[inner], (world @ coef)[inner], rtol=0, atol=0.02)
+
+
+def test_rounding_level_shear_adds_no_voxel(tmp_path):
+    """An oblique NIfTI: its float32-stored affine leaves ~1e-6 mm of in-plane shear between
+    slices. That is no gantry tilt: their size int(n * spacing / target) per axis, no extra
+    row, and the first voxel on their RPI origin (SimpleITK gives the same, test_sitk_parity)."""
+    t = np.deg2rad(12.0)
+    R = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    A = np.eye(4)
+    A[:3, :3] = R @ np.diag([1.1, 1.1, 5.5])
+    A[:3, 3] = (5.0, -3.0, 2.0)
+    arr = np.random.default_rng(4).uniform(10, 500, (45, 45, 9)).astype(np.float32)
+    nib.save(nib.Nifti1Image(arr, A), str(tmp_path / "v.nii.gz"))
+    st = dicom.nifti_stack(str(tmp_path), "v.nii.gz")
+    assert 0 < np.abs(st.shear).max() < V.TILT_MM  # the float32 affine's rounding
+    vol, Aout, codes = V.resampled_neurovfm(st)
+    assert codes == "IPR" and vol.shape == (int(9 * 5.5 / 4), int(45 * 1.1), int(45 * 1.1))
+    Af = nib.load(str(tmp_path / "v.nii.gz")).affine  # as stored (float32)
+    corner = Af @ [0, 44, 8, 1]  # RPI origin: first x (toward R), last y (most anterior), last z
+    np.testing.assert_allclose(Aout[:3, 3], corner[:3], atol=1e-4)
+
+
+def test_sagittal_arrays_are_in_their_order(tmp_path):
+    """Their array is the RPI image transposed so the 4 mm axis is first: for a sagittal series
+    (D, H, W) = (R, P, I), where nvfm's own canonical order is (R, I, P)."""
+    arr = np.random.default_rng(5).uniform(10, 500, (9, 40, 36)).astype(np.float32)  # x (sagittal slices), y, z
+    _nifti(tmp_path, arr, (5.0, 0.75, 1.25), (0, 0, 0))
+    vol, A, codes = V.resampled_neurovfm(dicom.nifti_stack(str(tmp_path), "v.nii.gz"))
+    assert codes == "RPI" and V.axis_codes(A) == codes
+    assert vol.shape == (int(9 * 5.0 / 4), int(40 * 0.75), int(36 * 1.25))
+    ref, A2, codes2 = V.resampled_canonical(dicom.nifti_stack(str(tmp_path), "v.nii.gz"), fill=0.0,
+                                            kernel="bspline", grid="origin", clamp=False)
+    assert codes2 == "RIP"
+    np.testing.assert_array_equal(vol, ref.transpose(0, 2, 1))
+    np.testing.assert_array_equal(A, A2[:, [0, 2, 1, 3]])
