@@ -1,6 +1,7 @@
 """One public benchmark from your local copy of the dataset to the paper's table rows (issue 25).
 
-    python bench/bench_public.py --dataset=openbhb --root=/data/openBHB --encoders=out/jepa/encoder.safetensors,random:base
+    python bench/bench_public.py --dataset=openbhb --root=/data/openBHB \
+        --encoders=out/jepa/encoder.safetensors,random:base
     python bench/bench_public.py --dataset=cq500 --root=/data/cq500 --encoders=neurovfm-encoder/,random:base
     python bench/bench_public.py --dataset=oasis1 --root=/data/oasis1 --encoders=E --external_from=bench/adni
 
@@ -21,7 +22,8 @@ baseline, e.g. random:base). Column names: --names, else the file's name without
 the directory's name, or random_<size>.
 External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is trained here; the
 probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
-applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 dementia.
+applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 dementia;
+their rows read "<dataset> <- <OTHER_OUT's folder name>: ... (external)".
 Grounding sets (brats21, atlas2) are scored this way too (the pointing game against their
 masks), with a probe of the class trained elsewhere (--external_task names its task folder).
 Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded and is
@@ -52,7 +54,7 @@ out = ""                 # output folder ("" = bench/<dataset>)
 encoders = "random:base"  # comma-separated: nvfm .safetensors | the authors' released dir | random:<size>
 names = ""               # comma-separated column names, one per encoder ("" = from the encoders)
 salt = ""                # "" -> $NVFM_SALT -> the public default (nvfm/dicom.py); adapter and preprocess share it
-external_from = ""       # another dataset's OUT: apply its probes unchanged here instead of training (external transfer)
+external_from = ""       # another dataset's OUT: apply its probes here unchanged, no training (external transfer)
 external_task = ""       # task folder of those probes ("" = each labels file's task here)
 adapter_args = ""        # extra arguments for python -m nvfm.benchmarks (e.g. "--labels_file=... --workers=8")
 preprocess_args = ""     # extra arguments for preprocess.py (e.g. "--workers=8")
@@ -220,8 +222,9 @@ def main():
                     [probe], deps=[f"encode/{name}"])
                 pdeps = [f"probe/{name}/{task}"]
             ev = os.path.join(o, "eval", task, name)
+            row = f"{dataset} <- {os.path.basename(src)}" if src else dataset   # the rows' task label
             cmd = ["evaluate.py", f"--probes={probe}", f"--names={name}", f"--labels={lab}", f"--out={ev}",
-                   f"--task_name={dataset}"]
+                   f"--task_name={row}"]
             if src:
                 cmd += ["--external=True", f"--features={feat}"]
             if os.path.exists(os.path.join(o, "findings.jsonl")):   # grounding: the pointing game on its masks

@@ -60,7 +60,8 @@ def _check_report_sums(rep, parts):
 
 def test_library_imports_no_script():
     """nvfm/benchmarks.py takes its salt rule from nvfm/dicom.py, never by loading preprocess.py."""
-    code = "import sys, nvfm.benchmarks as B; B.resolve_salt(''); print(sorted(m for m in sys.modules if 'preprocess' in m))"
+    code = ("import sys, nvfm.benchmarks as B; B.resolve_salt(''); "
+            "print(sorted(m for m in sys.modules if 'preprocess' in m))")
     r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=dict(os.environ, PYTHONPATH=ROOT),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
@@ -518,7 +519,8 @@ def test_bench_public_one_command_openbhb_to_the_table_resumed_with_another_enco
     r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny,random:tiny", "--names=random_init,again"],
              tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    for stage in ("adapter", "preprocess_nvfm", "encode/random_init", "probe/random_init/age", "evaluate/age/random_init"):
+    for stage in ("adapter", "preprocess_nvfm", "encode/random_init", "probe/random_init/age",
+                  "evaluate/age/random_init"):
         assert f"[{stage}] done earlier, skipped" in r.stdout
     assert "4 stages run, 5 skipped" in r.stdout   # the new encoder's encode, probe, evaluate; the table
     table = open(b / "paper_table.md").read().splitlines()
@@ -529,3 +531,14 @@ def test_bench_public_one_command_openbhb_to_the_table_resumed_with_another_enco
     assert all(c[1] == c[2] for c in body)   # the same encoder and seed under two names: the same figures
     with open(b / "stages" / "probe__again__age.json") as f:
         assert "--protocol=paper" in json.load(f)["cmd"]
+    # external transfer (dry run: the commands only): this dataset's probes applied unchanged, no training
+    r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny", "--names=random_init", f"--external_from={b}",
+                                       "--dry_run=True"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ev = next(ln for ln in r.stdout.splitlines() if ln.startswith("[evaluate/age/random_init]"))
+    assert f"--probes={b / 'probes' / 'random_init' / 'age' / 'probe.pt'}" in ev and "--external=True" in ev
+    assert f"--features={b / 'features' / 'random_init'}" in ev and "'--task_name=openbhb <- b'" in ev
+    assert "[probe/" not in r.stdout and "[encode/random_init] done earlier, skipped" in r.stdout
+    r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny", "--names=other", f"--external_from={b}"],
+             tmp_path)
+    assert r.returncode == 1 and "--external_from: no probe" in r.stderr and "named other" in r.stderr
