@@ -8,6 +8,10 @@
         --labels=bench/openbhb/labels_age.csv --out=bench/openbhb/probe_age
     python evaluate.py --probes=bench/openbhb/probe_age/probe.pt --labels=bench/openbhb/labels_age.csv --out=...
 
+or all of it, resumable, for several encoders, in one command (the same stage scripts as subprocesses):
+
+    python bench/bench_public.py --dataset=openbhb --root=/data/openBHB --encoders=ENC,random:base
+
 Each adapter reads the dataset's folder layout and label files as distributed (nothing is
 downloaded, nothing in --root is modified) and writes under --out:
 - labels_<task>.csv: study_key, subject, modality, split (empty: the protocol splits), age,
