@@ -1,4 +1,4 @@
-"""The paper's public benchmarks from a user's local copy of each dataset -> labels for
+r"""The paper's public benchmarks from a user's local copy of each dataset -> labels for
 `train_probe.py --protocol=paper` (issue 25).
 
     python -m nvfm.benchmarks --dataset=openbhb --root=/data/openBHB --out=bench/openbhb
