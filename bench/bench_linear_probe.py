@@ -98,6 +98,9 @@ def main(d, names):
 
 
 if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(f"usage: python bench/bench_linear_probe.py DEMO_OUT CACHE [CACHE ...]\n\n{__doc__}")
+        sys.exit(0)
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     main(sys.argv[1], sys.argv[2:])

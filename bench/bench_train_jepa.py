@@ -161,7 +161,7 @@ def bench_step(reader, size, batch, attn, steps, device):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     ap.add_argument("--size", default="vitb" if cuda else "tiny")
     ap.add_argument("--batch", default="32,64" if cuda else "8")

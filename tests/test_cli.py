@@ -176,3 +176,64 @@ def test_exit_status_tells_user_errors_from_bugs(tmp_path, args, env, status, st
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
     if "edn" not in " ".join(args):
         assert r.stdout.endswith("work done so far"), r.stdout
+
+
+# One interpreter runs every bench script's --help (each start-up imports torch: ~1 s apiece when
+# run one process per script). Each script runs as __main__ with its own argv[0] and bench/ on
+# sys.path, as `python bench/<name>.py --help` would; its stdout and stderr are captured separately.
+BENCH_DRIVER = r'''
+import contextlib, io, json, os, runpy, sys
+bench, names = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, bench)
+res = {}
+for name in names:
+    path = os.path.join(bench, name)
+    sys.argv = [path, "--help"]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(path, run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException as e:  # noqa: BLE001 - reported, not raised: the other scripts still run
+            code, _ = 2, err.write(f"{type(e).__name__}: {e}")
+    res[name] = (code, out.getvalue(), err.getvalue())
+sys.stdout.write(json.dumps(res))
+'''
+
+
+def bench_scripts():
+    """bench/*.py that are scripts: a helper module that other bench scripts import (timing.py)
+    is not one (it has no __main__ entry and prints nothing)."""
+    bench = os.path.join(ROOT, "bench")
+    names = sorted(f for f in os.listdir(bench) if f.endswith(".py"))
+    sources = {f: open(os.path.join(bench, f)).read() for f in names}
+    imported = {f for f in names for g in names if g != f
+                and re.search(rf"^\s*(from|import) {f[:-3]}\b", sources[g], re.M)}
+    return bench, [f for f in names if f not in imported]
+
+
+def test_every_bench_script_answers_help(tmp_path):
+    """`bench/` is lean and every script in it runs: `python bench/<name>.py --help` exits 0,
+    writes nothing, and prints a usage line or the script's docstring first, with the docstring's
+    first line somewhere in it."""
+    import ast
+    import json
+    bench, names = bench_scripts()
+    assert "timing.py" not in names and "bench_llava.py" in names
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", BENCH_DRIVER, bench, *names], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    failures = []
+    for name in names:
+        code, out, err = res[name]
+        doc = ast.get_docstring(ast.parse(open(os.path.join(bench, name)).read())) or ""
+        first = doc.strip().splitlines()[0] if doc.strip() else None
+        text = out.lstrip()
+        if not (code == 0 and first and (text.startswith("usage:") or text.startswith(first))
+                and " ".join(first.split()) in " ".join(out.split())):
+            failures.append(f"{name}: exit {code}\nstdout:\n{out[:400]}\nstderr:\n{err[-800:]}")
+    assert not failures, "\n\n".join(failures)
+    assert not os.listdir(tmp_path)  # --help writes nothing
