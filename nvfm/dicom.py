@@ -231,6 +231,11 @@ def _num(v, default=None):
         return default
 
 
+def _int_or_none(v):
+    x = _num(v)
+    return int(x) if x is not None and x == int(x) else None
+
+
 def _first(seq_owner, seq_name, attr):
     seq = getattr(seq_owner, seq_name, None) if seq_owner is not None else None
     if not seq:
@@ -712,6 +717,9 @@ def _header_info(ds, info):
         te=_num(g("EchoTime", None)), tr=_num(g("RepetitionTime", None)), ti=_num(g("InversionTime", None)),
         contrast=bool(str(g("ContrastBolusAgent", "") or "").strip()),
         scanning_sequence=" ".join(str(x) for x in (g("ScanningSequence", None) or [])),
+        # the stored pixel type (dicom_stack: the pixel type SimpleITK reads the series as)
+        bits_stored=_int_or_none(g("BitsStored", None)),
+        pixel_representation=_int_or_none(g("PixelRepresentation", None)),
     )
     if isinstance(g("ImageType", None), str):
         info["image_type"] = [x.upper() for x in str(g("ImageType")).split("\\")]
@@ -905,6 +913,9 @@ class SliceStack:
         self.paths = None
         self.reduced = False
         self.finite = False  # True: the loader guarantees finite values (volume.py skips its check)
+        # the pixel type (numpy dtype name) SimpleITK reads the input as, set by dicom_stack /
+        # nifti_stack: resampled_neurovfm truncates and clamps to it as ITK does; None: unknown
+        self.itk_pixel_type = None
 
     def slice(self, k):
         return self.loader(int(self.order[k]))
@@ -1349,7 +1360,24 @@ def dicom_stack(root, group, reduce=False):
     st.paths = [h["path"] for h, _ in frames]  # loader index -> file, for error messages
     st.reduced = bool(reduce)
     st.finite = True  # rescale() checks what is not finite by construction
+    st.itk_pixel_type = dicom_pixel_type(frames)
     return st
+
+
+def dicom_pixel_type(frames):
+    """The pixel type SimpleITK (GDCM) reads a series' (header, frame) list as
+    (nvfm/volume.py itk_dicom_pixel_type, from BitsStored, PixelRepresentation and the rescale
+    slope / intercept), for resampled_neurovfm's truncation and clamp; None when a value is
+    missing or the files disagree (resampled_neurovfm then decides from the values)."""
+    from nvfm.volume import itk_dicom_pixel_type  # nvfm/volume.py imports this module
+    kinds = {(h.get("bits_stored"), h.get("pixel_representation"), fr.get("slope", 1.0), fr.get("intercept", 0.0))
+             for h, fr in frames}
+    if len(kinds) != 1:
+        return None
+    bits, pr, slope, inter = kinds.pop()
+    if bits is None or pr is None or not 1 <= bits <= 32 or slope is None or inter is None:
+        return None
+    return itk_dicom_pixel_type(bits, pr, slope, inter)
 
 
 def nifti_study_folder(rel):
@@ -1412,6 +1440,11 @@ def nifti_stack(root, rel):
                     lambda k: np.array(vol[k], np.float32), modality)  # a copy: callers modify it
     if n_bad:
         st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to 0")
+    from nvfm.volume import itk_nifti_pixel_type  # nvfm/volume.py imports this module
+    try:  # the pixel type SimpleITK reads the file as: resampled_neurovfm's truncation and clamp
+        st.itk_pixel_type = itk_nifti_pixel_type(img.header)
+    except Exception:  # an unusual header: decided from the values
+        st.itk_pixel_type = None
     return st
 
 

@@ -429,3 +429,35 @@ def test_fast_header_getter_equals_pydicom(tmp_path):
         finally:
             dicom._fast_getter = orig
         assert fast == ref, p
+
+
+def test_stack_records_the_pixel_type_simpleitk_reads(tmp_path):
+    """dicom_stack sets SliceStack.itk_pixel_type from BitsStored, PixelRepresentation and the
+    rescale (volume.itk_dicom_pixel_type; preprocess.py --preset=neurovfm truncates and clamps to
+    it, tests/test_sitk_parity.py); files of one series that disagree leave it unknown (None).
+    nifti_stack sets it from the header's data type (volume.itk_nifti_pixel_type)."""
+    vol = np.random.default_rng(0).uniform(0, 1000, (4, 8, 8))
+    u12 = {"PixelRepresentation": 0, "BitsStored": 12, "HighBit": 11}
+
+    def stack(name, **kw):
+        d = tmp_path / name
+        write_series(str(d), vol, modality="MR", **kw)
+        hs = [dicom.scan_dicom(str(tmp_path), f"{name}/{n}") for n in sorted(os.listdir(d))]
+        groups, _ = dicom.group_series(hs)
+        return dicom.dicom_stack(str(tmp_path), groups[0]), hs, groups[0]
+
+    st, hs, _ = stack("u12", intercept=0.0, extra=u12)
+    assert (hs[0]["bits_stored"], hs[0]["pixel_representation"]) == (12, 0) and st.itk_pixel_type == "uint16"
+    assert stack("s16", intercept=0.0)[0].itk_pixel_type == "int16"
+    assert stack("ct", intercept=-1024.0)[0].itk_pixel_type == "int32"  # signed 16-bit - 1024
+    assert stack("half", slope=0.5, intercept=0.0)[0].itk_pixel_type == "float64"
+    _, _, g = stack("mixed", intercept=0.0, extra=u12)
+    g["frames"][1][0]["bits_stored"] = 16  # one file of the series disagrees
+    assert dicom.dicom_stack(str(tmp_path), g).itk_pixel_type is None
+    g["frames"][1][0]["bits_stored"] = 12
+    g["frames"][2][1]["slope"] = 2.0
+    assert dicom.dicom_stack(str(tmp_path), g).itk_pixel_type is None
+    for dt, want in ((np.uint16, "uint16"), (np.int16, "int16"), (np.float32, "float32")):  # nifti_stack too
+        nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0).astype(dt), np.diag([1.0, 1.0, 5.0, 1.0])),
+                 str(tmp_path / "v.nii.gz"))
+        assert dicom.nifti_stack(str(tmp_path), "v.nii.gz").itk_pixel_type == want

@@ -114,7 +114,7 @@ def test_resampling_and_orientation_are_process_stacks(inputs):
 def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
     out = str(tmp_path / "shards")
     man = preprocess.run(inputs, out, n_workers=0, cfg_min_fg=-1.0, cfg_progress=False, cfg_preset="neurovfm")
-    assert man["preset"] == "neurovfm" and man["min_fg_fraction"] == 1.0 and man["resampling"] == "bspline"
+    assert man["preset"] == "neurovfm" and man["min_fg_fraction"] == 1.0 and man["resampling"] == "bspline-sitk"
     r = ShardReader(out)
     by_mod = {v["modality"]: i for i, v in enumerate(r.volumes)}
     assert set(by_mod) == {"CT", "MR"}
@@ -267,3 +267,38 @@ def test_output_of_an_older_neurovfm_preset_is_not_extended(inputs, tmp_path):
     preprocess.run(inputs, nv, n_workers=0, cfg_progress=False)
     man2 = preprocess.run(inputs, nv, n_workers=0, cfg_progress=False)  # a rerun of a complete nvfm output
     assert "resampling" not in man2 and man2["volumes"]
+
+
+def test_output_of_the_pre_sitk_parity_neurovfm_preset_is_refused(inputs, tmp_path, monkeypatch):
+    """An output written by --preset=neurovfm before SimpleITK parity (resampling "bspline": a
+    sagittal series in another array order, truncation decided from the values, an unsigned MR
+    undershoot not clamped) is neither resumed (parts/settings.json) nor extended (manifest)."""
+    assert preprocess.RESAMPLING["neurovfm"] == "bspline-sitk"
+    out = str(tmp_path / "shards")
+    with monkeypatch.context() as m:
+        _interrupt_before_merge(m)
+        with pytest.raises(KeyboardInterrupt):
+            preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    sp = os.path.join(out, "parts", "settings.json")
+    with open(sp) as f:
+        st = json.load(f)
+    assert st["resampling"] == "bspline-sitk"
+    with open(sp, "w") as f:
+        json.dump(dict(st, resampling="bspline"), f)
+    parts_before = sorted(os.listdir(os.path.join(out, "parts")))
+    with pytest.raises(SystemExit, match=r"parts/settings.json\) written with bspline resampling \(this version's "
+                                         r"--preset=neurovfm: bspline-sitk\)") as e:
+        preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    assert "\n" not in str(e.value) and out in str(e.value)
+    assert sorted(os.listdir(os.path.join(out, "parts"))) == parts_before  # nothing written
+    with open(sp, "w") as f:  # this version's settings: resumed
+        json.dump(st, f)
+    preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        man = json.load(f)
+    assert man["resampling"] == "bspline-sitk"
+    with open(path, "w") as f:  # a complete pre-parity output: not extended
+        json.dump(dict(man, resampling="bspline"), f)
+    with pytest.raises(SystemExit, match="written with bspline resampling .*an older --preset=neurovfm.* bspline-sitk"):
+        preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")

@@ -204,7 +204,8 @@ def test_pixel_type_truncation_and_clamp_match_simpleitk(kind, tmp_path):
     """ITK keeps the input's pixel type: an unsigned MR volume's undershoot at the edge of the
     head is clamped to 0 (the 0.5th percentile of their MR clip is 0, not negative); int16 is
     truncated but not clamped; a NIfTI rescaled by scl_inter (and a float file) is float and not
-    truncated. nvfm follows when given the pixel type (itk_nifti_pixel_type of the header)."""
+    truncated. nvfm follows the pixel type (itk_nifti_pixel_type of the header), which
+    nifti_stack records (SliceStack.itk_pixel_type) as resampled_neurovfm's default."""
     dtype = {"uint16": np.uint16, "uint8": np.uint8}.get(kind, np.int16)
     arr = _mr_edge(dtype, 7)
     path = _write(str(tmp_path), "v.nii.gz", arr.astype(np.float32) if kind.startswith("float") else arr,
@@ -218,7 +219,9 @@ def test_pixel_type_truncation_and_clamp_match_simpleitk(kind, tmp_path):
     pt = V.itk_nifti_pixel_type(nib.load(path).header)
     assert pt == theirs.dtype.name  # the helper predicts SimpleITK's reader
     st = dicom.nifti_stack(str(tmp_path), "v.nii.gz")
+    assert st.itk_pixel_type == pt  # nifti_stack sets it from the header: the default below
     ours, _, _ = V.resampled_neurovfm(st, pixel_type=pt)
+    np.testing.assert_array_equal(V.resampled_neurovfm(st)[0], ours)
     exact = their_array(their_resample(path, cast=sitk.sitkFloat64)[0], z)
     assert exact.min() < -5  # the undershoot is there
     if theirs.dtype.kind in "iu":
@@ -230,7 +233,8 @@ def test_pixel_type_truncation_and_clamp_match_simpleitk(kind, tmp_path):
     lo_t, lo_o = (np.percentile(np.asarray(x[crop], np.float64), 0.5) for x in (theirs, ours))
     assert abs(lo_t - lo_o) <= 1e-3 * (800 - lo_t)  # their MR clip's lower end
     if kind.startswith("uint"):  # without the pixel type (int16-like rule): the undershoot stays
-        plain, _, _ = V.resampled_neurovfm(dicom.nifti_stack(str(tmp_path), "v.nii.gz"))
+        st.itk_pixel_type = None
+        plain, _, _ = V.resampled_neurovfm(st)
         assert plain.min() < -5 and theirs.min() == 0
 
 
@@ -252,6 +256,23 @@ def _read_series(d):
     r = sitk.ImageSeriesReader()
     r.SetFileNames(r.GetGDCMSeriesFileNames(d))
     return r.Execute()
+
+
+def their_dicom_resample(d):
+    """Their recipe on the DICOM series in folder d (ImageSeriesReader) -> (resampled image
+    before the crop, z_dim, ITK's interpolated values before the cast back to the pixel type
+    (float64, as their_array))."""
+    img = sitk.DICOMOrient(_read_series(d), "RPI")
+    z = their_z_dim(img)
+    target = [1.0, 1.0, 1.0]
+    target[z] = 4.0
+    f = sitk.ResampleImageFilter()
+    f.SetOutputSpacing(target)
+    f.SetSize([int(n * (s / t)) for n, s, t in zip(img.GetSize(), img.GetSpacing(), target)])
+    f.SetOutputOrigin(img.GetOrigin())
+    f.SetOutputDirection(img.GetDirection())
+    f.SetInterpolator(sitk.sitkBSpline)
+    return f.Execute(img), z, their_array(f.Execute(sitk.Cast(img, sitk.sitkFloat64)), z)
 
 
 def test_dicom_pixel_type_rule_matches_simpleitk(tmp_path):
@@ -278,25 +299,15 @@ def test_dicom_series_matches_simpleitk(name, tmp_path):
         geo = dict(ps=(1.2, 1.2), step=(0.0, 0.0, 6.0), modality="MR")
     d = str(tmp_path / "s")
     write_series(d, vol, **geo, **kw)
-    img = sitk.DICOMOrient(_read_series(d), "RPI")
-    z = their_z_dim(img)
-    target = [1.0, 1.0, 1.0]
-    target[z] = 4.0
-    f = sitk.ResampleImageFilter()
-    f.SetOutputSpacing(target)
-    f.SetSize([int(n * (s / t)) for n, s, t in zip(img.GetSize(), img.GetSpacing(), target)])
-    f.SetOutputOrigin(img.GetOrigin())
-    f.SetOutputDirection(img.GetDirection())
-    f.SetInterpolator(sitk.sitkBSpline)
-    out = f.Execute(img)
+    out, z, exact = their_dicom_resample(d)
     theirs, A_theirs = their_array(out, z), their_affine(out, z)
     groups, _ = dicom.group_series([dicom.scan_dicom(str(tmp_path), f"s/{n}") for n in sorted(os.listdir(d))])
     st = dicom.dicom_stack(str(tmp_path), groups[0]).check(3)
     pt = V.itk_dicom_pixel_type(bits, pr, slope, inter)
+    assert st.itk_pixel_type == pt  # dicom_stack sets it from the headers
     ours, A, _ = V.resampled_neurovfm(st, pixel_type=pt)
     assert ours.shape == theirs.shape
     np.testing.assert_allclose(A, A_theirs, rtol=0, atol=1e-4)
-    exact = their_array(f.Execute(sitk.Cast(img, sitk.sitkFloat64)), z)
     info = np.iinfo(theirs.dtype)
     diff = _compare(theirs, ours, True, np.clip(exact, info.min, info.max))
     if name.startswith("mr"):
@@ -346,3 +357,61 @@ def test_preprocess_neurovfm_shard_matches_simpleitk(tmp_path):
         want = (np.clip(crop, lo, hi) - lo) / (hi - lo + 1e-8)
         got = r.window_float(0, name)[V.neurovfm_crop(vals.shape)]
         assert np.abs(got - want).max() <= 1.0 / W + 1e-6  # one HU at a truncation tie
+
+
+def _their_mr_scaling(crop):
+    """Their MR intensity scaling of the centre crop: clip to the 0.5 / 99.5th percentiles,
+    then min-max (+ 1e-8) -> (scaled, (lo, hi))."""
+    x = np.asarray(crop, np.float64)
+    lo, hi = np.percentile(x, V.MR_PERCENTILES[0]), np.percentile(x, V.MR_PERCENTILES[1])
+    c = np.clip(x, lo, hi)
+    return (c - c.min()) / (c.max() - c.min() + 1e-8), (lo, hi)
+
+
+@pytest.mark.parametrize("kind", ["nifti_uint16", "dicom_u12"])
+def test_preprocess_neurovfm_unsigned_mr_matches_simpleitk(kind, tmp_path):
+    """The full preprocess.py --preset=neurovfm path on an unsigned MR input (a uint16 NIfTI;
+    an unsigned 12-bit DICOM series, read by GDCM as uint16): the reader records the pixel
+    type SimpleITK reads (SliceStack.itk_pixel_type), so the B-spline undershoot at the edge
+    of the head is clamped to 0 as in theirs. The shard's values block is their resampled
+    array, its MR clip their 0.5 / 99.5th percentiles and its float MR window their scaling
+    (without the pixel type the undershoot stays negative: values differ by > 5 and the clip's
+    lower end moves)."""
+    import preprocess
+    from nvfm.data import ShardReader
+    root = tmp_path / "in"
+    arr = _mr_edge(np.uint16, 11)  # (x, y, z) = (53, 53, 7), 1.2 x 1.2 x 6 mm
+    if kind.startswith("nifti"):
+        root.mkdir()
+        path = _write(str(root), "mr.nii.gz", arr, (1.2, 1.2, 6.0), np.eye(3), (0.0, 0.0, 0.0))
+        img, z = their_resample(path)
+        exact = their_array(their_resample(path, cast=sitk.sitkFloat64)[0], z)
+    else:
+        from dicom_synth import write_series
+        kw, bits, pr, slope, inter = DICOM_TYPES["mr_u12"]
+        d = str(root / "study" / "s")
+        write_series(d, arr.transpose(2, 1, 0).astype(np.float64), ps=(1.2, 1.2), step=(0.0, 0.0, 6.0),
+                     modality="MR", **kw)
+        img, z, exact = their_dicom_resample(d)
+    theirs, A_theirs = their_array(img, z), their_affine(img, z)
+    assert theirs.dtype == np.uint16 and exact.min() < -5 and theirs.min() == 0  # their clamp bites
+    out = str(tmp_path / "shards")
+    man = preprocess.run(str(root), out, n_workers=0, cfg_min_fg=-1.0, cfg_progress=False, cfg_preset="neurovfm")
+    assert man["preset"] == "neurovfm" and man["resampling"] == "bspline-sitk"
+    r = ShardReader(out)
+    assert len(r) == 1 and r.volumes[0]["modality"] == "MR"
+    vals = np.asarray(r.values(0))
+    assert vals.shape == theirs.shape
+    np.testing.assert_allclose(r.volumes[0]["affine"], A_theirs, rtol=0, atol=1e-4)
+    diff = _compare(theirs, vals, True, np.clip(exact, 0, 65535))
+    assert vals.min() == 0
+    crop = V.neurovfm_crop(vals.shape)
+    cropped = their_array(their_crop(img, z), z)
+    np.testing.assert_array_equal(cropped, theirs[crop])
+    want, (lo, hi) = _their_mr_scaling(cropped)
+    assert lo == 0.0
+    np.testing.assert_allclose(r.volumes[0]["clip"], [lo, hi], rtol=0, atol=1.0)  # one level at a truncation tie
+    got = r.window_float(0, "mr")[crop]
+    wdiff = float(np.abs(got - want).max())
+    assert wdiff <= 1.0 / (hi - lo) + 1e-6, wdiff
+    print(f"preprocess {kind}: max|diff| values {diff:.3g}, MR window {wdiff:.3g}")
