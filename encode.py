@@ -49,6 +49,7 @@ configure(globals())
 
 from nvfm import features, model, official  # noqa: E402
 from nvfm.data import ShardReader  # noqa: E402
+from nvfm.volume import RESAMPLING  # noqa: E402
 
 # full_precision: the authors' float [0, 1] windows where the shards store the resampled values
 PRESETS = {"nvfm": dict(min_fg_fraction=0.5, crop="pad", full_precision=False),
@@ -83,9 +84,10 @@ def main():
     with open(os.path.join(shards, "manifest.json")) as f:
         shard_man = json.load(f)
     shard_preset = shard_man.get("preset", "nvfm")
-    if shard_preset == "neurovfm" and shard_man.get("resampling", "tent") != "bspline":
-        print(f"encode: note: {shards} was written by an older --preset=neurovfm (tent resampling, not the "
-              "authors' B-spline): rerun preprocess.py into a new --output for their resampling")
+    if shard_preset == "neurovfm" and shard_man.get("resampling", "tent") != RESAMPLING["neurovfm"]:
+        print(f"encode: note: {shards} was written by an older --preset=neurovfm ({shard_man.get('resampling', 'tent')} "
+              f"resampling, not {RESAMPLING['neurovfm']}: the authors' SimpleITK B-spline): rerun preprocess.py "
+              "into a new --output for their resampling")
     use = preset or shard_preset
     if use not in PRESETS:
         fail(f"--preset={use!r}: choose one of {sorted(PRESETS)}")

@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 from nvfm import data as shards
 from nvfm import dicom
-from nvfm.volume import process_stack, process_stack_neurovfm
+from nvfm.volume import RESAMPLING, process_stack, process_stack_neurovfm
 
 # -----------------------------------------------------------------------------
 input = ""  # input root (PACS export: folders of DICOM files and/or NIfTI files)
@@ -95,14 +95,6 @@ SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
 # voxel rules per --preset (nvfm/volume.py) and the token rule each defaults to; recorded as
 # manifest["preset"] (absent in older manifests: "nvfm") so encode.py can check it
 PRESETS = {"nvfm": (process_stack, 0.5), "neurovfm": (process_stack_neurovfm, 1.0)}
-# how each preset resamples, recorded as manifest["resampling"] for presets other than nvfm
-# and in parts/settings.json (an output written with another value is neither resumed nor
-# extended). Absent: "tent", all nvfm manifests and neurovfm ones written before its B-spline
-# resampling; "bspline": neurovfm before SimpleITK parity (a sagittal series in RIP array
-# order, truncation decided from the values, an unsigned MR undershoot not clamped to 0);
-# "bspline-sitk": their array order and SimpleITK's pixel-type truncation / clamp
-# (SliceStack.itk_pixel_type, tests/test_sitk_parity.py)
-RESAMPLING = {"nvfm": "tent", "neurovfm": "bspline-sitk"}
 
 
 def hash_split(study_key):

@@ -54,6 +54,15 @@ import torch
 from nvfm import ops
 from nvfm.dicom import SeriesError, LPS_TO_RAS
 
+# how each preset resamples, recorded as manifest["resampling"] for presets other than nvfm
+# and in parts/settings.json (an output written with another value is neither resumed nor
+# extended). Absent: "tent", all nvfm manifests and neurovfm ones written before its B-spline
+# resampling; "bspline": neurovfm before SimpleITK parity (a sagittal series in RIP array
+# order, truncation decided from the values, an unsigned MR undershoot not clamped to 0);
+# "bspline-sitk": their array order and SimpleITK's pixel-type truncation / clamp
+# (SliceStack.itk_pixel_type, tests/test_sitk_parity.py)
+RESAMPLING = {"nvfm": "tent", "neurovfm": "bspline-sitk"}
+
 ops.register("fill_holes_slices")  # C++ kernels of this module: csrc/volume.cpp
 ops.register("u16_histogram")
 ops.register("u16_lookup")
