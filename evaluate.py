@@ -262,18 +262,26 @@ def report_table(m):
     return "\n".join(lines)
 
 
-def plot(res, data):
-    """ROC curves (12 most frequent defined classes) with bootstrap 95% bands and the operating
-    point of each class's threshold, and the label-efficiency scatter. Returns the PNG paths."""
+def _curve_figure(res, data):
+    """(pyplot, figure, axes, class indices) for a per-class curve plot: the 12 most frequent
+    classes with a defined AUROC."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-    tag = res["display"]
-    y, lg, lab = data["y"], data["logits"], data["ck"]["label_names"]
+    y, lab = data["y"], data["ck"]["label_names"]
     fig, ax = plt.subplots(figsize=(6, 6))
     order = sorted([k for k in range(len(lab)) if res["per_class"][lab[k]]["auroc"] is not None],
                    key=lambda k: -y[:, k].sum())[:12]
+    return plt, fig, ax, order
+
+
+def plot(res, data):
+    """ROC curves (12 most frequent defined classes) with bootstrap 95% bands and the operating
+    point of each class's threshold, and the label-efficiency scatter. Returns the PNG paths."""
+    from sklearn.metrics import roc_curve
+    plt, fig, ax, order = _curve_figure(res, data)
+    tag = res["display"]
+    y, lg, lab = data["y"], data["logits"], data["ck"]["label_names"]
     for k in order:
         r = res["per_class"][lab[k]]
         fpr, tpr, _ = roc_curve(y[:, k], lg[:, k])
@@ -383,15 +391,10 @@ def merge_tables():
 
 def plot_pr(res, data):
     """PR curves (12 most frequent defined classes) with bootstrap 95% bands, prevalence lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve
+    plt, fig, ax, order = _curve_figure(res, data)
     tag = res["display"]
     y, lg, lab = data["y"], data["logits"], data["ck"]["label_names"]
-    fig, ax = plt.subplots(figsize=(6, 6))
-    order = sorted([k for k in range(len(lab)) if res["per_class"][lab[k]]["auroc"] is not None],
-                   key=lambda k: -y[:, k].sum())[:12]
     for k in order:
         r = res["per_class"][lab[k]]
         prec, rec, _ = precision_recall_curve(y[:, k], lg[:, k])
