@@ -68,8 +68,10 @@ def openbhb(root):
 ADNI_HEADER = ["RID", "PTID", "VISCODE", "EXAMDATE", "DX_bl", "DX", "AGE", "M"]
 
 
-def adni(root, dicom_subject=True):
-    """ADNIMERGE.csv + LONI download layout. Returns ({PTID: {task: label}}, {PTID: age})."""
+def adni(root, dicom_subject=True, n_more=0):
+    """ADNIMERGE.csv + LONI download layout; n_more further AD/CN subjects (alternating) and n_more
+    MCI subjects (converting at m12 or stable to m36, alternating), enough for the paper protocol.
+    Returns ({PTID: {task: label}}, {PTID: age})."""
     rows, expect, ages = [], {}, {}
 
     def subj(rid, ptid, dx_bl, visits, age, image_date="2006-01-10", series="MPRAGE", image=True, dicom_dir=False):
@@ -98,6 +100,15 @@ def adni(root, dicom_subject=True):
     subj(9, "009_S_0009", "AD", [("bl", 0, "Dementia")], 80.0, image=False)                  # no image
     subj(10, "009_S_0010", "CN", [("bl", 0, "CN")], 69.0, image_date="2007-06-01")           # image a year late
     subj(11, "011_S_0011", "AD", [("bl", 0, "Dementia")], 79.0, series="Field_Mapping")      # not a T1 series
+    for j in range(n_more):
+        ad, conv = j % 2 == 0, j % 2 == 1
+        ptid = f"{100 + j:03d}_S_{1000 + j:04d}"
+        subj(1000 + j, ptid, "AD" if ad else "CN", [("bl", 0, "Dementia" if ad else "CN")], 60.0 + j)
+        expect[ptid], ages[ptid] = {"dementia": int(ad)}, 60.0 + j
+        ptid = f"{200 + j:03d}_S_{2000 + j:04d}"
+        subj(2000 + j, ptid, "LMCI", [("bl", 0, "MCI"), ("m12", 12, "Dementia" if conv else "MCI"), ("m36", 36, "")
+                                      if conv else ("m36", 36, "MCI")], 65.0 + j)
+        expect[ptid], ages[ptid] = {"pmci": int(conv)}, 65.0 + j
     write_csv(os.path.join(root, "ADNIMERGE.csv"), ADNI_HEADER, rows)
     return expect, ages
 
@@ -151,16 +162,25 @@ def abide(root):
 RSNA_ORDER = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 
 
-def rsna(root):
+def rsna(root, n_more=0):
     """stage_2_train.csv + stage_2_train/ID_<hex>.dcm. Three studies (two of one patient), each a
-    8-slice series whose SOPInstanceUIDs are Kaggle's ID_<hex>. Returns ({StudyInstanceUID:
-    {class: label}}, {StudyInstanceUID: PatientID}, planted counts)."""
+    8-slice series whose SOPInstanceUIDs are Kaggle's ID_<hex>, plus n_more studies of one patient
+    each (every other one a bleed of one or two subtypes: enough for the paper protocol's test set
+    and 8 folds). Returns ({StudyInstanceUID: {class: label}}, {StudyInstanceUID: PatientID},
+    planted counts)."""
     img_dir = os.path.join(root, "stage_2_train")
     tmp = os.path.join(root, "_tmp")
     # per study: per slice the set of subtypes present
     plan = [("ID_aaa001", [set(), {"subdural"}, {"subdural", "subarachnoid"}] + [set()] * 8),
             ("ID_aaa001", [set()] * 8),
             ("ID_bbb002", [{"intraparenchymal"}, set(), {"intraventricular"}] + [set()] * 5)]
+    subtypes = RSNA_ORDER[:5]
+    for j in range(n_more):
+        bleed = [set()] * 8
+        if j % 2 == 0:
+            a, b = subtypes[j % 5], subtypes[(j // 2) % 5]
+            bleed = [set(), {a}, {a, b}] + [set()] * 5
+        plan.append((f"ID_c{j:04x}", bleed))
     rows, expect, patients, n = [], {}, {}, 0
     for s, (pid, slices) in enumerate(plan):
         uid, _, paths = write_series(os.path.join(tmp, str(s)), head_phantom((8, 48, 40), s), phi=False,
@@ -203,28 +223,34 @@ CQ500_COLS = ["ICH", "IPH", "IVH", "SDH", "EDH", "SAH", "BleedLocation-Left", "B
               "Fracture", "CalvarialFracture", "OtherFracture", "MassEffect", "MidlineShift"]
 
 
-def cq500(root):
-    """reads.csv (three readers) + "CQ500CT<n> CQ500CT<n>/Unknown Study/<series>/*.dcm".
-    Returns ({StudyInstanceUID: {column: majority}}, reads as {name: (3, 14) array})."""
+def cq500(root, n_more=0, shape=(3, 32, 32)):
+    """reads.csv (three readers) + "CQ500CT<n> CQ500CT<n>/Unknown Study/<series>/*.dcm", volumes of
+    `shape` (K, R, C), plus n_more studies whose readers agree on a bleed (three in four studies)
+    and its side (left or right). Returns ({StudyInstanceUID: {column: majority}}, reads
+    as {name: (3, 14) array})."""
     rng = np.random.default_rng(3)
     reads, rows, expect = {}, [], {}
-    for n in (0, 1, 2, 3):
+    for n in (0, 1, 2, 3, *range(10, 10 + n_more)):
         r = (rng.random((3, len(CQ500_COLS))) < 0.4).astype(int)
         if n == 1:
             r[:, 0] = [1, 1, 0]
             r[:, 6] = [1, 1, 0]
             r[:, 7] = [0, 0, 1]    # left by majority
+        if n >= 10:
+            j = n - 10
+            r[:, 0] = r[:, 1] = int(j % 4 != 3)
+            r[:, 6], r[:, 7] = int(j % 4 in (0, 2)), int(j % 4 == 1)
         name = f"CQ500-CT-{n}"
         reads[name] = r
         rows.append([name, "B1"] + [int(r[i, j]) for i in range(3) for j in range(len(CQ500_COLS))])
         if n != 3:   # CQ500-CT-3: read but not downloaded
             d = os.path.join(root, f"CQ500CT{n} CQ500CT{n}", "Unknown Study", "CT PLAIN THIN")
-            uid, _, _ = write_series(d, head_phantom((3, 32, 32), n), phi=False)
+            uid, _, _ = write_series(d, head_phantom(shape, n), phi=False)
             write_series(os.path.join(root, f"CQ500CT{n} CQ500CT{n}", "Unknown Study", "CT 0.625mm"),
-                         head_phantom((3, 32, 32), n + 10), study_uid=uid, phi=False)
+                         head_phantom(shape, n + 10), study_uid=uid, phi=False)
             expect[uid] = r
     d = os.path.join(root, "CQ500CT9 CQ500CT9", "Unknown Study", "CT 5mm")
-    write_series(d, head_phantom((3, 32, 32), 9), phi=False)                   # folder without a read
+    write_series(d, head_phantom(shape, 9), phi=False)                         # folder without a read
     header = ["name", "Category"] + [f"R{i}:{c}" for i in (1, 2, 3) for c in CQ500_COLS]
     write_csv(os.path.join(root, "reads.csv"), header, rows)
     return expect, reads

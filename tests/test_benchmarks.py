@@ -542,3 +542,97 @@ def test_bench_public_one_command_openbhb_to_the_table_resumed_with_another_enco
     r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny", "--names=other", f"--external_from={b}"],
              tmp_path)
     assert r.returncode == 1 and "--external_from: no probe" in r.stderr and "named other" in r.stderr
+
+
+# ----------------------------------------------------------------------------- full chains on the miniature copies
+
+CHAIN = ["--encoders=random:tiny", "--names=random_init", f"--salt={SALT}",
+         "--preprocess_args=--workers=1 --progress=False --log_paths=False",
+         "--probe_args=--steps=10 --eval_interval=5 --threads=1 --hidden=16",
+         "--evaluate_args=--n_boot=100 --threads=1"]
+
+
+def _chain(dataset, root, out, *extra):
+    """bench/bench_public.py on one miniature copy; returns (stdout, paper_table.md lines)."""
+    r = _run("bench/bench_public.py", [f"--dataset={dataset}", f"--root={root}", f"--out={out}", *CHAIN, *extra],
+             os.path.dirname(str(out)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(os.path.join(out, "paper_table.md")) as f:
+        return r.stdout, f.read().splitlines()
+
+
+def _row(table, name):
+    """The figure of the table row called name (first column)."""
+    hits = [ln.strip("| ").split(" | ") for ln in table if ln.startswith(f"| {name} |")]
+    assert len(hits) == 1, (name, table)
+    return hits[0][1]
+
+
+def _check_chain(out, task, stdout, n_tasks=1):
+    """Every stage ran, labels keyed like the shards, the paper protocol's 8-probe ensemble, plots."""
+    from nvfm.data import ShardReader
+    assert f"{5 + 2 * n_tasks - 1} stages run, 0 skipped" in stdout
+    keys = {r["study_key"] for r in _labels(os.path.join(out, f"labels_{task}.csv"))}
+    assert keys <= {v["study_key"] for v in ShardReader(os.path.join(out, "shards")).volumes}
+    ck = torch.load(os.path.join(out, "probes", "random_init", task, "probe.pt"), weights_only=True)
+    assert ck["protocol"] == "paper: 8-fold CV" and len(ck["models"]) == 8
+    assert set(ck["test_keys"]) <= keys and 0 < len(ck["test_keys"]) < len(keys)
+    ev = os.path.join(out, "eval", task, "random_init")
+    for f in ("roc_random_init.png", "pr_random_init.png"):
+        assert os.path.getsize(os.path.join(ev, f)) > 0
+    with open(os.path.join(ev, "metrics.json")) as f:
+        return json.load(f)["results"]["random_init"], ck
+
+
+def test_bench_public_rsna_miniature_to_the_table_with_pr_lift(tmp_path):
+    """RSNA-ICH: 17 studies as distributed (Kaggle's ID_<hex> files) through the whole chain."""
+    root = str(tmp_path / "rsna")
+    bench_fakes.rsna(root, n_more=14)
+    out = tmp_path / "b_rsna"
+    stdout, table = _chain("rsna", root, out, "--adapter_args=--workers=1")
+    res, ck = _check_chain(str(out), "ich", stdout)
+    assert ck["label_names"] == ["ich", "edh", "iph", "ivh", "sah", "sdh"] and ck["modality"] == "CT"
+    pc = res["per_class"]["ich"]
+    assert _row(table, "rsna: ich AUROC").startswith(f"{pc['auroc']:.3f}")
+    lift = float(_row(table, "rsna: ich PR lift").split()[0])   # AUPRC / prevalence
+    n_test = len(ck["test_keys"])
+    assert 0 < lift <= n_test and lift == pytest.approx(pc["pr_lift"], abs=0.01)
+    assert res["n_studies"] == len(ck["test_keys"])
+    assert "ID_aaa001" not in "\n".join(table) and "ID_c0000" not in "\n".join(table)
+
+
+def test_bench_public_cq500_miniature_to_the_table_with_side_accuracy(tmp_path):
+    """CQ500: 17 read studies of 8 slices (two series each) through the whole chain: the
+    laterality row (side accuracy given detection) reaches the table."""
+    root = str(tmp_path / "cq500")
+    expect, _ = bench_fakes.cq500(root, n_more=14, shape=(8, 48, 40))
+    out = tmp_path / "b_cq500"
+    stdout, table = _chain("cq500", root, out)
+    res, ck = _check_chain(str(out), "ich", stdout)
+    assert ck["label_names"] == list(B.CQ500_READS.values()) and len(_labels(out / "labels_ich.csv")) == len(expect)
+    lat = res["laterality"]   # the detected one-sided bleeds of the test set (a random encoder may detect none)
+    assert lat["n_positive"] >= 1 and lat["n"] <= lat["n_detected"] <= lat["n_positive"]
+    side = _row(table, "cq500: side accuracy given detection")
+    assert side.startswith(f"{lat['accuracy']:.3f}") if lat["n"] else side
+    assert any(ln.startswith("| cq500: ") and " PR lift |" in ln for ln in table)
+
+
+def test_bench_public_adni_then_oasis1_external_transfer(tmp_path):
+    """ADNI (dementia and pmci probes under the paper protocol), then its dementia probe applied
+    unchanged to OASIS-1 (CDR >= 1 vs 0): no probe trained there, every labelled study scored."""
+    adni_root, oasis_root = str(tmp_path / "adni"), str(tmp_path / "oasis")
+    bench_fakes.adni(adni_root, n_more=8)
+    oasis_expect, _ = bench_fakes.oasis1(oasis_root)
+    src = tmp_path / "adni_run"
+    stdout, table = _chain("adni", adni_root, src)
+    res, ck = _check_chain(str(src), "dementia", stdout, n_tasks=2)
+    assert "| adni: pmci AUROC |" in "\n".join(table) and "| adni: dementia PR lift |" in "\n".join(table)
+    out = tmp_path / "b_oasis1"
+    stdout, table = _chain("oasis1", oasis_root, out, f"--external_from={src}", "--external_task=dementia")
+    assert not [ln for ln in stdout.splitlines() if ln.startswith("[probe/")]   # nothing trained here
+    assert "5 stages run, 0 skipped" in stdout   # adapter, preprocess, encode, evaluate, table
+    with open(out / "eval" / "dementia" / "random_init" / "metrics.json") as f:
+        ext = json.load(f)["results"]["random_init"]
+    assert ext["external"] and ext["n_studies"] == len(oasis_expect)
+    auc = ext["per_class"]["dementia"]["auroc"]
+    assert _row(table, "oasis1 <- adni_run: dementia AUROC (external)").startswith(f"{auc:.3f}")
