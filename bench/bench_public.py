@@ -22,9 +22,9 @@ baseline, e.g. random:base). Column names: --names, else the file's name without
 the directory's name, or random_<size>.
 External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is trained here; the
 probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
-applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 dementia;
+applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 or AIBL dementia;
 their rows read "<dataset> <- <OTHER_OUT's folder name>: ... (external)".
-Grounding sets (brats21, atlas2) are scored this way too (the pointing game against their
+Grounding sets (brats21, atlas2, msseg16) are scored this way too (the pointing game against their
 masks), with a probe of the class trained elsewhere (--external_task names its task folder).
 Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded and is
 skipped when that record matches (same arguments, salt, encoder file) and its output is there
@@ -48,7 +48,7 @@ from nvfm import dicom  # noqa: E402
 from nvfm.configurator import configure, fail  # noqa: E402
 
 # -----------------------------------------------------------------------------
-dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500 | brats21 | atlas2
+dataset = ""             # openbhb | adni | aibl | oasis1 | abide | rsna | cq500 | brats21 | atlas2 | msseg16
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder ("" = bench/<dataset>)
 encoders = "random:base"  # comma-separated: nvfm .safetensors | the authors' released dir | random:<size>
@@ -65,8 +65,8 @@ python = sys.executable  # the interpreter that runs the stage scripts
 dry_run = False          # print the commands (and which stages would be skipped), run nothing
 # -----------------------------------------------------------------------------
 
-ADAPTED = ("openbhb", "adni", "oasis1", "abide", "rsna", "cq500", "brats21", "atlas2")
-GROUNDING = ("brats21", "atlas2")
+ADAPTED = ("openbhb", "adni", "aibl", "oasis1", "abide", "rsna", "cq500", "brats21", "atlas2", "msseg16")
+GROUNDING = ("brats21", "atlas2", "msseg16")
 
 
 def encoder_name(enc):

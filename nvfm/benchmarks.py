@@ -39,6 +39,9 @@ and everything derived from it, check them before sharing figures or outputs):
 - openbhb  OpenBHB (Dufumier et al., NeuroImage 2022): participants.tsv, T1w NIfTI. Task age.
 - adni     ADNI (adni.loni.usc.edu): ADNIMERGE.csv + the NIfTI/DICOM download. Tasks
            dementia (AD vs CN), pmci (pMCI vs sMCI). ADNI Data Use Agreement (no redistribution).
+- aibl     AIBL (Ellis et al., Int Psychogeriatr 2009): aibl_pdxconv_*.csv + the LONI collection csv +
+           the NIfTI/DICOM download. Task dementia (AD vs CN at baseline), the ADNI probe's
+           external test. AIBL data use agreement (no redistribution).
 - oasis1   OASIS-1 cross-sectional (Marcus et al., J Cogn Neurosci 2007): oasis_cross-sectional.csv
            + disc folders (Analyze). Task dementia (CDR >= 1 vs 0). OASIS Data Use Agreement.
 - abide    ABIDE I (Di Martino et al., Mol Psychiatry 2014): phenotypic csv + anatomical NIfTI.
@@ -49,9 +52,9 @@ and everything derived from it, check them before sharing figures or outputs):
 - cq500    CQ500 (Chilamkurthy et al., Lancet 2018): reads.csv + the study folders. Task ich
            (ICH, subtypes, bleed sides, fractures, mass effect, midline shift; majority of three
            readers). CC BY-NC-SA 4.0.
-- brats21, atlas2  grounding sets (BraTS 2021 tumour, ATLAS v2.0 stroke): lesion masks for the
-           pointing game (findings.jsonl + masks/); see their docstrings. An MS lesion set is not
-           adapted yet.
+- brats21, atlas2, msseg16  grounding sets (BraTS 2021 tumour, ATLAS v2.0 stroke, MSSEG-2016
+           multiple sclerosis): lesion masks for the pointing game (findings.jsonl + masks/); see
+           their docstrings.
 """
 import csv
 import json
@@ -64,7 +67,7 @@ from datetime import date
 from nvfm import dicom
 
 # ----------------------------------------------------------------------------- CLI settings
-dataset = ""             # openbhb | adni | oasis1 | abide | rsna | cq500 | brats21 | atlas2
+dataset = ""             # openbhb | adni | aibl | oasis1 | abide | rsna | cq500 | brats21 | atlas2 | msseg16
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder (labels_<task>.csv, images/, adapter_report.json)
 salt = ""                # "" -> $NVFM_SALT -> dicom.DEFAULT_SALT; must equal preprocess.py's
@@ -74,7 +77,8 @@ labels_file = ""         # the label file, when not at its distributed name unde
 adni_horizon_months = 36  # pMCI: dementia by this visit; sMCI: followed this long without it
 adni_max_days = 90       # a baseline image must be this close to the baseline exam date
 adni_series = r"mprage|mp-rage|ir-spgr|ir-fspgr|t1"  # regex (case-insensitive) on ADNI series folders
-grounding_class = ""     # brats21 / atlas2: the probe class the lesions belong to ("" = glioma / chronic_ischemic_stroke)
+grounding_class = ""     # brats21 / atlas2 / msseg16: the lesions' probe class ("" = glioma / chronic_ischemic_stroke /
+#                          multiple_sclerosis)
 # -----------------------------------------------------------------------------
 
 
@@ -509,6 +513,127 @@ def oasis1(root_dir, labels_path=""):
     return studies, tally, {"dementia": ["dementia"]}
 
 
+# ----------------------------------------------------------------------------- AIBL
+
+AIBL_DX = {"1": "CN", "2": "MCI", "3": "AD"}   # aibl_pdxconv DXCURREN codes; -4 (and empty): missing
+
+
+def _aibl_collection(root_dir):
+    """The LONI IDA collection csv(s) under ROOT (any *.csv with columns Image Data ID, Subject,
+    Visit): {image id digits: (subject, visit, age or None)}."""
+    found, links = [], {}
+    for d, dirs, files in os.walk(root_dir, followlinks=True):
+        dirs.sort()
+        for f in sorted(files):
+            if not f.lower().endswith(".csv"):
+                continue
+            p = os.path.join(d, f)
+            with open(p, newline="", encoding="utf-8-sig") as fh:
+                head = [h.strip() for h in next(csv.reader(fh), [])]
+            if {"Image Data ID", "Subject", "Visit"} <= set(head):
+                found.append(p)
+    if not found:
+        raise BenchmarkError(f"{root_dir}: no LONI collection csv (columns Image Data ID, Subject, Visit) for the "
+                             "AIBL images")
+    for p in found:
+        rows, cols = _read_table(p, ["Image Data ID", "Subject", "Visit"])
+        for r in rows:
+            m = re.fullmatch(r"I?(\d+)", r["Image Data ID"].strip())
+            if not m:
+                raise BenchmarkError(f"{p}:{r['_line']}: Image Data ID must be I<digits>, got a malformed value")
+            age = _number(r["Age"], p, r["_line"], "Age") if r.get("Age") else None
+            links[m.group(1)] = (r["Subject"].strip(), r["Visit"].strip().lower(), age)
+    return links
+
+
+def _aibl_images(root_dir, series_regex):
+    """({image id digits: path}, folders of other series): AIBL/<subject>/<series>/<date_time>/<I id>/
+    (*.nii | *.nii.gz | *.dcm), the series description matching series_regex."""
+    rx = re.compile(series_regex, re.I)
+    out, other = {}, 0
+    for d, dirs, files in os.walk(root_dir, followlinks=True):
+        dirs.sort()
+        rel = os.path.relpath(d, root_dir).replace(os.sep, "/")
+        m = re.search(r"(?:^|/)AIBL/(\d+)/([^/]+)/\d{4}-\d{2}-\d{2}_[^/]*/I?(\d+)$", rel)
+        if not m:
+            continue
+        nii = sorted(f for f in files if f.lower().endswith((".nii", ".nii.gz")))
+        has_dcm = any(f.lower().endswith(".dcm") for f in files)
+        if not rx.search(m.group(2)):
+            other += bool(nii or has_dcm)
+            continue
+        if nii:
+            out[m.group(3)] = os.path.join(d, nii[0])
+        elif has_dcm:
+            out[m.group(3)] = d
+    return out, other
+
+
+def aibl(root_dir, labels_path="", series_regex=adni_series):
+    """AIBL (the Australian Imaging, Biomarker & Lifestyle study of ageing; Ellis et al., Int
+    Psychogeriatr 2009; distributed through ADNI's LONI IDA, aibl.csiro.au; AIBL data use
+    agreement: no redistribution, acknowledge AIBL as it asks): dementia (AD vs CN at the
+    baseline visit), the external test of the ADNI dementia probe (the paper applies the
+    ADNI-trained classifier unchanged: --external_from=<ADNI run> --external_task=dementia).
+
+    Layout assumed (the IDA download as distributed; we have no copy to check it against):
+    - the clinical csv aibl_pdxconv_<date>.csv anywhere under ROOT (or --labels_file): columns RID,
+      VISCODE, DXCURREN (1 = CN, 2 = MCI, 3 = AD; -4 = missing);
+    - the LONI collection csv of the download (any *.csv under ROOT with columns Image Data ID,
+      Subject, Visit; optional Age): links each image id to its subject (= RID) and visit (bl,
+      m18, ...; "baseline" read as bl);
+    - the images: ROOT/.../AIBL/<RID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/
+      (NIfTI, or one DICOM series per image id), the series matching adni_series (T1/MPRAGE).
+    Labels: from the VISCODE bl row: DXCURREN 3 -> dementia 1, 1 -> 0; 2 (MCI) and missing are
+    left out, counted. Image: a T1 image whose collection row names the subject and visit bl (the
+    lowest image id when several). Age: the collection csv's Age at that image, when given.
+    Follow-up rows are counted and not used. Returns (studies, tally, columns)."""
+    path = labels_path
+    if not path:
+        hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir, followlinks=True) for f in fs
+                      if re.fullmatch(r"aibl_pdxconv.*\.csv", f, re.I))
+        if not hits:
+            raise BenchmarkError(f"{root_dir}: no aibl_pdxconv_*.csv (the AIBL diagnosis file; or --labels_file)")
+        path = hits[-1]
+    rows, _ = _read_table(path, ["RID", "VISCODE", "DXCURREN"])
+    links = _aibl_collection(root_dir)
+    images, other_series = _aibl_images(root_dir, series_regex)
+    baseline = {}   # RID -> [image ids] of T1 images at bl
+    for iid in sorted(images, key=int):
+        if iid in links and links[iid][1] in ("bl", "baseline"):
+            baseline.setdefault(links[iid][0], []).append(iid)
+    tally, studies, seen, used = Tally(rows=len(rows)), [], {}, set()
+    for r in rows:
+        if r["VISCODE"].strip().lower() != "bl":
+            tally["follow-up rows (not used)"] += 1
+            continue
+        rid = r["RID"].strip()
+        if rid in seen:
+            raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject (a second baseline row; first at line "
+                                 f"{seen[rid]})")
+        seen[rid] = r["_line"]
+        dx = AIBL_DX.get(r["DXCURREN"].strip())
+        if dx is None:
+            tally["baseline rows without a diagnosis (left out)"] += 1
+            continue
+        if dx == "MCI":
+            tally["baseline MCI (left out)"] += 1
+            continue
+        if rid not in baseline:
+            tally["baseline rows without a baseline T1 image (left out)"] += 1
+            continue
+        iid = baseline[rid][0]
+        used.add(iid)
+        st = Study(f"aibl:{rid}", rid, "MR", image=images[iid], age=links[iid][2])
+        st.tasks["dementia"] = {"dementia": int(dx == "AD")}
+        studies.append(st)
+        tally["baseline rows labelled"] += 1
+    tally["T1 images not used (other visits or subjects)"] = len(images) - len(used)
+    tally["T1 images without a collection row (not used)"] = sum(iid not in links for iid in images)
+    tally["image folders of other series (not matching adni_series)"] = other_series
+    return studies, tally, {"dementia": ["dementia"]}
+
+
 # ----------------------------------------------------------------------------- ABIDE
 
 
@@ -788,8 +913,51 @@ def atlas2(root_dir, labels_path="", cls="chronic_ischemic_stroke"):
                       r"(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_space-[^_]+_label-L_desc-T1lesion_mask\.nii(?:\.gz)?", cls)
 
 
-ADAPTERS = {"openbhb": openbhb, "adni": adni, "oasis1": oasis1, "abide": abide, "rsna": rsna, "cq500": cq500,
-            "brats21": brats21, "atlas2": atlas2}
+
+def msseg16(root_dir, labels_path="", cls="multiple_sclerosis"):
+    """MSSEG-2016 (the MICCAI 2016 MS lesion segmentation challenge; Commowick et al., Sci Rep
+    2018; distributed through the Shanoir / FLI-IAM platform under its data use agreement: research
+    only, no redistribution, cite the paper): the pointing game of a multiple sclerosis probe
+    against the consensus of seven experts' lesion masks.
+
+    Layout: ROOT/.../Center_<cc>/Patient_<pp>/ with Preprocessed_Data/FLAIR_preprocessed.nii.gz
+    (else Raw_Data/FLAIR.nii.gz) and Masks/Consensus.nii.gz (the expert masks
+    ManualSegmentation_<k> are not used). The consensus is on the preprocessed FLAIR's grid; a
+    patient with only the raw FLAIR is staged with it, the mask assumed on its grid (check your
+    copy). Each patient is one study
+    (FLAIR), the consensus its lesion mask; labels as brats21 (column `cls`, all 1). Patients
+    without a consensus (the test release) are counted and left out. Returns (studies, tally,
+    columns)."""
+    imgs, masks = {}, {}
+    for rel in _walk_images(root_dir):
+        m = re.search(r"(?:^|/)(Center_\d+/Patient_\d+)/(Preprocessed_Data/FLAIR_preprocessed|Raw_Data/FLAIR|"
+                      r"Masks/Consensus)\.nii(?:\.gz)?$", rel.replace(os.sep, "/"))
+        if not m:
+            continue
+        sid, what = m.group(1), m.group(2)
+        if what == "Masks/Consensus":
+            masks[sid] = os.path.join(root_dir, rel)
+        elif what.startswith("Preprocessed") or sid not in imgs:
+            imgs[sid] = os.path.join(root_dir, rel)
+    if not imgs:
+        raise BenchmarkError(f"{root_dir}: no MSSEG-2016 FLAIR found (expected Center_<cc>/Patient_<pp>/"
+                             "Preprocessed_Data/FLAIR_preprocessed.nii.gz)")
+    tally, studies = Tally(rows=len(set(imgs) | set(masks))), []
+    for sid in sorted(set(imgs) | set(masks)):
+        if sid not in masks or sid not in imgs:
+            tally["subjects with an image but no mask (left out)" if sid in imgs else
+                  "subjects with a mask but no image (left out)"] += 1
+            continue
+        st = Study(f"msseg16:{sid}", sid, "MR", image=imgs[sid])
+        st.mask = masks[sid]
+        st.tasks["grounding"] = {cls: 1}
+        studies.append(st)
+        tally["subjects labelled"] += 1
+    return studies, tally, {"grounding": [cls]}
+
+
+ADAPTERS = {"openbhb": openbhb, "adni": adni, "aibl": aibl, "oasis1": oasis1, "abide": abide, "rsna": rsna,
+            "cq500": cq500, "brats21": brats21, "atlas2": atlas2, "msseg16": msseg16}
 
 
 def run(name, root_dir, out_dir, salt_value="", how="symlink", labels_path="", **options):
@@ -817,8 +985,8 @@ def main():
     from nvfm.configurator import configure, fail
     configure(globals())
     opts = {"adni": dict(horizon=adni_horizon_months, max_days=adni_max_days, series_regex=adni_series),
-            "rsna": dict(n_workers=workers)}.get(dataset, {})
-    if dataset in ("brats21", "atlas2") and grounding_class:
+            "aibl": dict(series_regex=adni_series), "rsna": dict(n_workers=workers)}.get(dataset, {})
+    if dataset in ("brats21", "atlas2", "msseg16") and grounding_class:
         opts = dict(cls=grounding_class)
     try:
         rep = run(dataset, root, out or f"bench/{dataset}", salt, link, labels_file, **opts)

@@ -113,6 +113,47 @@ def adni(root, dicom_subject=True, n_more=0):
     return expect, ages
 
 
+# ----------------------------------------------------------------------------- AIBL
+
+COLLECTION_HEADER = ["Image Data ID", "Subject", "Group", "Sex", "Age", "Visit", "Modality", "Description", "Type",
+                     "Acq Date", "Format", "Downloaded"]
+
+
+def aibl(root):
+    """aibl_pdxconv_*.csv + the LONI collection csv + AIBL/<RID>/<series>/<date>/I<id>/ images.
+    Returns ({RID: dementia label}, {RID: age})."""
+    pdx, coll, expect, ages = [], [], {}, {}
+
+    def subj(rid, dx, visits=("bl",), image_visits=("bl",), series="MPRAGE", dicom_dir=False, age=70.0):
+        for v in visits:
+            pdx.append([rid, 1, v, dx if v == "bl" else 3])
+        for k, v in enumerate(image_visits):
+            iid = 90000 + 10 * rid + k
+            when = "2008-03-04" if v == "bl" else "2009-09-04"
+            d = os.path.join(root, "AIBL", str(rid), series, f"{when}_11_22_33.0", f"I{iid}")
+            if dicom_dir:
+                write_series(d, head_phantom(SHAPE, rid), modality="MR", intercept=0.0, phi=False, shuffle=False)
+            else:
+                write_nifti(os.path.join(d, f"AIBL_{rid}_MR_{series}_br_raw_{when.replace('-', '')}_S1_I{iid}.nii"),
+                            seed=rid % 7)
+            coll.append([f"I{iid}", str(rid), "", "F", age, v, "MRI", series, "Original", when, "NiFTI", ""])
+    for i, rid in enumerate((4, 8, 15)):
+        subj(rid, 3, visits=("bl", "m18"), age=75.0 + i)
+        expect[str(rid)], ages[str(rid)] = 1, 75.0 + i
+    for i, rid in enumerate((16, 23, 42)):
+        subj(rid, 1, age=65.0 + i, dicom_dir=rid == 23)
+        expect[str(rid)], ages[str(rid)] = 0, 65.0 + i
+    subj(50, 2)                                              # MCI: left out
+    subj(51, -4)                                             # no diagnosis: left out
+    subj(52, 3, image_visits=())                             # no image
+    subj(53, 1, visits=("bl", "m18"), image_visits=("m18",))  # only a follow-up image
+    subj(54, 3, series="Field_Mapping")                      # not a T1 series
+    write_csv(os.path.join(root, "Data_extract_3.3.0", "aibl_pdxconv_01-Jun-2018.csv"),
+              ["RID", "SITEID", "VISCODE", "DXCURREN"], pdx)
+    write_csv(os.path.join(root, "AIBL_T1_baseline_6_01_2026.csv"), COLLECTION_HEADER, coll)
+    return expect, ages
+
+
 # ----------------------------------------------------------------------------- OASIS-1
 
 OASIS_HEADER = ["ID", "M/F", "Hand", "Age", "Educ", "SES", "MMSE", "CDR", "eTIV", "nWBV", "ASF", "Delay"]
@@ -287,3 +328,24 @@ def atlas2(root):
                      os.path.join(d, f"sub-{sid}_ses-1_space-MNI152NLin2009aSym_label-L_desc-T1lesion_mask.nii.gz"))
             out.append(f"sub-{sid}")
     return out
+
+
+
+def msseg16(root):
+    """MSSEG-2016 Center_<cc>/Patient_<pp>/{Preprocessed_Data,Raw_Data,Masks}; one patient without
+    a consensus, one with only the raw FLAIR. Returns {Center/Patient: consensus voxels}."""
+    masks = {}
+    for i, (c, p) in enumerate(((1, 1), (1, 2), (3, 1), (7, 4))):
+        d = os.path.join(root, "Training", f"Center_{c:02d}", f"Patient_{p:02d}")
+        if (c, p) != (3, 1):
+            write_nifti(os.path.join(d, "Preprocessed_Data", "FLAIR_preprocessed.nii.gz"), seed=i)
+            write_nifti(os.path.join(d, "Preprocessed_Data", "T1_preprocessed.nii.gz"), seed=i + 10)
+        write_nifti(os.path.join(d, "Raw_Data", "FLAIR.nii.gz"), seed=i + 20)
+        if (c, p) != (7, 4):
+            m = np.zeros(SHAPE[::-1], np.uint8)
+            m[20 + i:26 + i, 15:21, 4:7] = 1
+            os.makedirs(os.path.join(d, "Masks"), exist_ok=True)
+            for name in ("Consensus", "ManualSegmentation_1"):
+                nib.save(nib.Nifti1Image(m, np.diag([1.0, 1.0, 4.0, 1.0])), os.path.join(d, "Masks", f"{name}.nii.gz"))
+            masks[f"Center_{c:02d}/Patient_{p:02d}"] = m
+    return masks

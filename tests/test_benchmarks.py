@@ -339,6 +339,83 @@ def test_grounding_sets_masks_findings_preprocess_keys_and_pointing_game(tmp_pat
     assert rep["input"]["subjects with an image but no mask (left out)"] == 1
 
 
+def test_aibl_baseline_diagnosis_collection_links_and_counts(tmp_path):
+    root = str(tmp_path / "aibl_dl")
+    expect, ages = bench_fakes.aibl(root)
+    out = str(tmp_path / "out")
+    rep = B.run("aibl", root, out, SALT)
+    rows = _labels(os.path.join(out, "labels_dementia.csv"))
+    assert list(rows[0]) == ["study_key", "subject", "modality", "split", "age", "dementia"]
+    got = {}
+    for r in rows:
+        rid = next(s for s in expect if dicom.salted_hash(f"subject:aibl:{s}", SALT) == r["subject"])
+        got[rid] = int(r["dementia"])
+        assert float(r["age"]) == pytest.approx(ages[rid]) and r["modality"] == "MR"
+        folder = os.path.join(out, "images", dicom.salted_hash(f"study:aibl:{rid}", SALT))
+        if rid == "23":   # a DICOM download: keyed by its StudyInstanceUID, like preprocess
+            import pydicom
+            d = os.path.join(folder, "dicom")
+            uid = pydicom.dcmread(os.path.join(d, sorted(os.listdir(d))[0])).StudyInstanceUID
+            assert r["study_key"] == dicom.salted_hash(uid, SALT)
+        else:
+            assert r["study_key"] == dicom.salted_hash("nifti:" + os.path.basename(folder), SALT)
+            target = os.readlink(os.path.join(folder, "image.nii"))
+            assert f"/AIBL/{rid}/MPRAGE/2008-03-04_" in target   # the baseline image, not the m18 one
+    assert got == expect
+    _check_report_sums(rep, ["baseline rows labelled", "follow-up rows (not used)", "baseline MCI (left out)",
+                             "baseline rows without a diagnosis (left out)",
+                             "baseline rows without a baseline T1 image (left out)"])
+    inp = rep["input"]
+    assert inp["baseline rows without a baseline T1 image (left out)"] == 3   # none, only m18, a field map
+    assert inp["T1 images not used (other visits or subjects)"] == 3 and inp["T1 images without a collection row (not used)"] == 0
+    assert inp["image folders of other series (not matching adni_series)"] == 1
+    assert rep["tasks"]["dementia"]["positives"] == {"dementia": 3}
+    text = _all_output_text(out)
+    for s_ in ("I90", "2008-03", "AIBL_"):
+        assert s_ not in text
+    # bad inputs: no collection csv; a second baseline row
+    coll = os.path.join(root, "AIBL_T1_baseline_6_01_2026.csv")
+    os.rename(coll, coll + ".bak")
+    with pytest.raises(B.BenchmarkError, match="no LONI collection csv"):
+        B.run("aibl", root, out, SALT)
+    os.rename(coll + ".bak", coll)
+    with open(os.path.join(root, "Data_extract_3.3.0", "aibl_pdxconv_01-Jun-2018.csv"), "a") as f:
+        f.write("16,1,bl,1\n")
+    with pytest.raises(B.BenchmarkError, match=r"aibl_pdxconv_01-Jun-2018.csv:\d+: duplicate subject"):
+        B.run("aibl", root, out, SALT)
+
+
+def test_msseg16_consensus_masks_and_preprocess_keys(tmp_path):
+    import preprocess
+    masks = bench_fakes.msseg16(str(tmp_path / "msseg"))
+    out = str(tmp_path / "out")
+    rep = B.run("msseg16", str(tmp_path / "msseg"), out, SALT)
+    rows = _labels(os.path.join(out, "labels_grounding.csv"))
+    assert len(rows) == 3 and all(r["multiple_sclerosis"] == "1" for r in rows)
+    assert rep["input"] == {"rows": 4, "subjects labelled": 3, "subjects with an image but no mask (left out)": 1}
+    recs = [json.loads(x) for x in open(os.path.join(out, "findings.jsonl"))]
+    assert sorted(r["study_key"] for r in recs) == sorted(r["study_key"] for r in rows)
+    found = set()
+    for r in recs:
+        (les,) = r["lesions"]
+        assert les["diagnosis"] == "multiple_sclerosis"
+        m = np.asarray(nib.load(os.path.join(out, les["mask"])).dataobj)
+        hit = [sid for sid, mk in masks.items() if np.array_equal(mk, m)]
+        assert len(hit) == 1
+        found |= set(hit)
+        folder = _stage_folder_key(out, r["study_key"])
+        target = os.readlink(os.path.join(folder, "image.nii.gz"))
+        assert hit[0] in target and target.endswith("FLAIR_preprocessed.nii.gz" if hit[0] != "Center_03/Patient_01"
+                                                    else "Raw_Data/FLAIR.nii.gz")
+    assert found == set(masks)
+    man = preprocess.run(os.path.join(out, "images"), str(tmp_path / "shards"), n_workers=1, salt_value=SALT,
+                         cfg_progress=False, cfg_log_paths=False)
+    assert {v["study_key"] for v in man["volumes"]} == {r["study_key"] for r in rows}
+    assert "Center_" not in _all_output_text(out) and "Patient_" not in _all_output_text(out)
+    with pytest.raises(B.BenchmarkError, match="no MSSEG-2016 FLAIR found"):
+        B.run("msseg16", str(tmp_path / "shards"), str(tmp_path / "o2"), SALT)
+
+
 def test_cli_one_line_error_and_summary(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
     r = subprocess.run([sys.executable, "-m", "nvfm.benchmarks", "--dataset=cq500", f"--root={tmp_path}",
