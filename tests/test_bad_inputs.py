@@ -275,7 +275,9 @@ def test_live_merge_lock_is_respected_and_old_locks_are_stale(tmp_path):
 
 def test_ctrl_c_stops_cleanly_once_and_resumes(tmp_path):
     inp = tmp_path / "in"
-    for s in range(6):
+    # 12 studies: after the first one is committed, the rest take several seconds even on a loaded
+    # machine, so the interrupt lands mid-run (with 6, a stalled test process once saw the run end)
+    for s in range(12):
         write_series(str(inp / f"s{s}"), head_phantom((24, 128, 112), s), seed=s, ps=(0.5, 0.5), step=(0, 0, 2.0))
     out = tmp_path / "out"
     env = dict(os.environ, NVFM_QUIET="1", PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
