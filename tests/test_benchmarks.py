@@ -694,9 +694,10 @@ def test_bench_public_cq500_miniature_to_the_table_with_side_accuracy(tmp_path):
     assert any(ln.startswith("| cq500: ") and " PR lift |" in ln for ln in table)
 
 
-def test_bench_public_adni_then_oasis1_external_transfer(tmp_path):
+def test_bench_public_adni_then_oasis1_and_aibl_external_transfer(tmp_path):
     """ADNI (dementia and pmci probes under the paper protocol), then its dementia probe applied
-    unchanged to OASIS-1 (CDR >= 1 vs 0): no probe trained there, every labelled study scored."""
+    unchanged to OASIS-1 (CDR >= 1 vs 0) and AIBL (AD vs CN): no probe trained there, every
+    labelled study scored."""
     adni_root, oasis_root = str(tmp_path / "adni"), str(tmp_path / "oasis")
     bench_fakes.adni(adni_root, n_more=8)
     oasis_expect, _ = bench_fakes.oasis1(oasis_root)
@@ -713,3 +714,14 @@ def test_bench_public_adni_then_oasis1_external_transfer(tmp_path):
     assert ext["external"] and ext["n_studies"] == len(oasis_expect)
     auc = ext["per_class"]["dementia"]["auroc"]
     assert _row(table, "oasis1 <- adni_run: dementia AUROC (external)").startswith(f"{auc:.3f}")
+    # AIBL: the same probe, unchanged (its task is named dementia too: no --external_task needed)
+    aibl_root = str(tmp_path / "aibl")
+    aibl_expect, _ = bench_fakes.aibl(aibl_root)
+    out = tmp_path / "b_aibl"
+    stdout, table = _chain("aibl", aibl_root, out, f"--external_from={src}")
+    assert not [ln for ln in stdout.splitlines() if ln.startswith("[probe/")] and "5 stages run, 0 skipped" in stdout
+    with open(out / "eval" / "dementia" / "random_init" / "metrics.json") as f:
+        ext = json.load(f)["results"]["random_init"]
+    assert ext["external"] and ext["n_studies"] == len(aibl_expect) and ext["per_class"]["dementia"]["n_pos"] == 3
+    auc = ext["per_class"]["dementia"]["auroc"]
+    assert _row(table, "aibl <- adni_run: dementia AUROC (external)").startswith(f"{auc:.3f}")
