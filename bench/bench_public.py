@@ -18,8 +18,10 @@ Runs the documented chain as subprocesses of the stage scripts, for one dataset:
      one row per task and figure, one column per encoder.
 --encoders: comma-separated; each an nvfm .safetensors file, the authors' released directory
 (config.json + pytorch_model.bin, or a .bin/.pt state dict) or random:<size> (a random-init
-baseline, e.g. random:base). Column names: --names, else the file's name without extension,
-the directory's name, or random_<size>.
+baseline, e.g. random:base), optionally followed by encode.py settings for that encoder only
+(@key=value, e.g. random:base@seed=1,random:base@seed=2: two random-init baselines). Column
+names: --names, else the file's name without extension, the directory's name, or
+random_<size>, each with its settings appended (random_base_seed1).
 External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is trained here; the
 probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
 applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 or AIBL dementia;
@@ -37,6 +39,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -51,14 +54,15 @@ from nvfm.configurator import configure, fail  # noqa: E402
 dataset = ""             # openbhb | adni | aibl | oasis1 | abide | rsna | cq500 | brats21 | atlas2 | msseg16
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder ("" = bench/<dataset>)
-encoders = "random:base"  # comma-separated: nvfm .safetensors | the authors' released dir | random:<size>
+encoders = "random:base"  # comma-separated: nvfm .safetensors | the authors' released dir | random:<size>; @key=value:
+#                           encode.py settings for that encoder only (random:base@seed=1)
 names = ""               # comma-separated column names, one per encoder ("" = from the encoders)
 salt = ""                # "" -> $NVFM_SALT -> the public default (nvfm/dicom.py); adapter and preprocess share it
 external_from = ""       # another dataset's OUT: apply its probes here unchanged, no training (external transfer)
 external_task = ""       # task folder of those probes ("" = each labels file's task here)
 adapter_args = ""        # extra arguments for python -m nvfm.benchmarks (e.g. "--labels_file=... --workers=8")
 preprocess_args = ""     # extra arguments for preprocess.py (e.g. "--workers=8")
-encode_args = ""         # extra arguments for encode.py (e.g. "--device=cuda")
+encode_args = ""         # extra arguments for encode.py, every encoder (e.g. "--device=cuda")
 probe_args = ""          # extra arguments for train_probe.py (e.g. "--cv_grid=lr=1e-3,3e-4")
 evaluate_args = ""       # extra arguments for evaluate.py (e.g. "--n_boot=10000")
 python = sys.executable  # the interpreter that runs the stage scripts
@@ -69,13 +73,27 @@ ADAPTED = ("openbhb", "adni", "aibl", "oasis1", "abide", "rsna", "cq500", "brats
 GROUNDING = ("brats21", "atlas2", "msseg16")
 
 
-def encoder_name(enc):
+def split_encoder(spec):
+    """'random:tiny@seed=1' -> ('random:tiny', ['--seed=1']): encode.py arguments for this encoder
+    only (after --encode_args, so they win). A path that exists is never split."""
+    if os.path.exists(spec) or "@" not in spec:
+        return spec, []
+    base, *opts = spec.split("@")
+    bad = [o for o in opts if not re.fullmatch(r"[A-Za-z_]\w*=\S*", o)]
+    if bad or not base:
+        fail(f"--encoders: {spec!r}: per-encoder settings are @key=value (e.g. random:tiny@seed=1), got {bad or spec}")
+    return base, [f"--{o}" for o in opts]
+
+
+def encoder_name(spec):
+    enc, opts = split_encoder(spec)
+    suffix = "".join("_" + re.sub(r"[^A-Za-z0-9.]+", "", o.lstrip("-")) for o in opts)   # --seed=1 -> _seed1
     if enc.startswith("random:"):
-        return "random_" + enc.split(":", 1)[1]
+        return "random_" + enc.split(":", 1)[1] + suffix
     base = os.path.basename(os.path.normpath(enc))
     for ext in (".safetensors", ".bin", ".pt"):
         base = base.removesuffix(ext)
-    return base
+    return base + suffix
 
 
 def encoder_preset(enc):
@@ -157,13 +175,14 @@ def main():
         fail(f"--dataset={dataset!r}: one of {', '.join(ADAPTED)}")
     if not root or not os.path.isdir(root):
         fail(f"--root={root!r}: not a folder (your copy of the dataset, as distributed)")
-    encs = [e.strip() for e in encoders.split(",") if e.strip()]
-    if not encs:
+    specs = [e.strip() for e in encoders.split(",") if e.strip()]
+    if not specs:
         fail("--encoders: at least one encoder")
+    encs, enc_opts = zip(*[split_encoder(e) for e in specs])
     for e in encs:
         if not e.startswith("random:") and not os.path.exists(e):
             fail(f"--encoders: {e} not found")
-    enc_names = [n.strip() for n in names.split(",")] if names else [encoder_name(e) for e in encs]
+    enc_names = [n.strip() for n in names.split(",")] if names else [encoder_name(e) for e in specs]
     if len(enc_names) != len(encs) or len(set(enc_names)) != len(enc_names) or not all(enc_names):
         fail(f"--names: one distinct name per encoder (got {enc_names} for {len(encs)} encoders)")
     if dataset in GROUNDING and not external_from:
@@ -199,12 +218,12 @@ def main():
 
     # 3. encode, 4. probes, 5. evaluate per encoder
     metrics = []
-    for enc, name in zip(encs, enc_names):
+    for enc, opts, name in zip(encs, enc_opts, enc_names):
         preset = encoder_preset(enc)
         feat = os.path.join(o, "features", name)
         enc_arg = enc if enc.startswith("random:") else os.path.abspath(enc)
         run(f"encode/{name}", ["encode.py", f"--shards={shards[preset]}", f"--encoder={enc_arg}", f"--out={feat}",
-                               *shlex.split(encode_args)],
+                               *shlex.split(encode_args), *opts],
             [feat], deps=[f"preprocess_{preset}"], extra={"encoder": encoder_stamp(enc)})
         for task, lab in tasks.items():
             if src:

@@ -619,6 +619,17 @@ def test_bench_public_one_command_openbhb_to_the_table_resumed_with_another_enco
     r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny", "--names=other", f"--external_from={b}"],
              tmp_path)
     assert r.returncode == 1 and "--external_from: no probe" in r.stderr and "named other" in r.stderr
+    # per-encoder settings: two random-init encoders of different seeds (dry run: the commands only)
+    r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny@seed=1,random:tiny@seed=2", "--dry_run=True"],
+             tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    enc = {ln.split("]")[0][1:]: ln for ln in r.stdout.splitlines() if ln.startswith("[encode/")}
+    assert sorted(enc) == ["encode/random_tiny_seed1", "encode/random_tiny_seed2"]
+    for k in (1, 2):
+        ln = enc[f"encode/random_tiny_seed{k}"]
+        assert ln.endswith(f"--seed={k}") and "--encoder=random:tiny " in ln and f"--seed={3 - k}" not in ln
+    r = _run("bench/bench_public.py", [*common, "--encoders=random:tiny@seed", "--dry_run=True"], tmp_path)
+    assert r.returncode == 1 and "per-encoder settings are @key=value" in r.stderr
 
 
 # ----------------------------------------------------------------------------- full chains on the miniature copies
