@@ -4,6 +4,7 @@ r"""One public benchmark from your local copy of the dataset to the paper's tabl
         --encoders=out/jepa/encoder.safetensors,random:base
     python bench/bench_public.py --dataset=cq500 --root=/data/cq500 --encoders=neurovfm-encoder/,random:base
     python bench/bench_public.py --dataset=oasis1 --root=/data/oasis1 --encoders=E --external_from=bench/adni
+    python bench/bench_public.py --dataset=aibl --root=/data/aibl --encoders=E --external_from=bench/adni
 
 Runs the documented chain as subprocesses of the stage scripts, for one dataset:
   1. python -m nvfm.benchmarks (the adapter): OUT/labels_<task>.csv, OUT/images/, adapter_report.json;

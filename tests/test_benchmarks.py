@@ -367,7 +367,8 @@ def test_aibl_baseline_diagnosis_collection_links_and_counts(tmp_path):
                              "baseline rows without a baseline T1 image (left out)"])
     inp = rep["input"]
     assert inp["baseline rows without a baseline T1 image (left out)"] == 3   # none, only m18, a field map
-    assert inp["T1 images not used (other visits or subjects)"] == 3 and inp["T1 images without a collection row (not used)"] == 0
+    assert inp["T1 images not used (other visits or subjects)"] == 3   # MCI, no diagnosis, the m18 image
+    assert inp["T1 images without a collection row (not used)"] == 0
     assert inp["image folders of other series (not matching adni_series)"] == 1
     assert rep["tasks"]["dementia"]["positives"] == {"dementia": 3}
     text = _all_output_text(out)
