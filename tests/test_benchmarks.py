@@ -642,13 +642,14 @@ def test_bench_public_one_command_openbhb_to_the_table_resumed_with_another_enco
 
 CHAIN = ["--encoders=random:tiny", "--names=random_init", f"--salt={SALT}",
          "--preprocess_args=--workers=1 --progress=False --log_paths=False",
-         "--probe_args=--steps=10 --eval_interval=5 --threads=1 --hidden=16",
-         "--evaluate_args=--n_boot=100 --threads=1"]
+         "--probe_args=--steps=10 --eval_interval=5 --threads=1 --hidden=16"]
 
 
-def _chain(dataset, root, out, *extra):
-    """bench/bench_public.py on one miniature copy; returns (stdout, paper_table.md lines)."""
-    r = _run("bench/bench_public.py", [f"--dataset={dataset}", f"--root={root}", f"--out={out}", *CHAIN, *extra],
+def _chain(dataset, root, out, *extra, plots=True):
+    """bench/bench_public.py on one miniature copy; returns (stdout, paper_table.md lines).
+    plots=False: evaluate.py draws none (5 s less a run; the external runs)."""
+    ev = f"--evaluate_args=--n_boot=100 --threads=1{'' if plots else ' --plots=False'}"
+    r = _run("bench/bench_public.py", [f"--dataset={dataset}", f"--root={root}", f"--out={out}", *CHAIN, ev, *extra],
              os.path.dirname(str(out)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     with open(os.path.join(out, "paper_table.md")) as f:
@@ -723,7 +724,8 @@ def test_bench_public_adni_then_oasis1_and_aibl_external_transfer(tmp_path):
     res, ck = _check_chain(str(src), "dementia", stdout, n_tasks=2)
     assert "| adni: pmci AUROC |" in "\n".join(table) and "| adni: dementia PR lift |" in "\n".join(table)
     out = tmp_path / "b_oasis1"
-    stdout, table = _chain("oasis1", oasis_root, out, f"--external_from={src}", "--external_task=dementia")
+    stdout, table = _chain("oasis1", oasis_root, out, f"--external_from={src}", "--external_task=dementia",
+                           plots=False)
     assert not [ln for ln in stdout.splitlines() if ln.startswith("[probe/")]   # nothing trained here
     assert "5 stages run, 0 skipped" in stdout   # adapter, preprocess, encode, evaluate, table
     with open(out / "eval" / "dementia" / "random_init" / "metrics.json") as f:
@@ -735,7 +737,7 @@ def test_bench_public_adni_then_oasis1_and_aibl_external_transfer(tmp_path):
     aibl_root = str(tmp_path / "aibl")
     aibl_expect, _ = bench_fakes.aibl(aibl_root)
     out = tmp_path / "b_aibl"
-    stdout, table = _chain("aibl", aibl_root, out, f"--external_from={src}")
+    stdout, table = _chain("aibl", aibl_root, out, f"--external_from={src}", plots=False)
     assert not [ln for ln in stdout.splitlines() if ln.startswith("[probe/")] and "5 stages run, 0 skipped" in stdout
     with open(out / "eval" / "dementia" / "random_init" / "metrics.json") as f:
         ext = json.load(f)["results"]["random_init"]
