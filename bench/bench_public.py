@@ -55,8 +55,7 @@ from nvfm.configurator import configure, fail  # noqa: E402
 dataset = ""             # openbhb | adni | aibl | oasis1 | abide | rsna | cq500 | brats21 | atlas2 | msseg16
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder ("" = bench/<dataset>)
-encoders = "random:base"  # comma-separated: nvfm .safetensors | the authors' released dir | random:<size>; @key=value:
-#                           encode.py settings for that encoder only (random:base@seed=1)
+encoders = "random:base"  # comma-separated: .safetensors | released dir | random:<size>, each [@key=value] (@seed=1)
 names = ""               # comma-separated column names, one per encoder ("" = from the encoders)
 salt = ""                # "" -> $NVFM_SALT -> the public default (nvfm/dicom.py); adapter and preprocess share it
 external_from = ""       # another dataset's OUT: apply its probes here unchanged, no training (external transfer)

@@ -77,8 +77,7 @@ labels_file = ""         # the label file, when not at its distributed name unde
 adni_horizon_months = 36  # pMCI: dementia by this visit; sMCI: followed this long without it
 adni_max_days = 90       # a baseline image must be this close to the baseline exam date
 adni_series = r"mprage|mp-rage|ir-spgr|ir-fspgr|t1"  # regex (case-insensitive) on ADNI series folders
-grounding_class = ""     # brats21 / atlas2 / msseg16: the lesions' probe class ("" = glioma / chronic_ischemic_stroke /
-#                          multiple_sclerosis)
+grounding_class = ""     # grounding sets: the lesions' class ("" = glioma, chronic_ischemic_stroke, multiple_sclerosis)
 # -----------------------------------------------------------------------------
 
 
