@@ -280,6 +280,35 @@ def test_cq500_majority_of_three_readers(tmp_path):
         B.run("cq500", root, out, SALT)
 
 
+def _pointing_game(tmp_path, out, classes, task_name, monkeypatch):
+    """evaluate.py's pointing game on a grounding set's shards (tmp_path/shards): random:tiny
+    features and a made-up MR probe of another dataset with these classes, scored --external
+    against the set's masks. Returns the metrics of the probe."""
+    r = _run("encode.py", [f"--shards={tmp_path / 'shards'}", "--encoder=random:tiny", f"--out={tmp_path / 'feat'}"],
+             tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import evaluate
+    from nvfm.features import FeatureCache
+    cache = FeatureCache(str(tmp_path / "feat"))
+    torch.manual_seed(0)
+    n = len(classes)
+    m = P.make_probe("attentive_mil", cache.dim, n, hidden=8)
+    torch.save(dict(models=[m.state_dict()], probe_args=dict(kind="attentive_mil", dim=cache.dim, n_out=n, hidden=8,
+                                                             dropout=0.1),
+                    task="classify", label_names=list(classes), modality="MR", eval_modality="MR",
+                    encoder_hash=cache.encoder_hash, features=str(tmp_path / "feat"), windows="", protocol="made up",
+                    thresholds=[0.0] * n, platt_a=[1.0] * n, platt_b=[0.0] * n, n_train_pos=[5.0] * n),
+               tmp_path / "probe.pt")
+    for k, v in dict(probes=str(tmp_path / "probe.pt"), names="ours", labels=os.path.join(out, "labels_grounding.csv"),
+                     external=True, shards=str(tmp_path / "shards"), cohort=out, out=str(tmp_path / "ev"),
+                     findings=os.path.join(out, "findings.jsonl"), n_boot=0, plots=False, device="cpu",
+                     task_name=task_name).items():
+        monkeypatch.setattr(evaluate, k, v)
+    evaluate.main()
+    with open(tmp_path / "ev" / "metrics.json") as f:
+        return json.load(f)["results"]["ours"]
+
+
 def test_grounding_sets_masks_findings_preprocess_keys_and_pointing_game(tmp_path, monkeypatch):
     import preprocess
     segs = bench_fakes.brats21(str(tmp_path / "brats"))
@@ -308,27 +337,7 @@ def test_grounding_sets_masks_findings_preprocess_keys_and_pointing_game(tmp_pat
     assert "BraTS" not in _all_output_text(out)
     # the pointing game through evaluate.py: a (made-up) MR probe of another dataset with classes
     # glioma and meningioma, scored --external on the set's glioma column against its masks
-    r = _run("encode.py", [f"--shards={tmp_path / 'shards'}", "--encoder=random:tiny", f"--out={tmp_path / 'feat'}"],
-             tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    import evaluate
-    from nvfm.features import FeatureCache
-    cache = FeatureCache(str(tmp_path / "feat"))
-    torch.manual_seed(0)
-    m = P.make_probe("attentive_mil", cache.dim, 2, hidden=8)
-    torch.save(dict(models=[m.state_dict()], probe_args=dict(kind="attentive_mil", dim=cache.dim, n_out=2, hidden=8,
-                                                             dropout=0.1),
-                    task="classify", label_names=["glioma", "meningioma"], modality="MR", eval_modality="MR",
-                    encoder_hash=cache.encoder_hash, features=str(tmp_path / "feat"), windows="", protocol="made up",
-                    thresholds=[0.0, 0.0], platt_a=[1.0, 1.0], platt_b=[0.0, 0.0], n_train_pos=[5.0, 5.0]),
-               tmp_path / "probe.pt")
-    for k, v in dict(probes=str(tmp_path / "probe.pt"), names="ours", labels=os.path.join(out, "labels_grounding.csv"),
-                     external=True, shards=str(tmp_path / "shards"), cohort=out, out=str(tmp_path / "ev"),
-                     findings=os.path.join(out, "findings.jsonl"), n_boot=0, plots=False, device="cpu",
-                     task_name="brats21").items():
-        monkeypatch.setattr(evaluate, k, v)
-    evaluate.main()
-    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["ours"]
+    res = _pointing_game(tmp_path, out, ["glioma", "meningioma"], "brats21", monkeypatch)
     assert list(res["per_class"]) == ["glioma"] and res["grounding"]["n"] == 2
     assert 0 <= res["grounding"]["accuracy"] <= 1 and len(os.listdir(tmp_path / "ev" / "grounding")) > 0
     assert "| brats21: pointing game (2 lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
@@ -386,7 +395,7 @@ def test_aibl_baseline_diagnosis_collection_links_and_counts(tmp_path):
         B.run("aibl", root, out, SALT)
 
 
-def test_msseg16_consensus_masks_and_preprocess_keys(tmp_path):
+def test_msseg16_consensus_masks_preprocess_keys_and_pointing_game(tmp_path, monkeypatch):
     import preprocess
     masks = bench_fakes.msseg16(str(tmp_path / "msseg"))
     out = str(tmp_path / "out")
@@ -413,6 +422,10 @@ def test_msseg16_consensus_masks_and_preprocess_keys(tmp_path):
                          cfg_progress=False, cfg_log_paths=False)
     assert {v["study_key"] for v in man["volumes"]} == {r["study_key"] for r in rows}
     assert "Center_" not in _all_output_text(out) and "Patient_" not in _all_output_text(out)
+    res = _pointing_game(tmp_path, out, ["multiple_sclerosis", "glioma"], "msseg16", monkeypatch)
+    assert list(res["per_class"]) == ["multiple_sclerosis"] and res["grounding"]["n"] == 3
+    assert 0 <= res["grounding"]["accuracy"] <= 1
+    assert "| msseg16: pointing game (3 lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
     with pytest.raises(B.BenchmarkError, match="no MSSEG-2016 FLAIR found"):
         B.run("msseg16", str(tmp_path / "shards"), str(tmp_path / "o2"), SALT)
 
