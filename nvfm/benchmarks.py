@@ -869,6 +869,13 @@ def _grounding(root_dir, name, pattern_image, pattern_mask, cls, sequences=()):
                 more.setdefault(m.group(1), []).append((os.path.join(root_dir, rel), seq[1]))
     if not imgs:
         raise BenchmarkError(f"{root_dir}: no {name} image found (expected names like {pattern_image})")
+    return grounding_studies(name, imgs, masks, cls, more)
+
+
+def grounding_studies(name, imgs, masks, cls, more=None):
+    """Studies of a segmentation set: one MR study per subject with both an image and a mask
+    ({subject: path} each), labelled positive for `cls`; the others are counted and left out.
+    more: {subject: [(path, order)]} extra series of the study."""
     tally, studies = Tally(rows=len(set(imgs) | set(masks))), []
     for sid in sorted(set(imgs) | set(masks)):
         if sid not in masks or sid not in imgs:
@@ -876,7 +883,8 @@ def _grounding(root_dir, name, pattern_image, pattern_mask, cls, sequences=()):
                   "subjects with a mask but no image (left out)"] += 1
             continue
         st = Study(f"{name}:{sid}", sid, "MR", image=imgs[sid])
-        st.more_images = sorted(more.get(sid, []), key=lambda t: t[1])
+        if more is not None:
+            st.more_images = sorted(more.get(sid, []), key=lambda t: t[1])
         st.mask = masks[sid]
         st.tasks["grounding"] = {cls: 1}
         studies.append(st)
@@ -941,18 +949,7 @@ def msseg16(root_dir, labels_path="", cls="multiple_sclerosis"):
     if not imgs:
         raise BenchmarkError(f"{root_dir}: no MSSEG-2016 FLAIR found (expected Center_<cc>/Patient_<pp>/"
                              "Preprocessed_Data/FLAIR_preprocessed.nii.gz)")
-    tally, studies = Tally(rows=len(set(imgs) | set(masks))), []
-    for sid in sorted(set(imgs) | set(masks)):
-        if sid not in masks or sid not in imgs:
-            tally["subjects with an image but no mask (left out)" if sid in imgs else
-                  "subjects with a mask but no image (left out)"] += 1
-            continue
-        st = Study(f"msseg16:{sid}", sid, "MR", image=imgs[sid])
-        st.mask = masks[sid]
-        st.tasks["grounding"] = {cls: 1}
-        studies.append(st)
-        tally["subjects labelled"] += 1
-    return studies, tally, {"grounding": [cls]}
+    return grounding_studies("msseg16", imgs, masks, cls)
 
 
 ADAPTERS = {"openbhb": openbhb, "adni": adni, "aibl": aibl, "oasis1": oasis1, "abide": abide, "rsna": rsna,
