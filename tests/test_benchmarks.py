@@ -309,25 +309,37 @@ def _pointing_game(tmp_path, out, classes, task_name, monkeypatch):
         return json.load(f)["results"]["ours"]
 
 
+def _grounding_set(dataset, root, out, cls, masks):
+    """Runs a grounding adapter and checks what every such set must give: each labelled study
+    positive for `cls`, with one `cls` lesion in findings.jsonl whose mask is exactly one of the
+    fake's masks ({subject: array}), every mask used. -> (report, label rows, {study_key: subject})."""
+    rep = B.run(dataset, root, out, SALT)
+    rows = _labels(os.path.join(out, "labels_grounding.csv"))
+    assert all(r[cls] == "1" for r in rows)
+    recs = [json.loads(x) for x in open(os.path.join(out, "findings.jsonl"))]
+    assert sorted(r["study_key"] for r in recs) == sorted(r["study_key"] for r in rows)
+    sid_of = {}
+    for r in recs:
+        (les,) = r["lesions"]
+        assert les["diagnosis"] == cls
+        m = np.asarray(nib.load(os.path.join(out, les["mask"])).dataobj)
+        hit = [sid for sid, mk in masks.items() if np.array_equal(mk, m)]
+        assert len(hit) == 1
+        sid_of[r["study_key"]] = hit[0]
+    assert set(sid_of.values()) == set(masks)
+    return rep, rows, sid_of
+
+
 def test_grounding_sets_masks_findings_preprocess_keys_and_pointing_game(tmp_path, monkeypatch):
     import preprocess
     segs = bench_fakes.brats21(str(tmp_path / "brats"))
     out = str(tmp_path / "out")
-    rep = B.run("brats21", str(tmp_path / "brats"), out, SALT)
-    rows = _labels(os.path.join(out, "labels_grounding.csv"))
-    assert len(rows) == 2 and all(r["glioma"] == "1" for r in rows)
+    rep, rows, sid_of = _grounding_set("brats21", str(tmp_path / "brats"), out, "glioma", segs)
+    assert len(rows) == 2
     assert rep["input"] == {"rows": 3, "subjects labelled": 2, "subjects with an image but no mask (left out)": 1}
-    recs = [json.loads(x) for x in open(os.path.join(out, "findings.jsonl"))]
-    assert sorted(r["study_key"] for r in recs) == sorted(r["study_key"] for r in rows)
-    found = set()
-    for r in recs:
-        (les,) = r["lesions"]
-        assert les["diagnosis"] == "glioma"
-        m = np.asarray(nib.load(os.path.join(out, les["mask"])).dataobj)
-        found |= {sid for sid, seg in segs.items() if np.array_equal(seg, m)}
-        folder = _stage_folder_key(out, r["study_key"])
+    for key in sid_of:
+        folder = _stage_folder_key(out, key)
         assert sorted(os.listdir(folder)) == ["flair.nii.gz", "image.nii.gz", "t1ce.nii.gz", "t2.nii.gz"]   # no seg
-    assert found == set(segs)
     man = preprocess.run(os.path.join(out, "images"), str(tmp_path / "shards"), n_workers=1, salt_value=SALT,
                          cfg_progress=False, cfg_log_paths=False)
     per_study = {}
@@ -399,25 +411,13 @@ def test_msseg16_consensus_masks_preprocess_keys_and_pointing_game(tmp_path, mon
     import preprocess
     masks = bench_fakes.msseg16(str(tmp_path / "msseg"))
     out = str(tmp_path / "out")
-    rep = B.run("msseg16", str(tmp_path / "msseg"), out, SALT)
-    rows = _labels(os.path.join(out, "labels_grounding.csv"))
-    assert len(rows) == 3 and all(r["multiple_sclerosis"] == "1" for r in rows)
+    rep, rows, sid_of = _grounding_set("msseg16", str(tmp_path / "msseg"), out, "multiple_sclerosis", masks)
+    assert len(rows) == 3
     assert rep["input"] == {"rows": 4, "subjects labelled": 3, "subjects with an image but no mask (left out)": 1}
-    recs = [json.loads(x) for x in open(os.path.join(out, "findings.jsonl"))]
-    assert sorted(r["study_key"] for r in recs) == sorted(r["study_key"] for r in rows)
-    found = set()
-    for r in recs:
-        (les,) = r["lesions"]
-        assert les["diagnosis"] == "multiple_sclerosis"
-        m = np.asarray(nib.load(os.path.join(out, les["mask"])).dataobj)
-        hit = [sid for sid, mk in masks.items() if np.array_equal(mk, m)]
-        assert len(hit) == 1
-        found |= set(hit)
-        folder = _stage_folder_key(out, r["study_key"])
-        target = os.readlink(os.path.join(folder, "image.nii.gz"))
-        assert hit[0] in target and target.endswith("FLAIR_preprocessed.nii.gz" if hit[0] != "Center_03/Patient_01"
-                                                    else "Raw_Data/FLAIR.nii.gz")
-    assert found == set(masks)
+    for key, sid in sid_of.items():
+        target = os.readlink(os.path.join(_stage_folder_key(out, key), "image.nii.gz"))
+        assert sid in target and target.endswith("FLAIR_preprocessed.nii.gz" if sid != "Center_03/Patient_01"
+                                                 else "Raw_Data/FLAIR.nii.gz")
     man = preprocess.run(os.path.join(out, "images"), str(tmp_path / "shards"), n_workers=1, salt_value=SALT,
                          cfg_progress=False, cfg_log_paths=False)
     assert {v["study_key"] for v in man["volumes"]} == {r["study_key"] for r in rows}
