@@ -28,7 +28,7 @@ from nvfm.configurator import config_dict, configure
 from nvfm.data import ShardReader
 from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
-from nvfm.monitor import CollapseWatch, ProbeSet, effective_rank, mean_std, relative_distance
+from nvfm.monitor import CollapseWatch, ProbeSet, effective_rank, intensity_share, mean_std, relative_distance
 from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
 
 # ----------------------------------------------------------------------------- config
@@ -322,6 +322,8 @@ for b in loader:
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
         warning = watch.update(z_rank)  # the first batch's rank is the reference
+        ctx, tgt = b["ctx_index"], b["tgt_index"]
+        share = intensity_share(z, x[ctx].mean(1), b["window"][ctx])  # what a collapse keeps
         stats = torch.stack([loss_log / (n_log * world_size), pos_log / (n_log * world_size)])
         if ddp:
             dist.all_reduce(stats)
@@ -332,6 +334,8 @@ for b in loader:
                    mfu=flops_log / dt / (peak * world_size) if peak else None,
                    rank_student=z_rank, rank_target=effective_rank(target), rank_pred=effective_rank(pred),
                    std_student=mean_std(z), std_target=mean_std(target), std_pred=mean_std(pred),
+                   intensity_share_student=share,
+                   intensity_share_target=intensity_share(target, x[tgt].mean(1), b["window"][tgt]),
                    teacher_moved=relative_distance(teacher.parameters(), teacher_init),
                    teacher_to_student=relative_distance(teacher.parameters(), raw_model.student.parameters()))
         if position_control:
@@ -343,7 +347,8 @@ for b in loader:
                  f"target {rec['rank_target']:.1f} pred {rec['rank_pred']:.1f} | teacher moved "
                  f"{rec['teacher_moved']:.3f}")
         if warning and master:
-            print(warning, flush=True)
+            print(f"{warning} {share:.0%} of their variance is the tokens' mean intensity and window "
+                  f"(intensity_share_student in log.jsonl).", flush=True)
         t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
     if probes is not None and (step % eval_interval == 0 or step == max_steps):
         run_probes(step)

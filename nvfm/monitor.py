@@ -11,6 +11,10 @@ Two kinds of figures, both used by train_jepa.py and bench/bench_jepa_curve.py:
    - `mean_std(x)`: the mean over dimensions of each dimension's standard deviation across tokens.
    - `relative_distance(a, b)`: ||a - b|| / ||b|| over lists of parameters (how far the teacher
      has moved from its initialisation, and how far it is from the student).
+   - `intensity_share(x, mean_intensity, window)`: the share of the features' variance that
+     each token's mean intensity and window explain (least-squares R^2). It says what a
+     collapse kept: on the demo cohort the student's features fall onto these two trivial
+     statistics (0.28 for random init, 0.57 for the tiny recipe's student at 300 steps).
 
 2. Frozen-feature probes (`ProbeSet`), the learning curve of a run: a fixed set of studies is
    encoded whole (every foreground token, every window, as encode.py does) and scored with:
@@ -71,6 +75,32 @@ def relative_distance(a, b):
     num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(float(y.float().pow(2).sum()) for y in b)
     return (num / max(den, 1e-30)) ** 0.5
+
+
+@torch.no_grad()
+def intensity_share(x, mean_intensity, window, max_rows=4096):
+    """R^2 of features x (N, D) regressed on each token's mean intensity, with an intercept and a
+    slope per window (least squares, all dimensions together: 1 - residual / total sum of squares
+    about the mean). 1: the features say nothing beyond how bright a token is in which window;
+    ~0: nothing of it. mean_intensity (N,), window (N,) int. NaN for N < 2 or constant features.
+    At most `max_rows` rows are used (evenly spaced)."""
+    x = torch.as_tensor(x).detach().double()
+    m = torch.as_tensor(mean_intensity).detach().double().reshape(-1)
+    w = torch.as_tensor(window).detach().reshape(-1).to(x.device)
+    if x.shape[0] > max_rows:
+        keep = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()
+        x, m, w = x[keep], m[keep], w[keep]
+    x = x - x.mean(0)
+    total = float(x.pow(2).sum())
+    if x.shape[0] < 2 or total == 0.0:
+        return float("nan")
+    cols = []
+    for v in torch.unique(w):
+        ind = (w == v).double()
+        cols += [ind, ind * m]
+    design = torch.stack(cols, 1)
+    resid = x - design @ (torch.linalg.pinv(design) @ x)  # pinv: a window with one brightness is rank-deficient
+    return 1.0 - float(resid.pow(2).sum()) / total
 
 
 class CollapseWatch:
@@ -222,7 +252,7 @@ class ProbeSet:
             self.cohort = cohort
             self.findings = [json.loads(line) for line in open(findings_path) if line.strip()]
 
-    def _lesion_labels(self, entries):
+    def lesion_labels(self, entries):
         """Token labels from the cohort's lesion masks, computed once (token coords are the same for
         every encoder)."""
         if self.token_labels is None:
@@ -249,7 +279,7 @@ class ProbeSet:
         res = dict(rank=effective_rank(torch.from_numpy(allx), max_rows=8192), feature_std=mean_std(allx),
                    n_studies=len(entries), n_tokens=len(allx))
         if self.cohort:
-            auc, ci, n, npos = lesion_token_auroc(entries, self._lesion_labels(entries), self.split_of, n_boot=n_boot)
+            auc, ci, n, npos = lesion_token_auroc(entries, self.lesion_labels(entries), self.split_of, n_boot=n_boot)
             res.update(lesion_auroc=auc, lesion_ci=ci, lesion_tokens=n, lesion_positives=npos)
         if len(self.labelled) >= 10 and self.Y.shape[1]:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])

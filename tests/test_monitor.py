@@ -99,3 +99,26 @@ def test_study_cv_auroc_planted_and_null():
     assert n == 2 and auc > 0.9
     auc0, _ = study_cv_auroc(rng.normal(size=(60, 5)), Y)
     assert auc0 < 0.65  # no signal: nothing above chance (CV AUROC on null data is biased low)
+
+
+def test_intensity_share_against_per_window_fits_and_hand_cases():
+    from nvfm.monitor import intensity_share
+    rng = np.random.default_rng(0)
+    n = 3000
+    m, w = rng.normal(size=n), rng.integers(0, 3, n)
+    # exactly a per-window affine function of the brightness -> 1; unrelated noise -> ~0
+    x = np.stack([2 * m + w, -m * (w + 1), np.where(w == 1, 5.0, 0.0)], 1)
+    assert intensity_share(torch.from_numpy(x), torch.from_numpy(m), torch.from_numpy(w)) == pytest.approx(1.0, abs=1e-9)
+    noise = rng.normal(size=(n, 8))
+    assert intensity_share(torch.from_numpy(noise), torch.from_numpy(m), torch.from_numpy(w)) < 0.01
+    # a mix against a separate least-squares line per window and dimension (numpy polyfit)
+    x = np.concatenate([x, noise * 3 + m[:, None] * rng.normal(size=8)], 1)
+    sse = sum(((x[w == v, d] - np.polyval(np.polyfit(m[w == v], x[w == v, d], 1), m[w == v])) ** 2).sum()
+              for v in range(3) for d in range(x.shape[1]))
+    expect = 1 - sse / ((x - x.mean(0)) ** 2).sum()
+    assert 0.1 < expect < 0.9
+    assert intensity_share(torch.from_numpy(x), torch.from_numpy(m), torch.from_numpy(w)) == pytest.approx(expect, rel=1e-9)
+    # a window whose tokens all have one brightness (rank-deficient design) and constant features
+    m2 = np.where(w == 2, 0.5, m)
+    assert np.isfinite(intensity_share(torch.from_numpy(x), torch.from_numpy(m2), torch.from_numpy(w)))
+    assert np.isnan(intensity_share(torch.ones(10, 4), torch.zeros(10), torch.zeros(10, dtype=torch.long)))

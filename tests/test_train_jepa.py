@@ -60,6 +60,7 @@ def test_loss_goes_down_and_outputs(full_run):
         assert r["mfu"] is None  # no peak FLOP/s on CPU
         for k in ("rank_student", "rank_target", "rank_pred"):
             assert 1.0 <= r[k] <= 96.0
+        assert 0.0 <= r["intensity_share_student"] <= 1.0 and 0.0 <= r["intensity_share_target"] <= 1.0
     assert log[0]["momentum"] < log[-1]["momentum"] <= 1.0
     # the teacher moves away from its init by the EMA only, and stays closer to its init than the student is
     moved = [r["teacher_moved"] for r in log]
