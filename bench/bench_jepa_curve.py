@@ -9,12 +9,14 @@ there are scored with nvfm.monitor.ProbeSet on every study of the cohort:
   - lesion-token AUROC (fit on train studies, AUROC on val + test, study-bootstrap 95% CI);
   - study-level macro AUROC (5-fold CV, classes with >= 5 positives and negatives);
   - effective rank of the token features.
-Step 0 is the random init (the same seed's init). A supervised upper bound (--supervised=True)
-trains the same encoder end to end on the train studies' labels (mean-pooled tokens, linear
-head, binary cross-entropy over the classes with a positive) for the training FLOPs of the
-longest pretraining run of seed 0 (summed from its log.jsonl, so machine load and probe or
-checkpoint pauses do not enter), and is scored the same way (its study CV includes the
-studies it was trained on: an optimistic bound).
+Step 0 is the random init (the same seed's init). Two supervised bounds (--supervised=True)
+train the same encoder end to end on the train studies for the training FLOPs of the longest
+pretraining run of seed 0 (summed from its log.jsonl, so machine load and probe or checkpoint
+pauses do not enter), and are scored the same way:
+  - on the study labels (mean-pooled tokens, a linear head, binary cross-entropy over the
+    classes with a positive; its study CV includes the studies it was trained on: optimistic);
+  - on the lesion-token labels themselves (a linear head on every token): how far any encoder
+    of this size and compute lifts the lesion-token probe on this cohort.
 
 DIR gets the cohort (nvfm.phantom, created when missing), its shards, the runs, results.json
 and curve.png (--plot). Every stage resumes: a rerun skips what is done.
@@ -116,28 +118,43 @@ def random_init(like, seed):
     return Encoder(EncoderConfig(**vars(like.config))).eval()
 
 
-def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8):
-    """The same encoder trained end to end on the train studies' labels for `flops` training FLOPs
-    (forward + backward = 3x the forward of nvfm.model.transformer_flops plus the patch embedding,
-    train_jepa.py's count): each step draws `batch` train volumes (CT: a random window), encodes
-    every foreground token, mean-pools per volume, and a linear head is fit with binary
-    cross-entropy on the study's labels."""
+def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="study", probes=None):
+    """The same encoder trained end to end for `flops` training FLOPs (forward + backward = 3x the
+    forward of nvfm.model.transformer_flops plus the patch embedding, train_jepa.py's count). Each
+    step draws `batch` train volumes (CT: a random window) and encodes every foreground token;
+    a linear head is fit with binary cross-entropy on
+      labels "study": the study's labels, from the mean-pooled tokens (classes with a positive);
+      labels "lesion": every token's lesion label, the very labels the lesion-token probe scores
+        (probes.lesion_labels; partial tokens left out, positives weighted by the train set's
+        negative/positive ratio): the probe's own ceiling at this compute."""
     import csv
     from nvfm.data import ShardReader
     from nvfm.model import WINDOWS, normalize_tokens, transformer_flops, volume_windows
     from nvfm.tokenize import patchify
     reader = ShardReader(shards)
-    rows = {r["study_key"]: r for r in csv.DictReader(open(os.path.join(shards, "labels.csv")))}
-    classes = [c for c in next(iter(rows.values())) if c not in ("study_key", "study", "modality", "split", "age")]
-    vols = [i for i, v in enumerate(reader.volumes) if v["split"] == "train" and v["study_key"] in rows]
-    Y = torch.tensor([[float(rows[reader.volumes[i]["study_key"]][c]) for c in classes] for i in vols])
-    keep = Y.sum(0) > 0
-    Y = Y[:, keep]
     enc = random_init(like, seed).train()
-    head = torch.nn.Linear(enc.dim, Y.shape[1])
+    if labels == "study":
+        rows = {r["study_key"]: r for r in csv.DictReader(open(os.path.join(shards, "labels.csv")))}
+        classes = [c for c in next(iter(rows.values())) if c not in ("study_key", "study", "modality", "split", "age")]
+        vols = [i for i, v in enumerate(reader.volumes) if v["split"] == "train" and v["study_key"] in rows]
+        Y = torch.tensor([[float(rows[reader.volumes[i]["study_key"]][c]) for c in classes] for i in vols])
+        Y = Y[:, Y.sum(0) > 0]
+        head, pos_weight = torch.nn.Linear(enc.dim, Y.shape[1]), None
+    elif labels == "lesion":
+        tok = probes.lesion_labels(probes.embed(enc))  # token coords do not depend on the encoder
+        vols = [i for i, v in enumerate(reader.volumes)
+                if v["split"] == "train" and (v["study_key"], v["volume_id"]) in tok]
+        Y = [torch.from_numpy(tok[reader.volumes[i]["study_key"], reader.volumes[i]["volume_id"]].astype(np.int64))
+             for i in vols]
+        n_pos = sum(int((y == 1).sum()) for y in Y)
+        head = torch.nn.Linear(enc.dim, 1)
+        pos_weight = torch.tensor(sum(int((y == 0).sum()) for y in Y) / max(n_pos, 1))
+    else:
+        raise ValueError(f"labels {labels!r}: choose 'study' or 'lesion'")
     opt = torch.optim.AdamW(list(enc.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.05)
     cfg = enc.config
     rng, t0, n, spent = np.random.default_rng(seed), time.time(), 0, 0.0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
     while spent < flops:
         pick = rng.choice(len(vols), batch)
         xs, cs, lens = [], [], []
@@ -152,14 +169,19 @@ def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8):
             lens.append(len(t))
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
         h = enc(torch.cat(xs), torch.cat(cs), cu, max(lens))
-        pooled = torch.stack([h[cu[k]:cu[k + 1]].mean(0) for k in range(batch)])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled), Y[torch.from_numpy(pick)])
+        if labels == "study":
+            pooled = torch.stack([h[cu[k]:cu[k + 1]].mean(0) for k in range(batch)])
+            loss = bce(head(pooled), Y[torch.from_numpy(pick)])
+        else:
+            y = torch.cat([Y[j] for j in pick])
+            keep = y >= 0
+            loss = bce(head(h[keep]).squeeze(1), y[keep].float(), pos_weight=pos_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
         n += 1
         spent += 3 * (transformer_flops(sum(lens), lens, cfg.dim, cfg.depth, cfg.mlp_ratio) + 2 * 1024 * cfg.dim * sum(lens))
-    print(f"supervised bound: {n} steps, {spent / 1e12:.1f} TFLOP in {time.time() - t0:.0f} s, "
+    print(f"supervised bound ({labels} labels): {n} steps, {spent / 1e12:.1f} TFLOP in {time.time() - t0:.0f} s, "
           f"last loss {loss.item():.4f}", flush=True)
     return enc.eval()
 
@@ -192,12 +214,20 @@ def main():
         if 0 in budgets and like is not None:
             score(f"seed{seed}/random/0", random_init(like, seed))
     if supervised and like is not None:
-        if "supervised/0" not in res:
-            score("supervised/0", supervised_bound(shards, like, res[f"seed{seed_list[0]}/flops/{max(budgets)}"]))
+        flops = res[f"seed{seed_list[0]}/flops/{max(budgets)}"]
+        for tag, labels in BOUNDS.items():
+            if tag not in res:
+                score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
     json.dump(res, open(path, "w"), indent=1)
     table(res, budgets, seed_list)
     if plot:
         draw(res, budgets, seed_list, os.path.splitext(path)[0] + ".png")
+
+
+# the supervised bounds: result tag -> the labels they are trained on (table and plot rows)
+BOUNDS = {"supervised/0": "study", "supervised-lesion/0": "lesion"}
+BOUND_LABEL = {"supervised/0": "supervised on study labels, same training FLOPs",
+               "supervised-lesion/0": "supervised on lesion-token labels, same training FLOPs"}
 
 
 def summary(res, name, b, seed_list, key):
@@ -214,9 +244,9 @@ def table(res, budgets, seed_list):
         cells = [f"{m:.3f} +- {h:.3f}" for m, h, _ in (summary(res, name, b, seed_list, k)
                                                      for k in ("lesion_auroc", "study_auroc", "rank"))]
         print(f"| {label} | {b} | " + " | ".join(cells) + " |")
-    if "supervised/0" in res:
-        r = res["supervised/0"]
-        print(f"| supervised (same training FLOPs) | - | {r.get('lesion_auroc', np.nan):.3f} | "
+    for tag in (t for t in BOUNDS if t in res):
+        r = res[tag]
+        print(f"| {BOUND_LABEL[tag]} | - | {r.get('lesion_auroc', np.nan):.3f} | "
               f"{r.get('study_auroc', np.nan):.3f} | {r['rank']:.3f} |")
     print("(mean over seeds +- half the range)")
 
@@ -236,8 +266,9 @@ def draw(res, budgets, seed_list, png):
             m = np.array([p[0] for p in pts])
             h = np.array([p[1] for p in pts])
             ax.errorbar(xs, m, yerr=h, marker="o", color=color, label=name, capsize=3)
-        if "supervised/0" in res and key in res["supervised/0"]:
-            ax.axhline(res["supervised/0"][key], color="C2", ls="--", label="supervised, same training FLOPs")
+        for tag, style in zip(BOUNDS, ("--", ":")):
+            if tag in res and key in res[tag]:
+                ax.axhline(res[tag][key], color="C2", ls=style, label=BOUND_LABEL[tag])
         ax.set_title(title)
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.set_xscale("symlog", linthresh=max(1, min(b for b in budgets if b > 0)))
