@@ -321,9 +321,9 @@ for b in loader:
     if step == 1 or step % log_interval == 0 or step == max_steps:
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
-        warning = watch.update(z_rank)  # the first batch's rank is the reference
         ctx, tgt = b["ctx_index"], b["tgt_index"]
         share = intensity_share(z, x[ctx].mean(1), b["window"][ctx])  # what a collapse keeps
+        warning = watch.update(z_rank, share)  # the first batch's rank is the reference
         stats = torch.stack([loss_log / (n_log * world_size), pos_log / (n_log * world_size)])
         if ddp:
             dist.all_reduce(stats)
@@ -347,8 +347,7 @@ for b in loader:
                  f"target {rec['rank_target']:.1f} pred {rec['rank_pred']:.1f} | teacher moved "
                  f"{rec['teacher_moved']:.3f}")
         if warning and master:
-            print(f"{warning} {share:.0%} of their variance is the tokens' mean intensity and window "
-                  f"(intensity_share_student in log.jsonl).", flush=True)
+            print(warning, flush=True)
         t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
     if probes is not None and (step % eval_interval == 0 or step == max_steps):
         run_probes(step)

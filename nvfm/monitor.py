@@ -105,21 +105,24 @@ def intensity_share(x, mean_intensity, window, max_rows=4096):
 
 class CollapseWatch:
     """Warns (once per episode) when the student's effective rank falls below `threshold` x the
-    rank it had on the first batch. `update(rank)` returns the warning text or None."""
+    rank it had on the first batch. `update(rank, share=None)` returns the warning text or None;
+    `share` (an `intensity_share`) is quoted in it when given."""
 
     def __init__(self, threshold=0.25):
         self.threshold, self.initial, self.warned = threshold, None, False
 
-    def update(self, rank):
+    def update(self, rank, share=None):
         if self.initial is None:
             self.initial = rank
             return None
         low = rank < self.threshold * self.initial
         msg = None
         if low and not self.warned:
+            kept = f" {share:.0%} of their variance is the tokens' mean intensity and window." \
+                if share is not None and share == share else ""
             msg = (f"WARNING: representation collapse: the student's effective rank fell to {rank:.1f}, "
                    f"{rank / self.initial:.2f}x its initial {self.initial:.1f} (threshold {self.threshold}x). "
-                   f"Its features span few directions; see README 'Is my pretraining learning?'")
+                   f"Its features span few directions.{kept} See README 'Is my pretraining learning?'")
         self.warned = low
         return msg
 

@@ -55,8 +55,8 @@ def test_planted_collapse_of_a_real_encoder_triggers_the_warning():
         enc.blocks.norm.weight[0] = 1.0
         r1 = effective_rank(enc(x, coords, cu, 150))
     assert r1 == pytest.approx(1.0, abs=1e-3)
-    msg = watch.update(r1)
-    assert msg and "collapse" in msg and f"{r1:.1f}" in msg
+    msg = watch.update(r1, 0.8)
+    assert msg and "collapse" in msg and f"{r1:.1f}" in msg and "80% of their variance" in msg
     assert watch.update(r1) is None  # warned once per episode
     assert watch.update(r0) is None and watch.update(r1) is not None  # a new episode warns again
 
