@@ -308,6 +308,30 @@ __device__ __forceinline__ void tc_load_tile(T* tile, const T* __restrict__ x, i
   }
 }
 
+// Step t of a tile loop streaming two row sets (K/V, or Q/dO) of one head, rows [base, base + L) in
+// ntiles tiles of kTcCols, through the double buffers sA and sB (buffer i at i * kTcCols * (D + 8)).
+// Issues tile t + 1 of both into buffer (t + 1) & 1 as one cp.async group, then waits for every
+// older group. On return, tile t of both row sets (and whatever was committed with or before it)
+// has landed in buffer t & 1 for every thread of the block, and tile t + 1's copies are in flight
+// into the other buffer. The caller must be done with that other buffer (tile t - 1) before
+// step t: a __syncthreads() at the end of each iteration.
+template <typename T, int D>
+__device__ __forceinline__ void tc_stream_pair(T* sA, T* sB, const T* __restrict__ a_src, const T* __restrict__ b_src,
+                                               int base, int L, int t, int ntiles, int H, int h) {
+  constexpr int LD = D + 8;
+  const int buf = t & 1;
+  if (t + 1 < ntiles) {  // prefetch tile t + 1 into the other buffer, then wait for tile t only
+    const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, L - c1);
+    tc_load_tile<T, D>(sA + (buf ^ 1) * kTcCols * LD, a_src, base + c1, n1, H, h);
+    tc_load_tile<T, D>(sB + (buf ^ 1) * kTcCols * LD, b_src, base + c1, n1, H, h);
+    tc::cp_async_commit();
+    tc::cp_async_wait<1>();
+  } else {
+    tc::cp_async_wait<0>();
+  }
+  __syncthreads();  // every thread's copies of tile t have landed
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(VarlenAttnArgs a, T* __restrict__ out,
                                                                  float* __restrict__ lse) {
@@ -336,16 +360,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(VarlenAttnArgs 
     for (int e = 0; e < 4; ++e) o[dt][e] = 0.0f;
   for (int t = 0; t < ntiles; ++t) {
     const int buf = t & 1;
-    if (t + 1 < ntiles) {  // prefetch tile t + 1 into the other buffer, then wait for tile t only
-      const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, lk - c1);
-      tc_load_tile<T, D>(sK + (buf ^ 1) * kTcCols * LD, k, k0 + c1, n1, a.H, h);
-      tc_load_tile<T, D>(sV + (buf ^ 1) * kTcCols * LD, v, k0 + c1, n1, a.H, h);
-      tc::cp_async_commit();
-      tc::cp_async_wait<1>();
-    } else {
-      tc::cp_async_wait<0>();
-    }
-    __syncthreads();  // every thread's copies of tile t (and of Q) have landed
+    tc_stream_pair<T, D>(sK, sV, k, v, k0, lk, t, ntiles, a.H, h);  // K/V tile t (and Q, with tile 0) landed
     if (t == 0) {
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks)
@@ -553,16 +568,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dq_tc_kernel(VarlenAttnAr
     for (int e = 0; e < 4; ++e) acc[dt][e] = 0.0f;
   for (int t = 0; t < ntiles; ++t) {
     const int buf = t & 1;
-    if (t + 1 < ntiles) {
-      const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, lk - c1);
-      tc_load_tile<T, D>(sK + (buf ^ 1) * kTcCols * LD, k, k0 + c1, n1, a.H, h);
-      tc_load_tile<T, D>(sV + (buf ^ 1) * kTcCols * LD, v, k0 + c1, n1, a.H, h);
-      tc::cp_async_commit();
-      tc::cp_async_wait<1>();
-    } else {
-      tc::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tc_stream_pair<T, D>(sK, sV, k, v, k0, lk, t, ntiles, a.H, h);  // K/V tile t (and Q, dO, with tile 0) landed
     if (t == 0) {
       tc_load_a<T, D>(qf, sQ, warp, lane);
       tc_load_a<T, D>(dof, sdO, warp, lane);
@@ -619,16 +625,7 @@ __global__ void __launch_bounds__(kTcThreads) attn_bwd_dkdv_tc_kernel(VarlenAttn
     for (int e = 0; e < 4; ++e) gk[dt][e] = gv[dt][e] = 0.0f;
   for (int t = 0; t < ntiles; ++t) {
     const int buf = t & 1, c0 = t * kTcCols, nc = min(kTcCols, lq - c0);
-    if (t + 1 < ntiles) {
-      const int c1 = (t + 1) * kTcCols, n1 = min(kTcCols, lq - c1);
-      tc_load_tile<T, D>(sQ + (buf ^ 1) * kTcCols * LD, q, q0 + c1, n1, a.H, h);
-      tc_load_tile<T, D>(sdO + (buf ^ 1) * kTcCols * LD, dout, q0 + c1, n1, a.H, h);
-      tc::cp_async_commit();
-      tc::cp_async_wait<1>();
-    } else {
-      tc::cp_async_wait<0>();
-    }
-    __syncthreads();
+    tc_stream_pair<T, D>(sQ, sdO, q, dout, q0, lq, t, ntiles, a.H, h);  // Q/dO tile t (and K, V, with tile 0) landed
     if (t == 0) {
       tc_load_a<T, D>(kf, sK, warp, lane);
       tc_load_a<T, D>(vf, sV, warp, lane);
