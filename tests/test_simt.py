@@ -282,10 +282,13 @@ MUTATIONS = {
     "attention dq: barrier after the tile load removed": ("attention", "    __syncthreads();\n#pragma unroll", "\n", 2),
     "attention dkdv: off-by-one tile tail": ("attention", "const int nc = min(kCols, lq - c0);",
                                              "const int nc = min(kCols, lq - c0 + 1);", 1),
-    # in tc_stream_pair, the tile step all three tensor-core kernels share: one mutant covers them all. Its
-    # barrier after the wait has none: the emulator runs every thread to the ldmatrix that follows before
-    # releasing any warp, so a missing one there reads nothing stale (needs the GPU run to show)
+    # in tc_stream_pair, the tile step all three tensor-core kernels share: one mutant covers them all. The
+    # barrier after the wait is caught by the reverse schedule: its top warp runs ahead to the ldmatrix
+    # and reads rows the lower warps have not copied yet
     "attention tc: cp.async wait removed": ("attention", "tc::cp_async_wait<1>();", "", 1),
+    "attention tc: barrier after the tile load removed": ("attention",
+                                                          "__syncthreads();  // every thread's copies of tile t have landed",
+                                                          "//", 1),
     "attention tc: buffer-reuse barrier removed": ("attention", "__syncthreads();  // buffer `buf` is free", "//", 1),
     "attention tc: off-by-one in the key mask": ("attention", "nt * 8 + 2 * c + (e & 1) < nc", "nt * 8 + 2 * c + (e & 1) <= nc", 1),
     "attention tc: wrong ldmatrix row for V": ("attention", "(j * 16 + lane % 8 + (lane / 8) % 2 * 8) * LD", "(j * 16 + lane % 8) * LD", 1),

@@ -10,8 +10,16 @@
 // - a fiber runs until it reaches __syncthreads, a warp collective, or its end; the order in
 //   which runnable fibers (and blocks) are taken is the schedule: forward, reverse or
 //   random:<seed>, so a missing barrier shows up as a read of a value not yet written; the
-//   schedule also decides which ready warps move on (all in lockstep, one running ahead, or a
-//   random subset) and when cp.async data lands (at the wait, at issue, or either);
+//   schedule also decides which ready warps move on and when cp.async data lands. forward:
+//   fibers in thread order, every fiber runs until it blocks before any warp collective
+//   completes, then all complete (warps in lockstep); data lands at the cp.async wait.
+//   reverse: fibers in reverse thread order, and a warp none of whose lanes can run has its
+//   collectives completed at once, before the fibers of lower warps run, so the highest warp
+//   runs ahead across warp collectives to its next __syncthreads before the lower warps leave
+//   their previous one (a warp reading shared memory that other warps write, with no barrier
+//   in between, reads it unwritten); data lands at issue. random: fibers in a random order
+//   each round, a random subset of the ready warps completes; data lands at the wait or at
+//   issue, per copy;
 // - __syncthreads is a counting barrier: it opens when every thread of the block waits at
 //   the same call site; threads at different sites (divergence), threads that exited while
 //   others wait, and states where nothing can proceed (deadlock) are errors;
@@ -325,11 +333,21 @@ inline void run_block(int nthreads) {
       resume(r.threads[i]);
       ran = true;
       if (r.failed) return;
+      // reverse: a warp none of whose lanes can run is released at once (its state cannot change
+      // until then, so this is what release_warp would decide later), and the pass restarts, so
+      // it runs ahead of the lower warps across warp collectives up to its next __syncthreads
+      if (r.schedule == Schedule::Reverse) {
+        const int w = r.threads[i].warp, first = 32 * w, last = std::min(first + 32, nthreads);
+        bool blocked = true;
+        for (int j = first; j < last && blocked; ++j) blocked = r.threads[j].state != State::Runnable;
+        if (blocked && release_warp(w, nthreads)) break;
+        if (r.failed) return;
+      }
     }
     if (ran) continue;
     // every fiber waits or has exited: open what can open. Forward releases every ready warp
-    // (warps in lockstep); reverse only the last ready one, so one warp runs ahead to the next
-    // barrier while the others wait; random each ready warp with probability 1/2.
+    // (warps in lockstep); reverse only the last ready one (its warps were released as soon as
+    // they were ready, see above); random each ready warp with probability 1/2.
     bool released = false;
     for (int i = 0; i < warps && !r.failed; ++i) {
       const int w = r.schedule == Schedule::Reverse ? warps - 1 - i : i;
