@@ -140,6 +140,20 @@ def test_openbhb_bad_inputs(tmp_path):
         B.run("openneuro", r, str(tmp_path / "out"), SALT)
 
 
+def _check_study_key(row, folder, dicom_download):
+    """An adapter's labels row is keyed as preprocess.py keys its image folder: a DICOM download
+    (a dicom/ folder, expected exactly when `dicom_download`) by its StudyInstanceUID, a NIfTI
+    image by the folder's name."""
+    d = os.path.join(folder, "dicom")
+    assert os.path.isdir(d) == dicom_download, folder
+    if dicom_download:
+        import pydicom
+        uid = pydicom.dcmread(os.path.join(d, sorted(os.listdir(d))[0])).StudyInstanceUID
+        assert row["study_key"] == dicom.salted_hash(uid, SALT)
+    else:
+        assert row["study_key"] == dicom.salted_hash("nifti:" + os.path.basename(folder), SALT)
+
+
 def test_adni_tasks_baseline_images_and_dicom_folder(tmp_path):
     root = str(tmp_path / "ADNI_dl")
     expect, ages = bench_fakes.adni(root)
@@ -152,13 +166,7 @@ def test_adni_tasks_baseline_images_and_dicom_folder(tmp_path):
             got.setdefault(ptid, {})[task] = int(r[task])
             assert float(r["age"]) == pytest.approx(ages[ptid])
             folder = os.path.join(out, "images", dicom.salted_hash(f"study:adni:{ptid}", SALT))
-            if ptid == "002_S_0002":   # a DICOM download: keyed by its StudyInstanceUID, like preprocess
-                import pydicom
-                d = os.path.join(folder, "dicom")
-                uid = pydicom.dcmread(os.path.join(d, sorted(os.listdir(d))[0])).StudyInstanceUID
-                assert r["study_key"] == dicom.salted_hash(uid, SALT)
-            else:
-                assert r["study_key"] == dicom.salted_hash("nifti:" + os.path.basename(folder), SALT)
+            _check_study_key(r, folder, dicom_download=ptid == "002_S_0002")
     assert got == expect
     left = rep["input"]
     assert left["baseline SMC (left out)"] == 1
@@ -280,10 +288,11 @@ def test_cq500_majority_of_three_readers(tmp_path):
         B.run("cq500", root, out, SALT)
 
 
-def _pointing_game(tmp_path, out, classes, task_name, monkeypatch):
+def _pointing_game(tmp_path, out, classes, task_name, monkeypatch, n_lesions):
     """evaluate.py's pointing game on a grounding set's shards (tmp_path/shards): random:tiny
     features and a made-up MR probe of another dataset with these classes, scored --external
-    against the set's masks. Returns the metrics of the probe."""
+    against the set's masks. Checks that only the set's class (classes[0]) is scored, on
+    `n_lesions` lesions, with an accuracy in [0, 1] and a row in paper_table.md."""
     r = _run("encode.py", [f"--shards={tmp_path / 'shards'}", "--encoder=random:tiny", f"--out={tmp_path / 'feat'}"],
              tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -306,7 +315,10 @@ def _pointing_game(tmp_path, out, classes, task_name, monkeypatch):
         monkeypatch.setattr(evaluate, k, v)
     evaluate.main()
     with open(tmp_path / "ev" / "metrics.json") as f:
-        return json.load(f)["results"]["ours"]
+        res = json.load(f)["results"]["ours"]
+    assert list(res["per_class"]) == [classes[0]] and res["grounding"]["n"] == n_lesions
+    assert 0 <= res["grounding"]["accuracy"] <= 1
+    assert f"| {task_name}: pointing game ({n_lesions} lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
 
 
 def _grounding_set(dataset, root, out, cls, masks):
@@ -349,10 +361,8 @@ def test_grounding_sets_masks_findings_preprocess_keys_and_pointing_game(tmp_pat
     assert "BraTS" not in _all_output_text(out)
     # the pointing game through evaluate.py: a (made-up) MR probe of another dataset with classes
     # glioma and meningioma, scored --external on the set's glioma column against its masks
-    res = _pointing_game(tmp_path, out, ["glioma", "meningioma"], "brats21", monkeypatch)
-    assert list(res["per_class"]) == ["glioma"] and res["grounding"]["n"] == 2
-    assert 0 <= res["grounding"]["accuracy"] <= 1 and len(os.listdir(tmp_path / "ev" / "grounding")) > 0
-    assert "| brats21: pointing game (2 lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
+    _pointing_game(tmp_path, out, ["glioma", "meningioma"], "brats21", monkeypatch, n_lesions=2)
+    assert len(os.listdir(tmp_path / "ev" / "grounding")) > 0
     ids = bench_fakes.atlas2(str(tmp_path / "atlas"))
     rep = B.run("atlas2", str(tmp_path / "atlas"), str(tmp_path / "out2"), SALT, cls="acute_ischemic_stroke")
     rows = _labels(os.path.join(tmp_path / "out2", "labels_grounding.csv"))
@@ -373,13 +383,8 @@ def test_aibl_baseline_diagnosis_collection_links_and_counts(tmp_path):
         got[rid] = int(r["dementia"])
         assert float(r["age"]) == pytest.approx(ages[rid]) and r["modality"] == "MR"
         folder = os.path.join(out, "images", dicom.salted_hash(f"study:aibl:{rid}", SALT))
-        if rid == "23":   # a DICOM download: keyed by its StudyInstanceUID, like preprocess
-            import pydicom
-            d = os.path.join(folder, "dicom")
-            uid = pydicom.dcmread(os.path.join(d, sorted(os.listdir(d))[0])).StudyInstanceUID
-            assert r["study_key"] == dicom.salted_hash(uid, SALT)
-        else:
-            assert r["study_key"] == dicom.salted_hash("nifti:" + os.path.basename(folder), SALT)
+        _check_study_key(r, folder, dicom_download=rid == "23")
+        if rid != "23":
             target = os.readlink(os.path.join(folder, "image.nii"))
             assert f"/AIBL/{rid}/MPRAGE/2008-03-04_" in target   # the baseline image, not the m18 one
     assert got == expect
@@ -422,10 +427,7 @@ def test_msseg16_consensus_masks_preprocess_keys_and_pointing_game(tmp_path, mon
                          cfg_progress=False, cfg_log_paths=False)
     assert {v["study_key"] for v in man["volumes"]} == {r["study_key"] for r in rows}
     assert "Center_" not in _all_output_text(out) and "Patient_" not in _all_output_text(out)
-    res = _pointing_game(tmp_path, out, ["multiple_sclerosis", "glioma"], "msseg16", monkeypatch)
-    assert list(res["per_class"]) == ["multiple_sclerosis"] and res["grounding"]["n"] == 3
-    assert 0 <= res["grounding"]["accuracy"] <= 1
-    assert "| msseg16: pointing game (3 lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
+    _pointing_game(tmp_path, out, ["multiple_sclerosis", "glioma"], "msseg16", monkeypatch, n_lesions=3)
     with pytest.raises(B.BenchmarkError, match="no MSSEG-2016 FLAIR found"):
         B.run("msseg16", str(tmp_path / "shards"), str(tmp_path / "o2"), SALT)
 
