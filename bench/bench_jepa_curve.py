@@ -141,7 +141,8 @@ def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="stud
         Y = Y[:, Y.sum(0) > 0]
         head, pos_weight = torch.nn.Linear(enc.dim, Y.shape[1]), None
     elif labels == "lesion":
-        tok = probes.lesion_labels(probes.embed(enc))  # token coords do not depend on the encoder
+        # computed once per ProbeSet (token coords do not depend on the encoder): embed only when not yet done
+        tok = probes.token_labels if probes.token_labels is not None else probes.lesion_labels(probes.embed(enc))
         vols = [i for i, v in enumerate(reader.volumes)
                 if v["split"] == "train" and (v["study_key"], v["volume_id"]) in tok]
         Y = [torch.from_numpy(tok[reader.volumes[i]["study_key"], reader.volumes[i]["volume_id"]].astype(np.int64))
@@ -215,7 +216,7 @@ def main():
             score(f"seed{seed}/random/0", random_init(like, seed))
     if supervised and like is not None:
         flops = res[f"seed{seed_list[0]}/flops/{max(budgets)}"]
-        for tag, labels in BOUNDS.items():
+        for tag, (labels, _) in BOUNDS.items():
             if tag not in res:
                 score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
     json.dump(res, open(path, "w"), indent=1)
@@ -224,10 +225,9 @@ def main():
         draw(res, budgets, seed_list, os.path.splitext(path)[0] + ".png")
 
 
-# the supervised bounds: result tag -> the labels they are trained on (table and plot rows)
-BOUNDS = {"supervised/0": "study", "supervised-lesion/0": "lesion"}
-BOUND_LABEL = {"supervised/0": "supervised on study labels, same training FLOPs",
-               "supervised-lesion/0": "supervised on lesion-token labels, same training FLOPs"}
+# the supervised bounds: result tag -> (the labels they are trained on, their table and plot row)
+BOUNDS = {"supervised/0": ("study", "supervised on study labels, same training FLOPs"),
+          "supervised-lesion/0": ("lesion", "supervised on lesion-token labels, same training FLOPs")}
 
 
 def summary(res, name, b, seed_list, key):
@@ -246,7 +246,7 @@ def table(res, budgets, seed_list):
         print(f"| {label} | {b} | " + " | ".join(cells) + " |")
     for tag in (t for t in BOUNDS if t in res):
         r = res[tag]
-        print(f"| {BOUND_LABEL[tag]} | - | {r.get('lesion_auroc', np.nan):.3f} | "
+        print(f"| {BOUNDS[tag][1]} | - | {r.get('lesion_auroc', np.nan):.3f} | "
               f"{r.get('study_auroc', np.nan):.3f} | {r['rank']:.3f} |")
     print("(mean over seeds +- half the range)")
 
@@ -268,7 +268,7 @@ def draw(res, budgets, seed_list, png):
             ax.errorbar(xs, m, yerr=h, marker="o", color=color, label=name, capsize=3)
         for tag, style in zip(BOUNDS, ("--", ":")):
             if tag in res and key in res[tag]:
-                ax.axhline(res[tag][key], color="C2", ls=style, label=BOUND_LABEL[tag])
+                ax.axhline(res[tag][key], color="C2", ls=style, label=BOUNDS[tag][1])
         ax.set_title(title)
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.set_xscale("symlog", linthresh=max(1, min(b for b in budgets if b > 0)))
