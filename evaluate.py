@@ -15,7 +15,8 @@ accuracy given correct detection (`laterality`).
 Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
 scores a probe unchanged on every study of another dataset's --labels (external transfer);
 paper_table.md has one row per task and figure and one column per probe name;
-`merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table.
+`merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table (a row and column
+held by two runs is an error: give each dataset's run its own task_name).
 The first probe may also be grounded (`cohort`: pointing game against the demo lesion masks,
 or a grounding set's masks from nvfm/benchmarks.py; NIfTI attention overlays) and flip-tested (`flip_test`:
 re-encodes the test volumes mirrored left-right with the probe's encoder, `shards` needed).
@@ -370,7 +371,7 @@ def write_paper_table(rows, path):
 
 def merge_tables():
     """--merge: one paper_table.md from the paper_rows of earlier runs' metrics.json."""
-    rows = []
+    rows, source = [], {}   # source: (row, column) -> the metrics.json its cell came from
     for p in [p for p in merge.split(",") if p]:
         require_path(p, "--merge", hint="a metrics.json written by evaluate.py")
         with open(p) as f:
@@ -379,6 +380,11 @@ def merge_tables():
             fail(f"--merge: {p} has no paper_rows (written by an older evaluate.py: rerun it)")
         got = dict(rows)
         for label, cells in m["paper_rows"]:
+            for col in cells:   # one cell from two runs: the later would silently replace the earlier
+                if (label, col) in source:
+                    fail(f"--merge: {p} and {source[label, col]} both hold the cell {label!r} / {col!r}: give "
+                         "each dataset's run its own --task_name (and each encoder its own --names)")
+                source[label, col] = p
             if label in got:   # the same task under another encoder: one row, more columns
                 got[label].update(cells)
             else:

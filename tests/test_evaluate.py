@@ -126,3 +126,22 @@ def test_reports_only_run_writes_its_table_and_claims_no_plots(tmp_path):
     r = _run([f"--reports={tmp_path / 'r.jsonl'}", f"--findings={tmp_path / 'findings.jsonl'}",
               f"--out={tmp_path / 'ev2'}", "--n_boot=50"], tmp_path)
     assert r.returncode != 0 and "at least 100 replicates" in r.stderr
+
+
+def test_merge_refuses_two_runs_with_the_same_row_and_column(tmp_path, monkeypatch, capsys):
+    """Two datasets' runs both named after SHARDS/labels.csv ("labels") used to share every row,
+    and the second run's figures silently replaced the first's in paper_table.md."""
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps({"paper_rows": [["labels: macro AUROC", {"pretrained": "0.900 [0.800, 0.950]"}]]}))
+    b.write_text(json.dumps({"paper_rows": [["labels: macro AUROC", {"pretrained": "0.600 [0.500, 0.700]"}]]}))
+    c.write_text(json.dumps({"paper_rows": [["labels: macro AUROC", {"random_init": "0.550 [0.450, 0.650]"}]]}))
+    monkeypatch.setattr(evaluate, "out", str(tmp_path / "m"))
+    for pair in ((a, b), (a, a)):
+        monkeypatch.setattr(evaluate, "merge", f"{pair[0]},{pair[1]}")
+        with pytest.raises(SystemExit, match=rf"{pair[1]} and {pair[0]} both hold .*'labels: macro AUROC'.*"
+                                             r"'pretrained'.*--task_name"):
+            evaluate.merge_tables()
+        assert not (tmp_path / "m" / "paper_table.md").exists()
+    monkeypatch.setattr(evaluate, "merge", f"{a},{c}")             # another encoder: one row, two columns
+    evaluate.merge_tables()
+    assert "| labels: macro AUROC | 0.900 [0.800, 0.950] | 0.550 [0.450, 0.650] |" in (tmp_path / "m" / "paper_table.md").read_text()
