@@ -48,10 +48,12 @@ anatomy); smaller gaps and non-uniform spacing are resampled from the true posit
 absurd spacings (pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or extents
 (> 2048 pixels, > 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native
 pixel data whose length is not exactly Rows x Columns x frames x samples x BitsAllocated
-(+ one pad byte) in any file; Siemens mosaics. Files cut short are "truncated file" (header
-or pixel data), at the header scan or when read. Kept but recorded in `stack.warnings`: a
-gap interpolated because it is under the missing-slice limit (> 1.5 x median), a series
-split into volumes by pixel spacing / matrix size, NaNs in a NIfTI set to 0.
+(+ one pad byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
+finite number in any file (read as absent it would shift every value); Siemens mosaics. Files
+cut short are "truncated file" (header or pixel data), at the header scan or when read. Kept
+but recorded in `stack.warnings`: a gap interpolated because it is under the missing-slice
+limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, NaNs in
+a NIfTI set to 0.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
 go to the axis closest to I/S); the affine is used as given (sform, else qform). A NIfTI
@@ -229,6 +231,17 @@ def _num(v, default=None):
         return x if math.isfinite(x) else default
     except (TypeError, ValueError):
         return default
+
+
+def _rescale(v, default, name, info):
+    """RescaleSlope / RescaleIntercept -> float; absent or empty -> default. A value that is
+    present but not a finite number (a decimal comma, NaN) sets info["pixel_error"]: read as
+    absent it would shift or scale every pixel silently (a CT 1024 HU too bright), and pydicom
+    cannot apply it either."""
+    x = _num(v)
+    if x is None and v is not None and str(v).strip(" \x00[]'\"") != "":
+        info.setdefault("pixel_error", f"invalid {name} (not a finite number)")
+    return default if x is None else x
 
 
 def _int_or_none(v):
@@ -740,8 +753,10 @@ def _header_info(ds, info):
                 ipp=_floats(_fg(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
                 iop=_floats(_fg(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
                 ps=_floats(_fg(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
-                slope=_num(_fg(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1.0),
-                intercept=_num(_fg(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+                slope=_rescale(_fg(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1.0,
+                               "RescaleSlope", info),
+                intercept=_rescale(_fg(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0,
+                                   "RescaleIntercept", info),
                 echo=_num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime")),
                 bvalue=_num(_fg(item, shared, "MRDiffusionSequence", "DiffusionBValue")),
                 temporal=_num(_fg(item, shared, "FrameContentSequence", "TemporalPositionIndex")),
@@ -757,7 +772,8 @@ def _header_info(ds, info):
             ipp=_floats(g("ImagePositionPatient", None), 3),
             iop=_floats(g("ImageOrientationPatient", None), 6),
             ps=_floats(g("PixelSpacing", None), 2),
-            slope=_num(g("RescaleSlope", None), 1.0), intercept=_num(g("RescaleIntercept", None), 0.0),
+            slope=_rescale(g("RescaleSlope", None), 1.0, "RescaleSlope", info),
+            intercept=_rescale(g("RescaleIntercept", None), 0.0, "RescaleIntercept", info),
             echo=_num(g("EchoNumbers", None)), bvalue=bval,
             temporal=_num(g("TemporalPositionIdentifier", None)),
         )

@@ -175,3 +175,15 @@ def mutate_series(d, fn):
         ds = pydicom.dcmread(p)
         fn(ds, i)
         ds.save_as(p)
+
+
+def set_raw_text(path, keyword, text):
+    """Store `text` as the raw value of a text element (DS, IS, CS, ...) of one file, bypassing
+    pydicom's value checks: how malformed headers from the field are reproduced."""
+    from pydicom.dataelem import RawDataElement
+    ds = pydicom.dcmread(path)
+    tag = pydicom.tag.Tag(pydicom.datadict.tag_for_keyword(keyword))
+    raw = text.encode("latin-1")
+    raw += b" " * (len(raw) % 2)
+    ds._dict[tag] = RawDataElement(tag, pydicom.datadict.dictionary_VR(tag), len(raw), raw, 0, False, True)
+    ds.save_as(path)

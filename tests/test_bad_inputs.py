@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from dicom_synth import head_phantom, mutate_series, write_series  # noqa: E402
+from dicom_synth import head_phantom, mutate_series, set_raw_text, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -435,3 +435,19 @@ def test_siemens_mosaic_fails_with_its_reason(tmp_path):
         preprocess.run(str(tmp_path / "in"), str(tmp_path / "out"), **RUN)
     man = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert man["summary"]["series_failed"] == {"Siemens mosaic not supported (convert the series with dcm2niix)": 1}
+
+
+# ----------------------------------------------------------------------------- header values that load silently wrong
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("tag,text", [("RescaleIntercept", "-1024,0"), ("RescaleIntercept", "NaN"),
+                                      ("RescaleSlope", "1,5"), ("RescaleSlope", "inf")])
+def test_unparsable_rescale_fails_the_series(tmp_path, tag, text, fast):
+    """A RescaleSlope/Intercept that is present but not a finite number (a decimal comma, NaN)
+    used to read as absent (slope 1, intercept 0): a CT then came out 1024 HU too bright with
+    no word. pydicom cannot apply such a rescale either; the series fails naming the file."""
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom((4, 16, 16)), shuffle=False)
+    set_raw_text(paths[1], tag, text)
+    assert _outcomes(d, fast) == [(f"invalid {tag} (not a finite number)", os.path.basename(paths[1]))]
