@@ -299,6 +299,8 @@ def text_metrics(hyps, refs):
     import sacrebleu
     from rouge_score import rouge_scorer
 
+    if len(hyps) != len(refs):   # zip would drop the unmatched studies without a word
+        raise ValueError(f"{len(hyps)} generated reports for {len(refs)} references: one of each per study")
     pairs = [(_join(hh), _join(rr)) for hh, rr in zip(hyps, refs)]
     kept = [(hh or EMPTY_REPORT, rr or EMPTY_REPORT) for hh, rr in pairs if hh or rr]
     out = {"n_text_pairs": len(kept), "n_both_empty": len(pairs) - len(kept)}
@@ -377,6 +379,9 @@ def _key(row, path):
 def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_url=None, judge_model="local"):
     """hyps: list of finding lists; truths: the matching findings.jsonl records -> metrics dict."""
     n = len(hyps)
+    if len(truths) != n or (indications and len(indications) != n):   # every rate divides by n
+        raise ValueError(f"{n} generated reports for {len(truths)} ground-truth records"
+                         + (f" and {len(indications)} indications" if indications else "") + ": one of each per study")
     out = {"n_studies": n}
     out.update(text_metrics(hyps, [t.get("findings") or [] for t in truths]))
     mentioned = hall = pos = omit = upos = uomit = lat_n = lat_err = 0
@@ -416,13 +421,22 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
     return out
 
 
+def _check_findings(f, path, line, key):
+    """A report's findings must be a list of strings: a string would be scored letter by letter
+    (iterating it), a null as the text 'None'."""
+    if not isinstance(f, list) or not all(isinstance(x, str) for x in f):
+        raise ValueError(f"{path}:{line}: study {key!r}: 'findings' must be a list of strings, got "
+                         f"{json.dumps(f)[:60]}")
+
+
 def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=None, judge_model="local"):
     """Score generated reports against the reference findings.
 
     reports_jsonl: one {"study_key", "findings": [str, ...]} per line (train_llava.py writes these,
     plus "raw" text and "parse" status, counted into parse_ok_rate). findings_jsonl: the
     SHARDS/findings.jsonl ground truth. Studies without a report are errors; extra ground-truth
-    studies are ignored. Returns the metrics dict (see the module docstring).
+    studies are ignored. 'findings' that is not a list of strings (in either file; absent or null in
+    the ground truth means none) is an error naming the file and line. Returns the metrics dict (see the module docstring).
     """
     reps, seen = [], {}
     for line, r in iter_jsonl(reports_jsonl, "reports"):
@@ -431,22 +445,22 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
             raise ValueError(f"{reports_jsonl}:{line}: study {k!r} already has a report (line {seen[k]}); "
                              "keep one report per study")
         seen[k] = line
+        _check_findings(r.get("findings"), reports_jsonl, line, k)
         reps.append(r)
     truth = {}
     for line, r in iter_jsonl(findings_jsonl, "findings"):
         k = _key(r, findings_jsonl)
         if k in truth:
             raise ValueError(f"{findings_jsonl}:{line}: study {k!r} appears twice in the ground truth")
+        if r.get("findings") is not None:   # absent or null: no positive finding
+            _check_findings(r["findings"], findings_jsonl, line, k)
         truth[k] = r
     hyps, truths = [], []
     for r in reps:
         k = _key(r, reports_jsonl)
         if k not in truth:
             raise ValueError(f"{reports_jsonl}: study {k!r} is not in {findings_jsonl}")
-        f = r.get("findings")
-        if not isinstance(f, list):
-            raise ValueError(f"{reports_jsonl}: study {k!r}: 'findings' must be a list of strings")
-        hyps.append([str(x) for x in f])
+        hyps.append(list(r["findings"]))
         truths.append(truth[k])
     if not reps:
         raise ValueError(f"{reports_jsonl}: no reports")

@@ -318,3 +318,30 @@ def test_duplicate_report_rows_are_an_error(tmp_path):
         rm.evaluate_reports(_write(tmp_path / "dup.jsonl", rows + [rows[0]]), truth)
     with pytest.raises(ValueError, match="'b' appears twice"):
         rm.evaluate_reports(_write(tmp_path / "ok.jsonl", rows), _write(tmp_path / "f2.jsonl", TRUTH + [TRUTH[1]]))
+
+
+def test_findings_that_are_not_lists_of_strings_are_errors_not_scored_letters(tmp_path):
+    """A ground-truth findings string used to be read letter by letter: a perfect report scored
+    BLEU-2 0.002 and hallucination rate 1.0. Non-string findings used to be scored as 'None'."""
+    rep = _write(tmp_path / "r.jsonl", [{"study_key": "a", "findings": [SDH]}])
+    for bad in (SDH, [SDH, None], {"text": SDH}):
+        truth = _write(tmp_path / "f.jsonl", [dict(TRUTH[0], findings=bad)])
+        with pytest.raises(ValueError, match=r"f.jsonl:1: study 'a': 'findings' must be a list of strings"):
+            rm.evaluate_reports(rep, truth)
+    truth = _write(tmp_path / "f.jsonl", [dict(TRUTH[0], findings=[SDH])])
+    for bad in ([None], [SDH, 3]):
+        with pytest.raises(ValueError, match=r"r2.jsonl:1: study 'a': 'findings' must be a list of strings"):
+            rm.evaluate_reports(_write(tmp_path / "r2.jsonl", [{"study_key": "a", "findings": bad}]), truth)
+    m = rm.evaluate_reports(rep, _write(tmp_path / "f.jsonl", [dict(TRUTH[0], findings=[SDH], lesions=[])]))
+    assert m["bleu2"] == pytest.approx(1.0) and m["hallucination_rate"] == 0.0
+
+
+def test_report_lists_of_different_lengths_are_an_error():
+    """zip() used to drop the unmatched reports while the rates still divided by len(hyps):
+    one report scored against one truth record gave triage accuracy 0.5 over 2 'studies'."""
+    with pytest.raises(ValueError, match="2 generated reports for 1 ground-truth records"):
+        rm.evaluate_report_lists([TRUTH[0]["findings"], []], [TRUTH[0]])
+    with pytest.raises(ValueError, match="2 ground-truth records and 1 indications"):
+        rm.evaluate_report_lists([t["findings"] for t in TRUTH[:2]], TRUTH[:2], indications=["x"])
+    with pytest.raises(ValueError, match="1 generated reports for 2 references"):
+        rm.text_metrics([[SDH]], [[SDH], []])
