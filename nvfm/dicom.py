@@ -17,9 +17,10 @@ Pipeline (used by preprocess.py):
      modalities other than CT/MR, image SOP classes we do not read, localizers/scouts
      (ImageType LOCALIZER or SeriesDescription SCOUT/LOCALIZER/SURVEY/TOPOGRAM/...),
      derived maps (ImageType DERIVED with MIP/MinIP/projection/volume rendering/
-     subtraction/perfusion or FA maps), colour images. Kept: derived ADC and TRACE
-     diffusion images, and MPR/REFORMATTED series (CT coronal/sagittal reformats are
-     ordinary volumes a radiologist reads).
+     subtraction/perfusion or FA maps), colour images (PALETTE COLOR too: one sample per
+     pixel, but a palette index). Kept: derived ADC and TRACE diffusion images, and
+     MPR/REFORMATTED series (CT coronal/sagittal reformats are ordinary volumes a radiologist
+     reads).
   4. `SliceStack` holds one sub-volume: the frames sorted by their position along the slice
      normal n = row_cosine x column_cosine (never by InstanceNumber or file name), and loads
      pixels one slice at a time (float32, RescaleSlope/Intercept applied per slice). Pixels
@@ -806,7 +807,8 @@ def skip_reason(h):
         kinds = [t for t in it[2:] if t in DERIVED_SKIP]
         if kinds and not any(t in ("ADC", "TRACEW", "TRACE", "EADC") for t in it):
             return f"derived map ({kinds[0]})"
-    if h.get("samples", 1) != 1:
+    # PALETTE COLOR has one sample per pixel: an index into the palette, not an intensity
+    if h.get("samples", 1) != 1 or h.get("photometric") == "PALETTE COLOR":
         return "colour image"
     if h.get("legacy_multiframe"):
         return "multi-frame object without per-frame geometry"

@@ -451,3 +451,15 @@ def test_unparsable_rescale_fails_the_series(tmp_path, tag, text, fast):
     _, _, paths = write_series(d, head_phantom((4, 16, 16)), shuffle=False)
     set_raw_text(paths[1], tag, text)
     assert _outcomes(d, fast) == [(f"invalid {tag} (not a finite number)", os.path.basename(paths[1]))]
+
+
+def test_palette_colour_series_is_skipped(tmp_path):
+    """PALETTE COLOR images have one sample per pixel (an index into the palette, not an
+    intensity), so the "colour image" rule (SamplesPerPixel != 1) missed them and the indices
+    were read as the image; they are skipped as colour images."""
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, np.clip(head_phantom((4, 16, 16)), 0, None), modality="MR", intercept=0.0,
+                               photometric="PALETTE COLOR", shuffle=False)
+    hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+    groups, skipped = dicom.group_series(hs)
+    assert groups == [] and skipped == [(hs[0]["series_uid"], 4, "colour image", os.path.basename(paths[0]))]
