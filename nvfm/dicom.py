@@ -30,8 +30,9 @@ Pipeline (used by preprocess.py):
      openjpeg directly (at half resolution when the pixels are <= 0.5 mm: see dicom_stack);
      everything else goes through pydicom's pixel handlers (pylibjpeg for JPEG, JPEG-LS,
      JPEG 2000, RLE), and a missing handler fails that series with a clear reason.
-     MONOCHROME1 is inverted for MR in nvfm/volume.py; CT is left alone because Hounsfield
-     units are defined by the rescale alone.
+     MONOCHROME1 is inverted for MR in nvfm/volume.py (an MR series mixing MONOCHROME1 and
+     MONOCHROME2 files fails); CT is left alone because Hounsfield units are defined by the
+     rescale alone.
 
 Geometry conventions. Internally positions are DICOM patient coordinates (LPS, mm). A
 stack has in-plane unit vectors r (along a row, i.e. increasing column index j) and c
@@ -1232,6 +1233,10 @@ def dicom_stack(root, group, reduce=False):
         raise SeriesError("missing Rows/Columns")
     modality = info["modality"]
     photometric = info["photometric"]
+    if modality != "CT":  # MONOCHROME1 is inverted once per volume (volume.py): one kind per volume
+        for h, _ in frames:
+            if {h.get("photometric", photometric), photometric} == {"MONOCHROME1", "MONOCHROME2"}:
+                raise SeriesError("mixed MONOCHROME1 and MONOCHROME2 slices", h["path"])
     cache = {}
     notes = []
 

@@ -463,3 +463,23 @@ def test_palette_colour_series_is_skipped(tmp_path):
     hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
     groups, skipped = dicom.group_series(hs)
     assert groups == [] and skipped == [(hs[0]["series_uid"], 4, "colour image", os.path.basename(paths[0]))]
+
+
+def test_mixed_monochrome1_and_2_mr_fails_the_series(tmp_path):
+    """MONOCHROME1 MR is inverted once for the whole volume (nvfm/volume.py), from the series'
+    first file: an MR series whose files mix MONOCHROME1 and MONOCHROME2 came out with every
+    other slice inverted. It fails naming a file; a CT one loads as before (HU come from the
+    rescale alone)."""
+    vol = np.clip(head_phantom((4, 16, 16)) + 1000, 0, None)
+
+    def invert_odd(ds, i):
+        if i % 2:
+            ds.PhotometricInterpretation = "MONOCHROME1"
+    d = str(tmp_path / "mr")
+    _, _, paths = write_series(d, vol, modality="MR", intercept=0.0, shuffle=False)
+    mutate_series(d, invert_odd)
+    assert _outcomes(d) == [("mixed MONOCHROME1 and MONOCHROME2 slices", os.path.basename(paths[1]))]
+    d = str(tmp_path / "ct")
+    write_series(d, vol - 1000, shuffle=False)
+    mutate_series(d, invert_odd)
+    assert _outcomes(d) == [("ok", None)]
