@@ -1412,7 +1412,7 @@ def nifti_study_folder(rel):
 
 
 def nifti_stack(root, rel):
-    """SliceStack for a 3D NIfTI file (4D with one volume is accepted)."""
+    """SliceStack for a real-valued 3D NIfTI file (4D with one volume is accepted)."""
     import nibabel as nib
     path = os.path.join(root, rel)
     try:
@@ -1430,6 +1430,8 @@ def nifti_stack(root, rel):
         raise SeriesError(f"{len(shape)}D NIfTI (need one 3D volume)")
     if min(shape) < 1:
         raise SeriesError("zero-sized NIfTI")
+    if img.get_data_dtype().kind == "c":  # a float32 cast would keep the real part, not the magnitude
+        raise SeriesError("complex-valued NIfTI (need magnitude images)")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as e:

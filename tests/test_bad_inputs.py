@@ -483,3 +483,13 @@ def test_mixed_monochrome1_and_2_mr_fails_the_series(tmp_path):
     write_series(d, vol - 1000, shuffle=False)
     mutate_series(d, invert_odd)
     assert _outcomes(d) == [("ok", None)]
+
+
+def test_complex_nifti_fails(tmp_path):
+    """A complex-valued NIfTI was cast to float32, keeping the real part (not the magnitude)
+    with only numpy's ComplexWarning; it fails with its reason."""
+    v = np.clip(head_phantom(SHAPE), 0, None).transpose(2, 1, 0)
+    nib.save(nib.Nifti1Image((v * np.exp(1j * 2.0)).astype(np.complex64), np.diag([0.8, 0.9, 5.0, 1.0])),
+             str(tmp_path / "c.nii.gz"))
+    with pytest.raises(dicom.SeriesError, match=r"^complex-valued NIfTI \(need magnitude images\)$"):
+        dicom.nifti_stack(str(tmp_path), "c.nii.gz")
