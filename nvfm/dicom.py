@@ -58,7 +58,8 @@ limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix si
 a NIfTI set to 0.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
-go to the axis closest to I/S); the affine is used as given (sform, else qform). A NIfTI
+go to the axis closest to I/S); the affine is used as given (sform, else qform; neither:
+nibabel's default from the voxel sizes, with a warning, as the orientation is unknown). A NIfTI
 has no study UID: all NIfTI files in one folder form one study whose key is the salted
 hash of the folder path relative to the input root (a trailing BIDS datatype folder
 anat/dwi/func/perf/fmap is stripped, so one BIDS session = one study). Modality (a NIfTI has no
@@ -1465,6 +1466,10 @@ def nifti_stack(root, rel):
                     lambda k: np.array(vol[k], np.float32), modality)  # a copy: callers modify it
     if n_bad:
         st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to 0")
+    hdr = img.header
+    if "qform_code" in hdr and "sform_code" in hdr and int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
+        # no orientation in the file: nibabel's guess and SimpleITK's differ by an A/P flip
+        st.warnings.append("NIfTI has no qform/sform: orientation unknown (nibabel's default axes L, A, S assumed)")
     from nvfm.volume import itk_nifti_pixel_type  # nvfm/volume.py imports this module
     try:  # the pixel type SimpleITK reads the file as: resampled_neurovfm's truncation and clamp
         st.itk_pixel_type = itk_nifti_pixel_type(img.header)

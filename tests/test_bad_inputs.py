@@ -493,3 +493,21 @@ def test_complex_nifti_fails(tmp_path):
              str(tmp_path / "c.nii.gz"))
     with pytest.raises(dicom.SeriesError, match=r"^complex-valued NIfTI \(need magnitude images\)$"):
         dicom.nifti_stack(str(tmp_path), "c.nii.gz")
+
+
+def test_nifti_without_qform_or_sform_is_warned(tmp_path):
+    """A NIfTI with qform_code = sform_code = 0 has no orientation (an ANALYZE-style header):
+    nibabel assumes voxel axes L, A, S, SimpleITK L, P, S (an A/P flip apart). It loads as
+    before, with nibabel's affine, and says so."""
+    v = np.clip(head_phantom(SHAPE), 0, None).transpose(2, 1, 0).astype(np.float32)
+    img = nib.Nifti1Image(v, np.diag([0.8, 0.9, 5.0, 1.0]))
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, str(tmp_path / "bare.nii"))
+    A = nib.load(str(tmp_path / "bare.nii")).affine  # nibabel's default (from the voxel sizes)
+    nib.save(nib.Nifti1Image(v, A), str(tmp_path / "same.nii"))  # the same affine, as an sform
+    same, bare = dicom.nifti_stack(str(tmp_path), "same.nii"), dicom.nifti_stack(str(tmp_path), "bare.nii")
+    assert same.warnings == []
+    assert bare.warnings == ["NIfTI has no qform/sform: orientation unknown (nibabel's default axes L, A, S assumed)"]
+    assert np.array_equal(bare.assemble(), same.assemble())  # loaded as before
+    assert np.allclose(bare.native_affine(), same.native_affine())
