@@ -466,9 +466,14 @@ def main():
         rows, _ = P.load_labels(labels) if paths else ([], [])
     except ValueError as e:  # no study_key column, a value not 0/1
         fail(str(e))
+    rows_by_key = {}
+    for r in rows:   # a key on two rows: one row's labels (and split) would silently win
+        if r["study_key"] in rows_by_key:
+            fail(f"--labels: {labels}: study_key {r['study_key']!r} is on "
+                 f"{sum(q['study_key'] == r['study_key'] for q in rows)} rows: one row per study")
+        rows_by_key[r["study_key"]] = r
     os.makedirs(out, exist_ok=True)
     disp = display_names(paths, names)
-    rows_by_key = {r["study_key"]: r for r in rows}
     fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
     sides = P.load_sides(fpath) if os.path.exists(fpath) else {}
     results, first, written = {}, None, []

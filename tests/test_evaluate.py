@@ -145,3 +145,64 @@ def test_merge_refuses_two_runs_with_the_same_row_and_column(tmp_path, monkeypat
     monkeypatch.setattr(evaluate, "merge", f"{a},{c}")             # another encoder: one row, two columns
     evaluate.merge_tables()
     assert "| labels: macro AUROC | 0.900 [0.800, 0.950] | 0.550 [0.450, 0.650] |" in (tmp_path / "m" / "paper_table.md").read_text()
+
+
+def _tiny_run(d, names=("intraparenchymal_hemorrhage", "cerebral_atrophy"), n=30, eval_modality="CT", task="classify"):
+    """A random-weight mean-pool probe over a synthetic 4-d feature cache of n studies (CT, split
+    test; with every 5th study MR), its labels.csv (0/1 columns, age) and findings.jsonl (the odd
+    studies have a left lesion). Returns (probe.pt path, labels.csv rows as lists, header)."""
+    import csv
+    import torch
+    from nvfm import features
+    from nvfm import probe as P
+    rng = np.random.default_rng(0)
+    cols = [c for c in names if c not in P.SIDE_CLASSES and c != "age"]
+    keys = [f"k{i:02d}" for i in range(n)]
+    with features.FeatureWriter(str(d / "cache"), "sha256:tiny", 4) as w:
+        for k in keys:
+            w.add(k, [dict(volume_id=k, family="CT", window="brain", modality="CT", coords=np.zeros((3, 3)),
+                           emb=rng.normal(size=(3, 4)))])
+    header = ["study_key", "modality", "split", "age"] + cols
+    rows = [[k, "MR" if i % 5 == 4 else "CT", "test", 40 + i] + [int(v) for v in rng.random(len(cols)) < 0.5]
+            for i, k in enumerate(keys)]
+    with open(d / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    with open(d / "findings.jsonl", "w") as f:
+        for i, k in enumerate(keys):
+            f.write(json.dumps({"study_key": k, "findings": [], "lesions": [{"diagnosis": "meningioma", "side": "left"}]
+                                if i % 2 else []}) + "\n")
+    K = len(names)
+    torch.manual_seed(0)
+    m = P.make_probe("mean_pool", 4, K)
+    ck = dict(models=[m.state_dict()], probe_args=dict(kind="mean_pool", dim=4, n_out=K, hidden=0, dropout=0.0),
+              task=task, label_names=list(names), modality=eval_modality, eval_modality=eval_modality,
+              encoder_hash="sha256:tiny", features=str(d / "cache"), windows="", protocol="train/val/test splits",
+              thresholds=[0.0] * K, platt_a=[1.0] * K, platt_b=[0.0] * K, n_train_pos=[5.0] * K, age_mu=60.0, age_sd=10.0)
+    torch.save(ck, d / f"probe_{eval_modality}.pt")
+    return str(d / f"probe_{eval_modality}.pt"), rows, header
+
+
+def _settings(monkeypatch, d, **kw):
+    for k, v in dict(dict(labels=str(d / "labels.csv"), out=str(d / "ev"), n_boot=0, plots=False, device="cpu",
+                          findings="", names="p", split="test", external=False, reports="", merge=""), **kw).items():
+        monkeypatch.setattr(evaluate, k, v)
+
+
+def _write_labels(d, header, rows):
+    import csv
+    with open(d / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+
+
+def test_duplicate_study_keys_in_labels_are_an_error(tmp_path, monkeypatch):
+    """A study key on two rows of labels.csv used to keep only the last row's labels (and split)."""
+    pt, rows, header = _tiny_run(tmp_path)
+    _settings(monkeypatch, tmp_path, probes=pt)
+    evaluate.main()
+    n = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]["n_studies"]
+    assert n == 24                                                  # the CT studies of split test
+    dup = rows + [rows[0][:4] + [1 - v for v in rows[0][4:]]]        # k00 again, labels flipped
+    _write_labels(tmp_path, header, dup)
+    with pytest.raises(SystemExit, match=r"labels.csv: study_key 'k00' is on 2 rows"):
+        evaluate.main()
+
