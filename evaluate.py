@@ -36,7 +36,7 @@ import torch
 probes = ""            # comma-separated probe.pt paths (train_probe.py --out)
 names = ""             # comma-separated display names ("" = parent folder names)
 labels = ""            # SHARDS/labels.csv
-findings = ""          # SHARDS/findings.jsonl ("" -> beside labels)
+findings = ""          # SHARDS/findings.jsonl ("" -> beside labels): lesion sides of side classes, report truth
 features = ""          # override the feature cache recorded in the probe ("" = recorded)
 split = "test"         # evaluated split (ignored for CV probes: their held-out test keys)
 out = "out/eval"
@@ -107,8 +107,18 @@ def evaluate_probe(path, display, rows_by_key, sides):
     if missing:
         raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "
                          f"(first: {missing[:3]}); run encode.py on the {split} split")
-    unknown = [n for n in lab if n not in P.SIDE_CLASSES and n != "age" and
-               n not in next(iter(rows_by_key.values()))["y"]]
+    side = [n for n in lab if n in P.SIDE_CLASSES]
+    fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
+    if side and sides is None and not external:   # without the lesions' sides every study would be a negative
+        raise SystemExit(f"evaluate.py: the probe's side classes {side} need the lesions' sides of findings.jsonl: "
+                         f"{fpath} not found (--findings=PATH)")
+    if side and sides is not None:
+        lost = [k for k in keys if k not in sides]
+        if lost:
+            raise SystemExit(f"evaluate.py: {len(lost)} of the {len(keys)} evaluated studies are not in {fpath} "
+                             f"(first: {lost[:3]}): their lesion sides (the probe's {side}) are unknown")
+    unknown = [n for n in lab if n != "age" and (n in P.SIDE_CLASSES and sides is None or n not in P.SIDE_CLASSES
+                                                 and n not in next(iter(rows_by_key.values()))["y"])]
     full_ck, cols = ck, None
     if unknown and external and len(unknown) < len(lab):
         # another dataset labels a subset of the probe's classes (RSNA's six in CQ500's fourteen, one
@@ -140,7 +150,7 @@ def evaluate_probe(path, display, rows_by_key, sides):
         age = np.array([rows_by_key[k]["age"] for k in keys])
         res.update(metrics.regression_report(age, pred, n_boot=n_boot, seed=seed))
         return res, dict(task="age", keys=keys, age=age, pred=pred, ck=ck, display=display)
-    y = np.array([[(int(n.split("_")[1] in sides.get(k, ())) if n in P.SIDE_CLASSES else rows_by_key[k]["y"][n])
+    y = np.array([[(int(n.split("_")[1] in sides[k]) if n in P.SIDE_CLASSES else rows_by_key[k]["y"][n])
                    for n in lab] for k in keys], dtype=np.float64)
     thr = np.array(ck["thresholds"])
     rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
@@ -475,7 +485,7 @@ def main():
     os.makedirs(out, exist_ok=True)
     disp = display_names(paths, names)
     fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
-    sides = P.load_sides(fpath) if os.path.exists(fpath) else {}
+    sides = P.load_sides(fpath) if os.path.exists(fpath) else None   # None: side classes cannot be scored
     results, first, written = {}, None, []
     for p, d in zip(paths, disp):
         res, data = evaluate_probe(p, d, rows_by_key, sides)
@@ -506,7 +516,7 @@ def main():
                 mod = first["ck"]["eval_modality"]
                 fk = [k for k, r in rows_by_key.items() if r["split"] in flip_split.split(",")
                       and (mod == "all" or r["modality"] == mod)]
-            f = grounding.flip_test_eval(first, reader, sides, keys=fk, encoder_spec=encoder, device=device)
+            f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
             summary["flip_test_auroc"] = f["auroc"]
             results[first["display"]]["flip_test"] = f
             if "note" in f:

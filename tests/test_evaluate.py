@@ -206,3 +206,20 @@ def test_duplicate_study_keys_in_labels_are_an_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"labels.csv: study_key 'k00' is on 2 rows"):
         evaluate.main()
 
+
+def test_side_classes_without_their_findings_are_an_error_not_all_negative(tmp_path, monkeypatch):
+    """lesion_left / lesion_right come from findings.jsonl; without it (or a study) they used to
+    be all 0, so the classes were reported undefined (or a left lesion counted as a negative)."""
+    pt, rows, header = _tiny_run(tmp_path, names=("intraparenchymal_hemorrhage", "lesion_left", "lesion_right"))
+    _settings(monkeypatch, tmp_path, probes=pt)
+    evaluate.main()
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    assert res["per_class"]["lesion_left"]["n_pos"] == 12 and res["per_class"]["lesion_left"]["auroc"] is not None
+    lines = (tmp_path / "findings.jsonl").read_text().splitlines()
+    (tmp_path / "findings.jsonl").write_text("\n".join(lines[:-3]) + "\n")   # k27 (left lesion), k28, k29 (MR) lost
+    with pytest.raises(SystemExit, match=r"2 of the 24 evaluated studies are not in .*findings.jsonl.*'k27', 'k28'"):
+        evaluate.main()
+    os.remove(tmp_path / "findings.jsonl")
+    with pytest.raises(SystemExit, match=r"side classes \['lesion_left', 'lesion_right'\] need .*findings.jsonl"):
+        evaluate.main()
+
