@@ -51,7 +51,8 @@ absurd spacings (pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or 
 (> 2048 pixels, > 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native
 pixel data whose length is not exactly Rows x Columns x frames x samples x BitsAllocated
 (+ one pad byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
-finite number in any file (read as absent it would shift every value); Siemens mosaics. Files
+finite number, or integer pixels without PixelRepresentation, in any file (read as absent
+they would shift every value, or make negative ones huge); Siemens mosaics. Files
 cut short are "truncated file" (header or pixel data), at the header scan or when read. Kept
 but recorded in `stack.warnings`: a gap interpolated because it is under the missing-slice
 limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, NaNs in
@@ -604,6 +605,8 @@ def _note_pixel_error(ds, info, pos, hdr, file_size):
         _check_pixel_length(ds, info, pos, hdr, file_size)
     except SeriesError as e:
         info["pixel_error"] = str(e)
+    if info["pixel_tag"] and info.get("pixel_representation") is None:  # read as unsigned, -1000 is 64536
+        info.setdefault("pixel_error", "missing PixelRepresentation (signed or unsigned pixels unknown)")
 
 
 def _raw_pixel_location(ds, info, pos, hdr):

@@ -511,3 +511,15 @@ def test_nifti_without_qform_or_sform_is_warned(tmp_path):
     assert bare.warnings == ["NIfTI has no qform/sform: orientation unknown (nibabel's default axes L, A, S assumed)"]
     assert np.array_equal(bare.assemble(), same.assemble())  # loaded as before
     assert np.allclose(bare.native_affine(), same.native_affine())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_missing_pixel_representation_fails_the_series(tmp_path, fast):
+    """Without PixelRepresentation the direct pixel read took 16-bit pixels as unsigned: a
+    signed CT's air (-1000 HU) came out as +64536 (pydicom refuses such a file). The series
+    fails naming the file."""
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom((4, 16, 16)), intercept=0.0, shuffle=False)
+    mutate_series(d, lambda ds, i: delattr(ds, "PixelRepresentation") if i == 2 else None)
+    assert _outcomes(d, fast) == [("missing PixelRepresentation (signed or unsigned pixels unknown)",
+                                   os.path.basename(paths[2]))]
