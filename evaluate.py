@@ -103,6 +103,10 @@ def evaluate_probe(path, display, rows_by_key, sides):
         keys = [k for k, r in rows_by_key.items() if r["split"] == split and (mod == "all" or r["modality"] == mod)]
     if ck["task"] == "age":
         keys = [k for k in keys if rows_by_key[k]["age"] is not None]
+        bad = [k for k in keys if not np.isfinite(rows_by_key[k]["age"])]
+        if bad:
+            raise SystemExit(f"evaluate.py: {labels}: study {bad[0]!r} has age {rows_by_key[bad[0]]['age']} "
+                             f"({len(bad)} such studies): leave the cell empty for an unknown age")
     missing = [k for k in keys if k not in cache]
     if missing:
         raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "

@@ -223,3 +223,14 @@ def test_side_classes_without_their_findings_are_an_error_not_all_negative(tmp_p
     with pytest.raises(SystemExit, match=r"side classes \['lesion_left', 'lesion_right'\] need .*findings.jsonl"):
         evaluate.main()
 
+
+def test_non_finite_age_is_an_error_naming_the_labels_file(tmp_path, monkeypatch):
+    pt, rows, header = _tiny_run(tmp_path, names=("age",), task="age")
+    _settings(monkeypatch, tmp_path, probes=pt)
+    evaluate.main()
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    assert res["n"] == 24 and res["mae"] > 0
+    rows[3][3] = "nan"
+    _write_labels(tmp_path, header, rows)
+    with pytest.raises(SystemExit, match=r"labels.csv: study 'k03' has age nan"):
+        evaluate.main()
