@@ -1324,9 +1324,12 @@ def dicom_stack(root, group, reduce=False):
             cache[path] = read_full(h)
         arr = cache[path]
         if fr["frame"] is not None:
-            if arr.ndim != 3 or fr["frame"] >= arr.shape[0]:
+            if arr.ndim == 2 and fr["frame"] == 0 and len(h["frames"]) == 1:
+                pass  # an enhanced file of one frame: pydicom returns it 2D
+            elif arr.ndim != 3 or fr["frame"] >= arr.shape[0]:
                 raise SeriesError("pixel data has fewer frames than the header says")
-            arr = arr[fr["frame"]]
+            else:
+                arr = arr[fr["frame"]]
         elif arr.ndim == 3 and arr.shape[1:] == (rows, cols):  # a single-frame file holding more frames:
             arr = arr[0]  # the header's one frame (pydicom returns them all; the series notes it)
         if arr.shape != (rows, cols):

@@ -260,6 +260,22 @@ def test_enhanced_multiframe_and_rle(tmp_path):
     assert np.allclose(mf.native_affine(), raw.native_affine())
 
 
+def test_enhanced_files_of_one_frame_each(tmp_path):
+    """A series of enhanced multi-frame files holding one frame each (NumberOfFrames 1, as
+    some scanners export 2D series): pydicom returns such a file's pixels as one 2D frame,
+    which was refused as "fewer frames than the header says". They load as the classic series."""
+    vol = np.clip(head_phantom((5, 16, 16)) + 1000, 0, None)
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for k in range(5):
+        write_enhanced(str(tmp_path / "mf" / f"f{k}.dcm"), vol[k:k + 1], origin=(-100.0, -110.0, -50.0 + 4.0 * k),
+                       ps=(1.0, 1.0), study_uid=study, series_uid=series, slope=2.0)
+    write_series(str(tmp_path / "raw"), vol, modality="MR", intercept=0.0, ps=(1.0, 1.0), step=(0, 0, 4.0))
+    (mf,), _ = stacks_in(str(tmp_path / "mf"))
+    (raw,), _ = stacks_in(str(tmp_path / "raw"))
+    assert np.allclose(mf.assemble(), raw.assemble(), atol=1.0)  # slope 2: stored values halved
+    assert np.allclose(mf.native_affine(), raw.native_affine())
+
+
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
 def test_real_compressed_transfer_syntaxes(tmp_path, name):
     """pydicom's bundled MR_small in compressed syntaxes decodes to the same pixels."""
