@@ -28,6 +28,7 @@ label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.n
 import json
 import os
 import pickle
+import sys
 
 import numpy as np
 import torch
@@ -370,8 +371,9 @@ def paper_rows(results, task):
     return [(k, v) for k, v in rows.items()]
 
 
-def write_paper_table(rows, path):
-    """Markdown table: one row per task and figure, one column per probe name (encoder)."""
+def write_paper_table(rows, path, note=""):
+    """Markdown table: one row per task and figure, one column per probe name (encoder); note: a
+    line above it."""
     cols = []
     for _, cells in rows:
         cols += [c for c in cells if c not in cols]
@@ -379,6 +381,7 @@ def write_paper_table(rows, path):
     lines += ["| " + label + " | " + " | ".join(cells.get(c, "") for c in cols) + " |" for label, cells in rows]
     with open(path, "w") as f:
         f.write("95% CIs: study-level bootstrap of the held-out test set (or the whole external dataset).\n\n"
+                + (note + "\n\n" if note else "")
                 + "\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -490,17 +493,27 @@ def main():
     disp = display_names(paths, names)
     fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
     sides = P.load_sides(fpath) if os.path.exists(fpath) else None   # None: side classes cannot be scored
-    results, first, written = {}, None, []
+    results, first, written, studies = {}, None, [], {}
     for p, d in zip(paths, disp):
         res, data = evaluate_probe(p, d, rows_by_key, sides)
         res["display"] = d
         results[d] = res
+        studies[d] = (data["task"], frozenset(data["keys"]))
         if data is not None and data["task"] == "classify" and first is None:
             first = data.get("grounding_view") or data
         if plots and data is not None:
             written += plot(res, data) + plot_pr(res, data) if data["task"] == "classify" else plot_age(res, data)
         print(table(res), flush=True)
     summary = {"macro_auroc": {d: r.get("macro", {}).get("auroc", {}).get("mean") for d, r in results.items()}}
+    differ = []
+    for task in ("classify", "age"):   # side-by-side figures of one task should come from the same studies
+        sets = {d: ks for d, (t, ks) in studies.items() if t == task}
+        if len(set(sets.values())) > 1:
+            differ.append(f"the {'classification' if task == 'classify' else 'age'} probes are scored on different studies ("
+                      + ", ".join(f"{d} {len(ks)}" for d, ks in sets.items())
+                      + f"; {len(frozenset.intersection(*sets.values()))} in all): not a paired comparison")
+            summary.setdefault("studies_differ", {}).update({d: len(ks) for d, ks in sets.items()})
+            print(f"evaluate.py: warning: {differ[-1]}", file=sys.stderr)
     if first is not None and (cohort or flip_test or anatomy):
         from nvfm import grounding
         if not shards:
@@ -547,7 +560,7 @@ def main():
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics.jsonable({"summary": summary, "results": results, "paper_rows": prows}), f, indent=1)
     if prows:
-        write_paper_table(prows, os.path.join(out, "paper_table.md"))
+        write_paper_table(prows, os.path.join(out, "paper_table.md"), note=f"Note: {'; '.join(differ)}." if differ else "")
     if reports:
         print(report_table(results["reports"]))
     with open(os.path.join(out, "table.txt"), "w") as f:

@@ -234,3 +234,23 @@ def test_non_finite_age_is_an_error_naming_the_labels_file(tmp_path, monkeypatch
     _write_labels(tmp_path, header, rows)
     with pytest.raises(SystemExit, match=r"labels.csv: study 'k03' has age nan"):
         evaluate.main()
+
+
+def test_probes_scored_on_different_studies_are_flagged(tmp_path, monkeypatch, capsys):
+    """A CT probe (24 studies) and an all-modality probe (30) used to share paper-table rows and the
+    summary with nothing saying their figures come from different cohorts."""
+    import torch
+    pt, rows, header = _tiny_run(tmp_path)
+    ck = torch.load(pt, weights_only=True)
+    torch.save(dict(ck, eval_modality="all"), tmp_path / "probe_all.pt")
+    _settings(monkeypatch, tmp_path, probes=f"{pt},{pt}", names="a,b")
+    evaluate.main()
+    assert "different studies" not in capsys.readouterr().err
+    assert "studies_differ" not in json.load(open(tmp_path / "ev" / "metrics.json"))["summary"]
+    _settings(monkeypatch, tmp_path, probes=f"{pt},{tmp_path / 'probe_all.pt'}", names="a,b")
+    evaluate.main()
+    err = capsys.readouterr().err
+    assert "warning: the classification probes are scored on different studies (a 24, b 30; 24 in all)" in err
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["summary"]["studies_differ"] == {"a": 24, "b": 30}
+    assert "different studies (a 24, b 30; 24 in all)" in (tmp_path / "ev" / "paper_table.md").read_text()
+
