@@ -150,6 +150,11 @@ def evaluate_probe(path, display, rows_by_key, sides):
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
            "encoder_hash": ck["encoder_hash"]}
     res["external"] = bool(external)
+    if not external and "test_keys" not in ck and split in ("train", "val"):
+        # train fitted the probe; val chose its checkpoint, thresholds and Platt calibration
+        res["in_sample"] = split
+        print(f"evaluate.py: warning: {display}: split {split!r} is where the probe's checkpoint, thresholds and "
+              "calibration were chosen (train: where it was fitted): in-sample, optimistic figures", file=sys.stderr)
     if ck["task"] == "age":
         pred = logits[:, 0] * ck["age_sd"] + ck["age_mu"]
         age = np.array([rows_by_key[k]["age"] for k in keys])
@@ -224,7 +229,8 @@ def display_names(paths, names_arg):
 
 def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
-             f"{res['n_studies']} studies, {res['n_models']} model(s))"]
+             f"{res['n_studies']} studies, {res['n_models']} model(s))"
+             + (f"  [in-sample: the probe was fitted or tuned on split {res['in_sample']!r}]" if res.get("in_sample") else "")]
     if res["task"] == "age":
         lines.append(f"   age: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} years, RMSE "
                      f"{fmt_ci(res['rmse'], res.get('rmse_ci'), 2)} years, Pearson r "

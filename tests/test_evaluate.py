@@ -254,3 +254,17 @@ def test_probes_scored_on_different_studies_are_flagged(tmp_path, monkeypatch, c
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["summary"]["studies_differ"] == {"a": 24, "b": 30}
     assert "different studies (a 24, b 30; 24 in all)" in (tmp_path / "ev" / "paper_table.md").read_text()
 
+
+def test_evaluating_the_selection_split_is_flagged(tmp_path, monkeypatch, capsys):
+    """--split=val scores a split-protocol probe where its thresholds and calibration were chosen:
+    optimistic sensitivity / specificity, used to be reported like held-out figures."""
+    pt, rows, header = _tiny_run(tmp_path)
+    _settings(monkeypatch, tmp_path, probes=pt)
+    evaluate.main()
+    assert "in_sample" not in json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    _write_labels(tmp_path, header, [r[:2] + ["val"] + r[3:] for r in rows])
+    _settings(monkeypatch, tmp_path, probes=pt, split="val")
+    evaluate.main()
+    assert "p: split 'val' is where the probe's checkpoint, thresholds and calibration were chosen" in capsys.readouterr().err
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]["in_sample"] == "val"
+    assert "in-sample" in (tmp_path / "ev" / "table.txt").read_text()
