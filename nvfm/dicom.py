@@ -751,6 +751,10 @@ def _header_info(ds, info):
     shared = shared[0] if shared else None
     if pffg is not None or shared is not None:  # enhanced multi-frame
         items = list(pffg) if pffg is not None else [None] * nframes
+        if pffg is not None and g("NumberOfFrames", None) is not None and len(items) != nframes:
+            # pixels decode to NumberOfFrames frames: some would have no geometry (dropped unsaid)
+            info.setdefault("pixel_error", f"frame count differs: NumberOfFrames {nframes}, "
+                                           f"per-frame functional groups {len(items)}")
         for f, item in enumerate(items):
             if info["te"] is None:
                 info["te"] = _num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime"))

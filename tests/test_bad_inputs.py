@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from dicom_synth import head_phantom, mutate_series, set_raw_text, write_series  # noqa: E402
+from dicom_synth import head_phantom, mutate_series, set_raw_text, write_enhanced, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -523,3 +523,17 @@ def test_missing_pixel_representation_fails_the_series(tmp_path, fast):
     mutate_series(d, lambda ds, i: delattr(ds, "PixelRepresentation") if i == 2 else None)
     assert _outcomes(d, fast) == [("missing PixelRepresentation (signed or unsigned pixels unknown)",
                                    os.path.basename(paths[2]))]
+
+
+def test_enhanced_frame_count_mismatch_fails_the_series(tmp_path):
+    """An enhanced file whose per-frame functional groups describe fewer frames than
+    NumberOfFrames: its compressed pixel data decodes to NumberOfFrames frames and the extra
+    frame was dropped without a word (a lost slice). The series fails naming the file."""
+    p = str(tmp_path / "e" / "mf.dcm")
+    write_enhanced(p, np.clip(head_phantom((6, 16, 16)) + 1000, 0, None), ps=(1.0, 1.0))
+    ds = pydicom.dcmread(p)
+    ds.compress(pydicom.uid.RLELossless)
+    del ds.PerFrameFunctionalGroupsSequence[-1]
+    ds.save_as(p)
+    assert _outcomes(str(tmp_path / "e")) == [
+        ("frame count differs: NumberOfFrames 6, per-frame functional groups 5", "mf.dcm")]
