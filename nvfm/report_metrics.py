@@ -3,8 +3,10 @@
 Implementations (all offline):
   BLEU-2   sacrebleu `BLEU(max_ngram_order=2)` corpus score (13a tokenizer, case-sensitive, exp
            smoothing, brevity penalty over the corpus), / 100
-  ROUGE-L  rouge-score `RougeScorer(["rougeL"], use_stemmer=True)` F-measure (its tokenizer: lower
-           case, runs of letters/digits, Porter stems), mean over studies
+  ROUGE-L  rouge-score `RougeScorer(["rougeL"], use_stemmer=True)` F-measure, mean over studies, with
+           its tokenizer (lower case, runs of letters/digits, Porter stems of words over 3 letters)
+           reading letters of every script (`RougeTokenizer`): the same tokens on ASCII text, where
+           rouge-score's own drops non-ASCII letters (identical Cyrillic reports scored 0)
   METEOR   NLTK `meteor_score` (exact + Porter stem + WordNet synonym matching, alpha 0.9, beta 3,
            gamma 0.5) on `meteor_tokens` (lower case, letter/digit runs, punctuation marks), mean
            over studies. NLTK's METEOR is not the METEOR 1.5 jar (no paraphrase
@@ -36,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import unicodedata
 import urllib.request
 
 from nvfm.ontology import DIAGNOSES
@@ -285,6 +288,20 @@ def meteor_tokens(text):
     return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
 
 
+class RougeTokenizer:
+    """rouge-score's DefaultTokenizer(use_stemmer=True) for letters and digits of any script: lower
+    case, runs of letters/digits, Porter stems of tokens over 3 characters. On ASCII text the same
+    tokens as rouge-score's; that one drops every non-ASCII letter ('hämatom' -> 'h', 'matom')."""
+
+    def __init__(self):
+        from nltk.stem import porter
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text):
+        text = unicodedata.normalize("NFKC", text).lower()   # composed letters: 'e' + U+0301 is one letter
+        return [self.stemmer.stem(t) if len(t) > 3 else t for t in re.findall(r"[^\W_]+", text)]
+
+
 def text_metrics(hyps, refs):
     """hyps, refs: lists (studies) of finding lists -> {bleu2, rougeL, meteor} in [0, 1], plus
     n_text_pairs (studies scored) and n_both_empty.
@@ -314,7 +331,7 @@ def text_metrics(hyps, refs):
         return {"bleu2": nan, "rougeL": nan, "meteor": nan, **out}
     h, r = [k[0] for k in kept], [k[1] for k in kept]
     bleu = sacrebleu.metrics.BLEU(max_ngram_order=2, effective_order=False).corpus_score(h, [r]).score / 100
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=RougeTokenizer())
     rouge = sum(scorer.score(rr, hh)["rougeL"].fmeasure for hh, rr in kept) / len(kept)
     meteor = nan
     if wn is not None:

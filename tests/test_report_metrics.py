@@ -345,3 +345,22 @@ def test_report_lists_of_different_lengths_are_an_error():
         rm.evaluate_report_lists([t["findings"] for t in TRUTH[:2]], TRUTH[:2], indications=["x"])
     with pytest.raises(ValueError, match="1 generated reports for 2 references"):
         rm.text_metrics([[SDH]], [[SDH], []])
+
+
+def test_rouge_l_reads_every_script_and_equals_rouge_score_on_ascii():
+    """rouge-score's tokenizer drops non-ASCII letters: two identical Cyrillic reports scored
+    ROUGE-L 0 (BLEU-2 1). Ours keeps every script's letters and gives rouge-score's own numbers on
+    ASCII text (random reports of words, digits, punctuation and case compared with its scorer)."""
+    import random
+    from rouge_score import rouge_scorer
+    ru = ["Субдуральная гематома слева."]
+    assert rm.text_metrics([ru], [ru])["rougeL"] == pytest.approx(1.0)
+    assert rm.text_metrics([["Hämatom links."]], [["Hamatom links."]])["rougeL"] == pytest.approx(0.5)
+    assert rm.text_metrics([["He\u0301matome gauche."]], [["H\u00e9matome gauche."]])["rougeL"] == pytest.approx(1.0)
+    rnd = random.Random(0)
+    words = (SDH + " " + SHIFT + " " + MENINGIOMA + " " + ATROPHY + " no-change (x2) 3.4cm, L/R").split()
+    ref = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for _ in range(30):
+        h = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 15)))]
+        r = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 15)))]
+        assert rm.text_metrics([h], [r])["rougeL"] == pytest.approx(ref.score(r[0], h[0])["rougeL"].fmeasure, abs=1e-15)
