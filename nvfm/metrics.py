@@ -434,10 +434,11 @@ def _replicates_cpp(y, s, thr, n_boot, seed, defined):
         torch.from_numpy(np.ascontiguousarray(s[:, cols], dtype=np.float64)),
         torch.from_numpy(np.ascontiguousarray(thr[cols], dtype=np.float64)), 0, n_boot, _s64(seed)).numpy()
     num, P, N, TP, TN = np.moveaxis(st, 2, 0)                            # (n_boot, len(cols)) each
+    ok = P * N > 0   # a replicate without positives or negatives: all four undefined, as in the point estimates
     with np.errstate(invalid="ignore", divide="ignore"):
-        au = np.where(P * N > 0, num / (P * N), np.nan)
-        sens = np.where(P > 0, TP / P, np.nan)
-        spec = np.where(N > 0, TN / N, np.nan)
+        au = np.where(ok, num / (P * N), np.nan)
+        sens = np.where(ok, TP / P, np.nan)
+        spec = np.where(ok, TN / N, np.nan)
     for m, v in [("auroc", au), ("sensitivity", sens), ("specificity", spec), ("balanced_accuracy", 0.5 * (sens + spec))]:
         out[m][:, cols] = v
     return out
@@ -467,8 +468,9 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
         c = w.T @ M
         tp, p, tn, ng = c[:, :K], c[:, K:2 * K], c[:, 2 * K:3 * K], c[:, 3 * K:]
         nan = torch.tensor(float("nan"), dtype=c.dtype, device=dev)
-        sens = torch.where(p > 0, tp / p.clamp_min(1), nan)
-        spec = torch.where(ng > 0, tn / ng.clamp_min(1), nan)
+        ok = (p > 0) & (ng > 0)   # no positives or no negatives: undefined, as AUROC (and the point estimates)
+        sens = torch.where(ok, tp / p.clamp_min(1), nan)
+        spec = torch.where(ok, tn / ng.clamp_min(1), nan)
         reps["sensitivity"][r0:r0 + bb] = sens.cpu().numpy()
         reps["specificity"][r0:r0 + bb] = spec.cpu().numpy()
         reps["balanced_accuracy"][r0:r0 + bb] = (0.5 * (sens + spec)).cpu().numpy()

@@ -122,6 +122,36 @@ def test_bootstrap_ci_equals_percentiles_of_resampled_cohorts(backend):
         assert rep["per_class"]["b"][m + "_ci"] == [ci[m]["low"][1], ci[m]["high"][1]]
 
 
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_threshold_stat_replicates_without_positives_or_negatives_are_undefined(backend):
+    """A rare class (2 positives in 30 studies) has no positive in ~13% of replicates: there its
+    AUROC and balanced accuracy are undefined, and so is its specificity (module docstring), but
+    that specificity used to enter the percentiles (and the macro replicate), and likewise the
+    sensitivity of a replicate without negatives: CIs unlike those of the resampled cohorts."""
+    rng = np.random.default_rng(3)
+    n = 30
+    y = np.zeros((n, 3), np.int64)
+    y[:2, 0] = 1                                   # 2 positives
+    y[:, 1] = 1
+    y[:2, 1] = 0                                   # 2 negatives
+    y[:, 2] = rng.random(n) < 0.4
+    s = np.round(y * 0.8 + rng.normal(size=(n, 3)) * 0.7, 1)      # ties, some at the cuts
+    thr = np.array([0.0, 0.5, 0.3])
+    B, seed = 400, 2
+    ci = metrics.bootstrap(y, s, thr, n_boot=B, seed=seed, backend=backend)
+    ref = _brute_force_replicates(y, s, thr, metrics.bootstrap_counts(n, B, seed=seed).long().numpy())
+    for m, r in ref.items():
+        nvalid = np.isfinite(r).sum(0)
+        np.testing.assert_array_equal(ci[m]["n_valid"], nvalid, err_msg=m)
+        assert nvalid[0] < 0.95 * B and nvalid[1] < 0.95 * B       # the edge replicates are there
+        for k in range(3):
+            lo, hi = np.percentile(r[np.isfinite(r[:, k]), k], [2.5, 97.5])
+            assert (ci[m]["low"][k], ci[m]["high"][k]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12)), m
+        mac = np.array([row[np.isfinite(row)].mean() for row in r])
+        lo, hi = np.percentile(mac, [2.5, 97.5])
+        assert (ci[m]["macro_low"], ci[m]["macro_high"]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+
 def test_bootstrap_ci_width_shrinks_with_cohort_size():
     y, s = _data(n=400, K=3)
     ci = metrics.bootstrap(y, s, None, n_boot=1000, seed=1)
