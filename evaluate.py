@@ -155,6 +155,13 @@ def evaluate_probe(path, display, rows_by_key, sides):
         res["in_sample"] = split
         print(f"evaluate.py: warning: {display}: split {split!r} is where the probe's checkpoint, thresholds and "
               "calibration were chosen (train: where it was fitted): in-sample, optimistic figures", file=sys.stderr)
+    own = set(keys) & set(ck.get("test_keys", ())) if external else ()
+    if own:   # the CV probe's own dataset: the studies around its held-out test set trained and tuned it
+        res["in_sample"] = "external"
+        print(f"evaluate.py: warning: {display}: --external=True, but {len(own)} of its {len(keys)} studies are the "
+              f"probe's held-out test keys: {labels} is the probe's own dataset, the rest of it trained and tuned "
+              "the probe (in-sample, optimistic figures); --external=False scores its held-out test set",
+              file=sys.stderr)
     if ck["task"] == "age":
         pred = logits[:, 0] * ck["age_sd"] + ck["age_mu"]
         age = np.array([rows_by_key[k]["age"] for k in keys])
@@ -230,7 +237,8 @@ def display_names(paths, names_arg):
 def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
              f"{res['n_studies']} studies, {res['n_models']} model(s))"
-             + (f"  [in-sample: the probe was fitted or tuned on split {res['in_sample']!r}]" if res.get("in_sample") else "")]
+             + ("" if not res.get("in_sample") else "  [in-sample: --labels is the probe's own dataset]"
+                if res["in_sample"] == "external" else f"  [in-sample: the probe was fitted or tuned on split {res['in_sample']!r}]")]
     if res["task"] == "age":
         lines.append(f"   age: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} years, RMSE "
                      f"{fmt_ci(res['rmse'], res.get('rmse_ci'), 2)} years, Pearson r "

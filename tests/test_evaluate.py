@@ -268,3 +268,20 @@ def test_evaluating_the_selection_split_is_flagged(tmp_path, monkeypatch, capsys
     assert "p: split 'val' is where the probe's checkpoint, thresholds and calibration were chosen" in capsys.readouterr().err
     assert json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]["in_sample"] == "val"
     assert "in-sample" in (tmp_path / "ev" / "table.txt").read_text()
+
+
+def test_external_run_on_the_probes_own_dataset_is_flagged(tmp_path, monkeypatch, capsys):
+    """--external=True scores every study of --labels; given the CV probe's own labels that is its
+    training and selection studies too (its held-out test keys are among them), used to be silent."""
+    import torch
+    pt, rows, header = _tiny_run(tmp_path)
+    torch.save(dict(torch.load(pt, weights_only=True), test_keys=["k00", "k01", "k02"], protocol="2-fold CV"), pt)
+    _settings(monkeypatch, tmp_path, probes=pt, external=True)
+    evaluate.main()
+    assert "3 of its 24 studies are the probe's held-out test keys" in capsys.readouterr().err
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    assert res["in_sample"] == "external" and res["n_studies"] == 24
+    assert "[in-sample: --labels is the probe's own dataset]" in (tmp_path / "ev" / "table.txt").read_text()
+    _settings(monkeypatch, tmp_path, probes=pt)                   # its own held-out studies: not in-sample
+    evaluate.main()
+    assert "in_sample" not in json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
