@@ -59,7 +59,8 @@ limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix si
 a NIfTI set to 0.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
-go to the axis closest to I/S); the affine is used as given (sform, else qform; neither:
+go to the axis closest to I/S); the affine is used as given (sform, else qform, as nibabel
+does; a warning when both are set and disagree, as other readers may take the qform; neither:
 nibabel's default from the voxel sizes, with a warning, as the orientation is unknown). A NIfTI
 has no study UID: all NIfTI files in one folder form one study whose key is the salted
 hash of the folder path relative to the input root (a trailing BIDS datatype folder
@@ -1477,9 +1478,14 @@ def nifti_stack(root, rel):
     if n_bad:
         st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to 0")
     hdr = img.header
-    if "qform_code" in hdr and "sform_code" in hdr and int(hdr["qform_code"]) == 0 and int(hdr["sform_code"]) == 0:
-        # no orientation in the file: nibabel's guess and SimpleITK's differ by an A/P flip
-        st.warnings.append("NIfTI has no qform/sform: orientation unknown (nibabel's default axes L, A, S assumed)")
+    if "qform_code" in hdr and "sform_code" in hdr:
+        (qf, qc), (sf, sc) = hdr.get_qform(coded=True), hdr.get_sform(coded=True)
+        if not qc and not sc:  # no orientation in the file: nibabel's guess and SimpleITK's differ by an A/P flip
+            st.warnings.append("NIfTI has no qform/sform: orientation unknown (nibabel's default axes L, A, S assumed)")
+        elif qc and sc and not (np.allclose(qf[:3, :3], sf[:3, :3], atol=1e-3)
+                                and np.allclose(qf[:3, 3], sf[:3, 3], atol=1e-2)):
+            # nibabel takes the sform; SimpleITK takes a scanner qform over an aligned/template sform
+            st.warnings.append("NIfTI qform and sform disagree (sform used)")
     from nvfm.volume import itk_nifti_pixel_type  # nvfm/volume.py imports this module
     try:  # the pixel type SimpleITK reads the file as: resampled_neurovfm's truncation and clamp
         st.itk_pixel_type = itk_nifti_pixel_type(img.header)

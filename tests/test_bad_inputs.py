@@ -537,3 +537,24 @@ def test_enhanced_frame_count_mismatch_fails_the_series(tmp_path):
     ds.save_as(p)
     assert _outcomes(str(tmp_path / "e")) == [
         ("frame count differs: NumberOfFrames 6, per-frame functional groups 5", "mf.dcm")]
+
+
+def test_nifti_qform_sform_disagreement_is_warned(tmp_path):
+    """With both codes set, nibabel (and so nifti_stack) takes the sform; SimpleITK, the
+    neurovfm authors' reader, takes the qform when the qform is scanner-based and the sform
+    aligned/template (here they are 90 degrees apart). It loads as before, with the sform,
+    and says so; a file whose two transforms agree says nothing."""
+    v = np.clip(head_phantom(SHAPE), 0, None).transpose(2, 1, 0).astype(np.float32)
+    q = np.diag([0.8, 0.9, 5.0, 1.0])
+    s = np.array([[0, 0.9, 0, 5.0], [0.8, 0, 0, 6.0], [0, 0, 5.0, 7.0], [0, 0, 0, 1]])
+    for name, qform, sform in (("agree", q, q), ("differ", q, s)):
+        img = nib.Nifti1Image(v, None)
+        img.set_qform(qform, code=1)
+        img.set_sform(sform, code=1 if name == "agree" else 2)
+        nib.save(img, str(tmp_path / f"{name}.nii"))
+    nib.save(nib.Nifti1Image(v, s), str(tmp_path / "sform.nii"))  # the sform alone
+    agree, differ, ref = (dicom.nifti_stack(str(tmp_path), f"{n}.nii") for n in ("agree", "differ", "sform"))
+    assert agree.warnings == [] and ref.warnings == []
+    assert differ.warnings == ["NIfTI qform and sform disagree (sform used)"]
+    assert np.array_equal(differ.assemble(), ref.assemble())  # loaded as before
+    assert np.allclose(differ.native_affine(), ref.native_affine())
