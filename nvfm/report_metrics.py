@@ -80,7 +80,10 @@ _PATTERNS = [
     (r"chronic( \w+){0,3} subdural hematoma", "subacute_chronic_subdural_hematoma"),
     (r"acute( \w+){0,3} subdural hematoma", "acute_subdural_hematoma"),
     (r"intraparenchymal (hemorrhage|hematoma)", "intraparenchymal_hemorrhage"),
-    (r"(acute( \w+){0,4} )?infarct(ion)?", "acute_ischemic_stroke"),
+    (r"(lacunar( \w+){0,2} infarct(ion)?s?|lacunes?)", "lacunar_stroke"),
+    # an old infarct is not the (urgent) acute one; words between may not be "acute"
+    (r"(chronic|old|remote)( (?!(sub)?acute )\w+){0,3} infarct(ion)?s?", "chronic_ischemic_stroke"),
+    (r"(acute( \w+){0,4} )?infarct(ion)?s?", "acute_ischemic_stroke"),
     (r"metastas[ie]s", "brain_metastasis"),
     (r"(vasogenic|surrounding|perilesional) edema", "cerebral_edema"),
     (r"non displaced( \w+){0,2} fracture", "nondisplaced_skull_fracture"),

@@ -364,3 +364,29 @@ def test_rouge_l_reads_every_script_and_equals_rouge_score_on_ascii():
         h = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 15)))]
         r = [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 15)))]
         assert rm.text_metrics([h], [r])["rougeL"] == pytest.approx(ref.score(r[0], h[0])["rougeL"].fmeasure, abs=1e-15)
+
+
+@pytest.mark.parametrize("finding, named", [
+    # an old infarct is not the urgent acute stroke: it used to be read as acute_ischemic_stroke
+    ("Chronic left MCA territory infarct with encephalomalacia.", [("chronic_ischemic_stroke", "left"),
+                                                                   ("encephalomalacia_gliosis", "left")]),
+    ("Old right PCA infarct.", [("chronic_ischemic_stroke", "right")]),
+    ("Remote infarction in the left cerebellar hemisphere.", [("chronic_ischemic_stroke", "left")]),
+    ("Chronic small vessel disease and an acute left MCA infarct.", [("acute_ischemic_stroke", "left")]),
+    ("Chronic subdural hematoma and acute right infarct.", [("subacute_chronic_subdural_hematoma", "right"),
+                                                            ("acute_ischemic_stroke", "right")]),
+    # lacunes are lacunar strokes, and a plural is still the finding (both used to be missed)
+    ("Old lacunar infarcts in the left basal ganglia.", [("lacunar_stroke", "left")]),
+    ("Lacunar infarct in the right thalamus.", [("lacunar_stroke", "right")]),
+    ("Acute infarcts in the left MCA territory.", [("acute_ischemic_stroke", "left")]),
+    ("Acute left PCA territory infarct involving the left occipital lobe.", [("acute_ischemic_stroke", "left")]),
+])
+def test_infarct_age_and_kind(finding, named):
+    assert rm.extract_diagnoses(finding) == named
+
+
+def test_a_correct_chronic_infarct_report_is_not_an_urgent_hallucination():
+    truth = [{"study_key": "a", "findings": ["Chronic left MCA territory infarct."], "triage": "routine",
+              "lesions": [{"diagnosis": "chronic_ischemic_stroke", "side": "left"}]}]
+    m = rm.evaluate_report_lists([truth[0]["findings"]], truth)
+    assert m["hallucination_rate"] == 0 and m["omission_rate"] == 0 and m["triage_accuracy"] == 1.0
