@@ -121,14 +121,16 @@ def diagnosis_phrase(name):
 
 def _rule_table():
     """[(compiled regex, name)]: the wording patterns, then every ontology name and synonym as a
-    literal phrase, longest first (so "subdural hematoma" never steals "acute subdural hematoma")."""
+    literal phrase, longest first (so "subdural hematoma" never steals "acute subdural hematoma");
+    each may end in a plural s / es."""
     lit = []
     for name in DIAGNOSES:
         for form in {name.replace("_", " ")} | set(_SYNONYMS.get(name, [])):
             lit.append((form, name))
     lit.sort(key=lambda t: -len(t[0]))
-    rules = [(re.compile(rf"(?<= ){p}(?= )"), n) for p, n in _PATTERNS]
-    return rules + [(re.compile(rf"(?<= ){re.escape(f)}(?= )"), n) for f, n in lit]
+    plural = "(?:e?s)?"   # "subdural hematomas", "fractures" name the finding too
+    rules = [(re.compile(rf"(?<= )(?:{p}){plural}(?= )"), n) for p, n in _PATTERNS]
+    return rules + [(re.compile(rf"(?<= ){re.escape(f)}{plural}(?= )"), n) for f, n in lit]
 
 
 _RULES = _rule_table()

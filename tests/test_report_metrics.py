@@ -390,3 +390,16 @@ def test_a_correct_chronic_infarct_report_is_not_an_urgent_hallucination():
               "lesions": [{"diagnosis": "chronic_ischemic_stroke", "side": "left"}]}]
     m = rm.evaluate_report_lists([truth[0]["findings"]], truth)
     assert m["hallucination_rate"] == 0 and m["omission_rate"] == 0 and m["triage_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("finding, named", [
+    # a plural names the finding too: these used to name nothing (an omission of a right report)
+    ("Bilateral acute subdural hematomas.", [("acute_subdural_hematoma", "bilateral")]),
+    ("Chronic subdural hematomas on both sides.", [("subacute_chronic_subdural_hematoma", "bilateral")]),
+    ("Multiple meningiomas along the left convexity.", [("meningioma", "left")]),
+    ("Non-displaced fractures of the left parietal bone.", [("nondisplaced_skull_fracture", "left")]),
+    ("Right intraparenchymal hemorrhages.", [("intraparenchymal_hemorrhage", "right")]),
+    ("No subdural hematomas.", []),
+])
+def test_plural_findings(finding, named):
+    assert rm.extract_diagnoses(finding) == named
