@@ -200,7 +200,8 @@ def evaluate_probe(path, display, rows_by_key, sides):
 
 
 def fmt(v, nd=3):
-    return "undefined" if v is None else f"{v:.{nd}f}"
+    """'0.831'; 'undefined' for None (JSON null) or NaN (the report metrics' undefined rates)."""
+    return "undefined" if v is None or v != v else f"{v:.{nd}f}"
 
 
 def fmt_ci(v, ci, nd):

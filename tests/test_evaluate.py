@@ -285,3 +285,12 @@ def test_external_run_on_the_probes_own_dataset_is_flagged(tmp_path, monkeypatch
     _settings(monkeypatch, tmp_path, probes=pt)                   # its own held-out studies: not in-sample
     evaluate.main()
     assert "in_sample" not in json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+
+
+def test_report_table_says_undefined_for_a_nan_rate():
+    """evaluate_reports returns NaN for a rate with no denominator (null in metrics.json); the
+    table printed 'laterality error nan' where every other table says 'undefined'."""
+    from nvfm import report_metrics as rm
+    m = rm.evaluate_report_lists([[]], [{"study_key": "a", "findings": [], "triage": "unremarkable"}])
+    text = evaluate.report_table(m)
+    assert "laterality error undefined" in text and "nan" not in text
