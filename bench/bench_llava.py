@@ -33,7 +33,7 @@ from nvfm.configurator import read_config_file  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm, tiny_qwen3_cached  # noqa: E402
 from nvfm.metrics import bootstrap_counts, precision_thresholds, youden_thresholds  # noqa: E402
 from nvfm.ontology import DIAGNOSES  # noqa: E402
-from nvfm.report_metrics import _join, evaluate_report_lists, iter_jsonl, truth_diagnoses  # noqa: E402
+from nvfm.report_metrics import RougeTokenizer, _join, evaluate_report_lists, iter_jsonl, truth_diagnoses  # noqa: E402
 
 COMPARE_USAGE = """usage: bench_llava.py compare [--split=S] [--findings=F [--lookup=True]] NAME=RUN_DIR ...
 
@@ -176,7 +176,7 @@ def paired_bootstrap(diffs, n_boot=10000, seed=0):
 def paired(argv):
     """Paired comparison of two report-generator arms over the same studies, with a study bootstrap.
     --a and --b are run directories (train_llava.py --out_dir), one per seed, paired in order. Per
-    study it takes ROUGE-L F (rouge-score, as evaluate.py) of a's and b's report, averages a - b over
+    study it takes ROUGE-L F (rouge-score with evaluate.py's tokenizer) of a's and b's report, averages a - b over
     the seed pairs and bootstraps the mean over studies (10,000 resamples, seed 0,
     nvfm.metrics.bootstrap_counts): the interval says how much the difference depends on which
     studies were drawn, not the seed-to-seed spread beyond the seeds given (compare shows the
@@ -191,7 +191,7 @@ def paired(argv):
     if len(a) != len(b):
         raise SystemExit(f"--a has {len(a)} runs, --b {len(b)}: pair them one to one")
     recs = llava.read_findings(args.findings)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=RougeTokenizer())  # as evaluate.py
     sa = [per_study_rouge(d, recs, scorer) for d in a]
     sb = [per_study_rouge(d, recs, scorer) for d in b]
     keys = sorted(set.intersection(*(set(s) for s in sa + sb)))
