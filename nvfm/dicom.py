@@ -8,11 +8,19 @@ Pipeline (used by preprocess.py):
      handles everything else) and returns a
      small picklable dict: study/series UIDs, SOP class, modality, description, and one
      geometry record per frame (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
-     RescaleSlope/Intercept; for enhanced multi-frame objects from the shared and
-     per-frame functional groups).
+     RescaleSlope/Intercept, and ConvolutionKernel, SliceThickness, AcquisitionNumber to tell
+     slice stacks apart; for enhanced multi-frame objects from the shared and per-frame
+     functional groups).
   3. `group_series(headers)` groups frames by StudyInstanceUID + SeriesInstanceUID, then
      splits a series that mixes orientations, matrix sizes, pixel spacings, echoes,
-     b-values or temporal positions into sub-volumes, and applies the skip rules
+     b-values or temporal positions into sub-volumes, then splits a sub-volume holding slice
+     stacks that interleave along the normal (two reconstructions or acquisitions exported as
+     one series, also at the same positions) by the first tag that tells them apart:
+     ConvolutionKernel or SliceThickness (not when they differ between blocks one above the
+     other, e.g. a thin posterior fossa), AcquisitionNumber only where the merged positions
+     alternate (it varies per slice, rotation or concatenation within one volume on some
+     scanners, and dcm2niix stacks across it); each stack needs >= 3 slices
+     (`_split_stacks`). It applies the skip rules
      (`skip_reason`): non-image SOP classes (SR, PR, SC, PDF, RT, SEG, waveforms),
      modalities other than CT/MR, image SOP classes we do not read, localizers/scouts
      (ImageType LOCALIZER or SeriesDescription SCOUT/LOCALIZER/SURVEY/TOPOGRAM/...),
@@ -46,17 +54,23 @@ Checks (each a logged, counted rejection of that series only): fewer than `min_s
 slices; two slices at one position with different pixels ("conflicting slices"; identical
 duplicates are dropped); a gap between neighbouring slices larger than
 max(2.5 x median gap, 10 mm) ("missing slices": interpolating across it would invent
-anatomy); smaller gaps and non-uniform spacing are resampled from the true positions;
-absurd spacings (pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or extents
-(> 2048 pixels, > 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native
-pixel data whose length is not exactly Rows x Columns x frames x samples x BitsAllocated
-(+ one pad byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
+anatomy); sorted gaps alternating between two clearly different values over >= 5 gaps
+("two interleaved slice stacks (gaps alternate 0.5 / 4.5 mm)": two stacks of one period,
+offset by other than half of it, that no tag told apart, `alternating_gaps`; one missing
+slice, rounding of positions (2.5 / 2.6 mm), other uneven spacing and a part of a series split
+by pixel spacing / matrix size, whose gaps are the other part's slices, do not count); smaller
+gaps and non-uniform spacing are resampled from the true positions; absurd spacings
+(pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or extents (> 2048 pixels,
+> 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native pixel data
+whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
+byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
 finite number, or integer pixels without PixelRepresentation, in any file (read as absent
 they would shift every value, or make negative ones huge); Siemens mosaics. Files
 cut short are "truncated file" (header or pixel data), at the header scan or when read. Kept
 but recorded in `stack.warnings`: a gap interpolated because it is under the missing-slice
-limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, NaNs in
-a NIfTI set to 0.
+limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size or into
+interleaved slice stacks by a tag ("series split into 2 volumes by ConvolutionKernel
+(interleaved slice stacks)"), NaNs in a NIfTI set to 0.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
 go to the axis closest to I/S); the affine is used as given (sform, else qform, as nibabel
@@ -252,6 +266,15 @@ def _rescale(v, default, name, info):
 def _int_or_none(v):
     x = _num(v)
     return int(x) if x is not None and x == int(x) else None
+
+
+def _kernel(v):
+    """ConvolutionKernel (one or more values) -> one upper-case string, or None."""
+    if v is None:
+        return None
+    parts = [str(x).strip(" \x00").upper() for x in (v if isinstance(v, (list, tuple, pydicom.multival.MultiValue))
+                                                    else [v])]
+    return "\\".join(parts) if any(parts) else None
 
 
 def _first(seq_owner, seq_name, attr):
@@ -662,7 +685,7 @@ _FAST_TAGS = {kw: pydicom.datadict.tag_for_keyword(kw) for kw in (
     "EchoTime", "RepetitionTime", "InversionTime", "ContrastBolusAgent", "ScanningSequence", "NumberOfFrames",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
     "EchoNumbers", "TemporalPositionIdentifier", "BitsAllocated", "BitsStored", "PixelRepresentation",
-    "DiffusionBValue")}
+    "DiffusionBValue", "ConvolutionKernel", "SliceThickness", "AcquisitionNumber")}
 
 
 _QUICK_VALUES = set(_FAST_TAGS.values()) | {0x00020010, 0x00020002}  # + TransferSyntaxUID, MediaStorageSOPClassUID
@@ -771,6 +794,9 @@ def _header_info(ds, info):
                 echo=_num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime")),
                 bvalue=_num(_fg(item, shared, "MRDiffusionSequence", "DiffusionBValue")),
                 temporal=_num(_fg(item, shared, "FrameContentSequence", "TemporalPositionIndex")),
+                kernel=_kernel(_fg(item, shared, "CTReconstructionSequence", "ConvolutionKernel")),
+                thickness=_num(_fg(item, shared, "PixelMeasuresSequence", "SliceThickness")),
+                acquisition=_num(_fg(item, shared, "FrameContentSequence", "FrameAcquisitionNumber")),
             ))
     else:
         bval = _num(g("DiffusionBValue", None))
@@ -787,6 +813,8 @@ def _header_info(ds, info):
             intercept=_rescale(g("RescaleIntercept", None), 0.0, "RescaleIntercept", info),
             echo=_num(g("EchoNumbers", None)), bvalue=bval,
             temporal=_num(g("TemporalPositionIdentifier", None)),
+            kernel=_kernel(g("ConvolutionKernel", None)), thickness=_num(g("SliceThickness", None)),
+            acquisition=_num(g("AcquisitionNumber", None)),
         )
         if nframes == 1:
             frames.append(dict(base, frame=None))
@@ -837,6 +865,76 @@ def _same_key(a, b):
     return _close(a[2], b[2]) and _close(a[3], b[3])
 
 
+# per-frame tags that tell apart slice stacks exported under one SeriesInstanceUID (two
+# reconstructions or acquisitions), in the order tried: (frame record key, DICOM keyword)
+STACK_TAGS = (("kernel", "ConvolutionKernel"), ("thickness", "SliceThickness"), ("acquisition", "AcquisitionNumber"))
+
+
+def alternating_gaps(d, min_run=5):
+    """(short gap, long gap, k) mm when the sorted slice positions d (mm) hold a run of at least
+    min_run gaps alternating between two clearly different values (the shorter < 0.75 x the
+    longer and >= 0.2 mm shorter; each gap within 0.1 mm + 5% of its value); k: the run's first
+    gap. Such positions are two slice stacks of one period offset from each other, merged
+    (z = 0, 5, 10, ... and 0.5, 5.5, 10.5, ...). Else None: one missing slice (one long gap),
+    gaps that differ by the rounding of positions (2.5 / 2.6 mm) and other non-uniform spacing."""
+    g = np.diff(np.asarray(d, float))
+    for i in range(len(g) - min_run + 1):
+        a, b = float(g[i]), float(g[i + 1])
+        if min(a, b) >= 0.75 * max(a, b) or abs(a - b) < 0.2:
+            continue
+        j = i + 2
+        while j < len(g) and abs(g[j] - (a, b)[(j - i) % 2]) <= 0.1 + 0.05 * (a, b)[(j - i) % 2]:
+            j += 1
+        if j - i >= min_run:
+            return min(a, b), max(a, b), i
+    return None
+
+
+def _interleaved(positions):
+    """True when two of the sorted position arrays (mm along the normal) each have >= 2
+    slices strictly inside the other's span: stacks covering one range, not blocks one above
+    the other (a thin posterior-fossa block under a thick cerebrum block, sequential rotations)."""
+    def inside(x, y):
+        return int(np.sum((x > y[0] + MIN_GAP_MM) & (x < y[-1] - MIN_GAP_MM)))
+    return any(inside(x, y) >= 2 and inside(y, x) >= 2
+               for i, x in enumerate(positions) for y in positions[i + 1:])
+
+
+def _split_stacks(frames):
+    """Frames [(header, frame)] of one cluster -> (list of frame lists, DICOM keyword or None).
+
+    Splits by the first of STACK_TAGS whose values part the frames into stacks of >= 3 slices
+    that interleave along the normal (_interleaved): two reconstructions (another kernel or
+    slice thickness) or acquisitions exported as one series. Tags that vary within one volume
+    do not split it: SliceThickness and ConvolutionKernel differing between blocks one above the
+    other, and AcquisitionNumber, which scanners set per slice, rotation or concatenation, so it
+    splits only where the merged positions are two offset stacks already (alternating_gaps),
+    as dcm2niix stacks slices despite varying acquisition numbers. A frame without the tag
+    rules that tag out."""
+    if len(frames) < 6 or any(fr["ipp"] is None or fr["iop"] is None for _, fr in frames):
+        return [frames], None
+    pos = None
+    for key, keyword in STACK_TAGS:
+        vals = [fr.get(key) for _, fr in frames]
+        if any(v is None for v in vals):
+            continue
+        if key == "thickness":
+            vals = [round(v, 3) for v in vals]
+        values = sorted(set(vals))
+        if len(values) < 2:  # the common case: decided without numpy
+            continue
+        if pos is None:
+            iop = frames[0][1]["iop"]
+            pos = np.array([fr["ipp"] for _, fr in frames]) @ np.cross(iop[:3], iop[3:])
+        idx = [[i for i, v in enumerate(vals) if v == u] for u in values]
+        if min(len(ix) for ix in idx) < 3 or not _interleaved([np.sort(pos[ix]) for ix in idx]):
+            continue
+        if key == "acquisition" and alternating_gaps(np.sort(pos)) is None:
+            continue
+        return [[frames[i] for i in ix] for ix in idx], keyword
+    return [frames], None
+
+
 def _close(x, y):
     """np.allclose(x, y, atol=1e-3) of two equal-length tuples of finite floats, in plain
     Python (the same float64 test |x - y| <= atol + rtol |y|; numpy's call overhead made
@@ -877,13 +975,17 @@ def group_series(headers):
                         break
                 else:
                     clusters.append([k, [(h, fr)]])
-        clusters.sort(key=lambda c: -len(c[1]))  # largest first: part 0 is the main volume
         # parts that differ only in pixel spacing or matrix size are one acquisition cut apart
         # (each part then has gaps where the others' slices were): say so
         by_geometry = len(clusters) > 1 and len({(c[0][3], c[0][4:]) for c in clusters}) < len(clusters)
-        for part, (_, frames) in enumerate(clusters):
-            groups.append(dict(series_uid=suid, part=part, n_parts=len(clusters), info=frames[0][0], frames=frames,
-                               split_by_geometry=by_geometry))
+        parts = []  # (frames, tag that split its cluster into stacks, number of those stacks)
+        for _, frames in clusters:
+            stacks, tag = _split_stacks(frames)
+            parts.extend((f, tag, len(stacks)) for f in stacks)
+        parts.sort(key=lambda p: -len(p[0]))  # largest first: part 0 is the main volume
+        for part, (frames, tag, n_stacks) in enumerate(parts):
+            groups.append(dict(series_uid=suid, part=part, n_parts=len(parts), info=frames[0][0], frames=frames,
+                               split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks))
     return groups, skipped
 
 
@@ -939,6 +1041,9 @@ class SliceStack:
         self.notes = []
         self.warnings = []  # PHI-free phrases: written to the volume record and logged
         self.paths = None
+        # a part of a series split by pixel spacing / matrix size: its gaps alternate where the
+        # other parts' slices were (one acquisition cut apart, warned), not a second stack
+        self.cut_apart = False
         self.reduced = False
         self.finite = False  # True: the loader guarantees finite values (volume.py skips its check)
         # the pixel type (numpy dtype name) SimpleITK reads the input as, set by dicom_stack /
@@ -980,6 +1085,11 @@ class SliceStack:
         med = float(np.median(gaps))
         if med > MAX_GAP_MM:
             raise SeriesError(f"absurd slice spacing ({med:.3g} mm)")
+        # before the gap rules, which would take the other stack's slices for missing ones
+        alt = None if self.cut_apart else alternating_gaps(self.d)
+        if alt is not None:
+            raise SeriesError(f"two interleaved slice stacks (gaps alternate {alt[0]:.3g} / {alt[1]:.3g} mm)",
+                              self.path_of(alt[2] + 1))
         limit = max(2.5 * med, 10.0)
         if gaps.max() > limit:
             raise SeriesError(f"missing slices (gap {gaps.max():.1f} mm > {limit:.1f} mm)",
@@ -1392,6 +1502,10 @@ def dicom_stack(root, group, reduce=False):
     st.notes = notes
     if group.get("split_by_geometry"):
         st.warnings.append(f"series split into {group['n_parts']} volumes by pixel spacing / matrix size")
+        st.cut_apart = True
+    if group.get("split_by_tag"):
+        st.warnings.append(f"series split into {group['n_stacks']} volumes by {group['split_by_tag']} "
+                           "(interleaved slice stacks)")
     st.paths = [h["path"] for h, _ in frames]  # loader index -> file, for error messages
     st.reduced = bool(reduce)
     st.finite = True  # rescale() checks what is not finite by construction

@@ -187,3 +187,17 @@ def set_raw_text(path, keyword, text):
     raw += b" " * (len(raw) % 2)
     ds._dict[tag] = RawDataElement(tag, pydicom.datadict.dictionary_VR(tag), len(raw), raw, 0, False, True)
     ds.save_as(path)
+
+
+def write_stacks(out_dir, stacks, modality="CT", **kw):
+    """Several slice stacks written as ONE series (same Study/SeriesInstanceUID), e.g. two
+    reconstructions interleaved along z. stacks: list of (vol (K, R, C), origin, step, extra)
+    passed to write_series; file names S<stack>_IM<k>.dcm. Returns [paths per stack in slice order]."""
+    study_uid, series_uid = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    out = []
+    for s, (vol, origin, step, extra) in enumerate(stacks):
+        names = [f"S{s}_IM{k:04d}.dcm" for k in range(vol.shape[0])]
+        _, _, paths = write_series(out_dir, vol, origin=origin, step=step, modality=modality, study_uid=study_uid,
+                                   series_uid=series_uid, extra=extra, names=names, seed=s, **kw)
+        out.append(paths)
+    return out

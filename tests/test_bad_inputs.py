@@ -19,7 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from dicom_synth import head_phantom, mutate_series, set_raw_text, write_enhanced, write_series  # noqa: E402
+from dicom_synth import (head_phantom, mutate_series, set_raw_text, write_enhanced, write_series,  # noqa: E402
+                         write_stacks)
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -558,3 +559,106 @@ def test_nifti_qform_sform_disagreement_is_warned(tmp_path):
     assert differ.warnings == ["NIfTI qform and sform disagree (sform used)"]
     assert np.array_equal(differ.assemble(), ref.assemble())  # loaded as before
     assert np.allclose(differ.native_affine(), ref.native_affine())
+
+
+# ----------------------------------------------------------------------------- interleaved stacks
+
+
+def _two_stacks(d, extra_a=None, extra_b=None, offset=0.5):
+    """One series holding two 8-slice stacks 5 mm apart, the second `offset` mm above the
+    first (z = -50, -45, ..., -15 and -49.5, ..., -14.5): two reconstructions exported as one.
+    Returns (vol_a, vol_b) in HU as stored (integers)."""
+    va, vb = head_phantom(SHAPE, 0), head_phantom(SHAPE, 1) + 50.0
+    write_stacks(d, [(va, (-100.0, -110.0, -50.0), (0, 0, 5.0), extra_a),
+                     (vb, (-100.0, -110.0, -50.0 + offset), (0, 0, 5.0), extra_b)], shuffle=False)
+    return np.rint(va + 1024) - 1024, np.rint(vb + 1024) - 1024
+
+
+def test_interleaved_stacks_without_a_distinguishing_tag_fail(tmp_path):
+    """Nothing in the headers tells the two stacks apart: merged, the sorted gaps alternate
+    0.5 / 4.5 mm and the volume was resampled as one (two acquisitions interleaved, loaded
+    'ok' with only 'interpolated across a 4.5 mm gap (median 0.5 mm): slice(s) missing').
+    The series fails, naming the first slice of the second stack."""
+    _two_stacks(str(tmp_path / "s"))
+    assert _outcomes(str(tmp_path / "s")) == [
+        ("two interleaved slice stacks (gaps alternate 0.5 / 4.5 mm)", "S1_IM0000.dcm")]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("tag,a,b,offset", [("ConvolutionKernel", "STANDARD", "BONE", 0.5),
+                                            ("ConvolutionKernel", "STANDARD", "BONE", 2.5),
+                                            ("ConvolutionKernel", "STANDARD", "BONE", 0.0),
+                                            ("SliceThickness", 5.0, 1.25, 0.5), ("AcquisitionNumber", 1, 2, 0.5)])
+def test_interleaved_stacks_split_by_the_tag_that_tells_them_apart(tmp_path, tag, a, b, offset, fast):
+    """Two stacks of one series that differ in kernel, slice thickness or acquisition number
+    load as two volumes, each exactly the stack written (5 mm apart, its own origin). Merged,
+    offset 2.5 mm looked like one even 2.5 mm volume, and offset 0 failed as conflicting slices."""
+    d = str(tmp_path / "s")
+    va, vb = _two_stacks(d, {tag: a}, {tag: b}, offset)
+    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
+    try:
+        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+    finally:
+        dicom.FAST_SCAN = old
+    groups, _ = dicom.group_series(hs)
+    assert [(g["part"], g["n_parts"], len(g["frames"])) for g in groups] == [(0, 2, 8), (1, 2, 8)]
+    stacks = [dicom.dicom_stack(d, g).check(3) for g in groups]
+    stacks.sort(key=lambda st: (st.o0[2], st.assemble().mean()))  # stack b is 50 HU brighter
+    for st, v, z0 in zip(stacks, (va, vb), (-50.0, -50.0 + offset)):
+        assert np.allclose(st.d, 5.0 * np.arange(8)) and st.uniform and abs(st.o0[2] - z0) < 1e-6
+        assert np.array_equal(st.assemble(), v)
+        assert st.warnings == [f"series split into 2 volumes by {tag} (interleaved slice stacks)"]
+
+
+def test_series_whose_tags_vary_without_interleaving_load_as_one_volume(tmp_path):
+    """What stays one volume, as before: AcquisitionNumber per slice or alternating on evenly
+    spaced slices (scanners number slices, rotations or concatenations), a thin posterior-fossa
+    block below a thick one (SliceThickness and kernel differ, positions do not interleave), and
+    gaps that alternate only by the rounding of positions (2.5 / 2.6 mm)."""
+    cases = {}
+    d = str(tmp_path / "per_slice")
+    write_series(d, head_phantom(SHAPE), shuffle=False)
+    mutate_series(d, lambda ds, i: setattr(ds, "AcquisitionNumber", i + 1))
+    cases["per_slice"] = 5.0 * np.arange(8)
+    d = str(tmp_path / "alternating_acq")
+    write_series(d, head_phantom(SHAPE), shuffle=False)
+    mutate_series(d, lambda ds, i: setattr(ds, "AcquisitionNumber", 1 + i % 2))
+    cases["alternating_acq"] = 5.0 * np.arange(8)
+    d = str(tmp_path / "blocks")
+    write_stacks(d, [(head_phantom((6, 48, 40)), (-100.0, -110.0, -50.0), (0, 0, 2.5),
+                      {"SliceThickness": 2.5, "ConvolutionKernel": "H31s"}),
+                     (head_phantom((6, 48, 40), 1), (-100.0, -110.0, -35.0), (0, 0, 5.0),
+                      {"SliceThickness": 5.0, "ConvolutionKernel": "H41s"})], shuffle=False)
+    cases["blocks"] = np.r_[2.5 * np.arange(6), 15.0 + 5.0 * np.arange(6)]
+    d = str(tmp_path / "rounded")
+    z = [0.0, 2.5, 5.1, 7.6, 10.2, 12.7, 15.3, 17.8]  # 2.55 mm written to 0.1 mm: gaps 2.5, 2.6, 2.5, ...
+    write_series(d, head_phantom(SHAPE), shuffle=False, step=(0, 0, 2.55))
+    mutate_series(d, lambda ds, i: setattr(ds, "ImagePositionPatient", [-100.0, -110.0, -50.0 + z[i]]))
+    cases["rounded"] = np.array(z)
+    for name, pos in cases.items():
+        d = str(tmp_path / name)
+        assert _outcomes(d) == [("ok", None)], name
+        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+        (g,), _ = dicom.group_series(hs)
+        st = dicom.dicom_stack(d, g).check(3)
+        assert np.allclose(st.d, pos), (name, st.d)
+        # (the thick block's 5 mm gaps are over 1.5 x the median 2.5 mm: warned as before)
+        want = ["interpolated across a 5.0 mm gap (median 2.5 mm): slice(s) missing"] if name == "blocks" else []
+        assert st.warnings == want, (name, st.warnings)
+
+
+def test_series_cut_apart_by_pixel_spacing_loads_as_before(tmp_path):
+    """Every third slice of a 3 mm series at another pixel spacing: the main part's gaps
+    alternate 3 / 6 mm because the other part's slices are missing from it, not because it holds
+    two stacks; both parts load with their warnings, as before."""
+    d = str(tmp_path / "s")
+    write_series(d, head_phantom((18, 48, 40)), shuffle=False, step=(0, 0, 3.0), ps=(1.0, 1.0))
+    mutate_series(d, lambda ds, i: setattr(ds, "PixelSpacing", [0.5, 0.5]) if i % 3 == 2 else None)
+    assert _outcomes(d) == [("ok", None), ("ok", None)]
+    hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+    main, other = (dicom.dicom_stack(d, g).check(3) for g in dicom.group_series(hs)[0])
+    assert np.allclose(main.d, [k * 3.0 for k in range(18) if k % 3 != 2])
+    assert np.allclose(other.d, 9.0 * np.arange(6))
+    split = "series split into 2 volumes by pixel spacing / matrix size"
+    assert main.warnings == [split, "interpolated across a 6.0 mm gap (median 3.0 mm): slice(s) missing"]
+    assert other.warnings == [split]

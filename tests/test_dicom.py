@@ -477,3 +477,28 @@ def test_stack_records_the_pixel_type_simpleitk_reads(tmp_path):
         nib.save(nib.Nifti1Image(vol.transpose(2, 1, 0).astype(dt), np.diag([1.0, 1.0, 5.0, 1.0])),
                  str(tmp_path / "v.nii.gz"))
         assert dicom.nifti_stack(str(tmp_path), "v.nii.gz").itk_pixel_type == want
+
+
+def test_alternating_gaps_are_two_stacks_other_spacings_are_not():
+    """Hand-worked positions (mm): interleaved stacks (also when the second covers only part of
+    the first, or sits mid-period) are found with their two gaps and the run's first gap; a
+    missing slice, uneven spacing, rounding of positions and a gantry-tilt series are not."""
+    z5 = 5.0 * np.arange(10)
+    two = np.sort(np.r_[z5, z5 + 0.5])
+    assert dicom.alternating_gaps(two) == (0.5, 4.5, 0)
+    part = np.sort(np.r_[z5, 20.0 + 2.0 * np.ones(4) + 5.0 * np.arange(4)])  # 22, 27, 32, 37 among 0..45
+    short, long_, k = dicom.alternating_gaps(part)
+    assert (round(short, 6), round(long_, 6), k) == (2.0, 3.0, 4)
+    assert dicom.alternating_gaps(np.sort(np.r_[z5, z5 + 1.0])) == (1.0, 4.0, 0)
+    for ok in (z5, np.delete(z5, 4), [0, 5, 10, 17, 22, 27, 33, 38.0], [0, 2.5, 5.1, 7.6, 10.2, 12.7, 15.3, 17.8],
+               np.r_[2.5 * np.arange(6), 15.0 + 5.0 * np.arange(6)], 2.5 * np.arange(20)):
+        assert dicom.alternating_gaps(ok) is None, ok
+    X = np.zeros((len(two), 8, 8), np.float32)
+    X[:, 2:6, 2:6] = np.arange(len(two))[:, None, None]  # distinct slices: no duplicates
+    st = dicom.SliceStack([(0.0, 0.3 * z, z) for z in two], (1, 0, 0), (0, 1, 0), (1.0, 1.0), (8, 8),
+                          lambda k: X[k].copy(), "CT")  # tilted (shear along y) and interleaved
+    with pytest.raises(dicom.SeriesError, match=r"^two interleaved slice stacks \(gaps alternate 0.5 / 4.5 mm\)$"):
+        st.check()
+    st = dicom.SliceStack([(0.0, 0.3 * z, z) for z in z5], (1, 0, 0), (0, 1, 0), (1.0, 1.0), (8, 8),
+                          lambda k: X[k].copy(), "CT").check()
+    assert abs(st.tilt_deg - np.degrees(np.arctan(0.3))) < 1e-6 and st.uniform
