@@ -20,7 +20,13 @@ whose generated and reference reports are both empty are left out of the three t
 (n_both_empty); an empty report facing a non-empty one is scored as "No positive findings.".
 
 Clinical metrics use the diagnosis names of nvfm.ontology found in the finding text
-(`extract_diagnoses`: longest phrase first, side from left/right/bilateral words):
+(`extract_diagnoses`: longest phrase first, side from left/right/bilateral words; NegEx-style
+negation). Hedges: a finding called improbable ("X is unlikely", "less likely", "not likely",
+"doubtful", "improbable", "no definite X", "no evidence of X") is not named, as "no X" is; one called
+possible ("possible", "probable", "likely", "suspected", "suspicious for", "questionable",
+"cannot exclude / rule out X", "X cannot be (entirely) excluded", "X is not excluded") is named,
+a positive mention like any other: a report that raises a diagnosis is scored as naming it
+(a hallucination when the study does not have it), and its triage counts it.
   hallucination_rate      mentioned (study, diagnosis) pairs that are not positive / all mentioned
   omission_rate           positive (study, diagnosis) pairs not mentioned / all positive
   urgent_omission_rate    the same for urgent positives (what probe cross-checking targets)
@@ -96,15 +102,23 @@ _PATTERNS = [
 # before it back to the start of its clause. Clauses end at the sentence end (`extract_diagnoses`
 # splits sentences) and at termination terms. Pseudo-triggers ("no change in", "cannot be
 # excluded") look like negations but are not: text they cover triggers nothing.
+# Hedges: a finding called improbable ("unlikely", "less likely", "doubtful", "improbable") is
+# negated like "no"; one called possible ("cannot be excluded", "cannot rule out", "possible",
+# "questionable", "suspected") is a mention (no trigger, or a pseudo-trigger).
+_IMPROBABLE = r"(unlikely|less likely|not likely|doubtful|improbable)"
 _PRE_NEG = re.compile(r"(?<= )(no|not|without|negative for|absence of|absent|free of|resolution of|resolved|"
-                      r"rules? out|ruled out|neither|nor)(?= )")
+                      rf"rules? out|ruled out|neither|nor|{_IMPROBABLE})(?= )")
+# "X is unlikely" / "X, unlikely" negate back; "unlikely Y" / "unlikely to represent Y" only forward
 _POST_NEG = re.compile(r"(?<= )((is|are|was|were|has been|have been) )?((not|no longer) (seen|identified|present|"
                        r"visuali[sz]ed|demonstrated|evident|appreciated|detected|noted)|absent|excluded|ruled out|"
-                       r"(has |have )?resolved)(?= )")
+                       r"(has |have )?resolved)(?= )|"
+                       r"(?<= )(is|are|was|were|appears?|seems?|considered|felt|thought|deemed)( to be)? "
+                       rf"((considered|felt|thought|deemed) )?{_IMPROBABLE}(?= )|(?<= ){_IMPROBABLE}(?= $)")
 _PSEUDO_NEG = re.compile(r"(?<= )(no (significant |substantial |definite |interval |appreciable )*(change|increase|"
                          r"decrease|enlargement|growth|progression|worsening)|without (significant |interval )*change|"
-                         r"not only|(cannot|can not|could not|not) (be )?(excluded|ruled out)|not (been )?(excluded|"
-                         r"ruled out))(?= )")
+                         r"not only|(cannot|can not|can t|could not|may not|not)( be| been)?( entirely| completely|"
+                         r" totally| fully| definitely| definitively| confidently| reliably)? (excluded|ruled out|"
+                         r"exclude|rule out))(?= )")
 # clause ends, matched on the lower-cased sentence before normalisation (a comma matters in ", with")
 _TERMINATION = re.compile(r"\b(but|however|although|though|yet|whereas|except|apart from|aside from|other than|"
                           r"which|there (is|are)|secondary to|due to)\b|,\s*(with|and|there)\b")
@@ -169,8 +183,9 @@ def extract_diagnoses(finding):
     {"left", "right", "bilateral", None}, in order of mention. Each sentence is read on its own:
     a negated mention is skipped (NegEx-style scope: "No evidence of hemorrhage, mass effect, or
     midline shift" negates all three; "Left subdural hematoma without midline shift" only the
-    shift; "but", "however", "which", "there is" ... end a negation's clause), and a lateral
-    diagnosis takes the nearest side word of its sentence."""
+    shift; "but", "however", "which", "there is" ... end a negation's clause; "unlikely",
+    "doubtful" negate, "cannot be excluded", "possible", "questionable" do not: see the module
+    docstring), and a lateral diagnosis takes the nearest side word of its sentence."""
     out, seen = [], set()
     for sentence in re.split(r"[;\n]|\.(?!\d)", finding):  # not at decimal points (3.4 x 3.3 cm)
         text, spans = _clauses(sentence)

@@ -403,3 +403,39 @@ def test_a_correct_chronic_infarct_report_is_not_an_urgent_hallucination():
 ])
 def test_plural_findings(finding, named):
     assert rm.extract_diagnoses(finding) == named
+
+
+# Hedges, worked out by hand (the policy in the module docstring): a finding called improbable
+# ("unlikely", "less likely", "doubtful", "no definite", "no evidence of") is not named; one called
+# possible ("cannot be excluded", "cannot rule out", "possible", "suspected", "questionable") is named.
+@pytest.mark.parametrize("finding, named", [
+    # these used to be read as positive findings
+    ("Subdural hematoma is unlikely.", []),
+    ("Acute subdural hematoma is considered unlikely.", []),
+    ("Hypodensity in the left MCA territory, unlikely to represent acute infarct.", []),
+    ("Intraventricular hemorrhage is less likely.", []),
+    ("Intraventricular hemorrhage is not likely.", []),
+    ("Doubtful small left subdural hematoma.", []),
+    ("Left frontal extra-axial mass, likely meningioma, unlikely schwannoma.", [("meningioma", "left")]),
+    # these used to be read as negated
+    ("Cannot rule out a small left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("A small left subdural hematoma cannot be entirely excluded.", [("subdural_hematoma", "left")]),
+    ("Left subdural hematoma is not completely ruled out.", [("subdural_hematoma", "left")]),
+    # already read as the policy says
+    ("No definite acute infarct.", []),
+    ("No evidence of intraventricular hemorrhage.", []),
+    ("Cannot exclude a small left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("Small left subdural hematoma is not excluded.", [("subdural_hematoma", "left")]),
+    ("Questionable small left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("Possible acute infarct in the right MCA territory.", [("acute_ischemic_stroke", "right")]),
+    ("Suspected left epidural hematoma.", [("epidural_hematoma", "left")]),
+])
+def test_hedged_findings(finding, named):
+    assert rm.extract_diagnoses(finding) == named
+
+
+def test_an_unlikely_finding_is_no_hallucination():
+    """'Subdural hematoma is unlikely.' on a normal study used to be an urgent hallucination."""
+    normal = {"study_key": "n", "findings": [], "triage": "unremarkable", "lesions": []}
+    m = rm.evaluate_report_lists([["Subdural hematoma is unlikely."]], [normal])
+    assert m["n_mentioned"] == 0 and m["triage_accuracy"] == 1.0
