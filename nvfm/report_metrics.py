@@ -21,12 +21,7 @@ whose generated and reference reports are both empty are left out of the three t
 
 Clinical metrics use the diagnosis names of nvfm.ontology found in the finding text
 (`extract_diagnoses`: longest phrase first, side from left/right/bilateral words; NegEx-style
-negation). Hedges: a finding called improbable ("X is unlikely", "less likely", "not likely",
-"doubtful", "improbable", "no definite X", "no evidence of X") is not named, as "no X" is; one called
-possible ("possible", "probable", "likely", "suspected", "suspicious for", "questionable",
-"cannot exclude / rule out X", "X cannot be (entirely) excluded", "X is not excluded") is named,
-a positive mention like any other: a report that raises a diagnosis is scored as naming it
-(a hallucination when the study does not have it), and its triage counts it.
+negation):
   hallucination_rate      mentioned (study, diagnosis) pairs that are not positive / all mentioned
   omission_rate           positive (study, diagnosis) pairs not mentioned / all positive
   urgent_omission_rate    the same for urgent positives (what probe cross-checking targets)
@@ -36,6 +31,17 @@ a positive mention like any other: a report that raises a diagnosis is scored as
   diagnosis_f1            mean per-study F1 of those sets (1 when both are empty)
   triage_accuracy         judge(generated findings, indication) == ground-truth triage (one of
                           unremarkable / routine / urgent, case ignored; anything else is an error)
+Hedges: a finding called improbable ("X is unlikely", "less likely", "not likely",
+"doubtful", "improbable", "no definite X", "no evidence of X") is not named, as "no X" is; one called
+possible ("possible", "probable", "likely", "suspected", "suspicious for", "questionable",
+"cannot exclude / rule out X", "X cannot be (entirely) excluded", "X is not excluded") is named,
+a positive mention like any other: a report that raises a diagnosis is scored as naming it
+(a hallucination when the study does not have it), and its triage counts it.
+Wordings mapped where the ontology name is unambiguous (`_PATTERNS`): "contusion" -> brain_contusion
+(not a scalp contusion), "glioblastoma" / "GBM" -> high_grade_glioma, "depressed fracture" ->
+displaced_skull_fracture, "basilar skull fracture" -> skull_base_fracture, a hydrocephalus that is
+not called obstructive / non-communicating (nor "ex vacuo") -> ventriculomegaly. An unqualified
+"skull fracture" names nothing: the ontology splits fractures by displacement.
 Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
 vLLM or Ollama server), asked to answer with one word.
@@ -92,8 +98,15 @@ _PATTERNS = [
     (r"(acute( \w+){0,4} )?infarct(ion)?s?", "acute_ischemic_stroke"),
     (r"metastas[ie]s", "brain_metastasis"),
     (r"(vasogenic|surrounding|perilesional) edema", "cerebral_edema"),
-    (r"non displaced( \w+){0,2} fracture", "nondisplaced_skull_fracture"),
-    (r"displaced( \w+){0,2} fracture", "displaced_skull_fracture"),
+    # a plain "skull fracture" names neither: the ontology splits fractures by displacement
+    (r"(non ?|un)displaced( \w+){0,3} fracture", "nondisplaced_skull_fracture"),
+    (r"(basilar|basal)( \w+){0,2} fracture|fracture of the( \w+)? skull base", "skull_base_fracture"),
+    (r"(depressed|displaced)( \w+){0,3} fracture", "displaced_skull_fracture"),   # depressed: displaced inwards
+    (r"(?<!scalp )(?<!soft tissue )contusion", "brain_contusion"),
+    (r"glioblastoma( multiforme)?|gbm", "high_grade_glioma"),                     # WHO grade 4
+    (r"(obstructive|non communicating|noncommunicating)( \w+){0,2} hydrocephalus", "obstructive_hydrocephalus"),
+    # any other hydrocephalus (communicating, normal pressure, unqualified) has enlarged ventricles
+    (r"hydrocephalus(?! ex vacuo)", "ventriculomegaly"),
     (r"(generali[sz]ed|diffuse) (cerebral )?volume loss", "cerebral_atrophy"),
     (r"mass effect", "brain_mass_effect"),
 ]

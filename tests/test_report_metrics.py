@@ -439,3 +439,31 @@ def test_an_unlikely_finding_is_no_hallucination():
     normal = {"study_key": "n", "findings": [], "triage": "unremarkable", "lesions": []}
     m = rm.evaluate_report_lists([["Subdural hematoma is unlikely."]], [normal])
     assert m["n_mentioned"] == 0 and m["triage_accuracy"] == 1.0
+
+
+# Common wordings of ontology diagnoses, mapped where the name is unambiguous: these used to name
+# nothing (an omission of a right report). An unqualified "skull fracture" stays unnamed: the
+# ontology splits fractures by displacement and the phrase does not say which.
+@pytest.mark.parametrize("finding, named", [
+    ("Right frontal contusion.", [("brain_contusion", "right")]),
+    ("Hemorrhagic contusions of the bilateral frontal lobes.", [("brain_contusion", "bilateral")]),
+    ("Left temporal glioblastoma.", [("high_grade_glioma", "left")]),
+    ("Glioblastoma multiforme in the right frontal lobe.", [("high_grade_glioma", "right")]),
+    ("Right frontal GBM with surrounding vasogenic edema.", [("high_grade_glioma", "right"), ("cerebral_edema", "right")]),
+    ("Hydrocephalus.", [("ventriculomegaly", None)]),   # every hydrocephalus has enlarged ventricles
+    ("Communicating hydrocephalus.", [("ventriculomegaly", None)]),
+    ("Non-communicating hydrocephalus.", [("obstructive_hydrocephalus", None)]),
+    ("Obstructive triventricular hydrocephalus.", [("obstructive_hydrocephalus", None)]),
+    ("Depressed skull fracture of the left parietal bone.", [("displaced_skull_fracture", "left")]),
+    ("Displaced left parietal skull fracture.", [("displaced_skull_fracture", "left")]),
+    ("Nondisplaced fracture of the right occipital bone.", [("nondisplaced_skull_fracture", "right")]),
+    ("Basilar skull fracture through the left petrous temporal bone.", [("skull_base_fracture", "left")]),
+    # unchanged: different findings, or not specific enough
+    ("Hydrocephalus ex vacuo.", [("hydrocephalus_ex_vacuo", None)]),
+    ("Obstructive hydrocephalus.", [("obstructive_hydrocephalus", None)]),
+    ("Left parietal scalp contusion.", []),
+    ("Left temporal skull fracture.", []),
+    ("No contusion, hydrocephalus or skull fracture.", []),
+])
+def test_common_wordings(finding, named):
+    assert rm.extract_diagnoses(finding) == named
