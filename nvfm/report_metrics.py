@@ -46,6 +46,7 @@ Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the dia
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
 vLLM or Ollama server), asked to answer with one word.
 """
+import difflib
 import json
 import os
 import re
@@ -237,15 +238,35 @@ def report_diagnoses(findings):
     return out
 
 
+def _lesion_error(record):
+    """Why a findings.jsonl record's lesions cannot be scored, or None: each must be an object whose
+    diagnosis is an nvfm.ontology name (one outside it would drop a positive without a word)."""
+    lesions = record.get("lesions") or []
+    if not isinstance(lesions, list):
+        return f"'lesions' must be a list of objects, got {json.dumps(lesions)[:60]}"
+    for i, les in enumerate(lesions, 1):
+        name = les.get("diagnosis") if isinstance(les, dict) else None
+        if not isinstance(les, dict) or name is None:
+            return f"lesion {i} has no diagnosis ({json.dumps(les)[:60]})"
+        if name not in DIAGNOSES:
+            near = difflib.get_close_matches(re.sub(r"\W+", "_", str(name).lower()), DIAGNOSES, n=1)
+            return (f"lesion {i} diagnosis {name!r} is not an nvfm.ontology name"
+                    + (f" (did you mean {near[0]!r}?)" if near else " (see nvfm/ontology.py)"))
+    return None
+
+
 def truth_diagnoses(record):
     """{name: side or None} for a findings.jsonl record: lesions' diagnosis/side plus any diagnosis
-    named in its reference findings (e.g. ones without a lesion mask such as atrophy)."""
+    named in its reference findings (e.g. ones without a lesion mask such as atrophy). A lesion
+    without a diagnosis, or with one that is not an nvfm.ontology name, is a ValueError naming the
+    study (it used to be dropped: a positive the metrics never saw)."""
+    err = _lesion_error(record)
+    if err:
+        raise ValueError(f"study {record.get('study_key', record.get('study'))!r}: {err}")
     out = report_diagnoses(record.get("findings") or [])
     for les in record.get("lesions") or []:
-        name, side = les.get("diagnosis"), les.get("side")
+        name, side = les["diagnosis"], les.get("side")
         side = side if side in ("left", "right", "bilateral") else None
-        if name not in DIAGNOSES:
-            continue
         prev = out.get(name)
         if prev is None or prev == side:
             out[name] = side
@@ -486,7 +507,8 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
     plus "raw" text and "parse" status, counted into parse_ok_rate). findings_jsonl: the
     SHARDS/findings.jsonl ground truth. Studies without a report are errors; extra ground-truth
     studies are ignored. 'findings' that is not a list of strings (in either file; absent or null in
-    the ground truth means none) is an error naming the file and line. Returns the metrics dict (see the module docstring).
+    the ground truth means none), and a scored study's lesion whose diagnosis is missing or not an
+    nvfm.ontology name, are errors naming the file and line. Returns the metrics dict (see the module docstring).
     """
     reps, seen = [], {}
     for line, r in iter_jsonl(reports_jsonl, "reports"):
@@ -497,7 +519,7 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
         seen[k] = line
         _check_findings(r.get("findings"), reports_jsonl, line, k)
         reps.append(r)
-    truth = {}
+    truth, lines = {}, {}
     for line, r in iter_jsonl(findings_jsonl, "findings"):
         k = _key(r, findings_jsonl)
         if k in truth:
@@ -505,11 +527,15 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
         if r.get("findings") is not None:   # absent or null: no positive finding
             _check_findings(r["findings"], findings_jsonl, line, k)
         truth[k] = r
+        lines[k] = line
     hyps, truths = [], []
     for r in reps:
         k = _key(r, reports_jsonl)
         if k not in truth:
             raise ValueError(f"{reports_jsonl}: study {k!r} is not in {findings_jsonl}")
+        err = _lesion_error(truth[k])
+        if err:
+            raise ValueError(f"{findings_jsonl}:{lines[k]}: study {k!r}: {err}")
         hyps.append(list(r["findings"]))
         truths.append(truth[k])
     if not reps:

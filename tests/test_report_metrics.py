@@ -467,3 +467,23 @@ def test_an_unlikely_finding_is_no_hallucination():
 ])
 def test_common_wordings(finding, named):
     assert rm.extract_diagnoses(finding) == named
+
+
+def test_lesion_diagnosis_outside_the_ontology_is_an_error(tmp_path):
+    """A ground-truth lesion named 'glioblastoma' (not an ontology name) used to be dropped without
+    a word: 'Left temporal glioblastoma.' on that study scored hallucination rate 1.0, and the study
+    had no positive (omission rate NaN)."""
+    rec = {"study_key": "g", "findings": [], "triage": "urgent",
+           "lesions": [{"diagnosis": "glioblastoma", "side": "left", "region": "x", "mask": "m"}]}
+    with pytest.raises(ValueError, match=r"study 'g': lesion 1 diagnosis 'glioblastoma' is not an nvfm.ontology name"):
+        rm.truth_diagnoses(rec)
+    with pytest.raises(ValueError, match="did you mean 'acute_subdural_hematoma'"):
+        rm.truth_diagnoses(dict(rec, lesions=[{"diagnosis": "acute subdural hematoma"}]))
+    with pytest.raises(ValueError, match="lesion 2 has no diagnosis"):
+        rm.truth_diagnoses(dict(rec, lesions=[{"diagnosis": "glioma"}, {"side": "left"}]))
+    truth = _write(tmp_path / "f.jsonl", [TRUTH[0], rec])
+    reps = _write(tmp_path / "r.jsonl", [{"study_key": "g", "findings": ["Left temporal glioblastoma."]}])
+    with pytest.raises(ValueError, match=r"f.jsonl:2: study 'g': lesion 1 diagnosis 'glioblastoma'"):
+        rm.evaluate_reports(reps, truth)
+    assert rm.truth_diagnoses(dict(rec, lesions=[{"diagnosis": "high_grade_glioma", "side": "left"}])) == {
+        "high_grade_glioma": "left"}
