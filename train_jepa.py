@@ -28,7 +28,8 @@ from nvfm.configurator import config_dict, configure
 from nvfm.data import ShardReader
 from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
-from nvfm.monitor import CollapseWatch, ProbeSet, effective_rank, intensity_share, mean_std, relative_distance
+from nvfm.monitor import (CollapseWatch, ProbeSet, content_loss, effective_rank, intensity_share, mean_std,
+                          relative_distance)
 from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
 
 # ----------------------------------------------------------------------------- config
@@ -340,6 +341,11 @@ for b in loader:
                    teacher_to_student=relative_distance(teacher.parameters(), raw_model.student.parameters()))
         if position_control:
             rec["loss_position_only"] = stats[1].item()
+            # the same on what brightness does not explain (this batch): close together, the context
+            # predicts nothing of the targets but how bright they are
+            m_tgt, w_tgt = x[tgt].mean(1), b["window"][tgt]
+            rec["loss_content"] = content_loss(pred, target, m_tgt, w_tgt)
+            rec["loss_content_position_only"] = content_loss(pred_pos, target, m_tgt, w_tgt)
         mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
         ctl = f" (positions only {rec['loss_position_only']:.4f})" if position_control else ""
         log(rec, f"step {step}: loss {rec['loss']:.4f}{ctl} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "

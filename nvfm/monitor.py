@@ -79,6 +79,20 @@ def relative_distance(a, b):
 
 
 @torch.no_grad()
+def brightness_residual(x, mean_intensity, window):
+    """x (N, D) minus its least-squares fit on each token's mean intensity, with an intercept and a
+    slope per window: the part of x that how bright a token is, in which window, does not explain."""
+    x = torch.as_tensor(x).detach().double()
+    m = torch.as_tensor(mean_intensity).detach().double().reshape(-1).to(x.device)
+    w = torch.as_tensor(window).detach().reshape(-1).to(x.device)
+    cols = []
+    for v in torch.unique(w):
+        ind = (w == v).double()
+        cols += [ind, ind * m]
+    design = torch.stack(cols, 1)
+    return x - design @ (torch.linalg.pinv(design) @ x)  # pinv: a window with one brightness is rank-deficient
+
+
 def intensity_share(x, mean_intensity, window, max_rows=4096):
     """R^2 of features x (N, D) regressed on each token's mean intensity, with an intercept and a
     slope per window (least squares, all dimensions together: 1 - residual / total sum of squares
@@ -86,22 +100,25 @@ def intensity_share(x, mean_intensity, window, max_rows=4096):
     ~0: nothing of it. mean_intensity (N,), window (N,) int. NaN for N < 2 or constant features.
     At most `max_rows` rows are used (evenly spaced)."""
     x = torch.as_tensor(x).detach().double()
-    m = torch.as_tensor(mean_intensity).detach().double().reshape(-1)
-    w = torch.as_tensor(window).detach().reshape(-1).to(x.device)
+    m, w = torch.as_tensor(mean_intensity).reshape(-1), torch.as_tensor(window).reshape(-1)
     if x.shape[0] > max_rows:
         keep = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()
-        x, m, w = x[keep], m[keep], w[keep]
+        x, m, w = x[keep], m.to(x.device)[keep], w.to(x.device)[keep]
     x = x - x.mean(0)
     total = float(x.pow(2).sum())
     if x.shape[0] < 2 or total == 0.0:
         return float("nan")
-    cols = []
-    for v in torch.unique(w):
-        ind = (w == v).double()
-        cols += [ind, ind * m]
-    design = torch.stack(cols, 1)
-    resid = x - design @ (torch.linalg.pinv(design) @ x)  # pinv: a window with one brightness is rank-deficient
-    return 1.0 - float(resid.pow(2).sum()) / total
+    return 1.0 - float(brightness_residual(x, m, w).pow(2).sum()) / total
+
+
+def content_loss(pred, target, mean_intensity, window):
+    """The JEPA loss (smooth L1, mean over tokens and dimensions) on the part of the prediction
+    error that the target tokens' brightness does not explain (`brightness_residual`). Beside the
+    same figure for the position-only control it says whether the context predicts anything but
+    how bright the masked tokens are."""
+    err = brightness_residual(torch.as_tensor(pred).detach().double() - torch.as_tensor(target).detach().double(),
+                              mean_intensity, window)
+    return float(torch.nn.functional.smooth_l1_loss(err, torch.zeros_like(err), beta=1.0))
 
 
 class CollapseWatch:

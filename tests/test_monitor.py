@@ -122,3 +122,28 @@ def test_intensity_share_against_per_window_fits_and_hand_cases():
     m2 = np.where(w == 2, 0.5, m)
     assert np.isfinite(intensity_share(torch.from_numpy(x), torch.from_numpy(m2), torch.from_numpy(w)))
     assert np.isnan(intensity_share(torch.ones(10, 4), torch.zeros(10), torch.zeros(10, dtype=torch.long)))
+
+
+def test_content_loss_against_per_window_fits():
+    from nvfm.monitor import content_loss
+    rng = np.random.default_rng(1)
+    n, d = 400, 5
+    m, w = rng.normal(size=n), rng.integers(0, 2, n)
+    target = rng.normal(size=(n, d))
+    # a prediction wrong only by a per-window affine function of the brightness: no content error
+    pred = target + np.stack([(1.5 + w) * m - w, np.where(w == 0, 2.0, -1.0) + 0 * m] * 2 + [0 * m], 1)
+    assert content_loss(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(m),
+                        torch.from_numpy(w)) == pytest.approx(0.0, abs=1e-12)
+    # otherwise: smooth L1 (beta 1) of what a separate numpy line per window and dimension leaves
+    pred = pred + rng.normal(size=(n, d)) * 2
+    err = pred - target
+    res = np.empty_like(err)
+    for v in range(2):
+        for j in range(d):
+            k = w == v
+            res[k, j] = err[k, j] - np.polyval(np.polyfit(m[k], err[k, j], 1), m[k])
+    a = np.abs(res)
+    expect = np.where(a < 1, 0.5 * a ** 2, a - 0.5).mean()
+    assert expect > 0.3
+    assert content_loss(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(m),
+                        torch.from_numpy(w)) == pytest.approx(expect, rel=1e-9)

@@ -89,9 +89,12 @@ def test_position_control_and_online_probe(shards, tmp_path):
     for part in ("student", "predictor", "teacher"):
         for k, v in ref[part].items():
             assert torch.equal(ck[part][k], v), f"{part}.{k} changed by the position control"
-    assert all(r["loss_position_only"] > 0 for r in read_log(ctl) if "loss" in r)
+    ctl_log = [r for r in read_log(ctl) if "loss" in r]
+    assert all(r["loss_position_only"] > 0 for r in ctl_log)
+    assert all(0 < r["loss_content"] and 0 < r["loss_content_position_only"] for r in ctl_log)
+    assert any(r["loss_content"] != r["loss_content_position_only"] for r in ctl_log)
     log = read_log(out)
-    assert not any("loss_position_only" in r for r in log)
+    assert not any("loss_position_only" in r or "loss_content" in r for r in log)
     probes = {r["step"]: r["probe"] for r in log if "probe" in r}
     assert sorted(probes) == [0, 8, 16]
     assert probes[0]["student"]["rank"] == pytest.approx(probes[0]["teacher"]["rank"])  # identical at init
