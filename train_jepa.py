@@ -347,7 +347,8 @@ for b in loader:
             rec["loss_content"] = content_loss(pred, target, m_tgt, w_tgt)
             rec["loss_content_position_only"] = content_loss(pred_pos, target, m_tgt, w_tgt)
         mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
-        ctl = f" (positions only {rec['loss_position_only']:.4f})" if position_control else ""
+        ctl = (f" (positions only {rec['loss_position_only']:.4f}; beyond brightness {rec['loss_content']:.4f} vs "
+               f"{rec['loss_content_position_only']:.4f})" if position_control else "")
         log(rec, f"step {step}: loss {rec['loss']:.4f}{ctl} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "
                  f"{rec['volumes_per_s']:.1f} vol/s {rec['tflops']:.3f} TFLOP/s{mfu} | rank student {z_rank:.1f} "
                  f"target {rec['rank_target']:.1f} pred {rec['rank_pred']:.1f} | teacher moved "
