@@ -86,7 +86,8 @@ def load_probe(path):
     return ck, models
 
 
-def evaluate_probe(path, display, rows_by_key, sides):
+def evaluate_probe(path, display, rows_by_key, sides, fpath):
+    """sides: lesion sides per study from findings.jsonl at fpath (None: not found)."""
     ck, models = load_probe(path)
     cache = FeatureCache(features or ck["features"], expect_hash=ck["encoder_hash"])
     wins = set(ck["windows"].split(",")) if ck["windows"] else None
@@ -113,7 +114,6 @@ def evaluate_probe(path, display, rows_by_key, sides):
         raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "
                          f"(first: {missing[:3]}); run encode.py on the {split} split")
     side = [n for n in lab if n in P.SIDE_CLASSES]
-    fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
     if side and sides is None and not external:   # without the lesions' sides every study would be a negative
         raise SystemExit(f"evaluate.py: the probe's side classes {side} need the lesions' sides of findings.jsonl: "
                          f"{fpath} not found (--findings=PATH)")
@@ -510,7 +510,7 @@ def main():
     sides = P.load_sides(fpath) if os.path.exists(fpath) else None   # None: side classes cannot be scored
     results, first, written, studies = {}, None, [], {}
     for p, d in zip(paths, disp):
-        res, data = evaluate_probe(p, d, rows_by_key, sides)
+        res, data = evaluate_probe(p, d, rows_by_key, sides, fpath)
         res["display"] = d
         results[d] = res
         studies[d] = (data["task"], frozenset(data["keys"]))
