@@ -323,6 +323,7 @@ for b in loader:
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
         ctx, tgt = b["ctx_index"], b["tgt_index"]
+        m_tgt, w_tgt = x[tgt].mean(1), b["window"][tgt]  # the target tokens' brightness and window
         share = intensity_share(z, x[ctx].mean(1), b["window"][ctx])  # what a collapse keeps
         warning = watch.update(z_rank, share)  # the first batch's rank is the reference
         stats = torch.stack([loss_log / (n_log * world_size), pos_log / (n_log * world_size)])
@@ -336,14 +337,13 @@ for b in loader:
                    rank_student=z_rank, rank_target=effective_rank(target), rank_pred=effective_rank(pred),
                    std_student=mean_std(z), std_target=mean_std(target), std_pred=mean_std(pred),
                    intensity_share_student=share,
-                   intensity_share_target=intensity_share(target, x[tgt].mean(1), b["window"][tgt]),
+                   intensity_share_target=intensity_share(target, m_tgt, w_tgt),
                    teacher_moved=relative_distance(teacher.parameters(), teacher_init),
                    teacher_to_student=relative_distance(teacher.parameters(), raw_model.student.parameters()))
         if position_control:
             rec["loss_position_only"] = stats[1].item()
             # the same on what brightness does not explain (this batch): close together, the context
             # predicts nothing of the targets but how bright they are
-            m_tgt, w_tgt = x[tgt].mean(1), b["window"][tgt]
             rec["loss_content"] = content_loss(pred, target, m_tgt, w_tgt)
             rec["loss_content_position_only"] = content_loss(pred_pos, target, m_tgt, w_tgt)
         mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
