@@ -6,7 +6,8 @@ For each seed, one train_jepa.py run with a config (default config/jepa_tiny.py)
 max_steps = the largest budget; the run is stopped at every budget of --steps (stop_at_step,
 then --init_from=resume, which is bit-for-bit), and the student and the EMA teacher written
 there are scored with nvfm.monitor.ProbeSet on every study of the cohort:
-  - lesion-token AUROC (fit on train studies, AUROC on val + test, study-bootstrap 95% CI);
+  - lesion-token AUROC (fit on train studies, AUROC on val + test, study-bootstrap 95% CI), from
+    the features alone and with each token's position given to the probe as well;
   - study-level macro AUROC (5-fold CV, classes with >= 5 positives and negatives);
   - effective rank of the token features.
 Step 0 is the random init (the same seed's init). Two supervised bounds (--supervised=True)
@@ -195,8 +196,11 @@ def main():
     res = json.load(open(path)) if os.path.exists(path) else {}
     res["meta"] = dict(config=config, extra=extra, studies=studies, steps=budgets, seeds=seed_list)
 
+    def done(tag):  # scored, with every figure (a result from before a figure was added is scored again)
+        return tag in res and all(k in res[tag] for k in KEYS)
+
     def score(tag, enc):
-        if tag not in res:
+        if not done(tag):
             t0 = time.time()
             res[tag] = probes(enc, n_boot=n_boot)
             json.dump(res, open(path, "w"), indent=1)
@@ -217,7 +221,7 @@ def main():
     if supervised and like is not None:
         flops = res[f"seed{seed_list[0]}/flops/{max(budgets)}"]
         for tag, (labels, _) in BOUNDS.items():
-            if tag not in res:
+            if not done(tag):
                 score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
     json.dump(res, open(path, "w"), indent=1)
     table(res, budgets, seed_list)
@@ -230,24 +234,28 @@ BOUNDS = {"supervised/0": ("study", "supervised on study labels, same training F
           "supervised-lesion/0": ("lesion", "supervised on lesion-token labels, same training FLOPs")}
 
 
+# the figures of the table, in its column order
+KEYS = ("lesion_auroc", "lesion_auroc_pos", "study_auroc", "rank")
+
+
 def summary(res, name, b, seed_list, key):
     v = [res[f"seed{s}/{name}/{b}"].get(key, np.nan) for s in seed_list if f"seed{s}/{name}/{b}" in res]
     return (float(np.mean(v)), float(np.max(v) - np.min(v)) / 2, len(v)) if v else (np.nan, np.nan, 0)
 
 
 def table(res, budgets, seed_list):
-    print("| encoder | steps | lesion-token AUROC | study macro AUROC (CV) | effective rank |")
-    print("|---|---|---|---|---|")
+    print("| encoder | steps | lesion-token AUROC | lesion-token AUROC, position given | study macro AUROC (CV) "
+          "| effective rank |")
+    print("|---|---|---|---|---|---|")
     rows = [("random init", "random", 0)] if 0 in budgets else []
     rows += [(n, n, b) for b in budgets if b > 0 for n in ("student", "teacher")]
     for label, name, b in rows:
         cells = [f"{m:.3f} +- {h:.3f}" for m, h, _ in (summary(res, name, b, seed_list, k)
-                                                     for k in ("lesion_auroc", "study_auroc", "rank"))]
+                                                     for k in KEYS)]
         print(f"| {label} | {b} | " + " | ".join(cells) + " |")
     for tag in (t for t in BOUNDS if t in res):
         r = res[tag]
-        print(f"| {BOUNDS[tag][1]} | - | {r.get('lesion_auroc', np.nan):.3f} | "
-              f"{r.get('study_auroc', np.nan):.3f} | {r['rank']:.3f} |")
+        print(f"| {BOUNDS[tag][1]} | - | " + " | ".join(f"{r.get(k, np.nan):.3f}" for k in KEYS) + " |")
     print("(mean over seeds +- half the range)")
 
 
@@ -255,9 +263,9 @@ def draw(res, budgets, seed_list, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ("lesion_auroc", "study_auroc", "rank"),
-                              ("lesion-token AUROC", "study macro AUROC (5-fold CV)", "effective rank")):
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    for ax, key, title in zip(axes, KEYS, ("lesion-token AUROC", "lesion-token AUROC, position given",
+                                           "study macro AUROC (5-fold CV)", "effective rank")):
         for name, color in (("student", "C0"), ("teacher", "C1")):
             xs = [b for b in budgets if b > 0]
             pts = [summary(res, name, b, seed_list, key) for b in xs]

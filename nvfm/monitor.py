@@ -25,6 +25,12 @@ Two kinds of figures, both used by train_jepa.py and bench/bench_jepa_curve.py:
      is lesion, negative when none of it is, partial tokens left out, negatives subsampled
      1 in 10 with a seeded hash), fit on the train-split studies, token AUROC on val + test;
      only where the cohort's ground truth (cohort/gt) is given;
+   - `lesion_auroc_pos`: the same probe told each token's grid position as well (the 30-d
+     sinusoidal code of nvfm.model.position_code, layout "nvfm-v1", beside the features). It
+     separates what an encoder learned about the tokens' content from whether its features
+     kept where the tokens are: lesions have preferred places, a random-init encoder carries
+     its input position embedding to its output, and a JEPA student, whose predictor is
+     given every position, need not (BENCHMARKS.md, Vol-JEPA);
    - `study_auroc`: per-window mean and std pooling of the tokens, one logistic regression per
      class, 5-fold stratified CV over the set's studies, macro AUROC over classes with >= 5
      positives and >= 5 negatives (pretraining never sees labels, so using every study is
@@ -152,7 +158,7 @@ def standardize(fit, *others):
     return [(x - mu) / sd for x in (fit,) + others]
 
 
-def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positives=50):
+def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positives=50, with_position=False):
     """Token probe on frozen features.
 
     entries: {study_key: [dict(volume_id, window, emb (n, D)), ...]}; labels: {(study_key, volume_id):
@@ -160,7 +166,8 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
     studies, score the others. Returns (AUROC, (lo, hi) study-bootstrap 95% CI or None when
     n_boot == 0, n scored tokens, n scored positives); AUROC NaN when a side lacks a class or fewer
     than `min_positives` lesion tokens are scored (the 24-study demo scores ~20: its figure swings
-    between 0.1 and 0.9 with which few lesions land in val + test)."""
+    between 0.1 and 0.9 with which few lesions land in val + test). with_position: the entries'
+    token grid coords (n, 3) enter the probe as their position code, beside the features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     X, Y, S, fit_part = [], [], [], []
@@ -173,7 +180,11 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
             keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < NEG_KEEP))
             onehot = np.zeros((int(keep.sum()), len(WINDOWS)), np.float32)
             onehot[:, WINDOWS.index(e["window"])] = 1
-            X.append(np.concatenate([np.asarray(e["emb"])[keep].astype(np.float32), onehot], 1))
+            cols = [np.asarray(e["emb"])[keep].astype(np.float32), onehot]
+            if with_position:
+                from nvfm.model import position_code
+                cols.append(position_code(torch.as_tensor(np.asarray(e["coords"])[keep]).long(), 30, "nvfm-v1").numpy())
+            X.append(np.concatenate(cols, 1))
             Y.append(y[keep])
             S.append(np.full(int(keep.sum()), zlib.crc32(key.encode())))
             fit_part.append(np.full(int(keep.sum()), split_of[key] == "train"))
@@ -302,6 +313,9 @@ class ProbeSet:
         if self.cohort:
             auc, ci, n, npos = lesion_token_auroc(entries, self.lesion_labels(entries), self.split_of, n_boot=n_boot)
             res.update(lesion_auroc=auc, lesion_ci=ci, lesion_tokens=n, lesion_positives=npos)
+            auc, ci, _, _ = lesion_token_auroc(entries, self.token_labels, self.split_of, n_boot=n_boot,
+                                               with_position=True)
+            res.update(lesion_auroc_pos=auc, lesion_pos_ci=ci)
         if len(self.labelled) >= 10 and self.Y.shape[1]:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
             res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y)

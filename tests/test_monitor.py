@@ -87,6 +87,36 @@ def test_lesion_token_probe_against_sklearn():
     assert abs(lesion_token_auroc(entries, labels, split_of)[0] - 0.5) < 0.08
 
 
+
+def test_lesion_token_probe_with_position():
+    """Lesions that sit in one corner of the grid, features that know nothing: the features-only
+    probe is at chance, the position-aware one finds the corner; a planted feature signal is read
+    by both (the position code adds to the features, it does not replace them)."""
+    rng = np.random.default_rng(3)
+    entries, labels, split_of = {}, {}, {}
+    for s in range(12):
+        key = f"s{s}"
+        split_of[key] = "train" if s < 8 else "test"
+        coords = rng.integers(0, 24, size=(600, 3)).astype(np.int32)
+        corner = (coords[:, 0] < 8) & (coords[:, 1] < 8)
+        y = (rng.random(600) < np.where(corner, 0.5, 0.02)).astype(np.int8)
+        entries[key] = [dict(volume_id="v", window="brain", coords=coords,
+                             emb=rng.normal(size=(600, 5)).astype(np.float32))]
+        labels[key, "v"] = y
+    # the oracle: the corner indicator itself, on the scored tokens
+    ev = [k for k in entries if split_of[k] == "test"]
+    ev_y = np.concatenate([labels[k, "v"] for k in ev])
+    ev_c = np.concatenate([entries[k][0]["coords"] for k in ev])
+    oracle = roc_auc_score(ev_y, (ev_c[:, 0] < 8) & (ev_c[:, 1] < 8))
+    plain = lesion_token_auroc(entries, labels, split_of)[0]
+    placed, ci, _, _ = lesion_token_auroc(entries, labels, split_of, with_position=True, n_boot=100)
+    assert abs(plain - 0.5) < 0.08
+    assert oracle - 0.08 < placed <= oracle + 0.02 and ci[0] < placed < ci[1]
+    for k in entries:  # a feature signal outside the corner: read with or without the position
+        e, y = entries[k][0], labels[k, "v"]
+        e["emb"][:, 0] += 3.0 * ((y == 1) & ~((e["coords"][:, 0] < 8) & (e["coords"][:, 1] < 8)))
+    assert lesion_token_auroc(entries, labels, split_of, with_position=True)[0] > placed + 0.02
+
 def test_study_cv_auroc_planted_and_null():
     rng = np.random.default_rng(2)
     Y = (rng.random((60, 3)) < 0.3).astype(int)
