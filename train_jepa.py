@@ -66,7 +66,7 @@ collapse_warn = 0.25               # warn when the student's effective rank < th
 position_control = False           # also train a predictor that gets no context latents (positions only)
 eval_interval = 0                  # > 0: frozen-feature probes of student and teacher every this many steps
 probe_studies = 32                 # studies in the online probe set (0: all); every split, labels never trained on
-probe_cohort = ""                  # the demo cohort folder (with gt/): adds the lesion-token probe
+probe_cohort = ""                  # the demo cohort folder (with gt/): adds the lesion-token probe (features alone, and with positions)
 export = "teacher"                 # the encoder written as encoder.safetensors; the other one is written too
 device = "auto"                    # auto | cpu | cuda
 configure(globals())
