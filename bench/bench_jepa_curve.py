@@ -196,8 +196,8 @@ def main():
     res = json.load(open(path)) if os.path.exists(path) else {}
     res["meta"] = dict(config=config, extra=extra, studies=studies, steps=budgets, seeds=seed_list)
 
-    def done(tag):  # scored, with every figure (a result from before a figure was added is scored again)
-        return tag in res and all(k in res[tag] for k in KEYS)
+    def done(tag):  # scored, and after the position-given figure was added (older results are scored again)
+        return tag in res and "lesion_auroc_pos" in res[tag]
 
     def score(tag, enc):
         if not done(tag):
