@@ -46,7 +46,7 @@ import zlib
 import numpy as np
 import torch
 
-from nvfm.model import WINDOWS  # window names, in the normalisation order
+from nvfm.model import WINDOWS, position_code  # window names, in the normalisation order
 
 NEG_KEEP = 0.1  # share of lesion-free tokens kept for the token probe
 
@@ -182,7 +182,6 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
             onehot[:, WINDOWS.index(e["window"])] = 1
             cols = [np.asarray(e["emb"])[keep].astype(np.float32), onehot]
             if with_position:
-                from nvfm.model import position_code
                 cols.append(position_code(torch.as_tensor(np.asarray(e["coords"])[keep]).long(), 30, "nvfm-v1").numpy())
             X.append(np.concatenate(cols, 1))
             Y.append(y[keep])
@@ -311,10 +310,10 @@ class ProbeSet:
         res = dict(rank=effective_rank(torch.from_numpy(allx), max_rows=8192), feature_std=mean_std(allx),
                    n_studies=len(entries), n_tokens=len(allx))
         if self.cohort:
-            auc, ci, n, npos = lesion_token_auroc(entries, self.lesion_labels(entries), self.split_of, n_boot=n_boot)
+            labels = self.lesion_labels(entries)
+            auc, ci, n, npos = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot)
             res.update(lesion_auroc=auc, lesion_ci=ci, lesion_tokens=n, lesion_positives=npos)
-            auc, ci, _, _ = lesion_token_auroc(entries, self.token_labels, self.split_of, n_boot=n_boot,
-                                               with_position=True)
+            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, with_position=True)
             res.update(lesion_auroc_pos=auc, lesion_pos_ci=ci)
         if len(self.labelled) >= 10 and self.Y.shape[1]:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
