@@ -30,8 +30,7 @@ from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
 from nvfm.monitor import (CollapseWatch, ProbeSet, content_loss, effective_rank, intensity_share, mean_std,
                           relative_distance)
-from nvfm.model import (Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, position_code, save_encoder,
-                        transformer_flops)
+from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
 
 # ----------------------------------------------------------------------------- config
 shards = ""                        # a shard set written by preprocess.py (required)
@@ -65,7 +64,6 @@ stop_at_step = 0                   # > 0: checkpoint and exit after this step (a
 # is it learning? (README "Is my pretraining learning?")
 collapse_warn = 0.25               # warn when the student's effective rank < this x its rank on the first batch
 position_control = False           # also train a predictor that gets no context latents (positions only)
-position_loss = 0.0                # > 0: weight of a term that keeps each token's position in the student's features (beyond the paper)
 eval_interval = 0                  # > 0: frozen-feature probes of student and teacher every this many steps
 probe_studies = 32                 # studies in the online probe set (0: all); every split, labels never trained on
 probe_cohort = ""                  # the demo cohort folder (with gt/): adds the lesion-token probe (features alone, and with positions)
@@ -118,31 +116,22 @@ pred_cfg = PredictorConfig(enc_dim=enc_cfg.dim, dim=predictor_dim or enc_cfg.dim
 class VolJEPA(nn.Module):
     """The trained part (student + predictor), one module so DDP syncs both. With
     position_control, a second predictor gets the same layout but zeros instead of the context
-    latents: its loss says how much of the targets the positions alone predict. With
-    position_loss, a linear head reads each context token's position code (the encoder's input
-    code) back from the student's features: the predictor is told every position, so without it
-    nothing asks the student to keep where its tokens are, and at CPU scale it drops it."""
+    latents: its loss says how much of the targets the positions alone predict."""
 
     def __init__(self):
         super().__init__()
         self.student = Encoder(enc_cfg)
         self.predictor = Predictor(pred_cfg)
         self.pos_predictor = Predictor(pred_cfg) if position_control else None
-        self.position_head = nn.Linear(enc_cfg.dim, enc_cfg.pos_dim) if position_loss else None
 
     def forward(self, x, coords, b):
-        """-> (predicted targets, student context latents, position-only predictions or None,
-        summed squared error of the position head over this rank's context tokens or None)."""
+        """-> (predicted targets, student context latents, position-only predictions or None)."""
         ctx, tgt = b["ctx_index"], b["tgt_index"]
         z = self.student(x[ctx], coords[ctx], b["cu_ctx"], b["max_ctx"])
         layout = (b["pred_ctx_pos"], b["pred_tgt_pos"], b["pred_cu"], b["pred_max"])
         pred = self.predictor(z, coords[ctx], coords[tgt], layout)
         pos = self.pos_predictor(torch.zeros_like(z), coords[ctx], coords[tgt], layout) if position_control else None
-        kept = None
-        if self.position_head is not None:
-            code = position_code(coords[ctx], enc_cfg.pos_dim, enc_cfg.pos_code)
-            kept = (self.position_head(z.float()) - code).square().sum() / enc_cfg.pos_dim
-        return pred, z, pos, kept
+        return pred, z, pos
 
 
 model = VolJEPA().to(dev)
@@ -176,8 +165,6 @@ if init_from == "resume":
     load_state_strict(model.predictor, ck["predictor"], "predictor")
     if position_control:
         load_state_strict(model.pos_predictor, ck["pos_predictor"], "pos_predictor")
-    if position_loss:
-        load_state_strict(model.position_head, ck["position_head"], "position_head")
     load_state_strict(teacher, ck["teacher"], "teacher")
     optimizer.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
@@ -253,8 +240,6 @@ def save_checkpoint(next_step):
     if not master:
         return
     extra = {"pos_predictor": raw_model.pos_predictor.state_dict()} if position_control else {}
-    if position_loss:
-        extra["position_head"] = raw_model.position_head.state_dict()
     save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
                  "teacher": teacher.state_dict(), **extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": next_step, "config": config, "encoder_config": vars(enc_cfg),
@@ -296,7 +281,7 @@ loader = make_loader(dataset, step, max_steps, num_workers, pin_memory=dev.type 
 log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
 if probes is not None and step == 0:
     run_probes(0)
-t_log, tok_log, vol_log, flops_log, loss_log, pos_log, kept_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0.0, 0
+t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
 for b in loader:
     lr, wd, mom = lr_at(step), wd_at(step), momentum_at(step)
     for g in optimizer.param_groups:
@@ -306,22 +291,19 @@ for b in loader:
     b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
     x = normalize_tokens(b["tokens"], b["window"])
     coords = b["coords"]
-    counts = torch.tensor([float(b["tgt_index"].numel()), float(b["ctx_index"].numel())], device=dev)
-    if ddp:  # the losses are means over the global batch's tokens, whatever the split across ranks
-        dist.all_reduce(counts)
-    n_tgt, n_ctx = counts
+    n_tgt = torch.tensor(float(b["tgt_index"].numel()), device=dev)
+    if ddp:  # the loss is a mean over the global batch's target tokens, whatever the split across ranks
+        dist.all_reduce(n_tgt)
     with torch.autocast(dev.type, dtype=ptdtype, enabled=use_amp):
         with torch.no_grad():
             h = teacher(x, coords, b["cu_seqlens"], b["max_seqlen"])
             target = F.layer_norm(h.float(), (h.shape[-1],))[b["tgt_index"]]
-        pred, z, pred_pos, kept_sum = model(x, coords, b)
+        pred, z, pred_pos = model(x, coords, b)
         loss_sum = F.smooth_l1_loss(pred.float(), target, reduction="sum", beta=1.0) / target.shape[-1]
         pos_sum = F.smooth_l1_loss(pred_pos.float(), target, reduction="sum", beta=1.0) / target.shape[-1] \
             if position_control else torch.zeros((), device=dev)
     loss, loss_pos = loss_sum * world_size / n_tgt, pos_sum * world_size / n_tgt  # DDP averages gradients over ranks
-    loss_kept = kept_sum * world_size / n_ctx if position_loss else torch.zeros((), device=dev)
-    # the control predictor's input is zeros: no gradient reaches the student
-    scaler.scale(loss + loss_pos + position_loss * loss_kept).backward()
+    scaler.scale(loss + loss_pos).backward()  # the control predictor's input is zeros: no gradient reaches the student
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(main_params, grad_clip)
     if position_control:  # clipped on its own, so the control never changes the main run
@@ -337,8 +319,7 @@ for b in loader:
     tok_log += int(b["cu_seqlens"][-1]) * world_size
     vol_log += global_batch
     flops_log += step_flops(b) * world_size
-    loss_log, pos_log, kept_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), kept_log + loss_kept.detach()
-    n_log += 1  # no sync until the log
+    loss_log, pos_log, n_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), n_log + 1  # no sync until the log
     if step == 1 or step % log_interval == 0 or step == max_steps:
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
@@ -346,7 +327,7 @@ for b in loader:
         m_tgt, w_tgt = x[tgt].mean(1), b["window"][tgt]  # the target tokens' brightness and window
         share = intensity_share(z, x[ctx].mean(1), b["window"][ctx])  # what a collapse keeps
         warning = watch.update(z_rank, share)  # the first batch's rank is the reference
-        stats = torch.stack([loss_log, pos_log, kept_log]) / (n_log * world_size)
+        stats = torch.stack([loss_log / (n_log * world_size), pos_log / (n_log * world_size)])
         if ddp:
             dist.all_reduce(stats)
         dt = time.time() - t_log
@@ -366,19 +347,16 @@ for b in loader:
             # predicts nothing of the targets but how bright they are
             rec["loss_content"] = content_loss(pred, target, m_tgt, w_tgt)
             rec["loss_content_position_only"] = content_loss(pred_pos, target, m_tgt, w_tgt)
-        if position_loss:  # mean squared error of the position head (a position code has unit-scale entries)
-            rec["loss_position_code"] = stats[2].item()
         mfu = f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""
         ctl = (f" (positions only {rec['loss_position_only']:.4f}; beyond brightness {rec['loss_content']:.4f} vs "
                f"{rec['loss_content_position_only']:.4f})" if position_control else "")
-        kept = f" position code {rec['loss_position_code']:.4f}" if position_loss else ""
-        log(rec, f"step {step}: loss {rec['loss']:.4f}{ctl}{kept} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "
+        log(rec, f"step {step}: loss {rec['loss']:.4f}{ctl} lr {lr:.2e} mom {mom:.4f} | {rec['tokens_per_s']:.0f} tok/s "
                  f"{rec['volumes_per_s']:.1f} vol/s {rec['tflops']:.3f} TFLOP/s{mfu} | rank student {z_rank:.1f} "
                  f"target {rec['rank_target']:.1f} pred {rec['rank_pred']:.1f} | teacher moved "
                  f"{rec['teacher_moved']:.3f}")
         if warning and master:
             print(warning, flush=True)
-        t_log, tok_log, vol_log, flops_log, loss_log, pos_log, kept_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0.0, 0
+        t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
     if probes is not None and (step % eval_interval == 0 or step == max_steps):
         run_probes(step)
     if stop_at_step and step >= stop_at_step:

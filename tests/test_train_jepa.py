@@ -2,20 +2,16 @@
 the loss goes down, the teacher changes only through the EMA, resume is bit-for-bit, and a
 2-process gloo DDP run equals 1 process with the same global batch."""
 import json
-import math
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from nvfm.checkpoint import load_checkpoint
-from nvfm.data import ShardReader
-from nvfm.loader import JepaBatches, train_indices, write_synthetic_shards
-from nvfm.masks import MaskConfig
-from nvfm.model import Encoder, EncoderConfig, load_encoder, normalize_tokens
+from nvfm.loader import write_synthetic_shards
+from nvfm.model import load_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16
@@ -47,8 +43,7 @@ def full_run(shards, tmp_path_factory):
 
 def weights(path):
     ck = load_checkpoint(path)
-    parts = [p for p in ("student", "predictor", "teacher", "position_head") if p in ck]
-    return {f"{part}.{k}": v for part in parts for k, v in ck[part].items()}
+    return {f"{part}.{k}": v for part in ("student", "predictor", "teacher") for k, v in ck[part].items()}
 
 
 def read_log(out):
@@ -107,60 +102,6 @@ def test_position_control_and_online_probe(shards, tmp_path):
     assert all(p[n]["n_tokens"] > 0 for p in probes.values() for n in ("student", "teacher"))
 
 
-def official_code(coords, pos_dim=30):
-    """The encoder's input position code written out from its definition (nvfm.model docstring,
-    layout "official"): per axis z, y, x, C = 2 * ceil(pos_dim / 6) channels, sin and cos
-    interleaved at inverse frequencies 10000^(-k / C), k = 0, 2, ..., the first pos_dim kept."""
-    ch = 2 * math.ceil(pos_dim / 6)
-    rows = []
-    for c in coords:
-        row = []
-        for axis in range(3):
-            for k in range(0, ch, 2):
-                a = c[axis] * 10000.0 ** (-k / ch)
-                row += [math.sin(a), math.cos(a)]
-        rows.append(row[:pos_dim])
-    return np.array(rows)
-
-
-def test_position_loss_reads_the_true_position_code(shards, tmp_path):
-    """position_loss: the logged term is the mean squared error between the head's reading of the
-    student's context features and the tokens' position code written out here from its
-    definition (checked at lr 0, where the checkpoint holds the weights that made step 1); the
-    term trains the student (its weights differ from an unclipped run without it) and the head, which is
-    checkpointed; without it there is no head."""
-    frozen = str(tmp_path / "frozen")
-    run(["--position_loss=1.0", "--max_steps=1", "--lr_start=0", "--lr_peak=0", "--lr_final=0"], frozen, shards)
-    ck = load_checkpoint(os.path.join(frozen, "ckpt.pt"))
-    cfg = EncoderConfig.from_dict(ck["encoder_config"])
-    student = Encoder(cfg)
-    student.load_state_dict(ck["student"])
-    head = torch.nn.Linear(cfg.dim, cfg.pos_dim)
-    head.load_state_dict(ck["position_head"])
-    reader = ShardReader(shards)
-    b = JepaBatches(reader, train_indices(reader, "train", 8), 4, seed=0, mask_config=MaskConfig(max_patches=6))[0]
-    ctx = b["ctx_index"]
-    with torch.no_grad():
-        z = student(normalize_tokens(b["tokens"], b["window"])[ctx], b["coords"][ctx], b["cu_ctx"], b["max_ctx"])
-        got = head(z).double().numpy()
-    assert cfg.pos_code == "official"
-    want = official_code(b["coords"][ctx].tolist(), cfg.pos_dim)
-    logged = read_log(frozen)[0]["loss_position_code"]
-    assert logged == pytest.approx(((got - want) ** 2).mean(), rel=1e-4)
-
-    kept, plain = str(tmp_path / "kept"), str(tmp_path / "plain")
-    # no clipping: the head's gradient must not reach the student through the clip factor alone
-    run(["--position_loss=1.0", "--position_control=False", "--grad_clip=1e9"], kept, shards)
-    run(["--position_loss=0", "--position_control=False", "--grad_clip=1e9"], plain, shards)
-    a, p = load_checkpoint(os.path.join(kept, "ckpt.pt")), load_checkpoint(os.path.join(plain, "ckpt.pt"))
-    assert "position_head" not in p and set(a["position_head"]) == {"weight", "bias"}
-    assert not torch.equal(a["position_head"]["weight"], ck["position_head"]["weight"])
-    assert any(not torch.equal(a["student"][k], p["student"][k]) for k in p["student"])
-    log = [r for r in read_log(kept) if "loss" in r]
-    assert log[-1]["loss_position_code"] < 0.3 * log[0]["loss_position_code"]
-    assert not any("loss_position_code" in r for r in read_log(plain))
-
-
 def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_path):
     out = str(tmp_path)
     half = STEPS // 2
@@ -177,8 +118,7 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
         torch.testing.assert_close(after["teacher"][k], expect, atol=1e-7, rtol=1e-6)
     assert any(not torch.equal(before["teacher"][k], after["teacher"][k]) for k in before["teacher"])
     # the optimizer holds student + predictor (+ the position-only control's) parameters only
-    n_trained = len(before["student"]) + len(before["predictor"]) + len(before.get("pos_predictor", {})) + \
-        len(before.get("position_head", {}))
+    n_trained = len(before["student"]) + len(before["predictor"]) + len(before.get("pos_predictor", {}))
     assert len(after["optimizer"]["state"]) == n_trained
     run(["--init_from=resume"], out, shards)
     a, b = weights(os.path.join(full_run, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"))
