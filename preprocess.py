@@ -607,7 +607,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         return manifest
     parts = os.path.join(output_dir, "parts")
     os.makedirs(parts, exist_ok=True)
-    shards._write_atomic(os.path.join(parts, f"done_{si}_of_{sn}.json"),
+    shards.write_atomic(os.path.join(parts, f"done_{si}_of_{sn}.json"),
                          json.dumps({"studies": mine, "file_failures": file_failures, "settings": settings}))
     done_files = [os.path.join(parts, f"done_{i}_of_{sn}.json") for i in range(sn)]
     if not all(os.path.exists(p) for p in done_files):
@@ -706,7 +706,7 @@ def claim_settings(output_dir, mine):
     os.makedirs(parts, exist_ok=True)
     path = os.path.join(parts, SETTINGS_FILE)
     tmp = f"{path}.{os.getpid()}.tmp"
-    shards._write_atomic(tmp, json.dumps(mine, sort_keys=True))
+    shards.write_atomic(tmp, json.dumps(mine, sort_keys=True))
     try:
         os.link(tmp, path)  # fails when another job (or an earlier run) recorded its settings
     except FileExistsError:

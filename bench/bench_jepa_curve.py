@@ -52,6 +52,7 @@ configure(globals())
 import torch  # noqa: E402
 
 from nvfm.checkpoint import load_checkpoint  # noqa: E402
+from nvfm.data import write_atomic  # noqa: E402
 from nvfm.model import Encoder, EncoderConfig, load_encoder  # noqa: E402
 from nvfm.monitor import ProbeSet  # noqa: E402
 
@@ -90,7 +91,7 @@ def pretrain(shards, seed, budgets):
                 src = os.path.join(run, f"{name}.safetensors")
                 shutil.copy(src if os.path.exists(src) else os.path.join(run, "encoder.safetensors"),
                             os.path.join(snap, f"{name}.safetensors"))
-            json.dump({"step": b}, open(done, "w"))
+            write_atomic(done, json.dumps({"step": b}))
         out[b] = snap
     return out, run
 
@@ -196,14 +197,14 @@ def main():
     res = json.load(open(path)) if os.path.exists(path) else {}
     res["meta"] = dict(config=config, extra=extra, studies=studies, steps=budgets, seeds=seed_list)
 
-    def done(tag):  # scored, and after the position-given figure was added (older results are scored again)
-        return tag in res and "lesion_auroc_pos" in res[tag]
+    def done(tag):  # scored with every figure this probe set gives (results from before a figure was added are not)
+        return tag in res and all(k in res[tag] for k in probes.figures())
 
     def score(tag, enc):
         if not done(tag):
             t0 = time.time()
             res[tag] = probes(enc, n_boot=n_boot)
-            json.dump(res, open(path, "w"), indent=1)
+            write_atomic(path, json.dumps(res, indent=1))
             print(f"{tag}: " + " ".join(f"{k} {v:.3f}" for k, v in res[tag].items()
                                          if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)", flush=True)
 
@@ -223,7 +224,7 @@ def main():
         for tag, (labels, _) in BOUNDS.items():
             if not done(tag):
                 score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
-    json.dump(res, open(path, "w"), indent=1)
+    write_atomic(path, json.dumps(res, indent=1))
     table(res, budgets, seed_list)
     if plot:
         draw(res, budgets, seed_list, os.path.splitext(path)[0] + ".png")

@@ -73,7 +73,8 @@ def unpack_mask(s, grid):
     return np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8), count=n).astype(bool).reshape(grid)
 
 
-def _write_atomic(path, text_or_bytes):
+def write_atomic(path, text_or_bytes):
+    """Write a file so that a reader sees the old contents or the new, never a part (temp + rename)."""
     tmp = path + ".tmp"
     mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
     with open(tmp, mode) as f:
@@ -213,7 +214,7 @@ def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30, fsync=True):
     manifest.update(manifest_extra)
     manifest["volumes"] = out_vols
     manifest["shards"] = {n: os.path.getsize(os.path.join(out_dir, n)) for n in names}
-    _write_atomic(os.path.join(out_dir, "manifest.json"), dump_manifest(manifest))
+    write_atomic(os.path.join(out_dir, "manifest.json"), dump_manifest(manifest))
     return manifest
 
 

@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from nvfm.data import write_atomic
+
 VERSION = 1
 
 
@@ -41,15 +43,6 @@ def file_hash(path, chunk=1 << 22):
                 break
             h.update(b)
     return "sha256:" + h.hexdigest()
-
-
-def _write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FeatureCache:
@@ -160,7 +153,7 @@ class FeatureWriter:
         self._co.seek(0, os.SEEK_END)
         self.dim = int(dim)
         self._pending = 0
-        _write_json_atomic(index, self.index)
+        write_atomic(index, json.dumps(self.index))
 
     def __contains__(self, key):
         return key in self.index["studies"]
@@ -197,7 +190,7 @@ class FeatureWriter:
         for f in (self._emb, self._co):
             f.flush()
             os.fsync(f.fileno())
-        _write_json_atomic(os.path.join(self.path, "index.json"), self.index)
+        write_atomic(os.path.join(self.path, "index.json"), json.dumps(self.index))
         self._pending = 0
 
     def close(self):

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nvfm.attention import varlen_attention
+from nvfm.data import write_atomic
 
 PATCH_DIM = 4 * 16 * 16
 WINDOWS = ("mr", "brain", "blood", "bone")  # index = normalisation slot
@@ -323,8 +324,8 @@ def save_encoder(encoder, path):
     tmp = path + ".tmp"
     save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": ENCODER_FORMAT})
     os.replace(tmp, path)
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"format": ENCODER_FORMAT, "config": cfg}, f, indent=1)
+    write_atomic(os.path.splitext(path)[0] + ".json",
+                 json.dumps({"format": ENCODER_FORMAT, "config": cfg}, indent=1))
 
 
 def load_encoder(path, device="cpu"):

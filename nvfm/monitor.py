@@ -282,6 +282,12 @@ class ProbeSet:
         if cohort and os.path.isdir(os.path.join(cohort, "gt")) and os.path.exists(findings_path):
             self.cohort = cohort
             self.findings = [json.loads(line) for line in open(findings_path) if line.strip()]
+        self.scores_studies = len(self.labelled) >= 10 and self.Y.shape[1] > 0
+
+    def figures(self):
+        """The probe figures `score` returns on this set: a stored result lacking one of them is stale."""
+        return ["rank"] + (["lesion_auroc", "lesion_auroc_pos"] if self.cohort else []) \
+            + (["study_auroc"] if self.scores_studies else [])
 
     def lesion_labels(self, entries):
         """Token labels from the cohort's lesion masks, computed once (token coords are the same for
@@ -315,7 +321,7 @@ class ProbeSet:
             res.update(lesion_auroc=auc, lesion_ci=ci, lesion_tokens=n, lesion_positives=npos)
             auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, with_position=True)
             res.update(lesion_auroc_pos=auc, lesion_pos_ci=ci)
-        if len(self.labelled) >= 10 and self.Y.shape[1]:
+        if self.scores_studies:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
             res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y)
         return res

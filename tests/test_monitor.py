@@ -177,3 +177,28 @@ def test_content_loss_against_per_window_fits():
     assert expect > 0.3
     assert content_loss(torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(m),
                         torch.from_numpy(w)) == pytest.approx(expect, rel=1e-9)
+
+
+def test_probe_set_figures_name_what_score_returns(tmp_path):
+    """`ProbeSet.figures()` lists exactly the figures `score` gives, with and without study labels:
+    bench_jepa_curve.py rescores a stored result that lacks one of them."""
+    import csv
+
+    from nvfm.loader import write_synthetic_shards
+    from nvfm.monitor import ProbeSet
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=12, seed=0, shape=(16, 64, 64))
+    enc = Encoder(EncoderConfig.preset("tiny")).eval()
+    figure_keys = {"rank", "lesion_auroc", "lesion_auroc_pos", "study_auroc"}
+    plain = ProbeSet(shards)
+    assert plain.figures() == ["rank"]
+    assert figure_keys & set(plain(enc)) == {"rank"}
+    keys = sorted({v["study_key"] for v in plain.reader.volumes})
+    with open(tmp_path / "shards" / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_key", "split", "a", "b"])
+        w.writerows([k, "train", i % 2, int(i % 3 == 0)] for i, k in enumerate(keys))
+    labelled = ProbeSet(shards)
+    assert labelled.figures() == ["rank", "study_auroc"]
+    res = labelled(enc)
+    assert figure_keys & set(res) == {"rank", "study_auroc"} and 0.0 <= res["study_auroc"] <= 1.0
+    assert ProbeSet(shards, max_studies=8).figures() == ["rank"]  # under 10 labelled studies: no study figure
