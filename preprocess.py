@@ -508,7 +508,9 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         raise SystemExit(f"preprocess: no files under --input={input_dir}"
                          + (f" ({len(unreadable_dirs)} unreadable directories)" if unreadable_dirs else ""))
     nifti = [f for f in files if dicom.is_nifti(f)]
-    dcm = [f for f in files if not dicom.is_nifti(f)]
+    sidecars = [dicom.nifti_sidecar(os.path.join(input_dir, f)) for f in nifti]  # read with their NIfTI, not as DICOM
+    sidecars = {os.path.relpath(p, input_dir) for p in sidecars if p}
+    dcm = [f for f in files if not dicom.is_nifti(f) and f not in sidecars]
     # (headers stream in; only this array job's studies are kept, so memory is ~1/N)
     pool = mp.Pool(n_workers, initializer=_ignore_sigint) if n_workers > 1 else None
     studies, all_keys, file_failures = {}, set(), []

@@ -98,6 +98,7 @@ outputs.
 """
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -1537,6 +1538,45 @@ def nifti_study_folder(rel):
     return "/".join(parts) or "."
 
 
+def nifti_sidecar(path):
+    """The BIDS / dcm2niix JSON sidecar of a NIfTI file (same name, .json), or None."""
+    stem = path[:-len(".nii.gz")] if path.lower().endswith(".nii.gz") else os.path.splitext(path)[0]
+    return stem + ".json" if os.path.isfile(stem + ".json") else None
+
+
+def nifti_modality(path, data):
+    """(modality, warning or "") of a NIfTI volume. A NIfTI header has no modality, so:
+
+    1. the sidecar's "Modality" (dcm2niix copies the DICOM tag there), when it says CT or MR;
+    2. else the data: CT when it holds air in Hounsfield units (min <= -900 HU and 1% of the voxels
+       below -500), MR otherwise. Never the file name.
+    A volume read as MR whose non-zero voxels look like brain CT in HU (a skull-stripped CT with a
+    zero background: integer values, median 15-60, 95% of them within -100..100) gets a warning
+    that says how to settle it (a sidecar), since its intensity normalisation would be MR's."""
+    side = nifti_sidecar(path)
+    if side:
+        try:
+            with open(side) as f:
+                declared = json.load(f).get("Modality")
+        except (OSError, ValueError, AttributeError) as e:
+            raise SeriesError(f"unreadable NIfTI sidecar {os.path.basename(side)} ({type(e).__name__})") from e
+        if declared in ("CT", "MR"):
+            return declared, ""
+        if declared:
+            raise SeriesError(f"unsupported modality {re.sub(r'[^A-Z0-9]', '', str(declared))[:8] or 'none'} "
+                              "(from its sidecar)")
+    sub = data[::2, ::2, ::2]
+    if data.min() <= -900 and np.percentile(sub, 1) < -500:
+        return "CT", ""
+    nz = sub[sub != 0]
+    if nz.size >= 0.02 * sub.size and np.array_equal(nz, np.round(nz)):
+        lo, med, hi = np.percentile(nz, [2.5, 50, 97.5])
+        if 15 <= med <= 60 and lo >= -100 and hi <= 100:
+            return "MR", ("NIfTI read as MR (no air), but its values look like brain CT in HU (a skull-stripped "
+                          "CT?); a sidecar .json with \"Modality\": \"CT\" or \"MR\" settles it")
+    return "MR", ""
+
+
 def nifti_stack(root, rel):
     """SliceStack for a real-valued 3D NIfTI file (4D with one volume is accepted)."""
     import nibabel as nib
@@ -1585,10 +1625,11 @@ def nifti_stack(root, rel):
     if abs(c_vec @ r_vec) > 1e-3:
         raise SeriesError("non-orthogonal NIfTI axes")
     origins = [A[:3, 3] + k * A[:3, acq] for k in range(vol.shape[0])]
-    looks_hu = data.min() <= -900 and np.percentile(data[::2, ::2, ::2], 1) < -500
-    modality = "CT" if looks_hu else "MR"  # from the data, never from the file name
+    modality, why = nifti_modality(path, data)
     st = SliceStack(origins, r_vec, c_vec, (vox[i_ax], vox[j_ax]), vol.shape[1:],
                     lambda k: np.array(vol[k], np.float32), modality)  # a copy: callers modify it
+    if why:
+        st.warnings.append(why)
     if n_bad:
         st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to 0")
     hdr = img.header

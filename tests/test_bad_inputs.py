@@ -662,3 +662,36 @@ def test_series_cut_apart_by_pixel_spacing_loads_as_before(tmp_path):
     split = "series split into 2 volumes by pixel spacing / matrix size"
     assert main.warnings == [split, "interpolated across a 6.0 mm gap (median 3.0 mm): slice(s) missing"]
     assert other.warnings == [split]
+
+
+def test_nifti_modality_sidecar_and_ambiguous_data(tmp_path):
+    """A NIfTI header has no modality: a BIDS / dcm2niix sidecar's "Modality" decides it; without
+    one, air in HU means CT. Data that look like skull-stripped CT in HU (no air, integer values
+    around brain HU) are read as MR with a warning; MR-like data get none. A sidecar naming
+    another modality, or one that cannot be read, fails the file with its reason."""
+    rng = np.random.default_rng(3)
+    head = head_phantom(SHAPE) > -500
+    brain = np.where(head, np.round(32 + 4 * rng.standard_normal(SHAPE)), 0).astype(np.int16)  # HU, air zeroed
+    mr = np.where(head, 300 + 40 * rng.standard_normal(SHAPE), 0).astype(np.float32)  # scanner units
+    aff = np.diag([0.9, 0.9, 5.0, 1.0])
+    for name, v in (("ct_air", head_phantom(SHAPE)), ("stripped", brain), ("mr", mr),
+                    ("mr_int", np.round(mr).astype(np.int16)), ("pet", brain), ("broken", brain)):
+        nib.save(nib.Nifti1Image(v.transpose(2, 1, 0), aff), str(tmp_path / f"{name}.nii.gz"))
+    read = lambda n: dicom.nifti_stack(str(tmp_path), f"{n}.nii.gz")  # noqa: E731
+    ambiguous = lambda st: [w for w in st.warnings if "skull-stripped" in w]  # noqa: E731
+    assert read("ct_air").modality == "CT" and not ambiguous(read("ct_air"))
+    for n in ("mr", "mr_int"):
+        assert read(n).modality == "MR" and not ambiguous(read(n)), n
+    st = read("stripped")
+    assert st.modality == "MR" and len(ambiguous(st)) == 1
+    json.dump({"Modality": "CT", "ConvolutionKernel": "H30s"}, open(tmp_path / "stripped.json", "w"))
+    st = read("stripped")
+    assert st.modality == "CT" and not ambiguous(st)
+    json.dump({"Modality": "MR"}, open(tmp_path / "ct_air.json", "w"))
+    assert read("ct_air").modality == "MR"  # the sidecar copies the DICOM tag: it wins over the data
+    json.dump({"Modality": "PT"}, open(tmp_path / "pet.json", "w"))
+    with pytest.raises(dicom.SeriesError, match=r"^unsupported modality PT \(from its sidecar\)$"):
+        read("pet")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(dicom.SeriesError, match=r"^unreadable NIfTI sidecar broken\.json \(JSONDecodeError\)$"):
+        read("broken")

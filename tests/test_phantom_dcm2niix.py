@@ -104,3 +104,27 @@ def test_trace_dwi_tags(studies):
                     assert "TRACEW" in ds.ImageType
             seen.add((s["family"], s["multiframe"]))
     assert {("DWI", False), ("DWI", True)} <= seen
+
+
+def test_skull_stripped_ct_modality_from_the_dcm2niix_sidecar(studies, tmp_path):
+    """A skull-stripped CT NIfTI (air and bone set to 0) has no air left to tell it from MR. With
+    the sidecar dcm2niix wrote beside it, nifti_stack reads it as CT; without, as MR with a warning
+    that names the cause and the remedy."""
+    from nvfm import dicom
+    out, recs = studies
+    rec = next(r for r in recs if r["modality"] == "CT")
+    s = next(s for s in rec["series"] if s["family"] == "CT")
+    dst = str(tmp_path / "ct")
+    rc, lines = _dcm2niix(os.path.join(out, "dicom", rec["study"], s["series"]), dst)
+    assert rc == 0, lines
+    img = nib.load(os.path.join(dst, "vol.nii"))
+    hu = np.asarray(img.dataobj, np.float32)
+    stripped = np.where((hu > -100) & (hu < 100), hu, 0).astype(np.int16)
+    for name in ("with_sidecar", "bare"):
+        nib.save(nib.Nifti1Image(stripped, img.affine), os.path.join(dst, f"{name}.nii"))
+    shutil.copy(os.path.join(dst, "vol.json"), os.path.join(dst, "with_sidecar.json"))
+    full, side, bare = (dicom.nifti_stack(dst, f"{n}.nii") for n in ("vol", "with_sidecar", "bare"))
+    assert full.modality == "CT" and side.modality == "CT"
+    assert not [w for w in full.warnings + side.warnings if "HU" in w]
+    assert bare.modality == "MR"
+    assert any("skull-stripped" in w and "Modality" in w for w in bare.warnings), bare.warnings

@@ -341,3 +341,21 @@ def test_salt_rules_shared_with_the_library_and_subject_kept_hashed(tmp_path, mo
     assert [r["study_key"] for r in rows] == [by_hand(u, "s") for u in ("1.2.3", "1.2.4", "1.2.5")]
     assert rows[0]["subject"] == rows[1]["subject"] == by_hand("subject:PATIENT-001", "s") != rows[2]["subject"]
     assert "PATIENT" not in text and "M1" not in text
+
+
+def test_nifti_sidecar_is_read_with_its_nifti_not_counted_as_a_bad_file(tmp_path):
+    """A skull-stripped CT NIfTI with its dcm2niix / BIDS sidecar: the sidecar's Modality makes it
+    CT, and the sidecar is part of its NIfTI, not a failed 'not a DICOM file'; a stray JSON still is."""
+    d = tmp_path / "in" / "sub-01" / "ct"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    head = _ct() > -500
+    hu = np.where(head, np.round(32 + 4 * rng.standard_normal(SHAPE)), 0).astype(np.int16)  # air zeroed
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0), np.diag([1.0, 1.0, 3.0, 1.0])), str(d / "sub-01_ct.nii.gz"))
+    json.dump({"Modality": "CT"}, open(d / "sub-01_ct.json", "w"))
+    json.dump({"note": "not a sidecar"}, open(d / "notes.json", "w"))
+    man = preprocess.run(str(tmp_path / "in"), str(tmp_path / "out"), n_workers=1, cfg_progress=False,
+                         cfg_log_paths=False)
+    s = man["summary"]
+    assert s["volumes_by_family"] == {"CT/CT": 1}, s
+    assert s["files_failed"] == {"not a DICOM file": 1}, s
