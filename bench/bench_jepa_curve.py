@@ -19,6 +19,15 @@ pauses do not enter), and are scored the same way:
   - on the lesion-token labels themselves (a linear head on every token): how far any encoder
     of this size and compute lifts the lesion-token probe on this cohort.
 
+--control=True: the positive control instead of the demo phantom (nvfm.loader.write_control_shards:
+a volume-level latent, a faint grating's orientation, that a token's context shows and its position
+does not). It scores the token AUROC of that latent (every token labelled with its volume's), the
+study AUROC and the rank, and only the study-label bound. It shows whether the pretext task learns
+what the context predicts, and what the rank does meanwhile.
+
+The table of pretext losses (each budget's last log record) gives the loss against the
+position-only control's, in full and beyond brightness (train_jepa.py's `loss_content`).
+
 DIR gets the cohort (nvfm.phantom, created when missing), its shards, the runs, results.json
 and curve.png (--plot). Every stage resumes: a rerun skips what is done.
 """
@@ -46,6 +55,7 @@ extra = ""                 # more train_jepa.py flags, space separated (an ablat
 supervised = True
 n_boot = 1000
 plot = True
+control = False            # the positive control cohort instead of the demo phantom (above)
 from nvfm.configurator import configure  # noqa: E402
 configure(globals())
 
@@ -53,6 +63,7 @@ import torch  # noqa: E402
 
 from nvfm.checkpoint import load_checkpoint  # noqa: E402
 from nvfm.data import write_atomic  # noqa: E402
+from nvfm.loader import write_control_shards  # noqa: E402
 from nvfm.model import Encoder, EncoderConfig, load_encoder  # noqa: E402
 from nvfm.monitor import ProbeSet  # noqa: E402
 
@@ -64,6 +75,10 @@ def sh(cmd):
 
 def make_cohort():
     c, s = os.path.join(cohort, "cohort"), os.path.join(cohort, "shards")
+    if control:
+        if not os.path.exists(os.path.join(s, "manifest.json")):
+            write_control_shards(s, n=studies)
+        return None, s
     if not os.path.exists(os.path.join(c, "labels.csv")):
         sh([sys.executable, "-m", "nvfm.phantom", c, "--studies", str(studies), "--seed", "0", "--quiet"])
     if not os.path.exists(os.path.join(s, "manifest.json")):
@@ -112,6 +127,16 @@ def pretrain_flops(run, upto):
         total += r["tflops"] * 1e12 * (st - prev) * batch / r["volumes_per_s"]  # FLOP/s x seconds
         prev = st
     return total
+
+
+def pretext_losses(run, upto):
+    """The pretext-loss fields of a run's last log record at or before step `upto`."""
+    last = {}
+    for line in open(os.path.join(run, "log.jsonl")):
+        r = json.loads(line)
+        if "loss" in r and r["step"] <= upto:
+            last = r
+    return {k: last[k] for k in LOSSES if k in last} | {"step": last.get("step")}
 
 
 def random_init(like, seed):
@@ -192,7 +217,8 @@ def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="stud
 def main():
     budgets, seed_list = sorted(int(s) for s in steps), [int(s) for s in seeds]
     cdir, shards = make_cohort()
-    probes = ProbeSet(shards, cohort=cdir)
+    probes = ProbeSet(shards, cohort=cdir, token_task="grating_y" if control else None)
+    keys = [k for k in TITLES if k in probes.figures()]
     path = os.path.join(cohort, "results.json" if not extra else f"results-{zlib.crc32(extra.encode()):08x}.json")
     res = json.load(open(path)) if os.path.exists(path) else {}
     res["meta"] = dict(config=config, extra=extra, studies=studies, steps=budgets, seeds=seed_list)
@@ -217,17 +243,18 @@ def main():
                 like = enc
                 score(f"seed{seed}/{name}/{b}", enc)
             res[f"seed{seed}/flops/{b}"] = pretrain_flops(run, b)
+            res[f"seed{seed}/losses/{b}"] = pretext_losses(run, b)
         if 0 in budgets and like is not None:
             score(f"seed{seed}/random/0", random_init(like, seed))
     if supervised and like is not None:
         flops = res[f"seed{seed_list[0]}/flops/{max(budgets)}"]
         for tag, (labels, _) in BOUNDS.items():
-            if not done(tag):
+            if not done(tag) and (labels == "study" or probes.cohort):
                 score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
     write_atomic(path, json.dumps(res, indent=1))
-    table(res, budgets, seed_list)
+    table(res, budgets, seed_list, keys)
     if plot:
-        draw(res, budgets, seed_list, os.path.splitext(path)[0] + ".png")
+        draw(res, budgets, seed_list, keys, os.path.splitext(path)[0] + ".png")
 
 
 # the supervised bounds: result tag -> (the labels they are trained on, their table and plot row)
@@ -235,8 +262,11 @@ BOUNDS = {"supervised/0": ("study", "supervised on study labels, same training F
           "supervised-lesion/0": ("lesion", "supervised on lesion-token labels, same training FLOPs")}
 
 
-# the figures of the table, in its column order
-KEYS = ("lesion_auroc", "lesion_auroc_pos", "study_auroc", "rank")
+# the figures of the table and the plot, in their order (those the probe set gives)
+TITLES = {"token_auroc": "token AUROC of the volume's latent", "lesion_auroc": "lesion-token AUROC",
+          "lesion_auroc_pos": "lesion-token AUROC, position given", "study_auroc": "study macro AUROC (CV)",
+          "rank": "effective rank"}
+LOSSES = ("loss", "loss_position_only", "loss_content", "loss_content_position_only")
 
 
 def summary(res, name, b, seed_list, key):
@@ -244,29 +274,32 @@ def summary(res, name, b, seed_list, key):
     return (float(np.mean(v)), float(np.max(v) - np.min(v)) / 2, len(v)) if v else (np.nan, np.nan, 0)
 
 
-def table(res, budgets, seed_list):
-    print("| encoder | steps | lesion-token AUROC | lesion-token AUROC, position given | study macro AUROC (CV) "
-          "| effective rank |")
-    print("|---|---|---|---|---|---|")
+def table(res, budgets, seed_list, keys):
+    print("| encoder | steps | " + " | ".join(TITLES[k] for k in keys) + " |")
+    print("|---|---|" + "---|" * len(keys))
     rows = [("random init", "random", 0)] if 0 in budgets else []
     rows += [(n, n, b) for b in budgets if b > 0 for n in ("student", "teacher")]
     for label, name, b in rows:
-        cells = [f"{m:.3f} +- {h:.3f}" for m, h, _ in (summary(res, name, b, seed_list, k)
-                                                     for k in KEYS)]
+        cells = [f"{m:.3f} +- {h:.3f}" for m, h, _ in (summary(res, name, b, seed_list, k) for k in keys)]
         print(f"| {label} | {b} | " + " | ".join(cells) + " |")
     for tag in (t for t in BOUNDS if t in res):
         r = res[tag]
-        print(f"| {BOUNDS[tag][1]} | - | " + " | ".join(f"{r.get(k, np.nan):.3f}" for k in KEYS) + " |")
-    print("(mean over seeds +- half the range)")
+        print(f"| {BOUNDS[tag][1]} | - | " + " | ".join(f"{r.get(k, np.nan):.3f}" for k in keys) + " |")
+    print("(mean over seeds +- half the range)\n")
+    print("| steps (last log record) | loss | position-only control | beyond brightness "
+          "| position-only, beyond brightness |")
+    print("|---|---|---|---|---|")
+    for b in (b for b in budgets if b > 0):
+        cells = [f"{m:.4f} +- {h:.4f}" for m, h, _ in (summary(res, "losses", b, seed_list, k) for k in LOSSES)]
+        print(f"| {b} | " + " | ".join(cells) + " |")
 
 
-def draw(res, budgets, seed_list, png):
+def draw(res, budgets, seed_list, keys, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
-    for ax, key, title in zip(axes, KEYS, ("lesion-token AUROC", "lesion-token AUROC, position given",
-                                           "study macro AUROC (5-fold CV)", "effective rank")):
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.25 * len(keys), 3.8))
+    for ax, key in zip(axes, keys):
         for name, color in (("student", "C0"), ("teacher", "C1")):
             xs = [b for b in budgets if b > 0]
             pts = [summary(res, name, b, seed_list, key) for b in xs]
@@ -278,7 +311,7 @@ def draw(res, budgets, seed_list, png):
         for tag, style in zip(BOUNDS, ("--", ":")):
             if tag in res and key in res[tag]:
                 ax.axhline(res[tag][key], color="C2", ls=style, label=BOUNDS[tag][1])
-        ax.set_title(title)
+        ax.set_title(TITLES[key])
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.set_xscale("symlog", linthresh=max(1, min(b for b in budgets if b > 0)))
     axes[0].legend(fontsize=8)

@@ -258,9 +258,11 @@ class ProbeSet:
 
     shards: a preprocess.py output (labels.csv and findings.jsonl inside); cohort: the demo
     cohort folder (with gt/) for the lesion-token probe, or None; max_studies > 0 keeps an
-    evenly spaced subset of the studies (sorted by key) to bound the cost."""
+    evenly spaced subset of the studies (sorted by key) to bound the cost; token_task: a binary
+    labels.csv column that labels every token of its study (nvfm.loader.write_control_shards'
+    'grating_y'), scored like the lesion tokens ("token_auroc")."""
 
-    def __init__(self, shards, cohort=None, max_studies=0, min_fg_fraction=None, max_tokens=16384):
+    def __init__(self, shards, cohort=None, max_studies=0, min_fg_fraction=None, max_tokens=16384, token_task=None):
         from nvfm.data import ShardReader
         self.reader = ShardReader(shards)
         self.max_tokens, self.min_fg = max_tokens, min_fg_fraction
@@ -275,6 +277,9 @@ class ProbeSet:
         classes = [c for c in (rows[0] if rows else {}) if c not in ("study_key", "study", "modality", "split", "age")]
         row_of = {r["study_key"]: r for r in rows}
         self.labelled = [k for k in keys if k in row_of]
+        if token_task and (not rows or token_task not in rows[0]):
+            raise ValueError(f"{labels_path}: no column {token_task!r}")
+        self.token_task = {k: int(row_of[k][token_task]) for k in self.labelled} if token_task else None
         self.Y = np.array([[int(row_of[k][c]) for c in classes] for k in self.labelled], np.int64).reshape(
             len(self.labelled), len(classes))
         self.token_labels, self.cohort, self.findings = None, None, []
@@ -286,8 +291,9 @@ class ProbeSet:
 
     def figures(self):
         """The probe figures `score` returns on this set: a stored result lacking one of them is stale."""
-        return ["rank"] + (["lesion_auroc", "lesion_auroc_pos"] if self.cohort else []) \
-            + (["study_auroc"] if self.scores_studies else [])
+        return (["rank"] + (["token_auroc"] if self.token_task is not None else [])
+                + (["lesion_auroc", "lesion_auroc_pos"] if self.cohort else [])
+                + (["study_auroc"] if self.scores_studies else []))
 
     def lesion_labels(self, entries):
         """Token labels from the cohort's lesion masks, computed once (token coords are the same for
@@ -315,6 +321,11 @@ class ProbeSet:
         allx = np.concatenate([e["emb"] for ents in entries.values() for e in ents])
         res = dict(rank=effective_rank(torch.from_numpy(allx), max_rows=8192), feature_std=mean_std(allx),
                    n_studies=len(entries), n_tokens=len(allx))
+        if self.token_task is not None:
+            labels = {(k, e["volume_id"]): np.full(len(e["emb"]), self.token_task[k], np.int8)
+                      for k, ents in entries.items() if k in self.token_task for e in ents}
+            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot)
+            res.update(token_auroc=auc, token_ci=ci)
         if self.cohort:
             labels = self.lesion_labels(entries)
             auc, ci, n, npos = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot)

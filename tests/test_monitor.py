@@ -202,3 +202,9 @@ def test_probe_set_figures_name_what_score_returns(tmp_path):
     res = labelled(enc)
     assert figure_keys & set(res) == {"rank", "study_auroc"} and 0.0 <= res["study_auroc"] <= 1.0
     assert ProbeSet(shards, max_studies=8).figures() == ["rank"]  # under 10 labelled studies: no study figure
+    tokens = ProbeSet(shards, token_task="a")  # every token labelled with its study's 'a'
+    assert tokens.figures() == ["rank", "token_auroc", "study_auroc"]
+    res = tokens(enc)
+    assert (figure_keys | {"token_auroc"}) & set(res) == {"rank", "token_auroc", "study_auroc"}
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        ProbeSet(shards, token_task="nope")
