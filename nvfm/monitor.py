@@ -146,7 +146,8 @@ class CollapseWatch:
                 if share is not None and np.isfinite(share) else ""
             msg = (f"WARNING: representation collapse: the student's effective rank fell to {rank:.1f}, "
                    f"{rank / self.initial:.2f}x its initial {self.initial:.1f} (threshold {self.threshold}x). "
-                   f"Its features span few directions.{kept} See README 'Is my pretraining learning?'")
+                   f"Its features span few directions.{kept} A low rank alone does not mean nothing is learned; "
+                   f"see README 'Is my pretraining learning?'")
         self.warned = low
         return msg
 
@@ -158,7 +159,8 @@ def standardize(fit, *others):
     return [(x - mu) / sd for x in (fit,) + others]
 
 
-def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positives=50, with_position=False):
+def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positives=50, with_position=False,
+                       neg_keep=NEG_KEEP):
     """Token probe on frozen features.
 
     entries: {study_key: [dict(volume_id, window, emb (n, D)), ...]}; labels: {(study_key, volume_id):
@@ -167,7 +169,8 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
     n_boot == 0, n scored tokens, n scored positives); AUROC NaN when a side lacks a class or fewer
     than `min_positives` lesion tokens are scored (the 24-study demo scores ~20: its figure swings
     between 0.1 and 0.9 with which few lesions land in val + test). with_position: the entries'
-    token grid coords (n, 3) enter the probe as their position code, beside the features."""
+    token grid coords (n, 3) enter the probe as their position code, beside the features. neg_keep:
+    the share of label-0 tokens kept (a random subset; lesion tokens are rare)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     X, Y, S, fit_part = [], [], [], []
@@ -177,7 +180,7 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
             if y is None or len(y) != len(e["emb"]):
                 continue
             rng = np.random.default_rng(zlib.crc32(f"{key}/{e['volume_id']}/{e['window']}/{seed}".encode()))
-            keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < NEG_KEEP))
+            keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < neg_keep))
             onehot = np.zeros((int(keep.sum()), len(WINDOWS)), np.float32)
             onehot[:, WINDOWS.index(e["window"])] = 1
             cols = [np.asarray(e["emb"])[keep].astype(np.float32), onehot]
@@ -324,7 +327,7 @@ class ProbeSet:
         if self.token_task is not None:
             labels = {(k, e["volume_id"]): np.full(len(e["emb"]), self.token_task[k], np.int8)
                       for k, ents in entries.items() if k in self.token_task for e in ents}
-            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot)
+            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, neg_keep=1.0)
             res.update(token_auroc=auc, token_ci=ci)
         if self.cohort:
             labels = self.lesion_labels(entries)
