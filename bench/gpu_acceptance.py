@@ -3,7 +3,7 @@
 On a bare lent CUDA machine, from the repository root (CUDA torch already installed there):
 
     python3 -m pip install --no-build-isolation -e .   # or pass --build: NVFM_CUDA=1 NVFM_REQUIRE_EXT=1
-    python3 bench/gpu_acceptance.py --out "$OUT"       # about 6-8 minutes, --budget_s caps it
+    python3 bench/gpu_acceptance.py --out "$OUT"       # about 7-9 minutes, --budget_s caps it
 
 Sections (each a subprocess with its own time limit; a failure or timeout is recorded and the
 run goes on):
@@ -12,6 +12,8 @@ run goes on):
   tests      every CUDA test: tests/test_{attention,patchify,gather,blocks}.py on the GPU, the
              kernels run with NVFM_CUDA_KERNELS=1 (our attention vs torch references included)
   tests_tc   tests/test_attention.py's CUDA tests with the tensor-core kernels (NVFM_ATTN_KERNEL=tc)
+  learn      the Vol-JEPA positive control (tests/test_train_jepa.py) trained on the GPU: bf16
+             autocast and the CUDA kernels must learn what the context predicts, as on the CPU
   attention  bench/bench_attention.py --gpu_only: TFLOP/s fwd and fwd+bwd of ours (FMA), torch
              varlen, padded SDPA and flex_attention on equal and realistic length mixes
   attention_tc  the same with ours = the tensor-core kernels (forward and backward)
@@ -32,8 +34,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("build", "env", "tests", "tests_tc", "attention", "attention_tc", "gather", "train")
+SECTIONS = ("build", "env", "tests", "tests_tc", "learn", "attention", "attention_tc", "gather", "train")
 CUDA_TESTS = ["tests/test_attention.py", "tests/test_patchify.py", "tests/test_gather.py", "tests/test_blocks.py"]
+LEARN_TEST = "tests/test_train_jepa.py::test_the_tiny_recipe_learns_what_the_context_predicts"
 ENV_PROBE = r"""
 import json, torch
 from nvfm import ops
@@ -52,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all but build)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip")
     ap.add_argument("--build", action="store_true", help="run the build section first")
-    ap.add_argument("--budget_s", type=float, default=450.0, help="wall-clock budget of the whole run (s)")
+    ap.add_argument("--budget_s", type=float, default=540.0, help="wall-clock budget of the whole run (s)")
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
@@ -75,6 +78,7 @@ def plan(args):
         ("tests", [py, "-m", "pytest", "-q", "-rs", "-k", "cuda", *CUDA_TESTS], {"NVFM_CUDA_KERNELS": "1"}, 240),
         ("tests_tc", [py, "-m", "pytest", "-q", "-rs", "-k", "cuda", "tests/test_attention.py"],
          {"NVFM_CUDA_KERNELS": "1", "NVFM_ATTN_KERNEL": "tc"}, 120),
+        ("learn", [py, "-m", "pytest", "-q", "-rs", LEARN_TEST], {"NVFM_CUDA_KERNELS": "1"}, 150),
         ("attention", [py, "bench/bench_attention.py", "--gpu_only=True", f"--gpu_repeats={3 if q else 10}"], {}, 150),
         ("attention_tc", [py, "bench/bench_attention.py", "--gpu_only=True", f"--gpu_repeats={3 if q else 10}"],
          {"NVFM_ATTN_KERNEL": "tc"}, 150),

@@ -22,6 +22,8 @@ def test_arguments_and_plan(tmp_path, monkeypatch):
     (name, cmd, env, limit), = GA.plan(a)
     assert env["NVFM_CUDA_KERNELS"] == "1" and "-k" in cmd and limit > 0
     assert all(os.path.exists(os.path.join(ROOT, f)) for f in GA.CUDA_TESTS)
+    path, name = GA.LEARN_TEST.split("::")
+    assert f"def {name}(" in open(os.path.join(ROOT, path)).read()
     for _, cmd, _, _ in GA.plan(GA.parse_args([])):
         scripts = [c for c in cmd if c.startswith("bench/")]
         assert all(os.path.exists(os.path.join(ROOT, s)) for s in scripts)
