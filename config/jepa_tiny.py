@@ -13,8 +13,8 @@ lr_start, lr_peak, lr_final = 2e-4, 1e-3, 1e-5
 # template anatomy with small warps and whole-head crops, so a token's grid position alone predicted
 # the teacher's target about as well as the context did (the position-only control's loss stayed
 # within 1% of the real one) and the student collapsed. Small random crops make the position
-# ambiguous: the context lowers the loss well below the control's, and the teacher's lesion-token
-# probe rises with training.
+# ambiguous: the context lowers the loss well below the control's (on the demo phantom what it adds
+# is the masked tokens' brightness; on the positive control, the latent: BENCHMARKS.md).
 max_patches = 6
 position_control = True            # logs the position-only loss beside the real one
 # A slower teacher: EMA momentum 0.998 -> 1 instead of 0.994 -> 1. On the demo cohort the student's rank
@@ -23,7 +23,8 @@ position_control = True            # logs the position-only loss beside the real
 # and AUROC 0.92.
 ema_start, ema_end = 0.998, 1.0
 # encoder.safetensors is the EMA teacher: at this scale the student's rank falls to ~0.2x random
-# init within tens of steps while the teacher keeps >= 0.5x and probes better (BENCHMARKS.md).
+# init within tens of steps; the teacher keeps more of it for longer and probes better on the
+# features alone (BENCHMARKS.md).
 export = "teacher"
 ckpt_interval = 100
 log_interval = 20
