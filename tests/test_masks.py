@@ -212,3 +212,31 @@ def test_gather_paths_match_numpy(gather):
     ro._data[0] = (data, ro._data[0][1])
     s = M.sample_volume(ro, 0, np.random.default_rng(1), cfg, True, gather=gather)
     assert np.array_equal(s["tokens"], M.sample_volume(ro, 0, np.random.default_rng(1), cfg, True, gather="numpy")["tokens"])
+
+
+def test_control_shards_carry_the_grating_their_labels_name(tmp_path):
+    """write_control_shards: every volume's in-plane spectrum peaks at the grating's frequency (8-voxel
+    period) along the axis its label names (x for 0, y for 1), the splits are 2/3 train then val and
+    test, and labels.csv holds each study's label."""
+    import csv
+    import os
+
+    from nvfm.data import ShardReader
+    from nvfm.loader import write_control_shards
+    shards = write_control_shards(str(tmp_path / "control"), n=6, shape=(16, 64, 64))
+    reader = ShardReader(shards)
+    rows = {r["study_key"]: r for r in csv.DictReader(open(os.path.join(shards, "labels.csv")))}
+    assert sorted(rows) == sorted(v["study_key"] for v in reader.volumes)
+    splits = []
+    for i, v in enumerate(reader.volumes):
+        data, mask = reader.volume(i)
+        img = data[0].astype(np.float64)
+        box = img[:, 16:48, 16:48] * mask[:, 16:48, 16:48]  # inside the head on every slice
+        box = box - box.mean(axis=(1, 2), keepdims=True)
+        power = np.abs(np.fft.fft2(box)) ** 2  # axes (y, x) per slice
+        along_x, along_y = power[:, 0, 32 // 8].sum(), power[:, 32 // 8, 0].sum()
+        label = int(rows[v["study_key"]]["grating_y"])
+        assert (along_y if label else along_x) > 5 * (along_x if label else along_y), (label, along_x, along_y)
+        splits.append((int(v["volume_id"].split("-")[1]), v["split"], label))
+    assert [s[1:] for s in sorted(splits)] == [("train", 0), ("train", 1), ("train", 0), ("train", 1),
+                                                ("val", 0), ("test", 1)]
