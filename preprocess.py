@@ -610,7 +610,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     parts = os.path.join(output_dir, "parts")
     os.makedirs(parts, exist_ok=True)
     shards.write_atomic(os.path.join(parts, f"done_{si}_of_{sn}.json"),
-                         json.dumps({"studies": mine, "file_failures": file_failures, "settings": settings}))
+                        json.dumps({"studies": mine, "file_failures": file_failures, "settings": settings}))
     done_files = [os.path.join(parts, f"done_{i}_of_{sn}.json") for i in range(sn)]
     if not all(os.path.exists(p) for p in done_files):
         log(f"shard {si}/{sn} finished; waiting for the other array jobs before merging")

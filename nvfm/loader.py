@@ -210,17 +210,17 @@ def control_volume(rng, label, amp=0.1, noise=0.08, shape=(32, 128, 128), volume
 def write_control_shards(out_dir, n=96, seed=0, amp=0.1, noise=0.08, shape=(32, 128, 128)):
     """n control_volume's as a shard set, labels alternating, the first 2/3 'train', the rest
     'val' and 'test'; SHARDS/labels.csv has each study's label (column 'grating_y'). Returns out_dir."""
-    import csv
     import os
+
+    from nvfm.data import write_atomic
     rng = np.random.default_rng(seed)
-    items = []
+    items, rows = [], ["study_key,split,grating_y"]
     for i in range(n):
-        rec, data, mask = control_volume(rng, i % 2, amp, noise, shape, f"control-{i}")
+        label = i % 2
+        rec, data, mask = control_volume(rng, label, amp, noise, shape, f"control-{i}")
         rec["split"] = "train" if i < 2 * n // 3 else ("val" if i < 5 * n // 6 else "test")
         items.append((rec, data, mask))
+        rows.append(f"{rec['study_key']},{rec['split']},{label}")
     write_shards(out_dir, items, tag="control")
-    with open(os.path.join(out_dir, "labels.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["study_key", "split", "grating_y"])
-        w.writerows([rec["study_key"], rec["split"], i % 2] for i, (rec, _, _) in enumerate(items))
+    write_atomic(os.path.join(out_dir, "labels.csv"), "\n".join(rows) + "\n")  # whole or absent
     return out_dir
