@@ -18,6 +18,10 @@ pauses do not enter), and are scored the same way:
     classes with a positive; its study CV includes the studies it was trained on: optimistic);
   - on the lesion-token labels themselves (a linear head on every token): how far any encoder
     of this size and compute lifts the lesion-token probe on this cohort.
+Two encoder-free references score each token's seven intensity statistics (mean, std, five
+percentiles; nvfm.monitor.TokenStatistics) in place of features, with the linear token probe and
+with gradient-boosted trees: how much of a token's label its own intensities carry, and how much
+of it a linear readout gets without features that make it linear.
 
 --control=True: the positive control instead of the demo phantom (nvfm.loader.write_control_shards:
 a volume-level latent, a faint grating's orientation, that a token's context shows and its position
@@ -65,7 +69,7 @@ from nvfm.checkpoint import load_checkpoint  # noqa: E402
 from nvfm.data import write_atomic  # noqa: E402
 from nvfm.loader import write_control_shards  # noqa: E402
 from nvfm.model import Encoder, EncoderConfig, load_encoder  # noqa: E402
-from nvfm.monitor import ProbeSet  # noqa: E402
+from nvfm.monitor import ProbeSet, TokenStatistics  # noqa: E402
 
 
 def sh(cmd):
@@ -226,10 +230,10 @@ def main():
     def done(tag):  # scored with every figure this probe set gives (results from before a figure was added are not)
         return tag in res and all(k in res[tag] for k in probes.figures())
 
-    def score(tag, enc):
+    def score(tag, enc, classifier="linear"):
         if not done(tag):
             t0 = time.time()
-            res[tag] = probes(enc, n_boot=n_boot)
+            res[tag] = probes(enc, n_boot=n_boot, classifier=classifier)
             write_atomic(path, json.dumps(res, indent=1))
             print(f"{tag}: " + " ".join(f"{k} {v:.3f}" for k, v in res[tag].items()
                                          if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)", flush=True)
@@ -251,6 +255,8 @@ def main():
         for tag, (labels, _) in BOUNDS.items():
             if not done(tag) and (labels == "study" or probes.cohort):
                 score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
+    for tag, (classifier, _) in REFERENCES.items():
+        score(tag, TokenStatistics(), classifier)
     write_atomic(path, json.dumps(res, indent=1))
     table(res, budgets, seed_list, keys)
     if plot:
@@ -260,6 +266,13 @@ def main():
 # the supervised bounds: result tag -> (the labels they are trained on, their table and plot row)
 BOUNDS = {"supervised/0": ("study", "supervised on study labels, same training FLOPs"),
           "supervised-lesion/0": ("lesion", "supervised on lesion-token labels, same training FLOPs")}
+
+
+# the encoder-free references: result tag -> (the token probes' classifier, their table and plot row);
+# each token's 7 intensity statistics (nvfm.monitor.TokenStatistics) in place of an encoder's features
+REFERENCES = {"tokenstats-linear/0": ("linear", "no encoder: each token's intensity statistics, linear probe"),
+              "tokenstats-tree/0": ("tree", "no encoder: each token's intensity statistics, gradient-boosted trees")}
+ROWS = {**{t: label for t, (_, label) in BOUNDS.items()}, **{t: label for t, (_, label) in REFERENCES.items()}}
 
 
 # the figures of the table and the plot, in their order (those the probe set gives)
@@ -282,9 +295,10 @@ def table(res, budgets, seed_list, keys):
     for label, name, b in rows:
         cells = [f"{m:.3f} +- {h:.3f}" for m, h, _ in (summary(res, name, b, seed_list, k) for k in keys)]
         print(f"| {label} | {b} | " + " | ".join(cells) + " |")
-    for tag in (t for t in BOUNDS if t in res):
+    for tag in (t for t in ROWS if t in res):
         r = res[tag]
-        print(f"| {BOUNDS[tag][1]} | - | " + " | ".join(f"{r.get(k, np.nan):.3f}" for k in keys) + " |")
+        cells = ["-" if tag in REFERENCES and k == "rank" else f"{r.get(k, np.nan):.3f}" for k in keys]
+        print(f"| {ROWS[tag]} | - | " + " | ".join(cells) + " |")
     print("(mean over seeds +- half the range)\n")
     print("| steps (last log record) | loss | position-only control | beyond brightness "
           "| position-only, beyond brightness |")
@@ -298,7 +312,7 @@ def draw(res, budgets, seed_list, keys, png):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.25 * len(keys), 3.8))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.25 * len(keys), 4.8))
     for ax, key in zip(axes, keys):
         for name, color in (("student", "C0"), ("teacher", "C1")):
             xs = [b for b in budgets if b > 0]
@@ -308,14 +322,20 @@ def draw(res, budgets, seed_list, keys, png):
             m = np.array([p[0] for p in pts])
             h = np.array([p[1] for p in pts])
             ax.errorbar(xs, m, yerr=h, marker="o", color=color, label=name, capsize=3)
-        for tag, style in zip(BOUNDS, ("--", ":")):
-            if tag in res and key in res[tag]:
-                ax.axhline(res[tag][key], color="C2", ls=style, label=BOUNDS[tag][1])
+        for tag, color, style in zip(ROWS, ("C2", "C2", "C7", "C7"), ("--", ":", "--", ":")):
+            # the study probe is linear for both references: drawn once
+            same = tag in REFERENCES and REFERENCES[tag][0] != "linear" and key == "study_auroc"
+            if tag in res and key in res[tag] and key != "rank" and not same:
+                ax.axhline(res[tag][key], color=color, ls=style, label=ROWS[tag])
         ax.set_title(TITLES[key])
         ax.set_xlabel("pretraining steps (0 = random init)")
         ax.set_xscale("symlog", linthresh=max(1, min(b for b in budgets if b > 0)))
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    labelled = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            labelled.setdefault(label, h)
+    fig.legend(labelled.values(), labelled.keys(), fontsize=8, ncol=3, loc="lower center")
+    fig.tight_layout(rect=(0, 0.07 * -(-len(labelled) // 3), 1, 1))
     fig.savefig(png, dpi=110)
     print(f"plot: {png}")
 

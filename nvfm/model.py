@@ -395,7 +395,7 @@ def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=N
     if crop not in ("pad", "centre"):
         raise ValueError(f"crop {crop!r}: choose 'pad' or 'centre'")
     min_fg = DEFAULT_MIN_FG_FRACTION if min_fg_fraction is None else min_fg_fraction
-    device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    device = torch.device(device) if device is not None else next(encoder.parameters(), torch.empty(0)).device
     was_training = encoder.training
     encoder.eval()
     items = []  # (meta, tokens uint8, coords)

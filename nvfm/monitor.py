@@ -37,6 +37,13 @@ Two kinds of figures, both used by train_jepa.py and bench/bench_jepa_curve.py:
      the usual transductive self-supervised setting).
    Features are standardised with the fitting part's mean and std; C is fixed (token 1.0,
    study 0.1), never tuned on the scored studies.
+
+3. An encoder-free reference for the token probes: `TokenStatistics` stands in for an encoder
+   and gives each token its seven intensity statistics (mean, std, 5/25/50/75/95th
+   percentiles); `ProbeSet(...)(TokenStatistics(), classifier="tree")` scores them with
+   gradient-boosted trees (scikit-learn's HistGradientBoostingClassifier, default settings)
+   instead of the linear probe. It says how much of a token label its own intensities give to
+   a nonlinear classifier, so what a linear probe on an encoder's features leaves on the table.
 """
 import csv
 import json
@@ -160,7 +167,7 @@ def standardize(fit, *others):
 
 
 def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positives=50, with_position=False,
-                       neg_keep=NEG_KEEP):
+                       neg_keep=NEG_KEEP, classifier="linear"):
     """Token probe on frozen features.
 
     entries: {study_key: [dict(volume_id, window, emb (n, D)), ...]}; labels: {(study_key, volume_id):
@@ -170,7 +177,10 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
     than `min_positives` lesion tokens are scored (the 24-study demo scores ~20: its figure swings
     between 0.1 and 0.9 with which few lesions land in val + test). with_position: the entries'
     token grid coords (n, 3) enter the probe as their position code, beside the features. neg_keep:
-    the share of label-0 tokens kept (a random subset; lesion tokens are rare)."""
+    the share of label-0 tokens kept (a random subset; lesion tokens are rare). classifier:
+    "linear" (the probe: logistic regression, C = 1) or "tree" (gradient-boosted trees,
+    HistGradientBoostingClassifier with its defaults; for the encoder-free reference)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     X, Y, S, fit_part = [], [], [], []
@@ -197,7 +207,12 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
     if len(np.unique(yfit)) < 2 or len(np.unique(yev)) < 2 or yev.sum() < min_positives:
         return float("nan"), None, len(yev), int(yev.sum())
     Xfit, Xev = standardize(X[fit_part], X[~fit_part])
-    score = LogisticRegression(C=1.0, max_iter=3000).fit(Xfit, yfit).decision_function(Xev)
+    if classifier == "linear":
+        score = LogisticRegression(C=1.0, max_iter=3000).fit(Xfit, yfit).decision_function(Xev)
+    elif classifier == "tree":
+        score = HistGradientBoostingClassifier(random_state=seed).fit(Xfit, yfit).predict_proba(Xev)[:, 1]
+    else:
+        raise ValueError(f"classifier {classifier!r}: choose 'linear' or 'tree'")
     auc = float(roc_auc_score(yev, score))
     ci = None
     if n_boot:
@@ -319,26 +334,54 @@ class ProbeSet:
             out[k] = [dict(e, coords=e["coords"].numpy(), emb=e["emb"].numpy()) for e in ents]
         return out
 
-    def score(self, entries, n_boot=0):
-        """The probe figures of embedded entries (from `embed`)."""
+    def score(self, entries, n_boot=0, classifier="linear"):
+        """The probe figures of embedded entries (from `embed`); classifier: that of the token
+        probes (`lesion_token_auroc`), the study probe is always linear."""
         allx = np.concatenate([e["emb"] for ents in entries.values() for e in ents])
         res = dict(rank=effective_rank(torch.from_numpy(allx), max_rows=8192), feature_std=mean_std(allx),
                    n_studies=len(entries), n_tokens=len(allx))
         if self.token_task is not None:
             labels = {(k, e["volume_id"]): np.full(len(e["emb"]), self.token_task[k], np.int8)
                       for k, ents in entries.items() if k in self.token_task for e in ents}
-            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, neg_keep=1.0)
+            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, neg_keep=1.0,
+                                               classifier=classifier)
             res.update(token_auroc=auc, token_ci=ci)
         if self.cohort:
             labels = self.lesion_labels(entries)
-            auc, ci, n, npos = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot)
+            auc, ci, n, npos = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, classifier=classifier)
             res.update(lesion_auroc=auc, lesion_ci=ci, lesion_tokens=n, lesion_positives=npos)
-            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, with_position=True)
+            auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, with_position=True,
+                                               classifier=classifier)
             res.update(lesion_auroc_pos=auc, lesion_pos_ci=ci)
         if self.scores_studies:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
             res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y)
         return res
 
-    def __call__(self, encoder, n_boot=0):
-        return self.score(self.embed(encoder), n_boot=n_boot)
+    def __call__(self, encoder, n_boot=0, classifier="linear"):
+        return self.score(self.embed(encoder), n_boot=n_boot, classifier=classifier)
+
+
+@torch.no_grad()
+def token_statistics(tokens, chunk=4096):
+    """Tokens (N, P) -> float32 (N, 7): each token's mean, std (unbiased) and 5/25/50/75/95th
+    percentiles (linear interpolation, as numpy's default), in chunks of `chunk` rows."""
+    t = torch.as_tensor(tokens).float()
+    if len(t) == 0:
+        return torch.zeros(0, 7)
+    q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
+    return torch.cat([torch.cat([c.mean(1, keepdim=True), c.std(1, keepdim=True), torch.quantile(c, q, dim=1).T], 1)
+                      for c in t.split(chunk)])
+
+
+class TokenStatistics(torch.nn.Module):
+    """An encoder stand-in without parameters: each token's `token_statistics` (of its
+    normalised voxels; the probes add the window). With `classifier="tree"` it is the
+    encoder-free reference of the token probes (module docstring, 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"dim": 7})()
+
+    def forward(self, x, coords, cu_seqlens, max_seqlen):
+        return token_statistics(x)

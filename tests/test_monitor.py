@@ -208,3 +208,65 @@ def test_probe_set_figures_name_what_score_returns(tmp_path):
     assert (figure_keys | {"token_auroc"}) & set(res) == {"rank", "token_auroc", "study_auroc"}
     with pytest.raises(ValueError, match="no column 'nope'"):
         ProbeSet(shards, token_task="nope")
+
+
+def test_token_statistics_against_numpy():
+    from nvfm.monitor import token_statistics
+    t = torch.randint(0, 256, (13, 1024), dtype=torch.uint8)
+    got = token_statistics(t, chunk=5).numpy()  # 13 rows in chunks of 5: the last one short
+    x = t.numpy().astype(np.float64)
+    want = np.concatenate([x.mean(1, keepdims=True), x.std(1, ddof=1, keepdims=True),
+                           np.percentile(x, [5, 25, 50, 75, 95], axis=1).T], 1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+    assert token_statistics(t[:0]).shape == (0, 7)
+
+
+def test_tree_token_probe_reads_an_intensity_band_the_linear_one_cannot():
+    """Lesion tokens whose mean intensity lies in a middle band, as blood does between CSF and
+    bone: a linear readout of the mean cannot rank them, gradient-boosted trees can; the band
+    indicator itself is the oracle."""
+    rng = np.random.default_rng(5)
+    entries, labels, split_of = {}, {}, {}
+    for s in range(12):
+        key = f"s{s}"
+        split_of[key] = "train" if s < 8 else "val"
+        m = rng.uniform(-2, 2, 500)
+        y = (np.abs(m) < 0.4).astype(np.int8)
+        emb = np.stack([m + 0.05 * rng.normal(size=500), rng.normal(size=500)], 1).astype(np.float32)
+        entries[key] = [dict(volume_id="v", window="mr", emb=emb)]
+        labels[key, "v"] = y
+    linear = lesion_token_auroc(entries, labels, split_of, neg_keep=1.0)[0]
+    tree, ci, _, _ = lesion_token_auroc(entries, labels, split_of, neg_keep=1.0, classifier="tree", n_boot=100)
+    ev = [k for k in entries if split_of[k] == "val"]
+    ev_y = np.concatenate([labels[k, "v"] for k in ev])
+    ev_m = np.concatenate([entries[k][0]["emb"][:, 0] for k in ev])
+    oracle = roc_auc_score(ev_y, -np.abs(ev_m))
+    assert abs(linear - 0.5) < 0.1
+    assert oracle - 0.03 < tree <= oracle + 0.01 and ci[0] < tree < ci[1]
+    with pytest.raises(ValueError, match="choose 'linear' or 'tree'"):
+        lesion_token_auroc(entries, labels, split_of, neg_keep=1.0, classifier="knn")
+
+
+def test_token_statistics_stand_in_for_an_encoder(tmp_path):
+    """`TokenStatistics` goes through encode_study (and so ProbeSet) like an encoder: each
+    token's statistics of its normalised voxels, for every window, in patchify's order."""
+    from nvfm.data import ShardReader
+    from nvfm.loader import write_synthetic_shards
+    from nvfm.model import WINDOWS, encode_study, normalize_tokens, volume_windows
+    from nvfm.monitor import TokenStatistics
+    from nvfm.tokenize import patchify
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(16, 64, 64))
+    reader = ShardReader(shards)
+    ents = encode_study(TokenStatistics(), reader, [0, 1])
+    n = 0
+    for i in (0, 1):
+        _, mask = reader.volume(i)
+        for w in volume_windows(reader.volumes[i]):
+            e = ents[n]
+            tok, coords, _ = patchify([torch.from_numpy(np.array(reader.window(i, w)))], [torch.from_numpy(np.array(mask))])
+            x = normalize_tokens(tok, WINDOWS.index(w)).double().numpy()
+            assert e["window"] == w and np.array_equal(e["coords"].numpy(), coords.numpy())
+            np.testing.assert_allclose(e["emb"][:, 0].numpy(), x.mean(1), atol=1e-4)
+            np.testing.assert_allclose(e["emb"][:, 4].numpy(), np.median(x, 1), atol=1e-4)
+            n += 1
+    assert n == len(ents) > 0
