@@ -1,6 +1,7 @@
 """Is Vol-JEPA learning? Collapse monitors and frozen-feature probes for pretraining runs.
 
-Two kinds of figures, both used by train_jepa.py and bench/bench_jepa_curve.py:
+Two kinds of figures, both used by train_jepa.py and bench/bench_jepa_curve.py, and a reference
+for the second (used by the benchmark):
 
 1. Collapse monitors, computed on a batch's features at no extra forward cost:
    - `effective_rank(x)`: exp of the Shannon entropy of the normalised PCA spectrum (the

@@ -263,7 +263,8 @@ def test_token_statistics_stand_in_for_an_encoder(tmp_path):
         _, mask = reader.volume(i)
         for w in volume_windows(reader.volumes[i]):
             e = ents[n]
-            tok, coords, _ = patchify([torch.from_numpy(np.array(reader.window(i, w)))], [torch.from_numpy(np.array(mask))])
+            tok, coords, _ = patchify([torch.from_numpy(np.array(reader.window(i, w)))],
+                                      [torch.from_numpy(np.array(mask))])
             x = normalize_tokens(tok, WINDOWS.index(w)).double().numpy()
             assert e["window"] == w and np.array_equal(e["coords"].numpy(), coords.numpy())
             np.testing.assert_allclose(e["emb"][:, 0].numpy(), x.mean(1), atol=1e-4)
