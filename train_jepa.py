@@ -264,8 +264,8 @@ def log(rec, text=None):
 def run_probes(at_step):
     """Frozen-feature probes of student and teacher on the fixed probe set (master only)."""
     res = {name: probes(enc) for name, enc in (("student", raw_model.student), ("teacher", teacher))}  # modes kept
-    fmt = lambda r: " ".join(f"{k} {r[k]:.3f}" for k in ("rank", "lesion_auroc", "lesion_auroc_pos", "study_auroc")
-                             if k in r)
+    keys = ("rank", "lesion_auroc", "lesion_auroc_pos", "lesion_auroc_dx", "study_auroc")
+    fmt = lambda r: " ".join(f"{k} {r[k]:.3f}" for k in keys if k in r)
     log(dict(step=at_step, probe=res), f"probe @ {at_step}: student {fmt(res['student'])} | teacher {fmt(res['teacher'])}")
 
 

@@ -7,7 +7,8 @@ max_steps = the largest budget; the run is stopped at every budget of --steps (s
 then --init_from=resume, which is bit-for-bit), and the student and the EMA teacher written
 there are scored with nvfm.monitor.ProbeSet on every study of the cohort:
   - lesion-token AUROC (fit on train studies, AUROC on val + test, study-bootstrap 95% CI), from
-    the features alone and with each token's position given to the probe as well;
+    the features alone, with each token's position given to the probe as well, and per diagnosis
+    (macro over the lesion kinds with >= 20 scored tokens, nvfm.monitor.lesion_kind_auroc);
   - study-level macro AUROC (5-fold CV, classes with >= 5 positives and negatives);
   - effective rank of the token features.
 Step 0 is the random init (the same seed's init). Two supervised bounds (--supervised=True)
@@ -277,7 +278,8 @@ ROWS = {**{t: label for t, (_, label) in BOUNDS.items()}, **{t: label for t, (_,
 
 # the figures of the table and the plot, in their order (those the probe set gives)
 TITLES = {"token_auroc": "token AUROC of the volume's latent", "lesion_auroc": "lesion-token AUROC",
-          "lesion_auroc_pos": "lesion-token AUROC, position given", "study_auroc": "study macro AUROC (CV)",
+          "lesion_auroc_pos": "lesion-token AUROC, position given",
+          "lesion_auroc_dx": "lesion-token AUROC per diagnosis (macro)", "study_auroc": "study macro AUROC (CV)",
           "rank": "effective rank"}
 LOSSES = ("loss", "loss_position_only", "loss_content", "loss_content_position_only")
 

@@ -32,6 +32,12 @@ for the second (used by the benchmark):
      kept where the tokens are: lesions have preferred places, a random-init encoder carries
      its input position embedding to its output, and a JEPA student, whose predictor is
      given every position, need not (BENCHMARKS.md, Vol-JEPA);
+   - `lesion_auroc_dx`: the same probe per diagnosis, macro-averaged: for each lesion kind with
+     >= 20 scored lesion tokens, its tokens against the lesion-free ones (other kinds' tokens
+     left out), one logistic regression each (`lesion_kind_auroc`; the kinds' own figures in
+     `lesion_auroc_by_dx`). The pooled probe must rank every kind with one direction, dark
+     (CSF-filled ventricles) and bright (acute blood) alike; this one asks a direction per kind,
+     as a probe per finding would;
    - `study_auroc`: per-window mean and std pooling of the tokens, one logistic regression per
      class, 5-fold stratified CV over the set's studies, macro AUROC over classes with >= 5
      positives and >= 5 negatives (pretraining never sees labels, so using every study is
@@ -57,6 +63,7 @@ import torch
 from nvfm.model import WINDOWS, position_code  # window names, in the normalisation order
 
 NEG_KEEP = 0.1  # share of lesion-free tokens kept for the token probe
+MIN_KIND_POSITIVES = 20  # scored lesion tokens a diagnosis needs for its own lesion-token figure
 
 
 # ----------------------------------------------------------------------------- collapse monitors
@@ -229,6 +236,25 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
     return auc, ci, len(yev), int(yev.sum())
 
 
+def lesion_kind_auroc(entries, labels, kinds, split_of, classifier="linear", min_positives=MIN_KIND_POSITIVES):
+    """Lesion-token AUROC per diagnosis, macro-averaged.
+
+    labels: as `lesion_token_auroc`'s; kinds: {(study_key, volume_id): (n,) str array, each token's
+    lesion kind ('' where none)}. For every kind: positives are the label-1 tokens of that kind,
+    negatives the label-0 tokens (the same subsample as `lesion_token_auroc`), other tokens left
+    out; scored by `lesion_token_auroc`. Returns (the mean over the kinds with >= min_positives
+    scored positives, NaN when none has; {kind: AUROC} of those kinds)."""
+    names = sorted({str(d) for a in kinds.values() for d in a if d})
+    per = {}
+    for d in names:
+        lab = {k: np.where((y == 1) & (kinds[k] == d), 1, np.where(y == 0, 0, -1)).astype(np.int8)
+               for k, y in labels.items() if k in kinds}
+        auc = lesion_token_auroc(entries, lab, split_of, min_positives=min_positives, classifier=classifier)[0]
+        if not np.isnan(auc):
+            per[d] = auc
+    return (float(np.mean(list(per.values()))) if per else float("nan")), per
+
+
 def pooled_study(ents, dim):
     """Per-window mean and std of a study's token features -> (2 * 4 * dim,) (zeros for absent windows)."""
     out = []
@@ -301,7 +327,7 @@ class ProbeSet:
         self.token_task = {k: int(row_of[k][token_task]) for k in self.labelled} if token_task else None
         self.Y = np.array([[int(row_of[k][c]) for c in classes] for k in self.labelled], np.int64).reshape(
             len(self.labelled), len(classes))
-        self.token_labels, self.cohort, self.findings = None, None, []
+        self.token_labels, self.token_kinds, self.cohort, self.findings = None, None, None, []
         findings_path = os.path.join(shards, "findings.jsonl")
         if cohort and os.path.isdir(os.path.join(cohort, "gt")) and os.path.exists(findings_path):
             self.cohort = cohort
@@ -311,17 +337,22 @@ class ProbeSet:
     def figures(self):
         """The probe figures `score` returns on this set: a stored result lacking one of them is stale."""
         return (["rank"] + (["token_auroc"] if self.token_task is not None else [])
-                + (["lesion_auroc", "lesion_auroc_pos"] if self.cohort else [])
+                + (["lesion_auroc", "lesion_auroc_pos", "lesion_auroc_dx"] if self.cohort else [])
                 + (["study_auroc"] if self.scores_studies else []))
 
     def lesion_labels(self, entries):
         """Token labels from the cohort's lesion masks, computed once (token coords are the same for
-        every encoder)."""
+        every encoder); also sets `token_kinds`, each token's lesion kind (the diagnosis of the
+        lesion that covers most of it, '' where none)."""
         if self.token_labels is None:
             from nvfm.grounding import lesion_token_cover
             cover = lesion_token_cover(self.cohort, self.reader, self.findings, entries)
             self.token_labels = {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8)
                                  for k, (f, _) in cover.items()}
+            # lesion_token_cover indexes the lesions that have a mask
+            dx = {r["study_key"]: np.array([les["diagnosis"] for les in r.get("lesions", []) if les.get("mask")] + [""])
+                  for r in self.findings}
+            self.token_kinds = {k: dx[k[0]][w] for k, (_, w) in cover.items()}  # index -1 -> ''
         return self.token_labels
 
     @torch.no_grad()
@@ -354,6 +385,8 @@ class ProbeSet:
             auc, ci, _, _ = lesion_token_auroc(entries, labels, self.split_of, n_boot=n_boot, with_position=True,
                                                classifier=classifier)
             res.update(lesion_auroc_pos=auc, lesion_pos_ci=ci)
+            res["lesion_auroc_dx"], res["lesion_auroc_by_dx"] = lesion_kind_auroc(
+                entries, labels, self.token_kinds, self.split_of, classifier=classifier)
         if self.scores_studies:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
             res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y)

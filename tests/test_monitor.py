@@ -188,7 +188,7 @@ def test_probe_set_figures_name_what_score_returns(tmp_path):
     from nvfm.monitor import ProbeSet
     shards = write_synthetic_shards(str(tmp_path / "shards"), n=12, seed=0, shape=(16, 64, 64))
     enc = Encoder(EncoderConfig.preset("tiny")).eval()
-    figure_keys = {"rank", "lesion_auroc", "lesion_auroc_pos", "study_auroc"}
+    figure_keys = {"rank", "lesion_auroc", "lesion_auroc_pos", "lesion_auroc_dx", "study_auroc"}
     plain = ProbeSet(shards)
     assert plain.figures() == ["rank"]
     assert figure_keys & set(plain(enc)) == {"rank"}
@@ -271,3 +271,37 @@ def test_token_statistics_stand_in_for_an_encoder(tmp_path):
             np.testing.assert_allclose(e["emb"][:, 4].numpy(), np.median(x, 1), atol=1e-4)
             n += 1
     assert n == len(ents) > 0
+
+
+def test_lesion_kind_auroc_one_direction_per_kind():
+    """Two lesion kinds on opposite sides of normal tissue along one feature (dark ventricles,
+    bright blood): the pooled linear probe cannot rank both, the per-kind probes can, and each
+    kind's figure is that of its own direction on its own tokens; a kind with too few scored
+    tokens is left out of the mean."""
+    from nvfm.monitor import lesion_kind_auroc
+    rng = np.random.default_rng(7)
+    entries, labels, kinds, split_of = {}, {}, {}, {}
+    for s in range(12):
+        key = f"s{s}"
+        split_of[key] = "train" if s < 8 else "val"
+        kind = rng.choice(np.array(["", "dark", "bright", "rare"]), 600, p=[0.8, 0.095, 0.095, 0.01])
+        y = (kind != "").astype(np.int8)
+        y[(kind != "") & (rng.random(600) < 0.1)] = -1  # partial tokens
+        emb = rng.normal(size=(600, 3)).astype(np.float32)
+        emb[:, 0] += np.select([kind == "dark", kind == "bright"], [-1.5, 1.5], 0.0)
+        entries[key] = [dict(volume_id="v", window="brain", emb=emb)]
+        labels[key, "v"], kinds[key, "v"] = y, kind
+    macro, per = lesion_kind_auroc(entries, labels, kinds, split_of)
+    pooled = lesion_token_auroc(entries, labels, split_of, neg_keep=1.0)[0]
+    assert set(per) == {"dark", "bright"}  # 'rare' has under 20 scored tokens
+    ev = [k for k in entries if split_of[k] == "val"]
+    for name, sign in (("dark", -1), ("bright", 1)):
+        y = np.concatenate([labels[k, "v"] for k in ev])
+        kd = np.concatenate([kinds[k, "v"] for k in ev])
+        x = np.concatenate([entries[k][0]["emb"][:, 0] for k in ev])
+        keep = ((y == 1) & (kd == name)) | (y == 0)
+        oracle = roc_auc_score(y[keep], sign * x[keep])
+        assert per[name] == pytest.approx(oracle, abs=0.05)
+    assert macro == pytest.approx(np.mean(list(per.values()))) and macro > 0.8
+    assert pooled < 0.7  # one direction cannot rank both kinds
+    assert np.isnan(lesion_kind_auroc(entries, labels, kinds, split_of, min_positives=10 ** 6)[0])
