@@ -305,3 +305,44 @@ def test_lesion_kind_auroc_one_direction_per_kind():
     assert macro == pytest.approx(np.mean(list(per.values()))) and macro > 0.8
     assert pooled < 0.7  # one direction cannot rank both kinds
     assert np.isnan(lesion_kind_auroc(entries, labels, kinds, split_of, min_positives=10 ** 6)[0])
+
+
+def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path):
+    """On a small demo cohort, preprocessed: every lesion token's kind is a diagnosis of its own
+    study whose lesion mask covers at least half of the token (sampled independently here), and
+    lesion-free tokens have none."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    from nvfm import phantom
+    from nvfm.grounding import mask_lookup, to_world, token_box_points
+    from nvfm.monitor import ProbeSet, TokenStatistics
+    cohort, shards = str(tmp_path / "cohort"), str(tmp_path / "shards")
+    phantom.generate_cohort(cohort, 4, seed=1, profile="tiny", workers=1, progress=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "preprocess.py"), f"--input={cohort}/dicom",
+                    f"--output={shards}", f"--labels={cohort}/labels.csv", f"--findings={cohort}/findings.jsonl",
+                    "--workers=1"], check=True, capture_output=True, timeout=600)
+    probes = ProbeSet(shards, cohort=cohort)
+    entries = probes.embed(TokenStatistics())
+    labels, kinds = probes.lesion_labels(entries), probes.token_kinds
+    affine = {v["volume_id"]: v["affine"] for v in probes.reader.volumes}
+    lesions = {r["study_key"]: r.get("lesions", []) for r in probes.findings}
+    coords = {(k, e["volume_id"]): e["coords"] for k, ents in entries.items() for e in ents}
+    n_pos = 0
+    for (key, vid), y in labels.items():
+        assert set(kinds[key, vid][y == 0]) <= {""}
+        for j in np.nonzero(y == 1)[0]:
+            pts = to_world(token_box_points(coords[key, vid][j:j + 1]), affine[vid])
+            cover = {}
+            for les in lesions[key]:
+                m = nib.load(os.path.join(cohort, les["mask"]))
+                f = mask_lookup(pts, np.asarray(m.dataobj), m.affine).mean()
+                cover[les["diagnosis"]] = max(cover.get(les["diagnosis"], 0.0), f)
+            assert cover[kinds[key, vid][j]] >= 0.5 and cover[kinds[key, vid][j]] == max(cover.values())
+            n_pos += 1
+    assert n_pos > 0, json.dumps({k: [les["diagnosis"] for les in v] for k, v in lesions.items()})
