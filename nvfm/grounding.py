@@ -93,8 +93,8 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
     findings_rows: the shards' findings.jsonl records (study_key, lesions [{diagnosis, mask}]);
     masks are read from cohort_dir/<mask> (world-frame NIfTI). For every (study_key, volume_id)
     entry of `cache` -> (frac (n,) float in [0, 1]: share of the token's 4x16x16 box inside a
-    lesion, the largest over lesions; lesion (n,) int: index into that study's lesions, -1 where
-    frac == 0). Token positions are the cache's coords, mapped by the volume record's affine."""
+    lesion, the largest over lesions; lesion (n,) int: index into that study's lesions that have a
+    mask, -1 where frac == 0). Token positions are the cache's coords, mapped by the volume record's affine."""
     import nibabel as nib
     vol = {v["volume_id"]: v for v in reader.volumes}
     out = {}
