@@ -231,10 +231,11 @@ def main():
     def done(tag):  # scored with every figure this probe set gives (results from before a figure was added are not)
         return tag in res and all(k in res[tag] for k in probes.figures())
 
-    def score(tag, enc, classifier="linear"):
+    def score(tag, enc, classifier="linear", entries=None):  # entries: enc's embedding, when already made
         if not done(tag):
             t0 = time.time()
-            res[tag] = probes(enc, n_boot=n_boot, classifier=classifier)
+            entries = probes.embed(enc) if entries is None else entries
+            res[tag] = probes.score(entries, n_boot=n_boot, classifier=classifier)
             write_atomic(path, json.dumps(res, indent=1))
             print(f"{tag}: " + " ".join(f"{k} {v:.3f}" for k, v in res[tag].items()
                                          if isinstance(v, float)) + f" ({time.time() - t0:.0f} s)", flush=True)
@@ -256,8 +257,11 @@ def main():
         for tag, (labels, _) in BOUNDS.items():
             if not done(tag) and (labels == "study" or probes.cohort):
                 score(tag, supervised_bound(shards, like, flops, labels=labels, probes=probes))
+    stats = None  # the references share one embedding
     for tag, (classifier, _) in REFERENCES.items():
-        score(tag, TokenStatistics(), classifier)
+        if not done(tag):
+            stats = probes.embed(TokenStatistics()) if stats is None else stats
+            score(tag, None, classifier, entries=stats)
     write_atomic(path, json.dumps(res, indent=1))
     table(res, budgets, seed_list, keys)
     if plot:
