@@ -54,6 +54,7 @@ when integral, else float32) beside the uint8 windows: shard format 2 (nvfm/data
 Splits: from the `split` column of --labels when given (train/val/test), else a
 deterministic hash of the study key: 80% train, 10% val, 10% test.
 """
+import contextlib
 import csv
 import glob
 import hashlib
@@ -229,6 +230,23 @@ _W = {}  # per-process state: root, cfg, writer
 def _scan(args):
     root, rel, s = args
     return dicom.scan_dicom(root, rel, s)
+
+
+@contextlib.contextmanager
+def _worker_pool(n_workers, initializer, initargs=()):
+    """A process pool for n_workers > 1 (None otherwise): closed when the block ends, terminated at
+    once on Ctrl-C or an error, not after its queue."""
+    pool = mp.Pool(n_workers, initializer=initializer, initargs=initargs) if n_workers > 1 else None
+    try:
+        yield pool
+    except BaseException:
+        if pool:
+            pool.terminate()
+            pool.join()
+        raise
+    if pool:
+        pool.close()
+        pool.join()
 
 
 def _ignore_sigint():
@@ -512,14 +530,13 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     sidecars = {os.path.relpath(p, input_dir) for p in sidecars if p}
     dcm = [f for f in files if not dicom.is_nifti(f) and f not in sidecars]
     # (headers stream in; only this array job's studies are kept, so memory is ~1/N)
-    pool = mp.Pool(n_workers, initializer=_ignore_sigint) if n_workers > 1 else None
     studies, all_keys, file_failures = {}, set(), []
     for rel in unreadable_dirs:  # counted like a failed file (its contents are unknown)
         fk = dicom.salted_hash(rel, s)
         if int(fk, 16) % sn == si:
             file_failures.append(_event("file", "failed", "unreadable directory", file_key=fk))
             log("failed directory: unreadable directory (permissions?)", rel, fk)
-    try:
+    with _worker_pool(n_workers, _ignore_sigint) as pool:
         it = (pool.imap(_scan, [(input_dir, f, s) for f in dcm], chunksize=16) if pool
               else map(_scan, [(input_dir, f, s) for f in dcm]))
         for h in tqdm(it, total=len(dcm), desc="headers", unit="file", disable=not cfg_progress):
@@ -536,16 +553,6 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             all_keys.add(key)
             if int(key, 16) % sn == si:
                 studies.setdefault(key, ("dicom", []))[1].append(h)
-    except BaseException:  # Ctrl-C or an error: stop the workers now, not after their queue
-        if pool:
-            pool.terminate()
-            pool.join()
-            pool = None
-        raise
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
     for rel in nifti:
         key = dicom.nifti_study_key(dicom.nifti_study_folder(rel), s)
         all_keys.add(key)
@@ -575,29 +582,19 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     tasks = [dict(key=k, split=splits.get(k) or hash_split(k), kind=studies[k][0], items=studies[k][1]) for k in todo]
     counter = mp.Value("i", 0)
     if todo:
-        if n_workers > 1:
-            pool = mp.Pool(n_workers, initializer=_init_worker, initargs=(input_dir, output_dir, cfg, tag, counter))
-            it = pool.imap_unordered(process_study, tasks, chunksize=1)
-        else:
-            pool = None
-            _init_worker(input_dir, output_dir, cfg, tag, counter, one_thread=False)
-            it = map(process_study, tasks)
-        try:
-            for key, nv, console in tqdm(it, total=len(tasks), desc="studies", unit="study", disable=not cfg_progress):
-                for msg, path, k, console_only in console:
-                    log(msg, path, k, console_only)
-        except BaseException:  # Ctrl-C or an error: committed studies stay, the rest is redone on rerun
-            if pool:
-                pool.terminate()
-                pool.join()
-                pool = None
-            raise
-        finally:
-            if pool:
-                pool.close()
-                pool.join()
-            if "writer" in _W:
-                _W.pop("writer").close()
+        init = (input_dir, output_dir, cfg, tag, counter)
+        with _worker_pool(n_workers, _init_worker, init) as pool:
+            if pool is None:
+                _init_worker(*init, one_thread=False)
+            it = pool.imap_unordered(process_study, tasks, chunksize=1) if pool else map(process_study, tasks)
+            try:
+                for key, nv, console in tqdm(it, total=len(tasks), desc="studies", unit="study",
+                                             disable=not cfg_progress):
+                    for msg, path, k, console_only in console:
+                        log(msg, path, k, console_only)
+            finally:  # committed studies stay, the rest is redone on rerun
+                if "writer" in _W:
+                    _W.pop("writer").close()
 
     # 3. this job is done; merge when every array job is
     if not todo and os.path.exists(man_path) and not glob.glob(os.path.join(output_dir, "parts", "*.jsonl")):
