@@ -9,11 +9,15 @@ Pipeline (used by preprocess.py):
      small picklable dict: study/series UIDs, SOP class, modality, description, and one
      geometry record per frame (ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
      RescaleSlope/Intercept, and ConvolutionKernel, SliceThickness, AcquisitionNumber to tell
-     slice stacks apart; for enhanced multi-frame objects from the shared and per-frame
+     slice stacks apart, EchoTime, InversionTime, RepetitionTime to tell acquisitions apart;
+     for enhanced multi-frame objects from the shared and per-frame
      functional groups).
   3. `group_series(headers)` groups frames by StudyInstanceUID + SeriesInstanceUID, then
      splits a series that mixes orientations, matrix sizes, pixel spacings, echoes,
-     b-values or temporal positions into sub-volumes, then splits a sub-volume holding slice
+     b-values or temporal positions into sub-volumes, and one that mixes acquisitions by
+     EchoTime / InversionTime (1 ms apart) or RepetitionTime (a 25% jump: gated TRs vary per
+     slice) (TIMING_TAGS: T1 and T2, or a dual-echo series, under one SeriesInstanceUID; warned
+     where no other key told them apart), then splits a sub-volume holding slice
      stacks that interleave along the normal (two reconstructions or acquisitions exported as
      one series, also at the same positions) by the first tag that tells them apart:
      ConvolutionKernel or SliceThickness (not when they differ between blocks one above the
@@ -64,13 +68,17 @@ gaps and non-uniform spacing are resampled from the true positions; absurd spaci
 > 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native pixel data
 whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
 byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
-finite number, or integer pixels without PixelRepresentation, in any file (read as absent
-they would shift every value, or make negative ones huge); Siemens mosaics. Files
+finite number, or integer pixels without PixelRepresentation, or a CT Image without
+RescaleSlope / RescaleIntercept (Type 1; "missing RescaleIntercept (CT Hounsfield units
+unknown)"), in any file (read as absent they would shift every value, or make negative ones
+huge); Siemens mosaics. An enhanced multi-frame file with an empty per-frame functional
+groups sequence is a failed file ("enhanced multi-frame object with no frames"). Files
 cut short are "truncated file" (header or pixel data), at the header scan or when read. Kept
 but recorded in `stack.warnings`: a gap interpolated because it is under the missing-slice
-limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size or into
-interleaved slice stacks by a tag ("series split into 2 volumes by ConvolutionKernel
-(interleaved slice stacks)"), NaNs in a NIfTI set to 0.
+limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, by
+acquisition timing ("series split into 2 volumes by EchoTime, RepetitionTime (different
+acquisitions)") or into interleaved slice stacks by a tag ("series split into 2 volumes by
+ConvolutionKernel (interleaved slice stacks)"), NaNs in a NIfTI set to 0.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
 go to the axis closest to I/S); the affine is used as given (sform, else qform, as nibabel
@@ -254,10 +262,10 @@ def _num(v, default=None):
 
 
 def _rescale(v, default, name, info):
-    """RescaleSlope / RescaleIntercept -> float; absent or empty -> default. A value that is
-    present but not a finite number (a decimal comma, NaN) sets info["pixel_error"]: read as
-    absent it would shift or scale every pixel silently (a CT 1024 HU too bright), and pydicom
-    cannot apply it either."""
+    """RescaleSlope / RescaleIntercept -> float; absent or empty -> default (a CT Image file
+    without them fails instead: _note_pixel_error). A value that is present but not a finite
+    number (a decimal comma, NaN) sets info["pixel_error"]: read as absent it would shift or
+    scale every pixel silently (a CT 1024 HU too bright), and pydicom cannot apply it either."""
     x = _num(v)
     if x is None and v is not None and str(v).strip(" \x00[]'\"") != "":
         info.setdefault("pixel_error", f"invalid {name} (not a finite number)")
@@ -632,6 +640,9 @@ def _note_pixel_error(ds, info, pos, hdr, file_size):
         info["pixel_error"] = str(e)
     if info["pixel_tag"] and info.get("pixel_representation") is None:  # read as unsigned, -1000 is 64536
         info.setdefault("pixel_error", "missing PixelRepresentation (signed or unsigned pixels unknown)")
+    if info["pixel_tag"] and info.get("rescale_missing"):  # read as slope 1 / intercept 0, unsigned CT
+        # (HU + 1024) would be 1024 HU too bright: brain as bone, no air
+        info.setdefault("pixel_error", f"missing {info['rescale_missing']} (CT Hounsfield units unknown)")
 
 
 def _raw_pixel_location(ds, info, pos, hdr):
@@ -776,13 +787,19 @@ def _header_info(ds, info):
     shared = shared[0] if shared else None
     if pffg is not None or shared is not None:  # enhanced multi-frame
         items = list(pffg) if pffg is not None else [None] * nframes
+        if not items:  # no frame records: the file would join no series and vanish from the counts
+            raise SeriesError("enhanced multi-frame object with no frames")
         if pffg is not None and g("NumberOfFrames", None) is not None and len(items) != nframes:
             # pixels decode to NumberOfFrames frames: some would have no geometry (dropped unsaid)
             info.setdefault("pixel_error", f"frame count differs: NumberOfFrames {nframes}, "
                                            f"per-frame functional groups {len(items)}")
+        top_te = info["te"]
         for f, item in enumerate(items):
+            echo = _num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime"))
             if info["te"] is None:
-                info["te"] = _num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime"))
+                info["te"] = echo
+            tr = _num(_fg(item, shared, "MRTimingAndRelatedParametersSequence", "RepetitionTime"))
+            ti = _num(_fg(item, shared, "MRModifierSequence", "InversionTimes"))
             frames.append(dict(
                 frame=f,
                 ipp=_floats(_fg(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
@@ -792,7 +809,9 @@ def _header_info(ds, info):
                                "RescaleSlope", info),
                 intercept=_rescale(_fg(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0,
                                    "RescaleIntercept", info),
-                echo=_num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime")),
+                echo=echo,
+                te=top_te if echo is None else echo, tr=info["tr"] if tr is None else tr,
+                ti=info["ti"] if ti is None else ti,
                 bvalue=_num(_fg(item, shared, "MRDiffusionSequence", "DiffusionBValue")),
                 temporal=_num(_fg(item, shared, "FrameContentSequence", "TemporalPositionIndex")),
                 kernel=_kernel(_fg(item, shared, "CTReconstructionSequence", "ConvolutionKernel")),
@@ -812,11 +831,15 @@ def _header_info(ds, info):
             ps=_floats(g("PixelSpacing", None), 2),
             slope=_rescale(g("RescaleSlope", None), 1.0, "RescaleSlope", info),
             intercept=_rescale(g("RescaleIntercept", None), 0.0, "RescaleIntercept", info),
-            echo=_num(g("EchoNumbers", None)), bvalue=bval,
+            echo=_num(g("EchoNumbers", None)), te=info["te"], tr=info["tr"], ti=info["ti"], bvalue=bval,
             temporal=_num(g("TemporalPositionIdentifier", None)),
             kernel=_kernel(g("ConvolutionKernel", None)), thickness=_num(g("SliceThickness", None)),
             acquisition=_num(g("AcquisitionNumber", None)),
         )
+        if info["modality"] == "CT":  # both Type 1 in the CT Image module (enhanced CT: functional groups)
+            missing = [k for k in ("RescaleIntercept", "RescaleSlope") if g(k, None) is None]
+            if missing:  # _note_pixel_error fails the file's series when it has pixels
+                info["rescale_missing"] = missing[0]
         if nframes == 1:
             frames.append(dict(base, frame=None))
         else:  # legacy multi-frame without functional groups: no per-frame geometry
@@ -869,6 +892,44 @@ def _same_key(a, b):
 # per-frame tags that tell apart slice stacks exported under one SeriesInstanceUID (two
 # reconstructions or acquisitions), in the order tried: (frame record key, DICOM keyword)
 STACK_TAGS = (("kernel", "ConvolutionKernel"), ("thickness", "SliceThickness"), ("acquisition", "AcquisitionNumber"))
+
+
+# acquisition timing that tells apart contrasts exported under one SeriesInstanceUID (T1 and T2,
+# the two echoes of a dual-echo series without EchoNumbers, FLAIR and T2): (frame record key,
+# DICOM keyword, absolute ms, relative tolerance). TE and TI are constant within an acquisition
+# and reported to 0.01-1 ms, while echoes and inversion times of different acquisitions differ by
+# milliseconds at least: 1 ms. TR is relative: triggered (cardiac / respiratory gated) sequences
+# report each slice's own TR, following the RR or breathing interval, which drifts gradually,
+# while acquisitions that differ only in TR differ by a factor (T1 SE 500 vs PD 2000 ms): 25%.
+TIMING_TAGS = (("te", "EchoTime", 1.0, 0.0), ("ti", "InversionTime", 1.0, 0.0), ("tr", "RepetitionTime", 1.0, 0.25))
+
+
+def _timing_groups(values, atol, rtol):
+    """{value: group index} for the distinct values of one timing tag over a series: sorted, a
+    value more than atol + rtol x the previous one above it starts a new group (a continuous
+    spread, e.g. gated TRs, stays one group)."""
+    out, g, prev = {}, 0, None
+    for v in sorted(set(values)):
+        if prev is not None and v - prev > atol + rtol * prev:
+            g += 1
+        out[v] = g
+        prev = v
+    return out
+
+
+def _timing_key(frames):
+    """-> (function (header, frame) -> tuple of timing group indices, list of the keywords of
+    TIMING_TAGS that part the frames). A frame without the tag rules that tag out, as a file
+    whose header lacks it may well be of either acquisition."""
+    maps = []
+    for key, keyword, atol, rtol in TIMING_TAGS:
+        vals = [fr.get(key) for _, fr in frames]
+        if not vals or any(v is None for v in vals):
+            continue
+        groups = _timing_groups(vals, atol, rtol)
+        if max(groups.values()) > 0:
+            maps.append((key, keyword, groups))
+    return (lambda h, fr: tuple(m.get(fr.get(key)) for key, _, m in maps)), [keyword for _, keyword, _ in maps]
 
 
 def alternating_gaps(d, min_run=5):
@@ -966,16 +1027,28 @@ def group_series(headers):
         if not keep:
             skipped.append((suid, len(hs), reasons[0], hs[0]["path"]))
             continue
+        timing, timing_tags = _timing_key([(h, fr) for h in keep for fr in h["frames"]])
+        for i, h in enumerate(keep):
+            if not h["frames"]:  # never dropped unsaid: a volume of its own, which fails with this reason
+                keep[i] = dict(h, pixel_error=h.get("pixel_error") or "enhanced multi-frame object with no frames",
+                               frames=[dict(frame=None, ipp=None, iop=None, ps=None, slope=1.0, intercept=0.0,
+                                            echo=None, bvalue=None, temporal=None, kernel=None, thickness=None,
+                                            acquisition=None)])
         clusters = []  # [key, frames]
         for h in keep:
             for fr in h["frames"]:
-                k = _frame_key(h, fr)
+                k = _frame_key(h, fr) + (timing(h, fr),)
                 for c in clusters:
                     if _same_key(c[0], k):
                         c[1].append((h, fr))
                         break
                 else:
                     clusters.append([k, [(h, fr)]])
+        # acquisitions with other TE / TI / TR that the other keys would have stacked together
+        # (another contrast under this series UID, a dual-echo series without EchoNumbers): say so
+        by_timing = bool(timing_tags) and any(a[0][-1] != b[0][-1] and _same_key(a[0][:-1], b[0][:-1])
+                                        for i, a in enumerate(clusters) for b in clusters[i + 1:])
+        n_timing = len({c[0][-1] for c in clusters if None not in c[0][-1]})
         # parts that differ only in pixel spacing or matrix size are one acquisition cut apart
         # (each part then has gaps where the others' slices were): say so
         by_geometry = len(clusters) > 1 and len({(c[0][3], c[0][4:]) for c in clusters}) < len(clusters)
@@ -986,7 +1059,8 @@ def group_series(headers):
         parts.sort(key=lambda p: -len(p[0]))  # largest first: part 0 is the main volume
         for part, (frames, tag, n_stacks) in enumerate(parts):
             groups.append(dict(series_uid=suid, part=part, n_parts=len(parts), info=frames[0][0], frames=frames,
-                               split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks))
+                               split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks,
+                               split_by_timing=", ".join(timing_tags) if by_timing else None, n_timing=n_timing))
     return groups, skipped
 
 
@@ -1346,7 +1420,7 @@ def dicom_stack(root, group, reduce=False):
         if fr["ipp"] is None or fr["iop"] is None or fr["ps"] is None:
             missing = [t for t, k in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"),
                                       ("PixelSpacing", "ps")) if fr[k] is None]
-            raise SeriesError(f"missing geometry ({', '.join(missing)})")
+            raise SeriesError(f"missing geometry ({', '.join(missing)})", h["path"])
     iop = frames[0][1]["iop"]
     rows, cols = info["rows"], info["cols"]
     if rows < 1 or cols < 1:
@@ -1504,6 +1578,9 @@ def dicom_stack(root, group, reduce=False):
     if group.get("split_by_geometry"):
         st.warnings.append(f"series split into {group['n_parts']} volumes by pixel spacing / matrix size")
         st.cut_apart = True
+    if group.get("split_by_timing"):
+        st.warnings.append(f"series split into {group['n_timing']} volumes by {group['split_by_timing']} "
+                           "(different acquisitions)")
     if group.get("split_by_tag"):
         st.warnings.append(f"series split into {group['n_stacks']} volumes by {group['split_by_tag']} "
                            "(interleaved slice stacks)")

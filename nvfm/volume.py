@@ -10,7 +10,8 @@ averages every input sample it covers, so nothing aliases (`scipy.ndimage.zoom(o
 skips samples). Tested against scipy.ndimage.map_coordinates(order=1): equal to 1e-3 of
 the range when upsampling, within 3% (max) / 0.5% (mean) when downsampling a smooth field.
 Output grids are centred on the input extent; output voxels outside the input (tilted
-stacks only) get the fill value (-1024 HU for CT, 0 for MR). The neurovfm preset resamples
+stacks only) get the fill value (-1024 HU for CT, 0 for MR; for MONOCHROME1 MR, inverted after
+resampling, the darkest value of the data: `invert_monochrome1`). The neurovfm preset resamples
 as the authors' SimpleITK code does instead: cubic B-spline interpolation (bspline_matrix,
 the same sparse-matrix streaming), their grid and boundary rules (resampled_neurovfm).
 
@@ -279,14 +280,17 @@ def resample_grid(stack, spacing=SPACING, grid="centre"):
     return q[0], q[1], q[2], affine(*q)
 
 
-def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centre", clamp=True, on_slice=None):
+def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centre", clamp=True, on_slice=None,
+                   on_fill=None):
     """Stream a SliceStack resampled to `spacing` (mm along normal, c, r).
 
     Yields (j, float32 (H, W)) for output slices j = 0..D-1 along the normal, in order,
     holding only the in-plane-resampled input slices under the current kernel (memory ~ a
     few slices). CT values are clamped to HU_RANGE first (unless clamp=False); fill
     defaults to -1024 (CT) or 0. kernel "tent" (tent_matrix) or "bspline" (bspline_matrix);
-    grid as resample_grid; on_slice(x) sees each input slice as read (before the clamp).
+    grid as resample_grid; on_slice(x) sees each input slice as read (before the clamp);
+    on_fill(j, bool (H, W)) is told, before slice j is yielded, which of its voxels got the
+    fill value (no input under the kernel; not called when there are none).
     """
     if kernel not in ("tent", "bspline"):
         raise ValueError(f"kernel must be 'tent' or 'bspline', not {kernel!r}")
@@ -309,6 +313,8 @@ def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centr
     if not tilted:
         Wc0 = weights(pr, q_c, spacing[1], e_c, 1)
         Wr0 = weights(pc, q_r, spacing[2], e_r, 2)
+        if on_fill is not None:  # in-plane coverage: rows / columns of the grid outside the input
+            cover0 = np.outer(np.asarray(Wc0.sum(1)).ravel(), np.asarray(Wr0.sum(1)).ravel()).astype(np.float32)
 
     def inplane(k):
         x = stack.slice(k)
@@ -359,6 +365,10 @@ def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centr
             out += fill
         if tilted:  # voxels whose kernel reaches a sheared-away (uncovered) pixel become fill
             out[cov < 0.999] = fill
+        if on_fill is not None:
+            filled = cov < 0.999 if tilted else cover0 * np.float32(ws.sum()) < 0.999
+            if filled.any():
+                on_fill(j, filled)
         yield j, out
 
 
@@ -642,6 +652,39 @@ def _to_f16(src, dst):
         dst[...] = src
 
 
+class _FillMask:
+    """iter_resampled's on_fill for a canonical (D, H, W) volume: collects which voxels got the
+    fill value into `mask` (bool, allocated on the first call; None while there are none).
+    place: native (c, r) slice -> canonical (H, W); dpos: output slice j -> canonical d."""
+
+    def __init__(self, shape, place, dpos):
+        self.shape, self.place, self.dpos, self.mask = shape, place, dpos, None
+
+    def __call__(self, j, filled):
+        if self.mask is None:
+            self.mask = np.zeros(self.shape, bool)
+        self.mask[self.dpos(j)] = self.place(filled)
+
+
+def invert_monochrome1(vol, filled=None):
+    """MONOCHROME1 display inversion of an MR volume, in place: x -> max + min - x, the extremes
+    taken over the voxels holding data. Voxels of `filled` (bool, vol's shape: outside the input,
+    set to the fill value when resampling a tilted stack) become the darkest data value, black as
+    the fill is in a MONOCHROME2 volume (inverted with the data, the fill 0 would be the brightest
+    value and every other level would be squeezed toward black)."""
+    if filled is None or not filled.any():
+        np.subtract(np.float32(vol.max()) + np.float32(vol.min()), vol, out=vol, casting="same_kind")
+        return vol
+    data = ~filled
+    if not data.any():
+        return vol
+    hi = np.float32(vol.max(where=data, initial=-np.inf))
+    lo = np.float32(vol.min(where=data, initial=np.inf))
+    np.subtract(hi + lo, vol, out=vol, casting="same_kind")
+    vol[filled] = lo  # = hi + lo - hi: the darkest data value after the inversion
+    return vol
+
+
 def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
     """SliceStack -> dict(data (C, D, H, W) uint8, mask (D, H, W) uint8, token_mask, affine,
     orientation, original_orientation, original_spacing, spacing, channels, tilt_deg).
@@ -681,7 +724,8 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
     else:
         buf = np.empty((D, H, W), np.float16)
         h16 = np.empty((len(q_c), len(q_r)), np.float16)  # one slice, float16, stack axes
-        for j, sl in iter_resampled(stack, spacing):
+        filled = _FillMask((D, H, W), place, dpos)
+        for j, sl in iter_resampled(stack, spacing, on_fill=filled if stack.photometric == "MONOCHROME1" else None):
             if buf.dtype == np.float16 and max(sl.max(), -sl.min()) >= 65000:  # beyond float16: widen once
                 buf = buf.astype(np.float32)
             if buf.dtype == np.float16:
@@ -690,7 +734,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
             else:
                 buf[dpos(j)] = place(sl)
         if stack.photometric == "MONOCHROME1":  # display inversion; CT HU need none
-            np.subtract(np.float32(buf.max()) + np.float32(buf.min()), buf, out=buf, casting="same_kind")
+            invert_monochrome1(buf, filled.mask)
         raw = f16_raw_hist(buf) if buf.dtype == np.float16 else None
         if raw is not None:
             lo, hi = percentiles_f16(buf, MR_PERCENTILES, raw)
@@ -798,16 +842,24 @@ def resampled_canonical(stack, spacing=SPACING, rpi_order=False, **how):
     if swap:
         A, codes, H, W = A[:, [0, 2, 1, 3]], codes[0] + codes[2] + codes[1], W, H
     vol = np.empty((D, H, W), np.float32)
-    for j, sl in iter_resampled(stack, spacing, **how):
+    mono1 = stack.modality != "CT" and stack.photometric == "MONOCHROME1"
+
+    def place(sl):
         if perm[1] == 2:
             sl = sl.T
         if flips[1]:
             sl = sl[::-1]
         if flips[2]:
             sl = sl[:, ::-1]
-        vol[D - 1 - j if flips[0] else j] = sl.T if swap else sl
-    if stack.modality != "CT" and stack.photometric == "MONOCHROME1":
-        np.subtract(vol.max() + vol.min(), vol, out=vol)
+        return sl.T if swap else sl
+
+    def dpos(j):
+        return D - 1 - j if flips[0] else j
+    filled = _FillMask((D, H, W), place, dpos)
+    for j, sl in iter_resampled(stack, spacing, on_fill=filled if mono1 else None, **how):
+        vol[dpos(j)] = place(sl)
+    if mono1:
+        invert_monochrome1(vol, filled.mask)
     return vol, A, codes
 
 

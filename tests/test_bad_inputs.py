@@ -695,3 +695,132 @@ def test_nifti_modality_sidecar_and_ambiguous_data(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(dicom.SeriesError, match=r"^unreadable NIfTI sidecar broken\.json \(JSONDecodeError\)$"):
         read("broken")
+
+
+# ----------------------------------------------------------------------------- inputs that vanished or loaded wrong
+
+
+@pytest.mark.parametrize("keep_count", [True, False])
+def test_enhanced_file_without_frames_fails_not_vanishes(tmp_path, keep_count):
+    """An enhanced file whose PerFrameFunctionalGroupsSequence is present but empty had no frame
+    records: it joined no series and was neither failed nor skipped (gone from the manifest's
+    counts). It is a failed file with its reason, next to the good series of its study; a
+    header without frames handed to group_series becomes a volume that fails, never nothing."""
+    vol = np.clip(head_phantom((6, 16, 16)) + 1000, 0, None)
+    d = str(tmp_path / "st")
+    write_series(os.path.join(d, "t2"), vol, modality="MR", intercept=0.0, ps=(1.0, 1.0), shuffle=False)
+    p = os.path.join(d, "flair", "mf.dcm")
+    write_enhanced(p, vol, ps=(1.0, 1.0))
+    ds = pydicom.dcmread(p)
+    ds.PerFrameFunctionalGroupsSequence = pydicom.sequence.Sequence([])
+    if not keep_count:
+        del ds.NumberOfFrames
+    ds.save_as(p)
+    reason = "enhanced multi-frame object with no frames"
+    assert sorted(_outcomes(d), key=str) == [(reason, os.path.join("flair", "mf.dcm")), ("ok", None)]
+    h = dicom.scan_dicom(d, os.path.join("flair", "mf.dcm"))
+    h = dict(h, frames=[])
+    del h["error"]  # as a header reaching group_series without frames would be
+    (g,), skipped = dicom.group_series([h])
+    assert skipped == []
+    with pytest.raises(dicom.SeriesError, match=f"^{reason}$") as e:
+        dicom.dicom_stack(d, g)
+    assert e.value.path == os.path.join("flair", "mf.dcm")
+
+
+def _timing_series(d, blocks, **kw):
+    """MR blocks of 8 slices (5 mm apart) written as ONE series: blocks is a list of (z0, extra
+    tags, vol); returns the stored volumes (integers) in block order."""
+    su, se = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    out = []
+    for b, (z0, extra, vol) in enumerate(blocks):
+        write_series(d, vol, modality="MR", intercept=0.0, study_uid=su, series_uid=se, seed=b, shuffle=False,
+                     origin=(-100.0, -110.0, z0), names=[f"B{b}_{k}.dcm" for k in range(vol.shape[0])], extra=extra,
+                     **kw)
+        out.append(np.rint(vol))
+    return out
+
+
+@pytest.mark.parametrize("z2", [-47.5, -10.0, -50.0])  # interleaved, one block above the other, same positions
+def test_acquisitions_with_other_timing_under_one_series_uid_are_split(tmp_path, z2):
+    """A T1 (TE 12 / TR 500) and a T2 (TE 95 / TR 4000) exported under one SeriesInstanceUID,
+    same matrix and orientation, loaded as ONE volume with no warning (slices alternating T1 / T2,
+    or T2 stacked on top of T1), or failed as conflicting slices at the same positions. They
+    load as two volumes, each exactly the series written, with a warning."""
+    t1 = np.clip(head_phantom(SHAPE) + 1000, 0, None)
+    t2 = np.where(t1 > 0, 3000.0 - 1.5 * t1, 0.0)
+    d = str(tmp_path / "s")
+    v1, v2 = _timing_series(d, [(-50.0, dict(EchoTime=12.0, RepetitionTime=500.0), t1),
+                                (z2, dict(EchoTime=95.0, RepetitionTime=4000.0), t2)])
+    hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+    groups, _ = dicom.group_series(hs)
+    assert len(groups) == 2
+    for g, v, z0 in zip(sorted(groups, key=lambda g: g["info"]["te"]), (v1, v2), (-50.0, z2)):
+        st = dicom.dicom_stack(d, g).check(3)
+        assert np.allclose(st.d, 5.0 * np.arange(8)) and abs(st.o0[2] - z0) < 1e-6
+        assert np.array_equal(st.assemble(), v)
+        assert st.warnings == ["series split into 2 volumes by EchoTime, RepetitionTime (different acquisitions)"]
+
+
+def test_dual_echo_and_timing_that_varies_within_one_acquisition(tmp_path):
+    """A dual-echo series (TE 15 / 90 ms, one TR) without EchoNumbers: two volumes (echo 1, echo
+    2), warned; with EchoNumbers: two volumes, split silently by echo as before. What stays one
+    volume: TE reported to 0.2 ms jitter, and a triggered sequence's per-slice TR drifting
+    800 -> 1100 ms (a continuous spread, no 25% jump)."""
+    vol = np.clip(head_phantom(SHAPE) + 1000, 0, None)
+    for name, numbers in (("no_numbers", False), ("numbers", True)):
+        d = str(tmp_path / name)
+        e1, e2 = _timing_series(d, [(-50.0, dict(EchoTime=15.0, RepetitionTime=2500.0), vol),
+                                    (-50.0, dict(EchoTime=90.0, RepetitionTime=2500.0), vol * 0.5)])
+        if numbers:
+            mutate_series(d, lambda ds, i: setattr(ds, "EchoNumbers", 1 if float(ds.EchoTime) < 50 else 2))
+        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+        groups, _ = dicom.group_series(hs)
+        stacks = sorted((dicom.dicom_stack(d, g).check(3) for g in groups), key=lambda st: -st.assemble().mean())
+        assert [np.array_equal(st.assemble(), v) for st, v in zip(stacks, (e1, e2))] == [True, True]
+        want = [] if numbers else ["series split into 2 volumes by EchoTime (different acquisitions)"]
+        assert [st.warnings for st in stacks] == [want, want], name
+    d = str(tmp_path / "varies")
+    write_series(d, vol, modality="MR", intercept=0.0, shuffle=False)
+    mutate_series(d, lambda ds, i: (setattr(ds, "EchoTime", 90.0 + 0.2 * (i % 2)),
+                                    setattr(ds, "RepetitionTime", 800.0 + 40.0 * i + 10.0 * (i % 3))))
+    assert _outcomes(d) == [("ok", None)]
+    (g,), _ = dicom.group_series([dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)])
+    st = dicom.dicom_stack(d, g).check(3)
+    assert st.shape[0] == 8 and st.warnings == []
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_ct_without_rescale_fails_the_series(tmp_path, fast):
+    """RescaleSlope / RescaleIntercept are Type 1 in the CT Image module. A CT stored as unsigned
+    HU + 1024 without them read as intercept 0: every voxel 1024 HU too bright (brain as bone,
+    no air) with no warning. The series fails naming the file. As before: the same CT with the
+    tags, and an enhanced CT (rescale in its functional groups, none at the top level), load as
+    HU (hand-worked: stored - 1024), and an MR without them loads its stored values."""
+    vol = head_phantom((4, 16, 16))
+    d = str(tmp_path / "ct")
+    _, _, paths = write_series(d, vol, shuffle=False)
+    stored = np.stack([np.frombuffer(pydicom.dcmread(p).PixelData, np.int16).reshape(16, 16) for p in paths])
+    e = str(tmp_path / "enhanced")
+    write_enhanced(os.path.join(e, "mf.dcm"), vol, modality="CT", intercept=-1024.0)
+    for where in (d, e):
+        assert _outcomes(where, fast) == [("ok", None)]
+        (g,), _ = dicom.group_series([dicom.scan_dicom(where, f) for f in dicom.find_inputs(where)])
+        assert np.array_equal(dicom.dicom_stack(where, g).assemble(), stored.astype(np.float32) - 1024.0), where
+    for tag in ("RescaleSlope", "RescaleIntercept"):  # slope only, then both
+        mutate_series(d, lambda ds, i: delattr(ds, tag) if i == 2 else None)
+        assert _outcomes(d, fast) == [(f"missing {tag} (CT Hounsfield units unknown)", os.path.basename(paths[2]))]
+    d = str(tmp_path / "mr")
+    write_series(d, np.clip(vol + 1000, 0, None), modality="MR", intercept=0.0, shuffle=False)
+    mutate_series(d, lambda ds, i: (delattr(ds, "RescaleSlope"), delattr(ds, "RescaleIntercept")))
+    assert _outcomes(d, fast) == [("ok", None)]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_missing_geometry_names_the_offending_file(tmp_path, fast):
+    """One slice without ImagePositionPatient fails its series (as before), and the reason now
+    names that file, not the series' first file."""
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom(SHAPE), shuffle=False)
+    mutate_series(d, lambda ds, i: delattr(ds, "ImagePositionPatient") if i == 5 else None)
+    assert _outcomes(d, fast) == [("missing geometry (ImagePositionPatient)", os.path.basename(paths[5]))]

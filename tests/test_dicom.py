@@ -244,6 +244,29 @@ def test_monochrome1_mr_inverted(tmp_path):
     assert np.abs(ua.astype(int) - ub).max() <= 1
 
 
+@pytest.mark.parametrize("tilt_deg", [0.0, 25.0])
+def test_monochrome1_mr_inverted_with_tilt_fill(tmp_path, tilt_deg):
+    """A sheared (gantry-tilt-like) stack gets the fill value outside the input. For MONOCHROME1
+    it was applied before the inversion (max + min - x), so the no-data corners became the
+    brightest value and every other level was squeezed: the MONOCHROME2 version of the same data
+    is the expectation, tilted or not (uint8 within 1 level, float volume equal up to the
+    inversion's constant shift, the fill corners black)."""
+    base = np.clip(head_phantom((10, 32, 32)) + 1000, 0, None)
+    step = (0.0, 5.0 * np.tan(np.radians(tilt_deg)), 5.0)
+    for pi in ("MONOCHROME2", "MONOCHROME1"):
+        write_series(str(tmp_path / pi), base, modality="MR", intercept=0.0, ps=(1.0, 1.0), step=step, photometric=pi)
+    (a,), _ = stacks_in(str(tmp_path / "MONOCHROME2"))
+    (b,), _ = stacks_in(str(tmp_path / "MONOCHROME1"))
+    assert abs(b.tilt_deg - tilt_deg) < 0.1
+    ua, ub = volume.process_stack(a)["data"], volume.process_stack(b)["data"]
+    assert np.abs(ua.astype(int) - ub).max() <= 1
+    if tilt_deg:
+        assert ua[0, 0, 0, 0] == ub[0, 0, 0, 0] == 0 and (ub == 255).mean() < 0.02
+    (fa, _, _), (fb, _, _) = volume.resampled_canonical(a), volume.resampled_canonical(b)
+    shift = fb - fa  # MONOCHROME1 stored 4095 - x: inverted, x + a constant
+    assert np.ptp(shift) < 1e-2, np.ptp(shift)
+
+
 def test_enhanced_multiframe_and_rle(tmp_path):
     vol = np.clip(head_phantom((7, 32, 30)) + 1000, 0, None)
     write_enhanced(str(tmp_path / "mf" / "mf.dcm"), vol, ps=(1.0, 1.0), step=(0, 0, 4.0), slope=2.0)
