@@ -7,20 +7,25 @@ table, and PNG plots (SPEC section 4).
 
 Per probe: per-class AUROC, sensitivity, specificity, balanced accuracy at the thresholds
 chosen on validation, 95% CIs from a study-level bootstrap (`n_boot` replicates), macro
-averages over defined classes (classes with no test positives are listed as undefined),
+averages over defined classes (classes with no test positives are listed as undefined; a
+macro CI comes from the replicates in which every one of those classes is defined, counted in
+its ci_n_valid, and is null below 100 of them),
 Platt-calibrated F1 and the label-efficiency OLS fit (F1 vs log10 training positives), AUPRC
 and PR lift (AUPRC / prevalence) with CIs; for age probes MAE, RMSE, Pearson r and mean bias
 with CIs. A probe with the classes `ich`, `bleed_left`, `bleed_right` (CQ500) also gets the side
 accuracy given correct detection (`laterality`).
 Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
 scores a probe unchanged on every study of another dataset's --labels (external transfer);
-paper_table.md has one row per task and figure and one column per probe name;
+paper_table.md has one row per task and figure and one column per probe name (in-sample
+figures, as table.txt flags them, on rows marked "(in-sample: ...)");
 `merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table (a row and column
 held by two runs is an error: give each dataset's run its own task_name).
 The first probe may also be grounded (`cohort`: pointing game against the demo lesion masks,
 or a grounding set's masks from nvfm/benchmarks.py; NIfTI attention overlays) and flip-tested (`flip_test`:
 re-encodes the test volumes mirrored left-right with the probe's encoder, `shards` needed).
-`reports`: a generated-reports JSONL scored by nvfm.report_metrics.evaluate_reports.
+`reports`: a generated-reports JSONL scored by nvfm.report_metrics.evaluate_reports: the reports
+of the `split` studies of findings.jsonl (comma-separated, e.g. val,test), every one of which
+needs a report.
 
 Outputs in `out`: metrics.json, table.txt, paper_table.md, roc_<probe>.png, pr_<probe>.png,
 label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.nii.gz.
@@ -39,7 +44,8 @@ names = ""             # comma-separated display names ("" = parent folder names
 labels = ""            # SHARDS/labels.csv
 findings = ""          # SHARDS/findings.jsonl ("" -> beside labels): lesion sides of side classes, report truth
 features = ""          # override the feature cache recorded in the probe ("" = recorded)
-split = "test"         # evaluated split (ignored for CV probes: their held-out test keys)
+split = "test"         # evaluated split (ignored for CV probes: their held-out test keys); --reports: comma-separated
+                       # splits of findings.jsonl whose reports are scored, e.g. "val,test"
 out = "out/eval"
 n_boot = 10000
 seed = 0
@@ -101,6 +107,12 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         if absent:
             raise SystemExit(f"evaluate.py: {len(absent)} of the probe's {len(keys)} held-out test studies are not in "
                              f"{labels}: wrong --labels, or --external=True to score the probe on another dataset")
+        other = [k for k in keys if mod != "all" and rows_by_key[k]["modality"] != mod]
+        if other:   # e.g. a CV probe of --transfer_to: its held-out studies are of the training modality
+            raise SystemExit(f"evaluate.py: {len(other)} of the probe's {len(keys)} held-out test studies are not "
+                             f"{mod} studies in {labels} (first: {other[0]!r}, {rows_by_key[other[0]]['modality']}), "
+                             f"but the probe is scored as {ck['modality']} -> {mod}: its figures would not be "
+                             f"{mod} figures")
     else:
         keys = [k for k, r in rows_by_key.items() if r["split"] == split and (mod == "all" or r["modality"] == mod)]
     if ck["task"] == "age":
@@ -281,7 +293,9 @@ def table(res):
 
 def report_table(m):
     """The generated-reports metrics (nvfm.report_metrics.evaluate_reports) as text."""
-    lines = [f"== reports  ({m['n_studies']} studies, judge {m['judge']})",
+    lines = [f"== reports  ({'split ' + m['split'] + ', ' if m.get('split') else ''}{m['n_studies']} studies, "
+             f"judge {m['judge']}"
+             + (f"; {m['n_other_split']} reports of other splits not scored" if m.get("n_other_split") else "") + ")",
              f"   BLEU-2 {fmt(m['bleu2'])}  ROUGE-L {fmt(m['rougeL'])}  METEOR {fmt(m['meteor'])}  "
              f"({m['n_text_pairs']} studies; {m['n_both_empty']} with both reports empty left out)"]
     if m.get("meteor_note"):
@@ -354,7 +368,9 @@ def plot(res, data):
 def paper_rows(results, task):
     """The paper-style table's rows for one run: [(row label, {probe name: cell})], cells
     '0.831 [0.702, 0.915]'. Classification: AUROC per defined class (and the macro mean over
-    several), PR lift and calibrated F1 per class, side accuracy; age: MAE, RMSE (years), Pearson r."""
+    several), PR lift and calibrated F1 per class, side accuracy; age: MAE, RMSE (years), Pearson r.
+    Figures of an in-sample run (`in_sample`: --split=train/val, or --external on the probe's own
+    dataset) are marked in their row labels, e.g. "macro AUROC (in-sample: val)"."""
     rows = {}
 
     def put(label, col, value, ci, nd):
@@ -363,6 +379,10 @@ def paper_rows(results, task):
         if col == "reports":
             continue
         ext = " (external)" if r.get("external") else ""
+        if r.get("in_sample") == "external":   # the probe's own dataset: what trained and tuned it
+            ext = " (external; in-sample: the probe's own dataset)"
+        elif r.get("in_sample"):               # --split=train/val of a split-protocol probe
+            ext += f" (in-sample: {r['in_sample']})"
         if r["task"] == "age":
             put(f"age MAE, years{ext}", col, r["mae"], r.get("mae_ci"), 2)
             put(f"age RMSE, years{ext}", col, r["rmse"], r.get("rmse_ci"), 2)
@@ -394,8 +414,13 @@ def write_paper_table(rows, path, note=""):
         cols += [c for c in cells if c not in cols]
     lines = ["| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += ["| " + label + " | " + " | ".join(cells.get(c, "") for c in cols) + " |" for label, cells in rows]
+    head = "95% CIs: study-level bootstrap of the held-out test set (or the whole external dataset)."
+    if any("(in-sample" in label for label, _ in rows):   # a mark in the row labels, so --merge keeps it
+        head = ("95% CIs: study-level bootstrap of the evaluated studies: the held-out test set (or the whole external "
+                "dataset), except in rows marked in-sample: the split (or dataset) where the probe was fitted or its "
+                "checkpoint, thresholds and calibration were chosen (optimistic figures).")
     with open(path, "w") as f:
-        f.write("95% CIs: study-level bootstrap of the held-out test set (or the whole external dataset).\n\n"
+        f.write(head + "\n\n"
                 + (note + "\n\n" if note else "")
                 + "\n".join(lines) + "\n")
     return "\n".join(lines)
@@ -507,7 +532,10 @@ def main():
     os.makedirs(out, exist_ok=True)
     disp = display_names(paths, names)
     fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
-    sides = P.load_sides(fpath) if os.path.exists(fpath) else None   # None: side classes cannot be scored
+    try:
+        sides = P.load_sides(fpath) if os.path.exists(fpath) else None   # None: side classes cannot be scored
+    except ValueError as e:   # a study key twice, a line that is not JSON
+        fail(str(e))
     results, first, written, studies = {}, None, [], {}
     for p, d in zip(paths, disp):
         res, data = evaluate_probe(p, d, rows_by_key, sides, fpath)
@@ -555,7 +583,9 @@ def main():
                 print(f"flip test ({first['display']}): not run: {f['note']}")
             else:
                 print(f"flip test ({first['display']}): AUROC {fmt(f['auroc'])} over {f['n']} unilateral studies "
-                      f"({f['n_left']} left; dL AUROC {fmt(f['auroc_dL'])}, dR AUROC {fmt(f['auroc_dR'])})")
+                      f"({f['n_left']} left; dL AUROC {fmt(f['auroc_dL'])}, dR AUROC {fmt(f['auroc_dR'])})"
+                      + (f"; {f['n_no_tokens']} one-sided studies without tokens in the probe's windows left out"
+                         if f.get("n_no_tokens") else ""))
         if anatomy:
             from nvfm import anatomy as A
             nm = {k: r.get("study") or "" for k, r in rows_by_key.items()}
@@ -568,7 +598,11 @@ def main():
                   f"IoU {fmt(km['iou'])} (chance {fmt(km['chance_iou'])}) over {km['n_volumes']} volumes")
     if reports:
         from nvfm import report_metrics  # the report generator's metrics; imported only when asked
-        results["reports"] = report_metrics.evaluate_reports(reports, fpath)
+        try:   # only the reports of the --split studies; a study of them without a report is an error
+            results["reports"] = report_metrics.evaluate_reports(reports, fpath,
+                                                                 splits=[s for s in split.split(",") if s])
+        except ValueError as e:
+            fail(str(e))
         summary["reports"] = results["reports"]
     print("summary: " + json.dumps(metrics.jsonable(summary)))
     prows = paper_rows(results, task_name or os.path.splitext(os.path.basename(labels))[0]) if paths else []

@@ -51,7 +51,7 @@ out = "out/probe"
 probe = "attentive_mil"  # attentive_mil | abmil | mean_pool
 task = "classify"        # classify | age
 modality = "CT"          # CT | MR | all
-transfer_to = ""         # "" or the other modality: train on `modality`, evaluate on this one
+transfer_to = ""         # "" or the other modality: train on `modality`, evaluate on this one (split protocol only)
 label_names = ""         # comma-separated subset of labels.csv columns ("" = the modality's ontology)
 side_classes = True      # add lesion_left / lesion_right (from findings.jsonl) for the flip test
 windows = ""             # comma-separated windows to use ("" = all: mr, brain, blood, bone)
@@ -124,6 +124,9 @@ def check_inputs():
                                 ("protocol", protocol, ("", "paper"))):
         if value not in choices:
             fail(f"--{key}={value}: choose one of {', '.join(repr(c) for c in choices)}")
+    if transfer_to and cv_folds > 0:   # CV keeps the rows of --modality only: its held-out test keys are of that one
+        fail(f"--transfer_to={transfer_to} needs the split protocol: the CV protocol (--cv_folds, --protocol=paper) "
+             f"holds out {modality} studies, so its test figures would not be {transfer_to} figures")
     if len(parse_grid(cv_grid)) > 1 and cv_folds <= 0:
         fail("--cv_grid needs the CV protocol (--protocol=paper or --cv_folds=k)")
     require_path(features, "--features", kind="dir", hint="a feature cache written by encode.py")
@@ -182,7 +185,10 @@ def main():
         fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
         if not os.path.exists(fpath):
             raise SystemExit(f"train_probe.py: side classes need {fpath} (or --side_classes=False)")
-        sides = P.load_sides(fpath)
+        try:
+            sides = P.load_sides(fpath)
+        except ValueError as e:   # a study key twice, a line that is not JSON
+            fail(str(e))
     wins = set(windows.split(",")) if windows else None
 
     def target(r):

@@ -273,8 +273,11 @@ def open_encoder_from_hash(spec, enc_hash, device):
 
 def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"):
     """Flip test of the first evaluated probe on `keys` (default: its evaluated studies).
+    A one-sided study without tokens in the probe's windows (an MR study under a probe of CT
+    windows) has an empty bag mirrored or not, so no logit change to measure: it is left out
+    and counted in n_no_tokens.
     Returns dict(auroc, auroc_dL, auroc_dR, n, n_left, n_flagged, auroc_flagged,
-    mean_dL_left, mean_dL_right)."""
+    mean_dL_left, mean_dL_right, n_no_tokens)."""
     from nvfm import model
     names = data["ck"]["label_names"]
     if not all(c in names for c in P.SIDE_CLASSES):
@@ -287,17 +290,24 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     for i, v in enumerate(reader.volumes):
         studies.setdefault(v["study_key"], []).append(i)
     keys = data["keys"] if keys is None else keys
-    sel = [k for k in keys if len(sides.get(k, ())) == 1 and k in studies]
-    if not sel:
-        return {"auroc": None, "n": 0, "note": "no test study with lesions on one side only"}
-    flipped = FlippedReader(reader)
     wins = data["wins"]
+    one_sided = [k for k in keys if len(sides.get(k, ())) == 1 and k in studies]
+    sel = [k for k in one_sided if len(cache.study_tokens(k, wins)[0])]
+    n_empty = len(one_sided) - len(sel)
+    if not sel:
+        return {"auroc": None, "n": 0, "n_no_tokens": n_empty, "note": "no test study with lesions on one side only"
+                + (f" and tokens in the probe's windows ({n_empty} without)" if n_empty else "")}
+    flipped = FlippedReader(reader)
     bags = {}
     from tqdm import tqdm
     for k in tqdm(sel, desc="flip test", unit="study"):
         ents = model.encode_study(enc, flipped, studies[k], device=device)
         ents = [e for e in ents if wins is None or e["window"] in wins]
-        bags[k] = torch.cat([e["emb"].half().float() for e in ents])  # as cached (float16) if ents else torch.zeros(0, cache.dim)
+        if not ents:   # the cache has tokens of these windows: the shards are not the ones it was encoded from
+            raise RuntimeError(f"flip test: study {k!r} has tokens of the windows {sorted(wins or ['all'])} in the "
+                               "feature cache but no such volume in --shards: pass the shard set the cache was "
+                               "encoded from")
+        bags[k] = torch.cat([e["emb"].half().float() for e in ents])  # as cached (float16)
     keys = sel
     lf = P.predict(data["models"], lambda k: bags[k], keys, device)
     lo = P.predict(data["models"], lambda k: torch.from_numpy(np.asarray(cache.study_tokens(k, wins)[0], np.float32)),
@@ -313,4 +323,4 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
             "n": int(len(keys)), "n_left": int(left.sum()), "n_flagged": int(flagged.sum()),
             "auroc_flagged": au((dR - dL)[flagged], left[flagged]) if flagged.any() else None,
             "mean_dL_left": float(dL[left == 1].mean()) if left.any() else None,
-            "mean_dL_right": float(dL[left == 0].mean()) if (left == 0).any() else None}
+            "mean_dL_right": float(dL[left == 0].mean()) if (left == 0).any() else None, "n_no_tokens": n_empty}

@@ -9,7 +9,9 @@ Conventions
   returns how many classes it averaged. A NaN never enters an average.
 - Bootstrap: resample studies with replacement, the same resample for every class (so
   macro-average CIs are honest). A replicate where a class has no positives or no negatives
-  is undefined for that class and left out of that class's percentiles.
+  is undefined for that class and left out of that class's percentiles, and out of the macro
+  percentiles: a macro replicate averages every class of the macro point estimate, or is left
+  out (`bootstrap`, macro_n_valid).
 
 Speed: one bootstrap replicate is a vector of multinomial counts w (n,) over studies, and
 every statistic is a weighted statistic of the original data under w. AUROC under weights
@@ -337,8 +339,12 @@ def add_calibrated_f1(report, y, prob, n_train_pos):
     """Add Platt-calibrated F1 (predict positive when prob >= 0.5) to a `classification_report`:
     per class (null without test positives), its macro mean over the classes that have test
     positives, and the label-efficiency fit over those classes. y, prob (n, K); n_train_pos (K,).
-    Returns report (modified in place, JSON-ready)."""
+    Returns report (modified in place, JSON-ready). per_class rows are matched to the columns of
+    y by position: their number must be K."""
     cf1 = f1_defined(y, _as2d(prob) >= 0.5)
+    if len(report["per_class"]) != len(cf1) or len(n_train_pos) != len(cf1):
+        raise ValueError(f"{len(report['per_class'])} per_class rows and {len(n_train_pos)} training counts for "
+                         f"{len(cf1)} columns: one of each per class")
     for k, name in enumerate(report["per_class"]):
         report["per_class"][name]["calibrated_f1"] = jsonable(cf1[k])
         report["per_class"][name]["n_train_pos"] = int(n_train_pos[k])
@@ -486,11 +492,14 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     sensitivity, specificity, balanced accuracy).
 
     y, scores (n, K); thresholds (K,) or None. Returns dict metric -> dict(
-      low (K,), high (K,), macro_low, macro_high, n_valid (K,) replicates where defined).
+      low (K,), high (K,), macro_low, macro_high, macro_n_valid, n_valid (K,) replicates where defined).
     Per-class intervals are percentile intervals; NaN where a class is undefined in the data
     or defined in fewer than 100 replicates (n_boot must be 0 < 100 <= n_boot: fewer replicates
-    would make every interval undefined). Macro replicates average the classes defined in
-    the full data that are defined in that replicate.
+    would make every interval undefined). The macro interval is the percentile interval of
+    the replicates in which every class defined in the full data (every class of the macro
+    point estimate) is defined, each averaging all of them; a replicate where one of them is
+    undefined (a rare class without a resampled positive) is left out, not averaged over fewer
+    classes. macro_n_valid counts those replicates; below 100 macro_low / macro_high are None.
     backend: None picks `ops.backend("bootstrap_stats", device)` (the C++ kernel on CPU when
     built, else the torch reference); "cpp" or "reference" forces one. Both draw the same
     replicates for a seed (`bootstrap_counts`), so their intervals agree (up to the
@@ -523,12 +532,12 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
             low[ok], high[ok] = np.nanpercentile(r[:, ok], q, axis=0)
         entry = {"low": low, "high": high, "n_valid": nvalid, "macro_low": None, "macro_high": None, "macro_n_valid": 0}
         if defined.any():
-            with np.errstate(invalid="ignore"):
-                cnt = np.isfinite(r[:, defined]).sum(1)
-                mac = np.where(cnt > 0, np.nansum(r[:, defined], 1) / np.maximum(cnt, 1), np.nan)
-            entry["macro_n_valid"] = int(np.isfinite(mac).sum())
-            if np.isfinite(mac).sum() >= MIN_BOOT:
-                lo, hi = np.nanpercentile(mac, q)
+            # the point estimate's mean over the classes defined in the data: a replicate where one of
+            # them has no positives (or no negatives) would average fewer classes, another statistic
+            full = np.isfinite(r[:, defined]).all(1)
+            entry["macro_n_valid"] = int(full.sum())
+            if full.sum() >= MIN_BOOT:
+                lo, hi = np.percentile(r[full][:, defined].mean(1), q)
                 entry["macro_low"], entry["macro_high"] = float(lo), float(hi)
         out[m] = entry
     return out
@@ -780,11 +789,16 @@ def jsonable(x):
 def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, device="cpu", progress=False):
     """All per-class and macro numbers for one split: dict ready for json (via `jsonable`).
 
-    y, scores (n, K), thresholds (K,) (chosen on validation), names K label names.
+    y, scores (n, K), thresholds (K,) (chosen on validation), names K distinct label names (a
+    repeated name is a ValueError: per_class is keyed by name, so one of its columns would vanish
+    from the rows while still counting in the macro averages).
     """
     y, s = _check(y, scores)
     if len(names) != y.shape[1]:
         raise ValueError(f"{len(names)} label names for {y.shape[1]} columns")
+    dup = sorted({n for i, n in enumerate(names) if n in list(names)[:i]})
+    if dup:
+        raise ValueError(f"label names {dup} are repeated: one name per column (a repeated labels.csv header?)")
     au = auroc(y, s)
     st = threshold_stats(y, s, thresholds)
     ci = bootstrap(y, s, thresholds, n_boot=n_boot, seed=seed, device=device, progress=progress) if n_boot else None

@@ -172,7 +172,8 @@ SIDE_CLASSES = ("lesion_left", "lesion_right")
 def load_labels(path):
     """SHARDS/labels.csv -> (rows: list of dict with study_key, modality, split, age (float or
     None), subject (group id, "" when the file has none), y: dict name -> 0/1), label column
-    names in file order)."""
+    names in file order). A column header that appears twice is a ValueError naming the file and
+    the column (csv.DictReader would keep only the last of its cells under the one name)."""
     import csv
     import os
     if not os.path.exists(path):
@@ -180,6 +181,10 @@ def load_labels(path):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
+        dup = [c for i, c in enumerate(cols) if c in cols[:i]]
+        if dup:
+            raise ValueError(f"{path}: column {dup[0]!r} appears {cols.count(dup[0])} times in the header: "
+                             "one column per name")
         if "study_key" not in cols:
             raise ValueError(f"{path}: no study_key column (use the re-keyed copy written by preprocess.py)")
         names = [c for c in cols if c not in META_COLUMNS]
@@ -204,16 +209,22 @@ def load_labels(path):
 def load_sides(findings_path):
     """findings.jsonl (re-keyed) -> {study_key: set of sides in {"left", "right"}} of its focal
     lesions. Bilateral, midline and diffuse lesions have no side and are ignored, so a left
-    haematoma next to diffuse atrophy is a left-sided study. No lateral lesion: empty set."""
+    haematoma next to diffuse atrophy is a left-sided study. No lateral lesion: empty set.
+    A study key on two records is a ValueError naming the file, the lines and the key (the
+    later record would silently replace the earlier one's lesions)."""
     from nvfm.report_metrics import iter_jsonl
-    out = {}
-    for _, r in iter_jsonl(findings_path, "findings"):
+    out, lines = {}, {}
+    for ln, r in iter_jsonl(findings_path, "findings"):
         s = set()
         for les in r.get("lesions", []):
             side = les.get("side")
             if side in ("left", "right"):
                 s.add(side)
-        out[r.get("study_key", r.get("study_uid"))] = s
+        k = r.get("study_key", r.get("study_uid"))
+        if k in out:
+            raise ValueError(f"{findings_path}:{ln}: study {k!r} appears twice in the ground truth (line {lines[k]} "
+                             "too): one record per study")
+        out[k], lines[k] = s, ln
     return out
 
 

@@ -199,8 +199,12 @@ def extract_diagnoses(finding):
     midline shift" negates all three; "Left subdural hematoma without midline shift" only the
     shift; "but", "however", "which", "there is" ... end a negation's clause; "unlikely",
     "doubtful" negate, "cannot be excluded", "possible", "questionable" do not: see the module
-    docstring), and a lateral diagnosis takes the nearest side word of its sentence."""
-    out, seen = [], set()
+    docstring), and a lateral diagnosis takes the nearest side word of its sentence. A diagnosis
+    mentioned more than once is listed once, at its first mention, with the sides of all its
+    mentions merged by `report_diagnoses`' rule (a side stated anywhere wins over None; two
+    different sides make 'bilateral'), so "Subdural hematoma. Right subdural hematoma ..." is
+    right-sided."""
+    out = {}
     for sentence in re.split(r"[;\n]|\.(?!\d)", finding):  # not at decimal points (3.4 x 3.3 cm)
         text, spans = _clauses(sentence)
         neg = negated_spans(text, spans)
@@ -214,14 +218,21 @@ def extract_diagnoses(finding):
                     found.append((a, b, name))
             text = rx.sub(lambda m: "#" * len(m.group(0)), text)
         for a, b, name in sorted(found):
-            if name in seen:
-                continue
-            seen.add(name)
             side = None
             if DIAGNOSES[name].lateral and sides:
                 side = min(sides, key=lambda s: max(a - s[1], s[0] - b, 0))[2]
-            out.append((name, side))
-    return out
+            _merge_side(out, name, side)
+    return list(out.items())
+
+
+def _merge_side(out, name, side):
+    """out[name] <- side merged with the side already there: a side stated anywhere wins over
+    None; two different sides make 'bilateral'."""
+    prev = out.get(name)
+    if prev is None:
+        out[name] = side
+    elif side is not None and side != prev:
+        out[name] = "bilateral"
 
 
 def report_diagnoses(findings):
@@ -230,11 +241,7 @@ def report_diagnoses(findings):
     out = {}
     for f in findings:
         for name, side in extract_diagnoses(f):
-            prev = out.get(name)
-            if prev is None:
-                out[name] = side
-            elif side is not None and side != prev:
-                out[name] = "bilateral"
+            _merge_side(out, name, side)
     return out
 
 
@@ -500,13 +507,18 @@ def _check_findings(f, path, line, key):
                          f"{json.dumps(f)[:60]}")
 
 
-def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=None, judge_model="local"):
+def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=None, judge_model="local",
+                     splits=None):
     """Score generated reports against the reference findings.
 
     reports_jsonl: one {"study_key", "findings": [str, ...]} per line (train_llava.py writes these,
     plus "raw" text and "parse" status, counted into parse_ok_rate). findings_jsonl: the
-    SHARDS/findings.jsonl ground truth. Studies without a report are errors; extra ground-truth
-    studies are ignored. 'findings' that is not a list of strings (in either file; absent or null in
+    SHARDS/findings.jsonl ground truth. A report of a study that is not in the ground truth is an
+    error; extra ground-truth studies are ignored. splits (a collection of split names, e.g.
+    {"test"}; None = every report): only the reports of studies whose ground-truth record has one
+    of these splits are scored (the others are counted in n_other_split, and `split` names the
+    scored ones); a study of those splits without a report is an error, as is a ground truth with
+    no study of them. 'findings' that is not a list of strings (in either file; absent or null in
     the ground truth means none), and a scored study's lesion whose diagnosis is missing or not an
     nvfm.ontology name, are errors naming the file and line. Returns the metrics dict (see the module docstring).
     """
@@ -528,11 +540,29 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
             _check_findings(r["findings"], findings_jsonl, line, k)
         truth[k] = r
         lines[k] = line
-    hyps, truths = [], []
     for r in reps:
         k = _key(r, reports_jsonl)
         if k not in truth:
             raise ValueError(f"{reports_jsonl}: study {k!r} is not in {findings_jsonl}")
+    n_other = 0
+    if splits is not None:
+        splits = sorted(set(splits))
+        name = "/".join(splits)
+        want = [k for k, t in truth.items() if t.get("split") in splits]
+        if not want:
+            have = sorted({str(t["split"]) for t in truth.values() if t.get("split") is not None})
+            raise ValueError(f"{findings_jsonl}: no study of split {name} "
+                             + (f"(its splits: {', '.join(have)})" if have else "(its records have no 'split')"))
+        lost = [k for k in want if k not in seen]
+        if lost:   # a partial split would be reported as the split's figures
+            raise ValueError(f"{reports_jsonl}: {len(lost)} of the {len(want)} {name} studies of {findings_jsonl} have "
+                             f"no report (first: {lost[:3]}): generate a report for every one (train_llava.py "
+                             "--max_eval=0) or choose another --split")
+        kept = [r for r in reps if truth[_key(r, reports_jsonl)].get("split") in splits]
+        n_other, reps = len(reps) - len(kept), kept
+    hyps, truths = [], []
+    for r in reps:
+        k = _key(r, reports_jsonl)
         err = _lesion_error(truth[k])
         if err:
             raise ValueError(f"{findings_jsonl}:{lines[k]}: study {k!r}: {err}")
@@ -541,6 +571,8 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
     if not reps:
         raise ValueError(f"{reports_jsonl}: no reports")
     out = evaluate_report_lists(hyps, truths, judge=judge, judge_url=judge_url, judge_model=judge_model)
+    if splits is not None:
+        out.update(split=name, n_other_split=n_other)
     status = [r.get("parse") for r in reps if "parse" in r]
     if status:
         out["parse_ok_rate"] = sum(s == "ok" for s in status) / len(status)

@@ -110,8 +110,9 @@ def _run(args, cwd):
 
 
 def test_reports_only_run_writes_its_table_and_claims_no_plots(tmp_path):
-    truth = [{"study_key": "a", "findings": ["Acute left subdural hematoma."], "triage": "urgent", "lesions": []},
-             {"study_key": "b", "findings": [], "triage": "unremarkable", "lesions": []}]
+    truth = [{"study_key": "a", "split": "test", "findings": ["Acute left subdural hematoma."], "triage": "urgent",
+              "lesions": []},
+             {"study_key": "b", "split": "test", "findings": [], "triage": "unremarkable", "lesions": []}]
     (tmp_path / "findings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
     (tmp_path / "r.jsonl").write_text("".join(json.dumps({"study_key": r["study_key"], "findings": r["findings"]}) + "\n"
                                               for r in truth))
@@ -294,3 +295,88 @@ def test_report_table_says_undefined_for_a_nan_rate():
     m = rm.evaluate_report_lists([[]], [{"study_key": "a", "findings": [], "triage": "unremarkable"}])
     text = evaluate.report_table(m)
     assert "laterality error undefined" in text and "nan" not in text
+
+
+def test_reports_are_scored_on_the_chosen_split_only(tmp_path, monkeypatch, capsys):
+    """--reports scored every study of the reports file whatever --split said: val reports (perfect)
+    and test reports (all missed) blended into omission 0.5 labelled only '8 studies'."""
+    truth = [{"study_key": f"{sp[0]}{i}", "split": sp, "findings": ["Left acute subdural hematoma."],
+              "lesions": [{"diagnosis": "acute_subdural_hematoma", "side": "left"}]}
+             for sp in ("val", "test") for i in range(4)]
+    reps = [{"study_key": t["study_key"], "findings": t["findings"] if t["split"] == "val" else []} for t in truth]
+    (tmp_path / "findings.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reps))
+    _settings(monkeypatch, tmp_path, probes="", names="", labels="", reports=str(tmp_path / "r.jsonl"),
+              findings=str(tmp_path / "findings.jsonl"))
+    evaluate.main()
+    m = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["reports"]
+    # hand-worked: the 4 test studies, each with its one (urgent) positive omitted
+    assert (m["n_studies"], m["omission_rate"], m["urgent_omission_rate"], m["split"]) == (4, 1.0, 1.0, "test")
+    table = (tmp_path / "ev" / "table.txt").read_text()
+    assert "== reports  (split test, 4 studies, judge rules; 4 reports of other splits not scored)" in table
+    monkeypatch.setattr(evaluate, "split", "val,test")
+    evaluate.main()
+    m = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["reports"]
+    assert (m["n_studies"], m["omission_rate"], m["split"]) == (8, 0.5, "test/val")
+    # a test study without a report: refused, as studies missing from the feature cache are for probes
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reps[:-1]))
+    monkeypatch.setattr(evaluate, "split", "test")
+    with pytest.raises(SystemExit, match=r"r.jsonl: 1 of the 4 test studies of .*findings.jsonl have no report "
+                                         r"\(first: \['t3'\]\)"):
+        evaluate.main()
+
+
+def test_held_out_studies_of_another_modality_than_the_eval_modality_are_refused(tmp_path, monkeypatch):
+    """A CV probe trained on CT with --transfer_to=MR held out CT studies; evaluate.py scored them and
+    printed the figures as 'CT -> MR' (eval_modality MR) transfer figures."""
+    import torch
+    pt, rows, header = _tiny_run(tmp_path)                        # k04, k09, ... are MR; the rest CT
+    ck = torch.load(pt, weights_only=True)
+    torch.save(dict(ck, test_keys=["k00", "k01", "k02", "k03"], protocol="2-fold CV"), pt)
+    _settings(monkeypatch, tmp_path, probes=pt)
+    evaluate.main()                                               # CT probe, CT held-out studies: scored
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]["n_studies"] == 4
+    torch.save(dict(ck, test_keys=["k00", "k01", "k02", "k03"], protocol="2-fold CV", modality="CT",
+                    eval_modality="MR"), pt)
+    os.remove(tmp_path / "ev" / "metrics.json")
+    with pytest.raises(SystemExit, match=r"4 of the probe's 4 held-out test studies are not MR studies in .*labels.csv "
+                                         r"\(first: 'k00', CT\), but the probe is scored as CT -> MR"):
+        evaluate.main()
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+    torch.save(dict(ck, test_keys=["k04", "k09"], protocol="2-fold CV", modality="CT", eval_modality="MR"), pt)
+    evaluate.main()                                               # MR held-out studies of a CT -> MR probe
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    assert res["n_studies"] == 2 and res["eval_modality"] == "MR"
+
+
+def test_paper_table_marks_in_sample_rows_and_merge_keeps_the_mark(tmp_path, monkeypatch):
+    """--split=val: table.txt and metrics.json said in-sample, paper_table.md printed the same figures
+    under 'bootstrap of the held-out test set' with no mark (and so did --merge)."""
+    pt, rows, header = _tiny_run(tmp_path)
+    _settings(monkeypatch, tmp_path, probes=pt, task_name="held")
+    evaluate.main()                                               # split test: held out, no mark
+    held = (tmp_path / "ev" / "paper_table.md").read_text()
+    assert "in-sample" not in held and held.startswith("95% CIs: study-level bootstrap of the held-out test set")
+    os.rename(tmp_path / "ev" / "metrics.json", tmp_path / "held.json")
+    _write_labels(tmp_path, header, [r[:2] + ["val"] + r[3:] for r in rows])
+    _settings(monkeypatch, tmp_path, probes=pt, split="val", task_name="val")
+    evaluate.main()
+    text = (tmp_path / "ev" / "paper_table.md").read_text()
+    body = [ln for ln in text.splitlines() if ln.startswith("| val: ")]
+    assert len(body) == 7 and all(ln.split(" | ")[0].endswith("(in-sample: val)") for ln in body)   # macro, 2 x 3
+    assert "| val: macro AUROC (in-sample: val) |" in text
+    assert "except in rows marked in-sample" in text.splitlines()[0]
+    merged = tmp_path / "m"
+    _settings(monkeypatch, tmp_path, out=str(merged),
+              merge=f"{tmp_path / 'held.json'},{tmp_path / 'ev' / 'metrics.json'}")
+    evaluate.main()
+    text = (merged / "paper_table.md").read_text()
+    assert "| val: macro AUROC (in-sample: val) |" in text and "| held: macro AUROC |" in text
+    assert "except in rows marked in-sample" in text.splitlines()[0]
+    # --external on the probe's own dataset: marked too
+    import torch
+    torch.save(dict(torch.load(pt, weights_only=True), test_keys=["k00", "k01"], protocol="2-fold CV"), pt)
+    _settings(monkeypatch, tmp_path, probes=pt, external=True, task_name="ext")
+    evaluate.main()
+    text = (tmp_path / "ev" / "paper_table.md").read_text()
+    assert "| ext: macro AUROC (external; in-sample: the probe's own dataset) |" in text

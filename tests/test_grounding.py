@@ -172,3 +172,53 @@ def test_lesion_token_cover_fraction_and_lesion_index(tmp_path):
     frac, which = cover["s", 7]
     np.testing.assert_allclose(frac, [0.5, 0.0, 1.0])
     assert which.tolist() == [0, -1, 1]
+
+
+def test_flip_test_leaves_out_studies_without_tokens_in_the_probes_windows(tmp_path, monkeypatch):
+    """An MR study under a probe of CT windows has an empty bag: the flip test crashed on
+    torch.cat([]) (the `if ents else` fallback sat in a comment), and as code that fallback would
+    have scored an empty bag against an empty bag (a tie). It is left out and counted; the flip
+    AUROC over the other studies equals sklearn's on the probe's own logit changes."""
+    from sklearn.metrics import roc_auc_score
+    from nvfm import model as nvfm_model
+    from nvfm import probe as P
+    rng = np.random.default_rng(0)
+    keys = ["c0", "c1", "c2", "c3", "m0"]
+    sides = {"c0": {"left"}, "c1": {"left"}, "c2": {"right"}, "c3": {"right"}, "m0": {"left"}}
+    win = {k: "mr" if k == "m0" else "brain" for k in keys}
+    emb = {k: rng.normal(size=(6, 4)).astype(np.float32) for k in keys}
+    flipped = {k: rng.normal(size=(6, 4)).astype(np.float32) for k in keys}
+    with features.FeatureWriter(str(tmp_path / "cache"), "h", 4) as w:
+        for k in keys:
+            w.add(k, [dict(volume_id=k, family="CT", window=win[k], modality="MR" if k == "m0" else "CT",
+                           coords=np.zeros((6, 3), np.int32), emb=emb[k])])
+
+    class Reader:
+        volumes = [dict(study_key=k, volume_id=k) for k in keys]
+
+    encoded = dict(flipped)
+
+    def fake_encode(enc, reader, idx, device=None):
+        k = keys[idx[0]]
+        return [dict(window=win[k], emb=torch.from_numpy(encoded[k]))] if k in encoded else []
+    monkeypatch.setattr(nvfm_model, "encode_study", fake_encode)
+    monkeypatch.setattr(grounding, "open_encoder_from_hash", lambda *a: None)
+    torch.manual_seed(0)
+    m = P.make_probe("mean_pool", 4, 2).eval()
+    ck = {"label_names": ["lesion_left", "lesion_right"], "encoder_hash": "h", "thresholds": [0.0, 0.0]}
+    data = dict(keys=keys, ck=ck, models=[m], cache=features.FeatureCache(str(tmp_path / "cache")), wins={"brain"})
+    res = grounding.flip_test_eval(data, Reader(), sides)
+    assert res["n"] == 4 and res["n_no_tokens"] == 1 and res["n_left"] == 2
+
+    def logits(x):
+        with torch.no_grad():
+            return m(torch.from_numpy(x.astype(np.float16).astype(np.float32)),
+                     torch.tensor([0, len(x)], dtype=torch.int32))[0].numpy()
+    d = np.array([logits(flipped[k]) - logits(emb[k]) for k in keys[:4]])      # (4, 2): dL, dR
+    assert res["auroc"] == pytest.approx(roc_auc_score([1, 1, 0, 0], d[:, 1] - d[:, 0]), abs=1e-6)
+    assert res["auroc_dL"] == pytest.approx(roc_auc_score([1, 1, 0, 0], -d[:, 0]), abs=1e-6)
+    # the cache has brain tokens of c0 but the shards give none: another shard set, an error
+    del encoded["c0"]
+    with pytest.raises(RuntimeError, match=r"study 'c0' has tokens of the windows \['brain'\] in the feature cache "
+                                           r"but no such volume in --shards"):
+        grounding.flip_test_eval(data, Reader(), sides)

@@ -89,7 +89,9 @@ def _brute_force_replicates(y, s, thr, counts):
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
 def test_bootstrap_ci_equals_percentiles_of_resampled_cohorts(backend):
     """Every CI end, per class and macro, and every n_valid equal the percentiles of the statistics
-    recomputed on the resampled cohorts themselves, in float64 (no 0.800000011920929)."""
+    recomputed on the resampled cohorts themselves, in float64 (no 0.800000011920929). A macro
+    replicate is the mean over every class of the macro point estimate, kept only where all of them
+    are defined (it used to average whichever classes a replicate had: mean of 3 mixed with mean of 2)."""
     y, s = _data(n=80, K=4, seed=5)
     y[:, 2] = 0                                                  # undefined class
     thr = np.array([0.0, 0.5, 0.0, 1.0])
@@ -106,7 +108,7 @@ def test_bootstrap_ci_equals_percentiles_of_resampled_cohorts(backend):
             lo, hi = np.percentile(r[np.isfinite(r[:, k]), k], [2.5, 97.5])
             assert ci[m]["low"][k] == pytest.approx(lo, abs=1e-12) and ci[m]["high"][k] == pytest.approx(hi, abs=1e-12)
         assert np.isnan(ci[m]["low"][2]) and ci[m]["n_valid"][2] == 0
-        mac = np.array([np.mean(row[np.isfinite(row)]) if np.isfinite(row).any() else np.nan for row in r[:, ok]])
+        mac = np.array([row.mean() if np.isfinite(row).all() else np.nan for row in r[:, ok]])
         lo, hi = np.percentile(mac[np.isfinite(mac)], [2.5, 97.5])
         assert ci[m]["macro_low"] == pytest.approx(lo, abs=1e-12) and ci[m]["macro_high"] == pytest.approx(hi, abs=1e-12)
         assert ci[m]["macro_n_valid"] == np.isfinite(mac).sum()
@@ -128,7 +130,10 @@ def test_threshold_stat_replicates_without_positives_or_negatives_are_undefined(
     """A rare class (2 positives in 30 studies) has no positive in ~13% of replicates: there its
     AUROC and balanced accuracy are undefined, and so is its specificity (module docstring), but
     that specificity used to enter the percentiles (and the macro replicate), and likewise the
-    sensitivity of a replicate without negatives: CIs unlike those of the resampled cohorts."""
+    sensitivity of a replicate without negatives: CIs unlike those of the resampled cohorts.
+    The macro CI now keeps only the replicates where all three classes are defined (each the mean
+    of the three); it used to average the classes each replicate had, which this test enforced,
+    so its interval mixed the mean of 3 classes with the mean of 1 or 2."""
     rng = np.random.default_rng(3)
     n = 30
     y = np.zeros((n, 3), np.int64)
@@ -148,9 +153,77 @@ def test_threshold_stat_replicates_without_positives_or_negatives_are_undefined(
         for k in range(3):
             lo, hi = np.percentile(r[np.isfinite(r[:, k]), k], [2.5, 97.5])
             assert (ci[m]["low"][k], ci[m]["high"][k]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12)), m
-        mac = np.array([row[np.isfinite(row)].mean() for row in r])
-        lo, hi = np.percentile(mac, [2.5, 97.5])
+        full = np.isfinite(r).all(1)
+        assert 100 <= full.sum() < np.isfinite(r).any(1).sum()      # replicates with 1 or 2 classes are left out
+        lo, hi = np.percentile(r[full].mean(1), [2.5, 97.5])
         assert (ci[m]["macro_low"], ci[m]["macro_high"]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+        assert ci[m]["macro_n_valid"] == full.sum()
+
+def _rare_class_data():
+    """4 classes, the last with 1 positive in 60 studies, scored lowest (AUROC 0): that class has no
+    positive in ~37% of the bootstrap replicates."""
+    rng = np.random.default_rng(1)
+    n, K = 60, 4
+    y = np.zeros((n, K), np.int64)
+    y[:, :3] = rng.random((n, 3)) < 0.4
+    y[0, 3] = 1
+    s = y * 2.5 + rng.normal(size=(n, K))
+    s[0, 3] = -3.0
+    return y, s
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_macro_ci_averages_every_class_of_the_point_estimate(backend):
+    """The macro AUROC (0.72: the mean of 4 classes, one at 0) had the CI [0.70, 0.98]: replicates
+    without the rare class's positive averaged the other 3 (~0.96). Now the CI comes from the
+    replicates where all 4 are defined, checked against sklearn on the resampled cohorts, and the
+    count of those replicates is reported; too few of them give no CI."""
+    y, s = _rare_class_data()
+    n, K = y.shape
+    B = 300
+    counts = metrics.bootstrap_counts(n, B, seed=0).long().numpy()
+    reps = np.full((B, K), np.nan)
+    for r in range(B):
+        idx = np.repeat(np.arange(n), counts[:, r])
+        for k in range(K):
+            if 0 < y[idx, k].sum() < n:
+                reps[r, k] = roc_auc_score(y[idx, k], s[idx, k])
+    full = np.isfinite(reps).all(1)
+    assert 100 <= full.sum() < 0.8 * B                             # the rare class is missing from many replicates
+    lo, hi = np.percentile(reps[full].mean(1), [2.5, 97.5])
+    ci = metrics.bootstrap(y, s, np.zeros(K), n_boot=B, seed=0, backend=backend)["auroc"]
+    assert ci["macro_low"] == pytest.approx(lo, abs=1e-12) and ci["macro_high"] == pytest.approx(hi, abs=1e-12)
+    assert ci["macro_n_valid"] == full.sum()
+    point = np.mean([roc_auc_score(y[:, k], s[:, k]) for k in range(K)])
+    assert ci["macro_low"] <= point <= ci["macro_high"] and ci["macro_high"] < 0.8
+    if backend == "cpp" or ops.backend("bootstrap_stats", "cpu") != "cpp":   # the report's default backend
+        rep = metrics.classification_report(y, s, np.zeros(K), list("abcd"), n_boot=B, seed=0)
+        assert rep["macro"]["auroc"]["mean"] == pytest.approx(point, abs=1e-12)
+        assert rep["macro"]["auroc"]["ci"] == [pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12)]
+        assert rep["macro"]["auroc"]["ci_n_valid"] == full.sum()
+    # 120 replicates: fewer than MIN_BOOT (100) have all 4 classes -> no macro CI (per-class CIs stay)
+    few = metrics.bootstrap(y, s, np.zeros(K), n_boot=120, seed=0, backend=backend)
+    w = counts[:, :120]                                             # the same first 120 replicates
+    n_all = int((((w.T @ y) > 0) & ((w.T @ (1 - y)) > 0)).all(1).sum())
+    assert n_all < metrics.MIN_BOOT
+    for m, c in few.items():
+        assert c["macro_low"] is None and c["macro_high"] is None and c["macro_n_valid"] == n_all, m
+        assert np.isfinite(c["low"][:3]).all()
+    rep = metrics.classification_report(y, s, np.zeros(K), list("abcd"), n_boot=120, seed=0)
+    assert rep["macro"]["auroc"]["ci"] == [None, None] and rep["macro"]["auroc"]["mean"] == pytest.approx(point)
+
+
+def test_repeated_class_names_are_an_error():
+    """A repeated name (a labels.csv header twice) kept one per_class row while the macro averaged
+    every column, and add_calibrated_f1, pairing rows with columns by position, put column 0's F1
+    on the row of column 2."""
+    y, s = _data(n=100, K=3)
+    with pytest.raises(ValueError, match=r"label names \['ich'\] are repeated"):
+        metrics.classification_report(y, s, np.zeros(3), ["ich", "sdh", "ich"], n_boot=0)
+    rep = metrics.classification_report(y[:, :2], s[:, :2], np.zeros(2), ["ich", "sdh"], n_boot=0)
+    with pytest.raises(ValueError, match=r"2 per_class rows and 3 training counts for 3 columns"):
+        metrics.add_calibrated_f1(rep, y, s >= 0, [10, 20, 30])
+
 
 def test_bootstrap_ci_width_shrinks_with_cohort_size():
     y, s = _data(n=400, K=3)

@@ -247,3 +247,47 @@ def test_train_probe_and_evaluate_scripts(tmp_path):
     r = _run(["evaluate.py", f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={tmp_path / 'labels.csv'}",
               f"--features={tmp_path / 'other'}", f"--out={tmp_path / 'ev2'}", "--n_boot=0"], tmp_path)
     assert r.returncode != 0 and "StaleCacheError" in r.stderr and "sha256:another" in r.stderr
+
+
+def test_repeated_label_column_is_an_error_naming_file_and_column(tmp_path):
+    """labels.csv with the header 'ich' twice: csv.DictReader kept the last cell under the one name,
+    load_labels listed the name twice, so one column's labels replaced the other's unseen."""
+    p = tmp_path / "labels.csv"
+    with open(p, "w", newline="") as f:
+        csv.writer(f).writerows([["study_key", "split", "ich", "sdh", "ich"], ["a", "test", 0, 1, 1],
+                                 ["b", "test", 1, 0, 0]])
+    with pytest.raises(ValueError, match=rf"^{tmp_path}/labels.csv: column 'ich' appears 2 times in the header"):
+        probe.load_labels(str(p))
+    with open(p, "w", newline="") as f:                              # distinct headers: read as written
+        csv.writer(f).writerows([["study_key", "split", "ich", "sdh", "edh"], ["a", "test", 0, 1, 1]])
+    rows, names = probe.load_labels(str(p))
+    assert names == ["ich", "sdh", "edh"] and rows[0]["y"] == {"ich": 0, "sdh": 1, "edh": 1}
+
+
+def test_duplicate_study_in_findings_is_an_error_not_a_lost_lesion(tmp_path):
+    """load_sides kept the last record of a study key that appears twice in findings.jsonl (its
+    left lesion silently lost: lesion_left 0), where evaluate_reports refuses the same file."""
+    import json
+    p = tmp_path / "findings.jsonl"
+    recs = [{"study_key": "k0", "lesions": [{"diagnosis": "meningioma", "side": "right"}]},
+            {"study_key": "k1", "lesions": [{"diagnosis": "meningioma", "side": "left"}]}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert probe.load_sides(str(p)) == {"k0": {"right"}, "k1": {"left"}}
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs + [{"study_key": "k1", "lesions": []}]))
+    with pytest.raises(ValueError, match=rf"^{p}:3: study 'k1' appears twice in the ground truth \(line 2 too\)"):
+        probe.load_sides(str(p))
+
+
+def test_cv_with_transfer_to_is_refused_before_anything_is_written(tmp_path):
+    """--cv_folds with --transfer_to kept only --modality rows, so the held-out test keys were CT
+    studies that evaluate.py then reported as 'CT -> MR' transfer figures."""
+    _write_synthetic_cohort(tmp_path, n=20)
+    common = [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}", "--side_classes=False",
+              "--threads=1", "--modality=CT", "--transfer_to=MR"]
+    for cv in ("--cv_folds=2", "--protocol=paper"):
+        r = _run(["train_probe.py", *common, f"--out={tmp_path / 'p'}", cv], tmp_path)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert r.stderr.strip().splitlines() == [
+            "train_probe.py: error: --transfer_to=MR needs the split protocol: the CV protocol (--cv_folds, "
+            "--protocol=paper) holds out CT studies, so its test figures would not be MR figures"]
+        assert not (tmp_path / "p").exists()

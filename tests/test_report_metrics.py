@@ -487,3 +487,48 @@ def test_lesion_diagnosis_outside_the_ontology_is_an_error(tmp_path):
         rm.evaluate_reports(reps, truth)
     assert rm.truth_diagnoses(dict(rec, lesions=[{"diagnosis": "high_grade_glioma", "side": "left"}])) == {
         "high_grade_glioma": "left"}
+
+
+def test_a_side_stated_later_in_the_same_finding_string_is_kept():
+    """extract_diagnoses kept only the first mention of a diagnosis per string, so the side of a later
+    sentence was lost ({SDH: None}) while the same sentences as two list items gave 'right':
+    report_diagnoses' rule is 'a side stated anywhere wins over None; two different sides make
+    bilateral', whatever the strings."""
+    one = "Acute subdural hematoma is present. Right acute subdural hematoma measures 5 mm."
+    assert rm.extract_diagnoses(one) == [("acute_subdural_hematoma", "right")]
+    assert rm.report_diagnoses([one]) == rm.report_diagnoses(one.split(". ")) == {"acute_subdural_hematoma": "right"}
+    # two different sides in one string make bilateral, as across strings; the first mention keeps its place
+    both = "Meningioma is seen. Left subdural hematoma. Right subdural hematoma measures 4 mm."
+    assert rm.extract_diagnoses(both) == [("meningioma", None), ("subdural_hematoma", "bilateral")]
+    assert rm.report_diagnoses(["Left subdural hematoma.", "Right subdural hematoma."]) == {
+        "subdural_hematoma": "bilateral"}
+    # the laterality error rate sees the stated side: right against a left truth is an error (hand-worked: 1 of 1)
+    truth = [{"study_key": "a", "findings": ["Left acute subdural hematoma."],
+              "lesions": [{"diagnosis": "acute_subdural_hematoma", "side": "left"}]}]
+    m = rm.evaluate_report_lists([[one]], truth)
+    assert m["n_sided"] == 1 and m["laterality_error_rate"] == 1.0
+
+
+def test_evaluate_reports_scores_only_the_chosen_splits(tmp_path):
+    """evaluate.py --reports scored every report whatever --split said: val and test blended into one
+    figure. splits={...} keeps the reports of those ground-truth splits; a study of them without a
+    report is an error (a partial split reported as the split)."""
+    truth = [{"study_key": f"{sp[0]}{i}", "split": sp, "findings": ["Left acute subdural hematoma."],
+              "lesions": [{"diagnosis": "acute_subdural_hematoma", "side": "left"}]}
+             for sp in ("val", "test") for i in range(3)]
+    reps = [{"study_key": t["study_key"], "findings": t["findings"] if t["split"] == "val" else []} for t in truth]
+    f = _write(tmp_path / "findings.jsonl", truth)
+    r = _write(tmp_path / "reports.jsonl", reps)
+    assert rm.evaluate_reports(r, f)["omission_rate"] == pytest.approx(0.5)       # every report: 3 of 6 missed
+    m = rm.evaluate_reports(r, f, splits=["test"])                                 # hand-worked: all 3 missed
+    assert (m["n_studies"], m["omission_rate"], m["split"], m["n_other_split"]) == (3, 1.0, "test", 3)
+    m = rm.evaluate_reports(r, f, splits=["val"])
+    assert (m["n_studies"], m["omission_rate"], m["split"]) == (3, 0.0, "val")
+    assert rm.evaluate_reports(r, f, splits=["test", "val"])["split"] == "test/val"
+    r2 = _write(tmp_path / "partial.jsonl", reps[:5])                              # t2 has no report
+    with pytest.raises(ValueError, match=r"partial.jsonl: 1 of the 3 test studies of .*findings.jsonl have no report "
+                                         r"\(first: \['t2'\]\)"):
+        rm.evaluate_reports(r2, f, splits=["test"])
+    assert rm.evaluate_reports(r2, f, splits=["val"])["n_studies"] == 3
+    with pytest.raises(ValueError, match=r"findings.jsonl: no study of split train \(its splits: test, val\)"):
+        rm.evaluate_reports(r, f, splits=["train"])
