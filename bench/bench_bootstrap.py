@@ -55,7 +55,9 @@ def timed(fn):
 ci, ours, ours_cpu = timed(lambda: metrics.bootstrap(y, s, thr, n_boot=n_boot, seed=seed, device=device, progress=True))
 print(f"ours ({backend}): {ours:.2f} s wall, {ours_cpu:.2f} s CPU (AUROC + sens/spec/bacc, "
       f"{n_boot * K / ours / 1e6:.2f}M class-replicates/s); "
-      f"macro AUROC CI {ci['auroc']['macro_low']:.4f}..{ci['auroc']['macro_high']:.4f}")
+      + (f"macro AUROC CI {ci['auroc']['macro_low']:.4f}..{ci['auroc']['macro_high']:.4f}"
+         if ci["auroc"]["macro_low"] is not None else
+         f"no macro AUROC CI ({ci['auroc']['macro_n_valid']} replicates with every class defined)"))
 
 if ref_boot and backend != "reference":
     a, t_small, _ = timed(lambda: metrics.bootstrap(y, s, thr, n_boot=ref_boot, seed=seed, device=device))
