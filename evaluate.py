@@ -6,7 +6,11 @@ table, and PNG plots (SPEC section 4).
         --names=pretrained,random_init,mean_pool --labels=... --shards=out/shards --cohort=out/demo
 
 Per probe: per-class AUROC, sensitivity, specificity, balanced accuracy at the thresholds
-chosen on validation, 95% CIs from a study-level bootstrap (`n_boot` replicates), macro
+chosen on validation, 95% CIs from a bootstrap (`n_boot` replicates) of the evaluated studies:
+study-level, or subject-level (a cluster bootstrap: each drawn subject brings all its evaluated
+studies, the same resample for every figure of a probe) when labels.csv's `subject` column gives
+some subject two or more of the evaluated studies, as in RSNA (metrics.json and table.txt record
+the unit as `ci_unit`, paper_table.md's first line says which), macro
 averages over defined classes (classes with no test positives are listed as undefined; a
 macro CI comes from the replicates in which every one of those classes is defined, counted in
 its ci_n_valid, and is null below 100 of them),
@@ -155,6 +159,9 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     def get_bag(key):
         return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
 
+    # subject ids of the evaluated studies, in the order of y / logits: a subject with several of
+    # them makes every CI a subject-level (cluster) bootstrap, its studies being correlated
+    groups = [rows_by_key[k].get("subject", "") or "" for k in keys]
     all_logits = logits = P.predict(models, get_bag, keys, device)
     if cols is not None:
         logits = logits[:, cols]
@@ -162,6 +169,8 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
            "encoder_hash": ck["encoder_hash"]}
     res["external"] = bool(external)
+    if n_boot:
+        res["ci_unit"] = ci_unit(groups)
     if not external and "test_keys" not in ck and split in ("train", "val"):
         # train fitted the probe; val chose its checkpoint, thresholds and Platt calibration
         res["in_sample"] = split
@@ -177,16 +186,16 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     if ck["task"] == "age":
         pred = logits[:, 0] * ck["age_sd"] + ck["age_mu"]
         age = np.array([rows_by_key[k]["age"] for k in keys])
-        res.update(metrics.regression_report(age, pred, n_boot=n_boot, seed=seed))
-        return res, dict(task="age", keys=keys, age=age, pred=pred, ck=ck, display=display)
+        res.update(metrics.regression_report(age, pred, n_boot=n_boot, seed=seed, groups=groups))
+        return res, dict(task="age", keys=keys, age=age, pred=pred, ck=ck, display=display, groups=groups)
     y = np.array([[(int(n.split("_")[1] in sides[k]) if n in P.SIDE_CLASSES else rows_by_key[k]["y"][n])
                    for n in lab] for k in keys], dtype=np.float64)
     thr = np.array(ck["thresholds"])
     rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
-                                        progress=n_boot >= 1000)
+                                        progress=n_boot >= 1000, groups=groups)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
     metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"])   # classes without test positives left out
-    pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed)
+    pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed, groups=groups)
     for k, name in enumerate(lab):
         row = rep["per_class"][name]
         for m in ("auprc", "pr_lift"):
@@ -199,16 +208,26 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     if len(lat) == 3 and all(n in lab for n in lat):
         d, le, ri = (lab.index(n) for n in lat)
         rep["laterality"] = metrics.laterality_report(y[:, d], logits[:, d], thr[d], y[:, le], y[:, ri],
-                                                      logits[:, le], logits[:, ri], n_boot=n_boot, seed=seed)
+                                                      logits[:, le], logits[:, ri], n_boot=n_boot, seed=seed,
+                                                      groups=groups)
     res.update(rep)
     view = None
     if cols is not None:   # grounding reads attention maps by the models' own class order
         yf = np.zeros((len(keys), len(full_ck["label_names"])))
         yf[:, cols] = y
         view = dict(task="classify", keys=keys, y=yf, logits=all_logits, ck=full_ck, models=models, cache=cache,
-                    wins=wins, display=display)
+                    wins=wins, display=display, groups=groups)
     return res, dict(task="classify", grounding_view=view, keys=keys, y=y, logits=logits, ck=ck, models=models,
-                     cache=cache, wins=wins, display=display)
+                     cache=cache, wins=wins, display=display, groups=groups)
+
+
+def ci_unit(groups):
+    """The bootstrap unit of the CIs for the evaluated studies' subject ids (in metrics.json and
+    table.txt): "subject (S subjects of N studies)" when some subject has two or more of them
+    (a cluster bootstrap, `metrics.group_index`; a study without a subject id is its own
+    subject), else "study" (the study-level bootstrap)."""
+    g = metrics.group_index(groups)
+    return "study" if g is None else f"subject ({g[0]} subjects of {len(groups)} studies)"
 
 
 def fmt(v, nd=3):
@@ -249,7 +268,8 @@ def display_names(paths, names_arg):
 
 def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
-             f"{res['n_studies']} studies, {res['n_models']} model(s))"
+             f"{res['n_studies']} studies, {res['n_models']} model(s)"
+             + (f"; CI bootstrap unit: {res['ci_unit']}" if res.get("ci_unit") else "") + ")"
              + ("" if not res.get("in_sample") else "  [in-sample: --labels is the probe's own dataset]"
                 if res["in_sample"] == "external" else f"  [in-sample: the probe was fitted or tuned on split {res['in_sample']!r}]")]
     if res["task"] == "age":
@@ -332,7 +352,8 @@ def plot(res, data):
         fpr, tpr, _ = roc_curve(y[:, k], lg[:, k])
         line, = ax.plot(fpr, tpr, lw=1.2, label=f"{lab[k][:28]} ({r['auroc']:.2f})")
         if n_boot:
-            grid, lo, hi, _ = metrics.roc_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed)
+            grid, lo, hi, _ = metrics.roc_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed,
+                                               groups=data.get("groups"))
             ax.fill_between(grid, lo, hi, step="post", color=line.get_color(), alpha=0.15, lw=0)
         if r["sensitivity"] is not None:
             ax.plot(1 - r["specificity"], r["sensitivity"], "o", color=line.get_color(), ms=5, mec="k", mew=0.5)
@@ -406,17 +427,36 @@ def paper_rows(results, task):
     return [(k, v) for k, v in rows.items()]
 
 
-def write_paper_table(rows, path, note=""):
+def ci_kinds(results):
+    """The bootstrap units ("study", "subject") of a run's probes' CIs, sorted (none without CIs)."""
+    return sorted({r["ci_unit"].split()[0] for k, r in results.items() if k != "reports" and r.get("ci_unit")})
+
+
+def bootstrap_level(ci_units):
+    """paper_table.md's name of its CIs' bootstrap for {task: units of its probes (`ci_kinds`)}."""
+    subj = [t for t, u in (ci_units or {}).items() if "subject" in u]
+    if not subj:
+        return "study-level bootstrap"
+    cluster = "each resampled subject bringing all its evaluated studies"
+    if all(list(u) == ["subject"] for u in ci_units.values() if u):
+        return f"subject-level (cluster) bootstrap, {cluster},"
+    return (f"subject-level (cluster) bootstrap in {', '.join(subj)} (where subjects have several evaluated studies), "
+            f"{cluster}, and study-level bootstrap elsewhere,")
+
+
+def write_paper_table(rows, path, note="", ci_units=None):
     """Markdown table: one row per task and figure, one column per probe name (encoder); note: a
-    line above it."""
+    line above it; ci_units: {task: its probes' bootstrap units, `ci_kinds`} (None or "study"
+    alone: the study-level bootstrap), named in the first line."""
     cols = []
     for _, cells in rows:
         cols += [c for c in cells if c not in cols]
     lines = ["| task | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     lines += ["| " + label + " | " + " | ".join(cells.get(c, "") for c in cols) + " |" for label, cells in rows]
-    head = "95% CIs: study-level bootstrap of the held-out test set (or the whole external dataset)."
+    level = bootstrap_level(ci_units)
+    head = f"95% CIs: {level} of the held-out test set (or the whole external dataset)."
     if any("(in-sample" in label for label, _ in rows):   # a mark in the row labels, so --merge keeps it
-        head = ("95% CIs: study-level bootstrap of the evaluated studies: the held-out test set (or the whole external "
+        head = (f"95% CIs: {level} of the evaluated studies: the held-out test set (or the whole external "
                 "dataset), except in rows marked in-sample: the split (or dataset) where the probe was fitted or its "
                 "checkpoint, thresholds and calibration were chosen (optimistic figures).")
     with open(path, "w") as f:
@@ -428,13 +468,15 @@ def write_paper_table(rows, path, note=""):
 
 def merge_tables():
     """--merge: one paper_table.md from the paper_rows of earlier runs' metrics.json."""
-    rows, source = [], {}   # source: (row, column) -> the metrics.json its cell came from
+    rows, source, units = [], {}, {}   # source: (row, column) -> the metrics.json its cell came from
     for p in [p for p in merge.split(",") if p]:
         require_path(p, "--merge", hint="a metrics.json written by evaluate.py")
         with open(p) as f:
             m = json.load(f)
         if "paper_rows" not in m:
             fail(f"--merge: {p} has no paper_rows (written by an older evaluate.py: rerun it)")
+        for task, u in (m.get("paper_ci_units") or {}).items():   # older runs: study-level bootstrap
+            units[task] = sorted(set(units.get(task, [])) | set(u))
         got = dict(rows)
         for label, cells in m["paper_rows"]:
             for col in cells:   # one cell from two runs: the later would silently replace the earlier
@@ -448,7 +490,7 @@ def merge_tables():
                 rows.append((label, dict(cells)))
                 got[label] = rows[-1][1]
     os.makedirs(out, exist_ok=True)
-    print(write_paper_table(rows, os.path.join(out, "paper_table.md")))
+    print(write_paper_table(rows, os.path.join(out, "paper_table.md"), ci_units=units))
     print(f"wrote {out}/paper_table.md ({len(rows)} rows)")
 
 
@@ -464,7 +506,8 @@ def plot_pr(res, data):
         line, = ax.step(rec, prec, where="post", lw=1.2,
                         label=f"{lab[k][:24]} (AP {r['auprc']:.2f}, lift {r['pr_lift']:.1f})")
         if n_boot:
-            grid, lo, hi, _ = metrics.pr_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed)
+            grid, lo, hi, _ = metrics.pr_band(y[:, k], lg[:, k], n_boot=min(n_boot, 1000), seed=seed,
+                                              groups=data.get("groups"))
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
         ax.axhline(y[:, k].mean(), color=line.get_color(), ls=":", lw=0.8)
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
@@ -605,11 +648,15 @@ def main():
             fail(str(e))
         summary["reports"] = results["reports"]
     print("summary: " + json.dumps(metrics.jsonable(summary)))
-    prows = paper_rows(results, task_name or os.path.splitext(os.path.basename(labels))[0]) if paths else []
+    run_task = task_name or os.path.splitext(os.path.basename(labels))[0]
+    prows = paper_rows(results, run_task) if paths else []
+    units = {run_task: ci_kinds(results)} if paths else {}   # the bootstrap unit(s) behind the table's CIs
     with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics.jsonable({"summary": summary, "results": results, "paper_rows": prows}), f, indent=1)
+        json.dump(metrics.jsonable({"summary": summary, "results": results, "paper_rows": prows,
+                                    "paper_ci_units": units}), f, indent=1)
     if prows:
-        write_paper_table(prows, os.path.join(out, "paper_table.md"), note=f"Note: {'; '.join(differ)}." if differ else "")
+        write_paper_table(prows, os.path.join(out, "paper_table.md"), note=f"Note: {'; '.join(differ)}." if differ else "",
+                          ci_units=units)
     if reports:
         print(report_table(results["reports"]))
     with open(os.path.join(out, "table.txt"), "w") as f:

@@ -1,4 +1,4 @@
-"""Diagnostic metrics with study-level bootstrap confidence intervals.
+"""Diagnostic metrics with study-level (or subject-level cluster) bootstrap confidence intervals.
 
 Conventions
 - y (n, K) 0/1 labels, scores (n, K) real-valued (logits or probabilities; only their
@@ -7,14 +7,22 @@ Conventions
   AUROC / sensitivity / specificity are NaN in per-class arrays, reported as null (JSON)
   or "undefined" (tables), and skipped by every macro average (`macro`), which also
   returns how many classes it averaged. A NaN never enters an average.
-- Bootstrap: resample studies with replacement, the same resample for every class (so
+- Bootstrap: resample studies (or subjects, below) with replacement, the same resample for every class (so
   macro-average CIs are honest). A replicate where a class has no positives or no negatives
   is undefined for that class and left out of that class's percentiles, and out of the macro
   percentiles: a macro replicate averages every class of the macro point estimate, or is left
   out (`bootstrap`, macro_n_valid).
+- Cluster bootstrap (`groups=`, every CI entry point): when studies carry group (subject) ids
+  and some group holds two or more studies, the replicates resample GROUPS with replacement
+  and each drawn group brings all its studies: replicate r's study weights are the group
+  counts `bootstrap_counts(G, ...)` over the G groups expanded to their studies,
+  w_study = counts[group_index] (`bootstrap_weights`, `group_index`). A subject's studies are
+  correlated, so resampling them one by one gives intervals that are too narrow. groups=None,
+  or ids all distinct, is the study-level bootstrap exactly (the same replicates and numbers).
 
-Speed: one bootstrap replicate is a vector of multinomial counts w (n,) over studies, and
-every statistic is a weighted statistic of the original data under w. AUROC under weights
+Speed: one bootstrap replicate is a vector of multinomial counts w (n,) over studies (or group
+counts expanded to studies), and every statistic is a weighted statistic of the original
+data under w. AUROC under weights
 w is sum_{i pos} w_i * (negative weight ranked below i, ties counting half) / (W+ W-).
 Two implementations (`bootstrap(..., backend=)`), same numbers for the same seed:
 - "cpp" (CPU, default when nvfm._C is built): csrc/bootstrap.cpp walks each class's studies
@@ -24,6 +32,8 @@ Two implementations (`bootstrap(..., backend=)`), same numbers for the same seed
   weight is binned by how many positives it beats (all classes at once: one sparse
   (bins, n) @ dense (n, B) product), a cumsum over the positive bins gives all B replicates
   at once; threshold statistics are one (B, n) @ (n, 4K) matmul (float64: counts stay exact).
+  The C++ kernel draws its own study counts internally, so a cluster bootstrap (grouped
+  studies) always computes its statistics here, from the expanded group counts.
 Bootstrap counts come from a counter-based generator (`bootstrap_counts`; SplitMix64 hash
 of (seed, replicate, draw), spelled out in csrc/bootstrap.cpp), so a seed gives the same
 replicates on either backend and whatever the thread count or chunking. (Before the C++
@@ -427,6 +437,50 @@ def bootstrap_counts(n, n_boot, seed=0, r0=0, device="cpu", backend=None):
     return _bootstrap_counts_reference(n, r0, n_boot, seed, device)
 
 
+def group_index(groups, n=None):
+    """Groups (subjects) of a cluster bootstrap: (G, index) with index (n,) int64 the group number
+    (0 .. G-1, in order of first appearance) of each study, or None when there is nothing to
+    cluster: groups None, or every study its own group (the study-level bootstrap).
+
+    groups: (n,) hashable group ids, one per study; an id of None or "" (no subject recorded)
+    makes that study its own group (as nvfm.probe's subject-grouped folds do). n: the number of
+    studies, checked against len(groups) when given."""
+    if groups is None:
+        return None
+    g = list(np.asarray(groups, dtype=object).ravel()) if not isinstance(groups, (list, tuple)) else list(groups)
+    if n is not None and len(g) != n:
+        raise ValueError(f"groups: {len(g)} group ids for {n} studies: one per study")
+    codes, idx = {}, np.empty(len(g), dtype=np.int64)
+    for i, v in enumerate(g):
+        if isinstance(v, np.generic):
+            v = v.item()
+        key = ("", i) if v is None or (isinstance(v, str) and v == "") else (1, v)
+        idx[i] = codes.setdefault(key, len(codes))
+    if len(codes) == len(g):
+        return None
+    return len(codes), idx
+
+
+def bootstrap_weights(n, n_boot, seed=0, r0=0, groups=None, device="cpu", backend=None):
+    """(n, n_boot) float32 study weights of replicates r0 .. r0 + n_boot - 1, those of every CI here.
+
+    Study-level (groups None, or all ids distinct): `bootstrap_counts(n, ...)`, the same tensor.
+    Cluster bootstrap (some group holds several studies; groups (n,) ids as in `group_index`):
+    the G groups are resampled with replacement and a drawn group brings all its
+    studies, w_study = bootstrap_counts(G, ...)[index]; a column sums to the resampled cohort's size,
+    which varies with the groups drawn."""
+    return _weights(n, n_boot, seed, r0, group_index(groups, n), device, backend)
+
+
+def _weights(n, n_boot, seed, r0, grp, device="cpu", backend=None):
+    """`bootstrap_weights` given grp = group_index(groups, n) (None: study counts)."""
+    if grp is None:
+        return bootstrap_counts(n, n_boot, seed=seed, r0=r0, device=device, backend=backend)
+    G, idx = grp
+    c = bootstrap_counts(G, n_boot, seed=seed, r0=r0, device=device, backend=backend)
+    return c[torch.from_numpy(idx).to(c.device)]
+
+
 def _replicates_cpp(y, s, thr, n_boot, seed, defined):
     """Per-replicate metrics from the C++ kernel: dict metric -> (n_boot, K) float64."""
     n, K = y.shape
@@ -450,9 +504,11 @@ def _replicates_cpp(y, s, thr, n_boot, seed, defined):
     return out
 
 
-def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress):
+def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress, grp=None, backend=None):
     """Per-replicate metrics in plain torch (any device): dict metric -> (n_boot, K) float64
-    (float64 throughout: integer counts stay exact, so a CI end is a plain ratio, not 0.8000000119)."""
+    (float64 throughout: integer counts stay exact, so a CI end is a plain ratio, not 0.8000000119).
+    grp: `group_index` (G, index) of a cluster bootstrap, whose group counts `bootstrap_counts(G)`
+    (drawn by `backend`, the same on either) are expanded to the studies; None: study counts."""
     n, K = y.shape
     dev = torch.device(device)
     batch = _AurocBatch({k: _auroc_plan(y[:, k], s[:, k]) for k in np.nonzero(defined)[0]}, n, dev)
@@ -468,7 +524,8 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
         starts = tqdm(starts, desc="bootstrap", unit="chunk")
     for r0 in starts:
         bb = min(b, n_boot - r0)
-        w = _bootstrap_counts_reference(n, r0, bb, seed, dev).double()
+        w = (_bootstrap_counts_reference(n, r0, bb, seed, dev) if grp is None
+             else _weights(n, bb, seed, r0, grp, dev, backend)).double()
         for k, v in batch(w, w.sum(0)).items():
             reps["auroc"][r0:r0 + bb, k] = v.cpu().numpy()
         c = w.T @ M
@@ -487,9 +544,9 @@ MIN_BOOT = 100   # fewest defined replicates for a percentile interval
 
 
 def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, device="cpu",
-              chunk_elems=1 << 24, progress=False, backend=None):
-    """Study-level bootstrap CIs of per-class and macro AUROC (and, given thresholds,
-    sensitivity, specificity, balanced accuracy).
+              chunk_elems=1 << 24, progress=False, backend=None, groups=None):
+    """Study-level (or, with groups, subject-level cluster) bootstrap CIs of per-class and macro
+    AUROC (and, given thresholds, sensitivity, specificity, balanced accuracy).
 
     y, scores (n, K); thresholds (K,) or None. Returns dict metric -> dict(
       low (K,), high (K,), macro_low, macro_high, macro_n_valid, n_valid (K,) replicates where defined).
@@ -505,6 +562,12 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     replicates for a seed (`bootstrap_counts`), so their intervals agree (up to the
     reference's summation order, ~1e-15). chunk_elems and progress (a tqdm bar) concern the
     reference only; the C++ kernel takes seconds.
+    groups: (n,) subject ids or None (`group_index`). When some subject has several studies, each
+    replicate resamples subjects (`bootstrap_weights`: one resample shared by all classes, as the
+    study-level one), and the statistics are computed by the torch reference from those weights
+    whatever the backend (the C++ kernel draws study counts internally and takes no weights);
+    backend then only picks who draws the group counts (the same counts either way). groups None
+    or all distinct: the study-level bootstrap, unchanged.
     """
     y, s = _check(y, scores)
     n, K = y.shape
@@ -514,7 +577,11 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
                          "(10,000 recommended; n_boot=0 in evaluate.py skips the CIs)")
     defined = defined_classes(y)
     thr = np.zeros(K) if thresholds is None else np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
-    if be == "cpp":
+    grp = group_index(groups, n)
+    if grp is not None:   # cluster bootstrap: weighted statistics of the expanded group counts
+        reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress,
+                                     grp=grp, backend=be)
+    elif be == "cpp":
         reps = _replicates_cpp(y, s, thr, n_boot, seed, defined)
     else:
         reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress)
@@ -543,22 +610,24 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     return out
 
 
-def roc_band(y, scores, n_boot=1000, seed=0, alpha=0.05, fpr_grid=None, chunk=100):
+def roc_band(y, scores, n_boot=1000, seed=0, alpha=0.05, fpr_grid=None, chunk=100, groups=None):
     """Bootstrap band of one class's ROC curve, for plots. At each false-positive rate x of
     fpr_grid (default 0, 0.01, ..., 1), the percentile interval over replicates of the highest
     sensitivity of any cut with FPR <= x on the resampled cohort (the ROC step curve). The
-    replicates are `bootstrap_counts(n, n_boot, seed)`, those of the CIs; a replicate without
-    positives or negatives is left out. y, scores (n,). Returns (grid, low, high, n_valid),
+    replicates are `bootstrap_weights(n, n_boot, seed, groups=groups)`, those of the CIs (study
+    counts; with groups sharing studies, subject counts expanded to their studies); a replicate
+    without positives or negatives is left out. y, scores (n,). Returns (grid, low, high, n_valid),
     low/high NaN when fewer than MIN_BOOT replicates are defined."""
     y, s = _check(y, scores)
     y, s = y[:, 0], s[:, 0]
+    grp = group_index(groups, len(y))
     grid = np.linspace(0, 1, 101) if fpr_grid is None else np.asarray(fpr_grid, np.float64)
     order = np.argsort(-s, kind="stable")
     ys, ss = y[order], s[order]
     last = np.r_[ss[1:] != ss[:-1], True]                          # a cut after each group of tied scores
     curves = []
     for r0 in range(0, n_boot, chunk):
-        w = bootstrap_counts(len(y), min(chunk, n_boot - r0), seed=seed, r0=r0).double().numpy()[order]
+        w = _weights(len(y), min(chunk, n_boot - r0), seed, r0, grp).double().numpy()[order]
         tp = np.cumsum(w * ys[:, None], 0)[last]
         fp = np.cumsum(w * (1 - ys)[:, None], 0)[last]
         P, N = tp[-1], fp[-1]
@@ -573,8 +642,8 @@ def roc_band(y, scores, n_boot=1000, seed=0, alpha=0.05, fpr_grid=None, chunk=10
 
 # ----------------------------------------------------------------------------- external benchmarks
 # (precision-recall, regression and laterality figures of the paper's public benchmarks; every CI
-# resamples studies with `bootstrap_counts`, the replicates of `bootstrap`, so one seed gives one
-# set of resampled cohorts for all of a probe's figures)
+# resamples studies with `bootstrap_counts`, or subjects given groups (`bootstrap_weights`), the
+# replicates of `bootstrap`, so one seed gives one set of resampled cohorts for all of a probe's figures)
 
 
 def _percentile_ci(reps, alpha=0.05):
@@ -622,10 +691,11 @@ def average_precision(y, scores):
     return out
 
 
-def pr_report(y, scores, n_boot=10000, seed=0, alpha=0.05, chunk_elems=1 << 22):
+def pr_report(y, scores, n_boot=10000, seed=0, alpha=0.05, chunk_elems=1 << 22, groups=None):
     """AUPRC (average precision) and PR lift = AUPRC / prevalence per class, with study-level
-    bootstrap CIs (replicates of `bootstrap_counts`; a replicate without positives is undefined
-    for that class). y, scores (n, K). Returns dict of (K,) float64 arrays: auprc, prevalence,
+    bootstrap CIs (replicates of `bootstrap_weights`: subject-level cluster bootstrap given groups
+    that share studies; a replicate without positives is undefined for that class; a replicate's
+    prevalence is that of its resampled cohort). y, scores (n, K). Returns dict of (K,) float64 arrays: auprc, prevalence,
     pr_lift, and with n_boot > 0 also auprc_low/high, pr_lift_low/high, n_valid. A lift of 1 is
     chance; the paper reports it for rare RSNA subtypes, where AUROC hides false positives."""
     y, s = _check(y, scores)
@@ -639,6 +709,7 @@ def pr_report(y, scores, n_boot=10000, seed=0, alpha=0.05, chunk_elems=1 << 22):
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
     reps_ap, reps_lift = np.full((n_boot, K), np.nan), np.full((n_boot, K), np.nan)
+    grp = group_index(groups, n)
     b = max(1, min(n_boot, chunk_elems // max(n, 1)))
     plans = {}
     for k in np.nonzero(defined_classes(y))[0]:
@@ -647,32 +718,34 @@ def pr_report(y, scores, n_boot=10000, seed=0, alpha=0.05, chunk_elems=1 << 22):
         plans[k] = (order, y[order, k], np.r_[ss[1:] != ss[:-1], True])
     for r0 in range(0, n_boot, b):
         bb = min(b, n_boot - r0)
-        w = bootstrap_counts(n, bb, seed=seed, r0=r0).double().numpy()
+        w = _weights(n, bb, seed, r0, grp).double().numpy()
+        size = w.sum(0)   # the resampled cohort's size: n, or the drawn subjects' studies (exact in float64)
         for k, (order, yy, last) in plans.items():
             a = _weighted_ap(w[order], yy, last)
             reps_ap[r0:r0 + bb, k] = a
-            reps_lift[r0:r0 + bb, k] = a * n / (w[order] * yy[:, None]).sum(0)   # / resampled prevalence
+            reps_lift[r0:r0 + bb, k] = a * size / (w[order] * yy[:, None]).sum(0)   # / resampled prevalence
     out["auprc_low"], out["auprc_high"], out["n_valid"] = _percentile_ci(reps_ap, alpha)
     out["pr_lift_low"], out["pr_lift_high"], _ = _percentile_ci(reps_lift, alpha)
     return out
 
 
-def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=100):
+def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=100, groups=None):
     """Bootstrap band of one class's precision-recall curve, for plots: at each recall x of
     recall_grid (default 0, 0.01, ..., 1) the percentile interval over replicates of the
     interpolated precision max{precision of a cut with recall >= x} (the envelope of the step
-    curve, with sklearn's end point recall 0 / precision 1). Replicates as `roc_band`; those
-    without positives are left out. y, scores (n,).
+    curve, with sklearn's end point recall 0 / precision 1). Replicates as `roc_band` (groups: the
+    subject-level cluster bootstrap); those without positives are left out. y, scores (n,).
     Returns (grid, low, high, n_valid), low/high NaN below MIN_BOOT defined replicates."""
     y, s = _check(y, scores)
     y, s = y[:, 0], s[:, 0]
+    grp = group_index(groups, len(y))
     grid = np.linspace(0, 1, 101) if recall_grid is None else np.asarray(recall_grid, np.float64)
     order = np.argsort(-s, kind="stable")
     ys, ss = y[order], s[order]
     last = np.r_[ss[1:] != ss[:-1], True]
     curves = []
     for r0 in range(0, n_boot, chunk):
-        w = bootstrap_counts(len(y), min(chunk, n_boot - r0), seed=seed, r0=r0).double().numpy()[order]
+        w = _weights(len(y), min(chunk, n_boot - r0), seed, r0, grp).double().numpy()[order]
         tp = np.cumsum(w * ys[:, None], 0)[last]
         fp = np.cumsum(w * (1 - ys)[:, None], 0)[last]
         for b in np.nonzero(tp[-1] > 0)[0]:
@@ -699,13 +772,15 @@ def pearson_r(y, pred):
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
-def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
-    """Brain-age style regression figures with study-level bootstrap CIs.
+def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000, groups=None):
+    """Brain-age style regression figures with study-level bootstrap CIs (subject-level cluster
+    bootstrap given groups that share studies: `bootstrap_weights`).
 
     y, pred (n,) in the target's unit (years). Returns a JSON-ready dict (None = undefined, e.g.
     r of a constant prediction): n, mae, rmse, pearson_r, bias (mean pred - y), and with
     n_boot > 0 mae_ci, rmse_ci, pearson_r_ci, bias_ci ([low, high]) and ci_n_valid. Replicate b weights study i by its count w_ib (`bootstrap_counts`): MAE_b =
-    sum_i w_ib |e_i| / n, so each replicate equals the figure on the resampled cohort.
+    sum_i w_ib |e_i| / sum_i w_ib (= n for study counts), so each replicate equals the figure on
+    the resampled cohort.
     """
     yv, pv = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
     e = _residuals(yv, pv)
@@ -720,9 +795,11 @@ def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
     a, b = yv - yv.mean(), pv - pv.mean()        # centred: the weighted moments stay well conditioned
     M = np.stack([np.abs(e), e * e, -e, a, b, a * a, b * b, a * b], 1)     # (n, 8)
     reps = np.empty((n_boot, 4))
+    grp = group_index(groups, n)
     for r0 in range(0, n_boot, chunk):
         bb = min(chunk, n_boot - r0)
-        S = bootstrap_counts(n, bb, seed=seed, r0=r0).double().numpy().T @ M / n   # (bb, 8) weighted means
+        w = _weights(n, bb, seed, r0, grp).double().numpy()
+        S = w.T @ M / w.sum(0)[:, None]   # (bb, 8) weighted means (column sums: n, or the drawn subjects' studies)
         va, vb = S[:, 5] - S[:, 3] ** 2, S[:, 6] - S[:, 4] ** 2
         cov = S[:, 7] - S[:, 3] * S[:, 4]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -737,7 +814,7 @@ def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000):
 
 
 def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s_right, n_boot=10000, seed=0,
-                      alpha=0.05):
+                      alpha=0.05, groups=None):
     """Side accuracy given correct detection (CQ500's Bleed-Left / Bleed-Right reads).
 
     Over studies whose truth is positive for the detection class, whose score reaches its
@@ -746,7 +823,7 @@ def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s
     side; ties count as wrong. All inputs (n,). Returns dict(accuracy, n (studies counted),
     n_detected, n_positive, and with n_boot > 0 accuracy_ci, ci_n_valid); accuracy None when
     no study qualifies. Bilateral studies have no single side and are left out (counted in
-    n_bilateral)."""
+    n_bilateral). The CI resamples studies, or subjects given groups (`bootstrap_weights`)."""
     yd, sd = np.asarray(y_detect) > 0, np.asarray(s_detect, np.float64)
     yl, yr = np.asarray(y_left) > 0, np.asarray(y_right) > 0
     sl, sr = np.asarray(s_left, np.float64), np.asarray(s_right, np.float64)
@@ -759,7 +836,7 @@ def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s
         return out
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
-    w = bootstrap_counts(len(yd), n_boot, seed=seed).double().numpy()       # (n, B)
+    w = bootstrap_weights(len(yd), n_boot, seed=seed, groups=groups).double().numpy()       # (n, B)
     num, den = (w * (one & correct)[:, None]).sum(0), (w * one[:, None]).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         reps = np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
@@ -786,12 +863,14 @@ def jsonable(x):
     return x
 
 
-def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, device="cpu", progress=False):
+def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, device="cpu", progress=False,
+                          groups=None):
     """All per-class and macro numbers for one split: dict ready for json (via `jsonable`).
 
     y, scores (n, K), thresholds (K,) (chosen on validation), names K distinct label names (a
     repeated name is a ValueError: per_class is keyed by name, so one of its columns would vanish
-    from the rows while still counting in the macro averages).
+    from the rows while still counting in the macro averages). groups: (n,) subject ids for a
+    subject-level cluster bootstrap (`bootstrap`), or None.
     """
     y, s = _check(y, scores)
     if len(names) != y.shape[1]:
@@ -801,7 +880,8 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
         raise ValueError(f"label names {dup} are repeated: one name per column (a repeated labels.csv header?)")
     au = auroc(y, s)
     st = threshold_stats(y, s, thresholds)
-    ci = bootstrap(y, s, thresholds, n_boot=n_boot, seed=seed, device=device, progress=progress) if n_boot else None
+    ci = bootstrap(y, s, thresholds, n_boot=n_boot, seed=seed, device=device, progress=progress,
+                   groups=groups) if n_boot else None
     per = {}
     for k, name in enumerate(names):
         row = {"n_pos": int(y[:, k].sum()), "n": int(y.shape[0]), "threshold": float(thresholds[k]),

@@ -380,3 +380,66 @@ def test_paper_table_marks_in_sample_rows_and_merge_keeps_the_mark(tmp_path, mon
     evaluate.main()
     text = (tmp_path / "ev" / "paper_table.md").read_text()
     assert "| ext: macro AUROC (external; in-sample: the probe's own dataset) |" in text
+
+
+def test_studies_sharing_subjects_get_a_subject_level_bootstrap(tmp_path, monkeypatch):
+    """labels.csv's subject column gives several test studies to one subject (as RSNA's): every CI
+    resamples subjects (a cluster bootstrap), metrics.json / table.txt say so, paper_table.md's first
+    line too (and after --merge), and the intervals differ from the study-level ones, which stay
+    exactly as before when no subject has two evaluated studies."""
+    pt, rows, header = _tiny_run(tmp_path, names=("intraparenchymal_hemorrhage", "cerebral_atrophy"))
+    _settings(monkeypatch, tmp_path, probes=pt, n_boot=300, task_name="rsna")
+
+    def run(subjects):
+        _write_labels(tmp_path, header + ["subject"], [r + [subjects(i)] for i, r in enumerate(rows)])
+        evaluate.main()
+        m = json.load(open(tmp_path / "ev" / "metrics.json"))
+        return (m, (tmp_path / "ev" / "table.txt").read_text(), (tmp_path / "ev" / "paper_table.md").read_text())
+
+    _write_labels(tmp_path, header, rows)                              # no subject column
+    evaluate.main()
+    plain = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    study, study_table, study_paper = run(lambda i: f"s{i}")           # one study a subject
+    assert study["results"]["p"] == plain and plain["ci_unit"] == "study"
+    assert "CI bootstrap unit: study)" in study_table
+    assert study_paper.startswith("95% CIs: study-level bootstrap of the held-out test set")
+    subj, subj_table, subj_paper = run(lambda i: f"s{i // 6}")         # 5 subjects, 4-5 CT test studies each
+    r = subj["results"]["p"]
+    assert r["ci_unit"] == "subject (5 subjects of 24 studies)" and subj["paper_ci_units"] == {"rsna": ["subject"]}
+    assert "CI bootstrap unit: subject (5 subjects of 24 studies))" in subj_table
+    assert subj_paper.startswith("95% CIs: subject-level (cluster) bootstrap")
+    assert "study-level" not in subj_paper.splitlines()[0]
+    # the same point estimates, other intervals: those of the cluster bootstrap over the same studies
+    n = "intraparenchymal_hemorrhage"
+    assert r["per_class"][n]["auroc"] == plain["per_class"][n]["auroc"]
+    for m in ("auroc_ci", "sensitivity_ci", "specificity_ci", "auprc_ci", "pr_lift_ci"):
+        assert r["per_class"][n][m] != plain["per_class"][n][m], m
+    assert r["macro"]["auroc"]["ci"] != plain["macro"]["auroc"]["ci"]
+    # every CI helper got the evaluated studies' subjects, in the order of their rows (the CT test studies)
+    seen = {}
+    for f in ("classification_report", "pr_report", "laterality_report", "roc_band", "pr_band"):
+        def spy(*a, _f=getattr(metrics, f), _name=f, **kw):
+            seen.setdefault(_name, []).append(list(kw.get("groups") or []))
+            return _f(*a, **kw)
+        monkeypatch.setattr(metrics, f, spy)
+    monkeypatch.setattr(evaluate, "plots", True)
+    monkeypatch.setattr(evaluate, "laterality", "intraparenchymal_hemorrhage:cerebral_atrophy:cerebral_atrophy")
+    run(lambda i: f"s{i // 6}")
+    want = [f"s{i // 6}" for i, row in enumerate(rows) if row[1] == "CT"]
+    assert set(seen) == {"classification_report", "pr_report", "laterality_report", "roc_band", "pr_band"}
+    assert all(g == want for calls in seen.values() for g in calls)
+    monkeypatch.undo()
+    # --merge keeps the unit in the first line; a study-level run beside it makes it say both
+    _settings(monkeypatch, tmp_path, probes=pt, n_boot=300, task_name="rsna")
+    run(lambda i: f"s{i // 6}")
+    os.rename(tmp_path / "ev" / "metrics.json", tmp_path / "subj.json")
+    _settings(monkeypatch, tmp_path, probes=pt, n_boot=300, task_name="other")
+    run(lambda i: "")
+    os.rename(tmp_path / "ev" / "metrics.json", tmp_path / "study.json")
+    _settings(monkeypatch, tmp_path, out=str(tmp_path / "m"), merge=f"{tmp_path / 'subj.json'}")
+    evaluate.main()
+    assert (tmp_path / "m" / "paper_table.md").read_text().startswith("95% CIs: subject-level (cluster) bootstrap")
+    _settings(monkeypatch, tmp_path, out=str(tmp_path / "m"), merge=f"{tmp_path / 'subj.json'},{tmp_path / 'study.json'}")
+    evaluate.main()
+    head = (tmp_path / "m" / "paper_table.md").read_text().splitlines()[0]
+    assert head.startswith("95% CIs: subject-level (cluster) bootstrap in rsna") and "study-level bootstrap elsewhere" in head

@@ -626,3 +626,169 @@ def test_laterality_given_detection_hand_worked():
     reps = [(w[:, r] * ok).sum() / (w[:, r] * one).sum() for r in range(300) if (w[:, r] * one).sum() > 0]
     np.testing.assert_allclose(rep["accuracy_ci"], np.percentile(reps, [2.5, 97.5]), atol=1e-12)
     assert rep["ci_n_valid"] == len(reps)
+
+
+# ----------------------------------------------------------------------------- subject-level (cluster) bootstrap
+
+
+def _all_cis(y, s, thr, B, seed, **kw):
+    """Every CI helper evaluate.py calls, on (y, s): a flat dict name -> array (NaN kept)."""
+    out = {}
+    ci = metrics.bootstrap(y, s, thr, n_boot=B, seed=seed, **kw)
+    for m, e in ci.items():
+        for f in ("low", "high", "n_valid", "macro_low", "macro_high", "macro_n_valid"):
+            out[f"{m}.{f}"] = np.asarray(e[f], np.float64) if e[f] is not None else np.nan
+    g = {k: v for k, v in kw.items() if k == "groups"}
+    pr = metrics.pr_report(y, s, n_boot=B, seed=seed, **g)
+    for f in ("auprc_low", "auprc_high", "pr_lift_low", "pr_lift_high", "n_valid"):
+        out["pr." + f] = np.asarray(pr[f], np.float64)
+    reg = metrics.regression_report(s[:, 0] * 10 + 50, s[:, 1] * 10 + 50, n_boot=B, seed=seed, **g)
+    for f in ("mae_ci", "rmse_ci", "pearson_r_ci", "bias_ci", "ci_n_valid"):
+        out["reg." + f] = np.asarray(reg[f], np.float64)
+    lat = metrics.laterality_report(y[:, 0], s[:, 0], 0.0, y[:, 1], 1 - y[:, 1], s[:, 1], s[:, 2], n_boot=B,
+                                    seed=seed, **g)
+    out["lat"] = np.asarray(lat["accuracy_ci"] + [lat["ci_n_valid"]], np.float64)
+    for name, band in (("roc", metrics.roc_band), ("prb", metrics.pr_band)):
+        _, lo, hi, nv = band(y[:, 0], s[:, 0], n_boot=B, seed=seed, chunk=70, **g)
+        out[name] = np.r_[lo, hi, nv]
+    rep = metrics.classification_report(y, s, thr, [f"c{k}" for k in range(y.shape[1])], n_boot=B, seed=seed, **g)
+    out["report"] = rep
+    return out
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "report":
+            assert a[k] == b[k]
+        else:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)   # bit-identical (NaN where NaN)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_distinct_or_missing_groups_are_the_study_level_bootstrap_bit_for_bit(backend):
+    """groups=None, all-distinct ids (numbers or strings) and no subject recorded ("" / None: each study
+    its own subject) draw today's study-level replicates: every CI of every helper is bit-identical."""
+    y, s = _data(n=90, K=3, seed=11, ties=True)
+    thr = np.array([0.0, 0.5, 0.2])
+    B, seed = 150, 4
+    base = _all_cis(y, s, thr, B, seed, backend=backend)
+    for groups in (None, np.arange(90)[::-1], [f"s{i}" for i in range(90)], [""] * 90, [None] * 45 + [""] * 45):
+        _assert_same(base, _all_cis(y, s, thr, B, seed, backend=backend, groups=groups))
+    assert metrics.group_index([""] * 90) is None and metrics.group_index(None) is None
+    assert torch.equal(metrics.bootstrap_weights(90, 20, seed=4, groups=np.arange(90)),
+                       metrics.bootstrap_counts(90, 20, seed=4))
+    with pytest.raises(ValueError, match="3 group ids for 90 studies"):
+        metrics.bootstrap(y, s, thr, n_boot=B, groups=[1, 2, 3])
+
+
+def _cluster_cohorts(groups, B, seed):
+    """The resampled cohorts of a cluster bootstrap, built by hand: subjects numbered in order of
+    first appearance, drawn with the counts bootstrap_counts(G, B, seed); a drawn subject brings all
+    its studies (as often as it is drawn). Returns B index arrays into the studies."""
+    ids = list(dict.fromkeys(groups))
+    members = [np.nonzero(np.asarray(groups) == g)[0] for g in ids]
+    c = metrics.bootstrap_counts(len(ids), B, seed=seed).long().numpy()        # (G, B)
+    return [np.concatenate([np.tile(members[j], c[j, r]) for j in range(len(ids))]).astype(int) for r in range(B)]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_cluster_bootstrap_equals_brute_force_resampling_of_subjects(backend):
+    """Hand-built cluster bootstrap (numpy + sklearn on the explicitly resampled cohorts) against
+    bootstrap(groups=...): per-class and macro AUROC, sensitivity / specificity, AUPRC / PR lift,
+    MAE / RMSE / r, side accuracy and the ROC band are the percentiles of the same replicates."""
+    from sklearn.metrics import average_precision_score, roc_curve
+    rng = np.random.default_rng(7)
+    n, K = 48, 3
+    groups = [f"subj{j}" for j in rng.integers(0, 17, n)]                     # 1-7 studies a subject, shuffled
+    y = (rng.random((n, K)) < [0.4, 0.3, 0.5]).astype(int)
+    s = np.round(y * 1.2 + rng.normal(size=(n, K)), 1)                         # ties
+    thr = np.array([0.3, 0.0, 0.6])
+    B, seed = 200, 9
+    cohorts = _cluster_cohorts(groups, B, seed)
+    assert len({len(c) for c in cohorts}) > 1                                  # cohort sizes vary with the subjects drawn
+    ci = metrics.bootstrap(y, s, thr, n_boot=B, seed=seed, backend=backend, groups=groups)
+    au, sens = np.full((B, K), np.nan), np.full((B, K), np.nan)
+    ap, lift = np.full((B, K), np.nan), np.full((B, K), np.nan)
+    for r, idx in enumerate(cohorts):
+        for k in range(K):
+            yy, ss = y[idx, k], s[idx, k]
+            if 0 < yy.sum() < len(yy):
+                au[r, k] = roc_auc_score(yy, ss)
+                sens[r, k] = (ss[yy == 1] >= thr[k]).mean()
+                ap[r, k] = average_precision_score(yy, ss)
+                lift[r, k] = ap[r, k] / yy.mean()
+    for m, reps in (("auroc", au), ("sensitivity", sens)):
+        nv = np.isfinite(reps).sum(0)
+        np.testing.assert_array_equal(ci[m]["n_valid"], nv)
+        for k in range(K):
+            lo, hi = np.percentile(reps[np.isfinite(reps[:, k]), k], [2.5, 97.5])
+            assert ci[m]["low"][k] == pytest.approx(lo, abs=1e-12) and ci[m]["high"][k] == pytest.approx(hi, abs=1e-12)
+        full = np.isfinite(reps).all(1)
+        lo, hi = np.percentile(reps[full].mean(1), [2.5, 97.5])
+        assert ci[m]["macro_n_valid"] == full.sum()
+        assert ci[m]["macro_low"] == pytest.approx(lo, abs=1e-12) and ci[m]["macro_high"] == pytest.approx(hi, abs=1e-12)
+    pr = metrics.pr_report(y, s, n_boot=B, seed=seed, groups=groups)
+    for k in range(K):
+        ok = np.isfinite(ap[:, k])
+        np.testing.assert_allclose([pr["auprc_low"][k], pr["auprc_high"][k]], np.percentile(ap[ok, k], [2.5, 97.5]),
+                                   rtol=0, atol=1e-12)
+        np.testing.assert_allclose([pr["pr_lift_low"][k], pr["pr_lift_high"][k]],
+                                   np.percentile(lift[ok, k], [2.5, 97.5]), rtol=0, atol=1e-12)
+    age, pred = 40 + 30 * rng.random(n), 40 + 30 * rng.random(n)
+    reg = metrics.regression_report(age, pred, n_boot=B, seed=seed, groups=groups)
+    e = [pred[i] - age[i] for i in cohorts]
+    np.testing.assert_allclose(reg["mae_ci"], np.percentile([np.abs(x).mean() for x in e], [2.5, 97.5]), atol=1e-9)
+    np.testing.assert_allclose(reg["rmse_ci"], np.percentile([np.sqrt((x ** 2).mean()) for x in e], [2.5, 97.5]),
+                               atol=1e-9)
+    np.testing.assert_allclose(reg["pearson_r_ci"], np.percentile([scipy.stats.pearsonr(age[i], pred[i])[0]
+                                                                   for i in cohorts], [2.5, 97.5]), atol=1e-9)
+    yl = y[:, 1]
+    lat = metrics.laterality_report(y[:, 0], s[:, 0], 0.0, yl, 1 - yl, s[:, 1], s[:, 2], n_boot=B, seed=seed,
+                                    groups=groups)
+    one = (y[:, 0] == 1) & (s[:, 0] >= 0.0)
+    right = np.where(yl == 1, s[:, 1] > s[:, 2], s[:, 2] > s[:, 1])
+    accs = [right[i][one[i]].mean() for i in cohorts if one[i].any()]
+    np.testing.assert_allclose(lat["accuracy_ci"], np.percentile(accs, [2.5, 97.5]), atol=1e-12)
+    grid = np.linspace(0, 1, 11)
+    _, lo, hi, nv = metrics.roc_band(y[:, 0], s[:, 0], n_boot=B, seed=seed, fpr_grid=grid, groups=groups)
+    curves = []
+    for idx in cohorts:
+        if 0 < y[idx, 0].sum() < len(idx):
+            fpr, tpr, _ = roc_curve(y[idx, 0], s[idx, 0], drop_intermediate=False)
+            curves.append([tpr[fpr <= x].max() for x in grid])
+    assert nv == len(curves)
+    np.testing.assert_allclose(lo, np.percentile(curves, 2.5, axis=0), atol=1e-12)
+    np.testing.assert_allclose(hi, np.percentile(curves, 97.5, axis=0), atol=1e-12)
+
+
+def test_duplicated_studies_narrow_the_study_level_ci_but_not_the_subject_level_one():
+    """Every study copied twice under its subject's id carries no new information: a study-level
+    bootstrap treats the copies as independent and its CIs narrow (~1/sqrt 2); the subject-level
+    bootstrap of the copies gives back the original data's (study-level) CIs."""
+    y, s = _data(n=70, K=2, seed=3)
+    thr = np.array([0.5, 0.5])
+    B, seed = 300, 2
+    y2, s2, subj = np.repeat(y, 2, 0), np.repeat(s, 2, 0), np.repeat([f"p{i}" for i in range(70)], 2)
+    orig = metrics.bootstrap(y, s, thr, n_boot=B, seed=seed)
+    naive = metrics.bootstrap(y2, s2, thr, n_boot=B, seed=seed)
+    clus = metrics.bootstrap(y2, s2, thr, n_boot=B, seed=seed, groups=subj)
+    for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy"):
+        for f in ("low", "high"):
+            np.testing.assert_allclose(clus[m][f], orig[m][f], rtol=0, atol=1e-12)
+        for f in ("macro_low", "macro_high"):
+            assert clus[m][f] == pytest.approx(orig[m][f], abs=1e-12)
+        width = lambda c: c[m]["high"] - c[m]["low"]   # noqa: E731
+        assert (width(naive) < 0.85 * width(orig)).all(), m
+    pr, pr2 = metrics.pr_report(y, s, n_boot=B, seed=seed), metrics.pr_report(y2, s2, n_boot=B, seed=seed, groups=subj)
+    for f in ("auprc_low", "auprc_high", "pr_lift_low", "pr_lift_high"):
+        np.testing.assert_allclose(pr2[f], pr[f], rtol=0, atol=1e-12)
+    reg = metrics.regression_report(s[:, 0], s[:, 1], n_boot=B, seed=seed)
+    reg2 = metrics.regression_report(s2[:, 0], s2[:, 1], n_boot=B, seed=seed, groups=subj)
+    naive_reg = metrics.regression_report(s2[:, 0], s2[:, 1], n_boot=B, seed=seed)
+    for f in ("mae_ci", "rmse_ci", "pearson_r_ci", "bias_ci"):
+        np.testing.assert_allclose(reg2[f], reg[f], rtol=0, atol=1e-9)
+        assert np.diff(naive_reg[f])[0] < 0.85 * np.diff(reg[f])[0]
+    _, lo, hi, _ = metrics.roc_band(y[:, 0], s[:, 0], n_boot=B, seed=seed)
+    _, lo2, hi2, _ = metrics.roc_band(y2[:, 0], s2[:, 0], n_boot=B, seed=seed, groups=subj)
+    np.testing.assert_allclose(np.c_[lo2, hi2], np.c_[lo, hi], atol=1e-12)
