@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "attention.h"
@@ -250,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
-    double scale_d) {
+    double scale_d, const std::optional<at::Tensor>& dlse) {
   check_qkv(q, k, v, cu_q, cu_k);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout ", dout.sizes(), " and out ", out.sizes(),
               " must match q ", q.sizes());
@@ -258,6 +259,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == H && lse.size(1) == Tq,
               "lse must be float32 (heads, total_q) = (", H, ", ", Tq, "), got ", lse.scalar_type(), " ", lse.sizes());
   const std::vector<Seq> seqs = read_seqs(cu_q, cu_k, Tq, Tk, max_q, max_k);
+  const bool has_dlse = dlse.has_value() && dlse->defined();
+  if (has_dlse)
+    TORCH_CHECK(dlse->is_floating_point() && dlse->dim() == 2 && dlse->size(0) == H && dlse->size(1) == Tq &&
+                dlse->device() == q.device(), "dlse must be a float (heads, total_q) = (", H, ", ", Tq,
+                ") tensor on ", q.device(), ", got ", dlse->scalar_type(), " ", dlse->sizes());
+  // d lse_i / d s_ij = p_ij, so a gradient into lse shifts the softmax backward's row term:
+  // dS = P * (dP - (rowsum(dO * O) - dlse)).
+  const at::Tensor dlf = has_dlse ? dlse->to(at::kFloat).contiguous() : at::Tensor();
+  const float* dlp0 = has_dlse ? dlf.data_ptr<float>() : nullptr;
   const at::Tensor qf = rows_of(q), kf = rows_of(k), vf = rows_of(v), of = out.to(at::kFloat).contiguous(),
                    dof = dout.to(at::kFloat).contiguous(), lf = lse.contiguous();
   at::Tensor dq = at::zeros({Tq, H, D}, qf.options()), dk = at::zeros({Tk, H, D}, qf.options()),
@@ -287,6 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cpu(
     float* dvec = dP + kBwdBQ * kBK;  // rowsum(dO * O) per query
     const int64_t qrow = s.q0 * HD + w.h * D, krow = s.k0 * HD + w.h * D;
     for (int64_t i = 0; i < s.lq; ++i) dvec[i] = dot(dop0 + qrow + i * HD, op0 + qrow + i * HD, D);
+    if (dlp0 != nullptr)
+      for (int64_t i = 0; i < s.lq; ++i) dvec[i] -= dlp0[w.h * Tq + s.q0 + i];
     const float* lse_h = lp0 + w.h * Tq + s.q0;
     for (int64_t j0 = 0; j0 < s.lk; j0 += kBK) {
       const int64_t bk = std::min(kBK, s.lk - j0);
@@ -367,9 +379,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cuda(const at::Tensor& q, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attn_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k,
-    double scale) {
+    double scale, const std::optional<at::Tensor>& dlse) {
   c10::cuda::CUDAGuard guard(q.device());
   VarlenAttnArgs a = cuda_args(q, k, v, cu_q, cu_k, max_q, max_k, scale);
+  // The CUDA kernels compute rowsum(dO * O) on the device and take no dlse term: refuse a
+  // gradient into lse rather than drop it (one sync, only when a gradient reaches lse).
+  if (dlse.has_value() && dlse->defined())
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->device() == lse.device() &&
+                    !at::logical_and(*dlse != 0, at::isfinite(lse)).any().item<bool>(),
+                "varlen_attn_bwd on CUDA: gradients through lse are not supported by the CUDA kernels "
+                "(the CPU kernel supports them); detach lse or use impl='sdpa'");
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must match q");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 2 && lse.size(0) == q.size(1) &&
               lse.size(1) == q.size(0), "lse must be float32 (heads, total_q)");
@@ -391,7 +410,8 @@ TORCH_LIBRARY_FRAGMENT(nvfm, m) {
   m.def("varlen_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
         "int max_seqlen_k, float scale) -> (Tensor, Tensor)");
   m.def("varlen_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
-        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, Tensor? dlse=None) -> "
+        "(Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nvfm, CPU, m) {

@@ -300,9 +300,10 @@ void gather_cpu_u8(at::TensorList volumes, const int32_t* coords, const int32_t*
   });
 }
 
-at::Tensor gather_tokens_cpu(at::TensorList volumes, const at::Tensor& coords, const at::Tensor& cu,
+at::Tensor gather_tokens_cpu(at::TensorList volumes, const at::Tensor& coords, const at::Tensor& cu_seqlens,
                              const at::Tensor& params, const at::Tensor& table, at::IntArrayRef patch,
                              at::ScalarType dtype) {
+  const at::Tensor cu = cu_seqlens.contiguous();  // read by raw pointer below (a strided view is common)
   check_args(volumes, coords, cu, params, table, patch, dtype);
   const int64_t B = volumes.size(), P = patch[0] * patch[1] * patch[2];
   const int32_t* c = cu.data_ptr<int32_t>();
@@ -322,9 +323,10 @@ at::Tensor gather_tokens_cpu(at::TensorList volumes, const at::Tensor& coords, c
 }
 
 #ifdef NVFM_WITH_CUDA
-at::Tensor gather_tokens_cuda(at::TensorList volumes, const at::Tensor& coords, const at::Tensor& cu,
+at::Tensor gather_tokens_cuda(at::TensorList volumes, const at::Tensor& coords, const at::Tensor& cu_seqlens,
                               const at::Tensor& params, const at::Tensor& table, at::IntArrayRef patch,
                               at::ScalarType dtype) {
+  const at::Tensor cu = cu_seqlens.contiguous();  // the kernel reads it by raw pointer
   check_args(volumes, coords, cu, params, table, patch, dtype);
   c10::cuda::CUDAGuard guard(coords.device());
   const int64_t B = volumes.size(), P = patch[0] * patch[1] * patch[2];

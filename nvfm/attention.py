@@ -10,7 +10,7 @@ impl:
   "reference"     plain PyTorch loop over sequences (the specification; float64 in -> float64)
   "sdpa"          pad to the longest sequence, scaled_dot_product_attention with a key mask
   "ours"          the csrc kernels via torch.ops.nvfm.varlen_attn_fwd/bwd (CPU: fp32 compute,
-                  any float dtype; CUDA: fp16/bf16, head_dim 64/128), differentiable; on CUDA
+                  fp32/fp16/bf16 in; CUDA: fp16/bf16, head_dim 64/128), differentiable; on CUDA
                   NVFM_ATTN_KERNEL=tc runs the tensor-core kernels (mma.sync, sm_80+) instead
                   of the FMA ones (both checked in CI under the SIMT emulator: tests/test_simt.py)
   "torch_varlen"  torch.nn.attention.varlen.varlen_attn (CUDA only, torch >= 2.10)
@@ -20,7 +20,8 @@ Training code can always pick "sdpa" or "reference", so an unverified kernel nev
 
 Ops (see nvfm/ops.py for the pattern):
   varlen_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> (out, lse (heads, total_q) fp32)
-  varlen_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale) -> (dq, dk, dv)
+  varlen_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, dlse=None) -> (dq, dk, dv)
+    dlse (heads, total_q): gradient flowing into lse (CPU; the CUDA kernels refuse a nonzero one)
 """
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,37 @@ from nvfm import ops
 IMPLS = ("auto", "ours", "sdpa", "torch_varlen", "reference")
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q=None, max_seqlen_k=None):
+    """Validate the offsets as the C++ op does (csrc/attention.cpp read_seqs); ValueError if bad.
+    Returns the offsets as Python lists. max_seqlen_q/k, when given, must bound every length."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dim() != 1 or cu.numel() < 1 or cu.dtype.is_floating_point or cu.dtype.is_complex:
+            raise ValueError(f"{name} must be a 1D integer tensor of B + 1 offsets, got {cu.dtype} "
+                             f"{tuple(cu.shape)}")
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    if len(cq) != len(ck):
+        raise ValueError(f"cu_seqlens_q has {len(cq)} entries but cu_seqlens_k has {len(ck)}")
+    if cq[0] != 0 or ck[0] != 0:
+        raise ValueError("cu_seqlens must start at 0")
+    if cq[-1] != total_q:
+        raise ValueError(f"cu_seqlens_q ends at {cq[-1]} but q has {total_q} rows")
+    if ck[-1] != total_k:
+        raise ValueError(f"cu_seqlens_k ends at {ck[-1]} but k has {total_k} rows")
+    for b in range(len(cq) - 1):
+        if cq[b + 1] < cq[b] or ck[b + 1] < ck[b]:
+            raise ValueError(f"cu_seqlens must be non-decreasing (sequence {b})")
+    for name, cu, m, what in (("max_seqlen_q", cq, max_seqlen_q, "queries"), ("max_seqlen_k", ck, max_seqlen_k, "keys")):
+        if m is None or len(cu) < 2:
+            continue
+        lens = [cu[b + 1] - cu[b] for b in range(len(cu) - 1)]
+        longest = max(lens)
+        if longest > int(m):
+            raise ValueError(f"sequence {lens.index(longest)} has {longest} {what}, more than {name}={int(m)} "
+                             f"(max_seqlen must bound the longest sequence)")
+    return cq, ck
 
 
 def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None):
@@ -38,7 +70,7 @@ def attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros_like(q)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     for b in range(len(cq) - 1):
         qs, ks, vs = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
         if qs.shape[0] == 0 or ks.shape[0] == 0:
@@ -61,7 +93,10 @@ def _pad(x, cu, max_len):
 
 
 def attention_sdpa_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None):
-    """Pad every sequence to the batch maximum and run PyTorch SDPA with a key mask."""
+    """Pad every sequence to the batch maximum and run PyTorch SDPA with a key mask.
+    max_seqlen_q/k must bound every sequence (ValueError otherwise: padding to a shorter length
+    would drop tokens)."""
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     qp, vq = _pad(q, cu_seqlens_q, max_seqlen_q)
     kp, vk = _pad(k, cu_seqlens_k, max_seqlen_k)
     vp, _ = _pad(v, cu_seqlens_k, max_seqlen_k)
@@ -95,7 +130,7 @@ if _OPS_DEFINED:
         return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
     @torch.library.register_fake("nvfm::varlen_attn_bwd")
-    def _bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    def _bwd_fake(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, dlse=None):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def _setup_context(ctx, inputs, output):
@@ -103,13 +138,18 @@ if _OPS_DEFINED:
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, scale)
+        ctx.set_materialize_grads(False)  # dlse stays None when lse is unused (the usual case)
 
     def _backward(ctx, dout, dlse):
-        # lse is an auxiliary output: gradients flowing into it are not supported (none do here)
+        # A gradient into lse is folded into the softmax backward (d lse_i / d s_ij = p_ij): the CPU
+        # kernel supports it; the CUDA kernels refuse a nonzero one with a clear error.
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, scale = ctx.args
-        dq, dk, dv = torch.ops.nvfm.varlen_attn_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k,
-                                                    max_q, max_k, scale)
+        if dout is None and dlse is None:
+            return None, None, None, None, None, None, None, None
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        dq, dk, dv = torch.ops.nvfm.varlen_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                    max_q, max_k, scale, dlse)
         return dq, dk, dv, None, None, None, None, None
 
     torch.library.register_autograd("nvfm::varlen_attn_fwd", _backward, setup_context=_setup_context)
@@ -121,7 +161,7 @@ def ours_available(q, head_dim=None):
         return False
     if q.device.type == "cuda":
         return q.dtype in CUDA_DTYPES and (head_dim or q.shape[-1]) in CUDA_HEAD_DIMS
-    return True
+    return q.dtype in CPU_DTYPES  # csrc/attention.cpp check_qkv: float64 is not supported
 
 
 def attention_ours(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=None):
@@ -129,7 +169,7 @@ def attention_ours(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     if not ours_available(q):
         why = ("the compiled extension nvfm._C is not loaded" if not _OPS_DEFINED else
                f"no kernel for device {q.device}, dtype {q.dtype}, head_dim {q.shape[-1]} "
-               f"(CUDA needs {CUDA_DTYPES} and head_dim in {CUDA_HEAD_DIMS})")
+               f"(CPU needs {CPU_DTYPES}; CUDA needs {CUDA_DTYPES} and head_dim in {CUDA_HEAD_DIMS})")
         raise RuntimeError(f"varlen attention impl='ours' unavailable: {why}; use impl='sdpa'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.device.type == "cuda":  # the CPU kernel reads strided rows in place (e.g. views of a QKV GEMM)

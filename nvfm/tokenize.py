@@ -109,9 +109,12 @@ def patchify(volumes, masks, min_fg_fraction=DEFAULT_MIN_FG_FRACTION, patch=PATC
     impl: "auto" (kernel if built, else reference), "kernel" (error if not built), "reference".
     """
     volumes = [torch.as_tensor(v) for v in volumes]
-    masks = [torch.as_tensor(m).to(torch.uint8) if torch.as_tensor(m).dtype != torch.uint8
-             else torch.as_tensor(m) for m in masks]
-    device = volumes[0].device if volumes else torch.device("cpu")
+    masks = [torch.as_tensor(m) for m in masks]
+    # nonzero = foreground, as the reference counts it (a plain uint8 cast maps 0.5 or 256 to 0)
+    masks = [m if m.dtype == torch.uint8 else (m != 0).to(torch.uint8) for m in masks]
+    if not volumes:  # an empty batch: the op has no tensor to dispatch on; the result is fixed
+        return patchify_reference(volumes, masks, min_fg_fraction, patch)
+    device = volumes[0].device
     use_kernel = impl == "kernel" or (impl == "auto" and ops.auto_backend("patchify", device) != "reference")
     if use_kernel:
         if ops.backend("patchify", device) == "reference":
@@ -125,6 +128,14 @@ def unpatchify(tokens, coords, shape, patch=PATCH, impl="auto"):
     """Same contract as unpatchify_reference; uses the compiled kernel when available."""
     use_kernel = impl == "kernel" or (impl == "auto" and ops.auto_backend("unpatchify", tokens.device) != "reference")
     if use_kernel:
+        if coords.dtype != torch.int32 and coords.numel():
+            # check before the int32 cast: 2**32 would wrap to 0 and pass the kernel's bounds check
+            grid = torch.tensor(token_grid(shape, patch), device=coords.device)
+            bad = ((coords < 0) | (coords >= grid)).any(-1) if coords.dim() == 2 and coords.shape[-1] == 3 else None
+            if bad is not None and bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise IndexError(f"unpatchify: coordinate {i} {coords[i].tolist()} outside the token grid "
+                                 f"{tuple(grid.tolist())}")
         return torch.ops.nvfm.unpatchify(tokens.contiguous(), coords.to(torch.int32).contiguous(),
                                          list(shape), list(patch))
     return unpatchify_reference(tokens, coords, shape, patch)

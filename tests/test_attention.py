@@ -192,3 +192,95 @@ def test_ours_cuda_short_max_seqlen_gives_no_nan():
     out = varlen_attention(q, k, v, cu_q, cu_k, 32, 20, impl="ours")
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+
+
+# ---- input validation and the lse gradient -------------------------------------------------------
+
+def _fresh_seed():
+    return int(torch.randint(0, 2**31, ()))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "auto_no_ext"])
+def test_sdpa_rejects_max_seqlen_below_the_longest_sequence(impl, monkeypatch):
+    """The padded SDPA path trusted max_seqlen: a max_seqlen_k below the longest key sequence
+    dropped keys silently (wrong output), a short max_seqlen_q gave a shape error."""
+    import nvfm.attention as A
+    if impl == "auto_no_ext":  # impl="auto" without the compiled extension takes the SDPA path
+        monkeypatch.setattr(A, "ours_available", lambda q, head_dim=None: False)
+        assert A.resolve_impl("auto", torch.zeros(1, 1, 8)) == "sdpa"
+    lens_q, lens_k = [3, 6, 2], [4, 7, 1]
+    q, k, v, _, cu_q, cu_k = make_inputs(lens_q, lens_k, 2, 16, seed=_fresh_seed())
+    call = lambda mq, mk: varlen_attention(q, k, v, cu_q, cu_k, mq, mk, impl="auto" if impl != "sdpa" else "sdpa")  # noqa: E731
+    with pytest.raises(ValueError, match=r"sequence 1 has 7 keys, more than max_seqlen_k=6"):
+        call(6, 6)
+    with pytest.raises(ValueError, match=r"sequence 1 has 6 queries, more than max_seqlen_q=5"):
+        call(5, 7)
+    ref = attention_reference(q, k, v, cu_q, cu_k)
+    for mq, mk in ((6, 7), (9, 12)):  # a bound above the longest length is fine
+        assert torch.allclose(call(mq, mk), ref, atol=1e-10)
+
+
+def test_reference_validates_cu_seqlens():
+    """attention_reference accepted a decreasing cu_seqlens (overlapping sequences, a silent
+    answer); it now refuses bad offsets like the C++ op."""
+    q = torch.randn(5, 1, 4, dtype=torch.float64)
+    good = torch.tensor([0, 2, 5], dtype=torch.int32)
+    for cu, msg in (([0, 4, 2, 5], "non-decreasing"), ([1, 5], "start at 0"), ([0, 4], "ends at 4 but q has 5"),
+                    ([0, 2, 6], "ends at 6")):
+        with pytest.raises(ValueError, match=msg):
+            attention_reference(q, q, q, torch.tensor(cu, dtype=torch.int32), torch.tensor(cu, dtype=torch.int32))
+    with pytest.raises(ValueError, match="entries"):
+        attention_reference(q, q, q, good, torch.tensor([0, 5], dtype=torch.int32))
+    assert torch.isfinite(attention_reference(q, q, q, good, good)).all()
+
+
+def test_auto_float64_on_cpu_runs_and_matches_reference():
+    """impl="auto" picked the compiled op for float64 on the CPU, which rejects float64."""
+    lens_q, lens_k = [5, 9], [7, 3]
+    q, k, v, do, cu_q, cu_k = make_inputs(lens_q, lens_k, 2, 32, seed=_fresh_seed())
+    assert resolve_impl("auto", q) == "sdpa"
+    ref = reference_with_grads(q, k, v, do, cu_q, cu_k)
+    got = run_impl("auto", q, k, v, do, cu_q, cu_k, lens_q, lens_k)
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert g.dtype == torch.float64 and torch.allclose(g, r, atol=1e-10), name
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert resolve_impl("auto", q.to(dtype)) == ("ours" if HAS_OURS_CPU else "sdpa")
+
+
+def _reference_out_lse(q, k, v, cu_q, cu_k, scale):
+    """float64 autograd ground truth: out and an explicit per-row logsumexp (H, total_q)."""
+    lse, cq, ck = [], cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        qs, ks = q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]]
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        lse.append(torch.logsumexp(s, -1) if ks.shape[0] else s.new_full((q.shape[1], qs.shape[0]), -torch.inf))
+    return attention_reference(q, k, v, cu_q, cu_k, scale), torch.cat(lse, 1)
+
+
+@needs_ours
+@pytest.mark.parametrize("use_out", [True, False])
+def test_ours_cpu_gradient_through_lse(use_out):
+    """varlen_attn_fwd's autograd dropped the gradient flowing into lse (silently zero). The
+    backward now folds it in: dS = P * (dP - (rowsum(dO * O) - dlse)); checked against float64
+    autograd of an explicit logsumexp, with and without a loss on out."""
+    lens_q, lens_k = [6, 0, 70, 4], [9, 3, 300, 0]  # cu_q != cu_k, no queries, several key tiles, no keys
+    q, k, v, do, cu_q, cu_k = make_inputs(lens_q, lens_k, 2, 32, seed=_fresh_seed())
+    dl = torch.randn(2, q.shape[0], dtype=torch.float64)
+    scale = 0.3
+
+    def loss(out, lse):
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # no-key rows: -inf constant
+        return (lse * dl.to(lse.dtype)).sum() + ((out * do.to(out.dtype)).sum() if use_out else 0)
+
+    qd, kd, vd = (t.clone().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(loss(*_reference_out_lse(qd, kd, vd, cu_q, cu_k, scale)),
+                               (qd, kd, vd), allow_unused=True)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    out, lse = torch.ops.nvfm.varlen_attn_fwd(qf, kf, vf, cu_q, cu_k, max(lens_q), max(lens_k), scale)
+    got = torch.autograd.grad(loss(out, lse), (qf, kf, vf), allow_unused=True)
+    for name, x, g, w in zip(("dq", "dk", "dv"), (q, k, v), got, want):
+        w = torch.zeros_like(x) if w is None else w
+        g = torch.zeros_like(w) if g is None else g.double()
+        assert w.abs().max() > 0 or name == "dv"
+        err = (g - w).abs().max().item()
+        assert err < 2e-5 * max(1.0, w.abs().max().item()), f"{name}: max error {err:.2e}"

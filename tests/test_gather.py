@@ -223,3 +223,35 @@ def test_entry_point_validation_on_every_device(device):
             run([[0, 0, 0], [1, 2, 2]], p=params.cpu())
         with pytest.raises(RuntimeError, match="must be on the coords' device"):
             run([[0, 0, 0], [1, 2, 2]], t=table.cpu())
+
+
+@needs_cpp
+def test_cpp_reads_a_strided_cu_seqlens_by_value():
+    """A non-contiguous cu_seqlens (a strided view) was read as if contiguous: tokens were
+    assigned to the wrong volume, silently. The entry points now copy it contiguous."""
+    from nvfm.gather import _params
+    rng, g = random.Random(), torch.Generator().manual_seed(random.randrange(2**31))
+    cases = [random_case(rng, g) for _ in range(3)]
+    vols, specs, coords = (list(x) for x in zip(*cases))
+    lens = [len(c) for c in coords]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    strided = torch.stack([cu, torch.full_like(cu, 10**6)], 1).reshape(-1)[::2]  # same values, stride 2
+    assert not strided.is_contiguous() and torch.equal(strided, cu)
+    packed = torch.cat(coords).to(torch.int32)
+    for dtype in (torch.float32, torch.uint8):
+        got = torch.ops.nvfm.gather_tokens(vols, packed, strided, _params(vols, specs), channel_table(),
+                                           list(PATCH), dtype)
+        assert torch.equal(got, gather_tokens_reference(vols, specs, coords, dtype=dtype))
+    # the audit's case: read as contiguous, [0, n, n] with filler f looks like a valid [0, f, n]
+    # (tokens f..n-1 moved to volume 1, same grid, other voxels), so a wrong answer came back silently
+    shape = (rng.randint(8, 12), rng.randint(40, 60), rng.randint(40, 60))
+    vols = [random_volume(g, shape, 1), random_volume(g, shape, 1)]
+    grid = token_grid(shape)
+    spec = GatherSpec((0, 0, 0), grid, tuple(rng.sample(range(3), 3)), tuple(rng.random() < 0.5 for _ in range(3)))
+    allc = torch.stack(torch.meshgrid(*[torch.arange(m) for m in spec.out_grid()], indexing="ij"), -1).reshape(-1, 3)
+    packed = allc[torch.randperm(len(allc), generator=g)[: rng.randint(2, len(allc))]].to(torch.int32)
+    n = len(packed)
+    strided = torch.tensor([0, rng.randint(1, n - 1), n, n, n], dtype=torch.int32)[::2]
+    got = torch.ops.nvfm.gather_tokens(vols, packed, strided, _params(vols, [spec, spec]), channel_table(),
+                                       list(PATCH), torch.float32)
+    assert torch.equal(got, gather_tokens_reference(vols, [spec, spec], [packed, packed[:0]]))

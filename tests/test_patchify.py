@@ -156,3 +156,46 @@ def test_unpatchify_validation_on_every_device(device):
         torch.ops.nvfm.unpatchify(tokens[:1], good, [8, 20, 20], [4, 16, 16])
     with pytest.raises(RuntimeError, match="coords must be"):
         torch.ops.nvfm.unpatchify(tokens, good[:, :2].contiguous(), [8, 20, 20], [4, 16, 16])
+
+
+def test_empty_batch_under_every_impl():
+    """patchify([], []) under impl="auto" reached the op, which has no tensor to dispatch on."""
+    want = T.patchify_reference([], [])
+    for impl in ("auto", "reference"):
+        got = T.patchify([], [], impl=impl)
+        assert [tuple(t.shape) for t in got] == [(0, 1024), (0, 3), (1,)]
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, want))
+
+
+@needs_ext
+@pytest.mark.parametrize("mask_dtype,value", [(torch.float32, 0.5), (torch.int32, 256), (torch.int64, -512),
+                                              (torch.bool, True)])
+def test_kernel_counts_nonzero_mask_values(mask_dtype, value):
+    """Masks were cast with .to(uint8): 0.5 and 256 became 0 and their foreground was dropped;
+    the reference counts mask != 0."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    shape = (9, 40, 35)
+    vol = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    mask = torch.where(torch.rand(shape, generator=gen) < 0.7, torch.tensor(value, dtype=mask_dtype),
+                       torch.tensor(0, dtype=mask_dtype))
+    got = T.patchify([vol], [mask], 0.5, impl="kernel")
+    want = T.patchify_reference([vol], [mask], 0.5)
+    assert want[0].shape[0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@needs_ext
+def test_unpatchify_int64_coords_do_not_wrap():
+    """int64 coords were cast to int32 before the kernel's bounds check: 2**32 wrapped to 0 and
+    the token was written at grid cell 0. Now an IndexError, as in the reference."""
+    tok = torch.randint(1, 256, (2, 1024), dtype=torch.uint8)
+    for bad in ([[0, 0, 0], [2**32, 0, 0]], [[0, 0, 0], [0, 2**32 + 1, 0]], [[-1, 0, 0], [0, 0, 0]]):
+        c = torch.tensor(bad, dtype=torch.int64)
+        if bad[1][0] == 2**32 or bad[1][1] == 2**32 + 1:
+            with pytest.raises(IndexError):
+                T.unpatchify_reference(tok, c, (8, 16, 16))
+        with pytest.raises(IndexError, match="outside the token grid"):
+            T.unpatchify(tok, c, (8, 16, 16), impl="kernel")
+    good = torch.tensor([[1, 0, 0], [0, 0, 0]])
+    assert torch.equal(T.unpatchify(tok, good, (8, 16, 16), impl="kernel"),
+                       T.unpatchify_reference(tok, good, (8, 16, 16)))
