@@ -17,7 +17,8 @@ nvfm shards: the authors' tokens, but nvfm's foreground and intensity rules).
 
 Every token of every volume of a study is encoded whole (no crop); CT volumes are encoded
 once per window (brain, blood, bone). Resumable: studies already in the cache are skipped,
-so a killed run continues where it stopped. The cache records the encoder's hash; pointing
+so a killed run continues where it stopped; a cache whose data files were cut short keeps the
+studies stored before the cut and encodes the others again (with a warning). The cache records the encoder's hash; pointing
 --out at a cache made by another encoder is an error (use --overwrite=True to redo it).
 A study that fails to encode is reported (by its study_key) and skipped.
 """
@@ -120,7 +121,13 @@ def main():
     t0 = time.time()
     n_tokens = 0
     spec = encoder if encoder.startswith("random:") else os.path.abspath(encoder)  # for the flip test
-    with features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite) as w:
+    try:
+        writer = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite)
+    except features.StaleCacheError as e:  # another encoder's cache
+        fail(str(e))
+    if writer.repaired:
+        print(f"encode: warning: {writer.repaired}")
+    with writer as w:
         todo = [k for k in studies if k not in w]
         if len(todo) < len(studies):
             print(f"encode: resuming, {len(studies) - len(todo)} studies already in {out}")

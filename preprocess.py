@@ -157,14 +157,16 @@ def _dropped_warning(log, path, what, dropped):
         log(f"  dropped {what}: {', '.join(sorted(dropped))[:300]}", console_only=True)
 
 
-def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), log=None):
+def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), log=None, written_splits=None):
     """Copy labels.csv / findings.jsonl with study_uid replaced by study_key, keeping only
     the known columns: ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and
-    `extra_columns`; the rest are dropped with a warning.
+    `extra_columns`; the rest are dropped with a warning. written_splits: {study_key: split}
+    of the volumes already in the output's manifest: a labels/findings file that puts one of
+    them in another split is refused before either file is replaced.
     Returns ({study_key: split} from the labels (or findings) split column, set of all keys)."""
     from nvfm.ontology import ALL_DIAGNOSES
     extra = {c.strip() for c in extra_columns if c.strip()}
-    splits, keys = {}, set()
+    splits, keys, source, moves = {}, set(), {}, []
     if labels_path:
         with open(labels_path, newline="") as f:
             rd = csv.DictReader(f)
@@ -184,13 +186,13 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
                 key = dicom.study_key(r["study_uid"], salt)
                 keys.add(key)
                 if r.get("split"):
-                    splits[key] = _clean_split(r["split"])
+                    splits[key], source[key] = _clean_split(r["split"]), labels_path
                 out = {("study_key" if k == "study_uid" else k): (key if k == "study_uid" else r.get(k))
                        for k in kept}
                 if out.get("subject"):
                     out["subject"] = dicom.subject_key(out["subject"], salt)
                 w.writerow(out)
-        os.replace(tmp, os.path.join(out_dir, "labels.csv"))
+        moves.append((tmp, os.path.join(out_dir, "labels.csv")))
     if findings_path:
         known = set(FINDINGS_KEYS) | extra
         dropped = set()
@@ -212,13 +214,23 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
                         keys.add(out["study_key"])
                         if rec.get("split") and out["study_key"] not in splits:
                             splits[out["study_key"]] = _clean_split(rec["split"])
+                            source[out["study_key"]] = findings_path
                     elif k in known:
                         out[k] = v
                     else:
                         dropped.add(str(k))
                 g.write(json.dumps(out) + "\n")
         _dropped_warning(log, findings_path, "key(s)", dropped)
-        os.replace(tmp, os.path.join(out_dir, "findings.jsonl"))
+        moves.append((tmp, os.path.join(out_dir, "findings.jsonl")))
+    moved = next((k for k in sorted(splits) if k in (written_splits or {}) and written_splits[k] != splits[k]), None)
+    if moved is not None:
+        for tmp, _ in moves:
+            os.remove(tmp)
+        raise SystemExit(f"preprocess: {source[moved]}: study {moved} is in split {splits[moved]!r} there, but its "
+                         f"volumes in {os.path.join(out_dir, 'manifest.json')} are in split {written_splits[moved]!r}: "
+                         f"use a new --output for other splits")
+    for tmp, dst in moves:
+        os.replace(tmp, dst)
     return splits, keys
 
 
@@ -500,9 +512,11 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     salt_id = hashlib.sha256(s.encode()).hexdigest()[:16]
     log = Log(output_dir, cfg_log_paths)
     man_path = os.path.join(output_dir, "manifest.json")
+    written_splits = {}
     if os.path.exists(man_path):
         with open(man_path) as f:
             old = json.load(f)
+        written_splits = {v["study_key"]: v["split"] for v in old.get("volumes", [])}
         if old.get("salt_id") != salt_id:
             raise SystemExit(f"preprocess: {output_dir} was written with another salt; "
                              "use the same salt or a new --output")
@@ -515,7 +529,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                              f"{RESAMPLING[cfg_preset]}: use a new --output")
     settings = run_settings(cfg_preset, cfg_min_fg, salt_id)
     check_settings(output_dir, settings)  # parts of a killed run or of other array jobs
-    splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log)
+    splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log,
+                                      written_splits)
 
     # 1. list files, scan headers, group files into studies as the headers come in
     files, unreadable_dirs = dicom.walk_inputs(input_dir)
@@ -600,6 +615,9 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     if not todo and os.path.exists(man_path) and not glob.glob(os.path.join(output_dir, "parts", "*.jsonl")):
         with open(man_path) as f:
             manifest = json.load(f)
+        problem = shards.shard_size_problem(output_dir, manifest)
+        if problem:
+            raise SystemExit(f"preprocess: {problem}")
         log("nothing new to process: the output is complete")
         print_summary(manifest["summary"])
         _require_volumes(manifest)

@@ -7,9 +7,11 @@ gives the targets. Loss: smooth L1 (beta 1). Only student and predictor get grad
 
     python train_jepa.py config/jepa_tiny.py --shards=SHARDS --out_dir=out/jepa_tiny
     torchrun --standalone --nproc_per_node=8 train_jepa.py config/jepa_vitb.py --shards=SHARDS
-Resume after a stop (SIGTERM/SIGINT also write a checkpoint): add --init_from=resume.
+Resume after a stop (SIGTERM/SIGINT also write a checkpoint): add --init_from=resume, with the same
+settings (a changed setting that alters training, or another shard set, is refused; RESUME_MAY_CHANGE).
 Outputs in out_dir: ckpt.pt (full training state), encoder.safetensors (+ .json), log.jsonl.
 """
+import hashlib
 import json
 import math
 import os
@@ -23,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nvfm.checkpoint import load_checkpoint, load_state_strict, save_atomic
-from nvfm.configurator import config_dict, configure
+from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic
+from nvfm.configurator import config_dict, configure, fail
 from nvfm.data import ShardReader
 from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
@@ -71,6 +73,12 @@ export = "teacher"                 # the encoder written as encoder.safetensors;
 device = "auto"                    # auto | cpu | cuda
 configure(globals())
 config = config_dict(globals())
+# settings that may change on --init_from=resume: they do not change the trained weights (logging,
+# checkpointing, monitoring, where and how fast it runs, where it stops). Every other setting must
+# equal the checkpoint's; the shard set is compared by its manifest's content (below), not its path.
+RESUME_MAY_CHANGE = ("out_dir", "init_from", "shards", "num_workers", "compile", "device", "attention",
+                     "grad_checkpointing", "log_interval", "ckpt_interval", "stop_at_step", "collapse_warn",
+                     "eval_interval", "probe_studies", "probe_cohort", "export")
 
 # ----------------------------------------------------------------------------- distributed set-up
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -97,7 +105,12 @@ ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # ----------------------------------------------------------------------------- data
 if not shards or not os.path.exists(os.path.join(shards, "manifest.json")):
     raise SystemExit(f"train_jepa.py: --shards={shards!r} is not a preprocess.py output (no manifest.json)")
-reader = ShardReader(shards)
+try:
+    reader = ShardReader(shards)
+except ValueError as e:  # a shard file cut short, a format this version does not read
+    fail(str(e))
+with open(os.path.join(shards, "manifest.json"), "rb") as _f:  # the shard set's identity: moves keep it, new data changes it
+    shards_id = "sha256:" + hashlib.sha256(_f.read()).hexdigest()
 indices = train_indices(reader, split, min_tokens)
 if not indices:
     raise SystemExit(f"{shards}: no '{split}' volumes with >= {min_tokens} foreground tokens")
@@ -157,6 +170,14 @@ step = 0
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ck = load_checkpoint(ckpt_path)
+    changes = changed_settings(ck.get("config", {}), config, RESUME_MAY_CHANGE)
+    if ck.get("shards_id", shards_id) != shards_id:
+        changes.insert(0, f"shards {ck['config'].get('shards')!r} (manifest {ck['shards_id'][:19]}) -> "
+                          f"{shards!r} (manifest {shards_id[:19]})")
+    elif "shards_id" not in ck and ck.get("config", {}).get("shards", shards) != shards:  # an older checkpoint
+        changes.insert(0, f"shards {ck['config']['shards']!r} -> {shards!r}")
+    if changes:
+        fail(resume_refusal(ckpt_path, changes))
     saved = vars(EncoderConfig.from_dict(ck["encoder_config"]))
     if saved != vars(enc_cfg):
         raise SystemExit(f"{ckpt_path}: the checkpoint's encoder {saved} differs from this run's {vars(enc_cfg)}; "
@@ -242,7 +263,7 @@ def save_checkpoint(next_step):
     extra = {"pos_predictor": raw_model.pos_predictor.state_dict()} if position_control else {}
     save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
                  "teacher": teacher.state_dict(), **extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "step": next_step, "config": config, "encoder_config": vars(enc_cfg),
+                 "step": next_step, "config": config, "encoder_config": vars(enc_cfg), "shards_id": shards_id,
                  "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
 
 

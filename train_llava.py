@@ -13,7 +13,9 @@ Training studies are drawn with replacement, weight = 1 / prevalence of the stud
 draws them uniformly, as config/llava_tiny.py does: the SPEC weights starve the phantom cohorts'
 unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md,
 Report generator). bf16 autocast on CUDA, gradient checkpointing, atomic checkpoints every
-ckpt_interval iterations, --init_from=resume continues a run.
+ckpt_interval iterations, --init_from=resume continues a run: with the checkpoint's settings (others that
+change training are refused; RESUME_MAY_CHANGE lists those that may change), and with the fine-tuned LM
+saved with that checkpoint (OUT/llm-<iteration>, named in ckpt.pt; OUT/llm links to it), or not at all.
 Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
 with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.
 
@@ -29,9 +31,11 @@ is appended is a finding the report missed, not a repeat of what it already says
 Youden cuts append false urgent findings to most studies; BENCHMARKS.md, Report generator).
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
+import re
 import time
 
 import torch
@@ -113,6 +117,17 @@ judge_model = "local"
 from nvfm.configurator import config_dict, configure, fail, require_path  # noqa: E402
 configure(globals())
 config = config_dict(globals())
+# settings that may change on --init_from=resume: they do not change the trained model (logging, checkpoints,
+# evaluation and decoding, where and how it runs; init_connector is read only by a fresh start; findings and
+# features are compared by content, see data_id). max_iters may change to continue a finished run (a note
+# says the learning-rate schedule of the remaining iterations follows the new length). Every other setting
+# must equal the checkpoint's.
+RESUME_MAY_CHANGE = ("out_dir", "init_from", "init_connector", "features", "findings", "max_iters", "attn_impl",
+                     "grad_ckpt", "device", "fsdp", "log_interval", "ckpt_interval", "eval_interval", "val_split",
+                     "eval_split", "eval_only", "reuse_reports", "max_eval", "gen_batch_size", "max_new_tokens",
+                     "num_beams", "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "probe",
+                     "probe_scores", "probe_threshold", "probe_rule", "probe_precision", "probe_folds", "cross_check",
+                     "judge", "judge_url", "judge_model")
 # the usual mistakes are one-line errors before anything is loaded or written
 require_path(findings, "--findings", hint="SHARDS/findings.jsonl written by preprocess.py")
 if not text_only:
@@ -125,8 +140,8 @@ if stage not in (1, 2) or init_from not in ("scratch", "resume"):
     fail(f"--stage must be 1 or 2 (got {stage}) and --init_from scratch or resume (got {init_from!r})")
 
 from nvfm import llava  # noqa: E402
-from nvfm.checkpoint import load_checkpoint, save_atomic  # noqa: E402
-from nvfm.features import FeatureCache  # noqa: E402
+from nvfm.checkpoint import changed_settings, load_checkpoint, resume_refusal, save_atomic  # noqa: E402
+from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
 from nvfm.report_metrics import evaluate_reports, iter_jsonl  # noqa: E402
 
@@ -153,7 +168,10 @@ if probe_rule not in ("reports", "precision", "youden") or not 0.0 < probe_preci
     fail(f"--probe_rule must be reports, precision or youden (got {probe_rule!r}), --probe_precision "
                      f"in (0, 1] (got {probe_precision}) and --probe_folds >= 2 (got {probe_folds})")
 recs = llava.read_findings(findings)
-cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
+try:
+    cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
+except StaleCacheError as e:  # a cache cut short
+    fail(str(e))
 keys_with_features = set(cache.study_keys()) if cache is not None else set(recs)
 missing = [k for k in recs if k not in keys_with_features]
 if missing and master:
@@ -167,6 +185,8 @@ if max_eval:
 if not train_keys and not eval_only:
     raise SystemExit(f"no training studies: {findings} has no split=train study with features in {features}")
 labels = llava.study_labels(recs, findings)
+with open(findings, "rb") as _f:  # what the run trains on: the findings' content and the training studies
+    data_id = "sha256:" + hashlib.sha256(_f.read() + "\0".join(train_keys).encode()).hexdigest()
 if master:
     os.makedirs(out_dir, exist_ok=True)
 weights = llava.sampling_weights([labels[k] for k in train_keys], resample_power) if train_keys else None
@@ -200,16 +220,80 @@ def get_batch(gen):
 
 
 # ----------------------------------------------------------------------------- model
-llm_path = resolve_llm(llm)
+base_llm = llm_path = resolve_llm(llm)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-llm_saved = os.path.join(out_dir, "llm")
-if init_from == "resume" and os.path.exists(os.path.join(llm_saved, "config.json")):
-    llm_path = llm_saved  # the fine-tuned LM of this run
-lm, tok = load_llm(llm_path)
-enc_dim = cache.dim if cache is not None else 1
+llm_link = os.path.join(out_dir, "llm")  # a symlink to the LM directory ckpt.pt names (for --llm and readers)
+llm_dir = None  # that directory's name in out_dir: the fine-tuned LM saved with ckpt.pt (stage 2)
+STALE_LM = re.compile(r"^(llm-\d+|\.llm-\d+\.tmp|\.llm\.link\.tmp|llm\.tmp|llm\.old)$")
+
+
+def resumed_lm(ck):
+    """The name (in out_dir) of the LM directory saved with checkpoint ck, checked against the file sizes
+    ck recorded; None when ck's run did not train the LM. fail()s when that LM is missing or differs."""
+    it = ck.get("iter_num")
+    if "llm_dir" not in ck:  # written before ckpt.pt named its LM: the LM of that layout is OUT/llm
+        if ck.get("stage") != 2:
+            return None
+        if not os.path.isfile(os.path.join(llm_link, "config.json")):
+            fail(f"{ckpt_path} (iteration {it}) was saved with a fine-tuned LM in {llm_link}, which is missing (a "
+                 f"save interrupted; {llm_link}.old or .tmp may be left, unverifiable): start a new --out_dir")
+        return "llm"
+    name = ck["llm_dir"]
+    if name is None:
+        return None
+    path = os.path.join(out_dir, name)
+    if not os.path.isdir(path):
+        fail(f"{ckpt_path} (iteration {it}) was saved with the fine-tuned LM {path}, which is missing: "
+             f"start a new --out_dir")
+    for fn, size in ck["llm_files"].items():
+        p = os.path.join(path, fn)
+        have = os.path.getsize(p) if os.path.isfile(p) else None
+        if have != size:
+            fail(f"{p} is {'missing' if have is None else f'{have} bytes'}, but {ckpt_path} (iteration {it}) recorded "
+                 f"{size} bytes: that is not the LM saved with the checkpoint; start a new --out_dir")
+    return name
+
+
+def publish_lm(name):
+    """Point OUT/llm at LM directory `name` and remove every other LM directory or leftover of a save
+    (only after ckpt.pt names `name`: a kill anywhere keeps the pair ckpt.pt + its LM)."""
+    import shutil
+    if name not in (None, "llm"):
+        tmp = os.path.join(out_dir, ".llm.link.tmp")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(name, tmp)
+        if os.path.isdir(llm_link) and not os.path.islink(llm_link):  # the older layout's directory
+            shutil.rmtree(llm_link)
+        os.replace(tmp, llm_link)
+    for entry in os.listdir(out_dir):
+        if entry != name and STALE_LM.match(entry):
+            p = os.path.join(out_dir, entry)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+
+
 iter_num, ckpt = 0, None
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
+    changes = changed_settings(ckpt.get("config", {}), config, RESUME_MAY_CHANGE)
+    if ckpt.get("data_id", data_id) != data_id:
+        changes.insert(0, f"training data (findings {ckpt['config'].get('findings')!r} -> {findings!r}: other "
+                          f"findings or other training studies with features)")
+    elif "data_id" not in ckpt:  # an older checkpoint: compare the paths
+        changes[:0] = [f"{k} {ckpt['config'][k]!r} -> {config[k]!r}" for k in ("findings", "features")
+                       if ckpt.get("config", {}).get(k, config[k]) != config[k]]
+    if changes:
+        fail(resume_refusal(ckpt_path, changes))
+    if ckpt.get("config", {}).get("max_iters", max_iters) != max_iters and master:
+        print(f"note: --max_iters {ckpt['config']['max_iters']} -> {max_iters}: the learning-rate schedule of the "
+              f"remaining iterations follows the new length (not the same run as one started with it)")
+    llm_dir = resumed_lm(ckpt)
+    if llm_dir is not None:
+        llm_path = os.path.join(out_dir, llm_dir)  # the fine-tuned LM saved with ckpt.pt
+    if master:
+        publish_lm(llm_dir)  # leftovers of a killed save, LM directories ckpt.pt does not name
+lm, tok = load_llm(llm_path)
+enc_dim = cache.dim if cache is not None else 1
 model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
                               hemispheres=hemispheres)
 if init_from == "resume":
@@ -299,25 +383,37 @@ def full_state():
 
 def save(it):
     """Connector + optimizer in ckpt.pt; a trained LM as an HF directory (loadable by --llm)."""
+    global llm_dir
     conn, lm_sd = full_state()
     if not master:
         return
-    if train_llm:
+    name, files = None, None
+    if train_llm:  # the LM first, into a directory of its own; ckpt.pt (naming it) is the commit point
         import shutil
-        tmp = llm_saved + ".tmp"
+        name = f"llm-{it:07d}"
+        final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
+        for p in (tmp, final):  # left by a killed save: no ckpt.pt names them
+            if os.path.exists(p):
+                shutil.rmtree(p)
         lm.save_pretrained(tmp, state_dict=lm_sd)
         tok.save_pretrained(tmp)
-        if os.path.exists(llm_saved):
-            os.replace(llm_saved, llm_saved + ".old")
-        os.replace(tmp, llm_saved)
-        if os.path.exists(llm_saved + ".old"):
-            shutil.rmtree(llm_saved + ".old")
+        files = {}
+        for fn in sorted(os.listdir(tmp)):
+            p = os.path.join(tmp, fn)
+            if os.path.isfile(p):
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+                files[fn] = os.path.getsize(p)
+        os.replace(tmp, final)
     state = {"connector": conn, "iter_num": it, "stage": stage, "stage1_iters": stage1_iters, "config": config,
-             "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": llm_path,
-             "enc_dim": enc_dim}
+             "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": base_llm,
+             "llm_dir": name, "llm_files": files, "data_id": data_id, "enc_dim": enc_dim}
     if not (ddp and fsdp):
         state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
     save_atomic(state, ckpt_path)
+    if train_llm:
+        llm_dir = name
+        publish_lm(name)
 
 
 # ----------------------------------------------------------------------------- train
@@ -449,7 +545,7 @@ def run_probes(paths, keys):
 
 if master and eval_keys and stage == 2 and ddp and fsdp:
     # the trained model is sharded across ranks: rank 0 decodes with an unsharded copy from disk
-    lm, tok = load_llm(llm_saved if train_llm else llm_path, device=device)
+    lm, tok = load_llm(os.path.join(out_dir, llm_dir) if llm_dir else llm_path, device=device)
     model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents,
                                   attn_impl, hemispheres=hemispheres).to(device)
     model.connector.load_state_dict(load_checkpoint(ckpt_path)["connector"])

@@ -42,3 +42,19 @@ def load_state_strict(module, state, what="model"):
         raise RuntimeError(f"{what}: checkpoint does not match the model: "
                            f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
     return module
+
+
+def changed_settings(saved, now, may_change=()):
+    """["key old -> new", ...] for the settings whose values differ between a checkpoint's stored
+    config and this run's, except the keys in may_change. A key missing from either side (a setting
+    added or removed since the checkpoint was written) is not compared."""
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(set(saved) & set(now))
+            if k not in may_change and saved[k] != now[k]]
+
+
+def resume_refusal(ckpt_path, changes):
+    """The one-line reason a --init_from=resume run with other settings is refused (None if none)."""
+    if not changes:
+        return None
+    return (f"{ckpt_path} was made with other settings: {', '.join(changes)}; resume with the checkpoint's "
+            f"settings, or start a new --out_dir")

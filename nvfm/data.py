@@ -238,8 +238,22 @@ def remove_parts(out_dir):
         pass
 
 
+def shard_size_problem(root, manifest):
+    """One line naming the first shard file whose size is not the one manifest["shards"] records
+    (cut short by a full disk or a partial copy, or changed since), or None when all match."""
+    for name, size in sorted((manifest.get("shards") or {}).items()):
+        path = os.path.join(root, name)
+        have = os.path.getsize(path) if os.path.isfile(path) else None
+        if have != size:
+            return (f"{path} is {'missing' if have is None else f'{have} bytes'}, but "
+                    f"{os.path.join(root, 'manifest.json')} records {size} bytes (cut short or changed after "
+                    f"preprocess.py wrote it): restore it, or rerun preprocess.py into a new --output")
+    return None
+
+
 class ShardReader:
-    """Random access to a shard set. `volumes` is the list of volume records."""
+    """Random access to a shard set. `volumes` is the list of volume records. Opening it checks
+    every shard file's size against the manifest (ValueError naming the file otherwise)."""
 
     def __init__(self, root):
         self.root = root
@@ -249,6 +263,9 @@ class ShardReader:
         if not isinstance(version, int) or not 1 <= version <= VERSION:
             raise ValueError(f"{os.path.join(root, 'manifest.json')}: shard format version {version!r}; this nvfm "
                              f"reads versions 1..{VERSION} (update nvfm, or rerun preprocess.py)")
+        problem = shard_size_problem(root, self.manifest)
+        if problem:
+            raise ValueError(problem)
         self.volumes = self.manifest["volumes"]
         self._maps = {}
         self._tmask = {}

@@ -12,6 +12,11 @@ Resumable writes: a study's rows are appended to both files first, the index is 
 atomically (temp file + rename) afterwards, every `flush_every` studies and at close. A
 killed run leaves rows past index["rows"] that nothing points to: reopening for writing
 truncates the files back to index["rows"], and studies already in the index are skipped.
+A data file SHORTER than the index needs (a copy cut short, a file truncated after the
+run) is never zero-padded: the writer keeps the studies whose rows are all intact (the
+index is in write order, so they are a prefix), drops the rest from the index so that
+they are encoded again, and says so in `.repaired`; the reader refuses such a cache
+(`StaleCacheError` naming the file, its size and the size the index needs).
 
 Staleness: `encoder_hash` identifies the encoder (sha256 of the checkpoint file, or
 "random:<size>:seed<k>" for a random-initialised encoder). Opening a cache for writing
@@ -31,6 +36,25 @@ VERSION = 1
 
 class StaleCacheError(RuntimeError):
     pass
+
+
+ROW_BYTES = {"emb.f16": lambda dim: dim * 2, "coords.i32": lambda dim: 3 * 4}
+
+
+def _short_files(path, rows, dim):
+    """[(file, size, expected size)] of the data files shorter than `rows` rows need."""
+    out = []
+    for name, per_row in ROW_BYTES.items():
+        p = os.path.join(path, name)
+        size = os.path.getsize(p) if os.path.exists(p) else 0
+        if size < rows * per_row(dim):
+            out.append((p, size, rows * per_row(dim)))
+    return out
+
+
+def _short_message(path, short):
+    p, size, need = short[0]
+    return f"{p} is {size} bytes but {os.path.join(path, 'index.json')} needs {need} (cut short: a partial copy or a truncated file)"
 
 
 def file_hash(path, chunk=1 << 22):
@@ -63,6 +87,10 @@ class FeatureCache:
             raise ValueError(f"{index}: cache version {self.index.get('version')} != {VERSION}")
         self.encoder_hash = self.index["encoder_hash"]
         self.dim = int(self.index["dim"])
+        short = _short_files(path, int(self.index["rows"]), self.dim)
+        if short:
+            raise StaleCacheError(f"{_short_message(path, short)}; rerun encode.py with the same --out to "
+                                  f"re-encode the lost studies, or with --overwrite=True")
         if expect_hash is not None and expect_hash != self.encoder_hash:
             raise StaleCacheError(f"{path}: features were made by encoder {self.encoder_hash}, "
                                   f"expected {expect_hash}; re-run encode.py with the right encoder")
@@ -125,6 +153,7 @@ class FeatureWriter:
     def __init__(self, path, encoder_hash, dim, encoder_name="", overwrite=False, flush_every=16):
         self.path = path
         self.flush_every = flush_every
+        self.repaired = None  # a message when a cut-short cache was cut back to its intact studies
         os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "index.json")
         emb_path, co_path = os.path.join(path, "emb.f16"), os.path.join(path, "coords.i32")
@@ -137,6 +166,20 @@ class FeatureWriter:
                     f"use another output directory or --overwrite=True")
             if int(self.index["dim"]) != dim:
                 raise StaleCacheError(f"{path}: cache dim {self.index['dim']} != encoder dim {dim}")
+            short = _short_files(path, int(self.index["rows"]), dim)
+            if short:  # never zero-pad: keep the intact prefix of studies, encode the rest again
+                intact = min(os.path.getsize(p) // ROW_BYTES[os.path.basename(p)](dim)
+                             if os.path.exists(p) else 0 for p in (emb_path, co_path))
+                kept, rows, dropped = {}, 0, 0
+                for key, recs in self.index["studies"].items():
+                    end = max((r["row"] + r["n"] for r in recs), default=rows)
+                    if dropped or end > intact:
+                        dropped += 1
+                        continue
+                    kept[key], rows = recs, max(rows, end)
+                self.repaired = (f"{_short_message(path, short)}: kept the {len(kept)} studies stored "
+                                 f"before the cut, {dropped} to be encoded again")
+                self.index["studies"], self.index["rows"] = kept, rows
         else:
             self.index = {"version": VERSION, "encoder_hash": encoder_hash, "encoder": encoder_name,
                           "dim": int(dim), "rows": 0, "studies": {}}

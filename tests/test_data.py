@@ -225,3 +225,23 @@ def test_values_block_format_2(tmp_path):
     assert r.values(j) is None
     np.testing.assert_array_equal(r.window_float(j, "blood"), r.window(j, "blood").astype(np.float32) / 255)
     assert len(studies) == 2
+
+
+def test_reader_checks_shard_sizes_against_the_manifest(shard_set):
+    """A shard file cut short (full disk, partial copy) or missing is refused on open, in one line
+    naming the file, its size and the manifest's; the intact set opens and reads as written."""
+    out, studies = shard_set
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    name = sorted(man["shards"])[0]
+    path = os.path.join(out, name)
+    size = os.path.getsize(path)
+    assert man["shards"][name] == size
+    shards.ShardReader(out)
+    with open(path, "r+b") as f:
+        f.truncate(size - 100)
+    with pytest.raises(ValueError, match=rf"{name} is {size - 100} bytes, but .*manifest.json records {size} bytes") as e:
+        shards.ShardReader(out)
+    assert "\n" not in str(e.value)
+    os.remove(path)
+    with pytest.raises(ValueError, match=rf"{name} is missing, but .*records {size} bytes"):
+        shards.ShardReader(out)

@@ -88,3 +88,33 @@ def test_file_hash(tmp_path):
     p = tmp_path / "enc.bin"
     p.write_bytes(b"abc")
     assert features.file_hash(str(p)) == "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_cut_short_cache_is_refused_by_reader_and_repaired_by_writer(tmp_path):
+    """A data file shorter than the index needs is never zero-padded: the reader refuses it
+    (naming the file and both sizes), the writer keeps the studies stored before the cut and
+    lets the rest be encoded again, giving exactly the uninterrupted cache."""
+    rng = np.random.default_rng(3)
+    data = {f"s{i}": [dict(volume_id=f"v{i}", family="CT", window="brain", modality="CT",
+                           coords=rng.integers(0, 9, (4, 3)), emb=rng.normal(size=(4, 8)))] for i in range(4)}
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for d in (ref, cut):
+        with features.FeatureWriter(str(d), "h1", 8) as w:
+            for k, e in data.items():
+                w.add(k, e)
+    full = os.path.getsize(cut / "emb.f16")
+    assert full == 16 * 8 * 2
+    with open(cut / "emb.f16", "r+b") as f:   # cut inside study s2 (rows 8..11)
+        f.truncate(10 * 8 * 2 - 6)
+    with pytest.raises(features.StaleCacheError, match=rf"emb.f16 is {10 * 16 - 6} bytes but .*needs {full}"):
+        features.FeatureCache(str(cut))
+    w = features.FeatureWriter(str(cut), "h1", 8)
+    assert "emb.f16" in w.repaired and "2 to be encoded again" in w.repaired
+    assert "s0" in w and "s1" in w and "s2" not in w and "s3" not in w
+    for k in ("s2", "s3"):
+        w.add(k, data[k])
+    w.close()
+    a, b = features.FeatureCache(str(ref)), features.FeatureCache(str(cut))
+    assert a.index == b.index
+    for name in ("emb.f16", "coords.i32"):
+        assert (ref / name).read_bytes() == (cut / name).read_bytes()

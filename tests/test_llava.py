@@ -236,6 +236,61 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
     _check_probe_operating_points(tmp_path, [c for c in base if not c.startswith("--probe_scores")], env)
 
 
+def test_train_llava_resume_pairs_ckpt_with_its_lm_or_refuses(tmp_path, lm_dir):
+    """Stage 2 saves the LM into OUT/llm-<iter> before ckpt.pt, which names it (and its file sizes):
+    a resume loads exactly that LM, removes what a killed save left, and refuses (one line, exit 1)
+    when that LM is cut or missing, or when a setting that changes training differs."""
+    from safetensors.torch import load_file
+    fnd, feat = _synthetic_cohort(str(tmp_path))
+    out = str(tmp_path / "run")
+    base = [sys.executable, os.path.join(ROOT, "train_llava.py"), "config/llava_tiny.py", f"--features={feat}",
+            f"--findings={fnd}", f"--out_dir={out}", f"--llm={lm_dir}", "--batch_size=3", "--eval_split=none",
+            "--ckpt_interval=1000"]
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1")
+    sh = lambda args: subprocess.run(base + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def refused(args, *named):
+        r = sh(args)
+        err = r.stderr.strip()
+        assert r.returncode == 1 and len(err.splitlines()) == 1, (args, r.returncode, r.stderr[-3000:])
+        assert err.startswith("train_llava.py: error: ") and all(n in err for n in named), (named, err)
+
+    r = sh(["--max_iters=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck_path = os.path.join(out, "ckpt.pt")
+    ck = torch.load(ck_path, weights_only=True)
+    saved = os.path.join(out, "llm-0000002")
+    assert ck["llm_dir"] == "llm-0000002" and os.path.realpath(os.path.join(out, "llm")) == os.path.realpath(saved)
+    assert ck["llm_files"]["model.safetensors"] == os.path.getsize(os.path.join(saved, "model.safetensors"))
+    w0, w2 = load_file(os.path.join(lm_dir, "model.safetensors")), load_file(os.path.join(saved, "model.safetensors"))
+    assert not all(torch.equal(w0[k], w2[k]) for k in w0)  # the fine-tuned LM, not the base
+    ck_bytes = open(ck_path, "rb").read()
+    refused(["--max_iters=3", "--init_from=resume", "--seed=9", "--lr=0.01", "--text_only=True"],
+            "other settings", "lr 0.0003 -> 0.01", "seed 0 -> 9", "text_only False -> True", "--out_dir")
+    # a kill inside a later save: a newer LM (here the base) that no ckpt.pt names, and a half-written one
+    import shutil
+    shutil.copytree(lm_dir, os.path.join(out, "llm-0000003"))
+    shutil.copytree(lm_dir, os.path.join(out, ".llm-0000004.tmp"))
+    weights = os.path.join(saved, "model.safetensors")
+    size = os.path.getsize(weights)
+    os.rename(weights, weights + ".keep")
+    with open(weights, "wb") as f:   # the LM ckpt.pt names, cut short
+        f.write(open(weights + ".keep", "rb").read()[:size // 2])
+    refused(["--max_iters=3", "--init_from=resume"], f"{weights} is {size // 2} bytes", f"recorded {size} bytes")
+    os.replace(weights + ".keep", weights)
+    assert open(ck_path, "rb").read() == ck_bytes and os.path.isdir(os.path.join(out, "llm-0000003"))
+    r = sh(["--max_iters=3", "--init_from=resume", "--log_interval=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"from {saved}:" in r.stdout and "resumed from" in r.stdout and "iter 2:" in r.stdout + r.stderr
+    ck = torch.load(ck_path, weights_only=True)
+    assert ck["iter_num"] == 3 and ck["llm_dir"] == "llm-0000003" and ck["llm"] == lm_dir
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "llm", "llm-0000003", "log.jsonl"]
+    w3 = load_file(os.path.join(out, "llm", "model.safetensors"))
+    assert not all(torch.equal(w0[k], w3[k]) for k in w0) and not all(torch.equal(w2[k], w3[k]) for k in w2)
+    shutil.rmtree(os.path.join(out, "llm-0000003"))  # the LM ckpt.pt names is gone: never the base LM instead
+    refused(["--max_iters=4", "--init_from=resume"], "llm-0000003, which is missing", "--out_dir")
+
+
 def _check_probe_operating_points(tmp_path, base, env):
     """--probe=probe.pt re-scored on the saved reports (--reuse_reports): the precision rule fits its
     cuts on the probe's selection-split scores, the youden rule uses the probe's stored thresholds,

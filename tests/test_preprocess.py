@@ -301,6 +301,38 @@ def test_array_job_shards_merge_to_the_same_output(cohort, tmp_path):
     assert _outputs(ref2) == _outputs(out)
 
 
+def test_rerun_refuses_labels_with_other_splits_and_cut_shards(cohort, tmp_path):
+    """A rerun on a finished output: --labels (or --findings) that move a study to another split
+    than its volumes have in the manifest are refused before labels.csv / findings.jsonl change;
+    the same labels are fine; a shard file cut short is refused instead of called complete."""
+    out = str(tmp_path / "out")
+    shutil.copytree(cohort["ref"], out)
+    before = _outputs(out)
+    root = cohort["root"]
+    rows = [dict(r) for r in cohort["rows"]]
+    moved = next(r for r in rows if r["split"] == "train")
+    moved["split"] = "test"
+    relabel = str(tmp_path / "labels.csv")
+    with open(relabel, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    key = preprocess.dicom.study_key(moved["study_uid"], preprocess.resolve_salt(""))
+    with pytest.raises(SystemExit, match=rf"labels.csv: study {key} is in split 'test' there, but its volumes "
+                                         rf"in .*manifest.json are in split 'train': use a new --output"):
+        preprocess.run(cohort["inp"], out, relabel, str(root / "findings.jsonl"), n_workers=1, cfg_progress=False)
+    assert _outputs(out) == before and not glob.glob(os.path.join(out, "*.tmp"))
+    man = preprocess.run(cohort["inp"], out, str(root / "labels.csv"), str(root / "findings.jsonl"), n_workers=1,
+                         cfg_progress=False)
+    assert man["summary"]["volumes"] == 16 and _outputs(out) == before
+    shard = os.path.join(out, "train_0.bin")
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size - 4096)
+    with pytest.raises(SystemExit, match=rf"train_0.bin is {size - 4096} bytes, but .*records {size} bytes"):
+        preprocess.run(cohort["inp"], out, n_workers=1, cfg_progress=False)
+
+
 def test_other_salt_refused_and_keys_change(cohort, tmp_path):
     with pytest.raises(SystemExit, match="another salt"):
         preprocess.run(cohort["inp"], cohort["ref"], n_workers=1, salt_value="secret", cfg_progress=False)

@@ -126,6 +126,36 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
         assert torch.equal(a[k], b[k]), f"{k} differs after resume"
 
 
+def test_resume_refuses_changed_settings(shards, tmp_path):
+    """--init_from=resume with a setting that changes training (another shard set, seed, lr schedule,
+    batch, predictor size, position control) is one line and exit 1 naming each key old -> new; the
+    checkpoint is untouched. The same shards moved elsewhere and the logging settings may change."""
+    import shutil
+    out = str(tmp_path / "run")
+    run(["--stop_at_step=2"], out, shards)
+    ck_path = os.path.join(out, "ckpt.pt")
+    before = open(ck_path, "rb").read()
+    other = write_synthetic_shards(str(tmp_path / "other"), n=6, seed=5, shape=(16, 80, 80))
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    cases = [([f"--shards={other}", "--seed=7", "--lr_peak=0.05", "--max_steps=40", "--global_batch=2"],
+              [f"shards {shards!r} (manifest", f"-> {other!r} (manifest", "global_batch 4 -> 2", "lr_peak 0.002 -> 0.05", "max_steps 16 -> 40", "seed 0 -> 7"]),
+             (["--position_control=False", "--predictor_dim=32"],  # were tracebacks (strict state-dict load)
+              ["position_control True -> False", "predictor_dim 64 -> 32"])]
+    for extra, named in cases:
+        cmd = [sys.executable, "train_jepa.py"] + ARGS + [f"--shards={shards}", f"--out_dir={out}",
+                                                         "--init_from=resume"] + extra
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        err = p.stderr.strip()
+        assert p.returncode == 1 and len(err.splitlines()) == 1, (extra, p.returncode, p.stderr[-2000:])
+        assert err.startswith("train_jepa.py: error: ") and "other settings" in err and "--out_dir" in err, err
+        assert all(n in err for n in named), (named, err)
+    assert open(ck_path, "rb").read() == before
+    moved = str(tmp_path / "moved")
+    shutil.copytree(shards, moved)
+    stdout = run(["--init_from=resume", "--stop_at_step=3", "--log_interval=1", f"--shards={moved}"], out, moved)
+    assert "resumed from" in stdout and load_checkpoint(ck_path)["step"] == 3
+
+
 def test_ddp_two_processes_equal_one(full_run, shards, tmp_path):
     out = str(tmp_path)
     stdout = run([], out, shards, nproc=2)
