@@ -77,7 +77,7 @@ if threads > 0:
 from nvfm import metrics  # noqa: E402
 from nvfm import probe as P  # noqa: E402
 from nvfm.checkpoint import load_checkpoint, load_state_strict  # noqa: E402
-from nvfm.features import FeatureCache  # noqa: E402
+from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
 
 
 def load_probe(path):
@@ -99,7 +99,10 @@ def load_probe(path):
 def evaluate_probe(path, display, rows_by_key, sides, fpath):
     """sides: lesion sides per study from findings.jsonl at fpath (None: not found)."""
     ck, models = load_probe(path)
-    cache = FeatureCache(features or ck["features"], expect_hash=ck["encoder_hash"])
+    try:
+        cache = FeatureCache(features or ck["features"], expect_hash=ck["encoder_hash"])
+    except StaleCacheError as e:   # another encoder's features, a cache cut short
+        fail(str(e))
     wins = set(ck["windows"].split(",")) if ck["windows"] else None
     lab = ck["label_names"]
     mod = ck["eval_modality"]

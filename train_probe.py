@@ -86,7 +86,7 @@ config = config_dict(globals())
 from nvfm import metrics, ontology  # noqa: E402
 from nvfm import probe as P  # noqa: E402
 from nvfm.checkpoint import save_atomic  # noqa: E402
-from nvfm.features import FeatureCache  # noqa: E402
+from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
 
 
 def log(msg):
@@ -175,9 +175,12 @@ def parse_grid(text):
 
 def main():
     rows, columns = check_inputs()
+    try:
+        cache = FeatureCache(features)
+    except StaleCacheError as e:   # a cache cut short: one line, before anything is written
+        fail(str(e))
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
-    cache = FeatureCache(features)
     names = choose_labels(columns) if task == "classify" else ["age"]
     warn_sparse_labels(names, columns)
     sides = {}

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,12 @@ def _bad_invocations(t):
     (t / "junk.pt").write_bytes(b"not a checkpoint")
     (t / "cache").mkdir()
     (t / "cache" / "index.json").write_text("{}")
+    from nvfm.features import FeatureWriter
+    with FeatureWriter(str(t / "cut"), "sha256:x", 4) as w:   # a cache whose data file was cut short
+        w.add("k1", [dict(volume_id="v", family="CT", window="brain", modality="CT", coords=np.zeros((3, 3)),
+                          emb=np.ones((3, 4)))])
+    with open(t / "cut" / "emb.f16", "r+b") as f:
+        f.truncate(8)
     good = _labels(t / "labels.csv", ["study_key", "modality", "split", "intraparenchymal_hemorrhage"])
     nokey = _labels(t / "nokey.csv", ["study_uid", "modality", "split", "intraparenchymal_hemorrhage"])
     out = t / "result"  # not out/: train_jepa.py's default out_dir is out/jepa
@@ -80,6 +87,8 @@ def _bad_invocations(t):
          ["--labels", "missing.csv", "not found"], out),
         ("train_probe.py", [f"--features={t / 'cache'}", f"--labels={nokey}", f"--out={out}"],
          ["nokey.csv", "no study_key column"], out),
+        ("train_probe.py", [f"--features={t / 'cut'}", f"--labels={good}", f"--out={out}"],
+         ["emb.f16 is 8 bytes", "encode.py"], out),
         ("train_probe.py", [f"--features={t / 'cache'}", f"--labels={good}", "--probe=svm", f"--out={out}"],
          ["--probe=svm", "choose one of"], out),
         ("evaluate.py", [f"--probes={t / 'empty.pt'}", f"--labels={good}", f"--out={out}"],

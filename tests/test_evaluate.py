@@ -443,3 +443,16 @@ def test_studies_sharing_subjects_get_a_subject_level_bootstrap(tmp_path, monkey
     evaluate.main()
     head = (tmp_path / "m" / "paper_table.md").read_text().splitlines()[0]
     assert head.startswith("95% CIs: subject-level (cluster) bootstrap in rsna") and "study-level bootstrap elsewhere" in head
+
+
+def test_a_cut_feature_cache_is_a_one_line_error(tmp_path, monkeypatch):
+    """A cache whose data file is shorter than its index used to reach the probe as a traceback
+    (or, before the reader checked sizes, as zeros)."""
+    pt, rows, header = _tiny_run(tmp_path)
+    _settings(monkeypatch, tmp_path, probes=pt)
+    size = os.path.getsize(tmp_path / "cache" / "emb.f16")
+    with open(tmp_path / "cache" / "emb.f16", "r+b") as f:
+        f.truncate(size - 2)
+    with pytest.raises(SystemExit, match=rf"emb.f16 is {size - 2} bytes") as e:
+        evaluate.main()
+    assert "\n" not in str(e.value.code)
