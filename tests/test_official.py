@@ -53,9 +53,10 @@ def test_fixture_output_reproduced(small, tmp_path, impl):
     assert (enc.config.dim, enc.config.depth, enc.config.heads, enc.config.pos_dim) == (96, 2, 3, 30)
     enc.set_attention(impl)
     err = (run_fixture(enc, small) - small["output"]).abs().max().item()
-    # float32 throughout: the BLAS summation order differs between CPUs (the reference measured 0 on
-    # one machine, 2.9e-6 on another), so every implementation gets the same 1e-5
-    assert err <= 1e-5, f"{impl}: max |diff| {err}"
+    # float32 throughout: the summation order differs between CPUs (the reference measured 0 on an AMD
+    # EPYC, 2.9e-6 on an Intel Xeon). 5e-6 stays below the subtlest flipped option (LayerNorm eps,
+    # 1.3-1.4e-5: the test below), so the reference path still tells every option apart.
+    assert err <= (5e-6 if impl == "reference" else 1e-5), f"{impl}: max |diff| {err}"
 
 
 def test_each_architecture_option_matters(small, tmp_path):
