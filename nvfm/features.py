@@ -168,8 +168,8 @@ class FeatureWriter:
                 raise StaleCacheError(f"{path}: cache dim {self.index['dim']} != encoder dim {dim}")
             short = _short_files(path, int(self.index["rows"]), dim)
             if short:  # never zero-pad: keep the intact prefix of studies, encode the rest again
-                intact = min(os.path.getsize(p) // ROW_BYTES[os.path.basename(p)](dim)
-                             if os.path.exists(p) else 0 for p in (emb_path, co_path))
+                # the rows every file still holds (a file that is not short holds them all)
+                intact = min(size // ROW_BYTES[os.path.basename(p)](dim) for p, size, _ in short)
                 kept, rows, dropped = {}, 0, 0
                 for key, recs in self.index["studies"].items():
                     end = max((r["row"] + r["n"] for r in recs), default=rows)
