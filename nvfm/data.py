@@ -84,6 +84,27 @@ def write_atomic(path, text_or_bytes):
     os.replace(tmp, path)
 
 
+def _check_volume(rec, data, mask, values):
+    """Check one volume before it is written: data (C, D, H, W) uint8, mask (D, H, W) uint8 or bool,
+    the record's shape / channels (what readers reshape by) equal to the arrays', values None or
+    int16 / float32 of the mask's shape. -> the values kind ("int16" | "float32") or None."""
+    name = rec.get("volume_id", "?")
+    data, mask = np.asarray(data), np.asarray(mask)
+    if data.dtype != np.uint8 or data.ndim != 4 or mask.dtype not in (np.uint8, np.bool_) or data.shape[1:] != mask.shape:
+        raise ValueError(f"volume {name}: data must be uint8 (C, D, H, W) and mask uint8 (D, H, W) of the same "
+                         f"D, H, W, not {data.dtype} {data.shape} and {mask.dtype} {mask.shape}")
+    if list(rec.get("shape", mask.shape)) != list(mask.shape) or rec.get("channels", data.shape[0]) != data.shape[0]:
+        raise ValueError(f"volume {name}: record shape {rec.get('shape')} / channels {rec.get('channels')} do not "
+                         f"match the data {data.shape}")
+    if values is None:
+        return None
+    kind = {np.dtype(np.int16): "int16", np.dtype(np.float32): "float32"}.get(np.dtype(values.dtype))
+    if kind is None or values.shape != mask.shape:
+        raise ValueError(f"volume {name}: values block must be int16 or float32 of the mask's shape, "
+                         f"not {values.dtype} {values.shape}")
+    return kind
+
+
 class PartWriter:
     """Appends studies (volume bytes + one JSON commit line) to SHARDS/parts/<tag>.*"""
 
@@ -98,9 +119,13 @@ class PartWriter:
 
     def add_study(self, study_key, volumes, events):
         """volumes: list of (record dict, data (C,D,H,W) uint8, mask (D,H,W) uint8[, values
-        (D,H,W) int16 / float32: the format-2 values block, or None])."""
+        (D,H,W) int16 / float32: the format-2 values block, or None]). Every volume is checked
+        before any byte is written (ValueError naming the volume), so a refused study leaves
+        nothing behind and the next study's offsets stay right."""
+        kinds = [_check_volume(rec, data, mask, more[0] if more else None) for rec, data, mask, *more in volumes]
+        self.pos = self.bin.tell()  # where the bytes land (append mode), even after a failed write
         recs = []
-        for rec, data, mask, *more in volumes:
+        for (rec, data, mask, *more), kind in zip(volumes, kinds):
             src = more[0] if more else None
             pad = (-self.pos) % ALIGN
             if pad:
@@ -111,10 +136,6 @@ class PartWriter:
             n = data.nbytes + mask.nbytes
             rec = dict(rec)
             if src is not None:
-                kind = {np.dtype(np.int16): "int16", np.dtype(np.float32): "float32"}.get(np.dtype(src.dtype))
-                if kind is None or src.shape != mask.shape:
-                    raise ValueError(f"values block must be int16 or float32 of the mask's shape, "
-                                     f"not {src.dtype} {src.shape}")
                 gap = (-n) % 8
                 self.bin.write(b"\0" * gap)
                 self.bin.write(np.ascontiguousarray(src, VALUES_DTYPES[kind]).reshape(-1).view(np.uint8))

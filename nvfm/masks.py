@@ -50,11 +50,10 @@ class MaskConfig:
     """Masking hyper-parameters (defaults = the paper)."""
 
     def __init__(self, ratio_mr=0.25, ratio_ct=0.20, drop=0.20, max_patches=20, ct_window_probs=(0.7, 0.15, 0.15),
-                 n_blocks=(2, 4), aspect=2.0, permute=True, flip=True, min_tokens=8):
+                 n_blocks=(2, 4), aspect=2.0, permute=True, flip=True):
         self.ratio_mr, self.ratio_ct, self.drop, self.max_patches = ratio_mr, ratio_ct, drop, max_patches
         self.ct_window_probs = tuple(ct_window_probs)
         self.n_blocks, self.aspect, self.permute, self.flip = tuple(n_blocks), aspect, permute, flip
-        self.min_tokens = min_tokens
         if abs(sum(self.ct_window_probs) - 1) > 1e-6:
             raise ValueError(f"ct_window_probs must sum to 1, got {ct_window_probs}")
 

@@ -245,3 +245,36 @@ def test_reader_checks_shard_sizes_against_the_manifest(shard_set):
     os.remove(path)
     with pytest.raises(ValueError, match=rf"{name} is missing, but .*records {size} bytes"):
         shards.ShardReader(out)
+
+
+@pytest.mark.parametrize("bad", ["values_float64", "data_float32", "record_shape"])
+def test_a_refused_study_writes_nothing_and_the_next_study_reads_back(tmp_path, bad):
+    """A study the writer refuses (a float64 values block, float data that uint8 would wrap, a
+    record whose shape is not the data's) raises naming the volume, and the study written after it
+    reads back byte for byte (the refused study's bytes once shifted every later offset)."""
+    out = str(tmp_path)
+    rng = np.random.default_rng(7)
+    data, mask, tm = _volume(rng, "CT", (8, 32, 32))
+    rec = dict(volume_id="bad-v0", study_key="bad", series_key="v0", split="train", modality="CT", family="CT",
+               shape=[8, 32, 32], channels=2, spacing=[4.0, 1.0, 1.0], token_grid=list(tm.shape),
+               n_tokens=int(tm.sum()), token_mask=shards.pack_mask(tm))
+    vol = {"values_float64": (rec, data, mask, np.zeros(mask.shape, np.float64)),
+           "data_float32": (rec, data.astype(np.float32) * 2, mask),
+           "record_shape": (dict(rec, shape=[8, 32, 16]), data, mask)}[bad]
+    good, gmask, gtm = _volume(rng, "MR", (12, 48, 40))
+    grec = dict(rec, volume_id="good-v0", study_key="good", modality="MR", family="T1", shape=[12, 48, 40], channels=1,
+                token_grid=list(gtm.shape), n_tokens=int(gtm.sum()), token_mask=shards.pack_mask(gtm))
+    w = shards.PartWriter(out, "a", fsync=False)
+    with pytest.raises(ValueError, match="volume bad-v0"):
+        w.add_study("bad", [vol], [])
+    w.add_study("good", [(grec, good, gmask)], [])
+    w.close()
+    assert os.path.getsize(os.path.join(out, "parts", "a.bin")) == good.nbytes + gmask.nbytes  # nothing of "bad"
+    shards.merge(out, shards.read_done(out), {})
+    r = shards.ShardReader(out)
+    assert [v["volume_id"] for v in r.volumes] == ["good-v0"]
+    raw = np.fromfile(os.path.join(out, r.volumes[0]["shard"]), np.uint8)  # a direct read of the file
+    o = r.volumes[0]["offset"]
+    np.testing.assert_array_equal(raw[o:o + good.size].reshape(good.shape), good)
+    np.testing.assert_array_equal(raw[o + good.size:o + good.size + gmask.size].reshape(gmask.shape), gmask)
+    np.testing.assert_array_equal(r.volume(0)[0], good)
