@@ -150,10 +150,10 @@ LABEL_META_COLUMNS = ("study", "modality", "split", "age", "sex", "subject")
 FINDINGS_KEYS = ("study", "modality", "split", "indication", "findings", "triage", "lesions")
 
 
-def _dropped_warning(log, path, what, dropped):
-    if dropped and log:
-        log(f"warning: {os.path.basename(path)}: dropped {len(dropped)} {what} that are neither ontology "
-            "labels nor declared in --label_columns (identifiers and free text never reach the shards)")
+def _dropped_warning(log, option, path, what, dropped):
+    if dropped and log:  # the file's name on the console only (log_paths): it may name a patient
+        log(f"warning: {option}: dropped {len(dropped)} {what} that are neither ontology "
+            "labels nor declared in --label_columns (identifiers and free text never reach the shards)", path)
         log(f"  dropped {what}: {', '.join(sorted(dropped))[:300]}", console_only=True)
 
 
@@ -176,7 +176,7 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
             raise SystemExit(f"preprocess: {labels_path}: no study_uid column")
         known = set(LABEL_META_COLUMNS) | set(ALL_DIAGNOSES) | extra
         kept = [k for k in fields if k == "study_uid" or k in known]
-        _dropped_warning(log, labels_path, "column(s)", [k for k in fields if k not in kept])
+        _dropped_warning(log, "--labels", labels_path, "column(s)", [k for k in fields if k not in kept])
         out_fields = ["study_key" if k == "study_uid" else k for k in kept]
         tmp = os.path.join(out_dir, "labels.csv.tmp")
         with open(tmp, "w", newline="") as f:
@@ -220,7 +220,7 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
                     else:
                         dropped.add(str(k))
                 g.write(json.dumps(out) + "\n")
-        _dropped_warning(log, findings_path, "key(s)", dropped)
+        _dropped_warning(log, "--findings", findings_path, "key(s)", dropped)
         moves.append((tmp, os.path.join(out_dir, "findings.jsonl")))
     moved = next((k for k in sorted(splits) if k in (written_splits or {}) and written_splits[k] != splits[k]), None)
     if moved is not None:

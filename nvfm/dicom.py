@@ -78,7 +78,7 @@ but recorded in `stack.warnings`: a gap interpolated because it is under the mis
 limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, by
 acquisition timing ("series split into 2 volumes by EchoTime, RepetitionTime (different
 acquisitions)") or into interleaved slice stacks by a tag ("series split into 2 volumes by
-ConvolutionKernel (interleaved slice stacks)"), NaNs in a NIfTI set to 0.
+ConvolutionKernel (interleaved slice stacks)"), NaNs in a NIfTI set to its minimum.
 
 NIfTI: the voxel axis with the largest spacing is the acquisition axis (ties within 1%
 go to the axis closest to I/S); the affine is used as given (sform, else qform, as nibabel
@@ -1636,7 +1636,7 @@ def nifti_modality(path, data):
             with open(side) as f:
                 declared = json.load(f).get("Modality")
         except (OSError, ValueError, AttributeError) as e:
-            raise SeriesError(f"unreadable NIfTI sidecar {os.path.basename(side)} ({type(e).__name__})") from e
+            raise SeriesError(f"unreadable NIfTI sidecar ({type(e).__name__})") from e  # no file name: it may name a patient
         if declared in ("CT", "MR"):
             return declared, ""
         if declared:
@@ -1685,7 +1685,9 @@ def nifti_stack(root, rel):
         bad = n_bad / data.size
         if bad > 0.01:
             raise SeriesError(f"non-finite voxels ({100 * bad:.0f}%)")
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        # the background value, not 0: in a CT, 0 HU is soft tissue and would make foreground islands
+        fill = float(data[np.isfinite(data)].min())
+        data = np.nan_to_num(data, nan=fill, posinf=fill, neginf=fill)
     A = np.asarray(img.affine, float)
     if not np.isfinite(A).all() or abs(np.linalg.det(A[:3, :3])) < 1e-9:
         raise SeriesError("invalid NIfTI affine")
@@ -1708,7 +1710,7 @@ def nifti_stack(root, rel):
     if why:
         st.warnings.append(why)
     if n_bad:
-        st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to 0")
+        st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to the volume's minimum ({fill:g})")
     hdr = img.header
     if "qform_code" in hdr and "sform_code" in hdr:
         (qf, qc), (sf, sc) = hdr.get_qform(coded=True), hdr.get_sform(coded=True)

@@ -19,7 +19,8 @@ Memory. Each kernel is a sparse (n_out, n_in) matrix. `iter_resampled` streams: 
 slices are resampled in-plane as they are read, and each output slice along the normal is
 formed as soon as the few input slices under its kernel are in; `process_stack` writes it
 straight into the canonical uint8 arrays (CT) or a float16 buffer (MR; float32 when values
-exceed float16) for the volume-wide percentile clip. Peak memory is about the output
+exceed float16, or read again into float32 when float16 cannot hold the clip range to half a
+level: f16_resolves) for the volume-wide percentile clip. Peak memory is about the output
 (CT 3 bytes/voxel, MR ~4) plus a few slices.
 
 Grid. Output axes are first (n, c, r) of the stack: the slice normal at 4 mm, then the two
@@ -685,14 +686,44 @@ def invert_monochrome1(vol, filled=None):
     return vol
 
 
+def f16_resolves(lo, hi):
+    """Does float16 hold the MR clip range [lo, hi] to half a uint8 level? True when the float16
+    spacing at max(|lo|, |hi|) is <= (hi - lo) / 255, so rounding to float16 moves no voxel by
+    more than half a level. False for a narrow range far from 0 (values 30000..30100: spacing 16,
+    level 0.4) and for values below float16's normal range (1e-9: flushed to a few levels or 0)."""
+    return bool(hi > lo) and float(np.spacing(np.float16(max(abs(lo), abs(hi))))) <= (hi - lo) / 255.0
+
+
+def _mr_buffer(stack, spacing, shape, place, dpos, wide=False):
+    """Resampled MR in canonical (D, H, W) order, MONOCHROME1 inverted: float16 (float32 when
+    `wide` or when a value reaches float16's limit). place / dpos as process_stack's."""
+    buf = np.empty(shape, np.float32 if wide else np.float16)
+    h16 = None  # one slice, float16, stack axes
+    filled = _FillMask(shape, place, dpos)
+    for j, sl in iter_resampled(stack, spacing, on_fill=filled if stack.photometric == "MONOCHROME1" else None):
+        if buf.dtype == np.float16 and max(sl.max(), -sl.min()) >= 65000:  # beyond float16: widen once
+            buf = buf.astype(np.float32)
+        if buf.dtype == np.float16:
+            if h16 is None:
+                h16 = np.empty(sl.shape, np.float16)
+            _to_f16(sl, h16)
+            buf[dpos(j)] = place(h16)
+        else:
+            buf[dpos(j)] = place(sl)
+    if stack.photometric == "MONOCHROME1":  # display inversion; CT HU need none
+        invert_monochrome1(buf, filled.mask)
+    return buf
+
+
 def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
     """SliceStack -> dict(data (C, D, H, W) uint8, mask (D, H, W) uint8, token_mask, affine,
     orientation, original_orientation, original_spacing, spacing, channels, tilt_deg).
 
     Streams: input slices are resampled as they are read and each output slice goes
     straight into the canonical uint8 arrays (CT), or into a float16 buffer (MR; float32 if
-    values exceed float16) for the volume-wide percentile clip. Peak memory is about the
-    outputs (CT 3 bytes/voxel, MR 4) plus a few slices.
+    values exceed float16, or read again into float32 when not f16_resolves) for the
+    volume-wide percentile clip. Peak memory is about the outputs (CT 3 bytes/voxel, MR 4)
+    plus a few slices.
     """
     q_n, q_c, q_r, A0 = resample_grid(stack, spacing)
     perm, flips, A, codes, (D, H, W) = canonical_transform(A0, (len(q_n), len(q_c), len(q_r)))
@@ -717,33 +748,31 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
         data = np.empty((2, D, H, W), np.uint8)
         tmp = np.empty((H, W), np.float32)
         u8 = np.empty((H, W), np.uint8)
+        lo, hi = np.inf, -np.inf
         for j, sl in iter_resampled(stack, spacing):
             hu, d = np.ascontiguousarray(place(sl)), dpos(j)  # canonical layout: fast elementwise passes
             ct_channels_into(hu, data[:, d], u8, tmp)
             np.greater(hu, CT_AIR_HU, out=mask[d])
+            lo, hi = min(lo, float(hu.min())), max(hi, float(hu.max()))
+        if not hi > lo:  # e.g. zero-filled pixel data: as MR, not an image (at 0 HU every token is foreground)
+            raise SeriesError("constant image (no intensity range)")
     else:
-        buf = np.empty((D, H, W), np.float16)
-        h16 = np.empty((len(q_c), len(q_r)), np.float16)  # one slice, float16, stack axes
-        filled = _FillMask((D, H, W), place, dpos)
-        for j, sl in iter_resampled(stack, spacing, on_fill=filled if stack.photometric == "MONOCHROME1" else None):
-            if buf.dtype == np.float16 and max(sl.max(), -sl.min()) >= 65000:  # beyond float16: widen once
-                buf = buf.astype(np.float32)
-            if buf.dtype == np.float16:
-                _to_f16(sl, h16)
-                buf[dpos(j)] = place(h16)
-            else:
-                buf[dpos(j)] = place(sl)
-        if stack.photometric == "MONOCHROME1":  # display inversion; CT HU need none
-            invert_monochrome1(buf, filled.mask)
+        buf = _mr_buffer(stack, spacing, (D, H, W), place, dpos)
         raw = f16_raw_hist(buf) if buf.dtype == np.float16 else None
         if raw is not None:
             lo, hi = percentiles_f16(buf, MR_PERCENTILES, raw)
-        else:
+            if not f16_resolves(lo, hi):  # float16 rounding would move voxels by over half a level: read again
+                del buf, raw
+                buf, raw = _mr_buffer(stack, spacing, (D, H, W), place, dpos, wide=True), None
+        if raw is None:
             lo, hi = np.percentile(buf, MR_PERCENTILES)
         if not hi > lo:
             raise SeriesError("constant image (no intensity range)")
         data = np.empty((1, D, H, W), np.uint8)
-        scale = np.float32(255.0 / (hi - lo))
+        with np.errstate(over="ignore"):
+            scale = np.float32(255.0 / (hi - lo))
+        if not np.isfinite(scale):  # a range below ~1e-36: 255 / range overflows float32
+            raise SeriesError(f"intensity range too small to scale ({hi - lo:.3g})")
 
         def to_u8(x):  # float -> uint8 levels: clip to the percentiles, scale, round half up
             return np.floor(np.clip((x.astype(np.float32) - np.float32(lo)) * scale, 0, 255) + np.float32(0.5))
@@ -953,6 +982,8 @@ def process_stack_neurovfm(stack, min_fg_fraction=1.0, spacing=SPACING):
     vol, A, codes = resampled_neurovfm(stack, spacing)
     extra = {}
     if stack.modality == "CT":
+        if not vol.max() > vol.min():  # as process_stack
+            raise SeriesError("constant image (no intensity range)")
         data = ct_channels(vol)
         mask = neurovfm_ct_mask(vol)
     else:

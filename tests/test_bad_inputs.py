@@ -121,6 +121,26 @@ def test_identifier_columns_never_reach_the_shards(tmp_path, capsys):
                 assert v.encode() not in blob, (v, p.name)
 
 
+def test_labels_file_named_after_a_patient_stays_out_of_the_output(tmp_path, capsys):
+    # the dropped-columns warning named the labels/findings file in OUTPUT/preprocess.log
+    inp = tmp_path / "in"
+    st, _, _ = write_series(str(inp / "a"), head_phantom(SHAPE))
+    lab, fnd = tmp_path / "Quuxley_Bartholomew_labels.csv", tmp_path / "Quuxley_Bartholomew_findings.jsonl"
+    lab.write_text(f"study_uid,mrn\n{st},7\n")
+    fnd.write_text(json.dumps({"study_uid": st, "radiologist": "x"}) + "\n")
+    out = tmp_path / "out"
+    preprocess.run(str(inp), str(out), str(lab), str(fnd), cfg_log_paths=False, **RUN)
+    assert (out / "preprocess.log").is_file()
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert b"Quuxley" not in p.read_bytes(), p.name
+    err = capsys.readouterr().err
+    assert "--labels: dropped 1 column(s)" in err and "--findings: dropped 1 key(s)" in err
+    assert "Quuxley" not in err  # log_paths=False: hashed keys only on the console too
+    preprocess.run(str(inp), str(tmp_path / "out2"), str(lab), cfg_log_paths=True, **RUN)
+    assert "Quuxley_Bartholomew_labels.csv" in capsys.readouterr().err  # the operator still sees which file
+
+
 # ----------------------------------------------------------------------------- item 15
 
 
@@ -411,7 +431,7 @@ def test_silent_repairs_become_warnings_and_tiny_volumes_fail(tmp_path, capsys):
     assert s["series_failed"] == {"too few foreground tokens (0 < min_tokens 1)": 1}, s["series_failed"]
     w = " | ".join(s["volume_warnings"])
     for phrase in ("interpolated across a 6.0 mm gap (median 3.0 mm)", "series split into 2 volumes by pixel spacing",
-                   "1 non-finite NIfTI voxel(s) set to 0"):
+                   "1 non-finite NIfTI voxel(s) set to the volume's minimum (0)"):
         assert phrase in w and phrase in err, (phrase, w)
     assert all(v["n_tokens"] >= 1 for v in man["volumes"])
     assert sum(len(v["warnings"]) > 0 for v in man["volumes"]) == 4, (s, [v["warnings"] for v in man["volumes"]])
@@ -693,8 +713,24 @@ def test_nifti_modality_sidecar_and_ambiguous_data(tmp_path):
     with pytest.raises(dicom.SeriesError, match=r"^unsupported modality PT \(from its sidecar\)$"):
         read("pet")
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(dicom.SeriesError, match=r"^unreadable NIfTI sidecar broken\.json \(JSONDecodeError\)$"):
-        read("broken")
+    with pytest.raises(dicom.SeriesError, match=r"^unreadable NIfTI sidecar \(JSONDecodeError\)$"):
+        read("broken")  # the reason reaches the manifest's counts: no file name (it may name a patient)
+
+
+def test_non_finite_nifti_voxels_take_the_background_value(tmp_path):
+    """NaN / inf voxels of a NIfTI take the volume's minimum, its background: in a CT that is air,
+    where 0 would be soft tissue (foreground islands in the air around the head)."""
+    v = head_phantom(SHAPE).astype(np.float32)  # HU, air at the minimum
+    for k, i, j in [(0, 0, 0), (1, 2, 3), (SHAPE[0] - 1, 5, 7)]:
+        v[k, i, j] = np.nan if k else np.inf
+    nib.save(nib.Nifti1Image(v.transpose(2, 1, 0), np.diag([0.9, 0.9, 5.0, 1.0])), str(tmp_path / "ct.nii.gz"))
+    st = dicom.nifti_stack(str(tmp_path), "ct.nii.gz")
+    assert st.modality == "CT"
+    lo = float(np.nanmin(np.where(np.isfinite(v), v, np.nan)))
+    assert lo < -900
+    got = np.stack([st.loader(k) for k in range(SHAPE[0])])  # the 5 mm axis first: (k, j, i) of v
+    np.testing.assert_array_equal(got, np.where(np.isfinite(v), v, lo).transpose(0, 2, 1))
+    assert any(f"3 non-finite NIfTI voxel(s) set to the volume's minimum ({lo:g})" == w for w in st.warnings), st.warnings
 
 
 # ----------------------------------------------------------------------------- inputs that vanished or loaded wrong
