@@ -30,8 +30,13 @@ series (rules in nvfm/dicom.py) and failed series are counted by reason in the m
 summary, listed in manifest["failures"] with hashed keys, and logged (with the offending
 file's path); everything else is written, and kept volumes that were repaired carry
 `warnings` (counted in summary["volume_warnings"]). Volumes with fewer than `min_tokens`
-foreground tokens are failed. The run exits non-zero when --input holds no file, when no
-volume was written (the manifest is still written) or when no labelled study is found.
+foreground tokens are failed. Every file is accounted for: summary["files_input"] (files under
+--input, the output folder excluded) = the sum of summary["files"]: in kept volumes, dropped from
+a kept volume (duplicate slices), in skipped / failed series by reason, failed before grouping,
+NIfTI sidecars (the per-volume counts live in the volume records and events, so resumed and array
+runs add up); a mismatch is a bug, printed as a WARNING. The run exits non-zero when --input
+holds no file, when no volume was written (the manifest is still written) or when no labelled
+study is found.
 Labels: only ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and --label_columns
 are copied (a `subject` column as a salted hash); identifier columns are dropped with a warning.
 
@@ -93,6 +98,7 @@ progress = True  # tqdm progress bars
 DEFAULT_SALT = dicom.DEFAULT_SALT  # the salt rules live in nvfm/dicom.py (shared with nvfm/benchmarks.py)
 resolve_salt = dicom.resolve_salt
 SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
+UNREADABLE_DIR = "unreadable directory"  # a file failure that is a directory: no file of the ledger
 # voxel rules per --preset (nvfm/volume.py) and the token rule each defaults to; recorded as
 # manifest["preset"] (absent in older manifests: "nvfm") so encode.py can check it
 PRESETS = {"nvfm": (process_stack, 0.5), "neurovfm": (process_stack_neurovfm, 1.0)}
@@ -293,44 +299,51 @@ def process_study(task):
     salt = cfg["salt"]
     volumes, events, console = [], [], []
 
-    def fail(reason, status="failed", series_key=None, file_key=None, path=None):
-        events.append(_event("series", status, reason, study_key=key, series_key=series_key, file_key=file_key))
-        console.append((f"{status} series: {reason}", path, series_key or file_key, False))
+    failed_files = []  # (failure event, the files of its volume), counted once the kept volumes are known
 
-    jobs = []  # (series_key, volume_id, make_stack, meta)
+    def fail(reason, status="failed", series_key=None, file_key=None, path=None, n_files=0, files=None):
+        events.append(_event("series", status, reason, study_key=key, series_key=series_key, file_key=file_key,
+                             n_files=n_files))
+        console.append((f"{status} series: {reason}", path, series_key or file_key, False))
+        if files is not None:
+            failed_files.append((events[-1], files))
+
+    jobs = []  # (series_key, volume_id, make_stack, meta with the volume's files)
     if kind == "nifti":
         for rel in items:
             sk = dicom.salted_hash("nifti:" + rel, salt)
-            jobs.append((sk, sk, (lambda rel=rel: dicom.nifti_stack(root, rel)), {"path": rel, "nifti": True}))
+            jobs.append((sk, sk, (lambda rel=rel: dicom.nifti_stack(root, rel)),
+                         {"path": rel, "nifti": True, "files": {rel}}))
     else:
         groups, skipped = dicom.group_series(items)
         for suid, n, reason, path in skipped:
-            fail(reason, "skipped", series_key=dicom.salted_hash(suid, salt), path=path)
+            fail(reason, "skipped", series_key=dicom.salted_hash(suid, salt), path=path, n_files=n)
         for g in groups:
             sk = dicom.salted_hash(g["series_uid"], salt)
             vid = sk if g["n_parts"] == 1 else f"{sk}.{g['part']}"
             jobs.append((sk, vid, (lambda g=g: dicom.dicom_stack(root, g, reduce=dicom.J2K_REDUCE)),
-                         {"path": g["info"]["path"], "info": g["info"]}))
+                         {"path": g["info"]["path"], "info": g["info"], "files": {h["path"] for h, _ in g["frames"]}}))
+    kept_files = []  # (volume record, the files of its volume, the files whose slices it holds)
     for sk, vid, make, meta in jobs:
         try:
             st = make().check(cfg["min_slices"])
             out = PRESETS[cfg.get("preset", "nvfm")][0](st, cfg["min_fg_fraction"])
         except dicom.SeriesError as e:  # named by the offending file when known, else the series' first
-            fail(str(e), series_key=vid, path=e.path or meta["path"])
+            fail(str(e), series_key=vid, path=e.path or meta["path"], files=meta["files"])
             continue
         except MemoryError:
-            fail("out of memory", series_key=vid, path=meta["path"])
+            fail("out of memory", series_key=vid, path=meta["path"], files=meta["files"])
             continue
         except Exception as e:  # a bug or an unforeseen file: this series only
             path = getattr(e, "nvfm_path", None) or meta["path"]
-            fail(f"error ({type(e).__name__})", series_key=vid, path=path)
+            fail(f"error ({type(e).__name__})", series_key=vid, path=path, files=meta["files"])
             # the raw message may quote header values: console only, never the log file
             console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", path, vid, True))
             continue
         tm = out["token_mask"]
         if int(tm.sum()) < cfg["min_tokens"]:  # nothing a model could read (e.g. a 16 x 16 pixel series)
             fail(f"too few foreground tokens ({int(tm.sum())} < min_tokens {cfg['min_tokens']})", series_key=vid,
-                 path=meta["path"])
+                 path=meta["path"], files=meta["files"])
             continue
         for note in getattr(st, "notes", ()):  # e.g. how JPEG 2000 was decoded (nvfm/dicom.py dicom_stack)
             console.append((f"note: {note}", meta["path"], vid, False))
@@ -348,9 +361,31 @@ def process_study(task):
                    n_tokens=int(tm.sum()), token_mask=shards.pack_mask(tm))
         if "clip" in out:  # MR under --preset=neurovfm: their intensity clip, for ShardReader.window_float
             rec["clip"] = [float(x) for x in out["clip"]]
+        used = {st.paths[i] for i in st.order} if st.paths else meta["files"]  # duplicates dropped by check()
+        kept_files.append((rec, meta["files"], used))
         volumes.append((rec, out["data"], out["mask"], out.get("values")))
+    count_files(kept_files, failed_files)
     _W["writer"].add_study(key, volumes, events)
     return key, len(volumes), console
+
+
+def count_files(kept, failed):
+    """The file ledger of one study's volumes (summarize adds it up): each file counted once, first
+    where its slices are in a kept volume (rec["n_files"]), else where a kept volume dropped all of
+    them (rec["files_dropped"], e.g. a duplicate slice), else in a failed volume (event["n_files"]);
+    a multi-frame file whose frames went to several volumes counts in the first.
+    kept: [(volume record, files of its volume, files it holds slices of)]; failed: [(event, files)]."""
+    claimed = set()
+    for rec, _, used in kept:
+        rec["n_files"] = len(used - claimed)
+        claimed |= used
+    for rec, files, _ in kept:
+        rec["files_dropped"] = len(files - claimed)
+        claimed |= files
+    for ev, files in failed:
+        if files - claimed:
+            ev["n_files"] = len(files - claimed)
+        claimed |= files
 
 
 # ------------------------------------------------------------------ main
@@ -449,9 +484,22 @@ def acquire_merge_lock(out_dir, log):
     raise SystemExit(f"preprocess: could not take {path}")
 
 
-def summarize(done, file_failures, n_studies_input):
+def summarize(done, file_failures, n_studies_input, n_files_input, n_sidecars):
+    """-> (manifest summary, the studies' failure events). n_files_input: the files listed under
+    --input (the output folder excluded), n_sidecars: those of them read as a NIfTI's sidecar.
+    summary["files_input"] is split exactly into summary["files"] (per-volume counts: count_files)."""
     vols = [v for e in done.values() for v in e["volumes"]]
     events = [ev for e in done.values() for ev in e["events"]]
+    by_reason = {st: Counter() for st in ("skipped", "failed")}
+    for e in events:
+        by_reason[e["status"]][e["reason"]] += e.get("n_files", 0)
+    files = {"in_volumes": sum(v.get("n_files", 0) for v in vols),
+             "dropped_from_volumes": sum(v.get("files_dropped", 0) for v in vols),
+             "in_skipped_series": dict(sorted((r, n) for r, n in by_reason["skipped"].items() if n)),
+             "in_failed_series": dict(sorted((r, n) for r, n in by_reason["failed"].items() if n)),
+             "failed_before_grouping": sum(1 for e in file_failures if e["reason"] != UNREADABLE_DIR),
+             "nifti_sidecars": n_sidecars}
+    files["unaccounted"] = n_files_input - file_ledger_total(files)
     s = {
         "studies_input": n_studies_input,
         "studies_done": len(done),
@@ -460,6 +508,8 @@ def summarize(done, file_failures, n_studies_input):
         "series_skipped": dict(sorted(Counter(e["reason"] for e in events if e["status"] == "skipped").items())),
         "series_failed": dict(sorted(Counter(e["reason"] for e in events if e["status"] == "failed").items())),
         "files_failed": dict(sorted(Counter(e["reason"] for e in file_failures).items())),
+        "files_input": n_files_input,
+        "files": files,
         "volume_warnings": dict(sorted(Counter(w for v in vols for w in v.get("warnings", ())).items())),
         "volumes": len(vols),
         "volumes_by_family": dict(sorted(Counter(f"{v['modality']}/{v['family']}" for v in vols).items())),
@@ -470,10 +520,27 @@ def summarize(done, file_failures, n_studies_input):
     return s, events
 
 
+def file_ledger_total(files):
+    """The files a summary["files"] ledger accounts for (equal to summary["files_input"])."""
+    return sum(sum(v.values()) if isinstance(v, dict) else v for k, v in files.items() if k != "unaccounted")
+
+
 def print_summary(s):
     lines = [f"studies {s['studies_done']}/{s['studies_input']} ({s['studies_with_volumes']} with volumes), "
              f"volumes {s['volumes']}, tokens {s['tokens']:,}, {s['gigabytes']:.3f} GB",
              f"by family: {s['volumes_by_family']}", f"by split: {s['volumes_by_split']}"]
+    if "files" in s:  # absent from manifests written before the ledger
+        f = s["files"]
+        lines.append(f"files {s['files_input']}: {f['in_volumes']} in volumes, {f['dropped_from_volumes']} dropped "
+                     f"from kept volumes (duplicates), {sum(f['in_skipped_series'].values())} in skipped series, "
+                     f"{sum(f['in_failed_series'].values())} in failed series, {f['failed_before_grouping']} failed "
+                     f"before grouping, {f['nifti_sidecars']} NIfTI sidecars")
+        if f["unaccounted"]:  # on stderr too: a mismatch is a bug, never to pass unseen
+            warn = (f"WARNING: the file ledger does not add up: {f['unaccounted']:+d} of {s['files_input']} input "
+                    "files unaccounted for (a bug: please report it; studies written by an older version carry "
+                    "no file counts)")
+            lines.append(warn)
+            print(f"preprocess: {warn}", file=sys.stderr)
     for title, d in (("series skipped", s["series_skipped"]), ("series failed", s["series_failed"]),
                      ("files failed", s["files_failed"]), ("volume warnings", s.get("volume_warnings", {}))):
         if d:
@@ -542,14 +609,14 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                          + (f" ({len(unreadable_dirs)} unreadable directories)" if unreadable_dirs else ""))
     nifti = [f for f in files if dicom.is_nifti(f)]
     sidecars = [dicom.nifti_sidecar(os.path.join(input_dir, f)) for f in nifti]  # read with their NIfTI, not as DICOM
-    sidecars = {os.path.relpath(p, input_dir) for p in sidecars if p}
+    sidecars = {os.path.relpath(p, input_dir) for p in sidecars if p} & set(files)
     dcm = [f for f in files if not dicom.is_nifti(f) and f not in sidecars]
     # (headers stream in; only this array job's studies are kept, so memory is ~1/N)
     studies, all_keys, file_failures = {}, set(), []
     for rel in unreadable_dirs:  # counted like a failed file (its contents are unknown)
         fk = dicom.salted_hash(rel, s)
         if int(fk, 16) % sn == si:
-            file_failures.append(_event("file", "failed", "unreadable directory", file_key=fk))
+            file_failures.append(_event("file", "failed", UNREADABLE_DIR, file_key=fk))
             log("failed directory: unreadable directory (permissions?)", rel, fk)
     with _worker_pool(n_workers, _ignore_sigint) as pool:
         it = (pool.imap(_scan, [(input_dir, f, s) for f in dcm], chunksize=16) if pool
@@ -644,7 +711,7 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             pass
         done = shards.read_done(output_dir)
         all_file_failures.sort(key=lambda e: (e["file_key"], e["reason"]))
-        summary, events = summarize(done, all_file_failures, len(all_keys))
+        summary, events = summarize(done, all_file_failures, len(all_keys), len(files), len(sidecars))
         events.sort(key=lambda e: (e.get("study_key", ""), e.get("series_key", ""), e["reason"]))
         extra = {"salt_id": salt_id, "summary": summary, "failures": all_file_failures + events,
                  "study_events": [{"study_key": k, "events": done[k]["events"]} for k in sorted(done)],

@@ -24,18 +24,20 @@ tilt_deg, token_grid [gz, gy, gx], n_tokens, token_mask (base64 of
 numpy.packbits(mask.ravel()) of the (gz, gy, gx) bool token mask, raster order z, y, x).
 Refinements of DESIGN.md (additions only; nothing in section 2 changed):
   - volume records also carry `nbytes`, `n_tokens`, `tilt_deg` (gantry tilt removed by
-    resampling, degrees), `duplicates_dropped`, and the token mask as above;
+    resampling, degrees), `duplicates_dropped`, the file ledger's `n_files` (input files whose
+    slices it holds) and `files_dropped` (files of its series it used none of), and the token mask;
     `volume_id` = "<study_key>-<series_key>" (+ ".<part>" when a series was split by
     orientation/size/echo/b-value), `series_key` = salted hash of SeriesInstanceUID (NIfTI:
     of "nifti:" + relative path);
   - failures are {"kind": "file"|"series", "status": "failed"|"skipped", "reason",
-    "study_key"?, "series_key"?, "file_key"?}; file_key is a salted hash of the path
+    "study_key"?, "series_key"?, "file_key"?, "n_files"? (series: its files)}; file_key is a salted hash of the path
     relative to the input root (folder names can hold patient names, so no path is stored);
   - the manifest also has "shards" {name: bytes}, "patch", "min_fg_fraction" and
     "study_events" (per study, its failures: the done-list a later run resumes from);
   - summary = {studies_input, studies_done, studies_with_volumes, series_kept,
     series_skipped {reason: n}, series_failed {reason: n}, files_failed {reason: n},
-    volumes, volumes_by_family, volumes_by_split, tokens, gigabytes}.
+    files_input, files {in_volumes, dropped_from_volumes, in_skipped_series {reason: n},
+    in_failed_series {reason: n}, failed_before_grouping, nifti_sidecars, unaccounted (0)}, volumes, volumes_by_family, volumes_by_split, tokens, gigabytes}.
 
 Writing (resumable). Each worker appends finished studies to its own part
 (`SHARDS/parts/<tag>.bin` + `<tag>.jsonl`): first the bytes (flushed, fsync'ed), then one

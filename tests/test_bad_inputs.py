@@ -155,6 +155,8 @@ def test_symlinked_study_folder_is_followed_once(tmp_path):
     assert len(files) == 16 and not bad
     man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
     assert man["summary"]["volumes"] == 2 and man["summary"]["studies_input"] == 2
+    # each file once in the ledger, though reached by three paths
+    assert man["summary"]["files_input"] == man["summary"]["files"]["in_volumes"] == 2 * SHAPE[0]
 
 
 def test_unreadable_directory_is_counted(tmp_path, monkeypatch, capsys):
@@ -170,6 +172,9 @@ def test_unreadable_directory_is_counted(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(os, "scandir", scandir)
     man = preprocess.run(str(inp), str(tmp_path / "out"), **RUN)
     assert man["summary"]["files_failed"] == {"unreadable directory": 1}
+    f = man["summary"]["files"]  # a directory is no file: the ledger holds the series' files only
+    assert man["summary"]["files_input"] == f["in_volumes"] == SHAPE[0]
+    assert f["failed_before_grouping"] == f["unaccounted"] == 0
     assert "failed directory: unreadable directory (permissions?) locked" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import nibabel as nib
 import numpy as np
@@ -23,7 +24,7 @@ sys.path.insert(0, ROOT)
 from dicom_synth import FAKE_PHI, head_phantom, mutate_series, write_enhanced, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
-from nvfm.data import ShardReader  # noqa: E402
+from nvfm.data import ShardReader, read_done  # noqa: E402
 
 SHAPE = (8, 48, 40)
 
@@ -48,7 +49,9 @@ def build_corpus(root):
         return st, se, paths
 
     # --- good: CT study; MR study with a localizer, an SR, a duplicate and a stray slice
-    series(f"{pt}/ct1/axial", _ct(), ps=(0.9, 0.8))
+    ct_st, ct_se, _ = series(f"{pt}/ct1/axial", _ct(), ps=(0.9, 0.8))
+    series(f"{pt}/ct1/axial", _ct()[:1], study_uid=ct_st, series_uid=ct_se, names=["localizer_mixed.dcm"],
+           image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))  # one localizer file inside the kept CT series
     st, _, paths = series(f"{pt}/mr1/t2", _mr(), modality="MR", intercept=0.0, desc="AX T2 TSE")
     shutil.copy(paths[3], os.path.join(os.path.dirname(paths[3]), "copy_of_slice.dcm"))  # duplicate slice
     ds = pydicom.dcmread(paths[0])  # a stray slice of another size in the same series
@@ -124,6 +127,8 @@ def build_corpus(root):
     os.makedirs(nd)
     aff = np.diag([1.0, 1.0, 3.0, 1.0])
     nib.save(nib.Nifti1Image(_mr().transpose(2, 1, 0).astype(np.float32), aff), os.path.join(nd, "sub-01_T1w.nii.gz"))
+    with open(os.path.join(nd, "sub-01_T1w.json"), "w") as f:  # its dcm2niix / BIDS sidecar
+        json.dump({"Modality": "MR"}, f)
     nb = os.path.join(root, "nifti", "bad")
     os.makedirs(nb)
     nib.save(nib.Nifti1Image(np.zeros((0, 10, 10), np.float32), aff), os.path.join(nb, "zero.nii.gz"))
@@ -179,7 +184,7 @@ def test_bad_inputs_are_counted_and_good_ones_written(corpus):
         assert data.shape == (v["channels"], *v["shape"]) and mask.max() == 1 and v["n_tokens"] > 0
     # every failure record is PHI-free by construction: fixed keys only
     for f in corpus["manifest"]["failures"]:
-        assert set(f) <= {"kind", "status", "reason", "study_key", "series_key", "file_key"}
+        assert set(f) <= {"kind", "status", "reason", "study_key", "series_key", "file_key", "n_files"}
 
 
 def test_no_phi_in_any_output_byte(corpus):
@@ -192,6 +197,105 @@ def test_no_phi_in_any_output_byte(corpus):
             blob = f.read()
         for n in needles:
             assert n not in blob, f"{n!r} found in {os.path.relpath(p, corpus['out'])}"
+
+
+def _planted_ledger(inp):
+    """(number of files under inp, the file ledger build_corpus planted): each file found by walking
+    inp, sorted by what it was made to be, independently of preprocess.py's grouping."""
+    skipped = {"/mr1/loc/": "localizer/scout", "/mr1/scout/": "localizer/scout",
+               "/localizer_mixed.dcm": "localizer/scout",
+               "/mr1/mip/": "derived map (MIP)", "/mr1/report.dcm": "non-image SOP class",
+               "bad/sc_rgb.dcm": "non-image SOP class", "bad/us.dcm": "unsupported modality US",
+               "bad/emri_no_geometry.dcm": "multi-frame object without per-frame geometry"}
+    before = ("bad/notes.txt", "bad/empty.dcm", "bad/random.bin", "bad/DICOMDIR", "bad/no_study_uid/")
+    kept = ("/ct1/axial/", "/mr1/t2/", "/mr1/flair/", "nifti/sub-01/anat/sub-01_T1w.nii.gz")
+    led = dict(in_volumes=0, dropped_from_volumes=0, in_skipped_series=Counter(), in_failed_series=0,
+               failed_before_grouping=0, nifti_sidecars=0)
+    n = 0
+    for d, _, names in os.walk(inp):
+        for name in names:
+            n += 1
+            rel = os.path.relpath(os.path.join(d, name), inp).replace(os.sep, "/")
+            skip = next((r for k, r in skipped.items() if k in rel), None)
+            if skip:
+                led["in_skipped_series"][skip] += 1
+            elif rel.startswith(before) or (rel.startswith("bad/trunc_header/")
+                                            and os.path.getsize(os.path.join(d, name)) == 300):  # header cut short
+                led["failed_before_grouping"] += 1
+            elif rel.endswith("/mr1/t2/copy_of_slice.dcm"):  # a duplicate slice of a kept series
+                led["dropped_from_volumes"] += 1
+            elif rel == "nifti/sub-01/anat/sub-01_T1w.json":
+                led["nifti_sidecars"] += 1
+            elif any(k in rel for k in kept) and not rel.endswith("/stray.dcm"):
+                led["in_volumes"] += 1
+            else:  # the bad series and NIfTIs, and the T2 series' stray slice of another size (a part of its own)
+                led["in_failed_series"] += 1
+    return n, led
+
+
+def _check_ledger(s, inp):
+    n, led = _planted_ledger(inp)
+    f = s["files"]
+    got = dict(f, in_failed_series=sum(f["in_failed_series"].values()))
+    assert got.pop("unaccounted") == 0, f
+    assert s["files_input"] == n and got == led, (n, f, led)
+    assert sum(sum(v.values()) if isinstance(v, dict) else v for v in got.values()) == n  # the parts add up
+    # files per failure reason: whole bad series of one folder each (trunc_header: one file failed before)
+    per = {r.split(" (")[0]: k for r, k in f["in_failed_series"].items()}
+    for reason, folders, less in (("missing slices", ["gap"], 0), ("missing pixel data", ["no_pixels"], 0),
+                                  ("gantry tilt too large", ["tilt60"], 0),
+                                  ("too few slices", ["two", "trunc_header"], 1)):
+        assert per[reason] == sum(len(os.listdir(os.path.join(inp, "bad", d))) for d in folders) - less
+
+
+def test_file_ledger_accounts_for_every_input_file(corpus, capsys):
+    s = corpus["manifest"]["summary"]
+    _check_ledger(s, corpus["inp"])
+    preprocess.print_summary(s)
+    out = capsys.readouterr()
+    f = s["files"]
+    line = (f"files {s['files_input']}: {f['in_volumes']} in volumes, 1 dropped from kept volumes (duplicates), "
+            f"{sum(f['in_skipped_series'].values())} in skipped series, {sum(f['in_failed_series'].values())} in "
+            f"failed series, {f['failed_before_grouping']} failed before grouping, 1 NIfTI sidecars")
+    assert line in out.out.splitlines() and "WARNING" not in out.out + out.err
+    # studies without file counts (an older version's parts) leave files unaccounted for: said loudly
+    done = read_done(corpus["out"])
+    vol = next(v for e in done.values() for v in e["volumes"] if v["family"] == "T2")
+    del vol["n_files"]
+    fails = [e for e in corpus["manifest"]["failures"] if e["kind"] == "file"]
+    s2, _ = preprocess.summarize(done, fails, s["studies_input"], s["files_input"], 1)
+    assert s2["files"]["unaccounted"] == len(os.listdir(os.path.dirname(glob.glob(
+        os.path.join(corpus["inp"], "*", "mr1", "t2", "stray.dcm"))[0]))) - 2  # the T2 volume's files
+    preprocess.print_summary(s2)
+    out = capsys.readouterr()
+    assert f"WARNING: the file ledger does not add up: +{s2['files']['unaccounted']} of {s['files_input']}" in out.err
+
+
+def test_file_ledger_adds_up_over_array_jobs_and_a_resumed_run(corpus, tmp_path, monkeypatch):
+    inp = corpus["inp"]
+    kw = dict(n_workers=1, cfg_progress=False, cfg_log_paths=False)
+    out = str(tmp_path / "array")
+    assert preprocess.run(inp, out, shard_spec="1/2", **kw) is None
+    first = json.load(open(os.path.join(out, "parts", "done_1_of_2.json")))
+    assert 0 < len(first["studies"]) < corpus["manifest"]["summary"]["studies_input"]
+    _check_ledger(preprocess.run(inp, out, shard_spec="0/2", **kw)["summary"], inp)
+    # a run interrupted after 5 studies, then resumed: the 5 committed studies are not redone
+    out = str(tmp_path / "resumed")
+    real, calls = preprocess.process_study, []
+
+    def interrupted(task):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(task["key"])
+        return real(task)
+    monkeypatch.setattr(preprocess, "process_study", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess.run(inp, out, **kw)
+    monkeypatch.undo()
+    assert sorted(read_done(out)) == sorted(calls) and not os.path.exists(os.path.join(out, "manifest.json"))
+    man = preprocess.run(inp, out, **kw)
+    _check_ledger(man["summary"], inp)
+    assert man["summary"] == corpus["manifest"]["summary"]
 
 
 def _run_cli(inp, out, *extra, wait=True):
