@@ -19,8 +19,10 @@ Every token of every volume of a study is encoded whole (no crop); CT volumes ar
 once per window (brain, blood, bone). Resumable: studies already in the cache are skipped,
 so a killed run continues where it stopped; a cache whose data files were cut short keeps the
 studies stored before the cut and encodes the others again (with a warning). The cache records the encoder's hash; pointing
---out at a cache made by another encoder is an error (use --overwrite=True to redo it).
-A study that fails to encode is reported (by its study_key) and skipped.
+--out at a cache made by another encoder is an error (use --overwrite=True to redo it), and so
+is a cache holding a study without some volume selected now (another --modality or --split).
+A study that fails to encode is reported (by its study_key) and skipped; exit status 1 when
+every study to encode failed.
 """
 import json
 import os
@@ -53,13 +55,14 @@ from nvfm.data import ShardReader  # noqa: E402
 from nvfm.volume import RESAMPLING  # noqa: E402
 
 # full_precision: the authors' float [0, 1] windows where the shards store the resampled values
-PRESETS = {"nvfm": dict(min_fg_fraction=0.5, crop="pad", full_precision=False),
+PRESETS = {"nvfm": dict(features.DEFAULT_RULES),
            "neurovfm": dict(min_fg_fraction=1.0, crop="centre", full_precision=True)}
 
 
 def open_encoder(spec, dev, seed=0, heads=None):
     """-> (Encoder in eval mode, hash string). spec: "random:<size>", an nvfm .safetensors
-    file, or the authors' files (directory / .bin / .pt; the hash is that of the weights file)."""
+    file, or the authors' files (directory / .bin / .pt; the hash is that of the weights file,
+    plus "+heads:<n>" when no config.json gives the head count)."""
     if spec.startswith("random:"):
         size = spec.split(":", 1)[1]
         torch.manual_seed(seed)
@@ -73,7 +76,9 @@ def open_encoder(spec, dev, seed=0, heads=None):
         enc = official.load_official(spec, heads=heads, device=dev)
     except official.ConversionError as e:
         fail(str(e))
-    return enc, features.file_hash(official.find_official_files(spec)[0])
+    weights, cfg = official.find_official_files(spec)
+    # a bare state dict's shapes do not give the head count (--heads): the same file makes other features
+    return enc, features.file_hash(weights) + ("" if cfg else f"+heads:{enc.config.heads}")
 
 
 def main():
@@ -97,6 +102,8 @@ def main():
              f"preprocess.py with --preset={use}, or pass --preset_mismatch_ok=True to encode anyway")
     if modality not in ("all", "CT", "MR"):
         fail(f"--modality={modality!r}: choose one of 'all', 'CT', 'MR'")
+    if min_fg_fraction > 1.0:   # each study would fail on it: refused before anything is written
+        fail(f"--min_fg_fraction={min_fg_fraction}: a fraction in [0, 1] (or -1: the preset's)")
     rules = dict(PRESETS[use])
     if min_fg_fraction >= 0:
         rules["min_fg_fraction"] = min_fg_fraction
@@ -113,8 +120,7 @@ def main():
             continue
         studies.setdefault(v["study_key"], []).append(i)
     enc, enc_hash = open_encoder(encoder, device, seed, heads or None)
-    if rules != PRESETS["nvfm"]:  # other token rules make other features: a cache of its own
-        enc_hash += f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}" + (",float" if rules["full_precision"] else "")
+    enc_hash += features.rules_suffix(rules)  # other token rules make other features: a cache of its own
     print(f"encode: {len(studies)} studies ({sum(map(len, studies.values()))} volumes) with encoder "
           f"{enc_hash[:23]}, dim {enc.config.dim}, on {device}; token rules {use} {rules}, shards {shard_preset}")
     failed = 0
@@ -127,6 +133,13 @@ def main():
         fail(str(e))
     if writer.repaired:
         print(f"encode: warning: {writer.repaired}")
+    # a study is skipped when cached: one cached without some volume selected now would stay without it
+    short = [k for k in studies if k in writer and not {reader.volumes[i]["volume_id"] for i in studies[k]}
+             <= {e["volume_id"] for e in writer.index["studies"][k]}]
+    if short:
+        writer.close()
+        fail(f"{out}: {len(short)} studies are cached without volumes selected now (first: {short[0]}; encoded "
+             f"with another --modality or --split, or from other shards): use another --out or --overwrite=True")
     with writer as w:
         todo = [k for k in studies if k not in w]
         if len(todo) < len(studies):
@@ -143,6 +156,9 @@ def main():
     dt = time.time() - t0
     print(f"encode: wrote {len(todo) - failed} studies, {n_tokens} tokens in {dt:.1f} s "
           f"({n_tokens / max(dt, 1e-9):.0f} tokens/s); {failed} failed; cache {out}")
+    if todo and failed == len(todo):   # nothing useful was produced
+        raise SystemExit(f"encode.py: every one of the {failed} studies to encode failed (messages above); "
+                         "nothing written")
 
 
 if __name__ == "__main__":

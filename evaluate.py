@@ -426,7 +426,7 @@ def paper_rows(results, task):
             put(f"side accuracy given detection{ext}", col, la["accuracy"], la.get("accuracy_ci"), 3)
         if r.get("grounding", {}).get("accuracy") is not None:
             g = r["grounding"]
-            put(f"pointing game ({g['n']} lesions, chance {g['chance']:.3f})", col, g["accuracy"], None, 3)
+            put(f"pointing game ({g['n']} study-class targets, chance {g['chance']:.3f})", col, g["accuracy"], None, 3)
     return [(k, v) for k, v in rows.items()]
 
 
@@ -614,7 +614,7 @@ def main():
                                              overlay_dir=os.path.join(out, "grounding"), n_overlays=overlays)
             summary["pointing_game"] = g["accuracy"]
             results[first["display"]]["grounding"] = g
-            print(f"pointing game ({first['display']}): {fmt(g['accuracy'])} over {g['n']} lesions "
+            print(f"pointing game ({first['display']}): {fmt(g['accuracy'])} over {g['n']} study-class targets "
                   f"(chance {fmt(g['chance'])}); overlays in {os.path.join(out, 'grounding')}")
         if flip_test:
             fk = None

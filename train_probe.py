@@ -28,8 +28,10 @@ MAE) is kept, its k fold models being the ensemble (the paper picks hyperparamet
 
 Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
 `label_names`). With side_classes, two more classes lesion_left / lesion_right come from the
-lesions' sides in findings.jsonl (for the flip test). Classes with no positives (or no
-negatives) in training are kept in the outputs, left out of the loss, and reported undefined.
+lesions' sides in findings.jsonl (for the flip test; every study needs its record there). Classes
+with no positives (or no negatives) in training are kept in the outputs, left out of the loss,
+and reported undefined. A study_key on two rows is an error; a study without tokens (in
+`windows`) is left out with a warning that counts it (an empty bag has a constant logit).
 
 Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
 names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV),
@@ -38,6 +40,7 @@ as train_llava.py's probe cross-check can fit its own operating point), config; 
 """
 import os
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -87,6 +90,7 @@ from nvfm import metrics, ontology  # noqa: E402
 from nvfm import probe as P  # noqa: E402
 from nvfm.checkpoint import save_atomic  # noqa: E402
 from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
+from nvfm.model import WINDOWS  # noqa: E402
 
 
 def log(msg):
@@ -127,16 +131,24 @@ def check_inputs():
     if transfer_to and cv_folds > 0:   # CV keeps the rows of --modality only: its held-out test keys are of that one
         fail(f"--transfer_to={transfer_to} needs the split protocol: the CV protocol (--cv_folds, --protocol=paper) "
              f"holds out {modality} studies, so its test figures would not be {transfer_to} figures")
-    if len(parse_grid(cv_grid)) > 1 and cv_folds <= 0:
+    if cv_grid.strip() and cv_folds <= 0:   # the split protocol would train with the plain settings instead
         fail("--cv_grid needs the CV protocol (--protocol=paper or --cv_folds=k)")
+    parse_grid(cv_grid)
+    unknown = [w for w in windows.split(",") if w and w not in WINDOWS]
+    if unknown:   # no study has tokens of such a window: every bag would be empty
+        fail(f"--windows: unknown window {unknown[0]!r}; choose from {', '.join(WINDOWS)}")
     require_path(features, "--features", kind="dir", hint="a feature cache written by encode.py")
     if not os.path.exists(os.path.join(features, "index.json")):
         fail(f"--features: {features} is not a feature cache (no index.json; run encode.py first)")
     require_path(labels, "--labels", hint="SHARDS/labels.csv written by preprocess.py")
     try:
-        return P.load_labels(labels)
+        rows, columns = P.load_labels(labels)
     except ValueError as e:  # no study_key column, a value not 0/1
         fail(str(e))
+    dup = [(k, n) for k, n in Counter(r["study_key"] for r in rows).items() if n > 1]
+    if dup:   # one study on a train row and a val row would be trained on and then select the checkpoint
+        fail(f"--labels: {labels}: study_key {dup[0][0]!r} is on {dup[0][1]} rows: one row per study")
+    return rows, columns
 
 
 def warn_sparse_labels(names, columns):
@@ -183,7 +195,7 @@ def main():
     torch.manual_seed(seed)
     names = choose_labels(columns) if task == "classify" else ["age"]
     warn_sparse_labels(names, columns)
-    sides = {}
+    sides, fpath = {}, ""
     if task == "classify" and any(n in P.SIDE_CLASSES for n in names):
         fpath = findings or os.path.join(os.path.dirname(labels), "findings.jsonl")
         if not os.path.exists(fpath):
@@ -214,8 +226,18 @@ def main():
             raise SystemExit(f"train_probe.py: {msg}; run encode.py on them or pass --allow_missing=True")
         log(f"warning: {msg}; skipped")
         rows = [r for r in rows if r["study_key"] in cache]
+    empty = [r["study_key"] for r in rows if cache.n_tokens(r["study_key"], wins) == 0]
+    if empty:   # an empty bag gets a constant logit: it would be trained on and select thresholds unseen
+        log(f"warning: {len(empty)} of {len(rows)} {modality} studies have no tokens"
+            f"{' in the windows ' + windows if windows else ''} in {features} (first: {empty[:3]}); left out")
+        empty = set(empty)
+        rows = [r for r in rows if r["study_key"] not in empty]
     if not rows:
         raise SystemExit(f"train_probe.py: no {modality} studies with labels and features")
+    lost = [r["study_key"] for r in rows if r["study_key"] not in sides] if fpath else []
+    if lost:   # no record would read as no lesion: both side labels 0 (evaluate.py refuses the same)
+        raise SystemExit(f"train_probe.py: {len(lost)} of the {len(rows)} {modality} studies are not in {fpath} "
+                         f"(first: {lost[:3]}): side classes need every study's record (or --side_classes=False)")
     Y = {r["study_key"]: np.asarray(target(r), np.float32) for r in rows}
 
     def get_bag(key):
@@ -321,6 +343,7 @@ def main():
         _, hp, states, oof = best
         if len(grid) > 1:
             log(f"cv grid: chose {hp}")
+        if hp:   # the saved models were built with these: evaluate.py rebuilds them from probe_args
             probe_args.update({k: type(probe_args[k])(v) for k, v in hp.items() if k in ("hidden", "dropout")})
             ckpt.update(cv_grid_choice=hp)
         sel_keys, sel_logits = rest, oof

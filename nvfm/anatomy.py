@@ -18,18 +18,20 @@ import os
 
 import numpy as np
 
-from nvfm.grounding import PATCH, to_world, token_box_points
+from nvfm.grounding import PATCH, cache_crop, to_world, token_box_points, token_origin
 
 
-def token_centers(coords, affine, patch=PATCH):
-    """(n, 3) grid coords -> (n, 3) world mm of the token box centres."""
-    c = np.asarray(coords, np.float64) * np.asarray(patch) + (np.asarray(patch) - 1) / 2.0
+def token_centers(coords, affine, patch=PATCH, origin=(0, 0, 0)):
+    """(n, 3) grid coords -> (n, 3) world mm of the token box centres (token (0, 0, 0) starts at
+    canonical voxel `origin`: grounding.token_origin)."""
+    c = np.asarray(coords, np.float64) * np.asarray(patch) + (np.asarray(patch) - 1) / 2.0 + np.asarray(origin)
     return to_world(c, affine)
 
 
-def patch_matching(emb_a, coords_a, affine_a, emb_b, coords_b, affine_b, tol_mm=16.0, seed=0):
-    """Cosine nearest-neighbour matching of A's tokens into B. Returns dict(median_mm,
-    within_tol, chance_median_mm, chance_within_tol, n)."""
+def patch_matching(emb_a, coords_a, affine_a, emb_b, coords_b, affine_b, tol_mm=16.0, seed=0,
+                   origins=((0, 0, 0), (0, 0, 0))):
+    """Cosine nearest-neighbour matching of A's tokens into B (origins: each volume's token
+    origin, token_centers). Returns dict(median_mm, within_tol, chance_median_mm, chance_within_tol, n)."""
     a = np.asarray(emb_a, np.float32)
     b = np.asarray(emb_b, np.float32)
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-8)
@@ -37,7 +39,7 @@ def patch_matching(emb_a, coords_a, affine_a, emb_b, coords_b, affine_b, tol_mm=
     nn = np.empty(len(a), np.int64)
     for s in range(0, len(a), 4096):   # bounded memory for big volumes
         nn[s:s + 4096] = np.argmax(a[s:s + 4096] @ b.T, 1)
-    ca, cb = token_centers(coords_a, affine_a), token_centers(coords_b, affine_b)
+    ca, cb = token_centers(coords_a, affine_a, origin=origins[0]), token_centers(coords_b, affine_b, origin=origins[1])
     err = np.linalg.norm(ca - cb[nn], axis=1)
     rnd = np.random.default_rng(seed).integers(0, len(b), len(a))
     chance = np.linalg.norm(ca - cb[rnd], axis=1)
@@ -62,12 +64,12 @@ def kmeans_iou(emb, brain, k=3, seed=0):
     return {"iou": float(max(ious)), "chance_iou": float(brain.mean()), "cluster_sizes": np.bincount(lab, minlength=k).tolist()}
 
 
-def brain_tokens(coords, affine, world_from_template, anat=None, min_fraction=0.5):
+def brain_tokens(coords, affine, world_from_template, anat=None, min_fraction=0.5, origin=(0, 0, 0)):
     """(n,) bool: tokens whose box is mostly brain (GM, WM, ventricles) in the demo cohort's
     template anatomy placed with the subject's world_from_template (4x4, template mm -> world)."""
     from nvfm import phantom_anatomy as pa
     anat = anat or pa.load_anatomy()
-    pts = to_world(token_box_points(coords, per_axis=(2, 3, 3)), affine)            # (n, m, 3) world
+    pts = to_world(token_box_points(coords, per_axis=(2, 3, 3), origin=origin), affine)            # (n, m, 3) world
     tmm = to_world(pts, np.linalg.inv(np.asarray(world_from_template, np.float64)))   # template mm
     ijk = np.rint(to_world(tmm, np.linalg.inv(anat.affine))).astype(np.int64)
     ok = np.all((ijk >= 0) & (ijk < np.asarray(anat.tissue.shape)), -1)
@@ -81,6 +83,8 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
     k-means brain IoU (every volume, first window) on up to max_studies studies.
     names_by_key: study_key -> demo study name (for gt/<study>/subject.json)."""
     vol_index = {v["volume_id"]: i for i, v in enumerate(reader.volumes)}
+    crop = cache_crop(cache)  # tokens of a --preset=neurovfm cache start at the centre crop's corner
+    origin = lambda rec: token_origin(rec["shape"], crop)  # noqa: E731
     match, km = [], []
     for key in keys[:max_studies]:
         ents, seen = [], set()
@@ -91,7 +95,7 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
         if len(ents) >= 2:
             ra, rb = (reader.volumes[vol_index[e["volume_id"]]] for e in ents[:2])
             m = patch_matching(ents[0]["emb"], ents[0]["coords"], ra["affine"], ents[1]["emb"], ents[1]["coords"],
-                               rb["affine"], seed=seed)
+                               rb["affine"], seed=seed, origins=(origin(ra), origin(rb)))
             m["pair"] = f"{ents[0]['family']}->{ents[1]['family']}"
             match.append(m)
         sj = os.path.join(cohort, "gt", names_by_key.get(key, ""), "subject.json")
@@ -100,7 +104,7 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
                 wft = json.load(f)["world_from_template"]
             for e in ents:
                 rec = reader.volumes[vol_index[e["volume_id"]]]
-                brain = brain_tokens(e["coords"], rec["affine"], wft)
+                brain = brain_tokens(e["coords"], rec["affine"], wft, origin=origin(rec))
                 if 0 < brain.sum() < len(brain):
                     r = kmeans_iou(e["emb"], brain, seed=seed)
                     r["family"] = e["family"]

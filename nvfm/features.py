@@ -19,7 +19,9 @@ they are encoded again, and says so in `.repaired`; the reader refuses such a ca
 (`StaleCacheError` naming the file, its size and the size the index needs).
 
 Staleness: `encoder_hash` identifies the encoder (sha256 of the checkpoint file, or
-"random:<size>:seed<k>" for a random-initialised encoder). Opening a cache for writing
+"random:<size>:seed<k>" for a random-initialised encoder), followed by "+tokens:fg<f>,<crop>[,float]"
+when the token rules are not nvfm's (`rules_suffix`; `token_rules` reads them back: grounding
+needs the crop to place tokens, the flip test the rules to re-encode). Opening a cache for writing
 with another hash raises `StaleCacheError` (pass overwrite=True to start afresh), and a
 probe trained on one cache refuses to run on a cache with another hash.
 """
@@ -30,12 +32,36 @@ import os
 import numpy as np
 
 from nvfm.data import write_atomic
+from nvfm.tokenize import DEFAULT_MIN_FG_FRACTION
 
 VERSION = 1
 
 
 class StaleCacheError(RuntimeError):
     pass
+
+
+# nvfm's token rules (encode.py --preset=nvfm): a cache made with them has no "+tokens:" suffix
+DEFAULT_RULES = dict(min_fg_fraction=DEFAULT_MIN_FG_FRACTION, crop="pad", full_precision=False)
+
+
+def rules_suffix(rules):
+    """Token rules dict(min_fg_fraction, crop, full_precision) -> the encoder-hash suffix ("" for nvfm's)."""
+    if rules == DEFAULT_RULES:
+        return ""
+    return f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}" + (",float" if rules["full_precision"] else "")
+
+
+def token_rules(encoder_hash):
+    """Inverse of `rules_suffix`: encoder_hash -> (the encoder's own hash, token rules dict)."""
+    base, sep, tail = encoder_hash.partition("+tokens:")
+    if not sep:
+        return encoder_hash, dict(DEFAULT_RULES)
+    parts = tail.split(",")
+    if len(parts) not in (2, 3) or not parts[0].startswith("fg") or parts[1] not in ("pad", "centre") \
+            or parts[2:] not in ([], ["float"]):
+        raise ValueError(f"encoder hash {encoder_hash!r}: unreadable token rules {tail!r}")
+    return base, dict(min_fg_fraction=float(parts[0][2:]), crop=parts[1], full_precision=parts[2:] == ["float"])
 
 
 ROW_BYTES = {"emb.f16": lambda dim: dim * 2, "coords.i32": lambda dim: 3 * 4}
@@ -127,6 +153,10 @@ class FeatureCache:
             out.append(dict(volume_id=e["volume_id"], family=e["family"], window=e["window"],
                             modality=e["modality"], coords=coords[r:r + n], emb=emb[r:r + n]))
         return out
+
+    def n_tokens(self, key, windows=None):
+        """Token count of a study (in `windows` only, when given), from the index alone."""
+        return sum(e["n"] for e in self.index["studies"][key] if windows is None or e["window"] in windows)
 
     def study_tokens(self, key, windows=None):
         """All tokens of a study as one bag: (emb (n, dim) float16 ndarray, entries) where

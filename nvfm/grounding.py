@@ -2,21 +2,27 @@
 overlays, the pointing game, and the left/right flip test (SPEC section 4).
 
 Geometry. A token at grid (z, y, x) of a volume covers canonical voxels
-[4z, 4z+4) x [16y, 16y+16) x [16x, 16x+16) (nvfm/tokenize.py); the volume record's
+[o_z + 4z, o_z + 4z+4) x [o_y + 16y, ...) x [o_x + 16x, ...) (nvfm/tokenize.py), where the grid
+origin o is 0 for nvfm's token rules (zero padding at the far end) and (n % p) // 2 per axis for
+the authors' centre crop (encode.py --preset=neurovfm; `token_origin`, the crop read from the
+cache's encoder hash, features.token_rules); the volume record's
 `affine` maps canonical voxel indices (D, H, W order) to RAS world mm (DESIGN.md section 2).
 So a token map becomes a voxel map on the canonical grid (`token_map_to_volume`), which is
 already in world space (written with that affine, any viewer overlays it on the original
 series), and can be resampled into the grid of any reference NIfTI
 (`resample_to_reference`: reference voxel -> world -> canonical voxel, trilinear).
 
-Pointing game: for a test study positive for class k with a lesion of that diagnosis, the
-token with the highest class-k attention over all tokens of all volumes (and windows) of the
-study is a hit when its 16 mm box overlaps the lesion mask (the token is the map's
-resolution). Chance level = the fraction of the study's tokens whose box overlaps the mask.
+Pointing game: one trial per (test study, class k) where the study is positive for k and has
+lesions of that diagnosis with masks: the token with the highest class-k attention over all
+tokens of all volumes (and windows) of the study is a hit when its 16 mm box overlaps any of
+those lesions (several metastases are one target, not one trial each; the token is the map's
+resolution). A box overlaps a lesion when a point sampled in the box lies in the mask or a mask
+voxel's centre lies in the box (so a lesion smaller than the sampling step is not missed).
+Chance level = the fraction of the study's tokens whose box overlaps the lesions.
 
 Flip test: volumes are mirrored along their left-right axis (read from the record's
-`orientation` codes), re-encoded with the probe's frozen encoder, and the probe's
-lesion_left / lesion_right logits compared: dL = logit_L(flipped) - logit_L, likewise dR.
+`orientation` codes), re-encoded with the probe's frozen encoder and the cache's token rules,
+and the probe's lesion_left / lesion_right logits compared: dL = logit_L(flipped) - logit_L, likewise dR.
 For a left-sided lesion dL should fall and dR rise; AUROC of (dR - dL) for "the lesion is on
 the left", over test studies with lesions on one side only.
 """
@@ -28,6 +34,7 @@ import torch
 
 from nvfm import metrics
 from nvfm import probe as P
+from nvfm.features import token_rules
 
 PATCH = (4, 16, 16)
 
@@ -35,15 +42,34 @@ PATCH = (4, 16, 16)
 # ----------------------------------------------------------------------------- geometry
 
 
-def token_map_to_volume(values, coords, shape, patch=PATCH):
+def token_origin(shape, crop="pad", patch=PATCH):
+    """Canonical voxel (d, h, w) where token (0, 0, 0) starts: (0, 0, 0) for "pad" (nvfm), the
+    centre crop's start (n % p) // 2 per axis for "centre" (model.centre_crop_to_patches)."""
+    if crop == "pad":
+        return (0, 0, 0)
+    if crop == "centre":
+        return tuple((int(n) % p) // 2 for n, p in zip(shape, patch))
+    raise ValueError(f"crop {crop!r}: choose 'pad' or 'centre'")
+
+
+def cache_crop(cache):
+    """The crop rule a feature cache (or an object without an encoder hash: nvfm's) was encoded with."""
+    return token_rules(getattr(cache, "encoder_hash", "") or "")[1]["crop"]
+
+
+def token_map_to_volume(values, coords, shape, patch=PATCH, origin=(0, 0, 0)):
     """values (n,) per token, coords (n, 3) grid (z, y, x), shape (D, H, W) -> (D, H, W)
-    float32 map, each token's value on its voxels, 0 elsewhere; padding cropped."""
-    gz, gy, gx = (-(-s // p) for s, p in zip(shape, patch))
+    float32 map, each token's value on its voxels (token (0, 0, 0) starts at voxel `origin`),
+    0 elsewhere; padding cropped."""
+    gz, gy, gx = (-(-(s - o) // p) for s, o, p in zip(shape, origin, patch))
     grid = np.zeros((gz, gy, gx), np.float32)
     c = np.asarray(coords, np.int64)
     grid[c[:, 0], c[:, 1], c[:, 2]] = np.asarray(values, np.float32)
     vol = grid.repeat(patch[0], 0).repeat(patch[1], 1).repeat(patch[2], 2)
-    return np.ascontiguousarray(vol[:shape[0], :shape[1], :shape[2]])
+    out = np.zeros(shape, np.float32)
+    oz, oy, ox = origin
+    out[oz:, oy:, ox:] = vol[:shape[0] - oz, :shape[1] - oy, :shape[2] - ox]
+    return out
 
 
 def resample_to_reference(vol, affine, ref_shape, ref_affine, order=1):
@@ -64,11 +90,11 @@ def write_nifti(path, vol, affine):
     nib.save(img, path)
 
 
-def token_box_points(coords, patch=PATCH, per_axis=(4, 4, 4)):
+def token_box_points(coords, patch=PATCH, per_axis=(4, 4, 4), origin=(0, 0, 0)):
     """Sample points inside each token's voxel box: (n, m, 3) canonical voxel coordinates."""
     offs = [np.linspace(0.0, p - 1.0, k) for p, k in zip(patch, per_axis)]
     o = np.stack(np.meshgrid(*offs, indexing="ij"), -1).reshape(-1, 3)
-    base = np.asarray(coords, np.float64) * np.asarray(patch, np.float64)
+    base = np.asarray(coords, np.float64) * np.asarray(patch, np.float64) + np.asarray(origin, np.float64)
     return base[:, None, :] + o[None]
 
 
@@ -87,6 +113,24 @@ def mask_lookup(world, mask, mask_affine):
     return out
 
 
+def mask_token_hits(coords, affine, mask, mask_affine, patch=PATCH, origin=(0, 0, 0)):
+    """(n,) bool: the box of each token (coords (n, 3) of a volume with `affine`) overlaps the
+    nonzero region of `mask`: a point sampled in the box lies in the mask, or the centre of a
+    mask voxel lies in the box (a lesion smaller than the sampling step is then still found)."""
+    hit = mask_lookup(to_world(token_box_points(coords, patch, origin=origin), affine), mask, mask_affine).any(1)
+    idx = np.argwhere(np.asarray(mask) != 0)
+    if len(idx) and len(coords):
+        A = np.linalg.inv(np.asarray(affine, np.float64))
+        vox = to_world(to_world(idx.astype(np.float64), mask_affine), A)   # canonical voxel coords (continuous)
+        # voxel i spans [i - 0.5, i + 0.5): the token whose box holds the mask voxel's centre
+        tok = np.floor((vox - np.asarray(origin) + 0.5) / np.asarray(patch)).astype(np.int64)
+        c = np.asarray(coords, np.int64)
+        lo = np.minimum(c.min(0), tok.min(0))
+        dims = tuple(np.maximum(c.max(0), tok.max(0)) + 1 - lo)
+        hit |= np.isin(np.ravel_multi_index(tuple((c - lo).T), dims), np.ravel_multi_index(tuple((tok - lo).T), dims))
+    return hit
+
+
 def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
     """How much of each cached token lies inside a lesion of the demo cohort's ground truth.
 
@@ -97,6 +141,7 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
     mask, -1 where frac == 0). Token positions are the cache's coords, mapped by the volume record's affine."""
     import nibabel as nib
     vol = {v["volume_id"]: v for v in reader.volumes}
+    crop = cache_crop(cache)
     out = {}
     for r in findings_rows:
         if r["study_key"] not in cache:
@@ -109,7 +154,8 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
         for e in cache.study(r["study_key"]):
             if (r["study_key"], e["volume_id"]) in out:
                 continue
-            pts = to_world(token_box_points(e["coords"]), vol[e["volume_id"]]["affine"])
+            rec = vol[e["volume_id"]]
+            pts = to_world(token_box_points(e["coords"], origin=token_origin(rec.get("shape"), crop)), rec["affine"])
             frac, which = np.zeros(len(pts)), np.full(len(pts), -1, np.int64)
             for i, (m, aff) in enumerate(masks):
                 f = mask_lookup(pts, m, aff).mean(1)
@@ -128,9 +174,10 @@ def _study_names(labels_rows):
 
 def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overlay_dir=None, n_overlays=3):
     """Pointing game of the first evaluated probe (evaluate.py's `data` dict) against the
-    demo cohort's lesion masks; writes NIfTI overlays for the first `n_overlays` lesions.
+    demo cohort's lesion masks, one trial per (study, class) (module docstring); writes NIfTI
+    overlays for the first `n_overlays` trials.
 
-    Returns dict(accuracy, chance, n, per_class {name: [hits, n]}, misses_outside, overlays).
+    Returns dict(accuracy, chance, n (trials), per_class {name: [hits, n]}, overlays).
     """
     import nibabel as nib
     keys, names = data["keys"], data["ck"]["label_names"]
@@ -142,18 +189,19 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
                 lesions[r.get("study_key")] = (r.get("study"), r.get("lesions", []))
     vol_index = {v["volume_id"]: i for i, v in enumerate(reader.volumes)}
     cache, wins = data["cache"], data["wins"]
-    todo = []   # (study index, class index, lesion)
+    crop = cache_crop(cache)
+    todo = {}   # (study index, class index) -> the lesions of that diagnosis: one target
     for i, key in enumerate(keys):
         for les in lesions.get(key, (None, []))[1]:
             cand = [les.get("diagnosis")] + list(les.get("labels", []))
             k = next((names.index(c) for c in cand if c in names), None)
             if k is not None and data["y"][i, k] > 0 and les.get("mask"):
-                todo.append((i, k, les))
+                todo.setdefault((i, k), []).append(les)
     res = {"n": 0, "hits": 0, "accuracy": None, "chance": None, "per_class": {}, "overlays": []}
     if not todo:
         res["note"] = "no test lesion with a mask matches a probe class"
         return res
-    study_ids = sorted({i for i, _, _ in todo})
+    study_ids = sorted({i for i, _ in todo})
     sub = [keys[i] for i in study_ids]
 
     def get_bag(key):
@@ -162,19 +210,22 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
     _, maps = P.predict(data["models"], get_bag, sub, device, return_maps=True)
     maps = dict(zip(study_ids, maps))
     chances = []
-    for i, k, les in todo:
+    for (i, k), les_list in todo.items():
         alpha, contrib = maps[i]
         _, spans = cache.study_tokens(keys[i], wins)
-        mpath = os.path.join(cohort, les["mask"])
-        if not os.path.exists(mpath):
-            raise FileNotFoundError(f"lesion mask not found: {mpath} (is --cohort the demo cohort root?)")
-        mimg = nib.load(mpath)
-        mask = np.asarray(mimg.dataobj)
+        masks = []
+        for les in les_list:
+            mpath = os.path.join(cohort, les["mask"])
+            if not os.path.exists(mpath):
+                raise FileNotFoundError(f"lesion mask not found: {mpath} (is --cohort the demo cohort root?)")
+            mimg = nib.load(mpath)
+            masks.append((np.asarray(mimg.dataobj), mimg.affine))
         hit_tok = np.zeros(len(alpha), bool)
         for e, s0, s1 in spans:
             rec = reader.volumes[vol_index[e["volume_id"]]]
-            pts = to_world(token_box_points(e["coords"]), rec["affine"])
-            hit_tok[s0:s1] = mask_lookup(pts, mask, mimg.affine).any(1)
+            origin = token_origin(rec["shape"], crop)
+            for mask, maff in masks:
+                hit_tok[s0:s1] |= mask_token_hits(e["coords"], rec["affine"], mask, maff, origin=origin)
         if not len(alpha):
             continue
         top = int(np.argmax(alpha[:, k]))
@@ -187,7 +238,7 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
         pc[1] += 1
         if overlay_dir and len(res["overlays"]) < n_overlays:
             res["overlays"] += write_overlays(overlay_dir, lesions[keys[i]][0] or f"study{i}", names[k], spans,
-                                              alpha[:, k], contrib[:, k], reader, vol_index, mask, mimg.affine)
+                                              alpha[:, k], contrib[:, k], reader, vol_index, masks, crop=crop)
     if res["n"]:
         res["accuracy"] = res["hits"] / res["n"]
         res["chance"] = float(np.mean(chances))
@@ -195,10 +246,11 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
 
 
 def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reader, vol_index,
-                   lesion_mask=None, lesion_affine=None):
+                   lesion_masks=(), crop="pad"):
     """Per volume of a study: the image, the class attention map, the signed contribution map
-    (and the lesion mask, if given) as NIfTI on the volume's canonical grid with its world
-    affine; windows of one CT volume are combined (attention and contributions summed).
+    (and the union of the lesion masks, a list of (mask, affine), if given) as NIfTI on the
+    volume's canonical grid with its world affine; windows of one CT volume are combined
+    (attention and contributions summed). crop: the cache's token crop rule (token_origin).
     File names use the non-identifying study name. Returns the written paths."""
     written = []
     by_vol = {}
@@ -208,16 +260,18 @@ def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reade
         i = vol_index[vid]
         rec = reader.volumes[i]
         shape, aff = tuple(rec["shape"]), rec["affine"]
-        att = sum(token_map_to_volume(alpha[s0:s1], e["coords"], shape) for e, s0, s1 in parts)
-        con = sum(token_map_to_volume(contrib[s0:s1], e["coords"], shape) for e, s0, s1 in parts)
+        o = token_origin(shape, crop)
+        att = sum(token_map_to_volume(alpha[s0:s1], e["coords"], shape, origin=o) for e, s0, s1 in parts)
+        con = sum(token_map_to_volume(contrib[s0:s1], e["coords"], shape, origin=o) for e, s0, s1 in parts)
         stem = os.path.join(out_dir, f"{study_name}_{rec.get('family', 'vol')}_{vid[:8]}")
         data, _ = reader.volume(i)
         write_nifti(stem + "_image.nii.gz", data[0].astype(np.float32), aff)
         write_nifti(stem + f"_attention_{class_name}.nii.gz", att, aff)
         write_nifti(stem + f"_contribution_{class_name}.nii.gz", con, aff)
         written += [stem + "_image.nii.gz", stem + f"_attention_{class_name}.nii.gz"]
-        if lesion_mask is not None:
-            m = resample_to_reference(lesion_mask.astype(np.float32), lesion_affine, shape, aff, order=0)
+        if len(lesion_masks):
+            m = np.max([resample_to_reference(np.asarray(lm, np.float32), la, shape, aff, order=0)
+                        for lm, la in lesion_masks], 0)
             write_nifti(stem + "_lesion.nii.gz", m, aff)
     return written
 
@@ -254,21 +308,29 @@ class FlippedReader:
         data, _ = self.volume(i)
         return expand_window(data, self.volumes[i]["modality"], name)
 
+    def window_float(self, i, name):
+        """The float window (encode.py --preset=neurovfm), mirrored like `window`."""
+        return np.ascontiguousarray(np.flip(self.reader.window_float(i, name), lr_axis(self.volumes[i])))
+
 
 def open_encoder_from_hash(spec, enc_hash, device):
-    """The frozen encoder that made a cache: a file (hash checked) or random:<size>:seed<k>."""
-    from nvfm import model
+    """The frozen encoder that made a cache: an nvfm .safetensors file or the authors' files
+    (hash checked), or random:<size>:seed<k>. enc_hash may carry token rules (features.token_rules)
+    and, for a state dict without config.json, the head count ("+heads:<n>", encode.py)."""
+    from nvfm import model, official
     from nvfm.features import file_hash
+    enc_hash, _, heads = token_rules(enc_hash)[0].partition("+heads:")   # encode.py's open_encoder
     if enc_hash.startswith("random:"):   # random:<size>:seed<k> re-creates the same weights
         _, size, s = enc_hash.split(":")[:3]
         torch.manual_seed(int(s.replace("seed", "")))
         return model.Encoder(model.EncoderConfig.preset(size)).to(device).eval()
     if not spec or not os.path.exists(spec):
         raise FileNotFoundError(f"flip test: encoder file {spec!r} not found (pass --encoder=PATH)")
-    h = file_hash(spec)
+    weights = spec if official.is_nvfm_file(spec) else official.find_official_files(spec)[0]
+    h = file_hash(weights)
     if h != enc_hash:
-        raise RuntimeError(f"flip test: {spec} has hash {h}, but the probe's features came from {enc_hash}")
-    return model.load_encoder(spec, device)
+        raise RuntimeError(f"flip test: {weights} has hash {h}, but the probe's features came from {enc_hash}")
+    return official.open_any_encoder(spec, device, heads=int(heads) if heads else None)
 
 
 def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"):
@@ -286,6 +348,7 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     cache = data["cache"]
     spec = encoder_spec or cache.index.get("encoder", "")
     enc = open_encoder_from_hash(spec, data["ck"]["encoder_hash"], device)
+    rules = token_rules(data["ck"]["encoder_hash"])[1]
     studies = {}
     for i, v in enumerate(reader.volumes):
         studies.setdefault(v["study_key"], []).append(i)
@@ -301,7 +364,7 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     bags = {}
     from tqdm import tqdm
     for k in tqdm(sel, desc="flip test", unit="study"):
-        ents = model.encode_study(enc, flipped, studies[k], device=device)
+        ents = model.encode_study(enc, flipped, studies[k], device=device, **rules)   # the cache's token rules
         ents = [e for e in ents if wins is None or e["window"] in wins]
         if not ents:   # the cache has tokens of these windows: the shards are not the ones it was encoded from
             raise RuntimeError(f"flip test: study {k!r} has tokens of the windows {sorted(wins or ['all'])} in the "

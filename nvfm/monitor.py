@@ -310,7 +310,9 @@ class ProbeSet:
     def __init__(self, shards, cohort=None, max_studies=0, min_fg_fraction=None, max_tokens=16384, token_task=None):
         from nvfm.data import ShardReader
         self.reader = ShardReader(shards)
-        self.max_tokens, self.min_fg = max_tokens, min_fg_fraction
+        # the shards' own token rule (what training reads: --preset=neurovfm shards keep all-foreground tokens)
+        self.max_tokens = max_tokens
+        self.min_fg = min_fg_fraction if min_fg_fraction is not None else self.reader.manifest.get("min_fg_fraction")
         labels_path = os.path.join(shards, "labels.csv")
         rows = list(csv.DictReader(open(labels_path))) if os.path.exists(labels_path) else []
         keys = sorted({v["study_key"] for v in self.reader.volumes})

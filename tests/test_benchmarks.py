@@ -318,7 +318,7 @@ def _pointing_game(tmp_path, out, classes, task_name, monkeypatch, n_lesions):
         res = json.load(f)["results"]["ours"]
     assert list(res["per_class"]) == [classes[0]] and res["grounding"]["n"] == n_lesions
     assert 0 <= res["grounding"]["accuracy"] <= 1
-    assert f"| {task_name}: pointing game ({n_lesions} lesions, chance" in open(tmp_path / "ev" / "paper_table.md").read()
+    assert f"| {task_name}: pointing game ({n_lesions} study-class targets, chance" in open(tmp_path / "ev" / "paper_table.md").read()
 
 
 def _grounding_set(dataset, root, out, cls, masks):

@@ -198,7 +198,7 @@ def test_flip_test_leaves_out_studies_without_tokens_in_the_probes_windows(tmp_p
 
     encoded = dict(flipped)
 
-    def fake_encode(enc, reader, idx, device=None):
+    def fake_encode(enc, reader, idx, device=None, **rules):
         k = keys[idx[0]]
         return [dict(window=win[k], emb=torch.from_numpy(encoded[k]))] if k in encoded else []
     monkeypatch.setattr(nvfm_model, "encode_study", fake_encode)

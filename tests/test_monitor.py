@@ -346,3 +346,31 @@ def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path)
             assert cover[kinds[key, vid][j]] >= 0.5 and cover[kinds[key, vid][j]] == max(cover.values())
             n_pos += 1
     assert n_pos > 0, json.dumps({k: [les["diagnosis"] for les in v] for k, v in lesions.items()})
+
+
+def test_probe_set_tokenises_with_the_shards_own_token_rule(tmp_path):
+    """The online probe encodes the tokens training reads: shards written with another foreground
+    rule (preprocess.py --preset=neurovfm: 1.0, all-foreground tokens) are tokenised with it, not with
+    nvfm's 0.5. Reference: tokenize.token_foreground on each volume's mask."""
+    import json
+    import os
+
+    from nvfm.loader import write_control_shards
+    from nvfm.monitor import ProbeSet, TokenStatistics
+    from nvfm.tokenize import token_foreground
+    d = write_control_shards(str(tmp_path / "s"), n=4, shape=(16, 64, 64))
+    path = os.path.join(d, "manifest.json")
+    man = json.load(open(path))
+    man["min_fg_fraction"] = 1.0
+    json.dump(man, open(path, "w"))
+    probes = ProbeSet(d)
+    entries = probes.embed(TokenStatistics())
+    vid = {v["volume_id"]: i for i, v in enumerate(probes.reader.volumes)}
+    n_strict = n_loose = 0
+    for ents in entries.values():
+        for e in ents:
+            _, mask = probes.reader.volume(vid[e["volume_id"]])
+            m = np.array(mask)
+            assert len(e["coords"]) == int(token_foreground(m, 1.0).sum())
+            n_strict, n_loose = n_strict + len(e["coords"]), n_loose + int(token_foreground(m, 0.5).sum())
+    assert 0 < n_strict < n_loose  # the rules differ on these volumes
