@@ -1,7 +1,7 @@
-// Study-level bootstrap of per-class AUROC and threshold counts: the C++ CPU kernel and its
-// torch.library registration. Reference (the specification): nvfm/metrics.py (`bootstrap(...,
-// backend="reference")`, `_bootstrap_counts_reference`). No CUDA kernel: device=cuda runs the
-// reference.
+// Study-level (or subject-level cluster) bootstrap of per-class AUROC and threshold counts: the
+// C++ CPU kernel and its torch.library registration. Reference (the specification):
+// nvfm/metrics.py (`bootstrap(..., backend="reference")`, `_bootstrap_counts_reference`). No CUDA
+// kernel: device=cuda runs the reference.
 //
 // One replicate = multinomial counts w (n,) over studies; every statistic is a weighted
 // statistic of the original data. Per class the studies are sorted by score once (a "plan").
@@ -20,6 +20,14 @@
 // 0xD1B54A32D192ED03), each mapped to study (u * n) >> 32 (bias below n / 2^32). The same
 // numbers whatever the thread count, chunk or slice of replicates asked for; nvfm/metrics.py
 // implements the same generator in torch (`_bootstrap_counts_reference`).
+//
+// Cluster bootstrap (groups given: study i belongs to group groups[i] in 0..G-1): a replicate
+// draws G group counts with the same generator (n replaced by G) and study i weighs its group's
+// count. The plans then hold group numbers instead of study numbers, so the count buffer is
+// (G, 64) and the walk is unchanged. A group count still fits uint8 (it is a multinomial(G, 1/G)
+// count like a study's), but a replicate's total weight sum_g count_g x size_g is no longer n:
+// it is checked against 2^27 per replicate, below which the int32 sums and the double AUROC
+// numerator (<= W^2 / 2 < 2^53) stay exact.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -103,8 +111,8 @@ struct Plan {
   int64_t thr = 0;             // first entry with score >= threshold (a group boundary)
 };
 
-// y, s: one class's column (n,), contiguous.
-Plan make_plan(const uint8_t* y, const double* s, int64_t n, double thr) {
+// y, s: one class's column (n,), contiguous; grp (n,) each study's group (its count row) or null.
+Plan make_plan(const uint8_t* y, const double* s, const int64_t* grp, int64_t n, double thr) {
   std::vector<std::pair<double, int32_t>> order(n);
   for (int64_t i = 0; i < n; ++i) order[i] = {s[i], (int32_t)i};
   std::sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
@@ -118,7 +126,10 @@ Plan make_plan(const uint8_t* y, const double* s, int64_t n, double thr) {
     for (; g1 < n && order[g1].first == v; ++g1) npos += label(g1);
     if (p.thr < 0 && v >= thr) p.thr = (int64_t)p.code.size();
     if (npos > 0 && npos < g1 - g0) p.code.push_back(kGroup << 30 | (uint32_t)(g1 - g0));
-    for (int64_t e = g0; e < g1; ++e) p.code.push_back((label(e) ? kPos : kNeg) << 30 | (uint32_t)order[e].second);
+    for (int64_t e = g0; e < g1; ++e) {
+      const int64_t i = order[e].second;
+      p.code.push_back((label(e) ? kPos : kNeg) << 30 | (uint32_t)(grp ? grp[i] : i));
+    }
     g0 = g1;
   }
   p.len = (int64_t)p.code.size();
@@ -203,11 +214,15 @@ struct AlignedBuffer {
   uint8_t* p;
 };
 
+constexpr int64_t kMaxWeight = int64_t(1) << 27;   // a replicate's total weight: exact sums below it
+
 // labels (n, K) uint8 0/1, scores (n, K) float64, thresholds (K,) float64; replicates r0 .. r0 + n_rep - 1.
+// groups: None (study counts) or (n,) int64 group of each study in 0..n_groups-1 (group counts).
 // Returns (n_rep, K, 5) float64: AUROC numerator (ties half), P, N, TP, TN (weights = counts);
 // AUROC = num / (P N), sensitivity = TP / P, specificity = TN / N.
 at::Tensor bootstrap_stats_cpu(const at::Tensor& labels, const at::Tensor& scores, const at::Tensor& thresholds,
-                               int64_t r0, int64_t n_rep, int64_t seed) {
+                               int64_t r0, int64_t n_rep, int64_t seed, const c10::optional<at::Tensor>& groups,
+                               int64_t n_groups) {
   TORCH_CHECK(labels.scalar_type() == at::kByte && labels.dim() == 2 && labels.is_contiguous(),
               "bootstrap_stats: labels must be contiguous (n, K) uint8, got ", labels.scalar_type(), " ", labels.sizes());
   TORCH_CHECK(scores.scalar_type() == at::kDouble && scores.sizes() == labels.sizes() && scores.is_contiguous(),
@@ -223,21 +238,47 @@ at::Tensor bootstrap_stats_cpu(const at::Tensor& labels, const at::Tensor& score
   TORCH_CHECK(std::all_of(s, s + n * K, [](double v) { return std::isfinite(v); }),
               "bootstrap_stats: scores contain NaN or inf");
   const double* t = thresholds.data_ptr<double>();
+  const int64_t* grp = nullptr;
+  std::vector<int64_t> size;   // studies per group
+  if (groups.has_value()) {
+    const at::Tensor& g = *groups;
+    TORCH_CHECK(g.scalar_type() == at::kLong && g.dim() == 1 && g.size(0) == n && g.is_contiguous(),
+                "bootstrap_stats: groups must be contiguous (n,) int64 (n = ", n, "), got ", g.scalar_type(), " ",
+                g.sizes());
+    TORCH_CHECK(n_groups >= 1 && n_groups <= (int64_t)kIndexMask,
+                "bootstrap_stats: n_groups must be in 1..2^30 - 1, got ", n_groups);
+    grp = g.data_ptr<int64_t>();
+    size.assign(n_groups, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(grp[i] >= 0 && grp[i] < n_groups, "bootstrap_stats: study ", i, " has group ", grp[i],
+                  ", not in 0..", n_groups - 1);
+      ++size[grp[i]];
+    }
+  } else {
+    TORCH_CHECK(n_groups == 0, "bootstrap_stats: n_groups given without groups");
+  }
+  const int64_t m = grp ? n_groups : n;   // units drawn per replicate (rows of the count buffer)
   std::vector<Plan> plans(K);
   at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) plans[k] = make_plan(y + k * n, s + k * n, n, t[k]);
+    for (int64_t k = k0; k < k1; ++k) plans[k] = make_plan(y + k * n, s + k * n, grp, n, t[k]);
   });
   at::Tensor out = at::zeros({n_rep, K, 5}, scores.options());
   double* o = out.data_ptr<double>();
   const int64_t nchunks = (n_rep + kLanes - 1) / kLanes;
-  std::atomic<bool> overflow{false};
+  std::atomic<bool> overflow{false}, heavy{false};
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    AlignedBuffer C((size_t)n * kLanes), H((size_t)8 * n);
+    AlignedBuffer C((size_t)m * kLanes), H((size_t)8 * m);
     Lanes st;
-    for (int64_t ch = c0; ch < c1 && !overflow.load(); ++ch) {
+    for (int64_t ch = c0; ch < c1 && !overflow.load() && !heavy.load(); ++ch) {
       const int64_t b0 = ch * kLanes;
       const int lanes = (int)std::min<int64_t>(kLanes, n_rep - b0);
-      if (!fill_counts(C.p, H.p, n, (uint64_t)seed, r0 + b0, lanes)) overflow = true;
+      if (!fill_counts(C.p, H.p, m, (uint64_t)seed, r0 + b0, lanes)) overflow = true;
+      if (grp) {
+        int64_t W[kLanes] = {};
+        for (int64_t g = 0; g < m; ++g)
+          for (int b = 0; b < kLanes; ++b) W[b] += (int64_t)C.p[g * kLanes + b] * size[g];
+        if (*std::max_element(W, W + kLanes) >= kMaxWeight) heavy = true;
+      }
       for (int64_t k = 0; k < K; ++k) {
         walk(plans[k].code.data(), plans[k].len, plans[k].thr, C.p, st);
         for (int b = 0; b < lanes; ++b) {
@@ -251,8 +292,11 @@ at::Tensor bootstrap_stats_cpu(const at::Tensor& labels, const at::Tensor& score
       }
     }
   });
-  TORCH_CHECK(!overflow.load(), "bootstrap_stats: a study was drawn more than 255 times in one replicate "
-              "(n = ", n, "); uint8 counts cannot hold it");
+  TORCH_CHECK(!overflow.load(), "bootstrap_stats: a ", grp ? "group" : "study", " was drawn more than 255 times in "
+              "one replicate (", m, grp ? " groups" : " studies", "); uint8 counts cannot hold it");
+  TORCH_CHECK(!heavy.load(), "bootstrap_stats: a replicate's studies weigh 2^27 or more in all (", n_groups,
+              " groups of up to ", *std::max_element(size.begin(), size.end()),
+              " studies); its sums would not be exact");
   return out;
 }
 
@@ -273,7 +317,8 @@ at::Tensor bootstrap_counts_cpu(int64_t n, int64_t r0, int64_t n_rep, int64_t se
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nvfm, m) {
-  m.def("bootstrap_stats(Tensor labels, Tensor scores, Tensor thresholds, int r0, int n_rep, int seed) -> Tensor");
+  m.def("bootstrap_stats(Tensor labels, Tensor scores, Tensor thresholds, int r0, int n_rep, int seed, "
+        "Tensor? groups=None, int n_groups=0) -> Tensor");
   // no tensor inputs to dispatch on: one kernel for every device (it allocates on the CPU)
   m.def("bootstrap_counts(int n, int r0, int n_rep, int seed) -> Tensor", &bootstrap_counts_cpu);
 }

@@ -32,8 +32,9 @@ Two implementations (`bootstrap(..., backend=)`), same numbers for the same seed
   weight is binned by how many positives it beats (all classes at once: one sparse
   (bins, n) @ dense (n, B) product), a cumsum over the positive bins gives all B replicates
   at once; threshold statistics are one (B, n) @ (n, 4K) matmul (float64: counts stay exact).
-  The C++ kernel draws its own study counts internally, so a cluster bootstrap (grouped
-  studies) always computes its statistics here, from the expanded group counts.
+A cluster bootstrap (grouped studies) runs on either: the kernel takes each study's group and
+draws the G group counts itself (its walk reads a study's weight from its group's count); the
+reference expands `bootstrap_counts(G, ...)` to the studies.
 Bootstrap counts come from a counter-based generator (`bootstrap_counts`; SplitMix64 hash
 of (seed, replicate, draw), spelled out in csrc/bootstrap.cpp), so a seed gives the same
 replicates on either backend and whatever the thread count or chunking. (Before the C++
@@ -481,8 +482,10 @@ def _weights(n, n_boot, seed, r0, grp, device="cpu", backend=None):
     return c[torch.from_numpy(idx).to(c.device)]
 
 
-def _replicates_cpp(y, s, thr, n_boot, seed, defined):
-    """Per-replicate metrics from the C++ kernel: dict metric -> (n_boot, K) float64."""
+def _replicates_cpp(y, s, thr, n_boot, seed, defined, grp=None):
+    """Per-replicate metrics from the C++ kernel: dict metric -> (n_boot, K) float64.
+    grp: `group_index` (G, index) of a cluster bootstrap (the kernel draws the G group counts and
+    weighs each study by its group's); None: study counts."""
     n, K = y.shape
     cols = np.nonzero(defined)[0]
     out = {m: np.full((n_boot, K), np.nan)
@@ -492,7 +495,8 @@ def _replicates_cpp(y, s, thr, n_boot, seed, defined):
     st = torch.ops.nvfm.bootstrap_stats(
         torch.from_numpy(np.ascontiguousarray(y[:, cols], dtype=np.uint8)),
         torch.from_numpy(np.ascontiguousarray(s[:, cols], dtype=np.float64)),
-        torch.from_numpy(np.ascontiguousarray(thr[cols], dtype=np.float64)), 0, n_boot, _s64(seed)).numpy()
+        torch.from_numpy(np.ascontiguousarray(thr[cols], dtype=np.float64)), 0, n_boot, _s64(seed),
+        *(() if grp is None else (torch.from_numpy(np.ascontiguousarray(grp[1], dtype=np.int64)), grp[0]))).numpy()
     num, P, N, TP, TN = np.moveaxis(st, 2, 0)                            # (n_boot, len(cols)) each
     ok = P * N > 0   # a replicate without positives or negatives: all four undefined, as in the point estimates
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -504,11 +508,11 @@ def _replicates_cpp(y, s, thr, n_boot, seed, defined):
     return out
 
 
-def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress, grp=None, backend=None):
+def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress, grp=None):
     """Per-replicate metrics in plain torch (any device): dict metric -> (n_boot, K) float64
     (float64 throughout: integer counts stay exact, so a CI end is a plain ratio, not 0.8000000119).
     grp: `group_index` (G, index) of a cluster bootstrap, whose group counts `bootstrap_counts(G)`
-    (drawn by `backend`, the same on either) are expanded to the studies; None: study counts."""
+    are expanded to the studies; None: study counts."""
     n, K = y.shape
     dev = torch.device(device)
     batch = _AurocBatch({k: _auroc_plan(y[:, k], s[:, k]) for k in np.nonzero(defined)[0]}, n, dev)
@@ -525,7 +529,7 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
     for r0 in starts:
         bb = min(b, n_boot - r0)
         w = (_bootstrap_counts_reference(n, r0, bb, seed, dev) if grp is None
-             else _weights(n, bb, seed, r0, grp, dev, backend)).double()
+             else _weights(n, bb, seed, r0, grp, dev, "reference")).double()
         for k, v in batch(w, w.sum(0)).items():
             reps["auroc"][r0:r0 + bb, k] = v.cpu().numpy()
         c = w.T @ M
@@ -564,10 +568,8 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     reference only; the C++ kernel takes seconds.
     groups: (n,) subject ids or None (`group_index`). When some subject has several studies, each
     replicate resamples subjects (`bootstrap_weights`: one resample shared by all classes, as the
-    study-level one), and the statistics are computed by the torch reference from those weights
-    whatever the backend (the C++ kernel draws study counts internally and takes no weights);
-    backend then only picks who draws the group counts (the same counts either way). groups None
-    or all distinct: the study-level bootstrap, unchanged.
+    study-level one), on either backend (the same replicates and numbers). groups None or all
+    distinct: the study-level bootstrap, unchanged.
     """
     y, s = _check(y, scores)
     n, K = y.shape
@@ -578,13 +580,10 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     defined = defined_classes(y)
     thr = np.zeros(K) if thresholds is None else np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
     grp = group_index(groups, n)
-    if grp is not None:   # cluster bootstrap: weighted statistics of the expanded group counts
-        reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress,
-                                     grp=grp, backend=be)
-    elif be == "cpp":
-        reps = _replicates_cpp(y, s, thr, n_boot, seed, defined)
+    if be == "cpp":
+        reps = _replicates_cpp(y, s, thr, n_boot, seed, defined, grp)
     else:
-        reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress)
+        reps = _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems, progress, grp)
     if thresholds is None:
         reps = {"auroc": reps["auroc"]}
     out = {}

@@ -435,6 +435,120 @@ def test_bootstrap_cpp_equals_reference(ties):
     np.testing.assert_array_equal(c["auroc"]["low"], a["auroc"]["low"])
 
 
+def _group_case(n, G, big, seed):
+    """(n,) int64 group numbers 0..G-1 (none empty, n >= G), studies shuffled: groups 0..G/2-1 hold
+    one study each, group G-1 gets `big` extra studies, the rest spread over the upper half."""
+    rng = np.random.default_rng(seed)
+    g = np.r_[np.arange(G), np.full(min(big, n - G), G - 1),
+              rng.integers(G // 2, G, max(0, n - G - big))].astype(np.int64)
+    return g[rng.permutation(n)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,G,big,B,ties", [(5, 1, 0, 70, False), (2, 2, 0, 3, True), (40, 12, 10, 64, True),
+                                            (700, 20, 400, 65, False), (700, 20, 400, 130, True),
+                                            (600, 300, 0, 129, True), (1000, 700, 250, 200, False)])
+def test_kernel_grouped_equals_reference_per_replicate(n, G, big, B, ties):
+    """bootstrap_stats(groups=...) draws bootstrap_counts(G) and weighs each study by its group's count:
+    its counts are the reference's expanded weights exactly, its replicate metrics (`_replicates_cpp`)
+    bit-identical to the torch reference's (`_replicates_reference`). Includes one group holding all
+    studies, singleton groups, a group of 400 studies (one draw weighs 400-1600 in all), G > 255, ties,
+    classes without positives / negatives."""
+    y, s, thr = _kernel_case(n, 5, seed=n + G + B, ties=ties)
+    g = _group_case(n, G, big, seed=B)
+    seed, r0 = n * G + B, 2
+    st = torch.ops.nvfm.bootstrap_stats(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr), r0, B, seed,
+                                        torch.from_numpy(g), G)
+    num, P, N, TP, TN = st.unbind(2)
+    w = metrics.bootstrap_counts(G, B, seed=seed, r0=r0, backend="reference").double()[torch.from_numpy(g)]  # (n, B)
+    yt, pred = torch.from_numpy(y).double(), torch.from_numpy((s >= thr).astype(np.float64))
+    assert torch.equal(P, w.T @ yt) and torch.equal(N, w.T @ (1 - yt))
+    assert torch.equal(TP, w.T @ (yt * pred)) and torch.equal(TN, w.T @ ((1 - yt) * (1 - pred)))
+    assert ((2 * num) == (2 * num).round()).all()
+    if G == 1:                                                   # the one group is always drawn once
+        assert (w == 1).all()
+    if big:
+        assert (w.sum(0) != n).any()                             # cohort sizes vary with the groups drawn
+    defined = metrics.defined_classes(y)
+    a = metrics._replicates_cpp(y, s, thr, B, seed, defined, (G, g))
+    b = metrics._replicates_reference(y, s, thr, B, seed, defined, "cpu", n * 64, False, (G, g))
+    for m in a:
+        np.testing.assert_array_equal(a[m], b[m], err_msg=m)       # bit-identical, NaN where NaN
+    assert np.isnan(a["auroc"][:, :2]).all()                      # no positives / no negatives
+    nt = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.nvfm.bootstrap_stats(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr), r0, B,
+                                             seed, torch.from_numpy(g), G)
+    finally:
+        torch.set_num_threads(nt)
+    assert torch.equal(st, one)
+
+
+@needs_cpp
+@pytest.mark.parametrize("ties", [False, True])
+def test_kernel_grouped_replicates_equal_sklearn_with_subject_weights(ties):
+    """Independent check: draw the subjects with bootstrap_counts(G), give every study its subject's
+    count as sample weight, and score AUROC with sklearn, counts with numpy."""
+    n, G, K, B, seed = 260, 70, 5, 6, 3
+    y, s, thr = _kernel_case(n, K, seed=11, ties=ties)
+    g = _group_case(n, G, 60, seed=5)
+    st = torch.ops.nvfm.bootstrap_stats(torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr), 0, B, seed,
+                                        torch.from_numpy(g), G).numpy()
+    c = metrics.bootstrap_counts(G, B, seed=seed).long().numpy()                 # (G, B) subject counts
+    for r in range(B):
+        w = c[g, r]
+        keep = w > 0
+        for k in range(K):
+            num, P, N, TP, TN = st[r, k]
+            yk, pred = y[:, k] == 1, s[:, k] >= thr[k]
+            assert (P, N) == (w[yk].sum(), w[~yk].sum())
+            assert (TP, TN) == (w[yk & pred].sum(), w[~yk & ~pred].sum())
+            if P and N:
+                ref = roc_auc_score(yk[keep], s[keep, k], sample_weight=w[keep])
+                assert num / (P * N) == pytest.approx(ref, abs=1e-12)
+
+
+@needs_cpp
+@pytest.mark.parametrize("ties", [False, True])
+def test_bootstrap_grouped_cpp_equals_reference(ties):
+    """bootstrap(groups=...) on the kernel (the default on CPU) gives the reference's intervals exactly."""
+    y, s = _data(n=240, K=4, seed=4, ties=ties)
+    y[:, 2] = 0                                                   # undefined class
+    thr = metrics.youden_thresholds(y, s)
+    subj = [f"p{j}" for j in _group_case(240, 90, 40, seed=1)]
+    a = metrics.bootstrap(y, s, thr, n_boot=300, seed=5, backend="cpp", groups=subj)
+    b = metrics.bootstrap(y, s, thr, n_boot=300, seed=5, backend="reference", groups=subj)
+    c = metrics.bootstrap(y, s, thr, n_boot=300, seed=5, groups=subj)
+    for m in a:
+        for f in ("low", "high", "n_valid"):
+            np.testing.assert_array_equal(a[m][f], b[m][f], err_msg=f"{m} {f}")
+            np.testing.assert_array_equal(a[m][f], c[m][f], err_msg=f"{m} {f}")
+        assert (a[m]["macro_low"], a[m]["macro_high"], a[m]["macro_n_valid"]) == \
+            (b[m]["macro_low"], b[m]["macro_high"], b[m]["macro_n_valid"])
+    assert not np.array_equal(a["auroc"]["low"], metrics.bootstrap(y, s, thr, n_boot=300, seed=5)["auroc"]["low"],
+                              equal_nan=True)                     # the groups do change the replicates
+
+
+@needs_cpp
+def test_kernel_bad_groups():
+    y, s, thr = _kernel_case(10, 2, seed=0, ties=False)
+    Y, S, T = torch.from_numpy(y), torch.from_numpy(s), torch.from_numpy(thr)
+    g = torch.arange(10) // 2
+    with pytest.raises(RuntimeError, match="groups must be contiguous \\(n,\\) int64"):
+        torch.ops.nvfm.bootstrap_stats(Y, S, T, 0, 4, 0, g.int(), 5)
+    with pytest.raises(RuntimeError, match="groups must be contiguous \\(n,\\) int64"):
+        torch.ops.nvfm.bootstrap_stats(Y, S, T, 0, 4, 0, g[:9], 5)
+    with pytest.raises(RuntimeError, match="study 8 has group 5, not in 0..4"):
+        torch.ops.nvfm.bootstrap_stats(Y, S, T, 0, 4, 0, torch.where(g == 4, 5, g), 5)
+    with pytest.raises(RuntimeError, match="study 0 has group -1"):
+        torch.ops.nvfm.bootstrap_stats(Y, S, T, 0, 4, 0, g - 1, 5)
+    with pytest.raises(RuntimeError, match="n_groups must be in 1"):
+        torch.ops.nvfm.bootstrap_stats(Y, S, T, 0, 4, 0, g, 0)
+    with pytest.raises(RuntimeError, match="n_groups given without groups"):
+        torch.ops.nvfm.bootstrap_stats(Y, S, T, 0, 4, 0, None, 5)
+
+
 @needs_cpp
 def test_kernel_bad_input():
     y, s, thr = _kernel_case(10, 2, seed=0, ties=False)
