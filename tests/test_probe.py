@@ -11,13 +11,7 @@ from nvfm import metrics, probe
 from nvfm.metrics import auroc
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matmuls: threading overhead dominates (and CI's 2 cores are shared)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bags(n_bags=120, dim=16, K=3, seed=0):
