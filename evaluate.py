@@ -17,7 +17,9 @@ its ci_n_valid, and is null below 100 of them),
 Platt-calibrated F1 and the label-efficiency OLS fit (F1 vs log10 training positives), AUPRC
 and PR lift (AUPRC / prevalence) with CIs; for age probes MAE, RMSE, Pearson r and mean bias
 with CIs. A probe with the classes `ich`, `bleed_left`, `bleed_right` (CQ500) also gets the side
-accuracy given correct detection (`laterality`).
+accuracy given correct detection (`laterality`). A study without tokens in the probe's windows
+(an empty bag: a constant logit) is left out with a warning, as train_probe.py leaves it out, and
+counted (`n_no_tokens` in metrics.json).
 Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
 scores a probe unchanged on every study of another dataset's --labels (external transfer);
 paper_table.md has one row per task and figure and one column per probe name (in-sample
@@ -132,6 +134,16 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     if missing:
         raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "
                          f"(first: {missing[:3]}); run encode.py on the {split} split")
+    empty = [k for k in keys if cache.n_tokens(k, wins) == 0]
+    if empty:   # an empty bag gets a constant logit whatever the study: left out, as train_probe.py does
+        print(f"evaluate.py: warning: {display}: {len(empty)} of the {len(keys)} evaluated studies have no tokens"
+              f"{' in the windows ' + ck['windows'] if wins else ''} in {cache.path} (first: {empty[:3]}); left out",
+              file=sys.stderr)
+        gone = set(empty)
+        keys = [k for k in keys if k not in gone]
+    if not keys:   # before the column check below, which reads a row of labels.csv
+        raise SystemExit(f"evaluate.py: no {mod} studies in split {split!r} of {labels}"
+                         + (f" with tokens in the windows {ck['windows']}" if empty else ""))
     side = [n for n in lab if n in P.SIDE_CLASSES]
     if side and sides is None and not external:   # without the lesions' sides every study would be a negative
         raise SystemExit(f"evaluate.py: the probe's side classes {side} need the lesions' sides of findings.jsonl: "
@@ -156,8 +168,6 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     elif unknown:
         raise SystemExit(f"evaluate.py: probe label names {unknown[:5]} are not columns of {labels}"
                          + (" (--external=True scores the columns it has)" if not external else ""))
-    if not keys:
-        raise SystemExit(f"evaluate.py: no {mod} studies in split {split!r}")
 
     def get_bag(key):
         return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
@@ -170,7 +180,7 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         logits = logits[:, cols]
     res = {"probe": path, "kind": ck["probe_args"]["kind"], "task": ck["task"], "protocol": ck["protocol"],
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
-           "encoder_hash": ck["encoder_hash"]}
+           "encoder_hash": ck["encoder_hash"], "n_no_tokens": len(empty)}
     res["external"] = bool(external)
     if n_boot:
         res["ci_unit"] = ci_unit(groups)
@@ -272,6 +282,7 @@ def display_names(paths, names_arg):
 def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
              f"{res['n_studies']} studies, {res['n_models']} model(s)"
+             + (f", {res['n_no_tokens']} without tokens left out" if res.get("n_no_tokens") else "")
              + (f"; CI bootstrap unit: {res['ci_unit']}" if res.get("ci_unit") else "") + ")"
              + ("" if not res.get("in_sample") else "  [in-sample: --labels is the probe's own dataset]"
                 if res["in_sample"] == "external" else f"  [in-sample: the probe was fitted or tuned on split {res['in_sample']!r}]")]
