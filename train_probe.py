@@ -191,6 +191,11 @@ def main():
         cache = FeatureCache(features)
     except StaleCacheError as e:   # a cache cut short: one line, before anything is written
         fail(str(e))
+    wins = set(windows.split(",")) if windows else None
+    target_rows = [r for r in rows if transfer_to and r["modality"] == transfer_to and r["study_key"] in cache]
+    if target_rows and all(cache.n_tokens(r["study_key"], wins) == 0 for r in target_rows):
+        fail(f"--transfer_to={transfer_to}: none of its {len(target_rows)} studies has tokens in the windows "
+             f"{windows} of {features}: the probe could never be scored on them (choose --windows)")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
     names = choose_labels(columns) if task == "classify" else ["age"]
@@ -204,7 +209,6 @@ def main():
             sides = P.load_sides(fpath)
         except ValueError as e:   # a study key twice, a line that is not JSON
             fail(str(e))
-    wins = set(windows.split(",")) if windows else None
 
     def target(r):
         if task == "age":

@@ -275,9 +275,9 @@ def _run(script, args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-def _cohort(d, n=40, empty=()):
-    """A synthetic cache (one CT brain-window volume per study, studies in `empty` with no tokens) and
-    labels.csv (train/train/val/test). Returns the label rows."""
+def _cohort(d, n=40, empty=(), mr=()):
+    """A synthetic cache (one CT brain-window volume per study, studies in `empty` with no tokens, those
+    in `mr` MR studies with one mr-window volume) and labels.csv (train/train/val/test). Returns the label rows."""
     rng = np.random.default_rng(0)
     rows = []
     with features.FeatureWriter(str(d / "cache"), "sha256:synthetic", 8) as w:
@@ -286,9 +286,10 @@ def _cohort(d, n=40, empty=()):
             e = rng.normal(size=(0 if i in empty else 6, 8))
             if len(e):
                 e[0] += 4 * y
-            w.add(f"key{i:03d}", [dict(volume_id=f"v{i}", family="CT", window="brain", modality="CT",
+            mod, win = ("MR", "mr") if i in mr else ("CT", "brain")
+            w.add(f"key{i:03d}", [dict(volume_id=f"v{i}", family=mod, window=win, modality=mod,
                                        coords=np.zeros((len(e), 3)), emb=e)])
-            rows.append([f"key{i:03d}", "CT", ["train", "train", "val", "test"][i % 4], y])
+            rows.append([f"key{i:03d}", mod, ["train", "train", "val", "test"][i % 4], y])
     with open(d / "labels.csv", "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["study_key", "modality", "split", "intraparenchymal_hemorrhage"])
@@ -461,3 +462,17 @@ def test_anatomy_token_centres_follow_the_centre_crop():
     got = token_centers([[0, 0, 0], [1, 1, 0]], aff, origin=o)
     np.testing.assert_allclose(got, 10.0 + 2.0 * np.array([[2.5, 11.5, 11.5], [6.5, 27.5, 11.5]]))
     np.testing.assert_allclose(token_centers([[0, 0, 0]], aff), 10.0 + 2.0 * np.array([[1.5, 7.5, 7.5]]))
+
+
+def test_a_transfer_target_without_tokens_in_the_windows_is_refused(tmp_path):
+    """--modality=CT --windows=brain --transfer_to=MR: MR studies have no brain-window tokens, so the
+    probe could never be scored on them (evaluate.py would find only empty bags). Refused at training
+    time, before anything is written; with every window the same run trains."""
+    _cohort(tmp_path, n=48, mr=set(range(3, 48, 4)))   # every test row an MR study
+    common = [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}", "--transfer_to=MR", *COMMON]
+    r = _run("train_probe.py", [*common, f"--out={tmp_path / 'p'}", "--windows=brain"], tmp_path)
+    assert r.returncode == 1 and "--transfer_to=MR: none of its 12 studies has tokens in the windows brain" in r.stderr, \
+        r.stdout + r.stderr
+    assert not (tmp_path / "p").exists()
+    r = _run("train_probe.py", [*common, f"--out={tmp_path / 'q'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
