@@ -29,12 +29,15 @@ applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OA
 their rows read "<dataset> <- <OTHER_OUT's folder name>: ... (external)".
 Grounding sets (brats21, atlas2, msseg16) are scored this way too (the pointing game against their
 masks), with a probe of the class trained elsewhere (--external_task names its task folder).
-Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded and is
-skipped when that record matches (same arguments, salt, encoder file) and its output is there
-and nothing it depends on ran again; a stage that runs resumes by itself (preprocess, encode).
+Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded (the
+record is removed when it starts again, so a killed stage reruns) and is skipped when that
+record matches (same arguments, salt, encoder file, and the same finished runs of the stages it
+depends on, in this invocation or an earlier one) and its output is there; a stage that runs
+resumes by itself (preprocess, encode).
 Settings for the stage scripts pass through *_args (e.g. --probe_args="--steps=300 --threads=2").
 The salt (--salt, else $NVFM_SALT, else the public default) is given to the adapter and
-preprocess alike: the label keys are preprocess.py's study keys.
+preprocess alike (as $NVFM_SALT, so that no command line, log or record holds it; OUT/stages/
+keeps only its sha256): the label keys are preprocess.py's study keys.
 """
 import glob
 import hashlib
@@ -130,20 +133,28 @@ def file_modality(path):
 class Stages:
     """Run stage commands, or skip them when their record in OUT/stages/ matches."""
 
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, env=None):
         self.dir = os.path.join(out_dir, "stages")
+        self.env = env or {}
         self.ran = set()
         self.n_run = self.n_skipped = 0
 
+    def _read(self, name):
+        path = os.path.join(self.dir, name.replace("/", "__") + ".json")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
     def __call__(self, name, cmd, outputs, deps=(), extra=None):
         """cmd: argv after the interpreter; outputs: paths that must exist for a skip; deps: names
-        of stages whose rerun forces this one. Returns True when it ran."""
-        rec = {"cmd": cmd, "extra": extra}
+        of stages whose rerun forces this one (in this or an earlier invocation: the record holds
+        the run id of each dep it was made from). Returns True when it ran."""
+        rec = {"cmd": cmd, "extra": extra, "deps": {d: (self._read(d) or {}).get("run_id") for d in deps}}
         path = os.path.join(self.dir, name.replace("/", "__") + ".json")
-        old = None
-        if os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
+        old = self._read(name) or {}
+        old.pop("run_id", None)
         if old == rec and all(os.path.exists(p) for p in outputs) and not (set(deps) & self.ran):
             print(f"[{name}] done earlier, skipped")
             self.n_skipped += 1
@@ -154,14 +165,16 @@ class Stages:
             self.ran.add(name)
             return True
         t0 = time.time()
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if os.path.exists(path):   # a run killed midway must not leave the old record vouching for partial output
+            os.remove(path)
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **self.env)
         r = subprocess.run([python] + cmd, cwd=REPO, env=env)
         if r.returncode != 0:
             fail(f"stage {name} failed (exit status {r.returncode}); fix the cause and rerun the same command "
                  "(finished stages are skipped)")
         os.makedirs(self.dir, exist_ok=True)
         with open(path + ".tmp", "w") as f:
-            json.dump(rec, f, indent=1)
+            json.dump(dict(rec, run_id=f"{time.time_ns()}-{os.getpid()}"), f, indent=1)
         os.replace(path + ".tmp", path)
         print(f"[{name}] finished in {time.time() - t0:.0f} s", flush=True)
         self.ran.add(name)
@@ -191,12 +204,12 @@ def main():
     o = os.path.abspath(out or os.path.join("bench", dataset))
     src = os.path.abspath(external_from) if external_from else ""
     salt_id = hashlib.sha256(dicom.resolve_salt(salt).encode()).hexdigest()[:16]
-    salt_arg = [f"--salt={salt}"] if salt else []
-    run = Stages(o)
+    # the salt reaches the stages by environment: never in their argv, config lines or OUT/stages/ records
+    run = Stages(o, env={"NVFM_SALT": salt} if salt else None)
 
     # 1. adapter
     run("adapter", ["-m", "nvfm.benchmarks", f"--dataset={dataset}", f"--root={os.path.abspath(root)}",
-                    f"--out={o}", *salt_arg, *shlex.split(adapter_args)],
+                    f"--out={o}", *shlex.split(adapter_args)],
         [os.path.join(o, "adapter_report.json")], extra={"salt_id": salt_id})
     if dry_run and not os.path.exists(os.path.join(o, "adapter_report.json")):
         print("(dry run: the later stages need the adapter's outputs)")
@@ -213,7 +226,7 @@ def main():
         sd = os.path.join(o, "shards" if preset == "nvfm" else f"shards_{preset}")
         shards[preset] = sd
         run(f"preprocess_{preset}", ["preprocess.py", f"--input={os.path.abspath(rep['preprocess_input'])}",
-                                     f"--output={sd}", f"--preset={preset}", *salt_arg, *shlex.split(preprocess_args)],
+                                     f"--output={sd}", f"--preset={preset}", *shlex.split(preprocess_args)],
             [os.path.join(sd, "manifest.json")], deps=["adapter"], extra={"salt_id": salt_id})
 
     # 3. encode, 4. probes, 5. evaluate per encoder

@@ -380,6 +380,26 @@ def _adni_images(root_dir, series_regex):
     return out, other
 
 
+# ADNIMERGE DX: CN / MCI / Dementia; older releases: NL / MCI / Dementia and "<from> to <to>" at a change
+ADNI_DX_STATES = {"CN": "CN", "NL": "CN", "MCI": "MCI", "Dementia": "Dementia"}
+
+
+def _adni_dx(v, path, ln):
+    """A DX value -> CN | MCI | Dementia: the state reached ("MCI to Dementia" -> Dementia)."""
+    state = ADNI_DX_STATES.get(v.rsplit(" to ", 1)[-1].strip())
+    if state is None:
+        raise BenchmarkError(f"{path}:{ln}: DX must be CN, NL, MCI, Dementia or '<state> to <state>', got {v!r}")
+    return state
+
+
+def _adni_month(r, mcol, path):
+    """Months since baseline of a row: its M (or Month) column, else its VISCODE (bl, m<NN>), else None."""
+    if r[mcol]:
+        return _number(r[mcol], path, r["_line"], mcol)
+    m = re.fullmatch(r"bl|m(\d+)", r["VISCODE"].strip().lower())
+    return None if m is None else float(m.group(1) or 0)
+
+
 def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_series):
     """ADNI: dementia (AD vs CN at baseline) and pmci (MCI at baseline that progresses to
     dementia by `horizon` months: 1, vs MCI followed >= horizon months without dementia: 0),
@@ -390,9 +410,11 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
     Month) and the image download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ NIfTI or
     DICOM. Labels: from the baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC left
     out); DX_bl EMCI/LMCI -> pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1;
-    no Dementia and a diagnosis at M >= horizon -> 0; otherwise left out: late converter or
-    short follow-up). Image: the matching series closest to the baseline EXAMDATE, within
-    max_days. Age: AGE at baseline. Dates are used in memory only.
+    no Dementia and a diagnosis at M >= horizon -> 0; otherwise left out: late converter,
+    short follow-up, or dementia at a visit of unknown month). DX as in older ADNIMERGE
+    releases (NL, "MCI to Dementia", ...) counts as the state reached; an unknown DX value is an
+    error; a row without M (or Month) takes its month from VISCODE m<NN>. Image: the matching
+    series closest to the baseline EXAMDATE, within max_days. Age: AGE at baseline. Dates are used in memory only.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "ADNIMERGE.csv")
     if not labels_path and not os.path.exists(path):
@@ -420,13 +442,15 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
         if dx in ("AD", "CN"):
             tasks["dementia"] = {"dementia": int(dx == "AD")}
         elif dx in ("EMCI", "LMCI", "MCI"):
-            fu = [(_number(r[mcol] or "0", path, r["_line"], mcol), r["DX"]) for r in by_subject[ptid] if r["DX"]]
+            fu = [(_adni_month(r, mcol, path), _adni_dx(r["DX"], path, r["_line"]))
+                  for r in by_subject[ptid] if r["DX"]]
             conv = [m for m, d in fu if d == "Dementia"]
-            if conv and min(conv) <= horizon:
+            known = [m for m in conv if m is not None]
+            if known and min(known) <= horizon:
                 tasks["pmci"] = {"pmci": 1}
-            elif not conv and fu and max(m for m, _ in fu) >= horizon:
+            elif not conv and any(m is not None and m >= horizon for m, _ in fu):
                 tasks["pmci"] = {"pmci": 0}
-            else:
+            else:   # a dementia visit of unknown month is neither a timely conversion nor stability
                 tally["baseline MCI: late conversion or follow-up < horizon (left out)"] += 1
                 continue
         else:
@@ -669,7 +693,9 @@ def abide(root_dir, labels_path=""):
                 break
     tally, studies, seen, used = Tally(rows=len(rows)), [], {}, set()
     for r in rows:
-        sid = str(int(_number(r["SUB_ID"], path, r["_line"], "SUB_ID")))
+        if not re.fullmatch(r"\d+(?:\.0*)?", r["SUB_ID"]):   # the value is a subject id: named by its line only
+            raise BenchmarkError(f"{path}:{r['_line']}: SUB_ID must be a whole number, got a malformed value")
+        sid = str(int(float(r["SUB_ID"])))
         if sid in seen:
             raise BenchmarkError(f"{path}:{r['_line']}: duplicate subject (also line {seen[sid]})")
         seen[sid] = r["_line"]
@@ -739,8 +765,9 @@ def rsna(root_dir, labels_path="", n_workers=4):
                 continue
             tally["rows"] += 1
             m = rx.fullmatch(r[i_id].strip()) if len(r) > max(i_id, i_lab) else None
-            if not m or m.group(2) not in bit:
-                raise BenchmarkError(f"{path}:{ln}: ID must be ID_<SOPInstanceUID>_<subtype>, got {r[:1]}")
+            if not m or m.group(2) not in bit:   # the value holds a UID: named by its line only
+                why = f"unknown subtype {m.group(2)!r}" if m else "a malformed value"
+                raise BenchmarkError(f"{path}:{ln}: ID must be ID_<SOPInstanceUID>_<subtype>, got {why}")
             v = r[i_lab].strip()
             if v not in ("0", "1"):
                 raise BenchmarkError(f"{path}:{ln}: Label must be 0 or 1, got {v!r}")
