@@ -187,7 +187,9 @@ def _apply(g, argv, verbose):
             text = "True"  # a bare bool flag
         g[key] = changed[key] = _coerce(key, _parse_value(text), g[key])
     if verbose and changed:
-        print("config: " + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+        # a salt keys the hashed study / subject ids: never echoed (logs are kept and shared)
+        print("config: " + ", ".join(f"{k}=<hidden>" if k == "salt" or k.endswith("_salt") else f"{k}={v!r}"
+                                     for k, v in changed.items()))
     return changed
 
 

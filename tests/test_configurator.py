@@ -121,3 +121,13 @@ def test_require_path(tmp_path):
         with pytest.raises(SystemExit, match=msg) as e:
             require_path(str(path), "--labels", kind=kind)
         assert "error: --labels" in str(e.value.code)
+
+
+def test_the_config_line_never_echoes_a_salt(capsys):
+    """preprocess.py / bench_public.py --salt=...: the salt keys every hashed id (anyone holding it can
+    test guesses of patient ids), so the 'config:' line hides it; other settings are echoed."""
+    g = {"salt": "", "hash_salt": "", "lr": 1e-3}
+    changed = configure(g, ["--salt=MY-SECRET-SALT", "--hash_salt=OTHER-SECRET", "--lr=0.5"])
+    out = capsys.readouterr().out
+    assert changed == {"salt": "MY-SECRET-SALT", "hash_salt": "OTHER-SECRET", "lr": 0.5}
+    assert "SECRET" not in out and "salt=<hidden>" in out and "lr=0.5" in out, out
