@@ -345,6 +345,7 @@ if ddp and fsdp:
         if type(m).__name__.endswith("DecoderLayer") or isinstance(m, llava.CrossAttentionBlock):
             fully_shard(m)
     fully_shard(model)
+    model.always_run_connector = True   # a rank whose batch lost its images (image_dropout) still all-gathers it
 elif ddp:
     from torch.nn.parallel import DistributedDataParallel as DDP
     train_model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,

@@ -9,8 +9,8 @@ concatenated in series order, mapped by a 2-layer MLP into the LM embedding spac
 into the chat prompt at placeholder positions (one run of 64 positions per series, preceded by
 the series name as text). The loss is next-token cross-entropy on the assistant reply only.
 
-The LM is used through the generic HF interface only (get_input_embeddings, base_model,
-get_output_embeddings, generate(inputs_embeds=...)), so any local causal LM works.
+The LM is used through the generic HF interface only (get_input_embeddings, forward(inputs_embeds=...,
+logits_to_keep=...), generate(inputs_embeds=...)), so any local causal LM works.
 """
 import json
 import os
@@ -292,6 +292,8 @@ class ReportGenerator(nn.Module):
         hidden = llm.get_input_embeddings().weight.shape[1]
         self.connector = Connector(enc_dim, hidden, dim, depth, heads, n_latents, attn_impl, hemispheres)
         self.prompts = PromptBuilder(tok, n_latents)
+        # FSDP: every rank must run the connector's collectives, also on a batch without images
+        self.always_run_connector = False
 
     @property
     def device(self):
@@ -335,12 +337,23 @@ class ReportGenerator(nn.Module):
         visual, names = self._visual(studies)
         ex = [self.prompts.build(n, ind, f, stage) for n, ind, f in zip(names, indications, findings)]
         x, att, lab = self._embed(ex, visual, pad_left=False)
-        hidden = self.llm.base_model(inputs_embeds=x, attention_mask=att).last_hidden_state
+        if visual is None and self.always_run_connector:
+            # one zero token read into the inputs with weight 0: zero gradients, and the connector's
+            # collectives run in the same order as on a rank whose batch has images
+            p = next(self.connector.parameters())
+            one = torch.zeros(1, self.connector.perceiver.inp.in_features, device=p.device, dtype=p.dtype)
+            cu = torch.tensor([0, 1], dtype=torch.int32, device=p.device)
+            typ = torch.tensor([SERIES_TYPES.index("OTHER")], device=p.device)
+            x = x + 0 * self.connector(one, cu, 1, typ, pos=torch.zeros(1, 3, device=p.device, dtype=p.dtype)).sum()
         tgt = lab[:, 1:]
+        # logits only at positions where a study has a target (the 151k-row LM head on prompt tokens is
+        # wasted work), through the LM's own forward: its head may do more than the output embedding
+        # (Gemma 2's final logit soft-capping), and generate() decodes from those logits
+        cols = torch.nonzero((tgt != IGNORE).any(0)).flatten()
+        logits = self.llm(inputs_embeds=x, attention_mask=att, use_cache=False, logits_to_keep=cols).logits
+        tgt = tgt[:, cols]
         keep = tgt != IGNORE
-        # logits only where there is a target: the 151k-row LM head on prompt tokens is wasted work
-        logits = self.llm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), tgt[keep])
+        return F.cross_entropy(logits[keep].float(), tgt[keep])
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
@@ -515,7 +528,7 @@ def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=T
     marked as probe-detected; "flag" leaves the text alone; "off" does nothing.
     Returns (findings, missed list[str]).
     """
-    from nvfm.ontology import DIAGNOSES
+    from nvfm.ontology import DIAGNOSES, same_finding
     from nvfm.report_metrics import diagnosis_phrase, extract_diagnoses
 
     if mode == "off" or not probe_scores:
@@ -526,7 +539,8 @@ def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=T
         if name not in DIAGNOSES:
             continue
         t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(name, 0.5)
-        if p >= t and name not in mentioned and (not urgent_only or DIAGNOSES[name].urgency == "urgent"):
+        # mentions are by same_finding name: an MR probe's brain_midline_shift is the report's "midline shift"
+        if p >= t and same_finding(name) not in mentioned and (not urgent_only or DIAGNOSES[name].urgency == "urgent"):
             missed.append(name)
     if mode == "append":
         findings = list(findings) + [f"{diagnosis_phrase(n).capitalize()} (detected by image probe)" for n in missed]
@@ -552,7 +566,7 @@ def fit_cross_check_thresholds(reports, probe_scores, truths, target=0.5, min_tp
     +inf for a diagnosis that never reaches the target (never appended).
     """
     from nvfm.metrics import precision_thresholds
-    from nvfm.ontology import DIAGNOSES
+    from nvfm.ontology import DIAGNOSES, same_finding
     from nvfm.report_metrics import report_diagnoses, truth_diagnoses
 
     if not len(reports) == len(probe_scores) == len(truths):
@@ -563,11 +577,11 @@ def fit_cross_check_thresholds(reports, probe_scores, truths, target=0.5, min_tp
                     and (not urgent_only or DIAGNOSES[n].urgency == "urgent")})
     out = {}
     for n in names:
-        idx = [i for i, sc in enumerate(probe_scores) if n in sc and n not in said[i]]
+        idx = [i for i, sc in enumerate(probe_scores) if n in sc and same_finding(n) not in said[i]]
         if not idx:
             out[n] = float("inf")
             continue
-        y = np.array([[n in true[i]] for i in idx], np.int64)
+        y = np.array([[same_finding(n) in true[i]] for i in idx], np.int64)
         s = np.array([[probe_scores[i][n]] for i in idx], np.float64)
         out[n] = float(precision_thresholds(y, s, target, min_tp)[0])
     return out

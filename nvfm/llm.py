@@ -196,7 +196,7 @@ def load_llm(path, dtype=None, device="cpu"):
     """(model, tokenizer) from a local HF directory or a .gguf file; nothing is downloaded.
 
     Any AutoModelForCausalLM works: the report generator only uses get_input_embeddings(),
-    base_model, get_output_embeddings() and generate(inputs_embeds=...).
+    forward(inputs_embeds=..., logits_to_keep=...) and generate(inputs_embeds=...).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -98,6 +98,26 @@ NON_LATERAL = {
 }
 
 
+# MR label -> the CT label of the same finding: the two ontologies name some findings differently,
+# and a report's words ("midline shift", "epidermoid cyst") can name only one of them
+SAME_FINDING = {
+    'brain_midline_shift': 'midline_shift',
+    'arteriovenous_malformation': 'cerebral_arteriovenous_malformation',
+    'venous_sinus_thrombosis': 'cerebral_venous_sinus_thrombosis',
+    'cerebral_aneurysm': 'intracranial_aneurysm',
+    'brain_abscess': 'cerebral_abscess',
+    'epidermoid_cyst': 'intracranial_epidermoid_dermoid_cyst',
+    'craniotomy_craniectomy': 'craniotomy',
+    'tumor_resection_cavity': 'resection_cavity',
+}
+
+
+def same_finding(name):
+    """The one name that report metrics compare a diagnosis by: its CT name where the MR ontology
+    names the same finding otherwise (SAME_FINDING), else the name itself."""
+    return SAME_FINDING.get(name, name)
+
+
 @dataclass(frozen=True)
 class Diagnosis:
     name: str
@@ -140,3 +160,5 @@ def triage(positive_names):
 
 
 assert len(CT_DIAGNOSES) == 82 and len(MR_DIAGNOSES) == 74
+assert all(m in MR_DIAGNOSES and c in CT_DIAGNOSES and DIAGNOSES[m].urgency == DIAGNOSES[c].urgency
+           and DIAGNOSES[m].lateral == DIAGNOSES[c].lateral for m, c in SAME_FINDING.items())

@@ -30,7 +30,8 @@ negation):
   diagnosis_set_accuracy  studies whose set of named diagnoses equals the ground truth's (sides ignored)
   diagnosis_f1            mean per-study F1 of those sets (1 when both are empty)
   triage_accuracy         judge(generated findings, indication) == ground-truth triage (one of
-                          unremarkable / routine / urgent, case ignored; anything else is an error)
+                          unremarkable / routine / urgent, case ignored; anything else is an error;
+                          a record without one: nvfm.ontology.triage of its diagnoses, text and lesions)
 Hedges: a finding called improbable ("X is unlikely", "less likely", "not likely",
 "doubtful", "improbable", "no definite X", "no evidence of X") is not named, as "no X" is; one called
 possible ("possible", "probable", "likely", "suspected", "suspicious for", "questionable",
@@ -41,7 +42,10 @@ Wordings mapped where the ontology name is unambiguous (`_PATTERNS`): "contusion
 (not a scalp contusion), "glioblastoma" / "GBM" -> high_grade_glioma, "depressed fracture" ->
 displaced_skull_fracture, "basilar skull fracture" -> skull_base_fracture, a hydrocephalus that is
 not called obstructive / non-communicating (nor "ex vacuo") -> ventriculomegaly. An unqualified
-"skull fracture" names nothing: the ontology splits fractures by displacement.
+"skull fracture" names nothing: the ontology splits fractures by displacement. British spellings
+(haemorrhage, oedema, ischaemic, tumour) and the abbreviations SDH, EDH, IVH, IPH, ICH, SAH, AVM,
+DAI read as the words they stand for. MR and CT labels of one finding (nvfm.ontology.SAME_FINDING)
+are compared as the CT label.
 Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
 vLLM or Ollama server), asked to answer with one word.
@@ -54,7 +58,7 @@ import shutil
 import unicodedata
 import urllib.request
 
-from nvfm.ontology import DIAGNOSES
+from nvfm.ontology import DIAGNOSES, same_finding, triage
 
 EMPTY_REPORT = "No positive findings."
 TRIAGE_CLASSES = ("unremarkable", "routine", "urgent")
@@ -138,8 +142,21 @@ _TERMINATION = re.compile(r"\b(but|however|although|though|yet|whereas|except|ap
                           r"which|there (is|are)|secondary to|due to)\b|,\s*(with|and|there)\b")
 
 
+# British spellings and the abbreviations reports use for the ontology's words
+_SPELLING = (("haemorrh", "hemorrh"), ("haemat", "hemat"), ("oedem", "edem"), ("ischaem", "ischem"),
+             ("tumour", "tumor"), ("paediatric", "pediatric"))
+_ABBREVIATIONS = {"sdh": "subdural hematoma", "edh": "epidural hematoma", "ivh": "intraventricular hemorrhage",
+                  "iph": "intraparenchymal hemorrhage", "ich": "intracranial hemorrhage",
+                  "sah": "subarachnoid hemorrhage", "avm": "arteriovenous malformation", "dai": "diffuse axonal injury"}
+_ABBREVIATION = re.compile(rf"(?<= )({'|'.join(_ABBREVIATIONS)})(s?)(?= )")
+
+
 def _norm(text):
-    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower().replace("haemorrh", "hemorrh").replace("haemat", "hemat")).strip() + " "
+    text = text.lower()
+    for a, b in _SPELLING:
+        text = text.replace(a, b)
+    text = " " + re.sub(r"[^a-z0-9]+", " ", text).strip() + " "
+    return _ABBREVIATION.sub(lambda m: _ABBREVIATIONS[m.group(1)] + m.group(2), text)
 
 
 def diagnosis_phrase(name):
@@ -163,22 +180,36 @@ def _rule_table():
 
 _RULES = _rule_table()
 _SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?= )")
+_BREAK = re.compile(r"[,:()\[\]]")
+# words that end a premodifier ("left frontal contusion"): a side word followed by one of these
+# describes what came before it ("hematoma on the left", "infarct of the right MCA territory")
+_NOT_PREMOD = set("""of in on at along to toward towards with without and or nor from by for into within
+    involving over under near across through extending abutting adjacent the a an is are was were be been
+    has have there this that which than measuring compatible consistent suggestive likely seen noted also
+    as but no not""".split())
 
 
 def _clauses(sentence):
-    """Normalised sentence with its clauses joined by " | " (`_TERMINATION`), and the
-    (start, end) span of each clause in that text."""
+    """Normalised sentence with its clauses joined by " | " (`_TERMINATION`), the (start, end)
+    span of each clause in that text, and the positions of the spaces that stand for a comma,
+    colon or bracket inside a clause (`_side_owners` reads them: "on the left, subdural ...")."""
     low, cuts = sentence.lower(), [0]
     for m in _TERMINATION.finditer(low):
         cuts.append(m.start())
     cuts.append(len(low))
-    parts = [_norm(low[a:b]).strip() for a, b in zip(cuts[:-1], cuts[1:])]
-    text, spans = " ", []
-    for p in parts:
-        if p:
-            spans.append((len(text), len(text) + len(p)))
-            text += p + " | "
-    return (text[:-2] if spans else text), spans
+    text, spans, breaks = " ", [], set()
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        # normalising the pieces and joining them with one space gives _norm of the whole clause
+        pieces = [q for q in (_norm(x).strip() for x in _BREAK.split(low[a:b])) if q]
+        if pieces:
+            start = len(text)
+            for q in pieces[:-1]:
+                text += q + " "
+                breaks.add(len(text) - 1)
+            text += pieces[-1]
+            spans.append((start, len(text)))
+            text += " | "
+    return (text[:-2] if spans else text), spans, breaks
 
 
 def negated_spans(text, spans):
@@ -199,30 +230,81 @@ def extract_diagnoses(finding):
     midline shift" negates all three; "Left subdural hematoma without midline shift" only the
     shift; "but", "however", "which", "there is" ... end a negation's clause; "unlikely",
     "doubtful" negate, "cannot be excluded", "possible", "questionable" do not: see the module
-    docstring), and a lateral diagnosis takes the nearest side word of its sentence. A diagnosis
+    docstring), and a lateral diagnosis takes the side words it owns (`_side_owners`). A diagnosis
     mentioned more than once is listed once, at its first mention, with the sides of all its
     mentions merged by `report_diagnoses`' rule (a side stated anywhere wins over None; two
     different sides make 'bilateral'), so "Subdural hematoma. Right subdural hematoma ..." is
-    right-sided."""
+    right-sided. Names are `nvfm.ontology.same_finding`'s: "midline shift" is midline_shift in an
+    MR report too (the MR ontology's brain_midline_shift)."""
     out = {}
     for sentence in re.split(r"[;\n]|\.(?!\d)", finding):  # not at decimal points (3.4 x 3.3 cm)
-        text, spans = _clauses(sentence)
+        text, spans, breaks = _clauses(sentence)
         neg = negated_spans(text, spans)
-        sides = [(m.start(), m.end(), "bilateral" if m.group(1) == "both" else m.group(1))
-                 for m in _SIDE.finditer(text)]
-        found = []
+        orig, mentions = text, []
         for rx, name in _RULES:
             for m in list(rx.finditer(text)):
                 a, b = m.span()
-                if not any(na <= a < nb for na, nb in neg):
-                    found.append((a, b, name))
+                mentions.append((a, b, name, any(na <= a < nb for na, nb in neg)))
             text = rx.sub(lambda m: "#" * len(m.group(0)), text)
-        for a, b, name in sorted(found):
+        mentions.sort()
+        owned = _side_owners(orig, breaks, [(a, b) for a, b, _, _ in mentions])
+        for i, (a, b, name, negated) in enumerate(mentions):
+            if negated:
+                continue
             side = None
-            if DIAGNOSES[name].lateral and sides:
-                side = min(sides, key=lambda s: max(a - s[1], s[0] - b, 0))[2]
-            _merge_side(out, name, side)
+            if DIAGNOSES[name].lateral:
+                for s in owned[i]:
+                    side = s if side in (None, s) else "bilateral"
+            _merge_side(out, same_finding(name), side)
     return list(out.items())
+
+
+def _side_owners(text, breaks, mentions):
+    """Side words of a `_clauses` text -> per mention (sorted (start, end) spans, negated ones too)
+    the list of sides it owns. A side word inside a mention ("acute left subdural hematoma") or
+    before it with only modifiers between ("right frontal contusion", "left and right subdural
+    hematomas") is that mention's; one after a mention ("hematoma on the left", "epidural hematoma,
+    left") is the nearest preceding mention's in its clause. A mention that owns none and follows
+    another with "with" ("left infarct with surrounding edema") has that one's sides; else it takes the
+    nearest side word no mention owns ("left parietal lesion, likely metastasis"), never one that
+    another mention owns: "Right frontal contusion and left subdural hematoma" has a right contusion."""
+    sides = [(m.start(), m.end(), "bilateral" if m.group(1) == "both" else m.group(1))
+             for m in _SIDE.finditer(text)]
+    owner = [None] * len(sides)
+
+    def modifiers(a, b, allow=()):   # text[a:b] holds words that may stand between a side and its noun
+        words = text[a:b].split()
+        return (len(words) <= 5 and "|" not in words and not any(a <= p < b for p in breaks)
+                and all(w not in _NOT_PREMOD or w in allow for w in words))
+
+    for k in range(len(sides) - 1, -1, -1):   # right to left: "left and right X" chains onto X
+        sa, sb, _ = sides[k]
+        inside = [i for i, (a, b) in enumerate(mentions) if a <= sa and sb <= b]
+        nxt = [i for i, (a, b) in enumerate(mentions) if a >= sb]
+        prev = [i for i, (a, b) in enumerate(mentions) if b <= sa and "|" not in text[b:sa]]
+        cuts = [p for p in breaks if prev and mentions[prev[-1]][1] <= p < sa]
+        if cuts and len(text[max(cuts):sa].split()) > 3:   # "X, largest 2 cm in the left lobe": not X's side
+            prev = []
+        if inside:
+            owner[k] = inside[0]
+        elif nxt and modifiers(sb, mentions[nxt[0]][0]):
+            owner[k] = nxt[0]
+        elif (k + 1 < len(sides) and owner[k + 1] is not None and mentions[owner[k + 1]][0] > sides[k + 1][0]
+              and modifiers(sb, sides[k + 1][0], allow=("and", "or", "than"))):
+            owner[k] = owner[k + 1]
+        elif prev:
+            owner[k] = prev[-1]
+    out = [[s for (_, _, s), o in zip(sides, owner) if o == i] for i in range(len(mentions))]
+    free = [s for s, o in zip(sides, owner) if o is None]
+    for i, (a, b) in enumerate(mentions):
+        link = text[mentions[i - 1][1]:a].split() if i else []
+        if link[:1] == ["|"]:   # ", with" ends a clause
+            link = link[1:]
+        if not out[i] and link[:1] == ["with"] and "|" not in link:
+            out[i] = list(out[i - 1])   # "left MCA infarct with (surrounding) edema": the same lesion's side
+        if not out[i] and free:
+            out[i] = [min(free, key=lambda s: max(a - s[1], s[0] - b, 0))[2]]
+    return out
 
 
 def _merge_side(out, name, side):
@@ -250,11 +332,12 @@ def _lesion_error(record):
     diagnosis is an nvfm.ontology name (one outside it would drop a positive without a word)."""
     lesions = record.get("lesions") or []
     if not isinstance(lesions, list):
-        return f"'lesions' must be a list of objects, got {json.dumps(lesions)[:60]}"
+        return f"'lesions' must be a list of objects, got a {type(lesions).__name__}"
     for i, les in enumerate(lesions, 1):
         name = les.get("diagnosis") if isinstance(les, dict) else None
-        if not isinstance(les, dict) or name is None:
-            return f"lesion {i} has no diagnosis ({json.dumps(les)[:60]})"
+        if not isinstance(les, dict) or name is None:   # keys only: its values may be free text
+            what = f"keys {sorted(les)}" if isinstance(les, dict) else f"a {type(les).__name__}"
+            return f"lesion {i} has no diagnosis ({what})"
         if name not in DIAGNOSES:
             near = difflib.get_close_matches(re.sub(r"\W+", "_", str(name).lower()), DIAGNOSES, n=1)
             return (f"lesion {i} diagnosis {name!r} is not an nvfm.ontology name"
@@ -264,7 +347,8 @@ def _lesion_error(record):
 
 def truth_diagnoses(record):
     """{name: side or None} for a findings.jsonl record: lesions' diagnosis/side plus any diagnosis
-    named in its reference findings (e.g. ones without a lesion mask such as atrophy). A lesion
+    named in its reference findings (e.g. ones without a lesion mask such as atrophy), by
+    `nvfm.ontology.same_finding` name as `extract_diagnoses` gives them. A lesion
     without a diagnosis, or with one that is not an nvfm.ontology name, is a ValueError naming the
     study (it used to be dropped: a positive the metrics never saw)."""
     err = _lesion_error(record)
@@ -272,7 +356,7 @@ def truth_diagnoses(record):
         raise ValueError(f"study {record.get('study_key', record.get('study'))!r}: {err}")
     out = report_diagnoses(record.get("findings") or [])
     for les in record.get("lesions") or []:
-        name, side = les["diagnosis"], les.get("side")
+        name, side = same_finding(les["diagnosis"]), les.get("side")
         side = side if side in ("left", "right", "bilateral") else None
         prev = out.get(name)
         if prev is None or prev == side:
@@ -405,7 +489,6 @@ def text_metrics(hyps, refs):
 
 def judge_rules(findings, indication=None):
     """Triage from the diagnoses named in the findings (nvfm.ontology.triage); indication unused."""
-    from nvfm.ontology import triage
     return triage(list(report_diagnoses(findings)))
 
 
@@ -483,8 +566,8 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
         ind = (indications[i] if indications else None) or t.get("indication")
         pred = judge_rules(h, ind) if judge == "rules" else judge_http(h, ind, url=judge_url, model=judge_model)
         true = t.get("triage")
-        true = judge_rules(t.get("findings") or []) if true is None or str(true).strip() == "" else \
-            str(true).strip().lower()
+        # no triage given: that of the diagnoses scored above (findings text and lesions), not of the text alone
+        true = triage(list(gt)) if true is None or str(true).strip() == "" else str(true).strip().lower()
         if true not in TRIAGE_CLASSES:
             raise ValueError(f"study {t.get('study_key', i)!r}: triage {t.get('triage')!r} is not one of "
                              f"{TRIAGE_CLASSES} (case is ignored)")
@@ -503,8 +586,10 @@ def _check_findings(f, path, line, key):
     """A report's findings must be a list of strings: a string would be scored letter by letter
     (iterating it), a null as the text 'None'."""
     if not isinstance(f, list) or not all(isinstance(x, str) for x in f):
-        raise ValueError(f"{path}:{line}: study {key!r}: 'findings' must be a list of strings, got "
-                         f"{json.dumps(f)[:60]}")
+        # named by type only: the value is report free text, which may hold patient identifiers
+        got = (f"a list holding {sorted({type(x).__name__ for x in f if not isinstance(x, str)})}"
+               if isinstance(f, list) else f"a {type(f).__name__}")
+        raise ValueError(f"{path}:{line}: study {key!r}: 'findings' must be a list of strings, got {got}")
 
 
 def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=None, judge_model="local",
