@@ -17,6 +17,7 @@ import torch
 
 from nvfm import features, grounding, model
 from nvfm import probe as P
+from test_grounding import AttendFeature0  # the stub probe the grounding tests use
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATCH = np.array([4, 16, 16])
@@ -37,14 +38,6 @@ class MaxEncoder(torch.nn.Module):
         return torch.stack([x.max(1).values, torch.ones(len(x))], 1)
 
 
-class AttendFeature0(torch.nn.Module):
-    """Stub probe: class attention = softmax of 10 x feature 0 per bag, instance logit = feature 1."""
-
-    def forward(self, x, cu, return_maps=False):
-        seg = P.bag_ids(cu, x.shape[0])
-        a = P.segment_softmax(x[:, :1] * 10, seg, len(cu) - 1)
-        logits = P.segment_sum(a * x[:, 1:2], seg, len(cu) - 1)
-        return (logits, a, x[:, 1:2]) if return_maps else logits
 
 
 class OneVolumeReader:
