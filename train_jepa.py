@@ -11,7 +11,6 @@ Resume after a stop (SIGTERM/SIGINT also write a checkpoint): add --init_from=re
 settings (a changed setting that alters training, or another shard set, is refused; RESUME_MAY_CHANGE).
 Outputs in out_dir: ckpt.pt (full training state), encoder.safetensors (+ .json), log.jsonl.
 """
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic
 from nvfm.configurator import config_dict, configure, fail
 from nvfm.data import ShardReader
+from nvfm.features import file_hash
 from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
 from nvfm.monitor import (CollapseWatch, ProbeSet, content_loss, effective_rank, intensity_share, mean_std,
@@ -109,8 +109,7 @@ try:
     reader = ShardReader(shards)
 except ValueError as e:  # a shard file cut short, a format this version does not read
     fail(str(e))
-with open(os.path.join(shards, "manifest.json"), "rb") as _f:  # the shard set's identity: moves keep it, new data changes it
-    shards_id = "sha256:" + hashlib.sha256(_f.read()).hexdigest()
+shards_id = file_hash(os.path.join(shards, "manifest.json"))  # the shard set's identity: moves keep it, new data changes it
 indices = train_indices(reader, split, min_tokens)
 if not indices:
     raise SystemExit(f"{shards}: no '{split}' volumes with >= {min_tokens} foreground tokens")
