@@ -221,11 +221,17 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
             mimg = nib.load(mpath)
             masks.append((np.asarray(mimg.dataobj), mimg.affine))
         hit_tok = np.zeros(len(alpha), bool)
+        done = {}  # a CT volume's windows share its tokens: their overlap is computed once
         for e, s0, s1 in spans:
-            rec = reader.volumes[vol_index[e["volume_id"]]]
-            origin = token_origin(rec["shape"], crop)
-            for mask, maff in masks:
-                hit_tok[s0:s1] |= mask_token_hits(e["coords"], rec["affine"], mask, maff, origin=origin)
+            key = (e["volume_id"], np.asarray(e["coords"]).tobytes())
+            if key not in done:
+                rec = reader.volumes[vol_index[e["volume_id"]]]
+                origin = token_origin(rec["shape"], crop)
+                h = np.zeros(s1 - s0, bool)
+                for mask, maff in masks:
+                    h |= mask_token_hits(e["coords"], rec["affine"], mask, maff, origin=origin)
+                done[key] = h
+            hit_tok[s0:s1] = done[key]
         if not len(alpha):
             continue
         top = int(np.argmax(alpha[:, k]))
