@@ -21,7 +21,9 @@ accuracy given correct detection (`laterality`). A study without tokens in the p
 (an empty bag: a constant logit) is left out with a warning, as train_probe.py leaves it out, and
 counted (`n_no_tokens` in metrics.json).
 Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
-scores a probe unchanged on every study of another dataset's --labels (external transfer);
+scores a probe unchanged on every study of another dataset's --labels (external transfer; a
+study or subject the probe saw, as probe.pt's seen_keys / seen_subjects / test_keys record it,
+marks the run in-sample);
 paper_table.md has one row per task and figure and one column per probe name (in-sample
 figures, as table.txt flags them, on rows marked "(in-sample: ...)");
 `merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table (a row and column
@@ -189,13 +191,16 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         res["in_sample"] = split
         print(f"evaluate.py: warning: {display}: split {split!r} is where the probe's checkpoint, thresholds and "
               "calibration were chosen (train: where it was fitted): in-sample, optimistic figures", file=sys.stderr)
-    own = set(keys) & set(ck.get("test_keys", ())) if external else ()
-    if own:   # the CV probe's own dataset: the studies around its held-out test set trained and tuned it
+    # the probe's own dataset: studies (or subjects) that fitted or tuned it, or a CV probe's held-out
+    # test keys (the rest of that dataset trained it); probes from before seen_keys: test keys only
+    seen, seen_subj = set(ck.get("test_keys", ())) | set(ck.get("seen_keys", ())), set(ck.get("seen_subjects", ()))
+    own = [k for k, g in zip(keys, groups) if k in seen or (g and g in seen_subj)] if external else ()
+    if own:
         res["in_sample"] = "external"
-        print(f"evaluate.py: warning: {display}: --external=True, but {len(own)} of its {len(keys)} studies are the "
-              f"probe's held-out test keys: {labels} is the probe's own dataset, the rest of it trained and tuned "
-              "the probe (in-sample, optimistic figures); --external=False scores its held-out test set",
-              file=sys.stderr)
+        print(f"evaluate.py: warning: {display}: --external=True, but {len(own)} of its {len(keys)} studies share a "
+              f"study or subject with the probe's own dataset (its training, tuning or held-out test studies): "
+              f"{labels} is not external to it (in-sample, optimistic figures)"
+              + ("; --external=False scores its held-out test set" if "test_keys" in ck else ""), file=sys.stderr)
     if ck["task"] == "age":
         pred = logits[:, 0] * ck["age_sd"] + ck["age_mu"]
         age = np.array([rows_by_key[k]["age"] for k in keys])

@@ -34,7 +34,8 @@ and reported undefined. A study_key on two rows is an error; a study without tok
 `windows`) is left out with a warning that counts it (an empty bag has a constant logit).
 
 Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
-names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV),
+names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV), the
+study keys and subjects that fitted or tuned it (seen_keys, seen_subjects: salted hashes),
 the selection split's labels and logits (sel_labels, sel_logits: no keys, so a consumer such
 as train_llava.py's probe cross-check can fit its own operating point), config; out/log.txt.
 """
@@ -352,6 +353,7 @@ def main():
             ckpt.update(cv_grid_choice=hp)
         sel_keys, sel_logits = rest, oof
         ckpt.update(test_keys=test_keys, protocol=("paper: " if protocol == "paper" else "") + f"{cv_folds}-fold CV")
+        seen = rest
         train_pos = np.stack([Y[k] for k in rest]).sum(0)
     else:
         tr = [r["study_key"] for r in rows if r["split"] == "train"]
@@ -365,7 +367,11 @@ def main():
         states = [st]
         sel_keys, sel_logits = va, (P.predict(m, get_bag, va, device) if va else None)
         ckpt.update(protocol="train/val/test splits")
+        seen = tr + va
         train_pos = np.stack([Y[k] for k in tr]).sum(0)
+    # what fitted or tuned the probe (salted hashes): evaluate.py --external=True flags a dataset sharing any
+    subject_of = {r["study_key"]: r["subject"] for r in rows}
+    ckpt.update(seen_keys=list(seen), seen_subjects=sorted({subject_of[k] for k in seen} - {""}))
     ckpt.update(models=states, n_train_pos=[float(v) for v in train_pos], age_mu=norm[0], age_sd=norm[1])
     if task == "classify":
         if sel_keys:

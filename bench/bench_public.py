@@ -26,7 +26,10 @@ random_<size>, each with its settings appended (random_base_seed1).
 External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is trained here; the
 probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
 applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 or AIBL dementia;
-their rows read "<dataset> <- <OTHER_OUT's folder name>: ... (external)".
+their rows read "<dataset> <- <OTHER_OUT's folder name>: ... (external)". A dataset that shares a
+study key or a subject with the labels file a probe was trained on (as its probe.pt records it, else
+OTHER_OUT's labels file of that task) is the probe's own, not an external one: an error before
+evaluate.py (seen only when both runs used one --salt: keys and subjects are salted hashes).
 Grounding sets (brats21, atlas2, msseg16) are scored this way too (the pointing game against their
 masks), with a probe of the class trained elsewhere (--external_task names its task folder).
 Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded (the
@@ -122,12 +125,39 @@ def label_files(out_dir):
     return got
 
 
-def file_modality(path):
-    """The probe's --modality: the labels file's one modality, or all."""
+def _label_rows(path):
     import csv
     with open(path, newline="") as f:
-        mods = {r.get("modality", "") for r in csv.DictReader(f)}
+        return list(csv.DictReader(f))
+
+
+def file_modality(path):
+    """The probe's --modality: the labels file's one modality, or all."""
+    mods = {r.get("modality", "") for r in _label_rows(path)}
     return mods.pop() if len(mods) == 1 and "" not in mods else "all"
+
+
+def training_overlap(probe, lab, fallback):
+    """Studies of the labels file `lab` that the probe has seen: those whose study key or subject is
+    in the labels file it was trained on (train_probe.py records its settings in probe.pt's config;
+    `fallback`, the other run's labels file of the task, where that path is gone). Every row of that
+    file counts, its held-out test keys too: a dataset sharing any is the probe's own, not an
+    external one (evaluate.py --external=True only sees a CV probe's test keys). -> (n shared,
+    n studies of lab, the training labels path), or None when no training labels file is found."""
+    import pickle
+    from nvfm.checkpoint import load_checkpoint
+    try:
+        ck = load_checkpoint(probe)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        fail(f"--external_from: {probe} is not a readable probe.pt ({type(e).__name__})")
+    trained = ((ck.get("config") if isinstance(ck, dict) else None) or {}).get("labels") or ""
+    trained = trained if os.path.isfile(trained) else fallback
+    if not os.path.isfile(trained):
+        return None
+    seen = _label_rows(trained)
+    keys, subjects = {r["study_key"] for r in seen}, {r.get("subject") for r in seen} - {"", None}
+    rows = _label_rows(lab)
+    return sum(r["study_key"] in keys or r.get("subject") in subjects for r in rows), len(rows), trained
 
 
 class Stages:
@@ -243,6 +273,17 @@ def main():
                 probe = os.path.join(src, "probes", name, external_task or task, "probe.pt")
                 if not os.path.exists(probe):
                     fail(f"--external_from: no probe {probe} (run that dataset with the encoder named {name} first)")
+                seen = training_overlap(probe, lab, os.path.join(src, f"labels_{external_task or task}.csv"))
+                if seen is None:
+                    print(f"warning: {probe}: the labels it was trained on are not found: its overlap with {lab} "
+                          "is not checked", file=sys.stderr)
+                elif seen[0]:
+                    msg = (f"--external_from: {seen[0]} of the {seen[1]} studies in {lab} share a study or subject "
+                           f"with {seen[2]}, the labels the probe {probe} was trained on: the probe's own dataset, "
+                           "not an external one (in-sample figures)")
+                    if not dry_run:
+                        fail(msg)
+                    print(f"(dry run; a run stops here) {msg}")
                 pdeps = []
             else:
                 probe = os.path.join(o, "probes", name, task, "probe.pt")

@@ -880,42 +880,68 @@ def cq500(root_dir, labels_path=""):
 
 
 def _grounding(root_dir, name, pattern_image, pattern_mask, cls, sequences=()):
-    """Shared part of the grounding adapters: every subject folder with an image and a mask is a
-    positive study of class `cls`, its mask linked for the pointing game. pattern_*: regexes on
-    file names with one group, the subject id."""
-    imgs, masks, more = {}, {}, {}
+    """Shared part of the file-name keyed grounding adapters (brats21, atlas2). pattern_*: regexes
+    on file names with a named group `subject` and, where the names carry them, `session` and
+    `space`; sequences: [(regex with the same groups, name)] of further series of the study. A
+    study is one (subject, session); its image, mask and sequences must agree on all three
+    entities (grounding_studies)."""
+    found = {}
+    roles = [(pattern_image, "image"), (pattern_mask, "mask")] + [(rx, q) for rx, q in sequences]
     for rel in _walk_images(root_dir):
         base = os.path.basename(rel)
-        for rx, dst in ((pattern_image, imgs), (pattern_mask, masks)):
+        for rx, role in roles:
             m = re.fullmatch(rx, base)
             if m:
-                dst.setdefault(m.group(1), os.path.join(root_dir, rel))
-        for seq in sequences:
-            m = re.fullmatch(seq[0], base)
-            if m:
-                more.setdefault(m.group(1), []).append((os.path.join(root_dir, rel), seq[1]))
-    if not imgs:
+                g = m.groupdict()
+                spaces = found.setdefault((g["subject"], g.get("session") or ""), {})
+                spaces.setdefault(g.get("space") or "", {}).setdefault(role, []).append(os.path.join(root_dir, rel))
+    if not any(r.get("image") for sp in found.values() for r in sp.values()):
         raise BenchmarkError(f"{root_dir}: no {name} image found (expected names like {pattern_image})")
-    return grounding_studies(name, imgs, masks, cls, more)
+    return grounding_studies(name, found, cls)
 
 
-def grounding_studies(name, imgs, masks, cls, more=None):
-    """Studies of a segmentation set: one MR study per subject with both an image and a mask
-    ({subject: path} each), labelled positive for `cls`; the others are counted and left out.
-    more: {subject: [(path, order)]} extra series of the study."""
-    tally, studies = Tally(rows=len(set(imgs) | set(masks))), []
-    for sid in sorted(set(imgs) | set(masks)):
-        if sid not in masks or sid not in imgs:
-            tally["subjects with an image but no mask (left out)" if sid in imgs else
-                  "subjects with a mask but no image (left out)"] += 1
+def grounding_studies(name, found, cls):
+    """Studies of a segmentation set: one MR study per (subject, session) with exactly one image
+    and one mask in one space, labelled positive for `cls`; the others are counted and left out.
+
+    found: {(subject, session): {space: {role: [paths]}}}, session and space "" where the set has
+    none; role "image", "mask", or a further sequence's name (staged beside the image, sorted by
+    name). Exact pairing: an image is never paired with a mask of another session or space. A
+    subject with several sessions gives one study per annotated session (its studies share the
+    subject column: one side of every split, one cluster of evaluate.py's bootstrap); the tally
+    counts its sessions as "sessions (of subjects with several)", other subjects as
+    "subjects". Left out, by reason: no mask, no image, image and mask only in different spaces,
+    an image and a mask in each of several spaces (which one is meant is ambiguous), two or more
+    files for the study's image, mask or one sequence (ambiguous: a second copy of the subject,
+    or .nii beside .nii.gz). Returns (studies, tally, columns)."""
+    tally, studies = Tally(rows=len(found)), []
+    n_sessions = Counter(subj for subj, _ in found)
+    for subj, ses in sorted(found):
+        unit = "subjects" if n_sessions[subj] == 1 else "sessions (of subjects with several)"
+        spaces = found[subj, ses]
+        pairs = [sp for sp, r in spaces.items() if r.get("image") and r.get("mask")]
+        if not pairs:
+            has_image, has_mask = (any(r.get(k) for r in spaces.values()) for k in ("image", "mask"))
+            why = ("with an image but no mask" if not has_mask else "with a mask but no image" if not has_image
+                   else "with an image and a mask only in different spaces")
+            tally[f"{unit} {why} (left out)"] += 1
             continue
-        st = Study(f"{name}:{sid}", sid, "MR", image=imgs[sid])
-        if more is not None:
-            st.more_images = sorted(more.get(sid, []), key=lambda t: t[1])
-        st.mask = masks[sid]
+        if len(pairs) > 1:
+            tally[f"{unit} with an image and a mask in each of several spaces (left out: ambiguous)"] += 1
+            continue
+        r = spaces[pairs[0]]
+        if any(len(v) > 1 for v in r.values()):
+            tally[f"{unit} with two or more files for one image, mask or sequence (left out: ambiguous)"] += 1
+            continue
+        other = sum(len(o.get("image", [])) for sp, o in spaces.items() if sp != pairs[0])
+        if other:
+            tally["images in another space than their session's mask (not used)"] += other
+        st = Study(f"{name}:{subj}" + (f":ses-{ses}" if ses else ""), subj, "MR", image=r["image"][0])
+        st.more_images = sorted(((v[0], q) for q, v in r.items() if q not in ("image", "mask")), key=lambda t: t[1])
+        st.mask = r["mask"][0]
         st.tasks["grounding"] = {cls: 1}
         studies.append(st)
-        tally["subjects labelled"] += 1
+        tally[f"{unit} labelled"] += 1
     return studies, tally, {"grounding": [cls]}
 
 
@@ -926,12 +952,15 @@ def brats21(root_dir, labels_path="", cls="glioma"):
 
     Layout: ROOT/.../BraTS2021_<id>/BraTS2021_<id>_{t1,t1ce,t2,flair,seg}.nii.gz. Each subject
     is one study of four MR sequences (t1 is the study's image, the others beside it) and its
-    seg (labels 1, 2, 4: the whole tumour is where it is nonzero) the lesion mask. Labels:
+    seg (labels 1, 2, 4: the whole tumour is where it is nonzero) the lesion mask. A subject
+    found twice under ROOT (two copies of a release, .nii beside .nii.gz) is counted and left
+    out, never paired across copies (grounding_studies). Labels:
     labels_grounding.csv with column `cls` (1 for every study: this set has no negatives, so it
     scores grounding, not detection; evaluate a probe trained elsewhere with --external=True).
     Writes findings.jsonl + masks/ for evaluate.py --cohort=OUT --findings=OUT/findings.jsonl."""
-    return _grounding(root_dir, "brats21", r"(BraTS2021_\d+)_t1\.nii(?:\.gz)?", r"(BraTS2021_\d+)_seg\.nii(?:\.gz)?",
-                      cls, sequences=[(rf"(BraTS2021_\d+)_{q}\.nii(?:\.gz)?", q) for q in ("t1ce", "t2", "flair")])
+    sub = r"(?P<subject>BraTS2021_\d+)"
+    return _grounding(root_dir, "brats21", sub + r"_t1\.nii(?:\.gz)?", sub + r"_seg\.nii(?:\.gz)?", cls,
+                      sequences=[(sub + rf"_{q}\.nii(?:\.gz)?", q) for q in ("t1ce", "t2", "flair")])
 
 
 def atlas2(root_dir, labels_path="", cls="chronic_ischemic_stroke"):
@@ -939,13 +968,15 @@ def atlas2(root_dir, labels_path="", cls="chronic_ischemic_stroke"):
     ATLAS data use agreement, CC BY-NC 4.0): the pointing game of a stroke probe against the
     manually traced lesion masks.
 
-    Layout (BIDS): ROOT/.../sub-<id>/ses-<s>/anat/sub-<id>_ses-<s>_space-MNI152NLin2009aSym_T1w.nii.gz
-    and ..._label-L_desc-T1lesion_mask.nii.gz. Each subject is one study (T1w), its lesion mask
-    the pointing-game target; labels as brats21 (column `cls`, all 1). The test release has no
-    masks: its subjects are counted and left out."""
-    return _grounding(root_dir, "atlas2", r"(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_space-[^_]+_T1w\.nii(?:\.gz)?",
-                      r"(sub-[A-Za-z0-9]+)_ses-[A-Za-z0-9]+_space-[^_]+_label-L_desc-T1lesion_mask\.nii(?:\.gz)?", cls)
-
+    Layout (BIDS): ROOT/.../sub-<id>/ses-<s>/anat/sub-<id>_ses-<s>_space-<space>_T1w.nii.gz
+    and ..._label-L_desc-T1lesion_mask.nii.gz (v2.0: space MNI152NLin2009aSym). Each session
+    of a subject is one study (T1w), its lesion mask of the same subject, session and space the
+    pointing-game target; a subject with several annotated sessions gives one study per session
+    (grounding_studies: pairing rules, what is left out); labels as brats21 (column `cls`, all
+    1). The test release has no masks: its subjects are counted and left out."""
+    ent = r"(?P<subject>sub-[A-Za-z0-9]+)_ses-(?P<session>[A-Za-z0-9]+)_space-(?P<space>[A-Za-z0-9]+)"
+    return _grounding(root_dir, "atlas2", ent + r"_T1w\.nii(?:\.gz)?",
+                      ent + r"_label-L_desc-T1lesion_mask\.nii(?:\.gz)?", cls)
 
 
 def msseg16(root_dir, labels_path="", cls="multiple_sclerosis"):
@@ -958,25 +989,29 @@ def msseg16(root_dir, labels_path="", cls="multiple_sclerosis"):
     (else Raw_Data/FLAIR.nii.gz) and Masks/Consensus.nii.gz (the expert masks
     ManualSegmentation_<k> are not used). The consensus is on the preprocessed FLAIR's grid; a
     patient with only the raw FLAIR is staged with it, the mask assumed on its grid (check your
-    copy). Each patient is one study
-    (FLAIR), the consensus its lesion mask; labels as brats21 (column `cls`, all 1). Patients
-    without a consensus (the test release) are counted and left out. Returns (studies, tally,
-    columns)."""
-    imgs, masks = {}, {}
+    copy). Each patient folder is one study (FLAIR), the consensus in that same folder its lesion
+    mask: a patient is its folder's path under ROOT (Training/Center_01/Patient_01 and
+    Testing/Center_01/Patient_01 are two patients, never paired with each other's files). Labels
+    as brats21 (column `cls`, all 1). Patients without a consensus (the test release) are
+    counted and left out, as are those with two files for one role (.nii beside .nii.gz;
+    grounding_studies). Returns (studies, tally, columns)."""
+    found = {}
     for rel in _walk_images(root_dir):
-        m = re.search(r"(?:^|/)(Center_\d+/Patient_\d+)/(Preprocessed_Data/FLAIR_preprocessed|Raw_Data/FLAIR|"
+        m = re.search(r"^((?:.*/)?Center_\d+/Patient_\d+)/(Preprocessed_Data/FLAIR_preprocessed|Raw_Data/FLAIR|"
                       r"Masks/Consensus)\.nii(?:\.gz)?$", rel.replace(os.sep, "/"))
-        if not m:
-            continue
-        sid, what = m.group(1), m.group(2)
-        if what == "Masks/Consensus":
-            masks[sid] = os.path.join(root_dir, rel)
-        elif what.startswith("Preprocessed") or sid not in imgs:
-            imgs[sid] = os.path.join(root_dir, rel)
-    if not imgs:
+        if m:
+            role = {"Masks/Consensus": "mask", "Raw_Data/FLAIR": "raw"}.get(m.group(2), "image")
+            found.setdefault((m.group(1), ""), {}).setdefault("", {}).setdefault(role, []).append(
+                os.path.join(root_dir, rel))
+    for spaces in found.values():   # the raw FLAIR only where the patient has no preprocessed one
+        r = spaces[""]
+        raw = r.pop("raw", [])
+        if "image" not in r and raw:
+            r["image"] = raw
+    if not any(sp[""].get("image") for sp in found.values()):
         raise BenchmarkError(f"{root_dir}: no MSSEG-2016 FLAIR found (expected Center_<cc>/Patient_<pp>/"
                              "Preprocessed_Data/FLAIR_preprocessed.nii.gz)")
-    return grounding_studies("msseg16", imgs, masks, cls)
+    return grounding_studies("msseg16", found, cls)
 
 
 ADAPTERS = {"openbhb": openbhb, "adni": adni, "aibl": aibl, "oasis1": oasis1, "abide": abide, "rsna": rsna,

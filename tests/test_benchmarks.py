@@ -499,7 +499,7 @@ def _synthetic_benchmark(d, n_subj=40, seed=0, name="cache", hash_="sha256:synth
                     e += dirs[0] + dirs[1 + side]   # every token: learnable in a few steps
                 w.add(key, [dict(volume_id=key, family="CT", window="brain", modality="CT",
                                  coords=np.zeros((len(e), 3)), emb=e)])
-                rows.append([key, f"subj{s}", "CT", "", 40 + s + v, ich, ich * (1 - side), ich * side])
+                rows.append([key, f"{name}-subj{s}", "CT", "", 40 + s + v, ich, ich * (1 - side), ich * side])
     path = d / f"labels_{name}.csv"
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
@@ -531,6 +531,8 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path, monkeypatch,
     test_subj = {subj[k] for k in ck["test_keys"]}
     assert not test_subj & {subj[k] for k in subj if k not in set(ck["test_keys"])}   # no subject on both sides
     assert abs(len(test_subj) - 8) <= 1                                                # 20% of 40 subjects
+    seen = set(subj) - set(ck["test_keys"])                # every other study fitted a fold model or chose one
+    assert set(ck["seen_keys"]) == seen and set(ck["seen_subjects"]) == {subj[k] for k in seen}
     # a second dataset from the same encoder: the probe applied unchanged (external transfer)
     lab2 = _synthetic_benchmark(tmp_path, n_subj=30, seed=1, name="ext")
     ev = ["--n_boot=200", "--threads=1", "--names=ours"]

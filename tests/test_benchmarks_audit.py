@@ -1,7 +1,10 @@
 """Audit of the public benchmarks (nvfm/benchmarks.py, bench/bench_public.py): ADNI's pMCI / sMCI
 labels under the older ADNIMERGE DX coding and rows without a month, stage records that must not
 vouch for a killed stage's output or for inputs that changed in an earlier killed invocation, the
-salt kept out of command lines and records, no subject id or UID in error messages."""
+salt kept out of command lines and records, no subject id or UID in error messages, grounding sets'
+image-mask pairs of one subject, session and space (a subject found twice left out, not paired across
+copies), external runs refused on the probe's own training studies."""
+import csv
 import hashlib
 import importlib.util
 import json
@@ -10,6 +13,8 @@ import re
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,3 +160,144 @@ def test_label_file_errors_name_the_line_not_the_uid_or_subject_id(tmp_path):
     with pytest.raises(B.BenchmarkError) as e:
         B.abide(str(tmp_path / "abide"))
     assert "Phenotypic_V1_0b.csv:3: SUB_ID" in str(e.value) and "50003" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- grounding sets: exact pairing
+
+
+def _mask(path, mark):
+    """A lesion mask whose one nonzero voxel (flat index `mark`) names the file it was written as."""
+    m = np.zeros(bench_fakes.SHAPE[::-1], np.uint8)
+    m.flat[mark] = 1
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    nib.save(nib.Nifti1Image(m, np.diag([1.0, 1.0, 4.0, 1.0])), path)
+
+
+def _staged_pairs(out):
+    """{image file the study links to: the mark of its mask} from the adapter's findings.jsonl, masks/ and images/."""
+    pairs = {}
+    for ln in open(os.path.join(out, "findings.jsonl")):
+        rec = json.loads(ln)
+        (les,) = rec["lesions"]
+        mark = int(np.flatnonzero(np.asarray(nib.load(os.path.join(out, les["mask"])).dataobj))[0])
+        folder = next(f for f in os.listdir(os.path.join(out, "images"))
+                      if dicom.salted_hash("nifti:" + f, "s") == rec["study_key"])
+        pairs[os.readlink(os.path.join(out, "images", folder, "image.nii.gz"))] = mark
+    return pairs
+
+
+def test_atlas2_pairs_image_and_mask_of_one_subject_session_and_space(tmp_path):
+    root = tmp_path / "atlas"
+    ent = "sub-{0}_ses-{1}_space-{2}"
+    # (subject, session, space): mask mark or None; a T1w is written for every entry
+    plan = {("r001s001", "1", "MNI152NLin2009aSym"): None,   # ses-1 without a mask: must not get ses-2's
+            ("r001s001", "2", "MNI152NLin2009aSym"): 11,
+            ("r001s002", "1", "MNI152NLin2009aSym"): None,   # the mask is in the native space only
+            ("r001s002", "1", "orig"): 22,
+            ("r001s003", "1", "MNI152NLin2009aSym"): 33,     # two annotated sessions: two studies
+            ("r001s003", "2", "MNI152NLin2009aSym"): 44}
+    img_of = {}
+    for i, ((sub, ses, sp), mark) in enumerate(sorted(plan.items())):
+        d = root / "Training" / "R001" / f"sub-{sub}" / f"ses-{ses}" / "anat"
+        name = ent.format(sub, ses, sp)
+        img_of[(sub, ses, sp)] = bench_fakes.write_nifti(str(d / f"{name}_T1w.nii.gz"), seed=i)
+        if mark is not None:
+            _mask(str(d / f"{name}_label-L_desc-T1lesion_mask.nii.gz"), mark)
+    out = str(tmp_path / "out")
+    rep = B.run("atlas2", str(root), out, "s")
+    # hand-worked: each mask with the T1w of its own subject, session and space; nothing else
+    want = {img_of[k]: mark for k, mark in plan.items() if mark is not None}
+    assert _staged_pairs(out) == want
+    rows = list(csv.DictReader(open(os.path.join(out, "labels_grounding.csv"))))
+    subj = {r["subject"] for r in rows}
+    assert len(rows) == 4 and len(subj) == 3   # r001s003's two sessions: one subject (one side of every split)
+    assert rep["input"] == {"rows": 5, "subjects labelled": 1, "sessions (of subjects with several) labelled": 3,
+                            "sessions (of subjects with several) with an image but no mask (left out)": 1,
+                            "images in another space than their session's mask (not used)": 1}
+
+
+def test_grounding_sets_leave_out_a_subject_found_twice_rather_than_pair_across_copies(tmp_path):
+    # BraTS: one subject in two copies of a release, the first without its seg
+    root = tmp_path / "brats"
+    for k, (copy, seg) in enumerate((("A_Validation", False), ("B_Training", True))):
+        d = root / copy / "BraTS2021_00000"
+        for q in ("t1", "t1ce", "t2", "flair"):
+            bench_fakes.write_nifti(str(d / f"BraTS2021_00000_{q}.nii.gz"), seed=k)
+        if seg:
+            _mask(str(d / "BraTS2021_00000_seg.nii.gz"), 5)
+    d = root / "B_Training" / "BraTS2021_00001"
+    for q in ("t1", "t1ce", "t2", "flair"):
+        bench_fakes.write_nifti(str(d / f"BraTS2021_00001_{q}.nii.gz"), seed=7)
+    _mask(str(d / "BraTS2021_00001_seg.nii.gz"), 6)
+    studies, tally, _ = B.brats21(str(root))
+    assert [(s.image, s.mask) for s in studies] == [(str(d / "BraTS2021_00001_t1.nii.gz"),
+                                                     str(d / "BraTS2021_00001_seg.nii.gz"))]
+    assert sorted(os.path.dirname(p) for p, _ in studies[0].more_images) == [str(d)] * 3
+    assert tally == {"rows": 2, "subjects labelled": 1,
+                     "subjects with two or more files for one image, mask or sequence (left out: ambiguous)": 1}
+    # MSSEG-2016: Center_01/Patient_01 in Testing (preprocessed FLAIR) and in Training (raw FLAIR only)
+    root = tmp_path / "msseg"
+    te, tr = root / "Testing" / "Center_01" / "Patient_01", root / "Training" / "Center_01" / "Patient_01"
+    bench_fakes.write_nifti(str(te / "Preprocessed_Data" / "FLAIR_preprocessed.nii.gz"), seed=1)
+    _mask(str(te / "Masks" / "Consensus.nii.gz"), 7)
+    bench_fakes.write_nifti(str(tr / "Raw_Data" / "FLAIR.nii.gz"), seed=2)
+    _mask(str(tr / "Masks" / "Consensus.nii.gz"), 8)
+    studies, tally, _ = B.msseg16(str(root))
+    patient = os.path.dirname
+    got = sorted((patient(patient(s.image)), patient(patient(s.mask))) for s in studies)
+    assert got == [(str(te), str(te)), (str(tr), str(tr))] and tally == {"rows": 2, "subjects labelled": 2}
+
+
+# ----------------------------------------------------------------------------- external transfer: the probe's own studies
+
+
+def _labels_csv(path, rows):
+    """rows: [(study_key, subject, split)] -> a labels file with one class column."""
+    bench_fakes.write_csv(str(path), ["study_key", "subject", "modality", "split", "age", "autism"],
+                          [(k, s, "MR", sp, "", 1) for k, s, sp in rows])
+    return str(path)
+
+
+def _made_up_probe(path, trained_on):
+    """A probe.pt holding only what train_probe.py records of its run's settings (config: its --labels)."""
+    import torch
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(config=dict(labels=trained_on, protocol=""), models=[]), path)
+    return str(path)
+
+
+def test_training_overlap_counts_studies_and_subjects_of_the_probes_training_labels(tmp_path):
+    bp = _stages_module()
+    here = _labels_csv(tmp_path / "here.csv", [("k1", "s1", ""), ("k2", "s2", ""), ("k3", "s2", ""), ("k4", "", ""),
+                                               ("k5", "s5", "")])
+    # a split-protocol probe (no test_keys) trained on k1 and validated on k8: k1 was seen
+    split = _labels_csv(tmp_path / "split.csv", [("k1", "s1", "train"), ("k8", "s8", "val"), ("k9", "", "test")])
+    assert bp.training_overlap(_made_up_probe(tmp_path / "p1.pt", split), here, "") == (1, 5, split)
+    # another session of a training subject (s2): both of its studies; empty subjects never match
+    other = _labels_csv(tmp_path / "other.csv", [("k7", "s2", ""), ("k6", "", "")])
+    assert bp.training_overlap(_made_up_probe(tmp_path / "p2.pt", other), here, "") == (2, 5, other)
+    # the recorded path is gone: the other run's labels file of the task; neither: not checked
+    gone = str(tmp_path / "moved.csv")
+    assert bp.training_overlap(_made_up_probe(tmp_path / "p3.pt", gone), here, split) == (1, 5, split)
+    assert bp.training_overlap(str(tmp_path / "p3.pt"), here, gone) is None
+    disjoint = _labels_csv(tmp_path / "disjoint.csv", [("k6", "s6", ""), ("k0", "", "")])
+    assert bp.training_overlap(_made_up_probe(tmp_path / "p4.pt", disjoint), here, "") == (0, 5, disjoint)
+
+
+def test_bench_public_external_run_refuses_the_probes_own_training_studies(tmp_path):
+    bench_fakes.abide(str(tmp_path / "abide"))
+    B.run("abide", str(tmp_path / "abide"), str(tmp_path / "adapted"), "s")
+    rows = list(csv.DictReader(open(tmp_path / "adapted" / "labels_autism.csv")))
+    # the other run: a probe trained (split protocol, no test keys) on two of this dataset's studies
+    src = tmp_path / "src"
+    trained = _labels_csv(src / "labels_autism.csv", [(r["study_key"], r["subject"], "train") for r in rows[:2]])
+    _made_up_probe(src / "probes" / "random_tiny" / "autism" / "probe.pt", trained)
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", NVFM_SALT="s")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_public.py"), "--dataset=abide",
+                        f"--root={tmp_path / 'abide'}", f"--out={out}", "--encoders=random:tiny",
+                        f"--external_from={src}", "--preprocess_args=--workers=1 --progress=False --log_paths=False"],
+                       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"2 of the {len(rows)} studies in {out / 'labels_autism.csv'} share a study or subject" in r.stderr
+    assert "[evaluate/" not in r.stdout and not os.path.exists(out / "eval")

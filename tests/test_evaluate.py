@@ -279,7 +279,7 @@ def test_external_run_on_the_probes_own_dataset_is_flagged(tmp_path, monkeypatch
     torch.save(dict(torch.load(pt, weights_only=True), test_keys=["k00", "k01", "k02"], protocol="2-fold CV"), pt)
     _settings(monkeypatch, tmp_path, probes=pt, external=True)
     evaluate.main()
-    assert "3 of its 24 studies are the probe's held-out test keys" in capsys.readouterr().err
+    assert "3 of its 24 studies share a study or subject with the probe's own dataset" in capsys.readouterr().err
     res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
     assert res["in_sample"] == "external" and res["n_studies"] == 24
     assert "[in-sample: --labels is the probe's own dataset]" in (tmp_path / "ev" / "table.txt").read_text()
@@ -380,6 +380,30 @@ def test_paper_table_marks_in_sample_rows_and_merge_keeps_the_mark(tmp_path, mon
     evaluate.main()
     text = (tmp_path / "ev" / "paper_table.md").read_text()
     assert "| ext: macro AUROC (external; in-sample: the probe's own dataset) |" in text
+
+
+def test_external_run_sharing_training_studies_or_subjects_is_flagged(tmp_path, monkeypatch, capsys):
+    """A split-protocol probe has no test keys: --external=True on the labels it was trained on (or
+    on a dataset sharing its subjects) used to pass for an external run. train_probe.py records
+    seen_keys / seen_subjects; studies matching either are counted (by hand below)."""
+    import torch
+    pt, rows, header = _tiny_run(tmp_path)
+    ck = torch.load(pt, weights_only=True)
+    _write_labels(tmp_path, ["subject"] + header, [[f"s{i // 2}"] + r for i, r in enumerate(rows)])
+    # CT studies are scored (k04, k09, ... are MR); subject s<i // 2>: s0 = k00 k01, s2 = k04 k05
+    for seen, subjects, want in ((["k00", "k04"], [], 1),           # k04 is MR: not scored
+                                 ([], ["s0", "s2"], 3),             # k00 k01 k05
+                                 (["k01"], ["s0"], 2),              # k00 k01, each once
+                                 ([], [], 0)):
+        torch.save(dict(ck, seen_keys=seen, seen_subjects=subjects), pt)
+        _settings(monkeypatch, tmp_path, probes=pt, external=True)
+        evaluate.main()
+        res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+        err = capsys.readouterr().err
+        if want:
+            assert f"{want} of its 24 studies share a study or subject" in err and res["in_sample"] == "external"
+        else:
+            assert "share a study or subject" not in err and "in_sample" not in res
 
 
 def test_studies_sharing_subjects_get_a_subject_level_bootstrap(tmp_path, monkeypatch):
