@@ -37,7 +37,11 @@ Hedges: a finding called improbable ("X is unlikely", "less likely", "not likely
 possible ("possible", "probable", "likely", "suspected", "suspicious for", "questionable",
 "cannot exclude / rule out X", "X cannot be (entirely) excluded", "X is not excluded") is named,
 a positive mention like any other: a report that raises a diagnosis is scored as naming it
-(a hallucination when the study does not have it), and its triage counts it.
+(a hallucination when the study does not have it), and its triage counts it. A question mark is a
+hedge of the same kind: "Hydrocephalus?" and "?meningioma" name the finding, as "questionable"
+does; a "?" followed by a space ends the sentence like a full stop (a negation before it stops
+there), unless the next sentence is just its answer "No" / "None" / "Negative", which negates it
+("Hydrocephalus? No." names nothing, like "Hydrocephalus: none").
 Wordings mapped where the ontology name is unambiguous (`_PATTERNS`): "contusion" -> brain_contusion
 (not a scalp contusion), "glioblastoma" / "GBM" -> high_grade_glioma, "depressed fracture" ->
 displaced_skull_fracture, "basilar skull fracture" -> skull_base_fracture, a hydrocephalus that is
@@ -119,7 +123,9 @@ _PATTERNS = [
 # every mention after it up to the end of its clause; a post-negation trigger every mention
 # before it back to the start of its clause. Clauses end at the sentence end (`extract_diagnoses`
 # splits sentences) and at termination terms. Pseudo-triggers ("no change in", "cannot be
-# excluded") look like negations but are not: text they cover triggers nothing.
+# excluded", "partial resolution of", "not seen on the prior") look like negations but are not:
+# text they cover triggers nothing. A clause's last word "no" / "none" / "negative" negates back
+# (the answer of "Hydrocephalus: none", "Hydrocephalus? No.").
 # Hedges: a finding called improbable ("unlikely", "less likely", "doubtful", "improbable") is
 # negated like "no"; one called possible ("cannot be excluded", "cannot rule out", "possible",
 # "questionable", "suspected") is a mention (no trigger, or a pseudo-trigger).
@@ -131,15 +137,29 @@ _POST_NEG = re.compile(r"(?<= )((is|are|was|were|has been|have been) )?((not|no 
                        r"visuali[sz]ed|demonstrated|evident|appreciated|detected|noted)|absent|excluded|ruled out|"
                        r"(has |have )?resolved)(?= )|"
                        r"(?<= )(is|are|was|were|appears?|seems?|considered|felt|thought|deemed)( to be)? "
-                       rf"((considered|felt|thought|deemed) )?{_IMPROBABLE}(?= )|(?<= ){_IMPROBABLE}(?= $)")
+                       rf"((considered|felt|thought|deemed) )?{_IMPROBABLE}(?= )|(?<= ){_IMPROBABLE}(?= $)|"
+                       r"(?<= )(no|none|negative)(?= $)")   # a clause's last word: "Hydrocephalus: none", "X? No."
 _PSEUDO_NEG = re.compile(r"(?<= )(no (significant |substantial |definite |interval |appreciable )*(change|increase|"
                          r"decrease|enlargement|growth|progression|worsening)|without (significant |interval )*change|"
                          r"not only|(cannot|can not|can t|could not|may not|not)( be| been)?( entirely| completely|"
                          r" totally| fully| definitely| definitively| confidently| reliably)? (excluded|ruled out|"
-                         r"exclude|rule out))(?= )")
-# clause ends, matched on the lower-cased sentence before normalisation (a comma matters in ", with")
+                         r"exclude|rule out)|"
+                         # a finding partly resolved, or not seen before, is there now
+                         r"(partial|incomplete|near complete|nearly complete|almost complete|near total)( interval)? "
+                         r"resolution|(partially|incompletely|nearly|almost|not|not yet|not completely|not fully) "
+                         r"resolved|not (previously (seen|present|visible|identified|demonstrated)|(seen|present|"
+                         r"visible|identified|demonstrated) (previously|before|earlier|(on|in) (the )?(prior|previous|"
+                         r"earlier|comparison))))(?= )")
+# clause ends, matched on the lower-cased sentence before normalisation (a comma matters in ", with").
+# ConText's rule (Harkema et al. 2009, medspaCy's TERMINATE): scope ends at a termination term, not at "and" or a comma.
+# So a list stays negated ("no X, Y, and Z"), but an "and" / "with" that opens a new noun phrase ("and a Y", "and mild
+# Y", "with a Y") and a comma clause with its own affirmation ("no X, Y is present") start a clause as "there is" does.
+_AFFIRMED = (r"\b(is|are|was|were)( also| again| now| still)? "
+             r"(present|seen|noted|identified|evident|demonstrated|visuali[sz]ed|appreciated)\b")
 _TERMINATION = re.compile(r"\b(but|however|although|though|yet|whereas|except|apart from|aside from|other than|"
-                          r"which|there (is|are)|secondary to|due to)\b|,\s*(with|and|there)\b")
+                          r"which|there (is|are)|secondary to|due to|despite|in spite of)\b|,\s*(with|there)\b|"
+                          r"(,\s*)?\band(?= (a|an|the|there|with|mild|moderate|severe|marked)\b)|\bwith(?= (a|an)\b)|"
+                          rf",(?=((?!\b(or|nor|and)\b)[^,])*?{_AFFIRMED})")   # not "no X, Y or Z is seen"
 
 
 # British spellings and the abbreviations reports use for the ontology's words
@@ -218,8 +238,12 @@ def negated_spans(text, spans):
     real = lambda m: not any(a < m.end() and m.start() < b for a, b in pseudo)
     out = []
     for cs, ce in spans:   # text[cs - 1] and text[ce] are spaces: the triggers' lookarounds see them
-        out += [(m.end(), ce) for m in _PRE_NEG.finditer(text, cs - 1, ce + 1) if real(m)]
-        out += [(cs, m.start()) for m in _POST_NEG.finditer(text, cs - 1, ce + 1) if real(m)]
+        post = [m for m in _POST_NEG.finditer(text, cs - 1, ce + 1) if real(m)]
+        # the longest trigger wins (NegEx): the "not" of "X is not seen" negates nothing after it
+        inner = lambda m: any(cs < p.start() <= m.start() and m.end() <= p.end() and len(p.group()) > len(m.group())
+                              for p in post)
+        out += [(m.end(), ce) for m in _PRE_NEG.finditer(text, cs - 1, ce + 1) if real(m) and not inner(m)]
+        out += [(cs, m.start()) for m in post]
     return out
 
 
@@ -228,7 +252,9 @@ def extract_diagnoses(finding):
     {"left", "right", "bilateral", None}, in order of mention. Each sentence is read on its own:
     a negated mention is skipped (NegEx-style scope: "No evidence of hemorrhage, mass effect, or
     midline shift" negates all three; "Left subdural hematoma without midline shift" only the
-    shift; "but", "however", "which", "there is" ... end a negation's clause; "unlikely",
+    shift; "but", "however", "which", "there is", an "and" / "with" opening a new noun phrase ("No
+    hemorrhage and a left meningioma") and a comma clause with its own affirmation ("No midline
+    shift, hydrocephalus is present") end a negation's clause, "No X, Y, and Z" does not; "unlikely",
     "doubtful" negate, "cannot be excluded", "possible", "questionable" do not: see the module
     docstring), and a lateral diagnosis takes the side words it owns (`_side_owners`). A diagnosis
     mentioned more than once is listed once, at its first mention, with the sides of all its
@@ -237,7 +263,8 @@ def extract_diagnoses(finding):
     right-sided. Names are `nvfm.ontology.same_finding`'s: "midline shift" is midline_shift in an
     MR report too (the MR ontology's brain_midline_shift)."""
     out = {}
-    for sentence in re.split(r"[;\n]|\.(?!\d)", finding):  # not at decimal points (3.4 x 3.3 cm)
+    # not at decimal points (3.4 x 3.3 cm), nor at a "?" that prefixes a word ("?meningioma") or is answered ("X? No.")
+    for sentence in re.split(r"[;\n]|\.(?!\d)|\?(?=\s|$)(?!\s*(?i:no|none|negative)\s*(?:[.;\n]|$))", finding):
         text, spans, breaks = _clauses(sentence)
         neg = negated_spans(text, spans)
         orig, mentions = text, []

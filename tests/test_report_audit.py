@@ -181,3 +181,129 @@ def test_a_batch_without_images_still_runs_the_connector_under_fsdp():
     torch.testing.assert_close(loss, plain)
     grads = [p.grad for p in gen.connector.parameters()]
     assert all(g is not None and not g.any() for g in grads)
+
+
+# Negation scope, read by hand: (finding, [(diagnosis, side)] named as present)
+SCOPE_CASES = [
+    # an "and" / "with" that opens a new noun phrase ends the negation: these lost the positive finding
+    ("No hemorrhage and a left meningioma.", [("meningioma", "left")]),
+    ("No intracranial hemorrhage and a large right frontal meningioma.", [("meningioma", "right")]),
+    ("No hemorrhage and an acute left MCA infarct.", [("acute_ischemic_stroke", "left")]),
+    ("There is no hydrocephalus and the left meningioma is unchanged.", [("meningioma", "left")]),
+    ("No acute hemorrhage and mild generalized cerebral volume loss.", [("cerebral_atrophy", None)]),
+    ("No hemorrhage with a left meningioma.", [("meningioma", "left")]),
+    ("Without hemorrhage and with a left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("No hemorrhage and a left subdural hematoma and no midline shift.", [("subdural_hematoma", "left")]),
+    ("No midline shift despite the large left subdural hematoma.", [("subdural_hematoma", "left")]),
+    # a list after a trigger stays negated, whatever joins it
+    ("No hemorrhage and no meningioma.", []),
+    ("No hemorrhage, mass effect or midline shift.", []),
+    ("No hemorrhage, mass effect and midline shift.", []),
+    ("No hydrocephalus and mass effect.", []),
+    ("No hemorrhage or a left meningioma.", []),
+    ("No subdural hematoma and the ventricles are normal.", []),
+]
+
+
+@pytest.mark.parametrize("finding,named", SCOPE_CASES)
+def test_a_negation_ends_where_a_new_noun_phrase_begins(finding, named):
+    """"No" used to run over "and a left meningioma" to the sentence end: a right report of a
+    meningioma scored an omission."""
+    assert rm.extract_diagnoses(finding) == named
+
+
+def test_a_negated_list_with_a_serial_comma_is_negated_to_its_end():
+    """", and" used to end the clause: the last item of "No X, Y, and Z" was named, an urgent
+    hallucination (midline shift) in a normal report."""
+    assert rm.extract_diagnoses("No hemorrhage, mass effect, and midline shift.") == []
+    assert rm.extract_diagnoses("No evidence of hydrocephalus, brain herniation, and midline shift.") == []
+    assert rm.extract_diagnoses("No hemorrhage, and no mass effect.") == []
+    # a new clause after ", and" still ends it
+    assert rm.extract_diagnoses("No hemorrhage, and an acute left MCA infarct.") == [("acute_ischemic_stroke", "left")]
+
+
+@pytest.mark.parametrize("finding,named", [
+    # a comma clause with its own affirmation is not in an earlier trigger's scope: these named nothing
+    ("No midline shift, hydrocephalus is present.", [("ventriculomegaly", None)]),
+    ("No midline shift, hydrocephalus is seen.", [("ventriculomegaly", None)]),
+    ("No midline shift or hydrocephalus, left meningioma is seen.", [("meningioma", "left")]),
+    ("No hydrocephalus or mass effect, midline shift is also seen.", [("midline_shift", None)]),
+    ("No midline shift is present, hydrocephalus is present.", [("ventriculomegaly", None)]),
+    # the affirmation of a negated list ("or Z is seen", "Y and Z are identified") or a negated one is not
+    ("No acute intracranial hemorrhage, mass effect, midline shift, or hydrocephalus is identified.", []),
+    ("No hemorrhage, mass effect and midline shift are identified.", []),
+    ("No acute hemorrhage, hydrocephalus is not seen.", []),
+    ("Hydrocephalus is present, no midline shift is seen.", [("ventriculomegaly", None)]),
+])
+def test_a_clause_with_its_own_affirmation_is_not_negated(finding, named):
+    assert rm.extract_diagnoses(finding) == named
+
+
+@pytest.mark.parametrize("finding,named", [
+    # the "not" of a post-negation ("X is not present") used to negate forward too: these named nothing
+    ("Hydrocephalus is not present, left meningioma.", [("meningioma", "left")]),
+    ("Midline shift not seen, left meningioma.", [("meningioma", "left")]),
+    ("Hydrocephalus is not present, meningioma is.", [("meningioma", None)]),
+    ("Midline shift is not seen and a left meningioma is present.", [("meningioma", "left")]),
+    # unchanged: a post-negation at the start of its clause has nothing before it to negate
+    ("Not seen: hydrocephalus.", []),
+    ("Midline shift is not seen.", []),
+])
+def test_the_not_of_a_post_negation_negates_nothing_after_it(finding, named):
+    assert rm.extract_diagnoses(finding) == named
+
+
+@pytest.mark.parametrize("finding,named", [
+    # a "?" ends its sentence: the negation before it used to run into the next one
+    ("No hemorrhage? Left meningioma.", [("meningioma", "left")]),
+    ("No hydrocephalus? Left meningioma.", [("meningioma", "left")]),
+    # a question answered "No" / "None" names nothing (these named ventriculomegaly / subdural hematoma)
+    ("Hydrocephalus? No.", []),
+    ("Is there hydrocephalus? No.", []),
+    ("Hydrocephalus? No. Left meningioma.", [("meningioma", "left")]),
+    ("Hydrocephalus: none.", []),
+    ("Hydrocephalus: no.", []),
+    ("Subdural hematoma: none; hydrocephalus: none.", []),
+    # unchanged: a questioned finding is named, as a "questionable" one is (the hedge policy)
+    ("Hydrocephalus?", [("ventriculomegaly", None)]),
+    ("Hydrocephalus? Yes.", [("ventriculomegaly", None)]),
+    ("Left frontal mass ?meningioma.", [("meningioma", "left")]),
+    ("Questionable hydrocephalus.", [("ventriculomegaly", None)]),
+    ("Left meningioma? No hydrocephalus.", [("meningioma", "left")]),
+])
+def test_a_question_mark_is_a_hedge_and_ends_its_sentence(finding, named):
+    assert rm.extract_diagnoses(finding) == named
+
+
+@pytest.mark.parametrize("finding,named", [
+    # a finding that partly resolved, or had not resolved, is there: these named nothing
+    ("Partial resolution of the left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("Near complete resolution of the left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("The left subdural hematoma has partially resolved.", [("subdural_hematoma", "left")]),
+    ("Incompletely resolved left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("The left subdural hematoma has not resolved.", [("subdural_hematoma", "left")]),
+    ("Left subdural hematoma, not resolved.", [("subdural_hematoma", "left")]),
+    # a new finding, not seen on the prior study, is there
+    ("Left subdural hematoma, not seen previously.", [("subdural_hematoma", "left")]),
+    ("New left subdural hematoma not present on the prior study.", [("subdural_hematoma", "left")]),
+    # one resolved next to one that is there
+    ("Left subdural hematoma has resolved and a right subdural hematoma is seen.", [("subdural_hematoma", "right")]),
+    # unchanged: a resolved finding is not there, an unchanged one is
+    ("Resolved left subdural hematoma.", []),
+    ("Interval resolution of the intraventricular hemorrhage.", []),
+    ("The previously seen left subdural hematoma has resolved.", []),
+    ("No change in the left subdural hematoma.", [("subdural_hematoma", "left")]),
+    ("Meningioma not previously seen.", [("meningioma", None)]),
+])
+def test_partly_resolved_and_new_findings_are_there(finding, named):
+    assert rm.extract_diagnoses(finding) == named
+
+
+def test_a_right_report_with_a_negation_first_scores_no_omission():
+    """Hand-worked: both positives are named, so omission 0 of 2 and set accuracy 1 (were 2/2 and 0)."""
+    truth = [{"study_key": "a", "findings": [], "triage": "routine",
+              "lesions": [{"diagnosis": "meningioma", "side": "left"}, {"diagnosis": "ventriculomegaly"}]}]
+    hyp = [["No hemorrhage and a left meningioma.", "No midline shift, hydrocephalus is present."]]
+    m = rm.evaluate_report_lists(hyp, truth)
+    assert (m["omission_rate"], m["hallucination_rate"], m["diagnosis_set_accuracy"], m["n_mentioned"]) == (
+        0.0, 0.0, 1.0, 2)
