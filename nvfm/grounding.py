@@ -109,26 +109,132 @@ def mask_lookup(world, mask, mask_affine):
     ijk = np.rint(world @ A[:3, :3].T + A[:3, 3]).astype(np.int64)
     ok = np.all((ijk >= 0) & (ijk < np.asarray(mask.shape)), -1)
     out = np.zeros(ijk.shape[:-1], bool)
-    out[ok] = mask[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]] != 0
+    i, j, k = ijk[ok].T
+    out[ok] = mask[i, j, k] != 0
     return out
+
+
+def _nonzero_voxels(mask):
+    """(k, 3) int64: np.argwhere(mask != 0) (same rows, same order), searched only inside the
+    bounding box of the nonzero voxels (a lesion mask is mostly empty)."""
+    nz = np.asarray(mask) != 0
+    box = []
+    for ax in range(3):
+        i = np.flatnonzero(nz.any(tuple(j for j in range(3) if j != ax)))
+        if not len(i):
+            return np.zeros((0, 3), np.int64)
+        box.append(slice(i[0], i[-1] + 1))
+    return np.argwhere(nz[tuple(box)]) + np.array([b.start for b in box])
+
+
+def _token_counts(coords, tok):
+    """(n,) int: how many rows of tok (k, 3) equal each row of coords (n, 3) (token grid positions)."""
+    if not len(tok) or not len(coords):
+        return np.zeros(len(coords), np.int64)
+    lo = np.minimum(coords.min(0), tok.min(0))
+    dims = tuple(np.maximum(coords.max(0), tok.max(0)) + 1 - lo)
+    u, n = np.unique(np.ravel_multi_index(tuple((tok - lo).T), dims), return_counts=True)
+    key = np.ravel_multi_index(tuple((coords - lo).T), dims)
+    pos = np.minimum(np.searchsorted(u, key), len(u) - 1)
+    return np.where(u[pos] == key, n[pos], 0)
+
+
+def _mask_extent(affine, idx, mask_affine):
+    """(lo, hi) (3,): canonical voxel coords (of a volume with `affine`) bounding every point whose
+    nearest mask voxel is one of idx (k, 3), i.e. within [idx.min - 0.5, idx.max + 0.5] in mask voxels."""
+    corners = np.stack(np.meshgrid(*zip(idx.min(0) - 0.5, idx.max(0) + 0.5), indexing="ij"), -1).reshape(-1, 3)
+    can = to_world(to_world(corners, mask_affine), np.linalg.inv(np.asarray(affine, np.float64)))
+    eps = 1e-3   # rounding of the two affines: a voxel too many costs time, one too few a miss
+    return can.min(0) - eps, can.max(0) + eps
+
+
+def _near_mask(coords, affine, idx, mask_affine, patch=PATCH, origin=(0, 0, 0)):
+    """(n,) bool: the tokens (coords (n, 3) int) whose box [o + p*c - 0.5, o + p*(c+1) - 0.5) meets
+    the mask voxels' canonical extent (_mask_extent): a box the mask overlaps at all is among them."""
+    lo, hi = _mask_extent(affine, idx, mask_affine)
+    base = coords * np.asarray(patch) + np.asarray(origin)
+    return np.all((base - 0.5 <= hi) & (base + np.asarray(patch) - 0.5 >= lo), 1)
+
+
+def _centre_tokens(coords, affine, idx, mask_affine, patch=PATCH, origin=(0, 0, 0)):
+    """(n,) bool: the box of each token (coords (n, 3) int) holds the centre of a mask voxel of idx (k, 3)."""
+    A = np.linalg.inv(np.asarray(affine, np.float64))
+    vox = to_world(to_world(idx.astype(np.float64), mask_affine), A)   # canonical voxel coords (continuous)
+    # voxel i spans [i - 0.5, i + 0.5): the token whose box holds the mask voxel's centre
+    tok = np.floor((vox - np.asarray(origin) + 0.5) / np.asarray(patch)).astype(np.int64)
+    return _token_counts(coords, tok) > 0
 
 
 def mask_token_hits(coords, affine, mask, mask_affine, patch=PATCH, origin=(0, 0, 0)):
     """(n,) bool: the box of each token (coords (n, 3) of a volume with `affine`) overlaps the
     nonzero region of `mask`: a point sampled in the box lies in the mask, or the centre of a
     mask voxel lies in the box (a lesion smaller than the sampling step is then still found)."""
-    hit = mask_lookup(to_world(token_box_points(coords, patch, origin=origin), affine), mask, mask_affine).any(1)
-    idx = np.argwhere(np.asarray(mask) != 0)
-    if len(idx) and len(coords):
-        A = np.linalg.inv(np.asarray(affine, np.float64))
-        vox = to_world(to_world(idx.astype(np.float64), mask_affine), A)   # canonical voxel coords (continuous)
-        # voxel i spans [i - 0.5, i + 0.5): the token whose box holds the mask voxel's centre
-        tok = np.floor((vox - np.asarray(origin) + 0.5) / np.asarray(patch)).astype(np.int64)
-        c = np.asarray(coords, np.int64)
-        lo = np.minimum(c.min(0), tok.min(0))
-        dims = tuple(np.maximum(c.max(0), tok.max(0)) + 1 - lo)
-        hit |= np.isin(np.ravel_multi_index(tuple((c - lo).T), dims), np.ravel_multi_index(tuple((tok - lo).T), dims))
+    c = np.asarray(coords, np.int64).reshape(-1, 3)
+    hit = np.zeros(len(c), bool)
+    idx = _nonzero_voxels(mask)
+    if not len(idx) or not len(c):
+        return hit
+    near = np.nonzero(_near_mask(c, affine, idx, mask_affine, patch, origin))[0]   # the others cannot hit
+    if len(near):
+        pts = to_world(token_box_points(c[near], patch, origin=origin), affine)
+        hit[near] = (mask_lookup(pts, mask, mask_affine).any(1)
+                     | _centre_tokens(c[near], affine, idx, mask_affine, patch, origin))
     return hit
+
+
+def _block_in_mask(v0, shape, affine, mask, mask_affine):
+    """bool array of `shape` (3 ints): whether the nearest voxel of mask (bool) to canonical voxel
+    v0 + (i, j, k) of a volume with `affine` is True (mask_lookup's rule; outside the mask False)."""
+    M = np.linalg.inv(np.asarray(mask_affine, np.float64)) @ np.asarray(affine, np.float64)   # canonical -> mask
+    R, t = M[:3, :3], M[:3, :3] @ v0 + M[:3, 3]
+    k = np.argmax(np.abs(R), 1)                     # the canonical axis each mask axis follows
+    if np.count_nonzero(R) == 3 and len(set(k)) == 3:
+        # axes aligned (the usual case): the nearest voxel separates per axis, one index vector each
+        pad = np.pad(mask, 1)                       # index -1 or n: a False voxel
+        ix = [np.clip(np.rint(R[j, k[j]] * np.arange(shape[k[j]]) + t[j]), -1, mask.shape[j]).astype(np.int64) + 1
+              for j in range(3)]
+        return pad[np.ix_(*ix)].transpose(np.argsort(k))
+    vox = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) + np.asarray(v0)
+    return mask_lookup(to_world(vox.astype(np.float64), affine), mask, mask_affine)
+
+
+def token_mask_share(coords, affine, mask, mask_affine, patch=PATCH, origin=(0, 0, 0)):
+    """(n,) float in [0, 1]: share of each token's box (coords (n, 3) of a volume with `affine`)
+    inside the nonzero region of `mask`: the share of its 4 x 4 x 4 sample points (token_box_points)
+    in the mask; where none is, the share of the box's prod(patch) voxel centres whose nearest mask
+    voxel is nonzero, or one voxel's share where only the centre of a mask voxel lies in the box (a
+    lesion finer than the canonical grid). So a box that a lesion touches at all never has share 0."""
+    c = np.asarray(coords, np.int64).reshape(-1, 3)
+    share = np.zeros(len(c))
+    idx = _nonzero_voxels(mask)
+    if not len(idx) or not len(c):
+        return share
+    near = np.nonzero(_near_mask(c, affine, idx, mask_affine, patch, origin))[0]   # the others share 0
+    if not len(near):
+        return share
+    pts = to_world(token_box_points(c[near], patch, origin=origin), affine)
+    share[near] = mask_lookup(pts, mask, mask_affine).mean(1)
+    zero = near[share[near] == 0]                   # the lesion may lie between the sample points
+    if not len(zero):
+        return share
+    # their boxes tile a block of the canonical grid: its voxels the mask can reach are looked up
+    # once each, and added up per box
+    P, t0 = np.asarray(patch), c[zero].min(0)
+    v0 = t0 * P + np.asarray(origin)                                    # the block's first voxel
+    g = c[zero].max(0) + 1 - t0
+    lo, hi = _mask_extent(affine, idx, mask_affine)
+    a = np.clip(np.ceil(lo).astype(np.int64) - v0, 0, g * P)
+    b = np.clip(np.floor(hi).astype(np.int64) + 1 - v0, a, g * P)
+    m0, m1 = idx.min(0), idx.max(0) + 1
+    crop = np.asarray(mask)[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]] != 0   # the mask cut to its nonzero voxels
+    crop_affine = np.array(mask_affine, np.float64)
+    crop_affine[:3, 3] += crop_affine[:3, :3] @ m0
+    inside = np.zeros(g * P, bool)
+    inside[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = _block_in_mask(v0 + a, b - a, affine, crop, crop_affine)
+    n = inside.reshape(g[0], P[0], g[1], P[1], g[2], P[2]).sum((1, 3, 5), dtype=np.int64)[tuple((c[zero] - t0).T)]
+    n[(n == 0) & _centre_tokens(c[zero], affine, idx, mask_affine, patch, origin)] = 1
+    share[zero] = n / P.prod()
+    return share
 
 
 def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
@@ -137,8 +243,9 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
     findings_rows: the shards' findings.jsonl records (study_key, lesions [{diagnosis, mask}]);
     masks are read from cohort_dir/<mask> (world-frame NIfTI). For every (study_key, volume_id)
     entry of `cache` -> (frac (n,) float in [0, 1]: share of the token's 4x16x16 box inside a
-    lesion, the largest over lesions; lesion (n,) int: index into that study's lesions that have a
-    mask, -1 where frac == 0). Token positions are the cache's coords, mapped by the volume record's affine."""
+    lesion (`token_mask_share`: sampled, > 0 wherever the box overlaps the lesion at all), the largest over
+    lesions; lesion (n,) int: index into that study's lesions that have a mask, -1 where frac == 0).
+    Token positions are the cache's coords, mapped by the volume record's affine."""
     import nibabel as nib
     vol = {v["volume_id"]: v for v in reader.volumes}
     crop = cache_crop(cache)
@@ -155,10 +262,10 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
             if (r["study_key"], e["volume_id"]) in out:
                 continue
             rec = vol[e["volume_id"]]
-            pts = to_world(token_box_points(e["coords"], origin=token_origin(rec.get("shape"), crop)), rec["affine"])
-            frac, which = np.zeros(len(pts)), np.full(len(pts), -1, np.int64)
+            origin = token_origin(rec.get("shape"), crop)
+            frac, which = np.zeros(len(e["coords"])), np.full(len(e["coords"]), -1, np.int64)
             for i, (m, aff) in enumerate(masks):
-                f = mask_lookup(pts, m, aff).mean(1)
+                f = token_mask_share(e["coords"], rec["affine"], m, aff, origin=origin)
                 better = f > frac
                 frac[better], which[better] = f[better], i
             out[r["study_key"], e["volume_id"]] = (frac, which)

@@ -349,6 +349,7 @@ class ProbeSet:
         if self.token_labels is None:
             from nvfm.grounding import lesion_token_cover
             cover = lesion_token_cover(self.cohort, self.reader, self.findings, entries)
+            # frac > 0 wherever a lesion touches the box at all (grounding.token_mask_share): never a negative
             self.token_labels = {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8)
                                  for k, (f, _) in cover.items()}
             # lesion_token_cover indexes the lesions that have a mask

@@ -222,3 +222,146 @@ def test_flip_test_leaves_out_studies_without_tokens_in_the_probes_windows(tmp_p
     with pytest.raises(RuntimeError, match=r"study 'c0' has tokens of the windows \['brain'\] in the feature cache "
                                            r"but no such volume in --shards"):
         grounding.flip_test_eval(data, Reader(), sides)
+
+
+def _volume_affine(rng, oblique):
+    """Canonical voxel (d, h, w) -> world mm: 4 mm slices, ~1 mm in plane, rotated (oblique) or axes permuted."""
+    spacing = np.array([4.0, 1.0, 1.0]) * rng.uniform(0.9, 1.1, 3)
+    if oblique:
+        R, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    else:
+        R = np.eye(3)[rng.permutation(3)] * rng.choice([-1.0, 1.0], 3)
+    A = np.eye(4)
+    A[:3, :3] = R * spacing
+    A[:3, 3] = rng.uniform(-50, 50, 3)
+    return A
+
+
+def _mask_near(rng, A, centre_vox, oblique):
+    """A small random lesion mask (1-3 single voxels and a small block, 0.8-2.5 mm voxels) around the
+    canonical voxel centre_vox of the volume with affine A -> (mask, mask affine)."""
+    mshape = tuple(rng.integers(6, 14, 3))
+    mask = np.zeros(mshape, np.uint8)
+    for _ in range(int(rng.integers(1, 4))):
+        mask[tuple(rng.integers(0, mshape))] = 1
+    if rng.random() < 0.5:
+        i = rng.integers(0, np.array(mshape) - 2)
+        mask[i[0]:i[0] + rng.integers(1, 4), i[1]:i[1] + rng.integers(1, 4), i[2]:i[2] + rng.integers(1, 4)] = 1
+    vs = rng.uniform(0.8, 2.5, 3)
+    if oblique:
+        R = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    else:
+        R = np.eye(3)[rng.permutation(3)] * rng.choice([-1.0, 1.0], 3)
+    M = np.eye(4)
+    M[:3, :3] = R * vs
+    centre_world = A[:3, :3] @ centre_vox + A[:3, 3]
+    M[:3, 3] = centre_world - M[:3, :3] @ (np.array(mshape) / 2.0) + rng.uniform(-3, 3, 3)
+    return mask, M
+
+
+# the 4 x 4 x 4 points sampled in a 4 x 16 x 16 box (token_box_points): voxel offsets (d, h, w)
+SAMPLES = np.stack(np.meshgrid(np.arange(4.0), [0.0, 5, 10, 15], [0.0, 5, 10, 15], indexing="ij"), -1).reshape(-1, 3)
+
+
+def _brute_force_overlap(coords, A, mask, M, origin):
+    """Per token, one by one: how many of its 64 sample points and of its 4*16*16 voxel centres have a
+    nonzero nearest mask voxel, and whether the centre of a nonzero mask voxel lies in its box
+    [start - 0.5, start + patch - 0.5) (canonical voxels)."""
+    patch = np.array(grounding.PATCH)
+    box = np.stack(np.meshgrid(*[np.arange(p) for p in patch], indexing="ij"), -1).reshape(-1, 3)
+    Minv = np.linalg.inv(M)
+    nz = np.argwhere(mask != 0)
+    centres = (np.linalg.inv(A) @ (M @ np.c_[nz, np.ones(len(nz))].T)).T[:, :3]   # canonical voxel coords
+
+    def in_mask(vox):
+        ijk = np.rint((Minv @ A @ np.c_[vox, np.ones(len(vox))].T)[:3].T).astype(int)
+        ok = np.all((ijk >= 0) & (ijk < mask.shape), 1)
+        return int(np.count_nonzero(mask[tuple(ijk[ok].T)]))
+    sampled, counts, centre_in = [], [], []
+    for c in coords:
+        start = c * patch + np.asarray(origin)
+        sampled.append(in_mask(start + SAMPLES))
+        counts.append(in_mask(start + box))
+        centre_in.append(bool(np.any(np.all((centres >= start - 0.5) & (centres < start + patch - 0.5), 1))))
+    return np.array(sampled), np.array(counts), np.array(centre_in)
+
+
+def test_lesion_token_cover_counts_a_lesion_between_the_sample_points(tmp_path):
+    """A 2-voxel lesion at canonical (1, 2, 2) and (1, 2, 3) lies between the 4 x 4 x 4 points the box was
+    sampled at (h, w in {0, 5, 10, 15}): token (0, 0, 0) got share 0, a lesion-free label in the monitor's
+    lesion-token probe. Every voxel of the box looked up (by hand here): 2 of 1024 are in the lesion."""
+    from nvfm.grounding import lesion_token_cover
+    m = np.zeros((5, 5, 5), np.uint8)
+    m[1, 1, 1] = m[2, 1, 1] = 1
+    LA = np.eye(4)
+    LA[:3, 3] = [-31, -31, 3]     # voxel (1, 1, 1) at x -30, y -30, z 4: canonical w 2, h 2, d 1
+    nib.save(nib.Nifti1Image(m, LA), str(tmp_path / "lesion.nii.gz"))
+
+    class Cache:
+        def __contains__(self, k):
+            return True
+
+        def study(self, k):
+            return [{"volume_id": 0, "coords": np.array([[0, 0, 0], [0, 0, 1], [1, 0, 0]])}]
+
+    class Reader:
+        volumes = [{"volume_id": 0, "affine": AFF.tolist(), "shape": list(SHAPE)}]
+
+    rows = [{"study_key": "s", "lesions": [{"mask": "lesion.nii.gz"}]}]
+    frac, which = lesion_token_cover(str(tmp_path), Reader(), rows, Cache())["s", 0]
+    np.testing.assert_allclose(frac, [2 / 1024, 0, 0])
+    assert which.tolist() == [0, -1, -1]
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_token_mask_share_against_brute_force(oblique):
+    """Random small lesions (some smaller than a canonical voxel's spacing), random voxel sizes, axes
+    permuted or oblique, pad and centre-crop token origins, against a token-by-token brute force: the
+    share of the 64 sample points in the mask; where none is, the count of the box's voxel centres in
+    the mask / 1024, or one voxel's share where only a mask voxel's centre is in the box; and 0
+    (lesion-free) only where the box does not overlap the lesion at all."""
+    rng = np.random.default_rng(7 + oblique)
+    n_touch = n_between = n_sub = 0
+    for _ in range(25):
+        shape = tuple(rng.integers([6, 20, 20], [14, 50, 50]))
+        origin = grounding.token_origin(shape, rng.choice(["pad", "centre"]))
+        grid = [-(-(s - o) // p) for s, o, p in zip(shape, origin, grounding.PATCH)]
+        coords = np.argwhere(rng.random(grid) < 0.8)
+        A = _volume_affine(rng, oblique)
+        mask, M = _mask_near(rng, A, rng.uniform(0, shape), oblique)
+        got = grounding.token_mask_share(coords, A, mask, M, origin=origin)
+        sampled, count, centre_in = _brute_force_overlap(coords, A, mask, M, origin)
+        want = np.where(sampled > 0, sampled / 64, np.where(count > 0, count, centre_in) / 1024)
+        np.testing.assert_array_equal(got, want)
+        assert np.all(got[(count > 0) | centre_in] > 0) and np.all(got[(count == 0) & ~centre_in] == 0)
+        n_between += int(np.sum((sampled == 0) & (count > 0)))
+        n_touch += int(np.sum(count > 0))
+        n_sub += int(np.sum((count == 0) & centre_in))
+    assert n_touch > 10 and n_between > 3 and n_sub > 3     # the draws cover every kind of overlap
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_mask_token_hits_against_its_definition(oblique):
+    """mask_token_hits (searching only tokens near the mask's nonzero voxels) against its definition,
+    token by token: one of the 4 x 4 x 4 points at offsets (0..3, 0/5/10/15, 0/5/10/15) of the box has
+    a nonzero nearest mask voxel, or the centre of a nonzero mask voxel lies in the box. Includes
+    empty masks and lesions on the mask array's border."""
+    rng = np.random.default_rng(11 + oblique)
+    n_hit = 0
+    for t in range(25):
+        shape = tuple(rng.integers([6, 20, 20], [14, 50, 50]))
+        origin = grounding.token_origin(shape, rng.choice(["pad", "centre"]))
+        grid = [-(-(s - o) // p) for s, o, p in zip(shape, origin, grounding.PATCH)]
+        coords = np.argwhere(rng.random(grid) < 0.8)
+        A = _volume_affine(rng, oblique)
+        mask, M = _mask_near(rng, A, rng.uniform(0, shape), oblique)
+        if t % 5 == 0:
+            mask[:] = 0
+        if t % 5 == 1:
+            mask[0, :, -1] = 1
+        got = grounding.mask_token_hits(coords, A, mask, M, origin=origin)
+        sampled, _, centre_in = _brute_force_overlap(coords, A, mask, M, origin)
+        want = ((sampled > 0) | centre_in).tolist()
+        assert got.tolist() == want
+        n_hit += sum(want)
+    assert n_hit > 20
