@@ -32,7 +32,11 @@ Nothing written holds a name, subject id, date or UID of the dataset.
 Bad input: a missing label file or column, an unparsable value or conflicting duplicate rows stop
 the adapter with one line naming the file (and line) and the reason; label rows without an
 image, images without a label row and rows outside a task are counted by reason, so every input
-row is accounted for (`Tally`).
+row is accounted for (`Tally`). Where several files could be a row's image (or several label
+files match), no adapter silently takes the first found: each docstring states its rule, which
+either picks by a stated order and counts the rows it applied to (OpenBHB's quasi-raw over its
+derived maps, ADNI's image closest to the exam date, AIBL's lowest image id) or leaves the row
+out, counted as ambiguous (a second label file is an error asking for --labels_file).
 
 Datasets (labels as distributed; citation; licence: each dataset's own terms apply to your copy
 and everything derived from it, check them before sharing figures or outputs):
@@ -135,6 +139,19 @@ def _nifti_or_analyze(name):
 # OpenBHB's .npy release: quasi-raw T1w arrays (1, 182, 218, 182) on the 1 mm MNI152 grid; this is
 # that grid's affine (FSL's MNI152_T1_1mm, RAS mm), which their arrays are assumed to be stored in
 MNI152_1MM_AFFINE = ((-1.0, 0.0, 0.0, 90.0), (0.0, 1.0, 0.0, -126.0), (0.0, 0.0, 1.0, -72.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def _one_label_file(root_dir, pattern, what):
+    """The one file under root_dir whose name fully matches `pattern` (case-insensitive). None, or
+    several (two releases or copies of the label file: which one is meant is ambiguous), is a
+    one-line error asking for --labels_file."""
+    hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir, followlinks=True) for f in fs
+                  if re.fullmatch(pattern, f, re.I))
+    if len(hits) != 1:
+        names = ", ".join(os.path.relpath(h, root_dir) for h in hits)
+        why = f"{len(hits)} found ({names})" if hits else "none found"
+        raise BenchmarkError(f"{root_dir}: {what}: {why}; pass the one to use as --labels_file")
+    return hits[0]
 
 
 def _walk_images(base):
@@ -301,23 +318,31 @@ def openbhb(root_dir, labels_path=""):
     NIfTI files anywhere under ROOT, named BIDS-style with sub-<participant_id> (e.g.
     sub-1000/ses-1/anat/sub-1000_ses-1_preproc-quasiraw_T1w.nii.gz), or the .npy release (see
     below). participant_id with or without 'sub-'.
-    Labels: age (years) of the row. One study per row; a row's image is the first sorted T1w of
-    its participant (and session, when the tsv has one). The .npy release
+    Labels: age (years) of the row. One study per row, whose image is the one T1w of its
+    participant (and session, when the tsv has one). A row that matches two or more T1w files
+    (several sessions and no session column: the age may be of any; two runs; .nii beside .nii.gz)
+    is left out, counted, never given the first file. Derived maps of the release
+    (sub-<id>_preproc-cat12vbm_desc-gm_T1w, _preproc-freesurfer_..., any preproc- other than
+    quasiraw) are counted and never staged. The .npy release
     (sub-<id>_preproc-quasiraw_T1w.npy, arrays on the 1 mm MNI152 grid) is converted to NIfTI in
     images/ with that grid's affine (MNI152_1MM_AFFINE, an assumption about their arrays' axis
     order: check one overlay before trusting laterality; brain age does not depend on it).
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "participants.tsv")
     rows, cols = _read_table(path, ["participant_id", "age"])
-    images = {}
+    images, derived = {}, 0
     for rel in _walk_images(root_dir):
         m = re.search(r"sub-([A-Za-z0-9]+)", rel)
         if m and "t1w" in os.path.basename(rel).lower():
+            pre = re.search(r"_preproc-([A-Za-z0-9]+)", os.path.basename(rel))
+            if pre and pre.group(1).lower() != "quasiraw":   # cat12vbm gray matter, freesurfer maps: not a T1w
+                derived += 1
+                continue
             ses = re.search(r"ses-([A-Za-z0-9]+)", rel)
             images.setdefault((m.group(1), ses.group(1) if ses else ""), []).append(rel)
     if not images:
         raise BenchmarkError(f"{root_dir}: no sub-<id>*T1w*.nii(.gz) or sub-<id>*_T1w.npy image")
-    tally, studies, used, seen = Tally(rows=len(rows)), [], set(), {}
+    tally, studies, seen = Tally(rows=len(rows)), [], {}
     for r in rows:
         pid = r["participant_id"].removeprefix("sub-")
         ses = r.get("session", "").removeprefix("ses-")
@@ -332,16 +357,20 @@ def openbhb(root_dir, labels_path=""):
         if not keys:
             tally["rows without an image (left out)"] += 1
             continue
-        used.update(keys)
-        cand = sorted(p for k in keys for p in images[k])
+        cand = [p for k in keys for p in images[k]]
+        if len(cand) > 1:   # the age may be of any of them (another session, another run)
+            tally["rows matching two or more T1w images (left out: ambiguous)"] += 1
+            continue
         st = Study(f"openbhb:{pid}:{ses}", pid, "MR", image=os.path.join(root_dir, cand[0]), age=age)
         st.tasks["age"] = {}
         studies.append(st)
         tally["rows labelled"] += 1
     listed = {pid for pid, _ in seen}
     tally["images without a label row (not staged)"] = sum(len(v) for k, v in images.items() if k[0] not in listed)
-    tally["images of listed participants not staged (row left out, or not its first T1w)"] = sum(
+    tally["images of listed participants not staged (row left out, or a session without a row)"] = sum(
         len(v) for k, v in images.items() if k[0] in listed) - len(studies)
+    if derived:
+        tally["derived images (preproc- other than quasiraw, not used)"] = derived
     return studies, tally, {"age": []}
 
 
@@ -357,11 +386,14 @@ def _date(v):
 
 
 def _adni_images(root_dir, series_regex):
-    """({PTID: [(scan date or None, path)]}, number of image folders of other series): the LONI layout
+    """({PTID: [(scan date or None, path)]}, number of image folders of other series, number of
+    image folders with two or more NIfTI files): the LONI layout
     ADNI/<PTID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/(*.nii | *.dcm), the
-    series description matching series_regex. NIfTI files, or one DICOM folder per image id."""
+    series description matching series_regex. An image id folder's one NIfTI file, or the folder
+    itself when it holds DICOM files; a folder with several NIfTI files is not used (which one is
+    the image id's is ambiguous) and only counted."""
     rx = re.compile(series_regex, re.I)
-    out, other = {}, 0
+    out, other, ambiguous = {}, 0, 0
     for d, dirs, files in os.walk(root_dir, followlinks=True):
         dirs.sort()
         rel = os.path.relpath(d, root_dir).replace(os.sep, "/")
@@ -372,12 +404,14 @@ def _adni_images(root_dir, series_regex):
             other += any(f.lower().endswith((".nii", ".nii.gz", ".dcm")) for f in files)
             continue
         when = _date(m.group(3))
-        nii = sorted(f for f in files if f.lower().endswith((".nii", ".nii.gz")))
-        if nii:
+        nii = [f for f in files if f.lower().endswith((".nii", ".nii.gz"))]
+        if len(nii) > 1:   # e.g. a converter's second echo or .nii beside .nii.gz: no file is the image
+            ambiguous += 1
+        elif nii:
             out.setdefault(m.group(1), []).append((when, os.path.join(d, nii[0])))
         elif any(f.lower().endswith(".dcm") for f in files):
             out.setdefault(m.group(1), []).append((when, d))
-    return out, other
+    return out, other, ambiguous
 
 
 # ADNIMERGE DX: CN / MCI / Dementia; older releases: NL / MCI / Dementia and "<from> to <to>" at a change
@@ -406,25 +440,29 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
     each on the subject's baseline T1 (adni.loni.usc.edu; ADNI Data Use Agreement: no
     redistribution, cite ADNI as its DUA asks).
 
-    Layout: ADNIMERGE.csv under ROOT (columns PTID, VISCODE, EXAMDATE, DX_bl, DX, AGE, and M or
-    Month) and the image download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ NIfTI or
-    DICOM. Labels: from the baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC left
-    out); DX_bl EMCI/LMCI -> pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1;
-    no Dementia and a diagnosis at M >= horizon -> 0; otherwise left out: late converter,
-    short follow-up, or dementia at a visit of unknown month). DX as in older ADNIMERGE
+    Layout: ROOT/ADNIMERGE.csv, else the one ADNIMERGE.csv under ROOT (several: an error, pass
+    --labels_file; columns PTID, VISCODE, EXAMDATE, DX_bl, DX, AGE, and M or Month) and the image
+    download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ holding one NIfTI file or a
+    DICOM series (a folder with two or more NIfTI files is counted and not used). Labels: from the
+    baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC left out); DX_bl EMCI/LMCI ->
+    pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1; no Dementia and a diagnosis at
+    M >= horizon -> 0; otherwise left out: late converter, short follow-up, or dementia at a
+    visit of unknown month). DX as in older ADNIMERGE
     releases (NL, "MCI to Dementia", ...) counts as the state reached; an unknown DX value is an
     error; a row without M (or Month) takes its month from VISCODE m<NN>. Image: the matching
-    series closest to the baseline EXAMDATE, within max_days. Age: AGE at baseline. Dates are used in memory only.
+    series closest to the baseline EXAMDATE, within max_days; several equally close (ADNI1's
+    MPRAGE and MPRAGE_Repeat of one visit, or two series adni_series matches): the first by path,
+    i.e. by series folder name, then date_time, then image id, and counted (narrow adni_series to
+    choose). Age: AGE at baseline. Dates are used in memory only.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "ADNIMERGE.csv")
     if not labels_path and not os.path.exists(path):
-        hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir) for f in fs if f.upper() == "ADNIMERGE.CSV")
-        path = hits[0] if hits else path
+        path = _one_label_file(root_dir, r"ADNIMERGE\.csv", "ADNIMERGE.csv")
     rows, cols = _read_table(path, ["PTID", "VISCODE", "EXAMDATE", "DX_bl", "DX", "AGE"])
     mcol = "M" if "M" in cols else "Month" if "Month" in cols else None
     if mcol is None:
         raise BenchmarkError(f"{path}: missing column(s) ['M'] (months since baseline; or 'Month')")
-    images, other_series = _adni_images(root_dir, series_regex)
+    images, other_series, ambiguous = _adni_images(root_dir, series_regex)
     by_subject, base = {}, {}
     for r in rows:
         by_subject.setdefault(r["PTID"], []).append(r)
@@ -462,6 +500,8 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
         if not cand:
             tally["baseline rows without a baseline image (left out)"] += 1
             continue
+        if len(cand) > 1 and cand[1][0] == cand[0][0]:
+            tally["baseline rows with several equally close images (the first by path taken)"] += 1
         used.add(cand[0][1])
         age = _number(b["AGE"], path, b["_line"], "AGE") if b["AGE"] else None
         st = Study(f"adni:{ptid}", ptid, "MR", image=cand[0][1], age=age)
@@ -470,6 +510,8 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
         tally["baseline rows labelled"] += 1
     tally["images not used (other visits or subjects)"] = sum(len(v) for v in images.values()) - len(used)
     tally["image folders of other series (not matching adni_series)"] = other_series
+    if ambiguous:
+        tally["image folders with two or more NIfTI files (not used: ambiguous)"] = ambiguous
     return studies, tally, {"dementia": ["dementia"], "pmci": ["pmci"]}
 
 
@@ -486,8 +528,9 @@ def oasis1(root_dir, labels_path=""):
     PROCESSED/MPRAGE/SUBJ_111/*_sbj_111.img (the averaged, bias-corrected T1 in subject space)
     or else RAW/*_mpr-1_anon.img (Analyze 7.5, converted to NIfTI in images/). Labels: CDR 0
     -> 0, CDR 1 or 2 -> 1; CDR 0.5 and no CDR (most subjects under 60) are left out, counted.
-    MR2 rows (reliability rescans of 20 subjects) are left out: one study per subject.
-    Returns (studies, tally, columns)."""
+    MR2 rows (reliability rescans of 20 subjects) are left out: one study per subject. A session
+    whose folder is found twice (on two discs) or with two candidates for its image (two
+    *_sbj_111.img) is left out, counted, never given the first. Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "oasis_cross-sectional.csv")
     rows, _ = _read_table(path, ["ID", "Age", "CDR"])
     sessions = {}
@@ -496,7 +539,7 @@ def oasis1(root_dir, labels_path=""):
         m = re.fullmatch(r"OAS1_\d{4}_MR\d", os.path.basename(d))
         if m:
             dirs[:] = [x for x in dirs if x in ("PROCESSED", "RAW")]
-            sessions.setdefault(m.group(0), d)
+            sessions.setdefault(m.group(0), []).append(d)
     tally, studies, seen = Tally(rows=len(rows)), [], {}
     for r in rows:
         sid = r["ID"]
@@ -515,18 +558,21 @@ def oasis1(root_dir, labels_path=""):
         if c == 0.5:
             tally["CDR 0.5 (left out)"] += 1
             continue
-        folder = sessions.get(sid)
-        img = None
-        if folder:
-            for sub, pat in (("PROCESSED/MPRAGE/SUBJ_111", r".*_sbj_111\.img"), ("RAW", r".*_mpr-1_anon\.img")):
-                p = os.path.join(folder, *sub.split("/"))
-                hits = sorted(f for f in os.listdir(p) if re.fullmatch(pat, f)) if os.path.isdir(p) else []
-                if hits:
-                    img = os.path.join(p, hits[0])
-                    break
-        if img is None:
+        folders, hits = sessions.get(sid, []), []
+        for sub, pat in (("PROCESSED/MPRAGE/SUBJ_111", r".*_sbj_111\.img"), ("RAW", r".*_mpr-1_anon\.img")):
+            for f in folders:
+                p = os.path.join(f, *sub.split("/"))
+                names = os.listdir(p) if os.path.isdir(p) else []
+                hits += [os.path.join(p, x) for x in names if re.fullmatch(pat, x)]
+            if hits:
+                break
+        if len(folders) > 1 or len(hits) > 1:   # the session on two discs, or two candidates: which is meant?
+            tally["rows with two or more session folders or candidate images (left out: ambiguous)"] += 1
+            continue
+        if not hits:
             tally["rows without an image (left out)"] += 1
             continue
+        img = hits[0]
         age = _number(r["Age"], path, r["_line"], "Age") if r["Age"] else None
         st = Study(f"oasis1:{sid}", sid[:9], "MR", image=img, age=age)
         st.tasks["dementia"] = {"dementia": int(c >= 1)}
@@ -570,26 +616,30 @@ def _aibl_collection(root_dir):
 
 
 def _aibl_images(root_dir, series_regex):
-    """({image id digits: path}, folders of other series): AIBL/<subject>/<series>/<date_time>/<I id>/
-    (*.nii | *.nii.gz | *.dcm), the series description matching series_regex."""
+    """({image id digits: path}, folders of other series, ambiguous image folders):
+    AIBL/<subject>/<series>/<date_time>/<I id>/ (one *.nii | *.nii.gz, or *.dcm), the series
+    description matching series_regex. A folder with two or more NIfTI files, and an image id
+    found in two folders (two copies of a download), are not used (which file is the image id's
+    is ambiguous) and only counted."""
     rx = re.compile(series_regex, re.I)
-    out, other = {}, 0
+    found, other, ambiguous = {}, 0, 0
     for d, dirs, files in os.walk(root_dir, followlinks=True):
         dirs.sort()
         rel = os.path.relpath(d, root_dir).replace(os.sep, "/")
         m = re.search(r"(?:^|/)AIBL/(\d+)/([^/]+)/\d{4}-\d{2}-\d{2}_[^/]*/I?(\d+)$", rel)
         if not m:
             continue
-        nii = sorted(f for f in files if f.lower().endswith((".nii", ".nii.gz")))
+        nii = [f for f in files if f.lower().endswith((".nii", ".nii.gz"))]
         has_dcm = any(f.lower().endswith(".dcm") for f in files)
         if not rx.search(m.group(2)):
             other += bool(nii or has_dcm)
             continue
-        if nii:
-            out[m.group(3)] = os.path.join(d, nii[0])
-        elif has_dcm:
-            out[m.group(3)] = d
-    return out, other
+        if len(nii) > 1:   # e.g. a converter's second echo or .nii beside .nii.gz: no file is the image
+            ambiguous += 1
+        elif nii or has_dcm:
+            found.setdefault(m.group(3), []).append(os.path.join(d, nii[0]) if nii else d)
+    out = {iid: p[0] for iid, p in found.items() if len(p) == 1}
+    return out, other, ambiguous + sum(len(p) for p in found.values() if len(p) > 1)
 
 
 def aibl(root_dir, labels_path="", series_regex=adni_series):
@@ -600,27 +650,25 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
     ADNI-trained classifier unchanged: --external_from=<ADNI run> --external_task=dementia).
 
     Layout assumed (the IDA download as distributed; we have no copy to check it against):
-    - the clinical csv aibl_pdxconv_<date>.csv anywhere under ROOT (or --labels_file): columns RID,
+    - the clinical csv aibl_pdxconv_<date>.csv anywhere under ROOT (or --labels_file; two releases
+      under ROOT are an error, never a pick by file name): columns RID,
       VISCODE, DXCURREN (1 = CN, 2 = MCI, 3 = AD; -4 = missing);
     - the LONI collection csv of the download (any *.csv under ROOT with columns Image Data ID,
       Subject, Visit; optional Age): links each image id to its subject (= RID) and visit (bl,
       m18, ...; "baseline" read as bl);
     - the images: ROOT/.../AIBL/<RID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/
-      (NIfTI, or one DICOM series per image id), the series matching adni_series (T1/MPRAGE).
+      (one NIfTI file, or one DICOM series per image id), the series matching adni_series
+      (T1/MPRAGE); a folder with two or more NIfTI files, or an image id in two folders, is
+      counted and not used.
     Labels: from the VISCODE bl row: DXCURREN 3 -> dementia 1, 1 -> 0; 2 (MCI) and missing are
     left out, counted. Image: a T1 image whose collection row names the subject and visit bl (the
     lowest image id when several). Age: the collection csv's Age at that image, when given.
     Follow-up rows are counted and not used. Returns (studies, tally, columns)."""
-    path = labels_path
-    if not path:
-        hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir, followlinks=True) for f in fs
-                      if re.fullmatch(r"aibl_pdxconv.*\.csv", f, re.I))
-        if not hits:
-            raise BenchmarkError(f"{root_dir}: no aibl_pdxconv_*.csv (the AIBL diagnosis file; or --labels_file)")
-        path = hits[-1]
+    path = labels_path or _one_label_file(root_dir, r"aibl_pdxconv.*\.csv",
+                                          "aibl_pdxconv_*.csv (the AIBL diagnosis file)")
     rows, _ = _read_table(path, ["RID", "VISCODE", "DXCURREN"])
     links = _aibl_collection(root_dir)
-    images, other_series = _aibl_images(root_dir, series_regex)
+    images, other_series, ambiguous = _aibl_images(root_dir, series_regex)
     baseline = {}   # RID -> [image ids] of T1 images at bl
     for iid in sorted(images, key=int):
         if iid in links and links[iid][1] in ("bl", "baseline"):
@@ -646,6 +694,8 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
             tally["baseline rows without a baseline T1 image (left out)"] += 1
             continue
         iid = baseline[rid][0]
+        if len(baseline[rid]) > 1:
+            tally["baseline rows with several baseline T1 images (the lowest image id taken)"] += 1
         used.add(iid)
         st = Study(f"aibl:{rid}", rid, "MR", image=images[iid], age=links[iid][2])
         st.tasks["dementia"] = {"dementia": int(dx == "AD")}
@@ -654,6 +704,9 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
     tally["T1 images not used (other visits or subjects)"] = len(images) - len(used)
     tally["T1 images without a collection row (not used)"] = sum(iid not in links for iid in images)
     tally["image folders of other series (not matching adni_series)"] = other_series
+    if ambiguous:
+        tally["image folders with two or more NIfTI files, or an image id found twice (not used: ambiguous)"] = (
+            ambiguous)
     return studies, tally, {"dementia": ["dementia"]}
 
 
@@ -664,22 +717,23 @@ def abide(root_dir, labels_path=""):
     """ABIDE I: autism (DX_GROUP 1) vs typical controls (DX_GROUP 2) on the anatomical T1 (Di
     Martino et al., Mol Psychiatry 2014; fcon_1000.projects.nitrc.org/indi/abide; CC BY-NC-SA).
 
-    Layout: the phenotypic csv under ROOT (Phenotypic_V1_0b_preprocessed1.csv or
-    Phenotypic_V1_0b.csv; columns SUB_ID, DX_GROUP, AGE_AT_SCAN) and the anatomical NIfTI under
+    Layout: the phenotypic csv under ROOT (Phenotypic_V1_0b_preprocessed1.csv, else
+    Phenotypic_V1_0b.csv; two copies of it are an error, pass --labels_file; columns SUB_ID,
+    DX_GROUP, AGE_AT_SCAN) and the anatomical NIfTI under
     ROOT with the subject id as a path component: <site>/<SUB_ID, maybe zero-padded>/session_1/
     anat_1/mprage.nii.gz (INDI release) or sub-<SUB_ID>/anat/sub-<SUB_ID>_T1w.nii.gz (BIDS).
-    Labels: autism = DX_GROUP == 1. Image: the first sorted anat/mprage/T1w NIfTI of the
-    subject. Returns (studies, tally, columns)."""
+    Labels: autism = DX_GROUP == 1. Image: the subject's one anat/mprage/T1w NIfTI; a subject
+    with two or more (anat_1 and anat_2, the INDI and the BIDS copy of one subject) is left out,
+    counted, never given the first file. Returns (studies, tally, columns)."""
     path = labels_path
     if not path:
-        for name in ("Phenotypic_V1_0b_preprocessed1.csv", "Phenotypic_V1_0b.csv"):
-            hits = sorted(os.path.join(d, f) for d, _, fs in os.walk(root_dir) for f in fs if f == name)
-            if hits:
-                path = hits[0]
+        names = ("Phenotypic_V1_0b_preprocessed1.csv", "Phenotypic_V1_0b.csv")
+        for name in names:
+            if any(f.lower() == name.lower() for _, _, fs in os.walk(root_dir, followlinks=True) for f in fs):
+                path = _one_label_file(root_dir, re.escape(name), name)
                 break
         else:
-            raise BenchmarkError(f"{root_dir}: no Phenotypic_V1_0b_preprocessed1.csv or Phenotypic_V1_0b.csv "
-                                 "(--labels_file=...)")
+            raise BenchmarkError(f"{root_dir}: no {' or '.join(names)} (--labels_file=...)")
     rows, _ = _read_table(path, ["SUB_ID", "DX_GROUP", "AGE_AT_SCAN"])
     images = {}
     for rel in _walk_images(root_dir):
@@ -691,7 +745,7 @@ def abide(root_dir, labels_path=""):
             if m:
                 images.setdefault(m.group(1), []).append(rel)
                 break
-    tally, studies, seen, used = Tally(rows=len(rows)), [], {}, set()
+    tally, studies, seen = Tally(rows=len(rows)), [], {}
     for r in rows:
         if not re.fullmatch(r"\d+(?:\.0*)?", r["SUB_ID"]):   # the value is a subject id: named by its line only
             raise BenchmarkError(f"{path}:{r['_line']}: SUB_ID must be a whole number, got a malformed value")
@@ -704,13 +758,15 @@ def abide(root_dir, labels_path=""):
         if sid not in images:
             tally["rows without an image (left out)"] += 1
             continue
-        used.add(sid)
+        if len(images[sid]) > 1:   # anat_1 and anat_2, or the INDI and the BIDS copy: which scan is meant?
+            tally["rows with two or more anatomical images (left out: ambiguous)"] += 1
+            continue
         age = _number(r["AGE_AT_SCAN"], path, r["_line"], "AGE_AT_SCAN") if r["AGE_AT_SCAN"] else None
-        st = Study(f"abide:{sid}", sid, "MR", image=os.path.join(root_dir, sorted(images[sid])[0]), age=age)
+        st = Study(f"abide:{sid}", sid, "MR", image=os.path.join(root_dir, images[sid][0]), age=age)
         st.tasks["autism"] = {"autism": int(r["DX_GROUP"] == "1")}
         studies.append(st)
         tally["rows labelled"] += 1
-    tally["image subjects without a label row (not staged)"] = len(set(images) - used)
+    tally["image subjects without a label row (not staged)"] = len(set(images) - set(seen))
     return studies, tally, {"autism": ["autism"]}
 
 
@@ -837,8 +893,10 @@ def cq500(root_dir, labels_path=""):
     CQ500-CT-<n> named "CQ500CT<n> CQ500CT<n>" (or CQ500-CT-<n>) holding the DICOM series.
     Labels: majority (2 of 3 readers) per read: ich, iph, ivh, sdh, edh, sah, bleed_left,
     bleed_right, chronic_bleed, fracture, calvarial_fracture, other_fracture, mass_effect,
-    midline_shift. The study key comes from the StudyInstanceUID of the folder's DICOM files.
-    preprocess.py --input=ROOT. Returns (studies, tally, columns)."""
+    midline_shift. The study key comes from the StudyInstanceUID of the folder's DICOM files. A
+    number found in two or more folders (CQ500CT5 CQ500CT5 beside CQ500-CT-5): one StudyInstanceUID
+    in all of them (copies of one study) is labelled once; different ones leave the read out,
+    counted (which study it is of cannot be told). preprocess.py --input=ROOT. Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "reads.csv")
     need = ["name"] + [f"R{i}:{c}" for i in (1, 2, 3) for c in CQ500_READS]
     rows, _ = _read_table(path, need)
@@ -848,7 +906,7 @@ def cq500(root_dir, labels_path=""):
         for x in list(dirs):
             m = re.match(r"CQ500-?CT-?(\d+)(?:\s|$)", x)
             if m:
-                folders.setdefault(int(m.group(1)), os.path.join(d, x))
+                folders.setdefault(int(m.group(1)), []).append(os.path.join(d, x))
                 dirs.remove(x)
     tally, studies, seen = Tally(rows=len(rows)), [], {}
     for r in rows:
@@ -868,11 +926,15 @@ def cq500(root_dir, labels_path=""):
         if n not in folders:
             tally["rows without a study folder (left out)"] += 1
             continue
-        st = Study(f"cq500:{n}", f"cq500:{n}", "CT", uid=_folder_study_uid(folders[n]))
+        uids = {_folder_study_uid(f) for f in folders[n]}
+        if len(uids) > 1:   # which of the folders' studies the read is of cannot be told
+            tally["rows whose study number names folders of different studies (left out: ambiguous)"] += 1
+            continue
+        st = Study(f"cq500:{n}", f"cq500:{n}", "CT", uid=uids.pop())
         st.tasks["ich"] = y
         studies.append(st)
         tally["rows labelled"] += 1
-    tally["study folders without a read (not labelled)"] = len(set(folders) - set(seen))
+    tally["study folders without a read (not labelled)"] = sum(len(v) for n, v in folders.items() if n not in seen)
     return studies, tally, {"ich": list(CQ500_READS.values())}
 
 

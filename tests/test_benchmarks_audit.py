@@ -3,13 +3,15 @@ labels under the older ADNIMERGE DX coding and rows without a month, stage recor
 vouch for a killed stage's output or for inputs that changed in an earlier killed invocation, the
 salt kept out of command lines and records, no subject id or UID in error messages, grounding sets'
 image-mask pairs of one subject, session and space (a subject found twice left out, not paired across
-copies), external runs refused on the probe's own training studies."""
+copies), external runs refused on the probe's own training studies, and no adapter silently taking
+the first of several candidate images, study folders or label files (left out and counted, or an error)."""
 import csv
 import hashlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -301,3 +303,127 @@ def test_bench_public_external_run_refuses_the_probes_own_training_studies(tmp_p
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"2 of the {len(rows)} studies in {out / 'labels_autism.csv'} share a study or subject" in r.stderr
     assert "[evaluate/" not in r.stdout and not os.path.exists(out / "eval")
+
+
+# ----------------------------------------------------------------------------- no silent first pick among candidates
+
+
+def test_adni_never_takes_the_first_of_several_nifti_files_of_one_image(tmp_path):
+    # 002_S_0001's baseline image folder holds a second NIfTI that sorts first; 003_S_0003 has
+    # MPRAGE and MPRAGE_Repeat on one day (equally close: the first by path, counted)
+    root = str(tmp_path / "adni")
+    expect, _ = bench_fakes.adni(root, dicom_subject=False)
+    d = os.path.join(root, "ADNI", "002_S_0001", "MPRAGE", "2006-01-10_10_20_30.0", "I100")
+    bench_fakes.write_nifti(os.path.join(d, "AAA_ADNI_002_S_0001_MR_MPRAGE_I100_e2.nii"), seed=6)
+    rep_dir = os.path.join(root, "ADNI", "003_S_0003", "MPRAGE_Repeat", "2006-01-10_10_40_30.0", "I301")
+    bench_fakes.write_nifti(os.path.join(rep_dir, "ADNI_003_S_0003_MR_MPRAGE_Repeat_I301.nii"), seed=7)
+    studies, tally, _ = B.adni(root)
+    assert sorted(st.subject for st in studies) == sorted(set(expect) - {"002_S_0001"})
+    assert "/MPRAGE/" in next(st.image for st in studies if st.subject == "003_S_0003")
+    assert tally["image folders with two or more NIfTI files (not used: ambiguous)"] == 1
+    assert tally["baseline rows with several equally close images (the first by path taken)"] == 1
+    assert tally["baseline rows without a baseline image (left out)"] == 3 + 1
+
+
+def test_aibl_never_takes_the_first_of_several_nifti_files_or_copies_of_one_image(tmp_path):
+    # RID 4's baseline folder holds two NIfTI files; RID 8's image id is found in a second copy
+    root = str(tmp_path / "aibl")
+    expect, _ = bench_fakes.aibl(root)
+    d = os.path.join(root, "AIBL", "4", "MPRAGE", "2008-03-04_11_22_33.0", "I90040")
+    bench_fakes.write_nifti(os.path.join(d, "AAA_AIBL_4_I90040.nii"), seed=6)
+    d = os.path.join("AIBL", "8", "MPRAGE", "2008-03-04_11_22_33.0", "I90080")
+    bench_fakes.write_nifti(os.path.join(root, "copy2", d, "AIBL_8_I90080.nii"), seed=3)
+    studies, tally, _ = B.aibl(root)
+    assert sorted(st.subject for st in studies) == sorted(set(expect) - {"4", "8"})
+    assert tally["image folders with two or more NIfTI files, or an image id found twice (not used: ambiguous)"] == 3
+
+
+def test_cq500_leaves_out_a_read_whose_number_names_folders_of_two_studies(tmp_path):
+    from dicom_synth import head_phantom, write_series
+    root = str(tmp_path / "cq500")
+    expect, _ = bench_fakes.cq500(root)
+    # CQ500-CT-1 also names another study's folder (sorted first); CQ500-CT-2 is copied whole
+    other, _, _ = write_series(os.path.join(root, "CQ500-CT-1", "Unknown Study", "CT 5mm"),
+                               head_phantom((3, 32, 32), 77), phi=False)
+    shutil.copytree(os.path.join(root, "CQ500CT2 CQ500CT2"), os.path.join(root, "copy", "CQ500-CT-2"))
+    studies, tally, _ = B.cq500(root)
+    uid1 = list(expect)[1]   # CQ500-CT-1's own study (the fake writes 0, 1, 2 in order)
+    assert sorted(st.uid for st in studies) == sorted(set(expect) - {uid1}) and other not in expect
+    assert tally["rows whose study number names folders of different studies (left out: ambiguous)"] == 1
+    assert tally["rows labelled"] == 2 and tally["study folders without a read (not labelled)"] == 1
+
+
+def test_openbhb_gives_an_age_to_no_image_when_several_sessions_match(tmp_path):
+    # no session column; 2001 has two sessions (the age may be of either), 2002 one
+    r = tmp_path / "bids"
+    bench_fakes.write_csv(str(r / "participants.tsv"), ["participant_id", "age"], [("2001", "60.0"), ("2002", "61.0")],
+                          "\t")
+    for pid, ses in (("2001", "1"), ("2001", "2"), ("2002", "1")):
+        bench_fakes.write_nifti(str(r / f"sub-{pid}" / f"ses-{ses}" / "anat" / f"sub-{pid}_ses-{ses}_T1w.nii.gz"))
+    studies, tally, _ = B.openbhb(str(r))
+    got = [(st.subject, os.path.basename(st.image), st.age) for st in studies]
+    assert got == [("2002", "sub-2002_ses-1_T1w.nii.gz", 61.0)]
+    assert tally["rows matching two or more T1w images (left out: ambiguous)"] == 1
+
+
+def test_openbhb_never_stages_a_derived_map_of_the_npy_release(tmp_path):
+    # the cat12vbm gray-matter map beside the quasi-raw T1w (by name it sorts first)
+    r = tmp_path / "npy"
+    os.makedirs(r / "train")
+    for name in ("sub-3001_preproc-quasiraw_T1w.npy", "sub-3001_preproc-cat12vbm_desc-gm_T1w.npy"):
+        np.save(r / "train" / name, np.zeros((1, 4, 5, 6), np.float32))
+    bench_fakes.write_csv(str(r / "participants.tsv"), ["participant_id", "age"], [("3001", "40.5")], "\t")
+    (st,), tally, _ = B.openbhb(str(r))
+    assert os.path.basename(st.image) == "sub-3001_preproc-quasiraw_T1w.npy"
+    assert tally["derived images (preproc- other than quasiraw, not used)"] == 1
+
+
+def test_abide_leaves_out_a_subject_with_two_anatomical_images(tmp_path):
+    root = str(tmp_path / "abide")
+    expect = bench_fakes.abide(root)
+    bench_fakes.write_nifti(os.path.join(root, "Pitt", "0050002", "session_1", "anat_2", "mprage.nii.gz"), 9)
+    studies, tally, _ = B.abide(root)
+    assert sorted(st.subject for st in studies) == sorted(set(expect) - {"50002"})
+    assert tally["rows with two or more anatomical images (left out: ambiguous)"] == 1
+    assert tally["image subjects without a label row (not staged)"] == 1   # 0051999 only
+
+
+def test_oasis1_leaves_out_a_session_found_on_two_discs(tmp_path):
+    root = str(tmp_path / "oasis")
+    expect, _ = bench_fakes.oasis1(root)
+    bench_fakes.write_analyze(os.path.join(root, "disc2", "OAS1_0001_MR1", "PROCESSED", "MPRAGE", "SUBJ_111",
+                                           "OAS1_0001_MR1_mpr_n3_anon_sbj_111.img"), seed=8)
+    studies, tally, _ = B.oasis1(root)
+    assert sorted(st.sid for st in studies) == sorted(f"oasis1:{s}" for s in expect if s != "OAS1_0001_MR1")
+    assert tally["rows with two or more session folders or candidate images (left out: ambiguous)"] == 1
+
+
+def _second_label_file(dataset, root):
+    """A copy of the dataset with a second label file under ROOT -> (the error's pattern, the intended file)."""
+    if dataset == "aibl":   # two releases in one folder: by name the 2017 one sorts last
+        bench_fakes.aibl(root)
+        bench_fakes.write_csv(os.path.join(root, "Data_extract_3.3.0", "aibl_pdxconv_15-Feb-2017.csv"),
+                              ["RID", "SITEID", "VISCODE", "DXCURREN"], [(4, 1, "bl", 1)])
+        intended = os.path.join(root, "Data_extract_3.3.0", "aibl_pdxconv_01-Jun-2018.csv")
+        return r"aibl_pdxconv_\*\.csv .*: 2 found", intended
+    if dataset == "adni":   # none at ROOT, two releases below it
+        bench_fakes.adni(root)
+        for sub in ("2019", "2024"):
+            os.makedirs(os.path.join(root, sub))
+            shutil.copyfile(os.path.join(root, "ADNIMERGE.csv"), os.path.join(root, sub, "ADNIMERGE.csv"))
+        os.remove(os.path.join(root, "ADNIMERGE.csv"))
+        return r"ADNIMERGE\.csv: 2 found", os.path.join(root, "2024", "ADNIMERGE.csv")
+    bench_fakes.abide(root)
+    bench_fakes.write_csv(os.path.join(root, "old", "Phenotypic_V1_0b_preprocessed1.csv"),
+                          ["SUB_ID", "SITE_ID", "DX_GROUP", "AGE_AT_SCAN"], [(50002, "PITT", 2, 16.77)])
+    return r"Phenotypic_V1_0b_preprocessed1\.csv: 2 found", os.path.join(root, "Phenotypic_V1_0b_preprocessed1.csv")
+
+
+@pytest.mark.parametrize("dataset", ["aibl", "adni", "abide"])
+def test_two_label_files_under_root_are_an_error_not_a_pick_by_name(tmp_path, dataset):
+    root = str(tmp_path / dataset)
+    pattern, intended = _second_label_file(dataset, root)
+    with pytest.raises(B.BenchmarkError, match=pattern + ".*--labels_file"):
+        B.ADAPTERS[dataset](root)
+    studies, _, _ = B.ADAPTERS[dataset](root, intended)   # the one named is read
+    assert studies
