@@ -1,5 +1,5 @@
 """Evaluate trained probes on held-out test studies: every number in a JSON, a readable
-table, and PNG plots (SPEC section 4).
+table, and PNG plots (the NeuroVFM paper, Methods: evaluation).
 
     python evaluate.py --probes=out/probe_ct/probe.pt --labels=out/shards/labels.csv --out=out/eval
     python evaluate.py --probes=out/p_jepa/probe.pt,out/p_random/probe.pt,out/p_mean/probe.pt \

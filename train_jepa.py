@@ -1,4 +1,4 @@
-"""Vol-JEPA pretraining of the 3D ViT encoder (SPEC.md section 2), nanoGPT style.
+"""Vol-JEPA pretraining of the 3D ViT encoder (the NeuroVFM paper, Methods: Vol-JEPA), nanoGPT style.
 
 A student encoder sees the context tokens of each volume; the predictor takes its latents
 plus mask tokens at the target positions and predicts the target latents; the teacher, an

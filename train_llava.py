@@ -9,8 +9,8 @@ fixed prompt, the clinical indication as text, and the findings as a JSON list o
 the indication alone (the baseline the images must beat).
 
 Training studies are drawn with replacement, weight = 1 / prevalence of the study's rarest label
-(unremarkable studies count as one more label; SPEC), raised to --resample_power; --resample=False
-draws them uniformly, as config/llava_tiny.py does: the SPEC weights starve the phantom cohorts'
+(unremarkable studies count as one more label; the paper), raised to --resample_power; --resample=False
+draws them uniformly, as config/llava_tiny.py does: the paper's weights starve the phantom cohorts'
 unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md,
 Report generator). bf16 autocast on CUDA, gradient checkpointing, atomic checkpoints every
 ckpt_interval iterations, --init_from=resume continues a run: with the checkpoint's settings (others that
@@ -51,7 +51,7 @@ init_connector = ""                # a stage-1 ckpt.pt to start the connector fr
 stage = 2                          # 1: connector only, findings as one string; 2: connector + LM, JSON list
 stage1_iters = 0                   # with stage=2: first this many stage-1 iterations (connector only, LM frozen)
 text_only = False                  # baseline: no images, the indication only
-# connector (SPEC: dim 768, 6 layers, 8 heads, 64 latents)
+# connector (the paper: dim 768, 6 layers, 8 heads, 64 latents)
 perceiver_dim = 768
 perceiver_depth = 6
 perceiver_heads = 8
@@ -68,7 +68,7 @@ warmup_frac = 0.03                 # of each stage's iterations
 weight_decay = 0.01
 grad_clip = 1.0
 resample = True                    # inverse-prevalence resampling of the training studies
-resample_power = 1.0               # weight = (1 / prevalence of the rarest label) ** power: 1 = SPEC; 1 leaves
+resample_power = 1.0               # weight = (1 / prevalence of the rarest label) ** power: 1 = the paper; 1 leaves
                                    # unremarkable studies 5% of the draws on the 400-study phantom (35% of the
                                    # studies), 0.5 leaves them 15%; 0 = natural frequencies (llava.sampling_weights)
 image_dropout = 0.0                # P(a training example loses all its images: the indication alone); keeps
@@ -91,7 +91,7 @@ reuse_reports = False              # with eval_only: re-score OUT/reports.jsonl 
 max_eval = 0                       # 0 = every study of the eval split
 gen_batch_size = 8
 max_new_tokens = 160
-num_beams = 1                      # SPEC reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
+num_beams = 1                      # the paper's reference decoding: 4 beams, repetition penalty 1.2, no-repeat 4-gram
 length_penalty = 1.0               # beams: score = log P(reply) / length**length_penalty (HF); 0 = the most
                                    # probable whole reply, so "[]" (no finding) competes fairly with long lists
                                    # (on the phantom cohort it then omits urgent findings: BENCHMARKS.md)

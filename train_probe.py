@@ -1,4 +1,4 @@
-"""Train a study-level diagnostic probe on frozen features (SPEC section 3).
+"""Train a study-level diagnostic probe on frozen features (the NeuroVFM paper, Methods: diagnostic probes).
 
     python train_probe.py --features=out/features --labels=out/shards/labels.csv --modality=CT --out=out/probe_ct
     python train_probe.py ... --probe=mean_pool                    # baseline

@@ -211,7 +211,7 @@ def speed(argv):
     the tiny random Qwen3 (config/llava_tiny.py), generating exactly `new_tokens` tokens
     (min_new_tokens = max_new_tokens, so the count does not depend on the random weights).
     Reference measured in the same run: the same LM generating as many tokens from the text prompt
-    alone (the text-only baseline); the ratio is the price of the images. Also times the SPEC-size
+    alone (the text-only baseline); the ratio is the price of the images. Also times the paper-size
     connector (dim 768, 6 layers, 64 latents) on the same tokens."""
     from nvfm.model import Encoder, EncoderConfig
     ap = argparse.ArgumentParser(prog="bench_llava.py speed", description=speed.__doc__)
@@ -249,7 +249,7 @@ def speed(argv):
           f"({sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M), {a.new_tokens} new tokens")
     print(f"encode (tiny encoder)           {t_enc * 1e3:8.1f} ms/study")
     print(f"connector (demo: 64d, 2 layers) {t_conn * 1e3:8.1f} ms/study")
-    print(f"connector (SPEC: 768d, 6 layers){t_big * 1e3:8.1f} ms/study")
+    print(f"connector (the paper: 768d, 6 layers){t_big * 1e3:8.1f} ms/study")
     print(f"generate (incl. connector)      {t_gen * 1e3:8.1f} ms/study  ({a.new_tokens / t_gen:.0f} tokens/s)")
     print(f"text-only generate (reference)  {t_txt * 1e3:8.1f} ms/study")
     print(f"encode + generate               {(t_enc + t_gen) * 1e3:8.1f} ms/study; images cost "

@@ -1,6 +1,6 @@
 # Report generator on the demo cohort, CPU, a few minutes: tiny random-init Qwen3 (the real Qwen
 # tokenizer), a small perceiver, short run. For a real model: --llm=/path/to/Qwen3-8B and the
-# SPEC connector (perceiver_dim=768, perceiver_depth=6, perceiver_heads=8, n_latents=64).
+# the paper's connector (perceiver_dim=768, perceiver_depth=6, perceiver_heads=8, n_latents=64).
 llm = ""                 # "" = nvfm.llm.tiny_qwen3_cached(): 2 layers, hidden 64; "smollm2": config/llava_smollm2.py
 perceiver_dim = 64
 perceiver_depth = 2
@@ -19,7 +19,7 @@ max_iters = 60
 # with it; BLEU-2 0.282 -> 0.329, ROUGE-L 0.424 -> 0.501 on val+test; BENCHMARKS.md, "Why the tiny
 # recipe is what it is").
 image_dropout = 0.5
-# Studies are drawn at their natural frequencies, not by SPEC's inverse prevalence of the rarest
+# Studies are drawn at their natural frequencies, not by the paper's inverse prevalence of the rarest
 # label: that leaves unremarkable studies 5% of the draws on the 400-study phantom cohort (35% of
 # its studies), and the model then reports a finding for every study (0 of 41 normal val+test
 # studies reported as normal). Text-only triage / ROUGE-L: 0.587 / 0.372 with it, 0.826 / 0.685

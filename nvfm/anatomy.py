@@ -1,4 +1,4 @@
-"""Anatomy probes of frozen dense embeddings (SPEC section 4), no training involved.
+"""Anatomy probes of frozen dense embeddings (the NeuroVFM paper, Methods: evaluation), no training involved.
 
 Patch matching: two volumes of one study lie in one world frame (same patient, same
 session). For every token of volume A, its cosine nearest neighbour among the tokens of

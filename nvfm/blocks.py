@@ -1,4 +1,4 @@
-"""Foreground-masked block sampling for Vol-JEPA (SPEC.md section 2): split each volume's
+"""Foreground-masked block sampling for Vol-JEPA (the NeuroVFM paper, Methods: Vol-JEPA): split each volume's
 foreground tokens into context and target, for a whole batch packed with cu_seqlens.
 
 The random draws stay in numpy (`draw_blocks`, from the loader worker's seeded Generator: cheap);
@@ -38,7 +38,7 @@ ops.register("block_masks")
 
 
 def draw_blocks(rng, n, ratio, multi, n_blocks=(2, 4), aspect=2.0, drop=0.2):
-    """The random part of one volume's masks (SPEC.md section 2), from a numpy Generator.
+    """The random part of one volume's masks (the NeuroVFM paper, Methods: Vol-JEPA), from a numpy Generator.
 
     n foreground tokens, context ratio `ratio` (0.25 MR / 0.20 CT): n_ctx = round(ratio n),
     clamped to [1, n - 1]; multi (config A): K = n_blocks[0]..n_blocks[1] target blocks holding

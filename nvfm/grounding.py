@@ -1,5 +1,5 @@
 """Grounding of study-level probes: token maps back to voxels in world space, NIfTI
-overlays, the pointing game, and the left/right flip test (SPEC section 4).
+overlays, the pointing game, and the left/right flip test (the NeuroVFM paper, Methods: evaluation).
 
 Geometry. A token at grid (z, y, x) of a volume covers canonical voxels
 [o_z + 4z, o_z + 4z+4) x [o_y + 16y, ...) x [o_x + 16x, ...) (nvfm/tokenize.py), where the grid

@@ -383,7 +383,7 @@ def sampling_weights(label_sets, power=1.0):
     """Training-study draw weights: (1 / prevalence of the study's rarest label) ** power, float64.
 
     label_sets: per study its set of labels; an empty set counts as the pseudo-label
-    "unremarkable". power 1 (SPEC) balances the labels: every label's studies together get about
+    "unremarkable". power 1 (the paper) balances the labels: every label's studies together get about
     the same share of the draws, so unremarkable studies, one label among many, become rare (5% of
     the draws on the 400-study phantom cohort, where they are 35% of the studies) and a model
     trained that way reports a finding for every study. power 0.5 softens this (15% there) and

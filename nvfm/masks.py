@@ -1,8 +1,8 @@
 """Vol-JEPA masking: crop, augment and split one volume's foreground tokens into context and
 target; pack a batch. Runs in data-loader workers (nvfm/loader.py): numpy draws + compiled ops.
 
-Per volume (paper, Methods "Vol-JEPA"; where the authors' public code differs we follow the
-paper, see SPEC.md section 2):
+Per volume (the NeuroVFM paper, Methods "Vol-JEPA"; where the authors' public code differs we
+follow the paper):
   1. window: MR -> "mr"; CT -> brain / blood / bone with probability 0.7 / 0.15 / 0.15.
   2. crop: at most `max_patches` = 20 tokens per axis; the crop window is placed uniformly
      among positions that stay inside the foreground's bounding box.

@@ -1,4 +1,4 @@
-"""Study-level probes on frozen token embeddings (SPEC section 3).
+"""Study-level probes on frozen token embeddings (the NeuroVFM paper, Methods: diagnostic probes).
 
 A study is one bag: every token of every volume (and, for CT, every window) of the study.
 Bags are packed like the encoder's batches: x (N, D) instance embeddings back to back and

@@ -44,7 +44,7 @@ def test_help(script, flag, tmp_path):
 def test_help_lists_the_scripts_config_files_and_groups():
     r = run("train_llava.py", "--help")
     assert "config/llava_tiny.py" in r.stdout and "config/jepa_tiny.py" not in r.stdout
-    assert "\nconnector (SPEC: dim 768" in r.stdout and "\noptimisation:" in r.stdout
+    assert "\nconnector (the paper: dim 768" in r.stdout and "\noptimisation:" in r.stdout
     # a comment continued on indented lines below the setting is part of its help
     assert re.search(r"--llm='' +local HF causal LM dir or .gguf; \"\" = the cached tiny random\s+Qwen3; "
                      r"\"smollm2\"", r.stdout), r.stdout
