@@ -65,6 +65,8 @@ def open_encoder(spec, dev, seed=0, heads=None):
     plus "+heads:<n>" when no config.json gives the head count)."""
     if spec.startswith("random:"):
         size = spec.split(":", 1)[1]
+        if size not in model.SIZES:
+            fail(f"--encoder={spec}: unknown model size {size!r}; choose random:<size> with a size of {sorted(model.SIZES)}")
         torch.manual_seed(seed)
         enc = model.Encoder(model.EncoderConfig.preset(size)).to(dev).eval()
         return enc, f"random:{size}:seed{seed}"

@@ -144,7 +144,7 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         gone = set(empty)
         keys = [k for k in keys if k not in gone]
     if not keys:   # before the column check below, which reads a row of labels.csv
-        raise SystemExit(f"evaluate.py: no {mod} studies in split {split!r} of {labels}"
+        raise SystemExit(f"evaluate.py: no {'' if mod == 'all' else mod + ' '}studies in split {split!r} of {labels}"
                          + (f" with tokens in the windows {ck['windows']}" if empty else ""))
     side = [n for n in lab if n in P.SIDE_CLASSES]
     if side and sides is None and not external:   # without the lesions' sides every study would be a negative
@@ -575,6 +575,9 @@ def main():
         require_path(p, "--probes", hint="a probe.pt written by train_probe.py")
     if paths:
         require_path(labels, "--labels", hint="SHARDS/labels.csv written by preprocess.py")
+        if "," in split:
+            fail(f"--split={split}: a probe is scored on one split (test, val or train); several splits are for "
+                 "--reports in a run without --probes")
         if (cohort or flip_test or anatomy) and not shards:
             fail("grounding (--cohort), --flip_test and --anatomy need --shards=SHARDS")
     for key, path in (("--reports", reports), ("--findings", findings), ("--features", features),

@@ -165,7 +165,7 @@ optimizer = torch.optim.AdamW([{"params": decay, "wd": True}, {"params": no_deca
                               lr=lr_start, betas=(beta1, beta2), weight_decay=wd_start, fused=dev.type == "cuda")
 scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and ptdtype == torch.float16)
 
-step = 0
+step, collapse_ref = 0, None   # collapse_ref: the student's rank on the run's first batch (the warning's reference)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ck = load_checkpoint(ckpt_path)
@@ -188,7 +188,7 @@ if init_from == "resume":
     load_state_strict(teacher, ck["teacher"], "teacher")
     optimizer.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
-    step = ck["step"]
+    step, collapse_ref = ck["step"], ck.get("collapse_ref")
     torch.set_rng_state(ck["rng"]["torch"])  # data randomness is a function of (seed, step, slot): nothing else to restore
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
@@ -263,11 +263,11 @@ def save_checkpoint(next_step):
     save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
                  "teacher": teacher.state_dict(), **extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": next_step, "config": config, "encoder_config": vars(enc_cfg), "shards_id": shards_id,
-                 "rng": {"torch": torch.get_rng_state()}}, ckpt_path)
+                 "rng": {"torch": torch.get_rng_state()}, "collapse_ref": watch.initial}, ckpt_path)
 
 
 # ----------------------------------------------------------------------------- is it learning?
-watch = CollapseWatch(collapse_warn)
+watch = CollapseWatch(collapse_warn, initial=collapse_ref)   # a resumed run keeps step 1's reference
 probes = ProbeSet(shards, cohort=probe_cohort or None, max_studies=probe_studies) if eval_interval and master else None
 if export not in ("teacher", "student"):
     raise SystemExit(f"export must be 'teacher' or 'student', got {export!r}")

@@ -143,6 +143,7 @@ from nvfm import llava  # noqa: E402
 from nvfm.checkpoint import changed_settings, load_checkpoint, resume_refusal, save_atomic  # noqa: E402
 from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
+from nvfm.metrics import jsonable  # noqa: E402
 from nvfm.report_metrics import evaluate_reports, iter_jsonl  # noqa: E402
 
 # ----------------------------------------------------------------------------- distributed
@@ -631,7 +632,7 @@ if master and eval_keys and stage == 2:
               f"hallucination {m['hallucination_rate']:.3f}  urgent omission {m['urgent_omission_rate']:.3f}  "
               f"JSON ok {m.get('parse_ok_rate', float('nan')):.2f}")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1, default=str)
+        json.dump(jsonable(metrics), f, indent=1, default=str)   # NaN (undefined) -> null, as evaluate.py writes
     print(f"generation: {sec_per_study:.3f} s/study on {device}; wrote {out_dir}/metrics.json")
 
 if ddp:

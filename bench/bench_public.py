@@ -1,8 +1,8 @@
 r"""One public benchmark from your local copy of the dataset to the paper's table rows (issue 25).
 
     python bench/bench_public.py --dataset=openbhb --root=/data/openBHB \
-        --encoders=out/jepa/encoder.safetensors,random:base
-    python bench/bench_public.py --dataset=cq500 --root=/data/cq500 --encoders=neurovfm-encoder/,random:base
+        --encoders=out/jepa/encoder.safetensors,random:vitb
+    python bench/bench_public.py --dataset=cq500 --root=/data/cq500 --encoders=neurovfm-encoder/,random:vitb
     python bench/bench_public.py --dataset=oasis1 --root=/data/oasis1 --encoders=E --external_from=bench/adni
     python bench/bench_public.py --dataset=aibl --root=/data/aibl --encoders=E --external_from=bench/adni
 
@@ -19,10 +19,10 @@ Runs the documented chain as subprocesses of the stage scripts, for one dataset:
      one row per task and figure, one column per encoder.
 --encoders: comma-separated; each an nvfm .safetensors file, the authors' released directory
 (config.json + pytorch_model.bin, or a .bin/.pt state dict) or random:<size> (a random-init
-baseline, e.g. random:base), optionally followed by encode.py settings for that encoder only
-(@key=value, e.g. random:base@seed=1,random:base@seed=2: two random-init baselines). Column
+baseline, e.g. random:vitb), optionally followed by encode.py settings for that encoder only
+(@key=value, e.g. random:vitb@seed=1,random:vitb@seed=2: two random-init baselines). Column
 names: --names, else the file's name without extension, the directory's name, or
-random_<size>, each with its settings appended (random_base_seed1).
+random_<size>, each with its settings appended (random_vitb_seed1).
 External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is trained here; the
 probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
 applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 or AIBL dementia;
@@ -61,7 +61,7 @@ from nvfm.configurator import configure, fail  # noqa: E402
 dataset = ""             # openbhb | adni | aibl | oasis1 | abide | rsna | cq500 | brats21 | atlas2 | msseg16
 root = ""                # your copy of the dataset, as distributed
 out = ""                 # output folder ("" = bench/<dataset>)
-encoders = "random:base"  # comma-separated: .safetensors | released dir | random:<size>, each [@key=value] (@seed=1)
+encoders = "random:vitb"  # comma-separated: .safetensors | released dir | random:<size>, each [@key=value] (@seed=1)
 names = ""               # comma-separated column names, one per encoder ("" = from the encoders)
 salt = ""                # "" -> $NVFM_SALT -> the public default (nvfm/dicom.py); adapter and preprocess share it
 external_from = ""       # another dataset's OUT: apply its probes here unchanged, no training (external transfer)

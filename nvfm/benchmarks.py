@@ -10,7 +10,7 @@ r"""The paper's public benchmarks from a user's local copy of each dataset -> la
 
 or all of it, resumable, for several encoders, in one command (the same stage scripts as subprocesses):
 
-    python bench/bench_public.py --dataset=openbhb --root=/data/openBHB --encoders=ENC,random:base
+    python bench/bench_public.py --dataset=openbhb --root=/data/openBHB --encoders=ENC,random:vitb
 
 Each adapter reads the dataset's folder layout and label files as distributed (nothing is
 downloaded, nothing in --root is modified) and writes under --out:

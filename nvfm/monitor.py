@@ -93,7 +93,9 @@ def mean_std(x):
 
 @torch.no_grad()
 def relative_distance(a, b):
-    """||a - b|| / ||b|| over two lists of tensors of the same shapes (all entries together)."""
+    """||a - b|| / ||b|| over two lists (or iterables, e.g. .parameters()) of tensors of the same
+    shapes (all entries together)."""
+    a, b = list(a), list(b)   # b is read twice: a generator would be spent by the first sum
     num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(float(y.float().pow(2).sum()) for y in b)
     return (num / max(den, 1e-30)) ** 0.5
@@ -144,11 +146,12 @@ def content_loss(pred, target, mean_intensity, window):
 
 class CollapseWatch:
     """Warns (once per episode) when the student's effective rank falls below `threshold` x the
-    rank it had on the first batch. `update(rank, share=None)` returns the warning text or None;
+    rank it had on the first batch (`initial`: that rank, given when a run resumes). `update(rank,
+    share=None)` returns the warning text or None;
     `share` (an `intensity_share`) is quoted in it when given."""
 
-    def __init__(self, threshold=0.25):
-        self.threshold, self.initial, self.warned = threshold, None, False
+    def __init__(self, threshold=0.25, initial=None):
+        self.threshold, self.initial, self.warned = threshold, initial, False
 
     def update(self, rank, share=None):
         if self.initial is None:

@@ -72,6 +72,8 @@ def _bad_invocations(t):
     good = _labels(t / "labels.csv", ["study_key", "modality", "split", "intraparenchymal_hemorrhage"])
     nokey = _labels(t / "nokey.csv", ["study_uid", "modality", "split", "intraparenchymal_hemorrhage"])
     out = t / "result"  # not out/: train_jepa.py's default out_dir is out/jepa
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(str(t / "shards"), n=2, shape=(8, 32, 32))
     return [
         ("train_jepa.py", ["--batch_size=8"], ["unknown config key 'batch_size'", "did you mean", "--global_batch"], None),
         ("encode.py", ["--encodr=random:tiny"], ["'encodr'", "--encoder?"], None),
@@ -103,6 +105,10 @@ def _bad_invocations(t):
          ["--findings", "missing.jsonl not found"], out),
         ("train_llava.py", [f"--findings={good}", f"--features={t / 'missing'}", f"--out_dir={out}"],
          ["--features", "not found"], out),
+        ("evaluate.py", [f"--probes={t / 'junk.pt'}", f"--labels={good}", f"--out={out}", "--split=val,test"],
+         ["--split=val,test", "one split"], out),
+        ("encode.py", [f"--shards={shards}", "--encoder=random:base", f"--out={out}"],
+         ["--encoder=random:base", "unknown model size", "vitb"], out),
         ("encode.py", [f"--shards={t / 'missing'}", "--encoder=random:tiny", f"--out={out}"],
          ["--shards", "not found"], out),
         ("encode.py", [f"--shards={t / 'empty_dir'}", "--encoder=random:tiny", f"--out={out}"],

@@ -228,7 +228,9 @@ def test_train_llava_end_to_end_and_resume(tmp_path, lm_dir):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "iter 2:" in r.stdout + r.stderr and "iter 1:" not in r.stdout + r.stderr
-    m = json.load(open(os.path.join(out, "metrics.json")))
+    def strict(c):   # json.dump writes NaN, which is not JSON (other readers refuse it)
+        raise ValueError(f"metrics.json holds {c}")
+    m = json.load(open(os.path.join(out, "metrics.json")), parse_constant=strict)
     assert m["n_eval"] == 3 and 0 <= m["reports"]["bleu2"] <= 1
     probe_rows = [json.loads(l) for l in open(os.path.join(out, "reports_probe.jsonl"))]
     assert all("Epidural hematoma" in " ".join(r["findings"]) for r in probe_rows)  # urgent probe finding appended

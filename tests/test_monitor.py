@@ -38,6 +38,8 @@ def test_relative_distance_by_hand():
     a, b = [torch.tensor([3.0, 0.0]), torch.tensor([[0.0]])], [torch.tensor([0.0, 0.0]), torch.tensor([[4.0]])]
     assert relative_distance(a, b) == pytest.approx(5.0 / 4.0)
     assert relative_distance(b, b) == 0.0
+    # as train_jepa passes them: .parameters() generators (the second was spent before ||b|| was summed)
+    assert relative_distance(iter(a), iter(b)) == pytest.approx(5.0 / 4.0)
 
 
 def test_planted_collapse_of_a_real_encoder_triggers_the_warning():

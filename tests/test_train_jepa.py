@@ -65,6 +65,7 @@ def test_loss_goes_down_and_outputs(full_run):
     # the teacher moves away from its init by the EMA only, and stays closer to its init than the student is
     moved = [r["teacher_moved"] for r in log]
     assert moved[0] > 0 and all(a < b for a, b in zip(moved, moved[1:]))
+    assert all(0 < r["teacher_to_student"] < 2 for r in log)   # relative distances of two nearby inits
     ck = load_checkpoint(os.path.join(full_run, "ckpt.pt"))
     assert ck["step"] == STEPS and ck["config"]["model_size"] == "tiny"
     # both encoders are exported: encoder.safetensors is the teacher (the default `export`)
@@ -108,6 +109,8 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
     run([f"--stop_at_step={half}"], out, shards)
     before = load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert before["step"] == half
+    first = next(r for r in read_log(out) if "rank_student" in r)
+    assert first["step"] == 1 and before["collapse_ref"] == pytest.approx(first["rank_student"])
     run(["--init_from=resume", f"--stop_at_step={half + 1}"], out, shards)
     after = load_checkpoint(os.path.join(out, "ckpt.pt"))
     # teacher_{s+1} = lerp(teacher_s, student_{s+1}, 1 - m_s): its only update is the EMA
@@ -120,6 +123,7 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
     # the optimizer holds student + predictor (+ the position-only control's) parameters only
     n_trained = len(before["student"]) + len(before["predictor"]) + len(before.get("pos_predictor", {}))
     assert len(after["optimizer"]["state"]) == n_trained
+    assert after["collapse_ref"] == before["collapse_ref"]   # the collapse warning still compares with step 1
     run(["--init_from=resume"], out, shards)
     a, b = weights(os.path.join(full_run, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"))
     for k in a:
