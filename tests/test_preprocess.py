@@ -24,7 +24,7 @@ sys.path.insert(0, ROOT)
 from dicom_synth import FAKE_PHI, head_phantom, mutate_series, write_enhanced, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
-from nvfm.data import ShardReader, read_done  # noqa: E402
+from nvfm.data import PATCH, VERSION, ShardReader, read_done  # noqa: E402
 
 SHAPE = (8, 48, 40)
 
@@ -495,3 +495,108 @@ def test_nifti_sidecar_is_read_with_its_nifti_not_counted_as_a_bad_file(tmp_path
     s = man["summary"]
     assert s["volumes_by_family"] == {"CT/CT": 1}, s
     assert s["files_failed"] == {"not a DICOM file": 1}, s
+
+
+def _tokens_by_hand(mask, min_fg_fraction, patch=(4, 16, 16)):
+    """The (gz, gy, gx) token mask of a voxel mask: zero-pad to the patch, count foreground voxels
+    per patch, keep those with >= min_fg_fraction of the patch (brute force, no nvfm code)."""
+    pad = [(0, -n % p) for n, p in zip(mask.shape, patch)]
+    m = np.pad(np.asarray(mask, np.int64), pad)
+    (gz, pz), (gy, py), (gx, px) = [(n // p, p) for n, p in zip(m.shape, patch)]
+    count = m.reshape(gz, pz, gy, py, gx, px).sum(axis=(1, 3, 5))
+    return count >= np.ceil(min_fg_fraction * pz * py * px - 1e-9)
+
+
+@pytest.fixture(scope="module")
+def grown(tmp_path_factory):
+    """A finished one-study output at the default settings, and an input with a second study added."""
+    root = tmp_path_factory.mktemp("grown")
+    write_series(str(root / "in1" / "s0" / "ct"), head_phantom((16, 96, 80), 0), seed=0, ps=(0.7, 0.7))
+    shutil.copytree(root / "in1", root / "in2")
+    write_series(str(root / "in2" / "s1" / "ct"), head_phantom((16, 96, 80), 1), seed=1, ps=(0.7, 0.7))
+    out = str(root / "out")
+    preprocess.run(str(root / "in1"), out, n_workers=1, cfg_progress=False)
+    return dict(in1=str(root / "in1"), in2=str(root / "in2"), out=out)
+
+
+# setting -> (run() argument, the value the output was written with (the default), another value)
+OPTIONS = {"min_fg_fraction": ("cfg_min_fg", 0.5, 1.0), "min_slices": ("cfg_min_slices", 3, 5),
+           "min_tokens": ("cfg_min_tokens", 1, 4)}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("added", [False, True], ids=["rerun", "study_added"])
+def test_finished_output_refuses_other_settings(grown, tmp_path, name, added):
+    """A rerun of a finished output (parts/settings.json gone) with another value of a setting that
+    changes what is written is refused in one line naming the output, the setting, both values and
+    the way out, before anything is written: no mixed study is merged, none is called complete."""
+    out = str(tmp_path / "out")
+    shutil.copytree(grown["out"], out)
+    before = _outputs(out)
+    arg, old, new = OPTIONS[name]
+    with pytest.raises(SystemExit) as e:
+        preprocess.run(grown["in2" if added else "in1"], out, n_workers=1, cfg_progress=False, **{arg: new})
+    msg = str(e.value)
+    assert "\n" not in msg and out in msg and "--output" in msg, msg
+    assert f"{name}={old:g}" in msg and f"{name}={new:g}" in msg and f"--{name}={old:g}" in msg, msg
+    assert _outputs(out) == before and not os.path.exists(os.path.join(out, "parts"))
+    # the same settings add the study; every study keeps the token rule the manifest records
+    man = preprocess.run(grown["in2"], out, n_workers=1, cfg_progress=False)
+    assert man["min_fg_fraction"] == 0.5 and len({v["study_key"] for v in man["volumes"]}) == 2
+    r = ShardReader(out)
+    for i, v in enumerate(r.volumes):
+        want = _tokens_by_hand(r.volume(i)[1], 0.5)
+        assert v["n_tokens"] == int(want.sum()) and np.array_equal(r.token_mask(i), want)
+
+
+@pytest.mark.parametrize("key,value,said", [
+    ("version", VERSION + 1, f"shard format {VERSION + 1} (this version writes {VERSION})"),
+    ("patch", [4, 8, 8], f"patch [4, 8, 8] (this version's: {list(PATCH)})")])
+def test_finished_output_of_another_nvfm_version_is_not_extended(grown, tmp_path, key, value, said):
+    """A manifest written by another nvfm (a newer shard format, another token patch) is neither
+    extended with studies of this version's bytes nor called complete."""
+    out = str(tmp_path / "out")
+    shutil.copytree(grown["out"], out)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        man = json.load(f)
+    with open(path, "w") as f:
+        json.dump(dict(man, **{key: value}), f)
+    before = _outputs(out)
+    for inp in (grown["in1"], grown["in2"]):
+        with pytest.raises(SystemExit) as e:
+            preprocess.run(inp, out, n_workers=1, cfg_progress=False)
+        assert "\n" not in str(e.value) and out in str(e.value) and said in str(e.value), str(e.value)
+        assert _outputs(out) == before and not os.path.exists(os.path.join(out, "parts"))
+
+
+def test_cli_rerun_with_another_token_rule_exits_1(grown, tmp_path):
+    """The reported case on the command line: a finished output rerun with --min_fg_fraction=1.0."""
+    out = str(tmp_path / "out")
+    shutil.copytree(grown["out"], out)
+    res = _run_cli(grown["in2"], out, "--workers=1", "--min_fg_fraction=1.0")
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "min_fg_fraction=0.5" in last and "min_fg_fraction=1.0" in last, res.stderr
+    assert "complete" not in res.stderr and "wrote" not in res.stderr
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_unfinished_output_refuses_other_settings(grown, tmp_path, monkeypatch, name):
+    """Parts of a run killed before its merge are resumed only with the settings in parts/settings.json."""
+    out = str(tmp_path / "out")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(preprocess, "acquire_merge_lock", killed)
+        with pytest.raises(KeyboardInterrupt):
+            preprocess.run(grown["in1"], out, n_workers=1, cfg_progress=False)
+    parts = sorted(os.listdir(os.path.join(out, "parts")))
+    arg, old, new = OPTIONS[name]
+    with pytest.raises(SystemExit) as e:
+        preprocess.run(grown["in2"], out, n_workers=1, cfg_progress=False, **{arg: new})
+    msg = str(e.value)
+    assert "\n" not in msg and out in msg and "parts/settings.json" in msg, msg
+    assert f"{name}={old:g}" in msg and f"{name}={new:g}" in msg and f"--{name}={old:g}" in msg, msg
+    assert sorted(os.listdir(os.path.join(out, "parts"))) == parts and not os.path.exists(
+        os.path.join(out, "manifest.json"))
