@@ -14,9 +14,11 @@ Resume: a killed run restarted with the same command skips every committed study
 nvfm/data.py) and the final output is byte-identical to an uninterrupted run; a rerun of a
 complete output does nothing. Studies already done are not re-read, so edits to their
 files are not picked up (write to a new --output). Headers are re-scanned on every start.
-Every study of an output shares one --preset, min_fg_fraction, salt and shard format: they
-are recorded in parts/settings.json before any part is written (and in each done_i_of_N.json
-and the manifest), and a resumed run or array job with other settings is refused in one line.
+Every study of an output shares one --preset, min_fg_fraction, min_slices, min_tokens, salt,
+token patch and shard format (SHARED below): they are recorded in parts/settings.json before any
+part is written (and in each done_i_of_N.json and the manifest), and a resumed run, array job or
+rerun of a finished output (adding studies or not) with other settings is refused in one line
+before anything is written.
 Cluster array jobs: `--shard=i/N` processes the studies whose key hash is i mod N (every
 job scans all headers, which is cheap next to pixel decoding, and keeps only its own);
 each job writes parts/done_i_of_N.json when finished, and the job that finds all N done
@@ -574,28 +576,19 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         assert 0 <= si < sn
     except Exception:
         raise SystemExit(f"preprocess: --shard must be i/N with 0 <= i < N, got {shard_spec!r}")
-    os.makedirs(output_dir, exist_ok=True)
     s = resolve_salt(salt_value)
     salt_id = hashlib.sha256(s.encode()).hexdigest()[:16]
-    log = Log(output_dir, cfg_log_paths)
+    settings = run_settings(cfg_preset, cfg_min_fg, salt_id, cfg_min_slices, cfg_min_tokens)
     man_path = os.path.join(output_dir, "manifest.json")
     written_splits = {}
-    if os.path.exists(man_path):
+    if os.path.exists(man_path):  # a finished output: its parts/settings.json is gone, the manifest records them
         with open(man_path) as f:
             old = json.load(f)
         written_splits = {v["study_key"]: v["split"] for v in old.get("volumes", [])}
-        if old.get("salt_id") != salt_id:
-            raise SystemExit(f"preprocess: {output_dir} was written with another salt; "
-                             "use the same salt or a new --output")
-        if old.get("preset", "nvfm") != cfg_preset:
-            raise SystemExit(f"preprocess: {output_dir} was written with --preset={old.get('preset', 'nvfm')}; "
-                             "use the same preset or a new --output")
-        if old.get("resampling", "tent") != RESAMPLING[cfg_preset]:
-            raise SystemExit(f"preprocess: {output_dir} was written with {old.get('resampling', 'tent')} resampling "
-                             f"(an older --preset={cfg_preset}); this version resamples with "
-                             f"{RESAMPLING[cfg_preset]}: use a new --output")
-    settings = run_settings(cfg_preset, cfg_min_fg, salt_id)
+        _settings_conflict(output_dir, manifest_settings(old), settings, None)
     check_settings(output_dir, settings)  # parts of a killed run or of other array jobs
+    os.makedirs(output_dir, exist_ok=True)
+    log = Log(output_dir, cfg_log_paths)
     splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log,
                                       written_splits)
 
@@ -715,7 +708,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         events.sort(key=lambda e: (e.get("study_key", ""), e.get("series_key", ""), e["reason"]))
         extra = {"salt_id": salt_id, "summary": summary, "failures": all_file_failures + events,
                  "study_events": [{"study_key": k, "events": done[k]["events"]} for k in sorted(done)],
-                 "patch": list(shards.PATCH), "min_fg_fraction": cfg_min_fg}
+                 "patch": settings["patch"], "min_fg_fraction": cfg_min_fg,
+                 "min_slices": settings["min_slices"], "min_tokens": settings["min_tokens"]}
         if cfg_preset != "nvfm":  # the default adds no key: nvfm manifests stay byte-identical
             extra["preset"] = cfg_preset
             extra["resampling"] = RESAMPLING[cfg_preset]
@@ -735,36 +729,65 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
 SETTINGS_FILE = "settings.json"  # OUTPUT/parts/settings.json: what the unfinished parts were written with
 
 
-def run_settings(preset_name, min_fg, salt_id):
-    """What every study of one output must share (the manifest records one value of each):
-    voxel rules (--preset), token rule (min_fg_fraction), salt (study keys) and the shard
-    format version."""
+# What every study of one output shares, as recorded in parts/settings.json and the manifest:
+# key -> (its value in a manifest that lacks the key, the option that sets it). None: not
+# recorded there (not checked); an option of None: fixed by this version of nvfm, not a choice.
+SHARED = {"salt_id": (None, "--salt"), "preset": ("nvfm", "--preset"),
+          "min_fg_fraction": (None, "--min_fg_fraction"), "min_slices": (None, "--min_slices"),
+          "min_tokens": (None, "--min_tokens"), "resampling": ("tent", None), "patch": (None, None),
+          "format": (None, None)}
+
+
+def run_settings(preset_name, min_fg, salt_id, min_slices=3, min_tokens=1):
+    """What every study of one output must share (SHARED; the manifest records one value of each):
+    voxel rules (--preset, resampling), token rule (min_fg_fraction), which series are written
+    (min_slices, min_tokens), salt (study keys), token patch and the shard format version."""
     return {"preset": preset_name, "min_fg_fraction": float(min_fg), "salt_id": salt_id,
+            "min_slices": int(min_slices), "min_tokens": int(min_tokens), "patch": list(shards.PATCH),
             "format": shards.VERSION, "resampling": RESAMPLING[preset_name]}
 
 
-def _settings_text(st):
-    return f"--preset={st.get('preset', 'nvfm')} min_fg_fraction={st.get('min_fg_fraction')}"
+def manifest_settings(man):
+    """The SHARED settings a finished output's manifest records (its "version" is the format)."""
+    man = dict(man, format=man.get("version", 1))
+    return {k: man.get(k, absent) for k, (absent, _) in SHARED.items() if k in man or absent is not None}
+
+
+def _shown(key, value, mine, flag=False):
+    """One setting as a refusal names it (`flag`: as the option to rerun with); mine: this run's."""
+    if key == "resampling":
+        return f"{value} resampling (this version's --preset={mine['preset']}: {mine['resampling']})"
+    if key == "format":
+        return f"shard format {value} (this version writes {mine['format']})"
+    if key == "patch":
+        return f"patch {value} (this version's: {mine['patch']})"
+    return f"{SHARED[key][1] if flag else ('--preset' if key == 'preset' else key)}={value}"
 
 
 def _settings_conflict(output_dir, theirs, mine, where):
-    """One-line SystemExit naming what differs, or None when `theirs` matches `mine`."""
-    diff = [k for k in ("preset", "min_fg_fraction", "salt_id", "resampling") if k in theirs and theirs[k] != mine[k]]
-    if isinstance(theirs.get("format"), int) and theirs["format"] > mine["format"]:  # older parts are a subset
-        diff.append("format")
+    """One-line SystemExit naming each SHARED setting where `theirs` (recorded in `where`, a file
+    under parts/; None: the manifest) differs from this run's `mine`; None when they all match."""
+    diff = [k for k in SHARED if k in theirs and theirs[k] != mine[k]]
+    if "format" in diff and not (isinstance(theirs["format"], int) and theirs["format"] > mine["format"]):
+        diff.remove("format")  # an older format's studies are a subset of this one's
+    if "preset" in diff or "min_fg_fraction" in diff:  # the preset sets the token rule's default and the resampling
+        diff = ["preset", "min_fg_fraction"] + [k for k in diff if k not in ("preset", "min_fg_fraction", "resampling")]
     if not diff:
         return
-    if diff == ["salt_id"]:
-        what = "another salt"
-    elif diff == ["format"]:
-        what = f"shard format {theirs['format']} (this version writes {mine['format']})"
-    elif diff == ["resampling"]:
-        what = f"{theirs['resampling']} resampling (this version's --preset={mine['preset']}: {mine['resampling']})"
+    options, fixed = [k for k in diff if SHARED[k][1]], [k for k in diff if not SHARED[k][1]]
+    old = " ".join(_shown(k, theirs.get(k), mine) for k in options + fixed)
+    new = " ".join("another salt" if k == "salt_id" else _shown(k, mine[k], mine) for k in options)
+    if fixed:  # another version of nvfm wrote it: this one cannot add studies of the same bytes
+        older = f" (an older --preset={mine['preset']})" if "resampling" in fixed else ""
+        way = (f"another version of nvfm{older} wrote it; this one writes "
+               f"{' '.join(_shown(k, mine[k], mine).split(' (')[0] for k in fixed)}: use a new --output")
     else:
-        what = _settings_text(theirs)
-    raise SystemExit(f"preprocess: {output_dir} holds unfinished work ({where}) written with {what}; this run has "
-                     f"{_settings_text(mine) if diff != ['salt_id'] else 'another salt'}: resume it with the same "
-                     "settings, or use a new --output (studies of mixed settings are never merged)")
+        again = [_shown(k, theirs.get(k), mine, flag=True) for k in options if k != "salt_id"]
+        again += ["its salt (--salt or $NVFM_SALT)"] * ("salt_id" in options)
+        way = f"{'resume' if where else 'rerun'} with {' '.join(again)}, or use a new --output"
+    state = f"holds unfinished work ({where}) written" if where else "was written"
+    raise SystemExit(f"preprocess: {output_dir} {state} with {old}" + (f"; this run has {new}" if new else "")
+                     + f": {way} (studies of mixed settings are never merged)")
 
 
 def check_settings(output_dir, mine):

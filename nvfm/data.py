@@ -32,7 +32,8 @@ Refinements of DESIGN.md (additions only; nothing in section 2 changed):
   - failures are {"kind": "file"|"series", "status": "failed"|"skipped", "reason",
     "study_key"?, "series_key"?, "file_key"?, "n_files"? (series: its files)}; file_key is a salted hash of the path
     relative to the input root (folder names can hold patient names, so no path is stored);
-  - the manifest also has "shards" {name: bytes}, "patch", "min_fg_fraction" and
+  - the manifest also has "shards" {name: bytes}, "patch", "min_fg_fraction", "min_slices",
+    "min_tokens" (preprocess.py's SHARED settings) and
     "study_events" (per study, its failures: the done-list a later run resumes from);
   - summary = {studies_input, studies_done, studies_with_volumes, series_kept,
     series_skipped {reason: n}, series_failed {reason: n}, files_failed {reason: n},
