@@ -49,7 +49,10 @@ not called obstructive / non-communicating (nor "ex vacuo") -> ventriculomegaly.
 "skull fracture" names nothing: the ontology splits fractures by displacement. British spellings
 (haemorrhage, oedema, ischaemic, tumour) and the abbreviations SDH, EDH, IVH, IPH, ICH, SAH, AVM,
 DAI read as the words they stand for. MR and CT labels of one finding (nvfm.ontology.SAME_FINDING)
-are compared as the CT label.
+are compared as the CT label. In an MR study (the record's `modality`) a subdural hematoma is one
+finding whatever its age, as the MR ontology has it (subdural_hematoma): the CT names
+acute_subdural_hematoma and subacute_chronic_subdural_hematoma are scored as it, on both sides (an
+MR reference "Acute left subdural hematoma." with a subdural_hematoma lesion is one finding, not two).
 Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
 vLLM or Ollama server), asked to answer with one word.
@@ -564,6 +567,21 @@ def _key(row, path):
     raise ValueError(f"{path}: a row has no study_key")
 
 
+# the MR ontology dates no subdural hematoma: in an MR study the CT's dated names are that one finding
+MR_FOLD = {"acute_subdural_hematoma": "subdural_hematoma", "subacute_chronic_subdural_hematoma": "subdural_hematoma"}
+
+
+def in_modality(dx, modality):
+    """{name: side} as scored in a study of `modality`: for MR, MR_FOLD's names merged (sides as
+    report_diagnoses merges them); otherwise dx itself."""
+    if str(modality or "").upper() != "MR":
+        return dx
+    out = {}
+    for name, side in dx.items():
+        _merge_side(out, MR_FOLD.get(name, name), side)
+    return out
+
+
 def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_url=None, judge_model="local"):
     """hyps: list of finding lists; truths: the matching findings.jsonl records -> metrics dict."""
     n = len(hyps)
@@ -576,7 +594,7 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
     correct, confusion = 0, {a: {b: 0 for b in TRIAGE_CLASSES} for a in TRIAGE_CLASSES}
     dx_exact = dx_f1 = 0.0
     for i, (h, t) in enumerate(zip(hyps, truths)):
-        gen, gt = report_diagnoses(h), truth_diagnoses(t)
+        gen, gt = in_modality(report_diagnoses(h), t.get("modality")), in_modality(truth_diagnoses(t), t.get("modality"))
         dx_exact += set(gen) == set(gt)
         dx_f1 += 2 * len(set(gen) & set(gt)) / (len(gen) + len(gt)) if gen or gt else 1.0
         mentioned += len(gen)

@@ -307,3 +307,23 @@ def test_a_right_report_with_a_negation_first_scores_no_omission():
     m = rm.evaluate_report_lists(hyp, truth)
     assert (m["omission_rate"], m["hallucination_rate"], m["diagnosis_set_accuracy"], m["n_mentioned"]) == (
         0.0, 0.0, 1.0, 2)
+
+
+def test_an_mr_subdural_hematoma_of_any_age_is_one_finding():
+    """An MR reference "Acute left subdural hematoma." with its subdural_hematoma lesion used to be
+    two truths (acute_subdural_hematoma and subdural_hematoma): a verbatim copy scored omission 0.5.
+    In an MR study the dated CT names are the MR ontology's one subdural_hematoma; a CT study keeps
+    them apart (an undated report is not the acute one). Figures worked out by hand."""
+    mr = {"study_key": "m", "modality": "MR", "findings": ["Acute left subdural hematoma."],
+          "lesions": [{"diagnosis": "subdural_hematoma", "side": "left"}], "triage": "urgent"}
+    for hyp in (["Acute left subdural hematoma."], ["Left subdural hematoma."], ["Chronic left subdural hematoma."]):
+        m = rm.evaluate_report_lists([hyp], [mr])
+        assert (m["omission_rate"], m["hallucination_rate"], m["diagnosis_set_accuracy"]) == (0.0, 0.0, 1.0), hyp
+        assert m["n_positive"] == 1 and m["laterality_error_rate"] == 0.0
+    m = rm.evaluate_report_lists([["Right subdural hematoma."]], [mr])
+    assert m["laterality_error_rate"] == 1.0 and m["omission_rate"] == 0.0
+    ct = dict(mr, modality="CT", lesions=[{"diagnosis": "acute_subdural_hematoma", "side": "left"}])
+    m = rm.evaluate_report_lists([["Left subdural hematoma."]], [ct])
+    assert (m["omission_rate"], m["hallucination_rate"]) == (1.0, 1.0)
+    m = rm.evaluate_report_lists([["Acute left subdural hematoma."]], [ct])
+    assert (m["omission_rate"], m["hallucination_rate"], m["diagnosis_set_accuracy"]) == (0.0, 0.0, 1.0)
