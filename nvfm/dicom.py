@@ -68,11 +68,13 @@ gaps and non-uniform spacing are resampled from the true positions; absurd spaci
 > 2000 slices); gantry tilt above 45 degrees; missing geometry tags; native pixel data
 whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
 byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
-finite number, or integer pixels without PixelRepresentation, or a CT Image without
-RescaleSlope / RescaleIntercept (Type 1; "missing RescaleIntercept (CT Hounsfield units
-unknown)"), in any file (read as absent they would shift every value, or make negative ones
-huge); Siemens mosaics. An enhanced multi-frame file with an empty per-frame functional
-groups sequence is a failed file ("enhanced multi-frame object with no frames"). Files
+finite number, a RescaleSlope of zero (a blank slice), or integer pixels without
+PixelRepresentation, or a CT Image without RescaleSlope / RescaleIntercept (Type 1; "missing
+RescaleIntercept (CT Hounsfield units unknown)"), or a CT whose RescaleType declares other
+units than HU ("CT RescaleType MGML (values are not Hounsfield units)": iodine or effective-Z
+maps; US, unspecified, is read as HU), in any file (read as absent they would shift every
+value, or make negative ones huge); Siemens mosaics. An enhanced multi-frame file with an
+empty per-frame functional groups sequence is a failed file ("enhanced multi-frame object with no frames"). Files
 cut short are "truncated file" (header or pixel data), at the header scan or when read. Kept
 but recorded in `stack.warnings`: a gap interpolated because it is under the missing-slice
 limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, by
@@ -269,7 +271,23 @@ def _rescale(v, default, name, info):
     x = _num(v)
     if x is None and v is not None and str(v).strip(" \x00[]'\"") != "":
         info.setdefault("pixel_error", f"invalid {name} (not a finite number)")
+    if x == 0.0 and name == "RescaleSlope":  # every pixel would read as the intercept: a blank slice
+        info.setdefault("pixel_error", "invalid RescaleSlope (zero)")
     return default if x is None else x
+
+
+# Rescale Type defined terms (PS3.3 C.11.1.1.2) whose values are not Hounsfield units
+RESCALE_TYPES_NOT_HU = ("OD", "MGML", "Z_EFF", "10^-2 Z_EFF", "ED", "EDW", "HU_MOD", "PCT")
+
+
+def _check_rescale_type(v, info):
+    """A CT whose rescale output is declared other than HU (an iodine map in mg/ml, effective Z,
+    electron density) would be windowed as HU without a word: info["pixel_error"]. Absent, HU and
+    US (unspecified, what derived and enhanced CT often declare) are read as HU."""
+    t = str(v or "").strip(" \x00").upper()
+    if info["modality"] == "CT" and t not in ("", "HU", "US"):
+        known = t if t in RESCALE_TYPES_NOT_HU else "other"  # LO: free text is never echoed
+        info.setdefault("pixel_error", f"CT RescaleType {known} (values are not Hounsfield units)")
 
 
 def _int_or_none(v):
@@ -697,7 +715,7 @@ _FAST_TAGS = {kw: pydicom.datadict.tag_for_keyword(kw) for kw in (
     "EchoTime", "RepetitionTime", "InversionTime", "ContrastBolusAgent", "ScanningSequence", "NumberOfFrames",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
     "EchoNumbers", "TemporalPositionIdentifier", "BitsAllocated", "BitsStored", "PixelRepresentation",
-    "DiffusionBValue", "ConvolutionKernel", "SliceThickness", "AcquisitionNumber")}
+    "DiffusionBValue", "ConvolutionKernel", "SliceThickness", "AcquisitionNumber", "RescaleType")}
 
 
 _QUICK_VALUES = set(_FAST_TAGS.values()) | {0x00020010, 0x00020002}  # + TransferSyntaxUID, MediaStorageSOPClassUID
@@ -795,6 +813,7 @@ def _header_info(ds, info):
                                            f"per-frame functional groups {len(items)}")
         top_te = info["te"]
         for f, item in enumerate(items):
+            _check_rescale_type(_fg(item, shared, "PixelValueTransformationSequence", "RescaleType"), info)
             echo = _num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime"))
             if info["te"] is None:
                 info["te"] = echo
@@ -836,6 +855,7 @@ def _header_info(ds, info):
             kernel=_kernel(g("ConvolutionKernel", None)), thickness=_num(g("SliceThickness", None)),
             acquisition=_num(g("AcquisitionNumber", None)),
         )
+        _check_rescale_type(g("RescaleType", None), info)
         if info["modality"] == "CT":  # both Type 1 in the CT Image module (enhanced CT: functional groups)
             missing = [k for k in ("RescaleIntercept", "RescaleSlope") if g(k, None) is None]
             if missing:  # _note_pixel_error fails the file's series when it has pixels

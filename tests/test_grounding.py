@@ -313,6 +313,18 @@ def test_lesion_token_cover_counts_a_lesion_between_the_sample_points(tmp_path):
     assert which.tolist() == [0, -1, -1]
 
 
+def _random_tokens_and_lesion(rng, oblique):
+    """A random volume's token origin (pad or centre crop), 80% of its token grid, its affine and a
+    small lesion mask near it: (origin, coords (n, 3), affine, mask, mask affine)."""
+    shape = tuple(rng.integers([6, 20, 20], [14, 50, 50]))
+    origin = grounding.token_origin(shape, rng.choice(["pad", "centre"]))
+    grid = [-(-(s - o) // p) for s, o, p in zip(shape, origin, grounding.PATCH)]
+    coords = np.argwhere(rng.random(grid) < 0.8)
+    A = _volume_affine(rng, oblique)
+    mask, M = _mask_near(rng, A, rng.uniform(0, shape), oblique)
+    return origin, coords, A, mask, M
+
+
 @pytest.mark.parametrize("oblique", [False, True])
 def test_token_mask_share_against_brute_force(oblique):
     """Random small lesions (some smaller than a canonical voxel's spacing), random voxel sizes, axes
@@ -323,12 +335,7 @@ def test_token_mask_share_against_brute_force(oblique):
     rng = np.random.default_rng(7 + oblique)
     n_touch = n_between = n_sub = 0
     for _ in range(25):
-        shape = tuple(rng.integers([6, 20, 20], [14, 50, 50]))
-        origin = grounding.token_origin(shape, rng.choice(["pad", "centre"]))
-        grid = [-(-(s - o) // p) for s, o, p in zip(shape, origin, grounding.PATCH)]
-        coords = np.argwhere(rng.random(grid) < 0.8)
-        A = _volume_affine(rng, oblique)
-        mask, M = _mask_near(rng, A, rng.uniform(0, shape), oblique)
+        origin, coords, A, mask, M = _random_tokens_and_lesion(rng, oblique)
         got = grounding.token_mask_share(coords, A, mask, M, origin=origin)
         sampled, count, centre_in = _brute_force_overlap(coords, A, mask, M, origin)
         want = np.where(sampled > 0, sampled / 64, np.where(count > 0, count, centre_in) / 1024)
@@ -349,12 +356,7 @@ def test_mask_token_hits_against_its_definition(oblique):
     rng = np.random.default_rng(11 + oblique)
     n_hit = 0
     for t in range(25):
-        shape = tuple(rng.integers([6, 20, 20], [14, 50, 50]))
-        origin = grounding.token_origin(shape, rng.choice(["pad", "centre"]))
-        grid = [-(-(s - o) // p) for s, o, p in zip(shape, origin, grounding.PATCH)]
-        coords = np.argwhere(rng.random(grid) < 0.8)
-        A = _volume_affine(rng, oblique)
-        mask, M = _mask_near(rng, A, rng.uniform(0, shape), oblique)
+        origin, coords, A, mask, M = _random_tokens_and_lesion(rng, oblique)
         if t % 5 == 0:
             mask[:] = 0
         if t % 5 == 1:
