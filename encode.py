@@ -73,7 +73,10 @@ def open_encoder(spec, dev, seed=0, heads=None):
     if not os.path.exists(spec):
         fail(f"--encoder: {spec} not found (an encoder.safetensors, the authors' directory, or random:<size>)")
     if official.is_nvfm_file(spec):
-        return model.load_encoder(spec, dev), features.file_hash(spec)
+        try:
+            return model.load_encoder(spec, dev), features.file_hash(spec)
+        except (ValueError, RuntimeError) as e:   # truncated or foreign file, weights float32 cannot hold
+            fail(str(e))
     try:
         enc = official.load_official(spec, heads=heads, device=dev)
     except official.ConversionError as e:
@@ -130,11 +133,14 @@ def main():
     n_tokens = 0
     spec = encoder if encoder.startswith("random:") else os.path.abspath(encoder)  # for the flip test
     try:
-        writer = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite)
+        # CPU float32 and CUDA bf16-autocast features differ beyond float16 storage: one cache holds one of them
+        writer = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite,
+                                        precision=features.encode_precision(device))
     except features.StaleCacheError as e:  # another encoder's cache
         fail(str(e))
-    if writer.repaired:
-        print(f"encode: warning: {writer.repaired}")
+    for msg in (writer.repaired, writer.note):
+        if msg:
+            print(f"encode: warning: {msg}")
     # a study is skipped when cached: one cached without some volume selected now would stay without it
     short = [k for k in studies if k in writer and not {reader.volumes[i]["volume_id"] for i in studies[k]}
              <= {e["volume_id"] for e in writer.index["studies"][k]}]

@@ -2,21 +2,54 @@
 
 Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the
 target, so a job killed mid-write never leaves a truncated checkpoint. Reads use
-`torch.load(weights_only=True)`: no pickled code runs.
+`torch.load(weights_only=True)`: no pickled code runs; a file that is not such a checkpoint
+is a `CheckpointError` with one line naming the file and the reason.
 """
 import os
+import re
 import tempfile
 
 import torch
 
+# mkstemp makes 0600 files; a checkpoint gets the mode a plain open() would give it
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+class CheckpointError(RuntimeError):
+    """A file that torch.load(weights_only=True) cannot read; the message is one line."""
+
+
+def names(keys, n=8):
+    """'a, b, c ... (12 in all)': the first n sorted keys of a list, with the count."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_failure(path, err):
+    """One line: why torch.load(path, weights_only=True) raised `err` (torch's own message for a
+    refused pickle is a multi-line tutorial)."""
+    msg = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    glob = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+    if glob:
+        return f"{path}: holds a pickled Python object ({glob.group(1)}), refused by torch.load(weights_only=True)"
+    m = re.search(r"WeightsUnpickler error: ([^\n]*)", msg)
+    if m:
+        return f"{path}: refused by torch.load(weights_only=True): {m.group(1).strip()[:200]}"
+    first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
+    return (f"{path}: not a torch checkpoint (truncated, empty or another format): "
+            f"{type(err).__name__}{': ' + first if first else ''}")
+
 
 def save_atomic(obj, path):
-    """torch.save obj to path atomically (same-directory temp file + fsync + rename)."""
+    """torch.save obj to path atomically (same-directory temp file + fsync + rename). A job
+    killed mid-write leaves the old file intact and at most a `.<name>.tmp-*` beside it."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -29,18 +62,27 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint written by save_atomic with weights_only=True."""
+    """Load a checkpoint written by save_atomic with weights_only=True (CheckpointError if unreadable)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a refused pickle, a truncated or foreign file
+        raise CheckpointError(load_failure(path, e)) from None
 
 
 def load_state_strict(module, state, what="model"):
-    """load_state_dict with strict key checks and a readable error listing the mismatches."""
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"{what}: checkpoint does not match the model: "
-                           f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
+    """load_state_dict with every key and shape checked first: a mismatch is a one-line
+    RuntimeError naming the keys, and the module is left untouched."""
+    own = module.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    bad = [f"{k} {tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__} "
+           f"(model {tuple(own[k].shape)})" for k in set(own) & set(state)
+           if not torch.is_tensor(state[k]) or state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        raise RuntimeError(f"{what}: checkpoint does not match the model: missing [{names(missing)}], "
+                           f"unexpected [{names(unexpected)}], wrong shape [{names(bad)}]")
+    module.load_state_dict(state, strict=True)
     return module
 
 

@@ -1,7 +1,7 @@
 """On-disk cache of frozen-encoder token embeddings, one entry per study (DESIGN.md section 6).
 
 Layout of a cache directory:
-    DIR/index.json    {"version", "encoder_hash", "encoder", "dim", "rows", "studies":
+    DIR/index.json    {"version", "encoder_hash", "encoder", "dim", "rows", "precision", "studies":
                        {study_key: [{volume_id, family, window, modality, row, n}, ...]}}
     DIR/emb.f16       float16 (rows, dim), C order: the embeddings of every entry back to back
     DIR/coords.i32    int32 (rows, 3): token grid coords (z, y, x) of the same rows
@@ -24,6 +24,13 @@ when the token rules are not nvfm's (`rules_suffix`; `token_rules` reads them ba
 needs the crop to place tokens, the flip test the rules to re-encode). Opening a cache for writing
 with another hash raises `StaleCacheError` (pass overwrite=True to start afresh), and a
 probe trained on one cache refuses to run on a cache with another hash.
+
+Precision: the same encoder gives other features in float32 (CPU) than under CUDA bfloat16
+autocast (model.encode_study; ~1e-2 apart, 10x the float16 storage step), so "precision"
+(`encode_precision(device)`) records how the cached studies were computed and a writer with
+another precision refuses to add to the cache: a CPU-started cache resumed on a GPU would
+otherwise mix the two silently. Caches written before the field existed have none
+(`FeatureCache.precision` None): they stay readable, and a resume cannot check them (`.note`).
 """
 import hashlib
 import json
@@ -67,6 +74,32 @@ def token_rules(encoder_hash):
 ROW_BYTES = {"emb.f16": lambda dim: dim * 2, "coords.i32": lambda dim: 3 * 4}
 
 
+def encode_precision(device):
+    """How model.encode_study computes on `device` (torch.device or str): bfloat16 autocast on
+    CUDA, float32 elsewhere."""
+    kind = str(getattr(device, "type", device)).split(":")[0]
+    return "bfloat16-autocast" if kind == "cuda" else "float32"
+
+
+def _read_index(path):
+    """index.json -> dict; a file that is not a cache index is a StaleCacheError naming it."""
+    index = os.path.join(path, "index.json")
+    try:
+        with open(index) as f:
+            out = json.load(f)
+        rows, _, _ = int(out["rows"]), int(out["dim"]), out["encoder_hash"]
+        outside = [(key, r["row"], r["row"] + r["n"]) for key, recs in out["studies"].items() for r in recs
+                   if not 0 <= r["row"] <= r["row"] + r["n"] <= rows]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise StaleCacheError(f"{index}: not a readable feature-cache index ({type(e).__name__}: {e}); "
+                              f"rerun encode.py with --overwrite=True") from None
+    if outside:  # a study whose rows are not all in the cache would read short
+        key, lo, hi = outside[0]
+        raise StaleCacheError(f"{index}: study {key} lists rows [{lo}, {hi}) but the cache holds {rows} rows "
+                              f"(an inconsistent index); rerun encode.py with --overwrite=True")
+    return out
+
+
 def _short_files(path, rows, dim):
     """[(file, size, expected size)] of the data files shorter than `rows` rows need."""
     out = []
@@ -107,11 +140,11 @@ class FeatureCache:
         index = os.path.join(path, "index.json")
         if not os.path.exists(index):
             raise FileNotFoundError(f"{path}: not a feature cache (no index.json); run encode.py first")
-        with open(index) as f:
-            self.index = json.load(f)
+        self.index = _read_index(path)
         if self.index.get("version") != VERSION:
             raise ValueError(f"{index}: cache version {self.index.get('version')} != {VERSION}")
         self.encoder_hash = self.index["encoder_hash"]
+        self.precision = self.index.get("precision")  # None: written before it was recorded
         self.dim = int(self.index["dim"])
         short = _short_files(path, int(self.index["rows"]), self.dim)
         if short:
@@ -174,28 +207,42 @@ class FeatureCache:
 class FeatureWriter:
     """Append studies to a cache directory; resumable (see module docstring).
 
-    with FeatureWriter(dir, encoder_hash, dim, encoder_name) as w:
+    with FeatureWriter(dir, encoder_hash, dim, encoder_name, precision=encode_precision(device)) as w:
         for key in keys:
             if key in w: continue
             w.add(key, entries)   # entries: encode_study() output (+ modality)
+
+    precision: see the module docstring; None (unknown) is neither recorded nor checked.
     """
 
-    def __init__(self, path, encoder_hash, dim, encoder_name="", overwrite=False, flush_every=16):
+    def __init__(self, path, encoder_hash, dim, encoder_name="", overwrite=False, flush_every=16, precision=None):
         self.path = path
         self.flush_every = flush_every
         self.repaired = None  # a message when a cut-short cache was cut back to its intact studies
+        self.note = None  # a message when the cached studies' precision cannot be checked
         os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "index.json")
         emb_path, co_path = os.path.join(path, "emb.f16"), os.path.join(path, "coords.i32")
         if os.path.exists(index) and not overwrite:
-            with open(index) as f:
-                self.index = json.load(f)
+            self.index = _read_index(path)
             if self.index.get("encoder_hash") != encoder_hash:
                 raise StaleCacheError(
                     f"{path}: cache was made by encoder {self.index.get('encoder_hash')}, not {encoder_hash}; "
                     f"use another output directory or --overwrite=True")
             if int(self.index["dim"]) != dim:
                 raise StaleCacheError(f"{path}: cache dim {self.index['dim']} != encoder dim {dim}")
+            cached = self.index.get("precision")
+            if precision is not None and cached is not None and cached != precision:
+                raise StaleCacheError(
+                    f"{path}: cached features were computed in {cached}, this run computes {precision} "
+                    f"(another --device); resume on the same kind of device, or use another output directory "
+                    f"or --overwrite=True")
+            if precision is not None and cached is None:
+                if self.index["studies"]:  # can't tell how they were made: not recorded as if known
+                    self.note = (f"{path}: the {len(self.index['studies'])} cached studies were written before the "
+                                 f"precision was recorded; resuming in {precision} cannot check that they match")
+                else:
+                    self.index["precision"] = precision
             short = _short_files(path, int(self.index["rows"]), dim)
             if short:  # never zero-pad: keep the intact prefix of studies, encode the rest again
                 # the rows every file still holds (a file that is not short holds them all)
@@ -212,19 +259,16 @@ class FeatureWriter:
                 self.index["studies"], self.index["rows"] = kept, rows
         else:
             self.index = {"version": VERSION, "encoder_hash": encoder_hash, "encoder": encoder_name,
-                          "dim": int(dim), "rows": 0, "studies": {}}
+                          "dim": int(dim), "rows": 0, "precision": precision, "studies": {}}
             for p in (emb_path, co_path):
                 if os.path.exists(p):
                     os.unlink(p)
-        rows = int(self.index["rows"])
-        self._emb = open(emb_path, "ab")
-        self._co = open(co_path, "ab")
-        # drop any half-written tail of a killed run: nothing in the index points there
-        self._emb.truncate(rows * dim * 2)
-        self._co.truncate(rows * 3 * 4)
-        self._emb.seek(0, os.SEEK_END)
-        self._co.seek(0, os.SEEK_END)
         self.dim = int(dim)
+        for p in (emb_path, co_path):
+            open(p, "ab").close()  # create; "r+b" so that add() can write at the index's row
+        self._emb = open(emb_path, "r+b")
+        self._co = open(co_path, "r+b")
+        self._truncate()  # drop any half-written tail of a killed run: nothing in the index points there
         self._pending = 0
         write_atomic(index, json.dumps(self.index))
 
@@ -232,10 +276,16 @@ class FeatureWriter:
         return key in self.index["studies"]
 
     def add(self, key, entries):
-        """entries: list of dict(volume_id, family, window, modality, coords (n,3), emb (n,dim))."""
+        """entries: list of dict(volume_id, family, window, modality, coords (n,3), emb (n,dim)).
+        A study already in the cache is a ValueError; a failed add writes nothing."""
+        if key in self.index["studies"]:  # a second copy would orphan the first one's rows
+            raise ValueError(f"{self.path}: study {key} is already in the feature cache")
         rows = int(self.index["rows"])
         arrays = []
         for e in entries:   # validate everything before writing anything: rows stay consistent
+            missing = [f for f in ("volume_id", "window", "modality", "coords", "emb") if f not in e]
+            if missing:
+                raise ValueError(f"study {key}, volume {e.get('volume_id')}: entry without {', '.join(missing)}")
             with np.errstate(over="ignore"):
                 emb = np.ascontiguousarray(np.asarray(e["emb"], dtype=np.float32).astype(np.float16))
             co = np.ascontiguousarray(np.asarray(e["coords"], dtype=np.int32))
@@ -246,6 +296,10 @@ class FeatureWriter:
                 raise ValueError(f"study {key}, volume {e.get('volume_id')}: non-finite embeddings "
                                  f"(float16 overflow or a broken encoder)")
             arrays.append((e, emb, co))
+        # write where the index says the next row is, not at the file's end: bytes of an add that
+        # failed midway (disk full) are overwritten, never counted as the next study's rows
+        self._emb.seek(rows * self.dim * 2)
+        self._co.seek(rows * 3 * 4)
         recs = []
         for e, emb, co in arrays:
             self._emb.write(emb.tobytes())
@@ -266,9 +320,15 @@ class FeatureWriter:
         write_atomic(os.path.join(self.path, "index.json"), json.dumps(self.index))
         self._pending = 0
 
+    def _truncate(self):
+        rows = int(self.index["rows"])
+        self._emb.truncate(rows * self.dim * 2)
+        self._co.truncate(rows * 3 * 4)
+
     def close(self):
         if not self._emb.closed:
             self.flush()
+            self._truncate()  # the bytes of a failed last add
             self._emb.close()
             self._co.close()
 

@@ -314,8 +314,28 @@ def transformer_flops(n_tokens, seqlens, dim, depth, mlp_ratio=4.0):
 ENCODER_FORMAT = "nvfm-encoder-v2"
 
 
+def as_float32_exactly(state, where):
+    """state dict -> the same tensors in float32, refusing any that float32 does not hold exactly
+    (integer or bool weights, float64 values it would round): no weight is changed silently.
+    float16 / bfloat16 / float32 always pass. Raises ValueError naming `where` and the keys."""
+    from nvfm.checkpoint import names
+    out, bad = {}, []
+    for k, v in state.items():
+        f = v.to(torch.float32) if v.is_floating_point() else None
+        # every float type but float64 is narrower than float32: no value check needed (meta tensors too)
+        if f is None or (v.dtype == torch.float64 and not torch.equal(f.to(v.dtype), v)):
+            bad.append(f"{k} {str(v.dtype).replace('torch.', '')}")
+        else:
+            out[k] = f.contiguous()
+    if bad:
+        raise ValueError(f"{where}: weights that float32 does not hold exactly (integer/bool, or float64 "
+                         f"values it would round): {names(bad)}")
+    return out
+
+
 def save_encoder(encoder, path):
-    """Write the encoder weights to `path` (.safetensors) and its config to path's .json."""
+    """Write the encoder weights to `path` (.safetensors) and its config to path's .json,
+    atomically: a crash mid-write leaves the old file (and at most `path`.tmp)."""
     from safetensors.torch import save_file
     path = os.fspath(path)
     cfg = asdict(encoder.config)
@@ -323,41 +343,51 @@ def save_encoder(encoder, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     tmp = path + ".tmp"
     save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": ENCODER_FORMAT})
+    with open(tmp, "rb") as f:  # on disk before the rename, or a power cut can leave an empty file
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     write_atomic(os.path.splitext(path)[0] + ".json",
                  json.dumps({"format": ENCODER_FORMAT, "config": cfg}, indent=1))
 
 
 def load_encoder(path, device="cpu"):
-    """Read an encoder written by save_encoder; every key and shape must match (strict).
-    A config without the architecture options (nvfm-encoder-v1) loads with LEGACY_ARCH."""
+    """Read an encoder written by save_encoder; every key and shape must match (strict), and
+    every weight must be float32 exactly (float16 / bfloat16 files upcast losslessly).
+    A config without the architecture options (nvfm-encoder-v1) loads with LEGACY_ARCH.
+    A file that is not readable is a ValueError naming it; a key mismatch a RuntimeError."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"encoder file not found: {path}")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-    if "nvfm_encoder_config" in meta:
-        cfg = json.loads(meta["nvfm_encoder_config"])
-    else:
-        side = os.path.splitext(path)[0] + ".json"
-        if not os.path.exists(side):
-            raise ValueError(f"{path}: no encoder config in the file metadata and no {side}")
-        with open(side) as f:
-            cfg = json.load(f)["config"]
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except Exception as e:  # truncated, empty, not safetensors
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or another format): {e}") from None
+    side = os.path.splitext(path)[0] + ".json"
+    try:
+        if "nvfm_encoder_config" in meta:
+            cfg = json.loads(meta["nvfm_encoder_config"])
+        else:
+            if not os.path.exists(side):
+                raise ValueError(f"{path}: no encoder config in the file metadata and no {side}")
+            with open(side) as f:
+                cfg = json.load(f)["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable encoder config (metadata or {side}): {type(e).__name__}: {e}") from None
     try:
         encoder = Encoder(EncoderConfig.from_dict(cfg))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: bad encoder config {cfg}: {e}") from None
-    state = load_file(path)
     own = encoder.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in set(own) & set(state) if own[k].shape != state[k].shape]
     if missing or unexpected or bad:
         raise RuntimeError(f"{path}: weights do not match the encoder config: missing {missing[:8]}, "
                            f"unexpected {unexpected[:8]}, wrong shape {bad[:8]}")
-    encoder.load_state_dict(state, strict=True)
+    encoder.load_state_dict(as_float32_exactly(state, path), strict=True)
     return encoder.to(device).eval()
 
 

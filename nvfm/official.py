@@ -17,11 +17,13 @@ Keys (ours on the right):
     blocks.{i}.mlp.fc{1,2}.{weight,bias}    blocks.blocks.{i}.fc{1,2}.{weight,bias}
     norm.{weight,bias}                      blocks.norm.{weight,bias}
 Their qkv / proj tensors are bfloat16 in the release, the rest float32; reading upcasts to
-float32 (lossless). Writing keeps float32 everywhere (their load_state_dict casts into their
-bf16 modules), so ours -> theirs -> ours is bit-identical. Only an encoder with the authors'
-architecture options (EncoderConfig defaults: pos_code "official", tanh GELU, LayerNorm eps
-1e-6, no proj bias) can be written in their layout.
+float32 (lossless; integer weights or float64 values float32 would round are refused). Writing
+keeps float32 everywhere (their load_state_dict casts into their bf16 modules), so ours ->
+theirs -> ours is bit-identical. Only an encoder with the authors' architecture options
+(EncoderConfig defaults: pos_code "official", tanh GELU, LayerNorm eps 1e-6, no proj bias) can
+be written in their layout.
 Files are read with torch.load(weights_only=True): no code in a checkpoint is ever run.
+Every refusal is a ConversionError of one line naming the file (weights or config.json) and the reason.
 """
 import json
 import os
@@ -30,7 +32,9 @@ import sys
 
 import torch
 
-from nvfm.model import PATCH_DIM, Encoder, EncoderConfig, load_encoder, save_encoder
+from nvfm.checkpoint import load_failure, names, save_atomic
+from nvfm.data import write_atomic
+from nvfm.model import PATCH_DIM, Encoder, EncoderConfig, as_float32_exactly, load_encoder, save_encoder
 
 PATCH = (4, 16, 16)  # their patch_d_size, patch_hw_size, patch_hw_size
 _OURS_OF = {  # their key (block part after "blocks.{i}.") -> ours
@@ -47,30 +51,33 @@ class ConversionError(ValueError):
     """A file that does not match the layout it claims; the message names the offending keys."""
 
 
-def _names(keys, n=8):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 # ---------------------------------------------------------------------------------------
 # config
 
 def config_from_official(cfg):
     """Their config.json content -> EncoderConfig (the authors' architecture options)."""
-    if "model" in cfg and "which" not in cfg:  # their pipeline's {"model": {...}, "normalization_stats": ...}
+    if isinstance(cfg, dict) and "model" in cfg and "which" not in cfg:  # their pipeline's {"model": {...}, ...}
         cfg = cfg["model"]
-    if cfg.get("which") != "vit":
-        raise ConversionError(f"official config: 'which' must be 'vit' (with explicit params), got {cfg.get('which')!r}")
+    if not isinstance(cfg, dict) or cfg.get("which") != "vit":
+        got = cfg.get("which") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ConversionError(f"official config: 'which' must be 'vit' (with explicit params), got {got!r}")
     p = cfg.get("params", {})
+    emb = p.get("embed_layer_cf") if isinstance(p, dict) else None
+    pe = p.get("pos_emb_cf") if isinstance(p, dict) else None
+    if not (isinstance(emb, dict) and isinstance(pe, dict) and isinstance(emb.get("params"), dict)
+            and isinstance(pe.get("params"), dict)):  # a hand-edited file: one line, not an AttributeError
+        raise ConversionError("official config: params, params.embed_layer_cf and params.pos_emb_cf must each be "
+                              "an object with its own 'params' object")
     unknown = set(p) - _PARAMS
     if unknown:
-        raise ConversionError(f"official config: unknown params {_names(unknown)}")
+        raise ConversionError(f"official config: unknown params {names(unknown)}")
     try:
         dim, depth, heads = int(p["embed_dim"]), int(p["depth"]), int(p["num_heads"])
-        emb, pe = p["embed_layer_cf"], p["pos_emb_cf"]
         ep, pp = emb["params"], pe["params"]
     except KeyError as e:
         raise ConversionError(f"official config: missing {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"official config: embed_dim, depth, num_heads must be integers ({e})") from None
     problems = []
     if p.get("prefix_len", 0) != 0:
         problems.append(f"prefix_len {p['prefix_len']} (class/register tokens are not supported)")
@@ -138,13 +145,13 @@ def _strip_prefix(state):
     anchors = [k for k in state if k.endswith("token_embed.proj.weight")]
     if len(anchors) != 1:
         raise ConversionError(f"official state dict: expected one '*token_embed.proj.weight' key, found "
-                              f"{len(anchors)} ({_names(anchors)}); keys: {_names(state)}")
+                              f"{len(anchors)} ({names(anchors)}); keys: {names(state)}")
     prefix = anchors[0][:-len("token_embed.proj.weight")]
     if not prefix:
         return state, ""
     outside = [k for k in state if not k.startswith(prefix)]
     if outside:
-        raise ConversionError(f"official state dict: keys outside the encoder prefix {prefix!r}: {_names(outside)}")
+        raise ConversionError(f"official state dict: keys outside the encoder prefix {prefix!r}: {names(outside)}")
     return {k[len(prefix):]: v for k, v in state.items()}, prefix
 
 
@@ -170,12 +177,13 @@ def official_to_ours(state, config):
     bad = sorted(f"{_official_name(k)} {tuple(ours[k].shape)} (want {tuple(want[k].shape)})"
                  for k in set(want) & set(ours) if ours[k].shape != want[k].shape)
     if unexpected or missing or bad:
-        raise ConversionError(f"official weights do not match the config {config}: unexpected keys [{_names(unexpected)}]; "
-                              f"missing keys [{_names(missing)}]; wrong shapes [{_names(bad)}]")
-    for k, v in ours.items():
-        if not v.is_floating_point():
-            raise ConversionError(f"official state dict: {_official_name(k)} has dtype {v.dtype}")
-    return {k: ours[k].to(torch.float32).contiguous() for k in want}
+        raise ConversionError(f"official weights do not match the config {config}: unexpected keys [{names(unexpected)}]; "
+                              f"missing keys [{names(missing)}]; wrong shapes [{names(bad)}]")
+    try:
+        ours = as_float32_exactly({_official_name(k): v for k, v in ours.items()}, "official state dict")
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+    return {k: ours[_official_name(k)] for k in want}
 
 
 def _official_name(ours_key):
@@ -217,46 +225,62 @@ def find_official_files(path):
     return weights, (cfg if os.path.exists(cfg) else None)
 
 
+def _read_config(cfg_path):
+    try:
+        with open(cfg_path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{cfg_path}: not a readable JSON config ({type(e).__name__}: {e})") from None
+
+
 def load_official(path, heads=None, device="cpu"):
-    """The authors' encoder files -> nvfm Encoder (eval mode), strictly."""
+    """The authors' encoder files -> nvfm Encoder (eval mode), strictly. Any refusal is a
+    one-line ConversionError naming the weights file or config.json."""
     weights, cfg_path = find_official_files(path)
     try:
         obj = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle with code, or not a torch file
-        raise ConversionError(f"{weights}: not loadable with torch.load(weights_only=True): {e}") from None
+        raise ConversionError(load_failure(weights, e)) from None
+    cfg_obj, cfg_src = None, weights
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         extra = set(obj) - {"state_dict", "config"}
         if extra:
-            raise ConversionError(f"{weights}: state_dict wrapper with unexpected entries {_names(extra)}")
+            raise ConversionError(f"{weights}: state_dict wrapper with unexpected entries {names(map(str, extra))}")
         cfg_obj = obj.get("config")
         obj = obj["state_dict"]
-    else:
-        cfg_obj = None
     if not isinstance(obj, dict):
         raise ConversionError(f"{weights}: expected a state dict, got {type(obj).__name__}")
-    state, _ = _strip_prefix(obj)
     if cfg_path is not None:
-        with open(cfg_path) as f:
-            cfg_obj = json.load(f)
-    if cfg_obj is not None:
-        config = config_from_official(cfg_obj)
-        if heads is not None and heads != config.heads:
-            raise ConversionError(f"heads={heads} contradicts the config's num_heads {config.heads}")
-    else:
-        config = infer_official_config(state, heads)
-    enc = Encoder(config)
-    enc.load_state_dict(official_to_ours(state, config), strict=True)
+        cfg_obj, cfg_src = _read_config(cfg_path), cfg_path
+    try:
+        state, _ = _strip_prefix({str(k): v for k, v in obj.items()})
+    except ConversionError as e:
+        raise ConversionError(f"{weights}: {e}") from None
+    try:
+        if cfg_obj is not None:
+            config = config_from_official(cfg_obj)
+            if heads is not None and heads != config.heads:
+                raise ConversionError(f"heads={heads} contradicts the config's num_heads {config.heads}")
+        else:  # the shapes give everything but the head count
+            config = infer_official_config(state, heads)
+        enc = Encoder(config)  # a head count that does not divide dim is refused here
+    except (ConversionError, ValueError) as e:
+        raise ConversionError(f"{cfg_src}: {e}") from None
+    try:
+        enc.load_state_dict(official_to_ours(state, config), strict=True)
+    except ConversionError as e:
+        raise ConversionError(f"{weights}: {e}" + (f" (config from {cfg_src})" if cfg_src != weights else "")) from None
     return enc.to(device).eval()
 
 
 def save_official(encoder, out_dir):
-    """Write `encoder` in their layout: out_dir/config.json + out_dir/pytorch_model.bin."""
+    """Write `encoder` in their layout: out_dir/config.json + out_dir/pytorch_model.bin, each
+    atomically (a crash mid-write leaves the previous file intact)."""
     cfg = config_to_official(encoder.config)
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.cpu() for k, v in ours_to_official(encoder.state_dict()).items()}
-    torch.save(state, os.path.join(out_dir, "pytorch_model.bin"))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=1)
+    save_atomic(state, os.path.join(out_dir, "pytorch_model.bin"))
+    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=1))
 
 
 def is_nvfm_file(path):
@@ -296,7 +320,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         enc = convert(a.src, a.dst, a.heads)
-    except (ConversionError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, FileNotFoundError) as e:  # ConversionError, load_encoder's refusals
         print(f"nvfm.official: {e}", file=sys.stderr)
         return 2
     cfg = enc.config

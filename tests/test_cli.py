@@ -252,3 +252,24 @@ def test_every_bench_script_answers_help(tmp_path):
             failures.append(f"{name}: exit {code}\nstdout:\n{out[:400]}\nstderr:\n{err[-800:]}")
     assert not failures, "\n\n".join(failures)
     assert not os.listdir(tmp_path)  # --help writes nothing
+
+
+def test_encode_records_its_precision_and_refuses_to_mix(tmp_path):
+    """encode.py on the CPU writes float32 features and says so in the cache index; a cache that
+    holds CUDA bf16-autocast features (features that differ beyond float16 storage) is not resumed
+    on the CPU: one line, exit 1, the cache untouched."""
+    import json
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, shape=(8, 32, 32))
+    out = tmp_path / "feat"
+    r = run("encode.py", f"--shards={shards}", "--encoder=random:tiny", f"--out={out}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert index["precision"] == "float32" and len(index["studies"]) == 2
+    index["precision"] = "bfloat16-autocast"   # as a GPU run would have written it
+    (out / "index.json").write_text(json.dumps(index))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run("encode.py", f"--shards={shards}", "--encoder=random:tiny", f"--out={out}", cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "bfloat16-autocast" in lines[0] and "float32" in lines[0], r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
