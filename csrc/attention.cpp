@@ -232,7 +232,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attn_fwd_cpu(const at::Tensor& q, cons
       for (int64_t r = 0; r < bq; ++r) {
         float* row = S + r * bk;
         const float mnew = std::max(m[r], scale_rowmax(row, bk, scale));
-        const float sum = exp_sub_sum(row, bk, mnew);
+        // a row all -inf so far: shift by 0 so its probabilities are 0, not exp(-inf + inf) = NaN
+        const float sum = exp_sub_sum(row, bk, mnew == kNegInf ? 0.0f : mnew);
         const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mnew);
         if (j0 > 0 && alpha != 1.0f) scale_row(op0 + row0 + r * HD, D, alpha);
         l[r] = l[r] * alpha + sum;

@@ -172,6 +172,9 @@ def attention_ours(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                f"(CPU needs {CPU_DTYPES}; CUDA needs {CUDA_DTYPES} and head_dim in {CUDA_HEAD_DIMS})")
         raise RuntimeError(f"varlen attention impl='ours' unavailable: {why}; use impl='sdpa'")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
+        # validate before the int32 cast: float offsets would truncate and 2**32 + n wrap to n
+        check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     if q.device.type == "cuda":  # the CPU kernel reads strided rows in place (e.g. views of a QKV GEMM)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out, _ = torch.ops.nvfm.varlen_attn_fwd(q, k, v,

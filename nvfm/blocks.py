@@ -143,7 +143,9 @@ def block_masks(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts, i
         return block_masks_reference(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts)
     if check:
         check_inputs(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts)
-    return tuple(torch.ops.nvfm.block_masks(coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts))
+    # the kernels read raw pointers; the reference takes views (a column slice, a strided keys row) as well
+    args = (coords, cu_seqlens, centres, cu_blocks, aspects, keys, counts)
+    return tuple(torch.ops.nvfm.block_masks(*(t.contiguous() for t in args)))
 
 
 def pack_draws(coords_list, draws):

@@ -53,6 +53,7 @@ WINDOWS = ("mr", "brain", "blood", "bone")  # index = normalisation slot (nvfm.m
 WINDOW_MEAN = (0.3141, 0.4139, 0.3184, 0.2719)
 WINDOW_STD = (0.2623, 0.4059, 0.3605, 0.1875)
 WINDOW_CHANNEL = (0, 0, 1, 1)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8)  # what csrc/gather.cpp writes
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ def check_spec(volume, spec, coords, patch=PATCH, where=""):
             raise ValueError(f"gather{where}: crop start {spec.crop_start} size {spec.crop_size} outside token grid {grid}")
     if coords.dim() != 2 or coords.shape[1] != 3:
         raise ValueError(f"gather{where}: coords must be (n, 3), got {tuple(coords.shape)}")
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise ValueError(f"gather{where}: coords must be integers, got {coords.dtype}")  # a cast would truncate
     if len(coords) and ((coords < 0).any() or (coords >= torch.tensor(spec.out_grid(), device=coords.device)).any()):
         raise ValueError(f"gather{where}: coords outside the output grid {spec.out_grid()}")
 
@@ -128,8 +131,9 @@ def gather_tokens_reference(volumes, specs, coords, dtype=torch.float32, patch=P
     table = level_table() if dtype == torch.uint8 else channel_table()
     out = []
     for b, (vol, spec, c) in enumerate(zip(volumes, specs, coords, strict=True)):
-        c = torch.as_tensor(c).long().cpu()
+        c = torch.as_tensor(c)
         check_spec(vol, spec, c, patch, f" (volume {b})")
+        c = c.long().cpu()
         w = WINDOWS.index(spec.window)
         x = vol[WINDOW_CHANNEL[w]].cpu()
         D, H, W = x.shape
@@ -178,6 +182,9 @@ def gather_tokens(volumes, specs, coords, dtype=None, patch=PATCH, impl="auto", 
         check_spec(vol, spec, c, patch, f" (volume {b})")
     lens = torch.tensor([0] + [len(c) for c in coords], dtype=torch.int64).cumsum(0).to(torch.int32)
     packed = torch.cat(coords).to(torch.int32) if coords else torch.empty(0, 3, dtype=torch.int32)
-    return torch.ops.nvfm.gather_tokens([v.contiguous() for v in volumes], packed.to(device).contiguous(),
-                                        lens.to(device), _params(volumes, specs).to(device),
-                                        channel_table().to(device), list(patch), dtype)
+    # the kernels write float32/float16/bfloat16/uint8; any other dtype is the float32 values cast, as in the reference
+    kdt = dtype if dtype in KERNEL_DTYPES else torch.float32
+    out = torch.ops.nvfm.gather_tokens([v.contiguous() for v in volumes], packed.to(device).contiguous(),
+                                       lens.to(device), _params(volumes, specs).to(device),
+                                       channel_table().to(device), list(patch), kdt)
+    return out if kdt == dtype else out.to(dtype)

@@ -91,9 +91,25 @@ def patchify_reference(volumes, masks, min_fg_fraction=DEFAULT_MIN_FG_FRACTION, 
     return tokens, (torch.cat(coords) if coords else torch.empty(0, 3, dtype=torch.int32)), cu
 
 
+def check_unpatchify_coords(coords, shape, patch=PATCH):
+    """Raise unless coords (n, 3) are integers inside the token grid of `shape`: ValueError for a
+    float/bool dtype (it would truncate), IndexError naming the first coordinate outside."""
+    if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
+        raise ValueError(f"unpatchify: coords must be an integer tensor, got {coords.dtype}")
+    if coords.dim() != 2 or coords.shape[-1] != 3 or not coords.numel():
+        return  # shape errors are the caller's indexing / the kernel's check
+    grid = torch.tensor(token_grid(shape, patch), device=coords.device)
+    bad = ((coords < 0) | (coords >= grid)).any(-1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(f"unpatchify: coordinate {i} {coords[i].tolist()} outside the token grid "
+                         f"{tuple(grid.tolist())}")
+
+
 def unpatchify_reference(tokens, coords, shape, patch=PATCH):
     """Inverse of patchify for one volume: scatter tokens (n, P) at coords (n, 3) into a
     zero volume of `shape` (D, H, W); padding beyond `shape` is cropped away."""
+    check_unpatchify_coords(coords, shape, patch)  # a negative index would wrap to the far end
     gz, gy, gx = token_grid(shape, patch)
     pd, ph, pw = patch
     grid = torch.zeros(gz, gy, gx, pd * ph * pw, dtype=tokens.dtype, device=tokens.device)
@@ -128,14 +144,9 @@ def unpatchify(tokens, coords, shape, patch=PATCH, impl="auto"):
     """Same contract as unpatchify_reference; uses the compiled kernel when available."""
     use_kernel = impl == "kernel" or (impl == "auto" and ops.auto_backend("unpatchify", tokens.device) != "reference")
     if use_kernel:
-        if coords.dtype != torch.int32 and coords.numel():
+        if coords.dtype != torch.int32:
             # check before the int32 cast: 2**32 would wrap to 0 and pass the kernel's bounds check
-            grid = torch.tensor(token_grid(shape, patch), device=coords.device)
-            bad = ((coords < 0) | (coords >= grid)).any(-1) if coords.dim() == 2 and coords.shape[-1] == 3 else None
-            if bad is not None and bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise IndexError(f"unpatchify: coordinate {i} {coords[i].tolist()} outside the token grid "
-                                 f"{tuple(grid.tolist())}")
+            check_unpatchify_coords(coords, shape, patch)
         return torch.ops.nvfm.unpatchify(tokens.contiguous(), coords.to(torch.int32).contiguous(),
                                          list(shape), list(patch))
     return unpatchify_reference(tokens, coords, shape, patch)
