@@ -83,8 +83,8 @@ KIND_ORDER = ["edh", "sdh", "iph", "sah", "infarct", "glioma", "metastases", "me
 def kind_labels(kind, modality, variant):
     """Ontology diagnosis names implied by one drawn kind (variant: kind-specific string)."""
     ct = modality == "CT"
-    if kind == "iph":
-        return ["intraparenchymal_hemorrhage", "intracranial_hemorrhage"]
+    if kind == "iph":  # painted with a perihematomal edema ring, which its findings sentence names
+        return ["intraparenchymal_hemorrhage", "intracranial_hemorrhage", "cerebral_edema"]
     if kind == "sdh":
         if ct:
             return ["acute_subdural_hematoma" if variant == "acute" else "subacute_chronic_subdural_hematoma",
