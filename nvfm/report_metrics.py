@@ -202,7 +202,7 @@ def _rule_table():
 
 
 _RULES = _rule_table()
-_SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?= )")
+_SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?:ward)?(?= )")   # "rightward": a shift's side
 _BREAK = re.compile(r"[,:()\[\]]")
 # words that end a premodifier ("left frontal contusion"): a side word followed by one of these
 # describes what came before it ("hematoma on the left", "infarct of the right MCA territory")
@@ -259,7 +259,8 @@ def extract_diagnoses(finding):
     hemorrhage and a left meningioma") and a comma clause with its own affirmation ("No midline
     shift, hydrocephalus is present") end a negation's clause, "No X, Y, and Z" does not; "unlikely",
     "doubtful" negate, "cannot be excluded", "possible", "questionable" do not: see the module
-    docstring), and a lateral diagnosis takes the side words it owns (`_side_owners`). A diagnosis
+    docstring), and a lateral diagnosis takes the side words it owns (`_side_owners`; a midline
+    shift only those of its direction, "to the right", "rightward", never its cause's). A diagnosis
     mentioned more than once is listed once, at its first mention, with the sides of all its
     mentions merged by `report_diagnoses`' rule (a side stated anywhere wins over None; two
     different sides make 'bilateral'), so "Subdural hematoma. Right subdural hematoma ..." is
@@ -277,7 +278,8 @@ def extract_diagnoses(finding):
                 mentions.append((a, b, name, any(na <= a < nb for na, nb in neg)))
             text = rx.sub(lambda m: "#" * len(m.group(0)), text)
         mentions.sort()
-        owned = _side_owners(orig, breaks, [(a, b) for a, b, _, _ in mentions])
+        owned = _side_owners(orig, breaks, [(a, b) for a, b, _, _ in mentions],
+                             [same_finding(name) != "midline_shift" for _, _, name, _ in mentions])
         for i, (a, b, name, negated) in enumerate(mentions):
             if negated:
                 continue
@@ -289,7 +291,7 @@ def extract_diagnoses(finding):
     return list(out.items())
 
 
-def _side_owners(text, breaks, mentions):
+def _side_owners(text, breaks, mentions, borrow=None):
     """Side words of a `_clauses` text -> per mention (sorted (start, end) spans, negated ones too)
     the list of sides it owns. A side word inside a mention ("acute left subdural hematoma") or
     before it with only modifiers between ("right frontal contusion", "left and right subdural
@@ -297,7 +299,9 @@ def _side_owners(text, breaks, mentions):
     left") is the nearest preceding mention's in its clause. A mention that owns none and follows
     another with "with" ("left infarct with surrounding edema") has that one's sides; else it takes the
     nearest side word no mention owns ("left parietal lesion, likely metastasis"), never one that
-    another mention owns: "Right frontal contusion and left subdural hematoma" has a right contusion."""
+    another mention owns: "Right frontal contusion and left subdural hematoma" has a right contusion.
+    borrow (per mention, default all True): False for a mention that takes only side words it owns
+    (a midline shift's side is its direction, not its cause's: "left SDH with midline shift")."""
     sides = [(m.start(), m.end(), "bilateral" if m.group(1) == "both" else m.group(1))
              for m in _SIDE.finditer(text)]
     owner = [None] * len(sides)
@@ -327,6 +331,8 @@ def _side_owners(text, breaks, mentions):
     out = [[s for (_, _, s), o in zip(sides, owner) if o == i] for i in range(len(mentions))]
     free = [s for s, o in zip(sides, owner) if o is None]
     for i, (a, b) in enumerate(mentions):
+        if borrow is not None and not borrow[i]:
+            continue
         link = text[mentions[i - 1][1]:a].split() if i else []
         if link[:1] == ["|"]:   # ", with" ends a clause
             link = link[1:]

@@ -327,3 +327,17 @@ def test_an_mr_subdural_hematoma_of_any_age_is_one_finding():
     assert (m["omission_rate"], m["hallucination_rate"]) == (1.0, 1.0)
     m = rm.evaluate_report_lists([["Acute left subdural hematoma."]], [ct])
     assert (m["omission_rate"], m["hallucination_rate"], m["diagnosis_set_accuracy"]) == (0.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("finding, named", [
+    # a midline shift's side is its direction: never lent by the lesion that causes it
+    ("Left subdural hematoma with a midline shift.", [("subdural_hematoma", "left"), ("midline_shift", None)]),
+    ("Large left frontal mass with midline shift.", [("midline_shift", None)]),
+    ("Left subdural hematoma with 5 mm midline shift to the right.",
+     [("subdural_hematoma", "left"), ("midline_shift", "right")]),
+    # the demo phantom's wording
+    ("Mass effect with 5 mm rightward midline shift.", [("brain_mass_effect", None), ("midline_shift", "right")]),
+    ("Mass effect with 3 mm leftward midline shift.", [("brain_mass_effect", None), ("midline_shift", "left")]),
+])
+def test_a_midline_shift_has_the_side_of_its_direction(finding, named):
+    assert rm.extract_diagnoses(finding) == named
