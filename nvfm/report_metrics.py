@@ -235,16 +235,20 @@ def _clauses(sentence):
     return (text[:-2] if spans else text), spans, breaks
 
 
-def negated_spans(text, spans):
-    """[(start, end)] character ranges of a `_clauses` text that are negated (NegEx scope)."""
+def negated_spans(text, spans, breaks=()):
+    """[(start, end)] character ranges of a `_clauses` text that are negated (NegEx scope).
+    breaks: the text's comma positions (`_clauses`). A bare "absent" negates back only where it ends
+    its clause or comes before a comma ("X absent, Y": X), else forward only ("craniectomy with
+    absent bone flap", "absent hydrocephalus")."""
     pseudo = [m.span() for m in _PSEUDO_NEG.finditer(text)]
     real = lambda m: not any(a < m.end() and m.start() < b for a, b in pseudo)
     out = []
     for cs, ce in spans:   # text[cs - 1] and text[ce] are spaces: the triggers' lookarounds see them
-        post = [m for m in _POST_NEG.finditer(text, cs - 1, ce + 1) if real(m)]
+        ends = lambda m: text[m.end():ce].strip() == "" or any(m.end() <= p <= m.end() + 1 for p in breaks)
+        post = [m for m in _POST_NEG.finditer(text, cs - 1, ce + 1) if real(m) and (m.group() != "absent" or ends(m))]
         # the longest trigger wins (NegEx): the "not" of "X is not seen" negates nothing after it
-        inner = lambda m: any(cs < p.start() <= m.start() and m.end() <= p.end() and len(p.group()) > len(m.group())
-                              for p in post)
+        inner = lambda m: any(cs < p.start() <= m.start() and m.end() <= p.end()
+                              and (len(p.group()) > len(m.group()) or p.group() == "absent") for p in post)
         out += [(m.end(), ce) for m in _PRE_NEG.finditer(text, cs - 1, ce + 1) if real(m) and not inner(m)]
         out += [(cs, m.start()) for m in post]
     return out
@@ -270,7 +274,7 @@ def extract_diagnoses(finding):
     # not at decimal points (3.4 x 3.3 cm), nor at a "?" that prefixes a word ("?meningioma") or is answered ("X? No.")
     for sentence in re.split(r"[;\n]|\.(?!\d)|\?(?=\s|$)(?!\s*(?i:no|none|negative)\s*(?:[.;\n]|$))", finding):
         text, spans, breaks = _clauses(sentence)
-        neg = negated_spans(text, spans)
+        neg = negated_spans(text, spans, breaks)
         orig, mentions = text, []
         for rx, name in _RULES:
             for m in list(rx.finditer(text)):

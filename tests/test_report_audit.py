@@ -341,3 +341,16 @@ def test_an_mr_subdural_hematoma_of_any_age_is_one_finding():
 ])
 def test_a_midline_shift_has_the_side_of_its_direction(finding, named):
     assert rm.extract_diagnoses(finding) == named
+
+
+@pytest.mark.parametrize("finding, named", [
+    # a bare "absent" negates back only at the end of its clause or before a comma
+    ("Postsurgical changes of left frontal craniectomy with absent bone flap.",
+     [("postsurgical_changes", None), ("craniotomy", "left")]),
+    ("Midline shift absent, left meningioma.", [("meningioma", "left")]),
+    ("Hydrocephalus is absent, left meningioma.", [("meningioma", "left")]),
+    ("Hydrocephalus absent.", []),
+    ("Absent hydrocephalus.", []),
+])
+def test_absent_negates_what_it_is_said_of(finding, named):
+    assert rm.extract_diagnoses(finding) == named
