@@ -106,7 +106,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(VarlenAttnArgs a, T*
       if (r >= nr) continue;  // warp-uniform
       const float s = lane < nc ? dot_rows<D>(sQ + r * LD, sK + lane * LD) * a.scale : -INFINITY;
       const float mnew = fmaxf(m[i], warp_max(s));
-      const float p = lane < nc ? __expf(s - mnew) : 0.0f;
+      // a row all -inf so far (scores that overflowed): shift by 0, its p are 0 and not exp(-inf + inf) = NaN
+      const float p = lane < nc ? __expf(s - (mnew == -INFINITY ? 0.0f : mnew)) : 0.0f;
       const float alpha = m[i] == -INFINITY ? 0.0f : __expf(m[i] - mnew);
       l[i] = l[i] * alpha + warp_sum(p);
       m[i] = mnew;
@@ -397,14 +398,14 @@ __global__ void __launch_bounds__(kTcThreads) attn_fwd_tc_kernel(VarlenAttnArgs 
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFull, mx[i], 1));
       mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFull, mx[i], 2));
       alpha[i] = m[i] == -INFINITY ? 0.0f : __expf(m[i] - mx[i]);
-      m[i] = mx[i];  // finite: key 0 of every tile is real
+      m[i] = mx[i];  // -inf only while every score so far overflowed to -inf (shifted by 0 below)
       l[i] *= alpha[i];
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = __expf(s[nt][e] - m[e >> 1]);  // masked keys: exp(-inf) = 0
+        s[nt][e] = __expf(s[nt][e] - (m[e >> 1] == -INFINITY ? 0.0f : m[e >> 1]));  // masked keys: exp(-inf) = 0
         l[e >> 1] += s[nt][e];
       }
 #pragma unroll

@@ -217,6 +217,26 @@ def test_attention_dkdv_with_short_max_seqlen_q(tc, rows):
     assert torch.equal(dk, dk_r) and torch.equal(dv, dv_r)
 
 
+@pytest.mark.parametrize("tc", [False, True], ids=["fma", "tensor_cores"])
+def test_attention_key_tile_whose_scores_all_overflow_to_minus_inf(tc):
+    """Finite inputs whose scores overflow float32 to -inf over a whole first key tile (32 keys for
+    the FMA kernel, 64 for the tensor cores) made exp(-inf + inf) = NaN in every output. The rows
+    must equal attention over the other keys (float64 reference, where nothing overflows)."""
+    q, k, v, do, cu_q, cu_k = attn_inputs([5], [100], 1, 64, torch.bfloat16, 0)
+    k[:64] = -3e38                        # q . k ~ -1e40 for every query: -inf in float32
+    q = q.abs() + 0.5                     # every q . k of those keys is below -3e38 * 0.5 * 64
+    L = lib("attention")
+    out, lse = L.attn_fwd(q, k, v, cu_q, cu_k, 5, 100, 0.125, tensor_cores=tc)
+    rest = torch.tensor([0, 36], dtype=torch.int32)
+    want = attention_reference(q.double(), k[64:].double(), v[64:].double(), cu_q, rest, scale=0.125)
+    lse_want = torch.logsumexp(torch.einsum("qhd,khd->hqk", q.double(), k[64:].double()) * 0.125, -1)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (out.double() - want).abs().max() < 2e-2 and torch.allclose(lse.double(), lse_want, atol=1e-3)
+    dq, dk, dv = L.attn_bwd(do, q, k, v, out, lse, cu_q, cu_k, 5, 100, 0.125, tensor_cores=tc)
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert not dv[:64].any()              # keys of probability 0 get no gradient
+
+
 # ---- gather_cuda.cu ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(3))
