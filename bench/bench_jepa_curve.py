@@ -102,6 +102,9 @@ def pretrain(shards, seed, budgets):
         if not os.path.exists(done):
             ck = os.path.join(run, "ckpt.pt")
             at = load_checkpoint(ck)["step"] if os.path.exists(ck) else 0
+            if at > b:  # the run is past this budget: its encoders are those of a later step
+                raise SystemExit(f"{ck}: at step {at}, past the budget {b}, of which no snapshot was kept "
+                                 f"({done} missing): leave {b} out of --steps, or remove {run} to retrain")
             resume = ["--init_from=resume"] if at else []
             if at < b:
                 sh([sys.executable, "train_jepa.py", config, f"--shards={shards}", f"--out_dir={run}", f"--seed={seed}",

@@ -9,7 +9,8 @@ encode.py; a cache may also be given as an absolute path).
 1. lesion tokens (the most statistical power on a small cohort): every token of every series
    is labelled from the demo cohort's lesion masks (cohort/gt/<study>/lesion_<i>.nii.gz):
    positive if >= half of the token's 4x16x16 voxel box lies inside a lesion, negative if none
-   of it does (tokens in between are left out; negatives subsampled 1 in 10, seeded). A
+   of it does (tokens in between are left out; negatives subsampled 1 in 10, seeded), on each
+   cache's own token grid (caches of other token rules have other tokens). A
    logistic regression on the token embedding (+ a one-hot of the window) is fit on the
    train-split studies and scored on the val + test studies: token AUROC, with a 95%
    study-level bootstrap interval (studies resampled, 1000 replicates).
@@ -82,10 +83,11 @@ def main(d, names):
     findings = [json.loads(line) for line in open(f"{d}/shards/findings.jsonl") if line.strip()]
     reader = ShardReader(f"{d}/shards")
     caches = [FeatureCache(n if os.path.isabs(n) else f"{d}/{n}") for n in names]
-    labels = lesion_token_labels(d, reader, findings, caches[0]) if os.path.isdir(f"{d}/cohort/gt") else {}
+    # each cache labelled on its own token grid (caches of another token rule or crop have other tokens)
+    per_cache = [lesion_token_labels(d, reader, findings, c) if os.path.isdir(f"{d}/cohort/gt") else {} for c in caches]
     print(f"{len(rows)} studies ({sum(v == 'train' for v in split_of.values())} train), "
-          f"{sum(int((y == 1).sum()) for y in labels.values())} lesion tokens")
-    for name, cache in zip(names, caches):
+          f"{sum(int((y == 1).sum()) for y in per_cache[0].values())} lesion tokens ({names[0]})")
+    for name, cache, labels in zip(names, caches, per_cache):
         line = f"{name}:"
         if labels:
             auc, ci, n, npos = lesion_token_auroc(_Study(cache), labels, split_of, n_boot=1000)

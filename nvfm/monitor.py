@@ -39,7 +39,8 @@ for the second (used by the benchmark):
      (CSF-filled ventricles) and bright (acute blood) alike; this one asks a direction per kind,
      as a probe per finding would;
    - `study_auroc`: per-window mean and std pooling of the tokens, one logistic regression per
-     class, 5-fold stratified CV over the set's studies, macro AUROC over classes with >= 5
+     class, 5-fold stratified CV over the set's studies (repeated with 3 shuffles, the AUROC of each
+     repeat's out-of-fold scores averaged), macro AUROC over classes with >= 5
      positives and >= 5 negatives (pretraining never sees labels, so using every study is
      the usual transductive self-supervised setting).
    Features are standardised with the fitting part's mean and std; C is fixed (token 1.0,
@@ -183,7 +184,8 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
 
     entries: {study_key: [dict(volume_id, window, emb (n, D)), ...]}; labels: {(study_key, volume_id):
     int8 (n,) 1 lesion / 0 clear / -1 partial}; split_of: {study_key: split}. Fit on the 'train'
-    studies, score the others. Returns (AUROC, (lo, hi) study-bootstrap 95% CI or None when
+    studies, score the others; a volume without labels is left out, labels of another length are
+    a ValueError. Returns (AUROC, (lo, hi) study-bootstrap 95% CI or None when
     n_boot == 0, n scored tokens, n scored positives); AUROC NaN when a side lacks a class or fewer
     than `min_positives` lesion tokens are scored (the 24-study demo scores ~20: its figure swings
     between 0.1 and 0.9 with which few lesions land in val + test). with_position: the entries'
@@ -198,8 +200,11 @@ def lesion_token_auroc(entries, labels, split_of, seed=0, n_boot=0, min_positive
     for key, ents in entries.items():
         for e in ents:
             y = labels.get((key, e["volume_id"]))
-            if y is None or len(y) != len(e["emb"]):
+            if y is None:  # a volume without token labels (no ground truth) is not scored
                 continue
+            if len(y) != len(e["emb"]):  # labels of another token grid would be silently misaligned
+                raise ValueError(f"study {key}, volume {e['volume_id']} ({e['window']}): {len(y)} token labels for "
+                                 f"{len(e['emb'])} tokens; labels must come from the same token grid")
             rng = np.random.default_rng(zlib.crc32(f"{key}/{e['volume_id']}/{e['window']}/{seed}".encode()))
             keep = (y == 1) | ((y == 0) & (rng.random(len(y)) < neg_keep))
             onehot = np.zeros((int(keep.sum()), len(WINDOWS)), np.float32)
