@@ -340,7 +340,7 @@ for b in loader:
     vol_log += global_batch
     flops_log += step_flops(b) * world_size
     loss_log, pos_log, n_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), n_log + 1  # no sync until the log
-    if step == 1 or step % log_interval == 0 or step == max_steps:
+    if step == 1 or step % log_interval == 0 or step == max_steps or step == stop_at_step:  # every step counted in a log
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
         ctx, tgt = b["ctx_index"], b["tgt_index"]

@@ -113,6 +113,8 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
     assert first["step"] == 1 and before["collapse_ref"] == pytest.approx(first["rank_student"])
     run(["--init_from=resume", f"--stop_at_step={half + 1}"], out, shards)
     after = load_checkpoint(os.path.join(out, "ckpt.pt"))
+    # a job slot's last step is logged, off the log interval too: its FLOPs and loss are not lost
+    assert [r["step"] for r in read_log(out) if "loss" in r][-2:] == [half, half + 1]
     # teacher_{s+1} = lerp(teacher_s, student_{s+1}, 1 - m_s): its only update is the EMA
     cfg = before["config"]
     m = cfg["ema_start"] + (cfg["ema_end"] - cfg["ema_start"]) * half / STEPS
