@@ -194,6 +194,25 @@ def test_ours_cuda_short_max_seqlen_gives_no_nan():
     assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_ours_cuda_key_tile_whose_scores_overflow_gives_the_softmax_of_the_rest():
+    """A first key tile (32 keys FMA, 64 tensor cores) whose scores all overflow float32 to -inf
+    made exp(-inf + inf) = NaN rows (emulated: tests/test_simt.py); the rows are the attention over
+    the other keys (float64 reference, where nothing overflows)."""
+    if not ours_available(torch.empty(1, 1, 64, device="cuda", dtype=torch.bfloat16)):
+        pytest.skip("nvfm._C was built without CUDA kernels")
+    q, k, v, do, cu_q, cu_k = make_inputs([5], [100], 1, 64, dtype=torch.bfloat16, device="cuda")
+    q = q.abs() + 0.5
+    k[:64] = -3e38                        # q . k < -1e40: -inf in float32
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = varlen_attention(q, k, v, cu_q, cu_k, 5, 100, impl="ours")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    rest = torch.tensor([0, 36], dtype=torch.int32, device="cuda")
+    want = attention_reference(q.detach().double(), k.detach()[64:].double(), v.detach()[64:].double(), cu_q, rest)
+    assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+    assert (out.double() - want).abs().max() < 2e-2 and not dv[:64].any()
+
+
 # ---- input validation and the lse gradient -------------------------------------------------------
 
 def _fresh_seed():
