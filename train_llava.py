@@ -13,9 +13,11 @@ Training studies are drawn with replacement, weight = 1 / prevalence of the stud
 draws them uniformly, as config/llava_tiny.py does: the paper's weights starve the phantom cohorts'
 unremarkable studies and the model then reports a finding for every study (BENCHMARKS.md,
 Report generator). bf16 autocast on CUDA, gradient checkpointing, atomic checkpoints every
-ckpt_interval iterations, --init_from=resume continues a run: with the checkpoint's settings (others that
-change training are refused; RESUME_MAY_CHANGE lists those that may change), and with the fine-tuned LM
-saved with that checkpoint (OUT/llm-<iteration>, named in ckpt.pt; OUT/llm links to it), or not at all.
+ckpt_interval iterations, --init_from=resume continues a run (an iteration's batch depends on the seed
+and the iteration alone, so a killed run resumed trains the weights of an uninterrupted one): with the
+checkpoint's settings (others that change training are refused; RESUME_MAY_CHANGE lists those that may
+change), and with the fine-tuned LM saved with that checkpoint (OUT/llm-<iteration>, named in ckpt.pt;
+OUT/llm links to it), or not at all.
 Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
 with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.
 
@@ -25,8 +27,9 @@ diagnostic probe's scores (--probe=probe.pt or --probe_scores=...: urgent diagno
 positive but the report omits are appended), and scored with nvfm.report_metrics
 (OUT/reports*.jsonl, OUT/metrics.json). Where the probe "calls positive" is --probe_rule: by
 default each urgent diagnosis gets the lowest probe score whose appended calls are right
---probe_precision of the time among reports that omit it, fitted on the evaluated studies'
-reports and ground truth with cross-fitting (a study's cut comes from the other folds), so what
+--probe_precision of the time among reports that omit it, fitted on the evaluated --val_split studies'
+reports and ground truth only (a val study's cut comes from the other val folds; a test study is
+never fitted on, so --eval_split must hold the val split, e.g. val,test), so what
 is appended is a finding the report missed, not a repeat of what it already says (the probes' own
 Youden cuts append false urgent findings to most studies; BENCHMARKS.md, Report generator).
 """
@@ -99,11 +102,11 @@ repetition_penalty = 1.0
 no_repeat_ngram_size = 0
 probe = ""                         # comma-separated train_probe.py outputs (probe.pt) for the cross-check
 probe_scores = ""                  # or a JSONL {study_key, scores: {diagnosis: p}, thresholds: {diagnosis: t}}
-probe_threshold = 0.5              # used where a row has no thresholds
+probe_threshold = 0.5              # used where a row has no threshold for a diagnosis
 probe_rule = "reports"             # the cross-check's operating point, per urgent diagnosis: reports (fitted on the
-                                   # evaluated reports, cross-fitted over probe_folds folds of the studies: the lowest
-                                   # probe score whose calls among reports that omit it are right probe_precision of
-                                   # the time) | precision (the same rule on the probe's own selection split, ignoring
+                                   # evaluated val_split reports, cross-fitted over probe_folds folds of them: the
+                                   # lowest probe score whose calls among reports that omit it are right
+                                   # probe_precision of the time; never fitted on test) | precision (the same rule on the probe's own selection split, ignoring
                                    # the reports) | youden (the probe's Youden thresholds). A diagnosis that never
                                    # reaches probe_precision is never appended. Under youden and precision a
                                    # --probe_scores JSONL's own thresholds are used (BENCHMARKS.md).
@@ -185,6 +188,11 @@ if max_eval:
     eval_keys = eval_keys[:max_eval]
 if not train_keys and not eval_only:
     raise SystemExit(f"no training studies: {findings} has no split=train study with features in {features}")
+if ((probe or probe_scores) and probe_rule == "reports" and cross_check != "off" and stage == 2 and eval_keys
+        and not any(recs[k].get("split") == val_split for k in eval_keys)):
+    fail(f"--probe_rule=reports fits the cross-check on the reports of the --val_split={val_split} studies, and "
+         f"the --eval_split={eval_split} studies include none: evaluate {val_split} studies too (e.g. "
+         f"--eval_split={val_split},test) or use --probe_rule=precision or youden")
 labels = llava.study_labels(recs, findings)
 with open(findings, "rb") as _f:  # what the run trains on: the findings' content and the training studies
     data_id = "sha256:" + hashlib.sha256(_f.read() + "\0".join(train_keys).encode()).hexdigest()
@@ -204,6 +212,13 @@ def study_series(key):
         return []
     return [dict(e, emb=torch.from_numpy(e["emb"].astype("float32")), orientation=orientations.get(e["volume_id"]))
             for e in cache.study(key)]
+
+
+def batch_rng(it):
+    """The generator that draws iteration it's batch, a function of (seed, rank, it) alone: a resumed run
+    draws the batches the uninterrupted run would have (one generator seeded at the start would not)."""
+    h = hashlib.sha256(f"{seed}/{rank}/{it}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little"))
 
 
 def get_batch(gen):
@@ -293,17 +308,49 @@ if init_from == "resume":
         llm_path = os.path.join(out_dir, llm_dir)  # the fine-tuned LM saved with ckpt.pt
     if master:
         publish_lm(llm_dir)  # leftovers of a killed save, LM directories ckpt.pt does not name
+# what a connector is trained for: the features it reads, the LM it writes into, its architecture (heads and
+# hemispheres change no shape, so a strict load alone would take a connector of another kind)
+CONNECTOR_SETTINGS = ("perceiver_dim", "perceiver_depth", "perceiver_heads", "n_latents", "hemispheres")
+ck0 = None
+if init_from == "scratch" and init_connector:
+    ck0 = load_checkpoint(init_connector)
+    differ = [f"{k} {ck0.get('config', {}).get(k)!r} -> {config[k]!r}" for k in CONNECTOR_SETTINGS
+              if ck0.get("config", {}).get(k, config[k]) != config[k]]
+    if cache is not None and ck0.get("encoder_hash") not in (None, cache.encoder_hash):
+        differ.insert(0, f"encoder {ck0['encoder_hash']} -> {cache.encoder_hash} (features {features})")
+    if ck0.get("llm") not in (None, base_llm):
+        differ.append(f"llm {ck0['llm']!r} -> {base_llm!r}")
+    if differ:
+        fail(f"--init_connector={init_connector} was trained for another connector: {', '.join(differ)}")
 lm, tok = load_llm(llm_path)
 enc_dim = cache.dim if cache is not None else 1
 model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
                               hemispheres=hemispheres)
+
+
+def load_connector(ck, path):
+    """Connector weights of checkpoint ck (at path) into model.connector, strictly; fail()s in one line."""
+    from nvfm.checkpoint import load_state_strict
+    try:
+        load_state_strict(model.connector, ck["connector"], f"{path} connector")
+    except (RuntimeError, KeyError) as e:
+        fail(str(e) if isinstance(e, RuntimeError) else f"{path}: holds no connector (not a train_llava.py ckpt.pt)")
+
+
 if init_from == "resume":
-    model.connector.load_state_dict(ckpt["connector"])
+    load_connector(ckpt, ckpt_path)
     iter_num = ckpt["iter_num"]
     if master:
         print(f"resumed from {ckpt_path} at iteration {iter_num}")
+        log_path = os.path.join(out_dir, "log.jsonl")
+        if os.path.exists(log_path):  # rows of the killed run past its checkpoint are logged again below
+            with open(log_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("iter", -1) < iter_num]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
 elif init_connector:
-    model.connector.load_state_dict(load_checkpoint(init_connector)["connector"])
+    load_connector(ck0, init_connector)
 elif init_from != "scratch":
     raise SystemExit(f"--init_from must be scratch or resume, got {init_from!r}")
 if cache is not None and ckpt is not None and ckpt.get("encoder_hash") not in (None, cache.encoder_hash):
@@ -443,7 +490,6 @@ def log_row(row):
 train_s = None  # wall time of this invocation's training iterations
 if not eval_only and iter_num < total_iters:
     from tqdm import tqdm
-    gen = torch.Generator().manual_seed(seed * 1000 + rank * 7919 + iter_num)
     train_model.train()
     t0, tokens_seen = time.time(), 0
     bar = tqdm(range(iter_num, total_iters), initial=iter_num, total=total_iters, disable=not master,
@@ -455,7 +501,7 @@ if not eval_only and iter_num < total_iters:
             bar.set_description("stage 2")
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_scale(it)
-        studies, inds, fnds = get_batch(gen)
+        studies, inds, fnds = get_batch(batch_rng(it))
         with autocast:
             loss = train_model(studies, inds, fnds, st)
         optimizer.zero_grad(set_to_none=True)
@@ -493,7 +539,10 @@ def read_probe_scores(path):
     for i, r in iter_jsonl(path, "probe scores"):
         if "study_key" not in r or "scores" not in r:
             raise ValueError(f"{path}:{i}: expected {{study_key, scores, thresholds}}")
-        out[r["study_key"]] = (r["scores"], r.get("thresholds") or probe_threshold)
+        th = r.get("thresholds") or probe_threshold
+        if isinstance(th, dict):  # a diagnosis the row gives no threshold gets --probe_threshold, not a default
+            th = {n: th.get(n, probe_threshold) for n in r["scores"]}
+        out[r["study_key"]] = (r["scores"], th)
     return out
 
 
@@ -583,20 +632,22 @@ if master and eval_keys and stage == 2:
     if probes:
         scored = [probes.get(r["study_key"], ({}, probe_threshold)) for r in rows]
         if probe_rule == "reports":
-            # cross-fitted: a study's thresholds come from the other folds' reports and ground truth
+            # fitted on the val_split studies' reports and ground truth only, never on the test split's: a val
+            # study's cut comes from the other val folds (cross-fitted), every other study's from all of val
             def fit(idx):
                 return llava.fit_cross_check_thresholds([rows[i]["findings"] for i in idx], [scored[i][0] for i in idx],
                                                         [recs[rows[i]["study_key"]] for i in idx], probe_precision)
-            folds = [i % probe_folds for i in range(len(rows))]
-            for f in range(probe_folds):
-                th = fit([i for i, g in enumerate(folds) if g != f])
-                for i in [i for i, g in enumerate(folds) if g == f]:
-                    scored[i] = (scored[i][0], {n: th.get(n, math.inf) for n in scored[i][0]})
-            fitted_all = fit(range(len(rows)))  # what a deployment would use: fitted on every evaluated study
+            fit_idx = [i for i, r in enumerate(rows) if recs[r["study_key"]].get("split") == val_split]
+            fold = {i: j % probe_folds for j, i in enumerate(fit_idx)}
+            fitted_all = fit(fit_idx)  # what a deployment would use, and what the other splits' studies get
+            by_fold = {f: fit([j for j in fit_idx if fold[j] != f]) for f in set(fold.values())}
+            for i in range(len(rows)):
+                th = by_fold[fold[i]] if i in fold else fitted_all
+                scored[i] = (scored[i][0], {n: th.get(n, math.inf) for n in scored[i][0]})
             probe_fit = {n: t for n, t in fitted_all.items() if math.isfinite(t)}
             print(f"probe cross-check: {len(probe_fit)} urgent diagnoses reach precision {probe_precision} among "
                   f"the reports that omit them{': ' + ', '.join(sorted(probe_fit)) if probe_fit else ''} "
-                  f"({probe_folds}-fold cross-fitted over the {len(rows)} evaluated studies)")
+                  f"(fitted on the {len(fit_idx)} {val_split} studies, {probe_folds}-fold cross-fitted on them)")
         checked = []
         for r, (sc, th) in zip(rows, scored):
             f, missed = llava.cross_check(r["findings"], sc, th, mode=cross_check)
@@ -605,10 +656,21 @@ if master and eval_keys and stage == 2:
     prev = os.path.join(out_dir, "metrics.json")
     if train_s is None and os.path.exists(prev):  # eval_only: keep the training run's wall time
         train_s = json.load(open(prev)).get("train_s")
-    metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(eval_keys),
-               "eval_splits": sorted(eval_splits), "train_s": train_s, "iter_num": iter_num}
+    # what was scored, not what was asked for: a requested split without studies (or cut by --max_eval) is not
+    # claimed
+    n_by_split = {}
+    for r in rows:
+        sp = recs[r["study_key"]].get("split")
+        n_by_split[sp] = n_by_split.get(sp, 0) + 1
+    if sorted(n_by_split) != sorted(eval_splits):
+        print(f"note: --eval_split={eval_split}: scored {len(rows)} studies of split(s) "
+              f"{', '.join(sorted(n_by_split)) or 'none'} only")
+    metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(rows),
+               "eval_splits": sorted(n_by_split), "n_eval_by_split": n_by_split, "train_s": train_s,
+               "iter_num": iter_num}
     if probes and probe_rule == "reports":
         metrics["probe_cross_check_thresholds"] = probe_fit
+        metrics["probe_cross_check_fit"] = {"split": val_split, "n": len(fit_idx)}
     for name, rs in variants.items():
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w") as f:
@@ -616,9 +678,9 @@ if master and eval_keys and stage == 2:
                 f.write(json.dumps(r) + "\n")
         os.replace(path + ".tmp", path)
         m = evaluate_reports(path, findings, judge=judge, judge_url=judge_url, judge_model=judge_model)
-        if len(eval_splits) > 1:  # each split on its own too (val also picks the recipe: test is the clean one)
+        if len(n_by_split) > 1:  # each split on its own too (val also picks the recipe: test is the clean one)
             m["by_split"] = {}
-            for sp in sorted(eval_splits):
+            for sp in sorted(n_by_split):
                 sub = [r for r in rs if recs[r["study_key"]].get("split") == sp]
                 if sub:
                     with open(path + f".{sp}.tmp", "w") as f:

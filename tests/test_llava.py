@@ -329,14 +329,23 @@ def _check_probe_operating_points(tmp_path, base, env):
     assert all("epidural_hematoma" in f for f in flagged["youden"])
     r = subprocess.run(common + ["--probe_rule=best"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "--probe_rule must be reports, precision or youden" in r.stderr
-    # reports rule on reports that name nothing: SDH is true in 2 of the 3 studies (k009, k010), so on
+    # the reports rule fits on val studies only, never on test: with the three test studies alone it is refused
+    r = subprocess.run(common + ["--probe_rule=reports"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--probe_rule=reports" in r.stderr and "include none" in r.stderr
+    # so the same three studies relabelled val (a findings copy; scored from the saved reports, not resumed).
+    # On reports that name nothing: SDH is true in 2 of the 3 studies (k009, k010), so on
     # all three the cut at logit 1 is right 2/3 >= 0.5 of the time; cross-fitted, no study's other two
     # hold both a positive and a negative (k011's hold only positives), so nothing is appended
     path = tmp_path / "run" / "reports.jsonl"
     rows = [dict(json.loads(l), findings=[]) for l in open(path)]
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    fnd = next(c.split("=", 1)[1] for c in base if c.startswith("--findings="))
+    as_val = tmp_path / "findings_val.jsonl"
+    as_val.write_text("".join(json.dumps(dict(x, split="val" if x["split"] == "test" else x["split"])) + "\n"
+                              for x in map(json.loads, open(fnd))))
+    on_val = [c for c in common if not c.startswith(("--findings=", "--init_from="))] + [f"--findings={as_val}"]
     for target, fit in ((0.5, {"acute_subdural_hematoma": 1.0}), (0.7, {})):
-        r = subprocess.run(common + ["--probe_rule=reports", f"--probe_precision={target}"], cwd=ROOT, env=env,
+        r = subprocess.run(on_val + ["--probe_rule=reports", f"--probe_precision={target}"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"probe cross-check: {len(fit)} urgent diagnoses reach precision {target}" in r.stdout
