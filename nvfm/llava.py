@@ -476,8 +476,8 @@ def parse_findings(text):
                 val = json.loads(s[start:end + 1])
                 if isinstance(val, list):
                     clean = [v.strip() for v in val if isinstance(v, str) and v.strip()]
-                    if len(clean) == len(val):
-                        return clean, "ok"
+                    if len(clean) == len(val):   # text around the list is not the reply asked for
+                        return clean, "ok" if start == 0 and end == len(s) - 1 else "repaired"
                     return clean or [str(v) for v in val if v not in (None, "")], "repaired"
             except json.JSONDecodeError:
                 pass

@@ -146,7 +146,8 @@ def test_overfit_two_studies_reproduces_json(lm_dir):
 
 @pytest.mark.parametrize("text,expect", [
     ('["a", "b"]', (["a", "b"], "ok")),
-    ('Sure: ["a", "b"] hope this helps', (["a", "b"], "ok")),
+    ('Sure: ["a", "b"] hope this helps', (["a", "b"], "repaired")),   # text around the list: not the format
+    ('{"findings": ["a"]}', (["a"], "repaired")),
     ("[]", ([], "ok")),
     ('["a", "b', (["a", "b"], "repaired")),                 # cut off at max_new_tokens
     ('["a", 3, "c"]', (["a", "c"], "repaired")),
