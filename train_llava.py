@@ -143,9 +143,10 @@ if stage not in (1, 2) or init_from not in ("scratch", "resume"):
     fail(f"--stage must be 1 or 2 (got {stage}) and --init_from scratch or resume (got {init_from!r})")
 
 from nvfm import llava  # noqa: E402
-from nvfm.checkpoint import changed_settings, load_checkpoint, resume_refusal, save_atomic  # noqa: E402
+from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic  # noqa: E402
 from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
+from nvfm.data import write_atomic  # noqa: E402
 from nvfm.metrics import jsonable  # noqa: E402
 from nvfm.report_metrics import evaluate_reports, iter_jsonl  # noqa: E402
 
@@ -330,7 +331,6 @@ model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, 
 
 def load_connector(ck, path):
     """Connector weights of checkpoint ck (at path) into model.connector, strictly; fail()s in one line."""
-    from nvfm.checkpoint import load_state_strict
     try:
         load_state_strict(model.connector, ck["connector"], f"{path} connector")
     except (RuntimeError, KeyError) as e:
@@ -346,9 +346,7 @@ if init_from == "resume":
         if os.path.exists(log_path):  # rows of the killed run past its checkpoint are logged again below
             with open(log_path) as f:
                 kept = [line for line in f if line.strip() and json.loads(line).get("iter", -1) < iter_num]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
+            write_atomic(log_path, "".join(kept))
 elif init_connector:
     load_connector(ck0, init_connector)
 elif init_from != "scratch":
