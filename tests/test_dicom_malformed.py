@@ -1,6 +1,7 @@
 """Malformed or unusual but real-world DICOM exports: each loads exactly what was written
 (checked against numpy on the stored pixels and the rescale written, slices ordered by the
 ImagePositionPatient written), or fails its series with a one-line reason naming the file."""
+import math
 import os
 import sys
 
@@ -233,3 +234,130 @@ def test_non_image_files_in_a_series_folder_are_skipped_one_by_one(tmp_path):
                                     ("skipped: non-image SOP class", "sc.dcm"),
                                     ("skipped: non-image SOP class", "sr.dcm"), ("ok", None)], got
     assert np.array_equal(got[-1][2], _reference(d))
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+def _turn_slices(d, angles):
+    """Rotate slice k's row and column directions by angles[k] rad about the normal (z), its
+    ImagePositionPatient unchanged (files of an axial write_series, shuffle=False)."""
+    def turn(ds, i):
+        a = float(angles[i])
+        ds.ImageOrientationPatient = [math.cos(a), math.sin(a), 0.0, -math.sin(a), math.cos(a), 0.0]
+    mutate_series(d, turn)
+
+
+def _spread_deg(angles):
+    """(largest angle in degrees between a slice's in-plane directions and the mean direction
+    of all slices, its slice): for rotations about one axis, |angle_k - angle of the mean vector|."""
+    mean = math.atan2(np.mean(np.sin(angles)), np.mean(np.cos(angles)))
+    off = np.degrees(np.abs(np.asarray(angles) - mean))
+    return float(off.max()), int(off.argmax())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("amp", [1e-6, 2e-3])
+def test_orientation_jitter_loads_as_one_volume(tmp_path, amp, fast):
+    """ImageOrientationPatient that jitters from slice to slice by 2e-3 (0.11 deg) was split
+    into sub-volumes ('too few slices (2)' twice beside a 4-slice volume, nothing naming the
+    orientation); float noise (1e-6) loaded with the first slice's orientation. Both load as one
+    volume: every slice's pixels as pydicom reads them, ordered by position, with the mean of the
+    written row / column directions (numpy on the written angles)."""
+    d = str(tmp_path / "s")
+    write_series(d, head_phantom(SHAPE), shuffle=False)
+    angles = amp * np.array([0, 1, -1, 2, -2, 1, 0, -1], float)[:SHAPE[0]]
+    _turn_slices(d, angles)
+    hs = _scan(d, fast)
+    groups, _ = dicom.group_series(hs)
+    assert len(groups) == 1
+    st = dicom.dicom_stack(d, groups[0]).check(3)
+    assert np.array_equal(st.assemble(), _reference(d))
+    mean = math.atan2(np.mean(np.sin(angles)), np.mean(np.cos(angles)))
+    np.testing.assert_allclose(st.r, [math.cos(mean), math.sin(mean), 0.0], atol=1e-12)
+    np.testing.assert_allclose(st.c, [-math.sin(mean), math.cos(mean), 0.0], atol=1e-12)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("amp", [1e-2, 5e-2])
+def test_slices_that_are_not_parallel_fail_naming_the_orientation(tmp_path, amp, fast):
+    """Orientations 0.6 - 5.7 deg apart within one series loaded as eight 'single-slice series'
+    (and as sub-volumes for smaller differences). The series fails once, with the size of the
+    disagreement (numpy on the written angles) and the file farthest from the mean."""
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom(SHAPE), shuffle=False)
+    angles = amp * np.array([0, 1, -1, 0.5, -0.5, 0.2, 0, -0.3], float)[:SHAPE[0]]
+    _turn_slices(d, angles)
+    deg, k = _spread_deg(angles)
+    assert deg > dicom.IOP_JITTER_DEG
+    assert [o[:2] for o in _load(d, fast)] == [
+        (f"slice orientation varies by {deg:.2g} deg (ImageOrientationPatient, more than 0.25 deg)",
+         os.path.basename(paths[k]))]
+
+
+def test_other_planes_in_one_series_are_still_separate_volumes(tmp_path):
+    """An axial and a coronal stack under one SeriesInstanceUID (90 deg apart) stay two volumes,
+    each loading the pixels written (pydicom)."""
+    vol = head_phantom(SHAPE)
+    ax, co = str(tmp_path / "ax"), str(tmp_path / "co")
+    study, series, _ = write_series(ax, vol, names=[f"A{k}.dcm" for k in range(SHAPE[0])])
+    write_series(co, head_phantom(SHAPE, 1), r=(1, 0, 0), c=(0, 0, -1), study_uid=study, series_uid=series,
+                 names=[f"C{k}.dcm" for k in range(SHAPE[0])])
+    for f in os.listdir(co):
+        os.replace(os.path.join(co, f), os.path.join(ax, f))
+    got = _load(ax)
+    assert [o[0] for o in got] == ["ok", "ok"]
+    files = sorted(os.listdir(ax))
+    for prefix, key in (("A", lambda ds: float(ds.ImagePositionPatient[2])),
+                        ("C", lambda ds: float(ds.ImagePositionPatient[1]))):  # coronal: r x c = +y
+        dss = sorted((pydicom.dcmread(os.path.join(ax, f)) for f in files if f.startswith(prefix)), key=key)
+        want = np.stack([ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in dss])
+        assert sum(np.array_equal(v, want) for _, _, v in got) == 1, prefix
+
+
+# ----------------------------------------------------------------------------- inconsistent pixel headers
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("tags,reason", [
+    ({"PixelRepresentation": 2}, "invalid PixelRepresentation 2 (only 0 or 1 are defined)"),
+    ({"PhotometricInterpretation": "RGB"}, "PhotometricInterpretation RGB with SamplesPerPixel 1 (inconsistent header)"),
+    ({"PhotometricInterpretation": "YBR_FULL"},
+     "PhotometricInterpretation YBR_FULL with SamplesPerPixel 1 (inconsistent header)"),
+    ({"BitsStored": 17, "HighBit": 16}, "invalid BitsStored 17 (BitsAllocated 16)"),
+    ({"BitsStored": None}, "missing or invalid BitsStored"),
+])
+def test_inconsistent_pixel_header_fails_the_series(tmp_path, tags, reason, fast):
+    """PixelRepresentation 2 (only 0 / 1 are defined) was read as signed, and a colour
+    PhotometricInterpretation with one sample per pixel as grey, both loading 'ok'; BitsStored
+    above BitsAllocated or missing failed as 'pixel decode error (ValueError / AttributeError)'.
+    One such file fails its series with the reason, naming the file."""
+    d = str(tmp_path / "s")
+    _, _, paths = write_series(d, head_phantom(SHAPE), shuffle=False)
+
+    def spoil(ds, i):
+        if i == 2:
+            for k, v in tags.items():
+                if v is None:
+                    delattr(ds, k)
+                else:
+                    setattr(ds, k, v)
+    mutate_series(d, spoil)
+    assert [o[:2] for o in _load(d, fast)] == [(reason, os.path.basename(paths[2]))]
+
+
+def test_new_refusals_reach_the_manifest(tmp_path):
+    """Each refusal is counted by its reason in the manifest; the good series is written."""
+    inp = tmp_path / "in"
+    write_series(str(inp / "good"), head_phantom((8, 48, 40)))
+    write_series(str(inp / "pr2"), head_phantom((8, 48, 40), 1), extra={"PixelRepresentation": 2})
+    write_series(str(inp / "rgb"), head_phantom((8, 48, 40), 2), extra={"PhotometricInterpretation": "RGB"})
+    write_series(str(inp / "tilted"), head_phantom((8, 48, 40), 3), shuffle=False)
+    _turn_slices(str(inp / "tilted"), [0.0, 0.02, 0, 0, 0, 0, 0, 0])
+    man = preprocess.run(str(inp), str(tmp_path / "out"), n_workers=1, cfg_progress=False)
+    deg, _ = _spread_deg([0.0, 0.02, 0, 0, 0, 0, 0, 0])
+    assert man["summary"]["series_failed"] == {
+        "invalid PixelRepresentation 2 (only 0 or 1 are defined)": 1,
+        "PhotometricInterpretation RGB with SamplesPerPixel 1 (inconsistent header)": 1,
+        f"slice orientation varies by {deg:.2g} deg (ImageOrientationPatient, more than 0.25 deg)": 1}, man["summary"]
+    assert len(man["volumes"]) == 1
