@@ -27,9 +27,11 @@ External transfer (--external_from=OTHER_OUT, another run's OUT): no probe is tr
 probes OTHER_OUT/probes/<name>/<external_task or this task>/probe.pt (same encoder names) are
 applied unchanged to this dataset (evaluate.py --external=True), e.g. ADNI -> OASIS-1 or AIBL dementia;
 their rows read "<dataset> <- <OTHER_OUT's folder name>: ... (external)". A dataset that shares a
-study key or a subject with the labels file a probe was trained on (as its probe.pt records it, else
-OTHER_OUT's labels file of that task) is the probe's own, not an external one: an error before
-evaluate.py (seen only when both runs used one --salt: keys and subjects are salted hashes).
+study key or a subject with the studies a probe was fitted, tuned or tested on (as its probe.pt's
+seen_keys / seen_subjects / test_keys record them, evaluate.py's rule; a probe without them: the
+labels file it was trained on, else OTHER_OUT's labels file of that task) is the probe's own, not an
+external one: an error before evaluate.py (seen only when both runs used one --salt: keys and
+subjects are salted hashes).
 Grounding sets (brats21, atlas2, msseg16) are scored this way too (the pointing game against their
 masks), with a probe of the class trained elsewhere (--external_task names its task folder).
 Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded (the
@@ -54,6 +56,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+from nvfm import benchmarks as B  # noqa: E402
 from nvfm import dicom  # noqa: E402
 from nvfm.configurator import configure, fail  # noqa: E402
 
@@ -138,26 +141,30 @@ def file_modality(path):
 
 
 def training_overlap(probe, lab, fallback):
-    """Studies of the labels file `lab` that the probe has seen: those whose study key or subject is
-    in the labels file it was trained on (train_probe.py records its settings in probe.pt's config;
-    `fallback`, the other run's labels file of the task, where that path is gone). Every row of that
-    file counts, its held-out test keys too: a dataset sharing any is the probe's own, not an
-    external one (evaluate.py --external=True only sees a CV probe's test keys). -> (n shared,
-    n studies of lab, the training labels path), or None when no training labels file is found."""
+    """Studies of the labels file `lab` that are the probe's own: nvfm.benchmarks.probe_seen's rule
+    (evaluate.py's), on the study keys and subjects probe.pt records (seen_keys, seen_subjects,
+    test_keys). A probe from before those fields: every row of the labels file it was trained on
+    (train_probe.py records its --labels in probe.pt's config; `fallback`, the other run's labels
+    file of the task, where that path is gone), its held-out test rows too. -> (n shared, n studies
+    of lab, what was compared: probe.pt's record or the training labels path), or None when a probe
+    without the record has no training labels file to compare."""
     import pickle
     from nvfm.checkpoint import load_checkpoint
     try:
         ck = load_checkpoint(probe)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
         fail(f"--external_from: {probe} is not a readable probe.pt ({type(e).__name__})")
-    trained = ((ck.get("config") if isinstance(ck, dict) else None) or {}).get("labels") or ""
-    trained = trained if os.path.isfile(trained) else fallback
-    if not os.path.isfile(trained):
-        return None
-    seen = _label_rows(trained)
-    keys, subjects = {r["study_key"] for r in seen}, {r.get("subject") for r in seen} - {"", None}
+    seen = B.probe_seen(ck)
+    source = "the studies and subjects it records as fitting, tuning or testing it"
+    if seen is None:   # its record of what it saw is missing: the labels file it was trained on
+        trained = ((ck.get("config") if isinstance(ck, dict) else None) or {}).get("labels") or ""
+        source = trained if os.path.isfile(trained) else fallback
+        if not os.path.isfile(source):
+            return None
+        rows = _label_rows(source)
+        seen = {r["study_key"] for r in rows}, {r.get("subject") or "" for r in rows}
     rows = _label_rows(lab)
-    return sum(r["study_key"] in keys or r.get("subject") in subjects for r in rows), len(rows), trained
+    return len(B.own_rows(rows, *seen)), len(rows), source
 
 
 class Stages:
@@ -279,8 +286,8 @@ def main():
                           "is not checked", file=sys.stderr)
                 elif seen[0]:
                     msg = (f"--external_from: {seen[0]} of the {seen[1]} studies in {lab} share a study or subject "
-                           f"with {seen[2]}, the labels the probe {probe} was trained on: the probe's own dataset, "
-                           "not an external one (in-sample figures)")
+                           f"with the probe {probe} ({seen[2]}): the probe's own dataset, not an external one "
+                           "(in-sample figures)")
                     if not dry_run:
                         fail(msg)
                     print(f"(dry run; a run stops here) {msg}")

@@ -27,6 +27,9 @@ downloaded, nothing in --root is modified) and writes under --out:
   DICOM datasets (RSNA, CQ500): preprocess.py --input=the dataset's own image folder.
 - adapter_report.json: what happened to every input row and image (counts by reason, per task
   class counts); no ids, names, dates or UIDs. The same counts are printed.
+- staged.json: a salted hash per images/ folder of the files it was staged from, so that a rerun
+  which picks other files (or another --link) stages that folder afresh rather than keeping links
+  to the earlier pick.
 Nothing written holds a name, subject id, date or UID of the dataset.
 
 Bad input: a missing label file or column, an unparsable value or conflicting duplicate rows stop
@@ -35,8 +38,10 @@ image, images without a label row and rows outside a task are counted by reason,
 row is accounted for (`Tally`). Where several files could be a row's image (or several label
 files match), no adapter silently takes the first found: each docstring states its rule, which
 either picks by a stated order and counts the rows it applied to (OpenBHB's quasi-raw over its
-derived maps, ADNI's image closest to the exam date, AIBL's lowest image id) or leaves the row
-out, counted as ambiguous (a second label file is an error asking for --labels_file).
+derived maps, ADNI's image closest to the exam date then the lowest LONI image id, AIBL's lowest
+image id; never an order of paths or series names) or leaves the row out, counted as ambiguous (a
+second label file is an error asking for --labels_file). A DICOM folder is labelled by the one
+StudyInstanceUID of all its files' headers: a folder of several studies is left out, counted.
 
 Datasets (labels as distributed; citation; licence: each dataset's own terms apply to your copy
 and everything derived from it, check them before sharing figures or outputs):
@@ -69,6 +74,7 @@ from collections import Counter
 from datetime import date
 
 from nvfm import dicom
+from nvfm.data import write_atomic
 
 # ----------------------------------------------------------------------------- CLI settings
 dataset = ""             # openbhb | adni | aibl | oasis1 | abide | rsna | cq500 | brats21 | atlas2 | msseg16
@@ -181,20 +187,30 @@ class Study:
         self.mask = None        # lesion mask NIfTI (grounding sets)
 
 
+def _source_stamp(study, salt_value, how):
+    """A salted hash of what a study's staged folder (and mask) is made from: the files' paths, sizes
+    and mtimes, their roles and the link mode. No id reaches it (the paths are hashed)."""
+    files = [("image", study.image)] + [(q, p) for p, q in study.more_images]
+    files += [("mask", study.mask)] if study.mask else []
+    stat = [(q, os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for q, p in files]
+    return dicom.salted_hash(json.dumps([how, stat]), salt_value)
+
+
 def _stage(study, images_dir, salt_value, how):
     """Put the study's image under images_dir/<hashed folder>/ and return its study key, the key
     preprocess.py --input=images_dir derives: NIfTI -> salted_hash("nifti:" + folder); a DICOM
-    folder -> salted_hash(StudyInstanceUID of its files)."""
+    folder -> salted_hash(its StudyInstanceUID, study.uid, which the adapter read from its files)."""
     folder = dicom.salted_hash(f"study:{study.sid}", salt_value)
     dst_dir = os.path.join(images_dir, folder)
     os.makedirs(dst_dir, exist_ok=True)
     src = study.image
     if os.path.isdir(src):   # a DICOM series folder (ADNI DICOM download)
-        uid = _folder_study_uid(src)
+        if not study.uid:
+            raise BenchmarkError(f"{src}: a DICOM image folder whose StudyInstanceUID was not read")
         dst = os.path.join(dst_dir, "dicom")
         if not os.path.lexists(dst):
             os.symlink(os.path.abspath(src), dst) if how != "copy" else shutil.copytree(src, dst)
-        return dicom.study_key(uid, salt_value)
+        return dicom.study_key(study.uid, salt_value)
     low = src.lower()
     if low.endswith(".npy"):   # OpenBHB arrays: NIfTI on the MNI grid they were resampled to
         dst = os.path.join(dst_dir, "image.nii.gz")
@@ -233,20 +249,47 @@ def _place(src, dst, how):
         shutil.copyfile(src, dst)
 
 
-def _folder_study_uid(path):
-    """StudyInstanceUID of the first DICOM file under a folder (one study per folder)."""
+def _folder_study_uids(path):
+    """The StudyInstanceUIDs of the DICOM files under a folder: a set (empty: none). Every file's
+    header is read (no pixels), so a folder mixing two studies is seen, not labelled by its first file."""
     import pydicom
+    uids = set()
     for d, dirs, files in os.walk(path, followlinks=True):
-        dirs.sort()
-        for f in sorted(files):
+        for f in files:
             try:
                 ds = pydicom.dcmread(os.path.join(d, f), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-            except Exception:
+            except Exception:   # not a DICOM file: preprocess.py counts it too
                 continue
-            uid = str(ds.get("StudyInstanceUID", "") or "")
-            if uid:
-                return uid
-    raise BenchmarkError(f"{path}: no DICOM file with a StudyInstanceUID")
+            uids.add(str(ds.get("StudyInstanceUID", "") or ""))
+    return uids - {""}
+
+
+def _one_study_uid(path, tally, what):
+    """The one StudyInstanceUID of a DICOM folder, or None with the reason counted in tally
+    ("<what> whose DICOM folder <reason> (left out...)")."""
+    uids = _folder_study_uids(path)
+    if len(uids) == 1:
+        return uids.pop()
+    why = "holds no DICOM file with a StudyInstanceUID (left out)" if not uids else \
+        "mixes two or more studies (left out: ambiguous)"
+    tally[f"{what} whose DICOM folder {why}"] += 1
+    return None
+
+
+def probe_seen(ck):
+    """(study keys, subjects) that a probe.pt records as its own dataset: the studies that fitted or
+    tuned it (seen_keys, and their subjects seen_subjects) and a CV probe's held-out test_keys; None
+    for a probe from before seen_keys. A study of another labels file is the probe's own when its key
+    is among them or its (non-empty) subject is (own_rows): the rule evaluate.py --external=True applies."""
+    if not isinstance(ck, dict) or "seen_keys" not in ck:
+        return None
+    return set(ck.get("test_keys") or ()) | set(ck["seen_keys"]), set(ck.get("seen_subjects") or ()) - {""}
+
+
+def own_rows(rows, keys, subjects):
+    """The label rows (dicts with study_key, subject) whose study key is in keys or whose subject is in
+    subjects; an empty subject matches nothing."""
+    return [r for r in rows if r["study_key"] in keys or (r.get("subject") or "") in subjects - {""}]
 
 
 def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", columns=None, extra=None):
@@ -260,6 +303,24 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
     images_dir = os.path.join(out_dir, "images")
     rows = {t: [] for t in (columns or {})}
     seen, findings = {}, []
+    # a folder staged from other files (another pick, a narrowed adni_series, another --link) is
+    # staged afresh: its existing links would otherwise stand for the new pick
+    staged_path = os.path.join(out_dir, "staged.json")   # {folder: _source_stamp}
+    try:
+        with open(staged_path) as f:
+            staged = json.load(f)
+    except (OSError, ValueError):
+        staged = {}
+    plan = {dicom.salted_hash(f"study:{st.sid}", s): _source_stamp(st, s, how) for st in studies if st.image}
+    same = {f: v for f, v in plan.items() if staged.get(f) == v}
+    write_atomic(staged_path, json.dumps(same))   # a run killed while restaging vouches only for untouched folders
+    for f in sorted(plan.keys() - same.keys()):
+        if os.path.lexists(os.path.join(images_dir, f)):
+            shutil.rmtree(os.path.join(images_dir, f))   # links inside are removed, never followed
+        for ext in (".nii", ".nii.gz"):
+            mask = os.path.join(out_dir, "masks", dicom.nifti_study_key(f, s) + ext)
+            if os.path.lexists(mask):
+                os.remove(mask)
     for st in studies:
         key = _stage(st, images_dir, s, how) if st.image else dicom.study_key(st.uid, s)
         if key in seen:
@@ -283,6 +344,7 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
         shutil.rmtree(os.path.join(images_dir, f))   # links inside are removed, never followed
     if stale:
         tally["earlier staged folders removed from images/"] = len(stale)
+    write_atomic(staged_path, json.dumps(plan))
     report = {"dataset": name, "input": dict(sorted(tally.items())), "n_studies": len(studies),
               "n_subjects": len({st.subject for st in studies}), "tasks": {}, **(extra or {})}
     for t, rs in rows.items():
@@ -321,8 +383,9 @@ def openbhb(root_dir, labels_path=""):
     Labels: age (years) of the row. One study per row, whose image is the one T1w of its
     participant (and session, when the tsv has one). A row that matches two or more T1w files
     (several sessions and no session column: the age may be of any; two runs; .nii beside .nii.gz)
-    is left out, counted, never given the first file. Derived maps of the release
-    (sub-<id>_preproc-cat12vbm_desc-gm_T1w, _preproc-freesurfer_..., any preproc- other than
+    is left out, counted, never given the first file; so are rows that match one and the same image
+    (a row without a session beside a row of its session: one image, two ages). Derived maps of the
+    release (sub-<id>_preproc-cat12vbm_desc-gm_T1w, _preproc-freesurfer_..., any preproc- other than
     quasiraw) are counted and never staged. The .npy release
     (sub-<id>_preproc-quasiraw_T1w.npy, arrays on the 1 mm MNI152 grid) is converted to NIfTI in
     images/ with that grid's affine (MNI152_1MM_AFFINE, an assumption about their arrays' axis
@@ -342,7 +405,7 @@ def openbhb(root_dir, labels_path=""):
             images.setdefault((m.group(1), ses.group(1) if ses else ""), []).append(rel)
     if not images:
         raise BenchmarkError(f"{root_dir}: no sub-<id>*T1w*.nii(.gz) or sub-<id>*_T1w.npy image")
-    tally, studies, seen = Tally(rows=len(rows)), [], {}
+    tally, studies, seen, picked = Tally(rows=len(rows)), [], {}, []
     for r in rows:
         pid = r["participant_id"].removeprefix("sub-")
         ses = r.get("session", "").removeprefix("ses-")
@@ -361,7 +424,13 @@ def openbhb(root_dir, labels_path=""):
         if len(cand) > 1:   # the age may be of any of them (another session, another run)
             tally["rows matching two or more T1w images (left out: ambiguous)"] += 1
             continue
-        st = Study(f"openbhb:{pid}:{ses}", pid, "MR", image=os.path.join(root_dir, cand[0]), age=age)
+        picked.append((pid, ses, age, cand[0]))
+    claims = Counter(img for *_, img in picked)
+    for pid, ses, age, img in picked:
+        if claims[img] > 1:   # a row without a session beside one with it: which age is the image's?
+            tally["rows whose one T1w image another row also matches (left out: ambiguous)"] += 1
+            continue
+        st = Study(f"openbhb:{pid}:{ses}", pid, "MR", image=os.path.join(root_dir, img), age=age)
         st.tasks["age"] = {}
         studies.append(st)
         tally["rows labelled"] += 1
@@ -414,6 +483,12 @@ def _adni_images(root_dir, series_regex):
     return out, other, ambiguous
 
 
+def _loni_image_id(path):
+    """The LONI image id (an int) of an image file or DICOM folder in its <I id> folder, else None."""
+    m = re.fullmatch(r"I(\d+)", os.path.basename(path if os.path.isdir(path) else os.path.dirname(path)))
+    return int(m.group(1)) if m else None
+
+
 # ADNIMERGE DX: CN / MCI / Dementia; older releases: NL / MCI / Dementia and "<from> to <to>" at a change
 ADNI_DX_STATES = {"CN": "CN", "NL": "CN", "MCI": "MCI", "Dementia": "Dementia"}
 
@@ -451,9 +526,13 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
     releases (NL, "MCI to Dementia", ...) counts as the state reached; an unknown DX value is an
     error; a row without M (or Month) takes its month from VISCODE m<NN>. Image: the matching
     series closest to the baseline EXAMDATE, within max_days; several equally close (ADNI1's
-    MPRAGE and MPRAGE_Repeat of one visit, or two series adni_series matches): the first by path,
-    i.e. by series folder name, then date_time, then image id, and counted (narrow adni_series to
-    choose). Age: AGE at baseline. Dates are used in memory only.
+    MPRAGE and MPRAGE_Repeat of one visit, an accelerated and a plain MPRAGE, or two series
+    adni_series matches): the lowest LONI image id (the <I id> folder; as for AIBL), counted; never
+    by path, whose order follows the vendors' series names (Accelerated_Sagittal_MPRAGE sorts before
+    MPRAGE, MPRAGE before MPRAGE_SENSE2); tied images without an image id, or with one id, leave the
+    row out, counted as ambiguous (narrow adni_series to choose another series). A DICOM image
+    folder must hold one study (every file's header read): none or several leave the row out,
+    counted. Age: AGE at baseline. Dates are used in memory only.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "ADNIMERGE.csv")
     if not labels_path and not os.path.exists(path):
@@ -496,15 +575,25 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
             continue
         when = _date(b["EXAMDATE"])
         cand = [(abs((d - when).days) if (d and when) else None, p) for d, p in images.get(ptid, [])]
-        cand = sorted((dd, p) for dd, p in cand if dd is not None and dd <= max_days)
+        cand = [(dd, p) for dd, p in cand if dd is not None and dd <= max_days]
         if not cand:
             tally["baseline rows without a baseline image (left out)"] += 1
             continue
-        if len(cand) > 1 and cand[1][0] == cand[0][0]:
-            tally["baseline rows with several equally close images (the first by path taken)"] += 1
-        used.add(cand[0][1])
+        ties = [p for dd, p in cand if dd == min(d for d, _ in cand)]
+        ids = [_loni_image_id(p) for p in ties]
+        if len(ties) > 1 and (None in ids or len(set(ids)) < len(ids)):
+            tally["baseline rows with several equally close images not told apart by image id (left out: "
+                  "ambiguous)"] += 1
+            continue
+        if len(ties) > 1:   # not by path: its order follows the vendors' series names
+            tally["baseline rows with several equally close images (the lowest image id taken)"] += 1
+        image = ties[ids.index(min(ids))] if len(ties) > 1 else ties[0]
+        uid = _one_study_uid(image, tally, "baseline rows") if os.path.isdir(image) else None
+        if os.path.isdir(image) and uid is None:
+            continue
+        used.add(image)
         age = _number(b["AGE"], path, b["_line"], "AGE") if b["AGE"] else None
-        st = Study(f"adni:{ptid}", ptid, "MR", image=cand[0][1], age=age)
+        st = Study(f"adni:{ptid}", ptid, "MR", image=image, uid=uid, age=age)
         st.tasks = tasks
         studies.append(st)
         tally["baseline rows labelled"] += 1
@@ -659,7 +748,7 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
     - the images: ROOT/.../AIBL/<RID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/
       (one NIfTI file, or one DICOM series per image id), the series matching adni_series
       (T1/MPRAGE); a folder with two or more NIfTI files, or an image id in two folders, is
-      counted and not used.
+      counted and not used; a DICOM image folder of no study or of several leaves the row out, counted.
     Labels: from the VISCODE bl row: DXCURREN 3 -> dementia 1, 1 -> 0; 2 (MCI) and missing are
     left out, counted. Image: a T1 image whose collection row names the subject and visit bl (the
     lowest image id when several). Age: the collection csv's Age at that image, when given.
@@ -694,10 +783,13 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
             tally["baseline rows without a baseline T1 image (left out)"] += 1
             continue
         iid = baseline[rid][0]
+        uid = _one_study_uid(images[iid], tally, "baseline rows") if os.path.isdir(images[iid]) else None
+        if os.path.isdir(images[iid]) and uid is None:
+            continue
         if len(baseline[rid]) > 1:
             tally["baseline rows with several baseline T1 images (the lowest image id taken)"] += 1
         used.add(iid)
-        st = Study(f"aibl:{rid}", rid, "MR", image=images[iid], age=links[iid][2])
+        st = Study(f"aibl:{rid}", rid, "MR", image=images[iid], uid=uid, age=links[iid][2])
         st.tasks["dementia"] = {"dementia": int(dx == "AD")}
         studies.append(st)
         tally["baseline rows labelled"] += 1
@@ -896,7 +988,9 @@ def cq500(root_dir, labels_path=""):
     midline_shift. The study key comes from the StudyInstanceUID of the folder's DICOM files. A
     number found in two or more folders (CQ500CT5 CQ500CT5 beside CQ500-CT-5): one StudyInstanceUID
     in all of them (copies of one study) is labelled once; different ones leave the read out,
-    counted (which study it is of cannot be told). preprocess.py --input=ROOT. Returns (studies, tally, columns)."""
+    counted (which study it is of cannot be told), as does a folder whose files are of two or more
+    studies (every file's header is read, no pixels) or of none. preprocess.py --input=ROOT.
+    Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "reads.csv")
     need = ["name"] + [f"R{i}:{c}" for i in (1, 2, 3) for c in CQ500_READS]
     rows, _ = _read_table(path, need)
@@ -926,7 +1020,14 @@ def cq500(root_dir, labels_path=""):
         if n not in folders:
             tally["rows without a study folder (left out)"] += 1
             continue
-        uids = {_folder_study_uid(f) for f in folders[n]}
+        per_folder = [_folder_study_uids(f) for f in folders[n]]
+        uids = set().union(*per_folder)
+        if not all(per_folder):
+            tally["rows with a study folder holding no DICOM file with a StudyInstanceUID (left out)"] += 1
+            continue
+        if any(len(u) > 1 for u in per_folder):   # one folder of two studies: which one was read?
+            tally["rows whose study folder mixes two or more studies (left out: ambiguous)"] += 1
+            continue
         if len(uids) > 1:   # which of the folders' studies the read is of cannot be told
             tally["rows whose study number names folders of different studies (left out: ambiguous)"] += 1
             continue

@@ -74,12 +74,14 @@ def token_map_to_volume(values, coords, shape, patch=PATCH, origin=(0, 0, 0)):
 
 def resample_to_reference(vol, affine, ref_shape, ref_affine, order=1):
     """Resample vol (D, H, W) with affine (voxel -> world mm) into a reference grid
-    (ref_shape, ref_affine). Outside vol -> 0. Returns float32 ref_shape."""
+    (ref_shape, ref_affine). Outside vol -> 0. Returns float32 ref_shape. Nearest neighbour
+    (order 0, masks) keeps each voxel's whole extent, the outer half-voxel of the array included."""
     from scipy.ndimage import map_coordinates
     M = np.linalg.inv(np.asarray(affine, np.float64)) @ np.asarray(ref_affine, np.float64)
     ijk = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in ref_shape], indexing="ij"), 0)
     src = np.tensordot(M[:3, :3], ijk, axes=1) + M[:3, 3][:, None, None, None]
-    return map_coordinates(np.asarray(vol, np.float32), src, order=order, mode="constant", cval=0.0).astype(np.float32)
+    return map_coordinates(np.asarray(vol, np.float32), src, order=order,
+                           mode="grid-constant" if order == 0 else "constant", cval=0.0).astype(np.float32)
 
 
 def write_nifti(path, vol, affine):

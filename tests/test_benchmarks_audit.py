@@ -310,7 +310,7 @@ def test_bench_public_external_run_refuses_the_probes_own_training_studies(tmp_p
 
 def test_adni_never_takes_the_first_of_several_nifti_files_of_one_image(tmp_path):
     # 002_S_0001's baseline image folder holds a second NIfTI that sorts first; 003_S_0003 has
-    # MPRAGE and MPRAGE_Repeat on one day (equally close: the first by path, counted)
+    # MPRAGE (I300) and MPRAGE_Repeat (I301) on one day (equally close: the lowest image id, counted)
     root = str(tmp_path / "adni")
     expect, _ = bench_fakes.adni(root, dicom_subject=False)
     d = os.path.join(root, "ADNI", "002_S_0001", "MPRAGE", "2006-01-10_10_20_30.0", "I100")
@@ -321,7 +321,7 @@ def test_adni_never_takes_the_first_of_several_nifti_files_of_one_image(tmp_path
     assert sorted(st.subject for st in studies) == sorted(set(expect) - {"002_S_0001"})
     assert "/MPRAGE/" in next(st.image for st in studies if st.subject == "003_S_0003")
     assert tally["image folders with two or more NIfTI files (not used: ambiguous)"] == 1
-    assert tally["baseline rows with several equally close images (the first by path taken)"] == 1
+    assert tally["baseline rows with several equally close images (the lowest image id taken)"] == 1
     assert tally["baseline rows without a baseline image (left out)"] == 3 + 1
 
 
@@ -427,3 +427,136 @@ def test_two_label_files_under_root_are_an_error_not_a_pick_by_name(tmp_path, da
         B.ADAPTERS[dataset](root)
     studies, _, _ = B.ADAPTERS[dataset](root, intended)   # the one named is read
     assert studies
+
+
+# ----------------------------------------------------------------------------- ties, mixed DICOM folders, reruns
+
+
+def _adni_tied(root, subjects):
+    """ADNIMERGE.csv (CN at baseline) + NIfTI images of one day; subjects: {PTID: [(series, image id folder)]}."""
+    rows = []
+    for k, (ptid, series) in enumerate(subjects.items()):
+        rows.append([k + 1, ptid, "bl", "2006-01-05", "CN", "CN", 70.0, 0])
+        for j, (name, iid) in enumerate(series):
+            d = os.path.join(root, "ADNI", ptid, name, "2006-01-10_10_20_30.0", iid)
+            bench_fakes.write_nifti(os.path.join(d, f"ADNI_{ptid}_{name}.nii"), seed=k * 10 + j)
+    bench_fakes.write_csv(os.path.join(root, "ADNIMERGE.csv"), bench_fakes.ADNI_HEADER, rows)
+
+
+def test_adni_equally_close_images_take_the_lowest_image_id_not_the_first_path(tmp_path):
+    # two vendors' names for a plain and an accelerated MPRAGE of one visit: by path the accelerated
+    # one sorts first in the first subject, the plain one in the second
+    plan = {"002_S_0001": [("MPRAGE", "I100"), ("Accelerated_Sagittal_MPRAGE", "I150")],
+            "002_S_0002": [("MPRAGE", "I250"), ("MPRAGE_SENSE2", "I200")],
+            "002_S_0003": [("MPRAGE", "raw"), ("MPRAGE_Repeat", "I310")]}   # one without an image id: undecidable
+    root = str(tmp_path / "adni")
+    _adni_tied(root, plan)
+    studies, tally, _ = B.adni(root)
+    got = {st.subject: os.path.basename(os.path.dirname(st.image)) for st in studies}
+    assert got == {"002_S_0001": "I100", "002_S_0002": "I200"}   # by hand: the lowest id of each
+    by_path = {p: sorted(os.path.join(s, i) for s, i in v)[0].split(os.sep)[1] for p, v in plan.items()}
+    assert by_path["002_S_0001"] != got["002_S_0001"] and by_path["002_S_0002"] != got["002_S_0002"]
+    assert tally["baseline rows with several equally close images (the lowest image id taken)"] == 2
+    assert tally["baseline rows with several equally close images not told apart by image id (left out: "
+                 "ambiguous)"] == 1
+    assert tally["baseline rows labelled"] == 2 and tally["rows"] == 3
+
+
+def test_a_dicom_folder_mixing_two_studies_is_left_out_not_labelled_by_its_first_file(tmp_path):
+    import pydicom
+    from dicom_synth import head_phantom, write_series
+    # ADNI: 002_S_0002's baseline series folder (DICOM) also holds a file of another study, sorted first
+    root = str(tmp_path / "adni")
+    expect, _ = bench_fakes.adni(root, dicom_subject=True)
+    d = os.path.join(root, "ADNI", "002_S_0002", "MPRAGE", "2006-01-10_10_20_30.0", "I200")
+    own = {str(pydicom.dcmread(os.path.join(d, f)).StudyInstanceUID) for f in os.listdir(d)}
+    other, _, _ = write_series(d, head_phantom((1, 32, 32), 5), modality="MR", names=["AAA.dcm"], phi=False)
+    assert len(own) == 1 and other not in own
+    studies, tally, _ = B.adni(root)
+    assert sorted(st.subject for st in studies) == sorted(set(expect) - {"002_S_0002"})
+    assert tally["baseline rows whose DICOM folder mixes two or more studies (left out: ambiguous)"] == 1
+    # CQ500: CQ500-CT-1's folder also holds a series of another study (sorted first); CQ500-CT-3 (read,
+    # not in the fake download) gets a folder without a DICOM file: both left out, counted, the rest labelled
+    root = str(tmp_path / "cq500")
+    expect, _ = bench_fakes.cq500(root)
+    other, _, _ = write_series(os.path.join(root, "CQ500CT1 CQ500CT1", "A other", "CT 5mm"),
+                               head_phantom((3, 32, 32), 77), phi=False)
+    os.makedirs(os.path.join(root, "CQ500-CT-3"))
+    with open(os.path.join(root, "CQ500-CT-3", "readme.txt"), "w") as f:
+        f.write("not a DICOM file")
+    studies, tally, _ = B.cq500(root)
+    uid1 = list(expect)[1]   # CQ500-CT-1's own study (the fake writes 0, 1, 2 in order)
+    assert sorted(st.uid for st in studies) == sorted(set(expect) - {uid1}) and other not in expect
+    assert tally["rows whose study folder mixes two or more studies (left out: ambiguous)"] == 1
+    assert tally["rows with a study folder holding no DICOM file with a StudyInstanceUID (left out)"] == 1
+    assert tally["rows labelled"] == 2
+
+
+def test_a_rerun_that_picks_another_image_stages_it_not_the_earlier_link(tmp_path):
+    root = str(tmp_path / "adni")
+    _adni_tied(root, {"002_S_0001": [("MPRAGE", "I100"), ("Accelerated_Sagittal_MPRAGE", "I150")]})
+    out = str(tmp_path / "out")
+
+    def staged():
+        (folder,) = os.listdir(os.path.join(out, "images"))
+        (f,) = os.listdir(os.path.join(out, "images", folder))
+        return os.path.join(out, "images", folder, f)
+    B.run("adni", root, out, "s")
+    assert os.readlink(staged()).split(os.sep)[-4] == "MPRAGE"
+    # the docstring's way to choose the other series: narrow adni_series, rerun into the same OUT
+    B.run("adni", root, out, "s", series_regex="accelerated")
+    want = os.path.join(root, "ADNI", "002_S_0001", "Accelerated_Sagittal_MPRAGE", "2006-01-10_10_20_30.0", "I150",
+                        "ADNI_002_S_0001_Accelerated_Sagittal_MPRAGE.nii")
+    assert os.readlink(staged()) == want
+    # --link=copy after a symlink run: a copy of that file, not the earlier link
+    B.run("adni", root, out, "s", how="copy", series_regex="accelerated")
+    assert not os.path.islink(staged()) and open(staged(), "rb").read() == open(want, "rb").read()
+    # nothing changed: the folder is left as it is (the copy is not made again)
+    ino = os.stat(staged()).st_ino
+    B.run("adni", root, out, "s", how="copy", series_regex="accelerated")
+    assert os.stat(staged()).st_ino == ino
+
+
+def test_openbhb_never_gives_one_image_the_ages_of_two_rows(tmp_path):
+    # a session column; 2001 has a row without a session and one of ses-1, and one image (ses-1)
+    r = tmp_path / "bids"
+    bench_fakes.write_csv(str(r / "participants.tsv"), ["participant_id", "session", "age"],
+                          [("2001", "", "60.0"), ("2001", "1", "64.0"), ("2002", "1", "61.0")], "\t")
+    for pid in ("2001", "2002"):
+        bench_fakes.write_nifti(str(r / f"sub-{pid}" / "ses-1" / "anat" / f"sub-{pid}_ses-1_T1w.nii.gz"))
+    studies, tally, _ = B.openbhb(str(r))
+    assert [(st.subject, st.age) for st in studies] == [("2002", 61.0)]
+    assert tally["rows whose one T1w image another row also matches (left out: ambiguous)"] == 2
+    assert tally["images of listed participants not staged (row left out, or a session without a row)"] == 1
+
+
+def test_training_overlap_uses_the_probes_own_record_before_its_labels_file(tmp_path):
+    import torch
+    bp = _stages_module()
+    # the training labels file was rewritten after training (k3 gone, k4 new); probe.pt records what it saw
+    trained = _labels_csv(tmp_path / "trained.csv", [("k1", "s1", ""), ("k4", "s4", "")])
+    pt = str(tmp_path / "probe.pt")
+    torch.save(dict(config=dict(labels=trained), models=[], seen_keys=["k1", "k2", "k3"], seen_subjects=["s1", "s2"],
+                    test_keys=["k5"]), pt)
+    here = _labels_csv(tmp_path / "here.csv", [("k3", "x3", ""), ("k4", "x4", ""), ("k5", "x5", ""), ("k9", "s2", ""),
+                                               ("k7", "", "")])
+    # by hand, evaluate.py's rule: k3 (seen), k5 (a held-out test key), k9 (a seen subject); not k4 (never seen)
+    n, total, source = bp.training_overlap(pt, here, "")
+    assert (n, total) == (3, 5) and source != trained
+    seen = B.probe_seen(torch.load(pt, weights_only=True))
+    assert [r["study_key"] for r in B.own_rows(list(csv.DictReader(open(here))), *seen)] == ["k3", "k5", "k9"]
+
+
+def test_lesion_overlay_keeps_a_lesion_on_the_mask_arrays_edge():
+    from nvfm import grounding
+    # a 2 mm mask of 4 voxels per axis, lesion on its last x plane and its first voxel; a 1 mm reference
+    # grid over the same extent: reference voxel j lies at mask coordinate (j - 0.5) / 2, inside mask voxel
+    # round((j - 0.5) / 2), so x planes 6 and 7 (mask 2.75, 3.25) are of the last plane, 0 and 1 of the first
+    mask = np.zeros((4, 4, 4), np.float32)
+    mask[3] = 1
+    mask[0, 0, 0] = 1
+    ref = np.eye(4)
+    ref[:3, 3] = -0.5
+    got = grounding.resample_to_reference(mask, np.diag([2.0, 2.0, 2.0, 1.0]), (8, 8, 8), ref, order=0)
+    want = mask.repeat(2, 0).repeat(2, 1).repeat(2, 2)   # each 2 mm voxel is 2 x 2 x 2 reference voxels
+    np.testing.assert_array_equal(got, want)
