@@ -6,7 +6,10 @@ table, and PNG plots (the NeuroVFM paper, Methods: evaluation).
         --names=pretrained,random_init,mean_pool --labels=... --shards=out/shards --cohort=out/demo
 
 Per probe: per-class AUROC, sensitivity, specificity, balanced accuracy at the thresholds
-chosen on validation, 95% CIs from a bootstrap (`n_boot` replicates) of the evaluated studies:
+chosen on validation (a class without positives or negatives on the probe's selection split has
+no chosen threshold or calibration, only train_probe.py's placeholders: its sensitivity,
+specificity, balanced accuracy and calibrated F1 are null, `threshold_fitted` false, left out of
+their macro averages, with a warning), 95% CIs from a bootstrap (`n_boot` replicates) of the evaluated studies:
 study-level, or subject-level (a cluster bootstrap: each drawn subject brings all its evaluated
 studies, the same resample for every figure of a probe) when labels.csv's `subject` column gives
 some subject two or more of the evaluated studies, as in RSNA (metrics.json and table.txt record
@@ -20,10 +23,18 @@ with CIs. A probe with the classes `ich`, `bleed_left`, `bleed_right` (CQ500) al
 accuracy given correct detection (`laterality`). A study without tokens in the probe's windows
 (an empty bag: a constant logit) is left out with a warning, as train_probe.py leaves it out, and
 counted (`n_no_tokens` in metrics.json).
+A probe is scored only on features of the precision it was fitted on (probe.pt's
+`feature_precision`, else the one its training cache records; CPU float32 and CUDA
+bfloat16-autocast features differ ~14x the float16 storage step, nvfm/features.py): a
+--features cache of another precision is refused, as one of another encoder or token rules is,
+and where either precision is not recorded a warning says the check could not be made
+(metrics.json records the evaluated cache's as `feature_precision`). The flip test re-encodes on
+--device: on a cache of another precision it is not run (its note says why).
 Public benchmarks (nvfm/benchmarks.py, `train_probe.py --protocol=paper`): `external=True`
 scores a probe unchanged on every study of another dataset's --labels (external transfer; a
 study or subject the probe saw, as probe.pt's seen_keys / seen_subjects / test_keys record it,
-marks the run in-sample);
+marks the run in-sample; so does, in any run, an evaluated study that is, or shares a subject
+with, one that fitted or tuned the probe: labels.csv splits that are not subject-disjoint);
 paper_table.md has one row per task and figure and one column per probe name (in-sample
 figures, as table.txt flags them, on rows marked "(in-sample: ...)");
 `merge=a/metrics.json,b/metrics.json` joins runs (datasets) into one table (a row and column
@@ -40,7 +51,6 @@ label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.n
 """
 import json
 import os
-import pickle
 import sys
 
 import numpy as np
@@ -80,16 +90,16 @@ if threads > 0:
 
 from nvfm import metrics  # noqa: E402
 from nvfm import probe as P  # noqa: E402
-from nvfm.checkpoint import load_checkpoint, load_state_strict  # noqa: E402
-from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
+from nvfm.checkpoint import CheckpointError, load_checkpoint, load_state_strict  # noqa: E402
+from nvfm.features import FeatureCache, StaleCacheError, encode_precision, trained_precision  # noqa: E402
 
 
 def load_probe(path):
     """-> (checkpoint dict, list of probe modules in eval mode)."""
     try:
         ck = load_checkpoint(path)
-    except (EOFError, RuntimeError, pickle.UnpicklingError) as e:  # truncated, empty or not a torch file
-        fail(f"--probes: {path} is not a readable probe.pt: truncated or not a torch checkpoint ({type(e).__name__})")
+    except CheckpointError as e:  # truncated, empty, not a torch file, a pickled object: its own reason
+        fail(f"--probes: {path} is not a readable probe.pt: {str(e).removeprefix(f'{path}: ')}")
     if not isinstance(ck, dict) or "models" not in ck:
         fail(f"--probes: {path} is not a probe.pt written by train_probe.py")
     models = []
@@ -107,6 +117,14 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         cache = FeatureCache(features or ck["features"], expect_hash=ck["encoder_hash"])
     except StaleCacheError as e:   # another encoder's features, a cache cut short
         fail(str(e))
+    fit = trained_precision(ck, ck["features"], cache)
+    if fit and cache.precision and fit != cache.precision:   # ~14x the float16 step apart: not the probe's figures
+        fail(f"--probes: {path} was fitted on {fit} features ({ck['features']}), but {cache.path} holds "
+             f"{cache.precision} features (encode.py on another kind of device): its figures would not be the "
+             f"probe's; score it on a {fit} cache or retrain it on this one")
+    if not (fit and cache.precision) and os.path.realpath(cache.path) != os.path.realpath(ck["features"]):
+        print(f"evaluate.py: warning: {display}: cannot check that {cache.path} ({cache.precision or 'not recorded'}) "
+              f"holds features of the precision the probe was fitted on ({fit or 'not recorded'})", file=sys.stderr)
     wins = set(ck["windows"].split(",")) if ck["windows"] else None
     lab = ck["label_names"]
     mod = ck["eval_modality"]
@@ -182,7 +200,7 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         logits = logits[:, cols]
     res = {"probe": path, "kind": ck["probe_args"]["kind"], "task": ck["task"], "protocol": ck["protocol"],
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
-           "encoder_hash": ck["encoder_hash"], "n_no_tokens": len(empty)}
+           "encoder_hash": ck["encoder_hash"], "feature_precision": cache.precision, "n_no_tokens": len(empty)}
     res["external"] = bool(external)
     if n_boot:
         res["ci_unit"] = ci_unit(groups)
@@ -201,6 +219,13 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
               f"study or subject with the probe's own dataset (its training, tuning or held-out test studies): "
               f"{labels} is not external to it (in-sample, optimistic figures)"
               + ("; --external=False scores its held-out test set" if "test_keys" in ck else ""), file=sys.stderr)
+    fitted, fitted_subj = set(ck.get("seen_keys", ())), set(ck.get("seen_subjects", ()))
+    shared = [k for k, g in zip(keys, groups) if k in fitted or (g and g in fitted_subj)]
+    if shared and not external and "in_sample" not in res:   # labels.csv's splits are not subject-disjoint
+        res["in_sample"], res["n_shared"] = "shared", len(shared)
+        print(f"evaluate.py: warning: {display}: {len(shared)} of the {len(keys)} evaluated studies are, or share a "
+              f"subject with, studies that fitted or tuned the probe (seen_keys / seen_subjects; first: "
+              f"{shared[:3]}): in-sample, optimistic figures", file=sys.stderr)
     if ck["task"] == "age":
         pred = logits[:, 0] * ck["age_sd"] + ck["age_mu"]
         age = np.array([rows_by_key[k]["age"] for k in keys])
@@ -213,6 +238,32 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
                                         progress=n_boot >= 1000, groups=groups)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
     metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"])   # classes without test positives left out
+    unfit = unfitted_classes(full_ck)
+    unfit = unfit[cols] if cols is not None else unfit
+    for k, name in enumerate(lab):
+        rep["per_class"][name]["threshold_fitted"] = not unfit[k]
+    if unfit.any():   # their threshold (0) and Platt (the prior) are placeholders: no operating point to score
+        print(f"evaluate.py: warning: {display}: {int(unfit.sum())} classes have no threshold or calibration fitted "
+              f"on the probe's selection split (no positives or no negatives there): their sensitivity, specificity "
+              f"and calibrated F1 (a detection class's side accuracy too) are left undefined: {[n for n, u in zip(lab, unfit) if u][:5]}", file=sys.stderr)
+        kept = np.nonzero(~unfit)[0]
+        sub = metrics.classification_report(y[:, kept], logits[:, kept], thr[kept], [lab[i] for i in kept],
+                                            n_boot=n_boot, seed=seed, device=device, groups=groups) if len(kept) else None
+        for m in ("sensitivity", "specificity", "balanced_accuracy"):
+            # the same seed resamples the same studies: the fitted classes' own rows are unchanged
+            rep["macro"][m] = sub["macro"][m] if sub else {"mean": None, "n_classes": 0}
+            for k in np.nonzero(unfit)[0]:
+                row = rep["per_class"][lab[k]]
+                row[m] = None
+                if n_boot:
+                    row[m + "_ci"] = [None, None]
+                    row["ci_n_valid"][m] = 0
+        for k in np.nonzero(unfit)[0]:
+            rep["per_class"][lab[k]]["calibrated_f1"] = None
+        cf1 = np.array([np.nan if r["calibrated_f1"] is None else r["calibrated_f1"]
+                        for r in rep["per_class"].values()])
+        rep["macro"]["calibrated_f1"] = dict(zip(("mean", "n_classes"), metrics.macro(cf1)))
+        rep["label_efficiency"] = metrics.jsonable(metrics.label_efficiency_fit(ck["n_train_pos"], cf1))
     pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed, groups=groups)
     for k, name in enumerate(lab):
         row = rep["per_class"][name]
@@ -223,7 +274,7 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     rep["macro"]["auprc"] = dict(zip(("mean", "n_classes"), metrics.macro(np.where(metrics.defined_classes(y),
                                                                                      pr["auprc"], np.nan))))
     lat = laterality.split(":") if laterality else []
-    if len(lat) == 3 and all(n in lab for n in lat):
+    if len(lat) == 3 and all(n in lab for n in lat) and not unfit[lab.index(lat[0])]:   # detection at a real threshold
         d, le, ri = (lab.index(n) for n in lat)
         rep["laterality"] = metrics.laterality_report(y[:, d], logits[:, d], thr[d], y[:, le], y[:, ri],
                                                       logits[:, le], logits[:, ri], n_boot=n_boot, seed=seed,
@@ -237,6 +288,16 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
                     wins=wins, display=display, groups=groups)
     return res, dict(task="classify", grounding_view=view, keys=keys, y=y, logits=logits, ck=ck, models=models,
                      cache=cache, wins=wins, display=display, groups=groups)
+
+
+def unfitted_classes(ck):
+    """(K,) bool over the probe's classes: no threshold or Platt calibration was fitted on its
+    selection split, the class having no positives or no negatives there (train_probe.py then leaves
+    threshold 0 (logit) and Platt a = 0: the prior). From the stored selection labels; probes
+    without them: from those placeholder values."""
+    if "sel_labels" in ck:
+        return ~metrics.defined_classes(np.asarray(ck["sel_labels"]))
+    return (np.asarray(ck["thresholds"], np.float64) == 0) & (np.asarray(ck["platt_a"], np.float64) == 0)
 
 
 def ci_unit(groups):
@@ -284,13 +345,19 @@ def display_names(paths, names_arg):
     return disp
 
 
+# table.txt's mark of an in-sample run, by res["in_sample"] (else a split name: --split=train/val)
+IN_SAMPLE = {"external": "  [in-sample: --labels is the probe's own dataset]",
+             "shared": "  [in-sample: {n_shared} studies fitted or tuned the probe, or share a subject with those]"}
+
+
 def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
              f"{res['n_studies']} studies, {res['n_models']} model(s)"
              + (f", {res['n_no_tokens']} without tokens left out" if res.get("n_no_tokens") else "")
              + (f"; CI bootstrap unit: {res['ci_unit']}" if res.get("ci_unit") else "") + ")"
-             + ("" if not res.get("in_sample") else "  [in-sample: --labels is the probe's own dataset]"
-                if res["in_sample"] == "external" else f"  [in-sample: the probe was fitted or tuned on split {res['in_sample']!r}]")]
+             + ("" if not res.get("in_sample") else IN_SAMPLE.get(res["in_sample"], "  [in-sample: the probe was "
+                                                                    f"fitted or tuned on split {res['in_sample']!r}]")
+                .format(**res))]
     if res["task"] == "age":
         lines.append(f"   age: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} years, RMSE "
                      f"{fmt_ci(res['rmse'], res.get('rmse_ci'), 2)} years, Pearson r "
@@ -409,8 +476,9 @@ def paper_rows(results, task):
     """The paper-style table's rows for one run: [(row label, {probe name: cell})], cells
     '0.831 [0.702, 0.915]'. Classification: AUROC per defined class (and the macro mean over
     several), PR lift and calibrated F1 per class, side accuracy; age: MAE, RMSE (years), Pearson r.
-    Figures of an in-sample run (`in_sample`: --split=train/val, or --external on the probe's own
-    dataset) are marked in their row labels, e.g. "macro AUROC (in-sample: val)"."""
+    Figures of an in-sample run (`in_sample`: --split=train/val, --external on the probe's own
+    dataset, or evaluated studies sharing subjects with its training ones) are marked in their row
+    labels, e.g. "macro AUROC (in-sample: val)"."""
     rows = {}
 
     def put(label, col, value, ci, nd):
@@ -421,6 +489,8 @@ def paper_rows(results, task):
         ext = " (external)" if r.get("external") else ""
         if r.get("in_sample") == "external":   # the probe's own dataset: what trained and tuned it
             ext = " (external; in-sample: the probe's own dataset)"
+        elif r.get("in_sample") == "shared":   # test studies (subjects) that fitted or tuned it too
+            ext += " (in-sample: subjects shared with training)"
         elif r.get("in_sample"):               # --split=train/val of a split-protocol probe
             ext += f" (in-sample: {r['in_sample']})"
         if r["task"] == "age":
@@ -641,7 +711,13 @@ def main():
                 mod = first["ck"]["eval_modality"]
                 fk = [k for k, r in rows_by_key.items() if r["split"] in flip_split.split(",")
                       and (mod == "all" or r["modality"] == mod)]
-            f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
+            made, here = first["cache"].precision, encode_precision(device)
+            if made and made != here:   # mirrored bags in one precision against cached ones in another
+                f = {"auroc": None, "n": 0, "note": f"{first['cache'].path} holds {made} features, --device={device} "
+                     f"re-encodes in {here}: the logit changes would mix the two (--device="
+                     f"{'cuda' if made.startswith('bfloat16') else 'cpu'})"}
+            else:
+                f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
             summary["flip_test_auroc"] = f["auroc"]
             results[first["display"]]["flip_test"] = f
             if "note" in f:

@@ -18,13 +18,18 @@ and the iteration alone, so a killed run resumed trains the weights of an uninte
 checkpoint's settings (others that change training are refused; RESUME_MAY_CHANGE lists those that may
 change), and with the fine-tuned LM saved with that checkpoint (OUT/llm-<iteration>, named in ckpt.pt;
 OUT/llm links to it), or not at all.
+Features of one precision throughout: CPU float32 and CUDA bf16-autocast caches (nvfm/features.py) differ
+~14x the float16 step, so --features of another precision than the one a resumed ckpt.pt, an
+--init_connector or a --probe was trained on (its recorded `feature_precision`, else the one its training
+cache records) is refused before anything is trained, as another encoder's features are.
 Multi-GPU: `torchrun --nproc_per_node=8 train_llava.py ... --fsdp=True` shards the LM and connector
 with FSDP (full-shard, one unit per decoder layer); rank 0 writes checkpoints and reports.
 
 At the end the eval split is decoded (batched, greedy or beam: deterministic), each reply parsed
 as a JSON list (repaired or reported, never a crash), optionally cross-checked against the
 diagnostic probe's scores (--probe=probe.pt or --probe_scores=...: urgent diagnoses the probe calls
-positive but the report omits are appended), and scored with nvfm.report_metrics
+positive but the report omits are appended; a probe.pt scores only the studies with tokens in its windows,
+an empty bag's logit being a constant), and scored with nvfm.report_metrics
 (OUT/reports*.jsonl, OUT/metrics.json). Where the probe "calls positive" is --probe_rule: by
 default each urgent diagnosis gets the lowest probe score whose appended calls are right
 --probe_precision of the time among reports that omit it, fitted on the evaluated --val_split studies'
@@ -143,8 +148,9 @@ if stage not in (1, 2) or init_from not in ("scratch", "resume"):
     fail(f"--stage must be 1 or 2 (got {stage}) and --init_from scratch or resume (got {init_from!r})")
 
 from nvfm import llava  # noqa: E402
-from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic  # noqa: E402
-from nvfm.features import FeatureCache, StaleCacheError  # noqa: E402
+from nvfm.checkpoint import (CheckpointError, changed_settings, load_checkpoint, load_state_strict,  # noqa: E402
+                             resume_refusal, save_atomic)
+from nvfm.features import FeatureCache, StaleCacheError, trained_precision  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm  # noqa: E402
 from nvfm.data import write_atomic  # noqa: E402
 from nvfm.metrics import jsonable  # noqa: E402
@@ -194,6 +200,29 @@ if ((probe or probe_scores) and probe_rule == "reports" and cross_check != "off"
     fail(f"--probe_rule=reports fits the cross-check on the reports of the --val_split={val_split} studies, and "
          f"the --eval_split={eval_split} studies include none: evaluate {val_split} studies too (e.g. "
          f"--eval_split={val_split},test) or use --probe_rule=precision or youden")
+
+
+def precision_refusal(what, fit, source):
+    """One line when `what` was trained on features of precision `fit` (from `source`) and --features holds another
+    (CPU float32 vs CUDA bf16 autocast: ~14x the float16 step apart); None when they agree or either is unknown."""
+    if fit and cache.precision and fit != cache.precision:
+        return (f"{what} was trained on {fit} features ({source}), but {features} holds {cache.precision} features "
+                f"(encode.py on another kind of device): use a {fit} feature cache")
+    return None
+
+
+if probe and cache is not None and not text_only:  # refused before training, not after it
+    for _p in [p for p in probe.split(",") if p]:
+        try:
+            _ck = load_checkpoint(_p)
+        except CheckpointError as e:  # truncated, not a torch file, a pickled object
+            fail(f"--probe: {e}")
+        if _ck.get("encoder_hash") != cache.encoder_hash:
+            fail(f"--probe={_p} was trained on features of encoder {_ck.get('encoder_hash')}, "
+                 f"{features} has {cache.encoder_hash}")
+        _msg = precision_refusal(f"--probe={_p}", trained_precision(_ck, _ck.get("features"), cache), _ck.get("features"))
+        if _msg:
+            fail(_msg)
 labels = llava.study_labels(recs, findings)
 with open(findings, "rb") as _f:  # what the run trains on: the findings' content and the training studies
     data_id = "sha256:" + hashlib.sha256(_f.read() + "\0".join(train_keys).encode()).hexdigest()
@@ -301,6 +330,11 @@ if init_from == "resume":
                        if ckpt.get("config", {}).get(k, config[k]) != config[k]]
     if changes:
         fail(resume_refusal(ckpt_path, changes))
+    if cache is not None and not text_only:  # it would train (or decode) on features of another precision
+        _src = ckpt.get("config", {}).get("features")
+        _msg = precision_refusal(ckpt_path, trained_precision(ckpt, _src, cache), _src)
+        if _msg:
+            fail(_msg)
     if ckpt.get("config", {}).get("max_iters", max_iters) != max_iters and master:
         print(f"note: --max_iters {ckpt['config']['max_iters']} -> {max_iters}: the learning-rate schedule of the "
               f"remaining iterations follows the new length (not the same run as one started with it)")
@@ -319,6 +353,10 @@ if init_from == "scratch" and init_connector:
               if ck0.get("config", {}).get(k, config[k]) != config[k]]
     if cache is not None and ck0.get("encoder_hash") not in (None, cache.encoder_hash):
         differ.insert(0, f"encoder {ck0['encoder_hash']} -> {cache.encoder_hash} (features {features})")
+    _fit = (trained_precision(ck0, ck0.get("config", {}).get("features"), cache) if cache is not None and not text_only
+            else None)
+    if precision_refusal("", _fit, ""):
+        differ.insert(0, f"feature precision {_fit} -> {cache.precision} (features {features})")
     if ck0.get("llm") not in (None, base_llm):
         differ.append(f"llm {ck0['llm']!r} -> {base_llm!r}")
     if differ:
@@ -454,6 +492,7 @@ def save(it):
         os.replace(tmp, final)
     state = {"connector": conn, "iter_num": it, "stage": stage, "stage1_iters": stage1_iters, "config": config,
              "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": base_llm,
+             "feature_precision": cache.precision if cache is not None else None,
              "llm_dir": name, "llm_files": files, "data_id": data_id, "enc_dim": enc_dim}
     if not (ddp and fsdp):
         state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
@@ -562,8 +601,13 @@ def run_probes(paths, keys):
         models = [load_state_strict(P.make_probe(**ck["probe_args"]), st, f"{path} model {i}").eval()
                   for i, st in enumerate(ck["models"])]
         mod = ck.get("eval_modality") or ck.get("modality") or "all"
-        ks = [k for k in keys if mod == "all" or recs[k].get("modality") == mod]
         wins = set(ck["windows"].split(",")) if ck.get("windows") else None
+        ks = [k for k in keys if mod == "all" or recs[k].get("modality") == mod]
+        empty = [k for k in ks if cache.n_tokens(k, wins) == 0]
+        if empty:  # an empty bag's logit is a constant, not image evidence: unscored, as evaluate.py leaves it out
+            print(f"probe {path}: {len(empty)} of its {len(ks)} studies have no tokens in its windows {ck['windows']} "
+                  f"(first: {empty[:3]}): not cross-checked by it")
+            ks = [k for k in ks if k not in set(empty)]
         get_bag = lambda k: torch.from_numpy(np.asarray(cache.study_tokens(k, wins)[0], dtype=np.float32))
         logits = P.predict(models, get_bag, ks) if ks else []
         if probe_rule == "reports":  # thresholds are fitted on the reports later

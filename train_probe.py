@@ -306,7 +306,8 @@ def main():
     eval_mod = transfer_to or modality
     grid = parse_grid(cv_grid)
     ckpt = dict(probe_args=probe_args, task=task, label_names=names, modality=modality, eval_modality=eval_mod,
-                encoder_hash=cache.encoder_hash, features=os.path.abspath(features), windows=windows,
+                encoder_hash=cache.encoder_hash, feature_precision=cache.precision,
+                features=os.path.abspath(features), windows=windows,
                 side_classes=bool(side_classes), config=config)
     if cv_folds > 0:
         keys = [r["study_key"] for r in rows]

@@ -81,6 +81,23 @@ def encode_precision(device):
     return "bfloat16-autocast" if kind == "cuda" else "float32"
 
 
+def trained_precision(ck, trained_on, open_cache=None):
+    """How the features a checkpoint (a probe.pt, a train_llava ckpt.pt) was trained on were
+    computed: its recorded `feature_precision`, else what its training cache at `trained_on`
+    records now (`open_cache`, a FeatureCache already open, when it is that cache); None when
+    neither says (an old checkpoint whose cache has moved, gone or never recorded it)."""
+    if ck.get("feature_precision"):
+        return ck["feature_precision"]
+    if not trained_on:
+        return None
+    if open_cache is not None and os.path.realpath(trained_on) == os.path.realpath(open_cache.path):
+        return open_cache.precision
+    try:
+        return FeatureCache(trained_on).precision
+    except (OSError, ValueError, StaleCacheError):  # moved, deleted or cut short since: unknown
+        return None
+
+
 def _read_index(path):
     """index.json -> dict; a file that is not a cache index is a StaleCacheError naming it."""
     index = os.path.join(path, "index.json")

@@ -488,7 +488,7 @@ def _synthetic_benchmark(d, n_subj=40, seed=0, name="cache", hash_="sha256:synth
     rng = np.random.default_rng(seed)
     dirs = np.random.default_rng(123).normal(size=(3, 8)) * 6   # one "encoder": same directions in every dataset
     rows = []
-    with features.FeatureWriter(str(d / name), hash_, 8) as w:
+    with features.FeatureWriter(str(d / name), hash_, 8, precision="float32") as w:
         for s in range(n_subj):
             ich = int(rng.random() < 0.5)
             side = int(rng.random() < 0.5)
@@ -526,6 +526,7 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path, monkeypatch,
     assert ck["cv_grid_choice"] == {"lr": 0.01, "hidden": 16}
     assert ck["label_names"] == ["ich", "bleed_left", "bleed_right"] and len(ck["models"]) == 8
     assert ck["protocol"] == "paper: 8-fold CV"
+    assert ck["feature_precision"] == "float32"   # the training cache's: evaluate refuses a cache of another
     rows = _labels(lab)
     subj = {r["study_key"]: r["subject"] for r in rows}
     test_subj = {subj[k] for k in ck["test_keys"]}

@@ -4,6 +4,7 @@ labels.csv rows by study key, and scored with scikit-learn / scipy; studies with
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -22,14 +23,15 @@ import evaluate  # noqa: E402
 CLASSES = ["intraparenchymal_hemorrhage", "cerebral_atrophy"]
 
 
-def _cohort(d, n=48, seed=0):
+def _cohort(d, n=48, seed=0, precision=None):
     """A cache of n studies written in key order (every 4th MR with an `mr` window, the rest CT with
     a `brain` window, 2-6 tokens each, float16) and a labels.csv with its rows in another order, the
-    splits cycling test/train/val/test (so every MR study is a test study). Returns (embeddings {key: (n_tok, 4) float64 as stored}, rows)."""
+    splits cycling test/train/val/test (so every MR study is a test study); precision: the cache's
+    recorded one (None: not recorded). Returns (embeddings {key: (n_tok, 4) float64 as stored}, rows)."""
     rng = np.random.default_rng(seed)
     keys = [f"s{i:03d}" for i in range(n)]
     emb, rows = {}, []
-    with features.FeatureWriter(str(d / "cache"), "sha256:tiny", 4) as w:
+    with features.FeatureWriter(str(d / "cache"), "sha256:tiny", 4, precision=precision) as w:
         for i, k in enumerate(keys):
             mr = i % 4 == 3
             e = rng.normal(size=(int(rng.integers(2, 7)), 4)).astype(np.float16)
@@ -237,3 +239,162 @@ def test_a_labels_file_without_rows_is_a_one_line_error(tmp_path, monkeypatch):
     _settings(monkeypatch, tmp_path, probes=pt)
     with pytest.raises(SystemExit, match=r"no CT studies in split 'test' of .*labels.csv"):
         evaluate.main()
+
+
+def _copy_cache(src, dst, precision, encoder_hash="sha256:tiny", noise=0.0, seed=0):
+    """A copy of cache src said to be computed in `precision` (its tokens plus N(0, noise) as a GPU
+    bf16-autocast encode would move them), under encoder_hash."""
+    c = features.FeatureCache(src)
+    rng = np.random.default_rng(seed)
+    with features.FeatureWriter(dst, encoder_hash, c.dim, precision=precision) as w:
+        for k in c.study_keys():
+            w.add(k, [dict(e, emb=e["emb"].astype(np.float64) + noise * rng.normal(size=e["emb"].shape))
+                      for e in c.study(k)])
+    return dst
+
+
+def test_a_cache_of_another_precision_encoder_or_token_rules_is_refused(tmp_path, monkeypatch, capsys):
+    """A probe fitted on a CPU float32 cache was scored on a CUDA bf16-autocast cache of the same encoder
+    (--features) without a word (exit 0, metrics.json written), though such features differ ~14x the
+    float16 step. The precision comes from probe.pt's feature_precision when recorded, else from the
+    probe's training cache; another encoder's or other token rules' cache stays refused."""
+    emb, rows = _cohort(tmp_path, precision="float32")
+    gpu = _copy_cache(str(tmp_path / "cache"), str(tmp_path / "gpu"), "bfloat16-autocast", noise=1e-2)
+    pt, (st,) = _probe(tmp_path, "probe.pt")
+    _settings(monkeypatch, tmp_path, probes=pt, features=gpu)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main()
+    assert ("probe.pt was fitted on float32 features" in str(e.value.code) and "gpu holds bfloat16-autocast"
+            in str(e.value.code) and "\n" not in str(e.value.code))
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+    # the probe's own record wins over its training cache's: fitted in bf16, refused on the float32 cache
+    pt16, _ = _probe(tmp_path, "probe16.pt", feature_precision="bfloat16-autocast")
+    _settings(monkeypatch, tmp_path, probes=pt16)
+    with pytest.raises(SystemExit, match="fitted on bfloat16-autocast features .* holds float32 features"):
+        evaluate.main()
+    # the same precision elsewhere is scored (and matches numpy); a cache without a recorded precision is warned of
+    same = _copy_cache(str(tmp_path / "cache"), str(tmp_path / "same"), "float32")
+    for feats, warned in ((same, False), (_copy_cache(str(tmp_path / "cache"), str(tmp_path / "old"), None), True)):
+        capsys.readouterr()
+        _settings(monkeypatch, tmp_path, probes=pt, features=feats)
+        evaluate.main()
+        err = capsys.readouterr().err
+        assert ("cannot check that" in err) == warned, err
+        res = _results(tmp_path)["p"]
+        assert res["feature_precision"] == (None if warned else "float32")
+        keys = sorted(k for k, r in rows.items() if r["split"] == "test" and r["modality"] == "CT")
+        lg = np.array([_numpy_logits(st, emb[k]) for k in keys])
+        _check_classification(res, keys, rows, lg, [0.3, -0.4], [1.7, 0.6], [-0.5, 0.8], CLASSES)
+    for h in ("sha256:other", "sha256:tiny+tokens:fg1,centre,float"):   # another encoder, the authors' token rules
+        other = _copy_cache(str(tmp_path / "cache"), str(tmp_path / re.sub(r"\W", "_", h)), "float32", h)
+        _settings(monkeypatch, tmp_path, probes=pt, features=other)
+        with pytest.raises(SystemExit, match=f"made by encoder {re.escape(h)}, expected sha256:tiny"):
+            evaluate.main()
+
+
+def test_the_flip_test_is_not_run_on_a_cache_of_another_precision(tmp_path, monkeypatch, capsys):
+    """--flip_test re-encodes the mirrored volumes on --device and compared their logits with those of the
+    cached volumes: a bf16-autocast (GPU) cache flip-tested on the CPU mixed the two precisions silently."""
+    from nvfm import data, grounding
+    _cohort(tmp_path)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "manifest.json").write_text("{}")   # not read: ShardReader is replaced
+    calls = []
+    monkeypatch.setattr(data, "ShardReader", lambda path: "reader")
+    monkeypatch.setattr(grounding, "flip_test_eval", lambda *a, **kw: calls.append(kw["device"]) or {
+        "auroc": 0.5, "auroc_dL": 0.5, "auroc_dR": 0.5, "n": 2, "n_left": 1})
+    for prec, runs in (("bfloat16-autocast", False), ("float32", True)):
+        cache = _copy_cache(str(tmp_path / "cache"), str(tmp_path / prec), prec)
+        pt, _ = _probe(tmp_path, f"{prec}.pt", features=cache)
+        _settings(monkeypatch, tmp_path, probes=pt, flip_test=True, shards=str(tmp_path / "shards"), cohort="",
+                  anatomy=False, flip_split="")
+        calls.clear()
+        evaluate.main()
+        f = _results(tmp_path)["p"]["flip_test"]
+        assert calls == (["cpu"] if runs else [])
+        if not runs:
+            assert f["auroc"] is None
+            assert "holds bfloat16-autocast features, --device=cpu re-encodes in float32" in f["note"]
+            assert "flip test (p): not run:" in capsys.readouterr().out
+
+
+def test_classes_without_a_fitted_threshold_get_no_operating_point_figures(tmp_path, monkeypatch, capsys):
+    """A class without positives on the probe's selection split keeps train_probe.py's placeholders,
+    threshold 0 and Platt a = 0 (the prior): evaluate.py reported its sensitivity 1.0, specificity 0.0
+    and calibrated F1 0.0 as figures at a validation-chosen threshold, in the macro averages (macro
+    sensitivity 0.5 over 2 classes where the one fitted class gives 0.0)."""
+    emb, rows = _cohort(tmp_path)
+    val = sorted(k for k, r in rows.items() if r["split"] == "val" and r["modality"] == "CT")
+    ysel = np.array([rows[k]["y"] for k in val], np.float64)
+    ysel[:, 0] = 0                                   # no intraparenchymal_hemorrhage on the selection split
+    ssel = np.random.default_rng(0).normal(size=ysel.shape)
+    thr, (a, b) = metrics.youden_thresholds(ysel, ssel), metrics.platt_fit(ssel, ysel)
+    assert thr[0] == 0 and a[0] == 0                 # what train_probe.py stores for such a class
+    thr[1] = 0.5
+    sel = dict(sel_labels=torch.from_numpy(ysel.astype(np.uint8)), sel_logits=torch.from_numpy(ssel.astype(np.float32)))
+    for extra in (sel, {}):                          # from the selection labels, or (older probes) the placeholders
+        pt, (st,) = _probe(tmp_path, "probe.pt", thresholds=[float(v) for v in thr], platt_a=[float(v) for v in a],
+                           platt_b=[float(v) for v in b], **extra)
+        _settings(monkeypatch, tmp_path, probes=pt, n_boot=200, seed=3)
+        evaluate.main()
+        assert "1 classes have no threshold or calibration fitted" in capsys.readouterr().err
+        res = _results(tmp_path)["p"]
+        keys = sorted(k for k, r in rows.items() if r["split"] == "test" and r["modality"] == "CT")
+        lg = np.array([_numpy_logits(st, emb[k]) for k in keys])
+        y = np.array([rows[k]["y"] for k in keys])
+        u, f = res["per_class"]["intraparenchymal_hemorrhage"], res["per_class"]["cerebral_atrophy"]
+        assert u["n_pos"] > 0 and u["auroc"] == pytest.approx(roc_auc_score(y[:, 0], lg[:, 0]), abs=1e-9)
+        assert not u["threshold_fitted"] and f["threshold_fitted"]
+        assert u["sensitivity"] is u["specificity"] is u["balanced_accuracy"] is u["calibrated_f1"] is None
+        assert u["sensitivity_ci"] == [None, None]
+        pred = lg[:, 1] >= 0.5
+        sens, spec = pred[y[:, 1] == 1].mean(), (~pred[y[:, 1] == 0]).mean()
+        assert f["sensitivity"] == pytest.approx(sens) and f["specificity"] == pytest.approx(spec)
+        # the macros are the fitted class's own figures (its CI: the same resampled cohorts)
+        m = res["macro"]
+        assert m["sensitivity"]["n_classes"] == 1 and m["sensitivity"]["mean"] == pytest.approx(sens)
+        assert m["sensitivity"]["ci"] == pytest.approx(f["sensitivity_ci"])
+        assert m["balanced_accuracy"]["mean"] == pytest.approx((sens + spec) / 2)
+        prob = 1 / (1 + np.exp(-(a[1] * lg[:, 1] + b[1])))
+        assert m["calibrated_f1"] == {"mean": pytest.approx(f1_score(y[:, 1], prob >= 0.5)), "n_classes": 1}
+        assert m["auroc"]["n_classes"] == 2          # AUROC needs no threshold
+
+
+def test_an_unreadable_probe_is_refused_with_its_own_reason(tmp_path, monkeypatch):
+    """A probe.pt holding a numpy scalar (refused by torch.load(weights_only=True)) was reported as
+    'truncated or not a torch checkpoint (CheckpointError)', hiding load_checkpoint's reason."""
+    _cohort(tmp_path)
+    pt, _ = _probe(tmp_path, "probe.pt", thresholds=[np.float64(0.3), -0.4])
+    _settings(monkeypatch, tmp_path, probes=pt)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main()
+    msg = str(e.value.code)
+    assert "probe.pt is not a readable probe.pt: holds a pickled Python object (numpy" in msg, msg
+    assert "truncated" not in msg and "\n" not in msg
+
+
+def test_test_studies_sharing_subjects_with_the_training_studies_are_flagged(tmp_path, monkeypatch, capsys):
+    """labels.csv splits that are not subject-disjoint: every CT test study shared its subject with a train
+    study (s000 / s001, s004 / s005, ...), and the test figures passed for held-out ones (no in_sample)."""
+    emb, rows = _cohort(tmp_path)
+    with open(tmp_path / "labels.csv") as f:
+        table = list(csv.reader(f))
+    subject = {r[0]: f"p{int(r[0][1:]) // 2}" for r in table[1:]}
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([table[0] + ["subject"]] + [r + [subject[r[0]]] for r in table[1:]])
+    fit = [k for k, r in rows.items() if r["split"] in ("train", "val")]   # what train_probe.py records
+    for seen_subjects, want in ((sorted({subject[k] for k in fit}), 12), ([], 0)):
+        pt, _ = _probe(tmp_path, "probe.pt", seen_keys=fit, seen_subjects=seen_subjects)
+        _settings(monkeypatch, tmp_path, probes=pt)
+        evaluate.main()
+        res = _results(tmp_path)["p"]
+        test = [k for k, r in rows.items() if r["split"] == "test" and r["modality"] == "CT"]
+        by_hand = sum(subject[k] in set(seen_subjects) for k in test)   # a test study is never in fit itself
+        assert by_hand == want and res["n_studies"] == len(test) == 12
+        if want:
+            assert res["in_sample"] == "shared" and res["n_shared"] == by_hand
+            assert f"{by_hand} of the 12 evaluated studies are, or share a subject with," in capsys.readouterr().err
+            assert f"[in-sample: {by_hand} studies fitted or tuned" in (tmp_path / "ev" / "table.txt").read_text()
+            assert "(in-sample: subjects shared with training)" in (tmp_path / "ev" / "paper_table.md").read_text()
+        else:
+            assert "in_sample" not in res and "share a subject" not in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """train_llava.py audit: a killed run resumes to the uninterrupted weights, --init_connector refuses a
-connector of another encoder or shape, metrics.json claims only the splits it scored, a probe-scores
+connector of another encoder or shape, features of another precision than a probe, a resumed checkpoint
+or an --init_connector were trained on are refused, metrics.json claims only the splits it scored, a probe-scores
 row's missing thresholds take --probe_threshold, and the reports rule never fits on the test split."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,3 +214,80 @@ def test_cross_check_appends_what_report_metrics_reads_back():
     assert bad == [] and len(DIAGNOSES) > 100
     # below its threshold nothing is appended
     assert llava.cross_check([], {SDH: 0.49}, {SDH: 0.5}) == ([], [])
+
+
+def test_features_of_another_precision_than_the_probe_or_connector_were_trained_on_are_refused(tmp_path, lm_dir):
+    """A probe fitted on a CPU float32 cache cross-checked reports decoded from a CUDA bf16-autocast cache
+    of the same encoder, a stage-1 run resumed on it, and a connector started from that run's ckpt.pt: all
+    ran without a word (exit 0), though such features differ ~14x the float16 step (nvfm/features.py).
+    A probe of another encoder was refused only after training (ckpt.pt written, the error at the end of
+    14 lines of training output)."""
+    from nvfm import probe as P
+    from nvfm.features import FeatureCache, FeatureWriter
+    fnd, feat = _synthetic_cohort(str(tmp_path))
+    c = FeatureCache(feat)
+    rng = np.random.default_rng(0)
+    caches = {}
+    for prec, noise in (("float32", 0.0), ("bfloat16-autocast", 1e-2)):   # the same encoder's tokens
+        caches[prec] = str(tmp_path / prec)
+        with FeatureWriter(caches[prec], "random:test", c.dim, precision=prec) as w:
+            for k in c.study_keys():
+                w.add(k, [dict(e, emb=e["emb"].astype(np.float32) + noise * rng.normal(size=e["emb"].shape))
+                          for e in c.study(k)])
+    f32, bf16 = caches["float32"], caches["bfloat16-autocast"]
+    torch.manual_seed(0)
+    probe = str(tmp_path / "probe.pt")   # fitted on f32: train_probe.py records the cache, not its precision
+    torch.save(dict(models=[P.make_probe("mean_pool", c.dim, 1).state_dict()], task="classify",
+                    probe_args=dict(kind="mean_pool", dim=c.dim, n_out=1, hidden=0, dropout=0.0), label_names=[SDH],
+                    modality="all", eval_modality="all", encoder_hash="random:test", features=f32, windows="",
+                    thresholds=[0.0], platt_a=[1.0], platt_b=[0.0], n_train_pos=[4.0]), probe)
+    ev = ["--eval_only=True", "--max_new_tokens=4", f"--probe={probe}", "--probe_rule=youden"]
+    other = str(tmp_path / "probe_other.pt")   # another encoder's probe: refused before training, not after it
+    torch.save(dict(torch.load(probe, weights_only=True), encoder_hash="random:other"), other)
+    _refused(_base(fnd, f32, lm_dir, str(tmp_path / "po"), "--max_iters=1", f"--probe={other}", "--probe_rule=youden"),
+             f"--probe={other} was trained on features of encoder random:other")
+    assert not os.path.exists(tmp_path / "po" / "ckpt.pt")
+    _refused(_base(fnd, bf16, lm_dir, str(tmp_path / "p16"), *ev), f"--probe={probe} was trained on float32 "
+             f"features ({f32})", f"{bf16} holds bfloat16-autocast features")
+    assert not os.path.exists(tmp_path / "p16" / "metrics.json")
+    r = _sh(_base(fnd, f32, lm_dir, str(tmp_path / "p32"), *ev))   # its own precision: scored
+    assert r.returncode == 0 and os.path.exists(tmp_path / "p32" / "reports_probe.jsonl"), r.stderr[-3000:]
+    s1 = str(tmp_path / "s1")
+    stage1 = ["--stage=1", "--eval_split=none"]
+    r = _sh(_base(fnd, f32, lm_dir, s1, *stage1, "--max_iters=1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(os.path.join(s1, "ckpt.pt"), weights_only=True)
+    assert ck["feature_precision"] == "float32" and ck["iter_num"] == 1
+    _refused(_base(fnd, bf16, lm_dir, s1, *stage1, "--max_iters=2", "--init_from=resume"),
+             "ckpt.pt was trained on float32 features", f"{bf16} holds bfloat16-autocast features")
+    assert torch.load(os.path.join(s1, "ckpt.pt"), weights_only=True)["iter_num"] == 1   # nothing trained
+    _refused(_base(fnd, bf16, lm_dir, str(tmp_path / "s2"), "--max_iters=1", "--eval_split=none",
+                   f"--init_connector={s1}/ckpt.pt"), "feature precision float32 -> bfloat16-autocast")
+
+
+def test_a_probe_does_not_cross_check_studies_without_tokens_in_its_windows(tmp_path, lm_dir):
+    """A probe of the CT brain window on MR-only studies scored their empty bags at a constant logit (the
+    head's bias, -0.23 >= its threshold): 'Acute subdural hematoma (detected by image probe)' was appended to
+    every test study, the one without a finding too (hallucination 0.333). Given the window it was
+    trained on, the same probe does call them."""
+    from nvfm import probe as P
+    fnd, feat = _synthetic_cohort(str(tmp_path))   # every study: one MR series, window "mr"
+    torch.manual_seed(0)
+    sd = P.make_probe("mean_pool", 16, 1).state_dict()
+    missed = {}
+    for win in ("brain", "mr"):
+        pt = str(tmp_path / f"probe_{win}.pt")
+        torch.save(dict(models=[sd], task="classify", probe_args=dict(kind="mean_pool", dim=16, n_out=1, hidden=0,
+                                                                      dropout=0.0),
+                        label_names=[SDH], modality="all", eval_modality="all", encoder_hash="random:test",
+                        features=feat, windows=win, thresholds=[-100.0], platt_a=[1.0], platt_b=[0.0],
+                        n_train_pos=[4.0]), pt)
+        out = str(tmp_path / win)
+        r = _sh(_base(fnd, feat, lm_dir, out, "--eval_only=True", "--max_new_tokens=4", f"--probe={pt}",
+                      "--probe_rule=youden"))
+        assert r.returncode == 0, r.stderr[-3000:]
+        path = os.path.join(out, "reports_probe.jsonl")
+        missed[win] = [json.loads(line)["probe_missed"] for line in open(path)] if os.path.exists(path) else []
+        if win == "brain":
+            assert "3 of its 3 studies have no tokens in its windows brain" in r.stdout
+    assert missed == {"brain": [], "mr": [[SDH]] * 3}
