@@ -19,6 +19,7 @@ anatomy); `generate_study` renders one planned study. The same (seed, index) alw
 the same bytes.
 """
 import argparse
+import copy
 import csv
 import hashlib
 import json
@@ -36,7 +37,7 @@ from nvfm import ontology
 from nvfm import phantom_anatomy as pa
 from nvfm import phantom_dicom as pd
 
-GENERATOR_VERSION = "2"  # 2: infarct indications name the weak side ({contra} was left unfilled)
+GENERATOR_VERSION = "3"  # 3: ground truth fixed (IVH extension, overwritten masks, rendered shift); images as in 2
 
 # -----------------------------------------------------------------------------
 # configuration: acquisition profiles and pathology rates
@@ -92,6 +93,8 @@ def kind_labels(kind, modality, variant):
         return ["subdural_hematoma", "intracranial_hemorrhage"]
     if kind == "edh":
         return ["epidural_hematoma", "intracranial_hemorrhage"]
+    if kind == "ivh":  # not drawn: the ventricular part of an IPH's blood (paint_kind)
+        return ["intraventricular_hemorrhage", "intracranial_hemorrhage"]
     if kind == "sah":
         return ["traumatic_subarachnoid_hemorrhage", "intracranial_hemorrhage"]
     if kind == "infarct":
@@ -533,7 +536,9 @@ def _add_lesion(subj, kind, side, sl, mask, facts, region=None):
         return
     if region is None:
         region = _majority_region(subj.anat, sl, mask)
-    subj.lesions.append(dict(kind=kind, side=side, region=region, sl=sl, mask=mask.copy(), facts=facts))
+    # tissue as painted: a later lesion that repaints some of these voxels takes them (_drop_overwritten)
+    subj.lesions.append(dict(kind=kind, side=side, region=region, sl=sl, mask=mask.copy(), facts=facts,
+                             painted=subj.tissue[sl][mask]))
 
 
 def _extent_cm(sl, mask, scale):
@@ -566,10 +571,14 @@ def paint_kind(subj, r, item, modality):
         rad = r.uniform(13, 20, 3) if large else r.uniform(5, 11, 3)
         sl, m = _ellipsoid(c, rad, _random_rotation(r, 90), shape, wobble=r)
         m &= _side_ok(anat, side, 2.0)[sl[0]]
+        vent = subj.tissue[sl] == pa.VENT
         bl = _paint(subj, sl, m, BLOOD, where=GW + (pa.CSF, pa.VENT))
         ring = ndi.binary_dilation(bl, iterations=3) & ~bl
         _paint(subj, sl, ring, EDEMA, where=GW)
-        _add_lesion(subj, kind, side, sl, bl, dict(size=_extent_cm(sl, bl, scale)))
+        # blood painted into a ventricle is intraventricular extension: its own lesion, label and sentence
+        ivh = bl & vent
+        _add_lesion(subj, kind, side, sl, bl & ~ivh, dict(size=_extent_cm(sl, bl & ~ivh, scale)))
+        _add_lesion(subj, "ivh", side, sl, ivh, {}, region=f"Lateral_Ventricle_{side[0].upper()}")
         return c, max(rad)
     if kind in ("sdh", "edh"):
         c = _convexity_point(r, anat, side, zmin=0.0)
@@ -859,18 +868,79 @@ def build_subject(plan, anat):
     order = sorted(plan["kinds"], key=lambda k: ["atrophy", "hydrocephalus", "svd", "ms"].index(k["kind"])
                    if k["kind"] in ("atrophy", "hydrocephalus", "svd", "ms") else 4)
     for item in order:
+        n0 = len(subj.lesions)
         res = paint_kind(subj, r, item, plan["modality"])
         if item["large"]:
             c, rad = res
-            first = [l for l in subj.lesions if l["kind"] == item["kind"]][-1]
-            sgn = -1.0 if first["side"] == "left" else 1.0
+            sgn = -1.0 if subj.lesions[n0]["side"] == "left" else 1.0  # (an IPH's IVH has its side)
             c_mm = anat.world(c)
-            shift_mm = float(r.uniform(5, 11))
+            shift_mm = float(r.uniform(5, 11))  # the push's nominal size; the report gives the rendered shift
             subj.pushes.append((c_mm, float(rad) * 0.35, float(rad) * 1.6, np.array([-sgn * shift_mm, 0, 0])))
-            g = math.exp(-(c_mm[0] ** 2) / (2 * 60.0 ** 2))
-            first["facts"]["midline_shift_mm"] = int(round(shift_mm * g))
-            first["facts"]["shift_dir"] = "rightward" if sgn < 0 else "leftward"
+    _drop_overwritten(subj)
+    subj.midline_shift_mm = midline_shift_mm(subj) if subj.pushes else 0.0
     return subj
+
+
+def _drop_overwritten(subj):
+    """Take out of each lesion's mask the voxels a later-painted lesion repainted (a catheter
+    through a hematoma, blood in an atrophic sulcus, ...), so that every mask holds what is
+    rendered; a lesion left with no voxel is dropped."""
+    for les in subj.lesions:
+        m = les["mask"]
+        m[m] = subj.tissue[les["sl"]][m] == les["painted"]
+    subj.lesions = [les for les in subj.lesions if les["mask"].any()]
+
+
+def midline_shift_mm(subj):
+    """Rendered midline shift (world RAS mm, signed: + = towards the patient's right): the largest
+    displacement of the template's midsagittal plane (x = 0, the falx and septum) over the
+    supratentorial brain that the mass-effect pushes cause. Each point (0, y, z) on a 5 mm grid is
+    followed along the world x line through it: where the template x of the map crosses 0, with
+    and without the pushes."""
+    anat = subj.anat
+    y, z = np.meshgrid(np.arange(-100.0, 75.0, 5.0), np.arange(-10.0, 85.0, 5.0), indexing="ij")
+    pts = np.stack([np.zeros(y.size), y.ravel(), z.ravel()], 1)
+    vox = np.round(anat.voxel(pts)).astype(int)
+    inside = np.all((vox >= 0) & (vox < anat.shape), 1)
+    pts, vox = pts[inside], vox[inside]
+    cerebellum = [k for k, v in anat.region_names.items() if v.startswith(("Cerebel", "Vermis"))]
+    idx = tuple(vox.T)
+    keep = np.isin(anat.tissue[idx], (pa.GM, pa.WM, pa.CSF, pa.VENT)) & ~np.isin(anat.region[idx], cerebellum)
+    A = subj.world_from_template()
+    p0 = pts[keep] @ A[:3, :3].T + A[:3, 3]
+    xs = np.arange(-40.0, 40.001, 0.25)                      # world x offsets along each line (mm)
+    line = np.repeat(p0[:, None], len(xs), 1)
+    line[..., 0] += xs
+    flat = copy.copy(subj)
+    flat.pushes = []
+    cross = []
+    for s in (subj, flat):
+        tx = s.template_voxel(line.reshape(-1, 3).astype(np.float32))[0].reshape(len(p0), len(xs))
+        tx = tx * anat.affine[0, 0] + anat.affine[0, 3]       # template x, mm
+        sc = np.sign(tx[:, :-1]) != np.sign(tx[:, 1:])
+        k = np.argmin(np.where(sc, np.abs(xs[:-1]), np.inf), 1)  # the crossing nearest the line's point
+        ok = sc[np.arange(len(k)), k]
+        a, b = tx[np.arange(len(k)), k], tx[np.arange(len(k)), k + 1]
+        cross.append(np.where(ok, p0[:, 0] + xs[k] + a / (a - b) * (xs[1] - xs[0]), np.nan))
+    d = cross[0] - cross[1]
+    d = d[np.isfinite(d)]
+    return float(d[np.argmax(np.abs(d))]) if len(d) else 0.0
+
+
+def shift_phrase(shift_mm):
+    """(whole mm as reports give it, 'rightward' / 'leftward') of a signed RAS shift."""
+    return int(math.floor(abs(shift_mm) + 0.5)), "rightward" if shift_mm > 0 else "leftward"
+
+
+def study_labels(plan, subj):
+    """Sorted diagnosis names of the rendered study: the plan's, plus intraventricular hemorrhage where
+    an IPH's blood reached a ventricle, less the midline shift where the rendered one rounds to 0 mm."""
+    labels = set(plan["labels"])
+    if any(l["kind"] == "ivh" for l in subj.lesions):
+        labels.update(kind_labels("ivh", plan["modality"], ""))
+    if any(k["large"] for k in plan["kinds"]) and shift_phrase(subj.midline_shift_mm)[0] == 0:
+        labels -= set(mass_effect_labels(plan["modality"])[1:])
+    return sorted(labels)
 
 
 # -----------------------------------------------------------------------------
@@ -966,10 +1036,13 @@ def findings_sentences(plan, subj):
         else:
             continue
         out.append((kind, s))
-        for l in ls:
-            if "midline_shift_mm" in l["facts"]:
-                out.append((kind, f"Mass effect with {l['facts']['midline_shift_mm']} mm "
-                                  f"{l['facts']['shift_dir']} midline shift."))
+        if kind == "iph" and "ivh" in by_kind:
+            out.append((kind, "Intraventricular hemorrhage from extension of the hematoma into the ventricle."))
+    large = [k["kind"] for k in plan["kinds"] if k["large"]]
+    if large:  # one net shift, however many lesions push: the rendered one
+        mm, way = shift_phrase(subj.midline_shift_mm)
+        out.append((min(large, key=KIND_ORDER.index),
+                    f"Mass effect with {mm} mm {way} midline shift." if mm else "Mass effect without midline shift."))
     urgent = {k["kind"] for k in plan["kinds"]
               if any(ontology.DIAGNOSES[n].urgency == "urgent" for n in kind_labels(k["kind"], plan["modality"], k["variant"]))
               or k["large"]}
@@ -1340,6 +1413,7 @@ def _generate_study(plan, out_dir, anat=None):
         number += 1
 
     findings = findings_sentences(plan, subj)
+    labels = study_labels(plan, subj)
     if plan["sr"] or plan["pdf"]:
         if plan["sr"]:
             tags = _series_tags(plan, dict(contrast="SR", description="DOSE REPORT" if ct else "PRELIMINARY READ"),
@@ -1368,15 +1442,16 @@ def _generate_study(plan, out_dir, anat=None):
             number += 1
 
     lesions = []
+    variants = {k["kind"]: k["variant"] for k in plan["kinds"]}
     for i, l in enumerate(subj.lesions):
         path = os.path.join(gdir, f"lesion_{i}.nii.gz")
         n_vox = _lesion_mask_world(subj, l, path)
-        labs = kind_labels(l["kind"], plan["modality"], next(k["variant"] for k in plan["kinds"] if k["kind"] == l["kind"]))
+        labs = kind_labels(l["kind"], plan["modality"], variants.get(l["kind"], ""))
         lesions.append(dict(diagnosis=labs[0], kind=l["kind"], labels=labs, side=l["side"], region=l["region"],
                             mask=os.path.relpath(path, out_dir), voxels=n_vox))
     record = dict(study_uid=plan["phi"]["StudyInstanceUID"], study=study, modality=plan["modality"],
                   split=plan["split"], age=plan["age"], sex=plan["sex"], indication=indication,
-                  findings=findings, triage=plan["triage"], labels=plan["labels"], lesions=lesions,
+                  findings=findings, triage=ontology.triage(labels), labels=labels, lesions=lesions,
                   series=series_out, world_from_template=subj.world_from_template().round(6).tolist(),
                   anatomy=anat.source, generator_version=GENERATOR_VERSION, plan_hash=_plan_hash(plan))
     tmp = os.path.join(gdir, "subject.json.tmp")
@@ -1518,7 +1593,12 @@ look real; they are listed in `.phi.json` so that later stages can check none le
 - Modality: CT with probability {P_CT}; split ~70/15/15 stratified by (modality, triage).
 - Each pathology kind is drawn independently per study with the rate below, so about a third of
   studies are unremarkable. Space-occupying kinds ({', '.join(SPACE_OCCUPYING)}) are large with
-  probability {P_LARGE}, adding brain_mass_effect + midline shift (and cerebral_edema for infarcts).
+  probability {P_LARGE}, adding brain_mass_effect + midline shift (and cerebral_edema for infarcts); the
+  findings give the rendered shift: the largest displacement of the midsagittal plane over the
+  supratentorial brain, in whole mm (no midline_shift label where that rounds to 0).
+- An intraparenchymal hemorrhage whose blood reaches a ventricle adds intraventricular_hemorrhage, with a
+  findings sentence and a lesion mask of its own (the IPH mask keeps the parenchymal blood). A voxel that a
+  later-painted lesion repaints belongs to that lesion's mask only.
 - Triage: unremarkable if no label; urgent if any label is urgent in `nvfm/ontology.py`
   (acute blood, acute infarct, mass effect/shift/herniation, obstructive hydrocephalus, edema,
   displaced fracture, ...); routine otherwise.

@@ -247,7 +247,8 @@ def test_lesions_present_and_lateralized(forced, anat):
             else:
                 assert les["side"] == "bilateral"
     assert kinds == {"iph", "sdh", "fracture", "catheter", "sah", "edh", "infarct", "hydrocephalus", "craniotomy",
-                     "arachnoid_cyst", "glioma", "metastases", "ms", "atrophy", "svd", "meningioma"}
+                     "arachnoid_cyst", "glioma", "metastases", "ms", "atrophy", "svd", "meningioma",
+                     "ivh"}  # the first study's IPH blood reaches a ventricle: its IVH is a lesion of its own
     assert all("{" not in rec["indication"] for rec in recs)  # every template filled
     # mass effect of the large lesions is reported
     assert any("midline shift" in f for f in recs[0]["findings"])
