@@ -238,7 +238,7 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
                                         progress=n_boot >= 1000, groups=groups)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
     metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"])   # classes without test positives left out
-    unfit = unfitted_classes(full_ck)
+    unfit = P.unfitted_classes(full_ck)
     unfit = unfit[cols] if cols is not None else unfit
     for k, name in enumerate(lab):
         rep["per_class"][name]["threshold_fitted"] = not unfit[k]
@@ -288,16 +288,6 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
                     wins=wins, display=display, groups=groups)
     return res, dict(task="classify", grounding_view=view, keys=keys, y=y, logits=logits, ck=ck, models=models,
                      cache=cache, wins=wins, display=display, groups=groups)
-
-
-def unfitted_classes(ck):
-    """(K,) bool over the probe's classes: no threshold or Platt calibration was fitted on its
-    selection split, the class having no positives or no negatives there (train_probe.py then leaves
-    threshold 0 (logit) and Platt a = 0: the prior). From the stored selection labels; probes
-    without them: from those placeholder values."""
-    if "sel_labels" in ck:
-        return ~metrics.defined_classes(np.asarray(ck["sel_labels"]))
-    return (np.asarray(ck["thresholds"], np.float64) == 0) & (np.asarray(ck["platt_a"], np.float64) == 0)
 
 
 def ci_unit(groups):

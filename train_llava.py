@@ -616,7 +616,7 @@ def run_probes(paths, keys):
             # a class without positives or negatives on the probe's selection split gets threshold 0 and
             # Platt slope a = 0 (score uninformative, p = the prior): its call is not grounded, not used
             thr = ck["thresholds"]
-            fitted = [not (t == 0.0 and a == 0.0) for t, a in zip(thr, ck.get("platt_a") or [1.0] * len(thr))]
+            fitted = list(~P.unfitted_classes(ck))
         else:  # precision
             if "sel_logits" not in ck:
                 raise SystemExit(f"--probe={path} holds no selection-split scores (trained before they were saved): "

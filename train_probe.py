@@ -37,7 +37,8 @@ Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, tas
 names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV), the
 study keys and subjects that fitted or tuned it (seen_keys, seen_subjects: salted hashes),
 the selection split's labels and logits (sel_labels, sel_logits: no keys, so a consumer such
-as train_llava.py's probe cross-check can fit its own operating point), config; out/log.txt.
+as train_llava.py's probe cross-check can fit its own operating point; (0, K) when there is no
+validation split, whose thresholds 0 and Platt a = 0 are then placeholders), config; out/log.txt.
 """
 import os
 import time
@@ -223,6 +224,10 @@ def main():
         fail(f"no {modality} studies in {labels} (its studies are {'/'.join(present)}: --modality={present[0]})")
     if task == "age":
         rows = [r for r in rows if r["age"] is not None]
+        bad = [r for r in rows if not np.isfinite(r["age"])]
+        if bad:   # a NaN age makes every validation MAE NaN: the untrained step-0 model would be kept
+            fail(f"--labels: {labels}: study {bad[0]['study_key']!r} has age {bad[0]['age']} ({len(bad)} such "
+                 f"studies): leave the cell empty for an unknown age")
     missing = [r["study_key"] for r in rows if r["study_key"] not in cache]
     if missing:
         msg = (f"{len(missing)} of {len(rows)} {modality} studies in {labels} are not in the feature cache "
@@ -254,6 +259,7 @@ def main():
         hp = {**dict(lr=lr, weight_decay=weight_decay, steps=steps, hidden=hidden, dropout=dropout), **(hp or {})}
         n_steps = int(hp["steps"])
         g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)   # init and dropout: a fold or grid combination trains alike wherever it runs
         mu, sd = norm   # age: the probe predicts standardised age; the L1 loss is in years / sd
         m = P.make_probe(**dict(probe_args, hidden=int(hp["hidden"]), dropout=float(hp["dropout"]))).to(device)
         ytr = torch.from_numpy(np.stack([Y[k] for k in train_keys]))
@@ -362,7 +368,13 @@ def main():
         if not tr:
             raise SystemExit(f"train_probe.py: no {modality} studies with split == 'train' in {labels}")
         if not va:
-            log("warning: no validation studies: last step kept, thresholds default to 0 (logit)")
+            log("warning: no validation studies: last step kept, no thresholds or calibration fitted")
+        tr_subj = {r["subject"] for r in rows if r["split"] == "train"} - {""}
+        shared = [r["study_key"] for r in rows if r["split"] == "val" and r["subject"] in tr_subj]
+        if shared:   # their subjects were trained on: checkpoint, thresholds and Platt chosen in-sample
+            log(f"warning: {len(shared)} of the {len(va)} validation studies share a subject with training studies "
+                f"(first: {shared[:3]}): checkpoint, thresholds and calibration are chosen on subjects the probe was "
+                f"fitted on (optimistic); keep each subject's studies in one split")
         norm = age_norm(tr)
         m, st = train_one(tr, va, "probe", norm)
         states = [st]
@@ -381,12 +393,13 @@ def main():
             a, b = metrics.platt_fit(sel_logits, ysel)
             au, nd = metrics.macro(metrics.auroc(ysel, sel_logits))
             log(f"selection set ({len(sel_keys)} studies): macro AUROC {au} over {nd} defined classes")
-        else:
-            thr, a, b = np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names))
+        else:   # placeholders of an unfitted class (threshold 0, Platt a = 0); the empty selection split says so
+            thr, a, b = np.zeros(len(names)), np.zeros(len(names)), np.zeros(len(names))
+            ysel, sel_logits = np.zeros((0, len(names))), np.zeros((0, len(names)))
         ckpt.update(thresholds=[float(t) for t in thr], platt_a=[float(v) for v in a], platt_b=[float(v) for v in b])
-        if sel_keys:  # the selection split's scores, so a consumer can pick its own operating point
-            ckpt.update(sel_labels=torch.from_numpy(ysel.astype(np.uint8)),
-                        sel_logits=torch.from_numpy(np.asarray(sel_logits, np.float32)))
+        # the selection split's scores ((0, K) without one), so a consumer can pick its own operating point
+        ckpt.update(sel_labels=torch.from_numpy(ysel.astype(np.uint8)),
+                    sel_logits=torch.from_numpy(np.asarray(sel_logits, np.float32)))
         undefined = [n for n, p in zip(names, train_pos) if p == 0]
         if undefined:
             log(f"{len(undefined)} classes have no training positives (left out of the loss, reported "

@@ -228,7 +228,8 @@ def precision_thresholds(y, scores, target=0.5, min_tp=2):
     (use validation only): the lowest cut whose precision (positive predictive value) on that
     split is at least `target` with at least `min_tp` true positives above it, so the most
     sensitive cut that is still right `target` of the time. A class with no such cut (or
-    undefined: no positives or no negatives) gets +inf: never called positive.
+    undefined: no positives or no negatives, as every class of an empty split, n = 0) gets +inf:
+    never called positive.
 
     Youden's J (youden_thresholds) weighs a missed positive and a false alarm alike, which for a
     rare class puts the cut low and calls many false positives; appending such calls to a
@@ -236,6 +237,8 @@ def precision_thresholds(y, scores, target=0.5, min_tp=2):
     Returns (K,) float64; predict positive when score >= threshold."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"precision target must be in (0, 1], got {target}")
+    if np.shape(y)[0] == 0 and np.shape(y) == np.shape(scores):   # no selection split (train_probe.py): nothing fitted
+        return np.full(_as2d(y).shape[1], np.inf)
     y, s = _check(y, scores)
     out = np.full(y.shape[1], np.inf)
     for k in np.nonzero(defined_classes(y))[0]:
@@ -311,10 +314,12 @@ def platt_fit(scores, y, iters=100):
     1/(N- + 2) so separable classes stay finite. Newton's method, all classes at once.
 
     scores, y (n, K). Returns a, b (K,) with p = sigmoid(a * score + b). Classes with no
-    positives or no negatives get (a, b) fitted the same way (they converge to the prior).
+    positives or no negatives get exactly a = 0 and b = the logit of their smoothed target (the
+    prior, the fit's optimum): consumers read a == 0 as "no calibration fitted".
     """
     s, y = _as2d(scores), _as2d(y)
     npos, nneg = y.sum(0), (1 - y).sum(0)
+    undefined = ~defined_classes(y)
     t = np.where(y > 0, (npos + 1) / (npos + 2), 1 / (nneg + 2))      # (n, K)
     scale = np.maximum(np.abs(s).max(0), 1.0)                         # conditioning only
     x = s / scale
@@ -332,7 +337,8 @@ def platt_fit(scores, y, iters=100):
         a, b = a - da, b - db
         if np.max(np.abs(da)) + np.max(np.abs(db)) < 1e-10:
             break
-    return a / scale, b
+    # Newton leaves a ~1e-26 instead of 0 there, which read as a fitted slope
+    return np.where(undefined, 0.0, a / scale), np.where(undefined, np.log((npos + 1) / (nneg + 1)), b)
 
 
 def platt_apply(scores, a, b):

@@ -333,3 +333,16 @@ def predict(models, get_bag, keys, device="cpu", batch=16, return_maps=False):
             maps += [(a[cuc[b]:cuc[b + 1]], c[cuc[b]:cuc[b + 1]]) for b in range(len(bags))]
     res = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
     return (res, maps) if return_maps else res
+
+
+def unfitted_classes(ck):
+    """(K,) bool over a probe.pt's classes: no threshold or Platt calibration was fitted on its
+    selection split, the class having no positives or no negatives there (train_probe.py then
+    leaves threshold 0 (logit) and Platt a = 0: the prior). From the stored selection labels
+    (sel_labels, (0, K) without a validation split); older probes without them: from those
+    placeholder values (their Platt fits left |a| ~ 1e-26, not exactly 0)."""
+    import numpy as np
+    from nvfm.metrics import defined_classes
+    if "sel_labels" in ck:
+        return ~defined_classes(np.asarray(ck["sel_labels"]))
+    return (np.asarray(ck["thresholds"], np.float64) == 0) & (np.abs(np.asarray(ck["platt_a"], np.float64)) < 1e-12)

@@ -906,3 +906,35 @@ def test_duplicated_studies_narrow_the_study_level_ci_but_not_the_subject_level_
     _, lo, hi, _ = metrics.roc_band(y[:, 0], s[:, 0], n_boot=B, seed=seed)
     _, lo2, hi2, _ = metrics.roc_band(y2[:, 0], s2[:, 0], n_boot=B, seed=seed, groups=subj)
     np.testing.assert_allclose(np.c_[lo2, hi2], np.c_[lo, hi], atol=1e-12)
+
+
+def test_platt_slope_of_a_class_without_positives_or_negatives_is_exactly_zero():
+    """Consumers read Platt a == 0 (with threshold 0) as 'no calibration fitted' (evaluate.py for probes
+    without sel_labels, train_llava.py's youden rule), but Newton's method left a ~1e-26 for about half of
+    such classes, which then counted as fitted. Hand-worked optimum: all smoothed targets equal t, so the
+    constant p = t, i.e. a = 0 and b = logit(t) = log((N+ + 1) / (N- + 1)); a defined class still as sklearn's."""
+    from sklearn.calibration import _sigmoid_calibration
+    rng = np.random.default_rng(0)
+    n, K = 37, 40
+    s = (rng.normal(size=(n, K)) * rng.choice([0.1, 3, 50], K) + rng.choice([0, -7], K)).astype(np.float32)
+    y = np.zeros((n, K))
+    y[:, K // 2:] = 1                       # columns 0..19 without positives, 20..39 without negatives
+    y[:5, 0] = 1                            # column 0 defined
+    a, b = metrics.platt_fit(s.astype(np.float64), y)
+    assert (a[1:] == 0).all()
+    np.testing.assert_allclose(b[1:K // 2], -np.log(n + 1), rtol=1e-12)
+    np.testing.assert_allclose(b[K // 2:], np.log(n + 1), rtol=1e-12)
+    ra, rb = _sigmoid_calibration(s[:, 0].astype(np.float64), y[:, 0])
+    assert a[0] == pytest.approx(-ra, rel=1e-3, abs=1e-4) and b[0] == pytest.approx(-rb, rel=1e-3, abs=1e-4)
+
+
+def test_precision_thresholds_of_an_empty_selection_split_never_call():
+    """A probe trained without a validation split stores a (0, K) selection split: every class is
+    undefined there and gets +inf (never called), where _check raised 'no studies' (a traceback in
+    train_llava.py's precision rule). Other metrics of an empty split still raise."""
+    thr = metrics.precision_thresholds(np.zeros((0, 3), np.uint8), np.zeros((0, 3), np.float32), 0.5)
+    assert thr.shape == (3,) and np.isposinf(thr).all()
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.precision_thresholds(np.zeros((0, 3)), np.zeros((0, 2)), 0.5)
+    with pytest.raises(ValueError, match="no studies"):
+        metrics.youden_thresholds(np.zeros((0, 3)), np.zeros((0, 3)))

@@ -469,3 +469,128 @@ def test_a_transfer_target_without_tokens_in_the_windows_is_refused(tmp_path):
     assert not (tmp_path / "p").exists()
     r = _run("train_probe.py", [*common, f"--out={tmp_path / 'q'}"], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- train_probe.py: selection and CV
+
+
+def _edit_labels(d, edit):
+    """Rewrite d/labels.csv: edit(i, row dict) changes (or adds) a row's cells in place."""
+    rows = list(csv.DictReader(open(d / "labels.csv", newline="")))
+    for i, r in enumerate(rows):
+        edit(i, r)
+    with open(d / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_a_probe_without_validation_split_has_no_operating_point(tmp_path):
+    """Without val studies the probe stored thresholds 0 and Platt a = 1, b = 0 and no sel_labels: evaluate.py
+    took them for fitted and reported sensitivity 0.0 / specificity 1.0 / calibrated F1 0.0 at a cut that was
+    chosen on nothing. Now the selection split is stored empty, (0, K), and the placeholders are those of
+    an unfitted class (threshold 0, Platt a = 0), so every consumer reads 'not fitted'."""
+    _cohort(tmp_path)
+    _edit_labels(tmp_path, lambda i, r: r.update(split="train" if r["split"] == "val" else r["split"]))
+    r = _run("train_probe.py", [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}",
+                                f"--out={tmp_path / 'p'}", *COMMON], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "no validation studies" in r.stdout
+    ck = torch.load(tmp_path / "p" / "probe.pt", weights_only=True)
+    assert tuple(ck["sel_labels"].shape) == tuple(ck["sel_logits"].shape) == (0, 1)
+    assert ck["thresholds"] == [0.0] and ck["platt_a"] == [0.0]
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--labels={tmp_path / 'labels.csv'}",
+                             f"--out={tmp_path / 'ev'}", "--n_boot=0", "--plots=False", "--threads=1"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    row = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]["per_class"]["intraparenchymal_hemorrhage"]
+    assert row["threshold_fitted"] is False and row["auroc"] is not None
+    assert row["sensitivity"] is None and row["specificity"] is None and row["calibrated_f1"] is None
+
+
+def test_a_non_finite_age_is_refused(tmp_path):
+    """--task=age with an age cell 'nan': every validation MAE was NaN, no step ever beat step 0, and the
+    untrained model was saved (age_mu from the other studies) without a word."""
+    _cohort(tmp_path)
+    _edit_labels(tmp_path, lambda i, r: r.update(age="nan" if i == 6 else str(40 + i)))
+    r = _run("train_probe.py", [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}",
+                                f"--out={tmp_path / 'p'}", "--task=age", *COMMON[:-1]], tmp_path)
+    assert r.returncode == 1 and "study 'key006' has age nan (1 such studies)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p" / "probe.pt").exists()
+
+
+def test_validation_studies_of_training_subjects_are_counted(tmp_path):
+    """labels.csv whose split column puts a subject's studies in train and in val: the checkpoint, thresholds
+    and Platt were chosen on subjects the probe was fitted on, silently. The log now counts them."""
+    rows = _cohort(tmp_path)
+    # splits cycle train, train, val, test; subject of study i: i // 2, so a val study (4j + 2) shares only with
+    # a test study; subject 'x' puts train studies 0, 1 and val studies 6, 10 together
+    _edit_labels(tmp_path, lambda i, r: r.update(subject="x" if i in (0, 1, 6, 10) else f"s{i // 2}"))
+    r = _run("train_probe.py", [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}",
+                                f"--out={tmp_path / 'p'}", *COMMON], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    n_val = sum(row[2] == "val" for row in rows)
+    assert f"warning: 2 of the {n_val} validation studies share a subject with training studies" in r.stdout
+    assert "'key006', 'key010'" in r.stdout
+
+
+def test_cv_grid_scores_and_models_do_not_depend_on_the_grid_order(tmp_path):
+    """Each grid combination's fold models were initialised from the global RNG wherever the previous
+    combinations had left it: a combination's out-of-fold score depended on its place in --cv_grid (the
+    reproduction: 'lr=1e-3,3e-3' chose 3e-3 at 0.5901, 'lr=3e-3,1e-3' chose 1e-3 at 0.5901, the second
+    place's score), and the chosen probe was not the one that CV with those settings alone trains."""
+    _cohort(tmp_path)
+    common = [f"--features={tmp_path / 'cache'}", f"--labels={tmp_path / 'labels.csv'}", *COMMON, "--cv_folds=2"]
+    scores, alone = {}, {}
+    for order in ("1e-3,3e-3", "3e-3,1e-3"):
+        out = tmp_path / f"grid{order}"
+        r = _run("train_probe.py", [*common, f"--out={out}", f"--cv_grid=lr={order}"], tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        scores[order] = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("cv grid {"))   # hp: score
+        ck = torch.load(out / "probe.pt", weights_only=True)
+        lr = ck["cv_grid_choice"]["lr"]
+        if lr not in alone:   # CV with the chosen settings and no grid
+            r = _run("train_probe.py", [*common, f"--out={tmp_path / f'lr{lr}'}", f"--lr={lr}"], tmp_path)
+            assert r.returncode == 0, r.stdout + r.stderr
+            alone[lr] = torch.load(tmp_path / f"lr{lr}" / "probe.pt", weights_only=True)
+        for st, ref in zip(ck["models"], alone[lr]["models"], strict=True):
+            assert all(torch.equal(st[k], ref[k]) for k in ref)
+        np.testing.assert_array_equal(ck["sel_logits"].numpy(), alone[lr]["sel_logits"].numpy())
+    assert scores["1e-3,3e-3"] == scores["3e-3,1e-3"] and len(scores["1e-3,3e-3"]) == 2
+
+
+@pytest.mark.parametrize("kind", sorted(P.PROBES))
+def test_a_bags_logit_alone_equals_its_logit_among_other_bags(kind):
+    """Packed bags have no padding to mask: a study's logit scored alone (batch 1) equals its logit in a
+    batch of bags of other lengths (1 to 300 tokens) and the per-bag brute force (torch.softmax / mean over
+    that bag's tokens only); predict() runs in eval mode, so dropout 0.5 changes nothing between calls."""
+    torch.manual_seed(0)
+    m = P.make_probe(kind, 8, 3, hidden=16, dropout=0.5)
+    bags = [torch.randn(n, 8) * 3 for n in (1, 300, 7, 2, 40)]
+    alone = P.predict(m, lambda i: bags[i], list(range(5)), batch=1)
+    batched = P.predict(m, lambda i: bags[i], list(range(5)), batch=16)
+    assert not m.training
+    with torch.no_grad():
+        ref = []
+        for b in bags:
+            h = m.norm(b)
+            if kind == "attentive_mil":
+                ref.append((torch.softmax(m.attention(h), 0) * m.instance(h)).sum(0))
+            elif kind == "abmil":
+                a = torch.softmax(m.w(torch.tanh(m.v(h)) * torch.sigmoid(m.u(h))), 0)
+                ref.append(m.head((a * h).sum(0)))
+            else:
+                ref.append(m.head(h.mean(0)))
+    np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(alone, torch.stack(ref).numpy(), rtol=0, atol=1e-5)
+
+
+def test_unfitted_classes_reads_the_selection_split_or_the_placeholders_of_older_probes():
+    """A class is unfitted where the selection split has no positives or no negatives; older probes
+    (no sel_labels) are read from their placeholders, whose Platt slope the fit left at ~1e-26, not 0
+    (that class then counted as fitted: train_llava's youden rule called it at threshold 0)."""
+    old = dict(thresholds=[0.0, 0.3, 0.0], platt_a=[-3.07e-26, 1.2, 0.8])
+    assert P.unfitted_classes(old).tolist() == [True, False, False]
+    none = dict(old, sel_labels=torch.zeros((0, 3), dtype=torch.uint8))
+    assert P.unfitted_classes(none).tolist() == [True, True, True]
+    some = dict(old, sel_labels=torch.tensor([[1, 0, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.uint8))
+    assert P.unfitted_classes(some).tolist() == [True, False, False]
