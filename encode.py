@@ -22,7 +22,8 @@ studies stored before the cut and encodes the others again (with a warning). The
 --out at a cache made by another encoder is an error (use --overwrite=True to redo it), and so
 is a cache holding a study without some volume selected now (another --modality or --split).
 A study that fails to encode is reported (by its study_key) and skipped; exit status 1 when
-every study to encode failed.
+every study to encode failed. A --split naming a split the shards do not have, or a selection of
+no volume at all, is an error before anything is written.
 """
 import json
 import os
@@ -62,7 +63,7 @@ PRESETS = {"nvfm": dict(features.DEFAULT_RULES),
 def open_encoder(spec, dev, seed=0, heads=None):
     """-> (Encoder in eval mode, hash string). spec: "random:<size>", an nvfm .safetensors
     file, or the authors' files (directory / .bin / .pt; the hash is that of the weights file,
-    plus "+heads:<n>" when no config.json gives the head count)."""
+    plus "+heads:<n>" unless a config.json gives the ViT head count dim // 64, as the release's does)."""
     if spec.startswith("random:"):
         size = spec.split(":", 1)[1]
         if size not in model.SIZES:
@@ -82,8 +83,10 @@ def open_encoder(spec, dev, seed=0, heads=None):
     except official.ConversionError as e:
         fail(str(e))
     weights, cfg = official.find_official_files(spec)
-    # a bare state dict's shapes do not give the head count (--heads): the same file makes other features
-    return enc, features.file_hash(weights) + ("" if cfg else f"+heads:{enc.config.heads}")
+    # the weights' shapes give everything but the head count, so the same file makes other features
+    # with another one (--heads, or an edited config.json): keyed by it unless config.json gives dim // 64
+    usual = cfg is not None and enc.config.heads == max(enc.config.dim // 64, 1)
+    return enc, features.file_hash(weights) + ("" if usual else f"+heads:{enc.config.heads}")
 
 
 def main():
@@ -116,7 +119,11 @@ def main():
         reader = ShardReader(shards)
     except ValueError as e:  # a shard format this version does not read
         fail(str(e))
-    splits = None if split == "all" else set(split.split(","))
+    splits = None if split == "all" else {s.strip() for s in split.split(",") if s.strip()}
+    unknown = sorted(splits - {v["split"] for v in reader.volumes}) if splits is not None else []
+    if unknown:   # a misspelt split selected nothing of it, silently
+        fail(f"--split={split}: {shards} has no volume in split {', '.join(map(repr, unknown))} "
+             f"(its splits: {', '.join(sorted({str(v['split']) for v in reader.volumes}))})")
     studies = OrderedDict()
     for i, v in enumerate(reader.volumes):
         if splits is not None and v["split"] not in splits:
@@ -124,6 +131,8 @@ def main():
         if modality != "all" and v["modality"] != modality:
             continue
         studies.setdefault(v["study_key"], []).append(i)
+    if not studies:   # an empty cache and exit status 0 would pass for a finished run
+        fail(f"--split={split} --modality={modality}: no volume of {shards} is selected; nothing to encode")
     enc, enc_hash = open_encoder(encoder, device, seed, heads or None)
     enc_hash += features.rules_suffix(rules)  # other token rules make other features: a cache of its own
     print(f"encode: {len(studies)} studies ({sum(map(len, studies.values()))} volumes) with encoder "

@@ -454,7 +454,8 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     windows) has an empty bag mirrored or not, so no logit change to measure: it is left out
     and counted in n_no_tokens.
     Returns dict(auroc, auroc_dL, auroc_dR, n, n_left, n_flagged, auroc_flagged,
-    mean_dL_left, mean_dL_right, n_no_tokens)."""
+    mean_dL_left, mean_dL_right, n_no_tokens); n_flagged / auroc_flagged (the studies the probe
+    calls positive on a side) are None when a side class has no fitted threshold."""
     from nvfm import model
     names = data["ck"]["label_names"]
     if not all(c in names for c in P.SIDE_CLASSES):
@@ -494,11 +495,12 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     left = np.array([1 if "left" in sides[k] else 0 for k in keys])
     thr = np.array(data["ck"]["thresholds"])
     flagged = (lo[:, kl] >= thr[kl]) | (lo[:, kr] >= thr[kr])
+    unfit = P.unfitted_classes(data["ck"])[[kl, kr]].any()   # a placeholder threshold flags nothing real
 
     def au(score, y):
         return metrics.auroc(y, score)[0] if 0 < y.sum() < len(y) else None
     return {"auroc": au(dR - dL, left), "auroc_dL": au(-dL, left), "auroc_dR": au(dR, left),
-            "n": int(len(keys)), "n_left": int(left.sum()), "n_flagged": int(flagged.sum()),
-            "auroc_flagged": au((dR - dL)[flagged], left[flagged]) if flagged.any() else None,
+            "n": int(len(keys)), "n_left": int(left.sum()), "n_flagged": None if unfit else int(flagged.sum()),
+            "auroc_flagged": au((dR - dL)[flagged], left[flagged]) if flagged.any() and not unfit else None,
             "mean_dL_left": float(dL[left == 1].mean()) if left.any() else None,
             "mean_dL_right": float(dL[left == 0].mean()) if (left == 0).any() else None, "n_no_tokens": n_empty}

@@ -145,6 +145,8 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio=4.0, gelu_approximate="tanh", ln_eps=1e-6, proj_bias=False):
         super().__init__()
+        if heads < 1:  # a negative count passed the divisibility check and failed every forward
+            raise ValueError(f"heads {heads}: the head count must be positive")
         if dim % heads != 0:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
         if gelu_approximate not in GELU_APPROXIMATE:

@@ -345,4 +345,5 @@ def unfitted_classes(ck):
     from nvfm.metrics import defined_classes
     if "sel_labels" in ck:
         return ~defined_classes(np.asarray(ck["sel_labels"]))
-    return (np.asarray(ck["thresholds"], np.float64) == 0) & (np.abs(np.asarray(ck["platt_a"], np.float64)) < 1e-12)
+    thr = np.asarray(ck["thresholds"], np.float64)
+    return (thr == 0) & (np.abs(np.asarray(ck.get("platt_a", np.ones_like(thr)), np.float64)) < 1e-12)

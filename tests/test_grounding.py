@@ -217,6 +217,12 @@ def test_flip_test_leaves_out_studies_without_tokens_in_the_probes_windows(tmp_p
     d = np.array([logits(flipped[k]) - logits(emb[k]) for k in keys[:4]])      # (4, 2): dL, dR
     assert res["auroc"] == pytest.approx(roc_auc_score([1, 1, 0, 0], d[:, 1] - d[:, 0]), abs=1e-6)
     assert res["auroc_dL"] == pytest.approx(roc_auc_score([1, 1, 0, 0], -d[:, 0]), abs=1e-6)
+    lo = np.array([logits(emb[k]) for k in keys[:4]])
+    assert res["n_flagged"] == int(((lo[:, 0] >= 0) | (lo[:, 1] >= 0)).sum())
+    # lesion_left without a fitted threshold (no positives on the selection split): nothing is "flagged"
+    unfit = dict(data, ck=dict(ck, sel_labels=torch.tensor([[0, 1], [0, 0]], dtype=torch.uint8)))
+    res = grounding.flip_test_eval(unfit, Reader(), sides)
+    assert res["n_flagged"] is None and res["auroc_flagged"] is None and res["auroc"] is not None
     # the cache has brain tokens of c0 but the shards give none: another shard set, an error
     del encoded["c0"]
     with pytest.raises(RuntimeError, match=r"study 'c0' has tokens of the windows \['brain'\] in the feature cache "

@@ -275,3 +275,102 @@ def test_flashblock_follows_the_architecture_options(opts):
     other = Mdl.Block(48, 3, **{**opts, "gelu_approximate": "none" if opts["gelu_approximate"] == "tanh" else "tanh"})
     other.load_state_dict(blk.state_dict())
     assert not torch.allclose(other(x, cu, 13), want, atol=1e-6)
+
+
+def _numpy_forward(sd, cfg, x, coords, lens):
+    """The encoder written out in float64 numpy from the module docstring: patch embedding | fixed
+    position code, pre-norm blocks with per-volume softmax attention, final LayerNorm."""
+    P = {k: v.double().numpy() for k, v in sd.items()}
+    c = coords.astype(np.float64)
+    if cfg.pos_code == "official":  # per axis [sin f0, cos f0, sin f1, ...], f_j = 10000^(-2j / C)
+        ch = 2 * int(np.ceil(cfg.pos_dim / 6))
+        code = np.zeros((len(c), 3, ch))
+        code[:, :, 0::2] = np.sin(c[:, :, None] * 10000.0 ** (-np.arange(0, ch, 2) / ch))
+        code[:, :, 1::2] = np.cos(c[:, :, None] * 10000.0 ** (-np.arange(0, ch, 2) / ch))
+        code = code.reshape(len(c), 3 * ch)[:, :cfg.pos_dim]
+    else:  # [sin z, cos z, sin y, cos y, sin x, cos x], wavelengths 3 .. 96 patches
+        f = cfg.pos_dim // 6
+        ang = c[:, :, None] * 2 * np.pi / (3.0 * 32.0 ** (np.arange(f) / (f - 1)))
+        code = np.concatenate([np.sin(ang), np.cos(ang)], -1).reshape(len(c), cfg.pos_dim)
+
+    def ln(t, name):
+        m, v = t.mean(-1, keepdims=True), t.var(-1, keepdims=True)
+        return (t - m) / np.sqrt(v + cfg.ln_eps) * P[name + ".weight"] + P[name + ".bias"]
+
+    def gelu(t):
+        if cfg.gelu_approximate == "tanh":
+            return 0.5 * t * (1 + np.tanh(np.sqrt(2 / np.pi) * (t + 0.044715 * t ** 3)))
+        from scipy.special import erf
+        return 0.5 * t * (1 + erf(t / np.sqrt(2)))
+
+    h = np.concatenate([x @ P["patch_embed.weight"].T + P["patch_embed.bias"], code], 1)
+    H, hd = cfg.heads, cfg.dim // cfg.heads
+    cu = np.cumsum([0] + lens)
+    for i in range(cfg.depth):
+        b = f"blocks.blocks.{i}."
+        qkv = (ln(h, b + "norm1") @ P[b + "qkv.weight"].T + P[b + "qkv.bias"]).reshape(len(h), 3, H, hd)
+        a = np.zeros((len(h), H, hd))
+        for s, e in zip(cu[:-1], cu[1:]):
+            for j in range(H) if e > s else []:
+                sc = qkv[s:e, 0, j] @ qkv[s:e, 1, j].T / np.sqrt(hd)
+                w = np.exp(sc - sc.max(1, keepdims=True))
+                a[s:e, j] = (w / w.sum(1, keepdims=True)) @ qkv[s:e, 2, j]
+        h = h + a.reshape(len(h), cfg.dim) @ P[b + "proj.weight"].T + (P[b + "proj.bias"] if cfg.proj_bias else 0)
+        h = h + gelu(ln(h, b + "norm2") @ P[b + "fc1.weight"].T + P[b + "fc1.bias"]) @ P[b + "fc2.weight"].T \
+            + P[b + "fc2.bias"]
+    return ln(h, "blocks.norm")
+
+
+@pytest.mark.parametrize("arch", [dict(pos_dim=30), dict(pos_dim=20), dict(Mdl.LEGACY_ARCH, pos_dim=18)])
+def test_forward_equals_a_numpy_reimplementation(arch):
+    """Both architectures (the authors' options and nvfm-v1), packed volumes one of them empty,
+    every attention implementation, against float64 numpy."""
+    cfg = Mdl.EncoderConfig(dim=48, depth=2, heads=3, **arch)
+    torch.manual_seed(0)
+    enc = Mdl.Encoder(cfg).eval()
+    with torch.no_grad():
+        for p in enc.parameters():  # non-trivial LayerNorms, biases, attention logits
+            p.add_(0.2 * torch.randn_like(p))
+    rng = np.random.default_rng(0)
+    lens = [5, 0, 13, 1]
+    x, coords = rng.normal(size=(sum(lens), 1024)), rng.integers(0, 40, size=(sum(lens), 3))
+    want = _numpy_forward(enc.state_dict(), cfg, x, coords, lens)
+    cu = torch.tensor(np.cumsum([0] + lens), dtype=torch.int32)
+    for impl in ("reference", "sdpa", "auto"):
+        enc.set_attention(impl)
+        with torch.no_grad():
+            got = enc(torch.from_numpy(x).float(), torch.from_numpy(coords).int(), cu, max(lens))
+        np.testing.assert_allclose(got.double().numpy(), want, rtol=0, atol=2e-5, err_msg=impl)
+
+
+@pytest.mark.parametrize("crop", ["pad", "centre"])
+def test_encode_study_packing_gives_each_window_what_it_gets_alone(crop):
+    """Volumes and windows packed into shared forwards (a volume without any token, odd shapes,
+    max_tokens from everything-in-one to one-window-per-forward) get the embeddings each window
+    gets encoded alone, on the coords of its own (cropped or padded) token grid."""
+    from nvfm.tokenize import patchify_reference
+    rng = np.random.default_rng(3)
+    items = [synthetic_volume(rng, "MR", (18, 100, 90), "mr-0"), synthetic_volume(rng, "CT", (9, 33, 47), "ct-empty"),
+             synthetic_volume(rng, "CT", (30, 96, 112), "ct-0"), synthetic_volume(rng, "MR", (6, 40, 33), "mr-1")]
+    items[1][2][:] = 0
+    reader = ArrayReader(items)
+    enc = tiny_encoder().eval()
+    for max_tokens in (10 ** 9, 150, 1):
+        out = Mdl.encode_study(enc, reader, [0, 1, 2, 3], max_tokens=max_tokens, crop=crop)
+        want = [(i, w) for i in range(4) for w in Mdl.volume_windows(reader.volumes[i])]
+        assert [(o["volume_id"], o["window"]) for o in out] == [(reader.volumes[i]["volume_id"], w) for i, w in want]
+        for o, (i, w) in zip(out, want):
+            vol, mask = reader.window(i, w), reader.volume(i)[1]
+            if crop == "centre":  # per axis start (n % p) // 2, whole patches
+                sl = tuple(slice((n % p) // 2, (n % p) // 2 + n // p * p) for n, p in zip(mask.shape, (4, 16, 16)))
+                vol, mask = vol[sl], mask[sl]
+            tok, coords, _ = patchify_reference([torch.from_numpy(np.ascontiguousarray(vol))],
+                                                [torch.from_numpy(np.ascontiguousarray(mask))])
+            assert torch.equal(o["coords"], coords) and o["emb"].shape == (len(coords), 96)
+            if len(coords):
+                enc.set_attention("reference")
+                alone = enc(Mdl.normalize_tokens(tok, Mdl.WINDOWS.index(w)), coords,
+                            torch.tensor([0, len(coords)], dtype=torch.int32), len(coords))
+                enc.set_attention("auto")
+                torch.testing.assert_close(o["emb"], alone, atol=2e-5, rtol=1e-4)
+        assert sum(len(o["coords"]) for o in out[1:4]) == 0 and len(out[0]["coords"]) and len(out[7]["coords"])

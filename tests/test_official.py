@@ -289,3 +289,87 @@ def test_token_layout_is_the_authors():
     grid = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(2), torch.arange(3), indexing="ij"), -1)
     assert torch.equal(tokens, want)
     assert torch.equal(coords.long(), grid.reshape(-1, 3))
+
+
+def _encode(args, cwd):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "encode.py"), "--device=cpu", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_encode_py_keys_their_files_by_the_head_count(tmp_path):
+    """The weights' shapes fix everything but the head count, so config.json's num_heads changes the
+    features of the same pytorch_model.bin: a run after editing it (3 -> 1 heads) resumed the cache
+    of the other head count under the same hash ('resuming, 2 studies already'), mixing two encoders."""
+    from nvfm import grounding
+    from nvfm.features import FeatureCache, file_hash
+    from nvfm.loader import write_synthetic_shards
+    torch.manual_seed(2)
+    O.save_official(Mdl.Encoder(Mdl.EncoderConfig.preset("tiny")).eval(), str(tmp_path / "rel"))
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(12, 64, 64))
+    args = [f"--shards={shards}", f"--encoder={tmp_path / 'rel'}", f"--out={tmp_path / 'f'}"]
+    r = _encode(args, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    h = FeatureCache(str(tmp_path / "f")).encoder_hash
+    assert h == file_hash(str(tmp_path / "rel" / "pytorch_model.bin")) + "+heads:3"  # 3 != 96 // 64
+    x, c = torch.randn(5, 1024), torch.tensor([[0, 0, i] for i in range(5)], dtype=torch.int32)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    three = O.load_official(tmp_path / "rel")
+    cfg_path = tmp_path / "rel" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["params"]["num_heads"] = 1
+    cfg_path.write_text(json.dumps(cfg))
+    with torch.no_grad():  # the edit does change the encoder
+        one = O.load_official(tmp_path / "rel")(x, c, cu, 5)
+    r = _encode(args, tmp_path)
+    assert r.returncode == 1 and "cache was made by encoder" in r.stderr and "resuming" not in r.stdout
+    # dim // 64 heads from config.json (the released ViT-B's 12 = 768 // 64): the weights' hash alone
+    r = _encode([*args[:2], f"--out={tmp_path / 'f1'}"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert FeatureCache(str(tmp_path / "f1")).encoder_hash == file_hash(str(tmp_path / "rel" / "pytorch_model.bin"))
+    # the flip test reopens the encoder of a "+heads" hash with that head count, or refuses
+    with pytest.raises(O.ConversionError, match="heads=3 contradicts the config's num_heads 1"):
+        grounding.open_encoder_from_hash(str(tmp_path / "rel"), h, "cpu")
+    cfg["params"]["num_heads"] = 3
+    cfg_path.write_text(json.dumps(cfg))
+    got = grounding.open_encoder_from_hash(str(tmp_path / "rel"), h, "cpu")
+    with torch.no_grad():
+        assert torch.equal(got(x, c, cu, 5), three(x, c, cu, 5)) and not torch.allclose(one, three(x, c, cu, 5))
+
+
+def test_encode_py_refuses_a_selection_of_no_volumes(tmp_path):
+    """A misspelt --split selected nothing: 'wrote 0 studies', an empty cache and exit status 0 (or,
+    with one good name among them, silently fewer studies); now a one-line error before any output."""
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(8, 32, 32))
+    base = [f"--shards={shards}", "--encoder=random:tiny"]
+    for i, (flags, words) in enumerate([(["--split=trian"], ["--split=trian", "no volume in split 'trian'", "train"]),
+                                        (["--split=train,vla"], ["no volume in split 'vla'"]),
+                                        (["--modality=CT", "--split=train"], ["--modality=CT", "no volume"])]):
+        man = json.load(open(os.path.join(shards, "manifest.json")))
+        if i == 2:   # train holds only MR volumes
+            for v in man["volumes"]:
+                v["modality"], v["split"] = ("MR", "train") if v["modality"] == "MR" else (v["modality"], "val")
+            with open(os.path.join(shards, "manifest.json"), "w") as f:
+                json.dump(man, f)
+        out = tmp_path / f"f{i}"
+        r = _encode([*base, *flags, f"--out={out}"], tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and all(w in lines[0] for w in words), r.stderr
+        assert not out.exists()
+    r = _encode([*base, "--split= val ,train", f"--out={tmp_path / 'ok'}"], tmp_path)
+    assert r.returncode == 0 and "2 studies (2 volumes)" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_head_count_below_one_is_refused(small, tmp_path):
+    """--heads=-3 for a bare state dict loaded (-3 divides 96) and every study then failed in the
+    forward (view of shape [n, 3, -3, -32]); num_heads 0 in config.json was a ZeroDivisionError."""
+    bare = write_official(tmp_path / "bare", small["state_dict"])
+    with pytest.raises(O.ConversionError, match=r"pytorch_model.bin: heads -3: the head count must be positive"):
+        O.load_official(bare, heads=-3)
+    cfg = json.loads(json.dumps(small["config"]))
+    cfg["params"]["num_heads"] = 0
+    with pytest.raises(O.ConversionError, match=r"config.json: heads 0: the head count must be positive"):
+        O.load_official(write_official(tmp_path / "zero", small["state_dict"], cfg))
+    with pytest.raises(ValueError, match="heads -2: the head count must be positive"):
+        Mdl.Encoder(Mdl.EncoderConfig(dim=48, depth=1, heads=-2))
