@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic
 from nvfm.configurator import config_dict, configure, fail
-from nvfm.data import ShardReader
+from nvfm.data import ShardReader, write_atomic
 from nvfm.features import file_hash
 from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
@@ -113,8 +113,11 @@ shards_id = file_hash(os.path.join(shards, "manifest.json"))  # the shard set's 
 indices = train_indices(reader, split, min_tokens)
 if not indices:
     raise SystemExit(f"{shards}: no '{split}' volumes with >= {min_tokens} foreground tokens")
-mask_config = MaskConfig(ratio_mr=context_ratio_mr, ratio_ct=context_ratio_ct, drop=context_drop,
-                         max_patches=max_patches)
+try:  # a setting out of range is one line naming it, before anything is written
+    mask_config = MaskConfig(ratio_mr=context_ratio_mr, ratio_ct=context_ratio_ct, drop=context_drop,
+                             max_patches=max_patches)
+except ValueError as e:
+    fail(str(e))
 if master:
     os.makedirs(out_dir, exist_ok=True)
 dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
@@ -165,7 +168,7 @@ optimizer = torch.optim.AdamW([{"params": decay, "wd": True}, {"params": no_deca
                               lr=lr_start, betas=(beta1, beta2), weight_decay=wd_start, fused=dev.type == "cuda")
 scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and ptdtype == torch.float16)
 
-step, collapse_ref = 0, None   # collapse_ref: the student's rank on the run's first batch (the warning's reference)
+step, collapse_ref, collapse_warned = 0, None, False   # collapse_ref: the student's rank on the run's first batch (the warning's reference)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ck = load_checkpoint(ckpt_path)
@@ -188,10 +191,15 @@ if init_from == "resume":
     load_state_strict(teacher, ck["teacher"], "teacher")
     optimizer.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
-    step, collapse_ref = ck["step"], ck.get("collapse_ref")
+    step, collapse_ref, collapse_warned = ck["step"], ck.get("collapse_ref"), ck.get("collapse_warned", False)
     torch.set_rng_state(ck["rng"]["torch"])  # data randomness is a function of (seed, step, slot): nothing else to restore
     if master:
         print(f"resumed from {ckpt_path} at step {step}")
+        log_path = os.path.join(out_dir, "log.jsonl")
+        if os.path.exists(log_path):  # records of a killed run past its checkpoint are logged again below
+            with open(log_path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) <= step]
+            write_atomic(log_path, "".join(kept))
 elif init_from != "scratch":
     raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 
@@ -263,11 +271,13 @@ def save_checkpoint(next_step):
     save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
                  "teacher": teacher.state_dict(), **extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": next_step, "config": config, "encoder_config": vars(enc_cfg), "shards_id": shards_id,
-                 "rng": {"torch": torch.get_rng_state()}, "collapse_ref": watch.initial}, ckpt_path)
+                 "rng": {"torch": torch.get_rng_state()}, "collapse_ref": watch.initial,
+                 "collapse_warned": watch.warned}, ckpt_path)
 
 
 # ----------------------------------------------------------------------------- is it learning?
 watch = CollapseWatch(collapse_warn, initial=collapse_ref)   # a resumed run keeps step 1's reference
+watch.warned = collapse_warned  # and does not warn again within the episode it was stopped in
 probes = ProbeSet(shards, cohort=probe_cohort or None, max_studies=probe_studies) if eval_interval and master else None
 if export not in ("teacher", "student"):
     raise SystemExit(f"export must be 'teacher' or 'student', got {export!r}")
@@ -297,7 +307,8 @@ def save_encoders():
 
 
 # ----------------------------------------------------------------------------- training loop
-loader = make_loader(dataset, step, max_steps, num_workers, pin_memory=dev.type == "cuda")
+last_step = min(max_steps, stop_at_step) if stop_at_step else max_steps  # a resumed run already there trains nothing
+loader = make_loader(dataset, step, last_step, num_workers, pin_memory=dev.type == "cuda")
 log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
 if probes is not None and step == 0:
     run_probes(0)
@@ -340,7 +351,10 @@ for b in loader:
     vol_log += global_batch
     flops_log += step_flops(b) * world_size
     loss_log, pos_log, n_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), n_log + 1  # no sync until the log
-    if step == 1 or step % log_interval == 0 or step == max_steps or step == stop_at_step:  # every step counted in a log
+    if stop_at_step and step >= stop_at_step:
+        stop_requested = True
+    # every step counted in one log record; a checkpoint's step is logged, so a resumed log (cut at it) misses none
+    if step == 1 or step % log_interval == 0 or step % ckpt_interval == 0 or step == max_steps or stop_requested:
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
         ctx, tgt = b["ctx_index"], b["tgt_index"]
@@ -379,8 +393,6 @@ for b in loader:
         t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
     if probes is not None and (step % eval_interval == 0 or step == max_steps):
         run_probes(step)
-    if stop_at_step and step >= stop_at_step:
-        stop_requested = True
     if step % ckpt_interval == 0 or step == max_steps or stop_requested:
         save_checkpoint(step)
         if master:

@@ -153,9 +153,12 @@ def train_indices(reader, split="train", min_tokens=8):
 
 def make_loader(dataset, start_step, max_steps, num_workers=2, pin_memory=False):
     """DataLoader over steps [start_step, max_steps) of a JepaBatches; workers make the masks."""
+    # the workers' base seed comes from a private generator: drawn from the global torch RNG, it left a
+    # resumed run's RNG one draw ahead of the uninterrupted run's (the batches use numpy streams only)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=range(start_step, max_steps), num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+        pin_memory=pin_memory, persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(0))
 
 
 def write_shards(out_dir, items, tag="synthetic"):

@@ -5,7 +5,9 @@ Per volume (the NeuroVFM paper, Methods "Vol-JEPA"; where the authors' public co
 follow the paper):
   1. window: MR -> "mr"; CT -> brain / blood / bone with probability 0.7 / 0.15 / 0.15.
   2. crop: at most `max_patches` = 20 tokens per axis; the crop window is placed uniformly
-     among positions that stay inside the foreground's bounding box.
+     among positions that stay inside the foreground's bounding box; a crop holding < 2
+     foreground tokens is placed again (8 tries), then drawn among the placements that hold
+     >= 2 (crop_box_dense; a volume with none is a ValueError naming it).
   3. augmentation, shared by student and teacher (they see the same tokens): a random axis
      permutation of the token grid and a random flip of each axis. A flip also mirrors the
      voxels inside each patch. A permutation permutes the grid coordinates (patches are
@@ -56,6 +58,14 @@ class MaskConfig:
         self.n_blocks, self.aspect, self.permute, self.flip = tuple(n_blocks), aspect, permute, flip
         if abs(sum(self.ct_window_probs) - 1) > 1e-6:
             raise ValueError(f"ct_window_probs must sum to 1, got {ct_window_probs}")
+        # out of range, draw_blocks would clamp the counts silently (ratio 1.5: one target token; drop 1: one context token)
+        for name, v in (("ratio_mr", ratio_mr), ("ratio_ct", ratio_ct)):
+            if not 0 < v < 1:
+                raise ValueError(f"mask config: {name} (the context's share of the tokens) must be in (0, 1), got {v}")
+        if not 0 <= drop < 1:
+            raise ValueError(f"mask config: drop (the context dropout) must be in [0, 1), got {drop}")
+        if int(max_patches) != max_patches or max_patches < 2:  # a 1-token crop never holds the 2 tokens a split needs
+            raise ValueError(f"mask config: max_patches (crop tokens per axis) must be an integer >= 2, got {max_patches}")
 
 
 def token_mask_of(reader, i):
@@ -66,13 +76,22 @@ def token_mask_of(reader, i):
     return token_foreground(torch.from_numpy(np.ascontiguousarray(reader.volume(i)[1]))).numpy()
 
 
+def foreground_bounds(tmask):
+    """Bounding box of the foreground tokens: tmask (gz, gy, gx) bool -> (f0 (3,), f1 (3,)) int64, f1 exclusive."""
+    f0, f1 = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    for a in range(3):
+        nz = np.flatnonzero(tmask.any(axis=tuple(b for b in range(3) if b != a)))
+        f0[a], f1[a] = nz[0], nz[-1] + 1
+    return f0, f1
+
+
 def crop_box(tmask, max_patches, rng):
     """Crop start/stop per axis (token units): <= max_patches per axis, inside the foreground
     bounding box, position uniform. tmask (gz, gy, gx) bool -> (lo (3,), hi (3,))."""
     lo, hi = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    b0, b1 = foreground_bounds(tmask)
     for a in range(3):
-        nz = np.flatnonzero(tmask.any(axis=tuple(b for b in range(3) if b != a)))
-        f0, f1 = int(nz[0]), int(nz[-1]) + 1
+        f0, f1 = int(b0[a]), int(b1[a])
         if f1 - f0 <= max_patches:
             lo[a] = f0
             hi[a] = f0 + min(max_patches, f1 - f0)
@@ -80,6 +99,27 @@ def crop_box(tmask, max_patches, rng):
             lo[a] = f0 + int(rng.integers(0, f1 - f0 - max_patches + 1))
             hi[a] = lo[a] + max_patches
     return lo, hi
+
+
+def crop_box_dense(tmask, max_patches, rng):
+    """crop_box's fallback for a scattered foreground, where random placements keep missing it:
+    a placement uniform among those crop_box can make (inside the foreground bounding box,
+    min(max_patches, extent) per axis) that hold >= 2 foreground tokens, every
+    placement counted at once with a summed-volume table. -> (lo (3,), hi (3,)), or None
+    when none does."""
+    f0, f1 = foreground_bounds(tmask)
+    size = np.minimum(max_patches, f1 - f0)
+    S = np.zeros(tuple(n + 1 for n in tmask.shape), np.int64)
+    S[1:, 1:, 1:] = tmask.astype(np.int64).cumsum(0).cumsum(1).cumsum(2)
+    z0, y0, x0 = np.ix_(*(np.arange(f0[a], f1[a] - size[a] + 1) for a in range(3)))
+    z1, y1, x1 = z0 + size[0], y0 + size[1], x0 + size[2]
+    count = (S[z1, y1, x1] - S[z0, y1, x1] - S[z1, y0, x1] - S[z1, y1, x0]
+             + S[z0, y0, x1] + S[z0, y1, x0] + S[z1, y0, x0] - S[z0, y0, x0])
+    ok = np.flatnonzero(count >= 2)
+    if len(ok) == 0:
+        return None
+    lo = f0 + np.array(np.unravel_index(ok[int(rng.integers(len(ok)))], count.shape), np.int64)
+    return lo, lo + size
 
 
 def crop_tokens(data, modality, window, lo, hi, coords, flips, swap_inplane):
@@ -256,8 +296,13 @@ def sample_volume(reader, i, rng, cfg, config_multi, gather=None):
         coords = np.argwhere(tmask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).astype(np.int32)
         if len(coords) >= 2:
             break
-    else:
-        raise ValueError(f"volume {rec.get('volume_id')}: no crop with >= 2 foreground tokens")
+    else:  # a scattered foreground: pick among the placements that do hold 2 tokens (none: the error)
+        box = crop_box_dense(tmask, cfg.max_patches, rng)
+        if box is None:
+            raise ValueError(f"volume {rec.get('volume_id')}: no crop of <= {cfg.max_patches} tokens per axis "
+                             f"holds >= 2 foreground tokens")
+        lo, hi = box
+        coords = np.argwhere(tmask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]).astype(np.int32)
     data, _ = reader.volume(i)
     perm, flips, swap = sample_augmentation(rng, cfg.permute, cfg.flip)
     gather = gather or GATHER

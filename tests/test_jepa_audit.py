@@ -98,3 +98,125 @@ def test_no_target_token_reaches_the_student_or_the_predictor(setup):
         t1 = int(b["cu_tgt"][1])
         assert torch.equal(pred3[t1:], pred[t1:]) and torch.equal(target3[t1:], target[t1:])
         assert not torch.allclose(pred3[:t1], pred[:t1])
+
+
+# ---------------------------------------------------------------------------------------
+# train_jepa.py stopped (SIGTERM: checkpoint at once; SIGKILL: the last periodic checkpoint) and
+# resumed, against the uninterrupted run. The signal is sent by the run itself while the loader
+# makes a chosen step's batch (num_workers=0: in the training process), so the step is exact.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "train_jepa.py")
+JOB = ["config/jepa_tiny.py", "--global_batch=2", "--max_steps=10", "--num_workers=0", "--log_interval=3",
+       "--ckpt_interval=4", "--predictor_depth=1", "--collapse_warn=100"]  # warn at the first log after step 1
+SIGNAL_AT = """import os, runpy, signal, sys
+import nvfm.loader as L
+at, sig, get = int(sys.argv[1]), getattr(signal, sys.argv[2]), L.JepaBatches.__getitem__
+def getitem(self, s):
+    if s == at:  # batch `at` is made after step `at` is done, before step at + 1
+        os.kill(os.getpid(), sig)
+    return get(self, s)
+L.JepaBatches.__getitem__ = getitem
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def train(out, shards, *extra, signal_at=None):
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    pre = ["-c", SIGNAL_AT, *map(str, signal_at)] if signal_at else []
+    cmd = [sys.executable, *pre, TRAIN, *JOB, f"--shards={shards}", f"--out_dir={out}", *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if signal_at and signal_at[1] == "SIGKILL":
+        assert p.returncode == -9, p.stderr[-2000:]
+    else:
+        assert p.returncode == 0, f"{' '.join(cmd)}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    return p.stdout
+
+
+def log_of(out):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r]
+
+
+def ckpt_of(out):
+    from nvfm.checkpoint import load_checkpoint
+    return load_checkpoint(os.path.join(out, "ckpt.pt"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """full: uninterrupted; kill: SIGKILL after step 6 (checkpoint 4), resumed; term: SIGTERM
+    during step 5 (stops after it), then resumed with --stop_at_step=5 (already there), then to the end."""
+    from nvfm.loader import write_synthetic_shards
+    tmp = tmp_path_factory.mktemp("resume")
+    shards = write_synthetic_shards(str(tmp / "shards"), n=4, seed=1, shape=(16, 64, 64))
+    r = {k: str(tmp / k) for k in ("full", "kill", "term")}
+    r["full_stdout"] = train(r["full"], shards)
+    train(r["kill"], shards, signal_at=(6, "SIGKILL"))
+    r["kill_ckpt_step"], r["kill_log_at_kill"] = ckpt_of(r["kill"])["step"], log_of(r["kill"])
+    train(r["kill"], shards, "--init_from=resume")
+    out = train(r["term"], shards, signal_at=(4, "SIGTERM"))
+    r["term_ckpt_step"], r["term_log_at_stop"] = ckpt_of(r["term"])["step"], log_of(r["term"])
+    out += train(r["term"], shards, "--init_from=resume", "--stop_at_step=5")
+    r["term_step_after_noop"] = ckpt_of(r["term"])["step"]
+    r["term_stdout"] = out + train(r["term"], shards, "--init_from=resume")
+    return r
+
+
+def test_killed_and_stopped_runs_resume_to_the_uninterrupted_weights(runs):
+    """SIGKILL after step 6 resumes from checkpoint 4, SIGTERM stops after step 5 with a checkpoint:
+    both end with the uninterrupted run's student, predictor, teacher, optimizer and torch RNG state to the bit,
+    and the exported encoder.safetensors / student.safetensors load strictly as that teacher / student."""
+    from nvfm.model import load_encoder
+    assert runs["kill_ckpt_step"] == 4 and runs["term_ckpt_step"] == 5
+    a = ckpt_of(runs["full"])
+    for name in ("kill", "term"):
+        b = ckpt_of(runs[name])
+        assert b["step"] == a["step"] == 10
+        for part in ("student", "predictor", "teacher", "pos_predictor"):
+            assert a[part].keys() == b[part].keys()
+            for k in a[part]:
+                assert torch.equal(a[part][k], b[part][k]), (name, part, k)
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), name  # the loader drew a seed from it on resume
+        for i, st in a["optimizer"]["state"].items():
+            for k, v in st.items():
+                assert torch.equal(v, b["optimizer"]["state"][i][k]), (name, i, k)
+        for file, part in (("encoder", "teacher"), ("student", "student")):
+            enc = load_encoder(os.path.join(runs[name], f"{file}.safetensors"))
+            state = enc.state_dict()
+            assert state.keys() == a[part].keys()
+            assert all(torch.equal(state[k], a[part][k]) for k in state), (name, file)
+
+
+def test_a_hard_killed_run_resumes_to_the_uninterrupted_log(runs):
+    """After SIGKILL at step 6 with checkpoint 4, the resumed log.jsonl has each step's record once,
+    with the uninterrupted run's losses: before the fix it held step 6 twice, and its step-6 record
+    averaged steps 5-6 where the uninterrupted one averages 4-6 (steps 2-3 ... lost)."""
+    assert runs["kill_log_at_kill"][-1][0] == 6 > runs["kill_ckpt_step"]  # the kill left records past the checkpoint
+    assert log_of(runs["kill"]) == log_of(runs["full"])
+
+
+def test_a_signal_stop_logs_its_last_step(runs):
+    """SIGTERM during step 5 (log interval 3): the stop's checkpoint is step 5, and steps 4-5 must
+    be in a record (the README: every step counted in a log) - the last record is step 5."""
+    assert runs["term_ckpt_step"] == 5
+    assert runs["term_log_at_stop"][-1][0] == 5, runs["term_log_at_stop"]
+
+
+def test_resume_at_its_stop_at_step_trains_nothing(runs):
+    """A job-slot script that reruns the same --stop_at_step=5 on a run already at step 5 must not
+    train step 6 (before the fix: checkpoint at 6)."""
+    assert runs["term_step_after_noop"] == 5
+
+
+def test_the_collapse_warning_is_not_repeated_by_a_resume(runs):
+    """--collapse_warn=100: every rank after step 1 is 'low', so the uninterrupted run warns once (at
+    step 3, its first log after step 1); the stopped and resumed run must warn once too."""
+    warn = "WARNING: representation collapse"
+    assert runs["full_stdout"].count(warn) == 1
+    assert runs["term_stdout"].count(warn) == 1

@@ -240,3 +240,229 @@ def test_control_shards_carry_the_grating_their_labels_name(tmp_path):
         splits.append((int(v["volume_id"].split("-")[1]), v["split"], label))
     assert [s[1:] for s in sorted(splits)] == [("train", 0), ("train", 1), ("train", 0), ("train", 1),
                                                 ("val", 0), ("test", 1)]
+
+
+# ---------------------------------------------------------------------------------------
+# audit: the masks and crops against brute forces on small grids
+
+def brute_split(coords, draw):
+    """The split by hand: loops over tokens and blocks, float32 box distances, the n_sel tokens
+    first in (d, key0, index) taken by the blocks, the n_drop context tokens first in (key1, index)
+    moved to the target. -> (ctx, tgt) ascending index arrays."""
+    n, cents = len(coords), coords[draw["centre_index"]]
+    d = [min(max(np.float32(abs(int(coords[i][a]) - int(c[a]))) / asp[a] for a in range(3))
+             for c, asp in zip(cents, draw["aspects"])) for i in range(n)]
+    n_sel, sel_target, n_drop = draw["counts"].tolist()
+    sel = set(sorted(range(n), key=lambda i: (d[i], int(draw["keys"][0, i]), i))[:n_sel])
+    ctx0 = [i for i in range(n) if (i in sel) != bool(sel_target)]
+    dropped = set(sorted(ctx0, key=lambda i: (int(draw["keys"][1, i]), i))[:n_drop])
+    ctx = [i for i in ctx0 if i not in dropped]
+    return np.array(ctx, np.int64), np.array(sorted(set(range(n)) - set(ctx)), np.int64)
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_split_matches_a_brute_force_on_small_grids(multi):
+    """split_context_target == the hand-made split on random small foregrounds (2..120 tokens),
+    and the sizes are the documented ones: n_ctx = round(r n) clamped to [1, n - 1], then
+    round(0.2 n_ctx) (at most n_ctx - 1) context tokens dropped to the target."""
+    from nvfm.blocks import draw_blocks
+    rng, cfg, tried = np.random.default_rng(11), M.MaskConfig(), 0
+    for k in range(60):
+        fg = rng.random(tuple(rng.integers(1, 6, 3))) < rng.uniform(0.1, 1.0)
+        coords = np.argwhere(fg).astype(np.int32)
+        if len(coords) < 2:
+            continue
+        tried += 1
+        ratio = (0.25, 0.20)[k % 2]
+        ctx, tgt = M.split_context_target(coords, ratio, multi, np.random.default_rng([11, k]), cfg)
+        draw = draw_blocks(np.random.default_rng([11, k]), len(coords), ratio, multi, cfg.n_blocks, cfg.aspect, cfg.drop)
+        bctx, btgt = brute_split(coords, draw)
+        assert np.array_equal(ctx, bctx) and np.array_equal(tgt, btgt), (k, len(coords))
+        n = len(coords)
+        n_ctx = min(max(round(ratio * n), 1), n - 1)
+        assert len(ctx) == n_ctx - min(round(0.2 * n_ctx), n_ctx - 1) >= 1 and len(tgt) >= 1
+    assert tried > 40
+
+
+def test_blocks_are_boxes_of_bounded_aspect():
+    """Without dropout, the tokens the blocks take are exactly those nearest (box norm) to the
+    blocks: every taken token's distance <= every other token's. K is 2..4 (multi) or 1, and every
+    block's per-axis scale lies in [1/2, 2], log-uniform (mean log ~ 0, both ends reached)."""
+    from nvfm.blocks import draw_blocks
+    grid = np.argwhere(np.ones((7, 8, 9), bool)).astype(np.int32)
+    cfg = M.MaskConfig(drop=0.0)
+    ks, logs = set(), []
+    for k in range(60):
+        multi = k % 2 == 0
+        ctx, tgt = M.split_context_target(grid, 0.25, multi, np.random.default_rng([12, k]), cfg)
+        draw = draw_blocks(np.random.default_rng([12, k]), len(grid), 0.25, multi, cfg.n_blocks, cfg.aspect, 0.0)
+        K = len(draw["centre_index"])
+        assert (2 <= K <= 4) if multi else K == 1
+        ks.add(K)
+        logs.append(np.log(draw["aspects"]).ravel())
+        diff = np.abs(grid[:, None, :].astype(np.float64) - grid[draw["centre_index"]][None].astype(np.float64))
+        d = (diff / draw["aspects"][None].astype(np.float64)).max(-1).min(-1)  # (n,) in float64
+        taken, rest = (tgt, ctx) if multi else (ctx, tgt)
+        assert len(taken) == (len(grid) - round(0.25 * len(grid)) if multi else round(0.25 * len(grid)))
+        assert d[taken].max() <= d[rest].min() + 1e-6
+    logs = np.concatenate(logs)
+    assert ks == {1, 2, 3, 4}
+    assert np.abs(logs).max() <= np.log(2) + 1e-6 and np.abs(logs).max() > 0.95 * np.log(2)
+    assert abs(logs.mean()) < 0.05 and abs(np.mean(np.abs(logs)) - np.log(2) / 2) < 0.03  # uniform in log
+
+
+def _reader_of(tmask, volume_id="v"):
+    """An ArrayReader whose token foreground is exactly tmask (gz, gy, gx) bool."""
+    mask = np.kron(tmask.astype(np.uint8), np.ones(PATCH, np.uint8))
+    data = (mask * 100)[None]
+    rec = dict(volume_id=volume_id, modality="MR", family="T1", split="train")
+    r = ArrayReader([(rec, data, mask)])
+    assert np.array_equal(r.token_mask(0), tmask)
+    return r
+
+
+@pytest.mark.parametrize("n_tokens", [2, 3])
+def test_tiny_volumes_more_blocks_than_tokens(n_tokens):
+    """2 or 3 foreground tokens (fewer than the 2..4 blocks): every sample still has a non-empty
+    context and target that partition the tokens; 1 token is a ValueError naming the volume."""
+    tmask = np.zeros((3, 3, 3), bool)
+    tmask[1, 1, :n_tokens] = True
+    r = _reader_of(tmask, "tiny")
+    for k in range(20):
+        s = M.sample_volume(r, 0, np.random.default_rng([13, k]), M.MaskConfig(), config_multi=k % 2 == 0)
+        assert len(s["coords"]) == n_tokens and len(s["ctx"]) >= 1 and len(s["tgt"]) >= 1
+        assert sorted(np.concatenate([s["ctx"], s["tgt"]]).tolist()) == list(range(n_tokens))
+    one = np.zeros((3, 3, 3), bool)
+    one[0, 0, 0] = True
+    with pytest.raises(ValueError, match="one: fewer than 2"):
+        M.sample_volume(_reader_of(one, "one"), 0, np.random.default_rng(0), M.MaskConfig(), True)
+
+
+def test_crop_box_is_uniform_inside_the_foreground_box():
+    """A foreground spanning z 2..6 (5 tokens) with max_patches 2: the crop is 2 tokens along z at
+    one of the 4 starts 2..5, each ~1/4; along y, x (1 token) it is the foreground exactly."""
+    tmask = np.zeros((9, 4, 4), bool)
+    tmask[2:7, 1, 2] = True
+    rng = np.random.default_rng(14)
+    starts = []
+    for _ in range(4000):
+        lo, hi = M.crop_box(tmask, 2, rng)
+        assert hi[0] - lo[0] == 2 and list(lo[1:]) == [1, 2] and list(hi[1:]) == [2, 3]
+        starts.append(int(lo[0]))
+    freq = np.bincount(starts, minlength=9)[2:6] / len(starts)
+    assert sorted(set(starts)) == [2, 3, 4, 5] and np.all(np.abs(freq - 0.25) < 0.03), freq
+
+
+def test_scattered_foreground_gets_a_crop_with_two_tokens():
+    """8 foreground tokens on a diagonal, 3 tokens apart (train_indices keeps the volume): random
+    6-token crops catch < 2 of them 8 times in a row for most seeds, which was a ValueError that
+    stopped training at that step on every resume. Now the crop is drawn among the placements that
+    hold >= 2 tokens: uniform over them (checked against a loop over every placement), and only a
+    volume that no crop can serve is the error."""
+    tmask = np.zeros((24, 24, 24), bool)
+    for k in range(8):
+        tmask[3 * k, 3 * k, 3 * k] = True
+    r = _reader_of(tmask, "scatter")
+    assert train_indices(r) == [0]
+    for k in range(40):
+        s = M.sample_volume(r, 0, np.random.default_rng([15, k]), M.MaskConfig(max_patches=6), k % 2 == 0)
+        lo, hi = s["crop"]
+        assert len(s["coords"]) == tmask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].sum() >= 2
+        assert np.all(hi - lo == 6) and np.all(lo >= 0) and np.all(hi <= 22)
+    # crop_box_dense on a small random foreground: support and frequencies against a loop
+    rng = np.random.default_rng(16)
+    small = rng.random((4, 5, 6)) < 0.12
+    f0 = [int(np.flatnonzero(small.any(axis=tuple(b for b in range(3) if b != a)))[0]) for a in range(3)]
+    f1 = [int(np.flatnonzero(small.any(axis=tuple(b for b in range(3) if b != a)))[-1]) + 1 for a in range(3)]
+    size = [min(2, f1[a] - f0[a]) for a in range(3)]
+    valid = {(z, y, x) for z in range(f0[0], f1[0] - size[0] + 1) for y in range(f0[1], f1[1] - size[1] + 1)
+             for x in range(f0[2], f1[2] - size[2] + 1)
+             if small[z:z + size[0], y:y + size[1], x:x + size[2]].sum() >= 2}
+    assert len(valid) >= 3
+    draws = [M.crop_box_dense(small, 2, rng) for _ in range(300 * len(valid))]
+    assert all(list(hi - lo) == size for lo, hi in draws)
+    seen = np.unique(np.array([lo for lo, _ in draws]), axis=0, return_counts=True)
+    assert {tuple(int(v) for v in p) for p in seen[0]} == valid
+    assert np.all(np.abs(seen[1] / len(draws) - 1 / len(valid)) < 0.35 / len(valid))
+    # two tokens farther apart than a crop: no crop serves the volume, a clear error
+    far = np.zeros((12, 12, 12), bool)
+    far[0, 0, 0] = far[10, 10, 10] = True
+    assert M.crop_box_dense(far, 6, rng) is None
+    with pytest.raises(ValueError, match="far: no crop of <= 6 tokens per axis holds >= 2"):
+        M.sample_volume(_reader_of(far, "far"), 0, np.random.default_rng(0), M.MaskConfig(max_patches=6), True)
+
+
+def test_shard_batches_hold_the_windowed_voxels_of_their_volume(tmp_path):
+    """On a real shard set (ShardReader), every sample of a JepaBatches stream is the volume
+    volume_at names, in a window of its modality, and each token is the voxel patch of its grid
+    position: undo the permutation and flips, cut the windowed volume by hand, mirror and transpose."""
+    from nvfm.data import ShardReader
+    from nvfm.loader import write_synthetic_shards
+    reader = ShardReader(write_synthetic_shards(str(tmp_path / "sh"), n=4, seed=2, shape=(22, 72, 90)))
+    ds = JepaBatches(reader, train_indices(reader), global_batch=4, seed=3,
+                     mask_config=M.MaskConfig(max_patches=4, ct_window_probs=(0.34, 0.33, 0.33)))
+    names, windows = {v: k for k, v in M.WINDOW_INDEX.items()}, set()
+    for step in range(4):
+        b = ds[step]
+        for slot in range(4):
+            s = ds.sample(step, slot)
+            i = s["volume"]
+            assert i == ds.volume_at(step * 4 + slot) == int(b["volumes"][slot])
+            assert (names[s["window"]] == "mr") == (reader.volumes[i]["modality"] == "MR")
+            windows.add(s["window"])
+            lo, hi = s["crop"]
+            g = undo(s["coords"], s["perm"], s["flips"], hi - lo) + lo
+            assert reader.token_mask(i)[g[:, 0], g[:, 1], g[:, 2]].all()
+            w = np.asarray(reader.window(i, names[s["window"]]))
+            pad = np.zeros(tuple(-(-n // p) * p for n, p in zip(w.shape, PATCH)), np.uint8)
+            pad[:w.shape[0], :w.shape[1], :w.shape[2]] = w
+            swap = np.argmax(s["perm"] == 1) > np.argmax(s["perm"] == 2)
+            for tok, (z, y, x) in zip(s["tokens"], g):
+                p = pad[4 * z:4 * z + 4, 16 * y:16 * y + 16, 16 * x:16 * x + 16]
+                p = p[tuple(slice(None, None, -1 if f else 1) for f in s["flips"])]
+                assert np.array_equal((p.transpose(0, 2, 1) if swap else p).ravel(), tok)
+            rows = slice(int(b["cu_seqlens"][slot]), int(b["cu_seqlens"][slot + 1]))
+            assert np.array_equal(b["tokens"][rows].numpy(), s["tokens"])
+            assert np.all(b["window"][rows].numpy() == s["window"])
+    assert len(windows) >= 3
+
+
+def test_a_resumed_loader_draws_the_uninterrupted_batches(reader):
+    """make_loader from step 3 (2 workers) yields batches 3..5 of a loader from step 0 (no workers),
+    every key equal: a resumed run trains on the batches the uninterrupted one would have."""
+    ds = JepaBatches(reader, range(5), global_batch=2, seed=4, mask_config=M.MaskConfig(max_patches=6))
+    whole = list(make_loader(ds, 0, 6, num_workers=0))
+    resumed = list(make_loader(ds, 3, 6, num_workers=2))
+    assert len(resumed) == 3
+    for a, b in zip(whole[3:], resumed):
+        for k in a:
+            assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
+    assert not torch.equal(whole[2]["tokens"][:50], whole[3]["tokens"][:50])
+
+
+@pytest.mark.parametrize("bad, named", [(dict(ratio_mr=1.5), "ratio_mr"), (dict(ratio_ct=0.0), "ratio_ct"),
+                                        (dict(drop=1.0), "drop"), (dict(drop=-0.1), "drop"),
+                                        (dict(max_patches=0), "max_patches"), (dict(max_patches=1), "max_patches")])
+def test_mask_settings_out_of_range_are_refused(bad, named):
+    """A context ratio of 1.5 or a dropout of 1.0 used to train silently on clamped counts (one target
+    token per volume / one context token per volume), max_patches 0 failed in a loader worker mid-run:
+    now a ValueError naming the setting. In range, the split has the documented sizes."""
+    with pytest.raises(ValueError, match=f"mask config: {named} "):
+        M.MaskConfig(**bad)
+    grid = np.argwhere(np.ones((4, 5, 6), bool)).astype(np.int32)
+    n = len(grid)
+    cfg = M.MaskConfig(ratio_mr=0.5, drop=0.5)
+    ctx, tgt = M.split_context_target(grid, cfg.ratio_mr, True, np.random.default_rng(0), cfg)
+    assert len(ctx) == round(0.5 * n) - round(0.5 * round(0.5 * n)) and len(ctx) + len(tgt) == n
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_leaves_the_global_torch_rng_alone(reader, workers):
+    """Iterating make_loader draws nothing from the global torch RNG (it drew the workers' base seed
+    from it: a run resumed from a checkpoint was one draw ahead of the uninterrupted run, so any
+    later use of torch's RNG, dropout say, would not resume exactly)."""
+    ds = JepaBatches(reader, range(5), global_batch=2, seed=4, mask_config=M.MaskConfig(max_patches=4))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert len(list(make_loader(ds, 0, 2, num_workers=workers))) == 2
+    assert torch.equal(torch.get_rng_state(), before)
