@@ -62,7 +62,7 @@ PRESETS = {"nvfm": dict(features.DEFAULT_RULES),
 
 def open_encoder(spec, dev, seed=0, heads=None):
     """-> (Encoder in eval mode, hash string). spec: "random:<size>", an nvfm .safetensors
-    file, or the authors' files (directory / .bin / .pt; the hash is that of the weights file,
+    file (its hash, plus "+config:<sha>" when its config comes from a sidecar .json), or the authors' files (directory / .bin / .pt; the hash is that of the weights file,
     plus "+heads:<n>" unless a config.json gives the ViT head count dim // 64, as the release's does)."""
     if spec.startswith("random:"):
         size = spec.split(":", 1)[1]
@@ -75,7 +75,8 @@ def open_encoder(spec, dev, seed=0, heads=None):
         fail(f"--encoder: {spec} not found (an encoder.safetensors, the authors' directory, or random:<size>)")
     if official.is_nvfm_file(spec):
         try:
-            return model.load_encoder(spec, dev), features.file_hash(spec)
+            enc = model.load_encoder(spec, dev)
+            return enc, features.file_hash(spec) + model.sidecar_config_tag(spec)
         except (ValueError, RuntimeError) as e:   # truncated or foreign file, weights float32 cannot hold
             fail(str(e))
     try:

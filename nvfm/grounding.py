@@ -431,7 +431,8 @@ class FlippedReader:
 def open_encoder_from_hash(spec, enc_hash, device):
     """The frozen encoder that made a cache: an nvfm .safetensors file or the authors' files
     (hash checked), or random:<size>:seed<k>. enc_hash may carry token rules (features.token_rules)
-    and, for a state dict without config.json, the head count ("+heads:<n>", encode.py)."""
+    and the head count ("+heads:<n>") or the sidecar config's hash ("+config:<sha>"), as encode.py
+    keys them."""
     from nvfm import model, official
     from nvfm.features import file_hash
     enc_hash, _, heads = token_rules(enc_hash)[0].partition("+heads:")   # encode.py's open_encoder
@@ -441,8 +442,9 @@ def open_encoder_from_hash(spec, enc_hash, device):
         return model.Encoder(model.EncoderConfig.preset(size)).to(device).eval()
     if not spec or not os.path.exists(spec):
         raise FileNotFoundError(f"flip test: encoder file {spec!r} not found (pass --encoder=PATH)")
-    weights = spec if official.is_nvfm_file(spec) else official.find_official_files(spec)[0]
-    h = file_hash(weights)
+    nvfm_file = official.is_nvfm_file(spec)
+    weights = spec if nvfm_file else official.find_official_files(spec)[0]
+    h = file_hash(weights) + (model.sidecar_config_tag(weights) if nvfm_file else "")
     if h != enc_hash:
         raise RuntimeError(f"flip test: {weights} has hash {h}, but the probe's features came from {enc_hash}")
     return official.open_any_encoder(spec, device, heads=int(heads) if heads else None)

@@ -29,6 +29,7 @@ Intensity normalisation (done before the encoder, see `normalize_tokens`): uint8
 (x - mean) / std with the train-set statistics of the window, order [MR, CT-brain,
 CT-blood, CT-bone].
 """
+import hashlib
 import json
 import math
 import os
@@ -391,6 +392,22 @@ def load_encoder(path, device="cpu"):
                            f"unexpected {unexpected[:8]}, wrong shape {bad[:8]}")
     encoder.load_state_dict(as_float32_exactly(state, path), strict=True)
     return encoder.to(device).eval()
+
+
+def sidecar_config_tag(path):
+    """"" for an encoder file that carries its config (save_encoder's), else "+config:<sha256 of
+    the sidecar .json's config>": the sidecar is not part of the file's hash, and an edited one
+    makes other features from the same weights (encode.py keys its cache by both)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            if "nvfm_encoder_config" in (f.metadata() or {}):
+                return ""
+        with open(os.path.splitext(os.fspath(path))[0] + ".json") as f:
+            cfg = json.load(f)["config"]
+    except Exception as e:  # load_encoder has read both already; a change since is named here
+        raise ValueError(f"{path}: unreadable encoder config (metadata or sidecar .json): {type(e).__name__}: {e}") from None
+    return "+config:" + hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------

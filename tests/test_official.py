@@ -373,3 +373,38 @@ def test_a_head_count_below_one_is_refused(small, tmp_path):
         O.load_official(write_official(tmp_path / "zero", small["state_dict"], cfg))
     with pytest.raises(ValueError, match="heads -2: the head count must be positive"):
         Mdl.Encoder(Mdl.EncoderConfig(dim=48, depth=1, heads=-2))
+
+
+def test_encode_py_keys_a_sidecar_config_with_its_weights(tmp_path):
+    """A .safetensors without config metadata takes its config from the sidecar .json, which its file
+    hash does not cover: after editing the sidecar's ln_eps the run resumed the same cache ('resuming')
+    with an encoder that computes other features. The sidecar's config is now part of the cache's key."""
+    import hashlib
+    from safetensors.torch import save_file
+    from nvfm import grounding
+    from nvfm.features import FeatureCache, file_hash
+    from nvfm.loader import write_synthetic_shards
+    torch.manual_seed(3)
+    enc = Mdl.Encoder(Mdl.EncoderConfig.preset("tiny")).eval()
+    w = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(w))   # no metadata
+    cfg = dict(vars(enc.config))
+    side = tmp_path / "bare.json"
+    side.write_text(json.dumps({"config": cfg}))
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(12, 64, 64))
+    args = [f"--shards={shards}", f"--encoder={w}", f"--out={tmp_path / 'f'}"]
+    r = _encode(args, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    h = FeatureCache(str(tmp_path / "f")).encoder_hash
+    tag = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    assert h == file_hash(str(w)) + "+config:" + tag
+    assert grounding.open_encoder_from_hash(str(w), h, "cpu") is not None   # the flip test reopens it
+    side.write_text(json.dumps({"config": dict(cfg, ln_eps=1e-5)}))
+    r = _encode(args, tmp_path)
+    assert r.returncode == 1 and "cache was made by encoder" in r.stderr and "resuming" not in r.stdout
+    with pytest.raises(RuntimeError, match="but the probe's features came from"):
+        grounding.open_encoder_from_hash(str(w), h, "cpu")
+    # a file that carries its config (save_encoder's) keeps the plain file hash
+    Mdl.save_encoder(enc, tmp_path / "own.safetensors")
+    r = _encode([args[0], f"--encoder={tmp_path / 'own.safetensors'}", f"--out={tmp_path / 'g'}"], tmp_path)
+    assert r.returncode == 0 and FeatureCache(str(tmp_path / "g")).encoder_hash == file_hash(str(tmp_path / "own.safetensors"))
