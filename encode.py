@@ -64,6 +64,8 @@ def open_encoder(spec, dev, seed=0, heads=None):
     """-> (Encoder in eval mode, hash string). spec: "random:<size>", an nvfm .safetensors
     file (its hash, plus "+config:<sha>" when its config comes from a sidecar .json), or the authors' files (directory / .bin / .pt; the hash is that of the weights file,
     plus "+heads:<n>" unless a config.json gives the ViT head count dim // 64, as the release's does)."""
+    if heads and (spec.startswith("random:") or official.is_nvfm_file(spec)):   # it would be ignored
+        fail(f"--heads={heads}: only the authors' files take a head count; {spec} gives its own")
     if spec.startswith("random:"):
         size = spec.split(":", 1)[1]
         if size not in model.SIZES:

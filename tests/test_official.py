@@ -408,3 +408,16 @@ def test_encode_py_keys_a_sidecar_config_with_its_weights(tmp_path):
     Mdl.save_encoder(enc, tmp_path / "own.safetensors")
     r = _encode([args[0], f"--encoder={tmp_path / 'own.safetensors'}", f"--out={tmp_path / 'g'}"], tmp_path)
     assert r.returncode == 0 and FeatureCache(str(tmp_path / "g")).encoder_hash == file_hash(str(tmp_path / "own.safetensors"))
+
+
+@pytest.mark.parametrize("spec", ["random:tiny", "own.safetensors"])
+def test_encode_py_refuses_a_head_count_it_would_ignore(tmp_path, spec):
+    """--heads sets the head count of the authors' state dicts only; given with a random or nvfm
+    encoder it was silently ignored."""
+    from nvfm.loader import write_synthetic_shards
+    Mdl.save_encoder(Mdl.Encoder(Mdl.EncoderConfig.preset("tiny")), tmp_path / "own.safetensors")
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=1, seed=0, shape=(12, 64, 64))
+    enc = spec if spec.startswith("random:") else str(tmp_path / spec)
+    r = _encode([f"--shards={shards}", f"--encoder={enc}", f"--out={tmp_path / 'f'}", "--heads=2"], tmp_path)
+    assert r.returncode == 1 and "--heads=2: only the authors' files take a head count" in r.stderr, r.stderr
+    assert not (tmp_path / "f").exists()
