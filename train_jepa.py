@@ -168,6 +168,14 @@ optimizer = torch.optim.AdamW([{"params": decay, "wd": True}, {"params": no_deca
                               lr=lr_start, betas=(beta1, beta2), weight_decay=wd_start, fused=dev.type == "cuda")
 scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and ptdtype == torch.float16)
 
+def logged_step(line):
+    """The step of a log.jsonl record; inf for a blank line or one a kill cut in half (never kept)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 step, collapse_ref, collapse_warned = 0, None, False   # collapse_ref: the student's rank on the run's first batch (the warning's reference)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
@@ -198,7 +206,7 @@ if init_from == "resume":
         log_path = os.path.join(out_dir, "log.jsonl")
         if os.path.exists(log_path):  # records of a killed run past its checkpoint are logged again below
             with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", -1) <= step]
+                kept = [line for line in f if logged_step(line) <= step]
             write_atomic(log_path, "".join(kept))
 elif init_from != "scratch":
     raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
