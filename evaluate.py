@@ -211,16 +211,14 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
               "calibration were chosen (train: where it was fitted): in-sample, optimistic figures", file=sys.stderr)
     # the probe's own dataset: studies (or subjects) that fitted or tuned it, or a CV probe's held-out
     # test keys (the rest of that dataset trained it); probes from before seen_keys: test keys only
-    seen, seen_subj = set(ck.get("test_keys", ())) | set(ck.get("seen_keys", ())), set(ck.get("seen_subjects", ()))
-    own = [k for k, g in zip(keys, groups) if k in seen or (g and g in seen_subj)] if external else ()
+    own = P.own_studies(keys, groups, *P.seen_studies(ck)) if external else ()
     if own:
         res["in_sample"] = "external"
         print(f"evaluate.py: warning: {display}: --external=True, but {len(own)} of its {len(keys)} studies share a "
               f"study or subject with the probe's own dataset (its training, tuning or held-out test studies): "
               f"{labels} is not external to it (in-sample, optimistic figures)"
               + ("; --external=False scores its held-out test set" if "test_keys" in ck else ""), file=sys.stderr)
-    fitted, fitted_subj = set(ck.get("seen_keys", ())), set(ck.get("seen_subjects", ()))
-    shared = [k for k, g in zip(keys, groups) if k in fitted or (g and g in fitted_subj)]
+    shared = P.own_studies(keys, groups, *P.seen_studies(ck, held_out=False))
     if shared and not external and "in_sample" not in res:   # labels.csv's splits are not subject-disjoint
         res["in_sample"], res["n_shared"] = "shared", len(shared)
         print(f"evaluate.py: warning: {display}: {len(shared)} of the {len(keys)} evaluated studies are, or share a "

@@ -211,10 +211,11 @@ def precision_refusal(what, fit, source):
     return None
 
 
+probe_cks = {}  # --probe path -> its checkpoint, checked here, before training, and used by run_probes
 if probe and cache is not None and not text_only:  # refused before training, not after it
     for _p in [p for p in probe.split(",") if p]:
         try:
-            _ck = load_checkpoint(_p)
+            _ck = probe_cks[_p] = load_checkpoint(_p)
         except CheckpointError as e:  # truncated, not a torch file, a pickled object
             fail(f"--probe: {e}")
         if _ck.get("encoder_hash") != cache.encoder_hash:
@@ -588,16 +589,12 @@ def run_probes(paths, keys):
     a probe scores the studies of its own modality."""
     import numpy as np
     from nvfm import probe as P
-    from nvfm.checkpoint import load_state_strict
     from nvfm.metrics import precision_thresholds
     out = {}
     for path in [p for p in paths.split(",") if p]:
-        ck = load_checkpoint(path)
+        ck = probe_cks[path]  # loaded, and its encoder and precision checked, before training
         if ck.get("task") != "classify":
             continue
-        if ck.get("encoder_hash") != cache.encoder_hash:
-            raise SystemExit(f"--probe={path} was trained on features of encoder {ck.get('encoder_hash')}, "
-                             f"{features} has {cache.encoder_hash}")
         models = [load_state_strict(P.make_probe(**ck["probe_args"]), st, f"{path} model {i}").eval()
                   for i, st in enumerate(ck["models"])]
         mod = ck.get("eval_modality") or ck.get("modality") or "all"

@@ -56,7 +56,6 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from nvfm import benchmarks as B  # noqa: E402
 from nvfm import dicom  # noqa: E402
 from nvfm.configurator import configure, fail  # noqa: E402
 
@@ -141,7 +140,7 @@ def file_modality(path):
 
 
 def training_overlap(probe, lab, fallback):
-    """Studies of the labels file `lab` that are the probe's own: nvfm.benchmarks.probe_seen's rule
+    """Studies of the labels file `lab` that are the probe's own: nvfm.probe.seen_studies' rule
     (evaluate.py's), on the study keys and subjects probe.pt records (seen_keys, seen_subjects,
     test_keys). A probe from before those fields: every row of the labels file it was trained on
     (train_probe.py records its --labels in probe.pt's config; `fallback`, the other run's labels
@@ -149,12 +148,13 @@ def training_overlap(probe, lab, fallback):
     of lab, what was compared: probe.pt's record or the training labels path), or None when a probe
     without the record has no training labels file to compare."""
     import pickle
+    from nvfm import probe as P
     from nvfm.checkpoint import load_checkpoint
     try:
         ck = load_checkpoint(probe)
     except (EOFError, RuntimeError, pickle.UnpicklingError) as e:
         fail(f"--external_from: {probe} is not a readable probe.pt ({type(e).__name__})")
-    seen = B.probe_seen(ck)
+    seen = P.seen_studies(ck) if isinstance(ck, dict) and "seen_keys" in ck else None
     source = "the studies and subjects it records as fitting, tuning or testing it"
     if seen is None:   # its record of what it saw is missing: the labels file it was trained on
         trained = ((ck.get("config") if isinstance(ck, dict) else None) or {}).get("labels") or ""
@@ -164,7 +164,7 @@ def training_overlap(probe, lab, fallback):
         rows = _label_rows(source)
         seen = {r["study_key"] for r in rows}, {r.get("subject") or "" for r in rows}
     rows = _label_rows(lab)
-    return len(B.own_rows(rows, *seen)), len(rows), source
+    return len(P.own_studies([r["study_key"] for r in rows], [r.get("subject") for r in rows], *seen)), len(rows), source
 
 
 class Stages:

@@ -276,22 +276,6 @@ def _one_study_uid(path, tally, what):
     return None
 
 
-def probe_seen(ck):
-    """(study keys, subjects) that a probe.pt records as its own dataset: the studies that fitted or
-    tuned it (seen_keys, and their subjects seen_subjects) and a CV probe's held-out test_keys; None
-    for a probe from before seen_keys. A study of another labels file is the probe's own when its key
-    is among them or its (non-empty) subject is (own_rows): the rule evaluate.py --external=True applies."""
-    if not isinstance(ck, dict) or "seen_keys" not in ck:
-        return None
-    return set(ck.get("test_keys") or ()) | set(ck["seen_keys"]), set(ck.get("seen_subjects") or ()) - {""}
-
-
-def own_rows(rows, keys, subjects):
-    """The label rows (dicts with study_key, subject) whose study key is in keys or whose subject is in
-    subjects; an empty subject matches nothing."""
-    return [r for r in rows if r["study_key"] in keys or (r.get("subject") or "") in subjects - {""}]
-
-
 def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", columns=None, extra=None):
     """Key, stage and write one dataset: labels_<task>.csv per task, images/, adapter_report.json.
 

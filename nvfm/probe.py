@@ -347,3 +347,17 @@ def unfitted_classes(ck):
         return ~defined_classes(np.asarray(ck["sel_labels"]))
     thr = np.asarray(ck["thresholds"], np.float64)
     return (thr == 0) & (np.abs(np.asarray(ck.get("platt_a", np.ones_like(thr)), np.float64)) < 1e-12)
+
+
+def seen_studies(ck, held_out=True):
+    """(study keys, subjects) that a probe.pt records as its own dataset: the studies that fitted or
+    tuned it (seen_keys, their subjects seen_subjects) and, with held_out, a CV probe's held-out
+    test_keys (the rest of that dataset trained it); empty sets for what an older probe does not record."""
+    keys = set(ck.get("seen_keys") or ()) | (set(ck.get("test_keys") or ()) if held_out else set())
+    return keys, set(ck.get("seen_subjects") or ()) - {""}
+
+
+def own_studies(keys, subjects, seen_keys, seen_subjects):
+    """The keys (beside their subjects; "" or None: unknown) that are among seen_keys or whose subject
+    is among seen_subjects (seen_studies): the probe's own, not held out from it."""
+    return [k for k, g in zip(keys, subjects) if k in seen_keys or (g and g in seen_subjects)]

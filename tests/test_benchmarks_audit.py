@@ -543,8 +543,10 @@ def test_training_overlap_uses_the_probes_own_record_before_its_labels_file(tmp_
     # by hand, evaluate.py's rule: k3 (seen), k5 (a held-out test key), k9 (a seen subject); not k4 (never seen)
     n, total, source = bp.training_overlap(pt, here, "")
     assert (n, total) == (3, 5) and source != trained
-    seen = B.probe_seen(torch.load(pt, weights_only=True))
-    assert [r["study_key"] for r in B.own_rows(list(csv.DictReader(open(here))), *seen)] == ["k3", "k5", "k9"]
+    from nvfm import probe as P
+    seen = P.seen_studies(torch.load(pt, weights_only=True))
+    rows = list(csv.DictReader(open(here)))
+    assert P.own_studies([r["study_key"] for r in rows], [r.get("subject") for r in rows], *seen) == ["k3", "k5", "k9"]
 
 
 def test_lesion_overlay_keeps_a_lesion_on_the_mask_arrays_edge():
