@@ -37,7 +37,7 @@ from nvfm import ontology
 from nvfm import phantom_anatomy as pa
 from nvfm import phantom_dicom as pd
 
-GENERATOR_VERSION = "3"  # 3: ground truth fixed (IVH extension, overwritten masks, rendered shift); images as in 2
+GENERATOR_VERSION = "4"  # 4: reported sizes, thicknesses and MS counts measured on the final masks; images as in 2
 
 # -----------------------------------------------------------------------------
 # configuration: acquisition profiles and pathology rates
@@ -593,8 +593,7 @@ def paint_kind(subj, r, item, modality):
         m = (anat.depth_icv[sl] > 0) & (anat.depth_icv[sl] < T) & _side_ok(anat, side, 3.0)[sl[0]]
         cls = BLOOD if (kind == "edh" or variant == "acute" or modality == "MR" and variant == "acute") else BLOOD_OLD
         _paint(subj, sl, m, cls)
-        thick = int(round(T0 * scale))
-        _add_lesion(subj, kind, side, sl, m, dict(thickness_mm=thick))
+        _add_lesion(subj, kind, side, sl, m, dict(thickness_mm=0))  # measured by _measure_masks
         return c, T0 * 2.5
     if kind == "sah":
         c = _convexity_point(r, anat, side, zmin=-20.0, depth=(2.0, 6.0))
@@ -722,7 +721,7 @@ def paint_kind(subj, r, item, modality):
             subj.tissue[sl][m] = WMH
             total[sl] |= m
         sl, mm = _tight(total)
-        _add_lesion(subj, kind, "bilateral", sl, mm, dict(count=n), region="Periventricular_White_Matter")
+        _add_lesion(subj, kind, "bilateral", sl, mm, dict(count=0), region="Periventricular_White_Matter")
         return None
     if kind == "arachnoid_cyst":
         ids = _region_ids(anat, ("Temporal_Pole_Sup", "Temporal_Pole_Mid", "Temporal"), side)
@@ -877,6 +876,7 @@ def build_subject(plan, anat):
             shift_mm = float(r.uniform(5, 11))  # the push's nominal size; the report gives the rendered shift
             subj.pushes.append((c_mm, float(rad) * 0.35, float(rad) * 1.6, np.array([-sgn * shift_mm, 0, 0])))
     _drop_overwritten(subj)
+    _measure_masks(subj)
     subj.midline_shift_mm = midline_shift_mm(subj) if subj.pushes else 0.0
     return subj
 
@@ -889,6 +889,22 @@ def _drop_overwritten(subj):
         m = les["mask"]
         m[m] = subj.tissue[les["sl"]][m] == les["painted"]
     subj.lesions = [les for les in subj.lesions if les["mask"].any()]
+
+
+def _measure_masks(subj):
+    """Measure the facts a report quotes on each final mask (after _drop_overwritten), not on what
+    was drawn: extents (cm), a collection's thickness (mm: its deepest voxel's distance from the
+    inner table) and a white-matter disease's lesion count (26-connected pieces: ovoids drawn to overlap are one
+    lesion, one clipped by grey matter may be two)."""
+    scale = float(np.abs(np.linalg.det(subj.M)) ** (1 / 3))
+    for les in subj.lesions:
+        f, sl, m = les["facts"], les["sl"], les["mask"]
+        if "size" in f:
+            f["size"] = _extent_cm(sl, m, scale)
+        if "thickness_mm" in f:
+            f["thickness_mm"] = max(1, int(round(float(subj.anat.depth_icv[sl][m].max()) * scale)))
+        if les["kind"] in ("ms", "svd"):
+            f["count"] = int(ndi.label(m, structure=np.ones((3, 3, 3)))[1])
 
 
 def midline_shift_mm(subj):
