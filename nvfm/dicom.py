@@ -15,7 +15,10 @@ Pipeline (used by preprocess.py):
   3. `group_series(headers)` groups frames by StudyInstanceUID + SeriesInstanceUID, then
      splits a series that mixes orientations (row or column directions more than
      IOP_PLANE_DEG = 5 deg apart: other planes; closer ones stay together and are checked by
-     `slice_orientation`), matrix sizes, pixel spacings, echoes,
+     `slice_orientation`; "series split into 3 volumes by slice orientation (6 axial, 2 sagittal,
+     1 coronal)" is warned, and a plane with too few slices fails as "too few slices (2) in its
+     orientation: series mixes 3 slice orientations (...)", a localizer or mixed-plane export,
+     not a truncated series), matrix sizes, pixel spacings, echoes,
      b-values or temporal positions into sub-volumes, and one that mixes acquisitions by
      EchoTime / InversionTime (1 ms apart) or RepetitionTime (a 25% jump: gated TRs vary per
      slice) (TIMING_TAGS: T1 and T2, or a dual-echo series, under one SeriesInstanceUID; warned
@@ -73,12 +76,21 @@ by 0.53 deg (ImageOrientationPatient, more than 0.25 deg)"; within it, float noi
 jitter, the mean orientation is used: `slice_orientation`); missing geometry tags; native pixel data
 whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
 byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
-finite number, a RescaleSlope of zero (a blank slice), or integer pixels without
+finite number or has more than one value ("invalid RescaleSlope (2 values)": the first was
+taken), a RescaleSlope of zero (a blank slice), or integer pixels without
 PixelRepresentation or with one other than 0 / 1 ("invalid PixelRepresentation 2 (only 0 or 1
 are defined)": read as signed), missing BitsAllocated / BitsStored or BitsStored outside
-1..BitsAllocated, a colour PhotometricInterpretation with one sample per pixel
+1..BitsAllocated, a HighBit other than BitsStored - 1 ("invalid HighBit 15 (BitsStored 12: must
+be 11)": the CT and MR image modules require it; pydicom and numpy read the low BitsStored bits
+whatever HighBit says while other readers shift, so the writer's layout is unknown and no value
+is guessed; an absent HighBit reads the low bits, the only layout the standard allows), a
+PhotometricInterpretation that is neither MONOCHROME1/2 nor a colour one ("unknown
+PhotometricInterpretation GREYSCALE": it was read as grey, MONOCHROME2), a colour
+PhotometricInterpretation with one sample per pixel
 ("PhotometricInterpretation RGB with SamplesPerPixel 1 (inconsistent header)": it was read as
-grey), or a CT Image without RescaleSlope / RescaleIntercept (Type 1; "missing RescaleIntercept
+grey), or a CT without RescaleSlope / RescaleIntercept (Type 1; an enhanced CT's frame without
+them in its per-frame or shared Pixel Value Transformation functional group, mandatory there, nor
+top-level ones, which are read when the group lacks them; "missing RescaleIntercept
 (CT Hounsfield units unknown)"), or a CT whose RescaleType declares other units than HU
 ("CT RescaleType MGML (values are not Hounsfield units)": iodine or effective-Z maps; US,
 unspecified, is read as HU), in any file (read as absent they would shift every value, or make
@@ -283,6 +295,8 @@ def _rescale(v, default, name, info):
     without them fails instead: _note_pixel_error). A value that is present but not a finite
     number (a decimal comma, NaN) sets info["pixel_error"]: read as absent it would shift or
     scale every pixel silently (a CT 1024 HU too bright), and pydicom cannot apply it either."""
+    if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) and len(v) > 1:  # VM 1: which one is meant?
+        info.setdefault("pixel_error", f"invalid {name} ({len(v)} values)")
     x = _num(v)
     if x is None and v is not None and str(v).strip(" \x00[]'\"") != "":
         info.setdefault("pixel_error", f"invalid {name} (not a finite number)")
@@ -681,6 +695,15 @@ def _note_pixel_error(ds, info, pos, hdr, file_size):
         info.setdefault("pixel_error", f"missing or invalid {'BitsAllocated' if alloc is None else 'BitsStored'}")
     elif info["pixel_tag"] and not 1 <= bits <= alloc:
         info.setdefault("pixel_error", f"invalid BitsStored {bits} (BitsAllocated {alloc})")
+    high = _int_or_none(_fast_getter(ds)("HighBit", None))
+    if info["pixel_tag"] and bits is not None and high is not None and high != bits - 1:
+        # pydicom reads the low bits, other readers shift by HighBit: the stored layout is unknown
+        info.setdefault("pixel_error", f"invalid HighBit {high} (BitsStored {bits}: must be {bits - 1})")
+    pi = info["photometric"]
+    if info["pixel_tag"] and info["samples"] == 1 and pi not in GREY_PHOTOMETRIC + COLOUR_PHOTOMETRIC:
+        # read as MONOCHROME2 it could be inverted or a palette index; CS, yet only code characters are echoed
+        code = re.sub(r"[^A-Z0-9_ ]", "", pi)[:16] or "other"
+        info.setdefault("pixel_error", f"unknown PhotometricInterpretation {code}")
     if info["pixel_tag"] and info["samples"] == 1 and info["photometric"] in COLOUR_PHOTOMETRIC:
         # one sample of a colour image: grey, one channel or a palette index, the header does not say which
         info.setdefault("pixel_error", f"PhotometricInterpretation {info['photometric']} with SamplesPerPixel 1 "
@@ -690,6 +713,8 @@ def _note_pixel_error(ds, info, pos, hdr, file_size):
         info.setdefault("pixel_error", f"missing {info['rescale_missing']} (CT Hounsfield units unknown)")
 
 
+# one-sample Photometric Interpretations (PALETTE COLOR: skipped as a colour image, skip_reason)
+GREY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
 # colour Photometric Interpretation defined terms (PS3.3 C.7.6.3.1.2), retired ones included
 COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT",
                       "HSV", "ARGB", "CMYK")
@@ -747,7 +772,7 @@ _FAST_TAGS = {kw: pydicom.datadict.tag_for_keyword(kw) for kw in (
     "EchoTime", "RepetitionTime", "InversionTime", "ContrastBolusAgent", "ScanningSequence", "NumberOfFrames",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
     "EchoNumbers", "TemporalPositionIdentifier", "BitsAllocated", "BitsStored", "PixelRepresentation",
-    "DiffusionBValue", "ConvolutionKernel", "SliceThickness", "AcquisitionNumber", "RescaleType")}
+    "DiffusionBValue", "ConvolutionKernel", "SliceThickness", "AcquisitionNumber", "RescaleType", "HighBit")}
 
 
 _QUICK_VALUES = set(_FAST_TAGS.values()) | {0x00020010, 0x00020002}  # + TransferSyntaxUID, MediaStorageSOPClassUID
@@ -844,8 +869,15 @@ def _header_info(ds, info):
             info.setdefault("pixel_error", f"frame count differs: NumberOfFrames {nframes}, "
                                            f"per-frame functional groups {len(items)}")
         top_te = info["te"]
+        # outside the functional groups, where an enhanced IOD does not define them, yet unambiguous
+        top_rescale = {k: g(k, None) for k in ("RescaleSlope", "RescaleIntercept")}
         for f, item in enumerate(items):
             _check_rescale_type(_fg(item, shared, "PixelValueTransformationSequence", "RescaleType"), info)
+            slope, intercept = (_fg(item, shared, "PixelValueTransformationSequence", k) for k in top_rescale)
+            slope = top_rescale["RescaleSlope"] if slope is None else slope
+            intercept = top_rescale["RescaleIntercept"] if intercept is None else intercept
+            if info["modality"] == "CT" and (slope is None or intercept is None):  # as a classic CT's, below
+                info.setdefault("rescale_missing", "RescaleIntercept" if intercept is None else "RescaleSlope")
             echo = _num(_fg(item, shared, "MREchoSequence", "EffectiveEchoTime"))
             if info["te"] is None:
                 info["te"] = echo
@@ -856,10 +888,8 @@ def _header_info(ds, info):
                 ipp=_floats(_fg(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
                 iop=_floats(_fg(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
                 ps=_floats(_fg(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
-                slope=_rescale(_fg(item, shared, "PixelValueTransformationSequence", "RescaleSlope"), 1.0,
-                               "RescaleSlope", info),
-                intercept=_rescale(_fg(item, shared, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0,
-                                   "RescaleIntercept", info),
+                slope=_rescale(slope, 1.0, "RescaleSlope", info),
+                intercept=_rescale(intercept, 0.0, "RescaleIntercept", info),
                 echo=echo,
                 te=top_te if echo is None else echo, tr=info["tr"] if tr is None else tr,
                 ti=info["ti"] if ti is None else ti,
@@ -1089,11 +1119,49 @@ def _close(x, y):
     return len(x) == len(y) and all(abs(u - v) <= 1e-3 + 1e-5 * abs(v) for u, v in zip(x, y))
 
 
+_PLANE_NAMES = ("sagittal", "coronal", "axial")  # by the largest LPS component of the slice normal
+
+
+def _planes(clusters):
+    """The slice planes of one series' clusters ([key, frames], key[3] its ImageOrientationPatient)
+    -> (list of [plane name ("axial", "oblique coronal", ...; None for a single plane), number of
+    slices] largest first, each cluster's index into it or None where its orientation is missing).
+    Orientations within IOP_PLANE_DEG are one plane."""
+    reps, counts, of = [], [], []
+    for key, frames in clusters:
+        iop = key[3]
+        if iop is None:
+            of.append(None)
+            continue
+        i = next((i for i, r in enumerate(reps) if _same_plane(r, iop)), len(reps))
+        if i == len(reps):
+            reps.append(iop)
+            counts.append(0)
+        counts[i] += len(frames)
+        of.append(i)
+    names = [None] * len(reps)
+    for k, r in enumerate(reps if len(reps) > 1 else ()):  # named only to tell planes apart
+        n = [abs(r[1] * r[5] - r[2] * r[4]), abs(r[2] * r[3] - r[0] * r[5]), abs(r[0] * r[4] - r[1] * r[3])]
+        axis = n.index(max(n))  # "oblique" when the normal is more than IOP_PLANE_DEG off that axis
+        tilted = n[axis] < math.hypot(*n) * math.cos(math.radians(IOP_PLANE_DEG))
+        names[k] = ("oblique " if tilted else "") + _PLANE_NAMES[axis]
+    rank = sorted(range(len(reps)), key=lambda i: -counts[i])
+    pos = {i: k for k, i in enumerate(rank)}
+    return [[names[i], counts[i]] for i in rank], [None if i is None else pos[i] for i in of]
+
+
+def plane_phrase(planes):
+    """[[plane name, slices], ...] -> "6 axial, 2 sagittal, 1 coronal"."""
+    return ", ".join(f"{n} {name}" for name, n in planes)
+
+
 def group_series(headers):
     """Group header dicts of one study into candidate volumes.
 
     Returns (groups, skipped): groups is a list of dicts {series_uid, part, headers info of
-    the first file as `info`, frames: list of (path, frame record)} in a deterministic order;
+    the first file as `info`, frames: list of (path, frame record), planes: [[plane name, slices]]
+    when the series mixes slice orientations else None, whole_plane: the part is all of its plane's
+    slices, ...} in a deterministic order;
     skipped is a list of (series_uid, n_files, reason, path of the (first) skipped file).
     """
     by_series = {}
@@ -1137,15 +1205,18 @@ def group_series(headers):
         # parts that differ only in pixel spacing or matrix size are one acquisition cut apart
         # (each part then has gaps where the others' slices were): say so
         by_geometry = len(clusters) > 1 and len({(c[0][3], c[0][4:]) for c in clusters}) < len(clusters)
-        parts = []  # (frames, tag that split its cluster into stacks, number of those stacks)
-        for _, frames in clusters:
+        planes, plane_of = _planes(clusters)
+        parts = []  # (frames, tag that split its cluster into stacks, number of those stacks, its plane)
+        for (_, frames), plane in zip(clusters, plane_of):
             stacks, tag = _split_stacks(frames)
-            parts.extend((f, tag, len(stacks)) for f in stacks)
+            parts.extend((f, tag, len(stacks), plane) for f in stacks)
         parts.sort(key=lambda p: -len(p[0]))  # largest first: part 0 is the main volume
-        for part, (frames, tag, n_stacks) in enumerate(parts):
+        for part, (frames, tag, n_stacks, plane) in enumerate(parts):
             groups.append(dict(series_uid=suid, part=part, n_parts=len(parts), info=frames[0][0], frames=frames,
                                split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks,
-                               split_by_timing=", ".join(timing_tags) if by_timing else None, n_timing=n_timing))
+                               split_by_timing=", ".join(timing_tags) if by_timing else None, n_timing=n_timing,
+                               planes=planes if len(planes) > 1 else None,
+                               whole_plane=plane is not None and len(frames) == planes[plane][1]))
     return groups, skipped
 
 
@@ -1204,6 +1275,8 @@ class SliceStack:
         # a part of a series split by pixel spacing / matrix size: its gaps alternate where the
         # other parts' slices were (one acquisition cut apart, warned), not a second stack
         self.cut_apart = False
+        # why a part has few slices (a plane of a series mixing orientations), for check()'s reason
+        self.few_slices_why = None
         self.reduced = False
         self.finite = False  # True: the loader guarantees finite values (volume.py skips its check)
         # the pixel type (numpy dtype name) SimpleITK reads the input as, set by dicom_stack /
@@ -1221,6 +1294,8 @@ class SliceStack:
         """Validate slice positions; drops identical duplicates, raises SeriesError."""
         K = len(self.d)
         if K < min_slices:
+            if self.few_slices_why:
+                raise SeriesError(f"{'single slice' if K == 1 else f'too few slices ({K})'} {self.few_slices_why}")
             raise SeriesError("single-slice series" if K == 1 else f"too few slices ({K})")
         gaps = np.diff(self.d)
         dup = np.nonzero(gaps < MIN_GAP_MM)[0]
@@ -1672,6 +1747,12 @@ def dicom_stack(root, group, reduce=False):
     if group.get("split_by_tag"):
         st.warnings.append(f"series split into {group['n_stacks']} volumes by {group['split_by_tag']} "
                            "(interleaved slice stacks)")
+    if group.get("planes"):
+        st.warnings.append(f"series split into {len(group['planes'])} volumes by slice orientation "
+                           f"({plane_phrase(group['planes'])})")
+        if group.get("whole_plane"):  # too few slices here means a small plane, not a truncated series
+            st.few_slices_why = (f"in its orientation: series mixes {len(group['planes'])} slice orientations "
+                                 f"({plane_phrase(group['planes'])})")
     st.paths = [h["path"] for h, _ in frames]  # loader index -> file, for error messages
     st.reduced = bool(reduce)
     st.finite = True  # rescale() checks what is not finite by construction
