@@ -232,36 +232,16 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
     y = np.array([[(int(n.split("_")[1] in sides[k]) if n in P.SIDE_CLASSES else rows_by_key[k]["y"][n])
                    for n in lab] for k in keys], dtype=np.float64)
     thr = np.array(ck["thresholds"])
-    rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
-                                        progress=n_boot >= 1000, groups=groups)
-    prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
-    metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"])   # classes without test positives left out
     unfit = P.unfitted_classes(full_ck)
     unfit = unfit[cols] if cols is not None else unfit
-    for k, name in enumerate(lab):
-        rep["per_class"][name]["threshold_fitted"] = not unfit[k]
     if unfit.any():   # their threshold (0) and Platt (the prior) are placeholders: no operating point to score
         print(f"evaluate.py: warning: {display}: {int(unfit.sum())} classes have no threshold or calibration fitted "
               f"on the probe's selection split (no positives or no negatives there): their sensitivity, specificity "
               f"and calibrated F1 (a detection class's side accuracy too) are left undefined: {[n for n, u in zip(lab, unfit) if u][:5]}", file=sys.stderr)
-        kept = np.nonzero(~unfit)[0]
-        sub = metrics.classification_report(y[:, kept], logits[:, kept], thr[kept], [lab[i] for i in kept],
-                                            n_boot=n_boot, seed=seed, device=device, groups=groups) if len(kept) else None
-        for m in ("sensitivity", "specificity", "balanced_accuracy"):
-            # the same seed resamples the same studies: the fitted classes' own rows are unchanged
-            rep["macro"][m] = sub["macro"][m] if sub else {"mean": None, "n_classes": 0}
-            for k in np.nonzero(unfit)[0]:
-                row = rep["per_class"][lab[k]]
-                row[m] = None
-                if n_boot:
-                    row[m + "_ci"] = [None, None]
-                    row["ci_n_valid"][m] = 0
-        for k in np.nonzero(unfit)[0]:
-            rep["per_class"][lab[k]]["calibrated_f1"] = None
-        cf1 = np.array([np.nan if r["calibrated_f1"] is None else r["calibrated_f1"]
-                        for r in rep["per_class"].values()])
-        rep["macro"]["calibrated_f1"] = dict(zip(("mean", "n_classes"), metrics.macro(cf1)))
-        rep["label_efficiency"] = metrics.jsonable(metrics.label_efficiency_fit(ck["n_train_pos"], cf1))
+    rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
+                                        progress=n_boot >= 1000, groups=groups, fitted=~unfit)
+    prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
+    metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"], fitted=~unfit)   # those without test positives: null
     pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed, groups=groups)
     for k, name in enumerate(lab):
         row = rep["per_class"][name]

@@ -352,13 +352,15 @@ def calibrated_f1(val_scores, val_y, test_scores, test_y):
     return f1_defined(test_y, platt_apply(test_scores, a, b) >= 0.5)
 
 
-def add_calibrated_f1(report, y, prob, n_train_pos):
+def add_calibrated_f1(report, y, prob, n_train_pos, fitted=None):
     """Add Platt-calibrated F1 (predict positive when prob >= 0.5) to a `classification_report`:
     per class (null without test positives), its macro mean over the classes that have test
-    positives, and the label-efficiency fit over those classes. y, prob (n, K); n_train_pos (K,).
-    Returns report (modified in place, JSON-ready). per_class rows are matched to the columns of
-    y by position: their number must be K."""
+    positives, and the label-efficiency fit over those classes. y, prob (n, K); n_train_pos (K,);
+    fitted (K,) bool: the classes with a fitted calibration (None: all), the others null (their
+    Platt fit is the prior, a placeholder). Returns report (modified in place, JSON-ready).
+    per_class rows are matched to the columns of y by position: their number must be K."""
     cf1 = f1_defined(y, _as2d(prob) >= 0.5)
+    cf1 = np.where(_fitted_mask(fitted, len(cf1)), cf1, np.nan)
     if len(report["per_class"]) != len(cf1) or len(n_train_pos) != len(cf1):
         raise ValueError(f"{len(report['per_class'])} per_class rows and {len(n_train_pos)} training counts for "
                          f"{len(cf1)} columns: one of each per class")
@@ -553,8 +555,18 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
 MIN_BOOT = 100   # fewest defined replicates for a percentile interval
 
 
+def _fitted_mask(fitted, K):
+    """(K,) bool of the classes with a fitted threshold (None: all of them)."""
+    if fitted is None:
+        return np.ones(K, dtype=bool)
+    f = np.asarray(fitted)
+    if f.shape != (K,) or f.dtype != bool:
+        raise ValueError(f"fitted: a (K,) = ({K},) bool mask over the classes, got {f.dtype} {f.shape}")
+    return f
+
+
 def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, device="cpu",
-              chunk_elems=1 << 24, progress=False, backend=None, groups=None):
+              chunk_elems=1 << 24, progress=False, backend=None, groups=None, fitted=None):
     """Study-level (or, with groups, subject-level cluster) bootstrap CIs of per-class and macro
     AUROC (and, given thresholds, sensitivity, specificity, balanced accuracy).
 
@@ -576,10 +588,15 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     replicate resamples subjects (`bootstrap_weights`: one resample shared by all classes, as the
     study-level one), on either backend (the same replicates and numbers). groups None or all
     distinct: the study-level bootstrap, unchanged.
+    fitted: (K,) bool, the classes whose thresholds were fitted (None: all). The threshold figures
+    (sensitivity, specificity, balanced accuracy) of the others are undefined in every replicate
+    (n_valid 0) and left out of those figures' macro averages, as in `classification_report`;
+    their AUROC is kept.
     """
     y, s = _check(y, scores)
     n, K = y.shape
     be = _resolve_backend(backend, device)
+    fit = _fitted_mask(fitted, K)
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates "
                          "(10,000 recommended; n_boot=0 in evaluate.py skips the CIs)")
@@ -595,7 +612,8 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     out = {}
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     for m, r in reps.items():
-        r[:, ~defined] = np.nan
+        use = defined if m == "auroc" else defined & fit   # the classes of this figure's macro point estimate
+        r[:, ~use] = np.nan
         nvalid = np.isfinite(r).sum(0)
         low = np.full(K, np.nan)
         high = np.full(K, np.nan)
@@ -603,13 +621,13 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
         if ok.any():
             low[ok], high[ok] = np.nanpercentile(r[:, ok], q, axis=0)
         entry = {"low": low, "high": high, "n_valid": nvalid, "macro_low": None, "macro_high": None, "macro_n_valid": 0}
-        if defined.any():
+        if use.any():
             # the point estimate's mean over the classes defined in the data: a replicate where one of
             # them has no positives (or no negatives) would average fewer classes, another statistic
-            full = np.isfinite(r[:, defined]).all(1)
+            full = np.isfinite(r[:, use]).all(1)
             entry["macro_n_valid"] = int(full.sum())
             if full.sum() >= MIN_BOOT:
-                lo, hi = np.percentile(r[full][:, defined].mean(1), q)
+                lo, hi = np.percentile(r[full][:, use].mean(1), q)
                 entry["macro_low"], entry["macro_high"] = float(lo), float(hi)
         out[m] = entry
     return out
@@ -869,13 +887,17 @@ def jsonable(x):
 
 
 def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, device="cpu", progress=False,
-                          groups=None):
+                          groups=None, fitted=None):
     """All per-class and macro numbers for one split: dict ready for json (via `jsonable`).
 
     y, scores (n, K), thresholds (K,) (chosen on validation), names K distinct label names (a
     repeated name is a ValueError: per_class is keyed by name, so one of its columns would vanish
     from the rows while still counting in the macro averages). groups: (n,) subject ids for a
-    subject-level cluster bootstrap (`bootstrap`), or None.
+    subject-level cluster bootstrap (`bootstrap`), or None. fitted: (K,) bool, the classes whose
+    threshold was fitted (None: all); the others' thresholds are placeholders, so their
+    sensitivity, specificity and balanced accuracy are null (CI too) and left out of those macro
+    averages, from the same single bootstrap (`bootstrap(fitted=)`); each row records it as
+    `threshold_fitted`.
     """
     y, s = _check(y, scores)
     if len(names) != y.shape[1]:
@@ -883,14 +905,15 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
     dup = sorted({n for i, n in enumerate(names) if n in list(names)[:i]})
     if dup:
         raise ValueError(f"label names {dup} are repeated: one name per column (a repeated labels.csv header?)")
+    fit = _fitted_mask(fitted, y.shape[1])
     au = auroc(y, s)
-    st = threshold_stats(y, s, thresholds)
+    st = {m: np.where(fit, v, np.nan) for m, v in threshold_stats(y, s, thresholds).items()}
     ci = bootstrap(y, s, thresholds, n_boot=n_boot, seed=seed, device=device, progress=progress,
-                   groups=groups) if n_boot else None
+                   groups=groups, fitted=fit) if n_boot else None
     per = {}
     for k, name in enumerate(names):
         row = {"n_pos": int(y[:, k].sum()), "n": int(y.shape[0]), "threshold": float(thresholds[k]),
-               "defined": bool(np.isfinite(au[k]))}
+               "threshold_fitted": bool(fit[k]), "defined": bool(np.isfinite(au[k]))}
         for m, v in [("auroc", au), *st.items()]:
             row[m] = v[k]
             if ci is not None:

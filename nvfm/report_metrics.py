@@ -8,14 +8,15 @@ Implementations (all offline):
            reading letters of every script (`RougeTokenizer`): the same tokens on ASCII text, where
            rouge-score's own drops non-ASCII letters (identical Cyrillic reports scored 0)
   METEOR   NLTK `meteor_score` (exact + Porter stem + WordNet synonym matching, alpha 0.9, beta 3,
-           gamma 0.5) on `meteor_tokens` (lower case, letter/digit runs, punctuation marks), mean
-           over studies. NLTK's METEOR is not the METEOR 1.5 jar (no paraphrase
+           gamma 0.5) on `meteor_tokens` (lower case, letter/digit runs of any script, punctuation
+           marks), mean over studies. NLTK's METEOR is not the METEOR 1.5 jar (no paraphrase
            table), so numbers are not comparable with papers that used the jar. WordNet 3.0 is read
            from the Debian `wordnet-base` + `wordnet-sense-index` files (/usr/share/wordnet): an
            NLTK-readable `corpora/wordnet` folder (a copy, ~30 MB) plus the `lexnames` table is built in
            a cache dir at first use; nothing is downloaded. Without those files METEOR is NaN (null)
            with a `meteor_note`; BLEU-2 and ROUGE-L are unaffected.
-A report is the list of finding strings; for the text metrics it is joined with spaces. Studies
+A report is the list of finding strings; for the text metrics it is joined with spaces and
+NFKC-normalised (a decomposed accent is the composed letter). Studies
 whose generated and reference reports are both empty are left out of the three text metrics
 (n_both_empty); an empty report facing a non-empty one is scored as "No positive findings.".
 
@@ -202,7 +203,8 @@ def _rule_table():
 
 
 _RULES = _rule_table()
-_SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?:ward)?(?= )")   # "rightward": a shift's side
+# "rightward": a shift's side; "bilaterally": as "bilateral"
+_SIDE = re.compile(r"(?<= )(left|right|bilateral|both)(?:ward|(?<=bilateral)ly)?(?= )")
 _BREAK = re.compile(r"[,:()\[\]]")
 # words that end a premodifier ("left frontal contusion"): a side word followed by one of these
 # describes what came before it ("hematoma on the left", "infarct of the right MCA territory")
@@ -465,18 +467,30 @@ def _get_wordnet():
 
 
 def _join(findings):
-    return " ".join(f.strip() for f in findings if f.strip())
+    """A report's text for the text metrics: its findings joined with spaces, NFKC-normalised (an
+    'e' + U+0301 from one source and a composed 'é' from another are the same letter to all three)."""
+    return unicodedata.normalize("NFKC", " ".join(f.strip() for f in findings if f.strip()))
+
+
+def _words(pattern, text):
+    """regex (an nltk and sacrebleu dependency), not re: its \\w holds the combining marks that
+    Devanagari and other scripts write vowels with, re's splits words there ('हिंदी' -> 'ह', 'द')."""
+    import regex
+    return regex.findall(pattern, text)
 
 
 def meteor_tokens(text):
-    """METEOR's tokens: lower case, runs of letters/digits and single punctuation marks."""
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+    """METEOR's tokens: lower case, runs of letters/digits (with their combining marks) of any
+    script and single punctuation marks (on ASCII text: [a-z0-9]+ runs and every other non-space
+    character)."""
+    return _words(r"[^\W_]+|[^\w\s]|_", text.lower())
 
 
 class RougeTokenizer:
     """rouge-score's DefaultTokenizer(use_stemmer=True) for letters and digits of any script: lower
-    case, runs of letters/digits, Porter stems of tokens over 3 characters. On ASCII text the same
-    tokens as rouge-score's; that one drops every non-ASCII letter ('hämatom' -> 'h', 'matom')."""
+    case, runs of letters/digits (with their combining marks), Porter stems of tokens over 3
+    characters. On ASCII text the same tokens as rouge-score's; that one drops every non-ASCII
+    letter ('hämatom' -> 'h', 'matom')."""
 
     def __init__(self):
         from nltk.stem import porter
@@ -484,7 +498,7 @@ class RougeTokenizer:
 
     def tokenize(self, text):
         text = unicodedata.normalize("NFKC", text).lower()   # composed letters: 'e' + U+0301 is one letter
-        return [self.stemmer.stem(t) if len(t) > 3 else t for t in re.findall(r"[^\W_]+", text)]
+        return [self.stemmer.stem(t) if len(t) > 3 else t for t in _words(r"[^\W_]+", text)]
 
 
 def text_metrics(hyps, refs):

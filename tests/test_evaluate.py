@@ -480,3 +480,46 @@ def test_a_cut_feature_cache_is_a_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=rf"emb.f16 is {size - 2} bytes") as e:
         evaluate.main()
     assert "\n" not in str(e.value.code)
+
+
+def test_report_text_metrics_read_words_of_any_script_and_decomposed_accents():
+    """--reports' METEOR tokens were ASCII letter runs, every other letter a token of its own: Cyrillic
+    "Гематома слева." against "Гематома справа." scored 0.686 as matched single letters, where the words
+    (hand-worked: 2 of 3 tokens matched in 2 chunks, F = 2/3, penalty 0.5) give 1/3. A decomposed accent
+    ('e' + U+0301) against the composed letter split a word for BLEU-2 and METEOR, not for ROUGE-L."""
+    from nvfm import report_metrics as rm
+    if rm.wordnet_missing() is not None:
+        pytest.skip(rm.wordnet_missing())
+    m = rm.text_metrics([["Гематома слева."]], [["Гематома справа."]])
+    assert m["meteor"] == pytest.approx(1 / 3, abs=1e-12)
+    # the same text composed and decomposed: identical reports, 3 tokens in 1 chunk (penalty 0.5 / 27)
+    m = rm.text_metrics([["H\u00e9matome gauche."]], [["He\u0301matome gauche."]])
+    assert m["bleu2"] == pytest.approx(1.0) and m["rougeL"] == pytest.approx(1.0)
+    assert m["meteor"] == pytest.approx(1 - 0.5 / 27, abs=1e-12)
+    assert rm.meteor_tokens("left-sided 9mm SDH_x, (ICH)") == ["left", "-", "sided", "9mm", "sdh", "_", "x", ",", "(",
+                                                              "ich", ")"]
+
+
+def test_a_finding_stated_bilaterally_has_a_side():
+    """"Subdural hematomas bilaterally." named the hematoma without a side ('bilaterally' was no side
+    word), so a report calling a left-sided hematoma bilateral stated no side: laterality error rate
+    NaN over 0 sided mentions instead of 1 error in 1 (bilateral is not left)."""
+    from nvfm import report_metrics as rm
+    assert rm.extract_diagnoses("SDHs bilaterally.") == [("subdural_hematoma", "bilateral")]
+    m = rm.evaluate_report_lists([["Subdural hematomas bilaterally."], ["Right subdural hematoma."]],
+                                 [dict(findings=["Left subdural hematoma."]), dict(findings=["Right subdural hematoma."])])
+    assert (m["n_sided"], m["laterality_error_rate"]) == (2, 0.5)
+
+
+def test_report_text_metrics_keep_the_vowel_signs_of_indic_words():
+    """ROUGE-L and METEOR tokens split words at combining marks (re's \\w has none), the vowel signs and
+    virama of Devanagari: "रक्तस्राव बाएं" (hemorrhage, left) against "रक्तस्राव दाएं" (hemorrhage, right) were
+    6 tokens each, 5 shared: ROUGE-L 0.833, METEOR 0.905. As the two words each they are (hand-worked,
+    1 of 2 words matched): ROUGE-L F 1/2, METEOR F 1/2 x (1 - 0.5 (1/1)^3) = 1/4."""
+    from nvfm import report_metrics as rm
+    h, r = "रक्तस्राव बाएं", "रक्तस्राव दाएं"
+    assert rm.RougeTokenizer().tokenize(h) == rm.meteor_tokens(h) == h.split()
+    m = rm.text_metrics([[h]], [[r]])
+    assert m["rougeL"] == pytest.approx(0.5, abs=1e-12)
+    if rm.wordnet_missing() is None:
+        assert m["meteor"] == pytest.approx(0.25, abs=1e-12)

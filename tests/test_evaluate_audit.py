@@ -398,3 +398,42 @@ def test_test_studies_sharing_subjects_with_the_training_studies_are_flagged(tmp
             assert "(in-sample: subjects shared with training)" in (tmp_path / "ev" / "paper_table.md").read_text()
         else:
             assert "in_sample" not in res and "share a subject" not in capsys.readouterr().err
+
+
+def test_one_bootstrap_gives_the_figures_of_fitted_and_unfitted_classes(tmp_path, monkeypatch, capsys):
+    """With a class whose threshold was never fitted, evaluate.py ran a second bootstrap over the fitted
+    classes for the threshold macros: two resamplings of the same cohort where one serves every figure.
+    One bootstrap now; its macro sensitivity / specificity CIs are the percentiles over hand-resampled
+    cohorts (the same seed's study counts) of the fitted class's figures, in every replicate where
+    it is defined, whether or not the unfitted class is."""
+    emb, rows = _cohort(tmp_path)
+    val = sorted(k for k, r in rows.items() if r["split"] == "val" and r["modality"] == "CT")
+    ysel = np.array([rows[k]["y"] for k in val], np.uint8)
+    ysel[:, 0] = 0                                   # intraparenchymal_hemorrhage: no threshold fitted
+    pt, (st,) = _probe(tmp_path, "probe.pt", thresholds=[0.0, 0.5], platt_a=[0.0, 0.6], platt_b=[-1.0, 0.8],
+                       sel_labels=torch.from_numpy(ysel))
+    calls = []
+    boot = metrics.bootstrap
+    monkeypatch.setattr(metrics, "bootstrap", lambda *a, **kw: calls.append(np.shape(a[0])) or boot(*a, **kw))
+    B, seed = 300, 4
+    _settings(monkeypatch, tmp_path, probes=pt, n_boot=B, seed=seed)
+    evaluate.main()
+    keys = sorted(k for k, r in rows.items() if r["split"] == "test" and r["modality"] == "CT")
+    assert calls == [(len(keys), 2)]
+    res = _results(tmp_path)["p"]
+    lg = np.array([_numpy_logits(st, emb[k]) for k in keys])
+    y = np.array([rows[k]["y"] for k in keys])
+    counts = metrics.bootstrap_counts(len(keys), B, seed=seed).long().numpy()
+    sens, spec = [], []
+    for c in counts.T:
+        idx = np.repeat(np.arange(len(keys)), c)
+        yy, pred = y[idx, 1], lg[idx, 1] >= 0.5
+        if 0 < yy.sum() < len(yy):
+            sens.append(pred[yy == 1].mean())
+            spec.append((~pred[yy == 0]).mean())
+    m = res["macro"]
+    assert m["sensitivity"]["ci_n_valid"] == len(sens) and m["sensitivity"]["n_classes"] == 1
+    assert m["sensitivity"]["ci"] == pytest.approx(np.percentile(sens, [2.5, 97.5]).tolist(), abs=1e-12)
+    assert m["specificity"]["ci"] == pytest.approx(np.percentile(spec, [2.5, 97.5]).tolist(), abs=1e-12)
+    u = res["per_class"]["intraparenchymal_hemorrhage"]
+    assert u["sensitivity"] is None and u["ci_n_valid"]["sensitivity"] == 0 and u["auroc_ci"][0] is not None

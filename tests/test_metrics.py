@@ -938,3 +938,70 @@ def test_precision_thresholds_of_an_empty_selection_split_never_call():
         metrics.precision_thresholds(np.zeros((0, 3)), np.zeros((0, 2)), 0.5)
     with pytest.raises(ValueError, match="no studies"):
         metrics.youden_thresholds(np.zeros((0, 3)), np.zeros((0, 3)))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("clustered", [False, True])
+def test_unfitted_classes_leave_the_threshold_macros_of_one_bootstrap(backend, clustered):
+    """A class whose threshold was never fitted (no positives on the selection split) has no
+    operating point: evaluate.py ran a second bootstrap over the fitted classes for the threshold
+    macros. classification_report(fitted=) / bootstrap(fitted=) give every figure from one: against
+    numpy on explicitly resampled cohorts (sklearn AUROC), the unfitted class's threshold figures
+    null, its AUROC kept, and the macros over the fitted defined classes only (the rare unfitted
+    class, undefined in many replicates, does not drop them)."""
+    rng = np.random.default_rng(11)
+    n, K, B, seed = 40, 4, 300, 5
+    y = (rng.random((n, K)) < [0.4, 0.08, 0.5, 0.3]).astype(int)
+    y[:, 1], y[:2, 1] = 0, 1                                                     # class 1: rare, 2 positives
+    s = np.round(y * 1.1 + rng.normal(size=(n, K)), 1)
+    thr = np.array([0.3, 0.0, 0.6, -0.2])
+    fitted = np.array([True, False, True, True])
+    groups = [f"subj{j}" for j in rng.integers(0, 15, n)] if clustered else None
+    cohorts = (_cluster_cohorts(groups, B, seed) if clustered else
+               [np.repeat(np.arange(n), c) for c in metrics.bootstrap_counts(n, B, seed=seed).long().numpy().T])
+    reps = {m: np.full((B, K), np.nan) for m in ("auroc", "sensitivity", "specificity", "balanced_accuracy")}
+    for r, idx in enumerate(cohorts):
+        for k in range(K):
+            yy, pred = y[idx, k], s[idx, k] >= thr[k]
+            if 0 < yy.sum() < len(yy):
+                reps["auroc"][r, k] = roc_auc_score(yy, s[idx, k])
+                if fitted[k]:
+                    se, sp = pred[yy == 1].mean(), (~pred[yy == 0]).mean()
+                    reps["sensitivity"][r, k], reps["specificity"][r, k] = se, sp
+                    reps["balanced_accuracy"][r, k] = (se + sp) / 2
+    assert np.isnan(reps["auroc"][:, 1]).sum() > 5      # the unfitted class is undefined in some replicates
+    ci = metrics.bootstrap(y, s, thr, n_boot=B, seed=seed, backend=backend, groups=groups, fitted=fitted)
+    rep = metrics.classification_report(y, s, thr, [f"c{k}" for k in range(K)], n_boot=B, seed=seed,
+                                        groups=groups, fitted=fitted)
+    for m, r in reps.items():
+        use = [0, 1, 2, 3] if m == "auroc" else [0, 2, 3]
+        np.testing.assert_array_equal(ci[m]["n_valid"], np.isfinite(r).sum(0))
+        full = np.isfinite(r[:, use]).all(1)
+        lo, hi = np.percentile(r[full][:, use].mean(1), [2.5, 97.5])
+        assert ci[m]["macro_n_valid"] == full.sum() == rep["macro"][m]["ci_n_valid"]
+        assert [ci[m]["macro_low"], ci[m]["macro_high"]] == pytest.approx([lo, hi], abs=1e-12)
+        assert rep["macro"][m]["ci"] == pytest.approx([lo, hi], abs=1e-12)
+        for k in use:
+            lo, hi = np.percentile(r[np.isfinite(r[:, k]), k], [2.5, 97.5])
+            assert rep["per_class"][f"c{k}"][m + "_ci"] == pytest.approx([lo, hi], abs=1e-12)
+    pred = s >= thr
+    sens = [pred[y[:, k] == 1, k].mean() for k in range(K)]
+    spec = [(~pred[y[:, k] == 0, k]).mean() for k in range(K)]
+    u = rep["per_class"]["c1"]
+    assert not u["threshold_fitted"] and rep["per_class"]["c0"]["threshold_fitted"]
+    assert u["sensitivity"] is u["specificity"] is u["balanced_accuracy"] is None
+    assert u["sensitivity_ci"] == [None, None] and u["ci_n_valid"]["sensitivity"] == 0
+    assert u["auroc"] == pytest.approx(roc_auc_score(y[:, 1], s[:, 1]), abs=1e-12)
+    assert rep["macro"]["sensitivity"] == {"mean": pytest.approx(np.mean([sens[k] for k in (0, 2, 3)])),
+                                           "n_classes": 3, "ci": rep["macro"]["sensitivity"]["ci"],
+                                           "ci_n_valid": rep["macro"]["sensitivity"]["ci_n_valid"]}
+    assert rep["macro"]["specificity"]["mean"] == pytest.approx(np.mean([spec[k] for k in (0, 2, 3)]))
+    assert rep["macro"]["auroc"]["n_classes"] == 4
+    # calibrated F1 of an unfitted class (its Platt fit is the prior) is null too, and out of its macro
+    prob = 1 / (1 + np.exp(-s))
+    metrics.add_calibrated_f1(rep, y, prob, [5, 2, 9, 4], fitted=fitted)
+    assert u["calibrated_f1"] is None
+    assert rep["macro"]["calibrated_f1"] == {"mean": pytest.approx(np.mean([f1_score(y[:, k], prob[:, k] >= 0.5)
+                                                                            for k in (0, 2, 3)])), "n_classes": 3}
+    with pytest.raises(ValueError, match=r"fitted: a \(K,\) = \(4,\) bool mask"):
+        metrics.bootstrap(y, s, thr, n_boot=B, fitted=[1, 0, 1, 1])
