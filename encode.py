@@ -20,11 +20,15 @@ once per window (brain, blood, bone). Resumable: studies already in the cache ar
 so a killed run continues where it stopped; a cache whose data files were cut short keeps the
 studies stored before the cut and encodes the others again (with a warning). The cache records the encoder's hash; pointing
 --out at a cache made by another encoder is an error (use --overwrite=True to redo it), and so
-is a cache holding a study without some volume selected now (another --modality or --split).
+is a cache holding a study without some volume selected now (another --modality or --split),
+or cached studies encoded from other shards (shard_records.jsonl in the cache keeps a fingerprint of
+each encoded volume's record and the shards' settings; a moved or extended shard set resumes).
 A study that fails to encode is reported (by its study_key) and skipped; exit status 1 when
-every study to encode failed. A --split naming a split the shards do not have, or a selection of
+every study to encode failed, and then nothing is written (a new cache is made, and an
+--overwrite'd one emptied, by the first study encoded). A --split naming a split the shards do not have, or a selection of
 no volume at all, is an error before anything is written.
 """
+import hashlib
 import json
 import os
 import time
@@ -92,6 +96,35 @@ def open_encoder(spec, dev, seed=0, heads=None):
     return enc, features.file_hash(weights) + ("" if usual else f"+heads:{enc.config.heads}")
 
 
+RECORDS = "shard_records.jsonl"  # in the cache: {"study_key", "volumes": {volume_id: fingerprint}} per study encoded
+# manifest keys that are not settings ("version" follows the volumes' own "values" field)
+PER_SHARD_SET = ("version", "volumes", "summary", "shards", "failures", "study_events")
+WHERE_STORED = ("shard", "offset", "split")  # a volume record's keys that do not change its features
+
+
+def volume_fingerprints(man, recs):
+    """{volume_id: sha256[:16]} of volume records recs: the record (less where it is stored) and the shard
+    set's settings. Another preprocess of the same study, or other settings, gives another one."""
+    settings = {k: v for k, v in man.items() if k not in PER_SHARD_SET}
+    return {r["volume_id"]: hashlib.sha256(json.dumps([settings, {k: v for k, v in r.items() if k not in WHERE_STORED}],
+                                                      sort_keys=True).encode()).hexdigest()[:16] for r in recs}
+
+
+def read_records(path):
+    """{study_key: {volume_id: fingerprint}} of a cache's RECORDS (the last line of a key wins; a line a
+    kill cut in half is ignored)."""
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    out[r["study_key"]] = r["volumes"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return out
+
+
 def main():
     if not shards or not encoder or not out:
         fail("--shards, --encoder and --out are required (--help lists the settings)")
@@ -144,35 +177,69 @@ def main():
     t0 = time.time()
     n_tokens = 0
     spec = encoder if encoder.startswith("random:") else os.path.abspath(encoder)  # for the flip test
-    try:
-        # CPU float32 and CUDA bf16-autocast features differ beyond float16 storage: one cache holds one of them
-        writer = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite,
-                                        precision=features.encode_precision(device))
-    except features.StaleCacheError as e:  # another encoder's cache
-        fail(str(e))
-    for msg in (writer.repaired, writer.note):
-        if msg:
-            print(f"encode: warning: {msg}")
-    # a study is skipped when cached: one cached without some volume selected now would stay without it
-    short = [k for k in studies if k in writer and not {reader.volumes[i]["volume_id"] for i in studies[k]}
-             <= {e["volume_id"] for e in writer.index["studies"][k]}]
-    if short:
-        writer.close()
-        fail(f"{out}: {len(short)} studies are cached without volumes selected now (first: {short[0]}; encoded "
-             f"with another --modality or --split, or from other shards): use another --out or --overwrite=True")
-    with writer as w:
-        todo = [k for k in studies if k not in w]
+
+    def open_writer():
+        """-> (FeatureWriter, RECORDS file open for appending; a new cache starts it empty)."""
+        try:
+            # CPU float32 and CUDA bf16-autocast features differ beyond float16 storage: one cache holds one of them
+            w = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite,
+                                       precision=features.encode_precision(device))
+        except features.StaleCacheError as e:  # another encoder's cache
+            fail(str(e))
+        return w, open(os.path.join(out, RECORDS), "a" if w.index["studies"] else "w")
+
+    writer = records = None
+    todo = list(studies)
+    if os.path.exists(os.path.join(out, "index.json")) and not overwrite:  # a resume: checked before encoding
+        writer, records = open_writer()
+        for msg in (writer.repaired, writer.note):
+            if msg:
+                print(f"encode: warning: {msg}")
+        # a study is skipped when cached: one cached without some volume selected now would stay without it
+        short = [k for k in studies if k in writer and not {reader.volumes[i]["volume_id"] for i in studies[k]}
+                 <= {e["volume_id"] for e in writer.index["studies"][k]}]
+        if short:
+            writer.close()
+            records.close()
+            fail(f"{out}: {len(short)} studies are cached without volumes selected now (first: {short[0]}; encoded "
+                 f"with another --modality or --split, or from other shards): use another --out or --overwrite=True")
+        # a cached study is skipped: one encoded from other shards (another preprocess, other settings) would stay
+        known = read_records(os.path.join(out, RECORDS))
+        by_id = {v["volume_id"]: v for v in reader.volumes}
+        changed = [k for k in studies if k in writer and k in known and (not set(known[k]) <= set(by_id) or known[k]
+                   != volume_fingerprints(shard_man, [by_id[v] for v in known[k]]))]
+        if changed:
+            writer.close()
+            records.close()
+            fail(f"{out}: {len(changed)} cached studies were encoded from other shards than {shards} (first: "
+                 f"{changed[0]}; preprocessed again or with other settings): use another --out or --overwrite=True")
+        unrecorded = sum(k in writer and k not in known for k in studies)
+        if unrecorded:  # a cache written before the records were kept
+            print(f"encode: note: {unrecorded} cached studies were written without their shard records; resuming "
+                  f"cannot check that they come from {shards}")
+        todo = [k for k in studies if k not in writer]
         if len(todo) < len(studies):
             print(f"encode: resuming, {len(studies) - len(todo)} studies already in {out}")
+    try:
         for key in tqdm(todo, desc="encode", unit="study"):
             try:
                 entries = model.encode_study(enc, reader, studies[key], device=device,
                                              max_tokens=max_tokens, **rules)
-                w.add(key, entries)
+                if writer is None:  # made (or, with --overwrite, emptied) by the first study encoded, never by none
+                    writer, records = open_writer()
+                # before the study's rows: every study in the index has its line, even after a kill
+                records.write(json.dumps({"study_key": key, "volumes": volume_fingerprints(
+                    shard_man, [reader.volumes[i] for i in studies[key]])}) + "\n")
+                records.flush()
+                writer.add(key, entries)
                 n_tokens += sum(len(e["emb"]) for e in entries)
             except Exception as e:  # a bad study is logged and skipped, never a crashed job
                 failed += 1
                 tqdm.write(f"encode: study {key} failed and was skipped: {type(e).__name__}: {e}")
+    finally:
+        if writer is not None:
+            writer.close()
+            records.close()
     dt = time.time() - t0
     print(f"encode: wrote {len(todo) - failed} studies, {n_tokens} tokens in {dt:.1f} s "
           f"({n_tokens / max(dt, 1e-9):.0f} tokens/s); {failed} failed; cache {out}")

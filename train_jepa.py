@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nvfm.attention import IMPLS as ATTENTION_IMPLS
 from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic
 from nvfm.configurator import config_dict, configure, fail
 from nvfm.data import ShardReader, write_atomic
@@ -32,7 +33,8 @@ from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
 from nvfm.monitor import (CollapseWatch, ProbeSet, content_loss, effective_rank, intensity_share, mean_std,
                           relative_distance)
-from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder, transformer_flops
+from nvfm.model import (SIZES, Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder,
+                        transformer_flops)
 
 # ----------------------------------------------------------------------------- config
 shards = ""                        # a shard set written by preprocess.py (required)
@@ -73,6 +75,15 @@ export = "teacher"                 # the encoder written as encoder.safetensors;
 device = "auto"                    # auto | cpu | cuda
 configure(globals())
 config = config_dict(globals())
+# a misspelt choice is one line naming it before anything is read or written (it was a traceback, exit 2)
+for key, choices in (("init_from", ("scratch", "resume")), ("model_size", tuple(SIZES)), ("attention", ATTENTION_IMPLS),
+                     ("amp_dtype", ("bfloat16", "float16", "float32")), ("export", ("teacher", "student"))):
+    if config[key] not in choices:
+        fail(f"--{key}={config[key]!r}: choose one of {', '.join(choices)}")
+try:
+    torch.device("cpu" if device == "auto" else device)
+except RuntimeError:
+    fail(f"--device={device!r}: choose auto, cpu, cuda or cuda:<index>")
 # settings that may change on --init_from=resume: they do not change the trained weights (logging,
 # checkpointing, monitoring, where and how fast it runs, where it stops). Every other setting must
 # equal the checkpoint's; the shard set is compared by its manifest's content (below), not its path.
@@ -110,14 +121,16 @@ try:
 except ValueError as e:  # a shard file cut short, a format this version does not read
     fail(str(e))
 shards_id = file_hash(os.path.join(shards, "manifest.json"))  # the shard set's identity: moves keep it, new data changes it
-indices = train_indices(reader, split, min_tokens)
-if not indices:
-    raise SystemExit(f"{shards}: no '{split}' volumes with >= {min_tokens} foreground tokens")
 try:  # a setting out of range is one line naming it, before anything is written
     mask_config = MaskConfig(ratio_mr=context_ratio_mr, ratio_ct=context_ratio_ct, drop=context_drop,
                              max_patches=max_patches)
 except ValueError as e:
     fail(str(e))
+# a volume no training crop can serve would stop the run in a data-loader worker: left out here, each named
+indices = train_indices(reader, split, min_tokens, max_patches, warn=print if master else None)
+if not indices:
+    fail(f"{shards}: no '{split}' volume with >= {min_tokens} foreground tokens that a crop of <= {max_patches} "
+         f"tokens per axis can split (warnings above)")
 if master:
     os.makedirs(out_dir, exist_ok=True)
 dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
@@ -208,8 +221,6 @@ if init_from == "resume":
             with open(log_path) as f:
                 kept = [line for line in f if logged_step(line) <= step]
             write_atomic(log_path, "".join(kept))
-elif init_from != "scratch":
-    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
 
 raw_model = model
 if compile:
@@ -287,8 +298,6 @@ def save_checkpoint(next_step):
 watch = CollapseWatch(collapse_warn, initial=collapse_ref)   # a resumed run keeps step 1's reference
 watch.warned = collapse_warned  # and does not warn again within the episode it was stopped in
 probes = ProbeSet(shards, cohort=probe_cohort or None, max_studies=probe_studies) if eval_interval and master else None
-if export not in ("teacher", "student"):
-    raise SystemExit(f"export must be 'teacher' or 'student', got {export!r}")
 
 
 def log(rec, text=None):
@@ -317,7 +326,11 @@ def save_encoders():
 # ----------------------------------------------------------------------------- training loop
 last_step = min(max_steps, stop_at_step) if stop_at_step else max_steps  # a resumed run already there trains nothing
 loader = make_loader(dataset, step, last_step, num_workers, pin_memory=dev.type == "cuda")
-log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+if master and init_from == "scratch" and os.path.exists(ckpt_path):  # e.g. a job script without --init_from=resume
+    print(f"warning: {out_dir} holds another run's checkpoint: this run from scratch replaces it and its log "
+          f"(--init_from=resume continues it)", flush=True)
+# a run from scratch starts its own log: appended to another run's, every step was logged twice
+log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w") if master else None
 if probes is not None and step == 0:
     run_probes(0)
 t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0

@@ -137,8 +137,13 @@ class JepaBatches(torch.utils.data.Dataset):
         return M.collate([self.sample(step, first + j) for j in range(self.local_batch)])
 
 
-def train_indices(reader, split="train", min_tokens=8):
-    """Indices of the volumes of a split with at least min_tokens foreground tokens."""
+def train_indices(reader, split="train", min_tokens=8, max_patches=None, warn=None):
+    """Indices of the volumes of a split with at least min_tokens foreground tokens.
+
+    With max_patches (the training crop, tokens per axis), a volume that no crop can serve (fewer than
+    2 foreground tokens, or none of nvfm.masks.crop_box_dense's placements holds 2) is left out too,
+    and warn(line) is called with one line naming it by shard index and volume_id (salted keys);
+    sample_volume would raise on it inside a data-loader worker and stop the run."""
     out = []
     for i, v in enumerate(reader.volumes):
         if v.get("split", "train") != split:
@@ -146,9 +151,30 @@ def train_indices(reader, split="train", min_tokens=8):
         n = v.get("n_tokens")
         if n is None:
             n = int(M.token_mask_of(reader, i).sum())
-        if n >= min_tokens:
-            out.append(i)
+        if n < min_tokens:
+            continue
+        if max_patches is not None:
+            reason = None
+            if n < 2:
+                reason = f"{n} foreground tokens, a context/target split needs 2"
+            elif M.crop_box_dense(_token_mask_uncached(reader, i), max_patches, np.random.default_rng(0)) is None:
+                reason = f"no crop of <= {max_patches} tokens per axis holds 2 of its {n} foreground tokens"
+            if reason:
+                if warn is not None:
+                    warn(f"warning: volume {i} ({v.get('volume_id')}) left out of training: {reason}")
+                continue
+        out.append(i)
     return out
+
+
+def _token_mask_uncached(reader, i):
+    """Volume i's token mask, decoded from the manifest record without filling ShardReader's cache (a
+    check of every volume at start would otherwise hold every mask in memory for the whole run)."""
+    from nvfm.data import unpack_mask
+    v = reader.volumes[i]
+    if "token_mask" in v and "token_grid" in v:
+        return unpack_mask(v["token_mask"], tuple(v["token_grid"]))
+    return M.token_mask_of(reader, i)
 
 
 def make_loader(dataset, start_step, max_steps, num_workers=2, pin_memory=False):

@@ -7,7 +7,8 @@ follow the paper):
   2. crop: at most `max_patches` = 20 tokens per axis; the crop window is placed uniformly
      among positions that stay inside the foreground's bounding box; a crop holding < 2
      foreground tokens is placed again (8 tries), then drawn among the placements that hold
-     >= 2 (crop_box_dense; a volume with none is a ValueError naming it).
+     >= 2 (crop_box_dense; a volume with none is a ValueError naming it; train_jepa.py leaves
+     such volumes out at start, nvfm.loader.train_indices).
   3. augmentation, shared by student and teacher (they see the same tokens): a random axis
      permutation of the token grid and a random flip of each axis. A flip also mirrors the
      voxels inside each patch. A permutation permutes the grid coordinates (patches are

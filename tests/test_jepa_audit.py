@@ -223,3 +223,74 @@ def test_the_collapse_warning_is_not_repeated_by_a_resume(runs):
     warn = "WARNING: representation collapse"
     assert runs["full_stdout"].count(warn) == 1
     assert runs["term_stdout"].count(warn) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# start-up: volumes no training crop can serve
+
+def sparse_volume(volume_id, shape=(16, 64, 64)):
+    """An MR volume whose foreground tokens sit at even grid coords only (8 tokens on a 4x4x4 grid):
+    every 2-token crop holds exactly one of them."""
+    from nvfm.loader import synthetic_volume
+    rec, data, _ = synthetic_volume(np.random.default_rng(5), "MR", shape, volume_id)
+    tm = np.zeros(tuple(s // p for s, p in zip(shape, (4, 16, 16))), np.uint8)
+    tm[::2, ::2, ::2] = 1
+    mask = np.kron(tm, np.ones((4, 16, 16), np.uint8))
+    return rec, data * mask, mask
+
+
+def test_volumes_no_crop_can_serve_are_left_out_before_training(tmp_path):
+    """A volume with 8 foreground tokens (min_tokens 8) none of which shares a 2-token crop with another
+    (--max_patches=2) raised in the loader mid-run: exit 2, a traceback, no checkpoint. It is left out at
+    start with a one-line warning naming it by index and id, and the run trains on the rest; a shard set
+    of only such volumes is a one-line error and exit 1, before out_dir is made."""
+    from nvfm.loader import synthetic_volume, write_shards
+    rng = np.random.default_rng(0)
+    items = [synthetic_volume(rng, "MR" if i % 2 == 0 else "CT", (16, 64, 64), f"synthetic-{i}") for i in range(3)]
+    mixed = write_shards(str(tmp_path / "mixed"), items + [sparse_volume("sparse-0")])
+    out = train(str(tmp_path / "run"), mixed, "--max_patches=2", "--max_steps=3")
+    warned = [line for line in out.splitlines() if "left out of training" in line]
+    assert warned == ["warning: volume 0 (sparse-0) left out of training: no crop of <= 2 tokens per axis "
+                      "holds 2 of its 8 foreground tokens"], out[-2000:]
+    assert ckpt_of(str(tmp_path / "run"))["step"] == 3
+    only = write_shards(str(tmp_path / "only"), [sparse_volume("sparse-0")])
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, TRAIN, *JOB, f"--shards={only}", f"--out_dir={tmp_path / 'none'}",
+                        "--max_patches=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip()
+    assert p.returncode == 1 and len(err.splitlines()) == 1, (p.returncode, p.stderr[-2000:])
+    assert "no 'train' volume" in err and "crop of <= 2 tokens" in err and not (tmp_path / "none").exists()
+
+
+def test_a_run_from_scratch_in_a_used_out_dir_starts_its_own_log(tmp_path):
+    """A second run from scratch into the out_dir of a first (a job script without --init_from=resume)
+    appended its records to the first run's log.jsonl (steps 1, 2, 3, 1, 2: a curve read from it
+    counted every step twice) and replaced the checkpoint without a word. Now it warns, and its log
+    is the one the same run writes into a fresh out_dir."""
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=4, seed=1, shape=(16, 64, 64))
+    used, fresh = str(tmp_path / "used"), str(tmp_path / "fresh")
+    assert "holds another run's checkpoint" not in train(used, shards, "--max_steps=3", "--log_interval=1")
+    out = train(used, shards, "--max_steps=2", "--log_interval=1", "--seed=5")
+    assert "warning: " + used + " holds another run's checkpoint" in out
+    train(fresh, shards, "--max_steps=2", "--log_interval=1", "--seed=5")
+    assert log_of(used) == log_of(fresh) and [s for s, _ in log_of(used)] == [1, 2]
+    assert ckpt_of(used)["step"] == 2
+
+
+@pytest.mark.parametrize("arg", ["--amp_dtype=bf16", "--model_size=vitx", "--attention=flash", "--device=gpu",
+                                 "--init_from=resum", "--export=teachr"])
+def test_a_misspelt_choice_is_one_line_before_anything_is_written(tmp_path, arg):
+    """A setting's value outside its choices was a KeyError / ValueError / RuntimeError traceback and exit
+    2 (the configurator's 'bug' status: amp_dtype, model_size, attention - that one at the first step,
+    after out_dir/log.jsonl was made - and device), or exit 1 after out_dir was made (init_from, export).
+    Now: exit 1, one line naming the setting and its choices, nothing written."""
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=1, shape=(16, 64, 64))
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, TRAIN, *JOB, f"--shards={shards}", f"--out_dir={tmp_path / 'run'}", arg],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip()
+    key, value = arg[2:].split("=")
+    assert p.returncode == 1 and len(err.splitlines()) == 1, (p.returncode, p.stderr[-2000:])
+    assert err.startswith(f"train_jepa.py: error: --{key}={value!r}: choose ") and not (tmp_path / "run").exists(), err

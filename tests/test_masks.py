@@ -466,3 +466,43 @@ def test_the_loader_leaves_the_global_torch_rng_alone(reader, workers):
     before = torch.get_rng_state()
     assert len(list(make_loader(ds, 0, 2, num_workers=workers))) == 2
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_train_indices_leaves_out_volumes_no_crop_can_serve():
+    """A sparse foreground where no crop of max_patches tokens per axis holds 2 tokens passed
+    train_indices (it knew only min_tokens) and then raised inside a data-loader worker, stopping
+    train_jepa.py. With max_patches, train_indices keeps exactly the volumes a brute force over every
+    crop placement in the grid finds servable, warns once per left-out volume by index and id, and
+    sample_volume succeeds on every kept one."""
+    rng = np.random.default_rng(21)
+    masks = [rng.random((5, 6, 6)) < p for p in (0.02, 0.03, 0.05, 0.3)] * 3
+    masks += [np.zeros((4, 4, 4), bool), np.eye(4, dtype=bool)[None]]  # 0 tokens; 4 on a diagonal
+    one = np.zeros((3, 3, 3), bool)
+    one[1, 1, 1] = True
+    masks.append(one)
+    items = []
+    for k, tm in enumerate(masks):
+        mask = np.kron(tm.astype(np.uint8), np.ones(PATCH, np.uint8))
+        items.append((dict(volume_id=f"v{k}", modality="MR", family="T1", split="train"), (mask * 100)[None], mask))
+    r = ArrayReader(items)
+
+    def servable(tm, mp):  # any placement anywhere in the grid, window min(mp, extent) per axis
+        if tm.sum() < 2:
+            return False
+        nz = np.argwhere(tm)
+        size = np.minimum(mp, nz.max(0) - nz.min(0) + 1)
+        return any(tm[z:z + size[0], y:y + size[1], x:x + size[2]].sum() >= 2 for z in range(tm.shape[0])
+                   for y in range(tm.shape[1]) for x in range(tm.shape[2]))
+
+    for mp in (2, 3):
+        want = [k for k, tm in enumerate(masks) if servable(tm, mp)]
+        lines = []
+        got = train_indices(r, min_tokens=0, max_patches=mp, warn=lines.append)
+        assert got == want and 0 < len(want) < len(masks), (mp, want)
+        assert len(lines) == len(masks) - len(want)
+        for line, k in zip(lines, sorted(set(range(len(masks))) - set(want))):
+            assert line.startswith(f"warning: volume {k} (v{k}) left out of training: ") and "\n" not in line
+        for k in got:
+            s = M.sample_volume(r, k, np.random.default_rng(k), M.MaskConfig(max_patches=mp), k % 2 == 0)
+            assert len(s["ctx"]) and len(s["tgt"])
+    assert train_indices(r, min_tokens=0) == list(range(len(masks)))  # without max_patches: the count only
