@@ -580,6 +580,8 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     salt_id = hashlib.sha256(s.encode()).hexdigest()[:16]
     settings = run_settings(cfg_preset, cfg_min_fg, salt_id, cfg_min_slices, cfg_min_tokens)
     man_path = os.path.join(output_dir, "manifest.json")
+    if os.path.isdir(output_dir):  # a merge interrupted after its commit point completes first
+        shards.finish_merge(output_dir)
     written_splits = {}
     if os.path.exists(man_path):  # a finished output: its parts/settings.json is gone, the manifest records them
         with open(man_path) as f:

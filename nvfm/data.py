@@ -45,9 +45,11 @@ Writing (resumable). Each worker appends finished studies to its own part
 JSON line per study (the commit record). A killed run leaves at most a half-written tail
 that no JSON line points to; a restart reads the committed lines, skips those studies and
 writes new parts. `merge()` then copies every volume, sorted by (split, study_key,
-volume_id), into the final shards and writes the manifest atomically, so the output is
-byte-identical however the work was scheduled or interrupted. Parts are deleted after the
-manifest is committed; the manifest then serves as the done-list for later runs.
+volume_id), into new shards (`<name>.tmp`), commits by writing `manifest.json.next`, then moves
+the shards and the manifest into place (`finish_merge`, which the next run repeats when that was
+interrupted), so the output is byte-identical however the work was scheduled or interrupted.
+Parts are deleted after the manifest is committed; the manifest then serves as the done-list
+for later runs.
 
 Reading. `ShardReader(SHARDS)` memory-maps shards lazily; `.volume(i)` returns zero-copy
 views; `.window(i, name)` gives one window as (D, H, W) uint8 (4-bit windows expanded to
@@ -55,6 +57,7 @@ views; `.window(i, name)` gives one window as (D, H, W) uint8 (4-bit windows exp
 foreground tokens; `.tokens(i, name, start, stop)` the packed (n, 1024) tokens + coords.
 """
 import base64
+import contextlib
 import glob
 import json
 import os
@@ -161,7 +164,9 @@ class PartWriter:
 
 def read_done(out_dir):
     """Committed studies: {study_key: {"volumes": [...], "events": [...]}} from the manifest
-    (merged earlier) and the parts (newer). Uncommitted tails are ignored."""
+    (merged earlier; an interrupted merge is completed first) and the parts (newer).
+    Uncommitted tails are ignored."""
+    finish_merge(out_dir)
     done = {}
     man = os.path.join(out_dir, "manifest.json")
     if os.path.exists(man):
@@ -229,17 +234,41 @@ def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30, fsync=True):
             w.close()
         srcs.clear()
     names = sorted({v["shard"] for v in out_vols})
-    for name in names:
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    for stale in glob.glob(os.path.join(out_dir, "*_*.bin")):
-        if os.path.basename(stale) not in names:
-            os.remove(stale)
     manifest = {"version": 2 if any(v.get("values") for v in out_vols) else 1}  # 1 stays byte-identical
     manifest.update(manifest_extra)
     manifest["volumes"] = out_vols
-    manifest["shards"] = {n: os.path.getsize(os.path.join(out_dir, n)) for n in names}
-    write_atomic(os.path.join(out_dir, "manifest.json"), dump_manifest(manifest))
+    manifest["shards"] = {n: os.path.getsize(os.path.join(out_dir, n + ".tmp")) for n in names}
+    # the commit point: the old shards (sources of this merge) are replaced only after it
+    write_atomic(os.path.join(out_dir, NEXT_MANIFEST), dump_manifest(manifest))
+    finish_merge(out_dir)
     return manifest
+
+
+NEXT_MANIFEST = "manifest.json.next"  # a merge's manifest before its shards are in place
+
+
+def finish_merge(out_dir):
+    """Complete a merge that wrote OUTPUT/manifest.json.next (every new shard written as
+    <name>.tmp): move its shards into place, remove shards it does not name, then make it
+    manifest.json. A merge killed anywhere in here completes on the next call (preprocess.py
+    calls it first); before this, the old manifest.json named old shards that were already
+    replaced, and a rerun copied the wrong bytes into the volumes it took from them."""
+    nxt = os.path.join(out_dir, NEXT_MANIFEST)
+    try:
+        with open(nxt) as f:
+            names = set(json.load(f)["shards"])
+    except FileNotFoundError:
+        return
+
+    def quietly(fn, *args):  # a step done before the interruption (or by another job) is skipped
+        with contextlib.suppress(FileNotFoundError):
+            fn(*args)
+    for name in sorted(names):
+        quietly(os.replace, os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    for stale in glob.glob(os.path.join(out_dir, "*_*.bin")):
+        if os.path.basename(stale) not in names:
+            quietly(os.remove, stale)
+    quietly(os.replace, nxt, os.path.join(out_dir, "manifest.json"))
 
 
 def dump_manifest(m):

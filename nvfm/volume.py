@@ -77,6 +77,13 @@ MR_PERCENTILES = (0.5, 99.5)
 _RPI_SIGN = {0: 1, 1: -1, 2: -1}  # RAS sign each world axis points to: x -> R, y -> P, z -> I
 _CODES = {0: "RL", 1: "AP", 2: "SI"}
 TILT_MM = 1e-3  # in-plane shear (mm) below which a stack is resampled as untilted
+FLAT_RTOL = 1e-5  # float32 resampling moves a constant input by a few ulps: a range below this is none
+
+
+def flat_range(lo, hi):
+    """Is [lo, hi] no intensity range? True when hi - lo <= FLAT_RTOL * max(|lo|, |hi|): a constant
+    input resamples to values a few float32 ulps apart (7 -> 6.9999995 .. 7), not an image."""
+    return not hi - lo > FLAT_RTOL * max(abs(lo), abs(hi))
 
 
 def out_grid(lo, hi, s):
@@ -754,7 +761,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
             ct_channels_into(hu, data[:, d], u8, tmp)
             np.greater(hu, CT_AIR_HU, out=mask[d])
             lo, hi = min(lo, float(hu.min())), max(hi, float(hu.max()))
-        if not hi > lo:  # e.g. zero-filled pixel data: as MR, not an image (at 0 HU every token is foreground)
+        if flat_range(lo, hi):  # e.g. zero-filled pixel data: as MR, not an image (at 0 HU every token is foreground)
             raise SeriesError("constant image (no intensity range)")
     else:
         buf = _mr_buffer(stack, spacing, (D, H, W), place, dpos)
@@ -766,7 +773,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
                 buf, raw = _mr_buffer(stack, spacing, (D, H, W), place, dpos, wide=True), None
         if raw is None:
             lo, hi = np.percentile(buf, MR_PERCENTILES)
-        if not hi > lo:
+        if flat_range(lo, hi):
             raise SeriesError("constant image (no intensity range)")
         data = np.empty((1, D, H, W), np.uint8)
         with np.errstate(over="ignore"):
@@ -838,7 +845,7 @@ def neurovfm_mr(vol, stats=None):
     intensity (uint8: |error| <= 1/510 before encode.py's / 255; the exact values are the
     shard's values block, nvfm/data.py). stats: neurovfm_mr_stats(vol) when computed."""
     t, lo, hi = neurovfm_mr_stats(vol) if stats is None else stats
-    if not hi > lo:
+    if flat_range(lo, hi):
         raise SeriesError("constant image (no intensity range)")
     D = vol.shape[0]
     data = np.empty((1,) + vol.shape, np.uint8)
@@ -982,7 +989,7 @@ def process_stack_neurovfm(stack, min_fg_fraction=1.0, spacing=SPACING):
     vol, A, codes = resampled_neurovfm(stack, spacing)
     extra = {}
     if stack.modality == "CT":
-        if not vol.max() > vol.min():  # as process_stack
+        if flat_range(float(vol.min()), float(vol.max())):  # as process_stack
             raise SeriesError("constant image (no intensity range)")
         data = ct_channels(vol)
         mask = neurovfm_ct_mask(vol)

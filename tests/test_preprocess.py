@@ -600,3 +600,39 @@ def test_unfinished_output_refuses_other_settings(grown, tmp_path, monkeypatch, 
     assert f"{name}={old:g}" in msg and f"{name}={new:g}" in msg and f"--{name}={old:g}" in msg, msg
     assert sorted(os.listdir(os.path.join(out, "parts"))) == parts and not os.path.exists(
         os.path.join(out, "manifest.json"))
+
+
+def test_merge_interrupted_after_shards_replaced_resumes_byte_identical(tmp_path, monkeypatch):
+    """A finished output gets new studies; the rerun's merge is stopped (Ctrl-C) after its first
+    new shard file replaced an old one. Before, the old manifest.json then named replaced shards:
+    the next run copied other volumes' bytes into the volumes it took from them (volumes
+    silently wrong, no error). Restarting the same command now gives the uninterrupted output."""
+    def nifti_study(i):
+        rng = np.random.default_rng(i)
+        v = np.full((40, 48, 10), -1000.0, np.float32)
+        v[5:35, 5:43, 1:9] = 30 + rng.normal(0, 20, (30, 38, 8))
+        os.makedirs(tmp_path / "in" / f"s{i}")
+        nib.save(nib.Nifti1Image(v, np.diag([0.9, 0.9, 5.0, 1.0])), str(tmp_path / "in" / f"s{i}" / "ct.nii.gz"))
+    run = dict(n_workers=1, cfg_progress=False)
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    for i in range(3):
+        nifti_study(i)
+    preprocess.run(inp, out, **run)
+    for i in range(3, 8):
+        nifti_study(i)
+    replace, moved = os.replace, []
+
+    def stop_after_one_shard(src, dst):
+        replace(src, dst)
+        if dst.startswith(out + os.sep) and dst.endswith(".bin") and os.sep + "parts" not in dst:
+            moved.append(dst)
+            raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", stop_after_one_shard)
+        with pytest.raises(KeyboardInterrupt):
+            preprocess.run(inp, out, **run)
+    assert len(moved) == 1
+    man = preprocess.run(inp, out, **run)
+    ref = str(tmp_path / "ref")
+    preprocess.run(inp, ref, **run)
+    assert man["summary"]["volumes"] == 8 and _outputs(out) == _outputs(ref)
