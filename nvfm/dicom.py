@@ -1793,7 +1793,8 @@ def nifti_sidecar(path):
 def nifti_modality(path, data):
     """(modality, warning or "") of a NIfTI volume. A NIfTI header has no modality, so:
 
-    1. the sidecar's "Modality" (dcm2niix copies the DICOM tag there), when it says CT or MR;
+    1. the sidecar's "Modality" (dcm2niix copies the DICOM tag there), when it says CT or MR (in any
+       case, spaces trimmed);
     2. else the data: CT when it holds air in Hounsfield units (min <= -900 HU and 1% of the voxels
        below -500), MR otherwise. Never the file name.
     A volume read as MR whose non-zero voxels look like brain CT in HU (a skull-stripped CT with a
@@ -1802,14 +1803,16 @@ def nifti_modality(path, data):
     side = nifti_sidecar(path)
     if side:
         try:
-            with open(side) as f:
+            with open(side, encoding="utf-8-sig") as f:  # a byte-order mark, as Windows editors write, is no error
                 declared = json.load(f).get("Modality")
         except (OSError, ValueError, AttributeError) as e:
             raise SeriesError(f"unreadable NIfTI sidecar ({type(e).__name__})") from e  # no file name: it may name a patient
+        if isinstance(declared, str):  # hand-written sidecars: "ct", "CT "
+            declared = declared.strip().upper()
         if declared in ("CT", "MR"):
             return declared, ""
         if declared:
-            raise SeriesError(f"unsupported modality {re.sub(r'[^A-Z0-9]', '', str(declared))[:8] or 'none'} "
+            raise SeriesError(f"unsupported modality {re.sub(r'[^A-Za-z0-9]', '', str(declared)).upper()[:8] or 'none'} "
                               "(from its sidecar)")
     sub = data[::2, ::2, ::2]
     if data.min() <= -900 and np.percentile(sub, 1) < -500:
@@ -1844,6 +1847,16 @@ def nifti_stack(root, rel):
         raise SeriesError("zero-sized NIfTI")
     if img.get_data_dtype().kind == "c":  # a float32 cast would keep the real part, not the magnitude
         raise SeriesError("complex-valued NIfTI (need magnitude images)")
+    if img.get_data_dtype().fields is not None:  # RGB24 / RGBA32: a record per voxel
+        raise SeriesError("RGB NIfTI (need grey images)")
+    hdr = img.header
+    if "sform_code" in hdr and not hdr.get_sform(coded=True)[1]:
+        # the affine comes from pixdim (qform or none): nibabel's load replaces a zero size by 1 mm
+        # (a log line naming no file), so the header is read again as written
+        with nib.openers.ImageOpener(path) as f:
+            pix = np.asarray(type(hdr).from_fileobj(f, check=False)["pixdim"][1:4], float)
+        if not (np.isfinite(pix).all() and (pix != 0).all()):
+            raise SeriesError(f"NIfTI voxel size {' x '.join(f'{v:g}' for v in pix)} (pixdim: zero or not finite)")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
     except Exception as e:
@@ -1860,6 +1873,9 @@ def nifti_stack(root, rel):
     A = np.asarray(img.affine, float)
     if not np.isfinite(A).all() or abs(np.linalg.det(A[:3, :3])) < 1e-9:
         raise SeriesError("invalid NIfTI affine")
+    # xyzt_units: nibabel ignores them, SimpleITK scales metres and microns to mm (unknown: mm)
+    unit = hdr.get_xyzt_units()[0] if hasattr(hdr, "get_xyzt_units") else "mm"
+    A[:3] *= {"meter": 1000.0, "micron": 1e-3}.get(unit, 1.0)
     A = LPS_TO_RAS @ A  # RAS -> LPS (the matrix is its own inverse)
     vox = np.linalg.norm(A[:3, :3], axis=0)
     mx = vox.max()
@@ -1880,7 +1896,6 @@ def nifti_stack(root, rel):
         st.warnings.append(why)
     if n_bad:
         st.warnings.append(f"{n_bad} non-finite NIfTI voxel(s) set to the volume's minimum ({fill:g})")
-    hdr = img.header
     if "qform_code" in hdr and "sform_code" in hdr:
         (qf, qc), (sf, sc) = hdr.get_qform(coded=True), hdr.get_sform(coded=True)
         if not qc and not sc:  # no orientation in the file: nibabel's guess and SimpleITK's differ by an A/P flip

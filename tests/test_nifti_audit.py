@@ -142,3 +142,65 @@ def test_bad_nifti_batch_is_accounted_for_and_leaks_nothing(tmp_path):
         if os.path.isfile(p):
             blob = open(p, "rb").read()
             assert not [t for t in phi if t in blob], p
+
+
+@pytest.mark.parametrize("text,want", [('{"Modality": "ct"}', "CT"), ('{"Modality": " CT "}', "CT"),
+                                       ('\ufeff{"Modality": "MR"}', "MR"), ('{"Modality": "Mr"}', "MR"),
+                                       ('{"Modality": "pt"}', "unsupported modality PT"),
+                                       ('{"Modality": "CT-2"}', "unsupported modality CT2")])
+def test_sidecar_modality_is_read_as_written(tmp_path, text, want):
+    """A hand-written sidecar's modality in any case and spacing, or behind a byte-order mark, is read
+    as CT / MR (an MR-looking volume, so only the sidecar can say CT). They failed as 'unsupported
+    modality CT' for "CT ", 'unsupported modality none' for "ct" and as unreadable JSON with a BOM."""
+    v = np.full(SHAPE, 100.0, np.float32)
+    v[5:43, 5:51, 1:11] = 400.0
+    nib.save(nib.Nifti1Image(v, np.diag([0.9, 0.9, 5.0, 1.0])), str(tmp_path / "s.nii"))
+    (tmp_path / "s.json").write_text(text, encoding="utf-8")
+    if want.startswith("unsupported"):
+        with pytest.raises(dicom.SeriesError, match=rf"^{want} \(from its sidecar\)$"):
+            dicom.nifti_stack(str(tmp_path), "s.nii")
+    else:
+        assert dicom.nifti_stack(str(tmp_path), "s.nii").modality == want
+
+
+def test_zero_voxel_size_under_a_qform_fails(tmp_path):
+    """pixdim 0 on a file whose affine comes from the qform: nibabel silently makes it 1 mm (it was
+    loaded as a 1 mm volume); it fails naming the voxel size. With an sform, pixdim is not used."""
+    img = nib.Nifti1Image(_head(), None)
+    img.set_qform(np.diag([0.9, 0.9, 5.0, 1.0]), code=1)
+    img.set_sform(None, code=0)
+    def save_with_zero_pixdim(name):  # pixdim[2], float32 at byte 84 (nib.save rewrites the header's)
+        nib.save(img, str(tmp_path / name))
+        with open(tmp_path / name, "r+b") as f:
+            f.seek(84)
+            f.write(np.float32(0).tobytes())
+    save_with_zero_pixdim("z.nii")
+    with pytest.raises(dicom.SeriesError, match=r"^NIfTI voxel size 0.9 x 0 x 5 \(pixdim: zero or not finite\)$"):
+        dicom.nifti_stack(str(tmp_path), "z.nii")
+    img.set_sform(np.diag([0.9, 0.9, 5.0, 1.0]), code=1)
+    save_with_zero_pixdim("z2.nii")
+    assert dicom.nifti_stack(str(tmp_path), "z2.nii").ps == pytest.approx((0.9, 0.9))
+
+
+def test_rgb_nifti_fails_with_its_reason(tmp_path):
+    rgb = np.zeros(SHAPE, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.diag([0.9, 0.9, 5.0, 1.0])), str(tmp_path / "c.nii"))
+    with pytest.raises(dicom.SeriesError, match=r"^RGB NIfTI \(need grey images\)$"):
+        dicom.nifti_stack(str(tmp_path), "c.nii")
+
+
+@pytest.mark.parametrize("unit,factor", [("meter", 1e-3), ("micron", 1e3), ("mm", 1.0)])
+def test_spatial_units_are_read_in_mm(tmp_path, unit, factor):
+    """xyzt_units metres or microns: the affine is in those units (SimpleITK scales them to mm,
+    nibabel does not). A 0.9 x 0.9 x 5 mm volume written in metres failed as 'absurd pixel spacing
+    (0.0009 x 0.0009 mm)'; it loads with its spacing and origin in mm."""
+    A = np.diag([0.9, 0.9, 5.0, 1.0])
+    A[:3, 3] = (-21.6, -25.2, -30.0)
+    img = nib.Nifti1Image(_head(), A * [[factor], [factor], [factor], [1]])
+    img.header.set_xyzt_units(xyz=unit)
+    nib.save(img, str(tmp_path / "u.nii"))
+    st = dicom.nifti_stack(str(tmp_path), "u.nii")
+    assert st.ps == pytest.approx((0.9, 0.9))
+    want = [(21.6, 25.2, -30.0 + 5.0 * k) for k in range(SHAPE[2])]  # LPS: x and y of RAS negated, by hand
+    got = sorted(map(tuple, np.asarray(st.origins, float)), key=lambda o: o[2])
+    assert np.allclose(got, want, atol=1e-4)
