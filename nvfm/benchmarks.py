@@ -66,10 +66,13 @@ and everything derived from it, check them before sharing figures or outputs):
            their docstrings.
 """
 import csv
+import io
 import json
+import math
 import os
 import re
 import shutil
+import sys
 from collections import Counter
 from datetime import date
 
@@ -86,7 +89,10 @@ workers = 4              # processes reading DICOM headers (rsna)
 labels_file = ""         # the label file, when not at its distributed name under root
 adni_horizon_months = 36  # pMCI: dementia by this visit; sMCI: followed this long without it
 adni_max_days = 90       # a baseline image must be this close to the baseline exam date
-adni_series = r"mprage|mp-rage|ir-spgr|ir-fspgr|t1"  # regex (case-insensitive) on ADNI series folders
+adni_series = (r"^(?!.*(__|gradwarp|b1_corr|n3|scaled|normali[sz]ed|masked|registered))"
+               r"(?=.*(mp.?rage|ir.?f?spgr))")   # regex (case-insensitive) on ADNI/AIBL series folders;
+    # default: raw T1 only (MPRAGE, IR-SPGR, IR-FSPGR); LONI names a preprocessed series by its steps
+    # joined "__" (MT1__N3m, MPR__GradWarp__B1_Correction__N3__Scaled) or in words (..._registered_MPRAGE)
 grounding_class = ""     # grounding sets: the lesions' class ("" = glioma, chronic_ischemic_stroke, multiple_sclerosis)
 # -----------------------------------------------------------------------------
 
@@ -117,24 +123,37 @@ def _read_table(path, required, delimiter=None):
     if delimiter is None:
         head = text.split("\n", 1)[0]
         delimiter = "\t" if path.endswith(".tsv") or head.count("\t") > head.count(",") else ","
-    rd = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    # the file's own line breaks: a quoted field may hold one, and str.splitlines would also split at \x0c, \u2028...
+    rd = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     cols = [c.strip() for c in (rd.fieldnames or [])]
     missing = [c for c in required if c not in cols]
     if missing:
         raise BenchmarkError(f"{path}: missing column(s) {missing} (found {cols[:12]})")
     rows = []
-    for ln, r in enumerate(rd, start=2):
+    for r in rd:
         r = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()}
-        r["_line"] = ln
+        r["_line"] = rd.line_num   # the row's (last) line in the file, blank lines and multi-line fields counted
         rows.append(r)
     return rows, cols
 
 
+# how exports write an empty cell (compared lower-case): a missing value, never a number
+MISSING = ("", "n/a", "na", "nan", "none", "null")
+
+
+def _missing(v):
+    return (v or "").strip().lower() in MISSING
+
+
 def _number(v, path, ln, col):
+    """A finite float, else a one-line error (float() alone takes "nan" and "inf")."""
     try:
-        return float(v)
+        x = float(v)
     except ValueError:
-        raise BenchmarkError(f"{path}:{ln}: column {col!r} must be a number, got {v!r}") from None
+        x = float("nan")
+    if not math.isfinite(x):
+        raise BenchmarkError(f"{path}:{ln}: column {col!r} must be a number, got {v!r}")
+    return x
 
 
 def _nifti_or_analyze(name):
@@ -396,7 +415,7 @@ def openbhb(root_dir, labels_path=""):
         if (pid, ses) in seen:
             raise BenchmarkError(f"{path}:{r['_line']}: duplicate participant (also line {seen[pid, ses]})")
         seen[pid, ses] = r["_line"]
-        if r["age"] in ("", "n/a", "NA", "nan"):
+        if _missing(r["age"]):
             tally["rows without age (left out)"] += 1
             continue
         age = _number(r["age"], path, r["_line"], "age")
@@ -431,11 +450,16 @@ def openbhb(root_dir, labels_path=""):
 
 
 def _date(v):
+    """YYYY-MM-DD (or M/D/YYYY, ADNIMERGE saved by a US spreadsheet) -> date; None when it is not
+    one (unparsable, or no such day: a day-first 25/01/2006)."""
     m = re.match(r"(\d{4})-(\d{1,2})-(\d{1,2})", v or "")
-    if m:
-        return date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
-    m = re.match(r"(\d{1,2})/(\d{1,2})/(\d{4})", v or "")   # ADNIMERGE saved by a spreadsheet
-    return date(int(m.group(3)), int(m.group(1)), int(m.group(2))) if m else None
+    ymd = (m.group(1), m.group(2), m.group(3)) if m else None
+    m = re.match(r"(\d{1,2})/(\d{1,2})/(\d{4})", v or "")
+    ymd = ymd or ((m.group(3), m.group(1), m.group(2)) if m else None)
+    try:
+        return date(*map(int, ymd)) if ymd else None
+    except ValueError:
+        return None
 
 
 def _adni_images(root_dir, series_regex):
@@ -487,7 +511,7 @@ def _adni_dx(v, path, ln):
 
 def _adni_month(r, mcol, path):
     """Months since baseline of a row: its M (or Month) column, else its VISCODE (bl, m<NN>), else None."""
-    if r[mcol]:
+    if not _missing(r[mcol]):
         return _number(r[mcol], path, r["_line"], mcol)
     m = re.fullmatch(r"bl|m(\d+)", r["VISCODE"].strip().lower())
     return None if m is None else float(m.group(1) or 0)
@@ -502,21 +526,26 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
     Layout: ROOT/ADNIMERGE.csv, else the one ADNIMERGE.csv under ROOT (several: an error, pass
     --labels_file; columns PTID, VISCODE, EXAMDATE, DX_bl, DX, AGE, and M or Month) and the image
     download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ holding one NIfTI file or a
-    DICOM series (a folder with two or more NIfTI files is counted and not used). Labels: from the
+    DICOM series (a folder with two or more NIfTI files is counted and not used); the series as
+    adni_series chooses, by default raw MPRAGE / IR-SPGR / IR-FSPGR only: a series LONI derived from
+    one (its name joins the steps with "__", MT1__N3m, MPR__GradWarp__B1_Correction__N3__Scaled, or
+    names them: ..._N3_corrected_T1_image, ..._registered_MPRAGE) is counted as another series and
+    never staged, so the benchmark runs on the scans as acquired. Labels: from the
     baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC left out); DX_bl EMCI/LMCI ->
     pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1; no Dementia and a diagnosis at
     M >= horizon -> 0; otherwise left out: late converter, short follow-up, or dementia at a
     visit of unknown month). DX as in older ADNIMERGE
-    releases (NL, "MCI to Dementia", ...) counts as the state reached; an unknown DX value is an
-    error; a row without M (or Month) takes its month from VISCODE m<NN>. Image: the matching
-    series closest to the baseline EXAMDATE, within max_days; several equally close (ADNI1's
-    MPRAGE and MPRAGE_Repeat of one visit, an accelerated and a plain MPRAGE, or two series
-    adni_series matches): the lowest LONI image id (the <I id> folder; as for AIBL), counted; never
-    by path, whose order follows the vendors' series names (Accelerated_Sagittal_MPRAGE sorts before
-    MPRAGE, MPRAGE before MPRAGE_SENSE2); tied images without an image id, or with one id, leave the
-    row out, counted as ambiguous (narrow adni_series to choose another series). A DICOM image
-    folder must hold one study (every file's header read): none or several leave the row out,
-    counted. Age: AGE at baseline. Dates are used in memory only.
+    releases (NL, "MCI to Dementia", ...) counts as the state reached; an unknown DX value, and an
+    EXAMDATE that is no date (a day-first 25/01/2006), are errors; a row without M (or Month) takes
+    its month from VISCODE m<NN>. Image: the matching series closest to the baseline EXAMDATE,
+    within max_days; several equally close (ADNI1's MPRAGE and MPRAGE_Repeat of one visit, an
+    accelerated and a plain MPRAGE, or two series adni_series matches): the lowest LONI image id
+    (the <I id> folder; as for AIBL), counted; never by path, whose order follows the vendors'
+    series names (Accelerated_Sagittal_MPRAGE sorts before MPRAGE, MPRAGE before MPRAGE_SENSE2);
+    tied images without an image id, or with one id, leave the row out, counted as ambiguous (narrow
+    adni_series to choose another series). A DICOM image folder must hold one study (every file's
+    header read): none or several leave the row out, counted. Age: AGE at baseline. Dates are used
+    in memory only.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "ADNIMERGE.csv")
     if not labels_path and not os.path.exists(path):
@@ -558,6 +587,9 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
             tally[f"baseline {dx or 'no diagnosis'} (left out)"] += 1
             continue
         when = _date(b["EXAMDATE"])
+        if when is None and not _missing(b["EXAMDATE"]):   # the value is a date: named by its line only
+            raise BenchmarkError(f"{path}:{b['_line']}: EXAMDATE must be a date (YYYY-MM-DD or M/D/YYYY), got "
+                                 "another value")
         cand = [(abs((d - when).days) if (d and when) else None, p) for d, p in images.get(ptid, [])]
         cand = [(dd, p) for dd, p in cand if dd is not None and dd <= max_days]
         if not cand:
@@ -576,7 +608,7 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
         if os.path.isdir(image) and uid is None:
             continue
         used.add(image)
-        age = _number(b["AGE"], path, b["_line"], "AGE") if b["AGE"] else None
+        age = None if _missing(b["AGE"]) else _number(b["AGE"], path, b["_line"], "AGE")
         st = Study(f"adni:{ptid}", ptid, "MR", image=image, uid=uid, age=age)
         st.tasks = tasks
         studies.append(st)
@@ -624,7 +656,7 @@ def oasis1(root_dir, labels_path=""):
             tally["repeat sessions MR2+ (left out)" if repeat else "rows with an unknown ID (left out)"] += 1
             continue
         cdr = r["CDR"]
-        if cdr in ("", "N/A", "NA"):
+        if _missing(cdr):
             tally["rows without CDR (left out)"] += 1
             continue
         c = _number(cdr, path, r["_line"], "CDR")
@@ -646,7 +678,7 @@ def oasis1(root_dir, labels_path=""):
             tally["rows without an image (left out)"] += 1
             continue
         img = hits[0]
-        age = _number(r["Age"], path, r["_line"], "Age") if r["Age"] else None
+        age = None if _missing(r["Age"]) else _number(r["Age"], path, r["_line"], "Age")
         st = Study(f"oasis1:{sid}", sid[:9], "MR", image=img, age=age)
         st.tasks["dementia"] = {"dementia": int(c >= 1)}
         studies.append(st)
@@ -662,8 +694,13 @@ AIBL_DX = {"1": "CN", "2": "MCI", "3": "AD"}   # aibl_pdxconv DXCURREN codes; -4
 
 def _aibl_collection(root_dir):
     """The LONI IDA collection csv(s) under ROOT (any *.csv with columns Image Data ID, Subject,
-    Visit): {image id digits: (subject, visit, age or None)}."""
-    found, links = [], {}
+    Visit; optional Age, Group) -> ({image id digits: (subject, visit, age or None)}, number of
+    rows repeating an image id in agreement, {image ids left out}). An image id in two or more
+    rows (two collections of one download, a csv copied twice) is kept once when the rows agree on
+    subject, visit ("baseline" = bl), age and group (a value a row or its csv lacks agrees with
+    any); rows that disagree leave it out, each such image id with a one-line warning on stderr
+    naming the csv files and lines and the fields that differ (not their values)."""
+    found, rows_of = [], {}
     for d, dirs, files in os.walk(root_dir, followlinks=True):
         dirs.sort()
         for f in sorted(files):
@@ -683,9 +720,24 @@ def _aibl_collection(root_dir):
             m = re.fullmatch(r"I?(\d+)", r["Image Data ID"].strip())
             if not m:
                 raise BenchmarkError(f"{p}:{r['_line']}: Image Data ID must be I<digits>, got a malformed value")
-            age = _number(r["Age"], p, r["_line"], "Age") if r.get("Age") else None
-            links[m.group(1)] = (r["Subject"].strip(), r["Visit"].strip().lower(), age)
-    return links
+            age = None if _missing(r.get("Age")) else _number(r["Age"], p, r["_line"], "Age")
+            visit = r["Visit"].strip().lower()
+            rec = {"subject": r["Subject"].strip(), "visit": "bl" if visit == "baseline" else visit, "age": age,
+                   "group": r.get("Group", "").strip().lower()}
+            rows_of.setdefault(m.group(1), []).append((rec, f"{p}:{r['_line']}"))
+    links, repeats, conflicts = {}, 0, set()
+    for iid, recs in rows_of.items():
+        # a value one csv lacks (no Age column, an empty cell) is not a different value
+        given = {k: {rec[k] for rec, _ in recs if rec[k] not in (None, "")} for k in recs[0][0]}
+        differ = [k for k, v in given.items() if len(v) > 1]
+        if differ:   # which row is the image's cannot be told: neither is taken
+            conflicts.add(iid)
+            print(f"nvfm.benchmarks: {', '.join(w for _, w in recs)}: one image id with different "
+                  f"{', '.join(differ)} (image left out)", file=sys.stderr)
+            continue
+        repeats += len(recs) - 1
+        links[iid] = tuple(next(iter(given[k]), None if k == "age" else "") for k in ("subject", "visit", "age"))
+    return links, repeats, conflicts
 
 
 def _aibl_images(root_dir, series_regex):
@@ -728,11 +780,14 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
       VISCODE, DXCURREN (1 = CN, 2 = MCI, 3 = AD; -4 = missing);
     - the LONI collection csv of the download (any *.csv under ROOT with columns Image Data ID,
       Subject, Visit; optional Age): links each image id to its subject (= RID) and visit (bl,
-      m18, ...; "baseline" read as bl);
+      m18, ...; "baseline" read as bl); an image id in several rows (of one or more such csv
+      files) is kept once when they agree on subject, visit, age and Group (a missing value agrees),
+      and left out with a one-line warning on stderr when they do not (counted);
     - the images: ROOT/.../AIBL/<RID>/<series description>/<YYYY-MM-DD_hh_mm_ss.s>/<I image id>/
       (one NIfTI file, or one DICOM series per image id), the series matching adni_series
-      (T1/MPRAGE); a folder with two or more NIfTI files, or an image id in two folders, is
-      counted and not used; a DICOM image folder of no study or of several leaves the row out, counted.
+      (by default raw MPRAGE / IR-SPGR only, never a preprocessed series: see adni); a folder
+      with two or more NIfTI files, or an image id in two folders, is counted and not used; a
+      DICOM image folder of no study or of several leaves the row out, counted.
     Labels: from the VISCODE bl row: DXCURREN 3 -> dementia 1, 1 -> 0; 2 (MCI) and missing are
     left out, counted. Image: a T1 image whose collection row names the subject and visit bl (the
     lowest image id when several). Age: the collection csv's Age at that image, when given.
@@ -740,11 +795,11 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
     path = labels_path or _one_label_file(root_dir, r"aibl_pdxconv.*\.csv",
                                           "aibl_pdxconv_*.csv (the AIBL diagnosis file)")
     rows, _ = _read_table(path, ["RID", "VISCODE", "DXCURREN"])
-    links = _aibl_collection(root_dir)
+    links, repeats, conflicts = _aibl_collection(root_dir)
     images, other_series, ambiguous = _aibl_images(root_dir, series_regex)
     baseline = {}   # RID -> [image ids] of T1 images at bl
     for iid in sorted(images, key=int):
-        if iid in links and links[iid][1] in ("bl", "baseline"):
+        if iid in links and links[iid][1] == "bl":
             baseline.setdefault(links[iid][0], []).append(iid)
     tally, studies, seen, used = Tally(rows=len(rows)), [], {}, set()
     for r in rows:
@@ -778,7 +833,13 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
         studies.append(st)
         tally["baseline rows labelled"] += 1
     tally["T1 images not used (other visits or subjects)"] = len(images) - len(used)
-    tally["T1 images without a collection row (not used)"] = sum(iid not in links for iid in images)
+    tally["T1 images without a collection row (not used)"] = sum(iid not in links and iid not in conflicts
+                                                                for iid in images)
+    if repeats:
+        tally["collection rows repeating an image id (in agreement, counted once)"] = repeats
+    if conflicts:
+        tally["image ids whose collection rows conflict (left out, warned)"] = len(conflicts)
+        tally["T1 images whose collection rows conflict (not used)"] = sum(iid in conflicts for iid in images)
     tally["image folders of other series (not matching adni_series)"] = other_series
     if ambiguous:
         tally["image folders with two or more NIfTI files, or an image id found twice (not used: ambiguous)"] = (
@@ -837,7 +898,7 @@ def abide(root_dir, labels_path=""):
         if len(images[sid]) > 1:   # anat_1 and anat_2, or the INDI and the BIDS copy: which scan is meant?
             tally["rows with two or more anatomical images (left out: ambiguous)"] += 1
             continue
-        age = _number(r["AGE_AT_SCAN"], path, r["_line"], "AGE_AT_SCAN") if r["AGE_AT_SCAN"] else None
+        age = None if _missing(r["AGE_AT_SCAN"]) else _number(r["AGE_AT_SCAN"], path, r["_line"], "AGE_AT_SCAN")
         st = Study(f"abide:{sid}", sid, "MR", image=os.path.join(root_dir, images[sid][0]), age=age)
         st.tasks["autism"] = {"autism": int(r["DX_GROUP"] == "1")}
         studies.append(st)

@@ -105,10 +105,18 @@ def to_world(points, affine):
     return points @ A[:3, :3].T + A[:3, 3]
 
 
+def nearest_voxel(x):
+    """Continuous voxel coordinates -> int64 index of the voxel holding them: voxel i spans
+    [i - 0.5, i + 0.5), so a tie goes up (scipy.ndimage's order-0 rule; np.rint's half-to-even
+    would send neighbouring ties to alternately the lower and the upper voxel)."""
+    return np.floor(np.asarray(x, np.float64) + 0.5).astype(np.int64)
+
+
 def mask_lookup(world, mask, mask_affine):
-    """world (..., 3) mm -> bool (...): inside the nonzero region of a mask volume (nearest voxel)."""
+    """world (..., 3) mm -> bool (...): inside the nonzero region of a mask volume (nearest voxel,
+    nearest_voxel's rule)."""
     A = np.linalg.inv(np.asarray(mask_affine, np.float64))
-    ijk = np.rint(world @ A[:3, :3].T + A[:3, 3]).astype(np.int64)
+    ijk = nearest_voxel(world @ A[:3, :3].T + A[:3, 3])
     ok = np.all((ijk >= 0) & (ijk < np.asarray(mask.shape)), -1)
     out = np.zeros(ijk.shape[:-1], bool)
     i, j, k = ijk[ok].T
@@ -193,7 +201,7 @@ def _block_in_mask(v0, shape, affine, mask, mask_affine):
     if np.count_nonzero(R) == 3 and len(set(k)) == 3:
         # axes aligned (the usual case): the nearest voxel separates per axis, one index vector each
         pad = np.pad(mask, 1)                       # index -1 or n: a False voxel
-        ix = [np.clip(np.rint(R[j, k[j]] * np.arange(shape[k[j]]) + t[j]), -1, mask.shape[j]).astype(np.int64) + 1
+        ix = [np.clip(nearest_voxel(R[j, k[j]] * np.arange(shape[k[j]]) + t[j]), -1, mask.shape[j]) + 1
               for j in range(3)]
         return pad[np.ix_(*ix)].transpose(np.argsort(k))
     vox = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) + np.asarray(v0)

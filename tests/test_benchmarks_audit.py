@@ -562,3 +562,123 @@ def test_lesion_overlay_keeps_a_lesion_on_the_mask_arrays_edge():
     got = grounding.resample_to_reference(mask, np.diag([2.0, 2.0, 2.0, 1.0]), (8, 8, 8), ref, order=0)
     want = mask.repeat(2, 0).repeat(2, 1).repeat(2, 2)   # each 2 mm voxel is 2 x 2 x 2 reference voxels
     np.testing.assert_array_equal(got, want)
+
+
+def test_aibl_an_image_id_in_two_collection_csvs_kept_once_when_they_agree_left_out_when_not(tmp_path, capsys):
+    # a second collection csv (sorted after the first) repeats I90080 as is, gives I90040 (RID 4's
+    # baseline) to subject 16 and I90150 (RID 15's baseline) to visit m18: before, the last row won,
+    # so RID 16 (images I90040, I90160 at bl) was labelled with RID 4's lower image id
+    root = str(tmp_path / "aibl")
+    expect, ages = bench_fakes.aibl(root)
+
+    def row(iid, rid, age, visit="bl"):   # as bench_fakes.aibl writes them
+        return [iid, rid, "", "F", age, visit, "MRI", "MPRAGE", "Original", "2008-03-04", "NiFTI", ""]
+    bench_fakes.write_csv(os.path.join(root, "zz_second_collection.csv"), bench_fakes.COLLECTION_HEADER,
+                          [row("I90080", "8", 76.0), row("I90040", "16", 75.0), row("I90150", "15", 77.0, "m18")])
+    # a third, exported without the Age column: its row of I90420 (RID 42) lacks a value, not a different one
+    bench_fakes.write_csv(os.path.join(root, "zz_third_collection.csv"), ["Image Data ID", "Subject", "Visit"],
+                          [["I90420", "42", "bl"]])
+    studies, tally, _ = B.aibl(root)
+    assert sorted(st.subject for st in studies) == sorted(set(expect) - {"4", "15"})
+    assert "/AIBL/16/" in next(st.image for st in studies if st.subject == "16")
+    assert next(st.age for st in studies if st.subject == "42") == ages["42"]
+    assert tally["collection rows repeating an image id (in agreement, counted once)"] == 2
+    assert tally["image ids whose collection rows conflict (left out, warned)"] == 2
+    assert tally["T1 images whose collection rows conflict (not used)"] == 2
+    assert tally["T1 images without a collection row (not used)"] == 0
+    warned = capsys.readouterr().err.strip().splitlines()
+    assert len(warned) == 2 and all("AIBL_T1_baseline_6_01_2026.csv:" in w and "zz_second_collection.csv:" in w
+                                    for w in warned)
+    assert sorted(w.rsplit("different ", 1)[1] for w in warned) == ["subject (image left out)",
+                                                                    "visit (image left out)"]
+    assert not any("I90" in w for w in warned)
+
+
+# LONI's series folder names: as acquired, and the series LONI derived from them (steps joined by "__")
+RAW_SERIES = ["MPRAGE", "MPRAGE_Repeat", "MP-RAGE", "MP-RAGE_REPEAT", "Accelerated_Sagittal_MPRAGE", "Sag_IR-SPGR",
+              "IR-FSPGR", "Accelerated_Sag_IR-FSPGR", "MPRAGE_SENSE2", "MPRAGE_ADNI_confirmed"]
+DERIVED_SERIES = ["MT1__N3m", "MT1__GradWarp__N3m", "MPR__GradWarp__B1_Correction__N3__Scaled", "MPR____N3__Scaled",
+                  "MPR-R__GradWarp__N3__Scaled_2", "Spatially_Normalized,_Masked_and_N3_corrected_T1_image",
+                  "HHP_6_DOF_AC-PC_registered_MPRAGE"]
+
+
+def test_adni_and_aibl_default_series_are_raw_t1_never_a_preprocessed_series(tmp_path):
+    rx = re.compile(B.adni_series, re.I)
+    assert [n for n in RAW_SERIES if not rx.search(n)] == []
+    assert [n for n in DERIVED_SERIES if rx.search(n)] == []
+    # ADNI: 002_S_0001's MT1__N3m (I50) and 003_S_0003's MT1__GradWarp__N3m (I60), same day as the raw
+    # MPRAGE (I100, I300) and a lower image id: before, the preprocessed image was the one staged
+    root = str(tmp_path / "adni")
+    expect, _ = bench_fakes.adni(root, dicom_subject=False)
+    for ptid, series, iid in (("002_S_0001", "MT1__N3m", 50), ("003_S_0003", "MT1__GradWarp__N3m", 60)):
+        d = os.path.join(root, "ADNI", ptid, series, "2006-01-10_10_20_30.0", f"I{iid}")
+        bench_fakes.write_nifti(os.path.join(d, f"ADNI_{ptid}_MR_{series}_Br_20070101_S1_I{iid}.nii"), seed=5)
+    studies, tally, _ = B.adni(root)
+    assert sorted(st.subject for st in studies) == sorted(expect)
+    for st in studies:
+        assert f"/ADNI/{st.subject}/MPRAGE/" in st.image
+    assert tally["image folders of other series (not matching adni_series)"] == 1 + 2   # Field_Mapping too
+    # AIBL: RID 16's MT1__N3m image I100 at bl, in the collection csv too
+    root = str(tmp_path / "aibl")
+    expect, _ = bench_fakes.aibl(root)
+    d = os.path.join(root, "AIBL", "16", "MT1__N3m", "2008-03-04_11_22_33.0", "I100")
+    bench_fakes.write_nifti(os.path.join(d, "AIBL_16_MR_MT1__N3m_Br_20090101_S1_I100.nii"), seed=5)
+    with open(os.path.join(root, "AIBL_T1_baseline_6_01_2026.csv"), "a", newline="") as f:
+        csv.writer(f).writerow(["I100", "16", "", "F", 65.0, "bl", "MRI", "MT1; N3m", "Processed", "2008-03-04",
+                                "NiFTI", ""])
+    studies, tally, _ = B.aibl(root)
+    assert "/AIBL/16/MPRAGE/" in next(st.image for st in studies if st.subject == "16")
+    assert tally["image folders of other series (not matching adni_series)"] == 1 + 1
+
+
+def _edit_csv(path, line, col, value, delimiter=","):
+    rows = list(csv.reader(open(path, newline=""), delimiter=delimiter))
+    rows[line - 1][rows[0].index(col)] = value
+    bench_fakes.write_csv(path, rows[0], rows[1:], delimiter)
+
+
+def test_a_cell_written_nan_is_a_missing_value_never_a_label_or_an_age(tmp_path):
+    # OASIS-1: OAS1_0002_MR1 (line 3, CDR 1) re-saved as NaN: before, float("NaN") passed, was not 0.5
+    # and not >= 1, so the row was labelled dementia 0; OpenBHB: 1002's age NaN became an age
+    root = str(tmp_path / "oasis")
+    expect, _ = bench_fakes.oasis1(root)
+    _edit_csv(os.path.join(root, "oasis_cross-sectional.csv"), 3, "CDR", "NaN")
+    studies, tally, _ = B.oasis1(root)
+    assert {st.subject for st in studies} == {s[:9] for s in expect} - {"OAS1_0002"}
+    assert tally["rows without CDR (left out)"] == 2
+    root = str(tmp_path / "openbhb")
+    ages = bench_fakes.openbhb(root)
+    tsv = os.path.join(root, "participants.tsv")
+    _edit_csv(tsv, 3, "age", "NaN", "\t")
+    studies, tally, _ = B.openbhb(root)
+    assert {st.subject: st.age for st in studies} == {k: v for k, v in ages.items() if k != "1002"}
+    assert tally["rows without age (left out)"] == 2
+    _edit_csv(tsv, 3, "age", "inf", "\t")   # not a missing value, not an age: the line named
+    with pytest.raises(B.BenchmarkError, match=r"participants.tsv:3: column 'age' must be a number"):
+        B.openbhb(root)
+
+
+def test_adni_examdate_that_is_no_date_is_a_one_line_error_naming_the_line(tmp_path):
+    # a day-first date (ADNIMERGE re-saved by a spreadsheet): before, date() raised a bare ValueError
+    root = str(tmp_path / "adni")
+    bench_fakes.adni(root, dicom_subject=False)
+    _edit_csv(os.path.join(root, "ADNIMERGE.csv"), 2, "EXAMDATE", "25/01/2006")
+    with pytest.raises(B.BenchmarkError, match=r"ADNIMERGE.csv:2: EXAMDATE must be a date") as e:
+        B.adni(root)
+    assert "2006" not in str(e.value).split("ADNIMERGE.csv")[1]
+    _edit_csv(os.path.join(root, "ADNIMERGE.csv"), 2, "EXAMDATE", "1/5/2006")   # a US spreadsheet: read
+    assert "002_S_0001" in {st.subject for st in B.adni(root)[0]}
+
+
+def test_label_file_errors_name_the_files_own_line_past_blank_lines_and_multi_line_fields(tmp_path):
+    # participants.tsv: a quoted note over lines 2-3, a blank line 4, a bad age on line 6; before, the
+    # rows were numbered by their order (line 4 named) and the note lost its line break
+    root = str(tmp_path / "openbhb")
+    bench_fakes.openbhb(root)
+    with open(os.path.join(root, "participants.tsv"), "w", newline="") as f:
+        f.write('participant_id\tage\tnote\n1001\t23.5\t"scanned\ntwice"\n\n1002\t67.25\t\n1003\tforty\t\n')
+    with pytest.raises(B.BenchmarkError, match=r"participants.tsv:6: column 'age' must be a number"):
+        B.openbhb(root)
+    rows, _ = B._read_table(os.path.join(root, "participants.tsv"), ["participant_id"])
+    assert [(r["participant_id"], r["_line"], r["note"]) for r in rows] == [
+        ("1001", 3, "scanned\ntwice"), ("1002", 5, ""), ("1003", 6, "")]

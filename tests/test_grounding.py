@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import map_coordinates
 
 from nvfm import anatomy, features, grounding
 from nvfm.tokenize import unpatchify_reference
@@ -279,10 +280,9 @@ def _brute_force_overlap(coords, A, mask, M, origin):
     nz = np.argwhere(mask != 0)
     centres = (np.linalg.inv(A) @ (M @ np.c_[nz, np.ones(len(nz))].T)).T[:, :3]   # canonical voxel coords
 
-    def in_mask(vox):
-        ijk = np.rint((Minv @ A @ np.c_[vox, np.ones(len(vox))].T)[:3].T).astype(int)
-        ok = np.all((ijk >= 0) & (ijk < mask.shape), 1)
-        return int(np.count_nonzero(mask[tuple(ijk[ok].T)]))
+    def in_mask(vox):   # scipy's nearest voxel (order 0): voxel i spans [i - 0.5, i + 0.5), outside 0
+        ijk = (Minv @ A @ np.c_[vox, np.ones(len(vox))].T)[:3]
+        return int(np.count_nonzero(map_coordinates(mask.astype(np.float32), ijk, order=0, mode="grid-constant")))
     sampled, counts, centre_in = [], [], []
     for c in coords:
         start = c * patch + np.asarray(origin)
@@ -373,3 +373,40 @@ def test_mask_token_hits_against_its_definition(oblique):
         assert got.tolist() == want
         n_hit += sum(want)
     assert n_hit > 20
+
+
+def test_nearest_mask_voxel_of_a_tie_is_the_upper_one_everywhere_as_in_scipy_order_0():
+    """On a mask grid offset by half a canonical voxel every sample point is a tie between two mask
+    voxels: np.rint's half-to-even sent neighbouring ties alternately down and up (and the cropped
+    block lookup, at another offset, the other way). The rule is scipy's order-0 one: voxel i spans
+    [i - 0.5, i + 0.5), a tie goes up; checked by hand and against map_coordinates."""
+    mask = np.zeros((6, 1, 1), np.float32)
+    mask[1::2] = 1                                   # 0 1 0 1 0 1 along i
+    x = np.array([-0.5, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5])
+    world = np.stack([x, 0 * x, 0 * x], -1)
+    want = map_coordinates(mask, world.T, order=0, mode="grid-constant") != 0
+    assert want.tolist() == [False, True, False, True, False, True, False]   # by hand: floor(x + 0.5)
+    assert grounding.mask_lookup(world, mask, np.eye(4)).tolist() == want.tolist()
+    # token shares: mask voxel i at canonical z = i + 0.5, odd z planes of the mask lesion
+    M = np.eye(4)
+    M[0, 3] = 0.5
+    m = np.zeros((8, 16, 16), np.float32)
+    m[1::2] = 1
+    coords = np.array([[0, 0, 0], [1, 0, 0]])
+    pts = grounding.to_world(grounding.token_box_points(coords), np.eye(4))
+    by_scipy = (map_coordinates(m, (pts - 0.5 * np.eye(3)[0]).reshape(-1, 3).T, order=0, mode="grid-constant")
+                .reshape(2, -1) != 0).mean(1)
+    np.testing.assert_array_equal(by_scipy, [0.5, 0.5])   # by hand: z 0..3 -> mask -0.5..2.5 -> 0, 1, 2, 3
+    np.testing.assert_array_equal(grounding.token_mask_share(coords, np.eye(4), m, M), by_scipy)
+    # a one-voxel lesion between the sample points (h, w = 2): the block lookup counts the box's voxel
+    # centres whose nearest mask voxel is it, z = 1 only (mask 0.5 -> 1; z = 2 is at 1.5 -> 2)
+    one = np.zeros((8, 16, 16), np.float32)
+    one[1, 2, 2] = 1
+    vox = np.stack(np.meshgrid(np.arange(4.0), np.arange(16.0), np.arange(16.0), indexing="ij"), 0).reshape(3, -1)
+    n = np.count_nonzero(map_coordinates(one, vox - np.array([[0.5], [0], [0]]), order=0, mode="grid-constant"))
+    assert n == 1
+    np.testing.assert_array_equal(grounding.token_mask_share(coords[:1], np.eye(4), one, M), [n / 1024])
+    # the order-0 resampling (overlays, masks into a reference grid) takes the same voxel
+    res = grounding.resample_to_reference(m, M, (8, 1, 1), np.eye(4), order=0)
+    z = np.arange(8.0)
+    assert (res[:, 0, 0] != 0).tolist() == grounding.mask_lookup(np.stack([z, 0 * z, 0 * z], -1), m, M).tolist()
