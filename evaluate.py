@@ -91,7 +91,7 @@ if threads > 0:
 from nvfm import metrics  # noqa: E402
 from nvfm import probe as P  # noqa: E402
 from nvfm.checkpoint import CheckpointError, load_checkpoint, load_state_strict  # noqa: E402
-from nvfm.features import FeatureCache, StaleCacheError, encode_precision, trained_precision  # noqa: E402
+from nvfm.features import FeatureCache, StaleCacheError, trained_precision  # noqa: E402
 
 
 def load_probe(path):
@@ -679,13 +679,7 @@ def main():
                 mod = first["ck"]["eval_modality"]
                 fk = [k for k, r in rows_by_key.items() if r["split"] in flip_split.split(",")
                       and (mod == "all" or r["modality"] == mod)]
-            made, here = first["cache"].precision, encode_precision(device)
-            if made and made != here:   # mirrored bags in one precision against cached ones in another
-                f = {"auroc": None, "n": 0, "note": f"{first['cache'].path} holds {made} features, --device={device} "
-                     f"re-encodes in {here}: the logit changes would mix the two (--device="
-                     f"{'cuda' if made.startswith('bfloat16') else 'cpu'})"}
-            else:
-                f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
+            f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
             summary["flip_test_auroc"] = f["auroc"]
             results[first["display"]]["flip_test"] = f
             if "note" in f:

@@ -34,7 +34,7 @@ import torch
 
 from nvfm import metrics
 from nvfm import probe as P
-from nvfm.features import token_rules
+from nvfm.features import encode_precision, token_rules
 
 PATCH = (4, 16, 16)
 
@@ -465,13 +465,20 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     and counted in n_no_tokens.
     Returns dict(auroc, auroc_dL, auroc_dR, n, n_left, n_flagged, auroc_flagged,
     mean_dL_left, mean_dL_right, n_no_tokens); n_flagged / auroc_flagged (the studies the probe
-    calls positive on a side) are None when a side class has no fitted threshold."""
+    calls positive on a side) are None when a side class has no fitted threshold. Not run (auroc
+    None, a note) on a cache of another precision than `device` encodes in (`encode_precision`):
+    the logit changes would mix the two."""
     from nvfm import model
     names = data["ck"]["label_names"]
     if not all(c in names for c in P.SIDE_CLASSES):
         return {"auroc": None, "n": 0, "note": "probe has no lesion_left / lesion_right classes (--side_classes)"}
     kl, kr = names.index("lesion_left"), names.index("lesion_right")
     cache = data["cache"]
+    made, here = cache.precision, encode_precision(device)
+    if made and made != here:   # mirrored bags in one precision against cached ones in another
+        return {"auroc": None, "n": 0, "note": f"{cache.path} holds {made} features, --device={device} re-encodes "
+                f"in {here}: the logit changes would mix the two "
+                f"(--device={'cuda' if made.startswith('bfloat16') else 'cpu'})"}
     spec = encoder_spec or cache.index.get("encoder", "")
     enc = open_encoder_from_hash(spec, data["ck"]["encoder_hash"], device)
     rules = token_rules(data["ck"]["encoder_hash"])[1]

@@ -292,32 +292,6 @@ def test_a_cache_of_another_precision_encoder_or_token_rules_is_refused(tmp_path
             evaluate.main()
 
 
-def test_the_flip_test_is_not_run_on_a_cache_of_another_precision(tmp_path, monkeypatch, capsys):
-    """--flip_test re-encodes the mirrored volumes on --device and compared their logits with those of the
-    cached volumes: a bf16-autocast (GPU) cache flip-tested on the CPU mixed the two precisions silently."""
-    from nvfm import data, grounding
-    _cohort(tmp_path)
-    (tmp_path / "shards").mkdir()
-    (tmp_path / "shards" / "manifest.json").write_text("{}")   # not read: ShardReader is replaced
-    calls = []
-    monkeypatch.setattr(data, "ShardReader", lambda path: "reader")
-    monkeypatch.setattr(grounding, "flip_test_eval", lambda *a, **kw: calls.append(kw["device"]) or {
-        "auroc": 0.5, "auroc_dL": 0.5, "auroc_dR": 0.5, "n": 2, "n_left": 1})
-    for prec, runs in (("bfloat16-autocast", False), ("float32", True)):
-        cache = _copy_cache(str(tmp_path / "cache"), str(tmp_path / prec), prec)
-        pt, _ = _probe(tmp_path, f"{prec}.pt", features=cache)
-        _settings(monkeypatch, tmp_path, probes=pt, flip_test=True, shards=str(tmp_path / "shards"), cohort="",
-                  anatomy=False, flip_split="")
-        calls.clear()
-        evaluate.main()
-        f = _results(tmp_path)["p"]["flip_test"]
-        assert calls == (["cpu"] if runs else [])
-        if not runs:
-            assert f["auroc"] is None
-            assert "holds bfloat16-autocast features, --device=cpu re-encodes in float32" in f["note"]
-            assert "flip test (p): not run:" in capsys.readouterr().out
-
-
 def test_classes_without_a_fitted_threshold_get_no_operating_point_figures(tmp_path, monkeypatch, capsys):
     """A class without positives on the probe's selection split keeps train_probe.py's placeholders,
     threshold 0 and Platt a = 0 (the prior): evaluate.py reported its sensitivity 1.0, specificity 0.0

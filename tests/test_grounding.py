@@ -410,3 +410,36 @@ def test_nearest_mask_voxel_of_a_tie_is_the_upper_one_everywhere_as_in_scipy_ord
     res = grounding.resample_to_reference(m, M, (8, 1, 1), np.eye(4), order=0)
     z = np.arange(8.0)
     assert (res[:, 0, 0] != 0).tolist() == grounding.mask_lookup(np.stack([z, 0 * z, 0 * z], -1), m, M).tolist()
+
+
+def test_the_flip_test_is_not_run_on_a_cache_of_another_precision(tmp_path, monkeypatch):
+    """flip_test_eval re-encodes the mirrored volumes on `device` and compares their logits with the
+    cached volumes': on a bf16-autocast (GPU) cache flipped on the CPU it mixed the two precisions and
+    returned an AUROC (the check sat in evaluate.main only, so another caller ran it). Not run, a note
+    says why; a cache of the device's own precision is flip-tested."""
+    from nvfm import model as nvfm_model
+    from nvfm import probe as P
+    rng = np.random.default_rng(0)
+    keys = ["c0", "c1", "c2", "c3"]
+    sides = {"c0": {"left"}, "c1": {"left"}, "c2": {"right"}, "c3": {"right"}}
+    encoded = []
+    monkeypatch.setattr(nvfm_model, "encode_study", lambda enc, reader, idx, device=None, **rules: encoded.append(
+        device) or [dict(window="brain", emb=torch.from_numpy(rng.normal(size=(6, 4)).astype(np.float32)))])
+    monkeypatch.setattr(grounding, "open_encoder_from_hash", lambda *a: None)
+
+    class Reader:
+        volumes = [dict(study_key=k, volume_id=k) for k in keys]
+    m = P.make_probe("mean_pool", 4, 2).eval()
+    ck = {"label_names": ["lesion_left", "lesion_right"], "encoder_hash": "h", "thresholds": [0.0, 0.0]}
+    for prec, runs in (("bfloat16-autocast", False), ("float32", True)):
+        with features.FeatureWriter(str(tmp_path / prec), "h", 4, precision=prec) as w:
+            for k in keys:
+                w.add(k, [dict(volume_id=k, family="CT", window="brain", modality="CT",
+                               coords=np.zeros((6, 3), np.int32), emb=rng.normal(size=(6, 4)).astype(np.float32))])
+        data = dict(keys=keys, ck=ck, models=[m], cache=features.FeatureCache(str(tmp_path / prec)), wins={"brain"})
+        encoded.clear()
+        res = grounding.flip_test_eval(data, Reader(), sides, device="cpu")
+        assert (res["n"], len(encoded)) == ((4, 4) if runs else (0, 0))
+        assert ("note" in res) != runs and (res["auroc"] is None) != runs
+        if not runs:
+            assert "holds bfloat16-autocast features, --device=cpu re-encodes in float32" in res["note"]
