@@ -1,10 +1,12 @@
 """Checkpoints: plain dicts written atomically, read back safely.
 
 Writes go to a temporary file in the same directory, are fsync'ed, then renamed over the
-target, so a job killed mid-write never leaves a truncated checkpoint. Reads use
+target and the directory fsync'ed (atomic_path), so a job killed mid-write or a full disk never
+leaves a truncated checkpoint, and a completed one survives a power cut. Reads use
 `torch.load(weights_only=True)`: no pickled code runs; a file that is not such a checkpoint
 is a `CheckpointError` with one line naming the file and the reason.
 """
+import contextlib
 import os
 import re
 import tempfile
@@ -41,24 +43,41 @@ def load_failure(path, err):
             f"{type(err).__name__}{': ' + first if first else ''}")
 
 
-def save_atomic(obj, path):
-    """torch.save obj to path atomically (same-directory temp file + fsync + rename). A job
-    killed mid-write leaves the old file intact and at most a `.<name>.tmp-*` beside it."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path in path's directory to write the file to; on success it is fsync'ed,
+    renamed over path and the directory entry fsync'ed (so the rename survives a power cut).
+    On any failure (disk full, kill) the temp file is removed and the old path left intact."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # some file systems cannot fsync a directory; the file itself is on disk
+        pass
+
+
+def save_atomic(obj, path):
+    """torch.save obj to path atomically (see atomic_path). A job killed mid-write leaves the
+    old file intact."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -71,17 +90,34 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(load_failure(path, e)) from None
 
 
+def _holds_exactly(value, own):
+    """True if tensor `value` cast to `own`'s dtype keeps every value: same dtype, or both floating
+    point and the cast round-trips (float16 -> float32 does; float64 1 + 2**-40 -> float32 does not)."""
+    if value.dtype == own.dtype:
+        return True
+    if not (value.is_floating_point() and own.is_floating_point()):
+        return False  # an integer or bool tensor for a float weight (or back) is another kind of file
+    back = value.to(own.dtype).to(value.dtype)
+    return bool(((back == value) | (back.isnan() & value.isnan())).all())
+
+
 def load_state_strict(module, state, what="model"):
-    """load_state_dict with every key and shape checked first: a mismatch is a one-line
-    RuntimeError naming the keys, and the module is left untouched."""
+    """load_state_dict with every key, shape and dtype checked first: a mismatch (or a dtype the
+    module's cannot hold exactly) is a one-line RuntimeError naming the keys, and the module is
+    left untouched."""
     own = module.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
+    common = set(own) & set(state)
     bad = [f"{k} {tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__} "
-           f"(model {tuple(own[k].shape)})" for k in set(own) & set(state)
+           f"(model {tuple(own[k].shape)})" for k in common
            if not torch.is_tensor(state[k]) or state[k].shape != own[k].shape]
-    if missing or unexpected or bad:
+    lossy = [f"{k} {str(state[k].dtype).replace('torch.', '')} (model {str(own[k].dtype).replace('torch.', '')})"
+             for k in common if torch.is_tensor(state[k]) and state[k].shape == own[k].shape
+             and not _holds_exactly(state[k], own[k])]
+    if missing or unexpected or bad or lossy:
         raise RuntimeError(f"{what}: checkpoint does not match the model: missing [{names(missing)}], "
-                           f"unexpected [{names(unexpected)}], wrong shape [{names(bad)}]")
+                           f"unexpected [{names(unexpected)}], wrong shape [{names(bad)}]"
+                           + (f", wrong dtype [{names(lossy)}]" if lossy else ""))
     module.load_state_dict(state, strict=True)
     return module
 

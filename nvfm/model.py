@@ -315,6 +315,7 @@ def transformer_flops(n_tokens, seqlens, dim, depth, mlp_ratio=4.0):
 
 # v2: the config carries the architecture options; a v1 config (none of them) means LEGACY_ARCH.
 ENCODER_FORMAT = "nvfm-encoder-v2"
+ENCODER_FORMATS = ("nvfm-encoder-v1", ENCODER_FORMAT)
 
 
 def as_float32_exactly(state, where):
@@ -338,17 +339,16 @@ def as_float32_exactly(state, where):
 
 def save_encoder(encoder, path):
     """Write the encoder weights to `path` (.safetensors) and its config to path's .json,
-    atomically: a crash mid-write leaves the old file (and at most `path`.tmp)."""
+    atomically (nvfm.checkpoint.atomic_path): a failed or killed write leaves the old file and
+    no temp file."""
     from safetensors.torch import save_file
+
+    from nvfm.checkpoint import atomic_path
     path = os.fspath(path)
     cfg = asdict(encoder.config)
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": ENCODER_FORMAT})
-    with open(tmp, "rb") as f:  # on disk before the rename, or a power cut can leave an empty file
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, tmp, metadata={"nvfm_encoder_config": json.dumps(cfg), "format": ENCODER_FORMAT})
     write_atomic(os.path.splitext(path)[0] + ".json",
                  json.dumps({"format": ENCODER_FORMAT, "config": cfg}, indent=1))
 
@@ -372,14 +372,18 @@ def load_encoder(path, device="cpu"):
     side = os.path.splitext(path)[0] + ".json"
     try:
         if "nvfm_encoder_config" in meta:
-            cfg = json.loads(meta["nvfm_encoder_config"])
+            cfg, fmt = json.loads(meta["nvfm_encoder_config"]), meta.get("format")
         else:
             if not os.path.exists(side):
                 raise ValueError(f"{path}: no encoder config in the file metadata and no {side}")
             with open(side) as f:
-                cfg = json.load(f)["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                obj = json.load(f)
+            cfg, fmt = obj["config"], obj.get("format")
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: unreadable encoder config (metadata or {side}): {type(e).__name__}: {e}") from None
+    # a later format may give the same config fields another meaning (as v2 did to v1's)
+    if isinstance(fmt, str) and fmt.startswith("nvfm-encoder-") and fmt not in ENCODER_FORMATS:
+        raise ValueError(f"{path}: encoder format {fmt!r} is not one this nvfm reads ({', '.join(ENCODER_FORMATS)})")
     try:
         encoder = Encoder(EncoderConfig.from_dict(cfg))
     except (TypeError, ValueError) as e:

@@ -32,8 +32,7 @@ import sys
 
 import torch
 
-from nvfm.checkpoint import load_failure, names, save_atomic
-from nvfm.data import write_atomic
+from nvfm.checkpoint import atomic_path, load_failure, names
 from nvfm.model import PATCH_DIM, Encoder, EncoderConfig, as_float32_exactly, load_encoder, save_encoder
 
 PATCH = (4, 16, 16)  # their patch_d_size, patch_hw_size, patch_hw_size
@@ -71,13 +70,13 @@ def config_from_official(cfg):
     unknown = set(p) - _PARAMS
     if unknown:
         raise ConversionError(f"official config: unknown params {names(unknown)}")
-    try:
-        dim, depth, heads = int(p["embed_dim"]), int(p["depth"]), int(p["num_heads"])
-        ep, pp = emb["params"], pe["params"]
-    except KeyError as e:
-        raise ConversionError(f"official config: missing {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"official config: embed_dim, depth, num_heads must be integers ({e})") from None
+    ep, pp = emb["params"], pe["params"]
+    dim, depth, heads = (_integer(p, k, f"params.{k}") for k in ("embed_dim", "depth", "num_heads"))
+    pos_dim = _integer(pp, "d", "params.pos_emb_cf.params.d")
+    emb_dim = _integer(ep, "embed_dim", "params.embed_layer_cf.params.embed_dim")
+    mlp_ratio = p.get("mlp_ratio", 4.0)
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+        raise ConversionError(f"official config: params.mlp_ratio must be a positive number, got {mlp_ratio!r}")
     problems = []
     if p.get("prefix_len", 0) != 0:
         problems.append(f"prefix_len {p['prefix_len']} (class/register tokens are not supported)")
@@ -92,15 +91,25 @@ def config_from_official(cfg):
         problems.append("embed_layer_cf bias false")
     if pe.get("which") != "pe3d" or not pp.get("concat", False):
         problems.append(f"pos_emb_cf {pe.get('which')!r} concat={pp.get('concat')} (want 'pe3d', concat true)")
-    pos_dim = int(pp.get("d", 0))
-    if int(ep.get("embed_dim", -1)) != dim - pos_dim:
-        problems.append(f"patch embedding dim {ep.get('embed_dim')} != embed_dim {dim} - pos d {pos_dim}")
+    if emb_dim != dim - pos_dim:
+        problems.append(f"patch embedding dim {emb_dim} != embed_dim {dim} - pos d {pos_dim}")
     if int(p.get("token_dim", PATCH_DIM)) != PATCH_DIM:
         problems.append(f"token_dim {p.get('token_dim')} (want {PATCH_DIM})")
     if problems:
         raise ConversionError("official config not supported: " + "; ".join(problems))
-    return EncoderConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=float(p.get("mlp_ratio", 4.0)),
+    return EncoderConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=float(mlp_ratio),
                          pos_dim=pos_dim, patch_dim=PATCH_DIM)
+
+
+def _integer(params, key, where):
+    """params[key] as an int; a missing, fractional, boolean or string value is a ConversionError
+    naming `where` (int() would turn num_heads 3.7 into 3 and load a different encoder)."""
+    if key not in params:
+        raise ConversionError(f"official config: missing {where}")
+    v = params[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise ConversionError(f"official config: {where} must be an integer, got {v!r}")
+    return int(v)
 
 
 def config_to_official(config):
@@ -125,12 +134,16 @@ def config_to_official(config):
 def infer_official_config(state, heads=None):
     """EncoderConfig from a bare official state dict's shapes (no config.json); the head count
     is not in the shapes: `heads`, else dim // 64 (ViT convention, 12 for ViT-B)."""
-    try:
-        dim = state["norm.weight"].shape[0]
-        emb_out, patch_dim = state["token_embed.proj.weight"].shape
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except KeyError as e:
-        raise ConversionError(f"official state dict without config.json: missing key {e}") from None
+    def shape(key, ndim):
+        v = state.get(key)
+        if v is None:
+            raise ConversionError(f"official state dict without config.json: missing key {key!r}")
+        if not torch.is_tensor(v) or v.dim() != ndim:
+            got = f"shape {tuple(v.shape)}" if torch.is_tensor(v) else f"a {type(v).__name__}"
+            raise ConversionError(f"official state dict: {key} must be a {ndim}-D tensor, got {got}")
+        return v.shape
+    (dim,), (emb_out, patch_dim), (hidden, _) = (shape("norm.weight", 1), shape("token_embed.proj.weight", 2),
+                                                 shape("blocks.0.mlp.fc1.weight", 2))
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     return EncoderConfig(dim=dim, depth=depth, heads=heads or max(dim // 64, 1), mlp_ratio=hidden / dim,
                          pos_dim=dim - emb_out, patch_dim=patch_dim)
@@ -274,13 +287,18 @@ def load_official(path, heads=None, device="cpu"):
 
 
 def save_official(encoder, out_dir):
-    """Write `encoder` in their layout: out_dir/config.json + out_dir/pytorch_model.bin, each
-    atomically (a crash mid-write leaves the previous file intact)."""
+    """Write `encoder` in their layout: out_dir/config.json + out_dir/pytorch_model.bin. Both are
+    written to temp files first and renamed only when both are complete, so a failed or killed
+    write leaves the previous pair intact (a new bin beside an old config.json would load with
+    the old head count, silently)."""
     cfg = config_to_official(encoder.config)
     os.makedirs(out_dir, exist_ok=True)
     state = {k: v.cpu() for k, v in ours_to_official(encoder.state_dict()).items()}
-    save_atomic(state, os.path.join(out_dir, "pytorch_model.bin"))
-    write_atomic(os.path.join(out_dir, "config.json"), json.dumps(cfg, indent=1))
+    with atomic_path(os.path.join(out_dir, "pytorch_model.bin")) as weights_tmp, \
+            atomic_path(os.path.join(out_dir, "config.json")) as config_tmp:
+        torch.save(state, weights_tmp)
+        with open(config_tmp, "w") as f:
+            f.write(json.dumps(cfg, indent=1))
 
 
 def is_nvfm_file(path):
@@ -320,7 +338,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         enc = convert(a.src, a.dst, a.heads)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:  # ConversionError, load_encoder's refusals
+    except (ValueError, RuntimeError, OSError) as e:  # ConversionError, load_encoder's refusals, an unwritable dst
         print(f"nvfm.official: {e}", file=sys.stderr)
         return 2
     cfg = enc.config

@@ -1,5 +1,6 @@
 """Encoder / predictor / encoder file format / encode_study (tiny models, CPU)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -374,3 +375,94 @@ def test_encode_study_packing_gives_each_window_what_it_gets_alone(crop):
                 enc.set_attention("auto")
                 torch.testing.assert_close(o["emb"], alone, atol=2e-5, rtol=1e-4)
         assert sum(len(o["coords"]) for o in out[1:4]) == 0 and len(out[0]["coords"]) and len(out[7]["coords"])
+
+
+def _dense_block_diagonal_forward(enc, x, coords, cu):
+    """The encoder in float64 with plain dense attention over all N tokens and an explicit
+    block-diagonal mask (token i sees token j iff they lie in the same cu_seqlens segment)."""
+    cfg, P = enc.config, {k: v.double() for k, v in enc.state_dict().items()}
+    N, H = x.shape[0], cfg.heads
+    seg = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+    mask = seg[:, None] == seg[None, :]
+    code = Mdl.position_code(coords, cfg.pos_dim, cfg.pos_code).double()
+    h = torch.cat([x.double() @ P["patch_embed.weight"].T + P["patch_embed.bias"], code], -1)
+
+    def ln(t, n):
+        return F.layer_norm(t, (cfg.dim,), P[n + ".weight"], P[n + ".bias"], cfg.ln_eps)
+    for i in range(cfg.depth):
+        b = f"blocks.blocks.{i}."
+        q, k, v = (ln(h, b + "norm1") @ P[b + "qkv.weight"].T + P[b + "qkv.bias"]).view(N, 3, H, cfg.dim // H).unbind(1)
+        s = torch.einsum("qhd,khd->hqk", q, k) / (cfg.dim // H) ** 0.5
+        a = torch.einsum("hqk,khd->qhd", s.masked_fill(~mask, float("-inf")).softmax(-1), v).reshape(N, cfg.dim)
+        h = h + a @ P[b + "proj.weight"].T
+        h = h + F.gelu(ln(h, b + "norm2") @ P[b + "fc1.weight"].T + P[b + "fc1.bias"],
+                       approximate=cfg.gelu_approximate) @ P[b + "fc2.weight"].T + P[b + "fc2.bias"]
+    return ln(h, "blocks.norm")
+
+
+@pytest.mark.parametrize("dim,heads", [(48, 3), (64, 1), (96, 12)])
+def test_encoder_edge_inputs_match_a_dense_block_diagonal_attention(dim, heads):
+    """A single token, one window's tokens only, positions at and beyond the released grid's edge,
+    empty volumes first / between / last in a varlen batch, an all-empty batch and a max_seqlen
+    larger than needed: every attention implementation against the dense masked computation."""
+    torch.manual_seed(0)
+    enc = Mdl.Encoder(Mdl.EncoderConfig(dim=dim, depth=2, heads=heads)).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    edge = torch.tensor([[0, 0, 0], [127, 191, 191], [31, 47, 47], [0, 191, 0], [1000, 5000, 5000]])
+    cases = {"single token": [1], "one window": [4], "empty first": [0, 5], "empty last": [5, 0],
+             "empty between": [3, 0, 0, 7, 0], "single beside long": [1, 40], "all empty": [0, 0]}
+    for name, lens in cases.items():
+        n = sum(lens)
+        x, coords = torch.randn(n, 1024), edge[torch.arange(n) % len(edge)].int()
+        cu = torch.tensor([0] + lens).cumsum(0).int()
+        want = _dense_block_diagonal_forward(enc, x, coords, cu)
+        for impl in ("reference", "sdpa", "ours", "auto"):
+            enc.set_attention(impl)
+            for max_seqlen in (max(lens), max(lens) + 7):
+                with torch.no_grad():
+                    got = enc(x, coords, cu, max_seqlen)
+                assert got.shape == (n, dim), (name, impl)
+                np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=0, atol=5e-5,
+                                           err_msg=f"{name} {impl} max_seqlen={max_seqlen}")
+
+
+def test_save_encoder_failure_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    """A failed write (disk full in safetensors, or the destination a directory) left
+    `<path>.tmp` behind, a whole encoder's size per failed try."""
+    import safetensors.torch as st
+    path = tmp_path / "enc.safetensors"
+    Mdl.save_encoder(tiny_encoder(seed=1), path)
+    old = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    real = st.save_file
+
+    def full(state, filename, metadata=None):
+        real(state, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(st, "save_file", full)
+    with pytest.raises(OSError, match="No space left"):
+        Mdl.save_encoder(tiny_encoder(seed=2), path)
+    monkeypatch.undo()
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == old
+    (tmp_path / "sub" / "dir.safetensors").mkdir(parents=True)
+    with pytest.raises(OSError):
+        Mdl.save_encoder(tiny_encoder(seed=2), tmp_path / "sub" / "dir.safetensors")
+    assert os.listdir(tmp_path / "sub") == ["dir.safetensors"]
+
+
+def test_encoder_file_of_an_unknown_format_is_refused(tmp_path):
+    """A file tagged with a format this code does not know (a later nvfm's, whose config fields
+    may mean something else, as v2 changed v1's) loaded as if it were v2."""
+    from safetensors.torch import save_file
+    enc = tiny_encoder()
+    state = {k: v.contiguous() for k, v in enc.state_dict().items()}
+    path = tmp_path / "later.safetensors"
+    save_file(state, path, metadata={"nvfm_encoder_config": json.dumps(Mdl.asdict(enc.config)),
+                                     "format": "nvfm-encoder-v9"})
+    with pytest.raises(ValueError, match=r"later.safetensors: encoder format 'nvfm-encoder-v9' is not one"):
+        Mdl.load_encoder(path)
+    save_file(state, path, metadata={"nvfm_encoder_config": json.dumps(Mdl.asdict(enc.config)), "format": "pt"})
+    assert Mdl.load_encoder(path).config == enc.config   # safetensors' generic tag is not ours: read as before

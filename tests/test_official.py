@@ -6,6 +6,7 @@ with seeded random weights in their key names and dtypes, an input, and the outp
 authors' code for it; the released ViT-B config and key/shape/dtype list."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -421,3 +422,91 @@ def test_encode_py_refuses_a_head_count_it_would_ignore(tmp_path, spec):
     r = _encode([f"--shards={shards}", f"--encoder={enc}", f"--out={tmp_path / 'f'}", "--heads=2"], tmp_path)
     assert r.returncode == 1 and "--heads=2: only the authors' files take a head count" in r.stderr, r.stderr
     assert not (tmp_path / "f").exists()
+
+
+def test_config_numbers_are_read_strictly(small, tmp_path):
+    """num_heads 3.7 loaded as a 3-head encoder (int() truncated it) and "3" was accepted; a null
+    patch embedding dim escaped as a TypeError traceback. Now each names config.json and the key."""
+    P, E, PE = ("params",), ("params", "embed_layer_cf", "params"), ("params", "pos_emb_cf", "params")
+    cases = [(P + ("num_heads",), 3.7, r"params.num_heads must be an integer, got 3.7"),
+             (P + ("num_heads",), "3", r"params.num_heads must be an integer, got '3'"),
+             (P + ("depth",), True, r"params.depth must be an integer, got True"),
+             (E + ("embed_dim",), None, r"params.embed_layer_cf.params.embed_dim must be an integer, got None"),
+             (PE + ("d",), "x", r"params.pos_emb_cf.params.d must be an integer"),
+             (P + ("mlp_ratio",), "x", r"params.mlp_ratio must be a positive number, got 'x'")]
+    for i, (path, value, reason) in enumerate(cases):
+        cfg = json.loads(json.dumps(small["config"]))
+        node = cfg
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+        d = write_official(tmp_path / f"c{i}", small["state_dict"], cfg)
+        with pytest.raises(O.ConversionError) as e:
+            O.load_official(d)
+        assert str(e.value).startswith(os.path.join(d, "config.json") + ": ") and len(str(e.value).splitlines()) == 1
+        assert re.search(reason, str(e.value)), str(e.value)
+    cfg = json.loads(json.dumps(small["config"]))
+    cfg["params"]["num_heads"] = 3.0   # an integral float is the integer it spells
+    assert O.load_official(write_official(tmp_path / "float3", small["state_dict"], cfg)).config.heads == 3
+
+
+def test_configless_file_with_a_non_tensor_or_flat_weight_names_it(small, tmp_path):
+    """Without config.json the shapes are read first: a list value was an AttributeError
+    traceback, a 1-D token embedding 'not enough values to unpack'."""
+    for name, key, value, reason in [
+            ("list", "norm.weight", [1.0] * 96, "norm.weight must be a 1-D tensor, got a list"),
+            ("flat", "token_embed.proj.weight", torch.zeros(66), r"token_embed.proj.weight must be a 2-D tensor, got shape \(66,\)")]:
+        d = write_official(tmp_path / name, dict(small["state_dict"], **{key: value}))
+        with pytest.raises(O.ConversionError, match=rf"^{os.path.join(d, 'pytorch_model.bin')}: .*{reason}"):
+            O.load_official(d, heads=3)
+
+
+def test_split_or_renamed_qkv_layouts_name_the_keys(small, tmp_path):
+    """A file with q, k, v split into three tensors, or flash-attn's MHA names (Wqkv / out_proj),
+    is not our fused layout: refused with the keys it has and the keys it lacks."""
+    sd = small["state_dict"]
+    split = {k: v for k, v in sd.items() if ".mixer.qkv." not in k}
+    for k, v in sd.items():
+        if ".mixer.qkv." in k:
+            split.update({k.replace("qkv", n): t for n, t in zip("qkv", v.chunk(3, 0))})
+    mha = {k.replace("mixer.qkv", "mixer.Wqkv").replace("mixer.proj", "mixer.out_proj"): v for k, v in sd.items()}
+    for name, state, have in [("split", split, r"blocks.0.mixer.k.bias"), ("mha", mha, r"blocks.0.mixer.Wqkv.bias")]:
+        d = write_official(tmp_path / name, state, small["config"])
+        with pytest.raises(O.ConversionError, match=rf"unexpected keys \[{have}.*missing keys \[blocks.0.mixer"):
+            O.load_official(d)
+
+
+def test_cli_unwritable_destination_is_one_line(tmp_path, capsys):
+    """`convert ours.safetensors theirs.bin` with theirs.bin an existing file, or to a .safetensors
+    path that is a directory, ended in a FileExistsError / IsADirectoryError traceback."""
+    src = tmp_path / "ours.safetensors"
+    Mdl.save_encoder(Mdl.Encoder(Mdl.EncoderConfig(dim=48, depth=1, heads=2)), src)
+    (tmp_path / "theirs.bin").write_bytes(b"")
+    assert O.main(["convert", str(src), str(tmp_path / "theirs.bin")]) == 2
+    O.save_official(Mdl.load_encoder(src), tmp_path / "rel")
+    (tmp_path / "out" / "dir.safetensors").mkdir(parents=True)
+    assert O.main(["convert", str(tmp_path / "rel"), str(tmp_path / "out" / "dir.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "theirs.bin" in err[0] and "dir.safetensors" in err[1]
+    assert os.listdir(tmp_path / "out") == ["dir.safetensors"]   # no temp file left
+
+
+def test_failed_save_official_keeps_the_previous_pair(tmp_path, monkeypatch):
+    """The weights were renamed into place before config.json was written: a failure in between
+    left the new weights beside the old config, which loaded silently with the old head count."""
+    old = Mdl.Encoder(Mdl.EncoderConfig(dim=96, depth=1, heads=3))
+    O.save_official(old, tmp_path / "rel")
+    before = {n: (tmp_path / "rel" / n).read_bytes() for n in os.listdir(tmp_path / "rel")}
+    torch.manual_seed(1)
+    new = Mdl.Encoder(Mdl.EncoderConfig(dim=96, depth=1, heads=6))
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(O.json, "dumps", full)
+    with pytest.raises(OSError):
+        O.save_official(new, tmp_path / "rel")
+    monkeypatch.undo()
+    assert {n: (tmp_path / "rel" / n).read_bytes() for n in os.listdir(tmp_path / "rel")} == before
+    back = O.load_official(tmp_path / "rel")
+    assert back.config.heads == 3 and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                                            old.state_dict().values()))
