@@ -6,16 +6,12 @@ leaves a truncated checkpoint, and a completed one survives a power cut. Reads u
 `torch.load(weights_only=True)`: no pickled code runs; a file that is not such a checkpoint
 is a `CheckpointError` with one line naming the file and the reason.
 """
-import contextlib
 import os
 import re
-import tempfile
 
 import torch
 
-# mkstemp makes 0600 files; a checkpoint gets the mode a plain open() would give it
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+from nvfm.data import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -41,36 +37,6 @@ def load_failure(path, err):
     first = msg.strip().splitlines()[0][:200] if msg.strip() else ""
     return (f"{path}: not a torch checkpoint (truncated, empty or another format): "
             f"{type(err).__name__}{': ' + first if first else ''}")
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp path in path's directory to write the file to; on success it is fsync'ed,
-    renamed over path and the directory entry fsync'ed (so the rename survives a power cut).
-    On any failure (disk full, kill) the temp file is removed and the old path left intact."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        os.close(fd)
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # some file systems cannot fsync a directory; the file itself is on disk
-        pass
 
 
 def save_atomic(obj, path):

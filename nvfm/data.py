@@ -61,6 +61,7 @@ import contextlib
 import glob
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -79,15 +80,45 @@ def unpack_mask(s, grid):
     return np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8), count=n).astype(bool).reshape(grid)
 
 
+_UMASK = os.umask(0o022)  # read once: a temp file gets the permissions a plain open() would give
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temp path in path's directory to write the file to; on success it is fsync'ed,
+    renamed over path and the directory entry fsync'ed (so the rename survives a power cut).
+    On any failure (disk full, kill) the temp file is removed and the old path left intact."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.close(fd)
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:  # some file systems cannot fsync a directory; the file itself is on disk
+        pass
+
+
 def write_atomic(path, text_or_bytes):
-    """Write a file so that a reader sees the old contents or the new, never a part (temp + rename)."""
-    tmp = path + ".tmp"
+    """Write a file so that a reader sees the old contents or the new, never a part (atomic_path)."""
     mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
-    with open(tmp, mode) as f:
+    with atomic_path(path) as tmp, open(tmp, mode) as f:
         f.write(text_or_bytes)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_volume(rec, data, mask, values):

@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nvfm.attention import varlen_attention
-from nvfm.data import write_atomic
+from nvfm.data import atomic_path, write_atomic
 
 PATCH_DIM = 4 * 16 * 16
 WINDOWS = ("mr", "brain", "blood", "bone")  # index = normalisation slot
@@ -339,11 +339,10 @@ def as_float32_exactly(state, where):
 
 def save_encoder(encoder, path):
     """Write the encoder weights to `path` (.safetensors) and its config to path's .json,
-    atomically (nvfm.checkpoint.atomic_path): a failed or killed write leaves the old file and
+    atomically (nvfm.data.atomic_path): a failed or killed write leaves the old file and
     no temp file."""
     from safetensors.torch import save_file
 
-    from nvfm.checkpoint import atomic_path
     path = os.fspath(path)
     cfg = asdict(encoder.config)
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}

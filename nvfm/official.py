@@ -32,7 +32,8 @@ import sys
 
 import torch
 
-from nvfm.checkpoint import atomic_path, load_failure, names
+from nvfm.checkpoint import load_failure, names
+from nvfm.data import atomic_path
 from nvfm.model import PATCH_DIM, Encoder, EncoderConfig, as_float32_exactly, load_encoder, save_encoder
 
 PATCH = (4, 16, 16)  # their patch_d_size, patch_hw_size, patch_hw_size
