@@ -692,12 +692,15 @@ def main():
         if anatomy:
             from nvfm import anatomy as A
             nm = {k: r.get("study") or "" for k, r in rows_by_key.items()}
-            a = A.anatomy_eval(first["cache"], reader, cohort, first["keys"], nm, seed=seed)
+            try:
+                a = A.anatomy_eval(first["cache"], reader, cohort, first["keys"], nm, seed=seed)
+            except ValueError as e:  # features encoded from other shards than --shards
+                fail(f"--anatomy: {e}")
             summary["anatomy"] = a
             results[first["display"]]["anatomy"] = a
             pm, km = a["patch_matching"], a["kmeans_brain"]
-            print(f"anatomy ({first['display']}): patch matching median error {fmt(pm['median_mm'], 1)} mm "
-                  f"(chance {fmt(pm['chance_median_mm'], 1)}) over {pm['n_pairs']} volume pairs; k-means(3) brain "
+            print(f"anatomy ({first['display']}): patch matching error {fmt(pm['median_mm'], 1)} mm "
+                  f"(chance {fmt(pm['chance_median_mm'], 1)}; each pair's median, mean over {pm['n_pairs']} volume pairs); k-means(3) brain "
                   f"IoU {fmt(km['iou'])} (chance {fmt(km['chance_iou'])}) over {km['n_volumes']} volumes")
     if reports:
         from nvfm import report_metrics  # the report generator's metrics; imported only when asked

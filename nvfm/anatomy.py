@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from nvfm.grounding import PATCH, cache_crop, to_world, token_box_points, token_origin
+from nvfm.grounding import PATCH, cache_crop, nearest_voxel, to_world, token_box_points, token_origin
 
 
 def token_centers(coords, affine, patch=PATCH, origin=(0, 0, 0)):
@@ -71,7 +71,7 @@ def brain_tokens(coords, affine, world_from_template, anat=None, min_fraction=0.
     anat = anat or pa.load_anatomy()
     pts = to_world(token_box_points(coords, per_axis=(2, 3, 3), origin=origin), affine)            # (n, m, 3) world
     tmm = to_world(pts, np.linalg.inv(np.asarray(world_from_template, np.float64)))   # template mm
-    ijk = np.rint(to_world(tmm, np.linalg.inv(anat.affine))).astype(np.int64)
+    ijk = nearest_voxel(to_world(tmm, np.linalg.inv(anat.affine)))   # the rule grounding uses everywhere
     ok = np.all((ijk >= 0) & (ijk < np.asarray(anat.tissue.shape)), -1)
     t = np.zeros(ijk.shape[:-1], np.uint8)
     t[ok] = anat.tissue[ijk[ok][:, 0], ijk[ok][:, 1], ijk[ok][:, 2]]
@@ -83,6 +83,12 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
     k-means brain IoU (every volume, first window) on up to max_studies studies.
     names_by_key: study_key -> demo study name (for gt/<study>/subject.json)."""
     vol_index = {v["volume_id"]: i for i, v in enumerate(reader.volumes)}
+
+    def record(key, e):
+        if e["volume_id"] not in vol_index:   # features encoded from other shards: no geometry to map them with
+            raise ValueError(f"{getattr(cache, 'path', 'feature cache')}: volume {e['volume_id']} of study {key} is "
+                             f"not in the shards {getattr(reader, 'root', '')} (were the features encoded from them?)")
+        return reader.volumes[vol_index[e["volume_id"]]]
     crop = cache_crop(cache)  # tokens of a --preset=neurovfm cache start at the centre crop's corner
     origin = lambda rec: token_origin(rec["shape"], crop)  # noqa: E731
     match, km = [], []
@@ -93,7 +99,7 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
                 seen.add(e["volume_id"])
                 ents.append(e)
         if len(ents) >= 2:
-            ra, rb = (reader.volumes[vol_index[e["volume_id"]]] for e in ents[:2])
+            ra, rb = (record(key, e) for e in ents[:2])
             m = patch_matching(ents[0]["emb"], ents[0]["coords"], ra["affine"], ents[1]["emb"], ents[1]["coords"],
                                rb["affine"], seed=seed, origins=(origin(ra), origin(rb)))
             m["pair"] = f"{ents[0]['family']}->{ents[1]['family']}"
@@ -103,7 +109,7 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
             with open(sj) as f:
                 wft = json.load(f)["world_from_template"]
             for e in ents:
-                rec = reader.volumes[vol_index[e["volume_id"]]]
+                rec = record(key, e)
                 brain = brain_tokens(e["coords"], rec["affine"], wft, origin=origin(rec))
                 if 0 < brain.sum() < len(brain):
                     r = kmeans_iou(e["emb"], brain, seed=seed)
@@ -112,6 +118,7 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
 
     def mean(lst, f):
         return float(np.mean([x[f] for x in lst])) if lst else None
+    # patch matching: each volume pair's median error (and share within 16 mm), averaged over pairs
     return {"patch_matching": {"n_pairs": len(match), "median_mm": mean(match, "median_mm"),
                                "within_16mm": mean(match, "within_tol"),
                                "chance_median_mm": mean(match, "chance_median_mm"),
