@@ -13,7 +13,8 @@ to the canonical 1 x 1 x 4 mm grid, window/quantize, foreground + token masks
 Resume: a killed run restarted with the same command skips every committed study (see
 nvfm/data.py) and the final output is byte-identical to an uninterrupted run; a rerun of a
 complete output does nothing. Studies already done are not re-read, so edits to their
-files are not picked up (write to a new --output). Headers are re-scanned on every start.
+files are not picked up (write to a new --output; a rerun warns when the number of input files
+changed). Headers are re-scanned on every start.
 Every study of an output shares one --preset, min_fg_fraction, min_slices, min_tokens, salt,
 token patch and shard format (SHARED below): they are recorded in parts/settings.json before any
 part is written (and in each done_i_of_N.json and the manifest), and a resumed run, array job or
@@ -681,6 +682,10 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         if problem:
             raise SystemExit(f"preprocess: {problem}")
         log("nothing new to process: the output is complete")
+        n_then = manifest["summary"]["files_input"]
+        if len(files) != n_then:  # files added to (or removed from) studies already done: not re-read
+            log(f"WARNING: --input now lists {len(files)} files, the finished output accounts for {n_then}: files of "
+                f"studies already done are not read again (write to a new --output to include them)")
         print_summary(manifest["summary"])
         _require_volumes(manifest)
         return manifest

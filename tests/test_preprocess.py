@@ -636,3 +636,28 @@ def test_merge_interrupted_after_shards_replaced_resumes_byte_identical(tmp_path
     ref = str(tmp_path / "ref")
     preprocess.run(inp, ref, **run)
     assert man["summary"]["volumes"] == 8 and _outputs(out) == _outputs(ref)
+
+
+def test_rerun_of_a_finished_output_warns_about_files_added_to_done_studies(tmp_path, capsys):
+    """A NIfTI added to a study folder that is already done is not read on rerun (documented), and
+    the rerun printed the old summary as if the input were unchanged; it now warns with the counts
+    (3 files then, 4 now, by listing the folder)."""
+    rng = np.random.default_rng(0)
+    inp, out = tmp_path / "in", str(tmp_path / "out")
+
+    def ct(name):
+        v = np.full((40, 48, 10), -1000.0, np.float32)
+        v[5:35, 5:43, 1:9] = 30 + rng.normal(0, 20, (30, 38, 8))
+        nib.save(nib.Nifti1Image(v, np.diag([0.9, 0.9, 5.0, 1.0])), str(inp / name))
+    for i in range(3):
+        os.makedirs(inp / f"s{i}")
+        ct(f"s{i}/ct.nii.gz")
+    preprocess.run(str(inp), out, n_workers=1, cfg_progress=False)
+    capsys.readouterr()
+    preprocess.run(str(inp), out, n_workers=1, cfg_progress=False)
+    assert "WARNING" not in capsys.readouterr().out
+    ct("s1/ct2.nii.gz")
+    n_now = sum(len(f) for _, _, f in os.walk(inp))
+    preprocess.run(str(inp), out, n_workers=1, cfg_progress=False)
+    o = capsys.readouterr()
+    assert f"--input now lists {n_now} files, the finished output accounts for {n_now - 1}" in o.out + o.err
