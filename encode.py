@@ -21,8 +21,8 @@ so a killed run continues where it stopped; a cache whose data files were cut sh
 studies stored before the cut and encodes the others again (with a warning). The cache records the encoder's hash; pointing
 --out at a cache made by another encoder is an error (use --overwrite=True to redo it), and so
 is a cache holding a study without some volume selected now (another --modality or --split),
-or cached studies encoded from other shards (shard_records.jsonl in the cache keeps a fingerprint of
-each encoded volume's record and the shards' settings; a moved or extended shard set resumes).
+or cached studies encoded from other shards (the cache's index keeps each volume's `source`, a
+fingerprint of its shard record and the shards' settings; a moved or extended shard set resumes).
 A study that fails to encode is reported (by its study_key) and skipped; exit status 1 when
 every study to encode failed, and then nothing is written (a new cache is made, and an
 --overwrite'd one emptied, by the first study encoded). A --split naming a split the shards do not have, or a selection of
@@ -96,7 +96,6 @@ def open_encoder(spec, dev, seed=0, heads=None):
     return enc, features.file_hash(weights) + ("" if usual else f"+heads:{enc.config.heads}")
 
 
-RECORDS = "shard_records.jsonl"  # in the cache: {"study_key", "volumes": {volume_id: fingerprint}} per study encoded
 # manifest keys that are not settings ("version" follows the volumes' own "values" field)
 PER_SHARD_SET = ("version", "volumes", "summary", "shards", "failures", "study_events")
 WHERE_STORED = ("shard", "offset", "split")  # a volume record's keys that do not change its features
@@ -104,25 +103,11 @@ WHERE_STORED = ("shard", "offset", "split")  # a volume record's keys that do no
 
 def volume_fingerprints(man, recs):
     """{volume_id: sha256[:16]} of volume records recs: the record (less where it is stored) and the shard
-    set's settings. Another preprocess of the same study, or other settings, gives another one."""
+    set's settings. Another preprocess of the same study, or other settings, gives another one; the
+    cache keeps it as each volume's `source`."""
     settings = {k: v for k, v in man.items() if k not in PER_SHARD_SET}
     return {r["volume_id"]: hashlib.sha256(json.dumps([settings, {k: v for k, v in r.items() if k not in WHERE_STORED}],
                                                       sort_keys=True).encode()).hexdigest()[:16] for r in recs}
-
-
-def read_records(path):
-    """{study_key: {volume_id: fingerprint}} of a cache's RECORDS (the last line of a key wins; a line a
-    kill cut in half is ignored)."""
-    out = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    out[r["study_key"]] = r["volumes"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-    return out
 
 
 def main():
@@ -178,68 +163,49 @@ def main():
     n_tokens = 0
     spec = encoder if encoder.startswith("random:") else os.path.abspath(encoder)  # for the flip test
 
-    def open_writer():
-        """-> (FeatureWriter, RECORDS file open for appending; a new cache starts it empty)."""
-        try:
-            # CPU float32 and CUDA bf16-autocast features differ beyond float16 storage: one cache holds one of them
-            w = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite,
-                                       precision=features.encode_precision(device))
-        except features.StaleCacheError as e:  # another encoder's cache
-            fail(str(e))
-        return w, open(os.path.join(out, RECORDS), "a" if w.index["studies"] else "w")
-
-    writer = records = None
-    todo = list(studies)
-    if os.path.exists(os.path.join(out, "index.json")) and not overwrite:  # a resume: checked before encoding
-        writer, records = open_writer()
-        for msg in (writer.repaired, writer.note):
-            if msg:
-                print(f"encode: warning: {msg}")
-        # a study is skipped when cached: one cached without some volume selected now would stay without it
-        short = [k for k in studies if k in writer and not {reader.volumes[i]["volume_id"] for i in studies[k]}
-                 <= {e["volume_id"] for e in writer.index["studies"][k]}]
-        if short:
-            writer.close()
-            records.close()
-            fail(f"{out}: {len(short)} studies are cached without volumes selected now (first: {short[0]}; encoded "
-                 f"with another --modality or --split, or from other shards): use another --out or --overwrite=True")
-        # a cached study is skipped: one encoded from other shards (another preprocess, other settings) would stay
-        known = read_records(os.path.join(out, RECORDS))
-        by_id = {v["volume_id"]: v for v in reader.volumes}
-        changed = [k for k in studies if k in writer and k in known and (not set(known[k]) <= set(by_id) or known[k]
-                   != volume_fingerprints(shard_man, [by_id[v] for v in known[k]]))]
-        if changed:
-            writer.close()
-            records.close()
-            fail(f"{out}: {len(changed)} cached studies were encoded from other shards than {shards} (first: "
-                 f"{changed[0]}; preprocessed again or with other settings): use another --out or --overwrite=True")
-        unrecorded = sum(k in writer and k not in known for k in studies)
-        if unrecorded:  # a cache written before the records were kept
-            print(f"encode: note: {unrecorded} cached studies were written without their shard records; resuming "
-                  f"cannot check that they come from {shards}")
-        todo = [k for k in studies if k not in writer]
+    try:
+        # CPU float32 and CUDA bf16-autocast features differ beyond float16 storage: one cache holds one of them;
+        # a new cache (or an --overwrite) is made by the first study encoded, never by a run that encodes none
+        writer = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite,
+                                        precision=features.encode_precision(device))
+    except features.StaleCacheError as e:  # another encoder's cache
+        fail(str(e))
+    for msg in (writer.repaired, writer.note):
+        if msg:
+            print(f"encode: warning: {msg}")
+    # a study is skipped when cached: one cached without some volume selected now would stay without it,
+    # and one encoded from other shards (another preprocess, other settings) would stay as it was
+    cached = {k: {e["volume_id"]: e.get("source") for e in writer.index["studies"][k]} for k in studies if k in writer}
+    short = [k for k, c in cached.items() if not {reader.volumes[i]["volume_id"] for i in studies[k]} <= set(c)]
+    if short:
+        writer.close()
+        fail(f"{out}: {len(short)} studies are cached without volumes selected now (first: {short[0]}; encoded "
+             f"with another --modality or --split, or from other shards): use another --out or --overwrite=True")
+    by_id = {v["volume_id"]: v for v in reader.volumes}
+    changed = [k for k, c in cached.items() if None not in c.values() and (not set(c) <= set(by_id) or c
+               != volume_fingerprints(shard_man, [by_id[v] for v in c]))]
+    if changed:
+        writer.close()
+        fail(f"{out}: {len(changed)} cached studies were encoded from other shards than {shards} (first: "
+             f"{changed[0]}; preprocessed again or with other settings): use another --out or --overwrite=True")
+    unrecorded = sum(None in c.values() for c in cached.values())
+    if unrecorded:  # a cache written before the sources were kept
+        print(f"encode: note: {unrecorded} cached studies were written without their sources; resuming cannot "
+              f"check that they come from {shards}")
+    with writer as w:
+        todo = [k for k in studies if k not in w]
         if len(todo) < len(studies):
             print(f"encode: resuming, {len(studies) - len(todo)} studies already in {out}")
-    try:
         for key in tqdm(todo, desc="encode", unit="study"):
             try:
                 entries = model.encode_study(enc, reader, studies[key], device=device,
                                              max_tokens=max_tokens, **rules)
-                if writer is None:  # made (or, with --overwrite, emptied) by the first study encoded, never by none
-                    writer, records = open_writer()
-                # before the study's rows: every study in the index has its line, even after a kill
-                records.write(json.dumps({"study_key": key, "volumes": volume_fingerprints(
-                    shard_man, [reader.volumes[i] for i in studies[key]])}) + "\n")
-                records.flush()
-                writer.add(key, entries)
+                source = volume_fingerprints(shard_man, [reader.volumes[i] for i in studies[key]])
+                w.add(key, [dict(e, source=source[e["volume_id"]]) for e in entries])
                 n_tokens += sum(len(e["emb"]) for e in entries)
             except Exception as e:  # a bad study is logged and skipped, never a crashed job
                 failed += 1
                 tqdm.write(f"encode: study {key} failed and was skipped: {type(e).__name__}: {e}")
-    finally:
-        if writer is not None:
-            writer.close()
-            records.close()
     dt = time.time() - t0
     print(f"encode: wrote {len(todo) - failed} studies, {n_tokens} tokens in {dt:.1f} s "
           f"({n_tokens / max(dt, 1e-9):.0f} tokens/s); {failed} failed; cache {out}")

@@ -22,7 +22,8 @@ Staleness: `encoder_hash` identifies the encoder (sha256 of the checkpoint file,
 "random:<size>:seed<k>" for a random-initialised encoder), followed by "+tokens:fg<f>,<crop>[,float]"
 when the token rules are not nvfm's (`rules_suffix`; `token_rules` reads them back: grounding
 needs the crop to place tokens, the flip test the rules to re-encode). Opening a cache for writing
-with another hash raises `StaleCacheError` (pass overwrite=True to start afresh), and a
+with another hash raises `StaleCacheError` (pass overwrite=True to start afresh: the old cache
+stays whole until the first study is added, so a run that fails before that loses nothing), and a
 probe trained on one cache refuses to run on a cache with another hash.
 
 Precision: the same encoder gives other features in float32 (CPU) than under CUDA bfloat16
@@ -56,7 +57,9 @@ def rules_suffix(rules):
     """Token rules dict(min_fg_fraction, crop, full_precision) -> the encoder-hash suffix ("" for nvfm's)."""
     if rules == DEFAULT_RULES:
         return ""
-    return f"+tokens:fg{rules['min_fg_fraction']:g},{rules['crop']}" + (",float" if rules["full_precision"] else "")
+    fg = float(rules["min_fg_fraction"])
+    text = f"{fg:g}" if float(f"{fg:g}") == fg else repr(fg)  # :g keeps 6 digits: two rules would share a hash
+    return f"+tokens:fg{text},{rules['crop']}" + (",float" if rules["full_precision"] else "")
 
 
 def token_rules(encoder_hash):
@@ -65,10 +68,14 @@ def token_rules(encoder_hash):
     if not sep:
         return encoder_hash, dict(DEFAULT_RULES)
     parts = tail.split(",")
-    if len(parts) not in (2, 3) or not parts[0].startswith("fg") or parts[1] not in ("pad", "centre") \
+    try:
+        fg = float(parts[0][2:]) if parts[0].startswith("fg") else -1.0
+    except ValueError:
+        fg = -1.0
+    if len(parts) not in (2, 3) or not 0.0 <= fg <= 1.0 or parts[1] not in ("pad", "centre") \
             or parts[2:] not in ([], ["float"]):
         raise ValueError(f"encoder hash {encoder_hash!r}: unreadable token rules {tail!r}")
-    return base, dict(min_fg_fraction=float(parts[0][2:]), crop=parts[1], full_precision=parts[2:] == ["float"])
+    return base, dict(min_fg_fraction=fg, crop=parts[1], full_precision=parts[2:] == ["float"])
 
 
 ROW_BYTES = {"emb.f16": lambda dim: dim * 2, "coords.i32": lambda dim: 3 * 4}
@@ -170,18 +177,14 @@ class FeatureCache:
         if expect_hash is not None and expect_hash != self.encoder_hash:
             raise StaleCacheError(f"{path}: features were made by encoder {self.encoder_hash}, "
                                   f"expected {expect_hash}; re-run encode.py with the right encoder")
-        self._emb = self._coords = None
-
-    def _maps(self):
+        # mapped now, not at the first study(): an --overwrite run replacing the files later must not
+        # be read through this index (the old files stay mapped: the writer unlinks, never truncates them)
         rows = int(self.index["rows"])
-        if self._emb is None or self._emb.shape[0] != rows:
-            if rows == 0:
-                self._emb = np.zeros((0, self.dim), np.float16)
-                self._coords = np.zeros((0, 3), np.int32)
-            else:
-                self._emb = np.memmap(os.path.join(self.path, "emb.f16"), np.float16, "r", shape=(rows, self.dim))
-                self._coords = np.memmap(os.path.join(self.path, "coords.i32"), np.int32, "r", shape=(rows, 3))
-        return self._emb, self._coords
+        if rows == 0:
+            self._emb, self._coords = np.zeros((0, self.dim), np.float16), np.zeros((0, 3), np.int32)
+        else:
+            self._emb = np.memmap(os.path.join(path, "emb.f16"), np.float16, "r", shape=(rows, self.dim))
+            self._coords = np.memmap(os.path.join(path, "coords.i32"), np.int32, "r", shape=(rows, 3))
 
     def __len__(self):
         return len(self.index["studies"])
@@ -196,7 +199,7 @@ class FeatureCache:
         if key not in self.index["studies"]:
             raise KeyError(f"{self.path}: study {key} is not in the feature cache (encode it first, "
                            f"or check that the cache was made from the same shards)")
-        emb, coords = self._maps()
+        emb, coords = self._emb, self._coords
         out = []
         for e in self.index["studies"][key]:
             r, n = e["row"], e["n"]
@@ -237,10 +240,9 @@ class FeatureWriter:
         self.flush_every = flush_every
         self.repaired = None  # a message when a cut-short cache was cut back to its intact studies
         self.note = None  # a message when the cached studies' precision cannot be checked
-        os.makedirs(path, exist_ok=True)
         index = os.path.join(path, "index.json")
-        emb_path, co_path = os.path.join(path, "emb.f16"), os.path.join(path, "coords.i32")
-        if os.path.exists(index) and not overwrite:
+        resume = os.path.exists(index) and not overwrite
+        if resume:
             self.index = _read_index(path)
             if self.index.get("encoder_hash") != encoder_hash:
                 raise StaleCacheError(
@@ -277,24 +279,37 @@ class FeatureWriter:
         else:
             self.index = {"version": VERSION, "encoder_hash": encoder_hash, "encoder": encoder_name,
                           "dim": int(dim), "rows": 0, "precision": precision, "studies": {}}
-            for p in (emb_path, co_path):
-                if os.path.exists(p):
-                    os.unlink(p)
         self.dim = int(dim)
+        self._pending = 0
+        self._emb = self._co = None
+        # a new cache (or an overwrite) is made when the first study is added: a run that encodes nothing
+        # writes nothing, and an overwrite keeps the old cache whole until then
+        self._start = not resume
+        if resume:
+            self._open_files(fresh=False)
+
+    def _open_files(self, fresh):
+        """Write the index and open the data files at its row count; fresh: start them empty."""
+        os.makedirs(self.path, exist_ok=True)
+        index = os.path.join(self.path, "index.json")
+        emb_path, co_path = os.path.join(self.path, "emb.f16"), os.path.join(self.path, "coords.i32")
+        # the index first: a kill before the files are cut leaves rows past it, never an old index on new files
+        write_atomic(index, json.dumps(self.index))
         for p in (emb_path, co_path):
+            if fresh and os.path.exists(p):
+                os.unlink(p)  # not truncated: readers of the old cache keep their mapped files
             open(p, "ab").close()  # create; "r+b" so that add() can write at the index's row
         self._emb = open(emb_path, "r+b")
         self._co = open(co_path, "r+b")
         self._truncate()  # drop any half-written tail of a killed run: nothing in the index points there
-        self._pending = 0
-        write_atomic(index, json.dumps(self.index))
 
     def __contains__(self, key):
         return key in self.index["studies"]
 
     def add(self, key, entries):
-        """entries: list of dict(volume_id, family, window, modality, coords (n,3), emb (n,dim)).
-        A study already in the cache is a ValueError; a failed add writes nothing."""
+        """entries: list of dict(volume_id, family, window, modality, coords (n,3), emb (n,dim),
+        optionally source: a string kept in the index, encode.py's fingerprint of what the volume
+        was encoded from). A study already in the cache is a ValueError; a failed add writes nothing."""
         if key in self.index["studies"]:  # a second copy would orphan the first one's rows
             raise ValueError(f"{self.path}: study {key} is already in the feature cache")
         rows = int(self.index["rows"])
@@ -305,7 +320,12 @@ class FeatureWriter:
                 raise ValueError(f"study {key}, volume {e.get('volume_id')}: entry without {', '.join(missing)}")
             with np.errstate(over="ignore"):
                 emb = np.ascontiguousarray(np.asarray(e["emb"], dtype=np.float32).astype(np.float16))
-            co = np.ascontiguousarray(np.asarray(e["coords"], dtype=np.int32))
+            raw = np.asarray(e["coords"])
+            with np.errstate(invalid="ignore"):
+                co = np.ascontiguousarray(raw.astype(np.int32))
+            if not np.array_equal(co, raw) or (co < 0).any():  # a cast would truncate 2.7 and wrap 2**32 silently
+                raise ValueError(f"study {key}, volume {e.get('volume_id')}: coords must be token grid indices "
+                                 f"(integers in [0, 2**31)), got {raw.dtype} values {raw.min()}..{raw.max()}")
             if emb.ndim != 2 or emb.shape[1] != self.dim or co.shape != (len(emb), 3):
                 raise ValueError(f"study {key}, volume {e.get('volume_id')}: emb {emb.shape} / coords "
                                  f"{co.shape} do not match dim {self.dim}")
@@ -313,6 +333,9 @@ class FeatureWriter:
                 raise ValueError(f"study {key}, volume {e.get('volume_id')}: non-finite embeddings "
                                  f"(float16 overflow or a broken encoder)")
             arrays.append((e, emb, co))
+        if self._start:  # the first study: now the cache is made (an old one goes)
+            self._open_files(fresh=True)
+            self._start = False
         # write where the index says the next row is, not at the file's end: bytes of an add that
         # failed midway (disk full) are overwritten, never counted as the next study's rows
         self._emb.seek(rows * self.dim * 2)
@@ -322,7 +345,8 @@ class FeatureWriter:
             self._emb.write(emb.tobytes())
             self._co.write(co.tobytes())
             recs.append(dict(volume_id=e["volume_id"], family=e.get("family"), window=e["window"],
-                             modality=e["modality"], row=rows, n=len(emb)))
+                             modality=e["modality"], row=rows, n=len(emb),
+                             **({"source": e["source"]} if "source" in e else {})))
             rows += len(emb)
         self.index["studies"][key] = recs
         self.index["rows"] = rows
@@ -331,6 +355,8 @@ class FeatureWriter:
             self.flush()
 
     def flush(self):
+        if self._emb is None:  # a new cache (or an overwrite) that has added nothing: nothing is written
+            return
         for f in (self._emb, self._co):
             f.flush()
             os.fsync(f.fileno())
@@ -343,7 +369,7 @@ class FeatureWriter:
         self._co.truncate(rows * 3 * 4)
 
     def close(self):
-        if not self._emb.closed:
+        if self._emb is not None and not self._emb.closed:
             self.flush()
             self._truncate()  # the bytes of a failed last add
             self._emb.close()

@@ -71,6 +71,7 @@ def test_stale_cache_and_bad_input(tmp_path):
         features.FeatureCache(str(tmp_path), expect_hash="h2")
     with features.FeatureWriter(str(tmp_path), "h2", 8, overwrite=True) as w:
         assert "a" not in w
+        w.add("b", _entries(np.random.default_rng(3), 1))   # the old cache is replaced by the first study
     with pytest.raises(FileNotFoundError, match="encode.py"):
         features.FeatureCache(str(tmp_path / "missing"))
     with features.FeatureWriter(str(tmp_path), "h2", 8) as w:

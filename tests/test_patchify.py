@@ -1,6 +1,7 @@
 """The 3D patch tokenizer: C++ CPU kernel (and CUDA when present) vs the PyTorch reference."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,3 +200,58 @@ def test_unpatchify_int64_coords_do_not_wrap():
     good = torch.tensor([[1, 0, 0], [0, 0, 0]])
     assert torch.equal(T.unpatchify(tok, good, (8, 16, 16), impl="kernel"),
                        T.unpatchify_reference(tok, good, (8, 16, 16)))
+
+
+def _numpy_patchify(vol, mask, fraction, patch=(4, 16, 16)):
+    """Brute force: zero-pad to whole patches, walk the grid in (z, y, x) order, keep a patch when
+    its foreground voxels / patch voxels >= fraction."""
+    grid = [-(-s // p) for s, p in zip(vol.shape, patch)]
+    pad = [(0, g * p - s) for g, p, s in zip(grid, patch, vol.shape)]
+    v, m = np.pad(vol, pad), np.pad(mask != 0, pad)
+    toks, coords = [], []
+    for z in range(grid[0]):
+        for y in range(grid[1]):
+            for x in range(grid[2]):
+                sl = tuple(slice(i * p, (i + 1) * p) for i, p in zip((z, y, x), patch))
+                if m[sl].sum() >= fraction * np.prod(patch):
+                    toks.append(v[sl].reshape(-1))
+                    coords.append((z, y, x))
+    return (np.array(toks, np.uint8).reshape(-1, int(np.prod(patch))), np.array(coords, np.int32).reshape(-1, 3))
+
+
+def _numpy_unpatchify(tokens, coords, shape, patch=(4, 16, 16)):
+    grid = [-(-s // p) for s, p in zip(shape, patch)]
+    out = np.zeros([g * p for g, p in zip(grid, patch)], np.uint8)
+    for t, (z, y, x) in zip(tokens, coords):
+        out[z * patch[0]:(z + 1) * patch[0], y * patch[1]:(y + 1) * patch[1], x * patch[2]:(x + 1) * patch[2]] = \
+            t.reshape(patch)
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 16, 16), (1, 1, 1), (5, 17, 33), (3, 15, 15), (9, 48, 31), (12, 7, 40)])
+def test_every_window_against_a_numpy_brute_force(shape, device):
+    """Each window of a CT study (brain 8-bit; blood, bone 4-bit nibbles expanded x17) and an MR
+    one, shapes whole and not whole in patches: patchify (the kernel when built) and the reference
+    give the brute force's tokens and coords, and unpatchify puts them back."""
+    rng = np.random.default_rng(sum(shape))
+    stored = rng.integers(0, 256, (2, *shape), dtype=np.uint8)   # CT channels as in the shards
+    windows = {"brain": stored[0], "blood": (stored[1] // 16) * 17, "bone": (stored[1] % 16) * 17,
+               "mr": rng.integers(0, 256, shape, dtype=np.uint8)}
+    assert windows["blood"].max() <= 255 and set(np.unique(windows["bone"])) <= set(range(0, 256, 17))
+    mask = rng.random(shape) < 0.6
+    for fraction in (0.0, 0.3, 0.5, 1.0):
+        vols = [torch.from_numpy(np.ascontiguousarray(w.astype(np.uint8))).to(device) for w in windows.values()]
+        masks = [torch.from_numpy(mask.astype(np.uint8)).to(device)] * len(vols)
+        for impl in ("auto", "reference"):
+            tokens, coords, cu = (t.cpu() for t in T.patchify(vols, masks, fraction, impl=impl))
+            assert cu[0] == 0 and cu.dtype == torch.int32 and len(cu) == len(vols) + 1
+            for b, (name, w) in enumerate(windows.items()):
+                want_t, want_c = _numpy_patchify(w, mask, fraction)
+                lo, hi = int(cu[b]), int(cu[b + 1])
+                np.testing.assert_array_equal(tokens[lo:hi].numpy(), want_t, err_msg=f"{name} {fraction} {impl}")
+                np.testing.assert_array_equal(coords[lo:hi].numpy(), want_c, err_msg=f"{name} {fraction} {impl}")
+                back = T.unpatchify(tokens[lo:hi].to(device), coords[lo:hi].to(device), shape, impl=impl).cpu().numpy()
+                np.testing.assert_array_equal(back, _numpy_unpatchify(want_t, want_c, shape))
+                if fraction == 0.0:   # every patch kept: the exact volume
+                    np.testing.assert_array_equal(back, w)
