@@ -10,9 +10,12 @@ Each command-line argument is either a path to a Python config file (a bare argu
 without "--", e.g. `config/jepa_tiny.py`; a name without a path is looked up in config/)
 whose top-level assignments override the globals, or `--key=value`. Values are parsed with
 `ast.literal_eval` (falling back to the raw string) and must have the type of the default:
-an int default accepts an int, a float default accepts an int or a float, a bool default
-accepts True/False/true/false/1/0 (a bare `--flag` means True), a None default accepts
-anything. Unknown keys are errors: a typo never silently does nothing.
+an int default accepts an int (or a whole float: 1e5), a float default accepts an int or a
+float, a str default takes the text as typed (`--out_dir=1e3` is the str '1e3'; a leading `~/`
+is the home directory, which the shell does not expand after `=`), a bool default accepts
+True/False/true/false/yes/no/1/0 (a bare `--flag` means True), a None default accepts
+anything. Unknown keys are errors: a typo never silently does nothing. A config file that
+fails (syntax error, exception, a YAML-style `key: value` line) is one error naming its line.
 
 `-h` / `--help` prints the script's docstring and every setting with its default and its
 comment, grouped as in the script (read from the script's source), then exits 0.
@@ -33,6 +36,7 @@ import shutil
 import sys
 import textwrap
 import tokenize
+import traceback
 
 _BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +75,16 @@ def require_path(path, what, kind="file", nonempty=True, hint=""):
     return path
 
 
-def _coerce(key, value, default):
-    """Return value converted to the type of default, or raise ConfigError."""
+def _secret(key):
+    """A salt keys the hashed study / subject ids: never echoed (logs are kept and shared)."""
+    return key == "salt" or key.endswith("_salt")
+
+
+def _coerce(key, value, default, name=None):
+    """Return value converted to the type of default, or raise ConfigError; name says where the
+    value came from in the error (default "--key")."""
+    name = name or f"--{key}"
+    shown = "<hidden>" if _secret(key) else repr(value)
     if default is None:
         return value
     if isinstance(default, bool):
@@ -80,22 +92,34 @@ def _coerce(key, value, default):
             return value
         if isinstance(value, (int, str)) and str(value).lower() in _BOOL_WORDS:
             return _BOOL_WORDS[str(value).lower()]
-        raise ConfigError(f"--{key}: expected a bool (true/false), got {value!r}")
+        raise ConfigError(f"{name}: expected a bool (true/false), got {shown}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if type(default) is int and type(value) is float and value.is_integer():
+        return int(value)  # --max_steps=1e5: scientific notation of a whole number
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
         return type(default)(value)
+    if isinstance(default, str) and isinstance(value, str) and (value == "~" or value.startswith("~/")) \
+            and not _secret(key):
+        return os.path.expanduser(value)  # the shell leaves --out_dir=~/runs alone: ./~ was never meant
     if not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):
-        raise ConfigError(f"--{key}: expected {type(default).__name__} like the default {default!r}, "
-                          f"got {type(value).__name__} {value!r}")
+        hint = " (a list is given comma-separated: --key=a,b)" if isinstance(default, str) and \
+            isinstance(value, (list, tuple, set, dict)) else ""
+        raise ConfigError(f"{name}: expected {type(default).__name__} like the default {default!r}, "
+                          f"got {type(value).__name__} {shown}{hint}")
     return value
 
 
-def _parse_value(text):
+def _parse_value(text, default):
+    """The value of --key=text: a Python literal, or the text itself; a str setting takes the text
+    as typed unless it is a quoted string (--out_dir=1e3, --salt=123456, --split=None stay text)."""
     try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text  # a plain string such as a path
+    if isinstance(default, str) and not isinstance(value, str) and not text.lstrip().startswith(("[", "(", "{")):
+        return text
+    return value  # a bracketed list for a str setting is refused below: its items are given comma-separated
 
 
 def _config_file(arg):
@@ -113,9 +137,24 @@ def read_config_file(arg):
     """(path, {key: value}) of a config file's top-level assignments (private names, modules and
     callables left out); arg is a path or a name looked up in config/."""
     path = _config_file(arg)
+    try:
+        with open(path, "rb") as f:
+            src = f.read().decode("utf-8")
+        tree = ast.parse(src, path)
+    except (UnicodeDecodeError, SyntaxError) as e:  # e.g. a data file given where a config file goes
+        where = f"{path}:{e.lineno}" if getattr(e, "lineno", None) else path
+        why = f"syntax error: {e.msg}" if isinstance(e, SyntaxError) else "not UTF-8 text"
+        raise ConfigError(f"{where}: {why} (a config file is Python: key = value)")
+    for node in tree.body:  # `max_steps: 10` (YAML habit) is a bare annotation: it would set nothing
+        if isinstance(node, ast.AnnAssign) and node.value is None:
+            raise ConfigError(f"{path}:{node.lineno}: {ast.get_source_segment(src, node)!r} sets nothing "
+                              "(a config file is Python: key = value)")
     scope = {}
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), scope)
+    try:
+        exec(compile(tree, path, "exec"), scope)
+    except Exception as e:  # the user's file failed, not nvfm: its line and the reason
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
+        raise ConfigError(f"{path}:{line}: {type(e).__name__}: {e}") from e
     return path, {k: v for k, v in scope.items()
                   if not k.startswith("_") and type(v).__name__ != "module" and not callable(v)}
 
@@ -167,13 +206,18 @@ def configure(g, argv=None, verbose=True):
 def _apply(g, argv, verbose):
     settable = _settable(g)
     changed = {}
-    for arg in argv:
+    for i, arg in enumerate(argv):
         if not arg.startswith("--"):
+            prev = argv[i - 1] if i else ""
+            if prev.startswith("--") and "=" not in prev and not os.path.exists(arg):  # `--compile false`
+                key = prev[2:].replace("-", "_")
+                if isinstance(g.get(key), bool) and arg.lower() in _BOOL_WORDS:
+                    raise ConfigError(f"config file not found: {arg} (did you mean {prev}={arg}?)")
             path, values = read_config_file(arg)
             for key, value in values.items():
                 if key not in settable:
                     raise _unknown(key, settable, f"{path}: ")
-                g[key] = changed[key] = _coerce(key, value, g[key])
+                g[key] = changed[key] = _coerce(key, value, g[key], f"{path}: {key}")
             if verbose:
                 print(f"config: applied {path}")
             continue
@@ -183,12 +227,13 @@ def _apply(g, argv, verbose):
             raise _unknown(key, settable)
         if not eq:
             if not isinstance(g[key], bool):
-                raise ConfigError(f"expected --key=value, got {arg!r}")
+                nxt = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else ""
+                hint = f" (did you mean --{key}={'VALUE' if _secret(key) else nxt}?)" if nxt else ""
+                raise ConfigError(f"expected --key=value, got {arg!r}{hint}")
             text = "True"  # a bare bool flag
-        g[key] = changed[key] = _coerce(key, _parse_value(text), g[key])
+        g[key] = changed[key] = _coerce(key, _parse_value(text, g[key]), g[key])
     if verbose and changed:
-        # a salt keys the hashed study / subject ids: never echoed (logs are kept and shared)
-        print("config: " + ", ".join(f"{k}=<hidden>" if k == "salt" or k.endswith("_salt") else f"{k}={v!r}"
+        print("config: " + ", ".join(f"{k}=<hidden>" if _secret(k) else f"{k}={v!r}"
                                      for k, v in changed.items()))
     return changed
 

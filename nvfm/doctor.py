@@ -1,10 +1,12 @@
 """A first-run check of an installation: `python -m nvfm.doctor`.
 
 Prints, one line each: Python; torch and the CUDA it was built for; GPUs (count and memory); the
-compiled extension (built or not, and why not); the optional packages present and missing (with
+compiled extension (built or not, and why not; stale when a csrc/ source changed after the build;
+CUDA kernels that impl='auto' does not run yet); the optional packages present and missing (with
 what each is for); the Debian data the project reads (mricron-data templates, dcm2niix on PATH,
 WordNet for METEOR). Reports only: it changes nothing and always exits 0.
 """
+import glob
 import importlib
 import os
 import shutil
@@ -60,8 +62,12 @@ def torch_lines():
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception as e:
         return lines + [f"gpu: 0 (CUDA not usable: {e})"]
-    if n == 0:
-        lines.append("gpu: 0" + ("" if torch.version.cuda else " (this torch cannot use one)"))
+    if n == 0 and not torch.version.cuda:
+        lines.append("gpu: 0 (this torch cannot use one)")
+    elif n == 0:  # a CUDA build that sees no device: say where to look
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        lines.append(f"gpu: 0 (torch built for CUDA {torch.version.cuda} sees none: no NVIDIA driver or device"
+                     + (f", or CUDA_VISIBLE_DEVICES={hidden!r} hides them)" if hidden is not None else ")"))
     else:
         gpus = []
         for i in range(n):
@@ -82,12 +88,31 @@ def extension_line():
                 "Build it with `pip install --no-build-isolation -e .`")
     cpu = sum(ops.has_kernel(n, "cpu") for n in ops.OPS)
     if ops.cuda_compiled():
-        cuda = f"cuda kernels for {sum(ops.has_kernel(n, 'cuda') for n in ops.OPS)}/{len(ops.OPS)} ops"
+        have = [n for n in ops.OPS if ops.has_kernel(n, "cuda")]
+        cuda = f"cuda kernels for {len(have)}/{len(ops.OPS)} ops"
+        unverified = [n for n in have if not ops.cuda_kernel_trusted(n)]
+        if unverified:  # auto_backend runs the reference for these: "built" alone would claim speed
+            cuda += (f", {len(unverified)} not yet verified on a GPU so impl='auto' runs their PyTorch reference "
+                     "(NVFM_CUDA_KERNELS=1 uses them)")
     else:
         cuda = "CUDA kernels not compiled (no nvcc at build time, or NVFM_CUDA=0)"
     line = f"extension: built (cpu kernels for {cpu}/{len(ops.OPS)} ops; {cuda})"
     problem = ops._problem()
+    newer = newer_sources(ops._C.__file__)
+    if newer:
+        more = f" and {len(newer) - 3} more" if len(newer) > 3 else ""
+        problem = ((problem + "; ") if problem else "") + (
+            f"stale: {', '.join(newer[:3])}{more} changed after the build "
+            "(rebuild: `pip install --no-build-isolation -e .`)")
     return line + (f"; {problem}" if problem else "")
+
+
+def newer_sources(built, root=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
+    """The extension's sources (root/csrc/*.cpp, *.cu, *.h) modified after the file `built` (the
+    compiled library), as paths relative to root; [] when there is no csrc/ (a wheel install)."""
+    when = os.path.getmtime(built)
+    paths = [p for ext in ("cpp", "cu", "h") for p in glob.glob(os.path.join(root, "csrc", f"*.{ext}"))]
+    return sorted(os.path.relpath(p, root) for p in paths if os.path.getmtime(p) > when)
 
 
 def data_lines():

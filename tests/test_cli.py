@@ -273,3 +273,23 @@ def test_encode_records_its_precision_and_refuses_to_mix(tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1 and "bfloat16-autocast" in lines[0] and "float32" in lines[0], r.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_config_mistakes_on_a_real_script_are_one_line_and_write_nothing(tmp_path):
+    """A broken config file was a traceback and exit 2; `--salt=123456` was refused with the salt echoed;
+    `--input=~/in` (bash does not expand ~ after =) was reported as not a directory."""
+    (tmp_path / "bad.py").write_text("max_steps = 10\nlr_peak = (1e-3\n")
+    (tmp_path / "c.yaml").write_text("max_steps: 10\n")
+    out = tmp_path / "run"
+    for cfg, words in (("bad.py", [f"{tmp_path / 'bad.py'}:2: syntax error"]),
+                       ("c.yaml", [f"{tmp_path / 'c.yaml'}:1: 'max_steps: 10' sets nothing"])):
+        r = run("train_jepa.py", tmp_path / cfg, f"--out_dir={out}", cwd=tmp_path)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, (r.returncode, r.stderr)
+        assert all(w in r.stderr for w in words) and not out.exists(), r.stderr
+    home = tmp_path / "home"
+    (home / "in").mkdir(parents=True)
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1", HOME=str(home))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "preprocess.py"), "--input=~/in", f"--output={out}",
+                        "--salt=12345678"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "12345678" not in r.stdout + r.stderr and "expected str" not in r.stderr, r.stderr
+    assert f"input='{home / 'in'}'" in r.stdout and "must be a directory" not in r.stderr, r.stdout + r.stderr

@@ -131,3 +131,110 @@ def test_the_config_line_never_echoes_a_salt(capsys):
     out = capsys.readouterr().out
     assert changed == {"salt": "MY-SECRET-SALT", "hash_salt": "OTHER-SECRET", "lr": 0.5}
     assert "SECRET" not in out and "salt=<hidden>" in out and "lr=0.5" in out, out
+
+
+@pytest.mark.parametrize("arg,key,want", [
+    ("--name=1e3", "name", "1e3"),             # was refused: float 1000.0 for a str setting
+    ("--name=None", "name", "None"),
+    ("--name=123456", "name", "123456"),
+    ("--name=1,2", "name", "1,2"),             # a comma-separated list stays the text the script splits
+    ("--name=True", "name", "True"),
+    ("--name='a b'", "name", "a b"),           # a quoted string is still unquoted
+    ("--name=", "name", ""),
+    ("--lr=-1e-4", "lr", -0.0001),
+    ("--lr=2", "lr", 2.0),
+    ("--batch_size=1e3", "batch_size", 1000),  # a whole number in scientific notation
+    ("--batch_size=-3", "batch_size", -3),
+    ("--compile=no", "compile", False),
+    ("--compile=FALSE", "compile", False),
+    ("--compile=0", "compile", False),
+    ("--betas=[0.5, 0.6]", "betas", (0.5, 0.6)),
+])
+def test_values_as_a_user_types_them(arg, key, want):
+    g = defaults()
+    configure(g, [arg], verbose=False)
+    assert g[key] == want and type(g[key]) is type(want), (g[key], want)
+
+
+@pytest.mark.parametrize("arg,msg", [
+    ("--batch_size=1.5e0", r"--batch_size: expected int like the default 8, got float 1.5"),
+    ("--batch_size=", r"--batch_size: expected int .* got str ''"),
+    ("--compile=", r"--compile: expected a bool \(true/false\), got ''"),
+    ("--compile=2", r"--compile: expected a bool"),
+])
+def test_wrong_types_name_the_key_and_the_expected_type(arg, msg):
+    with pytest.raises(ConfigError, match=msg):
+        configure(defaults(), [arg], verbose=False)
+
+
+def test_a_home_path_is_expanded_but_a_salt_is_not(monkeypatch, tmp_path):
+    """bash leaves `--out_dir=~/runs` as typed (not an assignment): the run would write ./~/runs."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    g = dict(defaults(), salt="")
+    configure(g, ["--name=~/runs/a b", "--salt=~/x"], verbose=False)
+    assert g["name"] == os.path.join(str(tmp_path), "runs", "a b") and g["salt"] == "~/x"
+    configure(g, ["--name=a~/b"], verbose=False)
+    assert g["name"] == "a~/b"
+
+
+def test_a_space_instead_of_equals_suggests_the_flag():
+    with pytest.raises(ConfigError, match=r"got '--batch_size' \(did you mean --batch_size=5\?\)"):
+        configure(defaults(), ["--batch_size", "5"], verbose=False)
+    with pytest.raises(ConfigError, match=r"did you mean --salt=VALUE\?") as e:
+        configure(dict(defaults(), salt=""), ["--salt", "MY-SECRET"], verbose=False)
+    assert "MY-SECRET" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,line,msg", [
+    ("batch_size = 4\nlr = (1e-3\n", 2, r"syntax error: '\(' was never closed"),
+    ("batch_size = 4\n\nlr = lr * 2\n", 3, r"NameError: name 'lr' is not defined"),
+    ("batch_size = 1 // 0\n", 1, r"ZeroDivisionError"),
+    ("batch_size = 4\nlr: 1e-3\n", 2, r"'lr: 1e-3' sets nothing"),  # YAML habit: a bare annotation
+    ("name: my run\n", 1, r"syntax error"),
+    ("batch_size = '4'\n", None, r": batch_size: expected int like the default 8, got str '4'"),
+])
+def test_a_broken_config_file_is_one_error_naming_file_and_line(tmp_path, text, line, msg):
+    cfg = tmp_path / "c.py"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=msg) as e:
+        configure(defaults(), [str(cfg)], verbose=False)
+    assert str(e.value).startswith(f"{cfg}:{line}:" if line else f"{cfg}: ")
+    assert "\n" not in str(e.value)
+
+
+def test_a_data_file_given_as_a_config_file_is_one_error(tmp_path):
+    (tmp_path / "x.npy").write_bytes(bytes([0x93, 0x4e, 0x55, 0x4d, 0xed, 0xff]))  # was UnicodeDecodeError, exit 2
+    (tmp_path / "nul.py").write_bytes(b"batch_size = 4\x00\n")
+    for name, msg in (("x.npy", "not UTF-8 text"), ("nul.py", "null bytes")):
+        with pytest.raises(ConfigError, match=msg) as e:
+            configure(defaults(), [str(tmp_path / name)], verbose=False)
+        assert str(e.value).startswith(str(tmp_path / name))
+
+
+def test_a_wrong_type_never_echoes_a_salt(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("salt = 12345678\n")
+    with pytest.raises(ConfigError, match="expected str") as e:
+        configure({"salt": ""}, [str(cfg)], verbose=False)
+    assert "12345678" not in str(e.value) and "<hidden>" in str(e.value)
+
+
+def test_repeated_keys_the_last_wins_and_is_printed(capsys, tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 4\n")
+    g = defaults()
+    changed = configure(g, ["--batch_size=2", str(cfg), "--lr=1e-3", "--lr=2e-3"])
+    assert g["batch_size"] == 4 and g["lr"] == 2e-3 and changed == {"batch_size": 4, "lr": 2e-3}
+    out = capsys.readouterr().out
+    assert f"config: applied {cfg}" in out and "config: batch_size=4, lr=0.002" in out, out
+
+
+def test_a_bracketed_list_for_a_str_setting_is_refused_with_the_comma_form():
+    with pytest.raises(ConfigError, match=r"--name: expected str .* got list \['a', 'b'\] \(a list is given "
+                                          r"comma-separated: --key=a,b\)"):
+        configure(defaults(), ["--name=['a', 'b']"], verbose=False)
+
+
+def test_a_bool_value_after_a_space_suggests_the_flag():
+    with pytest.raises(ConfigError, match=r"config file not found: false \(did you mean --compile=false\?\)"):
+        configure(defaults(), ["--compile", "false"], verbose=False)

@@ -67,3 +67,63 @@ def test_doctor_reports_missing_debian_data(tmp_path):
     assert lines["mricron-data"].startswith("missing") and "mricron-data" in lines["mricron-data"]
     assert lines["dcm2niix"].startswith("not on PATH")
     assert lines["wordnet"].startswith(("missing", "not checked"))
+
+
+def test_newer_sources_lists_exactly_the_sources_changed_after_the_build(tmp_path):
+    from nvfm import doctor
+    (tmp_path / "csrc").mkdir()
+    built = tmp_path / "_C.so"
+    built.write_text("")
+    os.utime(built, (1000, 1000))
+    for name, t in (("a.cpp", 999), ("b.cu", 1001), ("c.h", 2000), ("README.md", 3000), ("d.cpp", 1000)):
+        (tmp_path / "csrc" / name).write_text("")
+        os.utime(tmp_path / "csrc" / name, (t, t))
+    assert doctor.newer_sources(str(built), root=str(tmp_path)) == ["csrc/b.cu", "csrc/c.h"]
+    assert doctor.newer_sources(str(built), root=str(tmp_path / "no_checkout")) == []
+
+
+def test_doctor_says_stale_when_a_source_changed_after_the_build(tmp_path, monkeypatch):
+    """An edited (or pulled) kernel source that was not rebuilt: the doctor said 'built' and nothing more."""
+    from nvfm import doctor, ops
+    if not ops.extension_loaded():
+        import pytest
+        pytest.skip("the extension is not built here")
+    (tmp_path / "csrc").mkdir()
+    src = tmp_path / "csrc" / "attention.cpp"
+    src.write_text("")
+    later = os.path.getmtime(ops._C.__file__) + 10
+    os.utime(src, (later, later))
+    real = doctor.newer_sources
+    monkeypatch.setattr(doctor, "newer_sources", lambda built: real(built, root=str(tmp_path)))
+    line = doctor.extension_line()
+    assert line.startswith("extension: built") and "stale: csrc/attention.cpp changed after the build" in line, line
+
+
+def test_doctor_does_not_claim_cuda_kernels_that_auto_does_not_run(monkeypatch):
+    """CUDA kernels compiled but not verified on a GPU: impl='auto' runs the reference (ops.auto_backend);
+    the doctor said 'cuda kernels for 10/10 ops' as if they were in use."""
+    from nvfm import doctor, ops
+    if not ops.extension_loaded():
+        import pytest
+        pytest.skip("the extension is not built here")
+    monkeypatch.delenv("NVFM_CUDA_KERNELS", raising=False)
+    monkeypatch.setattr(ops, "cuda_compiled", lambda: True)
+    monkeypatch.setattr(ops, "_HAS_KERNEL", {**ops._HAS_KERNEL, **{(n, "cuda"): True for n in ops.OPS}})
+    on_reference = sum(ops.auto_backend(n, "cuda") == "reference" for n in ops.OPS)
+    line = doctor.extension_line()
+    assert f"cuda kernels for {len(ops.OPS)}/{len(ops.OPS)} ops" in line
+    assert f"{on_reference} not yet verified on a GPU so impl='auto' runs their PyTorch reference" in line, line
+    monkeypatch.setenv("NVFM_CUDA_KERNELS", "1")
+    assert "not yet verified" not in doctor.extension_line()
+
+
+def test_doctor_says_why_a_cuda_torch_sees_no_gpu(monkeypatch):
+    import torch
+    from nvfm import doctor
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    lines = doctor.torch_lines()
+    assert lines[0].endswith("(built for CUDA 12.4)")
+    assert lines[1] == "gpu: 0 (torch built for CUDA 12.4 sees none: no NVIDIA driver or device, " \
+                       "or CUDA_VISIBLE_DEVICES='' hides them)", lines
