@@ -162,17 +162,17 @@ def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="stud
       labels "lesion": every token's lesion label, the very labels the lesion-token probe scores
         (probes.lesion_labels; partial tokens left out, positives weighted by the train set's
         negative/positive ratio): the probe's own ceiling at this compute."""
-    import csv
     from nvfm.data import ShardReader
     from nvfm.model import WINDOWS, normalize_tokens, transformer_flops, volume_windows
+    from nvfm.probe import load_labels
     from nvfm.tokenize import patchify
     reader = ShardReader(shards)
     enc = random_init(like, seed).train()
     if labels == "study":
-        rows = {r["study_key"]: r for r in csv.DictReader(open(os.path.join(shards, "labels.csv")))}
-        classes = [c for c in next(iter(rows.values())) if c not in ("study_key", "study", "modality", "split", "age")]
+        rows, classes = load_labels(os.path.join(shards, "labels.csv"))  # diagnosis columns only (not sex, subject)
+        rows = {r["study_key"]: r for r in rows}
         vols = [i for i, v in enumerate(reader.volumes) if v["split"] == "train" and v["study_key"] in rows]
-        Y = torch.tensor([[float(rows[reader.volumes[i]["study_key"]][c]) for c in classes] for i in vols])
+        Y = torch.tensor([[float(rows[reader.volumes[i]["study_key"]]["y"][c]) for c in classes] for i in vols])
         Y = Y[:, Y.sum(0) > 0]
         head, pos_weight = torch.nn.Linear(enc.dim, Y.shape[1]), None
     elif labels == "lesion":

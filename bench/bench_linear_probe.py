@@ -17,13 +17,14 @@ encode.py; a cache may also be given as an absolute path).
 2. study level, split: per-window mean and std of the tokens, one logistic regression per class,
    fit on train, macro AUROC on val and on test (classes with positives and negatives in both).
 3. study level, cross-validated: the same features, 5-fold stratified CV over all studies,
-   repeated with 3 shuffles, classes with >= 5 positives and >= 5 negatives: macro AUROC. Fold
-   splits are the same for every cache. (Pretraining never sees labels, so using every study
+   repeated with 3 shuffles, classes with >= 5 positives and >= 5 negatives: macro AUROC (a
+   `subject` column in labels.csv keeps a subject's studies in one fold). Fold splits are the
+   same for every cache. (Pretraining never sees labels, so using every study
    here is the usual transductive self-supervised setting.)
+Splits are the shards' own (manifest.json; labels.csv has none when preprocess.py drew them).
 Features are standardized with the training part's mean/std. C (inverse L2 strength) is fixed
 (token probe 1.0, study probes 0.1), never tuned on the scored studies.
 """
-import csv
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from nvfm.data import ShardReader  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
 from nvfm.grounding import lesion_token_cover  # noqa: E402
 from nvfm.monitor import lesion_token_auroc, pooled_study, standardize, study_cv_auroc  # noqa: E402
+from nvfm.probe import load_labels  # noqa: E402
 
 
 def lesion_token_labels(d, reader, rows, cache):
@@ -46,24 +48,26 @@ def lesion_token_labels(d, reader, rows, cache):
     return {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8) for k, (f, _) in cover.items()}
 
 
-def study_probes(cache, rows, classes):
-    """-> ({split: (macro AUROC, n classes)}, (cv macro AUROC, n classes))."""
+def study_probes(cache, rows, classes, split_of):
+    """split_of: {study_key: split} -> ({split: (macro AUROC, n classes)}, (cv macro AUROC, n classes))."""
     keep = [r for r in rows if r["study_key"] in cache]
     X = np.array([pooled_study(cache.study(r["study_key"]), cache.dim) for r in keep])
-    Y = np.array([[int(r[c]) for c in classes] for r in keep])
-    sp = np.array([r["split"] for r in keep])
+    Y = np.array([[r["y"][c] for c in classes] for r in keep]).reshape(len(keep), len(classes))
+    # a subject's studies stay in one CV fold when labels.csv names subjects
+    groups = [r["subject"] or r["study_key"] for r in keep] if any(r["subject"] for r in keep) else None
+    sp = np.array([split_of.get(r["study_key"], "") for r in keep])
     res = {}
     for ev in ("val", "test"):
         aucs = []
         Xtr, Xev = standardize(X[sp == "train"], X[sp == ev])
         for j in range(len(classes)):
             ytr, yev = Y[sp == "train", j], Y[sp == ev, j]
-            if ytr.min() == ytr.max() or yev.min() == yev.max():
+            if len(np.unique(ytr)) < 2 or len(np.unique(yev)) < 2:  # also a split without studies (a small cohort)
                 continue
             m = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, ytr)
             aucs.append(roc_auc_score(yev, m.decision_function(Xev)))
         res[ev] = (float(np.mean(aucs)) if aucs else float("nan"), len(aucs))
-    return res, study_cv_auroc(X, Y)
+    return res, study_cv_auroc(X, Y, groups=groups)
 
 
 class _Study:
@@ -77,15 +81,15 @@ class _Study:
 
 
 def main(d, names):
-    rows = list(csv.DictReader(open(f"{d}/shards/labels.csv")))
-    classes = [c for c in rows[0] if c not in ("study_key", "study", "modality", "split", "age")]
-    split_of = {r["study_key"]: r["split"] for r in rows}
+    rows, classes = load_labels(f"{d}/shards/labels.csv")  # diagnosis columns only (not sex, subject, ...)
     findings = [json.loads(line) for line in open(f"{d}/shards/findings.jsonl") if line.strip()]
     reader = ShardReader(f"{d}/shards")
+    # the shards' own splits: labels.csv has no split column when preprocess.py drew them from the study key
+    split_of = {v["study_key"]: v["split"] for v in reader.volumes}
     caches = [FeatureCache(n if os.path.isabs(n) else f"{d}/{n}") for n in names]
     # each cache labelled on its own token grid (caches of another token rule or crop have other tokens)
     per_cache = [lesion_token_labels(d, reader, findings, c) if os.path.isdir(f"{d}/cohort/gt") else {} for c in caches]
-    print(f"{len(rows)} studies ({sum(v == 'train' for v in split_of.values())} train), "
+    print(f"{len(split_of)} studies ({sum(v == 'train' for v in split_of.values())} train), "
           f"{sum(int((y == 1).sum()) for y in per_cache[0].values())} lesion tokens ({names[0]})")
     for name, cache, labels in zip(names, caches, per_cache):
         line = f"{name}:"
@@ -93,7 +97,7 @@ def main(d, names):
             auc, ci, n, npos = lesion_token_auroc(_Study(cache), labels, split_of, n_boot=1000)
             lo, hi = ci or (float("nan"), float("nan"))
             line += f" lesion-token AUROC {auc:.3f} [{lo:.3f}, {hi:.3f}] ({n} val+test tokens, {npos} lesion) |"
-        split, (cv, ncv) = study_probes(cache, rows, classes)
+        split, (cv, ncv) = study_probes(cache, rows, classes, split_of)
         line += (f" study macro AUROC val {split['val'][0]:.3f} ({split['val'][1]}) test {split['test'][0]:.3f} "
                  f"({split['test'][1]}) | 5-fold CV {cv:.3f} ({ncv} classes)")
         print(line, flush=True)

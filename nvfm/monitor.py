@@ -39,10 +39,12 @@ for the second (used by the benchmark):
      (CSF-filled ventricles) and bright (acute blood) alike; this one asks a direction per kind,
      as a probe per finding would;
    - `study_auroc`: per-window mean and std pooling of the tokens, one logistic regression per
-     class, 5-fold stratified CV over the set's studies (repeated with 3 shuffles, the AUROC of each
-     repeat's out-of-fold scores averaged), macro AUROC over classes with >= 5
-     positives and >= 5 negatives (pretraining never sees labels, so using every study is
-     the usual transductive self-supervised setting).
+     class (labels.csv's diagnosis columns, nvfm.probe.load_labels), 5-fold stratified CV over
+     the set's studies (repeated with 3 shuffles, the AUROC of each repeat's out-of-fold scores
+     averaged), macro AUROC over classes with >= 5 positives and >= 5 negatives; where labels.csv
+     has a `subject` column, a subject's studies stay in one fold and the counts are of subjects
+     (pretraining never sees labels, so using every study is the usual transductive
+     self-supervised setting).
    Features are standardised with the fitting part's mean and std; C is fixed (token 1.0,
    study 0.1), never tuned on the scored studies.
 
@@ -53,7 +55,6 @@ for the second (used by the benchmark):
    instead of the linear probe. It says how much of a token label its own intensities give to
    a nonlinear classifier, so what a linear probe on an encoder's features leaves on the table.
 """
-import csv
 import json
 import os
 import zlib
@@ -71,12 +72,13 @@ MIN_KIND_POSITIVES = 20  # scored lesion tokens a diagnosis needs for its own le
 
 @torch.no_grad()
 def effective_rank(x, max_rows=4096):
-    """exp(entropy of the normalised covariance spectrum) of features x (N, D); NaN for N < 2.
+    """exp(entropy of the normalised covariance spectrum) of features x (N, D); NaN for N < 2 or
+    non-finite features.
     At most `max_rows` rows are used (evenly spaced), so the cost is bounded on big batches."""
     x = torch.as_tensor(x).detach().float()
     if x.shape[0] > max_rows:
         x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
-    if x.shape[0] < 2:
+    if x.shape[0] < 2 or not bool(torch.isfinite(x).all()):  # a diverged run's NaN features: no figure, no crash
         return float("nan")
     s = torch.linalg.svdvals(x - x.mean(0))
     p = s.pow(2)
@@ -149,13 +151,16 @@ class CollapseWatch:
     """Warns (once per episode) when the student's effective rank falls below `threshold` x the
     rank it had on the first batch (`initial`: that rank, given when a run resumes). `update(rank,
     share=None)` returns the warning text or None;
-    `share` (an `intensity_share`) is quoted in it when given."""
+    `share` (an `intensity_share`) is quoted in it when given. A NaN rank (non-finite features)
+    is skipped: it neither sets the reference nor ends an episode."""
 
     def __init__(self, threshold=0.25, initial=None):
         self.threshold, self.initial, self.warned = threshold, initial, False
 
     def update(self, rank, share=None):
-        if self.initial is None:
+        if not np.isfinite(rank):  # a NaN reference would silence the watch for the whole run
+            return None
+        if self.initial is None or not np.isfinite(self.initial):
             self.initial = rank
             return None
         low = rank < self.threshold * self.initial
@@ -273,22 +278,28 @@ def pooled_study(ents, dim):
     return np.concatenate(out)
 
 
-def study_cv_auroc(X, Y, folds=5, repeats=3, min_count=5):
+def study_cv_auroc(X, Y, folds=5, repeats=3, min_count=5, groups=None):
     """Macro AUROC of per-class logistic regressions, `folds`-fold stratified CV repeated `repeats`
     times, over classes with >= min_count positives and negatives. X (S, F), Y (S, C) 0/1.
-    Returns (macro AUROC or NaN, n classes)."""
+    groups: (S,) subject of each study, or None (every study its own): a subject's studies stay in
+    one fold (StratifiedGroupKFold), and a class needs >= min_count subjects with a positive study
+    and >= min_count with a negative one. Returns (macro AUROC or NaN, n classes)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    g = np.arange(len(X)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
     aucs = []
     for j in range(Y.shape[1]):
         y = Y[:, j]
-        if y.sum() < min_count or len(y) - y.sum() < min_count:
+        if len(np.unique(g[y == 1])) < min_count or len(np.unique(g[y == 0])) < min_count:
             continue
         reps = []
         for rep in range(repeats):
             s = np.zeros(len(y))
-            for tr, te in StratifiedKFold(folds, shuffle=True, random_state=rep).split(X, y):
+            # a subject's studies on both sides of a fold would score memory of the subject, not features
+            split = (StratifiedKFold(folds, shuffle=True, random_state=rep).split(X, y) if groups is None
+                     else StratifiedGroupKFold(folds, shuffle=True, random_state=rep).split(X, y, g))
+            for tr, te in split:
                 Xtr, Xte = standardize(X[tr], X[te])
                 s[te] = LogisticRegression(C=0.1, max_iter=3000).fit(Xtr, y[tr]).decision_function(Xte)
             reps.append(roc_auc_score(y, s))
@@ -321,22 +332,25 @@ class ProbeSet:
         # the shards' own token rule (what training reads: --preset=neurovfm shards keep all-foreground tokens)
         self.max_tokens = max_tokens
         self.min_fg = min_fg_fraction if min_fg_fraction is not None else self.reader.manifest.get("min_fg_fraction")
+        from nvfm.probe import load_labels  # diagnosis columns only: sex, subject, age ... are not classes
         labels_path = os.path.join(shards, "labels.csv")
-        rows = list(csv.DictReader(open(labels_path))) if os.path.exists(labels_path) else []
+        rows, classes = load_labels(labels_path) if os.path.exists(labels_path) else ([], [])
         keys = sorted({v["study_key"] for v in self.reader.volumes})
         if max_studies and len(keys) > max_studies:
             keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_studies).round().astype(int)]
         self.keys = keys
         self.by_study = {k: [i for i, v in enumerate(self.reader.volumes) if v["study_key"] == k] for k in keys}
         self.split_of = {v["study_key"]: v["split"] for v in self.reader.volumes}
-        classes = [c for c in (rows[0] if rows else {}) if c not in ("study_key", "study", "modality", "split", "age")]
         row_of = {r["study_key"]: r for r in rows}
         self.labelled = [k for k in keys if k in row_of]
-        if token_task and (not rows or token_task not in rows[0]):
+        if token_task and token_task not in classes:
             raise ValueError(f"{labels_path}: no column {token_task!r}")
-        self.token_task = {k: int(row_of[k][token_task]) for k in self.labelled} if token_task else None
-        self.Y = np.array([[int(row_of[k][c]) for c in classes] for k in self.labelled], np.int64).reshape(
+        self.token_task = {k: row_of[k]["y"][token_task] for k in self.labelled} if token_task else None
+        self.Y = np.array([[row_of[k]["y"][c] for c in classes] for k in self.labelled], np.int64).reshape(
             len(self.labelled), len(classes))
+        # the study CV keeps a subject's studies in one fold when labels.csv names subjects
+        self.subjects = ([row_of[k]["subject"] or k for k in self.labelled]
+                         if any(row_of[k]["subject"] for k in self.labelled) else None)
         self.token_labels, self.token_kinds, self.cohort, self.findings = None, None, None, []
         findings_path = os.path.join(shards, "findings.jsonl")
         if cohort and os.path.isdir(os.path.join(cohort, "gt")) and os.path.exists(findings_path):
@@ -400,7 +414,7 @@ class ProbeSet:
                 entries, labels, self.token_kinds, self.split_of, classifier=classifier)
         if self.scores_studies:
             X = np.stack([pooled_study(entries[k], allx.shape[1]) for k in self.labelled])
-            res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y)
+            res["study_auroc"], res["study_classes"] = study_cv_auroc(X, self.Y, groups=self.subjects)
         return res
 
     def __call__(self, encoder, n_boot=0, classifier="linear"):

@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from nvfm.model import WINDOWS
-from nvfm.monitor import (brightness_residual, content_loss, effective_rank, intensity_share, lesion_kind_auroc,
+from nvfm.monitor import (CollapseWatch, brightness_residual, content_loss, effective_rank, intensity_share, lesion_kind_auroc,
                           lesion_token_auroc, pooled_study, study_cv_auroc, token_statistics)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -418,3 +418,215 @@ def test_linear_probe_bench_labels_each_cache_on_its_own_tokens(tmp_path, capsys
         lines[len(names)] = [ln for ln in out.splitlines() if ln.startswith("features_strict:")][0]
     assert lines[1] == lines[2]
     assert "(0 val+test tokens" not in lines[2]
+
+
+# ----------------------------------------------------------------------------- subjects, label columns, NaN ranks
+
+def grouped_cv_brute(X, y, subjects, repeats=3):
+    """scikit-learn's StratifiedGroupKFold (5 folds, 3 shuffles), standardised on each training part, C = 0.1."""
+    from sklearn.model_selection import StratifiedGroupKFold
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+    return np.mean([roc_auc_score(y, cross_val_predict(model, X, y, groups=subjects, method="decision_function",
+                                                       cv=StratifiedGroupKFold(5, shuffle=True, random_state=r)))
+                    for r in range(repeats)])
+
+
+def subject_twins(seed, n_subjects=24, per=3, dim=200):
+    """Studies of a subject share their features (the subject's own vector + a little noise); the
+    labels are drawn per subject and carry no signal beyond who the subject is."""
+    rng = np.random.default_rng(seed)
+    subj = np.repeat(np.arange(n_subjects), per)
+    X = rng.normal(size=(n_subjects, dim))[subj] + 0.3 * rng.normal(size=(n_subjects * per, dim))
+    Y = (rng.random((n_subjects, 2)) < 0.45).astype(int)[subj]
+    return X, Y, subj
+
+
+def test_study_cv_auroc_keeps_a_subjects_studies_in_one_fold():
+    """With a subject's studies on both sides of a fold, labels without signal scored ~1.0 (the
+    probe recognises the subject); grouped, the figure is scikit-learn's StratifiedGroupKFold's."""
+    X, Y, subj = subject_twins(0)
+    assert study_cv_auroc(X, Y)[0] > 0.95  # what ungrouped folds score: memory of the subject
+    got, n = study_cv_auroc(X, Y, groups=[f"s{s:03d}" for s in subj])  # names sort as the numbers do
+    want = [grouped_cv_brute(X, Y[:, j], subj) for j in range(2)]
+    assert n == 2 and got == pytest.approx(np.mean(want), abs=1e-6)
+    assert abs(got - 0.5) < 0.2
+    # a class needs >= 5 subjects on each side: 6 positive studies of 2 subjects are too few
+    y = (subj < 2).astype(int)
+    assert study_cv_auroc(X, y[:, None])[1] == 1 and study_cv_auroc(X, y[:, None], groups=subj) == (
+        pytest.approx(np.nan, nan_ok=True), 0)
+
+
+def test_probe_set_reads_only_diagnosis_columns_and_groups_by_subject(tmp_path):
+    """preprocess.py keeps `sex` and `subject` in labels.csv: they are not classes (ProbeSet failed on
+    int('M'), and counted a 0/1 sex as a diagnosis), and the study CV keeps a subject's studies in one
+    fold; against the grouped scikit-learn brute force on per-window mean/std pooled by hand."""
+    import csv
+
+    from nvfm.loader import write_synthetic_shards
+    from nvfm.model import Encoder, EncoderConfig
+    from nvfm.monitor import ProbeSet
+    shards = write_synthetic_shards(str(tmp_path / "s"), n=24, seed=0, shape=(8, 48, 48))
+    keys = sorted({v["study_key"] for v in ProbeSet(shards).reader.volumes})
+    subject = {k: (f"{i // 2:08x}" if i < 20 else "") for i, k in enumerate(keys)}  # the last 4: no subject given
+    a = {k: (i // 2) % 2 for i, k in enumerate(keys)}
+    with open(tmp_path / "s" / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_key", "study", "split", "age", "sex", "subject", "a"])
+        w.writerows([k, f"demo-{i}", "train", 50 + i, "MF"[i % 2], subject[k], a[k]] for i, k in enumerate(keys))
+    probes = ProbeSet(shards)
+    assert probes.Y.shape == (24, 1)
+    torch.manual_seed(0)
+    entries = probes.embed(Encoder(EncoderConfig.preset("tiny")).eval())
+    got = probes.score(entries)
+    X, e_dim = [], 96
+    for k in probes.labelled:
+        feats = []
+        for win in WINDOWS:
+            e = [x["emb"] for x in entries[k] if x["window"] == win]
+            v = np.concatenate(e).astype(np.float64) if e else np.zeros((1, e_dim))
+            feats += [v.mean(0), v.std(0)]
+        X.append(np.concatenate(feats))
+    groups = [subject[k] or k for k in probes.labelled]
+    want = grouped_cv_brute(np.array(X), np.array([a[k] for k in probes.labelled]), groups)
+    assert got["study_classes"] == 1 and got["study_auroc"] == pytest.approx(want, abs=1e-4)
+
+
+def test_effective_rank_and_collapse_watch_on_non_finite_features():
+    """A diverged run's NaN features: the rank is NaN (linalg.svdvals raised LinAlgError, a traceback
+    at the log step), and a NaN rank neither becomes the watch's reference (a NaN step-1 rank
+    silenced the warning for the whole run) nor ends an episode."""
+    x = torch.randn(50, 8)
+    x[3, 2] = float("nan")
+    assert np.isnan(effective_rank(x))
+    watch = CollapseWatch(0.25)
+    out = [watch.update(r) for r in (float("nan"), 20.0, 6.0, 4.0, float("nan"), 3.0, 6.0, 2.0)]
+    assert watch.initial == 20.0
+    assert [o is not None for o in out] == [False, False, False, True, False, False, False, True]
+    assert "0.20x its initial 20.0" in out[3]
+    resumed = CollapseWatch(0.25, initial=float("nan"))  # a checkpoint that stored a NaN reference
+    assert resumed.update(12.0) is None and resumed.update(2.0) is not None
+
+
+def labelled_synthetic_shards(path, n=24, split_column=True, splits=("train", "val", "test")):
+    """Synthetic shards (splits in the manifest: `splits` by fours, in turn) whose labels.csv has
+    preprocess.py's meta columns (study, split unless not split_column, age, sex coded 0/1, subject
+    as a salted hash) beside one diagnosis 'a'; subjects of two studies (the last four without one).
+    -> (shards, keys in study-key order, {key: subject}, {key: a})."""
+    import csv
+
+    from nvfm.loader import synthetic_volume, write_shards
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(n):
+        rec, data, mask = synthetic_volume(rng, "MR" if i % 2 == 0 else "CT", (8, 48, 48), f"synthetic-{i:02d}")
+        rec["split"] = splits[i // 4 % len(splits)]
+        items.append((rec, data, mask))
+    shards = write_shards(str(path), items)
+    keys = [rec["study_key"] for rec, _, _ in items]
+    assert keys == sorted(keys)
+    subject = {k: (f"{zlib.crc32(str(i // 2).encode()):08x}" if i < n - 4 else "") for i, k in enumerate(keys)}
+    a = {k: (i // 2) % 2 for i, k in enumerate(keys)}
+    with open(os.path.join(shards, "labels.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["study_key", "study"] + ["split"] * split_column + ["age", "sex", "subject", "a"])
+        w.writerows([k, f"demo-{i}"] + [rec["split"]] * split_column + [50 + i, i % 2, subject[k], a[k]]
+                    for i, (k, (rec, _, _)) in enumerate(zip(keys, items)))
+    open(os.path.join(shards, "findings.jsonl"), "w").close()
+    return shards, keys, subject, a
+
+
+def test_linear_probe_bench_reads_only_diagnosis_columns_and_groups_by_subject(tmp_path, capsys):
+    """bench_linear_probe.py on labels.csv with `sex` / `subject` columns: it failed on the subject
+    hash (int('f4db...')). A cache whose studies of one subject share their features and whose
+    labels carry nothing else: the 5-fold CV figure is the subject-grouped scikit-learn brute force
+    (~0.5), not the ungrouped folds' memory of the subject."""
+    from conftest import load_bench
+    from nvfm.features import FeatureWriter
+    shards, keys, subject, a = labelled_synthetic_shards(tmp_path / "shards")
+    rng = np.random.default_rng(3)
+    person = rng.normal(size=(len(keys) // 2, 96))
+    X = []
+    with FeatureWriter(str(tmp_path / "features"), "test", 96) as w:
+        for i, k in enumerate(keys):
+            study = person[i // 2] + 0.3 * rng.normal(size=96)
+            emb = (study + 0.01 * rng.normal(size=(6, 96))).astype(np.float16)
+            w.add(k, [dict(volume_id=f"v{i}", window="brain", modality="CT", coords=np.zeros((6, 3)), emb=emb)])
+            e = emb.astype(np.float64)
+            X.append(np.concatenate([v for win in WINDOWS for v in ((e.mean(0), e.std(0)) if win == "brain"
+                                                                    else (np.zeros(96), np.zeros(96)))]))
+    y = np.array([a[k] for k in keys])
+    assert study_cv_auroc(np.array(X), y[:, None])[0] > 0.9  # ungrouped folds: the subject recognised
+    want = grouped_cv_brute(np.array(X), y, [subject[k] or k for k in keys])
+    load_bench("bench_linear_probe").main(str(tmp_path), ["features"])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("features:")][0]
+    assert f"5-fold CV {want:.3f} (1 classes)" in line and abs(want - 0.5) < 0.25
+
+
+def test_curve_supervised_bound_trains_on_diagnosis_columns_only(curve, tmp_path, monkeypatch):
+    """The study-label bound's targets are the diagnosis columns: it failed on the subject hash, and
+    a 0/1 `sex` column was a class it trained on."""
+    from nvfm.model import Encoder, EncoderConfig
+    shards, _, _, _ = labelled_synthetic_shards(tmp_path / "shards")
+    targets = []
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits, target, **kw):
+        targets.append(target.shape)
+        return bce(logits, target, **kw)
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits", spy)
+    curve.supervised_bound(shards, Encoder(EncoderConfig.preset("tiny")), flops=1.0, batch=4)
+    assert targets == [(4, 1)]
+
+
+def test_linear_probe_bench_scores_a_cohort_without_test_studies(tmp_path, capsys):
+    """A split without studies (a small cohort with no 'test' study) is a NaN figure of 0 classes, not
+    a traceback (yev.min() of an empty split); the val figure is scikit-learn's fit on train."""
+    import csv
+
+    from conftest import load_bench
+    from nvfm.features import FeatureWriter
+    shards, keys, _, a = labelled_synthetic_shards(tmp_path / "shards", splits=("train", "val"))
+    rows = list(csv.DictReader(open(os.path.join(shards, "labels.csv"))))
+    rng = np.random.default_rng(0)
+    X = []
+    with FeatureWriter(str(tmp_path / "features"), "test", 8) as w:
+        for i, k in enumerate(keys):
+            emb = (rng.normal(size=(4, 8)) + 0.3 * a[k]).astype(np.float16)
+            w.add(k, [dict(volume_id=f"v{i}", window="brain", modality="CT", coords=np.zeros((4, 3)), emb=emb)])
+            e = emb.astype(np.float64)
+            X.append(np.concatenate([e.mean(0), e.std(0)]))
+    X, y = np.array(X), np.array([a[k] for k in keys])
+    split = np.array([r["split"] for r in rows])
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
+    want = roc_auc_score(y[split == "val"], model.fit(X[split == "train"], y[split == "train"]).decision_function(
+        X[split == "val"]))
+    load_bench("bench_linear_probe").main(str(tmp_path), ["features"])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("features:")][0]
+    assert f"study macro AUROC val {want:.3f} (1) test nan (0)" in line
+
+
+def test_linear_probe_bench_takes_the_splits_from_the_shards(tmp_path, capsys):
+    """preprocess.py draws the splits from the study key when labels.csv has no split column, and then
+    writes none: the bench read splits from labels.csv, found no train study and printed
+    'val nan (0) test nan (0)'. Against scikit-learn fit on the manifest's train studies."""
+    from conftest import load_bench
+    from nvfm.data import ShardReader
+    from nvfm.features import FeatureWriter
+    shards, keys, _, a = labelled_synthetic_shards(tmp_path / "shards", split_column=False)
+    split_of = {v["study_key"]: v["split"] for v in ShardReader(shards).volumes}
+    rng = np.random.default_rng(1)
+    X = []
+    with FeatureWriter(str(tmp_path / "features"), "test", 8) as w:
+        for i, k in enumerate(keys):
+            emb = (rng.normal(size=(4, 8)) + 0.5 * a[k]).astype(np.float16)
+            w.add(k, [dict(volume_id=f"v{i}", window="brain", modality="CT", coords=np.zeros((4, 3)), emb=emb)])
+            e = emb.astype(np.float64)
+            X.append(np.concatenate([e.mean(0), e.std(0)]))
+    X, y, split = np.array(X), np.array([a[k] for k in keys]), np.array([split_of[k] for k in keys])
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(X[split == "train"],
+                                                                                         y[split == "train"])
+    want = {ev: roc_auc_score(y[split == ev], model.decision_function(X[split == ev])) for ev in ("val", "test")}
+    load_bench("bench_linear_probe").main(str(tmp_path), ["features"])
+    out = capsys.readouterr().out
+    assert "24 studies (8 train)" in out
+    assert f"study macro AUROC val {want['val']:.3f} (1) test {want['test']:.3f} (1)" in out
