@@ -100,6 +100,8 @@ progress = True  # tqdm progress bars
 # -----------------------------------------------------------------------------
 DEFAULT_SALT = dicom.DEFAULT_SALT  # the salt rules live in nvfm/dicom.py (shared with nvfm/benchmarks.py)
 resolve_salt = dicom.resolve_salt
+# a study without a split in labels.csv / findings.jsonl: by its subject's salted hash when labels.csv
+# has a subject (a subject's studies share a split: none is trained on and scored), else its own key
 SPLIT_BINS = (("train", 8), ("val", 1), ("test", 1))  # of 10
 UNREADABLE_DIR = "unreadable directory"  # a file failure that is a directory: no file of the ledger
 # voxel rules per --preset (nvfm/volume.py) and the token rule each defaults to; recorded as
@@ -172,10 +174,12 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
     `extra_columns`; the rest are dropped with a warning. written_splits: {study_key: split}
     of the volumes already in the output's manifest: a labels/findings file that puts one of
     them in another split is refused before either file is replaced.
-    Returns ({study_key: split} from the labels (or findings) split column, set of all keys)."""
+    Returns ({study_key: split} from the labels (or findings) split column, else, for a labels
+    row with a subject, its subject's hash_split (a study already in written_splits keeps its
+    split); set of all keys)."""
     from nvfm.ontology import ALL_DIAGNOSES
     extra = {c.strip() for c in extra_columns if c.strip()}
-    splits, keys, source, moves = {}, set(), {}, []
+    splits, keys, source, moves, by_subject = {}, set(), {}, [], {}
     if labels_path:
         with open(labels_path, newline="") as f:
             rd = csv.DictReader(f)
@@ -200,6 +204,7 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
                        for k in kept}
                 if out.get("subject"):
                     out["subject"] = dicom.subject_key(out["subject"], salt)
+                    by_subject[key] = hash_split(out["subject"])
                 w.writerow(out)
         moves.append((tmp, os.path.join(out_dir, "labels.csv")))
     if findings_path:
@@ -238,6 +243,9 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
         raise SystemExit(f"preprocess: {source[moved]}: study {moved} is in split {splits[moved]!r} there, but its "
                          f"volumes in {os.path.join(out_dir, 'manifest.json')} are in split {written_splits[moved]!r}: "
                          f"use a new --output for other splits")
+    for key, split in by_subject.items():  # no split given: the subject's (a study already written keeps its own)
+        if key not in splits:
+            splits[key] = (written_splits or {}).get(key, split)
     for tmp, dst in moves:
         os.replace(tmp, dst)
     return splits, keys

@@ -661,3 +661,34 @@ def test_rerun_of_a_finished_output_warns_about_files_added_to_done_studies(tmp_
     preprocess.run(str(inp), out, n_workers=1, cfg_progress=False)
     o = capsys.readouterr()
     assert f"--input now lists {n_now} files, the finished output accounts for {n_now - 1}" in o.out + o.err
+
+
+def test_a_subjects_studies_share_a_split_when_labels_give_none(tmp_path):
+    """labels.csv with a subject column and no split: each study's split was hashed from its own
+    key, so one subject's studies landed in train and in val / test (a probe scored on a subject
+    it was trained on). Now a subject's studies share one split, its salted subject hash's; an
+    explicit split (labels or findings) still wins, and studies without a subject keep their own."""
+    from nvfm import dicom
+    salt = "s3cret"
+    rows = [dict(study_uid=f"1.2.{i}", subject=f"P{i // 4}") for i in range(80)]
+    rows += [dict(study_uid="9.9.1", subject="P0", split="test"), dict(study_uid="9.9.2", subject="")]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["study_uid", "subject", "split"])
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "out"
+    out.mkdir()
+    splits, keys = preprocess.rekey_labels(str(tmp_path / "labels.csv"), "", str(out), salt)
+    by_subject = {}
+    for r in rows[:80]:
+        by_subject.setdefault(r["subject"], set()).add(splits[dicom.study_key(r["study_uid"], salt)])
+    assert all(len(v) == 1 for v in by_subject.values()), by_subject
+    assert {next(iter(v)) for v in by_subject.values()} == {"train", "val", "test"}   # 20 subjects spread
+    assert all(v == {preprocess.hash_split(dicom.subject_key(s, salt))} for s, v in by_subject.items())
+    assert splits[dicom.study_key("9.9.1", salt)] == "test"
+    assert dicom.study_key("9.9.2", salt) not in splits   # no subject: hashed from its own key later
+    # the rule the split came from, by hand: study-key hashing would have split some subject
+    own = {}
+    for r in rows[:80]:
+        own.setdefault(r["subject"], set()).add(preprocess.hash_split(dicom.study_key(r["study_uid"], salt)))
+    assert any(len(v) > 1 for v in own.values())
