@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-shards = ""            # preprocessed shard directory (preprocess.py --out)
+shards = ""            # preprocessed shard directory (preprocess.py --output)
 encoder = ""           # encoder .safetensors, or "random:<size>" for a random-initialised encoder
 out = ""               # feature cache directory
 split = "all"          # "all" or comma-separated splits, e.g. "train,val"

@@ -732,8 +732,8 @@ if master and eval_keys and stage == 2:
               f"triage acc {m['triage_accuracy']:.3f}  laterality err {m['laterality_error_rate']:.3f}  "
               f"hallucination {m['hallucination_rate']:.3f}  urgent omission {m['urgent_omission_rate']:.3f}  "
               f"JSON ok {m.get('parse_ok_rate', float('nan')):.2f}")
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(jsonable(metrics), f, indent=1, default=str)   # NaN (undefined) -> null, as evaluate.py writes
+    # NaN (undefined) -> null, as evaluate.py writes
+    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(jsonable(metrics), indent=1, default=str))
     print(f"generation: {sec_per_study:.3f} s/study on {device}; wrote {out_dir}/metrics.json")
 
 if ddp:

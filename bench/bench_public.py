@@ -1,4 +1,4 @@
-r"""One public benchmark from your local copy of the dataset to the paper's table rows (issue 25).
+r"""One public benchmark from your local copy of the dataset to the paper's table rows.
 
     python bench/bench_public.py --dataset=openbhb --root=/data/openBHB \
         --encoders=out/jepa/encoder.safetensors,random:vitb

@@ -1,5 +1,5 @@
 r"""The paper's public benchmarks from a user's local copy of each dataset -> labels for
-`train_probe.py --protocol=paper` (issue 25).
+`train_probe.py --protocol=paper`.
 
     python -m nvfm.benchmarks --dataset=openbhb --root=/data/openBHB --out=bench/openbhb
     python preprocess.py --input=bench/openbhb/images --output=bench/openbhb/shards

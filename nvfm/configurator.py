@@ -347,7 +347,11 @@ def help_text(g):
     settable = _settable(g)
     shown = {k for k in settable if not k.isupper()}  # CONSTANTS stay settable but are not settings
     path = g.get("__file__")
-    prog = os.path.basename(path) if path else _prog()
+    spec = g.get("__spec__")  # run as `python -m nvfm.x`: its module name, not the file's
+    if spec is not None and spec.name.startswith("nvfm."):
+        prog = f"-m {spec.name}"
+    else:
+        prog = os.path.basename(path) if path else _prog()
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
     parts = [f"usage: python {prog} [CONFIG.py ...] [--key=value ...]   (-h, --help: this text)"]
     doc = (g.get("__doc__") or "").strip()

@@ -27,7 +27,7 @@ stays whole until the first study is added, so a run that fails before that lose
 probe trained on one cache refuses to run on a cache with another hash.
 
 Precision: the same encoder gives other features in float32 (CPU) than under CUDA bfloat16
-autocast (model.encode_study; ~1e-2 apart, 10x the float16 storage step), so "precision"
+autocast (model.encode_study; ~14x the float16 storage step apart), so "precision"
 (`encode_precision(device)`) records how the cached studies were computed and a writer with
 another precision refuses to add to the cache: a CPU-started cache resumed on a GPU would
 otherwise mix the two silently. Caches written before the field existed have none
