@@ -2,8 +2,8 @@
 #   make demo   install everything, then run the whole pipeline on the embedded demo cohort
 #   make test   install everything, then run the test suite
 #
-# TORCH: the torch requirement to install. The default is the CPU build that this project's
-# CI uses. On a GPU node with your own CUDA torch already installed: make demo TORCH=
+# TORCH: the torch requirement to install (the version CI uses; pip picks the build for the
+# machine, the CPU build where its index has only that). On a GPU node with your own CUDA torch already installed: make demo TORCH=
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= demo_out
