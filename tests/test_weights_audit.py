@@ -388,8 +388,11 @@ def test_precision_is_recorded_and_a_mix_is_refused(tmp_path):
     assert "2 cached studies were written before the precision was recorded" in w.note
     w.close()
     assert "precision" not in json.loads((p / "index.json").read_text())  # not recorded as if known
-    empty = tmp_path / "empty"
-    F.FeatureWriter(str(empty), "h", 8).close()   # unknown precision, no studies yet
+    empty = tmp_path / "empty"   # a cache of an earlier version with no studies yet: unknown precision
+    empty.mkdir()
+    (empty / "index.json").write_text(json.dumps(dict(idx, studies={}, rows=0)))
+    for name in ("emb.f16", "coords.i32"):
+        (empty / name).write_bytes(b"")
     with F.FeatureWriter(str(empty), "h", 8, precision="float32") as w:
         assert w.note is None
     assert F.FeatureCache(str(empty)).precision == "float32"
