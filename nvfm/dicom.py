@@ -414,10 +414,18 @@ def _read_dataset(path, stop_before_pixels):
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
     except Exception as e:  # garbage parsed as tags
-        raise SeriesError("not a DICOM file") from e
+        raise _not_dicom(path) from e
     if "SOPClassUID" not in ds and "StudyInstanceUID" not in ds:
-        raise SeriesError("not a DICOM file")
+        raise _not_dicom(path)
     return ds
+
+
+def _not_dicom(path):
+    """The SeriesError of a file that is no DICOM: an Analyze / NIfTI-pair half says what it is."""
+    name = str(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", "")).lower()
+    if name.endswith((".hdr", ".img", ".hdr.gz", ".img.gz")):
+        return SeriesError("Analyze or NIfTI-pair file (.hdr/.img): not read, convert the pair to one .nii")
+    return SeriesError("not a DICOM file")
 
 
 def scan_dicom(root, rel, salt=""):

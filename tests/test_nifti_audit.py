@@ -204,3 +204,15 @@ def test_spatial_units_are_read_in_mm(tmp_path, unit, factor):
     want = [(21.6, 25.2, -30.0 + 5.0 * k) for k in range(SHAPE[2])]  # LPS: x and y of RAS negated, by hand
     got = sorted(map(tuple, np.asarray(st.origins, float)), key=lambda o: o[2])
     assert np.allclose(got, want, atol=1e-4)
+
+
+def test_an_analyze_pair_is_named_not_called_a_non_dicom_file(tmp_path):
+    """Both halves of an Analyze / NIfTI-pair image (.hdr + .img) failed as 'not a DICOM file', which
+    sent users looking for a broken DICOM export; each now says what it is and what to do."""
+    nib.save(nib.AnalyzeImage(_head(), np.diag([0.9, 0.9, 5.0, 1.0])), str(tmp_path / "head.img"))
+    assert sorted(os.listdir(tmp_path)) == ["head.hdr", "head.img"]
+    for name in ("head.hdr", "head.img"):
+        err = dicom.scan_dicom(str(tmp_path), name)["error"]
+        assert err.startswith("Analyze or NIfTI-pair file (.hdr/.img)"), err
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert dicom.scan_dicom(str(tmp_path), "notes.txt")["error"] == "not a DICOM file"
