@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nvfm.data import ShardReader  # noqa: E402
 from nvfm.features import FeatureCache  # noqa: E402
 from nvfm.grounding import lesion_token_cover  # noqa: E402
-from nvfm.monitor import lesion_token_auroc, pooled_study, standardize, study_cv_auroc  # noqa: E402
+from nvfm.monitor import lesion_token_auroc, pooled_study, standardize, study_cv_auroc, subject_groups  # noqa: E402
 from nvfm.probe import load_labels  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def study_probes(cache, rows, classes, split_of):
     X = np.array([pooled_study(cache.study(r["study_key"]), cache.dim) for r in keep])
     Y = np.array([[r["y"][c] for c in classes] for r in keep]).reshape(len(keep), len(classes))
     # a subject's studies stay in one CV fold when labels.csv names subjects
-    groups = [r["subject"] or r["study_key"] for r in keep] if any(r["subject"] for r in keep) else None
+    groups = subject_groups(keep)
     sp = np.array([split_of.get(r["study_key"], "") for r in keep])
     res = {}
     for ev in ("val", "test"):

@@ -278,6 +278,12 @@ def pooled_study(ents, dim):
     return np.concatenate(out)
 
 
+def subject_groups(rows):
+    """The `groups` of study_cv_auroc for label rows (nvfm.probe.load_labels): each study's subject
+    (itself where it has none), or None when no row names a subject."""
+    return [r["subject"] or r["study_key"] for r in rows] if any(r["subject"] for r in rows) else None
+
+
 def study_cv_auroc(X, Y, folds=5, repeats=3, min_count=5, groups=None):
     """Macro AUROC of per-class logistic regressions, `folds`-fold stratified CV repeated `repeats`
     times, over classes with >= min_count positives and negatives. X (S, F), Y (S, C) 0/1.
@@ -349,8 +355,7 @@ class ProbeSet:
         self.Y = np.array([[row_of[k]["y"][c] for c in classes] for k in self.labelled], np.int64).reshape(
             len(self.labelled), len(classes))
         # the study CV keeps a subject's studies in one fold when labels.csv names subjects
-        self.subjects = ([row_of[k]["subject"] or k for k in self.labelled]
-                         if any(row_of[k]["subject"] for k in self.labelled) else None)
+        self.subjects = subject_groups([row_of[k] for k in self.labelled])
         self.token_labels, self.token_kinds, self.cohort, self.findings = None, None, None, []
         findings_path = os.path.join(shards, "findings.jsonl")
         if cohort and os.path.isdir(os.path.join(cohort, "gt")) and os.path.exists(findings_path):

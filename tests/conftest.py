@@ -17,6 +17,22 @@ def load_bench(name):
     return module
 
 
+def unencodable_shards(path, n=2):
+    """A synthetic shard set whose every volume fails to encode (a modality no window exists for)."""
+    import json
+
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(path, n=n, seed=0, shape=(8, 32, 32))
+    man_path = os.path.join(shards, "manifest.json")
+    with open(man_path) as f:
+        man = json.load(f)
+    for v in man["volumes"]:
+        v["modality"] = "PET"
+    with open(man_path, "w") as f:
+        json.dump(man, f)
+    return shards
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): its

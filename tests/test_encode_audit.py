@@ -1,10 +1,10 @@
 """encode.py's outputs when studies fail and when a cache is resumed: a run that encodes nothing leaves
 no cache behind (and keeps the one it was pointed at), a resume never mixes what it should not."""
-import json
 import os
 import subprocess
 import sys
 
+from conftest import unencodable_shards
 from nvfm import features
 from nvfm.loader import write_synthetic_shards
 
@@ -18,24 +18,11 @@ def encode(shards, out, *extra):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def unencodable(path, n=2):
-    """A shard set whose every volume fails to encode (a modality no window exists for)."""
-    shards = write_synthetic_shards(path, n=n, seed=0, shape=(8, 32, 32))
-    man_path = os.path.join(shards, "manifest.json")
-    with open(man_path) as f:
-        man = json.load(f)
-    for v in man["volumes"]:
-        v["modality"] = "PET"
-    with open(man_path, "w") as f:
-        json.dump(man, f)
-    return shards
-
-
 def test_a_run_that_encodes_nothing_leaves_no_cache_and_keeps_the_old_one(tmp_path):
     """Every study failing exited 1 but left DIR/index.json with 0 studies (a valid-looking empty cache a
     later train_probe / evaluate opens as finished); with --overwrite=True it first emptied the good
     2-study cache it was pointed at. Now nothing is created, and an existing cache keeps its studies."""
-    bad = unencodable(str(tmp_path / "bad"))
+    bad = unencodable_shards(str(tmp_path / "bad"))
     r = encode(bad, tmp_path / "new")
     assert r.returncode == 1 and "every one of the 2 studies to encode failed" in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "new").exists()

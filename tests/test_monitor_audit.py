@@ -578,24 +578,31 @@ def test_curve_supervised_bound_trains_on_diagnosis_columns_only(curve, tmp_path
     assert targets == [(4, 1)]
 
 
+def _pooled_cache(path, keys, a, shift, seed):
+    """A feature cache of one 4-token brain volume per study, shifted by `shift` x its label a[k];
+    -> (S, 16) each study's token mean and std, as the bench pools them, by hand."""
+    from nvfm.features import FeatureWriter
+    rng = np.random.default_rng(seed)
+    X = []
+    with FeatureWriter(str(path), "test", 8) as w:
+        for i, k in enumerate(keys):
+            emb = (rng.normal(size=(4, 8)) + shift * a[k]).astype(np.float16)
+            w.add(k, [dict(volume_id=f"v{i}", window="brain", modality="CT", coords=np.zeros((4, 3)), emb=emb)])
+            e = emb.astype(np.float64)
+            X.append(np.concatenate([e.mean(0), e.std(0)]))
+    return np.array(X)
+
+
 def test_linear_probe_bench_scores_a_cohort_without_test_studies(tmp_path, capsys):
     """A split without studies (a small cohort with no 'test' study) is a NaN figure of 0 classes, not
     a traceback (yev.min() of an empty split); the val figure is scikit-learn's fit on train."""
     import csv
 
     from conftest import load_bench
-    from nvfm.features import FeatureWriter
     shards, keys, _, a = labelled_synthetic_shards(tmp_path / "shards", splits=("train", "val"))
     rows = list(csv.DictReader(open(os.path.join(shards, "labels.csv"))))
-    rng = np.random.default_rng(0)
-    X = []
-    with FeatureWriter(str(tmp_path / "features"), "test", 8) as w:
-        for i, k in enumerate(keys):
-            emb = (rng.normal(size=(4, 8)) + 0.3 * a[k]).astype(np.float16)
-            w.add(k, [dict(volume_id=f"v{i}", window="brain", modality="CT", coords=np.zeros((4, 3)), emb=emb)])
-            e = emb.astype(np.float64)
-            X.append(np.concatenate([e.mean(0), e.std(0)]))
-    X, y = np.array(X), np.array([a[k] for k in keys])
+    X = _pooled_cache(tmp_path / "features", keys, a, 0.3, seed=0)
+    y = np.array([a[k] for k in keys])
     split = np.array([r["split"] for r in rows])
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000))
     want = roc_auc_score(y[split == "val"], model.fit(X[split == "train"], y[split == "train"]).decision_function(
@@ -611,18 +618,10 @@ def test_linear_probe_bench_takes_the_splits_from_the_shards(tmp_path, capsys):
     'val nan (0) test nan (0)'. Against scikit-learn fit on the manifest's train studies."""
     from conftest import load_bench
     from nvfm.data import ShardReader
-    from nvfm.features import FeatureWriter
     shards, keys, _, a = labelled_synthetic_shards(tmp_path / "shards", split_column=False)
     split_of = {v["study_key"]: v["split"] for v in ShardReader(shards).volumes}
-    rng = np.random.default_rng(1)
-    X = []
-    with FeatureWriter(str(tmp_path / "features"), "test", 8) as w:
-        for i, k in enumerate(keys):
-            emb = (rng.normal(size=(4, 8)) + 0.5 * a[k]).astype(np.float16)
-            w.add(k, [dict(volume_id=f"v{i}", window="brain", modality="CT", coords=np.zeros((4, 3)), emb=emb)])
-            e = emb.astype(np.float64)
-            X.append(np.concatenate([e.mean(0), e.std(0)]))
-    X, y, split = np.array(X), np.array([a[k] for k in keys]), np.array([split_of[k] for k in keys])
+    X = _pooled_cache(tmp_path / "features", keys, a, 0.5, seed=1)
+    y, split = np.array([a[k] for k in keys]), np.array([split_of[k] for k in keys])
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=5000)).fit(X[split == "train"],
                                                                                          y[split == "train"])
     want = {ev: roc_auc_score(y[split == ev], model.decision_function(X[split == ev])) for ev in ("val", "test")}

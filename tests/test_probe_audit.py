@@ -351,19 +351,12 @@ def test_a_one_combination_cv_grid_is_what_the_checkpoint_says(tmp_path):
 def test_encode_exits_nonzero_when_nothing_was_encoded(tmp_path):
     """Every study failing (here: a modality no window exists for) printed 'wrote 0 studies' and exited 0;
     --min_fg_fraction=2 made every study fail the same way, after creating the cache."""
-    from nvfm.loader import write_synthetic_shards
-    shards = write_synthetic_shards(str(tmp_path / "shards"), n=2, seed=0, shape=(8, 32, 32))
+    from conftest import unencodable_shards
+    shards = unencodable_shards(str(tmp_path / "shards"))
     r = _run("encode.py", [f"--shards={shards}", "--encoder=random:tiny", f"--out={tmp_path / 'f1'}",
                            "--min_fg_fraction=2", "--device=cpu"], tmp_path)
     assert r.returncode == 1 and "--min_fg_fraction=2.0: a fraction in [0, 1]" in r.stderr
     assert not (tmp_path / "f1").exists()
-    path = os.path.join(shards, "manifest.json")
-    with open(path) as f:
-        man = json.load(f)
-    for v in man["volumes"]:
-        v["modality"] = "PET"
-    with open(path, "w") as f:
-        json.dump(man, f)
     r = _run("encode.py", [f"--shards={shards}", "--encoder=random:tiny", f"--out={tmp_path / 'f2'}",
                            "--device=cpu"], tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
