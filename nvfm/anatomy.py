@@ -15,6 +15,7 @@ IoU of "every token" with the brain.
 """
 import json
 import os
+from collections import Counter
 
 import numpy as np
 
@@ -78,34 +79,57 @@ def brain_tokens(coords, affine, world_from_template, anat=None, min_fraction=0.
     return np.isin(t, (pa.GM, pa.WM, pa.VENT)).mean(1) >= min_fraction
 
 
+MIN_TOKENS = 8   # a volume with fewer tokens is too small to match or cluster
+
+
 def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed=0):
     """Patch matching (first two volumes of each multi-volume study, first window each) and
     k-means brain IoU (every volume, first window) on up to max_studies studies.
-    names_by_key: study_key -> demo study name (for gt/<study>/subject.json)."""
+    names_by_key: study_key -> demo study name (for gt/<study>/subject.json).
+
+    Every input is accounted for, by counts (no study key or name): "studies" {n, done (gave a
+    pair or a k-means volume), skipped {reason: n}}; each figure's "skipped" {reason: n} counts
+    the studies (patch matching) or volumes (k-means) of the evaluated studies it left out, so
+    n_pairs + skipped = evaluated studies and n_volumes + skipped = their volumes. A ValueError
+    (naming the cache and the reasons) when neither figure has anything to average."""
     vol_index = {v["volume_id"]: i for i, v in enumerate(reader.volumes)}
+    where = getattr(cache, "path", "feature cache")
 
     def record(key, e):
         if e["volume_id"] not in vol_index:   # features encoded from other shards: no geometry to map them with
-            raise ValueError(f"{getattr(cache, 'path', 'feature cache')}: volume {e['volume_id']} of study {key} is "
+            raise ValueError(f"{where}: volume {e['volume_id']} of study {key} is "
                              f"not in the shards {getattr(reader, 'root', '')} (were the features encoded from them?)")
         return reader.volumes[vol_index[e["volume_id"]]]
     crop = cache_crop(cache)  # tokens of a --preset=neurovfm cache start at the centre crop's corner
     origin = lambda rec: token_origin(rec["shape"], crop)  # noqa: E731
     match, km = [], []
+    skip_study, skip_pair, skip_km = Counter(), Counter(), Counter()
+    if len(keys) > max_studies:
+        skip_study[f"over max_studies={max_studies}"] = len(keys) - max_studies
+    done = 0
     for key in keys[:max_studies]:
-        ents, seen = [], set()
+        by_vol = {}
         for e in cache.study(key):
-            if e["volume_id"] not in seen and len(e["emb"]) >= 8:
-                seen.add(e["volume_id"])
-                ents.append(e)
+            by_vol.setdefault(e["volume_id"], []).append(e)
+        # each volume's first window with enough tokens
+        ents = [next((e for e in es if len(e["emb"]) >= MIN_TOKENS), None) for es in by_vol.values()]
+        if None in ents:
+            skip_km[f"fewer than {MIN_TOKENS} tokens"] += ents.count(None)
+        ents = [e for e in ents if e is not None]
+        n_km = len(km)
         if len(ents) >= 2:
             ra, rb = (record(key, e) for e in ents[:2])
             m = patch_matching(ents[0]["emb"], ents[0]["coords"], ra["affine"], ents[1]["emb"], ents[1]["coords"],
                                rb["affine"], seed=seed, origins=(origin(ra), origin(rb)))
             m["pair"] = f"{ents[0]['family']}->{ents[1]['family']}"
             match.append(m)
-        sj = os.path.join(cohort, "gt", names_by_key.get(key, ""), "subject.json")
-        if cohort and os.path.exists(sj):
+        else:
+            skip_pair[f"fewer than 2 volumes of >= {MIN_TOKENS} tokens"] += 1
+        sj = os.path.join(cohort or "", "gt", names_by_key.get(key, ""), "subject.json")
+        if not cohort or not names_by_key.get(key) or not os.path.exists(sj):
+            if ents:
+                skip_km["no brain map (no cohort gt/<study>/subject.json)"] += len(ents)
+        else:
             with open(sj) as f:
                 wft = json.load(f)["world_from_template"]
             for e in ents:
@@ -115,12 +139,23 @@ def anatomy_eval(cache, reader, cohort, keys, names_by_key, max_studies=20, seed
                     r = kmeans_iou(e["emb"], brain, seed=seed)
                     r["family"] = e["family"]
                     km.append(r)
+                else:
+                    skip_km["every token brain" if brain.all() else "no brain token"] += 1
+        if len(ents) >= 2 or len(km) > n_km:
+            done += 1
+        else:
+            skip_study["a single volume, not clustered" if ents else f"no volume of >= {MIN_TOKENS} tokens"] += 1
+    if not match and not km:
+        why = "; ".join(f"{n} {r}" for r, n in (skip_study + skip_pair + skip_km).items())
+        raise ValueError(f"{where}: neither a volume pair nor a k-means volume from {len(keys)} studies ({why})")
 
     def mean(lst, f):
         return float(np.mean([x[f] for x in lst])) if lst else None
     # patch matching: each volume pair's median error (and share within 16 mm), averaged over pairs
-    return {"patch_matching": {"n_pairs": len(match), "median_mm": mean(match, "median_mm"),
+    return {"studies": {"n": len(keys), "done": done, "skipped": dict(skip_study)},
+            "patch_matching": {"n_pairs": len(match), "median_mm": mean(match, "median_mm"),
                                "within_16mm": mean(match, "within_tol"),
                                "chance_median_mm": mean(match, "chance_median_mm"),
-                               "chance_within_16mm": mean(match, "chance_within_tol")},
-            "kmeans_brain": {"n_volumes": len(km), "iou": mean(km, "iou"), "chance_iou": mean(km, "chance_iou")}}
+                               "chance_within_16mm": mean(match, "chance_within_tol"), "skipped": dict(skip_pair)},
+            "kmeans_brain": {"n_volumes": len(km), "iou": mean(km, "iou"), "chance_iou": mean(km, "chance_iou"),
+                             "skipped": dict(skip_km)}}

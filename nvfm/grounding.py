@@ -214,47 +214,63 @@ def token_mask_share(coords, affine, mask, mask_affine, patch=PATCH, origin=(0, 
     in the mask; where none is, the share of the box's prod(patch) voxel centres whose nearest mask
     voxel is nonzero, or one voxel's share where only the centre of a mask voxel lies in the box (a
     lesion finer than the canonical grid). So a box that a lesion touches at all never has share 0."""
+    return token_union_share(coords, affine, [(mask, mask_affine)], patch, origin)
+
+
+def token_union_share(coords, affine, masks, patch=PATCH, origin=(0, 0, 0)):
+    """(n,) float in [0, 1]: token_mask_share of the union of several masks, masks a list of (mask,
+    mask affine) on grids of their own: a point or voxel centre is inside when its nearest voxel is
+    nonzero in any of them (two touching lesions covering 30% of a box each give 60%, not 30%)."""
     c = np.asarray(coords, np.int64).reshape(-1, 3)
     share = np.zeros(len(c))
-    idx = _nonzero_voxels(mask)
-    if not len(idx) or not len(c):
+    masks = [(np.asarray(m), a, i) for m, a in masks for i in [_nonzero_voxels(m)] if len(i)]
+    if not masks or not len(c):
         return share
-    near = np.nonzero(_near_mask(c, affine, idx, mask_affine, patch, origin))[0]   # the others share 0
-    if not len(near):
+    near = np.nonzero(np.any([_near_mask(c, affine, i, a, patch, origin) for _, a, i in masks], 0))[0]
+    if not len(near):   # the others share 0
         return share
     pts = to_world(token_box_points(c[near], patch, origin=origin), affine)
-    share[near] = mask_lookup(pts, mask, mask_affine).mean(1)
-    zero = near[share[near] == 0]                   # the lesion may lie between the sample points
+    share[near] = np.any([mask_lookup(pts, m, a) for m, a, _ in masks], 0).mean(1)
+    zero = near[share[near] == 0]                   # the lesions may lie between the sample points
     if not len(zero):
         return share
-    # their boxes tile a block of the canonical grid: its voxels the mask can reach are looked up
+    # their boxes tile a block of the canonical grid: its voxels each mask can reach are looked up
     # once each, and added up per box
     P, t0 = np.asarray(patch), c[zero].min(0)
     v0 = t0 * P + np.asarray(origin)                                    # the block's first voxel
     g = c[zero].max(0) + 1 - t0
-    lo, hi = _mask_extent(affine, idx, mask_affine)
-    a = np.clip(np.ceil(lo).astype(np.int64) - v0, 0, g * P)
-    b = np.clip(np.floor(hi).astype(np.int64) + 1 - v0, a, g * P)
-    m0, m1 = idx.min(0), idx.max(0) + 1
-    crop = np.asarray(mask)[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]] != 0   # the mask cut to its nonzero voxels
-    crop_affine = np.array(mask_affine, np.float64)
-    crop_affine[:3, 3] += crop_affine[:3, :3] @ m0
     inside = np.zeros(g * P, bool)
-    inside[a[0]:b[0], a[1]:b[1], a[2]:b[2]] = _block_in_mask(v0 + a, b - a, affine, crop, crop_affine)
+    centre = np.zeros(len(zero), bool)
+    for m, aff, idx in masks:
+        lo, hi = _mask_extent(affine, idx, aff)
+        a = np.clip(np.ceil(lo).astype(np.int64) - v0, 0, g * P)
+        b = np.clip(np.floor(hi).astype(np.int64) + 1 - v0, a, g * P)
+        m0, m1 = idx.min(0), idx.max(0) + 1
+        crop = m[m0[0]:m1[0], m0[1]:m1[1], m0[2]:m1[2]] != 0          # the mask cut to its nonzero voxels
+        crop_affine = np.array(aff, np.float64)
+        crop_affine[:3, 3] += crop_affine[:3, :3] @ m0
+        inside[a[0]:b[0], a[1]:b[1], a[2]:b[2]] |= _block_in_mask(v0 + a, b - a, affine, crop, crop_affine)
+        centre |= _centre_tokens(c[zero], affine, idx, aff, patch, origin)
     n = inside.reshape(g[0], P[0], g[1], P[1], g[2], P[2]).sum((1, 3, 5), dtype=np.int64)[tuple((c[zero] - t0).T)]
-    n[(n == 0) & _centre_tokens(c[zero], affine, idx, mask_affine, patch, origin)] = 1
+    n[(n == 0) & centre] = 1
     share[zero] = n / P.prod()
     return share
 
 
 def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
-    """How much of each cached token lies inside a lesion of the demo cohort's ground truth.
+    """How much of each cached token lies inside a lesion of the demo cohort's ground truth, and
+    which lesion it is attributed to.
 
     findings_rows: the shards' findings.jsonl records (study_key, lesions [{diagnosis, mask}]);
     masks are read from cohort_dir/<mask> (world-frame NIfTI). For every (study_key, volume_id)
-    entry of `cache` -> (frac (n,) float in [0, 1]: share of the token's 4x16x16 box inside a
-    lesion (`token_mask_share`: sampled, > 0 wherever the box overlaps the lesion at all), the largest over
-    lesions; lesion (n,) int: index into that study's lesions that have a mask, -1 where frac == 0).
+    entry of `cache` -> (frac, lesion):
+      frac (n,) float in [0, 1]: share of the token's 4x16x16 box inside the union of the study's
+        lesions (`token_union_share`: sampled, > 0 wherever the box overlaps a lesion at all), so two
+        touching lesions covering 30% of a box each give 0.6;
+      lesion (n,) int: index into that study's lesions that have a mask, -1 where frac == 0: of the
+        diagnoses present in the box, the one whose lesions (their union) cover most of it (ties: the
+        diagnosis listed first), and of its lesions the one covering most (ties: the first listed).
+        A box covered 25% + 25% by two metastases and 40% by a glioma is a metastasis token.
     Token positions are the cache's coords, mapped by the volume record's affine."""
     import nibabel as nib
     vol = {v["volume_id"]: v for v in reader.volumes}
@@ -263,21 +279,36 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
     for r in findings_rows:
         if r["study_key"] not in cache:
             continue
-        masks = []
+        masks, dx = [], []
         for les in r.get("lesions", []):
             if les.get("mask"):
                 m = nib.load(os.path.join(cohort_dir, les["mask"]))
                 masks.append((np.asarray(m.dataobj), m.affine))
+                dx.append(les.get("diagnosis"))
+        kinds = list(dict.fromkeys(dx))   # in order of first listing
         for e in cache.study(r["study_key"]):
             if (r["study_key"], e["volume_id"]) in out:
                 continue
             rec = vol[e["volume_id"]]
             origin = token_origin(rec.get("shape"), crop)
-            frac, which = np.zeros(len(e["coords"])), np.full(len(e["coords"]), -1, np.int64)
-            for i, (m, aff) in enumerate(masks):
-                f = token_mask_share(e["coords"], rec["affine"], m, aff, origin=origin)
-                better = f > frac
-                frac[better], which[better] = f[better], i
+            coords = np.asarray(e["coords"], np.int64).reshape(-1, 3)
+            each = np.array([token_mask_share(coords, rec["affine"], m, a, origin=origin) for m, a in masks])
+            each = each.reshape(len(masks), len(coords))
+
+            def union(sel):   # the union's share; differs from the largest only where two lesions meet a box
+                u = each[sel].max(0, initial=0.0)
+                multi = np.count_nonzero(each[sel], 0) > 1
+                if multi.any():
+                    u[multi] = token_union_share(coords[multi], rec["affine"], [masks[i] for i in sel],
+                                                 origin=origin)
+                return u
+            groups = [[i for i, d in enumerate(dx) if d == k] for k in kinds]
+            by_kind = np.array([union(g) for g in groups]).reshape(len(groups), len(coords))
+            frac = union(list(range(len(masks)))) if len(groups) > 1 else by_kind.max(0, initial=0.0)
+            which = np.full(len(coords), -1, np.int64)
+            for t in np.nonzero(frac > 0)[0]:
+                g = groups[int(np.argmax(by_kind[:, t]))]
+                which[t] = g[int(np.argmax(each[g, t]))]
             out[r["study_key"], e["volume_id"]] = (frac, which)
     return out
 

@@ -371,12 +371,12 @@ class ProbeSet:
 
     def lesion_labels(self, entries):
         """Token labels from the cohort's lesion masks, computed once (token coords are the same for
-        every encoder); also sets `token_kinds`, each token's lesion kind (the diagnosis of the
-        lesion that covers most of it, '' where none)."""
+        every encoder); also sets `token_kinds`, each token's lesion kind (the diagnosis whose
+        lesions cover most of it, '' where none)."""
         if self.token_labels is None:
             from nvfm.grounding import lesion_token_cover
             cover = lesion_token_cover(self.cohort, self.reader, self.findings, entries)
-            # frac > 0 wherever a lesion touches the box at all (grounding.token_mask_share): never a negative
+            # frac > 0 wherever a lesion touches the box at all (grounding.token_union_share): never a negative
             self.token_labels = {k: np.where(f >= 0.5, 1, np.where(f == 0, 0, -1)).astype(np.int8)
                                  for k, (f, _) in cover.items()}
             # lesion_token_cover indexes the lesions that have a mask

@@ -148,3 +148,66 @@ def test_anatomy_eval_counts_volumes_and_writes_no_identifiers(tmp_path, monkeyp
     assert km["n_volumes"] == 3 and km["chance_iou"] == pytest.approx(1 / 2)
     text = json.dumps(out)
     assert "NaN" not in text and not any(s in text for s in ("k7f3", "9c0d", "demo_000", "-s1", "-s2"))
+
+
+def _five_studies(tmp_path, monkeypatch):
+    """Template brain = canonical slab d < 4 (identity affines), so a volume of token rows d = 0, 1 has brain and
+    non-brain tokens, one of d = 0 only every token brain. Studies, in order: k7f3 T1 + FLAIR (a pair, 2 k-means
+    volumes); 9c0d one volume of 4 tokens (nothing); 5e1a one volume, no gt/ subject.json (nothing); 3b8e T1 of 18
+    tokens + FLAIR of 5 (no pair; its T1 is clustered); 0aa1 one all-brain volume (nothing)."""
+    tissue = np.zeros((40, 80, 80), np.uint8)
+    tissue[:4] = pa.GM
+    monkeypatch.setattr(pa, "load_anatomy", lambda *a, **k: _template(tissue))
+    rng = np.random.default_rng(4)
+    two, one = np.argwhere(np.ones((2, 3, 3), bool)), np.argwhere(np.ones((1, 3, 3), bool))
+
+    def ent(vid, fam, coords):
+        return _entry(vid, fam, coords, rng.normal(size=(len(coords), 4)))
+    studies = {"k7f3": [ent("k7f3-s1", "T1", two), ent("k7f3-s2", "FLAIR", two), ent("k7f3-s2", "FLAIR", two)],
+               "9c0d": [ent("9c0d-s1", "T1", two[:4])],
+               "5e1a": [ent("5e1a-s1", "T1", two)],
+               "3b8e": [ent("3b8e-s1", "T1", two), ent("3b8e-s2", "FLAIR", two[:5])],
+               "0aa1": [ent("0aa1-s1", "T1", one)]}
+    names = {k: f"demo_{i:04d}" for i, k in enumerate(studies)}
+    for k in studies:
+        if k != "5e1a":
+            (tmp_path / "gt" / names[k]).mkdir(parents=True)
+            (tmp_path / "gt" / names[k] / "subject.json").write_text(
+                json.dumps({"world_from_template": np.eye(4).tolist()}))
+    vols = [dict(volume_id=e["volume_id"], affine=np.eye(4), shape=(8, 48, 48)) for es in studies.values() for e in es]
+    return _Cache(studies), SimpleNamespace(root=str(tmp_path), volumes=vols), names
+
+
+def test_anatomy_eval_accounts_for_every_study_and_volume(tmp_path, monkeypatch):
+    """Studies left out (over max_studies, too few tokens, no brain map, every token brain) were missing from the
+    result: 6 studies gave n_pairs 1, n_volumes 3 and no word on the other 4 studies / 4 volumes. Each is counted
+    now, under its reason (tallied by hand from the construction), the counts add up to the inputs (distinct
+    volumes counted here from the cache), and the summary names no study."""
+    cache, reader, names = _five_studies(tmp_path, monkeypatch)
+    keys = list(cache.studies) + ["ffff"]           # the 6th is over max_studies=5 (never read)
+    out = anatomy.anatomy_eval(cache, reader, str(tmp_path), keys, names, max_studies=5)
+    st, pm, km = out["studies"], out["patch_matching"], out["kmeans_brain"]
+    assert st == {"n": 6, "done": 2, "skipped": {"over max_studies=5": 1, "no volume of >= 8 tokens": 1,
+                                                 "a single volume, not clustered": 2}}
+    assert pm["n_pairs"] == 1 and pm["skipped"] == {"fewer than 2 volumes of >= 8 tokens": 4}
+    assert km["n_volumes"] == 3 and km["skipped"] == {"fewer than 8 tokens": 2, "every token brain": 1,
+                                                      "no brain map (no cohort gt/<study>/subject.json)": 1}
+    n_vols = sum(len({e["volume_id"] for e in es}) for es in cache.studies.values())
+    assert st["done"] + sum(st["skipped"].values()) == len(keys)
+    assert pm["n_pairs"] + sum(pm["skipped"].values()) == len(cache.studies)
+    assert km["n_volumes"] + sum(km["skipped"].values()) == n_vols == 7
+    text = json.dumps(out)
+    assert not any(s in text for s in list(cache.studies) + ["demo_000", "-s1", "-s2"])
+
+
+def test_anatomy_eval_without_any_figure_is_an_error_naming_the_cache(tmp_path, monkeypatch):
+    """Only studies that give neither a pair nor a k-means volume: it returned all-None figures, and evaluate.py
+    --anatomy exited 0. Now a ValueError naming the cache and every reason (evaluate.py turns it into exit 1)."""
+    cache, reader, names = _five_studies(tmp_path, monkeypatch)
+    with pytest.raises(ValueError, match=r"^/nowhere/features: neither a volume pair nor a k-means volume from 3 "
+                                         r"studies \(1 no volume of >= 8 tokens; 2 a single volume, not clustered; "
+                                         r"3 fewer than 2 volumes of >= 8 tokens; 1 fewer than 8 tokens; "
+                                         r"1 no brain map \(no cohort gt/<study>/subject.json\); 1 every token brain\)$"):
+        anatomy.anatomy_eval(cache, reader, str(tmp_path), ["9c0d", "5e1a", "0aa1"], names)
+    with pytest.raises(ValueError, match="neither a volume pair"):   # no cohort: no brain map at all
+        anatomy.anatomy_eval(cache, reader, "", ["5e1a"], names)

@@ -274,15 +274,23 @@ def _brute_force_overlap(coords, A, mask, M, origin):
     """Per token, one by one: how many of its 64 sample points and of its 4*16*16 voxel centres have a
     nonzero nearest mask voxel, and whether the centre of a nonzero mask voxel lies in its box
     [start - 0.5, start + patch - 0.5) (canonical voxels)."""
+    return _brute_force_union(coords, A, [(mask, M)], origin)
+
+
+def _brute_force_union(coords, A, masks, origin):
+    """_brute_force_overlap of the union of masks [(mask, M)]: a point counts when its nearest voxel is
+    nonzero in any of them, a box holds a mask voxel's centre when it holds one of any mask's."""
     patch = np.array(grounding.PATCH)
     box = np.stack(np.meshgrid(*[np.arange(p) for p in patch], indexing="ij"), -1).reshape(-1, 3)
-    Minv = np.linalg.inv(M)
-    nz = np.argwhere(mask != 0)
-    centres = (np.linalg.inv(A) @ (M @ np.c_[nz, np.ones(len(nz))].T)).T[:, :3]   # canonical voxel coords
+    centres = np.concatenate([(np.linalg.inv(A) @ (M @ np.c_[nz, np.ones(len(nz))].T)).T[:, :3]
+                              for mask, M in masks for nz in [np.argwhere(mask != 0)]])   # canonical voxel coords
 
     def in_mask(vox):   # scipy's nearest voxel (order 0): voxel i spans [i - 0.5, i + 0.5), outside 0
-        ijk = (Minv @ A @ np.c_[vox, np.ones(len(vox))].T)[:3]
-        return int(np.count_nonzero(map_coordinates(mask.astype(np.float32), ijk, order=0, mode="grid-constant")))
+        hit = np.zeros(len(vox), bool)
+        for mask, M in masks:
+            ijk = (np.linalg.inv(M) @ A @ np.c_[vox, np.ones(len(vox))].T)[:3]
+            hit |= map_coordinates(mask.astype(np.float32), ijk, order=0, mode="grid-constant") != 0
+        return int(np.count_nonzero(hit))
     sampled, counts, centre_in = [], [], []
     for c in coords:
         start = c * patch + np.asarray(origin)
@@ -351,6 +359,81 @@ def test_token_mask_share_against_brute_force(oblique):
         n_touch += int(np.sum(count > 0))
         n_sub += int(np.sum((count == 0) & centre_in))
     assert n_touch > 10 and n_between > 3 and n_sub > 3     # the draws cover every kind of overlap
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_token_union_share_against_brute_force(oblique):
+    """2-3 random small lesions around one spot, each on a grid of its own (voxel sizes, axes permuted or
+    oblique), against the token-by-token brute force on their union (a point is in it when its nearest voxel
+    is nonzero in any mask). The draws include boxes that two lesions share, where the union covers more
+    than the larger of the two (the largest single lesion was what lesion_token_cover labelled)."""
+    rng = np.random.default_rng(17 + oblique)
+    n_shared = n_more = 0
+    for _ in range(40):
+        origin, coords, A, mask, M = _random_tokens_and_lesion(rng, oblique)
+        centre = np.linalg.inv(A) @ M @ np.r_[np.array(mask.shape) / 2.0, 1]
+        masks = [(mask, M)] + [_mask_near(rng, A, centre[:3] + rng.uniform(-2, 2, 3), oblique)
+                               for _ in range(int(rng.integers(1, 3)))]
+        got = grounding.token_union_share(coords, A, masks, origin=origin)
+        sampled, count, centre_in = _brute_force_union(coords, A, masks, origin)
+        want = np.where(sampled > 0, sampled / 64, np.where(count > 0, count, centre_in) / 1024)
+        np.testing.assert_array_equal(got, want)
+        each = np.array([grounding.token_mask_share(coords, A, m, mm, origin=origin) for m, mm in masks])
+        n_shared += int(np.sum(np.count_nonzero(each, 0) > 1))
+        n_more += int(np.sum(want > each.max(0)))
+    assert n_shared > 10 and n_more > 5, (n_shared, n_more)
+
+
+def test_lesion_token_cover_labels_a_token_by_the_union_and_its_majority_kind(tmp_path):
+    """Hand-made masks (identity affines, lesion edges on the sample points, so sampled share = voxel count).
+    Token 0: metastases A (z 0) and B (z 1), 25% each, glioma C (z 2-3, x 0-11) 37.5%: union 87.5%, a
+    metastasis token (50% of it) although C is the largest single lesion. Token 1: MS lesions D and E touching
+    at x = 24, 37.5% each: union 75% (was labelled 37.5%, a partial token, left out of the lesion probes).
+    Token 2: glioma C (z 2-3, x 32-35) 12.5%. Against a brute-force voxel count per token; then the monitor's
+    lesion-token labels and kinds (ProbeSet.lesion_labels) read off it: lesion, lesion, partial."""
+    from nvfm.monitor import ProbeSet
+    shape = (4, 16, 48)
+    m = {k: np.zeros(shape, np.uint8) for k in "ABCDE"}
+    m["A"][0, :, :16] = 1
+    m["B"][1, :, :16] = 1
+    m["C"][2:, :, :12] = 1
+    m["C"][2:, :, 32:36] = 1
+    m["D"][:3, :, 16:24] = 1
+    m["E"][:3, :, 24:32] = 1
+    dx = {"A": "metastasis", "B": "metastasis", "C": "glioma", "D": "ms", "E": "ms"}
+    for k, a in m.items():
+        nib.save(nib.Nifti1Image(a, np.eye(4)), str(tmp_path / f"{k}.nii.gz"))
+
+    class Cache(dict):
+        encoder_hash = ""
+
+        def study(self, k):
+            return self[k]
+
+    class Reader:
+        volumes = [{"volume_id": 0, "affine": np.eye(4).tolist(), "shape": list(shape)}]
+
+    coords = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 2]])
+    cache = Cache(s=[{"volume_id": 0, "coords": coords}])
+    rows = [{"study_key": "s", "lesions": [{"diagnosis": dx[k], "mask": f"{k}.nii.gz"} for k in "ABCDE"]}]
+    frac, which = grounding.lesion_token_cover(str(tmp_path), Reader(), rows, cache)["s", 0]
+    # brute force: every voxel of each token's box
+    names = list("ABCDE")
+    want_frac, want_kind = [], []
+    for t in range(3):
+        box = (slice(None), slice(None), slice(16 * t, 16 * t + 16))
+        want_frac.append(np.any([m[k][box] for k in names], 0).mean())
+        kinds = {d: np.any([m[k][box] for k in names if dx[k] == d], 0).mean() for d in dict.fromkeys(dx.values())}
+        want_kind.append(max(kinds, key=kinds.get))   # the first listed on a tie
+    np.testing.assert_allclose(frac, want_frac)
+    np.testing.assert_allclose(frac, [0.875, 0.75, 0.125])                       # by hand
+    assert [dx[names[i]] for i in which] == want_kind == ["metastasis", "ms", "glioma"]
+    assert which.tolist() == [0, 3, 2]   # of the kind's lesions the largest, the first listed on a tie
+    probes = object.__new__(ProbeSet)     # the monitor's lesion-token probe labels, from this cover
+    probes.token_labels, probes.cohort, probes.reader, probes.findings = None, str(tmp_path), Reader(), rows
+    labels = probes.lesion_labels(cache)
+    assert labels["s", 0].tolist() == [1, 1, -1]
+    assert probes.token_kinds["s", 0].tolist() == ["metastasis", "ms", "glioma"]
 
 
 @pytest.mark.parametrize("oblique", [False, True])

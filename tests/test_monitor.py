@@ -310,9 +310,9 @@ def test_lesion_kind_auroc_one_direction_per_kind():
 
 
 def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path):
-    """On a small demo cohort, preprocessed: every lesion token's kind is a diagnosis of its own
-    study whose lesion mask covers at least half of the token (sampled independently here), and
-    lesion-free tokens have none."""
+    """On a small demo cohort, preprocessed: every lesion token is at least half inside the union
+    of its study's lesion masks, its kind is the diagnosis whose lesions cover most of it (sampled
+    independently here), and lesion-free tokens have none."""
     import json
     import os
     import subprocess
@@ -340,12 +340,14 @@ def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path)
         assert set(kinds[key, vid][y == 0]) <= {""}
         for j in np.nonzero(y == 1)[0]:
             pts = to_world(token_box_points(coords[key, vid][j:j + 1]), affine[vid])
-            cover = {}
+            inside = {}   # diagnosis -> which sample points its lesions (their union) cover
             for les in lesions[key]:
                 m = nib.load(os.path.join(cohort, les["mask"]))
-                f = mask_lookup(pts, np.asarray(m.dataobj), m.affine).mean()
-                cover[les["diagnosis"]] = max(cover.get(les["diagnosis"], 0.0), f)
-            assert cover[kinds[key, vid][j]] >= 0.5 and cover[kinds[key, vid][j]] == max(cover.values())
+                hit = mask_lookup(pts, np.asarray(m.dataobj), m.affine)
+                inside[les["diagnosis"]] = inside.get(les["diagnosis"], False) | hit
+            cover = {d: float(h.mean()) for d, h in inside.items()}
+            assert float(np.any(list(inside.values()), 0).mean()) >= 0.5
+            assert cover[kinds[key, vid][j]] == max(cover.values())
             n_pos += 1
     assert n_pos > 0, json.dumps({k: [les["diagnosis"] for les in v] for k, v in lesions.items()})
 
