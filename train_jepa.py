@@ -345,7 +345,11 @@ for b in loader:
     coords = b["coords"]
     n_tgt = torch.tensor(float(b["tgt_index"].numel()), device=dev)
     if ddp:  # the loss is a mean over the global batch's target tokens, whatever the split across ranks
+        # ranks stop together: a stop signal any rank has seen by now stops every rank after this step
+        # (a rank stopping alone left the others blocked in their next collective)
+        n_tgt = torch.stack([n_tgt, torch.tensor(float(stop_requested), device=dev)])
         dist.all_reduce(n_tgt)
+        n_tgt, stop_seen = n_tgt[0], bool(n_tgt[1] > 0)
     with torch.autocast(dev.type, dtype=ptdtype, enabled=use_amp):
         with torch.no_grad():
             h = teacher(x, coords, b["cu_seqlens"], b["max_seqlen"])
@@ -372,10 +376,9 @@ for b in loader:
     vol_log += global_batch
     flops_log += step_flops(b) * world_size
     loss_log, pos_log, n_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), n_log + 1  # no sync until the log
-    if stop_at_step and step >= stop_at_step:
-        stop_requested = True
+    stop = (stop_seen if ddp else stop_requested) or bool(stop_at_step and step >= stop_at_step)
     # every step counted in one log record; a checkpoint's step is logged, so a resumed log (cut at it) misses none
-    if step == 1 or step % log_interval == 0 or step % ckpt_interval == 0 or step == max_steps or stop_requested:
+    if step == 1 or step % log_interval == 0 or step % ckpt_interval == 0 or step == max_steps or stop:
         # collapse monitors on this batch's features (this rank's part; no extra forward)
         z_rank = effective_rank(z)
         ctx, tgt = b["ctx_index"], b["tgt_index"]
@@ -414,11 +417,11 @@ for b in loader:
         t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
     if probes is not None and (step % eval_interval == 0 or step == max_steps):
         run_probes(step)
-    if step % ckpt_interval == 0 or step == max_steps or stop_requested:
+    if step % ckpt_interval == 0 or step == max_steps or stop:
         save_checkpoint(step)
         if master:
             save_encoders()
-    if stop_requested:
+    if stop:
         if master:
             print(f"stop requested: checkpoint at step {step} in {ckpt_path}; resume with --init_from=resume")
         break

@@ -225,6 +225,25 @@ def test_the_collapse_warning_is_not_repeated_by_a_resume(runs):
     assert runs["term_stdout"].count(warn) == 1
 
 
+def test_a_stop_signal_seen_by_one_ddp_rank_stops_every_rank_at_one_step(tmp_path):
+    """torchrun, 2 gloo ranks; SIGTERM reaches rank 1 only, while it makes batch 4. Before the fix
+    rank 1 stopped after step 5 alone and rank 0 met it in mismatched collectives (a crash or a hang,
+    no checkpoint of step 5). Now both stop after step 5: exit 0, the checkpoint and the last log
+    record are step 5."""
+    from nvfm.loader import write_synthetic_shards
+    shards = write_synthetic_shards(str(tmp_path / "shards"), n=4, seed=1, shape=(16, 64, 64))
+    wrapper = tmp_path / "signal_rank1.py"
+    wrapper.write_text(SIGNAL_AT.replace("if s == at:", "if s == at and os.environ['RANK'] == '1':"))
+    env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), "4",
+           "SIGTERM", TRAIN, *JOB, f"--shards={shards}", f"--out_dir={out}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "stop requested: checkpoint at step 5" in p.stdout
+    assert ckpt_of(out)["step"] == 5 and log_of(out)[-1][0] == 5
+
+
 # ---------------------------------------------------------------------------------------
 # start-up: volumes no training crop can serve
 
