@@ -9,7 +9,9 @@ Per probe: per-class AUROC, sensitivity, specificity, balanced accuracy at the t
 chosen on validation (a class without positives or negatives on the probe's selection split has
 no chosen threshold or calibration, only train_probe.py's placeholders: its sensitivity,
 specificity, balanced accuracy and calibrated F1 are null, `threshold_fitted` false, left out of
-their macro averages, with a warning), 95% CIs from a bootstrap (`n_boot` replicates) of the evaluated studies:
+their macro averages, with a warning; a class the probe never learned, without training positives
+or negatives (probe.pt's trained_classes), is undefined in every figure, with a warning), 95% CIs
+from a bootstrap (`n_boot` replicates) of the evaluated studies:
 study-level, or subject-level (a cluster bootstrap: each drawn subject brings all its evaluated
 studies, the same resample for every figure of a probe) when labels.csv's `subject` column gives
 some subject two or more of the evaluated studies, as in RSNA (metrics.json and table.txt record
@@ -91,6 +93,7 @@ if threads > 0:
 from nvfm import metrics  # noqa: E402
 from nvfm import probe as P  # noqa: E402
 from nvfm.checkpoint import CheckpointError, load_checkpoint, load_state_strict  # noqa: E402
+from nvfm.data import write_atomic  # noqa: E402
 from nvfm.features import FeatureCache, StaleCacheError, trained_precision  # noqa: E402
 
 
@@ -238,21 +241,30 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         print(f"evaluate.py: warning: {display}: {int(unfit.sum())} classes have no threshold or calibration fitted "
               f"on the probe's selection split (no positives or no negatives there): their sensitivity, specificity "
               f"and calibrated F1 (a detection class's side accuracy too) are left undefined: {[n for n, u in zip(lab, unfit) if u][:5]}", file=sys.stderr)
+    untrained = P.untrained_classes(full_ck)
+    untrained = untrained[cols] if cols is not None else untrained
+    if untrained.any():   # left out of the probe's loss: their logits are noise, not figures of the probe
+        print(f"evaluate.py: warning: {display}: {int(untrained.sum())} classes had no training positives or no "
+              f"training negatives (never learned): every figure of theirs is undefined: "
+              f"{[n for n, u in zip(lab, untrained) if u][:5]}", file=sys.stderr)
     rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
-                                        progress=n_boot >= 1000, groups=groups, fitted=~unfit)
+                                        progress=n_boot >= 1000, groups=groups, fitted=~unfit, scored=~untrained)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
-    metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"], fitted=~unfit)   # those without test positives: null
+    # those without test positives: null
+    metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"], fitted=~unfit & ~untrained)
     pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed, groups=groups)
     for k, name in enumerate(lab):
         row = rep["per_class"][name]
         for m in ("auprc", "pr_lift"):
-            row[m] = metrics.jsonable(pr[m][k])
+            row[m] = None if untrained[k] else metrics.jsonable(pr[m][k])
             if n_boot:
-                row[m + "_ci"] = metrics.jsonable([pr[m + "_low"][k], pr[m + "_high"][k]])
-    rep["macro"]["auprc"] = dict(zip(("mean", "n_classes"), metrics.macro(np.where(metrics.defined_classes(y),
-                                                                                     pr["auprc"], np.nan))))
+                row[m + "_ci"] = [None, None] if untrained[k] else metrics.jsonable(
+                    [pr[m + "_low"][k], pr[m + "_high"][k]])
+    rep["macro"]["auprc"] = dict(zip(("mean", "n_classes"), metrics.macro(np.where(
+        metrics.defined_classes(y) & ~untrained, pr["auprc"], np.nan))))
     lat = laterality.split(":") if laterality else []
-    if len(lat) == 3 and all(n in lab for n in lat) and not unfit[lab.index(lat[0])]:   # detection at a real threshold
+    if len(lat) == 3 and all(n in lab for n in lat) and not unfit[lab.index(lat[0])] \
+            and not untrained[[lab.index(n) for n in lat]].any():   # detection at a real threshold, sides learned
         d, le, ri = (lab.index(n) for n in lat)
         rep["laterality"] = metrics.laterality_report(y[:, d], logits[:, d], thr[d], y[:, le], y[:, ri],
                                                       logits[:, le], logits[:, ri], n_boot=n_boot, seed=seed,
@@ -301,6 +313,10 @@ def display_names(paths, names_arg):
         dup = sorted({d for d in disp if disp.count(d) > 1 or d == "reports"})   # "reports": the reports' key
         if dup:
             raise SystemExit(f"evaluate.py: --names repeats {dup} (or uses 'reports'): each probe needs its own name")
+        sep = [d for d in disp if "/" in d or os.sep in d]
+        if sep:   # roc_<name>.png would name a folder: the run died at its first plot, nothing written
+            raise SystemExit(f"evaluate.py: --names: {sep[0]!r} holds a path separator; the plots are named "
+                             f"after each probe (roc_<name>.png): use e.g. {sep[0].replace('/', '_')!r}")
         return disp
     disp = []
     for p in paths:
@@ -528,9 +544,12 @@ def merge_tables():
     rows, source, units = [], {}, {}   # source: (row, column) -> the metrics.json its cell came from
     for p in [p for p in merge.split(",") if p]:
         require_path(p, "--merge", hint="a metrics.json written by evaluate.py")
-        with open(p) as f:
-            m = json.load(f)
-        if "paper_rows" not in m:
+        try:
+            with open(p) as f:
+                m = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:   # cut short (a run killed while writing it)
+            fail(f"--merge: {p} is not readable JSON ({e}): rerun evaluate.py for it")
+        if not isinstance(m, dict) or "paper_rows" not in m:
             fail(f"--merge: {p} has no paper_rows (written by an older evaluate.py: rerun it)")
         for task, u in (m.get("paper_ci_units") or {}).items():   # older runs: study-level bootstrap
             units[task] = sorted(set(units.get(task, [])) | set(u))
@@ -714,9 +733,9 @@ def main():
     run_task = task_name or os.path.splitext(os.path.basename(labels))[0]
     prows = paper_rows(results, run_task) if paths else []
     units = {run_task: ci_kinds(results)} if paths else {}   # the bootstrap unit(s) behind the table's CIs
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(metrics.jsonable({"summary": summary, "results": results, "paper_rows": prows,
-                                    "paper_ci_units": units}), f, indent=1)
+    # atomic: a run killed while writing keeps the previous metrics.json whole (--merge reads it)
+    write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics.jsonable(
+        {"summary": summary, "results": results, "paper_rows": prows, "paper_ci_units": units}), indent=1))
     if prows:
         write_paper_table(prows, os.path.join(out, "paper_table.md"), note=f"Note: {'; '.join(differ)}." if differ else "",
                           ci_units=units)

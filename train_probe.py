@@ -29,12 +29,14 @@ MAE) is kept, its k fold models being the ensemble (the paper picks hyperparamet
 Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
 `label_names`). With side_classes, two more classes lesion_left / lesion_right come from the
 lesions' sides in findings.jsonl (for the flip test; every study needs its record there). Classes
-with no positives (or no negatives) in training are kept in the outputs, left out of the loss,
-and reported undefined. A study_key on two rows is an error; a study without tokens (in
-`windows`) is left out with a warning that counts it (an empty bag has a constant logit).
+with no positives (or no negatives) in training are kept in the outputs, left out of the loss and
+of checkpoint selection, and reported undefined (by evaluate.py too). A study_key on two rows is an
+error; a study without tokens (in `windows`) is left out with a warning that counts it (an empty
+bag has a constant logit); studies of a split other than train/val/test are counted in a warning.
 
 Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
-names, thresholds, Platt (a, b), training positives per class, encoder hash, test keys (CV), the
+names, thresholds, Platt (a, b), training positives per class, trained_classes (K bools: the classes
+with training positives and negatives, the others' outputs unfitted), encoder hash, test keys (CV), the
 study keys and subjects that fitted or tuned it (seen_keys, seen_subjects: salted hashes),
 the selection split's labels and logits (sel_labels, sel_logits: no keys, so a consumer such
 as train_llava.py's probe cross-check can fit its own operating point; (0, K) when there is no
@@ -221,7 +223,9 @@ def main():
     present = sorted({r["modality"] for r in rows})
     rows = [r for r in rows if modality == "all" or r["modality"] == modality]
     if not rows and present:   # an MR benchmark run with the default --modality=CT
-        fail(f"no {modality} studies in {labels} (its studies are {'/'.join(present)}: --modality={present[0]})")
+        given = [m for m in present if m]   # a file without a modality column gives "" for every study
+        fail(f"no {modality} studies in {labels} (" + (f"its studies are {'/'.join(given)}: --modality={given[0]})"
+             if given else "no study has a modality (no modality column): --modality=all)"))
     if task == "age":
         rows = [r for r in rows if r["age"] is not None]
         bad = [r for r in rows if not np.isfinite(r["age"])]
@@ -275,8 +279,8 @@ def main():
                     if task == "age":
                         score = -metrics.mae(yval[:, 0], lv[:, 0] * sd + mu)
                         desc = f"val MAE {-score:.2f}"
-                    else:
-                        au, nd = metrics.macro(metrics.auroc(yval, lv))
+                    else:   # a class left out of the loss has an unlearned logit: no say in the choice
+                        au, nd = metrics.macro(np.where(usable.cpu().numpy(), metrics.auroc(yval, lv), np.nan))
                         vl = float(F.binary_cross_entropy_with_logits(torch.from_numpy(lv), torch.from_numpy(yval)))
                         score = (au if au is not None else 0.0) - 1e-3 * vl  # AUROC, loss breaks ties
                         desc = f"val macro AUROC {au if au is None else round(au, 4)} ({nd} classes), loss {vl:.4f}"
@@ -333,6 +337,7 @@ def main():
                              f"test set and {cv_folds} folds")
         norm = age_norm(rest)
         yrest = np.stack([Y[k] for k in rest])
+        trained = P.class_weights(yrest)[1].numpy()
         best = None
         for hp in grid:   # the paper: CV picks the probe's hyperparameters, its 8 fold models are the ensemble
             states, oof = [], np.zeros((len(rest), len(names)), np.float32)
@@ -345,7 +350,7 @@ def main():
             if task == "age":
                 score = -metrics.mae(yrest[:, 0], oof[:, 0] * norm[1] + norm[0])
             else:
-                score = metrics.macro(metrics.auroc(yrest, oof))[0]
+                score = metrics.macro(np.where(trained, metrics.auroc(yrest, oof), np.nan))[0]
                 score = -np.inf if score is None else score
             if len(grid) > 1:
                 log(f"cv grid {hp}: out-of-fold {'MAE' if task == 'age' else 'macro AUROC'} "
@@ -361,12 +366,17 @@ def main():
         sel_keys, sel_logits = rest, oof
         ckpt.update(test_keys=test_keys, protocol=("paper: " if protocol == "paper" else "") + f"{cv_folds}-fold CV")
         seen = rest
-        train_pos = np.stack([Y[k] for k in rest]).sum(0)
+        train_pos = yrest.sum(0)
     else:
         tr = [r["study_key"] for r in rows if r["split"] == "train"]
         va = [r["study_key"] for r in rows if r["split"] == "val"]
         if not tr:
             raise SystemExit(f"train_probe.py: no {modality} studies with split == 'train' in {labels}")
+        other = Counter(r["split"] for r in rows if r["split"] not in ("train", "val", "test"))
+        if other:   # e.g. "validation": those studies would be dropped with nothing but "no validation studies"
+            log(f"warning: {sum(other.values())} {modality} studies are in splits this protocol does not read "
+                f"({', '.join(f'{s!r}: {n}' for s, n in sorted(other.items()))}): not used (the splits are "
+                f"'train', 'val', 'test')")
         if not va:
             log("warning: no validation studies: last step kept, no thresholds or calibration fitted")
         tr_subj = {r["subject"] for r in rows if r["split"] == "train"} - {""}
@@ -382,6 +392,7 @@ def main():
         ckpt.update(protocol="train/val/test splits")
         seen = tr + va
         train_pos = np.stack([Y[k] for k in tr]).sum(0)
+        trained = P.class_weights(np.stack([Y[k] for k in tr]))[1].numpy()
     # what fitted or tuned the probe (salted hashes): evaluate.py --external=True flags a dataset sharing any
     subject_of = {r["study_key"]: r["subject"] for r in rows}
     ckpt.update(seen_keys=list(seen), seen_subjects=sorted({subject_of[k] for k in seen} - {""}))
@@ -391,7 +402,7 @@ def main():
             ysel = np.stack([Y[k] for k in sel_keys])
             thr = metrics.youden_thresholds(ysel, sel_logits)
             a, b = metrics.platt_fit(sel_logits, ysel)
-            au, nd = metrics.macro(metrics.auroc(ysel, sel_logits))
+            au, nd = metrics.macro(np.where(trained, metrics.auroc(ysel, sel_logits), np.nan))
             log(f"selection set ({len(sel_keys)} studies): macro AUROC {au} over {nd} defined classes")
         else:   # placeholders of an unfitted class (threshold 0, Platt a = 0); the empty selection split says so
             thr, a, b = np.zeros(len(names)), np.zeros(len(names)), np.zeros(len(names))
@@ -400,10 +411,12 @@ def main():
         # the selection split's scores ((0, K) without one), so a consumer can pick its own operating point
         ckpt.update(sel_labels=torch.from_numpy(ysel.astype(np.uint8)),
                     sel_logits=torch.from_numpy(np.asarray(sel_logits, np.float32)))
-        undefined = [n for n, p in zip(names, train_pos) if p == 0]
+        # evaluate.py reports these undefined: their logits were never fitted (metrics.json would score noise)
+        ckpt.update(trained_classes=[bool(t) for t in trained])
+        undefined = [n for n, t in zip(names, trained) if not t]
         if undefined:
-            log(f"{len(undefined)} classes have no training positives (left out of the loss, reported "
-                f"undefined): {undefined[:6]}{' ...' if len(undefined) > 6 else ''}")
+            log(f"{len(undefined)} classes have no training positives or no training negatives (left out of the "
+                f"loss, reported undefined): {undefined[:6]}{' ...' if len(undefined) > 6 else ''}")
     path = os.path.join(out, "probe.pt")
     save_atomic(ckpt, path)
     log(f"saved {path}: {probe} probe, {len(names)} classes, {len(states)} model(s), encoder {cache.encoder_hash[:23]}")

@@ -555,18 +555,18 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
 MIN_BOOT = 100   # fewest defined replicates for a percentile interval
 
 
-def _fitted_mask(fitted, K):
-    """(K,) bool of the classes with a fitted threshold (None: all of them)."""
+def _fitted_mask(fitted, K, what="fitted"):
+    """(K,) bool of the classes with a fitted threshold, or another per-class mask `what` (None: all of them)."""
     if fitted is None:
         return np.ones(K, dtype=bool)
     f = np.asarray(fitted)
     if f.shape != (K,) or f.dtype != bool:
-        raise ValueError(f"fitted: a (K,) = ({K},) bool mask over the classes, got {f.dtype} {f.shape}")
+        raise ValueError(f"{what}: a (K,) = ({K},) bool mask over the classes, got {f.dtype} {f.shape}")
     return f
 
 
 def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, device="cpu",
-              chunk_elems=1 << 24, progress=False, backend=None, groups=None, fitted=None):
+              chunk_elems=1 << 24, progress=False, backend=None, groups=None, fitted=None, scored=None):
     """Study-level (or, with groups, subject-level cluster) bootstrap CIs of per-class and macro
     AUROC (and, given thresholds, sensitivity, specificity, balanced accuracy).
 
@@ -592,6 +592,8 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     (sensitivity, specificity, balanced accuracy) of the others are undefined in every replicate
     (n_valid 0) and left out of those figures' macro averages, as in `classification_report`;
     their AUROC is kept.
+    scored: (K,) bool, the classes whose scores mean something (None: all); the others (a probe output
+    never trained) are undefined in every figure and every macro, as a class without positives.
     """
     y, s = _check(y, scores)
     n, K = y.shape
@@ -600,7 +602,7 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates "
                          "(10,000 recommended; n_boot=0 in evaluate.py skips the CIs)")
-    defined = defined_classes(y)
+    defined = defined_classes(y) & _fitted_mask(scored, K, "scored")
     thr = np.zeros(K) if thresholds is None else np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
     grp = group_index(groups, n)
     if be == "cpp":
@@ -887,7 +889,7 @@ def jsonable(x):
 
 
 def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, device="cpu", progress=False,
-                          groups=None, fitted=None):
+                          groups=None, fitted=None, scored=None):
     """All per-class and macro numbers for one split: dict ready for json (via `jsonable`).
 
     y, scores (n, K), thresholds (K,) (chosen on validation), names K distinct label names (a
@@ -897,7 +899,9 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
     threshold was fitted (None: all); the others' thresholds are placeholders, so their
     sensitivity, specificity and balanced accuracy are null (CI too) and left out of those macro
     averages, from the same single bootstrap (`bootstrap(fitted=)`); each row records it as
-    `threshold_fitted`.
+    `threshold_fitted`. scored: (K,) bool, the classes whose scores mean something (None: all): the
+    others (outputs the probe never learned: no training positives or negatives) are undefined in
+    every figure, as a class without test positives, and listed in undefined_classes.
     """
     y, s = _check(y, scores)
     if len(names) != y.shape[1]:
@@ -905,11 +909,12 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
     dup = sorted({n for i, n in enumerate(names) if n in list(names)[:i]})
     if dup:
         raise ValueError(f"label names {dup} are repeated: one name per column (a repeated labels.csv header?)")
-    fit = _fitted_mask(fitted, y.shape[1])
-    au = auroc(y, s)
+    sc = _fitted_mask(scored, y.shape[1], "scored")
+    fit = _fitted_mask(fitted, y.shape[1]) & sc
+    au = np.where(sc, auroc(y, s), np.nan)
     st = {m: np.where(fit, v, np.nan) for m, v in threshold_stats(y, s, thresholds).items()}
     ci = bootstrap(y, s, thresholds, n_boot=n_boot, seed=seed, device=device, progress=progress,
-                   groups=groups, fitted=fit) if n_boot else None
+                   groups=groups, fitted=fit, scored=sc) if n_boot else None
     per = {}
     for k, name in enumerate(names):
         row = {"n_pos": int(y[:, k].sum()), "n": int(y.shape[0]), "threshold": float(thresholds[k]),

@@ -349,6 +349,17 @@ def unfitted_classes(ck):
     return (thr == 0) & (np.abs(np.asarray(ck.get("platt_a", np.ones_like(thr)), np.float64)) < 1e-12)
 
 
+def untrained_classes(ck):
+    """(K,) bool over a probe.pt's classes: outputs the probe never learned, the class having no
+    positives or no negatives among its training studies (left out of the loss: its logit is
+    noise, so its figures are undefined). From trained_classes; older probes without it: the
+    classes without training positives (n_train_pos 0)."""
+    import numpy as np
+    if "trained_classes" in ck:
+        return ~np.asarray(ck["trained_classes"], dtype=bool)
+    return np.asarray(ck["n_train_pos"], np.float64) == 0
+
+
 def seen_studies(ck, held_out=True):
     """(study keys, subjects) that a probe.pt records as its own dataset: the studies that fitted or
     tuned it (seen_keys, their subjects seen_subjects) and, with held_out, a CV probe's held-out
