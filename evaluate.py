@@ -49,7 +49,9 @@ of the `split` studies of findings.jsonl (comma-separated, e.g. val,test), every
 needs a report.
 
 Outputs in `out`: metrics.json, table.txt, paper_table.md, roc_<probe>.png, pr_<probe>.png,
-label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.nii.gz.
+label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.nii.gz. When
+--anatomy or --reports fails after the probes are scored, the probes' outputs are still written,
+the failed part is one error line and {"error": reason} in metrics.json, and the exit status is 1.
 """
 import json
 import os
@@ -670,6 +672,14 @@ def main():
             written += plot(res, data) + plot_pr(res, data) if data["task"] == "classify" else plot_age(res, data)
         print(table(res), flush=True)
     summary = {"macro_auroc": {d: r.get("macro", {}).get("auroc", {}).get("mean") for d, r in results.items()}}
+    failed = []   # a requested part that failed once probe figures exist: named, recorded, exit 1 after writing
+
+    def part_failed(part, e):
+        if not results:   # nothing scored yet: nothing to keep
+            fail(f"{part}: {e}")
+        print(f"evaluate.py: error: {part}: {e} (the other figures are written)", file=sys.stderr)
+        failed.append(part)
+        return {"error": str(e)}
     differ = []
     for task in ("classify", "age"):   # side-by-side figures of one task should come from the same studies
         sets = {d: ks for d, (t, ks) in studies.items() if t == task}
@@ -713,22 +723,24 @@ def main():
             nm = {k: r.get("study") or "" for k, r in rows_by_key.items()}
             try:
                 a = A.anatomy_eval(first["cache"], reader, cohort, first["keys"], nm, seed=seed)
-            except ValueError as e:  # features encoded from other shards than --shards
-                fail(f"--anatomy: {e}")
+            except ValueError as e:  # features encoded from other shards than --shards; no pair nor brain map
+                a = part_failed("--anatomy", e)
             summary["anatomy"] = a
             results[first["display"]]["anatomy"] = a
-            pm, km = a["patch_matching"], a["kmeans_brain"]
-            print(f"anatomy ({first['display']}): patch matching error {fmt(pm['median_mm'], 1)} mm "
-                  f"(chance {fmt(pm['chance_median_mm'], 1)}; each pair's median, mean over {pm['n_pairs']} volume pairs); k-means(3) brain "
-                  f"IoU {fmt(km['iou'])} (chance {fmt(km['chance_iou'])}) over {km['n_volumes']} volumes")
+            if "error" not in a:
+                pm, km = a["patch_matching"], a["kmeans_brain"]
+                print(f"anatomy ({first['display']}): patch matching error {fmt(pm['median_mm'], 1)} mm "
+                      f"(chance {fmt(pm['chance_median_mm'], 1)}; each pair's median, mean over {pm['n_pairs']} volume "
+                      f"pairs); k-means(3) brain IoU {fmt(km['iou'])} (chance {fmt(km['chance_iou'])}) over "
+                      f"{km['n_volumes']} volumes")
     if reports:
         from nvfm import report_metrics  # the report generator's metrics; imported only when asked
         try:   # only the reports of the --split studies; a study of them without a report is an error
-            results["reports"] = report_metrics.evaluate_reports(reports, fpath,
+            summary["reports"] = report_metrics.evaluate_reports(reports, fpath,
                                                                  splits=[s for s in split.split(",") if s])
+            results["reports"] = summary["reports"]
         except ValueError as e:
-            fail(str(e))
-        summary["reports"] = results["reports"]
+            summary["reports"] = part_failed("--reports", e)
     print("summary: " + json.dumps(metrics.jsonable(summary)))
     run_task = task_name or os.path.splitext(os.path.basename(labels))[0]
     prows = paper_rows(results, run_task) if paths else []
@@ -739,12 +751,14 @@ def main():
     if prows:
         write_paper_table(prows, os.path.join(out, "paper_table.md"), note=f"Note: {'; '.join(differ)}." if differ else "",
                           ci_units=units)
-    if reports:
+    if "reports" in results:
         print(report_table(results["reports"]))
     with open(os.path.join(out, "table.txt"), "w") as f:
         f.write("\n\n".join(report_table(r) if k == "reports" else table(r) for k, r in results.items()) + "\n")
     print(f"wrote {out}/metrics.json, table.txt" + (", paper_table.md" if prows else "")
           + (f", {len(written)} PNG plots" if written else ""))
+    if failed:
+        raise SystemExit(f"evaluate.py: {', '.join(failed)} failed (errors above; its figures are missing)")
 
 
 if __name__ == "__main__":

@@ -181,3 +181,25 @@ def test_a_labels_file_without_modalities_names_the_reason(cohort, tmp_path):
                                 f"--out={tmp_path / 'p'}", "--side_classes=False", "--label_names=learned"], tmp_path)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "no CT studies in" in r.stderr and "no study has a modality (no modality column): --modality=all" in r.stderr
+
+
+def test_a_failed_reports_part_keeps_the_probe_figures_and_exits_1(cohort, tmp_path):
+    """--reports naming a study the ground truth lacks (a ValueError) stopped the run before metrics.json
+    was written: the probe figures computed in the same run were lost. Now the probe figures are written,
+    the failed part is one line and recorded in metrics.json, and the exit status is 1. The same holds
+    for --anatomy (nvfm.anatomy raises ValueError when it has nothing to average)."""
+    d, rows = cohort[0], cohort[1]
+    with open(tmp_path / "findings.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"study_key": r[0], "split": r[2], "findings": [], "lesions": []}) + "\n")
+    (tmp_path / "reports.jsonl").write_text(json.dumps({"study_key": "not-a-study", "findings": []}) + "\n")
+    r = _run("evaluate.py", [f"--probes={d / 'p' / 'probe.pt'}", f"--labels={d / 'labels.csv'}",
+                             f"--out={tmp_path / 'ev'}", "--n_boot=0", "--plots=False", "--names=p", "--threads=1",
+                             "--laterality=", f"--findings={tmp_path / 'findings.jsonl'}",
+                             f"--reports={tmp_path / 'reports.jsonl'}"], tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    err = [line for line in r.stderr.splitlines() if "error" in line]
+    assert err[0].startswith("evaluate.py: error: --reports: ") and "not-a-study" in err[0], r.stderr
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["results"]["p"]["per_class"]["learned"]["auroc"] is not None
+    assert "not-a-study" in m["summary"]["reports"]["error"] and "reports" not in m["results"]
