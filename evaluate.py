@@ -24,7 +24,9 @@ and PR lift (AUPRC / prevalence) with CIs; for age probes MAE, RMSE, Pearson r a
 with CIs. A probe with the classes `ich`, `bleed_left`, `bleed_right` (CQ500) also gets the side
 accuracy given correct detection (`laterality`). A study without tokens in the probe's windows
 (an empty bag: a constant logit) is left out with a warning, as train_probe.py leaves it out, and
-counted (`n_no_tokens` in metrics.json).
+counted (`n_no_tokens` in metrics.json). A study missing from the feature cache is an error,
+unless the probe was trained with --allow_missing=True (studies preprocess.py could not read):
+then it is left out with a warning and counted (`n_missing`).
 A probe is scored only on features of the precision it was fitted on (probe.pt's
 `feature_precision`, else the one its training cache records; CPU float32 and CUDA
 bfloat16-autocast features differ ~14x the float16 storage step, nvfm/features.py): a
@@ -156,9 +158,14 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
             raise SystemExit(f"evaluate.py: {labels}: study {bad[0]!r} has age {rows_by_key[bad[0]]['age']} "
                              f"({len(bad)} such studies): leave the cell empty for an unknown age")
     missing = [k for k in keys if k not in cache]
-    if missing:
-        raise SystemExit(f"evaluate.py: {len(missing)} {split} studies are not in the feature cache {cache.path} "
-                         f"(first: {missing[:3]}); run encode.py on the {split} split")
+    if missing:   # e.g. studies preprocess.py could not read: left out only as the probe's own training left them out
+        msg = f"{len(missing)} {split} studies are not in the feature cache {cache.path} (first: {missing[:3]})"
+        if not ck.get("config", {}).get("allow_missing"):
+            raise SystemExit(f"evaluate.py: {msg}; run encode.py on the {split} split (a probe trained with "
+                             f"--allow_missing=True is scored without them)")
+        print(f"evaluate.py: warning: {display}: {msg}; left out (the probe was trained with --allow_missing=True)",
+              file=sys.stderr)
+        keys = [k for k in keys if k in cache]
     empty = [k for k in keys if cache.n_tokens(k, wins) == 0]
     if empty:   # an empty bag gets a constant logit whatever the study: left out, as train_probe.py does
         print(f"evaluate.py: warning: {display}: {len(empty)} of the {len(keys)} evaluated studies have no tokens"
@@ -205,7 +212,8 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         logits = logits[:, cols]
     res = {"probe": path, "kind": ck["probe_args"]["kind"], "task": ck["task"], "protocol": ck["protocol"],
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
-           "encoder_hash": ck["encoder_hash"], "feature_precision": cache.precision, "n_no_tokens": len(empty)}
+           "encoder_hash": ck["encoder_hash"], "feature_precision": cache.precision, "n_no_tokens": len(empty),
+           "n_missing": len(missing)}
     res["external"] = bool(external)
     if n_boot:
         res["ci_unit"] = ci_unit(groups)
@@ -340,6 +348,7 @@ def table(res):
     lines = [f"== {res['display']}  ({res['kind']}, {res['protocol']}, {res['modality']} -> {res['eval_modality']}, "
              f"{res['n_studies']} studies, {res['n_models']} model(s)"
              + (f", {res['n_no_tokens']} without tokens left out" if res.get("n_no_tokens") else "")
+             + (f", {res['n_missing']} not in the feature cache left out" if res.get("n_missing") else "")
              + (f"; CI bootstrap unit: {res['ci_unit']}" if res.get("ci_unit") else "") + ")"
              + ("" if not res.get("in_sample") else IN_SAMPLE.get(res["in_sample"], "  [in-sample: the probe was "
                                                                     f"fitted or tuned on split {res['in_sample']!r}]")

@@ -203,3 +203,28 @@ def test_a_failed_reports_part_keeps_the_probe_figures_and_exits_1(cohort, tmp_p
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["results"]["p"]["per_class"]["learned"]["auroc"] is not None
     assert "not-a-study" in m["summary"]["reports"]["error"] and "reports" not in m["results"]
+
+
+def test_test_studies_missing_from_the_cache_follow_the_probes_allow_missing(cohort, tmp_path):
+    """A test study preprocess.py could not read stays in labels.csv but never reaches the cache. The
+    probe could be trained past it (--allow_missing=True), yet evaluate.py refused to score that probe
+    at all. Now it leaves such studies out for such a probe (a warning, n_missing), and stays an
+    error for a probe trained without it."""
+    d, rows = cohort[0], cohort[1]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["study_key", "modality", "split"] + CLASSES)
+        wr.writerows(rows + [["unreadable", "CT", "test", 1, 0, 1]])
+    r = _run("train_probe.py", [f"--features={d / 'cache'}", f"--labels={tmp_path / 'labels.csv'}",
+                                f"--out={tmp_path / 'p'}", "--side_classes=False", "--threads=1", "--hidden=8",
+                                "--steps=2", "--eval_interval=2", "--probe=mean_pool", "--label_names=learned",
+                                "--allow_missing=True"], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = [f"--labels={tmp_path / 'labels.csv'}", "--n_boot=0", "--plots=False", "--threads=1", "--laterality="]
+    r = _run("evaluate.py", [f"--probes={tmp_path / 'p' / 'probe.pt'}", f"--out={tmp_path / 'ev'}"] + args, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 test studies are not in the feature cache" in r.stderr and "left out" in r.stderr
+    res = next(iter(json.loads((tmp_path / "ev" / "metrics.json").read_text())["results"].values()))
+    assert res["n_missing"] == 1 and res["n_studies"] == sum(r[2] == "test" for r in rows)
+    r = _run("evaluate.py", [f"--probes={d / 'p' / 'probe.pt'}", f"--out={tmp_path / 'ev2'}"] + args, tmp_path)
+    assert r.returncode == 1 and "1 test studies are not in the feature cache" in r.stderr, r.stderr
