@@ -193,7 +193,8 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         # lesion class of a grounding set): score those, keep the probe's other outputs unseen
         cols = [i for i, n in enumerate(lab) if n not in unknown]
         ck = dict(ck, label_names=[lab[i] for i in cols],
-                  **{f: [ck[f][i] for i in cols] for f in ("thresholds", "platt_a", "platt_b", "n_train_pos") if f in ck})
+                  **{f: [ck[f][i] for i in cols] for f in ("thresholds", "platt_a", "platt_b", "n_train_pos", "trained_classes")
+                     if f in ck})
         print(f"evaluate.py: {display}: {len(unknown)} probe classes are not columns of {labels} (not scored): "
               f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
         lab = ck["label_names"]

@@ -339,11 +339,12 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
     cache, wins = data["cache"], data["wins"]
     crop = cache_crop(cache)
     todo = {}   # (study index, class index) -> the lesions of that diagnosis: one target
+    untrained = P.untrained_classes(data["ck"])   # a class the probe never learned has no map of its own to score
     for i, key in enumerate(keys):
         for les in lesions.get(key, (None, []))[1]:
             cand = [les.get("diagnosis")] + list(les.get("labels", []))
             k = next((names.index(c) for c in cand if c in names), None)
-            if k is not None and data["y"][i, k] > 0 and les.get("mask"):
+            if k is not None and data["y"][i, k] > 0 and les.get("mask") and not untrained[k]:
                 todo.setdefault((i, k), []).append(les)
     res = {"n": 0, "hits": 0, "accuracy": None, "chance": None, "per_class": {}, "overlays": []}
     if not todo:
@@ -504,6 +505,9 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
     if not all(c in names for c in P.SIDE_CLASSES):
         return {"auroc": None, "n": 0, "note": "probe has no lesion_left / lesion_right classes (--side_classes)"}
     kl, kr = names.index("lesion_left"), names.index("lesion_right")
+    if P.untrained_classes(data["ck"])[[kl, kr]].any():   # left out of the probe's loss: its logits are noise
+        return {"auroc": None, "n": 0, "note": "the probe never learned lesion_left / lesion_right (no training "
+                                               "positives or no training negatives)"}
     cache = data["cache"]
     made, here = cache.precision, encode_precision(device)
     if made and made != here:   # mirrored bags in one precision against cached ones in another

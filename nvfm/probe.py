@@ -357,7 +357,9 @@ def untrained_classes(ck):
     import numpy as np
     if "trained_classes" in ck:
         return ~np.asarray(ck["trained_classes"], dtype=bool)
-    return np.asarray(ck["n_train_pos"], np.float64) == 0
+    if "n_train_pos" in ck:
+        return np.asarray(ck["n_train_pos"], np.float64) == 0
+    return np.zeros(len(ck["label_names"]), dtype=bool)   # a probe that records neither: all taken as learned
 
 
 def seen_studies(ck, held_out=True):

@@ -122,6 +122,10 @@ def test_pointing_game_end_to_end(tmp_path, peak, hit):
     z, y, x = np.unravel_index(np.argmax(a), a.shape)
     assert (z // 4, y // 16, x // 16) == peak
     assert "k1" not in att                                   # file names carry the demo name only
+    # a class the probe never learned (no training negatives, say) has no map to score: no trial
+    untrained = dict(data, ck=dict(data["ck"], trained_classes=[False]))
+    res = grounding.pointing_game_eval(untrained, FakeReader(), str(cohort), str(fj))
+    assert res["n"] == 0 and res["accuracy"] is None
     les = nib.load(att.replace("_attention_intraparenchymal_hemorrhage", "_lesion"))
     lv = np.asarray(les.dataobj)                             # the mask resampled onto the canonical grid
     assert lv[1, 12:17, 42:47].all() and lv.sum() == 25
@@ -224,6 +228,9 @@ def test_flip_test_leaves_out_studies_without_tokens_in_the_probes_windows(tmp_p
     unfit = dict(data, ck=dict(ck, sel_labels=torch.tensor([[0, 1], [0, 0]], dtype=torch.uint8)))
     res = grounding.flip_test_eval(unfit, Reader(), sides)
     assert res["n_flagged"] is None and res["auroc_flagged"] is None and res["auroc"] is not None
+    # lesion_right never learned (all its training studies one way): its logit changes are noise, not a figure
+    res = grounding.flip_test_eval(dict(data, ck=dict(ck, trained_classes=[True, False])), Reader(), sides)
+    assert res["auroc"] is None and res["n"] == 0 and "never learned" in res["note"]
     # the cache has brain tokens of c0 but the shards give none: another shard set, an error
     del encoded["c0"]
     with pytest.raises(RuntimeError, match=r"study 'c0' has tokens of the windows \['brain'\] in the feature cache "
