@@ -769,6 +769,12 @@ def main():
           + (f", {len(written)} PNG plots" if written else ""))
     if failed:
         raise SystemExit(f"evaluate.py: {', '.join(failed)} failed (errors above; its figures are missing)")
+    scored = [r.get("task") != "classify" or (r.get("macro", {}).get("auroc", {}).get("n_classes") or 0) > 0
+              for k, r in results.items() if k != "reports"]
+    # every class undefined and nothing else asked for (a pointing game needs no negatives): nothing to quote
+    if scored and not any(scored) and not (cohort or flip_test or anatomy or reports):
+        raise SystemExit(f"evaluate.py: no probe has a class with positives and negatives among the evaluated "
+                         f"{split} studies (every figure undefined; {out}/metrics.json says which)")
 
 
 if __name__ == "__main__":

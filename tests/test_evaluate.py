@@ -344,8 +344,9 @@ def test_held_out_studies_of_another_modality_than_the_eval_modality_are_refused
         evaluate.main()
     assert not (tmp_path / "ev" / "metrics.json").exists()
     torch.save(dict(ck, test_keys=["k04", "k09"], protocol="2-fold CV", modality="CT", eval_modality="MR"), pt)
-    evaluate.main()                                               # MR held-out studies of a CT -> MR probe
-    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]
+    with pytest.raises(SystemExit, match="no probe has a class with positives and negatives"):
+        evaluate.main()                                           # MR held-out studies of a CT -> MR probe: scored,
+    res = json.load(open(tmp_path / "ev" / "metrics.json"))["results"]["p"]   # two studies: no class defined
     assert res["n_studies"] == 2 and res["eval_modality"] == "MR"
 
 

@@ -228,3 +228,19 @@ def test_test_studies_missing_from_the_cache_follow_the_probes_allow_missing(coh
     assert res["n_missing"] == 1 and res["n_studies"] == sum(r[2] == "test" for r in rows)
     r = _run("evaluate.py", [f"--probes={d / 'p' / 'probe.pt'}", f"--out={tmp_path / 'ev2'}"] + args, tmp_path)
     assert r.returncode == 1 and "1 test studies are not in the feature cache" in r.stderr, r.stderr
+
+
+def test_a_run_where_every_class_is_undefined_exits_1(cohort, tmp_path):
+    """Test studies without a positive of any class: every figure is undefined ('0 defined classes'),
+    yet evaluate.py exited 0 as if it had scored the probe."""
+    d, rows = cohort[0], cohort[1]
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["study_key", "modality", "split"] + CLASSES)
+        wr.writerows([r[:3] + ([0, 0, 0] if r[2] == "test" else r[3:]) for r in rows])
+    r = _run("evaluate.py", [f"--probes={d / 'p' / 'probe.pt'}", f"--labels={tmp_path / 'labels.csv'}",
+                             f"--out={tmp_path / 'ev'}", "--n_boot=0", "--plots=False", "--names=p", "--threads=1",
+                             "--laterality="], tmp_path)
+    assert r.returncode == 1 and "no probe has a class with positives and negatives" in r.stderr, r.stderr
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["results"]["p"]["macro"]["auroc"]["n_classes"] == 0
