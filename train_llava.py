@@ -178,7 +178,16 @@ autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if device_t
 if probe_rule not in ("reports", "precision", "youden") or not 0.0 < probe_precision <= 1.0 or probe_folds < 2:
     fail(f"--probe_rule must be reports, precision or youden (got {probe_rule!r}), --probe_precision "
                      f"in (0, 1] (got {probe_precision}) and --probe_folds >= 2 (got {probe_folds})")
-recs = llava.read_findings(findings)
+try:
+    recs = llava.read_findings(findings)
+except ValueError as e:  # not JSON, findings not a list of strings, a study twice: before anything trains
+    fail(str(e))
+_blank = [k for k, r in recs.items() if any(not f.strip() for f in r.get("findings") or [])]
+for _k in _blank:  # a target '["  "]' teaches replies that parse as no finding, counted as malformed
+    recs[_k] = dict(recs[_k], findings=[f for f in recs[_k]["findings"] if f.strip()])
+if _blank and master:
+    print(f"note: {len(_blank)} studies of {findings} have blank or whitespace-only finding strings; those strings "
+          f"are left out of their targets")
 try:
     cache = None if text_only and not os.path.isdir(features) else FeatureCache(features)
 except StaleCacheError as e:  # a cache cut short
@@ -187,6 +196,9 @@ keys_with_features = set(cache.study_keys()) if cache is not None else set(recs)
 missing = [k for k in recs if k not in keys_with_features]
 if missing and master:
     print(f"note: {len(missing)} studies of {findings} have no features in {features}; they are skipped")
+unlabelled = len(keys_with_features - set(recs))
+if unlabelled and master:
+    print(f"note: {unlabelled} studies of {features} have no record in {findings}; they are not used")
 train_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") == "train")
 eval_splits = {s for s in eval_split.split(",") if s}
 eval_keys = sorted(k for k in recs if k in keys_with_features and recs[k].get("split") in eval_splits)
@@ -320,6 +332,9 @@ def publish_lm(name):
 
 
 iter_num, ckpt = 0, None
+if eval_only and init_from == "scratch" and not reuse_reports and os.path.exists(ckpt_path):
+    fail(f"--eval_only with --init_from=scratch uses an untrained model and would replace the reports of the run "
+         f"in {out_dir} ({ckpt_path}): add --init_from=resume")
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path)
     changes = changed_settings(ckpt.get("config", {}), config, RESUME_MAY_CHANGE)
@@ -362,6 +377,13 @@ if init_from == "scratch" and init_connector:
         differ.append(f"llm {ck0['llm']!r} -> {base_llm!r}")
     if differ:
         fail(f"--init_connector={init_connector} was trained for another connector: {', '.join(differ)}")
+reports_iter = None  # with --reuse_reports: the iteration that decoded OUT/reports.jsonl (metrics.json beside it)
+if eval_only and reuse_reports:
+    _m = os.path.join(out_dir, "metrics.json")
+    reports_iter = json.load(open(_m)).get("iter_num") if os.path.exists(_m) else None
+    if ckpt is not None and reports_iter != ckpt["iter_num"]:  # e.g. trained on with --eval_split=none since
+        fail(f"--reuse_reports: {out_dir}/reports.jsonl was decoded at iteration {reports_iter} and {ckpt_path} is at "
+             f"iteration {ckpt['iter_num']}: decode again (without --reuse_reports)")
 lm, tok = load_llm(llm_path)
 enc_dim = cache.dim if cache is not None else 1
 model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
@@ -390,6 +412,17 @@ elif init_connector:
     load_connector(ck0, init_connector)
 elif init_from != "scratch":
     raise SystemExit(f"--init_from must be scratch or resume, got {init_from!r}")
+if init_from == "scratch" and master:
+    if eval_only:
+        print("note: --eval_only with --init_from=scratch: decoding an untrained model")
+    else:  # a new run: a previous run's log (appended to) and reports in out_dir are not this run's
+        _old = [f for f in ("log.jsonl", "metrics.json", "reports.jsonl", "reports_probe.jsonl")
+                if os.path.exists(os.path.join(out_dir, f))]
+        if _old:
+            print(f"warning: {out_dir} holds another run's {', '.join(_old)}: this run from scratch replaces them "
+                  f"(--init_from=resume continues that run)")
+        for _fn in _old:
+            os.remove(os.path.join(out_dir, _fn))
 if cache is not None and ckpt is not None and ckpt.get("encoder_hash") not in (None, cache.encoder_hash):
     raise SystemExit(f"{ckpt_path} was trained on features of encoder {ckpt['encoder_hash']}, "
                      f"{features} has {cache.encoder_hash}")
@@ -508,16 +541,19 @@ def save(it):
 
 @torch.no_grad()
 def val_loss(st):
-    """Mean answer-token loss over the val_split studies (teacher forcing), for model selection."""
+    """Mean answer-token loss over the val_split studies (teacher forcing), for model selection: each batch's
+    token mean weighted by its answer tokens, so every token weighs the same whatever batch_size."""
     train_model.eval()
-    tot = 0.0
+    tot, n = 0.0, 0
     for b in range(0, len(val_keys), batch_size):
         ks = val_keys[b:b + batch_size]
+        inds, fnds = [recs[k].get("indication") or "" for k in ks], [recs[k].get("findings") or [] for k in ks]
+        m = sum(lab != llava.IGNORE for i, f in zip(inds, fnds) for lab in model.prompts.build([], i, f, st)["labels"])
         with autocast:
-            tot += train_model([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
-                               [recs[k].get("findings") or [] for k in ks], st).item() * len(ks)
+            tot += train_model([study_series(k) for k in ks], inds, fnds, st).item() * m
+        n += m
     train_model.train()
-    return tot / len(val_keys)
+    return tot / n
 
 
 def log_row(row):
@@ -627,7 +663,7 @@ def run_probes(paths, keys):
                 print(f"probe {path}: {len(named)} classes reach precision {probe_precision} on its selection split"
                       f"{': ' + ', '.join(named[:8]) if named else ''}{' ...' if len(named) > 8 else ''}")
         for k, lg in zip(ks, logits):
-            sc, th = llava.probe_diagnosis_scores(ck["label_names"], lg, thr, ck.get("n_train_pos"), fitted)
+            sc, th = llava.probe_diagnosis_scores(ck["label_names"], lg, thr, list(~P.untrained_classes(ck)), fitted)
             out.setdefault(k, ({}, {}))[0].update(sc)
             out[k][1].update(th)
     return out
@@ -656,16 +692,22 @@ if master and eval_keys and stage == 2:
         rows.sort(key=lambda r: r["study_key"])
         prev = os.path.join(out_dir, "metrics.json")
         sec_prev = json.load(open(prev)).get("sec_per_study_generate") if os.path.exists(prev) else None
+        iter_num = reports_iter  # the metrics are those of the reports re-scored
     from tqdm import tqdm
     for b in tqdm(range(0, len(eval_keys) if not reuse_reports else 0, gen_batch_size), desc="generate"):
         ks = eval_keys[b:b + gen_batch_size]
         with torch.no_grad(), autocast:
-            texts = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
-                                   stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
-                                   **({"length_penalty": length_penalty} if num_beams > 1 else {}))
-        for k, t in zip(ks, texts):
+            texts, ended = model.generate([study_series(k) for k in ks], [recs[k].get("indication") or "" for k in ks],
+                                          stage, max_new_tokens, num_beams, repetition_penalty, no_repeat_ngram_size,
+                                          return_ended=True,
+                                          **({"length_penalty": length_penalty} if num_beams > 1 else {}))
+        for k, t, e in zip(ks, texts, ended):
             found, status = llava.parse_findings(t)
-            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found})
+            rows.append({"study_key": k, "raw": t, "parse": status, "findings": found, "cut": not e})
+    n_cut = sum(bool(r.get("cut")) for r in rows)
+    if n_cut:  # parsed (repaired) as far as they go, but a reply cut short may have lost findings
+        print(f"note: {n_cut} of {len(rows)} replies reached --max_new_tokens={max_new_tokens} without the end "
+              f"token: cut short (\"cut\": true in reports.jsonl)")
     sec_per_study = sec_prev if reuse_reports else (time.time() - t0) / len(eval_keys)
     variants = {"reports.jsonl": rows}
     if probes:
@@ -706,7 +748,7 @@ if master and eval_keys and stage == 2:
               f"{', '.join(sorted(n_by_split)) or 'none'} only")
     metrics = {"config": config, "sec_per_study_generate": sec_per_study, "n_eval": len(rows),
                "eval_splits": sorted(n_by_split), "n_eval_by_split": n_by_split, "train_s": train_s,
-               "iter_num": iter_num}
+               "iter_num": iter_num, "n_cut_at_max_new_tokens": n_cut}
     if probes and probe_rule == "reports":
         metrics["probe_cross_check_thresholds"] = probe_fit
         metrics["probe_cross_check_fit"] = {"split": val_split, "n": len(fit_idx)}

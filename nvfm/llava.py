@@ -234,8 +234,9 @@ def user_message(series_names, indication, stage):
 
 
 def target_text(findings, stage):
-    """Stage 1: findings concatenated into one string; stage 2: a JSON list (relevance order kept)."""
-    return " ".join(findings) if stage == 1 else json.dumps(list(findings))
+    """Stage 1: findings concatenated into one string; stage 2: a JSON list (relevance order kept), non-ASCII
+    text as written: \\uXXXX escapes share 4-grams that --no_repeat_ngram_size=4 decoding then corrupts."""
+    return " ".join(findings) if stage == 1 else json.dumps(list(findings), ensure_ascii=False)
 
 
 class PromptBuilder:
@@ -357,8 +358,9 @@ class ReportGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, studies, indications, stage=2, max_new_tokens=96, num_beams=1, repetition_penalty=1.0,
-                 no_repeat_ngram_size=0, skip_special_tokens=True, **generate_kwargs):
-        """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings.
+                 no_repeat_ngram_size=0, skip_special_tokens=True, return_ended=False, **generate_kwargs):
+        """Batched deterministic decoding (greedy or beam). Returns the decoded reply strings, and with
+        return_ended also per reply whether it ended with the end token (False: cut at max_new_tokens).
         repetition_penalty and no_repeat_ngram_size act on the reply only, not on the prompt (the
         prompt is embeddings, not ids): a finding may repeat words of the indication.
         generate_kwargs go to the LM's generate (e.g. min_new_tokens for fixed-length timing)."""
@@ -374,7 +376,10 @@ class ReportGenerator(nn.Module):
                                     no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos,
                                     pad_token_id=self.prompts.placeholder_id, temperature=None, top_p=None,
                                     top_k=None, **generate_kwargs)
-        return [self.tok.decode(o, skip_special_tokens=skip_special_tokens).strip() for o in out]
+        texts = [self.tok.decode(o, skip_special_tokens=skip_special_tokens).strip() for o in out]
+        if not return_ended:
+            return texts
+        return texts, torch.isin(out, torch.tensor(eos, device=out.device)).any(1).tolist()
 
 
 # ----------------------------------------------------------------------------- study records
@@ -398,15 +403,23 @@ def sampling_weights(label_sets, power=1.0):
 
 
 def read_findings(path):
-    """{study_key: record} of a shards folder's findings.jsonl (preprocess.py's re-keyed copy)."""
-    from nvfm.report_metrics import iter_jsonl
+    """{study_key: record} of a shards folder's findings.jsonl (preprocess.py's re-keyed copy).
+
+    ValueError naming the file and line, before anything trains, for what report_metrics refuses after
+    it: 'findings' not a list of strings (a string trained as a list of its letters), a study twice."""
+    from nvfm.report_metrics import check_findings, iter_jsonl
     if not os.path.exists(path):
         raise FileNotFoundError(f"--findings={path}: no such file (SHARDS/findings.jsonl from preprocess.py)")
-    recs = {}
+    recs, lines = {}, {}
     for i, r in iter_jsonl(path, "findings"):
-        if "study_key" not in r:
+        if not isinstance(r, dict) or "study_key" not in r:
             raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
-        recs[r["study_key"]] = r
+        k = r["study_key"]
+        if k in recs:
+            raise ValueError(f"{path}:{i}: study {k!r} appears twice (line {lines[k]})")
+        if r.get("findings") is not None:  # absent or null: no finding
+            check_findings(r["findings"], path, i, k)
+        recs[k], lines[k] = r, i
     return recs
 
 
@@ -478,7 +491,8 @@ def parse_findings(text):
                     clean = [v.strip() for v in val if isinstance(v, str) and v.strip()]
                     if len(clean) == len(val):   # text around the list is not the reply asked for
                         return clean, "ok" if start == 0 and end == len(s) - 1 else "repaired"
-                    return clean or [str(v) for v in val if v not in (None, "")], "repaired"
+                    items = clean or [t for t in (str(v).strip() for v in val if v is not None) if t]
+                    return items, "repaired" if items else "empty"
             except json.JSONDecodeError:
                 pass
         items = []
@@ -498,23 +512,24 @@ def parse_findings(text):
 
 # ----------------------------------------------------------------------------- probe cross-check
 
-def probe_diagnosis_scores(label_names, logits, thresholds, n_train_pos=None, fitted=None):
+def probe_diagnosis_scores(label_names, logits, thresholds, trained=None, fitted=None):
     """One study's probe output -> ({diagnosis: logit}, {diagnosis: threshold}) for cross_check.
 
-    Keeps ontology diagnoses only, and drops classes the probe had no training positives for
-    (n_train_pos[k] == 0): train_probe.py leaves them out of the loss, so their logits are
-    untrained noise, and appending them would only hallucinate. `fitted` (bools) marks classes
-    whose threshold was fitted on the selection split; the others (a default threshold) are dropped.
+    Keeps ontology diagnoses only, and drops classes the probe never learned (`trained` False:
+    `probe.untrained_classes`, no training positives or no training negatives): train_probe.py
+    leaves them out of the loss, so their logits are noise, and appending them would only
+    hallucinate. `fitted` (bools) marks classes whose threshold was fitted on the selection split;
+    the others (a default threshold) are dropped. None: every class.
     """
     from nvfm.ontology import DIAGNOSES
-    npos = n_train_pos if n_train_pos is not None else [1] * len(label_names)
-    ok = fitted if fitted is not None else [True] * len(label_names)
-    if not len(label_names) == len(logits) == len(thresholds) == len(npos) == len(ok):
+    ok_t = trained if trained is not None else [True] * len(label_names)
+    ok_f = fitted if fitted is not None else [True] * len(label_names)
+    if not len(label_names) == len(logits) == len(thresholds) == len(ok_t) == len(ok_f):
         raise ValueError(f"probe output: {len(label_names)} names, {len(logits)} logits, "
-                         f"{len(thresholds)} thresholds, {len(npos)} positive counts, {len(ok)} fitted flags")
+                         f"{len(thresholds)} thresholds, {len(ok_t)} trained flags, {len(ok_f)} fitted flags")
     sc, th = {}, {}
-    for n, v, t, c, f in zip(label_names, logits, thresholds, npos, ok):
-        if n in DIAGNOSES and c > 0 and f:
+    for n, v, t, a, b in zip(label_names, logits, thresholds, ok_t, ok_f):
+        if n in DIAGNOSES and a and b:
             sc[n], th[n] = float(v), float(t)
     return sc, th
 

@@ -651,7 +651,7 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
     return out
 
 
-def _check_findings(f, path, line, key):
+def check_findings(f, path, line, key):
     """A report's findings must be a list of strings: a string would be scored letter by letter
     (iterating it), a null as the text 'None'."""
     if not isinstance(f, list) or not all(isinstance(x, str) for x in f):
@@ -683,7 +683,7 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
             raise ValueError(f"{reports_jsonl}:{line}: study {k!r} already has a report (line {seen[k]}); "
                              "keep one report per study")
         seen[k] = line
-        _check_findings(r.get("findings"), reports_jsonl, line, k)
+        check_findings(r.get("findings"), reports_jsonl, line, k)
         reps.append(r)
     truth, lines = {}, {}
     for line, r in iter_jsonl(findings_jsonl, "findings"):
@@ -691,7 +691,7 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
         if k in truth:
             raise ValueError(f"{findings_jsonl}:{line}: study {k!r} appears twice in the ground truth")
         if r.get("findings") is not None:   # absent or null: no positive finding
-            _check_findings(r["findings"], findings_jsonl, line, k)
+            check_findings(r["findings"], findings_jsonl, line, k)
         truth[k] = r
         lines[k] = line
     for r in reps:

@@ -392,16 +392,24 @@ def test_train_llava_fsdp_two_ranks_on_cpu(tmp_path, lm_dir):
 
 
 def test_probe_diagnosis_scores_drops_untrained_classes():
-    """Classes without training positives (left out of the probe's loss) never reach the cross-check."""
+    """Classes the probe never learned (no training positives, or only positives: left out of its loss)
+    never reach the cross-check; probe.untrained_classes reads them from a probe.pt, old ones included."""
+    from nvfm import probe as P
     names = ["acute_subdural_hematoma", "epidural_hematoma", "lesion_left", "meningioma"]
-    sc, th = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0.0, 0.0, 0.5], [4, 0, 3, 2])
+    ck = {"label_names": names, "n_train_pos": [4, 0, 3, 2]}                    # an older probe: positives only
+    trained = list(~P.untrained_classes(ck))
+    sc, th = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0.0, 0.0, 0.5], trained)
     assert sc == {"acute_subdural_hematoma": 2.0, "meningioma": -1.0}  # untrained + non-diagnosis dropped
     assert th == {"acute_subdural_hematoma": 0.1, "meningioma": 0.5}
     f, missed = llava.cross_check([], sc, th)
     assert missed == ["acute_subdural_hematoma"]  # the untrained epidural logit 3.0 >= 0 is not appended
-    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0, 0, 0, 0])  # old checkpoints
+    # meningioma positive in every training study: never learned either, though it has positives
+    trained = list(~P.untrained_classes(dict(ck, trained_classes=[True, False, True, False])))
+    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0.0, 0.0, 0.5], trained)
+    assert sc == {"acute_subdural_hematoma": 2.0}
+    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0, 0, 0, 0])  # no flags: every class
     assert set(sc) == {"acute_subdural_hematoma", "epidural_hematoma", "meningioma"}
-    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0, 0, 0.5], [4, 0, 3, 2],
+    sc, _ = llava.probe_diagnosis_scores(names, [2.0, 3.0, 9.0, -1.0], [0.1, 0, 0, 0.5], [True, False, True, True],
                                          fitted=[False, True, True, True])
     assert sc == {"meningioma": -1.0}  # threshold not fitted on the selection split: not used
     with pytest.raises(ValueError, match="3 logits"):
