@@ -125,19 +125,24 @@ def test_generation_batched_equals_single_and_is_deterministic(lm):
     assert len(beams) == 2 and all(isinstance(b, str) for b in beams)
 
 
-def test_overfit_two_studies_reproduces_json(lm_dir):
-    model, tok = load_llm(lm_dir)  # a fresh copy: this test trains the LM
-    gen = _gen((model, tok), seed=2)
-    studies, fnds = _studies(), [["Meningioma."], ["Left hematoma.", "Shift."]]
-    inds = ["a long clinical indication to make the prompts differ in length", "fall"]
+def _overfit(gen, studies, inds, fnds, steps):
+    """Train the whole generator on these studies until its loss is under 0.1; returns it in eval mode."""
     opt = torch.optim.AdamW(gen.parameters(), lr=2e-2)
-    for _ in range(40):
+    for _ in range(steps):
         loss = gen(studies, inds, fnds)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
-    gen.eval()
+    return gen.eval()
+
+
+def test_overfit_two_studies_reproduces_json(lm_dir):
+    model, tok = load_llm(lm_dir)  # a fresh copy: this test trains the LM
+    gen = _gen((model, tok), seed=2)
+    studies, fnds = _studies(), [["Meningioma."], ["Left hematoma.", "Shift."]]
+    inds = ["a long clinical indication to make the prompts differ in length", "fall"]
+    _overfit(gen, studies, inds, fnds, 40)
     out = gen.generate(studies, inds, max_new_tokens=24)
     assert [llava.parse_findings(o) for o in out] == [(f, "ok") for f in fnds]
     # left-padded batch decoding == one study at a time

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from test_llava import ROOT, SDH, TINY, _studies, _synthetic_cohort
+from test_llava import ROOT, SDH, TINY, _overfit, _studies, _synthetic_cohort
 from test_llava_audit import _base, _sh, _with_splits
 from nvfm import llava
 from nvfm.llm import load_llm, tiny_qwen3_cached
@@ -154,14 +154,7 @@ def fitted(lm_dir):
     s = _studies()
     studies, inds = [s[0], s[1], []], ["a long clinical indication to make the prompts differ in length", "fall", "x"]
     fnds = [[NON_ASCII], [SDH, "Shift."], []]
-    opt = torch.optim.AdamW(gen.parameters(), lr=2e-2)
-    for _ in range(50):
-        loss = gen(studies, inds, fnds)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.1
-    return gen.eval(), studies, inds, fnds
+    return _overfit(gen, studies, inds, fnds, 50), studies, inds, fnds
 
 
 def _greedy(gen, study, ind, n):
