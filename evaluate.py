@@ -5,6 +5,10 @@ table, and PNG plots (the NeuroVFM paper, Methods: evaluation).
     python evaluate.py --probes=out/p_jepa/probe.pt,out/p_random/probe.pt,out/p_mean/probe.pt \
         --names=pretrained,random_init,mean_pool --labels=... --shards=out/shards --cohort=out/demo
 
+--labels: only the columns the probes score (their label names; the side classes lesion_left /
+lesion_right come from findings.jsonl) must hold 0 or 1 (else a one-line error naming the line
+and column); the other columns may hold anything (blanks, "NA") and are not read.
+
 Per probe: per-class AUROC, sensitivity, specificity, balanced accuracy at the thresholds
 chosen on validation (a class without positives or negatives on the probe's selection split has
 no chosen threshold or calibration, only train_probe.py's placeholders: its sensitivity,
@@ -653,8 +657,10 @@ def main():
                       ("--shards", shards), ("--cohort", cohort)):
         if path:
             require_path(path, key, kind="dir" if key in ("--features", "--shards", "--cohort") else "file")
+    # the columns the probes score (their label names): only those must hold 0 or 1
+    used = {n for p in paths for n in load_probe(p)[0]["label_names"]}
     try:
-        rows, _ = P.load_labels(labels) if paths else ([], [])
+        rows, _ = P.load_labels(labels, use=used) if paths else ([], [])
     except ValueError as e:  # no study_key column, a value not 0/1
         fail(str(e))
     rows_by_key = {}

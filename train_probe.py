@@ -27,12 +27,15 @@ MAE) is kept, its k fold models being the ensemble (the paper picks hyperparamet
 (external transfer, e.g. ADNI -> OASIS-1).
 
 Labels: SHARDS/labels.csv (re-keyed); classes are the ontology names of the modality (or
-`label_names`). With side_classes, two more classes lesion_left / lesion_right come from the
-lesions' sides in findings.jsonl (for the flip test; every study needs its record there). Classes
-with no positives (or no negatives) in training are kept in the outputs, left out of the loss and
-of checkpoint selection, and reported undefined (by evaluate.py too). A study_key on two rows is an
-error; a study without tokens (in `windows`) is left out with a warning that counts it (an empty
-bag has a constant logit); studies of a split other than train/val/test are counted in a warning.
+`label_names`; every column with protocol = paper). Only the class columns must hold 0 or 1
+(else a one-line error naming the line and column); the other columns may hold anything
+(blanks, "NA": a diagnosis annotated for some studies only) and are not read. With
+side_classes, two more classes lesion_left / lesion_right come from the lesions' sides in
+findings.jsonl (for the flip test; every study needs its record there). Classes with no positives
+(or no negatives) in training are kept in the outputs, left out of the loss and of checkpoint
+selection, and reported undefined (by evaluate.py too). A study_key on two rows is an error; a
+study without tokens (in `windows`) is left out with a warning that counts it (an empty bag has a
+constant logit); studies of a split other than train/val/test are counted in a warning.
 
 Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
 names, thresholds, Platt (a, b), training positives per class, trained_classes (K bools: the classes
@@ -146,13 +149,15 @@ def check_inputs():
         fail(f"--features: {features} is not a feature cache (no index.json; run encode.py first)")
     require_path(labels, "--labels", hint="SHARDS/labels.csv written by preprocess.py")
     try:
-        rows, columns = P.load_labels(labels)
+        _, columns = P.load_labels(labels, use=())   # which label columns the file has
+        names = choose_labels(columns) if task == "classify" else ["age"]
+        rows, _ = P.load_labels(labels, use=names)   # only the columns learned must hold 0 or 1
     except ValueError as e:  # no study_key column, a value not 0/1
         fail(str(e))
     dup = [(k, n) for k, n in Counter(r["study_key"] for r in rows).items() if n > 1]
     if dup:   # one study on a train row and a val row would be trained on and then select the checkpoint
         fail(f"--labels: {labels}: study_key {dup[0][0]!r} is on {dup[0][1]} rows: one row per study")
-    return rows, columns
+    return rows, columns, names
 
 
 def warn_sparse_labels(names, columns):
@@ -190,7 +195,7 @@ def parse_grid(text):
 
 
 def main():
-    rows, columns = check_inputs()
+    rows, columns, names = check_inputs()
     try:
         cache = FeatureCache(features)
     except StaleCacheError as e:   # a cache cut short: one line, before anything is written
@@ -202,7 +207,6 @@ def main():
              f"{windows} of {features}: the probe could never be scored on them (choose --windows)")
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(seed)
-    names = choose_labels(columns) if task == "classify" else ["age"]
     warn_sparse_labels(names, columns)
     sides, fpath = {}, ""
     if task == "classify" and any(n in P.SIDE_CLASSES for n in names):

@@ -169,10 +169,14 @@ META_COLUMNS = ("study_key", "study_uid", "study", "modality", "split", "age", "
 SIDE_CLASSES = ("lesion_left", "lesion_right")
 
 
-def load_labels(path):
+def load_labels(path, use=None):
     """SHARDS/labels.csv -> (rows: list of dict with study_key, modality, split, age (float or
-    None), subject (group id, "" when the file has none), y: dict name -> 0/1), label column
-    names in file order). A column header that appears twice is a ValueError naming the file and
+    None), subject (group id, "" when the file has none), y: dict name -> 0/1 of the used label
+    columns), every label column name in file order). use: the label columns the run reads (None:
+    all). Only those must hold 0 or 1 (else a ValueError naming the file, line and column) and are
+    kept in y; the others may hold anything (a diagnosis annotated for some studies only: blanks,
+    "NA"). Names in `use` that are not label columns are left to the caller (side classes come from
+    findings.jsonl). A column header that appears twice is a ValueError naming the file and
     the column (csv.DictReader would keep only the last of its cells under the one name)."""
     import csv
     import os
@@ -188,10 +192,11 @@ def load_labels(path):
         if "study_key" not in cols:
             raise ValueError(f"{path}: no study_key column (use the re-keyed copy written by preprocess.py)")
         names = [c for c in cols if c not in META_COLUMNS]
+        used = names if use is None else [c for c in names if c in use]
         rows = []
         for ln, r in enumerate(reader, start=2):
             y = {}
-            for n in names:
+            for n in used:
                 v = (r[n] or "").strip()
                 if v not in ("0", "1"):
                     raise ValueError(f"{path}:{ln}: column {n!r} must be 0 or 1, got {v!r}")
