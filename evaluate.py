@@ -657,12 +657,14 @@ def main():
                       ("--shards", shards), ("--cohort", cohort)):
         if path:
             require_path(path, key, kind="dir" if key in ("--features", "--shards", "--cohort") else "file")
-    # the columns the probes score (their label names): only those must hold 0 or 1
-    used = {n for p in paths for n in load_probe(p)[0]["label_names"]}
-    try:
-        rows, _ = P.load_labels(labels, use=used) if paths else ([], [])
-    except ValueError as e:  # no study_key column, a value not 0/1
-        fail(str(e))
+    rows = []
+    if paths:
+        try:   # the file's own faults first (no study_key column), then only the columns the probes score
+            P.load_labels(labels, use=())
+            used = {n for p in paths for n in load_probe(p)[0]["label_names"]}   # their label names
+            rows, _ = P.load_labels(labels, use=used)
+        except ValueError as e:  # no study_key column, a value not 0/1 in a scored column
+            fail(str(e))
     rows_by_key = {}
     for r in rows:   # a key on two rows: one row's labels (and split) would silently win
         if r["study_key"] in rows_by_key:
