@@ -360,7 +360,7 @@ def add_calibrated_f1(report, y, prob, n_train_pos, fitted=None):
     Platt fit is the prior, a placeholder). Returns report (modified in place, JSON-ready).
     per_class rows are matched to the columns of y by position: their number must be K."""
     cf1 = f1_defined(y, _as2d(prob) >= 0.5)
-    cf1 = np.where(_fitted_mask(fitted, len(cf1)), cf1, np.nan)
+    cf1 = np.where(_class_mask(fitted, len(cf1)), cf1, np.nan)
     if len(report["per_class"]) != len(cf1) or len(n_train_pos) != len(cf1):
         raise ValueError(f"{len(report['per_class'])} per_class rows and {len(n_train_pos)} training counts for "
                          f"{len(cf1)} columns: one of each per class")
@@ -555,11 +555,11 @@ def _replicates_reference(y, s, thr, n_boot, seed, defined, device, chunk_elems,
 MIN_BOOT = 100   # fewest defined replicates for a percentile interval
 
 
-def _fitted_mask(fitted, K, what="fitted"):
-    """(K,) bool of the classes with a fitted threshold, or another per-class mask `what` (None: all of them)."""
-    if fitted is None:
+def _class_mask(mask, K, what="fitted"):
+    """(K,) bool per-class mask named `what` (fitted thresholds, scored classes); None: all of them."""
+    if mask is None:
         return np.ones(K, dtype=bool)
-    f = np.asarray(fitted)
+    f = np.asarray(mask)
     if f.shape != (K,) or f.dtype != bool:
         raise ValueError(f"{what}: a (K,) = ({K},) bool mask over the classes, got {f.dtype} {f.shape}")
     return f
@@ -598,11 +598,11 @@ def bootstrap(y, scores, thresholds=None, n_boot=10000, seed=0, alpha=0.05, devi
     y, s = _check(y, scores)
     n, K = y.shape
     be = _resolve_backend(backend, device)
-    fit = _fitted_mask(fitted, K)
+    fit = _class_mask(fitted, K)
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates "
                          "(10,000 recommended; n_boot=0 in evaluate.py skips the CIs)")
-    defined = defined_classes(y) & _fitted_mask(scored, K, "scored")
+    defined = defined_classes(y) & _class_mask(scored, K, "scored")
     thr = np.zeros(K) if thresholds is None else np.broadcast_to(np.asarray(thresholds, np.float64), (K,))
     grp = group_index(groups, n)
     if be == "cpp":
@@ -909,8 +909,8 @@ def classification_report(y, scores, thresholds, names, n_boot=10000, seed=0, de
     dup = sorted({n for i, n in enumerate(names) if n in list(names)[:i]})
     if dup:
         raise ValueError(f"label names {dup} are repeated: one name per column (a repeated labels.csv header?)")
-    sc = _fitted_mask(scored, y.shape[1], "scored")
-    fit = _fitted_mask(fitted, y.shape[1]) & sc
+    sc = _class_mask(scored, y.shape[1], "scored")
+    fit = _class_mask(fitted, y.shape[1]) & sc
     au = np.where(sc, auroc(y, s), np.nan)
     st = {m: np.where(fit, v, np.nan) for m, v in threshold_stats(y, s, thresholds).items()}
     ci = bootstrap(y, s, thresholds, n_boot=n_boot, seed=seed, device=device, progress=progress,
