@@ -121,9 +121,9 @@ def load_probe(path):
     return ck, models
 
 
-def evaluate_probe(path, display, rows_by_key, sides, fpath):
-    """sides: lesion sides per study from findings.jsonl at fpath (None: not found)."""
-    ck, models = load_probe(path)
+def evaluate_probe(path, probe, display, rows_by_key, sides, fpath):
+    """probe: load_probe(path); sides: lesion sides per study from findings.jsonl at fpath (None: not found)."""
+    ck, models = probe
     try:
         cache = FeatureCache(features or ck["features"], expect_hash=ck["encoder_hash"])
     except StaleCacheError as e:   # another encoder's features, a cache cut short
@@ -256,8 +256,7 @@ def evaluate_probe(path, display, rows_by_key, sides, fpath):
         print(f"evaluate.py: warning: {display}: {int(unfit.sum())} classes have no threshold or calibration fitted "
               f"on the probe's selection split (no positives or no negatives there): their sensitivity, specificity "
               f"and calibrated F1 (a detection class's side accuracy too) are left undefined: {[n for n, u in zip(lab, unfit) if u][:5]}", file=sys.stderr)
-    untrained = P.untrained_classes(full_ck)
-    untrained = untrained[cols] if cols is not None else untrained
+    untrained = P.untrained_classes(ck)   # the scored classes' (ck carries trained_classes of its columns)
     if untrained.any():   # left out of the probe's loss: their logits are noise, not figures of the probe
         print(f"evaluate.py: warning: {display}: {int(untrained.sum())} classes had no training positives or no "
               f"training negatives (never learned): every figure of theirs is undefined: "
@@ -657,12 +656,12 @@ def main():
                       ("--shards", shards), ("--cohort", cohort)):
         if path:
             require_path(path, key, kind="dir" if key in ("--features", "--shards", "--cohort") else "file")
-    rows = []
+    rows, probes_read = [], {}
     if paths:
         try:   # the file's own faults first (no study_key column), then only the columns the probes score
             P.load_labels(labels, use=())
-            used = {n for p in paths for n in load_probe(p)[0]["label_names"]}   # their label names
-            rows, _ = P.load_labels(labels, use=used)
+            probes_read = {p: load_probe(p) for p in paths}
+            rows, _ = P.load_labels(labels, use={n for ck, _ in probes_read.values() for n in ck["label_names"]})
         except ValueError as e:  # no study_key column, a value not 0/1 in a scored column
             fail(str(e))
     rows_by_key = {}
@@ -680,7 +679,7 @@ def main():
         fail(str(e))
     results, first, written, studies = {}, None, [], {}
     for p, d in zip(paths, disp):
-        res, data = evaluate_probe(p, d, rows_by_key, sides, fpath)
+        res, data = evaluate_probe(p, probes_read[p], d, rows_by_key, sides, fpath)
         res["display"] = d
         results[d] = res
         studies[d] = (data["task"], frozenset(data["keys"]))

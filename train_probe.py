@@ -395,8 +395,8 @@ def main():
         sel_keys, sel_logits = va, (P.predict(m, get_bag, va, device) if va else None)
         ckpt.update(protocol="train/val/test splits")
         seen = tr + va
-        train_pos = np.stack([Y[k] for k in tr]).sum(0)
-        trained = P.class_weights(np.stack([Y[k] for k in tr]))[1].numpy()
+        ytr = np.stack([Y[k] for k in tr])
+        train_pos, trained = ytr.sum(0), P.class_weights(ytr)[1].numpy()
     # what fitted or tuned the probe (salted hashes): evaluate.py --external=True flags a dataset sharing any
     subject_of = {r["study_key"]: r["subject"] for r in rows}
     ckpt.update(seen_keys=list(seen), seen_subjects=sorted({subject_of[k] for k in seen} - {""}))

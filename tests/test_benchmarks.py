@@ -562,12 +562,13 @@ def test_paper_protocol_external_transfer_table_and_plots(tmp_path, monkeypatch,
                      out=str(tmp_path / "m")).items():
         monkeypatch.setattr(evaluate, k, v)
     sub_rows = {r["study_key"]: r for r in P.load_labels(str(sub))[0]}
-    exs, _ = evaluate.evaluate_probe(probe_pt, "ours", sub_rows, {}, str(tmp_path / "findings.jsonl"))
+    probe = evaluate.load_probe(probe_pt)
+    exs, _ = evaluate.evaluate_probe(probe_pt, probe, "ours", sub_rows, {}, str(tmp_path / "findings.jsonl"))
     assert "2 probe classes are not columns" in capsys.readouterr().out
     assert list(exs["per_class"]) == ["ich"] and exs["per_class"]["ich"]["auroc"] == pytest.approx(au["auroc"])
     monkeypatch.setattr(evaluate, "external", False)
     with pytest.raises(SystemExit, match="--external=True"):   # the probe's test keys are another dataset's
-        evaluate.evaluate_probe(probe_pt, "ours", sub_rows, {}, str(tmp_path / "findings.jsonl"))
+        evaluate.evaluate_probe(probe_pt, probe, "ours", sub_rows, {}, str(tmp_path / "findings.jsonl"))
     monkeypatch.setattr(evaluate, "merge", f"{tmp_path / 'ev' / 'metrics.json'},{tmp_path / 'ex' / 'metrics.json'}")
     evaluate.merge_tables()
     table = open(tmp_path / "m" / "paper_table.md").read()
