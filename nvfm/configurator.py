@@ -27,6 +27,7 @@ traceback). Any other uncaught exception is a bug: its traceback, then exit stat
 Called with an explicit argv (tests, libraries), errors raise ConfigError.
 """
 import ast
+import copy
 import difflib
 import glob
 import io
@@ -133,9 +134,12 @@ def _config_file(arg):
     raise ConfigError(f"config file not found: {arg}{hint}")
 
 
-def read_config_file(arg):
-    """(path, {key: value}) of a config file's top-level assignments (private names, modules and
-    callables left out); arg is a path or a name looked up in config/."""
+def read_config_file(arg, current=None):
+    """(path, {key: value}) of what a config file sets (private names, modules and callables left
+    out); arg is a path or a name looked up in config/. current: the script's settings as they stand
+    ({key: value}); the file runs with copies of them in scope, as nanoGPT's exec in globals() does,
+    so `max_steps = 2 * max_steps` or `layers.append(4)` work, and only what it assigns or changes
+    is returned."""
     path = _config_file(arg)
     try:
         with open(path, "rb") as f:
@@ -149,14 +153,23 @@ def read_config_file(arg):
         if isinstance(node, ast.AnnAssign) and node.value is None:
             raise ConfigError(f"{path}:{node.lineno}: {ast.get_source_segment(src, node)!r} sets nothing "
                               "(a config file is Python: key = value)")
-    scope = {}
+    current = current or {}
+    scope, before = copy.deepcopy(current), copy.deepcopy(current)   # the file must not mutate the script's own
     try:
         exec(compile(tree, path, "exec"), scope)
     except Exception as e:  # the user's file failed, not nvfm: its line and the reason
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == path), "?")
         raise ConfigError(f"{path}:{line}: {type(e).__name__}: {e}") from e
     return path, {k: v for k, v in scope.items()
-                  if not k.startswith("_") and type(v).__name__ != "module" and not callable(v)}
+                  if not k.startswith("_") and type(v).__name__ != "module" and not callable(v)
+                  and (k not in before or not _same(v, before[k]))}
+
+
+def _same(a, b):
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:   # e.g. an array's ambiguous truth value: taken as set by the file
+        return False
 
 
 def _settable(g):
@@ -213,7 +226,7 @@ def _apply(g, argv, verbose):
                 key = prev[2:].replace("-", "_")
                 if isinstance(g.get(key), bool) and arg.lower() in _BOOL_WORDS:
                     raise ConfigError(f"config file not found: {arg} (did you mean {prev}={arg}?)")
-            path, values = read_config_file(arg)
+            path, values = read_config_file(arg, {k: g[k] for k in settable})
             for key, value in values.items():
                 if key not in settable:
                     raise _unknown(key, settable, f"{path}: ")
@@ -321,12 +334,13 @@ def _show(value):
     return repr(value)
 
 
-def _config_files(settable):
-    """[(config/NAME.py, first comment line)] of the config files whose keys this script has."""
-    out = []
+def _config_files(current):
+    """[(config/NAME.py, first comment line)] of the config files whose keys this script has;
+    current: the script's settings {key: value}."""
+    out, settable = [], set(current)
     for path in sorted(glob.glob(os.path.join(_ROOT, "config", "*.py"))):
         try:
-            _, values = read_config_file(path)
+            _, values = read_config_file(path, current)
         except Exception:  # a broken config file must not break --help
             continue
         if values and set(values) <= settable:
@@ -357,7 +371,7 @@ def help_text(g):
     doc = (g.get("__doc__") or "").strip()
     if doc:
         parts += ["", doc]
-    configs = _config_files(settable)
+    configs = _config_files({k: g[k] for k in settable})
     if configs:
         parts += ["", "config files (a bare argument; each sets several of the settings below):"]
         for p, d in configs:

@@ -187,7 +187,7 @@ def test_a_space_instead_of_equals_suggests_the_flag():
 
 @pytest.mark.parametrize("text,line,msg", [
     ("batch_size = 4\nlr = (1e-3\n", 2, r"syntax error: '\(' was never closed"),
-    ("batch_size = 4\n\nlr = lr * 2\n", 3, r"NameError: name 'lr' is not defined"),
+    ("batch_size = 4\n\nlr = lrate * 2\n", 3, r"NameError: name 'lrate' is not defined"),
     ("batch_size = 1 // 0\n", 1, r"ZeroDivisionError"),
     ("batch_size = 4\nlr: 1e-3\n", 2, r"'lr: 1e-3' sets nothing"),  # YAML habit: a bare annotation
     ("name: my run\n", 1, r"syntax error"),
@@ -238,3 +238,31 @@ def test_a_bracketed_list_for_a_str_setting_is_refused_with_the_comma_form():
 def test_a_bool_value_after_a_space_suggests_the_flag():
     with pytest.raises(ConfigError, match=r"config file not found: false \(did you mean --compile=false\?\)"):
         configure(defaults(), ["--compile", "false"], verbose=False)
+
+
+def test_a_config_file_reads_the_settings_as_they_stand(tmp_path):
+    # as nanoGPT's exec in globals(): a file may build on the defaults and on an earlier file
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("batch_size = 2 * batch_size\n")
+    second.write_text("batch_size = batch_size + 1\nname = name + '_ablation'\n")
+    g = {"batch_size": 8, "name": "run", "layers": [1, 2], "lr": 3e-4}
+    changed = configure(g, [str(first), str(second)], verbose=False)
+    assert g["batch_size"] == 17 and g["name"] == "run_ablation"
+    assert set(changed) == {"batch_size", "name"}   # lr and layers were only read, not set
+
+
+def test_a_config_file_mutating_a_default_sets_it_on_a_copy(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("layers.append(3)\n")
+    layers = [1, 2]
+    g = {"layers": layers, "lr": 3e-4}
+    changed = configure(g, [str(cfg)], verbose=False)
+    assert g["layers"] == [1, 2, 3] and changed == {"layers": [1, 2, 3]}
+    assert layers == [1, 2]   # the script's own default object is untouched
+
+
+def test_a_config_file_reading_an_unknown_name_names_it(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("batch_size = 2 * batchsize\n")
+    with pytest.raises(ConfigError, match=r"c\.py:1: NameError: name 'batchsize'"):
+        configure(defaults(), [str(cfg)], verbose=False)
