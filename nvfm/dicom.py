@@ -18,7 +18,8 @@ Pipeline (used by preprocess.py):
      `slice_orientation`; "series split into 3 volumes by slice orientation (6 axial, 2 sagittal,
      1 coronal)" is warned, and a plane with too few slices fails as "too few slices (2) in its
      orientation: series mixes 3 slice orientations (...)", a localizer or mixed-plane export,
-     not a truncated series), matrix sizes, pixel spacings, echoes,
+     not a truncated series), matrix sizes, pixel spacings (not a stray part of < 3 slices that lies
+     between another part's slices: it stays with them and fails the series, see Checks), echoes,
      b-values or temporal positions into sub-volumes, and one that mixes acquisitions by
      EchoTime / InversionTime (1 ms apart) or RepetitionTime (a 25% jump: gated TRs vary per
      slice) (TIMING_TAGS: T1 and T2, or a dual-echo series, under one SeriesInstanceUID; warned
@@ -70,7 +71,17 @@ slice, rounding of positions (2.5 / 2.6 mm), other uneven spacing and a part of 
 by pixel spacing / matrix size, whose gaps are the other part's slices, do not count); smaller
 gaps and non-uniform spacing are resampled from the true positions; absurd spacings
 (pixel < 0.05 mm or > 20 mm, slice gap < 0.05 mm or > 40 mm) or extents (> 2048 pixels,
-> 2000 slices); gantry tilt above 45 degrees; slices that are not parallel: a slice's row or column
+> 2000 slices); a slice that lies between the others, at a position no volume of the series holds,
+but cannot be stacked with them (its PixelSpacing other, malformed or absent, its matrix size other,
+its ImageOrientationPatient absent) and with < 3 such slices cannot be a volume of its own: "PixelSpacing
+0.5 x 0.5 mm in a slice between slices of 0.9 x 0.8 mm (without it the volume has a gap)", "matrix size
+40 x 48 in a slice between slices of 48 x 40 (...)" or "missing geometry (PixelSpacing)", naming that
+file (`_strays_into_holes`). Left out, it would leave a gap that the rules above interpolate (a 10 mm
+gap in a 5 mm series) or call "missing slices", though the slice is in the input: a file whose
+header contradicts its neighbours is for the user to fix, not to be guessed over, as a missing
+ImagePositionPatient fails the series. Such a slice beyond the series' ends only shortens the
+volume (it fails on its own), and a part of >= 3 slices is a series cut apart (kept, warned);
+gantry tilt above 45 degrees; slices that are not parallel: a slice's row or column
 direction more than IOP_JITTER_DEG = 0.25 deg off the volume's mean ("slice orientation varies
 by 0.53 deg (ImageOrientationPatient, more than 0.25 deg)"; within it, float noise and small
 jitter, the mean orientation is used: `slice_orientation`); missing geometry tags; native pixel data
@@ -1120,6 +1131,41 @@ def _split_stacks(frames):
     return [frames], None
 
 
+def _strays_into_holes(clusters):
+    """Clusters [key, frames] of one series -> (the clusters with each stray merged into the
+    larger cluster it sits in, set of (path, frame) of the strays merged). A stray: a cluster of
+    < 3 frames (too few for a volume of its own, as _split_stacks' stacks), with positions, that
+    differs from a cluster of >= 3 only in matrix size or PixelSpacing (other, missing or
+    malformed) or a missing ImageOrientationPatient (its key from the echo on equal, the same
+    plane), and has a slice strictly inside that cluster's span at a position no cluster of >= 3
+    in that plane holds. Apart, that cluster would load with a gap where a file of the series lies,
+    interpolated across; merged, dicom_stack fails it naming the file. A stray beyond the ends,
+    or at a position held, stays apart (the volume is then only shorter)."""
+    order = sorted(range(len(clusters)), key=lambda i: -len(clusters[i][1]))
+    into = {}  # stray index -> index of the cluster it joins
+    for s in order[::-1]:
+        key, frames = clusters[s]
+        if len(frames) >= 3 or any(fr["ipp"] is None for _, fr in frames):
+            continue
+        like = [i for i in order if i != s and len(clusters[i][1]) >= 3 and clusters[i][0][4:] == key[4:]
+                and clusters[i][0][3] is not None and (key[3] is None or _same_plane(key[3], clusters[i][0][3]))
+                and all(fr["ipp"] is not None for _, fr in clusters[i][1])]
+        for b in like:  # largest first
+            iop = clusters[b][0][3]
+            n = np.cross(iop[:3], iop[3:])
+            span = np.sort([np.dot(fr["ipp"], n) for _, fr in clusters[b][1]])
+            held = np.array([np.dot(fr["ipp"], n) for i in like if _same_plane(clusters[i][0][3], iop)
+                             for _, fr in clusters[i][1]])
+            if any(span[0] + MIN_GAP_MM < p < span[-1] - MIN_GAP_MM and np.abs(held - p).min() >= MIN_GAP_MM
+                   for p in (np.dot(fr["ipp"], n) for _, fr in frames)):
+                into[s] = b
+                break
+    for s, b in into.items():
+        clusters[b][1].extend(clusters[s][1])
+    strays = {(h["path"], fr["frame"]) for s in into for h, fr in clusters[s][1]}
+    return [c for i, c in enumerate(clusters) if i not in into], strays
+
+
 def _close(x, y):
     """np.allclose(x, y, atol=1e-3) of two equal-length tuples of finite floats, in plain
     Python (the same float64 test |x - y| <= atol + rtol |y|; numpy's call overhead made
@@ -1169,7 +1215,8 @@ def group_series(headers):
     Returns (groups, skipped): groups is a list of dicts {series_uid, part, headers info of
     the first file as `info`, frames: list of (path, frame record), planes: [[plane name, slices]]
     when the series mixes slice orientations else None, whole_plane: the part is all of its plane's
-    slices, ...} in a deterministic order;
+    slices, strays: {(path, frame)} of the series' slices merged into a part from between its slices
+    (_strays_into_holes; dicom_stack fails that part naming the file), ...} in a deterministic order;
     skipped is a list of (series_uid, n_files, reason, path of the (first) skipped file).
     """
     by_series = {}
@@ -1205,6 +1252,7 @@ def group_series(headers):
                         break
                 else:
                     clusters.append([k, [(h, fr)]])
+        clusters, strays = _strays_into_holes(clusters)
         # acquisitions with other TE / TI / TR that the other keys would have stacked together
         # (another contrast under this series UID, a dual-echo series without EchoNumbers): say so
         by_timing = bool(timing_tags) and any(a[0][-1] != b[0][-1] and _same_key(a[0][:-1], b[0][:-1])
@@ -1224,7 +1272,8 @@ def group_series(headers):
                                split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks,
                                split_by_timing=", ".join(timing_tags) if by_timing else None, n_timing=n_timing,
                                planes=planes if len(planes) > 1 else None,
-                               whole_plane=plane is not None and len(frames) == planes[plane][1]))
+                               whole_plane=plane is not None and len(frames) == planes[plane][1],
+                               strays=strays))
     return groups, skipped
 
 
@@ -1589,6 +1638,18 @@ def dicom_stack(root, group, reduce=False):
             missing = [t for t, k in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"),
                                       ("PixelSpacing", "ps")) if fr[k] is None]
             raise SeriesError(f"missing geometry ({', '.join(missing)})", h["path"])
+    strays = group.get("strays", ())
+    h0, ps0 = next(((h, fr["ps"]) for h, fr in frames if (h["path"], fr["frame"]) not in strays),
+                   (frames[0][0], frames[0][1]["ps"]))
+    for h, fr in frames:  # a slice group_series merged here, between the others' (_strays_into_holes)
+        if (h["path"], fr["frame"]) not in strays:
+            continue
+        if (h["rows"], h["cols"]) != (h0["rows"], h0["cols"]):
+            raise SeriesError(f"matrix size {h['rows']} x {h['cols']} in a slice between slices of {h0['rows']} x "
+                              f"{h0['cols']} (without it the volume has a gap)", h["path"])
+        if not _close(fr["ps"], ps0):
+            raise SeriesError(f"PixelSpacing {fr['ps'][0]:.3g} x {fr['ps'][1]:.3g} mm in a slice between slices of "
+                              f"{ps0[0]:.3g} x {ps0[1]:.3g} mm (without it the volume has a gap)", h["path"])
     iop, off_deg, k = slice_orientation([fr["iop"] for _, fr in frames])
     if off_deg > IOP_JITTER_DEG:  # not parallel: no single slice normal to stack them along
         raise SeriesError(f"slice orientation varies by {off_deg:.2g} deg (ImageOrientationPatient, "
