@@ -58,6 +58,15 @@ Outputs in `out`: metrics.json, table.txt, paper_table.md, roc_<probe>.png, pr_<
 label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.nii.gz. When
 --anatomy or --reports fails after the probes are scored, the probes' outputs are still written,
 the failed part is one error line and {"error": reason} in metrics.json, and the exit status is 1.
+A rerun into the same `out` leaves only its own figures and tables: nothing is written until every
+probe (and grounding, flip test, anatomy, reports) is scored, so a run refused midway changes
+nothing; then the figures, paper_table.md, table.txt and, last, metrics.json (the record of a
+complete run) are each written atomically (a killed write leaves the previous file whole); then
+the previous run's figures (those of the probe names in the metrics.json it replaced) that this run
+did not draw (other names, another task, --plots=False) and its paper_table.md when this run has
+no paper rows (--reports only) are removed, listed in one line on stderr. Other files in `out` are
+never touched (grounding/ overlays are named by study, not probe: a rerun replaces those of the
+same names only). --merge writes paper_table.md alone and removes nothing.
 """
 import json
 import os
@@ -101,7 +110,7 @@ if threads > 0:
 from nvfm import metrics  # noqa: E402
 from nvfm import probe as P  # noqa: E402
 from nvfm.checkpoint import CheckpointError, load_checkpoint, load_state_strict  # noqa: E402
-from nvfm.data import write_atomic  # noqa: E402
+from nvfm.data import atomic_path, write_atomic  # noqa: E402
 from nvfm.features import FeatureCache, StaleCacheError, trained_precision  # noqa: E402
 
 
@@ -425,6 +434,43 @@ def _curve_figure(res, data):
     return plt, fig, ax, order
 
 
+# the per-probe PNGs, out/<kind>_<probe name>.png (save_figure)
+FIGURES = ("roc", "pr", "label_efficiency", "age")
+
+
+def save_figure(plt, fig, kind, tag):
+    """Save fig as out/<kind>_<tag>.png (kind: one of FIGURES) atomically and close it; -> the path."""
+    path = os.path.join(out, f"{kind}_{tag}.png")
+    with atomic_path(path) as tmp:   # a cut write keeps the previous PNG; the temp name has no .png suffix
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+def previous_outputs():
+    """File names in `out` of the run whose metrics.json is there: its probes' figures (FIGURES of
+    the names in its results) and paper_table.md when it had paper rows; [] without a readable one."""
+    try:
+        with open(os.path.join(out, "metrics.json")) as f:
+            m = json.load(f)
+        names = [n for n in m["results"] if n != "reports" and "/" not in n and os.sep not in n]
+        rows = m.get("paper_rows")
+    except (OSError, ValueError, KeyError, TypeError):   # no earlier run, or not evaluate.py's: nothing known
+        return []
+    return [f"{k}_{n}.png" for n in names for k in FIGURES] + (["paper_table.md"] if rows else [])
+
+
+def remove_stale(previous, kept):
+    """Remove the files of `previous` (previous_outputs) in `out` that this run did not write
+    (`kept`, file names), naming them in one line on stderr."""
+    stale = [f for f in previous if f not in kept and os.path.isfile(os.path.join(out, f))]
+    for f in stale:
+        os.remove(os.path.join(out, f))
+    if stale:
+        print(f"evaluate.py: removed {len(stale)} outputs of the previous run in {out} that this run does not "
+              f"make: {', '.join(stale)}", file=sys.stderr)
+
+
 def plot(res, data):
     """ROC curves (12 most frequent defined classes) with bootstrap 95% bands and the operating
     point of each class's threshold, and the label-efficiency scatter. Returns the PNG paths."""
@@ -449,9 +495,7 @@ def plot(res, data):
               title="bands: bootstrap 95% CI; dots: operating points" if n_boot else "dots: operating points",
               title_fontsize=7)
     fig.tight_layout()
-    paths = [os.path.join(out, f"roc_{tag}.png")]
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths = [save_figure(plt, fig, "roc", tag)]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     npos = np.array(data["ck"]["n_train_pos"])
     f1s = np.array([np.nan if res["per_class"][n]["calibrated_f1"] is None else res["per_class"][n]["calibrated_f1"]
@@ -465,9 +509,7 @@ def plot(res, data):
         ax.legend()
     ax.set(xlabel="log10(training positives)", ylabel="Platt-calibrated F1", title=f"{tag}: label efficiency")
     fig.tight_layout()
-    paths.append(os.path.join(out, f"label_efficiency_{tag}.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(plt, fig, "label_efficiency", tag))
     return paths
 
 
@@ -547,10 +589,7 @@ def write_paper_table(rows, path, note="", ci_units=None):
         head = (f"95% CIs: {level} of the evaluated studies: the held-out test set (or the whole external "
                 "dataset), except in rows marked in-sample: the split (or dataset) where the probe was fitted or its "
                 "checkpoint, thresholds and calibration were chosen (optimistic figures).")
-    with open(path, "w") as f:
-        f.write(head + "\n\n"
-                + (note + "\n\n" if note else "")
-                + "\n".join(lines) + "\n")
+    write_atomic(path, head + "\n\n" + (note + "\n\n" if note else "") + "\n".join(lines) + "\n")
     return "\n".join(lines)
 
 
@@ -606,10 +645,7 @@ def plot_pr(res, data):
     ax.legend(fontsize=7, loc="upper right", title_fontsize=7,
               title="dotted: prevalence" + ("; bands: bootstrap 95% CI" if n_boot else ""))
     fig.tight_layout()
-    path = os.path.join(out, f"pr_{tag}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(plt, fig, "pr", tag)]
 
 
 def plot_age(res, data):
@@ -626,10 +662,7 @@ def plot_age(res, data):
     ax.set(xlabel="chronological age (years)", ylabel="predicted age (years)",
            title=f"{tag}: MAE {fmt_ci(res['mae'], res.get('mae_ci'), 2)} y, r {fmt(res['pearson_r'], 2)}")
     fig.tight_layout()
-    path = os.path.join(out, f"age_{tag}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [save_figure(plt, fig, "age", tag)]
 
 
 def main():
@@ -677,7 +710,7 @@ def main():
         sides = P.load_sides(fpath) if os.path.exists(fpath) else None   # None: side classes cannot be scored
     except ValueError as e:   # a study key twice, a line that is not JSON
         fail(str(e))
-    results, first, written, studies = {}, None, [], {}
+    results, first, written, studies, scored = {}, None, [], {}, []
     for p, d in zip(paths, disp):
         res, data = evaluate_probe(p, probes_read[p], d, rows_by_key, sides, fpath)
         res["display"] = d
@@ -685,8 +718,7 @@ def main():
         studies[d] = (data["task"], frozenset(data["keys"]))
         if data is not None and data["task"] == "classify" and first is None:
             first = data.get("grounding_view") or data
-        if plots and data is not None:
-            written += plot(res, data) + plot_pr(res, data) if data["task"] == "classify" else plot_age(res, data)
+        scored.append((res, data))   # drawn once every part is scored: a run failing before writes nothing
         print(table(res), flush=True)
     summary = {"macro_auroc": {d: r.get("macro", {}).get("auroc", {}).get("mean") for d, r in results.items()}}
     failed = []   # a requested part that failed once probe figures exist: named, recorded, exit 1 after writing
@@ -759,19 +791,23 @@ def main():
         except ValueError as e:
             summary["reports"] = part_failed("--reports", e)
     print("summary: " + json.dumps(metrics.jsonable(summary)))
+    previous = previous_outputs()   # read before this run replaces its metrics.json
+    for res, data in scored if plots else ():
+        written += plot(res, data) + plot_pr(res, data) if data["task"] == "classify" else plot_age(res, data)
     run_task = task_name or os.path.splitext(os.path.basename(labels))[0]
     prows = paper_rows(results, run_task) if paths else []
     units = {run_task: ci_kinds(results)} if paths else {}   # the bootstrap unit(s) behind the table's CIs
-    # atomic: a run killed while writing keeps the previous metrics.json whole (--merge reads it)
-    write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics.jsonable(
-        {"summary": summary, "results": results, "paper_rows": prows, "paper_ci_units": units}), indent=1))
     if prows:
         write_paper_table(prows, os.path.join(out, "paper_table.md"), note=f"Note: {'; '.join(differ)}." if differ else "",
                           ci_units=units)
     if "reports" in results:
         print(report_table(results["reports"]))
-    with open(os.path.join(out, "table.txt"), "w") as f:
-        f.write("\n\n".join(report_table(r) if k == "reports" else table(r) for k, r in results.items()) + "\n")
+    write_atomic(os.path.join(out, "table.txt"),
+                 "\n\n".join(report_table(r) if k == "reports" else table(r) for k, r in results.items()) + "\n")
+    # last, atomic: the record of a complete run (--merge reads it; the next run removes what it lists)
+    write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics.jsonable(
+        {"summary": summary, "results": results, "paper_rows": prows, "paper_ci_units": units}), indent=1))
+    remove_stale(previous, {os.path.basename(p) for p in written} | ({"paper_table.md"} if prows else set()))
     print(f"wrote {out}/metrics.json, table.txt" + (", paper_table.md" if prows else "")
           + (f", {len(written)} PNG plots" if written else ""))
     if failed:
