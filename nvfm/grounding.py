@@ -323,9 +323,9 @@ def _study_names(labels_rows):
 def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overlay_dir=None, n_overlays=3):
     """Pointing game of the first evaluated probe (evaluate.py's `data` dict) against the
     demo cohort's lesion masks, one trial per (study, class) (module docstring); writes NIfTI
-    overlays for the first `n_overlays` trials.
+    overlays for the first `n_overlays` trials (study-class targets).
 
-    Returns dict(accuracy, chance, n (trials), per_class {name: [hits, n]}, overlays).
+    Returns dict(accuracy, chance, n (trials), per_class {name: [hits, n]}, overlays (every path written)).
     """
     import nibabel as nib
     keys, names = data["keys"], data["ck"]["label_names"]
@@ -358,7 +358,7 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
 
     _, maps = P.predict(data["models"], get_bag, sub, device, return_maps=True)
     maps = dict(zip(study_ids, maps))
-    chances = []
+    chances, drawn = [], 0
     for (i, k), les_list in todo.items():
         alpha, contrib = maps[i]
         _, spans = cache.study_tokens(keys[i], wins)
@@ -391,7 +391,8 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
         pc = res["per_class"].setdefault(names[k], [0, 0])
         pc[0] += hit
         pc[1] += 1
-        if overlay_dir and len(res["overlays"]) < n_overlays:
+        if overlay_dir and drawn < n_overlays:   # trials, not files: a trial writes 3-4 files per volume
+            drawn += 1
             res["overlays"] += write_overlays(overlay_dir, lesions[keys[i]][0] or f"study{i}", names[k], spans,
                                               alpha[:, k], contrib[:, k], reader, vol_index, masks, crop=crop)
     if res["n"]:
@@ -406,7 +407,7 @@ def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reade
     (and the union of the lesion masks, a list of (mask, affine), if given) as NIfTI on the
     volume's canonical grid with its world affine; windows of one CT volume are combined
     (attention and contributions summed). crop: the cache's token crop rule (token_origin).
-    File names use the non-identifying study name. Returns the written paths."""
+    File names use the non-identifying study name. Returns every written path."""
     written = []
     by_vol = {}
     for e, s0, s1 in spans:
@@ -423,11 +424,13 @@ def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reade
         write_nifti(stem + "_image.nii.gz", data[0].astype(np.float32), aff)
         write_nifti(stem + f"_attention_{class_name}.nii.gz", att, aff)
         write_nifti(stem + f"_contribution_{class_name}.nii.gz", con, aff)
-        written += [stem + "_image.nii.gz", stem + f"_attention_{class_name}.nii.gz"]
+        written += [stem + "_image.nii.gz", stem + f"_attention_{class_name}.nii.gz",
+                    stem + f"_contribution_{class_name}.nii.gz"]
         if len(lesion_masks):
             m = np.max([resample_to_reference(np.asarray(lm, np.float32), la, shape, aff, order=0)
                         for lm, la in lesion_masks], 0)
-            write_nifti(stem + "_lesion.nii.gz", m, aff)
+            write_nifti(stem + f"_lesion_{class_name}.nii.gz", m, aff)   # per class: a study's classes have other lesions
+            written.append(stem + f"_lesion_{class_name}.nii.gz")
     return written
 
 

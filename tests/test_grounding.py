@@ -126,7 +126,7 @@ def test_pointing_game_end_to_end(tmp_path, peak, hit):
     untrained = dict(data, ck=dict(data["ck"], trained_classes=[False]))
     res = grounding.pointing_game_eval(untrained, FakeReader(), str(cohort), str(fj))
     assert res["n"] == 0 and res["accuracy"] is None
-    les = nib.load(att.replace("_attention_intraparenchymal_hemorrhage", "_lesion"))
+    les = nib.load(att.replace("_attention_intraparenchymal_hemorrhage", "_lesion_intraparenchymal_hemorrhage"))
     lv = np.asarray(les.dataobj)                             # the mask resampled onto the canonical grid
     assert lv[1, 12:17, 42:47].all() and lv.sum() == 25
 
@@ -533,3 +533,34 @@ def test_the_flip_test_is_not_run_on_a_cache_of_another_precision(tmp_path, monk
         assert ("note" in res) != runs and (res["auroc"] is None) != runs
         if not runs:
             assert "holds bfloat16-autocast features, --device=cpu re-encodes in float32" in res["note"]
+
+
+def test_overlays_are_drawn_for_the_first_n_trials_and_every_file_is_listed(tmp_path):
+    # three studies, one lesion each: n_overlays=2 draws the first two trials (4 files each), not 2 files
+    cohort = tmp_path / "cohort"
+    lines, coords = [], np.argwhere(np.ones((2, 4, 4), bool)).astype(np.int32)
+    emb = np.zeros((len(coords), 4), np.float32)
+    emb[:, 1] = 1.0
+    cdir = str(tmp_path / "cache")
+    with features.FeatureWriter(cdir, "h", 4) as w:
+        for s in range(3):
+            os.makedirs(cohort / "gt" / f"demo-000{s}")
+            LA = np.eye(4)
+            LA[:3, 3] = [10, -20, 2]
+            nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), LA), str(cohort / "gt" / f"demo-000{s}" / "l.nii.gz"))
+            lines.append(json.dumps({"study_key": f"k{s}", "study": f"demo-000{s}", "lesions": [
+                {"diagnosis": "intraparenchymal_hemorrhage", "mask": f"gt/demo-000{s}/l.nii.gz"}]}))
+            w.add(f"k{s}", [dict(volume_id="vol0000aaaa", family="CT", window="brain", modality="CT", coords=coords,
+                                 emb=emb)])
+    fj = tmp_path / "findings.jsonl"
+    fj.write_text("\n".join(lines) + "\n")
+    data = dict(keys=["k0", "k1", "k2"], y=np.ones((3, 1)), ck={"label_names": ["intraparenchymal_hemorrhage"]},
+                models=[AttendFeature0()], cache=features.FeatureCache(cdir), wins=None)
+    out = tmp_path / "overlays"
+    res = grounding.pointing_game_eval(data, FakeReader(), str(cohort), str(fj), overlay_dir=str(out), n_overlays=2)
+    assert res["n"] == 3
+    assert sorted(os.path.basename(p) for p in res["overlays"]) == sorted(os.listdir(out))   # nothing unlisted
+    assert sorted({os.path.basename(p).split("_")[0] for p in res["overlays"]}) == ["demo-0000", "demo-0001"]
+    kinds = sorted(os.path.basename(p).split("_", 3)[3] for p in res["overlays"] if "demo-0000" in p)
+    assert kinds == ["attention_intraparenchymal_hemorrhage.nii.gz", "contribution_intraparenchymal_hemorrhage.nii.gz",
+                     "image.nii.gz", "lesion_intraparenchymal_hemorrhage.nii.gz"]

@@ -128,7 +128,7 @@ def test_pointing_game_is_one_trial_per_study_and_class(tmp_path):
     want = _boxes_overlapping(ent["coords"].numpy(), (0, 0, 0), vox)
     assert res["n"] == 1 and res["hits"] == 1 and res["per_class"] == {"brain_metastasis": [1, 1]}
     assert res["chance"] == pytest.approx(want.mean()) and want.sum() == 2
-    les = np.asarray(nib.load([p for p in res["overlays"] if "_image" in p][0].replace("_image", "_lesion")).dataobj)
+    les = np.asarray(nib.load([p for p in res["overlays"] if "_lesion_brain_metastasis" in p][0]).dataobj)
     assert les[a].all() and les[b].all() and les.sum() == 2 * 2 * 6 * 6   # both lesions in the overlay
 
 
