@@ -15,9 +15,17 @@ With cv_folds = k > 0: the paper's external-benchmark protocol on all studies of
 modality: a `test_fraction` iterative-stratified held-out test set, k-fold iterative
 stratified CV on the rest (each fold's model selected on its held-out fold), thresholds and
 calibration from the out-of-fold logits; evaluate.py averages the k models' logits on the
-held-out test set. Studies with the same `subject` (a salted group id column, written by
-nvfm/benchmarks.py) always fall on one side of every split (`probe.grouped_stratification`);
-age is stratified on its quintiles.
+held-out test set. A fold whose training part lacks a class's positives (or negatives), e.g. a
+class with one or two positives, leaves that class out of its loss: its output there is noise.
+So each class's ensemble logit is the mean over the folds that learned it only (nvfm.probe.predict,
+from each model's `trained` mask), and that fold's out-of-fold logits of the class are left out
+of the class's threshold, Platt fit, out-of-fold AUROC and grid score (sel_mask False there).
+Such a fold held all of the class's positives (or negatives), so the entries left have none: the
+class is unfitted (threshold 0, Platt a = 0, out-of-fold AUROC undefined), as no cut can be
+chosen out of fold for it; its ensemble logit is still scored (AUROC on the test set). A class
+that no fold learned is untrained (trained_classes False).
+Studies with the same `subject` (a salted group id column, written by nvfm/benchmarks.py) always
+fall on one side of every split (`probe.grouped_stratification`); age is stratified on its quintiles.
 protocol = "paper": the paper's public-benchmark protocol in one flag: cv_folds 8 (unless set),
 test_fraction 0.2, subject-grouped, every label column of the benchmark's labels file as a
 class (unless label_names), no side classes. cv_grid = "lr=1e-3,3e-4;hidden=128,256": every
@@ -37,13 +45,19 @@ selection, and reported undefined (by evaluate.py too). A study_key on two rows 
 study without tokens (in `windows`) is left out with a warning that counts it (an empty bag has a
 constant logit); studies of a split other than train/val/test are counted in a warning.
 
-Output: out/probe.pt (atomic): models (one state dict per fold), probe_args, task, label
-names, thresholds, Platt (a, b), training positives per class, trained_classes (K bools: the classes
-with training positives and negatives, the others' outputs unfitted), encoder hash, test keys (CV), the
-study keys and subjects that fitted or tuned it (seen_keys, seen_subjects: salted hashes),
+Output: out/probe.pt (atomic): models (one state dict per fold, each with its (K,) bool `trained`
+buffer: probe_args' trained_mask), probe_args, task, label names, thresholds, Platt (a, b), training
+positives per class, fold_trained (k x K bools, one row per model: the classes with positives and
+negatives in that model's training part), trained_classes (K bools: learned by at least one model,
+the others' outputs unfitted), encoder hash, test keys (CV), the study keys and subjects that
+fitted or tuned it (seen_keys, seen_subjects: salted hashes),
 the selection split's labels and logits (sel_labels, sel_logits: no keys, so a consumer such
 as train_llava.py's probe cross-check can fit its own operating point; (0, K) when there is no
-validation split, whose thresholds 0 and Platt a = 0 are then placeholders), config; out/log.txt.
+validation split, whose thresholds 0 and Platt a = 0 are then placeholders), sel_mask ((n, K) bool:
+the selection entries scored by a model that learned the class, the only ones fitted on; False for
+a class's out-of-fold entries of a fold that did not learn it, and for every entry of an untrained
+class), config; out/log.txt. Probes written before fold_trained / sel_mask / the `trained` buffers
+load and score as they did: every model counts for every class.
 """
 import os
 import time
@@ -261,7 +275,9 @@ def main():
     def get_bag(key):
         return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
 
-    probe_args = dict(kind=probe, dim=cache.dim, n_out=len(names), hidden=hidden, dropout=dropout)
+    # trained_mask: each model's state holds the classes its training fitted, so any reader of probe.pt
+    # averages a class over the fold models that learned it (P.predict)
+    probe_args = dict(kind=probe, dim=cache.dim, n_out=len(names), hidden=hidden, dropout=dropout, trained_mask=True)
 
     def train_one(train_keys, val_keys, tag, norm=(0.0, 1.0), hp=None):
         hp = {**dict(lr=lr, weight_decay=weight_decay, steps=steps, hidden=hidden, dropout=dropout), **(hp or {})}
@@ -273,6 +289,8 @@ def main():
         ytr = torch.from_numpy(np.stack([Y[k] for k in train_keys]))
         pw, usable = P.class_weights(ytr, max_pos_weight)
         pw, usable = pw.to(device), usable.to(device)
+        if task == "classify":   # the outputs this model learns (age: its one output always)
+            m.trained.copy_(usable)
         opt = torch.optim.AdamW(m.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         yval = np.stack([Y[k] for k in val_keys]) if val_keys else None
         best, best_state, t0 = None, None, time.time()
@@ -341,7 +359,6 @@ def main():
                              f"test set and {cv_folds} folds")
         norm = age_norm(rest)
         yrest = np.stack([Y[k] for k in rest])
-        trained = P.class_weights(yrest)[1].numpy()
         best = None
         for hp in grid:   # the paper: CV picks the probe's hyperparameters, its 8 fold models are the ensemble
             states, oof = [], np.zeros((len(rest), len(names)), np.float32)
@@ -351,23 +368,24 @@ def main():
                 m, st = train_one(tr, va, f"fold {f}" + (f" {hp}" if hp else ""), norm, hp)
                 states.append(st)
                 oof[folds == f] = P.predict(m, get_bag, va, device)
+            fold_trained = np.stack([st["trained"].numpy() for st in states])   # (k, K)
             if task == "age":
                 score = -metrics.mae(yrest[:, 0], oof[:, 0] * norm[1] + norm[0])
-            else:
-                score = metrics.macro(np.where(trained, metrics.auroc(yrest, oof), np.nan))[0]
+            else:   # a class's out-of-fold logits from a fold that never learned it are noise: left out
+                score = metrics.macro(P.fit_selection(yrest, oof, fold_trained[folds])[3])[0]
                 score = -np.inf if score is None else score
             if len(grid) > 1:
                 log(f"cv grid {hp}: out-of-fold {'MAE' if task == 'age' else 'macro AUROC'} "
                     f"{abs(score) if task == 'age' else score:.4f}")
             if best is None or score > best[0]:
-                best = (score, hp, states, oof)
-        _, hp, states, oof = best
+                best = (score, hp, states, oof, fold_trained)
+        _, hp, states, oof, fold_trained = best
         if len(grid) > 1:
             log(f"cv grid: chose {hp}")
         if hp:   # the saved models were built with these: evaluate.py rebuilds them from probe_args
             probe_args.update({k: type(probe_args[k])(v) for k, v in hp.items() if k in ("hidden", "dropout")})
             ckpt.update(cv_grid_choice=hp)
-        sel_keys, sel_logits = rest, oof
+        sel_keys, sel_logits, sel_ok = rest, oof, fold_trained[folds]
         ckpt.update(test_keys=test_keys, protocol=("paper: " if protocol == "paper" else "") + f"{cv_folds}-fold CV")
         seen = rest
         train_pos = yrest.sum(0)
@@ -392,11 +410,13 @@ def main():
         norm = age_norm(tr)
         m, st = train_one(tr, va, "probe", norm)
         states = [st]
+        fold_trained = st["trained"].numpy()[None]
         sel_keys, sel_logits = va, (P.predict(m, get_bag, va, device) if va else None)
+        sel_ok = np.broadcast_to(fold_trained, (len(va), len(names)))
         ckpt.update(protocol="train/val/test splits")
         seen = tr + va
-        ytr = np.stack([Y[k] for k in tr])
-        train_pos, trained = ytr.sum(0), P.class_weights(ytr)[1].numpy()
+        train_pos = np.stack([Y[k] for k in tr]).sum(0)
+    trained = fold_trained.any(0)   # learned by at least one (fold) model
     # what fitted or tuned the probe (salted hashes): evaluate.py --external=True flags a dataset sharing any
     subject_of = {r["study_key"]: r["subject"] for r in rows}
     ckpt.update(seen_keys=list(seen), seen_subjects=sorted({subject_of[k] for k in seen} - {""}))
@@ -404,19 +424,25 @@ def main():
     if task == "classify":
         if sel_keys:
             ysel = np.stack([Y[k] for k in sel_keys])
-            thr = metrics.youden_thresholds(ysel, sel_logits)
-            a, b = metrics.platt_fit(sel_logits, ysel)
-            au, nd = metrics.macro(np.where(trained, metrics.auroc(ysel, sel_logits), np.nan))
+            thr, a, b, au = P.fit_selection(ysel, sel_logits, sel_ok)
+            au, nd = metrics.macro(au)
             log(f"selection set ({len(sel_keys)} studies): macro AUROC {au} over {nd} defined classes")
         else:   # placeholders of an unfitted class (threshold 0, Platt a = 0); the empty selection split says so
             thr, a, b = np.zeros(len(names)), np.zeros(len(names)), np.zeros(len(names))
             ysel, sel_logits = np.zeros((0, len(names))), np.zeros((0, len(names)))
+            sel_ok = np.zeros((0, len(names)), bool)
         ckpt.update(thresholds=[float(t) for t in thr], platt_a=[float(v) for v in a], platt_b=[float(v) for v in b])
         # the selection split's scores ((0, K) without one), so a consumer can pick its own operating point
         ckpt.update(sel_labels=torch.from_numpy(ysel.astype(np.uint8)),
-                    sel_logits=torch.from_numpy(np.asarray(sel_logits, np.float32)))
+                    sel_logits=torch.from_numpy(np.asarray(sel_logits, np.float32)),
+                    sel_mask=torch.from_numpy(np.ascontiguousarray(sel_ok, dtype=bool)))
         # evaluate.py reports these undefined: their logits were never fitted (metrics.json would score noise)
-        ckpt.update(trained_classes=[bool(t) for t in trained])
+        ckpt.update(trained_classes=[bool(t) for t in trained],
+                    fold_trained=[[bool(t) for t in row] for row in fold_trained])
+        partial = [n for n, t, u in zip(names, trained, fold_trained.all(0)) if t and not u]
+        if partial:
+            log(f"{len(partial)} classes were learned by some folds only (averaged over those, their out-of-fold "
+                f"logits from the others left out): {partial[:6]}{' ...' if len(partial) > 6 else ''}")
         undefined = [n for n, t in zip(names, trained) if not t]
         if undefined:
             log(f"{len(undefined)} classes have no training positives or no training negatives (left out of the "

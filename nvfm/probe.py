@@ -128,10 +128,18 @@ class MeanPool(nn.Module):
 PROBES = {"attentive_mil": AttentiveMIL, "abmil": ABMIL, "mean_pool": MeanPool}
 
 
-def make_probe(kind, dim, n_out, hidden=256, dropout=0.1):
+def make_probe(kind, dim, n_out, hidden=256, dropout=0.1, trained_mask=False):
+    """A probe of `kind` with n_out outputs. trained_mask (train_probe.py sets it in probe_args): the
+    module also holds a (n_out,) bool buffer `trained`, saved in its state dict, of the outputs its
+    training fitted (a class without training positives or negatives is left out of the loss), which
+    `predict` reads to average each class over the ensemble members that learned it. Probes from
+    before it have no such buffer (and their state dicts no such key): every output counts."""
     if kind not in PROBES:
         raise ValueError(f"unknown probe {kind!r}; choose one of {sorted(PROBES)}")
-    return PROBES[kind](dim, n_out, hidden, dropout)
+    m = PROBES[kind](dim, n_out, hidden, dropout)
+    if trained_mask:
+        m.register_buffer("trained", torch.ones(n_out, dtype=torch.bool))
+    return m
 
 
 def class_weights(y, max_weight=100.0):
@@ -310,44 +318,83 @@ def quantile_bins(v, n_bins=5):
 def predict(models, get_bag, keys, device="cpu", batch=16, return_maps=False):
     """Logits of a probe (or the mean logits of an ensemble: a list of models) on studies.
 
-    get_bag(key) -> (n, D) float tensor. Returns (len(keys), K) float32 numpy; with
-    return_maps, also per study a list of (alpha (n, K), contributions (n, K)) numpy arrays
-    averaged over the ensemble.
+    Each class is averaged over the models that learned it (their `trained` buffer, make_probe's
+    trained_mask): a CV fold whose training lacked a class's positives or negatives left that output
+    unfitted, and its noise stays out of the class's mean. A class no model learned (untrained: its
+    figures are undefined), and every class of models without the buffer (older probes): the plain
+    mean over all models. get_bag(key) -> (n, D) float tensor. Returns (len(keys), K) float32 numpy;
+    with return_maps, also per study a list of (alpha (n, K), contributions (n, K)) numpy arrays
+    averaged the same way over the ensemble.
     """
     import numpy as np
     models = models if isinstance(models, (list, tuple)) else [models]
     for m in models:
         m.eval()
+    masks = [getattr(m, "trained", None) for m in models]
+    w, n = [1.0] * len(models), len(models)
+    if models and all(t is not None for t in masks):
+        w = torch.stack([t.to(device) for t in masks]).float()   # (M, K) 0/1
+        w[:, w.sum(0) == 0] = 1.0                                 # learned by none: the plain mean
+        n = w.sum(0)
     out, maps = [], []
     for i in range(0, len(keys), batch):
         bags = [get_bag(k) for k in keys[i:i + batch]]
         x, cu = pack_bags(bags, device)
         acc, acc_a, acc_c = 0, 0, 0
-        for m in models:
+        for m, wm in zip(models, w):
             if return_maps:
                 lg, a, inst = m(x, cu, return_maps=True)
-                acc_a = acc_a + a
-                acc_c = acc_c + a * inst
+                acc_a = acc_a + a * wm
+                acc_c = acc_c + a * inst * wm
             else:
                 lg = m(x, cu)
-            acc = acc + lg
-        out.append((acc / len(models)).float().cpu().numpy())
+            acc = acc + lg * wm
+        out.append((acc / n).float().cpu().numpy())
         if return_maps:
-            a, c = (acc_a / len(models)).cpu().numpy(), (acc_c / len(models)).cpu().numpy()
+            a, c = (acc_a / n).cpu().numpy(), (acc_c / n).cpu().numpy()
             cuc = cu.cpu().numpy()
             maps += [(a[cuc[b]:cuc[b + 1]], c[cuc[b]:cuc[b + 1]]) for b in range(len(bags))]
     res = np.concatenate(out) if out else np.zeros((0, 0), np.float32)
     return (res, maps) if return_maps else res
 
 
+def fit_selection(y, s, ok):
+    """Operating points of a probe from its selection split (validation, or CV's out-of-fold logits).
+
+    y, s (n, K) 0/1 labels and logits; ok (n, K) bool: the entries scored by a model that learned that
+    class (CV: the fold model that held the study out trained on the class; entries of a fold that did
+    not are noise and are left out of that class's fit). Returns (thresholds (Youden), platt_a,
+    platt_b, auroc), each (K,) float64, every class fitted on its ok entries only; a class whose ok
+    entries lack a positive or a negative gets the unfitted placeholders (threshold 0, Platt a = 0 and
+    b = the prior of its ok entries, AUROC NaN)."""
+    import numpy as np
+    from nvfm import metrics
+    y, s, ok = np.asarray(y, np.float64), np.asarray(s, np.float64), np.asarray(ok, bool)
+    thr, (a, b), au = metrics.youden_thresholds(y, s), metrics.platt_fit(s, y), metrics.auroc(y, s)
+    for k in np.nonzero(~ok.all(0))[0]:   # classes some of whose entries came from a model that never learned them
+        r = ok[:, k]
+        if not r.any():
+            thr[k], a[k], b[k], au[k] = 0.0, 0.0, 0.0, np.nan
+            continue
+        yk, sk = y[r, k:k + 1], s[r, k:k + 1]
+        (ak,), (bk,) = metrics.platt_fit(sk, yk)
+        thr[k], a[k], b[k], au[k] = metrics.youden_thresholds(yk, sk)[0], ak, bk, metrics.auroc(yk, sk)[0]
+    return thr, a, b, au
+
+
 def unfitted_classes(ck):
     """(K,) bool over a probe.pt's classes: no threshold or Platt calibration was fitted on its
     selection split, the class having no positives or no negatives there (train_probe.py then
     leaves threshold 0 (logit) and Platt a = 0: the prior). From the stored selection labels
-    (sel_labels, (0, K) without a validation split); older probes without them: from those
+    (sel_labels, (0, K) without a validation split) where sel_mask (n, K) marks the entries scored
+    by a model that learned the class (`fit_selection`); older probes without sel_mask: all of
+    sel_labels; older probes without sel_labels: from those
     placeholder values (their Platt fits left |a| ~ 1e-26, not exactly 0)."""
     import numpy as np
     from nvfm.metrics import defined_classes
+    if "sel_mask" in ck:   # only the entries scored by a model that learned the class were fitted on
+        y, ok = np.asarray(ck["sel_labels"]) > 0, np.asarray(ck["sel_mask"], dtype=bool)
+        return ~(((y & ok).sum(0) > 0) & ((~y & ok).sum(0) > 0))
     if "sel_labels" in ck:
         return ~defined_classes(np.asarray(ck["sel_labels"]))
     thr = np.asarray(ck["thresholds"], np.float64)
