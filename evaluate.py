@@ -63,10 +63,10 @@ probe (and grounding, flip test, anatomy, reports) is scored, so a run refused m
 nothing; then the figures, paper_table.md, table.txt and, last, metrics.json (the record of a
 complete run) are each written atomically (a killed write leaves the previous file whole); then
 the previous run's figures (those of the probe names in the metrics.json it replaced) that this run
-did not draw (other names, another task, --plots=False) and its paper_table.md when this run has
-no paper rows (--reports only) are removed, listed in one line on stderr. Other files in `out` are
-never touched (grounding/ overlays are named by study, not probe: a rerun replaces those of the
-same names only). --merge writes paper_table.md alone and removes nothing.
+did not draw (other names, another task, --plots=False), its grounding/ overlays this run did
+not write (another first probe, no --cohort) and its paper_table.md when this run has no paper
+rows (--reports only) are removed, listed in one line on stderr. Other files in `out` are never
+touched. --merge writes paper_table.md alone and removes nothing.
 """
 import json
 import os
@@ -447,17 +447,24 @@ def save_figure(plt, fig, kind, tag):
     return path
 
 
+def overlay_files(results):
+    """The grounding overlays a run's results list, as file names under `out` (grounding/<name>)."""
+    return [os.path.join("grounding", os.path.basename(p)) for r in results.values() if isinstance(r, dict)
+            for p in (r.get("grounding") or {}).get("overlays") or []]
+
+
 def previous_outputs():
     """File names in `out` of the run whose metrics.json is there: its probes' figures (FIGURES of
-    the names in its results) and paper_table.md when it had paper rows; [] without a readable one."""
+    the names in its results), its grounding overlays and paper_table.md when it had paper rows;
+    [] without a readable one."""
     try:
         with open(os.path.join(out, "metrics.json")) as f:
             m = json.load(f)
         names = [n for n in m["results"] if n != "reports" and "/" not in n and os.sep not in n]
-        rows = m.get("paper_rows")
-    except (OSError, ValueError, KeyError, TypeError):   # no earlier run, or not evaluate.py's: nothing known
+        rows, overlays = m.get("paper_rows"), overlay_files(m["results"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):   # no earlier run, or not evaluate.py's
         return []
-    return [f"{k}_{n}.png" for n in names for k in FIGURES] + (["paper_table.md"] if rows else [])
+    return [f"{k}_{n}.png" for n in names for k in FIGURES] + overlays + (["paper_table.md"] if rows else [])
 
 
 def remove_stale(previous, kept):
@@ -807,7 +814,8 @@ def main():
     # last, atomic: the record of a complete run (--merge reads it; the next run removes what it lists)
     write_atomic(os.path.join(out, "metrics.json"), json.dumps(metrics.jsonable(
         {"summary": summary, "results": results, "paper_rows": prows, "paper_ci_units": units}), indent=1))
-    remove_stale(previous, {os.path.basename(p) for p in written} | ({"paper_table.md"} if prows else set()))
+    remove_stale(previous, {os.path.basename(p) for p in written} | set(overlay_files(results))
+                 | ({"paper_table.md"} if prows else set()))
     print(f"wrote {out}/metrics.json, table.txt" + (", paper_table.md" if prows else "")
           + (f", {len(written)} PNG plots" if written else ""))
     if failed:

@@ -167,3 +167,25 @@ def test_an_interrupted_merge_leaves_the_previous_paper_table_whole(tmp_path, mo
         with pytest.raises(OSError, match="No space left"):
             evaluate.merge_tables()
     assert (tmp_path / "m" / "paper_table.md").read_text() == old
+
+
+def test_a_rerun_without_grounding_removes_the_previous_runs_overlays_only(tmp_path, monkeypatch, capsys):
+    """Overlays are named by study and class, not probe: a rerun without --cohort (or with another first
+    probe) used to leave the previous run's overlays in grounding/ beside a metrics.json without them."""
+    pt, _, _ = _tiny_run(tmp_path)
+    _settings(monkeypatch, tmp_path, probes=pt, names="x", plots=False)
+    evaluate.main()
+    ev = tmp_path / "ev"
+    # the record a run with --cohort leaves: its overlays listed under its first probe's grounding
+    (ev / "grounding").mkdir()
+    listed = ["demo-0001_CT_ab12cd34_image.nii.gz", "demo-0001_CT_ab12cd34_attention_ich.nii.gz"]
+    for f in listed + ["my_segmentation.nii.gz"]:
+        (ev / "grounding" / f).write_bytes(b"x")
+    m = json.load(open(ev / "metrics.json"))
+    m["results"]["x"]["grounding"] = {"overlays": [str(ev / "grounding" / f) for f in listed]}
+    (ev / "metrics.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    evaluate.main()
+    assert os.listdir(ev / "grounding") == ["my_segmentation.nii.gz"]   # not evaluate.py's: kept
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "removed" in ln]
+    assert len(err) == 1 and all(f in err[0] for f in listed)
