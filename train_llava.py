@@ -37,6 +37,15 @@ reports and ground truth only (a val study's cut comes from the other val folds;
 never fitted on, so --eval_split must hold the val split, e.g. val,test), so what
 is appended is a finding the report missed, not a repeat of what it already says (the probes' own
 Youden cuts append false urgent findings to most studies; BENCHMARKS.md, Report generator).
+
+OUT/metrics.json and the OUT/reports*.jsonl beside it always score the model ckpt.pt holds (metrics.json's
+iter_num = ckpt.pt's): when a checkpoint moves past the iteration they scored (a resume that trains on, with
+--eval_split=none or killed before its evaluation ends) they are moved, unchanged, to OUT/stale-iter<N>/ with a
+one-line warning (neither ckpt.pt nor an LM directory holds that model any more, so they cannot be made again; a
+folder left otherwise by an older train_llava.py is tidied so on its next resume). An evaluation puts its files in
+place together, metrics.json last: killed while decoding or scoring, it leaves the previous evaluation whole; one
+without a probe cross-check removes the previous evaluation's reports_probe.jsonl (a note says so). --reuse_reports
+(re-score OUT/reports.jsonl) needs --eval_only and reports of ckpt.pt's iteration.
 """
 import contextlib
 import hashlib
@@ -146,6 +155,8 @@ for _key, _p in ([("--probe", p) for p in probe.split(",") if p] + [("--probe_sc
         require_path(_p, _key, hint="train_probe.py writes probe.pt" if _key == "--probe" else "")
 if stage not in (1, 2) or init_from not in ("scratch", "resume"):
     fail(f"--stage must be 1 or 2 (got {stage}) and --init_from scratch or resume (got {init_from!r})")
+if reuse_reports and not eval_only:  # a run that trains on would score an older model's reports as the new one's
+    fail("--reuse_reports re-scores OUT/reports.jsonl and trains nothing: add --eval_only=True")
 
 from nvfm import llava  # noqa: E402
 from nvfm.checkpoint import (CheckpointError, changed_settings, load_checkpoint, load_state_strict,  # noqa: E402
@@ -331,6 +342,39 @@ def publish_lm(name):
             shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
 
 
+OUTPUTS = ("reports.jsonl", "reports_probe.jsonl", "metrics.json")  # one evaluation's files; metrics.json names its
+                                                                     # iteration, so it is moved last and written last
+
+
+def outputs_iter():
+    """The iteration whose model OUT/metrics.json (and the reports beside it) scored; None: absent or unreadable."""
+    try:
+        with open(os.path.join(out_dir, "metrics.json")) as f:
+            return json.load(f).get("iter_num")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def set_aside_outputs(it):
+    """Move the evaluation files of out_dir into OUT/stale-iter<N>/ (N: the iteration they scored) when ckpt.pt is
+    at another iteration `it`: their model is no longer saved and cannot be decoded again."""
+    have = [f for f in OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
+    old = outputs_iter()
+    if not have or old == it:
+        return
+    dest = base = os.path.join(out_dir, f"stale-iter{old if old is not None else '-unknown'}")
+    n = 1
+    while os.path.exists(dest):  # a name already taken (e.g. by an earlier run in this out_dir): never overwritten
+        n += 1
+        dest = f"{base}.{n}"
+    os.makedirs(dest)
+    for f in have:
+        os.replace(os.path.join(out_dir, f), os.path.join(dest, f))
+    print(f"warning: {', '.join(have)} in {out_dir} scored the model of iteration {old if old is not None else '?'} "
+          f"and {ckpt_path} is at iteration {it}: moved to {dest}/ (that model is no longer saved; evaluate again to "
+          f"score this one)")
+
+
 iter_num, ckpt = 0, None
 if eval_only and init_from == "scratch" and not reuse_reports and os.path.exists(ckpt_path):
     fail(f"--eval_only with --init_from=scratch uses an untrained model and would replace the reports of the run "
@@ -378,12 +422,16 @@ if init_from == "scratch" and init_connector:
     if differ:
         fail(f"--init_connector={init_connector} was trained for another connector: {', '.join(differ)}")
 reports_iter = None  # with --reuse_reports: the iteration that decoded OUT/reports.jsonl (metrics.json beside it)
-if eval_only and reuse_reports:
-    _m = os.path.join(out_dir, "metrics.json")
-    reports_iter = json.load(open(_m)).get("iter_num") if os.path.exists(_m) else None
-    if ckpt is not None and reports_iter != ckpt["iter_num"]:  # e.g. trained on with --eval_split=none since
-        fail(f"--reuse_reports: {out_dir}/reports.jsonl was decoded at iteration {reports_iter} and {ckpt_path} is at "
+if reuse_reports:
+    if not os.path.exists(os.path.join(out_dir, "reports.jsonl")):
+        fail(f"--reuse_reports: {out_dir}/reports.jsonl does not exist (run the evaluation once first)")
+    reports_iter = outputs_iter()
+    if ckpt is not None and reports_iter != ckpt["iter_num"]:  # e.g. left so by an older train_llava.py
+        fail(f"--reuse_reports: {out_dir}/reports.jsonl was decoded at iteration "
+             f"{'unknown (no metrics.json beside it)' if reports_iter is None else reports_iter} and {ckpt_path} is at "
              f"iteration {ckpt['iter_num']}: decode again (without --reuse_reports)")
+if ckpt is not None and master:  # e.g. a kill between a save and set_aside_outputs, or an older train_llava.py
+    set_aside_outputs(ckpt["iter_num"])
 lm, tok = load_llm(llm_path)
 enc_dim = cache.dim if cache is not None else 1
 model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents, attn_impl,
@@ -531,6 +579,7 @@ def save(it):
     if not (ddp and fsdp):
         state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
     save_atomic(state, ckpt_path)
+    set_aside_outputs(it)  # before publish_lm removes the LM they scored
     if train_llm:
         llm_dir = name
         publish_lm(name)
@@ -684,8 +733,6 @@ if master and eval_keys and stage == 2:
     rows, t0 = [], time.time()
     old = os.path.join(out_dir, "reports.jsonl")
     if reuse_reports:
-        if not os.path.exists(old):
-            raise SystemExit(f"--reuse_reports: {old} does not exist (run the evaluation once first)")
         rows = [r for _, r in iter_jsonl(old, "reports")]
         if sorted(r["study_key"] for r in rows) != eval_keys:
             raise SystemExit(f"--reuse_reports: {old} does not hold exactly the {eval_split} studies")
@@ -752,13 +799,14 @@ if master and eval_keys and stage == 2:
     if probes and probe_rule == "reports":
         metrics["probe_cross_check_thresholds"] = probe_fit
         metrics["probe_cross_check_fit"] = {"split": val_split, "n": len(fit_idx)}
+    # each variant is scored as .tmp and all are put in place together, metrics.json last: a kill while decoding
+    # or scoring (a slow --judge) leaves the previous evaluation whole, not new reports beside its metrics.json
     for name, rs in variants.items():
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w") as f:
             for r in rs:
                 f.write(json.dumps(r) + "\n")
-        os.replace(path + ".tmp", path)
-        m = evaluate_reports(path, findings, judge=judge, judge_url=judge_url, judge_model=judge_model)
+        m = evaluate_reports(path + ".tmp", findings, judge=judge, judge_url=judge_url, judge_model=judge_model)
         if len(n_by_split) > 1:  # each split on its own too (val also picks the recipe: test is the clean one)
             m["by_split"] = {}
             for sp in sorted(n_by_split):
@@ -774,8 +822,19 @@ if master and eval_keys and stage == 2:
               f"triage acc {m['triage_accuracy']:.3f}  laterality err {m['laterality_error_rate']:.3f}  "
               f"hallucination {m['hallucination_rate']:.3f}  urgent omission {m['urgent_omission_rate']:.3f}  "
               f"JSON ok {m.get('parse_ok_rate', float('nan')):.2f}")
+    if os.path.exists(prev):  # reports without metrics.json are of no known iteration (set_aside_outputs)
+        os.remove(prev)
+    for name in variants:
+        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    orphans = [f for f in OUTPUTS if f not in variants and f != "metrics.json"
+               and os.path.exists(os.path.join(out_dir, f))]
+    for f in orphans:  # it scored the reports this evaluation replaces (it had a probe cross-check, this one has not)
+        os.remove(os.path.join(out_dir, f))
+    if orphans:
+        print(f"note: removed {', '.join(orphans)} of the previous evaluation (this one has no probe cross-check; "
+              f"add --probe or --probe_scores for it)")
     # NaN (undefined) -> null, as evaluate.py writes
-    write_atomic(os.path.join(out_dir, "metrics.json"), json.dumps(jsonable(metrics), indent=1, default=str))
+    write_atomic(prev, json.dumps(jsonable(metrics), indent=1, default=str))
     print(f"generation: {sec_per_study:.3f} s/study on {device}; wrote {out_dir}/metrics.json")
 
 if ddp:
