@@ -674,7 +674,6 @@ def run_probes(paths, keys):
     a probe scores the studies of its own modality."""
     import numpy as np
     from nvfm import probe as P
-    from nvfm.metrics import precision_thresholds
     out = {}
     for path in [p for p in paths.split(",") if p]:
         ck = probe_cks[path]  # loaded, and its encoder and precision checked, before training
@@ -703,9 +702,7 @@ def run_probes(paths, keys):
             if "sel_logits" not in ck:
                 raise SystemExit(f"--probe={path} holds no selection-split scores (trained before they were saved): "
                                  f"retrain it with train_probe.py or use --probe_rule=youden")
-            thr = [float(t) for t in precision_thresholds(ck["sel_labels"].numpy(),
-                                                          ck["sel_logits"].numpy().astype(np.float64),
-                                                          probe_precision)]
+            thr = [float(t) for t in P.precision_cuts(ck, probe_precision)]
             fitted = [bool(np.isfinite(t)) for t in thr]
             if master:
                 named = [n for n, f in zip(ck["label_names"], fitted) if f]

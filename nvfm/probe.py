@@ -382,6 +382,21 @@ def fit_selection(y, s, ok):
     return thr, a, b, au
 
 
+def precision_cuts(ck, target):
+    """(K,) float64 precision-first thresholds (metrics.precision_thresholds) of a probe.pt's classes,
+    fitted on its selection split's scores (sel_labels, sel_logits), each class on the entries of a
+    model that learned it (sel_mask, as fit_selection; older probes: all entries); +inf: no cut."""
+    import numpy as np
+    from nvfm.metrics import precision_thresholds
+    y, s = ck["sel_labels"].numpy(), ck["sel_logits"].numpy().astype(np.float64)
+    thr = precision_thresholds(y, s, target)
+    ok = ck["sel_mask"].numpy().astype(bool) if "sel_mask" in ck else np.ones(y.shape, bool)
+    for k in np.nonzero(~ok.all(0))[0]:   # a fold's out-of-fold logits of a class it never learned: noise, left out
+        r = ok[:, k]
+        thr[k] = precision_thresholds(y[r, k:k + 1], s[r, k:k + 1], target)[0]
+    return thr
+
+
 def unfitted_classes(ck):
     """(K,) bool over a probe.pt's classes: no threshold or Platt calibration was fitted on its
     selection split, the class having no positives or no negatives there (train_probe.py then

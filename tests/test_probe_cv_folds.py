@@ -187,3 +187,33 @@ def test_probes_without_fold_masks_load_and_score_as_before(tmp_path, monkeypatc
     for m in models:
         m.register_buffer("trained", torch.ones(K, dtype=torch.bool))
     np.testing.assert_allclose(P.predict(models, bags.__getitem__, range(4)), want, rtol=0, atol=1e-6)
+
+
+def _brute_precision_cut(y, s, target, min_tp=2):
+    """The lowest distinct score whose cut (score >= it) has precision >= target and >= min_tp positives."""
+    best = np.inf
+    for t in np.unique(s):
+        call = s >= t
+        tp = int((call & (y > 0)).sum())
+        if tp >= min_tp and tp >= target * call.sum() - 1e-12:
+            best = min(best, t)
+    return best
+
+
+def test_precision_cuts_fit_each_class_on_the_entries_of_models_that_learned_it():
+    # train_llava.py --probe_rule=precision: entries of a fold that never learned a class must not set its cut
+    rng = np.random.default_rng(3)
+    y = (rng.random((40, 2)) < 0.4).astype(np.uint8)
+    s = rng.normal(size=(40, 2)) + 2.0 * y
+    ok = np.ones((40, 2), bool)
+    ok[:10, 1] = False
+    y[:10, 1], s[:10, 1] = 1, 9.0 + np.arange(10)   # that fold's noise: high "scores" on its positives
+    ck = dict(sel_labels=torch.from_numpy(y), sel_logits=torch.from_numpy(s.astype(np.float32)),
+              sel_mask=torch.from_numpy(ok))
+    got = P.precision_cuts(ck, 0.8)
+    s32 = s.astype(np.float32).astype(np.float64)
+    assert got[0] == _brute_precision_cut(y[:, 0], s32[:, 0], 0.8)
+    assert got[1] == _brute_precision_cut(y[10:, 1], s32[10:, 1], 0.8)
+    assert got[1] != _brute_precision_cut(y[:, 1], s32[:, 1], 0.8)   # all entries would give another cut
+    del ck["sel_mask"]   # an older probe: every entry
+    assert P.precision_cuts(ck, 0.8)[1] == _brute_precision_cut(y[:, 1], s32[:, 1], 0.8)
