@@ -75,16 +75,29 @@ gaps and non-uniform spacing are resampled from the true positions; absurd spaci
 but cannot be stacked with them (its PixelSpacing other, malformed or absent, its matrix size other,
 its ImageOrientationPatient absent) and with < 3 such slices cannot be a volume of its own: "PixelSpacing
 0.5 x 0.5 mm in a slice between slices of 0.9 x 0.8 mm (without it the volume has a gap)", "matrix size
-40 x 48 in a slice between slices of 48 x 40 (...)" or "missing geometry (PixelSpacing)", naming that
+40 x 48 in a slice between slices of 48 x 40 (...)", "invalid PixelSpacing '0.9\\abc' (...)" or "missing
+geometry (PixelSpacing)", naming that
 file (`_strays_into_holes`). Left out, it would leave a gap that the rules above interpolate (a 10 mm
 gap in a 5 mm series) or call "missing slices", though the slice is in the input: a file whose
 header contradicts its neighbours is for the user to fix, not to be guessed over, as a missing
 ImagePositionPatient fails the series. Such a slice beyond the series' ends only shortens the
-volume (it fails on its own), and a part of >= 3 slices is a series cut apart (kept, warned);
+volume: the volume loads without it, warned "1 end slice of the series left out (other matrix size
+or geometry, failed separately)" (not "series split into 2 volumes": there is one), and the slice
+fails on its own, named, with what differs rather than "single-slice series" (it belongs to a
+20-file series): "single slice with PixelSpacing 0.5 x 0.5 mm unlike the 19 slices of its series'
+volume (0.9 x 0.8 mm): left out, the volume is one slice shorter" (matrix size likewise, both when
+both differ; "too few slices (2) with ..." for two; at a position another slice holds, "...: left
+out", as nothing is shorter; with its geometry malformed or absent, that reason, below). A part of
+>= 3 slices is a series cut apart (kept, warned);
 gantry tilt above 45 degrees; slices that are not parallel: a slice's row or column
 direction more than IOP_JITTER_DEG = 0.25 deg off the volume's mean ("slice orientation varies
 by 0.53 deg (ImageOrientationPatient, more than 0.25 deg)"; within it, float noise and small
-jitter, the mean orientation is used: `slice_orientation`); missing geometry tags; native pixel data
+jitter, the mean orientation is used: `slice_orientation`); geometry tags (ImagePositionPatient,
+ImageOrientationPatient, PixelSpacing) absent or empty, "missing geometry (PixelSpacing)", or
+present but malformed, "invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)" (one
+value, text, NaN, a spacing <= 0; "... (expected 3 numbers)" / "(expected 6 numbers)" for position /
+orientation; the value quoted as written, printable ASCII, at most MAX_QUOTED = 32 characters:
+a user fixing the export must know the tag is there but wrong; `_geometry`); native pixel data
 whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
 byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
 finite number or has more than one value ("invalid RescaleSlope (2 values)": the first was
@@ -135,7 +148,8 @@ libraries' warnings pass through.
 
 Privacy: nothing here returns names, IDs, dates or UIDs except the UIDs needed for
 grouping, which preprocess.py hashes (salted sha256) before anything is written. Reasons
-are fixed phrases plus numbers; file paths appear only as salted hashes (`file_key`) in
+are fixed phrases plus numbers (and a malformed geometry value, which identifies no one, cut to
+MAX_QUOTED characters); file paths appear only as salted hashes (`file_key`) in
 outputs.
 """
 import contextlib
@@ -288,6 +302,33 @@ def _floats(v, n):
         return None
     if len(out) != n or not all(math.isfinite(x) for x in out):
         return None
+    return out
+
+
+# the geometry tags of a frame record: (tag, record key, VM, what a valid value is)
+_GEOMETRY = (("ImagePositionPatient", "ipp", 3, "3 numbers"), ("ImageOrientationPatient", "iop", 6, "6 numbers"),
+             ("PixelSpacing", "ps", 2, "2 positive numbers"))
+MAX_QUOTED = 32  # characters of a malformed value quoted in a reason
+
+
+def _geometry(values):
+    """{tag: raw value or None} of _GEOMETRY -> {record key: tuple of floats or None} plus
+    "invalid": {tag: the value as written, printable ASCII, at most MAX_QUOTED characters} for
+    each tag present but unusable (other than VM numbers, not finite, a PixelSpacing <= 0), else
+    None: a value that is there but malformed must not be reported as missing (dicom_stack)."""
+    out, bad = {}, {}
+    for tag, key, n, _ in _GEOMETRY:
+        v = values[tag]
+        x = _floats(v, n)
+        if x is not None and key == "ps" and min(x) <= 0:
+            x = None
+        parts = v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]
+        text = "\\".join(str(p).strip(" \x00") for p in parts) if v is not None else ""
+        if x is None and text.strip("\\ "):  # an empty value counts as absent
+            text = re.sub(r"[^\x20-\x7e]", "?", text)
+            bad[tag] = text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
+        out[key] = x
+    out["invalid"] = bad or None
     return out
 
 
@@ -904,9 +945,10 @@ def _header_info(ds, info):
             ti = _num(_fg(item, shared, "MRModifierSequence", "InversionTimes"))
             frames.append(dict(
                 frame=f,
-                ipp=_floats(_fg(item, shared, "PlanePositionSequence", "ImagePositionPatient"), 3),
-                iop=_floats(_fg(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-                ps=_floats(_fg(item, shared, "PixelMeasuresSequence", "PixelSpacing"), 2),
+                **_geometry({t: _fg(item, shared, sq, t) for sq, t in (
+                    ("PlanePositionSequence", "ImagePositionPatient"),
+                    ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                    ("PixelMeasuresSequence", "PixelSpacing"))}),
                 slope=_rescale(slope, 1.0, "RescaleSlope", info),
                 intercept=_rescale(intercept, 0.0, "RescaleIntercept", info),
                 echo=echo,
@@ -926,9 +968,7 @@ def _header_info(ds, info):
                     bval = _num(ds[tag].value if not isinstance(ds[tag].value, bytes) else None)
                     break
         base = dict(
-            ipp=_floats(g("ImagePositionPatient", None), 3),
-            iop=_floats(g("ImageOrientationPatient", None), 6),
-            ps=_floats(g("PixelSpacing", None), 2),
+            **_geometry({t: g(t, None) for t, _, _, _ in _GEOMETRY}),
             slope=_rescale(g("RescaleSlope", None), 1.0, "RescaleSlope", info),
             intercept=_rescale(g("RescaleIntercept", None), 0.0, "RescaleIntercept", info),
             echo=_num(g("EchoNumbers", None)), te=info["te"], tr=info["tr"], ti=info["ti"], bvalue=bval,
@@ -1133,16 +1173,18 @@ def _split_stacks(frames):
 
 def _strays_into_holes(clusters):
     """Clusters [key, frames] of one series -> (the clusters with each stray merged into the
-    larger cluster it sits in, set of (path, frame) of the strays merged). A stray: a cluster of
+    larger cluster it sits in, set of (path, frame) of the strays merged, {index into the clusters
+    returned of a stray left apart: (index of the largest cluster it is like, whether all its
+    slices lie beyond that cluster's ends)}). A stray: a cluster of
     < 3 frames (too few for a volume of its own, as _split_stacks' stacks), with positions, that
     differs from a cluster of >= 3 only in matrix size or PixelSpacing (other, missing or
     malformed) or a missing ImageOrientationPatient (its key from the echo on equal, the same
     plane), and has a slice strictly inside that cluster's span at a position no cluster of >= 3
     in that plane holds. Apart, that cluster would load with a gap where a file of the series lies,
     interpolated across; merged, dicom_stack fails it naming the file. A stray beyond the ends,
-    or at a position held, stays apart (the volume is then only shorter)."""
+    or at a position held, stays apart (the volume is then only shorter: dicom_stack says so)."""
     order = sorted(range(len(clusters)), key=lambda i: -len(clusters[i][1]))
-    into = {}  # stray index -> index of the cluster it joins
+    into, apart = {}, {}  # stray index -> index of the cluster it joins / (the one it is like, beyond its ends)
     for s in order[::-1]:
         key, frames = clusters[s]
         if len(frames) >= 3 or any(fr["ipp"] is None for _, fr in frames):
@@ -1156,14 +1198,21 @@ def _strays_into_holes(clusters):
             span = np.sort([np.dot(fr["ipp"], n) for _, fr in clusters[b][1]])
             held = np.array([np.dot(fr["ipp"], n) for i in like if _same_plane(clusters[i][0][3], iop)
                              for _, fr in clusters[i][1]])
+            pos = [np.dot(fr["ipp"], n) for _, fr in frames]
             if any(span[0] + MIN_GAP_MM < p < span[-1] - MIN_GAP_MM and np.abs(held - p).min() >= MIN_GAP_MM
-                   for p in (np.dot(fr["ipp"], n) for _, fr in frames)):
+                   for p in pos):
                 into[s] = b
                 break
+            if b == like[0]:  # beyond the ends of the largest, at no position held: that volume is shorter
+                apart[s] = (b, all((p < span[0] - MIN_GAP_MM or p > span[-1] + MIN_GAP_MM)
+                                   and np.abs(held - p).min() >= MIN_GAP_MM for p in pos))
     for s, b in into.items():
         clusters[b][1].extend(clusters[s][1])
+        apart.pop(s, None)
     strays = {(h["path"], fr["frame"]) for s in into for h, fr in clusters[s][1]}
-    return [c for i, c in enumerate(clusters) if i not in into], strays
+    kept = [i for i in range(len(clusters)) if i not in into]
+    apart = {kept.index(s): (kept.index(b), beyond) for s, (b, beyond) in apart.items()}
+    return [clusters[i] for i in kept], strays, apart
 
 
 def _close(x, y):
@@ -1216,7 +1265,10 @@ def group_series(headers):
     the first file as `info`, frames: list of (path, frame record), planes: [[plane name, slices]]
     when the series mixes slice orientations else None, whole_plane: the part is all of its plane's
     slices, strays: {(path, frame)} of the series' slices merged into a part from between its slices
-    (_strays_into_holes; dicom_stack fails that part naming the file), ...} in a deterministic order;
+    (_strays_into_holes; dicom_stack fails that part naming the file), left_out: slices of strays
+    beyond this part's ends, left apart, apart: for such a stray's part {n slices, rows, cols, ps of
+    the volume it is like, beyond: it lies beyond that volume's ends} else None (dicom_stack words
+    the reasons), ...} in a deterministic order;
     skipped is a list of (series_uid, n_files, reason, path of the (first) skipped file).
     """
     by_series = {}
@@ -1252,28 +1304,36 @@ def group_series(headers):
                         break
                 else:
                     clusters.append([k, [(h, fr)]])
-        clusters, strays = _strays_into_holes(clusters)
+        clusters, strays, apart = _strays_into_holes(clusters)
         # acquisitions with other TE / TI / TR that the other keys would have stacked together
         # (another contrast under this series UID, a dual-echo series without EchoNumbers): say so
         by_timing = bool(timing_tags) and any(a[0][-1] != b[0][-1] and _same_key(a[0][:-1], b[0][:-1])
                                         for i, a in enumerate(clusters) for b in clusters[i + 1:])
         n_timing = len({c[0][-1] for c in clusters if None not in c[0][-1]})
         # parts that differ only in pixel spacing or matrix size are one acquisition cut apart
-        # (each part then has gaps where the others' slices were): say so
-        by_geometry = len(clusters) > 1 and len({(c[0][3], c[0][4:]) for c in clusters}) < len(clusters)
+        # (each part then has gaps where the others' slices were): say so; a stray left apart
+        # (_strays_into_holes) cuts nothing apart, its volume is only shorter (said below)
+        rest = [c for i, c in enumerate(clusters) if i not in apart]
+        by_geometry = len(rest) > 1 and len({(c[0][3], c[0][4:]) for c in rest}) < len(rest)
+        left_out = {}  # cluster index -> slices of strays beyond its ends
+        for s, (b, beyond) in apart.items():
+            left_out[b] = left_out.get(b, 0) + len(clusters[s][1]) * beyond
         planes, plane_of = _planes(clusters)
-        parts = []  # (frames, tag that split its cluster into stacks, number of those stacks, its plane)
-        for (_, frames), plane in zip(clusters, plane_of):
+        parts = []  # (frames, tag that split its cluster into stacks, number of those stacks, its plane, cluster)
+        for i, ((_, frames), plane) in enumerate(zip(clusters, plane_of)):
             stacks, tag = _split_stacks(frames)
-            parts.extend((f, tag, len(stacks), plane) for f in stacks)
+            parts.extend((f, tag, len(stacks), plane, i) for f in stacks)
         parts.sort(key=lambda p: -len(p[0]))  # largest first: part 0 is the main volume
-        for part, (frames, tag, n_stacks, plane) in enumerate(parts):
+        for part, (frames, tag, n_stacks, plane, i) in enumerate(parts):
+            like = clusters[apart[i][0]] if i in apart else None
             groups.append(dict(series_uid=suid, part=part, n_parts=len(parts), info=frames[0][0], frames=frames,
                                split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks,
                                split_by_timing=", ".join(timing_tags) if by_timing else None, n_timing=n_timing,
                                planes=planes if len(planes) > 1 else None,
                                whole_plane=plane is not None and len(frames) == planes[plane][1],
-                               strays=strays))
+                               strays=strays, left_out=left_out.get(i, 0),
+                               apart=dict(n=len(like[1]), rows=like[0][0], cols=like[0][1], ps=like[0][2],
+                                          beyond=apart[i][1]) if like else None))
     return groups, skipped
 
 
@@ -1635,9 +1695,10 @@ def dicom_stack(root, group, reduce=False):
             raise SeriesError(h["pixel_error"], h["path"])
     for h, fr in frames:
         if fr["ipp"] is None or fr["iop"] is None or fr["ps"] is None:
-            missing = [t for t, k in (("ImagePositionPatient", "ipp"), ("ImageOrientationPatient", "iop"),
-                                      ("PixelSpacing", "ps")) if fr[k] is None]
-            raise SeriesError(f"missing geometry ({', '.join(missing)})", h["path"])
+            bad = fr.get("invalid") or {}
+            why = [f"invalid {t} '{bad[t]}' (expected {what})" for t, _, _, what in _GEOMETRY if t in bad]
+            missing = [t for t, k, _, _ in _GEOMETRY if fr[k] is None and t not in bad]
+            raise SeriesError("; ".join(why + [f"missing geometry ({', '.join(missing)})"] * bool(missing)), h["path"])
     strays = group.get("strays", ())
     h0, ps0 = next(((h, fr["ps"]) for h, fr in frames if (h["path"], fr["frame"]) not in strays),
                    (frames[0][0], frames[0][1]["ps"]))
@@ -1810,6 +1871,22 @@ def dicom_stack(root, group, reduce=False):
     if group.get("split_by_geometry"):
         st.warnings.append(f"series split into {group['n_parts']} volumes by pixel spacing / matrix size")
         st.cut_apart = True
+    if group.get("left_out"):  # strays beyond its ends (_strays_into_holes): each fails on its own, below
+        m = group["left_out"]
+        st.warnings.append(f"{m} end slice{'s' * (m > 1)} of the series left out (other matrix size or geometry, "
+                           "failed separately)")
+    like = group.get("apart")
+    if like:  # a stray left apart from a volume of its series: check()'s reason says what differs, not "too few"
+        diff = []  # (this part's value, the volume's)
+        if (rows, cols) != (like["rows"], like["cols"]):
+            diff.append((f"matrix size {rows} x {cols}", f"{like['rows']} x {like['cols']}"))
+        if like["ps"] is not None and not _close(ps, like["ps"]):
+            diff.append((f"PixelSpacing {ps[0]:.3g} x {ps[1]:.3g} mm", f"{like['ps'][0]:.3g} x {like['ps'][1]:.3g} mm"))
+        K = len(frames)
+        shorter = f", the volume is {'one slice' if K == 1 else f'{K} slices'} shorter" if like["beyond"] else ""
+        if diff:
+            st.few_slices_why = (f"with {' and '.join(d for d, _ in diff)} unlike the {like['n']} slices of its "
+                                 f"series' volume ({', '.join(o for _, o in diff)}): left out{shorter}")
     if group.get("split_by_timing"):
         st.warnings.append(f"series split into {group['n_timing']} volumes by {group['split_by_timing']} "
                            "(different acquisitions)")

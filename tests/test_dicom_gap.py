@@ -71,8 +71,8 @@ def _drop(keyword):
 @pytest.mark.parametrize("name,mutate,raw,reason", [
     ("other", _set("PixelSpacing", [0.5, 0.5]), None,
      "PixelSpacing 0.5 x 0.5 mm in a slice between slices of 0.9 x 0.8 mm (without it the volume has a gap)"),
-    ("malformed", None, "0.9\\abc", "missing geometry (PixelSpacing)"),
-    ("one value", None, "0.9", "missing geometry (PixelSpacing)"),
+    ("malformed", None, "0.9\\abc", "invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)"),
+    ("one value", None, "0.9", "invalid PixelSpacing '0.9' (expected 2 positive numbers)"),
     ("absent", _drop("PixelSpacing"), None, "missing geometry (PixelSpacing)"),
     ("no orientation", _drop("ImageOrientationPatient"), None, "missing geometry (ImageOrientationPatient)"),
     ("matrix", _swap_matrix, None, "matrix size 40 x 48 in a slice between slices of 48 x 40 "
@@ -131,7 +131,8 @@ def test_slices_beyond_the_ends_or_many_keep_their_rules(tmp_path):
     (r, p, st), (r1, p1, _) = _load(d)
     assert r == "ok" and st.shape == (19, 48, 40) and st.uniform, r
     assert np.allclose(st.d, z[:-1] - z[0]) and st.spacing == (STEP,) + PS
-    assert (r1, p1) == ("single-slice series", None)
+    assert (r1, p1) == ("single slice with PixelSpacing 0.5 x 0.5 mm unlike the 19 slices of its series' volume "
+                        "(0.9 x 0.8 mm): left out, the volume is one slice shorter", None)
 
     d = str(tmp_path / "cut")
     _series(d)

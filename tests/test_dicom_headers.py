@@ -211,7 +211,8 @@ def test_small_part_of_a_plane_split_otherwise_keeps_its_reason(tmp_path):
             ds.PixelData = np.frombuffer(ds.PixelData, np.int16).reshape(16, 16)[:12].tobytes()
             ds.Rows = 12
     mutate_series(d, crop)
-    assert [o[0] for o in _load(d)] == ["ok", "ok", "too few slices (2)"]
+    assert [o[0] for o in _load(d)] == ["ok", "ok", "too few slices (2) with matrix size 12 x 16 unlike the 6 slices "
+                                        "of its series' volume (16 x 16): left out, the volume is 2 slices shorter"]
 
 
 def test_new_header_refusals_reach_the_manifest(tmp_path):
