@@ -1176,22 +1176,25 @@ def _strays_into_holes(clusters):
     larger cluster it sits in, set of (path, frame) of the strays merged, {index into the clusters
     returned of a stray left apart: (index of the largest cluster it is like, whether all its
     slices lie beyond that cluster's ends)}). A stray: a cluster of
-    < 3 frames (too few for a volume of its own, as _split_stacks' stacks), with positions, that
-    differs from a cluster of >= 3 only in matrix size or PixelSpacing (other, missing or
+    < 3 frames (too few for a volume of its own, as _split_stacks' stacks) that differs from a cluster of >= 3 only in matrix size or PixelSpacing (other, missing or
     malformed) or a missing ImageOrientationPatient (its key from the echo on equal, the same
     plane), and has a slice strictly inside that cluster's span at a position no cluster of >= 3
-    in that plane holds. Apart, that cluster would load with a gap where a file of the series lies,
+    in that plane holds, or has a slice without ImagePositionPatient (it cannot be placed, so it may
+    lie in a hole). Apart, that cluster would load with a gap where a file of the series lies,
     interpolated across; merged, dicom_stack fails it naming the file. A stray beyond the ends,
     or at a position held, stays apart (the volume is then only shorter: dicom_stack says so)."""
     order = sorted(range(len(clusters)), key=lambda i: -len(clusters[i][1]))
     into, apart = {}, {}  # stray index -> index of the cluster it joins / (the one it is like, beyond its ends)
     for s in order[::-1]:
         key, frames = clusters[s]
-        if len(frames) >= 3 or any(fr["ipp"] is None for _, fr in frames):
+        if len(frames) >= 3:
             continue
         like = [i for i in order if i != s and len(clusters[i][1]) >= 3 and clusters[i][0][4:] == key[4:]
                 and clusters[i][0][3] is not None and (key[3] is None or _same_plane(key[3], clusters[i][0][3]))
                 and all(fr["ipp"] is not None for _, fr in clusters[i][1])]
+        if like and any(fr["ipp"] is None for _, fr in frames):  # cannot be placed, so may lie in a hole: it
+            into[s] = like[0]   # fails the series as a slice of it without ImagePositionPatient does
+            continue
         for b in like:  # largest first
             iop = clusters[b][0][3]
             n = np.cross(iop[:3], iop[3:])

@@ -77,7 +77,11 @@ def _drop(keyword):
     ("no orientation", _drop("ImageOrientationPatient"), None, "missing geometry (ImageOrientationPatient)"),
     ("matrix", _swap_matrix, None, "matrix size 40 x 48 in a slice between slices of 48 x 40 "
                                    "(without it the volume has a gap)"),
-], ids=["other", "malformed", "one_value", "absent", "no_orientation", "matrix"])
+    # no position to place it by: it may lie in a hole, as a slice of the series without one fails it
+    ("no position, other spacing", lambda ds, i: (_drop("ImagePositionPatient")(ds, i),
+                                                  _set("PixelSpacing", [0.5, 0.5])(ds, i)), None,
+     "missing geometry (ImagePositionPatient)"),
+], ids=["other", "malformed", "one_value", "absent", "no_orientation", "matrix", "no_position_other_spacing"])
 def test_bad_slice_inside_the_series_fails_it_naming_the_file(tmp_path, name, mutate, raw, reason, fast):
     """Slice 10 of 20 alone has a bad header: before, the other 19 loaded as a volume with a
     10 mm gap at z = -5 mm (interpolated, "slice(s) missing" though the file is there) and slice 10
