@@ -201,3 +201,14 @@ def write_stacks(out_dir, stacks, modality="CT", **kw):
                                    series_uid=series_uid, extra=extra, names=names, seed=s, **kw)
         out.append(paths)
     return out
+
+
+def scan_folder(d, fast=True):
+    """nvfm.dicom.scan_dicom of every input file under d, with its fast header parser on (fast) or
+    pydicom's (the module setting is restored)."""
+    from nvfm import dicom
+    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
+    try:
+        return [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
+    finally:
+        dicom.FAST_SCAN = old

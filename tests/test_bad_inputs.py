@@ -19,8 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
-from dicom_synth import (head_phantom, mutate_series, set_raw_text, write_enhanced, write_series,  # noqa: E402
-                         write_stacks)
+from dicom_synth import (head_phantom, mutate_series, scan_folder, set_raw_text, write_enhanced,  # noqa: E402
+                         write_series, write_stacks)
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -32,11 +32,7 @@ RUN = dict(n_workers=1, cfg_progress=False)
 
 def _outcomes(d, fast=True):
     """[(reason or "ok", offending path)] for every candidate volume of the series under d."""
-    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
-    try:
-        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
-    finally:
-        dicom.FAST_SCAN = old
+    hs = scan_folder(d, fast)
     out = [(h["error"], h["path"]) for h in hs if "error" in h]
     groups, _ = dicom.group_series([h for h in hs if "error" not in h])
     for g in groups:
@@ -620,11 +616,7 @@ def test_interleaved_stacks_split_by_the_tag_that_tells_them_apart(tmp_path, tag
     offset 2.5 mm looked like one even 2.5 mm volume, and offset 0 failed as conflicting slices."""
     d = str(tmp_path / "s")
     va, vb = _two_stacks(d, {tag: a}, {tag: b}, offset)
-    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
-    try:
-        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
-    finally:
-        dicom.FAST_SCAN = old
+    hs = scan_folder(d, fast)
     groups, _ = dicom.group_series(hs)
     assert [(g["part"], g["n_parts"], len(g["frames"])) for g in groups] == [(0, 2, 8), (1, 2, 8)]
     stacks = [dicom.dicom_stack(d, g).check(3) for g in groups]

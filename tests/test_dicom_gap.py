@@ -13,7 +13,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from dicom_synth import head_phantom, mutate_series, set_raw_text, write_series  # noqa: E402
+from dicom_synth import head_phantom, mutate_series, scan_folder, set_raw_text, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -31,11 +31,7 @@ def _series(d, **kw):
 def _load(d, fast=True):
     """[(reason or "ok", offending file name, stack or None)] per candidate volume, loaded as
     preprocess.py loads them (group_series, dicom_stack, check(min_slices=3))."""
-    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
-    try:
-        hs = [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
-    finally:
-        dicom.FAST_SCAN = old
+    hs = scan_folder(d, fast)
     groups, skipped = dicom.group_series(hs)
     assert not skipped
     out = []

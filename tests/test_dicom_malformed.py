@@ -14,7 +14,7 @@ from pydicom.sequence import Sequence
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from dicom_synth import head_phantom, mutate_series, write_enhanced, write_series  # noqa: E402
+from dicom_synth import head_phantom, mutate_series, scan_folder, write_enhanced, write_series  # noqa: E402
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
@@ -22,18 +22,10 @@ from nvfm import dicom  # noqa: E402
 SHAPE = (6, 16, 16)
 
 
-def _scan(d, fast=True):
-    old, dicom.FAST_SCAN = dicom.FAST_SCAN, fast
-    try:
-        return [dicom.scan_dicom(d, f) for f in dicom.find_inputs(d)]
-    finally:
-        dicom.FAST_SCAN = old
-
-
 def _load(d, fast=True):
     """[(reason or "ok", offending path, assembled volume or None)] for every candidate volume
     under d, after the skipped files as ("skipped: reason", path, None)."""
-    hs = _scan(d, fast)
+    hs = scan_folder(d, fast)
     out = [(h["error"], h["path"], None) for h in hs if "error" in h]
     groups, skipped = dicom.group_series([h for h in hs if "error" not in h])
     out += [(f"skipped: {reason}", path, None) for _, _, reason, path in skipped]
@@ -268,7 +260,7 @@ def test_orientation_jitter_loads_as_one_volume(tmp_path, amp, fast):
     write_series(d, head_phantom(SHAPE), shuffle=False)
     angles = amp * np.array([0, 1, -1, 2, -2, 1, 0, -1], float)[:SHAPE[0]]
     _turn_slices(d, angles)
-    hs = _scan(d, fast)
+    hs = scan_folder(d, fast)
     groups, _ = dicom.group_series(hs)
     assert len(groups) == 1
     st = dicom.dicom_stack(d, groups[0]).check(3)
