@@ -464,8 +464,7 @@ if init_from == "scratch" and master:
     if eval_only:
         print("note: --eval_only with --init_from=scratch: decoding an untrained model")
     else:  # a new run: a previous run's log (appended to) and reports in out_dir are not this run's
-        _old = [f for f in ("log.jsonl", "metrics.json", "reports.jsonl", "reports_probe.jsonl")
-                if os.path.exists(os.path.join(out_dir, f))]
+        _old = [f for f in ("log.jsonl",) + OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
         if _old:
             print(f"warning: {out_dir} holds another run's {', '.join(_old)}: this run from scratch replaces them "
                   f"(--init_from=resume continues that run)")
