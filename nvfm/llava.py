@@ -406,21 +406,12 @@ def read_findings(path):
     """{study_key: record} of a shards folder's findings.jsonl (preprocess.py's re-keyed copy).
 
     ValueError naming the file and line, before anything trains, for what report_metrics refuses after
-    it: 'findings' not a list of strings (a string trained as a list of its letters), a study twice."""
-    from nvfm.report_metrics import check_findings, iter_jsonl
+    it (report_metrics.read_truth): 'findings' not a list of strings (a string trained as a list of its
+    letters), a study twice; and a record without study_key."""
+    from nvfm.report_metrics import read_truth
     if not os.path.exists(path):
         raise FileNotFoundError(f"--findings={path}: no such file (SHARDS/findings.jsonl from preprocess.py)")
-    recs, lines = {}, {}
-    for i, r in iter_jsonl(path, "findings"):
-        if not isinstance(r, dict) or "study_key" not in r:
-            raise ValueError(f"{path}:{i}: no study_key (use the re-keyed copy in the shards folder)")
-        k = r["study_key"]
-        if k in recs:
-            raise ValueError(f"{path}:{i}: study {k!r} appears twice (line {lines[k]})")
-        if r.get("findings") is not None:  # absent or null: no finding
-            check_findings(r["findings"], path, i, k)
-        recs[k], lines[k] = r, i
-    return recs
+    return read_truth(path, keys=("study_key",), hint=" (use the re-keyed copy in the shards folder)")[0]
 
 
 def study_labels(recs, path):

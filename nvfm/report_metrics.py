@@ -661,6 +661,25 @@ def check_findings(f, path, line, key):
         raise ValueError(f"{path}:{line}: study {key!r}: 'findings' must be a list of strings, got {got}")
 
 
+def read_truth(path, keys=("study_key", "study", "study_uid"), hint=""):
+    """({study: record}, {study: line number}) of a ground-truth findings.jsonl, a record's study
+    named by the first of `keys` it has. ValueError naming the file and line for a line that is not
+    JSON, a record with none of `keys` (`hint` appended), a study twice, or 'findings' that is not a
+    list of strings (absent or null: no finding)."""
+    truth, lines = {}, {}
+    for line, r in iter_jsonl(path, "findings"):
+        name = next((n for n in keys if isinstance(r, dict) and n in r), None)
+        if name is None:
+            raise ValueError(f"{path}:{line}: no {keys[0]}{hint}")
+        k = r[name]
+        if k in truth:
+            raise ValueError(f"{path}:{line}: study {k!r} appears twice in the ground truth (line {lines[k]} too)")
+        if r.get("findings") is not None:   # absent or null: no positive finding
+            check_findings(r["findings"], path, line, k)
+        truth[k], lines[k] = r, line
+    return truth, lines
+
+
 def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=None, judge_model="local",
                      splits=None):
     """Score generated reports against the reference findings.
@@ -685,15 +704,7 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
         seen[k] = line
         check_findings(r.get("findings"), reports_jsonl, line, k)
         reps.append(r)
-    truth, lines = {}, {}
-    for line, r in iter_jsonl(findings_jsonl, "findings"):
-        k = _key(r, findings_jsonl)
-        if k in truth:
-            raise ValueError(f"{findings_jsonl}:{line}: study {k!r} appears twice in the ground truth")
-        if r.get("findings") is not None:   # absent or null: no positive finding
-            check_findings(r["findings"], findings_jsonl, line, k)
-        truth[k] = r
-        lines[k] = line
+    truth, lines = read_truth(findings_jsonl)
     for r in reps:
         k = _key(r, reports_jsonl)
         if k not in truth:

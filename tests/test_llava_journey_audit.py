@@ -60,7 +60,7 @@ def test_findings_that_are_not_lists_of_strings_are_refused_before_training(coho
     rows = [json.loads(line) for line in open(fnd)]
     cases = {"string": ([dict(rows[0], findings="Acute left convexity subdural hematoma.")] + rows[1:],
                         ":1: study 'k000': 'findings' must be a list of strings, got a str"),
-             "twice": (rows + [rows[4]], f":{len(rows) + 1}: study 'k005' appears twice (line 5)"),
+             "twice": (rows + [rows[4]], f":{len(rows) + 1}: study 'k005' appears twice in the ground truth (line 5 too)"),
              "json": (rows + ["{not json"], f":{len(rows) + 1}: not valid JSON")}
     for name, (rs, said) in cases.items():
         bad = tmp_path / f"{name}.jsonl"
