@@ -42,7 +42,8 @@ OUT/metrics.json and the OUT/reports*.jsonl beside it always score the model ckp
 iter_num = ckpt.pt's): when a checkpoint moves past the iteration they scored (a resume that trains on, with
 --eval_split=none or killed before its evaluation ends) they are moved, unchanged, to OUT/stale-iter<N>/ with a
 one-line warning (neither ckpt.pt nor an LM directory holds that model any more, so they cannot be made again; a
-folder left otherwise by an older train_llava.py is tidied so on its next resume). An evaluation puts its files in
+folder left otherwise by an older train_llava.py is tidied so on its next resume; a run from scratch removes them
+with the rest of the previous run's outputs). An evaluation puts its files in
 place together, metrics.json last: killed while decoding or scoring, it leaves the previous evaluation whole; one
 without a probe cross-check removes the previous evaluation's reports_probe.jsonl (a note says so). --reuse_reports
 (re-score OUT/reports.jsonl) needs --eval_only and reports of ckpt.pt's iteration.
@@ -53,6 +54,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 
 import torch
@@ -327,7 +329,6 @@ def resumed_lm(ck):
 def publish_lm(name):
     """Point OUT/llm at LM directory `name` and remove every other LM directory or leftover of a save
     (only after ckpt.pt names `name`: a kill anywhere keeps the pair ckpt.pt + its LM)."""
-    import shutil
     if name not in (None, "llm"):
         tmp = os.path.join(out_dir, ".llm.link.tmp")
         if os.path.lexists(tmp):
@@ -344,6 +345,7 @@ def publish_lm(name):
 
 OUTPUTS = ("reports.jsonl", "reports_probe.jsonl", "metrics.json")  # one evaluation's files; metrics.json names its
                                                                      # iteration, so it is moved last and written last
+STALE_OUT = re.compile(r"^stale-iter(\d+|-unknown)(\.\d+)?$")  # set_aside_outputs' folders
 
 
 def outputs_iter():
@@ -465,11 +467,14 @@ if init_from == "scratch" and master:
         print("note: --eval_only with --init_from=scratch: decoding an untrained model")
     else:  # a new run: a previous run's log (appended to) and reports in out_dir are not this run's
         _old = [f for f in ("log.jsonl",) + OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
+        _old += sorted(f + "/" for f in os.listdir(out_dir)
+                       if STALE_OUT.match(f) and os.path.isdir(os.path.join(out_dir, f)))
         if _old:
             print(f"warning: {out_dir} holds another run's {', '.join(_old)}: this run from scratch replaces them "
                   f"(--init_from=resume continues that run)")
         for _fn in _old:
-            os.remove(os.path.join(out_dir, _fn))
+            _p = os.path.join(out_dir, _fn)
+            shutil.rmtree(_p) if _fn.endswith("/") else os.remove(_p)
 if cache is not None and ckpt is not None and ckpt.get("encoder_hash") not in (None, cache.encoder_hash):
     raise SystemExit(f"{ckpt_path} was trained on features of encoder {ckpt['encoder_hash']}, "
                      f"{features} has {cache.encoder_hash}")

@@ -126,3 +126,20 @@ def test_reuse_reports_without_eval_only_is_refused(tmp_path, lm_dir, cohort):
     _refused(_base(fnd, feat, lm_dir, out, "--max_iters=3", "--init_from=resume", "--reuse_reports=True", *ev),
              "--reuse_reports", "add --eval_only=True")
     assert _ckpt_iter(out) == 2 and _files(out) == before   # nothing trained, nothing replaced
+
+
+def test_a_run_from_scratch_removes_the_previous_runs_stale_evaluations(tmp_path, lm_dir, cohort):
+    """A run from scratch into an out_dir removed the previous run's log and evaluation files but left its
+    stale-iter<N>/ folders: evaluations of a model of another run, beside this run's ckpt.pt."""
+    fnd, feat, ev, pr = cohort
+    out = str(tmp_path / "run")
+    _ok(_base(fnd, feat, lm_dir, out, "--max_iters=2", *ev, *pr))
+    _ok(_base(fnd, feat, lm_dir, out, "--max_iters=3", "--eval_split=none", "--init_from=resume"))
+    assert os.path.isdir(os.path.join(out, "stale-iter2"))
+    keep = os.path.join(out, "stale-notes")   # a folder of the user's whose name is not ours: never touched
+    os.makedirs(keep)
+    r = _ok(_base(fnd, feat, lm_dir, out, "--max_iters=1", "--eval_split=none"))
+    assert sorted(os.listdir(out)) == sorted(["ckpt.pt", "log.jsonl", "stale-notes"] +
+                                             [f for f in os.listdir(out) if f.startswith("llm")])
+    warn = [line for line in r.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warn) == 1 and "stale-iter2/" in warn[0] and "stale-notes" not in warn[0]
