@@ -109,7 +109,7 @@ if threads > 0:
 
 from nvfm import metrics  # noqa: E402
 from nvfm import probe as P  # noqa: E402
-from nvfm.checkpoint import CheckpointError, load_checkpoint, load_state_strict  # noqa: E402
+from nvfm.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from nvfm.data import atomic_path, write_atomic  # noqa: E402
 from nvfm.features import FeatureCache, StaleCacheError, trained_precision  # noqa: E402
 
@@ -122,12 +122,7 @@ def load_probe(path):
         fail(f"--probes: {path} is not a readable probe.pt: {str(e).removeprefix(f'{path}: ')}")
     if not isinstance(ck, dict) or "models" not in ck:
         fail(f"--probes: {path} is not a probe.pt written by train_probe.py")
-    models = []
-    for i, st in enumerate(ck["models"]):
-        m = P.make_probe(**ck["probe_args"])
-        load_state_strict(m, st, f"{path} model {i}")
-        models.append(m.to(device).eval())
-    return ck, models
+    return ck, P.load_models(ck, path, device)
 
 
 def evaluate_probe(path, probe, display, rows_by_key, sides, fpath):

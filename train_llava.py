@@ -683,8 +683,7 @@ def run_probes(paths, keys):
         ck = probe_cks[path]  # loaded, and its encoder and precision checked, before training
         if ck.get("task") != "classify":
             continue
-        models = [load_state_strict(P.make_probe(**ck["probe_args"]), st, f"{path} model {i}").eval()
-                  for i, st in enumerate(ck["models"])]
+        models = P.load_models(ck, path)
         mod = ck.get("eval_modality") or ck.get("modality") or "all"
         wins = set(ck["windows"].split(",")) if ck.get("windows") else None
         ks = [k for k in keys if mod == "all" or recs[k].get("modality") == mod]

@@ -142,6 +142,20 @@ def make_probe(kind, dim, n_out, hidden=256, dropout=0.1, trained_mask=False):
     return m
 
 
+def load_models(ck, path, device="cpu"):
+    """The probe modules of a train_probe.py checkpoint dict `ck` (read from `path`), strictly loaded, in
+    eval mode on device. A CV ensemble saved before the `trained` buffers averages every fold's output for
+    every class, a fold that never saw a class's positives included: said once here, with the remedy."""
+    from nvfm.checkpoint import load_state_strict
+    models = [load_state_strict(make_probe(**ck["probe_args"]), st, f"{path} model {i}").to(device).eval()
+              for i, st in enumerate(ck["models"])]
+    if len(models) > 1 and not ck["probe_args"].get("trained_mask"):
+        print(f"warning: {path} is a {len(models)}-model ensemble saved before per-class fold ensembles: every "
+              f"class averages all {len(models)} models, folds that lacked its positives included; retrain it "
+              f"with train_probe.py for figures that leave those folds out")
+    return models
+
+
 def class_weights(y, max_weight=100.0):
     """Positive-class weights n_neg / n_pos per class from training labels y (n, K), clipped
     to max_weight, and a (K,) mask of classes that have positives and negatives (others are

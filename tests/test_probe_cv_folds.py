@@ -69,13 +69,13 @@ def _folds(cv, models):
     return fold, learned, y
 
 
-def test_each_class_is_averaged_over_the_folds_that_learned_it(cv, monkeypatch):
+def test_each_class_is_averaged_over_the_folds_that_learned_it(cv, monkeypatch, capsys):
     """The reproduction: `rare`'s ensemble logit on the test set was the mean over all 3 folds (0.033 away
     from the mean over the 2 that learned it), and +100 on the output of the fold that never learned it
     moved the ensemble's `rare` logit by 33.3. Models loaded as evaluate.py loads them (strictly)."""
     monkeypatch.setattr(evaluate, "device", "cpu")
     ck, (_, models) = cv["ck"], evaluate.load_probe(cv["path"])
-    assert RARE in ck["seen_keys"] and len(models) == 3
+    assert RARE in ck["seen_keys"] and len(models) == 3 and "warning" not in capsys.readouterr().out
     fold, learned, _ = _folds(cv, models)
     assert learned[:, 0].all() and learned[:, 1].sum() == 2 and not learned[:, 2].any()
     test = ck["test_keys"]
@@ -161,10 +161,10 @@ def test_fit_selection_fits_each_class_on_its_marked_entries_only():
     np.testing.assert_array_equal(np.stack(P.fit_selection(y, s2, ok)), np.stack((thr, a, b, au)))
 
 
-def test_probes_without_fold_masks_load_and_score_as_before(tmp_path, monkeypatch):
+def test_probes_without_fold_masks_load_and_score_as_before(tmp_path, monkeypatch, capsys):
     """A probe.pt from before the fold masks (no trained_mask in probe_args, no `trained` key in its
     state dicts, no fold_trained / sel_mask) loads strictly and its ensemble is the plain mean of its
-    models, every class; the masks do not weaken strict loading either way."""
+    models, every class, with a warning that says so; the masks do not weaken strict loading either way."""
     torch.manual_seed(0)
     K, bags = 3, [torch.randn(n, 4) for n in (3, 9, 1, 5)]
     olds = [P.make_probe("attentive_mil", 4, K, hidden=8) for _ in range(3)]
@@ -174,6 +174,10 @@ def test_probes_without_fold_masks_load_and_score_as_before(tmp_path, monkeypatc
     monkeypatch.setattr(evaluate, "device", "cpu")
     _, models = evaluate.load_probe(str(tmp_path / "old.pt"))
     assert all(not hasattr(m, "trained") for m in models)
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "old.pt" in warned[0] and "3-model ensemble" in warned[0] and "retrain" in warned[0]
+    one = dict(ck, models=ck["models"][:1])   # one model (the split protocol): nothing is averaged
+    assert len(P.load_models(one, "one.pt")) == 1 and "warning" not in capsys.readouterr().out
     want = np.mean([P.predict(m, bags.__getitem__, range(4)) for m in olds], 0)
     np.testing.assert_allclose(P.predict(models, bags.__getitem__, range(4)), want, rtol=0, atol=1e-6)
     new = P.make_probe("attentive_mil", 4, K, hidden=8, trained_mask=True)
