@@ -76,8 +76,13 @@ def pack_mask(m):
 
 
 def unpack_mask(s, grid):
+    """pack_mask's string -> (grid) bool; ValueError when it holds another number of bytes than the grid
+    needs (np.unpackbits pads a short one with zeros: a mask cut short lost its last tokens silently)."""
     n = int(np.prod(grid))
-    return np.unpackbits(np.frombuffer(base64.b64decode(s), np.uint8), count=n).astype(bool).reshape(grid)
+    raw = base64.b64decode(s)
+    if len(raw) != (n + 7) // 8:
+        raise ValueError(f"token mask of {len(raw)} bytes, a {list(grid)} token grid needs {(n + 7) // 8}")
+    return np.unpackbits(np.frombuffer(raw, np.uint8), count=n).astype(bool).reshape(grid)
 
 
 _UMASK = os.umask(0o022)  # read once: a temp file gets the permissions a plain open() would give
@@ -335,6 +340,10 @@ def shard_size_problem(root, manifest):
     return None
 
 
+TOKEN_MASKS_KEPT = 4096  # decoded token masks a reader keeps (a few KB each): a loader worker that samples
+                        # millions of volumes over a run holds at most these, not one per volume it saw
+
+
 class ShardReader:
     """Random access to a shard set. `volumes` is the list of volume records. Opening it checks
     every shard file's size against the manifest (ValueError naming the file otherwise)."""
@@ -352,6 +361,7 @@ class ShardReader:
             raise ValueError(problem)
         self.volumes = self.manifest["volumes"]
         self._maps = {}
+        self._sizes = {}
         self._tmask = {}
 
     def __len__(self):
@@ -363,8 +373,34 @@ class ShardReader:
             m = self._maps[name] = np.memmap(os.path.join(self.root, name), np.uint8, mode="r")
         return m
 
+    def _bad_record(self, i, name, reason):
+        """ValueError: file `name` (in the shard set) and volume i's record disagree, in one line."""
+        return ValueError(f"{os.path.join(self.root, name)}: volume {i} ({self.volumes[i].get('volume_id')}): {reason}; "
+                          f"rerun preprocess.py into a new --output")
+
+    def check_bytes(self, i):
+        """ValueError naming the file when volume i's record needs other bytes (data + mask of its shape and
+        channels, + the values block) than its nbytes, or more than its shard file holds. Maps nothing (one
+        stat per shard file)."""
+        v = self.volumes[i]
+        C, (D, H, W) = v["channels"], v["shape"]
+        need = (C + 1) * D * H * W
+        if v.get("values"):
+            need += (-need) % 8 + D * H * W * np.dtype(VALUES_DTYPES[v["values"]]).itemsize
+        if need != v.get("nbytes", need):  # a shape / channels not the data's: it read other bytes as voxels
+            values = " + values" if v.get("values") else ""
+            raise self._bad_record(i, "manifest.json", f"its shape {v['shape']} x {C} channels{values} needs {need} "
+                                                       f"bytes, its nbytes is {v['nbytes']}")
+        size = self._sizes.get(v["shard"])
+        if size is None:
+            size = self._sizes[v["shard"]] = os.path.getsize(os.path.join(self.root, v["shard"]))
+        if v["offset"] + need > size:  # a manifest without shard sizes does not catch a cut file on open
+            raise self._bad_record(i, v["shard"], f"its bytes end at {v['offset'] + need}, past the file's end "
+                                                  f"({size} bytes: cut short)")
+
     def volume(self, i):
-        """-> (data (C, D, H, W) uint8 view, mask (D, H, W) uint8 view), zero-copy."""
+        """-> (data (C, D, H, W) uint8 view, mask (D, H, W) uint8 view), zero-copy (check_bytes first)."""
+        self.check_bytes(i)
         v = self.volumes[i]
         C, (D, H, W) = v["channels"], v["shape"]
         buf = self._map(v["shard"])
@@ -413,11 +449,29 @@ class ShardReader:
         return expand_window(data, self.volumes[i]["modality"], name)
 
     def token_mask(self, i):
-        """(gz, gy, gx) bool token foreground of volume i."""
+        """(gz, gy, gx) bool token foreground of volume i (decode_token_mask, cached)."""
         m = self._tmask.get(i)
         if m is None:
-            v = self.volumes[i]
-            m = self._tmask[i] = unpack_mask(v["token_mask"], tuple(v["token_grid"]))
+            if len(self._tmask) >= TOKEN_MASKS_KEPT:
+                self._tmask.clear()
+            m = self._tmask[i] = self.decode_token_mask(i)
+        return m
+
+    def decode_token_mask(self, i):
+        """Volume i's (gz, gy, gx) bool token mask decoded from its record, not cached. ValueError naming
+        the manifest when the token grid is not its shape's, the mask string not the grid's size, or
+        n_tokens not the mask's count (a corrupted record put tokens at other positions, or lost them)."""
+        from nvfm.tokenize import token_grid
+        v = self.volumes[i]
+        grid, want = list(v["token_grid"]), list(token_grid(v["shape"]))
+        if grid != want:
+            raise self._bad_record(i, "manifest.json", f"token grid {grid} is not the {want} of its shape {v['shape']}")
+        try:
+            m = unpack_mask(v["token_mask"], tuple(grid))
+        except ValueError as e:  # binascii.Error (not base64) is a ValueError too
+            raise self._bad_record(i, "manifest.json", str(e)) from None
+        if v.get("n_tokens", m.sum()) != m.sum():
+            raise self._bad_record(i, "manifest.json", f"n_tokens {v['n_tokens']} but its token mask holds {m.sum()}")
         return m
 
     def token_coords(self, i):

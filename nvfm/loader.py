@@ -9,8 +9,10 @@ slot = rank * local_batch + j is the sample's place in the global batch. So:
     global batch as a 1-rank run with the same global batch size, and `resume` at step s
     simply restarts the stream at s (bit-for-bit).
 The volume visited at global sample position p = step * global_batch + slot is
-perm_e[p mod n] with perm_e a permutation of the training volumes seeded by (seed, e),
-e = p // n: epochs without replacement, any batch size, any number of volumes.
+perm_e[p mod n] with perm_e a permutation of the training volumes seeded by (seed, 7, e),
+e = p // n: epochs without replacement, any batch size, any number of volumes. (That key is also
+the sample stream of step 7, slot e: one sample's draws repeat the start of a permutation's, which
+correlates nothing that matters; changing the key would change every run's data order.)
 
 Also here: `ArrayReader`, an in-memory reader with the ShardReader interface (DESIGN.md
 section 2) for tests and benchmarks, and `synthetic_volume` to fill it.
@@ -155,10 +157,15 @@ def train_indices(reader, split="train", min_tokens=8, max_patches=None, warn=No
             continue
         if max_patches is not None:
             reason = None
-            if n < 2:
-                reason = f"{n} foreground tokens, a context/target split needs 2"
-            elif M.crop_box_dense(_token_mask_uncached(reader, i), max_patches, np.random.default_rng(0)) is None:
-                reason = f"no crop of <= {max_patches} tokens per axis holds 2 of its {n} foreground tokens"
+            try:  # a record that disagrees with its bytes (ShardReader's checks) would stop a loader worker
+                tmask = _token_mask_uncached(reader, i)
+            except ValueError as e:
+                reason = str(e)
+            else:
+                if n < 2:
+                    reason = f"{n} foreground tokens, a context/target split needs 2"
+                elif M.crop_box_dense(tmask, max_patches, np.random.default_rng(0)) is None:
+                    reason = f"no crop of <= {max_patches} tokens per axis holds 2 of its {n} foreground tokens"
             if reason:
                 if warn is not None:
                     warn(f"warning: volume {i} ({v.get('volume_id')}) left out of training: {reason}")
@@ -169,11 +176,11 @@ def train_indices(reader, split="train", min_tokens=8, max_patches=None, warn=No
 
 def _token_mask_uncached(reader, i):
     """Volume i's token mask, decoded from the manifest record without filling ShardReader's cache (a
-    check of every volume at start would otherwise hold every mask in memory for the whole run)."""
-    from nvfm.data import unpack_mask
-    v = reader.volumes[i]
-    if "token_mask" in v and "token_grid" in v:
-        return unpack_mask(v["token_mask"], tuple(v["token_grid"]))
+    check of every volume at start would otherwise hold every mask in memory for the whole run), after
+    ShardReader's record checks (ValueError naming the file); no shard is mapped before the workers start."""
+    if hasattr(reader, "decode_token_mask"):
+        reader.check_bytes(i)
+        return reader.decode_token_mask(i)
     return M.token_mask_of(reader, i)
 
 
