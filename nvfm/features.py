@@ -16,7 +16,9 @@ A data file SHORTER than the index needs (a copy cut short, a file truncated aft
 run) is never zero-padded: the writer keeps the studies whose rows are all intact (the
 index is in write order, so they are a prefix), drops the rest from the index so that
 they are encoded again, and says so in `.repaired`; the reader refuses such a cache
-(`StaleCacheError` naming the file, its size and the size the index needs).
+(`StaleCacheError` naming the file, its size and the size the index needs). One writer at a
+time: a writer holds a lock on DIR/.writer.lock, and a second process opening the cache for
+writing is a `StaleCacheError` (two writers would each write at their own idea of the next row).
 
 Staleness: `encoder_hash` identifies the encoder (sha256 of the checkpoint file, or
 "random:<size>:seed<k>" for a random-initialised encoder), followed by "+tokens:fg<f>,<crop>[,float]"
@@ -33,6 +35,8 @@ another precision refuses to add to the cache: a CPU-started cache resumed on a 
 otherwise mix the two silently. Caches written before the field existed have none
 (`FeatureCache.precision` None): they stay readable, and a resume cannot check them (`.note`).
 """
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -78,6 +82,21 @@ def token_rules(encoder_hash):
     return base, dict(min_fg_fraction=fg, crop=parts[1], full_precision=parts[2:] == ["float"])
 
 
+def _lock_writer(path):
+    """Lock DIR/.writer.lock for this process (-> the open lock file; closing it unlocks), or a
+    StaleCacheError when another process holds it."""
+    f = open(os.path.join(path, ".writer.lock"), "a")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            return None  # a file system without locks (ENOLCK): nothing to wait for, write unlocked
+        raise StaleCacheError(f"{path}: another process is writing this feature cache (encode.py with the same "
+                              f"--out?); wait for it to finish, or use another output directory") from None
+    return f
+
+
 ROW_BYTES = {"emb.f16": lambda dim: dim * 2, "coords.i32": lambda dim: 3 * 4}
 
 
@@ -121,6 +140,9 @@ def _read_index(path):
         key, lo, hi = outside[0]
         raise StaleCacheError(f"{index}: study {key} lists rows [{lo}, {hi}) but the cache holds {rows} rows "
                               f"(an inconsistent index); rerun encode.py with --overwrite=True")
+    if out.get("version") != VERSION:  # checked for the writer too: it appended to caches the reader then refused
+        raise StaleCacheError(f"{index}: cache version {out.get('version')} != {VERSION} (another nvfm's layout); "
+                              f"use another output directory or rerun encode.py with --overwrite=True")
     return out
 
 
@@ -165,8 +187,6 @@ class FeatureCache:
         if not os.path.exists(index):
             raise FileNotFoundError(f"{path}: not a feature cache (no index.json); run encode.py first")
         self.index = _read_index(path)
-        if self.index.get("version") != VERSION:
-            raise ValueError(f"{index}: cache version {self.index.get('version')} != {VERSION}")
         self.encoder_hash = self.index["encoder_hash"]
         self.precision = self.index.get("precision")  # None: written before it was recorded
         self.dim = int(self.index["dim"])
@@ -241,6 +261,8 @@ class FeatureWriter:
         self.repaired = None  # a message when a cut-short cache was cut back to its intact studies
         self.note = None  # a message when the cached studies' precision cannot be checked
         index = os.path.join(path, "index.json")
+        # an existing cache is locked before it is read; a new one when its directory is made (_open_files)
+        self._lock = _lock_writer(path) if os.path.exists(index) else None
         resume = os.path.exists(index) and not overwrite
         if resume:
             self.index = _read_index(path)
@@ -291,6 +313,8 @@ class FeatureWriter:
     def _open_files(self, fresh):
         """Write the index and open the data files at its row count; fresh: start them empty."""
         os.makedirs(self.path, exist_ok=True)
+        if self._lock is None:  # before anything is written: another writer may have made the cache since
+            self._lock = _lock_writer(self.path)
         index = os.path.join(self.path, "index.json")
         emb_path, co_path = os.path.join(self.path, "emb.f16"), os.path.join(self.path, "coords.i32")
         # the index first: a kill before the files are cut leaves rows past it, never an old index on new files
@@ -374,6 +398,9 @@ class FeatureWriter:
             self._truncate()  # the bytes of a failed last add
             self._emb.close()
             self._co.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self):
         return self

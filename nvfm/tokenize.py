@@ -112,6 +112,9 @@ def unpatchify_reference(tokens, coords, shape, patch=PATCH):
     check_unpatchify_coords(coords, shape, patch)  # a negative index would wrap to the far end
     gz, gy, gx = token_grid(shape, patch)
     pd, ph, pw = patch
+    if tuple(tokens.shape) != (len(coords), pd * ph * pw):  # one token would broadcast to every coord
+        raise ValueError(f"unpatchify: tokens {tuple(tokens.shape)} must be (n, {pd * ph * pw}) "
+                         f"for {len(coords)} coords")
     grid = torch.zeros(gz, gy, gx, pd * ph * pw, dtype=tokens.dtype, device=tokens.device)
     c = coords.long()
     grid[c[:, 0], c[:, 1], c[:, 2]] = tokens

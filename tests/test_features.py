@@ -119,3 +119,81 @@ def test_cut_short_cache_is_refused_by_reader_and_repaired_by_writer(tmp_path):
     assert a.index == b.index
     for name in ("emb.f16", "coords.i32"):
         assert (ref / name).read_bytes() == (cut / name).read_bytes()
+
+
+WRITER = """
+import sys
+import numpy as np
+from nvfm import features
+def ent(v):
+    return [dict(volume_id="v", family="CT", window="brain", modality="CT", coords=np.zeros((4, 3), int),
+                 emb=np.full((4, 8), v))]
+with features.FeatureWriter(sys.argv[1], "h1", 8, flush_every=1) as w:
+    print("ready", flush=True)
+    sys.stdin.readline()
+    w.add("a1", ent(1.0))
+    print("added", flush=True)
+    sys.stdin.readline()
+    w.add("a2", ent(3.0))
+"""
+
+
+def _ent(v):
+    return [dict(volume_id="v", family="CT", window="brain", modality="CT", coords=np.zeros((4, 3), int),
+                 emb=np.full((4, 8), v))]
+
+
+def test_a_second_writer_process_is_refused(tmp_path):
+    """Two processes writing one cache (encode.py twice with one --out): B opened while A held the cache, A added
+    a1, B added b1 and closed, A added a2 and closed. Each wrote at its own next row: a1 read back B's 2.0 instead
+    of 1.0 and b1, written without an error, was gone. Now B is refused while A holds the cache (--overwrite=True
+    too), and every study reads back the values written for it."""
+    import subprocess
+    import sys
+    p = str(tmp_path / "cache")
+    with features.FeatureWriter(p, "h1", 8) as w:
+        w.add("s0", _ent(0.0))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    a = subprocess.Popen([sys.executable, "-c", WRITER, p], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        assert a.stdout.readline().strip() == "ready"
+        with pytest.raises(features.StaleCacheError, match=r"cache: another process is writing this feature cache"):
+            features.FeatureWriter(p, "h1", 8)
+        a.stdin.write("go\n")
+        a.stdin.flush()
+        assert a.stdout.readline().strip() == "added"
+        with pytest.raises(features.StaleCacheError, match="another process"):
+            features.FeatureWriter(p, "h1", 8, overwrite=True)
+    finally:
+        if a.poll() is None:
+            a.stdin.write("go\n" * 2)
+        a.communicate(timeout=60)
+    assert a.returncode == 0
+    c = features.FeatureCache(p)
+    assert {k: c.study(k)[0]["emb"].tolist() for k in c.study_keys()} == \
+        {k: [[v] * 8] * 4 for k, v in (("s0", 0.0), ("a1", 1.0), ("a2", 3.0))}
+    with features.FeatureWriter(p, "h1", 8) as w:   # A is done: the cache opens for writing again
+        assert "a2" in w
+
+
+@pytest.mark.parametrize("version", [2, None])
+def test_writer_refuses_a_cache_of_another_version_like_the_reader(tmp_path, version):
+    """A cache whose index says version 2 (or none) was resumed by the writer, which added study b and kept the
+    version, exit 0; the reader then refused the whole cache. Both now refuse it with one line naming the index,
+    and the files are left as they were."""
+    p = tmp_path / "c"
+    with features.FeatureWriter(str(p), "h1", 8) as w:
+        w.add("a", _ent(1.0))
+    index = json.loads((p / "index.json").read_text())
+    index["version"] = version
+    (p / "index.json").write_text(json.dumps(index))
+    before = {n: (p / n).read_bytes() for n in ("index.json", "emb.f16", "coords.i32")}
+    want = rf"c/index.json: cache version {version} != 1"
+    with pytest.raises(features.StaleCacheError, match=want):
+        with features.FeatureWriter(str(p), "h1", 8) as w:
+            w.add("b", _ent(2.0))
+    with pytest.raises(features.StaleCacheError, match=want):
+        features.FeatureCache(str(p))
+    assert {n: (p / n).read_bytes() for n in before} == before

@@ -255,3 +255,21 @@ def test_every_window_against_a_numpy_brute_force(shape, device):
                 np.testing.assert_array_equal(back, _numpy_unpatchify(want_t, want_c, shape))
                 if fraction == 0.0:   # every patch kept: the exact volume
                     np.testing.assert_array_equal(back, w)
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_unpatchify_refuses_a_token_count_other_than_the_coords(impl):
+    """unpatchify_reference broadcast 1 token into all 8 coords of an (8, 32, 32) volume (8 copies of block 0,
+    where the kernel refuses): token count and width must equal the coords' and the patch's, on every backend."""
+    if impl == "kernel" and ops.backend("unpatchify", "cpu") == "reference":
+        pytest.skip("no unpatchify kernel")
+    vol = torch.randint(0, 256, (8, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    tokens, coords, _ = T.patchify([vol], [torch.ones(8, 32, 32, dtype=torch.uint8)], impl="reference")
+    assert len(coords) == 8
+    for bad in (tokens[:1], tokens[:, :512].contiguous(), tokens.reshape(8, 4, 256)):
+        with pytest.raises((ValueError, RuntimeError), match="tokens .*must be \\(n, 1024\\)"):
+            T.unpatchify(bad, coords, (8, 32, 32), impl=impl)
+    # the good case, against numpy's view of the same blocks (patch (4, 16, 16), row-major grid 2 x 2 x 2)
+    blocks = vol.numpy().reshape(2, 4, 2, 16, 2, 16).transpose(0, 2, 4, 1, 3, 5).reshape(8, 1024)
+    assert np.array_equal(tokens.numpy(), blocks)
+    assert torch.equal(T.unpatchify(tokens, coords, (8, 32, 32), impl=impl), vol)
