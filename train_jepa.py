@@ -205,11 +205,14 @@ if init_from == "resume":
     if saved != vars(enc_cfg):
         raise SystemExit(f"{ckpt_path}: the checkpoint's encoder {saved} differs from this run's {vars(enc_cfg)}; "
                          f"resume with the settings it was started with")
-    load_state_strict(model.student, ck["student"], "student")
-    load_state_strict(model.predictor, ck["predictor"], "predictor")
-    if position_control:
-        load_state_strict(model.pos_predictor, ck["pos_predictor"], "pos_predictor")
-    load_state_strict(teacher, ck["teacher"], "teacher")
+    parts = [(model.student, "student"), (model.predictor, "predictor"), (teacher, "teacher")]
+    for module, name in parts + ([(model.pos_predictor, "pos_predictor")] if position_control else []):
+        if name not in ck:
+            fail(f"{ckpt_path}: holds no {name} weights (not a train_jepa.py checkpoint of this run)")
+        try:
+            load_state_strict(module, ck[name], f"{ckpt_path} {name}")
+        except RuntimeError as e:
+            fail(str(e))
     optimizer.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
     step, collapse_ref, collapse_warned = ck["step"], ck.get("collapse_ref"), ck.get("collapse_warned", False)

@@ -723,7 +723,7 @@ if master and eval_keys and stage == 2 and ddp and fsdp:
     lm, tok = load_llm(os.path.join(out_dir, llm_dir) if llm_dir else llm_path, device=device)
     model = llava.ReportGenerator(lm, tok, enc_dim, perceiver_dim, perceiver_depth, perceiver_heads, n_latents,
                                   attn_impl, hemispheres=hemispheres).to(device)
-    model.connector.load_state_dict(load_checkpoint(ckpt_path)["connector"])
+    load_connector(load_checkpoint(ckpt_path), ckpt_path)
 if master and eval_keys and stage == 2:
     model.eval()
     lm.config.use_cache = True

@@ -62,6 +62,7 @@ import glob
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 
@@ -93,11 +94,16 @@ os.umask(_UMASK)
 def atomic_path(path):
     """Yield a temp path in path's directory to write the file to; on success it is fsync'ed,
     renamed over path and the directory entry fsync'ed (so the rename survives a power cut).
-    On any failure (disk full, kill) the temp file is removed and the old path left intact."""
+    On any failure (disk full, kill) the temp file is removed and the old path left intact; a temp
+    file that a SIGKILL left (nothing could remove it) is removed by the next write of path that
+    succeeds, if it was last written before that write began (repeated preemptions of a job saving
+    a checkpoint piled them up, each the checkpoint's size)."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=d)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    started = time.time()
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=d)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
@@ -109,6 +115,13 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    for name in os.listdir(d):
+        left = os.path.join(d, name)
+        try:
+            if name.startswith(prefix) and os.path.getmtime(left) < started - 1.0:  # not a write in progress
+                os.unlink(left)
+        except OSError:  # gone meanwhile
+            pass
     try:
         dfd = os.open(d, os.O_RDONLY)
         try:

@@ -78,3 +78,33 @@ def test_save_atomic_disk_full_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         save_atomic({"w": torch.arange(9.0)}, path)
     assert path.read_bytes() == old and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_a_save_killed_by_sigkill_leaves_no_temp_file_after_the_next_save(tmp_path):
+    """A save killed with SIGKILL (nothing can clean up) left .ckpt.pt.tmp-XXXX, the checkpoint's size, and
+    every later save kept it: repeated preemptions piled them up. A temp file of another target, or one
+    written since the save began (a write in progress), is left alone."""
+    path = tmp_path / "ckpt.pt"
+    code = ("import os, torch, nvfm.checkpoint as c\n"
+            "real = torch.save\n"
+            "def dying(obj, f, *a, **k):\n"
+            "    real(obj, f, *a, **k)\n"
+            "    os._exit(9)\n"
+            "torch.save = dying\n"
+            f"c.save_atomic({{'w': torch.arange(1000.0)}}, {str(path)!r})\n")
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 9, p.stderr[-2000:]
+    left = sorted(f for f in os.listdir(tmp_path) if f.startswith(".ckpt.pt.tmp-"))
+    assert len(left) == 2 and not path.exists()
+    old = os.path.getmtime(tmp_path / left[0]) - 60
+    for f in left:
+        os.utime(tmp_path / f, (old, old))
+    other = tmp_path / ".log.jsonl.tmp-abc"
+    other.write_text("another target's")
+    os.utime(other, (old, old))
+    busy = tmp_path / ".ckpt.pt.tmp-busy"   # another writer's, written just now
+    busy.write_bytes(b"PK")
+    save_atomic({"w": torch.arange(3.0)}, path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", other.name, busy.name])
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(3.0))

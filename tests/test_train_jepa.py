@@ -156,6 +156,21 @@ def test_resume_refuses_changed_settings(shards, tmp_path):
         assert err.startswith("train_jepa.py: error: ") and "other settings" in err and "--out_dir" in err, err
         assert all(n in err for n in named), (named, err)
     assert open(ck_path, "rb").read() == before
+    # a checkpoint whose weights are not the run's (a tensor of another shape, a part missing): one line naming
+    # the file and the part, not a traceback naming neither
+    ck = load_checkpoint(ck_path)
+    bad = str(tmp_path / "bad")
+    os.makedirs(bad)
+    for part, edit in (("predictor", lambda c: c["predictor"].update(
+            {k: v[:1] for k, v in list(c["predictor"].items())[:1]})), ("teacher", lambda c: c.pop("teacher"))):
+        c = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ck.items()}
+        edit(c)
+        torch.save(c, os.path.join(bad, "ckpt.pt"))
+        cmd = [sys.executable, "train_jepa.py"] + ARGS + [f"--shards={shards}", f"--out_dir={bad}", "--init_from=resume"]
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        err = p.stderr.strip()
+        assert p.returncode == 1 and len(err.splitlines()) == 1, (part, p.returncode, p.stderr[-2000:])
+        assert os.path.join(bad, "ckpt.pt") in err and part in err, err
     moved = str(tmp_path / "moved")
     shutil.copytree(shards, moved)
     stdout = run(["--init_from=resume", "--stop_at_step=3", "--log_interval=1", f"--shards={moved}"], out, moved)
