@@ -33,8 +33,8 @@ from nvfm.loader import JepaBatches, make_loader, train_indices
 from nvfm.masks import MaskConfig
 from nvfm.monitor import (CollapseWatch, ProbeSet, content_loss, effective_rank, intensity_share, mean_std,
                           relative_distance)
-from nvfm.model import (SIZES, Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, save_encoder,
-                        transformer_flops)
+from nvfm.model import (SIZES, Encoder, EncoderConfig, Predictor, PredictorConfig, encoder_flops, normalize_tokens,
+                        predictor_flops, save_encoder)
 
 # ----------------------------------------------------------------------------- config
 shards = ""                        # a shard set written by preprocess.py (required)
@@ -255,15 +255,11 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
 def step_flops(b):
     """Training FLOPs of one local batch on its real packed lengths: student and predictor
-    forward + backward (3x forward), teacher forward (1x); patch embedding and predictor
-    head included."""
+    forward + backward (3x forward), teacher forward (1x)."""
     lens = (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist()
     lc = b["cu_ctx"].diff().tolist()
-    lp = b["pred_cu"].diff().tolist()
-    d, pd = enc_cfg.dim, pred_cfg.dim
-    enc = lambda L: transformer_flops(sum(L), L, d, enc_cfg.depth, enc_cfg.mlp_ratio) + 2 * 1024 * d * sum(L)
-    pred = transformer_flops(sum(lp), lp, pd, pred_cfg.depth, pred_cfg.mlp_ratio) + 2 * d * pd * (sum(lc) + sum(lp))
-    return 3 * (enc(lc) + pred) + enc(lens)
+    pred = predictor_flops(pred_cfg, lc, b["pred_cu"].diff().tolist())
+    return 3 * (encoder_flops(enc_cfg, lc) + pred) + encoder_flops(enc_cfg, lens)
 
 
 def peak_flops():

@@ -155,7 +155,7 @@ def random_init(like, seed):
 
 def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="study", probes=None):
     """The same encoder trained end to end for `flops` training FLOPs (forward + backward = 3x the
-    forward of nvfm.model.transformer_flops plus the patch embedding, train_jepa.py's count). Each
+    forward of nvfm.model.encoder_flops, train_jepa.py's count). Each
     step draws `batch` train volumes (CT: a random window) and encodes every foreground token;
     a linear head is fit with binary cross-entropy on
       labels "study": the study's labels, from the mean-pooled tokens (classes with a positive);
@@ -163,7 +163,7 @@ def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="stud
         (probes.lesion_labels; partial tokens left out, positives weighted by the train set's
         negative/positive ratio): the probe's own ceiling at this compute."""
     from nvfm.data import ShardReader
-    from nvfm.model import WINDOWS, normalize_tokens, transformer_flops, volume_windows
+    from nvfm.model import WINDOWS, encoder_flops, normalize_tokens, volume_windows
     from nvfm.probe import load_labels
     from nvfm.tokenize import patchify
     reader = ShardReader(shards)
@@ -216,7 +216,7 @@ def supervised_bound(shards, like, flops, seed=0, lr=1e-3, batch=8, labels="stud
         loss.backward()
         opt.step()
         n += 1
-        spent += 3 * (transformer_flops(sum(lens), lens, cfg.dim, cfg.depth, cfg.mlp_ratio) + 2 * 1024 * cfg.dim * sum(lens))
+        spent += 3 * encoder_flops(cfg, lens)
     print(f"supervised bound ({labels} labels): {n} steps, {spent / 1e12:.1f} TFLOP in {time.time() - t0:.0f} s, "
           f"last loss {loss.item():.4f}", flush=True)
     return enc.eval()

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nvfm.loader import ArrayReader, JepaBatches, synthetic_volume, train_indices  # noqa: E402
-from nvfm.model import Encoder, EncoderConfig, Predictor, PredictorConfig, normalize_tokens, transformer_flops  # noqa: E402
+from nvfm.model import (Encoder, EncoderConfig, Predictor, PredictorConfig, encoder_flops, normalize_tokens,  # noqa: E402
+                        predictor_flops)
 
 PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
 
@@ -132,11 +133,10 @@ def bench_step(reader, size, batch, attn, steps, device):
         with torch.no_grad():
             torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 0.006)
 
-    def flops(b):
-        lens = b["cu_seqlens"].diff().tolist()
-        lc, lp = b["cu_ctx"].diff().tolist(), b["pred_cu"].diff().tolist()
-        enc = lambda L: transformer_flops(sum(L), L, ec.dim, ec.depth) + 2 * 1024 * ec.dim * sum(L)
-        return 3 * (enc(lc) + transformer_flops(sum(lp), lp, pc.dim, pc.depth)) + enc(lens)
+    def flops(b):  # train_jepa.py's step_flops
+        lc = b["cu_ctx"].diff().tolist()
+        pred = predictor_flops(pc, lc, b["pred_cu"].diff().tolist())
+        return 3 * (encoder_flops(ec, lc) + pred) + encoder_flops(ec, b["cu_seqlens"].diff().tolist())
 
     one(batches[0])  # warm-up
     if dev.type == "cuda":

@@ -309,6 +309,22 @@ def transformer_flops(n_tokens, seqlens, dim, depth, mlp_ratio=4.0):
     return depth * (dense + attn)
 
 
+def encoder_flops(cfg, seqlens):
+    """Forward FLOPs of an Encoder (EncoderConfig cfg) on packed volumes of these token counts: the
+    patch embedding (patch_dim -> dim - pos_dim) and the blocks."""
+    n = sum(seqlens)
+    return transformer_flops(n, seqlens, cfg.dim, cfg.depth, cfg.mlp_ratio) + 2 * cfg.patch_dim * (cfg.dim - cfg.pos_dim) * n
+
+
+def predictor_flops(cfg, ctx_lens, seqlens):
+    """Forward FLOPs of a Predictor (PredictorConfig cfg): per volume ctx_lens[b] context latents embedded
+    (enc_dim -> dim - pos_dim), the blocks over its [context, targets] sequence of seqlens[b] tokens, the
+    head (dim -> enc_dim) on its target tokens."""
+    nc, n = sum(ctx_lens), sum(seqlens)
+    return (transformer_flops(n, seqlens, cfg.dim, cfg.depth, cfg.mlp_ratio)
+            + 2 * cfg.enc_dim * (cfg.dim - cfg.pos_dim) * nc + 2 * cfg.dim * cfg.enc_dim * (n - nc))
+
+
 # ---------------------------------------------------------------------------------------
 # the released encoder file: <name>.safetensors (weights + config in the metadata) and a
 # <name>.json beside it with the same config, for people and for tools without safetensors.
@@ -440,7 +456,8 @@ def encode_study(encoder, reader, volume_indices, device=None, min_fg_fraction=N
     reader: nvfm.data.ShardReader; volume_indices: indices into reader.volumes.
     Returns a list with one dict per (volume, window): volume_id, family, modality, window,
     coords (n, 3) int32 CPU, emb (n, dim) float32 CPU, in the order of volume_indices (CT
-    windows brain, blood, bone). Windows are packed together up to max_tokens per forward.
+    windows brain, blood, bone). Windows are packed together up to max_tokens per forward; a
+    window is never split (attention is per volume), so one larger than max_tokens is a forward of its own.
     bf16 autocast on CUDA; float32 on CPU.
     """
     from nvfm.tokenize import DEFAULT_MIN_FG_FRACTION, patchify

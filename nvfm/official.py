@@ -6,7 +6,8 @@
 
 Their layout (MLNeurosurg/neurovfm `get_vit_backbone`, released as `mlinslab/neurovfm-encoder`):
 `config.json` ({"which": "vit", "params": {...}}, possibly wrapped as {"model": ...}) and
-`pytorch_model.bin`, a state dict without prefix; also accepted: a {"state_dict": ...} wrapper and
+`pytorch_model.bin`, a state dict without prefix; also accepted: a {"state_dict": ..., "config": ...}
+wrapper (its config must agree with a config.json beside it) and
 a prefixed state dict such as the findings model's `vision_encoder.pt` (`vision_encoder.*`).
 Keys (ours on the right):
     token_embed.proj.{weight,bias}          patch_embed.{weight,bias}
@@ -26,9 +27,11 @@ Files are read with torch.load(weights_only=True): no code in a checkpoint is ev
 Every refusal is a ConversionError of one line naming the file (weights or config.json) and the reason.
 """
 import json
+import math
 import os
 import re
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -146,7 +149,10 @@ def infer_official_config(state, heads=None):
     (dim,), (emb_out, patch_dim), (hidden, _) = (shape("norm.weight", 1), shape("token_embed.proj.weight", 2),
                                                  shape("blocks.0.mlp.fc1.weight", 2))
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return EncoderConfig(dim=dim, depth=depth, heads=heads or max(dim // 64, 1), mlp_ratio=hidden / dim,
+    ratio = hidden / dim
+    if int(dim * ratio) != hidden:  # the MLP is int(dim * ratio) wide: 224 * (230 / 224) rounds to 229.99..
+        ratio = math.nextafter(ratio, math.inf)
+    return EncoderConfig(dim=dim, depth=depth, heads=heads or max(dim // 64, 1), mlp_ratio=ratio,
                          pos_dim=dim - emb_out, patch_dim=patch_dim)
 
 
@@ -264,6 +270,7 @@ def load_official(path, heads=None, device="cpu"):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ConversionError(f"{weights}: expected a state dict, got {type(obj).__name__}")
+    wrapped = cfg_obj  # the weights file's own config, checked against a config.json beside it below
     if cfg_path is not None:
         cfg_obj, cfg_src = _read_config(cfg_path), cfg_path
     try:
@@ -280,6 +287,14 @@ def load_official(path, heads=None, device="cpu"):
         enc = Encoder(config)  # a head count that does not divide dim is refused here
     except (ConversionError, ValueError) as e:
         raise ConversionError(f"{cfg_src}: {e}") from None
+    if wrapped is not None and cfg_src != weights:  # two configs: another head count gives other features
+        try:
+            own = config_from_official(wrapped)
+        except ConversionError as e:
+            raise ConversionError(f"{weights}: {e}") from None
+        diff = [f"{k} {v} vs {getattr(own, k)}" for k, v in asdict(config).items() if v != getattr(own, k)]
+        if diff:
+            raise ConversionError(f"{cfg_src} contradicts the config in {weights}: {', '.join(diff)}")
     try:
         enc.load_state_dict(official_to_ours(state, config), strict=True)
     except ConversionError as e:
