@@ -210,17 +210,17 @@ def _block_in_mask(v0, shape, affine, mask, mask_affine):
 
 def token_mask_share(coords, affine, mask, mask_affine, patch=PATCH, origin=(0, 0, 0)):
     """(n,) float in [0, 1]: share of each token's box (coords (n, 3) of a volume with `affine`)
-    inside the nonzero region of `mask`: the share of its 4 x 4 x 4 sample points (token_box_points)
-    in the mask; where none is, the share of the box's prod(patch) voxel centres whose nearest mask
-    voxel is nonzero, or one voxel's share where only the centre of a mask voxel lies in the box (a
-    lesion finer than the canonical grid). So a box that a lesion touches at all never has share 0."""
+    inside the nonzero region of `mask`: the share of the box's prod(patch) canonical voxel centres
+    whose nearest mask voxel is nonzero, or one voxel's share where none is but the centre of a mask
+    voxel lies in the box (a lesion finer than the canonical grid). So a box that a lesion touches at
+    all never has share 0."""
     return token_union_share(coords, affine, [(mask, mask_affine)], patch, origin)
 
 
 def token_union_share(coords, affine, masks, patch=PATCH, origin=(0, 0, 0)):
     """(n,) float in [0, 1]: token_mask_share of the union of several masks, masks a list of (mask,
-    mask affine) on grids of their own: a point or voxel centre is inside when its nearest voxel is
-    nonzero in any of them (two touching lesions covering 30% of a box each give 60%, not 30%)."""
+    mask affine) on grids of their own: a voxel centre is inside when its nearest voxel is nonzero in
+    any of them (two touching lesions covering 30% of a box each give 60%, not 30%)."""
     c = np.asarray(coords, np.int64).reshape(-1, 3)
     share = np.zeros(len(c))
     masks = [(np.asarray(m), a, i) for m, a in masks for i in [_nonzero_voxels(m)] if len(i)]
@@ -229,18 +229,14 @@ def token_union_share(coords, affine, masks, patch=PATCH, origin=(0, 0, 0)):
     near = np.nonzero(np.any([_near_mask(c, affine, i, a, patch, origin) for _, a, i in masks], 0))[0]
     if not len(near):   # the others share 0
         return share
-    pts = to_world(token_box_points(c[near], patch, origin=origin), affine)
-    share[near] = np.any([mask_lookup(pts, m, a) for m, a, _ in masks], 0).mean(1)
-    zero = near[share[near] == 0]                   # the lesions may lie between the sample points
-    if not len(zero):
-        return share
-    # their boxes tile a block of the canonical grid: its voxels each mask can reach are looked up
-    # once each, and added up per box
-    P, t0 = np.asarray(patch), c[zero].min(0)
+    # every voxel counts, not a few sample points: 4 x 4 x 4 points put a box 37.5% covered at 0.5 (a
+    # lesion token) and one 50% covered at 0.25 (partial). The near boxes tile a block of the canonical
+    # grid: its voxels each mask can reach are looked up once each, and added up per box
+    P, t0 = np.asarray(patch), c[near].min(0)
     v0 = t0 * P + np.asarray(origin)                                    # the block's first voxel
-    g = c[zero].max(0) + 1 - t0
+    g = c[near].max(0) + 1 - t0
     inside = np.zeros(g * P, bool)
-    centre = np.zeros(len(zero), bool)
+    centre = np.zeros(len(near), bool)
     for m, aff, idx in masks:
         lo, hi = _mask_extent(affine, idx, aff)
         a = np.clip(np.ceil(lo).astype(np.int64) - v0, 0, g * P)
@@ -250,10 +246,10 @@ def token_union_share(coords, affine, masks, patch=PATCH, origin=(0, 0, 0)):
         crop_affine = np.array(aff, np.float64)
         crop_affine[:3, 3] += crop_affine[:3, :3] @ m0
         inside[a[0]:b[0], a[1]:b[1], a[2]:b[2]] |= _block_in_mask(v0 + a, b - a, affine, crop, crop_affine)
-        centre |= _centre_tokens(c[zero], affine, idx, aff, patch, origin)
-    n = inside.reshape(g[0], P[0], g[1], P[1], g[2], P[2]).sum((1, 3, 5), dtype=np.int64)[tuple((c[zero] - t0).T)]
+        centre |= _centre_tokens(c[near], affine, idx, aff, patch, origin)
+    n = inside.reshape(g[0], P[0], g[1], P[1], g[2], P[2]).sum((1, 3, 5), dtype=np.int64)[tuple((c[near] - t0).T)]
     n[(n == 0) & centre] = 1
-    share[zero] = n / P.prod()
+    share[near] = n / P.prod()
     return share
 
 
@@ -264,8 +260,8 @@ def lesion_token_cover(cohort_dir, reader, findings_rows, cache):
     findings_rows: the shards' findings.jsonl records (study_key, lesions [{diagnosis, mask}]);
     masks are read from cohort_dir/<mask> (world-frame NIfTI). For every (study_key, volume_id)
     entry of `cache` -> (frac, lesion):
-      frac (n,) float in [0, 1]: share of the token's 4x16x16 box inside the union of the study's
-        lesions (`token_union_share`: sampled, > 0 wherever the box overlaps a lesion at all), so two
+      frac (n,) float in [0, 1]: share of the token's 4x16x16 voxels inside the union of the study's
+        lesions (`token_union_share`: > 0 wherever the box overlaps a lesion at all), so two
         touching lesions covering 30% of a box each give 0.6;
       lesion (n,) int: index into that study's lesions that have a mask, -1 where frac == 0: of the
         diagnoses present in the box, the one whose lesions (their union) cover most of it (ties: the

@@ -349,30 +349,33 @@ def _random_tokens_and_lesion(rng, oblique):
 @pytest.mark.parametrize("oblique", [False, True])
 def test_token_mask_share_against_brute_force(oblique):
     """Random small lesions (some smaller than a canonical voxel's spacing), random voxel sizes, axes
-    permuted or oblique, pad and centre-crop token origins, against a token-by-token brute force: the
-    share of the 64 sample points in the mask; where none is, the count of the box's voxel centres in
-    the mask / 1024, or one voxel's share where only a mask voxel's centre is in the box; and 0
-    (lesion-free) only where the box does not overlap the lesion at all."""
+    permuted, mirrored or oblique, pad and centre-crop token origins, against a token-by-token brute
+    force: the count of the box's 1024 voxel centres in the mask / 1024, or one voxel's share where
+    only a mask voxel's centre is in the box; and 0 (lesion-free) only where the box does not overlap
+    the lesion at all. (The share of 64 sample points was used: boxes whose lesion fell between or on
+    the points got another share.)"""
     rng = np.random.default_rng(7 + oblique)
-    n_touch = n_between = n_sub = 0
+    n_touch = n_between = n_sub = n_off = 0
     for _ in range(25):
         origin, coords, A, mask, M = _random_tokens_and_lesion(rng, oblique)
         got = grounding.token_mask_share(coords, A, mask, M, origin=origin)
         sampled, count, centre_in = _brute_force_overlap(coords, A, mask, M, origin)
-        want = np.where(sampled > 0, sampled / 64, np.where(count > 0, count, centre_in) / 1024)
+        want = np.where(count > 0, count, centre_in) / 1024
         np.testing.assert_array_equal(got, want)
         assert np.all(got[(count > 0) | centre_in] > 0) and np.all(got[(count == 0) & ~centre_in] == 0)
         n_between += int(np.sum((sampled == 0) & (count > 0)))
         n_touch += int(np.sum(count > 0))
         n_sub += int(np.sum((count == 0) & centre_in))
-    assert n_touch > 10 and n_between > 3 and n_sub > 3     # the draws cover every kind of overlap
+        n_off += int(np.sum((sampled > 0) & (sampled / 64 != count / 1024)))
+    # the draws cover every kind of overlap, and boxes where the sampled share is not the voxel share
+    assert n_touch > 10 and n_between > 3 and n_sub > 3 and n_off > 3, (n_touch, n_between, n_sub, n_off)
 
 
 @pytest.mark.parametrize("oblique", [False, True])
 def test_token_union_share_against_brute_force(oblique):
     """2-3 random small lesions around one spot, each on a grid of its own (voxel sizes, axes permuted or
-    oblique), against the token-by-token brute force on their union (a point is in it when its nearest voxel
-    is nonzero in any mask). The draws include boxes that two lesions share, where the union covers more
+    oblique), against the token-by-token brute force on their union (a voxel centre is in it when its
+    nearest voxel is nonzero in any mask). The draws include boxes that two lesions share, where the union covers more
     than the larger of the two (the largest single lesion was what lesion_token_cover labelled)."""
     rng = np.random.default_rng(17 + oblique)
     n_shared = n_more = 0
@@ -383,7 +386,7 @@ def test_token_union_share_against_brute_force(oblique):
                                for _ in range(int(rng.integers(1, 3)))]
         got = grounding.token_union_share(coords, A, masks, origin=origin)
         sampled, count, centre_in = _brute_force_union(coords, A, masks, origin)
-        want = np.where(sampled > 0, sampled / 64, np.where(count > 0, count, centre_in) / 1024)
+        want = np.where(count > 0, count, centre_in) / 1024
         np.testing.assert_array_equal(got, want)
         each = np.array([grounding.token_mask_share(coords, A, m, mm, origin=origin) for m, mm in masks])
         n_shared += int(np.sum(np.count_nonzero(each, 0) > 1))
@@ -564,3 +567,44 @@ def test_overlays_are_drawn_for_the_first_n_trials_and_every_file_is_listed(tmp_
     kinds = sorted(os.path.basename(p).split("_", 3)[3] for p in res["overlays"] if "demo-0000" in p)
     assert kinds == ["attention_intraparenchymal_hemorrhage.nii.gz", "contribution_intraparenchymal_hemorrhage.nii.gz",
                      "image.nii.gz", "lesion_intraparenchymal_hemorrhage.nii.gz"]
+
+
+def test_lesion_token_labels_count_every_voxel_of_the_box_on_a_mirrored_volume(tmp_path):
+    """The monitor's lesion-token labels (ProbeSet.lesion_labels: lesion at >= half of the 4x16x16 voxel
+    box, lesion-free at none) on a volume whose w axis runs right to left (x = 47 - w), the mask on a
+    world-aligned grid of its own. Token 0 is 50% lesion (w 1..8), token 1 37.5% (w 16..21), token 2 none.
+    The 4 x 4 x 4 sample points (w offsets 0, 5, 10, 15) made them 25% (partial, left out) and 50%
+    (a lesion token): the labels were [-1, 1, 0]. Against every voxel of each box looked up by hand."""
+    from nvfm.monitor import ProbeSet
+    shape = (4, 16, 48)
+    A = np.array([[0, 0, -1, 47], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], np.float64)   # (d, h, w) -> (x, y, z)
+    m = np.zeros((48, 16, 4), np.uint8)                 # indexed (x, y, z), identity affine
+    m[47 - 8:47 - 1 + 1] = 1                            # w 1..8 -> x 39..46
+    m[47 - 21:47 - 16 + 1] = 1                          # w 16..21 -> x 26..31
+    nib.save(nib.Nifti1Image(m, np.eye(4)), str(tmp_path / "lesion.nii.gz"))
+
+    class Cache(dict):
+        encoder_hash = ""
+
+        def study(self, k):
+            return self[k]
+
+    class Reader:
+        volumes = [{"volume_id": 0, "affine": A.tolist(), "shape": list(shape)}]
+
+    coords = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 2]])
+    cache = Cache(s=[{"volume_id": 0, "coords": coords}])
+    rows = [{"study_key": "s", "lesions": [{"diagnosis": "glioma", "mask": "lesion.nii.gz"}]}]
+    want = []
+    for t in range(3):                                  # brute force: each voxel -> world -> mask voxel
+        n = 0
+        for d, h, w in np.ndindex(4, 16, 16):
+            x, y, z = (A @ [d, h, 16 * t + w, 1])[:3]
+            n += int(m[int(round(x)), int(round(y)), int(round(z))])
+        want.append(n / 1024)
+    np.testing.assert_allclose(want, [0.5, 0.375, 0.0])  # by hand
+    frac, _ = grounding.lesion_token_cover(str(tmp_path), Reader(), rows, cache)["s", 0]
+    np.testing.assert_allclose(frac, want)
+    probes = object.__new__(ProbeSet)
+    probes.token_labels, probes.cohort, probes.reader, probes.findings = None, str(tmp_path), Reader(), rows
+    assert probes.lesion_labels(cache)["s", 0].tolist() == [1, -1, 0]

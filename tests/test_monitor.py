@@ -311,8 +311,8 @@ def test_lesion_kind_auroc_one_direction_per_kind():
 
 def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path):
     """On a small demo cohort, preprocessed: every lesion token is at least half inside the union
-    of its study's lesion masks, its kind is the diagnosis whose lesions cover most of it (sampled
-    independently here), and lesion-free tokens have none."""
+    of its study's lesion masks, its kind is the diagnosis whose lesions cover most of it (every
+    voxel of its box looked up independently here), and lesion-free tokens have none."""
     import json
     import os
     import subprocess
@@ -321,7 +321,7 @@ def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path)
     import nibabel as nib
 
     from nvfm import phantom
-    from nvfm.grounding import mask_lookup, to_world, token_box_points
+    from nvfm.grounding import mask_lookup, to_world
     from nvfm.monitor import ProbeSet, TokenStatistics
     cohort, shards = str(tmp_path / "cohort"), str(tmp_path / "shards")
     phantom.generate_cohort(cohort, 4, seed=1, profile="tiny", workers=1, progress=False)
@@ -339,8 +339,9 @@ def test_probe_set_lesion_kinds_name_the_lesion_that_covers_each_token(tmp_path)
     for (key, vid), y in labels.items():
         assert set(kinds[key, vid][y == 0]) <= {""}
         for j in np.nonzero(y == 1)[0]:
-            pts = to_world(token_box_points(coords[key, vid][j:j + 1]), affine[vid])
-            inside = {}   # diagnosis -> which sample points its lesions (their union) cover
+            box = np.stack(np.meshgrid(np.arange(4), np.arange(16), np.arange(16), indexing="ij"), -1).reshape(-1, 3)
+            pts = to_world(coords[key, vid][j] * np.array([4, 16, 16]) + box, affine[vid])
+            inside = {}   # diagnosis -> which of the box's 1024 voxels its lesions (their union) cover
             for les in lesions[key]:
                 m = nib.load(os.path.join(cohort, les["mask"]))
                 hit = mask_lookup(pts, np.asarray(m.dataobj), m.affine)
