@@ -62,8 +62,10 @@ from nvfm.dicom import SeriesError, LPS_TO_RAS
 # resampling; "bspline": neurovfm before SimpleITK parity (a sagittal series in RIP array
 # order, truncation decided from the values, an unsigned MR undershoot not clamped to 0);
 # "bspline-sitk": their array order and SimpleITK's pixel-type truncation / clamp
-# (SliceStack.itk_pixel_type, tests/test_sitk_parity.py)
-RESAMPLING = {"nvfm": "tent", "neurovfm": "bspline-sitk"}
+# (SliceStack.itk_pixel_type, tests/test_sitk_parity.py); "bspline-sitk2": also a gantry-tilted
+# CT's sheared-away wedges as air (they were 0 HU, soft tissue) and the B-spline's overshoot at
+# their border as outside the input
+RESAMPLING = {"nvfm": "tent", "neurovfm": "bspline-sitk2"}
 
 ops.register("fill_holes_slices")  # C++ kernels of this module: csrc/volume.cpp
 ops.register("u16_histogram")
@@ -78,6 +80,11 @@ _RPI_SIGN = {0: 1, 1: -1, 2: -1}  # RAS sign each world axis points to: x -> R, 
 _CODES = {0: "RL", 1: "AP", 2: "SI"}
 TILT_MM = 1e-3  # in-plane shear (mm) below which a stack is resampled as untilted
 FLAT_RTOL = 1e-5  # float32 resampling moves a constant input by a few ulps: a range below this is none
+
+
+def tilted(stack):
+    """Is the stack gantry-tilted: its slices shifted in-plane by more than TILT_MM (mm)?"""
+    return bool(np.abs(stack.shear).max() > TILT_MM)
 
 
 def flat_range(lo, hi):
@@ -270,7 +277,7 @@ def resample_grid(stack, spacing=SPACING, grid="centre"):
         return LPS_TO_RAS @ A
     if grid == "origin":
         toward_lap = _toward_lap(affine(*q), tuple(len(x) for x in q))
-        if not np.abs(stack.shear).max() > TILT_MM:  # untilted, as iter_resampled: rounding-level shear
+        if not tilted(stack):  # untilted, as iter_resampled: rounding-level shear
             bounds = ((0.0, float(stack.d[-1])), (0.0, ext[0]), (0.0, ext[1]))  # (a float32 NIfTI affine's
             # ~1e-6 mm on an oblique series) adds no voxel and moves no origin (SimpleITK parity)
         nps = getattr(stack, "native_ps", stack.ps)
@@ -285,6 +292,8 @@ def resample_grid(stack, spacing=SPACING, grid="centre"):
             q.append(hi - i[::-1] if back else lo + i)
     elif grid != "centre":
         raise ValueError(f"grid must be 'centre' or 'origin', not {grid!r}")
+    if min(len(x) for x in q) < 1:  # their int(n * spacing / target): 0 under one output voxel
+        raise SeriesError("empty volume after resampling (under one output voxel along an axis)")
     return q[0], q[1], q[2], affine(*q)
 
 
@@ -311,14 +320,14 @@ def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centr
     fill = np.float32(fill)
     K, R, C = stack.shape
     su, sv = stack.shear[:, 0], stack.shear[:, 1]
-    tilted = bool(np.abs(stack.shear).max() > TILT_MM)
+    is_tilted = tilted(stack)
     pr = np.arange(R) * stack.ps[0]  # along c
     pc = np.arange(C) * stack.ps[1]  # along r
     q_n, q_c, q_r, A0 = resample_grid(stack, spacing, grid)
     rev = _toward_lap(A0, (len(q_n), len(q_c), len(q_r))) if kernel == "bspline" else [False] * 3
     ext = getattr(stack, "extent", (pr[-1], pc[-1]))
     e_c, e_r = max(ext[0] - pr[-1], 0.0), max(ext[1] - pc[-1], 0.0)  # > 0 only for a reduced decode
-    if not tilted:
+    if not is_tilted:
         Wc0 = weights(pr, q_c, spacing[1], e_c, 1)
         Wr0 = weights(pc, q_r, spacing[2], e_r, 2)
         if on_fill is not None:  # in-plane coverage: rows / columns of the grid outside the input
@@ -338,7 +347,7 @@ def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centr
             np.clip(x, HU_RANGE[0], HU_RANGE[1], out=x)
         if fill:
             x -= fill  # resample (x - fill): rows/columns without support come out as fill
-        if tilted:  # each slice shifted in-plane by its shear: its own weights
+        if is_tilted:  # each slice shifted in-plane by its shear: its own weights
             Wc = weights(pr + su[k], q_c, spacing[1], e_c, 1)
             Wr = weights(pc + sv[k], q_r, spacing[2], e_r, 2)
             cover = np.outer(np.asarray(Wc.sum(1)).ravel(),
@@ -364,17 +373,18 @@ def iter_resampled(stack, spacing=SPACING, fill=None, kernel="tent", grid="centr
             for k in [k for k in held if last[k] < j]:
                 del held[k]
         out = np.zeros((len(q_c), len(q_r)), np.float32)
-        cov = np.zeros_like(out) if tilted else None
+        cov = np.zeros_like(out) if is_tilted else None
         for k, w in zip(cols, ws):
             out += np.multiply(held[k][0], np.float32(w), out=tmp)  # = w * slice, into scratch
-            if tilted:
+            if is_tilted:
                 cov += np.multiply(held[k][1], np.float32(w), out=tmp)
         if fill:
             out += fill
-        if tilted:  # voxels whose kernel reaches a sheared-away (uncovered) pixel become fill
-            out[cov < 0.999] = fill
+        if is_tilted:  # voxels whose kernel reaches a sheared-away (uncovered) pixel become fill
+            uncovered = np.abs(cov - 1) > 1e-3  # both signs: a B-spline's negative lobe there sums above 1
+            out[uncovered] = fill
         if on_fill is not None:
-            filled = cov < 0.999 if tilted else cover0 * np.float32(ws.sum()) < 0.999
+            filled = uncovered if is_tilted else cover0 * np.float32(ws.sum()) < 0.999
             if filled.any():
                 on_fill(j, filled)
         yield j, out
@@ -701,13 +711,25 @@ def f16_resolves(lo, hi):
     return bool(hi > lo) and float(np.spacing(np.float16(max(abs(lo), abs(hi))))) <= (hi - lo) / 255.0
 
 
-def _mr_buffer(stack, spacing, shape, place, dpos, wide=False):
+class _InputRange:
+    """iter_resampled's on_slice: the min `lo` and max `hi` of the input slices as read (a constant
+    input is no image, whatever range the fill of a tilted stack's sheared-away wedges adds)."""
+
+    def __init__(self):
+        self.lo, self.hi = np.inf, -np.inf
+
+    def __call__(self, x):
+        self.lo, self.hi = min(self.lo, float(x.min())), max(self.hi, float(x.max()))
+
+
+def _mr_buffer(stack, spacing, shape, place, dpos, wide=False, on_slice=None):
     """Resampled MR in canonical (D, H, W) order, MONOCHROME1 inverted: float16 (float32 when
     `wide` or when a value reaches float16's limit). place / dpos as process_stack's."""
     buf = np.empty(shape, np.float32 if wide else np.float16)
     h16 = None  # one slice, float16, stack axes
     filled = _FillMask(shape, place, dpos)
-    for j, sl in iter_resampled(stack, spacing, on_fill=filled if stack.photometric == "MONOCHROME1" else None):
+    for j, sl in iter_resampled(stack, spacing, on_slice=on_slice,
+                                on_fill=filled if stack.photometric == "MONOCHROME1" else None):
         if buf.dtype == np.float16 and max(sl.max(), -sl.min()) >= 65000:  # beyond float16: widen once
             buf = buf.astype(np.float32)
         if buf.dtype == np.float16:
@@ -734,8 +756,6 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
     """
     q_n, q_c, q_r, A0 = resample_grid(stack, spacing)
     perm, flips, A, codes, (D, H, W) = canonical_transform(A0, (len(q_n), len(q_c), len(q_r)))
-    if min(D, H, W) < 1:
-        raise SeriesError("empty volume after resampling")
     swap = perm[1] == 2
 
     def place(sl):  # native (c, r) slice -> canonical (H, W) view
@@ -751,20 +771,20 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
         return D - 1 - j if flips[0] else j
 
     mask = np.empty((D, H, W), np.uint8)
+    seen = _InputRange()
     if stack.modality == "CT":
         data = np.empty((2, D, H, W), np.uint8)
         tmp = np.empty((H, W), np.float32)
         u8 = np.empty((H, W), np.uint8)
-        lo, hi = np.inf, -np.inf
-        for j, sl in iter_resampled(stack, spacing):
+        for j, sl in iter_resampled(stack, spacing, on_slice=seen):
             hu, d = np.ascontiguousarray(place(sl)), dpos(j)  # canonical layout: fast elementwise passes
             ct_channels_into(hu, data[:, d], u8, tmp)
             np.greater(hu, CT_AIR_HU, out=mask[d])
-            lo, hi = min(lo, float(hu.min())), max(hi, float(hu.max()))
-        if flat_range(lo, hi):  # e.g. zero-filled pixel data: as MR, not an image (at 0 HU every token is foreground)
+        # e.g. zero-filled pixel data: as MR, not an image (at 0 HU every token is foreground)
+        if flat_range(*np.clip([seen.lo, seen.hi], *HU_RANGE)):  # the range iter_resampled's clamp leaves
             raise SeriesError("constant image (no intensity range)")
     else:
-        buf = _mr_buffer(stack, spacing, (D, H, W), place, dpos)
+        buf = _mr_buffer(stack, spacing, (D, H, W), place, dpos, on_slice=seen)
         raw = f16_raw_hist(buf) if buf.dtype == np.float16 else None
         if raw is not None:
             lo, hi = percentiles_f16(buf, MR_PERCENTILES, raw)
@@ -773,7 +793,7 @@ def process_stack(stack, min_fg_fraction=0.5, spacing=SPACING):
                 buf, raw = _mr_buffer(stack, spacing, (D, H, W), place, dpos, wide=True), None
         if raw is None:
             lo, hi = np.percentile(buf, MR_PERCENTILES)
-        if flat_range(lo, hi):
+        if flat_range(seen.lo, seen.hi) or flat_range(lo, hi):
             raise SeriesError("constant image (no intensity range)")
         data = np.empty((1, D, H, W), np.uint8)
         with np.errstate(over="ignore"):
@@ -866,19 +886,19 @@ def resampled_canonical(stack, spacing=SPACING, rpi_order=False, **how):
     """SliceStack -> (float32 (D, H, W) canonical volume, canonical affine, orientation codes):
     the same resampling and orientation as process_stack, kept in float (CT in clamped HU,
     MR with MONOCHROME1 inverted), for rules that need the whole volume's values. `how`:
-    iter_resampled's fill / kernel / grid / clamp (resampled_neurovfm: the authors' choices).
-    rpi_order=True: H and W in R, P, I order after the acquisition axis, as the authors' array
-    (their RPI image transposed so the 4 mm axis is first): a sagittal series is "RPI", not
-    "RIP" (axial "IPR" and coronal "PIR" are the same either way)."""
+    iter_resampled's fill / kernel / grid / clamp (resampled_neurovfm: the authors' choices); a
+    tilted CT's voxels outside the input are -1024 HU (air) whatever the fill. rpi_order=True:
+    H and W in R, P, I order after the acquisition axis, as the authors' array (their RPI image
+    transposed so the 4 mm axis is first): a sagittal series is "RPI", not "RIP" (axial "IPR"
+    and coronal "PIR" are the same either way)."""
     q_n, q_c, q_r, A0 = resample_grid(stack, spacing, how.get("grid", "centre"))
     perm, flips, A, codes, (D, H, W) = canonical_transform(A0, (len(q_n), len(q_c), len(q_r)))
-    if min(D, H, W) < 1:
-        raise SeriesError("empty volume after resampling")
     swap = bool(rpi_order) and codes[0] in "RL"
     if swap:
         A, codes, H, W = A[:, [0, 2, 1, 3]], codes[0] + codes[2] + codes[1], W, H
     vol = np.empty((D, H, W), np.float32)
     mono1 = stack.modality != "CT" and stack.photometric == "MONOCHROME1"
+    air = stack.modality == "CT" and tilted(stack)  # a tilt's sheared-away wedges: -1024 HU, whatever the fill
 
     def place(sl):
         if perm[1] == 2:
@@ -892,10 +912,12 @@ def resampled_canonical(stack, spacing=SPACING, rpi_order=False, **how):
     def dpos(j):
         return D - 1 - j if flips[0] else j
     filled = _FillMask((D, H, W), place, dpos)
-    for j, sl in iter_resampled(stack, spacing, on_fill=filled if mono1 else None, **how):
+    for j, sl in iter_resampled(stack, spacing, on_fill=filled if mono1 or air else None, **how):
         vol[dpos(j)] = place(sl)
     if mono1:
         invert_monochrome1(vol, filled.mask)
+    if air and filled.mask is not None:  # (fill 0, SimpleITK's default pixel value, is soft tissue)
+        vol[filled.mask] = HU_RANGE[0]
     return vol, A, codes
 
 
@@ -903,7 +925,8 @@ def resampled_neurovfm(stack, spacing=SPACING, pixel_type=None):
     """The authors' resampling (SimpleITK ResampleImageFilter, sitkBSpline, after orienting
     to RPI; neurovfm/data/utils.py preprocess_image) of a SliceStack -> as resampled_canonical:
     cubic B-spline interpolation (bspline_matrix, separable per axis), their grid
-    (resample_grid "origin"), 0 outside the input (their default pixel value, for CT too),
+    (resample_grid "origin"), 0 outside the input (their default pixel value, for CT too; but a
+    tilted CT's sheared-away wedges, which theirs does not have, are air: resampled_canonical),
     no HU clamp before interpolating, and integer-valued inputs (DICOM integer pixels with an
     integer rescale: SimpleITK keeps an integer pixel type) truncated toward 0 after it (ITK's
     static_cast), and their array order (rpi_order: a sagittal series is "RPI", their
@@ -918,15 +941,19 @@ def resampled_neurovfm(stack, spacing=SPACING, pixel_type=None):
     which ITK keeps for the output: an integer type truncates toward 0 and clamps to its range
     (an unsigned MR volume's B-spline undershoot at the edge of the head is 0, not negative;
     that moves the 0.5th percentile of the MR clip), a float type does neither. None: integer-valued inputs
-    are truncated, not clamped (right for signed types, e.g. int16 CT)."""
+    are truncated, not clamped (right for signed types, e.g. int16 CT). A constant input is a
+    SeriesError ("constant image"), as in process_stack."""
     pixel_type = pixel_type or getattr(stack, "itk_pixel_type", None)
-    integral = [True]
+    integral, rng = [True], _InputRange()
 
     def seen(x):
+        rng(x)
         if integral[0] and not np.array_equal(x, np.trunc(x)):
             integral[0] = False
     vol, A, codes = resampled_canonical(stack, spacing, rpi_order=True, fill=0.0, kernel="bspline", grid="origin",
                                         clamp=False, on_slice=seen)
+    if flat_range(rng.lo, rng.hi):  # as process_stack: the fill outside the input is no intensity range
+        raise SeriesError("constant image (no intensity range)")
     if pixel_type is None:  # unknown: integer-valued inputs as int16-like (truncated, not clamped)
         if integral[0]:
             np.trunc(vol, out=vol)

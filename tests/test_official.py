@@ -234,7 +234,7 @@ def test_encode_py_reads_their_files_with_their_token_rules(small, tmp_path):
         out = tmp_path / f"feat_{name}"
         if name == "conv":  # as written by this version's --preset=neurovfm: no note
             with open(man_path, "w") as f:
-                json.dump(dict(man, preset="neurovfm", resampling="bspline-sitk"), f)
+                json.dump(dict(man, preset="neurovfm", resampling="bspline-sitk2"), f)
         p = subprocess.run([sys.executable, "encode.py", f"--shards={shards}", f"--encoder={spec}",
                             *flags, f"--out={out}", "--device=cpu"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -114,7 +114,7 @@ def test_resampling_and_orientation_are_process_stacks(inputs):
 def test_preprocess_preset_writes_the_authors_rules(inputs, tmp_path):
     out = str(tmp_path / "shards")
     man = preprocess.run(inputs, out, n_workers=0, cfg_min_fg=-1.0, cfg_progress=False, cfg_preset="neurovfm")
-    assert man["preset"] == "neurovfm" and man["min_fg_fraction"] == 1.0 and man["resampling"] == "bspline-sitk"
+    assert man["preset"] == "neurovfm" and man["min_fg_fraction"] == 1.0 and man["resampling"] == "bspline-sitk2"
     r = ShardReader(out)
     by_mod = {v["modality"]: i for i, v in enumerate(r.volumes)}
     assert set(by_mod) == {"CT", "MR"}
@@ -273,7 +273,7 @@ def test_output_of_the_pre_sitk_parity_neurovfm_preset_is_refused(inputs, tmp_pa
     """An output written by --preset=neurovfm before SimpleITK parity (resampling "bspline": a
     sagittal series in another array order, truncation decided from the values, an unsigned MR
     undershoot not clamped) is neither resumed (parts/settings.json) nor extended (manifest)."""
-    assert preprocess.RESAMPLING["neurovfm"] == "bspline-sitk"
+    assert preprocess.RESAMPLING["neurovfm"] == "bspline-sitk2"
     out = str(tmp_path / "shards")
     with monkeypatch.context() as m:
         _interrupt_before_merge(m)
@@ -282,12 +282,12 @@ def test_output_of_the_pre_sitk_parity_neurovfm_preset_is_refused(inputs, tmp_pa
     sp = os.path.join(out, "parts", "settings.json")
     with open(sp) as f:
         st = json.load(f)
-    assert st["resampling"] == "bspline-sitk"
+    assert st["resampling"] == "bspline-sitk2"
     with open(sp, "w") as f:
         json.dump(dict(st, resampling="bspline"), f)
     parts_before = sorted(os.listdir(os.path.join(out, "parts")))
     with pytest.raises(SystemExit, match=r"parts/settings.json\) written with bspline resampling \(this version's "
-                                         r"--preset=neurovfm: bspline-sitk\)") as e:
+                                         r"--preset=neurovfm: bspline-sitk2\)") as e:
         preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")
     assert "\n" not in str(e.value) and out in str(e.value)
     assert sorted(os.listdir(os.path.join(out, "parts"))) == parts_before  # nothing written
@@ -297,8 +297,8 @@ def test_output_of_the_pre_sitk_parity_neurovfm_preset_is_refused(inputs, tmp_pa
     path = os.path.join(out, "manifest.json")
     with open(path) as f:
         man = json.load(f)
-    assert man["resampling"] == "bspline-sitk"
+    assert man["resampling"] == "bspline-sitk2"
     with open(path, "w") as f:  # a complete pre-parity output: not extended
         json.dump(dict(man, resampling="bspline"), f)
-    with pytest.raises(SystemExit, match="written with bspline resampling .*an older --preset=neurovfm.* bspline-sitk"):
+    with pytest.raises(SystemExit, match="written with bspline resampling .*an older --preset=neurovfm.* bspline-sitk2"):
         preprocess.run(inputs, out, n_workers=0, cfg_progress=False, cfg_preset="neurovfm")

@@ -397,7 +397,7 @@ def test_preprocess_neurovfm_unsigned_mr_matches_simpleitk(kind, tmp_path):
     assert theirs.dtype == np.uint16 and exact.min() < -5 and theirs.min() == 0  # their clamp bites
     out = str(tmp_path / "shards")
     man = preprocess.run(str(root), out, n_workers=0, cfg_min_fg=-1.0, cfg_progress=False, cfg_preset="neurovfm")
-    assert man["preset"] == "neurovfm" and man["resampling"] == "bspline-sitk"
+    assert man["preset"] == "neurovfm" and man["resampling"] == "bspline-sitk2"
     r = ShardReader(out)
     assert len(r) == 1 and r.volumes[0]["modality"] == "MR"
     vals = np.asarray(r.values(0))
