@@ -20,7 +20,8 @@ study-level, or subject-level (a cluster bootstrap: each drawn subject brings al
 studies, the same resample for every figure of a probe) when labels.csv's `subject` column gives
 some subject two or more of the evaluated studies, as in RSNA (metrics.json and table.txt record
 the unit as `ci_unit`, paper_table.md's first line says which), macro
-averages over defined classes (classes with no test positives are listed as undefined; a
+averages over defined classes (classes with no test positives or no test negatives are listed
+as undefined, every figure of theirs null; a
 macro CI comes from the replicates in which every one of those classes is defined, counted in
 its ci_n_valid, and is null below 100 of them),
 Platt-calibrated F1 and the label-efficiency OLS fit (F1 vs log10 training positives), AUPRC
@@ -219,6 +220,11 @@ def evaluate_probe(path, probe, display, rows_by_key, sides, fpath):
     all_logits = logits = P.predict(models, get_bag, keys, device)
     if cols is not None:
         logits = logits[:, cols]
+    bad = ~np.isfinite(logits)
+    if bad.any():   # a NaN or inf output has no rank or error: every figure of it would be a guess
+        fail(f"--probes: {path}: its output {lab[int(np.nonzero(bad.any(0))[0][0])]!r} is NaN or inf on "
+             f"{int(bad.any(1).sum())} of the {len(keys)} evaluated studies: non-finite weights (a diverged "
+             "training?); retrain the probe")
     res = {"probe": path, "kind": ck["probe_args"]["kind"], "task": ck["task"], "protocol": ck["protocol"],
            "modality": ck["modality"], "eval_modality": mod, "n_models": len(models), "n_studies": len(keys),
            "encoder_hash": ck["encoder_hash"], "feature_precision": cache.precision, "n_no_tokens": len(empty),
@@ -268,7 +274,7 @@ def evaluate_probe(path, probe, display, rows_by_key, sides, fpath):
     rep = metrics.classification_report(y, logits, thr, lab, n_boot=n_boot, seed=seed, device=device,
                                         progress=n_boot >= 1000, groups=groups, fitted=~unfit, scored=~untrained)
     prob = metrics.platt_apply(logits, np.array(ck["platt_a"]), np.array(ck["platt_b"]))
-    # those without test positives: null
+    # undefined classes (no test positives or no test negatives): null
     metrics.add_calibrated_f1(rep, y, prob, ck["n_train_pos"], fitted=~unfit & ~untrained)
     pr = metrics.pr_report(y, logits, n_boot=n_boot, seed=seed, groups=groups)
     for k, name in enumerate(lab):
@@ -381,7 +387,7 @@ def table(res):
                  f"defined classes; sensitivity {fmt_ci(m['sensitivity']['mean'], m['sensitivity'].get('ci'), 2)}; "
                  f"specificity {fmt_ci(m['specificity']['mean'], m['specificity'].get('ci'), 2)}; balanced accuracy "
                  f"{fmt(m['balanced_accuracy']['mean'])}; calibrated F1 {fmt(m['calibrated_f1']['mean'])} over "
-                 f"{m['calibrated_f1']['n_classes']} classes with test positives; "
+                 f"{m['calibrated_f1']['n_classes']} defined classes; "
                  f"{len(res['undefined_classes'])} undefined classes")
     pr_line = ("   AUPRC / PR lift (AUPRC / prevalence): " + "; ".join(
         f"{n} {fmt_ci(r['auprc'], r.get('auprc_ci'), 3)} / {fmt_ci(r['pr_lift'], r.get('pr_lift_ci'), 2)}"

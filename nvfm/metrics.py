@@ -275,11 +275,12 @@ def f1(y, pred):
 
 
 def f1_defined(y, pred):
-    """Per-class F1 (K,), NaN for classes with no positives in y: there F1 is 0 after a single
-    false positive and 1 or undefined otherwise, which says nothing about the classifier, so
+    """Per-class F1 (K,), NaN for classes with no positives or no negatives in y (`defined_classes`):
+    without positives F1 is 0 after a single false positive and 1 or undefined otherwise, without
+    negatives calling every study positive scores 1; neither says anything about the classifier, so
     such classes stay out of macro averages (like the undefined classes of AUROC)."""
     out = f1(y, pred)
-    return np.where(_as2d(y).sum(0) > 0, out, np.nan)
+    return np.where(defined_classes(y), out, np.nan)
 
 
 def macro(values):
@@ -347,17 +348,17 @@ def platt_apply(scores, a, b):
 
 def calibrated_f1(val_scores, val_y, test_scores, test_y):
     """Platt-calibrate on validation, predict positive on test when p >= 0.5, F1 per class
-    (NaN for classes with no test positives, `f1_defined`)."""
+    (NaN for classes with no test positives or no test negatives, `f1_defined`)."""
     a, b = platt_fit(val_scores, val_y)
     return f1_defined(test_y, platt_apply(test_scores, a, b) >= 0.5)
 
 
 def add_calibrated_f1(report, y, prob, n_train_pos, fitted=None):
     """Add Platt-calibrated F1 (predict positive when prob >= 0.5) to a `classification_report`:
-    per class (null without test positives), its macro mean over the classes that have test
-    positives, and the label-efficiency fit over those classes. y, prob (n, K); n_train_pos (K,);
-    fitted (K,) bool: the classes with a fitted calibration (None: all), the others null (their
-    Platt fit is the prior, a placeholder). Returns report (modified in place, JSON-ready).
+    per class (null without test positives or without test negatives: an undefined class), its
+    macro mean over the defined classes, and the label-efficiency fit over those classes. y, prob
+    (n, K); n_train_pos (K,); fitted (K,) bool: the classes with a fitted calibration (None: all),
+    the others null (their Platt fit is the prior, a placeholder). Returns report (modified in place, JSON-ready).
     per_class rows are matched to the columns of y by position: their number must be K."""
     cf1 = f1_defined(y, _as2d(prob) >= 0.5)
     cf1 = np.where(_class_mask(fitted, len(cf1)), cf1, np.nan)
@@ -691,7 +692,8 @@ def _weighted_ap(w, yy, last):
     w (n, B) weights in descending score order, yy (n,) 0/1 labels in that order, last (n,)
     bool: the final study of each group of tied scores (a cut falls only there). AP =
     sum over cuts of (TP_j - TP_{j-1}) / P * precision_j (sklearn's average_precision_score
-    on the resampled cohort). Returns (B,), NaN where a replicate has no positive weight.
+    on the resampled cohort). Returns (B,), NaN where a replicate has no positive or no negative
+    weight (undefined, as AUROC: with positives alone AP is 1 whatever the scores).
     """
     tp = np.cumsum(w * yy[:, None], 0)[last]
     fp = np.cumsum(w * (1 - yy)[:, None], 0)[last]
@@ -700,16 +702,17 @@ def _weighted_ap(w, yy, last):
     with np.errstate(invalid="ignore", divide="ignore"):
         prec = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1e-300), 0.0)
         ap = (dtp * prec).sum(0) / P
-    return np.where(P > 0, ap, np.nan)
+    return np.where((P > 0) & (fp[-1] > 0), ap, np.nan)
 
 
 def average_precision(y, scores):
     """Per-class average precision = area under the precision-recall step curve (K,) float64,
-    equal to sklearn.metrics.average_precision_score; NaN for classes without positives.
-    Tied scores form one cut. The chance level of a class is its prevalence (`pr_lift`)."""
+    equal to sklearn.metrics.average_precision_score; NaN for undefined classes (no positives, or
+    no negatives: sklearn's 1.0 whatever the scores). Tied scores form one cut. The chance level of
+    a class is its prevalence (`pr_lift`)."""
     y, s = _check(y, scores)
     out = np.full(y.shape[1], np.nan)
-    for k in np.nonzero(y.sum(0) > 0)[0]:
+    for k in np.nonzero(defined_classes(y))[0]:
         order = np.argsort(-s[:, k], kind="stable")
         ss = s[order, k]
         out[k] = _weighted_ap(np.ones((len(ss), 1)), y[order, k], np.r_[ss[1:] != ss[:-1], True])[0]
@@ -719,9 +722,10 @@ def average_precision(y, scores):
 def pr_report(y, scores, n_boot=10000, seed=0, alpha=0.05, chunk_elems=1 << 22, groups=None):
     """AUPRC (average precision) and PR lift = AUPRC / prevalence per class, with study-level
     bootstrap CIs (replicates of `bootstrap_weights`: subject-level cluster bootstrap given groups
-    that share studies; a replicate without positives is undefined for that class; a replicate's
-    prevalence is that of its resampled cohort). y, scores (n, K). Returns dict of (K,) float64 arrays: auprc, prevalence,
-    pr_lift, and with n_boot > 0 also auprc_low/high, pr_lift_low/high, n_valid. A lift of 1 is
+    that share studies; a replicate without positives or without negatives is undefined for that
+    class, as in `bootstrap`; a replicate's prevalence is that of its resampled cohort). y, scores
+    (n, K). Returns dict of (K,) float64 arrays: auprc, prevalence, pr_lift (NaN for undefined
+    classes), and with n_boot > 0 also auprc_low/high, pr_lift_low/high, n_valid. A lift of 1 is
     chance; the paper reports it for rare RSNA subtypes, where AUROC hides false positives."""
     y, s = _check(y, scores)
     n, K = y.shape
@@ -759,7 +763,8 @@ def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=
     recall_grid (default 0, 0.01, ..., 1) the percentile interval over replicates of the
     interpolated precision max{precision of a cut with recall >= x} (the envelope of the step
     curve, with sklearn's end point recall 0 / precision 1). Replicates as `roc_band` (groups: the
-    subject-level cluster bootstrap); those without positives are left out. y, scores (n,).
+    subject-level cluster bootstrap); those without positives or without negatives are left out
+    (undefined, as in `pr_report`). y, scores (n,).
     Returns (grid, low, high, n_valid), low/high NaN below MIN_BOOT defined replicates."""
     y, s = _check(y, scores)
     y, s = y[:, 0], s[:, 0]
@@ -773,7 +778,7 @@ def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=
         w = _weights(len(y), min(chunk, n_boot - r0), seed, r0, grp).double().numpy()[order]
         tp = np.cumsum(w * ys[:, None], 0)[last]
         fp = np.cumsum(w * (1 - ys)[:, None], 0)[last]
-        for b in np.nonzero(tp[-1] > 0)[0]:
+        for b in np.nonzero((tp[-1] > 0) & (fp[-1] > 0))[0]:
             keep = tp[:, b] + fp[:, b] > 0
             # with sklearn's end point (recall 0, precision 1), so the band starts where the curve does
             rec = np.r_[0.0, tp[keep, b] / tp[-1, b]]

@@ -64,7 +64,7 @@ def test_table_shows_sens_spec_cis_and_keeps_columns_aligned():
     for m in ("sensitivity", "specificity"):
         mac = res["macro"][m]
         assert f"{m} {mac['mean']:.2f} [{mac['ci'][0]:.2f}, {mac['ci'][1]:.2f}]" in lines[6]
-    assert "over 3 classes with test positives" in lines[6]
+    assert "calibrated F1 " in lines[6] and "over 3 defined classes; 1 undefined" in lines[6]
 
 
 def test_roc_plot_writes_bands_and_operating_points(tmp_path, monkeypatch):
