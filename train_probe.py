@@ -56,8 +56,9 @@ as train_llava.py's probe cross-check can fit its own operating point; (0, K) wh
 validation split, whose thresholds 0 and Platt a = 0 are then placeholders), sel_mask ((n, K) bool:
 the selection entries scored by a model that learned the class, the only ones fitted on; False for
 a class's out-of-fold entries of a fold that did not learn it, and for every entry of an untrained
-class), config; out/log.txt. Probes written before fold_trained / sel_mask / the `trained` buffers
-load and score as they did: every model counts for every class.
+class), config; out/log.txt (each run under a header line with its time and settings). Probes
+written before fold_trained / sel_mask / the `trained` buffers load and score as they did: every
+model counts for every class.
 """
 import os
 import time
@@ -149,9 +150,14 @@ def check_inputs():
                                 ("protocol", protocol, ("", "paper"))):
         if value not in choices:
             fail(f"--{key}={value}: choose one of {', '.join(repr(c) for c in choices)}")
+    if transfer_to and modality in (transfer_to, "all"):   # it trained and chose its checkpoint on transfer_to studies
+        fail(f"--transfer_to={transfer_to} with --modality={modality}: the probe would train on {transfer_to} studies too; "
+             f"name the other modality (--modality={'CT' if transfer_to == 'MR' else 'MR'})")
     if transfer_to and cv_folds > 0:   # CV keeps the rows of --modality only: its held-out test keys are of that one
         fail(f"--transfer_to={transfer_to} needs the split protocol: the CV protocol (--cv_folds, --protocol=paper) "
              f"holds out {modality} studies, so its test figures would not be {transfer_to} figures")
+    for key in SETTING_RULES:   # each grid value is checked the same way by parse_grid
+        check_setting(key, globals()[key], f"--{key}={globals()[key]}")
     if cv_grid.strip() and cv_folds <= 0:   # the split protocol would train with the plain settings instead
         fail("--cv_grid needs the CV protocol (--protocol=paper or --cv_folds=k)")
     parse_grid(cv_grid)
@@ -190,6 +196,29 @@ def warn_sparse_labels(names, columns):
 
 
 GRID_KEYS = {"lr": float, "weight_decay": float, "steps": int, "hidden": int, "dropout": float}
+# outside these a run crashed mid-way with a traceback (eval_interval 0, steps -1, cv_folds 1, test_fraction 1.5)
+# or trained silently on nothing (max_pos_weight 0 zeroes every positive's loss, hidden 0 a constant probe,
+# cv_folds -1 ran the split protocol)
+SETTING_RULES = {
+    "steps": (lambda v: v >= 0, "at least 0"),
+    "eval_interval": (lambda v: v >= 1, "at least 1"),
+    "batch_studies": (lambda v: v >= 1, "at least 1"),
+    "hidden": (lambda v: v >= 1 or probe == "mean_pool", "at least 1"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: v >= 0, "at least 0"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "max_pos_weight": (lambda v: v > 0, "above 0"),
+    "cv_folds": (lambda v: v == 0 or v >= 2, "0 (the split protocol) or at least 2"),
+    "test_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "age_bins": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def check_setting(key, value, where):
+    """fail() with one line naming `where` (the flag or grid entry) unless value is within SETTING_RULES[key]."""
+    ok, rule = SETTING_RULES[key]
+    if not ok(value):   # NaN fails every rule
+        fail(f"{where}: {key} must be {rule}")
 
 
 def parse_grid(text):
@@ -205,6 +234,8 @@ def parse_grid(text):
             axes.append([(key, GRID_KEYS[key](v)) for v in vals.split(",")])
         except ValueError:
             fail(f"--cv_grid: {part.strip()!r}: values of {key} must be {GRID_KEYS[key].__name__}s")
+        for _, v in axes[-1]:
+            check_setting(key, v, f"--cv_grid: {part.strip()!r}")
     return [dict(c) for c in itertools.product(*axes)]
 
 
@@ -220,6 +251,8 @@ def main():
         fail(f"--transfer_to={transfer_to}: none of its {len(target_rows)} studies has tokens in the windows "
              f"{windows} of {features}: the probe could never be scored on them (choose --windows)")
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "log.txt"), "a") as f:   # a rerun appends: its lines follow its own header
+        f.write(f"== train_probe.py run {time.strftime('%Y-%m-%d %H:%M:%S')}: {config}\n")
     torch.manual_seed(seed)
     warn_sparse_labels(names, columns)
     sides, fpath = {}, ""
