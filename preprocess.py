@@ -42,6 +42,8 @@ holds no file, when no volume was written (the manifest is still written) or whe
 study is found.
 Labels: only ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and --label_columns
 are copied (a `subject` column as a salted hash); identifier columns are dropped with a warning.
+A study_uid on two rows of one file, or a labels row with more or fewer cells than its header, is
+refused before anything is written.
 
 Privacy: study keys are sha256(salt, StudyInstanceUID)[:16]; series keys and file keys
 likewise hash the SeriesInstanceUID and the relative path. The salt comes from --salt, else
@@ -60,7 +62,9 @@ when integral, else float32) beside the uint8 windows: shard format 2 (nvfm/data
 2 more bytes per voxel, so their float [0, 1] windows are exact (ShardReader.window_float).
 
 Splits: from the `split` column of --labels when given (train/val/test), else a
-deterministic hash of the study key: 80% train, 10% val, 10% test.
+deterministic hash of the study key: 80% train, 10% val, 10% test. The re-keyed labels.csv (and
+each findings record that has a split) holds every study's split as its volumes are written, since
+train_probe, evaluate and train_llava read it there.
 """
 import contextlib
 import csv
@@ -168,50 +172,49 @@ def _dropped_warning(log, option, path, what, dropped):
         log(f"  dropped {what}: {', '.join(sorted(dropped))[:300]}", console_only=True)
 
 
+def _refuse_repeats(path, keyed):
+    """One-line SystemExit naming `path` and the two lines of the first study_uid given twice;
+    keyed: [(line, study_key, row)]. Downstream readers refuse a study on two rows of the re-keyed copy."""
+    first = {}
+    for n, key, _ in keyed:
+        if key in first:
+            raise SystemExit(f"preprocess: {path}: lines {first[key]} and {n} have the same study_uid: one per study")
+        first[key] = n
+
+
 def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), log=None, written_splits=None):
     """Copy labels.csv / findings.jsonl with study_uid replaced by study_key, keeping only
     the known columns: ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and
-    `extra_columns`; the rest are dropped with a warning. written_splits: {study_key: split}
-    of the volumes already in the output's manifest: a labels/findings file that puts one of
-    them in another split is refused before either file is replaced.
+    `extra_columns`; the rest are dropped with a warning. Each labels row, and each findings record that
+    has a split, holds its study's split as its volumes are written (train_probe, evaluate and
+    train_llava read it there): the labels' split, else the findings', else its subject's
+    hash_split, else its own key's.
+    written_splits: {study_key: split} of the volumes already in the output's manifest: a
+    labels/findings file that puts one of them in another split is refused before either file is
+    replaced, as is a study_uid on two rows of one file.
     Returns ({study_key: split} from the labels (or findings) split column, else, for a labels
     row with a subject, its subject's hash_split (a study already in written_splits keeps its
     split); set of all keys)."""
     from nvfm.ontology import ALL_DIAGNOSES
     extra = {c.strip() for c in extra_columns if c.strip()}
-    splits, keys, source, moves, by_subject = {}, set(), {}, [], {}
+    written = written_splits or {}
+    rows, recs, fields = [], [], []
     if labels_path:
         with open(labels_path, newline="") as f:
             rd = csv.DictReader(f)
             fields = list(rd.fieldnames or [])
-            rows = list(rd)
+            rows = [(rd.line_num, r) for r in rd]
         if "study_uid" not in fields:
             raise SystemExit(f"preprocess: {labels_path}: no study_uid column")
-        known = set(LABEL_META_COLUMNS) | set(ALL_DIAGNOSES) | extra
-        kept = [k for k in fields if k == "study_uid" or k in known]
-        _dropped_warning(log, "--labels", labels_path, "column(s)", [k for k in fields if k not in kept])
-        out_fields = ["study_key" if k == "study_uid" else k for k in kept]
-        tmp = os.path.join(out_dir, "labels.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, out_fields)
-            w.writeheader()
-            for r in rows:
-                key = dicom.study_key(r["study_uid"], salt)
-                keys.add(key)
-                if r.get("split"):
-                    splits[key], source[key] = _clean_split(r["split"]), labels_path
-                out = {("study_key" if k == "study_uid" else k): (key if k == "study_uid" else r.get(k))
-                       for k in kept}
-                if out.get("subject"):
-                    out["subject"] = dicom.subject_key(out["subject"], salt)
-                    by_subject[key] = hash_split(out["subject"])
-                w.writerow(out)
-        moves.append((tmp, os.path.join(out_dir, "labels.csv")))
+        for n, r in rows:  # csv.DictReader files extra cells under None and fills missing ones with None
+            cells = len(fields) + len(r[None]) if None in r else sum(v is not None for v in r.values())
+            if cells != len(fields):  # every later cell of the row would be read under the wrong column
+                raise SystemExit(f"preprocess: {labels_path}:{n}: {cells} cells, the header has {len(fields)} "
+                                 "(an unquoted comma in a cell?)")
+        rows = [(n, dicom.study_key(r["study_uid"], salt), r) for n, r in rows]
+        _refuse_repeats(labels_path, rows)
     if findings_path:
-        known = set(FINDINGS_KEYS) | extra
-        dropped = set()
-        tmp = os.path.join(out_dir, "findings.jsonl.tmp")
-        with open(findings_path) as f, open(tmp, "w") as g:
+        with open(findings_path) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -221,34 +224,66 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
                     raise SystemExit(f"preprocess: {findings_path}:{n}: not JSON")
                 if not isinstance(rec, dict) or "study_uid" not in rec:
                     raise SystemExit(f"preprocess: {findings_path}:{n}: no study_uid")
+                recs.append((n, dicom.study_key(rec["study_uid"], salt), rec))
+        _refuse_repeats(findings_path, recs)
+    splits, source = {}, {}
+    for path, items in ((labels_path, rows), (findings_path, recs)):  # the labels' split wins
+        for _, key, r in items:
+            if r.get("split") and key not in splits:
+                splits[key], source[key] = _clean_split(r["split"]), path
+    moved = next((k for k in sorted(splits) if k in written and written[k] != splits[k]), None)
+    if moved is not None:
+        raise SystemExit(f"preprocess: {source[moved]}: study {moved} is in split {splits[moved]!r} there, but its "
+                         f"volumes in {os.path.join(out_dir, 'manifest.json')} are in split {written[moved]!r}: "
+                         f"use a new --output for other splits")
+    other = sum(1 for _, k, r in recs if r.get("split") and _clean_split(r["split"]) != splits[k])
+    if other and log:
+        log(f"warning: --findings: {other} studies are in another split there than in --labels: the --labels "
+            "split is used (and written to both re-keyed files)", findings_path)
+    subjects = {key: dicom.subject_key(r["subject"], salt) for _, key, r in rows if r.get("subject")}
+    for key, subject in subjects.items():  # no split given: the subject's (a study already written keeps its own)
+        if key not in splits:
+            splits[key] = written.get(key, hash_split(subject))
+
+    def split_of(key):  # the split this study's volumes are (or will be) written in
+        return splits.get(key) or written.get(key) or hash_split(key)
+    # each written through a temp file of its own: array jobs starting together re-key at the same time
+    if labels_path:
+        known = set(LABEL_META_COLUMNS) | set(ALL_DIAGNOSES) | extra
+        kept = [k for k in fields if k == "study_uid" or k in known]
+        _dropped_warning(log, "--labels", labels_path, "column(s)", [k for k in fields if k not in kept])
+        out_fields = ["study_key" if k == "study_uid" else k for k in kept]
+        if "split" not in out_fields:
+            out_fields.insert(1, "split")
+        with shards.atomic_path(os.path.join(out_dir, "labels.csv")) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, out_fields)
+            w.writeheader()
+            for _, key, r in rows:
+                out = {("study_key" if k == "study_uid" else k): (key if k == "study_uid" else r.get(k))
+                       for k in kept}
+                out["split"] = split_of(key)
+                if key in subjects:
+                    out["subject"] = subjects[key]
+                w.writerow(out)
+    if findings_path:
+        known = set(FINDINGS_KEYS) | extra
+        dropped = set()
+        with shards.atomic_path(os.path.join(out_dir, "findings.jsonl")) as tmp, open(tmp, "w") as g:
+            for _, key, rec in recs:
                 out = {}
                 for k, v in rec.items():
                     if k == "study_uid":
-                        out["study_key"] = dicom.salted_hash(v, salt)
-                        keys.add(out["study_key"])
-                        if rec.get("split") and out["study_key"] not in splits:
-                            splits[out["study_key"]] = _clean_split(rec["split"])
-                            source[out["study_key"]] = findings_path
+                        out["study_key"] = key
+                    elif k == "split":
+                        out[k] = split_of(key)
                     elif k in known:
                         out[k] = v
                     else:
                         dropped.add(str(k))
                 g.write(json.dumps(out) + "\n")
         _dropped_warning(log, "--findings", findings_path, "key(s)", dropped)
-        moves.append((tmp, os.path.join(out_dir, "findings.jsonl")))
-    moved = next((k for k in sorted(splits) if k in (written_splits or {}) and written_splits[k] != splits[k]), None)
-    if moved is not None:
-        for tmp, _ in moves:
-            os.remove(tmp)
-        raise SystemExit(f"preprocess: {source[moved]}: study {moved} is in split {splits[moved]!r} there, but its "
-                         f"volumes in {os.path.join(out_dir, 'manifest.json')} are in split {written_splits[moved]!r}: "
-                         f"use a new --output for other splits")
-    for key, split in by_subject.items():  # no split given: the subject's (a study already written keeps its own)
-        if key not in splits:
-            splits[key] = (written_splits or {}).get(key, split)
-    for tmp, dst in moves:
-        os.replace(tmp, dst)
-    return splits, keys
+    keys = {key for _, key, _ in rows + recs}
+    return {k: splits[k] for k in sorted(splits)}, keys
 
 
 # ------------------------------------------------------------------ workers
@@ -577,9 +612,13 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                          f"use --input={os.path.join(input_dir, 'dicom')} (gt/ is ground truth, not studies)")
     if not output_dir:
         raise SystemExit("preprocess: --output is required")
-    for what, path in (("--labels", labels_path), ("--findings", findings_path)):
+    if os.path.realpath(output_dir) == os.path.realpath(input_dir):  # its files would be read as input
+        raise SystemExit(f"preprocess: --output={output_dir} is the --input folder: use a folder of its own")
+    for what, path, copy in (("--labels", labels_path, "labels.csv"), ("--findings", findings_path, "findings.jsonl")):
         if path and not os.path.isfile(path):  # before anything is written
             raise SystemExit(f"preprocess: {what}: {path} not found")
+        if path and os.path.realpath(path) == os.path.realpath(os.path.join(output_dir, copy)):
+            raise SystemExit(f"preprocess: {what}: {path} would be replaced by its re-keyed copy: use another --output")
     try:
         si, sn = (int(x) for x in shard_spec.split("/"))
         assert 0 <= si < sn
@@ -682,8 +721,10 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
                 if "writer" in _W:
                     _W.pop("writer").close()
 
-    # 3. this job is done; merge when every array job is
-    if not todo and os.path.exists(man_path) and not glob.glob(os.path.join(output_dir, "parts", "*.jsonl")):
+    # 3. this job is done; merge when every array job is (complete only when no job has a study left:
+    # an array job with nothing new must still leave its done marker for one that has new studies)
+    if not todo and os.path.exists(man_path) and not glob.glob(os.path.join(output_dir, "parts", "*.jsonl")) \
+            and all_keys <= set(done):
         with open(man_path) as f:
             manifest = json.load(f)
         problem = shards.shard_size_problem(output_dir, manifest)
@@ -709,6 +750,11 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     if lock is None:
         return None
     try:
+        done = shards.read_done(output_dir)
+        pending = len(all_keys - set(done))
+        if pending:  # a done marker left by an earlier merge (killed before removing it) is no finished job
+            log(f"shard {si}/{sn} finished; {pending} studies of other array jobs are not done yet: waiting for them")
+            return None
         all_file_failures = []
         for p in done_files:
             with open(p) as f:
@@ -717,7 +763,6 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
             all_file_failures += d["file_failures"]
         if os.path.exists(man_path):  # earlier merged runs' file failures are recomputed above
             pass
-        done = shards.read_done(output_dir)
         all_file_failures.sort(key=lambda e: (e["file_key"], e["reason"]))
         summary, events = summarize(done, all_file_failures, len(all_keys), len(files), len(sidecars))
         events.sort(key=lambda e: (e.get("study_key", ""), e.get("series_key", ""), e["reason"]))

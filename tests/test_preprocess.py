@@ -473,7 +473,8 @@ def test_salt_rules_shared_with_the_library_and_subject_kept_hashed(tmp_path, mo
     with open(tmp_path / "labels.csv") as f:
         text = f.read()
     rows = list(csv.DictReader(text.splitlines()))
-    assert list(rows[0]) == ["study_key", "subject", "modality", "age"]   # mrn dropped, subject kept
+    # mrn dropped, subject kept; the split the volumes get (none given: the subject's) is written
+    assert list(rows[0]) == ["study_key", "split", "subject", "modality", "age"]
     assert [r["study_key"] for r in rows] == [by_hand(u, "s") for u in ("1.2.3", "1.2.4", "1.2.5")]
     assert rows[0]["subject"] == rows[1]["subject"] == by_hand("subject:PATIENT-001", "s") != rows[2]["subject"]
     assert "PATIENT" not in text and "M1" not in text
