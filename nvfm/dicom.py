@@ -75,7 +75,7 @@ gaps and non-uniform spacing are resampled from the true positions; absurd spaci
 but cannot be stacked with them (its PixelSpacing other, malformed or absent, its matrix size other,
 its ImageOrientationPatient absent) and with < 3 such slices cannot be a volume of its own: "PixelSpacing
 0.5 x 0.5 mm in a slice between slices of 0.9 x 0.8 mm (without it the volume has a gap)", "matrix size
-40 x 48 in a slice between slices of 48 x 40 (...)", "invalid PixelSpacing '0.9\\abc' (...)" or "missing
+40 x 48 in a slice between slices of 48 x 40 (...)", "invalid PixelSpacing '0.9\\?' (...)" or "missing
 geometry (PixelSpacing)", naming that
 file (`_strays_into_holes`). Left out, it would leave a gap that the rules above interpolate (a 10 mm
 gap in a 5 mm series) or call "missing slices", though the slice is in the input: a file whose
@@ -94,9 +94,10 @@ direction more than IOP_JITTER_DEG = 0.25 deg off the volume's mean ("slice orie
 by 0.53 deg (ImageOrientationPatient, more than 0.25 deg)"; within it, float noise and small
 jitter, the mean orientation is used: `slice_orientation`); geometry tags (ImagePositionPatient,
 ImageOrientationPatient, PixelSpacing) absent or empty, "missing geometry (PixelSpacing)", or
-present but malformed, "invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)" (one
+present but malformed, "invalid PixelSpacing '0.9\\?' (expected 2 positive numbers)" (one
 value, text, NaN, a spacing <= 0; "... (expected 3 numbers)" / "(expected 6 numbers)" for position /
-orientation; the value quoted as written, printable ASCII, at most MAX_QUOTED = 32 characters:
+orientation; the value quoted as written, a part that is not number-like as "?" (text in a
+geometry tag could be a name), at most MAX_QUOTED = 32 characters:
 a user fixing the export must know the tag is there but wrong; `_geometry`); native pixel data
 whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
 byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
@@ -148,7 +149,7 @@ libraries' warnings pass through.
 
 Privacy: nothing here returns names, IDs, dates or UIDs except the UIDs needed for
 grouping, which preprocess.py hashes (salted sha256) before anything is written. Reasons
-are fixed phrases plus numbers (and a malformed geometry value, which identifies no one, cut to
+are fixed phrases plus numbers (and the number-like parts of a malformed geometry value, cut to
 MAX_QUOTED characters); file paths appear only as salted hashes (`file_key`) in
 outputs.
 """
@@ -309,11 +310,13 @@ def _floats(v, n):
 _GEOMETRY = (("ImagePositionPatient", "ipp", 3, "3 numbers"), ("ImageOrientationPatient", "iop", 6, "6 numbers"),
              ("PixelSpacing", "ps", 2, "2 positive numbers"))
 MAX_QUOTED = 32  # characters of a malformed value quoted in a reason
+_NUMBER_LIKE = re.compile(r"[0-9.,eE+\- ]*|\s*[+-]?(nan|inf|infinity)\s*", re.IGNORECASE)  # a quoted value's parts
 
 
 def _geometry(values):
     """{tag: raw value or None} of _GEOMETRY -> {record key: tuple of floats or None} plus
-    "invalid": {tag: the value as written, printable ASCII, at most MAX_QUOTED characters} for
+    "invalid": {tag: the value as written, each backslash-separated part that is not number-like
+    (digits, . , + - e, nan, inf) shown as "?", at most MAX_QUOTED characters} for
     each tag present but unusable (other than VM numbers, not finite, a PixelSpacing <= 0), else
     None: a value that is there but malformed must not be reported as missing (dicom_stack)."""
     out, bad = {}, {}
@@ -325,7 +328,8 @@ def _geometry(values):
         parts = v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]
         text = "\\".join(str(p).strip(" \x00") for p in parts) if v is not None else ""
         if x is None and text.strip("\\ "):  # an empty value counts as absent
-            text = re.sub(r"[^\x20-\x7e]", "?", text)
+            # only number-like parts are quoted: any other text could be a name put in the wrong tag
+            text = "\\".join(p if _NUMBER_LIKE.fullmatch(p) else "?" for p in text.split("\\"))
             bad[tag] = text if len(text) <= MAX_QUOTED else text[:MAX_QUOTED] + "..."
         out[key] = x
     out["invalid"] = bad or None

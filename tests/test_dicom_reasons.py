@@ -26,11 +26,12 @@ LEFT_OUT = "1 end slice of the series left out (other matrix size or geometry, f
 
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("raw,reason", [
-    ({"PixelSpacing": "0.9\\abc"}, "invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)"),
+    ({"PixelSpacing": "0.9\\abc"}, "invalid PixelSpacing '0.9\\?' (expected 2 positive numbers)"),
     ({"PixelSpacing": "0.9"}, "invalid PixelSpacing '0.9' (expected 2 positive numbers)"),
     ({"PixelSpacing": "0,9\\0,8"}, "invalid PixelSpacing '0,9\\0,8' (expected 2 positive numbers)"),
     ({"PixelSpacing": "0\\0.8"}, "invalid PixelSpacing '0\\0.8' (expected 2 positive numbers)"),
-    ({"PixelSpacing": "0.9\xb5\\0.8"}, "invalid PixelSpacing '0.9?\\0.8' (expected 2 positive numbers)"),
+    ({"PixelSpacing": "0.9\xb5\\0.8"}, "invalid PixelSpacing '?\\0.8' (expected 2 positive numbers)"),
+    ({"PixelSpacing": "DOE^JOHN\\0.8"}, "invalid PixelSpacing '?\\0.8' (expected 2 positive numbers)"),  # a name
     ({"PixelSpacing": "1234567890.\\1234567890.\\1234567890.\\1"},  # quoted up to 32 characters
      "invalid PixelSpacing '1234567890.\\1234567890.\\12345678...' (expected 2 positive numbers)"),
     ({"PixelSpacing": ""}, "missing geometry (PixelSpacing)"),  # empty: absent, as before
@@ -41,7 +42,7 @@ LEFT_OUT = "1 end slice of the series left out (other matrix size or geometry, f
     ({"ImageOrientationPatient": "1\\0\\0", "PixelSpacing": "0.9"},
      "invalid ImageOrientationPatient '1\\0\\0' (expected 6 numbers); invalid PixelSpacing '0.9' "
      "(expected 2 positive numbers)"),
-], ids=["text", "one_value", "decimal_comma", "zero", "non_ascii", "long", "empty", "iop_5", "ipp_nan", "two_tags"])
+], ids=["text", "one_value", "decimal_comma", "zero", "non_ascii", "name", "long", "empty", "iop_5", "ipp_nan", "two_tags"])
 def test_malformed_geometry_is_reported_as_invalid_not_missing(tmp_path, raw, reason, fast):
     """Slice 10 of 20 has a malformed geometry value: before, both header scans turned it into
     None and the series failed as "missing geometry (PixelSpacing)", though the tag is there."""
@@ -67,7 +68,7 @@ def test_malformed_pixel_spacing_of_an_enhanced_object(tmp_path):
     (g,), _ = dicom.group_series([h])
     with pytest.raises(dicom.SeriesError) as e:
         dicom.dicom_stack(str(tmp_path / "e"), g)
-    assert (str(e.value), e.value.path) == ("invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)", "enh.dcm")
+    assert (str(e.value), e.value.path) == ("invalid PixelSpacing '0.9\\?' (expected 2 positive numbers)", "enh.dcm")
 
 
 def _set(which, **tags):
@@ -127,7 +128,7 @@ def test_other_geometry_at_a_held_position_or_malformed_at_an_end(tmp_path):
     paths = _series(d)
     set_raw_text(paths[K - 1], "PixelSpacing", "0.9\\abc")
     (r, _, st), (r1, p1, _) = _load(d)
-    assert (r, r1, p1) == ("ok", "invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)", "IM0019.dcm")
+    assert (r, r1, p1) == ("ok", "invalid PixelSpacing '0.9\\?' (expected 2 positive numbers)", "IM0019.dcm")
     assert np.allclose(st.d, Z[:-1] - Z[0]) and st.warnings == [LEFT_OUT]
 
 
@@ -142,7 +143,7 @@ def test_preprocess_records_the_true_reasons(tmp_path, capsys):
     _series(str(inp / "end"))
     mutate_series(str(inp / "end"), _set((K - 1,), PixelSpacing=[0.5, 0.5]))
     man = preprocess.run(str(inp), str(tmp_path / "out"), n_workers=1, cfg_progress=False, cfg_log_paths=True)
-    inside = "invalid PixelSpacing '0.9\\abc' (expected 2 positive numbers)"
+    inside = "invalid PixelSpacing '0.9\\?' (expected 2 positive numbers)"
     end = ("single slice with PixelSpacing 0.5 x 0.5 mm unlike the 19 slices of its series' volume (0.9 x 0.8 mm): "
            "left out, the volume is one slice shorter")
     s = man["summary"]
