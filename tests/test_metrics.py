@@ -262,29 +262,6 @@ def test_macro_threshold_stats_skip_undefined_classes_and_lie_in_their_ci():
     assert np.isnan(st["specificity"][1]) and np.isnan(st["sensitivity"][3])
 
 
-def test_calibrated_f1_and_label_efficiency_skip_classes_without_test_positives():
-    from sklearn.metrics import f1_score
-    rng = np.random.default_rng(2)
-    y = (rng.random((120, 5)) < 0.3).astype(np.int64)
-    y[:, 2] = 0                                               # no test positives ...
-    prob = np.clip(0.35 * y + rng.random((120, 5)) * 0.7, 0, 1)
-    assert (prob[:, 2] >= 0.5).any()                          # ... but false positives: F1 would be 0
-    n_train = np.array([10, 300, 50, 2000, 40])
-    rep = metrics.classification_report(y, prob, np.full(5, 0.5), [f"c{k}" for k in range(5)], n_boot=0)
-    metrics.add_calibrated_f1(rep, y, prob, n_train)
-    keep = [0, 1, 3, 4]
-    ref = np.array([f1_score(y[:, k], prob[:, k] >= 0.5) for k in keep])
-    assert rep["per_class"]["c2"]["calibrated_f1"] is None
-    assert [rep["per_class"][f"c{k}"]["calibrated_f1"] for k in keep] == pytest.approx(ref, abs=1e-12)
-    assert rep["macro"]["calibrated_f1"] == {"mean": pytest.approx(ref.mean(), abs=1e-12), "n_classes": 4}
-    fit = scipy.stats.linregress(np.log10(n_train[keep]), ref)
-    le = rep["label_efficiency"]
-    assert le["n"] == 4 and le["slope"] == pytest.approx(fit.slope) and le["r2"] == pytest.approx(fit.rvalue ** 2)
-    # the same rule in calibrated_f1 (Platt on validation, F1 on test)
-    cf1 = metrics.calibrated_f1(prob, y, prob, y)
-    assert np.isnan(cf1[2]) and np.isfinite(cf1[keep]).all()
-
-
 def test_small_n_boot_is_an_error_not_undefined_intervals():
     y, s = _data(n=100, K=2)
     with pytest.raises(ValueError, match="n_boot=50.*at least 100"):

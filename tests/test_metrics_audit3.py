@@ -71,14 +71,15 @@ def test_pr_figures_leave_out_replicates_and_classes_without_negatives():
 
 def test_calibrated_f1_of_a_class_without_negatives_is_undefined_and_out_of_the_macro_and_fit():
     """Calling every study positive scores F1 1 on a class without negatives: it entered the macro
-    calibrated F1 and the label-efficiency fit as a real figure."""
+    calibrated F1 and the label-efficiency fit as a real figure. A class without positives (F1 0 after
+    one false positive) stays out too."""
     rng = np.random.default_rng(5)
     n, K = 80, 5
     y = (rng.random((n, K)) < 0.35).astype(np.int64)
     y[:, 1] = 1                                             # no test negatives
     y[:, 3] = 0                                             # no test positives
     prob = np.clip(0.4 * y + 0.7 * rng.random((n, K)), 0, 1)
-    assert (prob[:, 1] >= 0.5).any()
+    assert (prob[:, 1] >= 0.5).any() and (prob[:, 3] >= 0.5).any()   # F1 would be 1 and 0
     n_train = np.array([12, 400, 60, 30, 2500])
     rep = metrics.classification_report(y, prob, np.full(K, 0.5), [f"c{k}" for k in range(K)], n_boot=0)
     metrics.add_calibrated_f1(rep, y, prob, n_train)

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
+from test_preprocess import _outputs  # noqa: E402  (every output file but the log: name -> bytes)
 
 RUN = dict(n_workers=1, cfg_progress=False, cfg_log_paths=False)
 
@@ -28,15 +29,6 @@ def _nifti_study(root, name, seed):
     v[5:35, 5:43, 1:9] = 30 + rng.normal(0, 20, (30, 38, 8))
     os.makedirs(os.path.join(root, name))
     nib.save(nib.Nifti1Image(v, np.diag([0.9, 0.9, 5.0, 1.0])), os.path.join(root, name, "ct.nii.gz"))
-
-
-def _outputs(out):
-    res = {}
-    for p in sorted(glob.glob(os.path.join(out, "*"))):
-        if os.path.basename(p) != "preprocess.log" and os.path.isfile(p):
-            with open(p, "rb") as f:
-                res[os.path.basename(p)] = f.read()
-    return res
 
 
 def _folder_in_shard(prefix, shard, n, salt):
