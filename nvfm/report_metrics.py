@@ -32,7 +32,9 @@ negation):
   diagnosis_f1            mean per-study F1 of those sets (1 when both are empty)
   triage_accuracy         judge(generated findings, indication) == ground-truth triage (one of
                           unremarkable / routine / urgent, case ignored; anything else is an error;
-                          a record without one: nvfm.ontology.triage of its diagnoses, text and lesions)
+                          a record without one: nvfm.ontology.triage of the diagnoses its text names as
+                          written, as the rule judge reads a report (an MR "chronic subdural hematoma" is
+                          routine), and of its lesions the text does not name)
 Hedges: a finding called improbable ("X is unlikely", "less likely", "not likely",
 "doubtful", "improbable", "no definite X", "no evidence of X") is not named, as "no X" is; one called
 possible ("possible", "probable", "likely", "suspected", "suspicious for", "questionable",
@@ -56,7 +58,8 @@ acute_subdural_hematoma and subacute_chronic_subdural_hematoma are scored as it,
 MR reference "Acute left subdural hematoma." with a subdural_hematoma lesion is one finding, not two).
 Judges: "rules" (default, transparent): triage = nvfm.ontology.triage of the diagnoses named in
 the findings. "http": any OpenAI-compatible /v1/chat/completions endpoint (a local llama.cpp,
-vLLM or Ollama server), asked to answer with one word.
+vLLM or Ollama server), asked to answer with one word; a reply that names none or several of the three
+(as whole words: "non-urgent" is none) or negates one ("not urgent") is an error, not a triage.
 """
 import difflib
 import json
@@ -562,9 +565,13 @@ def judge_http(findings, indication=None, url="http://127.0.0.1:8080/v1", model=
                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         reply = json.load(resp)["choices"][0]["message"]["content"].lower()
-    hits = [c for c in TRIAGE_CLASSES if c in reply]
-    if len(hits) != 1:
-        raise ValueError(f"judge at {url} answered {reply!r}: expected exactly one of {TRIAGE_CLASSES}")
+    # whole words ("non-urgent" is not "urgent"), none negating ("not urgent"): read otherwise, it is the opposite
+    words = re.findall(r"[a-z]+(?:-[a-z]+)*", reply)
+    hits = sorted({w for w in words if w in TRIAGE_CLASSES})
+    if len(hits) != 1 or any(w in ("no", "not", "non") for w in words):
+        # counted, not quoted: the reply may repeat the report's free text
+        raise ValueError(f"judge at {url} did not answer exactly one of {TRIAGE_CLASSES}, not negated (its reply: "
+                         f"{len(words)} word(s), naming {hits or 'none'})")
     return hits[0]
 
 
@@ -584,11 +591,18 @@ def iter_jsonl(path, what):
             yield i, row
 
 
-def _key(row, path):
-    for k in ("study_key", "study", "study_uid"):
-        if k in row:
-            return row[k]
-    raise ValueError(f"{path}: a row has no study_key")
+def _study_key(row, path, line, keys=("study_key", "study", "study_uid"), hint=""):
+    """A JSONL record's study: the value of the first of `keys` it has. ValueError naming the file
+    and line for a line that is not a JSON object, a record with none of `keys` (`hint` appended) or
+    a study that is not a string or a whole number (a null, a list: it could not be matched)."""
+    name = next((n for n in keys if isinstance(row, dict) and n in row), None)
+    if name is None:
+        what = "" if isinstance(row, dict) else f" (the line is a JSON {type(row).__name__}, not an object)"
+        raise ValueError(f"{path}:{line}: no {keys[0]}{what}{hint}")
+    k = row[name]
+    if not isinstance(k, (str, int)) or isinstance(k, bool):   # named by type only: it may be free text
+        raise ValueError(f"{path}:{line}: {name} must be a string or a whole number, got a {type(k).__name__}")
+    return k
 
 
 # the MR ontology dates no subdural hematoma: in an MR study the CT's dated names are that one finding
@@ -604,6 +618,18 @@ def in_modality(dx, modality):
     for name, side in dx.items():
         _merge_side(out, MR_FOLD.get(name, name), side)
     return out
+
+
+def _truth_triage(record):
+    """Triage of a findings.jsonl record that gives none: nvfm.ontology.triage of the diagnoses its
+    findings text names as written, as the rule judge reads a report (an MR "chronic subdural
+    hematoma" is routine, not the MR ontology's urgent subdural_hematoma it is scored as), plus those
+    of its lesions whose finding the text does not name (an MR subdural_hematoma lesion is the text's
+    dated one). Its lesions are checked (`truth_diagnoses`) before."""
+    modality, text = record.get("modality"), report_diagnoses(record.get("findings") or [])
+    named = set(in_modality(text, modality))
+    lesions = {same_finding(les["diagnosis"]) for les in record.get("lesions") or []}
+    return triage(sorted(set(text) | {n for n in lesions if not set(in_modality({n: None}, modality)) & named}))
 
 
 def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_url=None, judge_model="local"):
@@ -635,8 +661,7 @@ def evaluate_report_lists(hyps, truths, indications=None, judge="rules", judge_u
         ind = (indications[i] if indications else None) or t.get("indication")
         pred = judge_rules(h, ind) if judge == "rules" else judge_http(h, ind, url=judge_url, model=judge_model)
         true = t.get("triage")
-        # no triage given: that of the diagnoses scored above (findings text and lesions), not of the text alone
-        true = triage(list(gt)) if true is None or str(true).strip() == "" else str(true).strip().lower()
+        true = _truth_triage(t) if true is None or str(true).strip() == "" else str(true).strip().lower()
         if true not in TRIAGE_CLASSES:
             raise ValueError(f"study {t.get('study_key', i)!r}: triage {t.get('triage')!r} is not one of "
                              f"{TRIAGE_CLASSES} (case is ignored)")
@@ -664,14 +689,12 @@ def check_findings(f, path, line, key):
 def read_truth(path, keys=("study_key", "study", "study_uid"), hint=""):
     """({study: record}, {study: line number}) of a ground-truth findings.jsonl, a record's study
     named by the first of `keys` it has. ValueError naming the file and line for a line that is not
-    JSON, a record with none of `keys` (`hint` appended), a study twice, or 'findings' that is not a
-    list of strings (absent or null: no finding)."""
+    a JSON object, a record with none of `keys` (`hint` appended) or a study that is not a string or
+    whole number (`_study_key`), a study twice, or 'findings' that is not a list of strings (absent
+    or null: no finding)."""
     truth, lines = {}, {}
     for line, r in iter_jsonl(path, "findings"):
-        name = next((n for n in keys if isinstance(r, dict) and n in r), None)
-        if name is None:
-            raise ValueError(f"{path}:{line}: no {keys[0]}{hint}")
-        k = r[name]
+        k = _study_key(r, path, line, keys, hint)
         if k in truth:
             raise ValueError(f"{path}:{line}: study {k!r} appears twice in the ground truth (line {lines[k]} too)")
         if r.get("findings") is not None:   # absent or null: no positive finding
@@ -697,16 +720,15 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
     """
     reps, seen = [], {}
     for line, r in iter_jsonl(reports_jsonl, "reports"):
-        k = _key(r, reports_jsonl)
+        k = _study_key(r, reports_jsonl, line)
         if k in seen:   # a study counted twice would weigh twice in every rate
             raise ValueError(f"{reports_jsonl}:{line}: study {k!r} already has a report (line {seen[k]}); "
                              "keep one report per study")
         seen[k] = line
         check_findings(r.get("findings"), reports_jsonl, line, k)
-        reps.append(r)
+        reps.append((k, r))
     truth, lines = read_truth(findings_jsonl)
-    for r in reps:
-        k = _key(r, reports_jsonl)
+    for k, r in reps:
         if k not in truth:
             raise ValueError(f"{reports_jsonl}: study {k!r} is not in {findings_jsonl}")
     n_other = 0
@@ -723,11 +745,10 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
             raise ValueError(f"{reports_jsonl}: {len(lost)} of the {len(want)} {name} studies of {findings_jsonl} have "
                              f"no report (first: {lost[:3]}): generate a report for every one (train_llava.py "
                              "--max_eval=0) or choose another --split")
-        kept = [r for r in reps if truth[_key(r, reports_jsonl)].get("split") in splits]
+        kept = [(k, r) for k, r in reps if truth[k].get("split") in splits]
         n_other, reps = len(reps) - len(kept), kept
     hyps, truths = [], []
-    for r in reps:
-        k = _key(r, reports_jsonl)
+    for k, r in reps:
         err = _lesion_error(truth[k])
         if err:
             raise ValueError(f"{findings_jsonl}:{lines[k]}: study {k!r}: {err}")
@@ -738,7 +759,7 @@ def evaluate_reports(reports_jsonl, findings_jsonl, judge="rules", judge_url=Non
     out = evaluate_report_lists(hyps, truths, judge=judge, judge_url=judge_url, judge_model=judge_model)
     if splits is not None:
         out.update(split=name, n_other_split=n_other)
-    status = [r.get("parse") for r in reps if "parse" in r]
+    status = [r.get("parse") for _, r in reps if "parse" in r]
     if status:
         out["parse_ok_rate"] = sum(s == "ok" for s in status) / len(status)
     return out
