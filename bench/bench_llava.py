@@ -33,7 +33,8 @@ from nvfm.configurator import read_config_file  # noqa: E402
 from nvfm.llm import load_llm, resolve_llm, tiny_qwen3_cached  # noqa: E402
 from nvfm.metrics import bootstrap_counts, precision_thresholds, youden_thresholds  # noqa: E402
 from nvfm.ontology import DIAGNOSES  # noqa: E402
-from nvfm.report_metrics import RougeTokenizer, _join, evaluate_report_lists, iter_jsonl, truth_diagnoses  # noqa: E402
+from nvfm.report_metrics import (EMPTY_REPORT, RougeTokenizer, _join, evaluate_report_lists, iter_jsonl,  # noqa: E402
+                                 truth_diagnoses)
 
 COMPARE_USAGE = """usage: bench_llava.py compare [--split=S] [--findings=F [--lookup=True]] NAME=RUN_DIR ...
 
@@ -159,9 +160,13 @@ def compare(argv):
 
 # ----------------------------------------------------------------------------- paired
 def per_study_rouge(run_dir, recs, scorer):
+    """{study_key: ROUGE-L F} of run_dir/reports.jsonl against the findings records recs. An empty report
+    is the text EMPTY_REPORT, as text_metrics scores it; a study whose reports are both empty scores 1
+    (the placeholder against itself), so in a paired difference an arm that reports a finding in a
+    normal study loses (scored as the raw empty texts, both scored 0 and the difference was 0)."""
     rows = [r for _, r in iter_jsonl(os.path.join(run_dir, "reports.jsonl"), "reports")]
-    return {r["study_key"]: scorer.score(_join(recs[r["study_key"]].get("findings") or []),
-                                         _join(r["findings"]))["rougeL"].fmeasure for r in rows}
+    return {r["study_key"]: scorer.score(_join(recs[r["study_key"]].get("findings") or []) or EMPTY_REPORT,
+                                         _join(r["findings"]) or EMPTY_REPORT)["rougeL"].fmeasure for r in rows}
 
 
 def paired_bootstrap(diffs, n_boot=10000, seed=0):

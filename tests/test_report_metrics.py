@@ -301,6 +301,15 @@ def test_paired_rouge_bootstrap(tmp_path):
     m, lo, hi, p = bench.paired_bootstrap([sg[k] - sb[k] for k in recs])
     assert 0 < lo <= m <= hi and p == 0.0
     assert bench.paired_bootstrap([sg[k] - sg[k] for k in recs])[:3] == (0.0, 0.0, 0.0)
+    # normal studies (no finding): an exact copy against one that adds a finding there. Scored on the raw empty
+    # texts both arms had 0 on them and the paired difference was 0 [0, 0]
+    normal = {f"n{i}": {"study_key": f"n{i}", "findings": []} for i in range(20)}
+    for d, extra in ((good, []), (bad, ["Meningioma."])):
+        _write(d / "reports.jsonl", [{"study_key": k, "findings": extra} for k in normal])
+    sg, sb = bench.per_study_rouge(str(good), normal, scorer), bench.per_study_rouge(str(bad), normal, scorer)
+    want = scorer.score(rm.EMPTY_REPORT, "Meningioma.")["rougeL"].fmeasure
+    assert set(sg.values()) == {1.0} and set(sb.values()) == {want} and want < 0.5
+    assert bench.paired_bootstrap([sg[k] - sb[k] for k in normal])[1] > 0.5
 
 
 def test_triage_labels_case_and_unknown_values(tmp_path):
