@@ -41,7 +41,9 @@ either picks by a stated order and counts the rows it applied to (OpenBHB's quas
 derived maps, ADNI's image closest to the exam date then the lowest LONI image id, AIBL's lowest
 image id; never an order of paths or series names) or leaves the row out, counted as ambiguous (a
 second label file is an error asking for --labels_file). A DICOM folder is labelled by the one
-StudyInstanceUID of all its files' headers: a folder of several studies is left out, counted.
+StudyInstanceUID of all its files' headers: a folder of several studies is left out, counted, and so
+are two rows (subjects, reads) whose folders hold one and the same study (which one it is of cannot
+be told).
 
 Datasets (labels as distributed; citation; licence: each dataset's own terms apply to your copy
 and everything derived from it, check them before sharing figures or outputs):
@@ -327,8 +329,8 @@ def write_outputs(name, studies, tally, out_dir, salt_value="", how="symlink", c
     for st in studies:
         key = _stage(st, images_dir, s, how) if st.image else dicom.study_key(st.uid, s)
         if key in seen:
-            raise BenchmarkError(f"{name}: two labelled studies share one image study ({seen[key]} and {st.sid} "
-                                 "give the same StudyInstanceUID)")
+            # the sids are not named: they hold the dataset's subject ids (run() leaves such studies out)
+            raise BenchmarkError(f"{name}: two labelled studies share one image study (one StudyInstanceUID)")
         seen[key] = st.sid
         subj = dicom.subject_key(st.subject, s, name)
         if st.mask:   # grounding: the lesion mask, in the image's space, for evaluate.py's pointing game
@@ -474,7 +476,8 @@ def _adni_images(root_dir, series_regex):
     for d, dirs, files in os.walk(root_dir, followlinks=True):
         dirs.sort()
         rel = os.path.relpath(d, root_dir).replace(os.sep, "/")
-        m = re.search(r"(?:^|/)(\d{3}_S_\d{4})/([^/]+)/(\d{4}-\d{2}-\d{2})_[^/]*(?:/|$)", rel + "/")
+        # PTID <site>_S_<RID>: the RID zero-padded to 4 digits, 5 for ADNI4's RIDs (10000 on)
+        m = re.search(r"(?:^|/)(\d{3}_S_\d{4,})/([^/]+)/(\d{4}-\d{2}-\d{2})_[^/]*(?:/|$)", rel + "/")
         if not m:
             continue
         if not rx.search(m.group(2)):
@@ -525,27 +528,26 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
 
     Layout: ROOT/ADNIMERGE.csv, else the one ADNIMERGE.csv under ROOT (several: an error, pass
     --labels_file; columns PTID, VISCODE, EXAMDATE, DX_bl, DX, AGE, and M or Month) and the image
-    download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ holding one NIfTI file or a
-    DICOM series (a folder with two or more NIfTI files is counted and not used); the series as
-    adni_series chooses, by default raw MPRAGE / IR-SPGR / IR-FSPGR only: a series LONI derived from
-    one (its name joins the steps with "__", MT1__N3m, MPR__GradWarp__B1_Correction__N3__Scaled, or
-    names them: ..._N3_corrected_T1_image, ..._registered_MPRAGE) is counted as another series and
-    never staged, so the benchmark runs on the scans as acquired. Labels: from the
-    baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC left out); DX_bl EMCI/LMCI ->
-    pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1; no Dementia and a diagnosis at
-    M >= horizon -> 0; otherwise left out: late converter, short follow-up, or dementia at a
-    visit of unknown month). DX as in older ADNIMERGE
-    releases (NL, "MCI to Dementia", ...) counts as the state reached; an unknown DX value, and an
-    EXAMDATE that is no date (a day-first 25/01/2006), are errors; a row without M (or Month) takes
-    its month from VISCODE m<NN>. Image: the matching series closest to the baseline EXAMDATE,
-    within max_days; several equally close (ADNI1's MPRAGE and MPRAGE_Repeat of one visit, an
-    accelerated and a plain MPRAGE, or two series adni_series matches): the lowest LONI image id
-    (the <I id> folder; as for AIBL), counted; never by path, whose order follows the vendors'
-    series names (Accelerated_Sagittal_MPRAGE sorts before MPRAGE, MPRAGE before MPRAGE_SENSE2);
-    tied images without an image id, or with one id, leave the row out, counted as ambiguous (narrow
-    adni_series to choose another series). A DICOM image folder must hold one study (every file's
-    header read): none or several leave the row out, counted. Age: AGE at baseline. Dates are used
-    in memory only.
+    download under ROOT: ADNI/<PTID>/<series>/<date_time>/<I id>/ (PTID <site>_S_<RID>, 4 or 5 RID
+    digits) holding one NIfTI file or a DICOM series (a folder with two or more NIfTI files is counted
+    and not used); the series as adni_series chooses, by default raw MPRAGE / IR-SPGR / IR-FSPGR only: a
+    series LONI derived from one (its name joins the steps with "__", MT1__N3m,
+    MPR__GradWarp__B1_Correction__N3__Scaled, or names them: ..._N3_corrected_T1_image,
+    ..._registered_MPRAGE) is counted as another series and never staged, so the benchmark runs on the
+    scans as acquired. Labels: from the baseline row (VISCODE bl): DX_bl AD -> dementia 1, CN -> 0 (SMC
+    left out); DX_bl EMCI/LMCI -> pmci by the follow-up rows' DX (Dementia at M <= horizon -> 1; no
+    Dementia and a diagnosis at M >= horizon -> 0; otherwise left out: late converter, short follow-up,
+    or dementia at a visit of unknown month). DX as in older ADNIMERGE releases (NL, "MCI to Dementia",
+    ...) counts as the state reached; a DX cell that is empty, NA or NaN is no diagnosis at that visit;
+    an unknown DX value, and an EXAMDATE that is no date (a day-first 25/01/2006), are errors; a row
+    without M (or Month) takes its month from VISCODE m<NN>. Image: the matching series closest to the
+    baseline EXAMDATE, within max_days; several equally close (ADNI1's MPRAGE and MPRAGE_Repeat of one
+    visit, an accelerated and a plain MPRAGE, or two series adni_series matches): the lowest LONI image
+    id (the <I id> folder; as for AIBL), counted; never by path, whose order follows the vendors' series
+    names (Accelerated_Sagittal_MPRAGE sorts before MPRAGE, MPRAGE before MPRAGE_SENSE2); tied images
+    without an image id, or with one id, leave the row out, counted as ambiguous (narrow adni_series to
+    choose another series). A DICOM image folder must hold one study (every file's header read): none or
+    several leave the row out, counted. Age: AGE at baseline. Dates are used in memory only.
     Returns (studies, tally, columns)."""
     path = labels_path or os.path.join(root_dir, "ADNIMERGE.csv")
     if not labels_path and not os.path.exists(path):
@@ -573,7 +575,7 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
             tasks["dementia"] = {"dementia": int(dx == "AD")}
         elif dx in ("EMCI", "LMCI", "MCI"):
             fu = [(_adni_month(r, mcol, path), _adni_dx(r["DX"], path, r["_line"]))
-                  for r in by_subject[ptid] if r["DX"]]
+                  for r in by_subject[ptid] if not _missing(r["DX"])]   # NA, NaN: no diagnosis at that visit
             conv = [m for m, d in fu if d == "Dementia"]
             known = [m for m in conv if m is not None]
             if known and min(known) <= horizon:
@@ -584,7 +586,7 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
                 tally["baseline MCI: late conversion or follow-up < horizon (left out)"] += 1
                 continue
         else:
-            tally[f"baseline {dx or 'no diagnosis'} (left out)"] += 1
+            tally[f"baseline {'no diagnosis' if _missing(dx) else dx} (left out)"] += 1
             continue
         when = _date(b["EXAMDATE"])
         if when is None and not _missing(b["EXAMDATE"]):   # the value is a date: named by its line only
@@ -622,6 +624,8 @@ def adni(root_dir, labels_path="", horizon=36, max_days=90, series_regex=adni_se
 
 # ----------------------------------------------------------------------------- OASIS-1
 
+CDR_SCALE = (0, 0.5, 1, 2, 3)   # the Clinical Dementia Rating's global scores
+
 
 def oasis1(root_dir, labels_path=""):
     """OASIS-1 cross-sectional: dementia = CDR >= 1 (1) vs CDR 0 (0), the external test of the
@@ -632,7 +636,8 @@ def oasis1(root_dir, labels_path=""):
     ROOT/disc*/OAS1_xxxx_MR1/ as distributed: the image is
     PROCESSED/MPRAGE/SUBJ_111/*_sbj_111.img (the averaged, bias-corrected T1 in subject space)
     or else RAW/*_mpr-1_anon.img (Analyze 7.5, converted to NIfTI in images/). Labels: CDR 0
-    -> 0, CDR 1 or 2 -> 1; CDR 0.5 and no CDR (most subjects under 60) are left out, counted.
+    -> 0, CDR 1, 2 or 3 -> 1; CDR 0.5 and no CDR (most subjects under 60) are left out, counted;
+    any other value (not a CDR global score: -1, 0.25) is an error naming the line.
     MR2 rows (reliability rescans of 20 subjects) are left out: one study per subject. A session
     whose folder is found twice (on two discs) or with two candidates for its image (two
     *_sbj_111.img) is left out, counted, never given the first. Returns (studies, tally, columns)."""
@@ -660,6 +665,9 @@ def oasis1(root_dir, labels_path=""):
             tally["rows without CDR (left out)"] += 1
             continue
         c = _number(cdr, path, r["_line"], "CDR")
+        if c not in CDR_SCALE:   # a missing-value code (-1, -4) is no CDR 0: never a control
+            raise BenchmarkError(f"{path}:{r['_line']}: CDR must be one of 0, 0.5, 1, 2, 3 (empty: missing), "
+                                 f"got {cdr!r}")
         if c == 0.5:
             tally["CDR 0.5 (left out)"] += 1
             continue
@@ -832,7 +840,8 @@ def aibl(root_dir, labels_path="", series_regex=adni_series):
         st.tasks["dementia"] = {"dementia": int(dx == "AD")}
         studies.append(st)
         tally["baseline rows labelled"] += 1
-    tally["T1 images not used (other visits or subjects)"] = len(images) - len(used)
+    # each image under one reason: those without a (consistent) collection row are counted below
+    tally["T1 images not used (other visits or subjects)"] = sum(iid in links for iid in images) - len(used)
     tally["T1 images without a collection row (not used)"] = sum(iid not in links and iid not in conflicts
                                                                 for iid in images)
     if repeats:
@@ -1226,6 +1235,18 @@ ADAPTERS = {"openbhb": openbhb, "adni": adni, "aibl": aibl, "oasis1": oasis1, "a
             "cq500": cq500, "brats21": brats21, "atlas2": atlas2, "msseg16": msseg16}
 
 
+def _one_study_per_uid(studies, tally):
+    """studies less those whose DICOM StudyInstanceUID another labelled study (another subject's
+    image folder, another read's study folder) also has: which one the study is of cannot be told,
+    so none is labelled; counted in tally."""
+    n = Counter(st.uid for st in studies if st.uid)
+    shared = sum(n[st.uid] > 1 for st in studies if st.uid)
+    if shared:
+        tally["labelled rows whose DICOM folder's StudyInstanceUID another row's folder also has (left out: "
+              "ambiguous)"] = shared
+    return [st for st in studies if not (st.uid and n[st.uid] > 1)]
+
+
 def run(name, root_dir, out_dir, salt_value="", how="symlink", labels_path="", **options):
     """One dataset end to end: adapter -> write_outputs. Returns the report dict."""
     if name not in ADAPTERS:
@@ -1235,6 +1256,7 @@ def run(name, root_dir, out_dir, salt_value="", how="symlink", labels_path="", *
     if how not in ("symlink", "hardlink", "copy"):
         raise BenchmarkError(f"--link={how!r}: choose symlink, hardlink or copy")
     studies, tally, columns = ADAPTERS[name](root_dir, labels_path, **options)
+    studies = _one_study_per_uid(studies, tally)
     if not studies:
         raise BenchmarkError(f"{name}: no labelled study with an image under {root_dir} ({tally.line()})")
     # DICOM datasets are read where they are (keys from their headers); the others from images/
