@@ -47,7 +47,8 @@ __global__ void block_masks_kernel(const int32_t* __restrict__ coords, const int
       float m = 0.f;
 #pragma unroll
       for (int a = 0; a < 3; ++a) {
-        const float diff = (float)abs(c[a] - centres[3 * (k0 + k) + a]);
+        // in 64 bits, as the CPU kernel: an int32 difference overflows for coordinates 2^31 apart
+        const float diff = (float)llabs((long long)c[a] - (long long)centres[3 * (k0 + k) + a]);
         m = fmaxf(m, __fdiv_rn(diff, aspects[3 * (k0 + k) + a]));
       }
       best = fminf(best, m);

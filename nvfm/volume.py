@@ -504,10 +504,12 @@ def fill_holes_slices_reference(mask, chunk=4):
     """binary_fill_holes slice by slice of a (D, H, W) mask, in place when uint8/bool;
     one labelling per chunk of slices (the structure never connects slices). The
     specification of the C++ kernel `fill_holes_slices` (csrc/volume.cpp)."""
-    out = mask if mask.dtype in (np.uint8, bool) else mask.astype(np.uint8)
+    # any nonzero is foreground (astype(uint8) wrapped 512 to 0 and made 0.5 background)
+    out = mask if mask.dtype in (np.uint8, bool) else (mask != 0).astype(np.uint8)
     H, W = mask.shape[1:]
     for d0 in range(0, mask.shape[0], chunk):
         m = out[d0:d0 + chunk] != 0
+        out[d0:d0 + chunk] = m  # 0/1 also where nothing is filled below (a uint8 255 stayed 255)
         rows = np.nonzero(m.any(axis=(0, 2)))[0]
         if not len(rows):
             continue  # no foreground: no holes

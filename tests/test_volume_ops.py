@@ -58,6 +58,16 @@ def test_fill_holes_kernel_nonbinary_and_fallbacks():
     assert np.array_equal(volume.fill_holes_slices(m.copy()), ref)  # any nonzero is foreground -> 0/1
     f = np.asfortranarray(m)  # not C-contiguous: the reference path, same answer
     assert np.array_equal(volume.fill_holes_slices(f), ref)
+    # the reference on other dtypes and on a chunk with no background: any nonzero is foreground, output 0/1
+    # (0.5 and int16 512 became 0 through astype(uint8); an all-255 chunk came back as 255)
+    ring = np.zeros((1, 5, 5))
+    ring[0, 1:4, 1:4], ring[0, 2, 2] = 1, 0
+    for v, dtype in ((0.5, np.float32), (512, np.int16)):
+        got = volume.fill_holes_slices((ring * v).astype(dtype))
+        assert got.dtype == np.uint8 and np.array_equal(got, ndi.binary_fill_holes(ring[0])[None].astype(np.uint8))
+    full = np.full((6, 1, 5), 255, np.uint8)
+    assert np.array_equal(volume.fill_holes_slices_reference(full.copy()), np.ones_like(full))
+    assert np.array_equal(volume.fill_holes_slices(full.copy()), np.ones_like(full))
     with pytest.raises(RuntimeError, match="uint8 or bool"):
         torch.ops.nvfm.fill_holes_slices(torch.zeros(2, 3, 3))
     with pytest.raises(RuntimeError, match=r"\(D, H, W\)"):
