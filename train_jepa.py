@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nvfm.attention import IMPLS as ATTENTION_IMPLS
+from nvfm.attention import IMPLS as _ATTENTION_IMPLS  # private: not a setting, not in the stored config
 from nvfm.checkpoint import changed_settings, load_checkpoint, load_state_strict, resume_refusal, save_atomic
 from nvfm.configurator import config_dict, configure, fail
 from nvfm.data import ShardReader, write_atomic
@@ -76,7 +76,7 @@ device = "auto"                    # auto | cpu | cuda
 configure(globals())
 config = config_dict(globals())
 # a misspelt choice is one line naming it before anything is read or written (it was a traceback, exit 2)
-for key, choices in (("init_from", ("scratch", "resume")), ("model_size", tuple(SIZES)), ("attention", ATTENTION_IMPLS),
+for key, choices in (("init_from", ("scratch", "resume")), ("model_size", tuple(SIZES)), ("attention", _ATTENTION_IMPLS),
                      ("amp_dtype", ("bfloat16", "float16", "float32")), ("export", ("teacher", "student"))):
     if config[key] not in choices:
         fail(f"--{key}={config[key]!r}: choose one of {', '.join(choices)}")
@@ -235,7 +235,8 @@ if ddp:
 # ----------------------------------------------------------------------------- schedules
 def lr_at(s):
     """Linear warm-up lr_start -> lr_peak over warmup_frac of the run, then cosine to lr_final."""
-    warm = max(1, int(warmup_frac * max_steps))
+    # floor with a float margin (0.58 * 50 = 28.999999999999996 gave 28 steps); 0: no warm-up (it forced 1)
+    warm = math.floor(warmup_frac * max_steps + 1e-9)
     if s < warm:
         return lr_start + (lr_peak - lr_start) * s / warm
     t = (s - warm) / max(1, max_steps - warm)
@@ -371,9 +372,9 @@ for b in loader:
         torch._foreach_lerp_(t_params, s_params, 1.0 - mom)
     step += 1
 
-    tok_log += int(b["cu_seqlens"][-1]) * world_size
+    tok_log += int(b["cu_seqlens"][-1])  # this rank's; summed over the ranks at the log
     vol_log += global_batch
-    flops_log += step_flops(b) * world_size
+    flops_log += step_flops(b)
     loss_log, pos_log, n_log = loss_log + loss.detach(), pos_log + loss_pos.detach(), n_log + 1  # no sync until the log
     stop = (stop_seen if ddp else stop_requested) or bool(stop_at_step and step >= stop_at_step)
     # every step counted in one log record; a checkpoint's step is logged, so a resumed log (cut at it) misses none
@@ -385,8 +386,11 @@ for b in loader:
         share = intensity_share(z, x[ctx].mean(1), b["window"][ctx])  # what a collapse keeps
         warning = watch.update(z_rank, share)  # the first batch's rank is the reference
         stats = torch.stack([loss_log / (n_log * world_size), pos_log / (n_log * world_size)])
-        if ddp:
+        counts = torch.tensor([tok_log, flops_log], dtype=torch.float64, device=dev)
+        if ddp:  # ranks' batches differ in length: rank 0's tokens x world_size was not the global count
             dist.all_reduce(stats)
+            dist.all_reduce(counts)
+        tok_log, flops_log = counts.tolist()
         dt = time.time() - t_log
         peak = peak_flops()
         rec = dict(step=step, loss=stats[0].item(), lr=lr, wd=wd, momentum=mom, grad_norm=float(grad_norm),
