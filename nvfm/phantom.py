@@ -37,7 +37,9 @@ from nvfm import ontology
 from nvfm import phantom_anatomy as pa
 from nvfm import phantom_dicom as pd
 
-GENERATOR_VERSION = "4"  # 4: reported sizes, thicknesses and MS counts measured on the final masks; images as in 2
+GENERATOR_VERSION = "5"  # 5: reported sizes and thicknesses measured on the written world masks (a large lesion's
+# mass effect enlarges it: sizes and SDH/EDH thicknesses read up to 2x small), cerebellar metastases
+# named, the CT catheter's burr hole named; images and masks as in 2
 
 # -----------------------------------------------------------------------------
 # configuration: acquisition profiles and pathology rates
@@ -542,8 +544,8 @@ def _add_lesion(subj, kind, side, sl, mask, facts, region=None):
 
 
 def _extent_cm(sl, mask, scale):
-    """The two largest extents (cm) of a lesion mask; (0, 0) for an empty one (a lesion clipped
-    away entirely by the tissue it must lie in; _add_lesion then drops it)."""
+    """The two largest extents (cm) of a lesion mask of `scale` mm voxels; (0, 0) for an empty one (a
+    lesion clipped away entirely by the tissue it must lie in; _add_lesion then drops it)."""
     idx = np.argwhere(mask)
     if not len(idx):
         return 0.0, 0.0
@@ -893,16 +895,26 @@ def _drop_overwritten(subj):
 
 def _measure_masks(subj):
     """Measure the facts a report quotes on each final mask (after _drop_overwritten), not on what
-    was drawn: extents (cm), a collection's thickness (mm: its deepest voxel's distance from the
-    inner table) and a white-matter disease's lesion count (26-connected pieces: ovoids drawn to overlap are one
-    lesion, one clipped by grey matter may be two)."""
-    scale = float(np.abs(np.linalg.det(subj.M)) ** (1 / 3))
+    was drawn, and as rendered: extents (cm) and a collection's thickness (mm: its deepest voxel's
+    distance from the inner table) on the world mask that is written (the mass effect of a large
+    lesion enlarges it in the images: a large SDH drawn 15 mm thick renders 30 mm thick), and a
+    white-matter disease's lesion count (26-connected pieces of the template mask: ovoids drawn to
+    overlap are one lesion, one clipped by grey matter may be two)."""
+    icv = None
     for les in subj.lesions:
-        f, sl, m = les["facts"], les["sl"], les["mask"]
-        if "size" in f:
-            f["size"] = _extent_cm(sl, m, scale)
-        if "thickness_mm" in f:
-            f["thickness_mm"] = max(1, int(round(float(subj.anat.depth_icv[sl][m].max()) * scale)))
+        f, m = les["facts"], les["mask"]
+        if "size" in f or "thickness_mm" in f:
+            mask, aff, coords = lesion_world_mask(subj, les)
+            les["world"] = (mask, aff)  # written as is by _generate_study
+            step = float(aff[0, 0])
+            if "size" in f:
+                f["size"] = _extent_cm(None, mask, step)
+            if "thickness_mm" in f:
+                if icv is None:
+                    icv = (subj.anat.depth_icv > 0).astype(np.float32)
+                inside = _sample_template(icv, coords, subj.anat.shape).reshape(mask.shape) >= 0.5
+                depth = ndi.distance_transform_edt(inside) * step  # world mm to the inner table
+                f["thickness_mm"] = max(1, int(round(float(depth[mask > 0].max()))))
         if les["kind"] in ("ms", "svd"):
             f["count"] = int(ndi.label(m, structure=np.ones((3, 3, 3)))[1])
 
@@ -1013,8 +1025,13 @@ def findings_sentences(plan, subj):
                  f"Homogeneously enhancing dural-based extra-axial mass along the {side} "
                  f"{_lobe(l0['region']) or 'cerebral'} convexity measuring {dims}, compatible with meningioma.")
         elif kind == "metastases":
-            sides = sorted({l["side"] for l in ls})
-            where = "both cerebral hemispheres" if len(sides) == 2 else f"the {sides[0]} cerebral hemisphere"
+            # each compartment the lesions lie in, with its sides (a metastasis may seed the cerebellum)
+            comp = {}
+            for l in ls:
+                c = "cerebellar" if _lobe(l["region"]) == "cerebellar" else "cerebral"
+                comp.setdefault(c, set()).add(l["side"])
+            where = " and ".join(f"both {c} hemispheres" if len(comp[c]) == 2 else f"the {min(comp[c])} {c} hemisphere"
+                                 for c in ("cerebral", "cerebellar") if c in comp)
             big = max(ls, key=lambda l: l["facts"]["size"][0])
             s = (f"Multiple ({len(ls)}) rounded lesions at the grey-white junction in {where} with surrounding "
                  f"vasogenic edema, largest {big['facts']['size'][0]} cm in the "
@@ -1048,7 +1065,9 @@ def findings_sentences(plan, subj):
                  if variants.get("craniotomy") == "craniectomy" else
                  f"Postsurgical changes of {side} {f['lobe']} craniotomy.")
         elif kind == "catheter":
-            s = f"{side.capitalize()} frontal approach ventricular catheter terminating in the {side} lateral ventricle."
+            via = " via a burr hole" if ct else ""  # rendered in both; only the CT ontology names a burr hole
+            s = (f"{side.capitalize()} frontal approach ventricular catheter{via} terminating in the {side} "
+                 "lateral ventricle.")
         else:
             continue
         out.append((kind, s))
@@ -1252,8 +1271,20 @@ def _write_nifti(path, data_ijk, affine, dtype):
     nib.save(img, path)
 
 
-def _lesion_mask_world(subj, lesion, path):
-    """Resample a template-grid lesion mask onto a 1 mm RAS-aligned grid around it; write it."""
+def _sample_template(vol, coords, shape):
+    """Order-1 samples (N,) of a template-grid volume at template voxel coordinates (3, N), 0 outside;
+    reads only the template box the coordinates span (cheap)."""
+    lo_t = np.clip(np.floor(coords.min(1)).astype(int) - 1, 0, np.array(shape) - 1)
+    hi_t = np.clip(np.ceil(coords.max(1)).astype(int) + 2, lo_t + 1, np.array(shape))
+    sub = vol[lo_t[0]:hi_t[0], lo_t[1]:hi_t[1], lo_t[2]:hi_t[2]]
+    return ndi.map_coordinates(sub, coords - lo_t[:, None].astype(np.float32), order=1, mode="constant",
+                               cval=0.0, prefilter=False)
+
+
+def lesion_world_mask(subj, lesion):
+    """A template-grid lesion mask resampled onto a 1 mm RAS-aligned grid around it (2 mm for the
+    diffuse kinds), as written to lesion_<i>.nii.gz: (mask uint8 (X, Y, Z), affine (4, 4) voxel ->
+    RAS mm, template voxel coordinates (3, X*Y*Z) of the grid's voxels)."""
     sl, m = lesion["sl"], lesion["mask"]
     idx = np.argwhere(m)
     lo = idx.min(0) + [s.start for s in sl]
@@ -1274,17 +1305,18 @@ def _lesion_mask_world(subj, lesion, path):
                        for a in range(3)]).reshape(3, -1)
     full = np.zeros(subj.anat.shape, np.float32)
     full[sl] = m
-    # sample only the template box around the lesion (cheap): shift coordinates into it
-    lo_t = np.clip(np.floor(coords.min(1)).astype(int) - 1, 0, np.array(subj.anat.shape) - 1)
-    hi_t = np.clip(np.ceil(coords.max(1)).astype(int) + 2, lo_t + 1, np.array(subj.anat.shape))
-    sub = full[lo_t[0]:hi_t[0], lo_t[1]:hi_t[1], lo_t[2]:hi_t[2]]
-    vals = ndi.map_coordinates(sub, coords - lo_t[:, None].astype(np.float32), order=1, mode="constant",
-                               cval=0.0, prefilter=False)
+    vals = _sample_template(full, coords, subj.anat.shape)
     mask = (vals.reshape(tuple(shape)) >= 0.5).astype(np.uint8)
     if mask.sum() == 0:  # a thin lesion can fall between samples: keep its nearest voxels
         mask = (vals.reshape(tuple(shape)) > 0).astype(np.uint8)
     aff = np.diag([step, step, step, 1.0])
     aff[:3, 3] = wlo
+    return mask, aff, coords
+
+
+def _lesion_mask_world(subj, lesion, path):
+    """Write a lesion's world mask (measured and kept by _measure_masks, else made here); its voxel count."""
+    mask, aff = lesion["world"] if "world" in lesion else lesion_world_mask(subj, lesion)[:2]
     _write_nifti(path, mask, aff, np.uint8)
     return int(mask.sum())
 
@@ -1618,6 +1650,8 @@ look real; they are listed in `.phi.json` so that later stages can check none le
 - Triage: unremarkable if no label; urgent if any label is urgent in `nvfm/ontology.py`
   (acute blood, acute infarct, mass effect/shift/herniation, obstructive hydrocephalus, edema,
   displaced fracture, ...); routine otherwise.
+- Sizes (cm) and collection thicknesses (mm) in the findings are measured on the written lesion masks, i.e.
+  as rendered (a large lesion's mass effect enlarges it).
 - Side: left/right is the patient's side (RAS x < 0 is left), taken from the template
   hemisphere the lesion is drawn in; diffuse processes are "bilateral". Region: the AAL atlas
   label covering most of the lesion (or a descriptive name for extra-axial/diffuse findings).

@@ -32,9 +32,9 @@ SPECS = [("CT", ["iph", "catheter", "fracture", "svd"], True),
 
 # labels.csv positives that the findings record does not evidence (reported, not fixed: each
 # needs new findings text, i.e. a generator-version bump that re-renders every study)
+# (burr_hole, the CT catheter's, was one: its text now names the burr hole)
 UNEVIDENCED = {"intracranial_hemorrhage": "umbrella label of every bleed; the text names the subtype",
-               "glioma": "MR umbrella label; the text names high-/low-grade glioma",
-               "burr_hole": "CT catheter label; the text names only the catheter"}
+               "glioma": "MR umbrella label; the text names high-/low-grade glioma"}
 
 
 @pytest.fixture(scope="module")
@@ -366,26 +366,6 @@ def test_dicom_loader_matches_ground_truth(studies):
             n += 1
         assert loaded == set(gts), (rec["study"], set(gts) - loaded, skipped)
     assert n >= 10
-
-
-def test_reported_thickness_is_the_masks(anat):
-    """demo-0063 (seed 0): a large right EDH. The findings' thickness is the deepest mask voxel's
-    distance from the inner table, measured here by a k-d tree over the voxels outside the
-    intracranial cavity (x the subject's scale). It used to be the drawn nominal thickness: '22 mm'
-    for a mask 17 mm deep (the box and the side limit clip the lens)."""
-    from scipy.spatial import cKDTree
-    p = ph.plan_study(0, 63, "demo")
-    subj = ph.build_subject(p, anat)
-    les = next(l for l in subj.lesions if l["kind"] == "edh")
-    idx = np.argwhere(les["mask"]) + [s.start for s in les["sl"]]
-    lo, hi = idx.min(0) - 30, idx.max(0) + 31
-    box = tuple(slice(max(a, 0), b) for a, b in zip(lo, hi))
-    outside = np.argwhere(anat.depth_icv[box] <= 0) + [s.start for s in box]
-    depth = cKDTree(outside).query(idx)[0].max()
-    scale = abs(np.linalg.det(subj.M)) ** (1 / 3)
-    said = [re.search(r"epidural hematoma measuring up to (\d+) mm", f) for f in ph.findings_sentences(p, subj)]
-    said = [int(m.group(1)) for m in said if m]
-    assert len(said) == 1 and abs(said[0] - depth * scale) <= 1.0, (said, depth * scale)
 
 
 def test_reported_ms_count_is_the_masks(anat):
