@@ -29,7 +29,8 @@ At the end the eval split is decoded (batched, greedy or beam: deterministic), e
 as a JSON list (repaired or reported, never a crash), optionally cross-checked against the
 diagnostic probe's scores (--probe=probe.pt or --probe_scores=...: urgent diagnoses the probe calls
 positive but the report omits are appended; a probe.pt scores only the studies with tokens in its windows,
-an empty bag's logit being a constant), and scored with nvfm.report_metrics
+an empty bag's logit being a constant, and one fitted or tuned on an evaluated study outside --val_split, or on
+its subject, is refused before training: its calls there are in-sample), and scored with nvfm.report_metrics
 (OUT/reports*.jsonl, OUT/metrics.json). Where the probe "calls positive" is --probe_rule: by
 default each urgent diagnosis gets the lowest probe score whose appended calls are right
 --probe_precision of the time among reports that omit it, fitted on the evaluated --val_split studies'
@@ -138,8 +139,8 @@ configure(globals())
 config = config_dict(globals())
 # settings that may change on --init_from=resume: they do not change the trained model (logging, checkpoints,
 # evaluation and decoding, where and how it runs; init_connector is read only by a fresh start; findings and
-# features are compared by content, see data_id). max_iters may change to continue a finished run (a note
-# says the learning-rate schedule of the remaining iterations follows the new length). Every other setting
+# features are compared by content, see data_id and features_id). max_iters may change to continue a finished run
+# (a note says the learning-rate schedule of the remaining iterations follows the new length). Every other setting
 # must equal the checkpoint's.
 RESUME_MAY_CHANGE = ("out_dir", "init_from", "init_connector", "features", "findings", "max_iters", "attn_impl",
                      "grad_ckpt", "device", "fsdp", "log_interval", "ckpt_interval", "eval_interval", "val_split",
@@ -236,6 +237,16 @@ def precision_refusal(what, fit, source):
     return None
 
 
+def study_modality(key):
+    """"CT" or "MR": the findings record's modality, else (absent or another spelling) that of the study's
+    features; None for a study whose features mix both."""
+    m = recs[key].get("modality")
+    if m in ("CT", "MR"):
+        return m
+    mods = {e["modality"] for e in cache.study(key)}
+    return mods.pop() if len(mods) == 1 else None
+
+
 probe_cks = {}  # --probe path -> its checkpoint, checked here, before training, and used by run_probes
 if probe and cache is not None and not text_only:  # refused before training, not after it
     for _p in [p for p in probe.split(",") if p]:
@@ -249,9 +260,37 @@ if probe and cache is not None and not text_only:  # refused before training, no
         _msg = precision_refusal(f"--probe={_p}", trained_precision(_ck, _ck.get("features"), cache), _ck.get("features"))
         if _msg:
             fail(_msg)
+        # a study that fitted or tuned the probe gets its in-sample call appended: only val_split may (it is
+        # where the reports rule fits; test stays clean)
+        _mod = _ck.get("eval_modality") or _ck.get("modality") or "all"
+        _checked = [k for k in eval_keys if recs[k].get("split") != val_split
+                    and (_mod == "all" or study_modality(k) == _mod)]
+        if _checked and cross_check != "off" and stage == 2:
+            from nvfm import probe as P
+            _csv = os.path.join(os.path.dirname(findings), "labels.csv")
+            try:  # subjects (salted) of labels.csv beside findings.jsonl, as evaluate.py reads them
+                _rows = P.load_labels(_csv, use=())[0] if os.path.exists(_csv) else []
+                _subj = {r["study_key"]: r["subject"] for r in _rows}
+            except ValueError as e:
+                fail(str(e))
+            _own = P.own_studies(_checked, [_subj.get(k, "") for k in _checked], *P.seen_studies(_ck, held_out=False))
+            if _own:
+                fail(f"--probe={_p} was fitted or tuned on {len(_own)} of the --eval_split={eval_split} studies "
+                     f"outside --val_split={val_split}, or shares their subjects (first: {_own[:3]}): its cross-check "
+                     f"of them is in-sample; use a probe trained on the train and val splits, or --cross_check=off")
 labels = llava.study_labels(recs, findings)
 with open(findings, "rb") as _f:  # what the run trains on: the findings' content and the training studies
     data_id = "sha256:" + hashlib.sha256(_f.read() + "\0".join(train_keys).encode()).hexdigest()
+# and the training studies' features: per series its name, token count and first and last token (a re-encoded
+# cache of the same encoder and precision differs in every token; hashing all of them would read the whole cache)
+features_id = None
+if cache is not None and not text_only:
+    _h = hashlib.sha256()
+    for _k in train_keys:
+        for _e in cache.study(_k):
+            _h.update(json.dumps([_k, _e["volume_id"], _e["window"], len(_e["emb"])]).encode())
+            _h.update(_e["emb"][:1].tobytes() + _e["emb"][-1:].tobytes())
+    features_id = "sha256:" + _h.hexdigest()
 if master:
     os.makedirs(out_dir, exist_ok=True)
 weights = llava.sampling_weights([labels[k] for k in train_keys], resample_power) if train_keys else None
@@ -387,16 +426,19 @@ if init_from == "resume":
     if ckpt.get("data_id", data_id) != data_id:
         changes.insert(0, f"training data (findings {ckpt['config'].get('findings')!r} -> {findings!r}: other "
                           f"findings or other training studies with features)")
+    elif ckpt.get("features_id", features_id) != features_id:  # (absent: a checkpoint written before it was)
+        changes.insert(0, f"training features ({ckpt['config'].get('features')!r} -> {features!r}: other features "
+                          f"of the training studies)")
     elif "data_id" not in ckpt:  # an older checkpoint: compare the paths
         changes[:0] = [f"{k} {ckpt['config'][k]!r} -> {config[k]!r}" for k in ("findings", "features")
                        if ckpt.get("config", {}).get(k, config[k]) != config[k]]
-    if changes:
-        fail(resume_refusal(ckpt_path, changes))
     if cache is not None and not text_only:  # it would train (or decode) on features of another precision
         _src = ckpt.get("config", {}).get("features")
         _msg = precision_refusal(ckpt_path, trained_precision(ckpt, _src, cache), _src)
-        if _msg:
+        if _msg:  # (before the other changes: it says why these features differ)
             fail(_msg)
+    if changes:
+        fail(resume_refusal(ckpt_path, changes))
     if ckpt.get("config", {}).get("max_iters", max_iters) != max_iters and master:
         print(f"note: --max_iters {ckpt['config']['max_iters']} -> {max_iters}: the learning-rate schedule of the "
               f"remaining iterations follows the new length (not the same run as one started with it)")
@@ -579,7 +621,8 @@ def save(it):
     state = {"connector": conn, "iter_num": it, "stage": stage, "stage1_iters": stage1_iters, "config": config,
              "encoder_hash": cache.encoder_hash if cache is not None else None, "llm": base_llm,
              "feature_precision": cache.precision if cache is not None else None,
-             "llm_dir": name, "llm_files": files, "data_id": data_id, "enc_dim": enc_dim}
+             "llm_dir": name, "llm_files": files, "data_id": data_id, "features_id": features_id,
+             "enc_dim": enc_dim}
     if not (ddp and fsdp):
         state["optimizer"] = optimizer.state_dict()  # FSDP resume restarts the Adam moments (documented)
     save_atomic(state, ckpt_path)
@@ -686,7 +729,10 @@ def run_probes(paths, keys):
         models = P.load_models(ck, path)
         mod = ck.get("eval_modality") or ck.get("modality") or "all"
         wins = set(ck["windows"].split(",")) if ck.get("windows") else None
-        ks = [k for k in keys if mod == "all" or recs[k].get("modality") == mod]
+        ks = [k for k in keys if mod == "all" or study_modality(k) == mod]
+        if not ks and master:  # else no reports_probe.jsonl and no word of why
+            print(f"note: probe {path} ({mod} studies) scores none of the {len(keys)} evaluated studies: "
+                  f"no cross-check by it")
         empty = [k for k in ks if cache.n_tokens(k, wins) == 0]
         if empty:  # an empty bag's logit is a constant, not image evidence: unscored, as evaluate.py leaves it out
             print(f"probe {path}: {len(empty)} of its {len(ks)} studies have no tokens in its windows {ck['windows']} "

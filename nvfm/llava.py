@@ -530,8 +530,9 @@ def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=T
 
     findings: list[str]; probe_scores: {diagnosis: probability}; thresholds: {diagnosis: t} or a
     float. A diagnosis the probe calls positive (score >= threshold), urgent (when urgent_only), and
-    that the report does not mention is "missed". mode "append" adds a finding naming it and
-    marked as probe-detected; "flag" leaves the text alone; "off" does nothing.
+    that the report does not mention is "missed" (once per finding: of its CT and MR names called, the
+    higher scored). mode "append" adds a finding naming it and marked as probe-detected; "flag" leaves the
+    text alone; "off" does nothing.
     Returns (findings, missed list[str]).
     """
     from nvfm.ontology import DIAGNOSES, same_finding
@@ -548,6 +549,7 @@ def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=T
         # mentions are by same_finding name: an MR probe's brain_midline_shift is the report's "midline shift"
         if p >= t and same_finding(name) not in mentioned and (not urgent_only or DIAGNOSES[name].urgency == "urgent"):
             missed.append(name)
+            mentioned.add(same_finding(name))  # its CT and MR names (an 'all' probe scores both) are one finding
     if mode == "append":
         findings = list(findings) + [f"{diagnosis_phrase(n).capitalize()} (detected by image probe)" for n in missed]
     elif mode != "flag":
