@@ -369,7 +369,8 @@ def test_curve_snapshots_random_init_and_exported_encoder(curve, tmp_path):
     from nvfm.model import load_encoder
     shards = write_synthetic_shards(str(tmp_path / "shards"), n=4, seed=0, shape=(16, 64, 64))
     curve.cohort = str(tmp_path / "curve")
-    curve.extra = "--global_batch=2 --num_workers=0 --predictor_depth=1 --lr_start=0.0 --log_interval=1"
+    curve.extra = ("--global_batch=2 --num_workers=0 --predictor_depth=1 --lr_start=0.0 --warmup_frac=0.5 "
+                   "--log_interval=1")   # a 1-step warm-up: step 1 runs at lr_start
     snaps, run = curve.pretrain(shards, 3, [0, 1, 3])
     assert sorted(snaps) == [1, 3]
     init = curve.random_init(load_encoder(os.path.join(snaps[1], "teacher.safetensors")), 3).state_dict()
