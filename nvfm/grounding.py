@@ -177,19 +177,10 @@ def _centre_tokens(coords, affine, idx, mask_affine, patch=PATCH, origin=(0, 0, 
 
 def mask_token_hits(coords, affine, mask, mask_affine, patch=PATCH, origin=(0, 0, 0)):
     """(n,) bool: the box of each token (coords (n, 3) of a volume with `affine`) overlaps the
-    nonzero region of `mask`: a point sampled in the box lies in the mask, or the centre of a
-    mask voxel lies in the box (a lesion smaller than the sampling step is then still found)."""
-    c = np.asarray(coords, np.int64).reshape(-1, 3)
-    hit = np.zeros(len(c), bool)
-    idx = _nonzero_voxels(mask)
-    if not len(idx) or not len(c):
-        return hit
-    near = np.nonzero(_near_mask(c, affine, idx, mask_affine, patch, origin))[0]   # the others cannot hit
-    if len(near):
-        pts = to_world(token_box_points(c[near], patch, origin=origin), affine)
-        hit[near] = (mask_lookup(pts, mask, mask_affine).any(1)
-                     | _centre_tokens(c[near], affine, idx, mask_affine, patch, origin))
-    return hit
+    nonzero region of `mask`: one of its voxel centres has a nonzero nearest mask voxel, or the centre
+    of a mask voxel lies in the box (a lesion finer than the canonical grid). The tokens that
+    token_mask_share counts as touched, so the pointing game and the lesion-token labels agree."""
+    return token_mask_share(coords, affine, mask, mask_affine, patch, origin) > 0
 
 
 def _block_in_mask(v0, shape, affine, mask, mask_affine):
@@ -372,10 +363,7 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
             if key not in done:
                 rec = reader.volumes[vol_index[e["volume_id"]]]
                 origin = token_origin(rec["shape"], crop)
-                h = np.zeros(s1 - s0, bool)
-                for mask, maff in masks:
-                    h |= mask_token_hits(e["coords"], rec["affine"], mask, maff, origin=origin)
-                done[key] = h
+                done[key] = token_union_share(e["coords"], rec["affine"], masks, origin=origin) > 0
             hit_tok[s0:s1] = done[key]
         if not len(alpha):
             continue

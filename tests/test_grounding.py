@@ -608,3 +608,29 @@ def test_lesion_token_labels_count_every_voxel_of_the_box_on_a_mirrored_volume(t
     probes = object.__new__(ProbeSet)
     probes.token_labels, probes.cohort, probes.reader, probes.findings = None, str(tmp_path), Reader(), rows
     assert probes.lesion_labels(cache)["s", 0].tolist() == [1, -1, 0]
+
+
+
+@pytest.mark.parametrize("oblique", [False, True])
+def test_mask_token_hits_is_any_voxel_of_the_box(oblique):
+    """The pointing game's hit: a token is in the lesion when any of its 1024 voxel centres has a nonzero
+    nearest mask voxel, or a mask voxel's centre lies in its box: the same tokens the lesion-token
+    labels count as touched (token_mask_share > 0), by a token-by-token brute force."""
+    rng = np.random.default_rng(11 + oblique)
+    for _ in range(25):
+        origin, coords, A, mask, M = _random_tokens_and_lesion(rng, oblique)
+        got = grounding.mask_token_hits(coords, A, mask, M, origin=origin)
+        _, count, centre_in = _brute_force_overlap(coords, A, mask, M, origin)
+        np.testing.assert_array_equal(got, (count > 0) | centre_in)
+
+
+def test_mask_token_hits_finds_a_lesion_between_the_sample_points():
+    """One coarse mask voxel (1 x 4 x 16 mm) centred at canonical h -1.5, w 2, d 1.5: outside token
+    (0, 0, 0)'s box (h from -0.5), its region reaches the box's voxels at h 0, w 2, d 0-3 (4 of 1024;
+    worked by hand). The 64 sample points (w in 0, 5, 10, 15) miss them: the token was not a hit."""
+    M = np.diag([1.0, 4.0, 16.0, 1.0])
+    M[:3, 3] = [2 - 32, -1.5 - 32, 6.0]            # world x = w - 32, y = h - 32, z = 4 d (AFF)
+    mask = np.ones((1, 1, 1), np.uint8)
+    coords = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    np.testing.assert_array_equal(grounding.mask_token_hits(coords, AFF, mask, M), [True, False, False, False])
+    np.testing.assert_array_equal(grounding.token_mask_share(coords, AFF, mask, M), [4 / 1024, 0, 0, 0])
