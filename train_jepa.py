@@ -174,12 +174,21 @@ model.student.blocks.grad_checkpointing = grad_checkpointing
 model.predictor.blocks.grad_checkpointing = grad_checkpointing
 
 main_params = [p for n, p in model.named_parameters() if not n.startswith("pos_predictor.")]  # clipped together
-# no weight decay on biases, norms and the mask token (1-d parameters)
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "wd": True}, {"params": no_decay, "wd": False, "weight_decay": 0.0}],
-                              lr=lr_start, betas=(beta1, beta2), weight_decay=wd_start, fused=dev.type == "cuda")
+
+
+def make_optimizer(params):
+    """AdamW; no weight decay on biases, norms and the mask token (1-d parameters)."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "wd": True},
+              {"params": [p for p in params if p.dim() < 2], "wd": False, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr_start, betas=(beta1, beta2), weight_decay=wd_start, fused=dev.type == "cuda")
+
+
+optimizer = make_optimizer(main_params)
 scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and ptdtype == torch.float16)
+# the position-only control steps with an optimizer and a float16 loss scale of its own: a step its
+# gradients overflow skips its update only, never the main run's
+pos_optimizer = make_optimizer(list(model.pos_predictor.parameters())) if position_control else None
+pos_scaler = torch.amp.GradScaler(dev.type, enabled=use_amp and ptdtype == torch.float16)
 
 def logged_step(line):
     """The step of a log.jsonl record; inf for a blank line or one a kill cut in half (never kept)."""
@@ -213,8 +222,15 @@ if init_from == "resume":
             load_state_strict(module, ck[name], f"{ckpt_path} {name}")
         except RuntimeError as e:
             fail(str(e))
-    optimizer.load_state_dict(ck["optimizer"])
-    scaler.load_state_dict(ck["scaler"])
+    states = [(optimizer, "optimizer"), (scaler, "scaler")]
+    states += [(pos_optimizer, "pos_optimizer"), (pos_scaler, "pos_scaler")] if position_control else []
+    for obj, name in states:
+        if name not in ck:   # a control run saved before the control had an optimizer of its own
+            fail(f"{ckpt_path}: holds no {name} state (saved by an older train_jepa.py); start the run again")
+        try:
+            obj.load_state_dict(ck[name])
+        except (ValueError, KeyError, RuntimeError) as e:
+            fail(f"{ckpt_path} {name}: {e}")
     step, collapse_ref, collapse_warned = ck["step"], ck.get("collapse_ref"), ck.get("collapse_warned", False)
     torch.set_rng_state(ck["rng"]["torch"])  # data randomness is a function of (seed, step, slot): nothing else to restore
     if master:
@@ -286,7 +302,8 @@ signal.signal(signal.SIGINT, request_stop)
 def save_checkpoint(next_step):
     if not master:
         return
-    extra = {"pos_predictor": raw_model.pos_predictor.state_dict()} if position_control else {}
+    extra = {"pos_predictor": raw_model.pos_predictor.state_dict(), "pos_optimizer": pos_optimizer.state_dict(),
+             "pos_scaler": pos_scaler.state_dict()} if position_control else {}
     save_atomic({"student": raw_model.student.state_dict(), "predictor": raw_model.predictor.state_dict(),
                  "teacher": teacher.state_dict(), **extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "step": next_step, "config": config, "encoder_config": vars(enc_cfg), "shards_id": shards_id,
@@ -336,7 +353,7 @@ if probes is not None and step == 0:
 t_log, tok_log, vol_log, flops_log, loss_log, pos_log, n_log = time.time(), 0, 0, 0.0, 0.0, 0.0, 0
 for b in loader:
     lr, wd, mom = lr_at(step), wd_at(step), momentum_at(step)
-    for g in optimizer.param_groups:
+    for g in optimizer.param_groups + (pos_optimizer.param_groups if position_control else []):
         g["lr"] = lr
         if g["wd"]:
             g["weight_decay"] = wd
@@ -359,14 +376,20 @@ for b in loader:
         pos_sum = F.smooth_l1_loss(pred_pos.float(), target, reduction="sum", beta=1.0) / target.shape[-1] \
             if position_control else torch.zeros((), device=dev)
     loss, loss_pos = loss_sum * world_size / n_tgt, pos_sum * world_size / n_tgt  # DDP averages gradients over ranks
-    scaler.scale(loss + loss_pos).backward()  # the control predictor's input is zeros: no gradient reaches the student
+    # one backward for both (DDP reduces once): the control predictor's input is zeros, so no gradient of
+    # its loss reaches the student, and each loss carries its own float16 scale
+    (scaler.scale(loss) + (pos_scaler.scale(loss_pos) if position_control else 0.0)).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(main_params, grad_clip)
-    if position_control:  # clipped on its own, so the control never changes the main run
-        torch.nn.utils.clip_grad_norm_(raw_model.pos_predictor.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if position_control:  # clipped and stepped on its own, so the control never changes the main run
+        pos_scaler.unscale_(pos_optimizer)
+        torch.nn.utils.clip_grad_norm_(raw_model.pos_predictor.parameters(), grad_clip)
+        pos_scaler.step(pos_optimizer)
+        pos_scaler.update()
+        pos_optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # teacher = EMA of the student, its only update
         t_params, s_params = list(teacher.parameters()), list(raw_model.student.parameters())
         torch._foreach_lerp_(t_params, s_params, 1.0 - mom)

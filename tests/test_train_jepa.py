@@ -19,10 +19,11 @@ ARGS = ["config/jepa_tiny.py", "--global_batch=4", f"--max_steps={STEPS}", "--nu
         "--ckpt_interval=1000", "--predictor_depth=1", "--lr_peak=0.002"]
 
 
-def run(args, out_dir, shards, nproc=1):
+def run(args, out_dir, shards, nproc=1, pre=()):
+    """train_jepa.py in a subprocess; pre: python arguments before the script (e.g. "-c", a wrapper)."""
     env = dict(os.environ, PYTHONPATH=ROOT, NVFM_QUIET="1", OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
+        if nproc > 1 else [sys.executable, *pre]
     cmd = launcher + ["train_jepa.py"] + ARGS + [f"--shards={shards}", f"--out_dir={out_dir}"] + args
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
@@ -103,6 +104,36 @@ def test_position_control_and_online_probe(shards, tmp_path):
     assert all(p[n]["n_tokens"] > 0 for p in probes.values() for n in ("student", "teacher"))
 
 
+# an fp16 run's loss scaling (on CUDA only) forced on for the CPU, and a position-only control whose
+# output is NaN: the gradients that overflow in float16 are its own
+OVERFLOWING_CONTROL = """import runpy, sys, torch
+import nvfm.model as M
+Scaler = torch.amp.GradScaler
+torch.amp.GradScaler = lambda device, enabled=True, **kw: Scaler(device, enabled=True, **kw)
+forward = M.Predictor.forward
+def nan_control(self, z, *a, **kw):
+    out = forward(self, z, *a, **kw)
+    return out * float("nan") if not z.any() else out   # the control alone is fed zeros for the context
+M.Predictor.forward = nan_control
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_an_overflowing_position_control_leaves_the_main_run_alone(full_run, shards, tmp_path):
+    """With float16 loss scaling, a step whose control gradients overflow skips the control's update, not
+    the main run's: the student, predictor and teacher equal those of the run whose control is sound
+    (config/jepa_tiny.py trains the control) to the bit. (One GradScaler
+    and one optimizer held both: every step of the main run was skipped, its scale halved each time.)"""
+    out = str(tmp_path)
+    run(["--position_control=True"], out, shards, pre=("-c", OVERFLOWING_CONTROL))
+    ck, ref = load_checkpoint(os.path.join(out, "ckpt.pt")), load_checkpoint(os.path.join(full_run, "ckpt.pt"))
+    for part in ("student", "predictor", "teacher"):
+        for k, v in ref[part].items():
+            assert torch.equal(ck[part][k], v), f"{part}.{k}: the control's overflow changed the main run"
+    assert ck["scaler"]["scale"] == 2.0 ** 16 and ck["pos_scaler"]["scale"] < 2.0 ** 16   # only the control's backs off
+
+
 def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_path):
     out = str(tmp_path)
     half = STEPS // 2
@@ -122,9 +153,9 @@ def test_resume_is_exact_and_teacher_moves_only_by_ema(full_run, shards, tmp_pat
         expect = t0 + (1 - m) * (after["student"][k] - t0)
         torch.testing.assert_close(after["teacher"][k], expect, atol=1e-7, rtol=1e-6)
     assert any(not torch.equal(before["teacher"][k], after["teacher"][k]) for k in before["teacher"])
-    # the optimizer holds student + predictor (+ the position-only control's) parameters only
-    n_trained = len(before["student"]) + len(before["predictor"]) + len(before.get("pos_predictor", {}))
-    assert len(after["optimizer"]["state"]) == n_trained
+    # the optimizer holds student + predictor parameters only, the position-only control's its own
+    assert len(after["optimizer"]["state"]) == len(before["student"]) + len(before["predictor"])
+    assert len(after["pos_optimizer"]["state"]) == len(before["pos_predictor"]) > 0   # the tiny config has the control
     assert after["collapse_ref"] == before["collapse_ref"]   # the collapse warning still compares with step 1
     run(["--init_from=resume"], out, shards)
     a, b = weights(os.path.join(full_run, "ckpt.pt")), weights(os.path.join(out, "ckpt.pt"))
