@@ -13,9 +13,13 @@ whose top-level assignments override the globals, or `--key=value`. Values are p
 an int default accepts an int (or a whole float: 1e5), a float default accepts an int or a
 float, a str default takes the text as typed (`--out_dir=1e3` is the str '1e3'; a leading `~/`
 is the home directory, which the shell does not expand after `=`), a bool default accepts
-True/False/true/false/yes/no/1/0 (a bare `--flag` means True), a None default accepts
-anything. Unknown keys are errors: a typo never silently does nothing. A config file that
-fails (syntax error, exception, a YAML-style `key: value` line) is one error naming its line.
+True/False/true/false/yes/no/1/0 (a bare `--flag` means True), a list or tuple default
+accepts a list or tuple: when the default's items share one type, comma-separated items that
+follow these rules for that type (`--seeds=0,1`, one item `--seeds=0`, `--names=T1,FLAIR`) or a
+bracketed literal (`--seeds=[0, 1]`); a None default accepts anything. Unknown keys are errors:
+a typo never silently does nothing. A config file that fails (syntax error, exception, a
+YAML-style `key: value` line) is one error naming its line; one that cannot be read (a
+directory, no permission) is one error naming it.
 
 `-h` / `--help` prints the script's docstring and every setting with its default and its
 comment, grouped as in the script (read from the script's source), then exits 0.
@@ -99,6 +103,12 @@ def _coerce(key, value, default, name=None):
     if type(default) is int and type(value) is float and value.is_integer():
         return int(value)  # --max_steps=1e5: scientific notation of a whole number
     if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        # items follow the default's items when those share one plain type: --seeds=0.5,1 for (0, 1, 2)
+        # was kept as given (a script's int(s) then ran seed 0), --betas=1,2 for floats stayed ints
+        kinds = {type(v) for v in default}
+        if len(kinds) == 1 and next(iter(kinds)) in (bool, int, float, str):
+            item = default[0]
+            value = [_coerce(key, v, item, f"{name} item {i + 1}") for i, v in enumerate(value)]
         return type(default)(value)
     if isinstance(default, str) and isinstance(value, str) and (value == "~" or value.startswith("~/")) \
             and not _secret(key):
@@ -106,6 +116,9 @@ def _coerce(key, value, default, name=None):
     if not isinstance(value, type(default)) or (isinstance(value, bool) and not isinstance(default, bool)):
         hint = " (a list is given comma-separated: --key=a,b)" if isinstance(default, str) and \
             isinstance(value, (list, tuple, set, dict)) else ""
+        if isinstance(default, (list, tuple)) and not isinstance(value, (list, tuple, set, dict)) \
+                and name == f"--{key}":
+            hint = f" (a list is given comma-separated: --{key}=a,b; one item: --{key}=a,)"
         raise ConfigError(f"{name}: expected {type(default).__name__} like the default {default!r}, "
                           f"got {type(value).__name__} {shown}{hint}")
     return value
@@ -113,7 +126,17 @@ def _coerce(key, value, default, name=None):
 
 def _parse_value(text, default):
     """The value of --key=text: a Python literal, or the text itself; a str setting takes the text
-    as typed unless it is a quoted string (--out_dir=1e3, --salt=123456, --split=None stay text)."""
+    as typed unless it is a quoted string (--out_dir=1e3, --salt=123456, --split=None stay text).
+    A list setting whose default items share one plain type takes unbracketed text as comma-separated
+    items, each parsed as a setting of that type (--names=T1,FLAIR; --names=1,2 is ['1', '2'] for str
+    items; --flags=true,no; a trailing comma ends a one-item list: --seeds=3,)."""
+    if isinstance(default, (list, tuple)) and default and len({type(v) for v in default}) == 1 \
+            and type(default[0]) in (bool, int, float, str) and not text.lstrip().startswith(("[", "(")):
+        parts = text.split(",") if text.strip() else []
+        if len(parts) > 1 and not parts[-1].strip():
+            parts = parts[:-1]
+        return [_parse_value(part.strip() if not isinstance(default[0], str) else part, default[0])
+                for part in parts]
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -145,6 +168,8 @@ def read_config_file(arg, current=None):
         with open(path, "rb") as f:
             src = f.read().decode("utf-8")
         tree = ast.parse(src, path)
+    except OSError as e:  # a directory (a data folder given bare) or an unreadable file: not a traceback
+        raise ConfigError(f"{path}: cannot read it as a config file: {e.strerror or e}")
     except (UnicodeDecodeError, SyntaxError) as e:  # e.g. a data file given where a config file goes
         where = f"{path}:{e.lineno}" if getattr(e, "lineno", None) else path
         why = f"syntax error: {e.msg}" if isinstance(e, SyntaxError) else "not UTF-8 text"

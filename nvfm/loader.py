@@ -106,6 +106,18 @@ class JepaBatches(torch.utils.data.Dataset):
     global_batch = local_batch * world_size; rank in [0, world_size)."""
 
     def __init__(self, reader, indices, global_batch, rank=0, world_size=1, seed=0, mask_config=None):
+        # each of these failed late or not at all: a global batch of 0 (or < 0) packed an empty batch in a
+        # data-loader worker (numpy "need at least one array"), a negative seed stopped the worker's numpy
+        # stream ("expected non-negative integer"), and a rank >= world_size made the next step's slots
+        # (the same volumes and masks as that step's other ranks), silently
+        if int(world_size) != world_size or world_size < 1:
+            raise ValueError(f"world size must be an integer >= 1, got {world_size}")
+        if int(global_batch) != global_batch or global_batch < 1:
+            raise ValueError(f"global batch must be an integer >= 1 (volumes per step), got {global_batch}")
+        if int(rank) != rank or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size}) (world size {world_size})")
+        if int(seed) != seed or seed < 0:
+            raise ValueError(f"seed must be an integer >= 0 (it seeds numpy's streams), got {seed}")
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
         self.reader, self.indices = reader, np.asarray(indices, np.int64)

@@ -57,8 +57,20 @@ class MaskConfig:
         self.ratio_mr, self.ratio_ct, self.drop, self.max_patches = ratio_mr, ratio_ct, drop, max_patches
         self.ct_window_probs = tuple(ct_window_probs)
         self.n_blocks, self.aspect, self.permute, self.flip = tuple(n_blocks), aspect, permute, flip
-        if abs(sum(self.ct_window_probs) - 1) > 1e-6:
-            raise ValueError(f"ct_window_probs must sum to 1, got {ct_window_probs}")
+        if len(self.ct_window_probs) != 3 or not all(0 <= p <= 1 for p in self.ct_window_probs) \
+                or abs(sum(self.ct_window_probs) - 1) > 1e-6:
+            raise ValueError(f"mask config: ct_window_probs must be 3 probabilities (brain, blood, bone) summing to 1, "
+                             f"got {ct_window_probs}")
+        # these failed only in a data-loader worker, at the first draw (numpy's "low >= high", a block-less
+        # volume in block_masks, an OverflowError for a non-positive aspect), or never (2.5 blocks)
+        lo_k, hi_k = self.n_blocks if len(self.n_blocks) == 2 else (None, None)
+        if not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in (lo_k, hi_k)) \
+                or not 1 <= lo_k <= hi_k:
+            raise ValueError(f"mask config: n_blocks (the fewest and most target blocks) must be integers "
+                             f"1 <= lo <= hi, got {n_blocks}")
+        if not (np.isfinite(aspect) and aspect >= 1):
+            raise ValueError(f"mask config: aspect (the largest side scale of a block) must be finite and >= 1, "
+                             f"got {aspect}")
         # out of range, draw_blocks would clamp the counts silently (ratio 1.5: one target token; drop 1: one context token)
         for name, v in (("ratio_mr", ratio_mr), ("ratio_ct", ratio_ct)):
             if not 0 < v < 1:

@@ -39,7 +39,8 @@ for the second (used by the benchmark):
      (CSF-filled ventricles) and bright (acute blood) alike; this one asks a direction per kind,
      as a probe per finding would;
    - `study_auroc`: per-window mean and std pooling of the tokens, one logistic regression per
-     class (labels.csv's diagnosis columns, nvfm.probe.load_labels), 5-fold stratified CV over
+     class (labels.csv's diagnosis columns, nvfm.probe.load_labels, those annotated 0 / 1 for
+     every study; a partly annotated one is left out), 5-fold stratified CV over
      the set's studies (repeated with 3 shuffles, the AUROC of each repeat's out-of-fold scores
      averaged), macro AUROC over classes with >= 5 positives and >= 5 negatives; where labels.csv
      has a `subject` column, a subject's studies stay in one fold and the counts are of subjects
@@ -73,16 +74,21 @@ MIN_KIND_POSITIVES = 20  # scored lesion tokens a diagnosis needs for its own le
 @torch.no_grad()
 def effective_rank(x, max_rows=4096):
     """exp(entropy of the normalised covariance spectrum) of features x (N, D); NaN for N < 2 or
-    non-finite features.
-    At most `max_rows` rows are used (evenly spaced), so the cost is bounded on big batches."""
+    non-finite features; 1 for constant features (no variance: every token the same).
+    At most `max_rows` rows are used (evenly spaced), so the cost is bounded on big batches.
+    Scale-free: the singular values are divided by the largest before squaring (squared in
+    float32 they overflowed above ~1e19 and underflowed below ~1e-19, and a spectrum summing to
+    < 1e-30 was not normalised: features of scale 1e19 or 1e-17 read as rank ~1, a false collapse)."""
     x = torch.as_tensor(x).detach().float()
-    if x.shape[0] > max_rows:
-        x = x[torch.linspace(0, x.shape[0] - 1, max_rows).long()]
+    if x.shape[0] > max_rows:  # float64 positions: float32 rounds past 2^24 rows, to an index out of range
+        x = x[torch.linspace(0, x.shape[0] - 1, max_rows, dtype=torch.float64).long()]
     if x.shape[0] < 2 or not bool(torch.isfinite(x).all()):  # a diverged run's NaN features: no figure, no crash
         return float("nan")
     s = torch.linalg.svdvals(x - x.mean(0))
-    p = s.pow(2)
-    p = p / p.sum().clamp_min(1e-30)
+    if s.numel() == 0 or not bool(s.max() > 0):
+        return 1.0
+    p = (s / s.max()).pow(2)
+    p = p / p.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
 
@@ -97,8 +103,14 @@ def mean_std(x):
 @torch.no_grad()
 def relative_distance(a, b):
     """||a - b|| / ||b|| over two lists (or iterables, e.g. .parameters()) of tensors of the same
-    shapes (all entries together)."""
+    shapes (all entries together). Lists of other lengths or tensors of other shapes are a ValueError
+    (zip stopped at the shorter list and pairs broadcast: a figure of mismatched tensors, silently)."""
     a, b = list(a), list(b)   # b is read twice: a generator would be spent by the first sum
+    if len(a) != len(b):
+        raise ValueError(f"relative_distance: {len(a)} tensors against {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if tuple(x.shape) != tuple(y.shape):
+            raise ValueError(f"relative_distance: tensor {i} has shape {tuple(x.shape)} against {tuple(y.shape)}")
     num = sum(float((x.float() - y.float()).pow(2).sum()) for x, y in zip(a, b))
     den = sum(float(y.float().pow(2).sum()) for y in b)
     return (num / max(den, 1e-30)) ** 0.5
@@ -128,7 +140,7 @@ def intensity_share(x, mean_intensity, window, max_rows=4096):
     x = torch.as_tensor(x).detach().double()
     m, w = torch.as_tensor(mean_intensity).reshape(-1), torch.as_tensor(window).reshape(-1)
     if x.shape[0] > max_rows:
-        keep = torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()
+        keep = torch.linspace(0, x.shape[0] - 1, max_rows, dtype=torch.float64, device=x.device).long()
         x, m, w = x[keep], m.to(x.device)[keep], w.to(x.device)[keep]
     x = x - x.mean(0)
     total = float(x.pow(2).sum())
@@ -340,7 +352,17 @@ class ProbeSet:
         self.min_fg = min_fg_fraction if min_fg_fraction is not None else self.reader.manifest.get("min_fg_fraction")
         from nvfm.probe import load_labels  # diagnosis columns only: sex, subject, age ... are not classes
         labels_path = os.path.join(shards, "labels.csv")
-        rows, classes = load_labels(labels_path) if os.path.exists(labels_path) else ([], [])
+        rows, columns = load_labels(labels_path, use=[]) if os.path.exists(labels_path) else ([], [])
+        classes = []
+        if columns:  # the classes: the columns annotated for every study (0 or 1 in each row); a diagnosis
+            # annotated for some studies only (blanks, "NA"; load_labels allows it) stopped the run (ValueError)
+            import csv
+            with open(labels_path, newline="") as f:
+                cells = list(csv.DictReader(f))
+            classes = [c for c in columns if all((r[c] or "").strip() in ("0", "1") for r in cells)]
+            if token_task in columns and token_task not in classes:
+                classes.append(token_task)  # every study needs it: load_labels names the row and cell that is not 0/1
+            rows, _ = load_labels(labels_path, use=classes)
         keys = sorted({v["study_key"] for v in self.reader.volumes})
         if max_studies and len(keys) > max_studies:
             keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_studies).round().astype(int)]
