@@ -131,9 +131,12 @@ indices = train_indices(reader, split, min_tokens, max_patches, warn=print if ma
 if not indices:
     fail(f"{shards}: no '{split}' volume with >= {min_tokens} foreground tokens that a crop of <= {max_patches} "
          f"tokens per axis can split (warnings above)")
+try:  # the batch stream: a global batch, seed or rank it cannot make is one line
+    dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
+except ValueError as e:
+    fail(str(e))
 if master:
     os.makedirs(out_dir, exist_ok=True)
-dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
 
 # ----------------------------------------------------------------------------- model
 enc_cfg = EncoderConfig.preset(model_size)

@@ -108,11 +108,14 @@ def test_train_jepa_compile_and_checkpointing_end_to_end(tmp_path):
     assert la == pytest.approx(lb, rel=1e-4)
 
 
-@pytest.mark.parametrize("setting, named", [("--context_drop=1.0", "drop"), ("--context_ratio_mr=1.5", "ratio_mr"),
-                                            ("--max_patches=0", "max_patches")])
+@pytest.mark.parametrize("setting, named", [("--context_drop=1.0", "mask config: drop"),
+                                            ("--context_ratio_mr=1.5", "mask config: ratio_mr"),
+                                            ("--max_patches=0", "mask config: max_patches"),
+                                            ("--seed=-1", "seed must be"), ("--global_batch=0", "global batch must be")])
 def test_train_jepa_refuses_mask_settings_out_of_range(tmp_path, setting, named):
     """--context_drop=1.0 (one context token per volume), --context_ratio_mr=1.5 (one target token),
-    --max_patches=0: exit 1, one line on stderr naming the setting, nothing written."""
+    --max_patches=0, --seed=-1 and --global_batch=0 (the batch stream: a traceback, exit 2): exit 1, one
+    line on stderr naming the setting, nothing written."""
     import os
     import subprocess
     import sys
@@ -123,9 +126,9 @@ def test_train_jepa_refuses_mask_settings_out_of_range(tmp_path, setting, named)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=root, NVFM_QUIET="1", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "train_jepa.py", "config/jepa_tiny.py", f"--shards={shards}", f"--out_dir={out}",
-                        "--max_steps=1", "--num_workers=0", "--global_batch=2", setting],
+                        "--max_steps=1", "--num_workers=0", "--global_batch=2", setting],  # the setting given last wins
                        cwd=root, env=env, capture_output=True, text=True, timeout=300)
     err = p.stderr.strip()
     assert p.returncode == 1 and len(err.splitlines()) == 1, (p.returncode, err[-1500:])
-    assert err.startswith("train_jepa.py: error: mask config: ") and named in err
+    assert err.startswith(f"train_jepa.py: error: {named}"), err
     assert not out.exists()
