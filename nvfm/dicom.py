@@ -96,8 +96,9 @@ jitter, the mean orientation is used: `slice_orientation`); geometry tags (Image
 ImageOrientationPatient, PixelSpacing) absent or empty, "missing geometry (PixelSpacing)", or
 present but malformed, "invalid PixelSpacing '0.9\\?' (expected 2 positive numbers)" (one
 value, text, NaN, a spacing <= 0; "... (expected 3 numbers)" / "(expected 6 numbers)" for position /
-orientation; the value quoted as written, a part that is not number-like as "?" (text in a
-geometry tag could be a name), at most MAX_QUOTED = 32 characters:
+orientation, "(expected 2 orthogonal unit vectors)" for six numbers that are no plane: all zero, a
+repeated or zero direction, scaled, beyond IOP_UNIT_TOL; the value quoted as written, a part that
+is not number-like as "?" (text in a geometry tag could be a name), at most MAX_QUOTED = 32 characters:
 a user fixing the export must know the tag is there but wrong; `_geometry`); native pixel data
 whose length is not exactly Rows x Columns x frames x samples x BitsAllocated (+ one pad
 byte) in any file; a RescaleSlope / RescaleIntercept that is present but not a
@@ -120,7 +121,9 @@ top-level ones, which are read when the group lacks them; "missing RescaleInterc
 ("CT RescaleType MGML (values are not Hounsfield units)": iodine or effective-Z maps; US,
 unspecified, is read as HU), in any file (read as absent they would shift every value, or make
 negative ones huge); Siemens mosaics. An enhanced multi-frame file with an
-empty per-frame functional groups sequence is a failed file ("enhanced multi-frame object with no frames"). Files
+empty per-frame functional groups sequence is a failed file ("enhanced multi-frame object with no frames"), one
+without NumberOfFrames fails its series ("missing NumberOfFrames": its pixels would decode as one frame), as
+does a BitsAllocated / BitsStored / PixelRepresentation of several values. Files
 cut short are "truncated file" (header or pixel data), at the header scan or when read. Kept
 but recorded in `stack.warnings`: a gap interpolated because it is under the missing-slice
 limit (> 1.5 x median), a series split into volumes by pixel spacing / matrix size, by
@@ -313,11 +316,24 @@ MAX_QUOTED = 32  # characters of a malformed value quoted in a reason
 _NUMBER_LIKE = re.compile(r"[0-9.,eE+\- ]*|\s*[+-]?(nan|inf|infinity)\s*", re.IGNORECASE)  # a quoted value's parts
 
 
+IOP_UNIT_TOL = 1e-2  # |row|, |column| within 1 +- this and |row . column| under it (SliceStack's test)
+
+
+def _orthonormal(iop):
+    """Whether an ImageOrientationPatient 6-tuple holds two unit vectors at right angles (to
+    IOP_UNIT_TOL: values rounded to a few decimals pass)."""
+    r, c = iop[:3], iop[3:]
+    dot = sum(u * v for u, v in zip(r, c))
+    return (abs(math.sqrt(sum(u * u for u in r)) - 1) <= IOP_UNIT_TOL
+            and abs(math.sqrt(sum(u * u for u in c)) - 1) <= IOP_UNIT_TOL and abs(dot) <= IOP_UNIT_TOL)
+
+
 def _geometry(values):
     """{tag: raw value or None} of _GEOMETRY -> {record key: tuple of floats or None} plus
     "invalid": {tag: the value as written, each backslash-separated part that is not number-like
     (digits, . , + - e, nan, inf) shown as "?", at most MAX_QUOTED characters} for
-    each tag present but unusable (other than VM numbers, not finite, a PixelSpacing <= 0), else
+    each tag present but unusable (other than VM numbers, not finite, a PixelSpacing <= 0, an
+    ImageOrientationPatient that is not two orthogonal unit vectors: "iop_not_orthonormal"), else
     None: a value that is there but malformed must not be reported as missing (dicom_stack)."""
     out, bad = {}, {}
     for tag, key, n, _ in _GEOMETRY:
@@ -325,6 +341,11 @@ def _geometry(values):
         x = _floats(v, n)
         if x is not None and key == "ps" and min(x) <= 0:
             x = None
+        if x is not None and key == "iop" and not _orthonormal(x):
+            # six numbers that are no plane (all zero, a zero or repeated direction, scaled): an invalid
+            # value, named, not a slice of some other orientation that leaves a hole in its volume
+            x = None
+            out["iop_not_orthonormal"] = True
         parts = v if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) else [v]
         text = "\\".join(str(p).strip(" \x00") for p in parts) if v is not None else ""
         if x is None and text.strip("\\ "):  # an empty value counts as absent
@@ -376,6 +397,10 @@ def _check_rescale_type(v, info):
 
 
 def _int_or_none(v):
+    """One integer, else None (absent, not a whole number, or several values: a US element of 4
+    bytes is two, and which one the writer meant is unknown)."""
+    if isinstance(v, (list, tuple, pydicom.multival.MultiValue)) and len(v) != 1:
+        return None
     x = _num(v)
     return int(x) if x is not None and x == int(x) else None
 
@@ -750,8 +775,9 @@ def _note_pixel_error(ds, info, pos, hdr, file_size):
     except SeriesError as e:
         info["pixel_error"] = str(e)
     pr = info.get("pixel_representation")
-    if info["pixel_tag"] and pr is None:  # read as unsigned, -1000 is 64536
-        info.setdefault("pixel_error", "missing PixelRepresentation (signed or unsigned pixels unknown)")
+    if info["pixel_tag"] and pr is None:  # read as unsigned, -1000 is 64536 (present: several values)
+        what = "missing" if _fast_getter(ds)("PixelRepresentation", None) is None else "invalid"
+        info.setdefault("pixel_error", f"{what} PixelRepresentation (signed or unsigned pixels unknown)")
     elif info["pixel_tag"] and pr not in (0, 1):  # read as signed: which one the writer meant is unknown
         info.setdefault("pixel_error", f"invalid PixelRepresentation {pr} (only 0 or 1 are defined)")
     bits, alloc = info.get("bits_stored"), _int_or_none(_fast_getter(ds)("BitsAllocated", None))
@@ -928,11 +954,20 @@ def _header_info(ds, info):
         items = list(pffg) if pffg is not None else [None] * nframes
         if not items:  # no frame records: the file would join no series and vanish from the counts
             raise SeriesError("enhanced multi-frame object with no frames")
+        if pffg is not None and g("NumberOfFrames", None) is None:  # Type 1: pixels would decode as one frame
+            info.setdefault("pixel_error", f"missing NumberOfFrames (per-frame functional groups {len(items)})")
         if pffg is not None and g("NumberOfFrames", None) is not None and len(items) != nframes:
             # pixels decode to NumberOfFrames frames: some would have no geometry (dropped unsaid)
             info.setdefault("pixel_error", f"frame count differs: NumberOfFrames {nframes}, "
                                            f"per-frame functional groups {len(items)}")
         top_te = info["te"]
+        if not info["contrast"] and g("ContrastBolusAgentSequence", None):
+            # the Enhanced Contrast/Bolus module (present when contrast was used) replaces the classic
+            # ContrastBolusAgent text; frames may say the agent was not (yet) administered
+            said = {str(v).strip(" \x00").upper() for v in (
+                _fg(item, shared, "ContrastBolusUsageSequence", "ContrastBolusAgentAdministered") for item in items)
+                if v is not None}
+            info["contrast"] = not said or "YES" in said
         # outside the functional groups, where an enhanced IOD does not define them, yet unambiguous
         top_rescale = {k: g(k, None) for k in ("RescaleSlope", "RescaleIntercept")}
         for f, item in enumerate(items):
@@ -1265,6 +1300,17 @@ def plane_phrase(planes):
     return ", ".join(f"{n} {name}" for name, n in planes)
 
 
+def _part_info(frames):
+    """The header dict that describes a part (its `info`: mr_family reads te / tr / ti from it): its
+    first file's, with an enhanced object's timing taken from the part's first frame, as the file's
+    top level has none (EchoTime, RepetitionTime, InversionTime live in its functional groups) and
+    the echoes of a multi-echo file are parts of their own."""
+    h, fr = frames[0]
+    if fr.get("frame") is None:
+        return h
+    return dict(h, te=fr.get("te"), tr=fr.get("tr"), ti=fr.get("ti"))
+
+
 def group_series(headers):
     """Group header dicts of one study into candidate volumes.
 
@@ -1333,7 +1379,7 @@ def group_series(headers):
         parts.sort(key=lambda p: -len(p[0]))  # largest first: part 0 is the main volume
         for part, (frames, tag, n_stacks, plane, i) in enumerate(parts):
             like = clusters[apart[i][0]] if i in apart else None
-            groups.append(dict(series_uid=suid, part=part, n_parts=len(parts), info=frames[0][0], frames=frames,
+            groups.append(dict(series_uid=suid, part=part, n_parts=len(parts), info=_part_info(frames), frames=frames,
                                split_by_geometry=by_geometry, split_by_tag=tag, n_stacks=n_stacks,
                                split_by_timing=", ".join(timing_tags) if by_timing else None, n_timing=n_timing,
                                planes=planes if len(planes) > 1 else None,
@@ -1361,7 +1407,7 @@ class SliceStack:
                  native_ps=None):
         r = np.asarray(r, float)
         c = np.asarray(c, float)
-        if abs(np.linalg.norm(r) - 1) > 1e-2 or abs(np.linalg.norm(c) - 1) > 1e-2 or abs(r @ c) > 1e-2:
+        if not _orthonormal(tuple(r) + tuple(c)):
             raise SeriesError("invalid ImageOrientationPatient (not orthonormal)")
         r /= np.linalg.norm(r)
         c = c - (c @ r) * r
@@ -1703,7 +1749,9 @@ def dicom_stack(root, group, reduce=False):
     for h, fr in frames:
         if fr["ipp"] is None or fr["iop"] is None or fr["ps"] is None:
             bad = fr.get("invalid") or {}
-            why = [f"invalid {t} '{bad[t]}' (expected {what})" for t, _, _, what in _GEOMETRY if t in bad]
+            why = [f"invalid {t} '{bad[t]}' (expected "
+                   f"{'2 orthogonal unit vectors' if k == 'iop' and fr.get('iop_not_orthonormal') else what})"
+                   for t, k, _, what in _GEOMETRY if t in bad]
             missing = [t for t, k, _, _ in _GEOMETRY if fr[k] is None and t not in bad]
             raise SeriesError("; ".join(why + [f"missing geometry ({', '.join(missing)})"] * bool(missing)), h["path"])
     strays = group.get("strays", ())
@@ -2088,10 +2136,12 @@ def mr_family(info):
     DWI (dwi, diffusion, trace, b1000, dti); SWI (swi, swan, susceptibility, t2*, hemo);
     FLAIR (flair, dark fluid, tirm; "T1 FLAIR" counts as T1); T1 (t1, mprage, spgr, bravo,
     tfe, vibe); T2 (t2, tse, fse, haste, ciss, fiesta, space). T1 becomes T1C when the
-    description says post/gad/contrast/+C or ContrastBolusAgent is set. Without a keyword,
-    the header decides: ImageType ADC -> ADC, DIFFUSION/TRACEW or b-value > 0 -> DWI,
-    TI > 1500 ms and TE > 70 ms -> FLAIR, TE >= 70 ms and TR >= 1500 ms -> T2,
-    TR < 1000 ms and TE < 30 ms -> T1 (T1C with contrast agent), else OTHER.
+    description says post/gad/contrast/+C or ContrastBolusAgent is set (an enhanced MR: its
+    Contrast/Bolus Agent Sequence, unless every frame says the agent was not administered).
+    Without a keyword, the header decides: ImageType ADC -> ADC, DIFFUSION/TRACEW or b-value > 0
+    -> DWI, TI > 1500 ms and TE > 70 ms -> FLAIR, TE >= 70 ms and TR >= 1500 ms -> T2,
+    TR < 1000 ms and TE < 30 ms -> T1 (T1C with contrast agent), else OTHER (an enhanced MR's
+    TE / TR / TI: its part's first frame's functional groups, group_series' `_part_info`).
     """
     text = f"{info.get('description', '')} {info.get('protocol', '')}".lower().replace("_", " ")
     it = info.get("image_type", [])
