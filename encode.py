@@ -22,10 +22,14 @@ studies stored before the cut and encodes the others again (with a warning). The
 --out at a cache made by another encoder is an error (use --overwrite=True to redo it), and so
 is a cache holding a study without some volume selected now (another --modality or --split),
 or cached studies encoded from other shards (the cache's index keeps each volume's `source`, a
-fingerprint of its shard record and the shards' settings; a moved or extended shard set resumes).
+fingerprint of its shard record and the shards' settings; a moved or extended shard set resumes),
+or from a shard set with other settings (the index's `origin`: another salt, preset or
+preprocessing rule), even when no study is in both (--split=test after --split=train).
 A study that fails to encode is reported (by its study_key) and skipped; exit status 1 when
 every study to encode failed, and then nothing is written (a new cache is made, and an
---overwrite'd one emptied, by the first study encoded). A --split naming a split the shards do not have, or a selection of
+--overwrite'd one emptied, by the first study encoded). A cache that cannot be written (a full
+disk, --out naming a file) is no study's failure: the run stops at once with one line (exit
+status 1), and the same command resumes it. A --split naming a split the shards do not have, or a selection of
 no volume at all, is an error before anything is written.
 """
 import hashlib
@@ -101,6 +105,14 @@ PER_SHARD_SET = ("version", "volumes", "summary", "shards", "failures", "study_e
 WHERE_STORED = ("shard", "offset", "split")  # a volume record's keys that do not change its features
 
 
+def shard_origin(man):
+    """"shards:" + sha256[:16] of a shard manifest's settings (salt, preset, preprocessing rules): the cache's
+    `origin`, so that a run on a shard set with other settings (another salt: another data set) does not add
+    its studies to a cache of another one, even when no study is in both (e.g. --split=test after train)."""
+    settings = {k: v for k, v in man.items() if k not in PER_SHARD_SET}
+    return "shards:" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def volume_fingerprints(man, recs):
     """{volume_id: sha256[:16]} of volume records recs: the record (less where it is stored) and the shard
     set's settings. Another preprocess of the same study, or other settings, gives another one; the
@@ -110,14 +122,34 @@ def volume_fingerprints(man, recs):
                                                       sort_keys=True).encode()).hexdigest()[:16] for r in recs}
 
 
+VOLUME_KEYS = ("volume_id", "study_key", "split", "modality")  # what encode.py reads of every volume record
+
+
+def read_manifest(path):
+    """The shard set's manifest.json -> dict; fail() with one line naming it when it is not JSON (a copy cut
+    short) or lacks what encode.py reads (a "volumes" list of records with VOLUME_KEYS)."""
+    try:
+        with open(path, "rb") as f:
+            man = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        fail(f"{path}: not a readable shard manifest ({type(e).__name__}: {e}); rerun preprocess.py into a new --output")
+    vols = man.get("volumes") if isinstance(man, dict) else None
+    if not isinstance(vols, list):
+        fail(f"{path}: not a shard manifest (no \"volumes\" list); --shards takes preprocess.py's --output")
+    for i, v in enumerate(vols):
+        missing = [k for k in VOLUME_KEYS if not isinstance(v, dict) or k not in v]
+        if missing:
+            fail(f"{path}: volume record {i} has no {', '.join(missing)}; rerun preprocess.py into a new --output")
+    return man
+
+
 def main():
     if not shards or not encoder or not out:
         fail("--shards, --encoder and --out are required (--help lists the settings)")
     require_path(shards, "--shards", kind="dir", hint="a shard set written by preprocess.py")
     if not os.path.exists(os.path.join(shards, "manifest.json")):
         fail(f"--shards: {shards} has no manifest.json (a shard set written by preprocess.py)")
-    with open(os.path.join(shards, "manifest.json")) as f:
-        shard_man = json.load(f)
+    shard_man = read_manifest(os.path.join(shards, "manifest.json"))
     shard_preset = shard_man.get("preset", "nvfm")
     if shard_preset == "neurovfm" and shard_man.get("resampling", "tent") != RESAMPLING["neurovfm"]:
         print(f"encode: note: {shards} was written by an older --preset=neurovfm ({shard_man.get('resampling', 'tent')} "
@@ -167,9 +199,11 @@ def main():
         # CPU float32 and CUDA bf16-autocast features differ beyond float16 storage: one cache holds one of them;
         # a new cache (or an --overwrite) is made by the first study encoded, never by a run that encodes none
         writer = features.FeatureWriter(out, enc_hash, enc.config.dim, encoder_name=spec, overwrite=overwrite,
-                                        precision=features.encode_precision(device))
-    except features.StaleCacheError as e:  # another encoder's cache
+                                        precision=features.encode_precision(device), origin=shard_origin(shard_man))
+    except features.StaleCacheError as e:  # another encoder's cache, or another shard set's
         fail(str(e))
+    except OSError as e:  # an existing cache this user cannot write (its lock file, its index)
+        fail(f"{out}: cannot open the feature cache for writing ({type(e).__name__}: {e})")
     for msg in (writer.repaired, writer.note):
         if msg:
             print(f"encode: warning: {msg}")
@@ -192,23 +226,42 @@ def main():
     if unrecorded:  # a cache written before the sources were kept
         print(f"encode: note: {unrecorded} cached studies were written without their sources; resuming cannot "
               f"check that they come from {shards}")
-    with writer as w:
-        todo = [k for k in studies if k not in w]
-        if len(todo) < len(studies):
-            print(f"encode: resuming, {len(studies) - len(todo)} studies already in {out}")
-        for key in tqdm(todo, desc="encode", unit="study"):
-            try:
-                entries = model.encode_study(enc, reader, studies[key], device=device,
-                                             max_tokens=max_tokens, **rules)
-                source = volume_fingerprints(shard_man, [reader.volumes[i] for i in studies[key]])
-                w.add(key, [dict(e, source=source[e["volume_id"]]) for e in entries])
+    todo = [k for k in studies if k not in writer]
+    done = 0
+    stopped = None  # why the cache cannot be written: every later study would fail the same way
+    try:
+        with writer as w:
+            if len(todo) < len(studies):
+                print(f"encode: resuming, {len(studies) - len(todo)} studies already in {out}")
+            for key in tqdm(todo, desc="encode", unit="study"):
+                try:
+                    entries = model.encode_study(enc, reader, studies[key], device=device,
+                                                 max_tokens=max_tokens, **rules)
+                    source = volume_fingerprints(shard_man, [reader.volumes[i] for i in studies[key]])
+                    entries = [dict(e, source=source[e["volume_id"]]) for e in entries]
+                except Exception as e:  # a bad study is logged and skipped, never a crashed job
+                    failed += 1
+                    tqdm.write(f"encode: study {key} failed and was skipped: {type(e).__name__}: {e}")
+                    continue
+                try:
+                    w.add(key, entries)
+                except ValueError as e:  # this study's features cannot be stored (non-finite): skipped
+                    failed += 1
+                    tqdm.write(f"encode: study {key} failed and was skipped: {type(e).__name__}: {e}")
+                    continue
+                except (OSError, features.StaleCacheError) as e:  # a full disk, --out a file, another writer
+                    stopped = f"{type(e).__name__}: {e}"
+                    break
+                done += 1
                 n_tokens += sum(len(e["emb"]) for e in entries)
-            except Exception as e:  # a bad study is logged and skipped, never a crashed job
-                failed += 1
-                tqdm.write(f"encode: study {key} failed and was skipped: {type(e).__name__}: {e}")
+    except OSError as e:  # the index could not be written at close either (the disk is still full)
+        stopped = stopped or f"{type(e).__name__}: {e}"
     dt = time.time() - t0
-    print(f"encode: wrote {len(todo) - failed} studies, {n_tokens} tokens in {dt:.1f} s "
+    print(f"encode: wrote {done} studies, {n_tokens} tokens in {dt:.1f} s "
           f"({n_tokens / max(dt, 1e-9):.0f} tokens/s); {failed} failed; cache {out}")
+    if stopped:
+        fail(f"{out}: writing the feature cache failed ({stopped}); stopped after encoding {done} of "
+             f"{len(todo)} studies: free space or fix --out, then rerun the same command to resume")
     if todo and failed == len(todo):   # nothing useful was produced
         raise SystemExit(f"encode.py: every one of the {failed} studies to encode failed (messages above); "
                          "nothing written")

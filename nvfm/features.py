@@ -1,8 +1,8 @@
 """On-disk cache of frozen-encoder token embeddings, one entry per study (DESIGN.md section 6).
 
 Layout of a cache directory:
-    DIR/index.json    {"version", "encoder_hash", "encoder", "dim", "rows", "precision", "studies":
-                       {study_key: [{volume_id, family, window, modality, row, n}, ...]}}
+    DIR/index.json    {"version", "encoder_hash", "encoder", "dim", "rows", "precision", "origin"?, "studies":
+                       {study_key: [{volume_id, family, window, modality, row, n, source?}, ...]}}
     DIR/emb.f16       float16 (rows, dim), C order: the embeddings of every entry back to back
     DIR/coords.i32    int32 (rows, 3): token grid coords (z, y, x) of the same rows
 A (volume, window) entry owns rows [row, row + n). Studies are keyed by `study_key` (the
@@ -253,9 +253,14 @@ class FeatureWriter:
             w.add(key, entries)   # entries: encode_study() output (+ modality)
 
     precision: see the module docstring; None (unknown) is neither recorded nor checked.
+    origin: what every study is encoded from (encode.py: a fingerprint of the shard set's settings), kept
+    as index["origin"]; resuming a cache with another one is a StaleCacheError (it would mix studies of
+    two shard sets, e.g. a train split of one and a test split of another, that no study key links).
+    None is neither recorded nor checked; a cache without one takes the first one given.
     """
 
-    def __init__(self, path, encoder_hash, dim, encoder_name="", overwrite=False, flush_every=16, precision=None):
+    def __init__(self, path, encoder_hash, dim, encoder_name="", overwrite=False, flush_every=16, precision=None,
+                 origin=None):
         self.path = path
         self.flush_every = flush_every
         self.repaired = None  # a message when a cut-short cache was cut back to its intact studies
@@ -272,6 +277,13 @@ class FeatureWriter:
                     f"use another output directory or --overwrite=True")
             if int(self.index["dim"]) != dim:
                 raise StaleCacheError(f"{path}: cache dim {self.index['dim']} != encoder dim {dim}")
+            if origin is not None and self.index.get("origin", origin) != origin:
+                raise StaleCacheError(
+                    f"{path}: cached studies were encoded from another shard set ({self.index['origin']}, this run's "
+                    f"{origin}: another salt, preset or preprocessing setting); use another output directory "
+                    f"or --overwrite=True")
+            if origin is not None:  # a cache written before the origin was kept takes this run's
+                self.index["origin"] = origin
             cached = self.index.get("precision")
             if precision is not None and cached is not None and cached != precision:
                 raise StaleCacheError(
@@ -301,6 +313,8 @@ class FeatureWriter:
         else:
             self.index = {"version": VERSION, "encoder_hash": encoder_hash, "encoder": encoder_name,
                           "dim": int(dim), "rows": 0, "precision": precision, "studies": {}}
+            if origin is not None:
+                self.index["origin"] = origin
         self.dim = int(dim)
         self._pending = 0
         self._emb = self._co = None

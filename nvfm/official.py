@@ -46,6 +46,10 @@ _OURS_OF = {  # their key (block part after "blocks.{i}.") -> ours
 _THEIRS_OF = {v: k for k, v in _OURS_OF.items()}
 _PARAMS = {"embed_dim", "depth", "num_heads", "prefix_len", "token_dim", "mlp_ratio", "qkv_bias", "drop_rate",
            "attn_drop_rate", "drop_path_rate", "embed_layer_cf", "init_std", "pos_emb_cf"}
+# the arguments of their PatchEmbed and PositionalEncoding3DWrapper (the nested "params" objects): any
+# other key is a model their code would not build, so it is refused rather than ignored
+_EMBED_PARAMS = {"patch_hw_size", "patch_d_size", "in_chans", "embed_dim", "norm_layer", "bias", "fused_bias_fc"}
+_PE_PARAMS = {"in_dim", "d", "d_size", "hw_size", "pe_factor", "concat"}
 # the released ViT-B's positional table extent (their code cannot index beyond it; ours can)
 RELEASE_PE_EXTENT = dict(d_size=128, hw_size=192)
 
@@ -71,10 +75,12 @@ def config_from_official(cfg):
             and isinstance(pe.get("params"), dict)):  # a hand-edited file: one line, not an AttributeError
         raise ConversionError("official config: params, params.embed_layer_cf and params.pos_emb_cf must each be "
                               "an object with its own 'params' object")
-    unknown = set(p) - _PARAMS
-    if unknown:
-        raise ConversionError(f"official config: unknown params {names(unknown)}")
     ep, pp = emb["params"], pe["params"]
+    for where, got, known in (("params", p, _PARAMS), ("params.embed_layer_cf.params", ep, _EMBED_PARAMS),
+                              ("params.pos_emb_cf.params", pp, _PE_PARAMS)):
+        unknown = set(got) - known
+        if unknown:
+            raise ConversionError(f"official config: unknown {where} {names(unknown)}")
     dim, depth, heads = (_integer(p, k, f"params.{k}") for k in ("embed_dim", "depth", "num_heads"))
     pos_dim = _integer(pp, "d", "params.pos_emb_cf.params.d")
     emb_dim = _integer(ep, "embed_dim", "params.embed_layer_cf.params.embed_dim")
@@ -93,8 +99,14 @@ def config_from_official(cfg):
                         f"channel(s) (want {PATCH[0]} x {PATCH[1]}^2, 1)")
     if not ep.get("bias", True):
         problems.append("embed_layer_cf bias false")
-    if pe.get("which") != "pe3d" or not pp.get("concat", False):
+    if pe.get("which") != "pe3d" or pp.get("concat", True) is not True:  # their wrapper's default: concat
         problems.append(f"pos_emb_cf {pe.get('which')!r} concat={pp.get('concat')} (want 'pe3d', concat true)")
+    # their wrapper multiplies the positional code by pe_factor; ours is the unscaled code
+    pe_factor = pp.get("pe_factor", 1)
+    if isinstance(pe_factor, bool) or pe_factor != 1:
+        problems.append(f"pos_emb_cf pe_factor {pe_factor!r} (the positional code scaled; want 1)")
+    if ep.get("norm_layer") is not None:
+        problems.append(f"embed_layer_cf norm_layer {ep['norm_layer']!r} (a norm after the patch embedding; want none)")
     if emb_dim != dim - pos_dim:
         problems.append(f"patch embedding dim {emb_dim} != embed_dim {dim} - pos d {pos_dim}")
     if int(p.get("token_dim", PATCH_DIM)) != PATCH_DIM:
