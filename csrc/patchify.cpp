@@ -119,6 +119,12 @@ PatchGeom check_unpatchify(const at::Tensor& tokens, const at::Tensor& coords, a
     if (bad.any().item<bool>())
       TORCH_CHECK(false, "coordinate ", bad.nonzero()[0][0].item<int64_t>(), " outside the token grid (", g.gz, ", ",
                   g.gy, ", ", g.gx, ")");
+    // two tokens at one grid cell: which lands there would be undefined (a race in the CUDA kernel)
+    const at::Tensor c = coords.to(at::kLong);
+    const at::Tensor cell = (c.select(1, 0) * g.gy + c.select(1, 1)) * g.gx + c.select(1, 2);
+    const at::Tensor sorted = std::get<0>(cell.sort());
+    TORCH_CHECK(n < 2 || !at::eq(sorted.slice(0, 1), sorted.slice(0, 0, n - 1)).any().item<bool>(),
+                "two coordinates on one grid cell: one token per cell");
   }
   return g;
 }

@@ -92,8 +92,9 @@ def patchify_reference(volumes, masks, min_fg_fraction=DEFAULT_MIN_FG_FRACTION, 
 
 
 def check_unpatchify_coords(coords, shape, patch=PATCH):
-    """Raise unless coords (n, 3) are integers inside the token grid of `shape`: ValueError for a
-    float/bool dtype (it would truncate), IndexError naming the first coordinate outside."""
+    """Raise unless coords (n, 3) are integers inside the token grid of `shape`, one per grid cell:
+    ValueError for a float/bool dtype (it would truncate) or two coordinates on one cell (which
+    token lands there is undefined), IndexError naming the first coordinate outside."""
     if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
         raise ValueError(f"unpatchify: coords must be an integer tensor, got {coords.dtype}")
     if coords.dim() != 2 or coords.shape[-1] != 3 or not coords.numel():
@@ -104,6 +105,14 @@ def check_unpatchify_coords(coords, shape, patch=PATCH):
         i = int(bad.nonzero()[0, 0])
         raise IndexError(f"unpatchify: coordinate {i} {coords[i].tolist()} outside the token grid "
                          f"{tuple(grid.tolist())}")
+    # two tokens at one cell: which one lands there is undefined (the last here, a race on CUDA)
+    cell = (coords[:, 0].long() * int(grid[1]) + coords[:, 1].long()) * int(grid[2]) + coords[:, 2].long()
+    _, inv, counts = torch.unique(cell, return_inverse=True, return_counts=True)
+    shared = (counts[inv] > 1).nonzero()[:, 0]   # ascending: the first token on a shared cell, then the others
+    if len(shared):
+        i = int(shared[0])
+        j = int(shared[1:][inv[shared[1:]] == inv[i]][0])
+        raise ValueError(f"unpatchify: coordinates {i} and {j} are both {coords[i].tolist()}: one token per grid cell")
 
 
 def unpatchify_reference(tokens, coords, shape, patch=PATCH):

@@ -273,3 +273,22 @@ def test_unpatchify_refuses_a_token_count_other_than_the_coords(impl):
     blocks = vol.numpy().reshape(2, 4, 2, 16, 2, 16).transpose(0, 2, 4, 1, 3, 5).reshape(8, 1024)
     assert np.array_equal(tokens.numpy(), blocks)
     assert torch.equal(T.unpatchify(tokens, coords, (8, 32, 32), impl=impl), vol)
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_unpatchify_refuses_two_tokens_on_one_cell(impl):
+    """Two tokens at one grid cell: the reference kept the last, the CUDA kernel races (either may
+    land). Refused on every path, naming both coordinates in the reference; distinct cells whose
+    per-axis values repeat (0,1,0 and 1,0,0) are not duplicates."""
+    if impl == "kernel" and ops.backend("unpatchify", torch.device("cpu")) == "reference":
+        pytest.skip("no compiled unpatchify")
+    tok = torch.randint(1, 256, (4, 1024), dtype=torch.uint8)
+    ok = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 1, 1]], dtype=torch.int32)
+    vol = T.unpatchify(tok, ok, (8, 32, 32), impl=impl)
+    assert torch.equal(vol[4:8, 0:16, 0:16].reshape(-1), tok[1])        # hand-worked: token 1 at cell (1, 0, 0)
+    dup = torch.tensor([[0, 1, 0], [1, 0, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.int32)
+    with pytest.raises((ValueError, RuntimeError), match="one token per"):
+        T.unpatchify(tok, dup, (8, 32, 32), impl=impl)
+    if impl == "reference":
+        with pytest.raises(ValueError, match=r"coordinates 1 and 3 are both \[1, 0, 0\]"):
+            T.unpatchify_reference(tok, dup.long(), (8, 32, 32))
