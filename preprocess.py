@@ -42,8 +42,9 @@ holds no file, when no volume was written (the manifest is still written) or whe
 study is found.
 Labels: only ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and --label_columns
 are copied (a `subject` column as a salted hash); identifier columns are dropped with a warning.
-A study_uid on two rows of one file, or a labels row with more or fewer cells than its header, is
-refused before anything is written.
+A study_uid on two rows of one file, a labels row with more or fewer cells than its header, or a
+file that is not UTF-8 text (a byte-order mark is fine), is refused before anything is written; so are
+labels that move a study already written (merged, or committed by an unfinished run) to another split.
 
 Privacy: study keys are sha256(salt, StudyInstanceUID)[:16]; series keys and file keys
 likewise hash the SeriesInstanceUID and the relative path. The salt comes from --salt, else
@@ -142,6 +143,10 @@ class Log:
         weakref.finalize(self, self.f.close)  # closed with the Log (or at exit), never left to the GC
 
     def __call__(self, msg, path=None, key=None, console_only=False):
+        """console_only="raw": text that may quote a path or header values (an unforeseen error's
+        message), shown on the console only when it may show paths (log_paths)."""
+        if console_only == "raw" and not self.show_paths:
+            return
         where = f" [{key}]" if key else ""
         if not console_only:
             self.f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}{where}\n")
@@ -182,14 +187,29 @@ def _refuse_repeats(path, keyed):
         first[key] = n
 
 
-def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), log=None, written_splits=None):
+def _not_utf8(path):
+    """The one-line SystemExit of a labels / findings file that is not UTF-8 text, naming its first
+    such line (a cell read in another encoding would reach the shards as other characters)."""
+    n = 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+    return SystemExit(f"preprocess: {path}:{n}: not UTF-8 text (saved as Latin-1 / Windows-1252?): save it as UTF-8")
+
+
+def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), log=None, written_splits=None,
+                 unmerged=()):
     """Copy labels.csv / findings.jsonl with study_uid replaced by study_key, keeping only
     the known columns: ontology diagnoses, LABEL_META_COLUMNS / FINDINGS_KEYS and
     `extra_columns`; the rest are dropped with a warning. Each labels row, and each findings record that
     has a split, holds its study's split as its volumes are written (train_probe, evaluate and
     train_llava read it there): the labels' split, else the findings', else its subject's
     hash_split, else its own key's.
-    written_splits: {study_key: split} of the volumes already in the output's manifest: a
+    written_splits: {study_key: split} of the volumes already written to the output (its manifest, or
+    for the keys in `unmerged` its parts/, committed by a killed run or another array job): a
     labels/findings file that puts one of them in another split is refused before either file is
     replaced, as is a study_uid on two rows of one file.
     Returns ({study_key: split} from the labels (or findings) split column, else, for a labels
@@ -200,10 +220,16 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
     written = written_splits or {}
     rows, recs, fields = [], [], []
     if labels_path:
-        with open(labels_path, newline="") as f:
+        # utf-8-sig: the byte-order mark Excel writes is not read into the first column's name
+        with open(labels_path, newline="", encoding="utf-8-sig") as f:
             rd = csv.DictReader(f)
-            fields = list(rd.fieldnames or [])
-            rows = [(rd.line_num, r) for r in rd]
+            try:
+                fields = list(rd.fieldnames or [])
+                rows = [(rd.line_num, r) for r in rd]
+            except UnicodeDecodeError:
+                raise _not_utf8(labels_path) from None
+            except csv.Error as e:  # e.g. a cell over the csv module's field size limit
+                raise SystemExit(f"preprocess: {labels_path}:{rd.line_num + 1}: unreadable CSV ({e})") from None
         if "study_uid" not in fields:
             raise SystemExit(f"preprocess: {labels_path}: no study_uid column")
         for n, r in rows:  # csv.DictReader files extra cells under None and fills missing ones with None
@@ -214,17 +240,21 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
         rows = [(n, dicom.study_key(r["study_uid"], salt), r) for n, r in rows]
         _refuse_repeats(labels_path, rows)
     if findings_path:
-        with open(findings_path) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise SystemExit(f"preprocess: {findings_path}:{n}: not JSON")
-                if not isinstance(rec, dict) or "study_uid" not in rec:
-                    raise SystemExit(f"preprocess: {findings_path}:{n}: no study_uid")
-                recs.append((n, dicom.study_key(rec["study_uid"], salt), rec))
+        with open(findings_path, encoding="utf-8-sig") as f:
+            try:
+                lines = list(enumerate(f, 1))
+            except UnicodeDecodeError:
+                raise _not_utf8(findings_path) from None
+        for n, line in lines:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise SystemExit(f"preprocess: {findings_path}:{n}: not JSON")
+            if not isinstance(rec, dict) or "study_uid" not in rec:
+                raise SystemExit(f"preprocess: {findings_path}:{n}: no study_uid")
+            recs.append((n, dicom.study_key(rec["study_uid"], salt), rec))
         _refuse_repeats(findings_path, recs)
     splits, source = {}, {}
     for path, items in ((labels_path, rows), (findings_path, recs)):  # the labels' split wins
@@ -233,9 +263,10 @@ def rekey_labels(labels_path, findings_path, out_dir, salt, extra_columns=(), lo
                 splits[key], source[key] = _clean_split(r["split"]), path
     moved = next((k for k in sorted(splits) if k in written and written[k] != splits[k]), None)
     if moved is not None:
+        where = (f"{os.path.join(out_dir, 'parts')} (committed, not merged yet)" if moved in unmerged
+                 else os.path.join(out_dir, "manifest.json"))
         raise SystemExit(f"preprocess: {source[moved]}: study {moved} is in split {splits[moved]!r} there, but its "
-                         f"volumes in {os.path.join(out_dir, 'manifest.json')} are in split {written[moved]!r}: "
-                         f"use a new --output for other splits")
+                         f"volumes in {where} are in split {written[moved]!r}: use a new --output for other splits")
     other = sum(1 for _, k, r in recs if r.get("split") and _clean_split(r["split"]) != splits[k])
     if other and log:
         log(f"warning: --findings: {other} studies are in another split there than in --labels: the --labels "
@@ -339,7 +370,7 @@ def _event(kind, status, reason, **keys):
 
 def process_study(task):
     """Worker: one study -> its volumes and events committed to this worker's part.
-    Returns (study_key, number of volumes, console lines (msg, path, key, console_only))."""
+    Returns (study_key, number of volumes, console lines (msg, path, key, console_only as Log takes it))."""
     root, cfg = _W["root"], _W["cfg"]
     key, split, kind, items = task["key"], task["split"], task["kind"], task["items"]
     salt = cfg["salt"]
@@ -383,8 +414,9 @@ def process_study(task):
         except Exception as e:  # a bug or an unforeseen file: this series only
             path = getattr(e, "nvfm_path", None) or meta["path"]
             fail(f"error ({type(e).__name__})", series_key=vid, path=path, files=meta["files"])
-            # the raw message may quote header values: console only, never the log file
-            console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", path, vid, True))
+            # the raw message may quote header values or a path: console only (and only with
+            # --log_paths), never the log file
+            console.append((f"  detail: {type(e).__name__}: {str(e)[:200]}", path, vid, "raw"))
             continue
         tm = out["token_mask"]
         if int(tm.sum()) < cfg["min_tokens"]:  # nothing a model could read (e.g. a 16 x 16 pixel series)
@@ -603,6 +635,13 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         raise SystemExit(f"preprocess: --preset={cfg_preset!r}: choose one of {sorted(PRESETS)}")
     if cfg_min_fg is None or cfg_min_fg < 0:
         cfg_min_fg = PRESETS[cfg_preset][1]
+    # before anything is written: else every series fails alike after its decoding ("error (ValueError)")
+    # and the output, recorded with the bad value, refuses the corrected rerun
+    if not 0.0 <= cfg_min_fg <= 1.0:  # (NaN too)
+        raise SystemExit(f"preprocess: --min_fg_fraction={cfg_min_fg}: a fraction of a token's voxels, "
+                         "from 0 to 1 (or -1: the preset's)")
+    if cfg_min_slices < 2:  # one slice has no slice spacing to resample along
+        raise SystemExit(f"preprocess: --min_slices={cfg_min_slices}: at least 2 (a volume needs 2 slices)")
     if not input_dir or not os.path.isdir(input_dir):
         raise SystemExit(f"preprocess: --input must be a directory, got {input_dir!r}")
     if all(os.path.isdir(os.path.join(input_dir, d)) for d in ("dicom", "gt")) and any(
@@ -630,23 +669,24 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
     man_path = os.path.join(output_dir, "manifest.json")
     if os.path.isdir(output_dir):  # a merge interrupted after its commit point completes first
         shards.finish_merge(output_dir)
-    written_splits = {}
+    merged = set()
     if os.path.exists(man_path):  # a finished output: its parts/settings.json is gone, the manifest records them
         with open(man_path) as f:
             old = json.load(f)
-        written_splits = {v["study_key"]: v["split"] for v in old.get("volumes", [])}
+        merged = {v["study_key"] for v in old.get("volumes", [])}
         _settings_conflict(output_dir, manifest_settings(old), settings, None)
     check_settings(output_dir, settings)  # parts of a killed run or of other array jobs
+    # the split of every volume written: merged, or committed to parts/ by a killed run or another array
+    # job (merged later in that split, whatever the labels say now)
+    written_splits = {v["study_key"]: v["split"] for e in shards.read_done(output_dir).values() for v in e["volumes"]}
     os.makedirs(output_dir, exist_ok=True)
     log = Log(output_dir, cfg_log_paths)
     splits, label_keys = rekey_labels(labels_path, findings_path, output_dir, s, cfg_label_columns.split(","), log,
-                                      written_splits)
+                                      written_splits, set(written_splits) - merged)
 
     # 1. list files, scan headers, group files into studies as the headers come in
     files, unreadable_dirs = dicom.walk_inputs(input_dir)
-    inside = os.path.relpath(os.path.abspath(output_dir), os.path.abspath(input_dir))
-    if not inside.startswith(".."):  # the output lives inside the input: never ingest it
-        files = [f for f in files if not (f + os.sep).startswith(inside.rstrip(os.sep) + os.sep)]
+    files = outside_output(files, input_dir, output_dir)  # the output lives inside the input: never ingest it
     if not files:
         raise SystemExit(f"preprocess: no files under --input={input_dir}"
                          + (f" ({len(unreadable_dirs)} unreadable directories)" if unreadable_dirs else ""))
@@ -880,6 +920,22 @@ def claim_settings(output_dir, mine):
         check_settings(output_dir, mine)
     finally:
         os.remove(tmp)
+
+
+def outside_output(files, input_dir, output_dir):
+    """`files` (relative to input_dir) less those in output_dir, compared by real path (one realpath
+    per folder): an output inside the input is found however either path reaches it (a symlinked
+    home or scratch folder, a link to the output among the input's folders). An input inside the
+    output (--output=proj --input=proj/dicom) keeps its own folders."""
+    out, root = os.path.realpath(output_dir), os.path.realpath(input_dir)
+
+    def under(x, top):
+        return x == top or x.startswith(top.rstrip(os.sep) + os.sep)
+    inside = {}
+    for d in {os.path.dirname(f) for f in files}:
+        real = os.path.realpath(os.path.join(input_dir, d))
+        inside[d] = under(real, out) and not (under(root, out) and under(real, root))
+    return [f for f in files if not inside[os.path.dirname(f)]]
 
 
 def _require_volumes(manifest):
