@@ -57,7 +57,8 @@ needs a report.
 
 Outputs in `out`: metrics.json, table.txt, paper_table.md, roc_<probe>.png, pr_<probe>.png,
 label_efficiency_<probe>.png, age_<probe>.png (brain-age scatter), grounding/*.nii.gz. When
---anatomy or --reports fails after the probes are scored, the probes' outputs are still written,
+--cohort (pointing game), --flip_test, --anatomy or --reports fails after the probes are scored (another
+shard set or encoder than the cache's, a lesion mask missing), the probes' outputs are still written,
 the failed part is one error line and {"error": reason} in metrics.json, and the exit status is 1.
 A rerun into the same `out` leaves only its own figures and tables: nothing is written until every
 probe (and grounding, flip test, anatomy, reports) is scored, so a run refused midway changes
@@ -753,24 +754,31 @@ def main():
         from nvfm.data import ShardReader
         reader = ShardReader(shards)
         if cohort:
-            g = grounding.pointing_game_eval(first, reader, cohort, findings_path=fpath, device=device,
-                                             overlay_dir=os.path.join(out, "grounding"), n_overlays=overlays)
-            summary["pointing_game"] = g["accuracy"]
+            try:   # the cache encoded from other shards, a lesion mask missing or unreadable: one line
+                g = grounding.pointing_game_eval(first, reader, cohort, findings_path=fpath, device=device,
+                                                 overlay_dir=os.path.join(out, "grounding"), n_overlays=overlays)
+            except ValueError as e:
+                g = part_failed("--cohort (pointing game)", e)
+            summary["pointing_game"] = g.get("accuracy")
             results[first["display"]]["grounding"] = g
-            print(f"pointing game ({first['display']}): {fmt(g['accuracy'])} over {g['n']} study-class targets "
-                  f"(chance {fmt(g['chance'])}); overlays in {os.path.join(out, 'grounding')}")
+            if "error" not in g:
+                print(f"pointing game ({first['display']}): {fmt(g['accuracy'])} over {g['n']} study-class targets "
+                      f"(chance {fmt(g['chance'])}); overlays in {os.path.join(out, 'grounding')}")
         if flip_test:
             fk = None
             if flip_split:
                 mod = first["ck"]["eval_modality"]
                 fk = [k for k, r in rows_by_key.items() if r["split"] in flip_split.split(",")
                       and (mod == "all" or r["modality"] == mod)]
-            f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
-            summary["flip_test_auroc"] = f["auroc"]
+            try:   # another encoder than the cache's (hash, config, weights), studies not encoded, other shards
+                f = grounding.flip_test_eval(first, reader, sides or {}, keys=fk, encoder_spec=encoder, device=device)
+            except (ValueError, RuntimeError, FileNotFoundError) as e:
+                f = part_failed("--flip_test", e)
+            summary["flip_test_auroc"] = f.get("auroc")
             results[first["display"]]["flip_test"] = f
             if "note" in f:
                 print(f"flip test ({first['display']}): not run: {f['note']}")
-            else:
+            elif "error" not in f:
                 print(f"flip test ({first['display']}): AUROC {fmt(f['auroc'])} over {f['n']} unilateral studies "
                       f"({f['n_left']} left; dL AUROC {fmt(f['auroc_dL'])}, dR AUROC {fmt(f['auroc_dR'])})"
                       + (f"; {f['n_no_tokens']} one-sided studies without tokens in the probe's windows left out"

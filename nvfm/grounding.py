@@ -13,11 +13,16 @@ series), and can be resampled into the grid of any reference NIfTI
 (`resample_to_reference`: reference voxel -> world -> canonical voxel, trilinear).
 
 Pointing game: one trial per (test study, class k) where the study is positive for k and has
-lesions of that diagnosis with masks: the token with the highest class-k attention over all
+lesions of that diagnosis with masks (a lesion's diagnosis or any of its `labels`: an MR glioma is a
+target of brain_tumor and of glioma): the token with the highest class-k attention over all
 tokens of all volumes (and windows) of the study is a hit when its 16 mm box overlaps any of
 those lesions (several metastases are one target, not one trial each; the token is the map's
-resolution). A box overlaps a lesion when a point sampled in the box lies in the mask or a mask
-voxel's centre lies in the box (so a lesion smaller than the sampling step is not missed).
+resolution). Tokens tied at the highest attention (a mean-pool probe's uniform map: all of them)
+count as the share of them in the lesions, the expected hit of a random pick: such a map scores
+chance level, not whether its first token lies in a lesion. A box overlaps a lesion when one of
+its voxel centres has a nonzero nearest mask voxel or a mask voxel's centre lies in the box (a
+lesion finer than the canonical grid is not missed): token_mask_share > 0, as the lesion-token
+labels count it.
 Chance level = the fraction of the study's tokens whose box overlaps the lesions.
 
 Flip test: volumes are mirrored along their left-right axis (read from the record's
@@ -312,7 +317,8 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
     demo cohort's lesion masks, one trial per (study, class) (module docstring); writes NIfTI
     overlays for the first `n_overlays` trials (study-class targets).
 
-    Returns dict(accuracy, chance, n (trials), per_class {name: [hits, n]}, overlays (every path written)).
+    Returns dict(accuracy, chance, n (trials), per_class {name: [hits, n]} (hits a float: a tie at the top counts
+    as a share), overlays (every path written)).
     """
     import nibabel as nib
     keys, names = data["keys"], data["ck"]["label_names"]
@@ -329,16 +335,33 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
     untrained = P.untrained_classes(data["ck"])   # a class the probe never learned has no map of its own to score
     for i, key in enumerate(keys):
         for les in lesions.get(key, (None, []))[1]:
-            cand = [les.get("diagnosis")] + list(les.get("labels", []))
-            k = next((names.index(c) for c in cand if c in names), None)
-            if k is not None and data["y"][i, k] > 0 and les.get("mask") and not untrained[k]:
-                todo.setdefault((i, k), []).append(les)
-    res = {"n": 0, "hits": 0, "accuracy": None, "chance": None, "per_class": {}, "overlays": []}
+            # a lesion is one of every probe class it is labelled with (the demo's glioma on MR is brain_tumor,
+            # glioma and high_grade_glioma): a target of each, not of the first name listed only
+            cand = dict.fromkeys([les.get("diagnosis")] + list(les.get("labels", [])))
+            for k in [names.index(c) for c in cand if c in names]:
+                if data["y"][i, k] > 0 and les.get("mask") and not untrained[k]:
+                    todo.setdefault((i, k), []).append(les)
+    res = {"n": 0, "hits": 0.0, "accuracy": None, "chance": None, "per_class": {}, "overlays": []}
     if not todo:
         res["note"] = "no test lesion with a mask matches a probe class"
         return res
     study_ids = sorted({i for i, _ in todo})
     sub = [keys[i] for i in study_ids]
+    # every input checked before anything is scored or written: a ValueError naming the file, not a
+    # KeyError traceback midway with some overlays written
+    for key in sub:
+        lost = [e["volume_id"] for e, _, _ in cache.study_tokens(key, wins)[1] if e["volume_id"] not in vol_index]
+        if lost:
+            raise ValueError(f"{getattr(cache, 'path', 'feature cache')}: volume {lost[0]} of study {key} is not in "
+                             f"the shards {getattr(reader, 'root', '')} (were the features encoded from them?)")
+    for les in {les["mask"]: les for les_list in todo.values() for les in les_list}.values():
+        mpath = os.path.join(cohort, les["mask"])
+        if not os.path.isfile(mpath):
+            raise ValueError(f"lesion mask not found: {mpath} (is --cohort the demo cohort root?)")
+        try:
+            nib.load(mpath)   # the header only
+        except Exception as e:
+            raise ValueError(f"{mpath}: not a readable NIfTI lesion mask ({type(e).__name__}: {e})") from None
 
     def get_bag(key):
         return torch.from_numpy(np.asarray(cache.study_tokens(key, wins)[0], dtype=np.float32))
@@ -352,10 +375,13 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
         masks = []
         for les in les_list:
             mpath = os.path.join(cohort, les["mask"])
-            if not os.path.exists(mpath):
-                raise FileNotFoundError(f"lesion mask not found: {mpath} (is --cohort the demo cohort root?)")
-            mimg = nib.load(mpath)
-            masks.append((np.asarray(mimg.dataobj), mimg.affine))
+            try:
+                mimg = nib.load(mpath)
+                masks.append((np.asarray(mimg.dataobj), mimg.affine))
+            except MemoryError:
+                raise
+            except Exception as e:   # a cut .nii.gz: its header read, its voxels not
+                raise ValueError(f"{mpath}: not a readable NIfTI lesion mask ({type(e).__name__}: {e})") from None
         hit_tok = np.zeros(len(alpha), bool)
         done = {}  # a CT volume's windows share its tokens: their overlap is computed once
         for e, s0, s1 in spans:
@@ -367,22 +393,37 @@ def pointing_game_eval(data, reader, cohort, findings_path, device="cpu", overla
             hit_tok[s0:s1] = done[key]
         if not len(alpha):
             continue
-        top = int(np.argmax(alpha[:, k]))
-        hit = bool(hit_tok[top])
+        a = alpha[:, k]
+        # tokens tied at the top (a mean-pool probe's uniform map: every token): the expected hit of a pick among
+        # them, so a map that points nowhere scores chance, not whether the first token happens to be in the lesion
+        hit = float(hit_tok[a == a.max()].mean())
         res["n"] += 1
         res["hits"] += hit
         chances.append(hit_tok.mean())
-        pc = res["per_class"].setdefault(names[k], [0, 0])
+        pc = res["per_class"].setdefault(names[k], [0.0, 0])
         pc[0] += hit
         pc[1] += 1
         if overlay_dir and drawn < n_overlays:   # trials, not files: a trial writes 3-4 files per volume
             drawn += 1
-            res["overlays"] += write_overlays(overlay_dir, lesions[keys[i]][0] or f"study{i}", names[k], spans,
-                                              alpha[:, k], contrib[:, k], reader, vol_index, masks, crop=crop)
+            paths = write_overlays(overlay_dir, lesions[keys[i]][0] or f"study{i}", names[k], spans, alpha[:, k],
+                                   contrib[:, k], reader, vol_index, masks, crop=crop)
+            res["overlays"] += [p for p in paths if p not in res["overlays"]]   # a study's image: once per class
     if res["n"]:
         res["accuracy"] = res["hits"] / res["n"]
         res["chance"] = float(np.mean(chances))
     return res
+
+
+def volume_tag(rec):
+    """A volume's tag in overlay file names: its series key (volume_id "<study_key>-<series_key>[.<part>]",
+    nvfm/data.py) cut to 8 characters, with the part. Not volume_id[:8], which is the study key's first 8
+    characters for every volume of a study: two CT series of one study wrote one set of files, the
+    second overwriting the first, and the study key was in the name."""
+    vid, sk = str(rec["volume_id"]), str(rec.get("study_key") or "")
+    if sk and vid.startswith(sk + "-"):
+        vid = vid[len(sk) + 1:]
+    base, dot, part = vid.partition(".")
+    return base[:8] + dot + part
 
 
 def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reader, vol_index,
@@ -392,7 +433,7 @@ def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reade
     volume's canonical grid with its world affine; windows of one CT volume are combined
     (attention and contributions summed). crop: the cache's token crop rule (token_origin).
     File names use the non-identifying study name. Returns every written path."""
-    written = []
+    written, stems = [], set()
     by_vol = {}
     for e, s0, s1 in spans:
         by_vol.setdefault(e["volume_id"], []).append((e, s0, s1))
@@ -403,7 +444,13 @@ def write_overlays(out_dir, study_name, class_name, spans, alpha, contrib, reade
         o = token_origin(shape, crop)
         att = sum(token_map_to_volume(alpha[s0:s1], e["coords"], shape, origin=o) for e, s0, s1 in parts)
         con = sum(token_map_to_volume(contrib[s0:s1], e["coords"], shape, origin=o) for e, s0, s1 in parts)
-        stem = os.path.join(out_dir, f"{study_name}_{rec.get('family', 'vol')}_{vid[:8]}")
+        name = f"{study_name}_{rec.get('family', 'vol')}_{volume_tag(rec)}"
+        j = 1
+        while name + ("" if j == 1 else f"-{j}") in stems:   # two volumes one tag: neither overwrites the other
+            j += 1
+        name += "" if j == 1 else f"-{j}"
+        stems.add(name)
+        stem = os.path.join(out_dir, name)
         data, _ = reader.volume(i)
         write_nifti(stem + "_image.nii.gz", data[0].astype(np.float32), aff)
         write_nifti(stem + f"_attention_{class_name}.nii.gz", att, aff)
@@ -501,15 +548,19 @@ def flip_test_eval(data, reader, sides, keys=None, encoder_spec="", device="cpu"
         return {"auroc": None, "n": 0, "note": f"{cache.path} holds {made} features, --device={device} re-encodes "
                 f"in {here}: the logit changes would mix the two "
                 f"(--device={'cuda' if made.startswith('bfloat16') else 'cpu'})"}
-    spec = encoder_spec or cache.index.get("encoder", "")
-    enc = open_encoder_from_hash(spec, data["ck"]["encoder_hash"], device)
-    rules = token_rules(data["ck"]["encoder_hash"])[1]
     studies = {}
     for i, v in enumerate(reader.volumes):
         studies.setdefault(v["study_key"], []).append(i)
     keys = data["keys"] if keys is None else keys
     wins = data["wins"]
     one_sided = [k for k in keys if len(sides.get(k, ())) == 1 and k in studies]
+    lost = [k for k in one_sided if k not in cache]
+    if lost:   # e.g. --flip_split=val,test on a cache of the test split: a ValueError, not a KeyError traceback
+        raise ValueError(f"flip test: {len(lost)} of the {len(one_sided)} one-sided studies are not in the feature "
+                         f"cache {cache.path} (first: {lost[:3]}): encode their split, or leave it out of --flip_split")
+    spec = encoder_spec or cache.index.get("encoder", "")
+    enc = open_encoder_from_hash(spec, data["ck"]["encoder_hash"], device)
+    rules = token_rules(data["ck"]["encoder_hash"])[1]
     sel = [k for k in one_sided if len(cache.study_tokens(k, wins)[0])]
     n_empty = len(one_sided) - len(sel)
     if not sel:
