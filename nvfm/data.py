@@ -245,10 +245,22 @@ def merge(out_dir, done, manifest_extra, shard_bytes=4 << 30, fsync=True):
     manifest_extra: dict merged into the manifest (salt_id, summary, failures, ...).
     fsync: flush the shard bytes to disk before the manifest names them (crash safety; off
     only in benchmarks, like preprocess.py's `fsync`).
+    A source file (a part, or an old shard) that ends before one of its volumes is a ValueError
+    naming it, raised before anything is written.
     Returns the manifest dict.
     """
     vols = [v for e in done.values() for v in e["volumes"]]
     vols.sort(key=lambda v: (v["split"], v["study_key"], v["volume_id"]))
+    have = {}
+    for v in vols:  # before anything is written: a source cut short gave fewer bytes than nbytes, and every
+        src = os.path.join(out_dir, v["source"])  # later volume of its output shard was read shifted
+        if src not in have:
+            have[src] = os.path.getsize(src) if os.path.isfile(src) else None
+        end = v["source_offset"] + v["nbytes"]
+        if have[src] is None or end > have[src]:
+            what = "is missing" if have[src] is None else f"is {have[src]} bytes"
+            raise ValueError(f"{src} {what}, but volume {v['volume_id']} ends at byte {end} of it (cut short or "
+                             f"removed after it was written): restore it, or rerun preprocess.py into a new --output")
     out_vols, writers, sizes = [], {}, {}
     srcs = {}
     try:
@@ -359,7 +371,10 @@ TOKEN_MASKS_KEPT = 4096  # decoded token masks a reader keeps (a few KB each): a
 
 class ShardReader:
     """Random access to a shard set. `volumes` is the list of volume records. Opening it checks
-    every shard file's size against the manifest (ValueError naming the file otherwise)."""
+    every shard file's size against the manifest (ValueError naming the file otherwise) and notes
+    each file's identity (device, inode, size, mtime): shards are mapped lazily (in each loader
+    worker), and a file that preprocess.py's merge replaced since holds the volumes at other offsets,
+    so mapping it is a ValueError naming the file, not the old records read over the new bytes."""
 
     def __init__(self, root):
         self.root = root
@@ -374,7 +389,11 @@ class ShardReader:
             raise ValueError(problem)
         self.volumes = self.manifest["volumes"]
         self._maps = {}
-        self._sizes = {}
+        self._stats = {}  # shard name -> (st_dev, st_ino, st_size, st_mtime_ns) when the set was opened
+        for name in sorted(set(self.manifest.get("shards") or {}) | {v.get("shard") for v in self.volumes} - {None}):
+            with contextlib.suppress(OSError):  # a missing file: check_bytes names it for the volumes in it
+                st = os.stat(os.path.join(root, name))
+                self._stats[name] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self._tmask = {}
 
     def __len__(self):
@@ -383,7 +402,14 @@ class ShardReader:
     def _map(self, name):
         m = self._maps.get(name)
         if m is None:
-            m = self._maps[name] = np.memmap(os.path.join(self.root, name), np.uint8, mode="r")
+            path = os.path.join(self.root, name)
+            with open(path, "rb") as f:  # the file mapped is the one checked (not a name replaced in between)
+                st = os.fstat(f.fileno())
+                if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._stats.get(name):
+                    raise ValueError(f"{path} was replaced or changed after {os.path.join(self.root, 'manifest.json')} "
+                                     f"was read (preprocess.py wrote the shard set again?): its volumes are at other "
+                                     f"offsets now; open the shard set again (restart the job)")
+                m = self._maps[name] = np.memmap(f, np.uint8, mode="r")
         return m
 
     def _bad_record(self, i, name, reason):
@@ -393,20 +419,29 @@ class ShardReader:
 
     def check_bytes(self, i):
         """ValueError naming the file when volume i's record needs other bytes (data + mask of its shape and
-        channels, + the values block) than its nbytes, or more than its shard file holds. Maps nothing (one
-        stat per shard file)."""
+        channels, + the values block) than its nbytes, or more than its shard file held when the set was
+        opened, or its values block is of an unknown kind or not where the writer puts it (right after the
+        mask, at the next multiple of 8: another values_at read other bytes as the intensities). Maps nothing."""
         v = self.volumes[i]
         C, (D, H, W) = v["channels"], v["shape"]
         need = (C + 1) * D * H * W
+        if not isinstance(v.get("offset"), int) or v["offset"] < 0:
+            raise self._bad_record(i, "manifest.json", f"offset {v.get('offset')!r} is not a byte position")
         if v.get("values"):
+            if v["values"] not in VALUES_DTYPES:
+                raise self._bad_record(i, "manifest.json", f"values block of kind {v['values']!r}; this nvfm reads "
+                                                           f"{', '.join(VALUES_DTYPES)}")
+            if v.get("values_at") != need + (-need) % 8:
+                raise self._bad_record(i, "manifest.json", f"its values block is at {v.get('values_at')!r}, its data "
+                                                           f"and mask put it at {need + (-need) % 8}")
             need += (-need) % 8 + D * H * W * np.dtype(VALUES_DTYPES[v["values"]]).itemsize
         if need != v.get("nbytes", need):  # a shape / channels not the data's: it read other bytes as voxels
             values = " + values" if v.get("values") else ""
             raise self._bad_record(i, "manifest.json", f"its shape {v['shape']} x {C} channels{values} needs {need} "
                                                        f"bytes, its nbytes is {v['nbytes']}")
-        size = self._sizes.get(v["shard"])
-        if size is None:
-            size = self._sizes[v["shard"]] = os.path.getsize(os.path.join(self.root, v["shard"]))
+        if v["shard"] not in self._stats:
+            raise self._bad_record(i, v["shard"], "the file is missing")
+        size = self._stats[v["shard"]][2]
         if v["offset"] + need > size:  # a manifest without shard sizes does not catch a cut file on open
             raise self._bad_record(i, v["shard"], f"its bytes end at {v['offset'] + need}, past the file's end "
                                                   f"({size} bytes: cut short)")
@@ -429,6 +464,7 @@ class ShardReader:
         kind = v.get("values")
         if not kind:
             return None
+        self.check_bytes(i)
         D, H, W = v["shape"]
         start = v["offset"] + v["values_at"]
         n = D * H * W * np.dtype(VALUES_DTYPES[kind]).itemsize

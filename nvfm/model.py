@@ -229,7 +229,8 @@ class Encoder(nn.Module):
             blk.attn_impl = impl
 
     def forward(self, x, coords, cu_seqlens, max_seqlen):
-        if x.shape[-1] != self.config.patch_dim or x.shape[0] != coords.shape[0]:
+        if x.shape[-1] != self.config.patch_dim or coords.dim() != 2 or coords.shape[1] != 3 \
+                or x.shape[0] != coords.shape[0]:
             raise ValueError(f"Encoder: x {tuple(x.shape)} and coords {tuple(coords.shape)} do not match "
                              f"(N, {self.config.patch_dim}) / (N, 3)")
         code = position_code(coords, self.config.pos_dim, self.config.pos_code)
@@ -274,6 +275,8 @@ class Predictor(nn.Module):
     def __init__(self, config: PredictorConfig):
         super().__init__()
         self.config = config
+        if not 0 < config.pos_dim < config.dim:  # dim == pos_dim: every token its position code alone
+            raise ValueError(f"predictor: pos_dim {config.pos_dim} must be in (0, dim={config.dim})")
         self.embed = nn.Linear(config.enc_dim, config.dim - config.pos_dim)
         self.mask_token = nn.Parameter(torch.zeros(config.dim - config.pos_dim))
         self.blocks = Transformer(config.dim, config.depth, config.heads, config.mlp_ratio,
@@ -302,9 +305,9 @@ class Predictor(nn.Module):
 
 def transformer_flops(n_tokens, seqlens, dim, depth, mlp_ratio=4.0):
     """Forward FLOPs of `depth` blocks over packed sequences with the given real lengths:
-    matmuls 2 * (4 d^2 + 2 * mlp d^2) per token per layer, attention 4 * L * d per token
-    (Q K^T and P V), summed over sequences with sum(L^2)."""
-    dense = 2 * (4 + 2 * mlp_ratio) * dim * dim * n_tokens
+    matmuls 2 * (4 d^2 + 2 d h) per token per layer with h = int(d * mlp_ratio) the MLP width a Block
+    has, attention 4 * L * d per token (Q K^T and P V), summed over sequences with sum(L^2)."""
+    dense = 2 * (4 * dim + 2 * int(dim * mlp_ratio)) * dim * n_tokens
     attn = 4 * dim * sum(int(L) ** 2 for L in seqlens)
     return depth * (dense + attn)
 
