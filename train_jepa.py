@@ -135,8 +135,6 @@ try:  # the batch stream: a global batch, seed or rank it cannot make is one lin
     dataset = JepaBatches(reader, indices, global_batch, rank, world_size, seed, mask_config)
 except ValueError as e:
     fail(str(e))
-if master:
-    os.makedirs(out_dir, exist_ok=True)
 
 # ----------------------------------------------------------------------------- model
 enc_cfg = EncoderConfig.preset(model_size)
@@ -165,7 +163,12 @@ class VolJEPA(nn.Module):
         return pred, z, pos
 
 
-model = VolJEPA().to(dev)
+try:  # a size with no room for the context beside the position code is one line
+    model = VolJEPA().to(dev)
+except ValueError as e:
+    fail(str(e))
+if master:
+    os.makedirs(out_dir, exist_ok=True)
 teacher = Encoder(enc_cfg).to(dev)
 teacher.load_state_dict(model.student.state_dict())
 teacher.requires_grad_(False)

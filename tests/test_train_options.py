@@ -111,11 +111,13 @@ def test_train_jepa_compile_and_checkpointing_end_to_end(tmp_path):
 @pytest.mark.parametrize("setting, named", [("--context_drop=1.0", "mask config: drop"),
                                             ("--context_ratio_mr=1.5", "mask config: ratio_mr"),
                                             ("--max_patches=0", "mask config: max_patches"),
-                                            ("--seed=-1", "seed must be"), ("--global_batch=0", "global batch must be")])
+                                            ("--seed=-1", "seed must be"), ("--global_batch=0", "global batch must be"),
+                                            ("--predictor_dim=30", "predictor: pos_dim 30")])
 def test_train_jepa_refuses_mask_settings_out_of_range(tmp_path, setting, named):
     """--context_drop=1.0 (one context token per volume), --context_ratio_mr=1.5 (one target token),
-    --max_patches=0, --seed=-1 and --global_batch=0 (the batch stream: a traceback, exit 2): exit 1, one
-    line on stderr naming the setting, nothing written."""
+    --max_patches=0, --seed=-1 and --global_batch=0 (the batch stream), --predictor_dim=30 (no room beside
+    the 30-d position code; these were tracebacks, exit 2): exit 1, one line on stderr naming the setting,
+    nothing written."""
     import os
     import subprocess
     import sys
