@@ -813,7 +813,10 @@ def run(input_dir, output_dir, labels_path="", findings_path="", n_workers=2, sh
         if cfg_preset != "nvfm":  # the default adds no key: nvfm manifests stay byte-identical
             extra["preset"] = cfg_preset
             extra["resampling"] = RESAMPLING[cfg_preset]
-        manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9), cfg_fsync)
+        try:
+            manifest = shards.merge(output_dir, done, extra, int(cfg_shard_gb * 1e9), cfg_fsync)
+        except ValueError as e:  # a source shard or part cut short: refused before anything is written
+            raise SystemExit(f"preprocess: {e}") from None
         shards.remove_parts(output_dir)
     finally:
         lock.release()

@@ -179,3 +179,23 @@ def test_log_paths_off_keeps_an_unforeseen_errors_text_off_the_console(tmp_path,
     assert ("DOE" in err) == log_paths
     with open(os.path.join(out, "preprocess.log")) as f:
         assert "DOE" not in f.read()
+
+
+def test_adding_studies_to_an_output_whose_shard_was_cut_short_is_one_line(tmp_path, monkeypatch):
+    """A finished output whose shard file was cut short (a copy interrupted), then a rerun with a new study:
+    the merge refused the short source with a ValueError traceback (exit 2). Now one line naming the shard,
+    and the old manifest stays as it was."""
+    monkeypatch.delenv("NVFM_SALT", raising=False)
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    _nifti_study(inp, "a", 0)
+    man = preprocess.run(inp, out, **RUN)
+    shard = os.path.join(out, man["volumes"][0]["shard"])
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 100)
+    with open(os.path.join(out, "manifest.json"), "rb") as f:
+        before = f.read()
+    _nifti_study(inp, "b", 1)
+    with pytest.raises(SystemExit, match=r"^preprocess: .*" + os.path.basename(shard) + r".*cut short"):
+        preprocess.run(inp, out, **RUN)
+    with open(os.path.join(out, "manifest.json"), "rb") as f:
+        assert f.read() == before
