@@ -36,8 +36,9 @@ Grounding sets (brats21, atlas2, msseg16) are scored this way too (the pointing 
 masks), with a probe of the class trained elsewhere (--external_task names its task folder).
 Resuming: each stage records what it ran in OUT/stages/<stage>.json after it succeeded (the
 record is removed when it starts again, so a killed stage reruns) and is skipped when that
-record matches (same arguments, salt, encoder file, and the same finished runs of the stages it
-depends on, in this invocation or an earlier one) and its output is there; a stage that runs
+record matches (same arguments, salt, encoder file, the same copy of the dataset (dataset_stamp:
+its folders and label tables as the adapter last read them), and the same finished runs of the
+stages it depends on, in this invocation or an earlier one) and its output is there; a stage that runs
 resumes by itself (preprocess, encode).
 Settings for the stage scripts pass through *_args (e.g. --probe_args="--steps=300 --threads=2").
 The salt (--salt, else $NVFM_SALT, else the public default) is given to the adapter and
@@ -117,6 +118,52 @@ def encoder_stamp(enc):
         return enc
     files = sorted(glob.glob(os.path.join(enc, "*"))) if os.path.isdir(enc) else [enc]
     return [(os.path.basename(f), os.path.getsize(f), int(os.path.getmtime(f))) for f in files if os.path.isfile(f)]
+
+
+def dataset_stamp(root_dir, out_dir, adapter_argv=()):
+    """What the adapter reads of the dataset, cheaply, so that a changed copy reruns it (a new label
+    release, a corrected label file, images added or removed) rather than leave the labels of the
+    earlier copy: a sha256 of the mtime of every folder under root_dir (a file added, removed or
+    renamed changes its folder's), and the size and mtime of every label table (.csv, .tsv, .txt)
+    under it and of a --labels_file in adapter_argv. out_dir, when it is inside root_dir, is not
+    walked (the run's own outputs are no input; it must exist: its creation changes its parent).
+    An image rewritten in place, under the same name, is not seen. No path reaches the record."""
+    h = hashlib.sha256()
+    try:
+        st = os.stat(out_dir)
+        skip = (st.st_dev, st.st_ino)
+    except OSError:
+        skip = None
+    for d, dirs, files in os.walk(root_dir, followlinks=True):
+        dirs.sort()
+        keep = []
+        for x in dirs:
+            try:
+                st = os.stat(os.path.join(d, x))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) != skip:
+                keep.append(x)
+        dirs[:] = keep
+        rel = os.path.relpath(d, root_dir)
+        try:
+            h.update(f"d\0{rel}\0{os.stat(d).st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        except OSError:
+            continue
+        for f in sorted(files):
+            if f.lower().endswith((".csv", ".tsv", ".txt")):
+                try:
+                    st = os.stat(os.path.join(d, f))
+                except OSError:
+                    continue
+                h.update(f"f\0{rel}/{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    for a in adapter_argv:
+        if a.startswith("--labels_file="):
+            p = a.split("=", 1)[1]
+            st = os.stat(p) if os.path.isfile(p) else None
+            h.update(f"l\0{os.path.abspath(p)}\0{st and (st.st_size, st.st_mtime_ns)}\n".encode(
+                "utf-8", "surrogateescape"))
+    return h.hexdigest()[:16]
 
 
 def label_files(out_dir):
@@ -244,10 +291,13 @@ def main():
     # the salt reaches the stages by environment: never in their argv, config lines or OUT/stages/ records
     run = Stages(o, env={"NVFM_SALT": salt} if salt else None)
 
-    # 1. adapter
+    # 1. adapter: reruns when the dataset's copy changed (dataset_stamp), not only its arguments
+    if not dry_run:
+        os.makedirs(o, exist_ok=True)   # before the stamp: creating OUT inside ROOT changes its parent
     run("adapter", ["-m", "nvfm.benchmarks", f"--dataset={dataset}", f"--root={os.path.abspath(root)}",
                     f"--out={o}", *shlex.split(adapter_args)],
-        [os.path.join(o, "adapter_report.json")], extra={"salt_id": salt_id})
+        [os.path.join(o, "adapter_report.json")],
+        extra={"salt_id": salt_id, "dataset": dataset_stamp(root, o, shlex.split(adapter_args))})
     if dry_run and not os.path.exists(os.path.join(o, "adapter_report.json")):
         print("(dry run: the later stages need the adapter's outputs)")
         return

@@ -386,7 +386,7 @@ def openbhb(root_dir, labels_path=""):
     sub-1000/ses-1/anat/sub-1000_ses-1_preproc-quasiraw_T1w.nii.gz), or the .npy release (see
     below). participant_id with or without 'sub-'.
     Labels: age (years) of the row. One study per row, whose image is the one T1w of its
-    participant (and session, when the tsv has one). A row that matches two or more T1w files
+    participant (and session, when the tsv has one and the row's cell is not empty or n/a). A row that matches two or more T1w files
     (several sessions and no session column: the age may be of any; two runs; .nii beside .nii.gz)
     is left out, counted, never given the first file; so are rows that match one and the same image
     (a row without a session beside a row of its session: one image, two ages). Derived maps of the
@@ -413,7 +413,8 @@ def openbhb(root_dir, labels_path=""):
     tally, studies, seen, picked = Tally(rows=len(rows)), [], {}, []
     for r in rows:
         pid = r["participant_id"].removeprefix("sub-")
-        ses = r.get("session", "").removeprefix("ses-")
+        # a session cell written n/a (BIDS's missing value) is no session, as an empty one: never a session "n/a"
+        ses = "" if _missing(r.get("session")) else r["session"].removeprefix("ses-")
         if (pid, ses) in seen:
             raise BenchmarkError(f"{path}:{r['_line']}: duplicate participant (also line {seen[pid, ses]})")
         seen[pid, ses] = r["_line"]
