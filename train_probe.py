@@ -129,6 +129,9 @@ def choose_labels(columns):
         if unknown:
             raise SystemExit(f"train_probe.py: unknown label names {unknown} (not columns of {labels}); "
                              f"available: {', '.join(columns[:10])}{' ...' if len(columns) > 10 else ''}")
+        twice = sorted({n for i, n in enumerate(names) if n in names[:i]})
+        if twice:   # two outputs of one class: it counted twice in the checkpoint choice, and evaluate.py refused the probe
+            fail(f"--label_names: {twice[0]!r} is named {names.count(twice[0])} times: name each class once")
         return names
     if protocol == "paper":   # a benchmark labels file holds exactly its task's classes
         return list(columns)
@@ -278,6 +281,9 @@ def main():
         fail(f"no {modality} studies in {labels} (" + (f"its studies are {'/'.join(given)}: --modality={given[0]})"
              if given else "no study has a modality (no modality column): --modality=all)"))
     if task == "age":
+        if rows and all(r["age"] is None for r in rows):   # was "no CT studies with labels and features"
+            fail(f"--task=age: none of the {len(rows)} {modality} studies in {labels} has an age "
+                 "(its age column is missing or empty)")
         rows = [r for r in rows if r["age"] is not None]
         bad = [r for r in rows if not np.isfinite(r["age"])]
         if bad:   # a NaN age makes every validation MAE NaN: the untrained step-0 model would be kept
@@ -331,7 +337,10 @@ def main():
             if step % eval_interval == 0 or step == n_steps:
                 if val_keys:
                     lv = P.predict(m, get_bag, val_keys, device)
-                    if task == "age":
+                    if not np.isfinite(lv).all():   # diverged (a --cv_grid typo lr=1e3): never this checkpoint
+                        # (a traceback from the AUROC threw away every fold and grid combination before it)
+                        score, desc = -np.inf, "validation outputs NaN or inf (diverged: lower the lr)"
+                    elif task == "age":
                         score = -metrics.mae(yval[:, 0], lv[:, 0] * sd + mu)
                         desc = f"val MAE {-score:.2f}"
                     else:   # a class left out of the loss has an unlearned logit: no say in the choice

@@ -452,7 +452,7 @@ def group_index(groups, n=None):
     (0 .. G-1, in order of first appearance) of each study, or None when there is nothing to
     cluster: groups None, or every study its own group (the study-level bootstrap).
 
-    groups: (n,) hashable group ids, one per study; an id of None or "" (no subject recorded)
+    groups: (n,) hashable group ids, one per study; an id of None, "" or NaN (no subject recorded)
     makes that study its own group (as nvfm.probe's subject-grouped folds do). n: the number of
     studies, checked against len(groups) when given."""
     if groups is None:
@@ -464,7 +464,10 @@ def group_index(groups, n=None):
     for i, v in enumerate(g):
         if isinstance(v, np.generic):
             v = v.item()
-        key = ("", i) if v is None or (isinstance(v, str) and v == "") else (1, v)
+        # NaN (a blank cell read by pandas) is no subject too: NaN objects that happen to be one object
+        # (np.nan) were one key, so every study without a subject became one big subject
+        missing = v is None or (isinstance(v, str) and v == "") or (isinstance(v, float) and math.isnan(v))
+        key = ("", i) if missing else (1, v)
         idx[i] = codes.setdefault(key, len(codes))
     if len(codes) == len(g):
         return None
@@ -793,10 +796,16 @@ def pr_band(y, scores, n_boot=1000, seed=0, alpha=0.05, recall_grid=None, chunk=
 
 
 def pearson_r(y, pred):
-    """Pearson correlation of targets and predictions (NaN when either is constant)."""
+    """Pearson correlation of targets and predictions (NaN when either is constant, as scipy's pearsonr).
+
+    Constancy is tested on the values themselves: the mean of n equal floats is often not that float
+    (70.3 * 10 / 10), so the centred values of a constant prediction are a tiny constant and the
+    ratio below came out 0.0, a number, for what has no correlation."""
     e = _residuals(y, pred)  # shape checks
     del e
     a, b = np.asarray(y, np.float64).ravel(), np.asarray(pred, np.float64).ravel()
+    if (a == a[0]).all() or (b == b[0]).all():
+        return float("nan")
     a, b = a - a.mean(), b - b.mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else float("nan")
@@ -844,7 +853,7 @@ def regression_report(y, pred, n_boot=10000, seed=0, alpha=0.05, chunk=1000, gro
 
 
 def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s_right, n_boot=10000, seed=0,
-                      alpha=0.05, groups=None):
+                      alpha=0.05, groups=None, chunk=1000):
     """Side accuracy given correct detection (CQ500's Bleed-Left / Bleed-Right reads).
 
     Over studies whose truth is positive for the detection class, whose score reaches its
@@ -853,7 +862,9 @@ def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s
     side; ties count as wrong. All inputs (n,). Returns dict(accuracy, n (studies counted),
     n_detected, n_positive, and with n_boot > 0 accuracy_ci, ci_n_valid); accuracy None when
     no study qualifies. Bilateral studies have no single side and are left out (counted in
-    n_bilateral). The CI resamples studies, or subjects given groups (`bootstrap_weights`)."""
+    n_bilateral). The CI resamples studies, or subjects given groups (`bootstrap_weights`), chunk
+    replicates at a time (all 10,000 at once held (n, 10000) float32 and float64 weights and their
+    products: gigabytes for a test set of some thousand studies)."""
     yd, sd = np.asarray(y_detect) > 0, np.asarray(s_detect, np.float64)
     yl, yr = np.asarray(y_left) > 0, np.asarray(y_right) > 0
     sl, sr = np.asarray(s_left, np.float64), np.asarray(s_right, np.float64)
@@ -866,8 +877,12 @@ def laterality_report(y_detect, s_detect, thr_detect, y_left, y_right, s_left, s
         return out
     if int(n_boot) < MIN_BOOT:
         raise ValueError(f"n_boot={n_boot}: a bootstrap CI needs at least {MIN_BOOT} replicates")
-    w = bootstrap_weights(len(yd), n_boot, seed=seed, groups=groups).double().numpy()       # (n, B)
-    num, den = (w * (one & correct)[:, None]).sum(0), (w * one[:, None]).sum(0)
+    grp = group_index(groups, len(yd))
+    num, den = np.empty(n_boot), np.empty(n_boot)
+    for r0 in range(0, n_boot, chunk):
+        w = _weights(len(yd), min(chunk, n_boot - r0), seed, r0, grp).double().numpy()       # (n, chunk)
+        num[r0:r0 + w.shape[1]] = (one & correct).astype(np.float64) @ w
+        den[r0:r0 + w.shape[1]] = one.astype(np.float64) @ w
     with np.errstate(invalid="ignore", divide="ignore"):
         reps = np.where(den > 0, num / np.maximum(den, 1e-300), np.nan)
     lo, hi, nv = _percentile_ci(reps, alpha)

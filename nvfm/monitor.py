@@ -357,7 +357,7 @@ class ProbeSet:
         if columns:  # the classes: the columns annotated for every study (0 or 1 in each row); a diagnosis
             # annotated for some studies only (blanks, "NA"; load_labels allows it) stopped the run (ValueError)
             import csv
-            with open(labels_path, newline="") as f:
+            with open(labels_path, newline="", encoding="utf-8-sig") as f:
                 cells = list(csv.DictReader(f))
             classes = [c for c in columns if all((r[c] or "").strip() in ("0", "1") for r in cells)]
             if token_task in columns and token_task not in classes:

@@ -199,12 +199,28 @@ def load_labels(path, use=None):
     kept in y; the others may hold anything (a diagnosis annotated for some studies only: blanks,
     "NA"). Names in `use` that are not label columns are left to the caller (side classes come from
     findings.jsonl). A column header that appears twice is a ValueError naming the file and
-    the column (csv.DictReader would keep only the last of its cells under the one name)."""
+    the column (csv.DictReader would keep only the last of its cells under the one name); so is a
+    row with more cells than the header has names (naming the line: csv.DictReader dropped the
+    extra cells, so a missing header name put later cells under the wrong labels), and a file
+    that is not UTF-8 (a byte-order mark is fine) or not CSV."""
     import csv
     import os
     if not os.path.exists(path):
         raise FileNotFoundError(f"labels file not found: {path}")
-    with open(path, newline="") as f:
+    try:
+        return _read_labels(path, use)
+    except UnicodeDecodeError as e:   # a spreadsheet's latin-1 export: the bare message named no file
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from None
+    except csv.Error as e:   # a field over csv's size limit, an unterminated quote at the end of the file
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _read_labels(path, use):
+    """`load_labels` without the file-naming of decoding errors."""
+    import csv
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which made the first header name
+    # "\ufeffstudy_key" and the file "no study_key column"
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         dup = [c for i, c in enumerate(cols) if c in cols[:i]]
@@ -216,7 +232,12 @@ def load_labels(path, use=None):
         names = [c for c in cols if c not in META_COLUMNS]
         used = names if use is None else [c for c in names if c in use]
         rows = []
-        for ln, r in enumerate(reader, start=2):
+        for r in reader:
+            ln = reader.line_num   # the line the row ends on (a quoted cell may span lines)
+            if None in r:   # more cells than header names: csv.DictReader dropped the extra ones, and a
+                # header missing one name shifts every later column onto the wrong label
+                raise ValueError(f"{path}:{ln}: {len(cols) + len(r[None])} cells for the {len(cols)} columns of "
+                                 "the header: a header name missing, or an unquoted comma in a cell")
             y = {}
             for n in used:
                 v = (r[n] or "").strip()
@@ -298,19 +319,25 @@ def iterative_stratification(y, proportions, seed=0):
     return fold
 
 
+def _no_subject(g):
+    """A group id that records no subject: "", None, or NaN (a blank cell read by pandas; np.nan is one
+    object, so as a dict key it made every study without a subject one subject)."""
+    return g is None or (isinstance(g, str) and g == "") or (isinstance(g, float) and g != g)
+
+
 def grouped_stratification(y, groups, proportions, seed=0):
     """Iterative stratification of subjects rather than studies: a subject's studies all land
     in one fold, so no subject is both trained and tested on.
 
     y (n, K) 0/1 study labels; groups (n,) hashable subject ids ("" or None: the study is its
-    own subject). Each subject carries the union of its studies' labels (a subject with any
+    own subject; NaN too). Each subject carries the union of its studies' labels (a subject with any
     positive study is positive) and is placed by `iterative_stratification`. Own code, no
     dependency: scikit-multilearn's IterativeStratification has no groups and is barely
     maintained; sklearn's StratifiedGroupKFold is single-label. Returns (n,) int fold index.
     """
     import numpy as np
     y = np.asarray(y, dtype=bool)
-    ids = [g if g not in ("", None) else ("\0study", i) for i, g in enumerate(groups)]
+    ids = [("\0study", i) if _no_subject(g) else g for i, g in enumerate(groups)]
     uniq = {}
     inv = np.array([uniq.setdefault(g, len(uniq)) for g in ids])
     yg = np.zeros((len(uniq), y.shape[1]), dtype=bool)
