@@ -17,7 +17,6 @@ import os
 import signal
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn

@@ -7,26 +7,15 @@ import json
 import os
 import sys
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import preprocess  # noqa: E402
 from nvfm import dicom  # noqa: E402
-
-RUN = dict(n_workers=1, cfg_progress=False, cfg_log_paths=False)
-
-
-def _nifti_study(root, name, seed):
-    """One small CT NIfTI study in folder root/name (air -1000 HU around a soft-tissue block)."""
-    rng = np.random.default_rng(seed)
-    v = np.full((40, 48, 10), -1000.0, np.float32)
-    v[5:35, 5:43, 1:9] = 30 + rng.normal(0, 20, (30, 38, 8))
-    os.makedirs(os.path.join(root, name))
-    nib.save(nib.Nifti1Image(v, np.diag([0.9, 0.9, 5.0, 1.0])), os.path.join(root, name, "ct.nii.gz"))
+from test_preprocess_audit3 import RUN, _nifti_study  # noqa: E402  (one small CT NIfTI study per folder)
 
 
 def _key(folder):

@@ -5,7 +5,6 @@ hid the study_key column, a latin-1 file failed without naming itself, a class n
 --label_names trained two outputs (and evaluate.py refused the probe afterwards), --task=age without
 ages said "no studies", and the laterality CI held every replicate's weights at once. Checked against
 scipy, hand-worked cases and brute-force resampled cohorts."""
-import csv
 import tracemalloc
 
 import numpy as np
