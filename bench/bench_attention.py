@@ -10,8 +10,10 @@ torch.nn.attention.varlen and flex_attention with a document mask, on equal leng
 on a realistic mix of 200-6,000 tokens per sequence with 64k-256k tokens per batch.
 FLOPs count only real (unpadded) work: forward 4 * sum(lq * lk) * heads * head_dim, backward
 2.5x that (FlashAttention's convention).
+Exit status 1 when "ours" is missing or fails on a GPU problem, or --gpu_only finds no GPU.
 """
 import random
+import sys
 import time
 
 import torch
@@ -151,6 +153,26 @@ def gpu_impls(cu, lens, m):
     return impls
 
 
+def measure(name, impls, q, k, v, fl, repeats, device):
+    """TFLOP/s (fwd, fwd+bwd) of each impl on one problem, printed; and the failures that make
+    the run fail: "ours" missing (kernel not built / inputs unsupported) or raising. The other
+    impls may fail (padded batches out of memory, no flex_attention): printed, not failures."""
+    results, failures = {}, []
+    if "ours" not in impls:
+        print(f"  {name}: ours UNAVAILABLE (nvfm._C has no kernel for these inputs)")
+        failures.append(f"{name}: ours unavailable")
+    for n, f in impls.items():
+        try:
+            a, b = fwd_and_fwdbwd(f, q, k, v, repeats, device)
+            results[n] = (fl / a / 1e12, 3.5 * fl / b / 1e12)
+        except Exception as e:  # noqa: BLE001  (e.g. out of memory for padded batches)
+            print(f"  {name}: {n} failed: {type(e).__name__}: {str(e)[:120]}")
+            if n == "ours":
+                failures.append(f"{name}: ours {type(e).__name__}")
+    print(f"{name:>26}: " + ", ".join(f"{n} {a:.1f}/{b:.1f}" for n, (a, b) in results.items()), flush=True)
+    return results, failures
+
+
 def gpu_part():
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -163,17 +185,12 @@ def gpu_part():
         while sum(lens) < total:
             lens.append(rng.randint(200, 6000))
         problems[f"mix 200-6000, {sum(lens) // 1024}k tok"] = lens
+    failures = []
     for name, lens in problems.items():
         q, k, v, cu = packed(lens, H, D, torch.bfloat16, "cuda", g)
-        fl = flops_fwd(lens, H, D)
-        results = {}
-        for n, f in gpu_impls(cu, lens, max(lens)).items():
-            try:
-                a, b = fwd_and_fwdbwd(f, q, k, v, gpu_repeats, "cuda")
-                results[n] = (fl / a / 1e12, 3.5 * fl / b / 1e12)
-            except Exception as e:  # noqa: BLE001  (e.g. out of memory for padded batches)
-                print(f"  {name}: {n} failed: {type(e).__name__}: {str(e)[:120]}")
-        print(f"{name:>26}: " + ", ".join(f"{n} {a:.1f}/{b:.1f}" for n, (a, b) in results.items()))
+        results, failed = measure(name, gpu_impls(cu, lens, max(lens)), q, k, v, flops_fwd(lens, H, D), gpu_repeats,
+                                  "cuda")
+        failures += failed
         if "ours" in results:
             others = {n: r for n, r in results.items() if n != "ours"}
             for n, r in others.items():
@@ -181,12 +198,17 @@ def gpu_part():
                       f"fwd+bwd {results['ours'][1] / r[1]:.2f}x")
         del q, k, v
         torch.cuda.empty_cache()
+    return failures
 
 
 if __name__ == "__main__":
     if not gpu_only:
         cpu_part()
     if torch.cuda.is_available():
-        gpu_part()
+        bad = gpu_part()
+        if bad:
+            sys.exit(f"ours did not run on {len(bad)} problem(s): {'; '.join(bad)}")
+    elif gpu_only:
+        sys.exit("--gpu_only=True but no CUDA device: nothing measured")
     else:
         print("(no CUDA: GPU part skipped)")
