@@ -278,6 +278,39 @@ if probe and cache is not None and not text_only:  # refused before training, no
                 fail(f"--probe={_p} was fitted or tuned on {len(_own)} of the --eval_split={eval_split} studies "
                      f"outside --val_split={val_split}, or shares their subjects (first: {_own[:3]}): its cross-check "
                      f"of them is in-sample; use a probe trained on the train and val splits, or --cross_check=off")
+def read_probe_scores(path):
+    """{study_key: ({diagnosis: score}, thresholds)} of a --probe_scores JSONL, read before training: a row that is
+    not {study_key, scores: {name: number}, thresholds: number or {name: number}}, or a study twice, is a
+    ValueError naming the file and line (after training, a score that is not a number was a traceback)."""
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--probe_scores={path}: no such file")
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    out, lines = {}, {}
+    for i, r in iter_jsonl(path, "probe scores"):
+        if not isinstance(r, dict) or "study_key" not in r or "scores" not in r:
+            raise ValueError(f"{path}:{i}: expected {{study_key, scores, thresholds}}")
+        k, sc, th = r["study_key"], r["scores"], r.get("thresholds")
+        if not isinstance(k, (str, int)) or isinstance(k, bool):
+            raise ValueError(f"{path}:{i}: study_key must be a string or a whole number, got a {type(k).__name__}")
+        if k in out:  # the later row silently replaced the earlier one
+            raise ValueError(f"{path}:{i}: study {k!r} appears twice (line {lines[k]} too)")
+        if not isinstance(sc, dict) or not all(num(v) for v in sc.values()):
+            raise ValueError(f"{path}:{i}: study {k!r}: 'scores' must map diagnoses to finite numbers")
+        if not (th is None or num(th) or (isinstance(th, dict) and all(num(v) for v in th.values()))):
+            raise ValueError(f"{path}:{i}: study {k!r}: 'thresholds' must be a finite number or map diagnoses to them")
+        th = probe_threshold if th is None or th == {} else th
+        if isinstance(th, dict):  # a diagnosis the row gives no threshold gets --probe_threshold, not a default
+            th = {n: th.get(n, probe_threshold) for n in sc}
+        out[k], lines[k] = (sc, th), i
+    return out
+
+
+try:  # before anything trains: a bad row found after training costs the run
+    probe_rows = read_probe_scores(probe_scores)
+except ValueError as e:
+    fail(str(e))
 labels = llava.study_labels(recs, findings)
 with open(findings, "rb") as _f:  # what the run trains on: the findings' content and the training studies
     data_id = "sha256:" + hashlib.sha256(_f.read() + "\0".join(train_keys).encode()).hexdigest()
@@ -421,7 +454,10 @@ if eval_only and init_from == "scratch" and not reuse_reports and os.path.exists
     fail(f"--eval_only with --init_from=scratch uses an untrained model and would replace the reports of the run "
          f"in {out_dir} ({ckpt_path}): add --init_from=resume")
 if init_from == "resume":
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:  # truncated, not a torch file: one line naming it, as --probe's
+        fail(str(e))
     changes = changed_settings(ckpt.get("config", {}), config, RESUME_MAY_CHANGE)
     if ckpt.get("data_id", data_id) != data_id:
         changes.insert(0, f"training data (findings {ckpt['config'].get('findings')!r} -> {findings!r}: other "
@@ -452,7 +488,10 @@ if init_from == "resume":
 CONNECTOR_SETTINGS = ("perceiver_dim", "perceiver_depth", "perceiver_heads", "n_latents", "hemispheres")
 ck0 = None
 if init_from == "scratch" and init_connector:
-    ck0 = load_checkpoint(init_connector)
+    try:
+        ck0 = load_checkpoint(init_connector)
+    except CheckpointError as e:
+        fail(f"--init_connector: {e}")
     differ = [f"{k} {ck0.get('config', {}).get(k)!r} -> {config[k]!r}" for k in CONNECTOR_SETTINGS
               if ck0.get("config", {}).get(k, config[k]) != config[k]]
     if cache is not None and ck0.get("encoder_hash") not in (None, cache.encoder_hash):
@@ -497,8 +536,21 @@ if init_from == "resume":
         print(f"resumed from {ckpt_path} at iteration {iter_num}")
         log_path = os.path.join(out_dir, "log.jsonl")
         if os.path.exists(log_path):  # rows of the killed run past its checkpoint are logged again below
-            with open(log_path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("iter", -1) < iter_num]
+            kept, torn = [], 0
+            with open(log_path, errors="replace") as f:
+                for line in f:
+                    if not line.strip("\0 \t\r\n"):
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # a machine that died while writing it: a torn line, NUL bytes
+                        row = None
+                    if not isinstance(row, dict):
+                        torn += 1
+                    elif row.get("iter", -1) < iter_num:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            if torn:
+                print(f"note: dropped {torn} unreadable line(s) of {log_path} (a write cut short)")
             write_atomic(log_path, "".join(kept))
 elif init_connector:
     load_connector(ck0, init_connector)
@@ -507,8 +559,10 @@ elif init_from != "scratch":
 if init_from == "scratch" and master:
     if eval_only:
         print("note: --eval_only with --init_from=scratch: decoding an untrained model")
-    else:  # a new run: a previous run's log (appended to) and reports in out_dir are not this run's
-        _old = [f for f in ("log.jsonl",) + OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
+    else:  # a new run: a previous run's checkpoint, log (appended to) and reports in out_dir are not this run's
+        # (its ckpt.pt too: kept until this run's first save, a resume of this run killed before it would continue
+        # the previous run, beside this run's log; its LM directories go at that save, publish_lm)
+        _old = [f for f in ("ckpt.pt", "log.jsonl") + OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
         _old += sorted(f + "/" for f in os.listdir(out_dir)
                        if STALE_OUT.match(f) and os.path.isdir(os.path.join(out_dir, f)))
         if _old:
@@ -700,22 +754,6 @@ if not eval_only and iter_num < total_iters:
 # ----------------------------------------------------------------------------- generate + evaluate
 
 
-def read_probe_scores(path):
-    if not path:
-        return {}
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--probe_scores={path}: no such file")
-    out = {}
-    for i, r in iter_jsonl(path, "probe scores"):
-        if "study_key" not in r or "scores" not in r:
-            raise ValueError(f"{path}:{i}: expected {{study_key, scores, thresholds}}")
-        th = r.get("thresholds") or probe_threshold
-        if isinstance(th, dict):  # a diagnosis the row gives no threshold gets --probe_threshold, not a default
-            th = {n: th.get(n, probe_threshold) for n in r["scores"]}
-        out[r["study_key"]] = (r["scores"], th)
-    return out
-
-
 def run_probes(paths, keys):
     """{study_key: ({diagnosis: logit}, {diagnosis: Youden threshold})} from train_probe.py checkpoints;
     a probe scores the studies of its own modality."""
@@ -773,7 +811,7 @@ if master and eval_keys and stage == 2 and ddp and fsdp:
 if master and eval_keys and stage == 2:
     model.eval()
     lm.config.use_cache = True
-    probes = read_probe_scores(probe_scores)
+    probes = dict(probe_rows)
     if probe and not text_only:
         probes.update(run_probes(probe, eval_keys))
     rows, t0 = [], time.time()
@@ -824,7 +862,8 @@ if master and eval_keys and stage == 2:
                   f"(fitted on the {len(fit_idx)} {val_split} studies, {probe_folds}-fold cross-fitted on them)")
         checked = []
         for r, (sc, th) in zip(rows, scored):
-            f, missed = llava.cross_check(r["findings"], sc, th, mode=cross_check)
+            f, missed = llava.cross_check(r["findings"], sc, th, mode=cross_check,
+                                          modality=recs[r["study_key"]].get("modality"))
             checked.append(dict(r, findings=f, probe_missed=missed))
         variants["reports_probe.jsonl"] = checked
     prev = os.path.join(out_dir, "metrics.json")

@@ -424,7 +424,8 @@ def cross_checked(rule, rows, recs, scores, folds, target):
         th = fold_thresholds(rule, rows, recs, scores, [i for i, g in enumerate(folds) if g != f], target)
         for i in [i for i, g in enumerate(folds) if g == f]:
             out[i], missed = llava.cross_check(rows[i]["findings"], scores[i],
-                                               {n: th.get(n, math.inf) for n in scores[i]})
+                                               {n: th.get(n, math.inf) for n in scores[i]},
+                                               modality=recs[rows[i]["study_key"]].get("modality"))
             appended += len(missed)
     return out, appended
 

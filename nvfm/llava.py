@@ -525,31 +525,42 @@ def probe_diagnosis_scores(label_names, logits, thresholds, trained=None, fitted
     return sc, th
 
 
-def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=True):
+def _scored_name(name, modality):
+    """The name report_metrics scores diagnosis `name` by in a study of `modality`: its same_finding name,
+    and in an MR study a dated subdural hematoma is the MR ontology's subdural_hematoma (report_metrics.in_modality)."""
+    from nvfm.ontology import same_finding
+    from nvfm.report_metrics import in_modality
+    return next(iter(in_modality({same_finding(name): None}, modality)))
+
+
+def cross_check(findings, probe_scores, thresholds, mode="append", urgent_only=True, modality=None):
     """Reconcile a report with the diagnostic probe.
 
     findings: list[str]; probe_scores: {diagnosis: probability}; thresholds: {diagnosis: t} or a
     float. A diagnosis the probe calls positive (score >= threshold), urgent (when urgent_only), and
     that the report does not mention is "missed" (once per finding: of its CT and MR names called, the
-    higher scored). mode "append" adds a finding naming it and marked as probe-detected; "flag" leaves the
-    text alone; "off" does nothing.
+    higher scored). Names are compared as report_metrics scores them in a study of `modality` (the
+    findings record's): in an MR study the report's "chronic subdural hematoma" is the MR probe's
+    subdural_hematoma, not a miss. mode "append" adds a finding naming it and marked as probe-detected;
+    "flag" leaves the text alone; "off" does nothing.
     Returns (findings, missed list[str]).
     """
-    from nvfm.ontology import DIAGNOSES, same_finding
+    from nvfm.ontology import DIAGNOSES
     from nvfm.report_metrics import diagnosis_phrase, extract_diagnoses
 
     if mode == "off" or not probe_scores:
         return list(findings), []
-    mentioned = {d for f in findings for d, _ in extract_diagnoses(f)}
+    mentioned = {_scored_name(d, modality) for f in findings for d, _ in extract_diagnoses(f)}
     missed = []
     for name, p in sorted(probe_scores.items(), key=lambda kv: -kv[1]):
         if name not in DIAGNOSES:
             continue
         t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(name, 0.5)
-        # mentions are by same_finding name: an MR probe's brain_midline_shift is the report's "midline shift"
-        if p >= t and same_finding(name) not in mentioned and (not urgent_only or DIAGNOSES[name].urgency == "urgent"):
+        # mentions are by scored name: an MR probe's brain_midline_shift is the report's "midline shift"
+        key = _scored_name(name, modality)
+        if p >= t and key not in mentioned and (not urgent_only or DIAGNOSES[name].urgency == "urgent"):
             missed.append(name)
-            mentioned.add(same_finding(name))  # its CT and MR names (an 'all' probe scores both) are one finding
+            mentioned.add(key)  # its CT and MR names (an 'all' probe scores both) are one finding
     if mode == "append":
         findings = list(findings) + [f"{diagnosis_phrase(n).capitalize()} (detected by image probe)" for n in missed]
     elif mode != "flag":
@@ -570,26 +581,29 @@ def fit_cross_check_thresholds(reports, probe_scores, truths, target=0.5, min_tp
 
     reports: list[list[str]] (findings of each study); probe_scores: list[{diagnosis: score}];
     truths: list[findings.jsonl record] (ground truth), all of the same studies (the fit split,
-    e.g. val; then score the cross-check on other studies only). Returns {diagnosis: threshold},
+    e.g. val; then score the cross-check on other studies only); names are compared as cross_check
+    compares them in a study of the record's modality. Returns {diagnosis: threshold},
     +inf for a diagnosis that never reaches the target (never appended).
     """
     from nvfm.metrics import precision_thresholds
-    from nvfm.ontology import DIAGNOSES, same_finding
-    from nvfm.report_metrics import report_diagnoses, truth_diagnoses
+    from nvfm.ontology import DIAGNOSES
+    from nvfm.report_metrics import in_modality, report_diagnoses, truth_diagnoses
 
     if not len(reports) == len(probe_scores) == len(truths):
         raise ValueError(f"{len(reports)} reports, {len(probe_scores)} probe score sets, {len(truths)} truths")
-    said = [set(report_diagnoses(f)) for f in reports]
-    true = [set(truth_diagnoses(t)) for t in truths]
+    # as report_metrics scores them: in an MR study a dated subdural hematoma is the MR probe's subdural_hematoma
+    said = [set(in_modality(report_diagnoses(f), t.get("modality"))) for f, t in zip(reports, truths)]
+    true = [set(in_modality(truth_diagnoses(t), t.get("modality"))) for t in truths]
     names = sorted({n for sc in probe_scores for n in sc if n in DIAGNOSES
                     and (not urgent_only or DIAGNOSES[n].urgency == "urgent")})
     out = {}
     for n in names:
-        idx = [i for i, sc in enumerate(probe_scores) if n in sc and same_finding(n) not in said[i]]
+        key = [_scored_name(n, t.get("modality")) for t in truths]
+        idx = [i for i, sc in enumerate(probe_scores) if n in sc and key[i] not in said[i]]
         if not idx:
             out[n] = float("inf")
             continue
-        y = np.array([[same_finding(n) in true[i]] for i in idx], np.int64)
+        y = np.array([[key[i] in true[i]] for i in idx], np.int64)
         s = np.array([[probe_scores[i][n]] for i in idx], np.float64)
         out[n] = float(precision_thresholds(y, s, target, min_tp)[0])
     return out
