@@ -44,7 +44,6 @@ def test_the_reports_rule_fit_reads_mr_subdural_hematomas_as_one_finding():
 import json  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from test_llava import _synthetic_cohort  # noqa: E402
 from test_llava_audit import ENV, KILLER, _base, _sh, lm_dir  # noqa: E402,F401 (lm_dir: the tiny-LM fixture)
