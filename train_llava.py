@@ -278,6 +278,8 @@ if probe and cache is not None and not text_only:  # refused before training, no
                 fail(f"--probe={_p} was fitted or tuned on {len(_own)} of the --eval_split={eval_split} studies "
                      f"outside --val_split={val_split}, or shares their subjects (first: {_own[:3]}): its cross-check "
                      f"of them is in-sample; use a probe trained on the train and val splits, or --cross_check=off")
+
+
 def read_probe_scores(path):
     """{study_key: ({diagnosis: score}, thresholds)} of a --probe_scores JSONL, read before training: a row that is
     not {study_key, scores: {name: number}, thresholds: number or {name: number}}, or a study twice, is a
