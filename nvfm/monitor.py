@@ -352,17 +352,12 @@ class ProbeSet:
         self.min_fg = min_fg_fraction if min_fg_fraction is not None else self.reader.manifest.get("min_fg_fraction")
         from nvfm.probe import load_labels  # diagnosis columns only: sex, subject, age ... are not classes
         labels_path = os.path.join(shards, "labels.csv")
-        rows, columns = load_labels(labels_path, use=[]) if os.path.exists(labels_path) else ([], [])
-        classes = []
-        if columns:  # the classes: the columns annotated for every study (0 or 1 in each row); a diagnosis
-            # annotated for some studies only (blanks, "NA"; load_labels allows it) stopped the run (ValueError)
-            import csv
-            with open(labels_path, newline="", encoding="utf-8-sig") as f:
-                cells = list(csv.DictReader(f))
-            classes = [c for c in columns if all((r[c] or "").strip() in ("0", "1") for r in cells)]
-            if token_task in columns and token_task not in classes:
-                classes.append(token_task)  # every study needs it: load_labels names the row and cell that is not 0/1
-            rows, _ = load_labels(labels_path, use=classes)
+        # the classes: the columns annotated for every study (0 or 1 in each row); a diagnosis annotated for
+        # some studies only (blanks, "NA"; load_labels allows it) stopped the run (ValueError)
+        rows, columns = load_labels(labels_path, use="annotated") if os.path.exists(labels_path) else ([], [])
+        classes = [c for c in columns if all(c in r["y"] for r in rows)]
+        if token_task in columns and token_task not in classes:
+            load_labels(labels_path, use=[token_task])  # every study needs it: names the row and cell not 0/1
         keys = sorted({v["study_key"] for v in self.reader.volumes})
         if max_studies and len(keys) > max_studies:
             keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_studies).round().astype(int)]

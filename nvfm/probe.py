@@ -195,7 +195,7 @@ def load_labels(path, use=None):
     """SHARDS/labels.csv -> (rows: list of dict with study_key, modality, split, age (float or
     None), subject (group id, "" when the file has none), y: dict name -> 0/1 of the used label
     columns), every label column name in file order). use: the label columns the run reads (None:
-    all). Only those must hold 0 or 1 (else a ValueError naming the file, line and column) and are
+    all; "annotated": those holding 0 or 1 in every row). Only those must hold 0 or 1 (else a ValueError naming the file, line and column) and are
     kept in y; the others may hold anything (a diagnosis annotated for some studies only: blanks,
     "NA"). Names in `use` that are not label columns are left to the caller (side classes come from
     findings.jsonl). A column header that appears twice is a ValueError naming the file and
@@ -230,27 +230,33 @@ def _read_labels(path, use):
         if "study_key" not in cols:
             raise ValueError(f"{path}: no study_key column (use the re-keyed copy written by preprocess.py)")
         names = [c for c in cols if c not in META_COLUMNS]
-        used = names if use is None else [c for c in names if c in use]
-        rows = []
+        cells = []
         for r in reader:
             ln = reader.line_num   # the line the row ends on (a quoted cell may span lines)
             if None in r:   # more cells than header names: csv.DictReader dropped the extra ones, and a
                 # header missing one name shifts every later column onto the wrong label
                 raise ValueError(f"{path}:{ln}: {len(cols) + len(r[None])} cells for the {len(cols)} columns of "
                                  "the header: a header name missing, or an unquoted comma in a cell")
-            y = {}
-            for n in used:
-                v = (r[n] or "").strip()
-                if v not in ("0", "1"):
-                    raise ValueError(f"{path}:{ln}: column {n!r} must be 0 or 1, got {v!r}")
-                y[n] = int(v)
-            age = r.get("age", "")
-            try:
-                age = float(age) if age not in ("", None) else None
-            except ValueError:
-                raise ValueError(f"{path}:{ln}: column 'age' must be a number, got {age!r}") from None
-            rows.append(dict(study_key=r["study_key"], study=r.get("study", ""), modality=r.get("modality", ""),
-                             split=r.get("split", ""), subject=r.get("subject", "") or "", age=age, y=y))
+            cells.append((ln, r))
+    if use == "annotated":
+        used = [n for n in names if all((r[n] or "").strip() in ("0", "1") for _, r in cells)]
+    else:
+        used = names if use is None else [c for c in names if c in use]
+    rows = []
+    for ln, r in cells:
+        y = {}
+        for n in used:
+            v = (r[n] or "").strip()
+            if v not in ("0", "1"):
+                raise ValueError(f"{path}:{ln}: column {n!r} must be 0 or 1, got {v!r}")
+            y[n] = int(v)
+        age = r.get("age", "")
+        try:
+            age = float(age) if age not in ("", None) else None
+        except ValueError:
+            raise ValueError(f"{path}:{ln}: column 'age' must be a number, got {age!r}") from None
+        rows.append(dict(study_key=r["study_key"], study=r.get("study", ""), modality=r.get("modality", ""),
+                         split=r.get("split", ""), subject=r.get("subject", "") or "", age=age, y=y))
     return rows, names
 
 
