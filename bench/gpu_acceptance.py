@@ -151,7 +151,7 @@ def run_section(name, cmd, env_add, limit_s):
     skipped tests is failed: on the GPU every selected CUDA test must run its kernel."""
     env = dict(os.environ, NVFM_QUIET="1", PYTHONUNBUFFERED="1", **env_add)
     t0 = time.time()
-    r = {"section": name, "status": "failed", "rc": None, "seconds": 0.0, "command": " ".join(cmd), "output": ""}
+    r = not_run(name, cmd, "failed")
     try:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -183,6 +183,11 @@ def run_section(name, cmd, env_add, limit_s):
         except ValueError:
             pass
     return r
+
+
+def not_run(name, cmd, status, output=""):
+    """The record of a section that ran no command to its end (skipped, interrupted, not started)."""
+    return {"section": name, "status": status, "rc": None, "seconds": 0.0, "command": " ".join(cmd), "output": output}
 
 
 def failed(r):
@@ -256,8 +261,8 @@ def main(argv=None):
 
     def record(i, finished=False):
         """The report as it stands: sections done, section i interrupted, the rest not reached."""
-        rest = [{"section": n, "status": "interrupted" if j == i else "not reached", "rc": None, "seconds": 0.0,
-                 "command": " ".join(c), "output": ""} for j, (n, c, _, _) in enumerate(steps) if j >= i]
+        rest = [not_run(n, c, "interrupted" if j == i else "not reached") for j, (n, c, _, _) in enumerate(steps)
+                if j >= i]
         return write_report(args.out, results + rest, meta(finished))
 
     old = signal.signal(signal.SIGTERM, _sigterm) if argv is None else None
@@ -267,19 +272,16 @@ def main(argv=None):
             left = args.budget_s - (time.time() - t0)
             lim = section_limit(name, limit, left, [s[3] for s in steps[i + 1:]])
             if name != "build" and not has_cuda:
-                results.append({"section": name, "status": "skipped (no CUDA device)", "rc": None, "seconds": 0.0,
-                                "command": " ".join(cmd), "output": ""})
+                results.append(not_run(name, cmd, "skipped (no CUDA device)"))
                 continue
             if lim < 10:
-                results.append({"section": name, "status": "skipped (budget spent)", "rc": None, "seconds": 0.0,
-                                "command": " ".join(cmd), "output": ""})
+                results.append(not_run(name, cmd, "skipped (budget spent)"))
                 continue
             print(f"[gpu_acceptance] {name} (limit {lim:.0f} s)", flush=True)
             try:
                 results.append(run_section(name, cmd, env_add, lim))
             except Exception:  # noqa: BLE001  (a bug here must not lose the other sections)
-                results.append({"section": name, "status": "failed", "rc": None, "seconds": 0.0,
-                                "command": " ".join(cmd), "output": traceback.format_exc()})
+                results.append(not_run(name, cmd, "failed", traceback.format_exc()))
             print(f"[gpu_acceptance] {name}: {results[-1]['status']} in {results[-1]['seconds']} s", flush=True)
         path = write_report(args.out, results, meta(True))
     finally:

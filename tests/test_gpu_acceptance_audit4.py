@@ -155,20 +155,27 @@ def test_a_section_that_raises_is_failed_and_the_rest_still_run(tmp_path, monkey
     assert "disk full" in rep["results"][1]["output"] and rep["meta"]["finished"] is True
 
 
+def fake_sections(monkeypatch, spend, status):
+    """A CUDA machine on a fake clock whose sections each take spend(limit) seconds and end with `status`;
+    -> {section: the limit it was given}, filled as main() runs them."""
+    clock, limits = FakeTime(), {}
+    monkeypatch.setattr(GA, "time", clock)
+    monkeypatch.setattr(GA, "cuda_available", lambda: True)
+
+    def section(name, cmd, env, limit):
+        limits[name] = limit
+        clock.now += spend(limit)
+        return {"section": name, "status": status, "rc": 0 if status == "passed" else None,
+                "seconds": spend(limit), "command": "c", "output": ""}
+    monkeypatch.setattr(GA, "run_section", section)
+    return limits
+
+
 def test_hung_sections_cannot_starve_the_later_ones_and_the_run_fits_8_minutes(tmp_path, monkeypatch):
     """Every section hangs until its limit. Before: env 60 + tests 240 + tests_tc 120 + learn 120
     spent the 540 s default budget (over the 8-minute call) and every later section (the
     training speed and memory included) was skipped. Now each runs >= 30 s and the total fits."""
-    clock = FakeTime()
-    monkeypatch.setattr(GA, "time", clock)
-    monkeypatch.setattr(GA, "cuda_available", lambda: True)
-    limits = {}
-
-    def hang(name, cmd, env, limit):
-        limits[name] = limit
-        clock.now += limit
-        return {"section": name, "status": "timeout", "rc": None, "seconds": limit, "command": "c", "output": ""}
-    monkeypatch.setattr(GA, "run_section", hang)
+    limits = fake_sections(monkeypatch, lambda limit: limit, "timeout")
     assert GA.main(["--out", str(tmp_path)]) == 1
     assert set(limits) == set(GA.SECTIONS) - {"build"}
     assert all(v >= 30 for v in limits.values()), limits
@@ -180,16 +187,7 @@ def test_sections_that_finish_early_pass_their_time_on(tmp_path, monkeypatch):
     """Hand-worked: budget 450, every section done in 5 s: each gets its own limit, except
     tests: 450 - 5 (env) - reserves of the later ones (a quarter of their limits, at least 30 s:
     tests_tc 30, learn 37.5, train 60, attention 37.5, attention_tc 37.5, gather 30) = 212.5 < 240."""
-    clock = FakeTime()
-    monkeypatch.setattr(GA, "time", clock)
-    monkeypatch.setattr(GA, "cuda_available", lambda: True)
-    limits = {}
-
-    def quick(name, cmd, env, limit):
-        limits[name] = limit
-        clock.now += 5
-        return {"section": name, "status": "passed", "rc": 0, "seconds": 5, "command": "c", "output": ""}
-    monkeypatch.setattr(GA, "run_section", quick)
+    limits = fake_sections(monkeypatch, lambda limit: 5, "passed")
     assert GA.main(["--out", str(tmp_path)]) == 0
     want = {s[0]: s[3] for s in GA.plan(GA.parse_args([]))}
     want["tests"] = 212.5
